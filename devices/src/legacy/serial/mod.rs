@@ -1,0 +1,8 @@
+//! The 16550A serial console: guest output to stdout or a file, guest input
+//! from the VMM's stdin.
+
+mod device;
+mod event_handler;
+
+pub use device::{SerialDevice, SerialOutput};
+pub use event_handler::SerialInput;

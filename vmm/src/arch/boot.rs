@@ -1,0 +1,341 @@
+//! Loading the kernel and initrd, and writing the boot information the
+//! kernel reads: the Linux zero page or the PVH start info, the command line
+//! and the MP table.
+
+use std::fs::File;
+use std::path::Path;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{self, E820Entry};
+use super::mptable::{self, MptableError};
+use super::regs::EntryPoint;
+
+/// Errors loading the kernel or writing boot information.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a kernel Tessera can boot: as ELF: {elf}; as bzImage: {bzimage}")]
+    NotAKernel {
+        path: String,
+        elf: loader::Error,
+        bzimage: loader::Error,
+    },
+    #[error("the initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}")]
+    InitrdTooBig { path: String, size: u64, limit: u64 },
+    #[error("cannot read the initrd {path} into guest memory: {reason}")]
+    InitrdRead { path: String, reason: String },
+    #[error("the kernel command line is invalid: {0}")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+    #[error("cannot write the kernel command line: {0}")]
+    WriteCmdline(loader::Error),
+    #[error("cannot write the boot parameters: {0}")]
+    BootParams(linux_loader::configurator::Error),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+}
+
+/// A kernel loaded into guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    pub entry: EntryPoint,
+    /// The bzImage setup header, which the zero page must carry.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Where the initrd was put.
+#[derive(Debug, Clone, Copy)]
+pub struct InitrdRegion {
+    pub addr: u64,
+    pub size: u64,
+}
+
+/// Loads an ELF vmlinux (through its PVH note when it has one, else the
+/// 64-bit entry) or a bzImage.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+    let open = || {
+        File::open(path).map_err(|source| BootError::Open {
+            what: "the kernel image",
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let highmem = Some(GuestAddress(layout::HIMEM_START));
+    let elf_err = match Elf::load(mem, None, &mut open()?, highmem) {
+        Ok(result) => {
+            let entry = match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => EntryPoint::Pvh(addr.0),
+                _ => EntryPoint::Linux64(result.kernel_load.0),
+            };
+            return Ok(LoadedKernel {
+                entry,
+                setup_header: None,
+            });
+        }
+        Err(err) => err,
+    };
+    match BzImage::load(mem, None, &mut open()?, highmem) {
+        // The 64-bit entry point is 0x200 bytes into the protected-mode code.
+        Ok(result) => Ok(LoadedKernel {
+            entry: EntryPoint::Linux64(result.kernel_load.0 + 0x200),
+            setup_header: result.setup_header,
+        }),
+        Err(bz_err) => Err(BootError::NotAKernel {
+            path: path.display().to_string(),
+            elf: elf_err,
+            bzimage: bz_err,
+        }),
+    }
+}
+
+/// Loads the initrd page-aligned at the top of low RAM, below `max_addr`.
+pub fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    path: &Path,
+    max_addr: u64,
+) -> Result<InitrdRegion, BootError> {
+    let display = || path.display().to_string();
+    let mut file = File::open(path).map_err(|source| BootError::Open {
+        what: "the initrd",
+        path: display(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| BootError::Open {
+            what: "the initrd",
+            path: display(),
+            source,
+        })?
+        .len();
+    let limit = layout::low_ram_end(mem_size).min(max_addr);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= layout::HIMEM_START)
+        .ok_or(BootError::InitrdTooBig {
+            path: display(),
+            size,
+            limit,
+        })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|err| BootError::InitrdRead {
+            path: display(),
+            reason: err.to_string(),
+        })?;
+    Ok(InitrdRegion { addr, size })
+}
+
+/// The highest address (exclusive) the kernel accepts an initrd at.
+pub fn initrd_addr_limit(kernel: &LoadedKernel) -> u64 {
+    match kernel.setup_header {
+        Some(hdr) if hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max) + 1,
+        // The boot protocol's default for old kernels, and a safe bound for PVH.
+        _ => 0x3800_0000,
+    }
+}
+
+/// Writes the command line, the MP table and the zero page or PVH start info.
+pub fn configure_system(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initrd: Option<InitrdRegion>,
+    cpu_count: u8,
+) -> Result<(), BootError> {
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline)
+        .map_err(BootError::WriteCmdline)?;
+    let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len() as u32;
+    mptable::setup_mptable(mem, cpu_count)?;
+    let e820 = layout::e820_map(mem_size);
+    match kernel.entry {
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820, initrd),
+        EntryPoint::Linux64(_) => {
+            write_zero_page(mem, &e820, kernel.setup_header, cmdline_size, initrd)
+        }
+    }
+}
+
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    e820: &[E820Entry],
+    initrd: Option<InitrdRegion>,
+) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = e820
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        })
+        .collect();
+    let mut start_info = hvm_start_info {
+        magic: 0x336e_c578,
+        version: 1,
+        cmdline_paddr: layout::CMDLINE_START,
+        memmap_paddr: layout::MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    if initrd.is_some() {
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = layout::MODLIST_START;
+    }
+    let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_INFO_START));
+    params.set_sections(&memmap, GuestAddress(layout::MEMMAP_START));
+    if let Some(initrd) = initrd {
+        let module = hvm_modlist_entry {
+            paddr: initrd.addr,
+            size: initrd.size,
+            ..Default::default()
+        };
+        params.set_modules(&[module], GuestAddress(layout::MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(BootError::BootParams)
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    e820: &[E820Entry],
+    setup_header: Option<setup_header>,
+    cmdline_size: u32,
+    initrd: Option<InitrdRegion>,
+) -> Result<(), BootError> {
+    const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+    const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+    const KERNEL_LOADER_OTHER: u8 = 0xff;
+    const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+
+    let mut params = boot_params::default();
+    if let Some(hdr) = setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_size;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    if let Some(initrd) = initrd {
+        params.hdr.ramdisk_image = initrd.addr as u32;
+        params.hdr.ramdisk_size = initrd.size as u32;
+    }
+    for (slot, entry) in params.e820_table.iter_mut().zip(e820) {
+        slot.addr = entry.addr;
+        slot.size = entry.size;
+        slot.r#type = entry.kind;
+    }
+    params.e820_entries = e820.len().min(params.e820_table.len()) as u8;
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(BootError::BootParams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn memory(size: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    }
+
+    #[test]
+    fn rejects_files_that_are_not_kernels() {
+        let mem = memory(64 << 20);
+        let mut junk = std::env::temp_dir();
+        junk.push(format!("tessera-not-a-kernel-{}", std::process::id()));
+        std::fs::File::create(&junk)
+            .unwrap()
+            .write_all(&[0x42; 8192])
+            .unwrap();
+        let err = load_kernel(&mem, &junk).unwrap_err();
+        std::fs::remove_file(&junk).unwrap();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+    }
+
+    #[test]
+    fn zero_page_carries_e820_cmdline_and_initrd() {
+        let size = 256 << 20;
+        let mem = memory(size);
+        let kernel = LoadedKernel {
+            entry: EntryPoint::Linux64(0x100200),
+            setup_header: None,
+        };
+        let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).unwrap();
+        cmdline.insert_str("console=ttyS0").unwrap();
+        let initrd = InitrdRegion {
+            addr: 0x800_0000,
+            size: 0x1234,
+        };
+        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 2).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        assert_eq!(params.e820_entries, 3);
+        let last = params.e820_table[2];
+        assert_eq!({ last.addr } + { last.size }, size);
+        assert_eq!({ params.hdr.cmd_line_ptr }, layout::CMDLINE_START as u32);
+        assert_eq!({ params.hdr.ramdisk_image }, 0x800_0000);
+        let mut text = [0u8; 14];
+        mem.read_slice(&mut text, GuestAddress(layout::CMDLINE_START))
+            .unwrap();
+        assert_eq!(&text, b"console=ttyS0\0");
+    }
+
+    #[test]
+    fn pvh_start_info_points_at_memmap_and_modules() {
+        let size = 128 << 20;
+        let mem = memory(size);
+        let kernel = LoadedKernel {
+            entry: EntryPoint::Pvh(0x100000),
+            setup_header: None,
+        };
+        let cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).unwrap();
+        let initrd = InitrdRegion {
+            addr: 0x400_0000,
+            size: 4096,
+        };
+        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 1).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!(info.magic, 0x336e_c578);
+        assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.nr_modules, 1);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x400_0000, 4096));
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_ram() {
+        let size = 64u64 << 20;
+        let mem = memory(size);
+        let mut file = std::env::temp_dir();
+        file.push(format!("tessera-initrd-{}", std::process::id()));
+        std::fs::write(&file, vec![7u8; 10_000]).unwrap();
+        let region = load_initrd(&mem, size, &file, u64::MAX).unwrap();
+        assert_eq!(region.addr % 4096, 0);
+        assert!(region.addr + region.size <= size);
+        assert!(size - (region.addr + region.size) < 4096);
+        let err = load_initrd(&mem, size, &file, layout::HIMEM_START + 100).unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(err, BootError::InitrdTooBig { .. }));
+    }
+}

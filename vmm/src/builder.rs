@@ -1,0 +1,336 @@
+//! Builds a microVM from its resources and runs it: memory, KVM VM, kernel,
+//! boot information, devices, vCPUs and the main event loop.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::legacy::serial::{SerialInput, SerialOutput};
+use devices::pseudo::BootTimer;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::arch::boot::{self, BootError};
+use crate::arch::cpuid::Topology;
+use crate::arch::layout;
+use crate::arch::regs::{self, RegsError};
+use crate::device_manager::{self, DeviceError};
+use crate::exit_handler::ExitHandler;
+use crate::memory::{self, MemoryError};
+use crate::resources::VmResources;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+use crate::ExitCode;
+
+/// Errors building or starting a microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum StartMicrovmError {
+    #[error("no boot source is configured")]
+    MissingBootSource,
+    #[error("cannot open /dev/kvm: {0}; is KVM enabled and are you allowed to use it?")]
+    Kvm(kvm_ioctls::Error),
+    #[error("vcpu_count {wanted} is more than KVM allows on this host ({max})")]
+    TooManyVcpus { wanted: u8, max: usize },
+    #[error("KVM cannot report the CPUID it supports: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("{what} are not supported by Tessera yet (configured: {ids})")]
+    UnsupportedDevices { what: &'static str, ids: String },
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialOutput { path: String, source: io::Error },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up the event loop: {0}")]
+    EventLoop(String),
+}
+
+impl StartMicrovmError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::MissingBootSource
+            | Self::TooManyVcpus { .. }
+            | Self::UnsupportedDevices { .. }
+            | Self::Boot(BootError::NotAKernel { .. })
+            | Self::Boot(BootError::Open { .. })
+            | Self::Boot(BootError::InitrdTooBig { .. })
+            | Self::Boot(BootError::Cmdline(_))
+            | Self::Memory(MemoryError::MoreThanHost { .. })
+            | Self::Memory(MemoryError::HugePageMultiple(_)) => ExitCode::BadConfiguration,
+            _ => ExitCode::UnexpectedError,
+        }
+    }
+}
+
+/// Process-level options that are not part of the VM's configuration.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Log `Guest-boot-time` when the guest writes the boot-timer value.
+    pub boot_timer: bool,
+    /// Send the console to this file instead of stdout.
+    pub serial_out: Option<PathBuf>,
+    /// When the process started (wall clock and CPU time).
+    pub start_wall: Instant,
+    pub start_cpu: Duration,
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A running microVM.
+pub struct Vmm {
+    // Guest memory must outlive the VM's memory slots and the vCPU threads.
+    _guest_memory: GuestMemoryMmap,
+    _vm: Vm,
+    _vcpu_threads: Vec<JoinHandle<()>>,
+    event_manager: EventManager<Subscriber>,
+    exit_handler: Arc<Mutex<ExitHandler>>,
+    _terminal: Option<TerminalGuard>,
+}
+
+impl Vmm {
+    /// Runs the event loop until the guest ends; returns the exit code.
+    pub fn run(&mut self) -> ExitCode {
+        loop {
+            if let Err(err) = self.event_manager.run() {
+                log::error!("the event loop failed: {err:?}");
+                return ExitCode::GenericError;
+            }
+            let code = self
+                .exit_handler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .exit_code();
+            if let Some(code) = code {
+                return code;
+            }
+        }
+    }
+}
+
+/// Puts the host terminal in raw mode for the guest console and restores
+/// canonical mode when the VMM ends.
+struct TerminalGuard;
+
+impl TerminalGuard {
+    fn raw_stdin() -> Option<Self> {
+        let stdin = io::stdin();
+        if !std::io::IsTerminal::is_terminal(&stdin) {
+            return None;
+        }
+        if let Err(err) = stdin.lock().set_raw_mode() {
+            log::warn!("cannot put the terminal in raw mode: {err}");
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Err(err) = io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot restore the terminal: {err}");
+        }
+    }
+}
+
+fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError> {
+    match path {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|source| StartMicrovmError::SerialOutput {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Ok(Box::new(file))
+        }
+        None => Ok(Box::new(UnbufferedStdout)),
+    }
+}
+
+/// Writes straight to fd 1, so console bytes appear as the guest sends them.
+struct UnbufferedStdout;
+
+impl Write for UnbufferedStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: fd 1 stays open for the life of the process; ManuallyDrop
+        // keeps this temporary File from closing it.
+        let mut out = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
+        out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn reject_unsupported_devices(resources: &VmResources) -> Result<(), StartMicrovmError> {
+    let list = |ids: Vec<&str>| ids.join(", ");
+    if !resources.drives.is_empty() {
+        return Err(StartMicrovmError::UnsupportedDevices {
+            what: "block devices (drives)",
+            ids: list(
+                resources
+                    .drives
+                    .iter()
+                    .map(|d| d.drive_id.as_str())
+                    .collect(),
+            ),
+        });
+    }
+    if !resources.network_interfaces.is_empty() {
+        return Err(StartMicrovmError::UnsupportedDevices {
+            what: "network interfaces",
+            ids: list(
+                resources
+                    .network_interfaces
+                    .iter()
+                    .map(|n| n.iface_id.as_str())
+                    .collect(),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the microVM described by `resources` and starts its vCPUs.
+pub fn build_microvm(
+    resources: &VmResources,
+    options: &BootOptions,
+) -> Result<Vmm, StartMicrovmError> {
+    let boot_source = resources
+        .boot_source
+        .as_ref()
+        .ok_or(StartMicrovmError::MissingBootSource)?;
+    reject_unsupported_devices(resources)?;
+    let machine = &resources.machine_config;
+
+    let kvm = Kvm::new().map_err(StartMicrovmError::Kvm)?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(machine.vcpu_count) > max_vcpus {
+        return Err(StartMicrovmError::TooManyVcpus {
+            wanted: machine.vcpu_count,
+            max: max_vcpus,
+        });
+    }
+    let mem_size = (machine.mem_size_mib as u64) << 20;
+    let guest_memory = memory::create_guest_memory(machine.mem_size_mib, machine.huge_pages)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
+
+    let kernel = boot::load_kernel(&guest_memory, Path::new(&boot_source.kernel_image_path))?;
+    let initrd = boot_source
+        .initrd_path
+        .as_ref()
+        .map(|path| {
+            boot::load_initrd(
+                &guest_memory,
+                mem_size,
+                Path::new(path),
+                boot::initrd_addr_limit(&kernel),
+            )
+        })
+        .transpose()?;
+    let cmdline = Cmdline::try_from(boot_source.cmdline(), layout::CMDLINE_MAX_SIZE)
+        .map_err(BootError::Cmdline)?;
+    boot::configure_system(
+        &guest_memory,
+        mem_size,
+        &kernel,
+        &cmdline,
+        initrd,
+        machine.vcpu_count,
+    )?;
+    regs::write_boot_tables(&guest_memory, kernel.entry)?;
+    log::info!(
+        "loaded {} ({:?}), {} vCPUs, {} MiB",
+        boot_source.kernel_image_path,
+        kernel.entry,
+        machine.vcpu_count,
+        machine.mem_size_mib
+    );
+
+    let boot_timer = options
+        .boot_timer
+        .then(|| BootTimer::new(options.start_wall, options.start_cpu));
+    let legacy = device_manager::attach_legacy_devices(
+        &vm,
+        serial_output(options.serial_out.as_deref())?,
+        boot_timer,
+    )?;
+    let pio_bus = Arc::new(legacy.pio_bus);
+    let mmio_bus = Arc::new(legacy.mmio_bus);
+
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StartMicrovmError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
+    for index in 0..machine.vcpu_count {
+        let vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
+        let topology = Topology {
+            cpu_index: index,
+            cpu_count: machine.vcpu_count,
+            threads_per_core: machine.threads_per_core(),
+        };
+        vcpu.configure(&supported_cpuid, topology, kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let event_loop_err =
+        |err: &dyn std::fmt::Debug| StartMicrovmError::EventLoop(format!("{err:?}"));
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| event_loop_err(&e))?;
+    let vcpu_stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| event_loop_err(&e))?;
+    let (stop_sender, stop_receiver) = mpsc::channel();
+    let exit_handler = Arc::new(Mutex::new(ExitHandler::new(
+        legacy.reset_evt,
+        vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?,
+        stop_receiver,
+    )));
+    event_manager.add_subscriber(exit_handler.clone());
+
+    let terminal = TerminalGuard::raw_stdin();
+    if terminal.is_some() {
+        let stdin = io::stdin();
+        if let Err(err) = stdin.lock().set_non_block(true) {
+            log::warn!("serial input disabled: cannot make stdin non-blocking: {err}");
+        } else {
+            let input = SerialInput::new(legacy.serial.clone(), stdin);
+            event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+    }
+
+    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let evt = vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?;
+        vcpu_threads.push(vcpu.start(stop_sender.clone(), evt)?);
+    }
+
+    Ok(Vmm {
+        _guest_memory: guest_memory,
+        _vm: vm,
+        _vcpu_threads: vcpu_threads,
+        event_manager,
+        exit_handler,
+        _terminal: terminal,
+    })
+}

@@ -1,0 +1,126 @@
+//! Guest RAM, backed by a memfd so that vhost-user backends can map it.
+
+use std::fs::File;
+
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::layout;
+use crate::resources::HugePageConfig;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the guest memory file: {0}")]
+    Memfd(nix::Error),
+    #[error("cannot size the guest memory file to {size_mib} MiB: {source}")]
+    Resize {
+        size_mib: usize,
+        source: std::io::Error,
+    },
+    #[error("cannot map {size_mib} MiB of guest memory: {reason}")]
+    Map { size_mib: usize, reason: String },
+    #[error("mem_size_mib {wanted} is more than this host's memory ({host} MiB of RAM and swap)")]
+    MoreThanHost { wanted: usize, host: u64 },
+    #[error("mem_size_mib {0} is not a multiple of the 2 MiB huge page size")]
+    HugePageMultiple(usize),
+}
+
+/// The host's RAM plus swap in MiB, from /proc/meminfo.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    Some((field("MemTotal:")? + field("SwapTotal:").unwrap_or(0)) >> 10)
+}
+
+/// Creates `mem_size_mib` MiB of guest RAM laid out around the MMIO hole,
+/// all regions backed by one memfd at matching file offsets.
+pub fn create_guest_memory(
+    mem_size_mib: usize,
+    huge_pages: HugePageConfig,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if let Some(host) = host_memory_mib() {
+        if mem_size_mib as u64 > host {
+            return Err(MemoryError::MoreThanHost {
+                wanted: mem_size_mib,
+                host,
+            });
+        }
+    }
+    let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
+    if huge_pages == HugePageConfig::Hugetlbfs2M {
+        if mem_size_mib % 2 != 0 {
+            return Err(MemoryError::HugePageMultiple(mem_size_mib));
+        }
+        flags |= MemFdCreateFlag::MFD_HUGETLB | MemFdCreateFlag::MFD_HUGE_2MB;
+    }
+    let fd = memfd_create(c"tessera-guest-ram", flags).map_err(MemoryError::Memfd)?;
+    let file = File::from(fd);
+    let size = (mem_size_mib as u64) << 20;
+    file.set_len(size).map_err(|source| MemoryError::Resize {
+        size_mib: mem_size_mib,
+        source,
+    })?;
+
+    let mut file_offset = 0;
+    let ranges = layout::ram_regions(size)
+        .into_iter()
+        .map(|(addr, len)| {
+            let region = (
+                GuestAddress(addr),
+                len as usize,
+                Some(FileOffset::new(file.try_clone()?, file_offset)),
+            );
+            file_offset += len;
+            Ok(region)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|err| MemoryError::Map {
+            size_mib: mem_size_mib,
+            reason: err.to_string(),
+        })?;
+    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| MemoryError::Map {
+        size_mib: mem_size_mib,
+        reason: err.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn memory_above_the_hole_is_one_file() {
+        let mem = create_guest_memory(3584, HugePageConfig::None).unwrap();
+        let regions: Vec<_> = mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len(), r.file_offset().unwrap().start()))
+            .collect();
+        assert_eq!(
+            regions,
+            vec![
+                (0, layout::MMIO_MEM_START, 0),
+                (
+                    layout::FIRST_ADDR_PAST_32BITS,
+                    (3584 << 20) - layout::MMIO_MEM_START,
+                    layout::MMIO_MEM_START
+                ),
+            ]
+        );
+        mem.write_obj(0xabcdu64, GuestAddress(layout::FIRST_ADDR_PAST_32BITS))
+            .unwrap();
+        assert!(mem
+            .write_obj(1u64, GuestAddress(layout::MMIO_MEM_START))
+            .is_err());
+    }
+
+    #[test]
+    fn refuses_more_than_the_host_has() {
+        let err = create_guest_memory(1 << 40, HugePageConfig::None).unwrap_err();
+        assert!(matches!(err, MemoryError::MoreThanHost { .. }), "{err}");
+    }
+}

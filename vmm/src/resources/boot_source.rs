@@ -1,0 +1,100 @@
+//! `boot-source`: the guest kernel, its command line and the initrd.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Firecracker's default command line, used when `boot_args` is absent.
+pub const DEFAULT_KERNEL_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 \
+     i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// Errors in `boot-source`.
+#[derive(Debug, thiserror::Error)]
+pub enum BootSourceError {
+    #[error("the kernel image {path} cannot be opened: {source}")]
+    KernelImage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the initrd {path} cannot be opened: {source}")]
+    Initrd {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The `boot-source` resource.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceConfig {
+    pub kernel_image_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+impl BootSourceConfig {
+    /// Checks that the kernel and initrd files can be opened, so that a bad
+    /// path is reported when it is configured, not at boot.
+    pub fn validate(&self) -> Result<(), BootSourceError> {
+        open_readable(&self.kernel_image_path).map_err(|source| BootSourceError::KernelImage {
+            path: self.kernel_image_path.clone(),
+            source,
+        })?;
+        if let Some(initrd) = &self.initrd_path {
+            open_readable(initrd).map_err(|source| BootSourceError::Initrd {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The command line the guest gets before devices add theirs.
+    pub fn cmdline(&self) -> &str {
+        self.boot_args.as_deref().unwrap_or(DEFAULT_KERNEL_CMDLINE)
+    }
+}
+
+fn open_readable(path: &str) -> std::io::Result<()> {
+    let file = std::fs::File::open(Path::new(path))?;
+    if file.metadata()?.is_dir() {
+        return Err(std::io::Error::other("it is a directory"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_kernel_names_the_path() {
+        let cfg = BootSourceConfig {
+            kernel_image_path: "/nonexistent/vmlinux".into(),
+            ..Default::default()
+        };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn directory_is_not_a_kernel() {
+        let cfg = BootSourceConfig {
+            kernel_image_path: "/".into(),
+            ..Default::default()
+        };
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("directory"));
+    }
+
+    #[test]
+    fn default_cmdline_when_no_boot_args() {
+        let cfg = BootSourceConfig::default();
+        assert_eq!(cfg.cmdline(), DEFAULT_KERNEL_CMDLINE);
+    }
+}

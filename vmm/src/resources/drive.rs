@@ -1,0 +1,130 @@
+//! `drives`: block devices. They are validated and kept here; each is
+//! served by a `vhost-user-blk` backend process once block support lands.
+
+use serde::{Deserialize, Serialize};
+
+/// Errors in a drive.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    #[error("drive_id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-]")]
+    InvalidId(String),
+    #[error("drive {id:?}: give exactly one of path_on_host and socket")]
+    Backing { id: String },
+    #[error("drive {id:?}: path_on_host {path} cannot be opened: {source}")]
+    Path {
+        id: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("drive {0:?} is already the root device")]
+    SecondRootDevice(String),
+}
+
+/// Page-cache policy of a drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum CacheType {
+    #[default]
+    Unsafe,
+    Writeback,
+}
+
+/// I/O engine of a drive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum IoEngine {
+    #[default]
+    Sync,
+    Async,
+}
+
+/// One entry of `drives`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceConfig {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    pub is_root_device: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default)]
+    pub cache_type: CacheType,
+    #[serde(default)]
+    pub io_engine: IoEngine,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+impl BlockDeviceConfig {
+    /// Checks the id and that the backing file exists.
+    pub fn validate(&self) -> Result<(), DriveError> {
+        if !is_valid_id(&self.drive_id) {
+            return Err(DriveError::InvalidId(self.drive_id.clone()));
+        }
+        match (&self.path_on_host, &self.socket) {
+            (Some(path), None) => {
+                std::fs::metadata(path).map_err(|source| DriveError::Path {
+                    id: self.drive_id.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(())
+            }
+            (None, Some(_)) => Ok(()),
+            _ => Err(DriveError::Backing {
+                id: self.drive_id.clone(),
+            }),
+        }
+    }
+}
+
+/// Firecracker's rule for resource ids.
+pub(super) fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drive(id: &str, path: Option<&str>, socket: Option<&str>) -> BlockDeviceConfig {
+        BlockDeviceConfig {
+            drive_id: id.into(),
+            path_on_host: path.map(Into::into),
+            is_root_device: false,
+            is_read_only: None,
+            partuuid: None,
+            cache_type: CacheType::Unsafe,
+            io_engine: IoEngine::Sync,
+            rate_limiter: None,
+            socket: socket.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(drive("root", Some("/dev/null"), None).validate().is_ok());
+        assert!(drive("root", None, Some("/run/blk.sock"))
+            .validate()
+            .is_ok());
+        assert!(matches!(
+            drive("bad id", Some("/dev/null"), None).validate(),
+            Err(DriveError::InvalidId(_))
+        ));
+        assert!(matches!(
+            drive("d", None, None).validate(),
+            Err(DriveError::Backing { .. })
+        ));
+        let err = drive("d", Some("/no/such/file"), None)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/no/such/file"), "{err}");
+    }
+}

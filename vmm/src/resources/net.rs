@@ -1,0 +1,126 @@
+//! `network-interfaces`: virtio-net devices. They are validated and kept
+//! here; each is served by a `vhost-user-net` process once networking lands.
+
+use serde::{Deserialize, Serialize};
+
+use super::drive::is_valid_id;
+
+/// Errors in a network interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("iface_id {0:?} is invalid: use 1-64 characters of [A-Za-z0-9_-]")]
+    InvalidId(String),
+    #[error("interface {id:?}: guest_mac {mac:?} is not a MAC address like 06:00:ac:10:00:02")]
+    InvalidMac { id: String, mac: String },
+    #[error("interface {id:?}: host_dev_name {name:?} is not a valid interface name")]
+    InvalidTapName { id: String, name: String },
+    #[error("interface {id:?}: give exactly one of host_dev_name and socket")]
+    Backing { id: String },
+    #[error("guest_mac {0} is already used by interface {1:?}")]
+    DuplicateMac(String, String),
+}
+
+/// One entry of `network-interfaces`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_dev_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+impl NetworkInterfaceConfig {
+    /// Checks the id, the TAP name and the MAC address.
+    pub fn validate(&self) -> Result<(), NetError> {
+        let id = || self.iface_id.clone();
+        if !is_valid_id(&self.iface_id) {
+            return Err(NetError::InvalidId(id()));
+        }
+        match (&self.host_dev_name, &self.socket) {
+            (Some(name), None) => {
+                // IFNAMSIZ is 16 including the terminating NUL.
+                let valid = (1..16).contains(&name.len())
+                    && !name.contains(['/', ' ', '\0'])
+                    && name != "."
+                    && name != "..";
+                if !valid {
+                    return Err(NetError::InvalidTapName {
+                        id: id(),
+                        name: name.clone(),
+                    });
+                }
+            }
+            (None, Some(_)) => {}
+            _ => return Err(NetError::Backing { id: id() }),
+        }
+        if let Some(mac) = &self.guest_mac {
+            if parse_mac(mac).is_none() {
+                return Err(NetError::InvalidMac {
+                    id: id(),
+                    mac: mac.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in out.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("06:00:AC:10:00:02"),
+            Some([6, 0, 0xac, 0x10, 0, 2])
+        );
+        assert_eq!(parse_mac("06:00:ac:10:00"), None);
+        assert_eq!(parse_mac("06:00:ac:10:00:02:03"), None);
+        assert_eq!(parse_mac("6:00:ac:10:00:02"), None);
+        assert_eq!(parse_mac("zz:00:ac:10:00:02"), None);
+    }
+
+    #[test]
+    fn validation() {
+        let iface = |tap: &str, mac: &str| NetworkInterfaceConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: Some(tap.into()),
+            guest_mac: Some(mac.into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            socket: None,
+        };
+        assert!(iface("tap0", "06:00:00:00:00:01").validate().is_ok());
+        assert!(matches!(
+            iface("tap0", "bad").validate(),
+            Err(NetError::InvalidMac { .. })
+        ));
+        assert!(matches!(
+            iface("a-name-that-is-too-long", "06:00:00:00:00:01").validate(),
+            Err(NetError::InvalidTapName { .. })
+        ));
+    }
+}

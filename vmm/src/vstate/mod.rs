@@ -1,0 +1,4 @@
+//! KVM state: the VM (memory slots, interrupt controllers, PIT) and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;

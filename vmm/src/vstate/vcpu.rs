@@ -1,0 +1,281 @@
+//! vCPUs: their boot configuration and the run loop each one executes on
+//! its own thread. Port I/O and MMIO exits are dispatched straight to the
+//! device buses from the vCPU thread; only a stop travels to the main thread.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use devices::Bus;
+use kvm_bindings::{
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::cpuid::{self, CpuidError, Topology};
+use crate::arch::msr::{self, MsrError};
+use crate::arch::regs::{self, EntryPoint, RegsError};
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {source}")]
+    Cpuid { index: u8, source: CpuidError },
+    #[error("vCPU {index}: cannot set CPUID: {source}")]
+    SetCpuid {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {source}")]
+    Msrs { index: u8, source: MsrError },
+    #[error("vCPU {index}: {source}")]
+    Regs { index: u8, source: RegsError },
+    #[error("vCPU {index}: cannot {op} the local APIC: {source}")]
+    Lapic {
+        index: u8,
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Spawn { index: u8, source: std::io::Error },
+}
+
+/// Why a vCPU stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked to power off or reset: a normal end.
+    GuestShutdown(&'static str),
+    /// The guest crashed, or KVM could not run it.
+    Failed(String),
+}
+
+/// What a vCPU thread reports when it stops.
+#[derive(Debug)]
+pub struct VcpuStopReport {
+    pub index: u8,
+    pub reason: VcpuStop,
+}
+
+/// A vCPU with the buses it dispatches exits to.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+}
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`.
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        pio_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self {
+            index,
+            fd,
+            pio_bus,
+            mmio_bus,
+        })
+    }
+
+    /// Sets CPUID, MSRs, registers, FPU and LAPIC for booting at `entry`.
+    /// Only the boot vCPU starts at `entry`; the others wait for INIT/SIPI.
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        topology: Topology,
+        entry: EntryPoint,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let mut cpuid = supported_cpuid.clone();
+        cpuid::normalize(&mut cpuid, topology)
+            .map_err(|source| VcpuError::Cpuid { index, source })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
+        let regs_err = |source| VcpuError::Regs { index, source };
+        regs::setup_fpu(&self.fd).map_err(regs_err)?;
+        if index == 0 {
+            regs::setup_regs(&self.fd, entry).map_err(regs_err)?;
+            regs::setup_sregs(&self.fd, entry).map_err(regs_err)?;
+        }
+        self.setup_lapic()
+    }
+
+    /// Wires LINT0 to the PIC (ExtINT) and LINT1 to NMI, as on a PC.
+    fn setup_lapic(&self) -> Result<(), VcpuError> {
+        let index = self.index;
+        let mut lapic = self.fd.get_lapic().map_err(|source| VcpuError::Lapic {
+            index,
+            op: "read",
+            source,
+        })?;
+        for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+                lapic.regs[reg + i] = byte as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(|source| VcpuError::Lapic {
+                index,
+                op: "write",
+                source,
+            })
+    }
+
+    /// Starts the vCPU on its own thread. When it stops, it reports why on
+    /// `stopped` and signals `stop_evt` to wake the main event loop.
+    pub fn start(
+        self,
+        stopped: Sender<VcpuStopReport>,
+        stop_evt: EventFd,
+    ) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("fc_vcpu {index}"))
+            .spawn(move || {
+                let mut vcpu = self;
+                let reason = vcpu.run_until_stop();
+                match &reason {
+                    VcpuStop::GuestShutdown(why) => log::info!("vCPU {index} stopped: {why}"),
+                    VcpuStop::Failed(why) => log::error!("vCPU {index} failed: {why}"),
+                }
+                // The main loop may already be gone when the VM is ending.
+                let _ = stopped.send(VcpuStopReport { index, reason });
+                let _ = stop_evt.write(1);
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })
+    }
+
+    fn run_until_stop(&mut self) -> VcpuStop {
+        loop {
+            match self.fd.run() {
+                Ok(exit) => {
+                    if let Some(stop) = handle_exit(exit, &self.pio_bus, &self.mmio_bus) {
+                        return stop;
+                    }
+                }
+                Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {}
+                Err(err) => return VcpuStop::Failed(format!("KVM_RUN failed: {err}")),
+            }
+        }
+    }
+}
+
+/// Handles one VM exit; returns `Some` when the vCPU must stop.
+fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Option<VcpuStop> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                // Nothing decodes the port: the bus floats high, as on a PC.
+                data.fill(0xff);
+                log::debug!("unhandled port read {port:#x}");
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !pio.write(u64::from(port), data) {
+                log::debug!("unhandled port write {port:#x} <- {data:x?}");
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0);
+                log::debug!("unhandled MMIO read {addr:#x}");
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                log::debug!("unhandled MMIO write {addr:#x} <- {data:x?}");
+            }
+        }
+        VcpuExit::Hlt => return Some(VcpuStop::GuestShutdown("the guest halted")),
+        VcpuExit::Shutdown => return Some(VcpuStop::GuestShutdown("triple fault (guest reset)")),
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::GuestShutdown("guest power-off"),
+                KVM_SYSTEM_EVENT_RESET => VcpuStop::GuestShutdown("guest reset"),
+                KVM_SYSTEM_EVENT_CRASH => VcpuStop::Failed("the guest crashed".into()),
+                other => VcpuStop::Failed(format!("unexpected system event {other}")),
+            })
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(VcpuStop::Failed(format!(
+                "KVM could not enter the guest on CPU {cpu}: hardware reason {reason:#x}"
+            )))
+        }
+        VcpuExit::InternalError => {
+            return Some(VcpuStop::Failed(
+                "KVM internal error: the host could not emulate a guest instruction".into(),
+            ))
+        }
+        other => return Some(VcpuStop::Failed(format!("unexpected VM exit {other:?}"))),
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_ports_read_as_all_ones_and_mmio_as_zero() {
+        let bus = Bus::new();
+        let mut port = [0u8; 2];
+        assert_eq!(
+            handle_exit(VcpuExit::IoIn(0x2f8, &mut port), &bus, &bus),
+            None
+        );
+        assert_eq!(port, [0xff, 0xff]);
+        let mut word = [0xaau8; 4];
+        assert_eq!(
+            handle_exit(VcpuExit::MmioRead(0xd000_1000, &mut word), &bus, &bus),
+            None
+        );
+        assert_eq!(word, [0; 4]);
+        assert_eq!(
+            handle_exit(VcpuExit::MmioWrite(0xdead_0000, &[1]), &bus, &bus),
+            None
+        );
+    }
+
+    #[test]
+    fn guest_shutdown_and_failures_stop_the_vcpu() {
+        let bus = Bus::new();
+        assert!(matches!(
+            handle_exit(VcpuExit::Shutdown, &bus, &bus),
+            Some(VcpuStop::GuestShutdown(_))
+        ));
+        assert!(matches!(
+            handle_exit(VcpuExit::InternalError, &bus, &bus),
+            Some(VcpuStop::Failed(_))
+        ));
+        assert!(matches!(
+            handle_exit(
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, &[]),
+                &bus,
+                &bus
+            ),
+            Some(VcpuStop::Failed(_))
+        ));
+    }
+}

@@ -1,0 +1,108 @@
+//! The KVM VM: guest memory slots and the in-kernel PIC, IOAPIC and PIT.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout;
+
+/// Errors setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot create the KVM VM: {0}")]
+    Create(kvm_ioctls::Error),
+    #[error("cannot {op}: {source}")]
+    Setup {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM has {available} memory slots, {needed} are needed")]
+    NotEnoughSlots { needed: usize, available: usize },
+}
+
+/// A KVM VM with its interrupt controllers.
+pub struct Vm {
+    fd: VmFd,
+}
+
+fn setup_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Setup { op, source }
+}
+
+impl Vm {
+    /// Creates the VM with an in-kernel PIC, IOAPIC, LAPICs and PIT.
+    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS)
+            .map_err(setup_err("set the TSS address"))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(setup_err("set the identity map address"))?;
+        fd.create_irq_chip()
+            .map_err(setup_err("create the interrupt controllers"))?;
+        // The dummy speaker gives the guest port 0x61, which Linux and the
+        // probe use to read the PIT channel 2 output while calibrating.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(setup_err("create the PIT"))?;
+        Ok(Self { fd })
+    }
+
+    /// Registers every guest memory region as a KVM memory slot.
+    pub fn register_memory(
+        &self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmError> {
+        let available = kvm.get_nr_memslots();
+        if mem.num_regions() > available {
+            return Err(VmError::NotEnoughSlots {
+                needed: mem.num_regions(),
+                available,
+            });
+        }
+        let flags = if track_dirty_pages {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| VmError::Setup {
+                        op: "find a memory region's host address",
+                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            let memory_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes that
+            // outlives the VM: the caller keeps the GuestMemoryMmap for the
+            // VM's whole life, and slots never overlap (regions do not).
+            unsafe { self.fd.set_user_memory_region(memory_region) }
+                .map_err(setup_err("register guest memory"))?;
+        }
+        Ok(())
+    }
+
+    /// Routes `evt` to guest interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(setup_err("register an irqfd"))
+    }
+
+    /// The KVM VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
