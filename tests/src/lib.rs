@@ -1,1 +1,349 @@
+//! Shared harness for the integration tests and the benchmark: finds the
+//! built binaries and guest artifacts, writes VM configuration files, runs
+//! `tessera` with a deadline and parses what the guest printed.
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A binary built from this workspace, next to the running test executable
+/// (`target/<profile>/deps/<test>` -> `target/<profile>/<name>`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build --workspace --bins` in the same profile",
+        bin.display()
+    );
+    bin
+}
+
+/// The guest artifacts built by `resources/build-guest.sh`.
+#[derive(Debug, Clone)]
+pub struct GuestArtifacts {
+    pub dir: PathBuf,
+}
+
+impl GuestArtifacts {
+    pub fn probe(&self) -> PathBuf {
+        self.file("probe-guest.elf")
+    }
+    pub fn vmlinux(&self) -> PathBuf {
+        self.file("vmlinux")
+    }
+    pub fn bzimage(&self) -> PathBuf {
+        self.file("bzImage")
+    }
+    pub fn initramfs(&self) -> PathBuf {
+        self.file("initramfs.cpio.gz")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.file("rootfs.ext4")
+    }
+    fn file(&self, name: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        assert!(
+            path.exists(),
+            "guest artifact {} is missing",
+            path.display()
+        );
+        path
+    }
+}
+
+/// The guest artifacts: `$TESSERA_GUEST_DIR`, or built (and cached) by
+/// running `resources/build-guest.sh` once per test process.
+pub fn guest_artifacts() -> &'static GuestArtifacts {
+    static ARTIFACTS: OnceLock<GuestArtifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TESSERA_GUEST_DIR") {
+            return GuestArtifacts { dir: dir.into() };
+        }
+        eprintln!("TESSERA_GUEST_DIR is not set: running resources/build-guest.sh");
+        let out = Command::new(repo_root().join("resources/build-guest.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run resources/build-guest.sh");
+        assert!(out.status.success(), "resources/build-guest.sh failed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = stdout
+            .lines()
+            .last()
+            .expect("build-guest.sh prints its output dir");
+        GuestArtifacts {
+            dir: PathBuf::from(dir.trim()),
+        }
+    })
+}
+
+/// Whether the host CPU has hardware virtualization (Intel VT-x or AMD-V).
+pub fn host_has_hardware_virtualization() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|info| {
+            info.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// A VM configuration in Firecracker's config-file schema.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    pub vcpu_count: u8,
+    pub mem_size_mib: usize,
+    pub smt: bool,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>, boot_args: &str) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            boot_args: boot_args.to_string(),
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+        }
+    }
+
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpu_count = n;
+        self
+    }
+
+    pub fn mem_mib(mut self, mib: usize) -> Self {
+        self.mem_size_mib = mib;
+        self
+    }
+
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut boot = serde_json::json!({
+            "kernel_image_path": self.kernel,
+            "boot_args": self.boot_args,
+        });
+        if let Some(initrd) = &self.initrd {
+            boot["initrd_path"] = serde_json::json!(initrd);
+        }
+        serde_json::json!({
+            "boot-source": boot,
+            "machine-config": {
+                "vcpu_count": self.vcpu_count,
+                "mem_size_mib": self.mem_size_mib,
+                "smt": self.smt,
+            }
+        })
+    }
+}
+
+/// The result of one `tessera` run.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// None when the run was killed at its deadline or by `stop_when`.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    pub pid: u32,
+}
+
+impl RunOutput {
+    /// The `probe.<key>=<value>` lines the probe guest printed, by key.
+    pub fn probe_report(&self) -> BTreeMap<String, String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("probe."))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The exit code, panicking with the output when the run did not exit.
+    pub fn code(&self) -> i32 {
+        match self.status {
+            Some(status) => status.code().unwrap_or_else(|| {
+                panic!(
+                    "tessera died from a signal: {status:?}\n{}",
+                    self.describe()
+                )
+            }),
+            None => panic!("tessera did not exit in time\n{}", self.describe()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+fn drain<R: Read + Send + 'static>(
+    mut source: R,
+    sink: Arc<Mutex<Vec<u8>>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = source.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+/// A spawned process whose stdout and stderr are collected in the background.
+pub struct Running {
+    child: Child,
+    start: Instant,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Spawns `command` with stdin closed and output captured.
+    pub fn spawn(mut command: Command) -> Self {
+        let start = Instant::now();
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the command");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            drain(child.stdout.take().unwrap(), out.clone()),
+            drain(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Self {
+            child,
+            start,
+            out,
+            err,
+            readers,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the process exits, `deadline` (from spawn) passes, or
+    /// `stop_when(stdout, stderr)` holds. Returns true if the process exited.
+    pub fn wait_until(
+        &mut self,
+        deadline: Duration,
+        stop_when: impl Fn(&str, &str) -> bool,
+    ) -> bool {
+        loop {
+            if self.child.try_wait().expect("wait").is_some() {
+                return true;
+            }
+            if self.start.elapsed() > deadline || stop_when(&self.stdout(), &self.stderr()) {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills the process if it still runs and returns what it printed.
+    pub fn finish(mut self) -> RunOutput {
+        let status = match self.child.try_wait().expect("wait") {
+            Some(status) => Some(status),
+            None => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                None
+            }
+        };
+        let elapsed = self.start.elapsed();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        RunOutput {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+            elapsed,
+            pid: self.child.id(),
+        }
+    }
+}
+
+/// Runs `command` until it exits, `deadline` passes, or `stop_when` returns
+/// true for the output so far (stdout, stderr); the process is then killed.
+pub fn run_with_deadline(
+    command: Command,
+    deadline: Duration,
+    stop_when: impl Fn(&str, &str) -> bool,
+) -> RunOutput {
+    let mut running = Running::spawn(command);
+    running.wait_until(deadline, stop_when);
+    running.finish()
+}
+
+/// A `tessera --no-api --config-file` command for `config`. The config
+/// file lives in `dir`, which must outlive the run.
+pub fn tessera_command(config: &VmConfig, dir: &Path, extra_args: &[&str]) -> Command {
+    let path = dir.join("vm-config.json");
+    std::fs::write(&path, config.to_json().to_string()).expect("write config");
+    let mut command = Command::new(workspace_bin("tessera"));
+    command
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&path)
+        .args(extra_args);
+    command
+}
+
+/// Boots `config` and waits for tessera to exit by itself.
+pub fn boot(config: &VmConfig, extra_args: &[&str], deadline: Duration) -> RunOutput {
+    let dir = tempfile::tempdir().expect("tempdir");
+    run_with_deadline(
+        tessera_command(config, dir.path(), extra_args),
+        deadline,
+        |_, _| false,
+    )
+}
+
+/// The kernel command line for the probe guest.
+pub fn probe_cmdline(extra: &str) -> String {
+    format!("console=ttyS0 {extra}").trim().to_string()
+}

@@ -39,9 +39,11 @@ struct Cli {
     serial_out: Option<PathBuf>,
 }
 
+/// Reports a fatal error on stderr (and in the log file, if there is one)
+/// and exits with `code`.
 fn fail(code: ExitCode, message: impl std::fmt::Display) -> ! {
-    log::error!("{message}");
     eprintln!("tessera: {message}");
+    log::logger().flush();
     process::exit(code as i32);
 }
 

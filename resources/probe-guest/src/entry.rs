@@ -1,0 +1,298 @@
+//! Boot entry points, page tables, GDT, stack and exception stubs (assembly).
+//!
+//! Two ways in, one way on:
+//!
+//! * `pvh_start` (32-bit, published by the Xen `PHYS32_ENTRY` ELF note):
+//!   protected mode, paging off, `EBX` = `struct hvm_start_info`.
+//! * `linux64_start` (the ELF `e_entry`): Linux 64-bit boot protocol, long
+//!   mode with the VMM's identity map of (at least) the first GiB,
+//!   `RSI` = `struct boot_params`.
+//!
+//! Both zero `.bss`, build the same identity map of the first 16 GiB with
+//! 2 MiB pages (the MMIO hole `[0xd000_0000, 4 GiB)` uncached), load our
+//! GDT (0x08 = 64-bit code, 0x10 = data), switch to our stack, enable SSE
+//! and call [`crate::probe_main`] with the boot kind and the info pointer.
+//! Privileged instructions are kept to the minimum (each one traps).
+
+use core::arch::global_asm;
+
+/// `kind` argument of `probe_main` for the PVH entry.
+pub const BOOT_PVH: u32 = 1;
+/// `kind` argument of `probe_main` for the Linux 64-bit entry.
+pub const BOOT_LINUX64: u32 = 2;
+
+/// Size of the identity map built at entry; nothing above is accessible.
+pub const IDENTITY_MAP_LIMIT: u64 = 16 << 30;
+
+// Xen ELF note announcing the 32-bit PVH entry point. The descriptor is
+// 8 bytes like Linux's `.quad` (linux-loader reads the low 4 bytes and
+// accepts any size >= 4; QEMU reads a full 64-bit word). The section is
+// 4-byte aligned so that PT_NOTE's p_align is 4, which linux-loader and
+// QEMU use to pad the 4-byte name.
+global_asm!(
+    r#"
+    .pushsection .note.pvh, "a", @note
+    .balign 4
+    .long 4
+    .long 8
+    .long 18
+    .asciz "Xen"
+    .balign 4
+    .quad pvh_start
+    .balign 4
+    .popsection
+    "#,
+    options(att_syntax)
+);
+
+// GDT (in .data: the CPU may set accessed bits), page tables and stack.
+global_asm!(
+    r#"
+    .pushsection .data.probe_gdt, "aw", @progbits
+    .balign 16
+probe_gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff
+    .quad 0x00cf92000000ffff
+probe_gdt_end:
+    .balign 16
+probe_gdt_ptr:
+    .word probe_gdt_end - probe_gdt - 1
+    .quad probe_gdt
+    .popsection
+
+    .pushsection .bss.probe_pagetables, "aw", @nobits
+    .balign 4096
+probe_pml4:
+    .skip 4096
+probe_pdpt:
+    .skip 4096
+probe_pd:
+    .skip 16 * 4096
+    .popsection
+
+    .pushsection .bss.probe_stack, "aw", @nobits
+    .balign 16
+probe_stack_bottom:
+    .skip 65536
+probe_stack_top:
+    .popsection
+    "#,
+    options(att_syntax)
+);
+
+// PVH entry: 32-bit protected mode, paging off, flat segments, EBX =
+// hvm_start_info. Builds the page tables and enters long mode.
+global_asm!(
+    r#"
+    .pushsection .text.entry, "ax", @progbits
+    .code32
+    .global pvh_start
+    .type pvh_start, @function
+pvh_start:
+    cli
+    cld
+    movl %ebx, %esi
+
+    movl $__bss_start, %edi
+    movl $__bss_end, %ecx
+    subl %edi, %ecx
+    xorl %eax, %eax
+    rep stosb
+
+    movl $probe_pd, %edi
+    xorl %ecx, %ecx
+1:
+    movl %ecx, %eax
+    shll $21, %eax
+    orl $0x83, %eax
+    cmpl $0x680, %ecx
+    jb 2f
+    cmpl $0x800, %ecx
+    jae 2f
+    orl $0x18, %eax
+2:
+    movl %eax, (%edi,%ecx,8)
+    movl %ecx, %edx
+    shrl $11, %edx
+    movl %edx, 4(%edi,%ecx,8)
+    incl %ecx
+    cmpl $8192, %ecx
+    jb 1b
+
+    movl $probe_pdpt, %edi
+    movl $(probe_pd + 3), %eax
+    xorl %ecx, %ecx
+3:
+    movl %eax, (%edi,%ecx,8)
+    addl $4096, %eax
+    incl %ecx
+    cmpl $16, %ecx
+    jb 3b
+    movl $(probe_pdpt + 3), probe_pml4
+
+    movl $probe_pml4, %eax
+    movl %eax, %cr3
+    movl $0x620, %eax
+    movl %eax, %cr4
+    movl $0xc0000080, %ecx
+    xorl %edx, %edx
+    movl $0x100, %eax
+    wrmsr
+    lgdt probe_gdt_ptr
+    movl $0x80000033, %eax
+    movl %eax, %cr0
+    ljmp $0x08, $pvh_long_mode
+
+    .code64
+pvh_long_mode:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movq $probe_stack_top, %rsp
+    movl %esi, %esi
+    movl $1, %edi
+    jmp probe_common64
+    .size pvh_start, . - pvh_start
+
+    .global linux64_start
+    .type linux64_start, @function
+linux64_start:
+    cli
+    cld
+    movq %rsi, %r12
+
+    movl $__bss_start, %edi
+    movl $__bss_end, %ecx
+    subl %edi, %ecx
+    xorl %eax, %eax
+    rep stosb
+
+    movl $probe_pd, %edi
+    xorl %ecx, %ecx
+4:
+    movq %rcx, %rax
+    shlq $21, %rax
+    orq $0x83, %rax
+    cmpl $0x680, %ecx
+    jb 5f
+    cmpl $0x800, %ecx
+    jae 5f
+    orq $0x18, %rax
+5:
+    movq %rax, (%rdi,%rcx,8)
+    incl %ecx
+    cmpl $8192, %ecx
+    jb 4b
+
+    movl $probe_pdpt, %edi
+    movl $(probe_pd + 3), %eax
+    xorl %ecx, %ecx
+6:
+    movq %rax, (%rdi,%rcx,8)
+    addq $4096, %rax
+    incl %ecx
+    cmpl $16, %ecx
+    jb 6b
+    movl $(probe_pdpt + 3), %eax
+    movq %rax, probe_pml4
+
+    movl $probe_pml4, %eax
+    movq %rax, %cr3
+    movl $0x620, %eax
+    movq %rax, %cr4
+    movl $0x80000033, %eax
+    movq %rax, %cr0
+    lgdt probe_gdt_ptr(%rip)
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movq $probe_stack_top, %rsp
+    pushq $0x08
+    leaq 7f(%rip), %rax
+    pushq %rax
+    lretq
+7:
+    movq %r12, %rsi
+    movl $2, %edi
+    jmp probe_common64
+    .size linux64_start, . - linux64_start
+
+probe_common64:
+    fninit
+    pushq $0x1f80
+    ldmxcsr (%rsp)
+    popq %rax
+    call probe_main
+8:
+    cli
+    hlt
+    jmp 8b
+    .popsection
+    "#,
+    options(att_syntax)
+);
+
+// Exception stubs: 32 stubs, 16 bytes apart, each pushing a dummy error
+// code (for vectors where the CPU pushes none) and the vector number, then
+// calling `probe_exception(vector, error_code, rip)`. Error-code vectors:
+// 8, 10-14, 17, 21, 29, 30 (mask 0x60227d00).
+global_asm!(
+    r#"
+    .pushsection .text.probe_exceptions, "ax", @progbits
+    .balign 16
+    .global probe_exception_stubs
+probe_exception_stubs:
+    .set probe_vec, 0
+    .rept 32
+    .balign 16
+    .if ((0x60227d00 >> probe_vec) & 1) == 0
+    pushq $0
+    .endif
+    pushq $probe_vec
+    jmp probe_exception_common
+    .set probe_vec, probe_vec + 1
+    .endr
+
+probe_exception_common:
+    movq (%rsp), %rdi
+    movq 8(%rsp), %rsi
+    movq 16(%rsp), %rdx
+    andq $-16, %rsp
+    call probe_exception
+9:
+    cli
+    hlt
+    jmp 9b
+    .popsection
+    "#,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+    static probe_exception_stubs: u8;
+}
+
+/// Distance between two exception stubs.
+pub const EXCEPTION_STUB_STRIDE: u64 = 16;
+
+/// Physical range `[start, end)` of the loaded image, including `.bss`
+/// (page tables, stack, static buffers).
+pub fn image_range() -> (u64, u64) {
+    let start = (&raw const __image_start) as u64;
+    let end = (&raw const __image_end) as u64;
+    (start, end)
+}
+
+/// Address of the first exception stub (vector 0).
+pub fn exception_stubs() -> u64 {
+    (&raw const probe_exception_stubs) as u64
+}

@@ -1,0 +1,174 @@
+//! Tessera probe guest: a tiny freestanding x86_64 guest that reports on
+//! the serial port what the VMM gave it (boot protocol, command line,
+//! memory map, CPUs, virtio-mmio devices), optionally ticks with the PIT,
+//! pokes the boot timer and resets through the i8042.
+//!
+//! See README.md for the output lines and command line options.
+
+#![no_std]
+#![no_main]
+
+mod bootinfo;
+mod cmdline;
+mod e820;
+mod entry;
+mod idt;
+mod io;
+mod mem;
+mod mptable;
+mod phys;
+mod pit;
+mod serial;
+mod virtio;
+mod virtio_rng;
+
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use bootinfo::BootInfo;
+use serial::{Bytes, outln};
+
+// Rebuild (and relink) when the linker script changes.
+const _: &str = include_str!("../link.ld");
+
+/// The VMM's boot-timer MMIO byte: writing 123 marks "guest booted".
+const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
+const BOOT_TIMER_MAGIC: u8 = 123;
+/// One tick is ten 10 ms PIT one-shots.
+const ONESHOTS_PER_TICK: u32 = 10;
+
+/// Rust entry, called by `entry.rs` with the boot kind and the physical
+/// address of `hvm_start_info` (PVH) or `boot_params` (Linux 64-bit).
+#[unsafe(no_mangle)]
+pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
+    serial::init();
+    idt::install();
+
+    let boot = BootInfo::collect(kind, info);
+    outln!("probe.boot={}", boot.kind.name());
+    if let Some(error) = boot.error {
+        outln!("probe.bootinfo_error={}", error);
+    }
+    let cmdline = boot.cmdline();
+    outln!("probe.cmdline={}", Bytes(cmdline));
+
+    let verbose = cmdline::last_value(cmdline, "probe.verbose")
+        .is_some_and(|v| v.is_none_or(|v| cmdline::kstrtouint(v, 0).is_some_and(|n| n != 0)));
+    let image = entry::image_range();
+    e820::report(&boot.e820, image, verbose);
+    mptable::report(verbose);
+
+    // The PIT gate is needed by the ticks and by virtio deadlines.
+    pit::enable_gate();
+    probe_virtio(cmdline, &boot.e820, image);
+    ticks(cmdline);
+
+    // SAFETY: 0xd000_0000 is inside the identity map and in the MMIO hole
+    // (never RAM the probe uses); it is the VMM's boot-timer device.
+    unsafe { phys::mmio_write8(BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC) };
+
+    outln!("probe.done");
+    io::reset()
+}
+
+/// Handles every `virtio_mmio.device=` parameter like Linux does.
+fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
+    // Linux's `vm_cmdline_id`: running platform device id.
+    let mut next_id: i64 = 0;
+    for (name, value) in cmdline::params(cmdline) {
+        if !cmdline::param_eq(name, "virtio_mmio.device") {
+            continue;
+        }
+        let Some(value) = value else {
+            outln!("probe.virtio_error=bad-param,");
+            continue;
+        };
+        let parsed = cmdline::parse_virtio_mmio_device(value);
+        if let Some(id) = parsed.id {
+            next_id = i64::from(id);
+        }
+        let Some(device) = parsed.device else {
+            outln!("probe.virtio_error=bad-param,{}", Bytes(value));
+            continue;
+        };
+        let index = next_id;
+        next_id = i64::from((next_id as i32).wrapping_add(1));
+        probe_virtio_device(index, device.base, map, image);
+    }
+}
+
+fn probe_virtio_device(index: i64, base: u64, map: &e820::Map, image: (u64, u64)) {
+    if !virtio::Mmio::window_ok(base) {
+        outln!("probe.virtio_error={},bad-base,{:#x}", index, base);
+        return;
+    }
+    // SAFETY: the window is aligned and mapped (checked above). Reading
+    // the identification registers is side-effect free on virtio-mmio and
+    // harmless on RAM.
+    let regs = unsafe { virtio::Mmio::new(base) };
+    let magic = regs.magic();
+    if magic != virtio::MAGIC {
+        outln!(
+            "probe.virtio_error={},bad-magic={:#x},{:#x}",
+            index,
+            magic,
+            base
+        );
+        return;
+    }
+    let device_id = regs.device_id();
+    outln!("probe.virtio={},{},{:#x}", index, device_id, base);
+    if device_id == virtio_rng::DEVICE_ID {
+        // Never drive (write) a window that overlaps RAM or the probe.
+        let end = base + virtio::WINDOW_SIZE;
+        let in_ram = map
+            .entries()
+            .iter()
+            .any(|e| e.kind == e820::TYPE_RAM && base < e.addr.saturating_add(e.size) && end > e.addr);
+        if in_ram || (base < image.1 && end > image.0) {
+            outln!("probe.virtio_rng={},error=base-in-ram", index);
+            return;
+        }
+        virtio_rng::probe(index, regs);
+    }
+}
+
+/// `probe.ticks=<N>`: prints `probe.tick=<i>` every 100 ms, N times
+/// (0 = forever).
+fn ticks(cmdline: &[u8]) {
+    let Some(value) = cmdline::last_value(cmdline, "probe.ticks") else {
+        return;
+    };
+    let Some(count) = value.and_then(|v| cmdline::kstrtouint(v, 0)) else {
+        outln!("probe.ticks_error=bad-value,{}", Bytes(value.unwrap_or(b"")));
+        return;
+    };
+    let mut tick: u64 = 1;
+    while count == 0 || tick <= u64::from(count) {
+        for _ in 0..ONESHOTS_PER_TICK {
+            if let Err(e) = pit::sleep_10ms() {
+                outln!("probe.pit_error={}", e.name());
+                return;
+            }
+        }
+        outln!("probe.tick={}", tick);
+        tick += 1;
+    }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    static PANICKING: AtomicBool = AtomicBool::new(false);
+    if !PANICKING.swap(true, Ordering::Relaxed) {
+        match info.location() {
+            Some(loc) => outln!(
+                "probe.panic={} at {}:{}",
+                info.message(),
+                loc.file(),
+                loc.line()
+            ),
+            None => outln!("probe.panic={}", info.message()),
+        }
+    }
+    io::reset()
+}

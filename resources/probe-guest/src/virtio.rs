@@ -1,0 +1,631 @@
+//! A small polling virtio 1.x driver core: the virtio-mmio (version 2)
+//! transport and split virtqueues in static memory.
+//!
+//! Typical use by a device driver (see `virtio_rng.rs`):
+//!
+//! 1. [`Transport::new`] on a register window (checks magic and version),
+//! 2. [`Transport::negotiate`]: reset, ACKNOWLEDGE, DRIVER, features
+//!    (always including `VIRTIO_F_VERSION_1`), FEATURES_OK,
+//! 3. [`Transport::setup_queue`] for each queue (memory from a static pool),
+//! 4. [`Transport::driver_ok`],
+//! 5. [`Virtqueue::add`] a descriptor chain, [`Transport::notify`],
+//!    then [`Virtqueue::wait_used`] (polls the used ring, PIT deadline),
+//! 6. [`Transport::reset`] when done, so the device stops using our memory.
+//!
+//! All guest memory is identity-mapped, so buffer addresses are plain
+//! pointers cast to `u64`. No interrupts are used.
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicUsize, Ordering, fence};
+
+use crate::phys;
+use crate::pit;
+
+/// "virt" in little endian.
+pub const MAGIC: u32 = 0x7472_6976;
+/// virtio-mmio version of virtio 1.x devices (1 = legacy).
+pub const VERSION_MODERN: u32 = 2;
+/// `VIRTIO_F_VERSION_1`.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// virtio-mmio register offsets.
+pub mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits.
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// Size of the register window the probe requires to be mapped.
+pub const WINDOW_SIZE: u64 = 0x200;
+
+/// Driver errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    BadMagic(u32),
+    Legacy,
+    UnsupportedVersion(u32),
+    ResetTimeout,
+    FeaturesRejected,
+    MissingFeatures(u64),
+    QueueUnavailable,
+    QueueInUse,
+    OutOfQueueMemory,
+    QueueFull,
+    EmptyChain,
+    Timeout,
+    DeviceNeedsReset,
+}
+
+impl Error {
+    /// Short name used in output lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Error::BadMagic(_) => "bad-magic",
+            Error::Legacy => "legacy",
+            Error::UnsupportedVersion(_) => "unsupported-version",
+            Error::ResetTimeout => "reset-timeout",
+            Error::FeaturesRejected => "features-rejected",
+            Error::MissingFeatures(_) => "missing-features",
+            Error::QueueUnavailable => "queue-unavailable",
+            Error::QueueInUse => "queue-in-use",
+            Error::OutOfQueueMemory => "out-of-queue-memory",
+            Error::QueueFull => "queue-full",
+            Error::EmptyChain => "empty-chain",
+            Error::Timeout => "timeout",
+            Error::DeviceNeedsReset => "device-needs-reset",
+        }
+    }
+}
+
+/// A virtio-mmio register window.
+#[derive(Clone, Copy, Debug)]
+pub struct Mmio {
+    base: u64,
+}
+
+impl Mmio {
+    /// Wraps the register window at `base`.
+    ///
+    /// # Safety
+    /// `[base, base + WINDOW_SIZE)` must be 4-byte aligned, identity-mapped
+    /// and not overlap memory used by Rust code (device MMIO, or at worst
+    /// unused guest memory), since registers are read and written.
+    pub unsafe fn new(base: u64) -> Mmio {
+        Mmio { base }
+    }
+
+    /// Checks the preconditions of [`Mmio::new`] that can be checked.
+    pub fn window_ok(base: u64) -> bool {
+        base % 4 == 0 && phys::range_ok(base, WINDOW_SIZE)
+    }
+
+    /// The window's base address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Volatile 32-bit register read.
+    pub fn read(&self, offset: u64) -> u32 {
+        // SAFETY: `new`'s contract makes every aligned offset inside the
+        // window a valid MMIO location.
+        unsafe { phys::mmio_read32(self.base + offset) }
+    }
+
+    /// Volatile 32-bit register write.
+    pub fn write(&self, offset: u64, value: u32) {
+        // SAFETY: as for `read`.
+        unsafe { phys::mmio_write32(self.base + offset, value) }
+    }
+
+    pub fn magic(&self) -> u32 {
+        self.read(reg::MAGIC)
+    }
+
+    pub fn version(&self) -> u32 {
+        self.read(reg::VERSION)
+    }
+
+    pub fn device_id(&self) -> u32 {
+        self.read(reg::DEVICE_ID)
+    }
+
+    pub fn vendor_id(&self) -> u32 {
+        self.read(reg::VENDOR_ID)
+    }
+}
+
+/// An initialised virtio-mmio version 2 transport.
+pub struct Transport {
+    regs: Mmio,
+    device_id: u32,
+    features: u64,
+}
+
+/// Bound on status polls after a reset.
+const RESET_POLLS: u32 = 1_000_000;
+
+impl Transport {
+    /// Checks magic and version (only virtio 1.x is driven).
+    pub fn new(regs: Mmio) -> Result<Transport, Error> {
+        let magic = regs.magic();
+        if magic != MAGIC {
+            return Err(Error::BadMagic(magic));
+        }
+        match regs.version() {
+            VERSION_MODERN => {}
+            1 => return Err(Error::Legacy),
+            v => return Err(Error::UnsupportedVersion(v)),
+        }
+        Ok(Transport {
+            regs,
+            device_id: regs.device_id(),
+            features: 0,
+        })
+    }
+
+    pub fn regs(&self) -> &Mmio {
+        &self.regs
+    }
+
+    pub fn device_id(&self) -> u32 {
+        self.device_id
+    }
+
+    /// Features agreed by [`Transport::negotiate`].
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    pub fn status(&self) -> u32 {
+        self.regs.read(reg::STATUS)
+    }
+
+    fn set_status(&self, bits: u32) {
+        self.regs.write(reg::STATUS, bits);
+    }
+
+    /// Resets the device and waits until it reports status 0.
+    pub fn reset(&mut self) -> Result<(), Error> {
+        self.set_status(0);
+        for _ in 0..RESET_POLLS {
+            if self.status() == 0 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(Error::ResetTimeout)
+    }
+
+    /// Marks the device FAILED (after an unrecoverable driver error).
+    pub fn fail(&mut self) {
+        let s = self.status();
+        self.set_status(s | status::FAILED);
+    }
+
+    /// Offered device features (both 32-bit halves).
+    pub fn device_features(&self) -> u64 {
+        self.regs.write(reg::DEVICE_FEATURES_SEL, 0);
+        let low = self.regs.read(reg::DEVICE_FEATURES);
+        self.regs.write(reg::DEVICE_FEATURES_SEL, 1);
+        let high = self.regs.read(reg::DEVICE_FEATURES);
+        u64::from(high) << 32 | u64::from(low)
+    }
+
+    /// Device initialisation up to FEATURES_OK: reset, ACKNOWLEDGE, DRIVER,
+    /// accept `wanted & offered` (plus `VIRTIO_F_VERSION_1`), check that
+    /// `required` is offered, set and verify FEATURES_OK.
+    pub fn negotiate(&mut self, wanted: u64, required: u64) -> Result<u64, Error> {
+        self.reset()?;
+        self.set_status(status::ACKNOWLEDGE);
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER);
+        let offered = self.device_features();
+        let required = required | F_VERSION_1;
+        if offered & required != required {
+            self.fail();
+            return Err(Error::MissingFeatures(required & !offered));
+        }
+        let accepted = offered & (wanted | required);
+        self.regs.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.regs.write(reg::DRIVER_FEATURES, accepted as u32);
+        self.regs.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.regs
+            .write(reg::DRIVER_FEATURES, (accepted >> 32) as u32);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        self.set_status(s);
+        if self.status() & status::FEATURES_OK == 0 {
+            self.fail();
+            return Err(Error::FeaturesRejected);
+        }
+        self.features = accepted;
+        Ok(accepted)
+    }
+
+    /// Sets up queue `index` with at most [`QUEUE_SIZE`] descriptors.
+    pub fn setup_queue(&mut self, index: u16) -> Result<Virtqueue, Error> {
+        self.regs.write(reg::QUEUE_SEL, u32::from(index));
+        if self.regs.read(reg::QUEUE_READY) != 0 {
+            return Err(Error::QueueInUse);
+        }
+        let max = self.regs.read(reg::QUEUE_NUM_MAX);
+        if max == 0 {
+            return Err(Error::QueueUnavailable);
+        }
+        // Split queue sizes are powers of two.
+        let limit = max.min(u32::from(QUEUE_SIZE));
+        let size = 1u16 << (31 - limit.leading_zeros());
+        let mem = QUEUE_POOL.alloc().ok_or(Error::OutOfQueueMemory)?;
+        let queue = Virtqueue::new(index, size, mem);
+        let (desc, avail, used) = queue.addresses();
+        self.regs.write(reg::QUEUE_NUM, u32::from(size));
+        self.regs.write(reg::QUEUE_DESC_LOW, desc as u32);
+        self.regs.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        self.regs.write(reg::QUEUE_DRIVER_LOW, avail as u32);
+        self.regs.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        self.regs.write(reg::QUEUE_DEVICE_LOW, used as u32);
+        self.regs.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        self.regs.write(reg::QUEUE_READY, 1);
+        Ok(queue)
+    }
+
+    /// Sets DRIVER_OK: the device is live.
+    pub fn driver_ok(&mut self) {
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        self.set_status(s);
+    }
+
+    /// Tells the device that `queue` has new available buffers.
+    pub fn notify(&self, queue: &Virtqueue) {
+        fence(Ordering::SeqCst);
+        self.regs.write(reg::QUEUE_NOTIFY, u32::from(queue.index));
+    }
+
+    /// Reads and acknowledges the interrupt status (for polling drivers
+    /// that want to clear a pending used-buffer/config notification).
+    pub fn ack_interrupt(&self) -> u32 {
+        let pending = self.regs.read(reg::INTERRUPT_STATUS);
+        if pending != 0 {
+            self.regs.write(reg::INTERRUPT_ACK, pending);
+        }
+        pending
+    }
+
+    /// Reads a 32-bit word of device configuration space, retrying while
+    /// the config generation changes.
+    pub fn config_read32(&self, offset: u64) -> u32 {
+        loop {
+            let before = self.regs.read(reg::CONFIG_GENERATION);
+            let value = self.regs.read(reg::CONFIG + (offset & !3));
+            if self.regs.read(reg::CONFIG_GENERATION) == before {
+                return value;
+            }
+        }
+    }
+}
+
+/// Maximum descriptors per queue.
+pub const QUEUE_SIZE: u16 = 16;
+const QS: usize = QUEUE_SIZE as usize;
+/// Number of queues that can ever be set up (static pool).
+pub const MAX_QUEUES: usize = 8;
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+#[repr(C)]
+struct AvailRing {
+    flags: u16,
+    idx: u16,
+    ring: [u16; QS],
+    used_event: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UsedElem {
+    id: u32,
+    len: u32,
+}
+
+#[repr(C)]
+struct UsedRing {
+    flags: u16,
+    idx: u16,
+    ring: [UsedElem; QS],
+    avail_event: u16,
+}
+
+/// Memory of one split virtqueue (alignment exceeds the spec's 16/2/4).
+#[repr(C, align(4096))]
+pub struct QueueMem {
+    desc: [Desc; QS],
+    avail: AvailRing,
+    used: UsedRing,
+}
+
+impl QueueMem {
+    const ZERO: QueueMem = QueueMem {
+        desc: [Desc {
+            addr: 0,
+            len: 0,
+            flags: 0,
+            next: 0,
+        }; QS],
+        avail: AvailRing {
+            flags: 0,
+            idx: 0,
+            ring: [0; QS],
+            used_event: 0,
+        },
+        used: UsedRing {
+            flags: 0,
+            idx: 0,
+            ring: [UsedElem { id: 0, len: 0 }; QS],
+            avail_event: 0,
+        },
+    };
+}
+
+/// Bump allocator over a static array of queue memory.
+struct QueuePool {
+    mem: UnsafeCell<[QueueMem; MAX_QUEUES]>,
+    next: AtomicUsize,
+}
+
+// SAFETY: each slot is handed out at most once (the counter only grows),
+// so no two users ever share a slot; the probe is single-threaded anyway.
+unsafe impl Sync for QueuePool {}
+
+static QUEUE_POOL: QueuePool = QueuePool {
+    mem: UnsafeCell::new([QueueMem::ZERO; MAX_QUEUES]),
+    next: AtomicUsize::new(0),
+};
+
+impl QueuePool {
+    fn alloc(&self) -> Option<*mut QueueMem> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed);
+        if slot >= MAX_QUEUES {
+            self.next.store(MAX_QUEUES, Ordering::Relaxed);
+            return None;
+        }
+        // SAFETY: slot < MAX_QUEUES, so the pointer stays inside the array.
+        Some(unsafe { (self.mem.get() as *mut QueueMem).add(slot) })
+    }
+}
+
+/// A buffer in a descriptor chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Buffer {
+    /// Guest-physical (= virtual) address.
+    pub addr: u64,
+    pub len: u32,
+    /// True if the device writes into it.
+    pub device_writes: bool,
+}
+
+/// A completed chain from the used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Used {
+    /// Head descriptor index returned by [`Virtqueue::add`].
+    pub head: u16,
+    /// Bytes the device wrote.
+    pub len: u32,
+}
+
+/// A split virtqueue driven by polling.
+pub struct Virtqueue {
+    index: u16,
+    size: u16,
+    mem: *mut QueueMem,
+    free_head: u16,
+    num_free: u16,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl Virtqueue {
+    fn new(index: u16, size: u16, mem: *mut QueueMem) -> Virtqueue {
+        // SAFETY: `mem` is a pool slot owned exclusively by this queue and
+        // the device does not know it yet.
+        unsafe {
+            mem.write(QueueMem::ZERO);
+            for i in 0..size {
+                (*mem).desc[usize::from(i)].next = (i + 1) % size;
+            }
+        }
+        Virtqueue {
+            index,
+            size,
+            mem,
+            free_head: 0,
+            num_free: size,
+            avail_idx: 0,
+            last_used: 0,
+        }
+    }
+
+    /// Physical addresses of the descriptor table, available and used rings.
+    fn addresses(&self) -> (u64, u64, u64) {
+        // SAFETY: only computes field addresses inside our slot.
+        unsafe {
+            (
+                (&raw const (*self.mem).desc) as u64,
+                (&raw const (*self.mem).avail) as u64,
+                (&raw const (*self.mem).used) as u64,
+            )
+        }
+    }
+
+    /// The queue index on the device.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Number of descriptors.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Publishes a descriptor chain; returns its head index. Call
+    /// [`Transport::notify`] afterwards.
+    ///
+    /// # Safety
+    /// Each buffer must be identity-mapped memory valid for `len` bytes
+    /// that stays allocated (and, if `device_writes`, is not read through
+    /// Rust references) until the chain comes back from the used ring.
+    pub unsafe fn add(&mut self, buffers: &[Buffer]) -> Result<u16, Error> {
+        if buffers.is_empty() {
+            return Err(Error::EmptyChain);
+        }
+        if buffers.len() > usize::from(self.num_free) {
+            return Err(Error::QueueFull);
+        }
+        let head = self.free_head;
+        let mut index = head;
+        let mem = self.mem;
+        for (i, b) in buffers.iter().enumerate() {
+            let last = i + 1 == buffers.len();
+            let mut flags = if b.device_writes { DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= DESC_F_NEXT;
+            }
+            // SAFETY: `index` < size (free list links stay in range); the
+            // descriptor is free, so the device is not reading it.
+            unsafe {
+                let d = &raw mut (*mem).desc[usize::from(index)];
+                let next = (*d).next;
+                core::ptr::write_volatile(
+                    d,
+                    Desc {
+                        addr: b.addr,
+                        len: b.len,
+                        flags,
+                        next,
+                    },
+                );
+                if !last {
+                    index = next;
+                } else {
+                    self.free_head = next;
+                }
+            }
+        }
+        self.num_free -= buffers.len() as u16;
+        let slot = usize::from(self.avail_idx % self.size);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // SAFETY: the available ring belongs to our slot; the ring entry is
+        // written before the index that publishes it (fence in between).
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*mem).avail.ring[slot], head);
+            fence(Ordering::SeqCst);
+            core::ptr::write_volatile(&raw mut (*mem).avail.idx, self.avail_idx);
+        }
+        Ok(head)
+    }
+
+    /// Takes the next completed chain off the used ring, if any, and
+    /// returns its descriptors to the free list.
+    pub fn pop_used(&mut self) -> Option<Used> {
+        let mem = self.mem;
+        // SAFETY: the used ring belongs to our slot; the device writes it,
+        // hence volatile reads, with a fence between index and element.
+        let elem = unsafe {
+            let idx = core::ptr::read_volatile(&raw const (*mem).used.idx);
+            if idx == self.last_used {
+                return None;
+            }
+            fence(Ordering::SeqCst);
+            let slot = usize::from(self.last_used % self.size);
+            core::ptr::read_volatile(&raw const (*mem).used.ring[slot])
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        let head = (elem.id as u16) % self.size;
+        self.free_chain(head);
+        Some(Used {
+            head,
+            len: elem.len,
+        })
+    }
+
+    fn free_chain(&mut self, head: u16) {
+        let mem = self.mem;
+        let mut index = head;
+        // Bounded walk: a corrupt chain cannot loop forever.
+        for _ in 0..self.size {
+            // SAFETY: `index` < size; descriptors are only written by us.
+            let d = unsafe { core::ptr::read_volatile(&raw const (*mem).desc[usize::from(index)]) };
+            self.num_free = (self.num_free + 1).min(self.size);
+            if d.flags & DESC_F_NEXT == 0 {
+                break;
+            }
+            index = d.next % self.size;
+        }
+        // Put the chain in front of the free list.
+        let tail = index;
+        // SAFETY: as above.
+        unsafe { (*mem).desc[usize::from(tail)].next = self.free_head };
+        self.free_head = head;
+    }
+
+    /// Polls the used ring until a chain completes or `ms` milliseconds
+    /// pass (PIT deadline; the gate must be enabled, see `pit`).
+    pub fn wait_used(&mut self, transport: &Transport, ms: u32) -> Result<Used, Error> {
+        let mut deadline = pit::Deadline::start(ms, 1 << 20);
+        loop {
+            if let Some(used) = self.pop_used() {
+                return Ok(used);
+            }
+            if deadline.expired() {
+                if transport.status() & status::DEVICE_NEEDS_RESET != 0 {
+                    return Err(Error::DeviceNeedsReset);
+                }
+                return Err(Error::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds Tessera and boots a demo microVM.
+# - With hardware virtualization (vmx or svm in /proc/cpuinfo): Linux, from
+#   the initramfs, to TESSERA-GUEST-UP and a shell on the console.
+# - Elsewhere: the probe guest, which prints what it found and exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if grep -qwE 'vmx|svm' /proc/cpuinfo; then
+    guest=linux
+    guest_dir=$(resources/build-guest.sh | tail -n 1)
+else
+    guest=probe
+    guest_dir=$(resources/build-guest.sh --probe-only | tail -n 1)
+fi
+
+echo "[demo] building tessera (release)" >&2
+cargo build --workspace --release --bins
+
+config=$(mktemp --suffix=.json)
+trap 'rm -f "$config"' EXIT
+if [ "$guest" = linux ]; then
+    args="console=ttyS0 reboot=k panic=1 pci=off quiet tessera.boot_timer=1"
+    # Without a terminal nobody can type `poweroff`: stop right after boot.
+    [ -t 0 ] || args="$args tessera.halt=1"
+    cat >"$config" <<JSON
+{
+  "boot-source": {
+    "kernel_image_path": "$guest_dir/vmlinux",
+    "initrd_path": "$guest_dir/initramfs.cpio.gz",
+    "boot_args": "$args"
+  },
+  "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 }
+}
+JSON
+    echo "[demo] booting Linux ($guest_dir/vmlinux); type 'poweroff' to leave" >&2
+else
+    cat >"$config" <<JSON
+{
+  "boot-source": {
+    "kernel_image_path": "$guest_dir/probe-guest.elf",
+    "boot_args": "console=ttyS0 probe.ticks=3"
+  },
+  "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 }
+}
+JSON
+    echo "[demo] this CPU has no vmx/svm, so KVM here cannot run Linux at a usable speed;" >&2
+    echo "[demo] booting the probe guest instead ($guest_dir/probe-guest.elf)" >&2
+fi
+exec target/release/tessera --no-api --config-file "$config" --boot-timer

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lints, unit tests, and the integration
+# tests that boot the probe guest and Linux under tessera.
+# Installs what it needs (Debian packages) and builds or reuses the guest
+# artifacts, cached outside the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)" >&2; }
+
+step "guest artifacts (kernel, rootfs, initramfs, probe guest)"
+guest_dir=$(resources/build-guest.sh | tail -n 1)
+export TESSERA_GUEST_DIR="$guest_dir"
+echo "guest artifacts: $TESSERA_GUEST_DIR" >&2
+
+step "format"
+cargo fmt --all -- --check
+(cd resources/probe-guest && cargo fmt -- --check)
+
+step "lints"
+cargo clippy --workspace --all-targets --release -- -D warnings
+(cd resources/probe-guest && cargo clippy --release -- -D warnings)
+
+step "build"
+cargo build --workspace --release --bins
+
+step "tests"
+cargo test --workspace --release
