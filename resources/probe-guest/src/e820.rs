@@ -77,7 +77,7 @@ pub enum Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Problem::NoEntries => write!(f, "no-entries entries=0"),
+            Problem::NoEntries => write!(f, "no-entries"),
             Problem::TooMany { reported } => {
                 write!(f, "too-many entries={reported} max={MAX_ENTRIES}")
             }
@@ -126,7 +126,7 @@ pub fn check(map: &Map) -> Result<(), Problem> {
             reported: map.reported,
         });
     }
-    if map.entries().is_empty() {
+    if map.entries().iter().all(|e| e.size == 0) {
         return Err(Problem::NoEntries);
     }
     let mut prev: Option<(u64, u64)> = None;

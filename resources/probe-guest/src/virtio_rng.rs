@@ -74,6 +74,10 @@ fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
 /// Exercises the entropy device behind `regs` and prints the result line.
 pub fn probe(index: i64, regs: Mmio) {
     match read_entropy(regs) {
+        // 16 zero bytes from a working RNG would be a 2^-128 event.
+        Ok(bytes) if bytes.iter().all(|&b| b == 0) => {
+            outln!("probe.virtio_rng={},error=all-zero", index)
+        }
         Ok(_) => outln!("probe.virtio_rng={},ok", index),
         Err(e) => outln!("probe.virtio_rng={},error={}", index, e.name()),
     }

@@ -170,6 +170,7 @@ impl Vcpu {
     fn run_until_stop(&mut self) -> VcpuStop {
         loop {
             match self.fd.run() {
+                Ok(VcpuExit::InternalError) => return VcpuStop::Failed(self.internal_error()),
                 Ok(exit) => {
                     if let Some(stop) = handle_exit(exit, &self.pio_bus, &self.mmio_bus) {
                         return stop;
@@ -179,6 +180,20 @@ impl Vcpu {
                 Err(err) => return VcpuStop::Failed(format!("KVM_RUN failed: {err}")),
             }
         }
+    }
+    /// Describes a KVM internal error from the details KVM left in kvm_run.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled the `internal` member of the exit union, as
+        // the exit reason KVM_EXIT_INTERNAL_ERROR says; it is plain data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        format!(
+            "KVM internal error {} (1 = emulation failure): the host could not run a guest \
+             instruction; data {:x?}",
+            internal.suberror,
+            &internal.data[..ndata]
+        )
     }
 }
 
