@@ -21,6 +21,9 @@ step "lints"
 cargo clippy --workspace --all-targets --release -- -D warnings
 (cd resources/probe-guest && cargo clippy --release -- -D warnings)
 
+step "probe guest: no instruction that an emulating KVM lacks"
+resources/probe-guest/check-insns.sh "$TESSERA_GUEST_DIR/probe-guest.elf"
+
 step "build"
 cargo build --workspace --release --bins
 

@@ -173,12 +173,13 @@ pub struct RunOutput {
 }
 
 impl RunOutput {
-    /// The `probe.<key>=<value>` lines the probe guest printed, by key.
+    /// The `probe.<key>=<value>` lines the probe guest printed, by key
+    /// (`probe.done` has an empty value).
     pub fn probe_report(&self) -> BTreeMap<String, String> {
         self.stdout
             .lines()
             .filter_map(|l| l.trim_end_matches('\r').strip_prefix("probe."))
-            .filter_map(|l| l.split_once('='))
+            .map(|l| l.split_once('=').unwrap_or((l, "")))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     }

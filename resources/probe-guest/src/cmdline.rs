@@ -92,7 +92,11 @@ fn next_arg(input: &[u8]) -> (&[u8], Option<&[u8]>, &[u8]) {
         }
         (&args[..equals], Some(&args[start..end.max(start)]))
     };
-    let rest = if i < args.len() { &args[i + 1..] } else { &args[i..] };
+    let rest = if i < args.len() {
+        &args[i + 1..]
+    } else {
+        &args[i..]
+    };
     (name, value, skip_spaces(rest))
 }
 
@@ -113,6 +117,16 @@ pub fn last_value<'a>(cmdline: &'a [u8], wanted: &str) -> Option<Option<&'a [u8]
         .filter(|(name, _)| param_eq(name, wanted))
         .map(|(_, value)| value)
         .last()
+}
+
+/// A boolean option: true if the last occurrence is given without a value
+/// or with a non-zero number (`probe.verbose`, `probe.verbose=1`).
+pub fn flag(cmdline: &[u8], wanted: &str) -> bool {
+    match last_value(cmdline, wanted) {
+        None => false,
+        Some(None) => true,
+        Some(Some(value)) => kstrtoull(value, 0).is_some_and(|n| n != 0),
+    }
 }
 
 fn at(s: &[u8], i: usize) -> u8 {
@@ -301,11 +315,11 @@ pub fn parse_virtio_mmio_device(value: &[u8]) -> VirtioMmioParse {
     let irq = irq as u32;
     let mut consumed = pos;
     // Optional ':' %d %n.
-    if at(s, pos) == b':' {
-        if let Some((id, end)) = scan_int(s, pos + 1, 10, true) {
-            result.id = Some(id as i32);
-            consumed = end;
-        }
+    if at(s, pos) == b':'
+        && let Some((id, end)) = scan_int(s, pos + 1, 10, true)
+    {
+        result.id = Some(id as i32);
+        consumed = end;
     }
     if consumed == s.len() && irq != 0 {
         result.device = Some(VirtioMmioDevice {

@@ -66,12 +66,33 @@ impl Map {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Problem {
     NoEntries,
-    TooMany { reported: u64 },
-    Unreadable { read: usize, reported: u64 },
-    Overflow { index: usize, addr: u64, size: u64 },
-    Unsorted { index: usize, addr: u64, prev_addr: u64 },
-    Overlap { index: usize, addr: u64, prev_end: u64 },
-    RamInMmioHole { index: usize, addr: u64, size: u64 },
+    TooMany {
+        reported: u64,
+    },
+    Unreadable {
+        read: usize,
+        reported: u64,
+    },
+    Overflow {
+        index: usize,
+        addr: u64,
+        size: u64,
+    },
+    Unsorted {
+        index: usize,
+        addr: u64,
+        prev_addr: u64,
+    },
+    Overlap {
+        index: usize,
+        addr: u64,
+        prev_end: u64,
+    },
+    RamInMmioHole {
+        index: usize,
+        addr: u64,
+        size: u64,
+    },
 }
 
 impl fmt::Display for Problem {

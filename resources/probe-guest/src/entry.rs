@@ -11,8 +11,14 @@
 //! Both zero `.bss`, build the same identity map of the first 16 GiB with
 //! 2 MiB pages (the MMIO hole `[0xd000_0000, 4 GiB)` uncached), load our
 //! GDT (0x08 = 64-bit code, 0x10 = data), switch to our stack, enable SSE
-//! and call [`crate::probe_main`] with the boot kind and the info pointer.
-//! Privileged instructions are kept to the minimum (each one traps).
+//! (CR0.MP, !CR0.EM, CR4.OSFXSR|OSXMMEXCPT) and call [`crate::probe_main`]
+//! with the boot kind and the info pointer.
+//!
+//! Privileged instructions are kept to the minimum (each one traps): CR0,
+//! CR3 and CR4 are written with constants, never read. The code is built
+//! without SSE (see `.cargo/config.toml`), so SSE is enabled only in case
+//! future code needs it; `ldmxcsr`/`fxsave` are avoided because
+//! instruction-emulating KVMs (kvm_pvm) do not implement them.
 
 use core::arch::global_asm;
 
@@ -225,10 +231,6 @@ linux64_start:
     .size linux64_start, . - linux64_start
 
 probe_common64:
-    fninit
-    pushq $0x1f80
-    ldmxcsr (%rsp)
-    popq %rax
     call probe_main
 8:
     cli

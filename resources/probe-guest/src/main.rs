@@ -7,6 +7,8 @@
 
 #![no_std]
 #![no_main]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 mod bootinfo;
 mod cmdline;
@@ -52,14 +54,11 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     let cmdline = boot.cmdline();
     outln!("probe.cmdline={}", Bytes(cmdline));
 
-    let verbose = cmdline::last_value(cmdline, "probe.verbose")
-        .is_some_and(|v| v.is_none_or(|v| cmdline::kstrtouint(v, 0).is_some_and(|n| n != 0)));
+    let verbose = cmdline::flag(cmdline, "probe.verbose");
     let image = entry::image_range();
     e820::report(&boot.e820, image, verbose);
     mptable::report(verbose);
 
-    // The PIT gate is needed by the ticks and by virtio deadlines.
-    pit::enable_gate();
     probe_virtio(cmdline, &boot.e820, image);
     ticks(cmdline);
 
@@ -121,10 +120,9 @@ fn probe_virtio_device(index: i64, base: u64, map: &e820::Map, image: (u64, u64)
     if device_id == virtio_rng::DEVICE_ID {
         // Never drive (write) a window that overlaps RAM or the probe.
         let end = base + virtio::WINDOW_SIZE;
-        let in_ram = map
-            .entries()
-            .iter()
-            .any(|e| e.kind == e820::TYPE_RAM && base < e.addr.saturating_add(e.size) && end > e.addr);
+        let in_ram = map.entries().iter().any(|e| {
+            e.kind == e820::TYPE_RAM && base < e.addr.saturating_add(e.size) && end > e.addr
+        });
         if in_ram || (base < image.1 && end > image.0) {
             outln!("probe.virtio_rng={},error=base-in-ram", index);
             return;
@@ -140,7 +138,10 @@ fn ticks(cmdline: &[u8]) {
         return;
     };
     let Some(count) = value.and_then(|v| cmdline::kstrtouint(v, 0)) else {
-        outln!("probe.ticks_error=bad-value,{}", Bytes(value.unwrap_or(b"")));
+        outln!(
+            "probe.ticks_error=bad-value,{}",
+            Bytes(value.unwrap_or(b""))
+        );
         return;
     };
     let mut tick: u64 = 1;

@@ -108,7 +108,11 @@ fn count_processors(addr: u64, verbose: bool) -> Result<u32, (u32, Problem)> {
     }
     if verbose {
         let declared = phys::read_u16(addr + 34).unwrap_or(0);
-        outln!("probe.mptable_config=length={},entries={}", length, declared);
+        outln!(
+            "probe.mptable_config=length={},entries={}",
+            length,
+            declared
+        );
     }
     // Like Linux's smp_read_mpc, walk by the table length; the header's
     // entry count is not trusted (some firmware leaves it at 0).

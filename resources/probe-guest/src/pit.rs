@@ -3,6 +3,8 @@
 //! (bit 1), channel 2 in mode 0 (command 0xb0), program the count through
 //! port 0x42 and poll OUT2 (port 0x61 bit 5). No interrupts are involved.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use crate::io::{inb, outb};
 
 const PORT_CHANNEL2: u16 = 0x42;
@@ -44,9 +46,16 @@ impl Error {
 /// (a retry only happens if the vCPU stalled for the whole 10 ms).
 const ATTEMPTS: u32 = 3;
 
-/// Opens the channel 2 gate and silences the speaker. Call once before
-/// using [`start`] / [`sleep_10ms`].
-pub fn enable_gate() {
+/// Whether [`enable_gate`] already ran (single CPU, no interrupts).
+static GATE_ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Opens the channel 2 gate and silences the speaker, once (port 0x61 is
+/// only touched if a delay is actually needed).
+fn enable_gate() {
+    if GATE_ENABLED.load(Ordering::Relaxed) {
+        return;
+    }
+    GATE_ENABLED.store(true, Ordering::Relaxed);
     // SAFETY: port 0x61 is the system control port B; setting GATE2 and
     // clearing the speaker bit only affects PIT channel 2 and the speaker.
     unsafe {
@@ -57,6 +66,7 @@ pub fn enable_gate() {
 
 /// Starts a one-shot of `count` PIT ticks; OUT2 goes high when it ends.
 pub fn start(count: u16) {
+    enable_gate();
     let [low, high] = count.to_le_bytes();
     // SAFETY: ports 0x43/0x42 are the PIT command and channel 2 data
     // registers; programming channel 2 has no memory effects.
@@ -106,8 +116,7 @@ const CHUNK_MS: u32 = 50;
 const SPINS_PER_CHECK: u64 = 4096;
 
 impl Deadline {
-    /// Starts a deadline `ms` milliseconds from now. Requires the gate
-    /// opened by [`enable_gate`].
+    /// Starts a deadline `ms` milliseconds from now.
     pub fn start(ms: u32, min_spins: u64) -> Deadline {
         start(CHUNK_COUNT);
         Deadline {
@@ -120,7 +129,7 @@ impl Deadline {
     /// Call once per spin; true when the deadline has passed.
     pub fn expired(&mut self) -> bool {
         self.spins = self.spins.wrapping_add(1);
-        if self.spins % SPINS_PER_CHECK != 0 || !expired() {
+        if !self.spins.is_multiple_of(SPINS_PER_CHECK) || !expired() {
             return false;
         }
         self.chunks_left = self.chunks_left.saturating_sub(1);

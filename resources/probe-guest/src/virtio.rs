@@ -15,8 +15,14 @@
 //! All guest memory is identity-mapped, so buffer addresses are plain
 //! pointers cast to `u64`. No interrupts are used.
 
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicUsize, Ordering, fence};
+#![allow(
+    dead_code,
+    reason = "reusable driver API: block and net drivers will use the rest"
+)]
+
+use core::arch::asm;
+use core::cell::{Cell, UnsafeCell};
+use core::sync::atomic::{Ordering, compiler_fence};
 
 use crate::phys;
 use crate::pit;
@@ -27,6 +33,30 @@ pub const MAGIC: u32 = 0x7472_6976;
 pub const VERSION_MODERN: u32 = 2;
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Full memory barrier, as Linux's `virt_mb()` on x86-64: a locked
+/// read-modify-write of the stack (works under instruction emulators that
+/// lack `mfence`).
+fn mb() {
+    // SAFETY: `lock or` of 0 into the word at RSP leaves memory unchanged;
+    // it only orders earlier loads/stores before later ones.
+    unsafe {
+        asm!(
+            "lock or dword ptr [rsp], 0",
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Barrier between ring stores (x86 keeps stores in order: compiler only).
+fn wmb() {
+    compiler_fence(Ordering::Release);
+}
+
+/// Barrier between ring loads (x86 keeps loads in order: compiler only).
+fn rmb() {
+    compiler_fence(Ordering::Acquire);
+}
 
 /// virtio-mmio register offsets.
 pub mod reg {
@@ -127,7 +157,7 @@ impl Mmio {
 
     /// Checks the preconditions of [`Mmio::new`] that can be checked.
     pub fn window_ok(base: u64) -> bool {
-        base % 4 == 0 && phys::range_ok(base, WINDOW_SIZE)
+        base.is_multiple_of(4) && phys::range_ok(base, WINDOW_SIZE)
     }
 
     /// The window's base address.
@@ -291,7 +321,8 @@ impl Transport {
         self.regs.write(reg::QUEUE_DESC_LOW, desc as u32);
         self.regs.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
         self.regs.write(reg::QUEUE_DRIVER_LOW, avail as u32);
-        self.regs.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        self.regs
+            .write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
         self.regs.write(reg::QUEUE_DEVICE_LOW, used as u32);
         self.regs.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
         self.regs.write(reg::QUEUE_READY, 1);
@@ -306,7 +337,7 @@ impl Transport {
 
     /// Tells the device that `queue` has new available buffers.
     pub fn notify(&self, queue: &Virtqueue) {
-        fence(Ordering::SeqCst);
+        mb();
         self.regs.write(reg::QUEUE_NOTIFY, u32::from(queue.index));
     }
 
@@ -408,27 +439,28 @@ impl QueueMem {
 /// Bump allocator over a static array of queue memory.
 struct QueuePool {
     mem: UnsafeCell<[QueueMem; MAX_QUEUES]>,
-    next: AtomicUsize,
+    next: Cell<usize>,
 }
 
-// SAFETY: each slot is handed out at most once (the counter only grows),
-// so no two users ever share a slot; the probe is single-threaded anyway.
+// SAFETY: the probe is single-threaded with interrupts disabled, so the
+// counter is never accessed concurrently; each slot is handed out at most
+// once (the counter only grows), so no two users ever share a slot.
 unsafe impl Sync for QueuePool {}
 
 static QUEUE_POOL: QueuePool = QueuePool {
     mem: UnsafeCell::new([QueueMem::ZERO; MAX_QUEUES]),
-    next: AtomicUsize::new(0),
+    next: Cell::new(0),
 };
 
 impl QueuePool {
     fn alloc(&self) -> Option<*mut QueueMem> {
-        let slot = self.next.fetch_add(1, Ordering::Relaxed);
+        let slot = self.next.get();
         if slot >= MAX_QUEUES {
-            self.next.store(MAX_QUEUES, Ordering::Relaxed);
             return None;
         }
+        self.next.set(slot + 1);
         // SAFETY: slot < MAX_QUEUES, so the pointer stays inside the array.
-        Some(unsafe { (self.mem.get() as *mut QueueMem).add(slot) })
+        Some(unsafe { self.mem.get().cast::<QueueMem>().add(slot) })
     }
 }
 
@@ -558,10 +590,10 @@ impl Virtqueue {
         let slot = usize::from(self.avail_idx % self.size);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // SAFETY: the available ring belongs to our slot; the ring entry is
-        // written before the index that publishes it (fence in between).
+        // written before the index that publishes it (barrier in between).
         unsafe {
             core::ptr::write_volatile(&raw mut (*mem).avail.ring[slot], head);
-            fence(Ordering::SeqCst);
+            wmb();
             core::ptr::write_volatile(&raw mut (*mem).avail.idx, self.avail_idx);
         }
         Ok(head)
@@ -578,7 +610,7 @@ impl Virtqueue {
             if idx == self.last_used {
                 return None;
             }
-            fence(Ordering::SeqCst);
+            rmb();
             let slot = usize::from(self.last_used % self.size);
             core::ptr::read_volatile(&raw const (*mem).used.ring[slot])
         };
@@ -612,7 +644,7 @@ impl Virtqueue {
     }
 
     /// Polls the used ring until a chain completes or `ms` milliseconds
-    /// pass (PIT deadline; the gate must be enabled, see `pit`).
+    /// pass (PIT deadline, see [`pit::Deadline`]).
     pub fn wait_used(&mut self, transport: &Transport, ms: u32) -> Result<Used, Error> {
         let mut deadline = pit::Deadline::start(ms, 1 << 20);
         loop {
