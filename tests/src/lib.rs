@@ -231,10 +231,15 @@ pub struct Running {
 
 impl Running {
     /// Spawns `command` with stdin closed and output captured.
-    pub fn spawn(mut command: Command) -> Self {
+    pub fn spawn(command: Command) -> Self {
+        Self::spawn_with_stdin(command, Stdio::null())
+    }
+
+    /// Spawns `command` with the given stdin and output captured.
+    pub fn spawn_with_stdin(mut command: Command, stdin: Stdio) -> Self {
         let start = Instant::now();
         let mut child = command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

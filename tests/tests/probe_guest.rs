@@ -4,7 +4,14 @@
 
 use std::time::Duration;
 
-use tessera_tests::{boot, guest_artifacts, probe_cmdline, RunOutput, VmConfig};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::Stdio;
+
+use tessera_tests::{
+    boot, guest_artifacts, probe_cmdline, tessera_command, RunOutput, Running, VmConfig,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -157,4 +164,61 @@ fn boot_timer_logs_guest_boot_time() {
 
     let without = boot_probe(1, 128, "", &[]);
     assert!(!without.stderr.contains("Guest-boot-time"));
+}
+
+#[test]
+fn console_goes_to_the_serial_out_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.log");
+    let run = boot_probe(1, 128, "", &["--serial-out", console.to_str().unwrap()]);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        text.contains("probe.cpus=1\n") && text.contains("probe.done"),
+        "{text}"
+    );
+    assert!(!run.stdout.contains("probe."), "{}", run.describe());
+}
+
+/// Opens a pseudo-terminal; returns (controller, terminal).
+fn open_pty() -> (File, OwnedFd) {
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the out-parameters;
+    // the optional name, termios and window-size arguments are null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe {
+        (
+            File::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    }
+}
+
+#[test]
+fn terminal_input_reaches_the_guest_uart() {
+    let (mut controller, terminal) = open_pty();
+    let dir = tempfile::tempdir().unwrap();
+    let config = VmConfig::new(guest_artifacts().probe(), &probe_cmdline("probe.echo=5"));
+    let mut vm = Running::spawn_with_stdin(
+        tessera_command(&config, dir.path(), &[]),
+        Stdio::from(terminal),
+    );
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.echo=waiting"));
+    // The VMM put the terminal in raw mode before starting the guest, so
+    // these bytes reach it without a newline and without being echoed.
+    controller.write_all(b"hello").unwrap();
+    vm.wait_until(DEADLINE, |_, _| false);
+    let run = vm.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert_eq!(run.probe_report()["input"], "hello", "{}", run.describe());
 }

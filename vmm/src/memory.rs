@@ -52,7 +52,7 @@ pub fn create_guest_memory(
     }
     let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
     if huge_pages == HugePageConfig::Hugetlbfs2M {
-        if mem_size_mib % 2 != 0 {
+        if !mem_size_mib.is_multiple_of(2) {
             return Err(MemoryError::HugePageMultiple(mem_size_mib));
         }
         flags |= MemFdCreateFlag::MFD_HUGETLB | MemFdCreateFlag::MFD_HUGE_2MB;

@@ -61,6 +61,7 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
 
     probe_virtio(cmdline, &boot.e820, image);
     ticks(cmdline);
+    echo(cmdline);
 
     // SAFETY: 0xd000_0000 is inside the identity map and in the MMIO hole
     // (never RAM the probe uses); it is the VMM's boot-timer device.
@@ -155,6 +156,40 @@ fn ticks(cmdline: &[u8]) {
         outln!("probe.tick={}", tick);
         tick += 1;
     }
+}
+
+/// How long `probe.echo` waits for its input, in 10 ms PIT one-shots.
+const ECHO_TIMEOUT_ONESHOTS: u32 = 3000;
+
+/// `probe.echo=<N>`: prints `probe.echo=waiting`, reads N bytes (at most
+/// 64) from the serial port and prints them as `probe.input=<text>`. It gives
+/// up after 30 s with `probe.input_error=timeout got=<n>`.
+fn echo(cmdline: &[u8]) {
+    let Some(value) = cmdline::last_value(cmdline, "probe.echo") else {
+        return;
+    };
+    let Some(wanted) = value.and_then(|v| cmdline::kstrtouint(v, 0)) else {
+        outln!("probe.input_error=bad-value,{}", Bytes(value.unwrap_or(b"")));
+        return;
+    };
+    let mut buf = [0u8; 64];
+    let wanted = (wanted as usize).min(buf.len());
+    let mut got = 0;
+    let mut waited = 0;
+    outln!("probe.echo=waiting");
+    while got < wanted {
+        if let Some(byte) = serial::try_read() {
+            buf[got] = byte;
+            got += 1;
+            continue;
+        }
+        if waited == ECHO_TIMEOUT_ONESHOTS || pit::sleep_10ms().is_err() {
+            outln!("probe.input_error=timeout got={}", got);
+            return;
+        }
+        waited += 1;
+    }
+    outln!("probe.input={}", Bytes(&buf[..got]));
 }
 
 #[panic_handler]

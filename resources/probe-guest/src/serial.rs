@@ -7,9 +7,12 @@
 
 use core::fmt::{self, Write};
 
-use crate::io::outb;
+use crate::io::{inb, outb};
 
 const COM1: u16 = 0x3f8;
+/// Line status register; bit 0 says a received byte is waiting.
+const LSR: u16 = COM1 + 5;
+const LSR_DATA_READY: u8 = 0x01;
 /// Line control register: 8 data bits, no parity, 1 stop bit, DLAB = 0.
 const LCR: u16 = COM1 + 3;
 const LCR_8N1: u8 = 0x03;
@@ -25,6 +28,15 @@ fn put(byte: u8) {
     // SAFETY: 0x3f8 with DLAB clear is COM1's transmit holding register;
     // writing it only emits a byte.
     unsafe { outb(COM1, byte) };
+}
+
+/// Takes the next received byte, if one is waiting.
+pub fn try_read() -> Option<u8> {
+    // SAFETY: 0x3fd is COM1's line status register; reading it has no side
+    // effect on memory.
+    let ready = unsafe { inb(LSR) } & LSR_DATA_READY != 0;
+    // SAFETY: with DLAB clear, 0x3f8 reads COM1's receive buffer register.
+    ready.then(|| unsafe { inb(COM1) })
 }
 
 /// Writes bytes of a line, replacing control characters by `?`.

@@ -68,7 +68,7 @@ impl MachineConfig {
         if self.vcpu_count == 0 || self.vcpu_count > MAX_SUPPORTED_VCPUS {
             return Err(MachineConfigError::InvalidVcpuCount(self.vcpu_count));
         }
-        if self.smt && self.vcpu_count > 1 && self.vcpu_count % 2 == 1 {
+        if self.smt && self.vcpu_count > 1 && !self.vcpu_count.is_multiple_of(2) {
             return Err(MachineConfigError::OddVcpuCountWithSmt(self.vcpu_count));
         }
         if !(MIN_MEM_SIZE_MIB..=MAX_MEM_SIZE_MIB).contains(&self.mem_size_mib) {
