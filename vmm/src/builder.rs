@@ -1,9 +1,7 @@
 //! Builds a microVM from its resources and runs it: memory, KVM VM, kernel,
 //! boot information, devices, vCPUs and the main event loop.
 
-use std::fs::File;
-use std::io::{self, Write};
-use std::os::fd::FromRawFd;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -164,23 +162,9 @@ fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError>
                 })?;
             Ok(Box::new(file))
         }
-        None => Ok(Box::new(UnbufferedStdout)),
-    }
-}
-
-/// Writes straight to fd 1, so console bytes appear as the guest sends them.
-struct UnbufferedStdout;
-
-impl Write for UnbufferedStdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: fd 1 stays open for the life of the process; ManuallyDrop
-        // keeps this temporary File from closing it.
-        let mut out = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(1) });
-        out.write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        // vm-superio flushes after every byte, so console output is never
+        // held back in stdout's line buffer.
+        None => Ok(Box::new(io::stdout())),
     }
 }
 

@@ -169,7 +169,10 @@ fn echo(cmdline: &[u8]) {
         return;
     };
     let Some(wanted) = value.and_then(|v| cmdline::kstrtouint(v, 0)) else {
-        outln!("probe.input_error=bad-value,{}", Bytes(value.unwrap_or(b"")));
+        outln!(
+            "probe.input_error=bad-value,{}",
+            Bytes(value.unwrap_or(b""))
+        );
         return;
     };
     let mut buf = [0u8; 64];
