@@ -5,7 +5,7 @@
 
 use core::fmt;
 
-use crate::entry::IDENTITY_MAP_LIMIT;
+use crate::entry::mapped_limit;
 use crate::phys;
 use crate::serial::outln;
 
@@ -257,7 +257,7 @@ pub fn check_ram(map: &Map, image: (u64, u64)) -> Result<(), u64> {
         (0, LOW_MEMORY_END),
         image,
         MMIO_HOLE,
-        (IDENTITY_MAP_LIMIT, u64::MAX),
+        (mapped_limit(), u64::MAX),
     ];
     for (index, e) in map.entries().iter().enumerate() {
         if e.kind != TYPE_RAM {

@@ -8,7 +8,7 @@
 //!   mode with the VMM's identity map of (at least) the first GiB,
 //!   `RSI` = `struct boot_params`.
 //!
-//! Both zero `.bss`, build the same identity map of the first 16 GiB with
+//! Both zero `.bss`, build the same identity map of the first 4 GiB with
 //! 2 MiB pages (the MMIO hole `[0xd000_0000, 4 GiB)` uncached), load our
 //! GDT (0x08 = 64-bit code, 0x10 = data), switch to our stack, enable SSE
 //! (CR0.MP, !CR0.EM, CR4.OSFXSR|OSXMMEXCPT) and call [`crate::probe_main`]
@@ -21,14 +21,62 @@
 //! instruction-emulating KVMs (kvm_pvm) do not implement them.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// `kind` argument of `probe_main` for the PVH entry.
 pub const BOOT_PVH: u32 = 1;
 /// `kind` argument of `probe_main` for the Linux 64-bit entry.
 pub const BOOT_LINUX64: u32 = 2;
 
-/// Size of the identity map built at entry; nothing above is accessible.
+/// The largest identity map the probe builds: RAM above it is not checked.
 pub const IDENTITY_MAP_LIMIT: u64 = 16 << 30;
+/// The identity map the entry code builds; [`extend_identity_map`] grows
+/// it to cover RAM above 4 GiB. Every page-table entry costs an emulated
+/// store on instruction-emulating KVMs, so the probe maps only what it uses.
+const BOOT_MAP_LIMIT: u64 = 4 << 30;
+const PAGE_2M: u64 = 2 << 20;
+const GIB: u64 = 1 << 30;
+/// Present, writable, 2 MiB page.
+const PDE_LARGE_RW: u64 = 0x83;
+/// Present, writable: a table entry.
+const TABLE_RW: u64 = 0x03;
+
+static MAPPED_LIMIT: AtomicU64 = AtomicU64::new(BOOT_MAP_LIMIT);
+
+unsafe extern "C" {
+    static mut probe_pdpt: [u64; 512];
+    static mut probe_pd: [[u64; 512]; 16];
+}
+
+/// The end of the identity map: addresses below it are mapped.
+pub fn mapped_limit() -> u64 {
+    MAPPED_LIMIT.load(Ordering::Relaxed)
+}
+
+/// Identity-maps `[0, limit)` (rounded up to a GiB, at most
+/// [`IDENTITY_MAP_LIMIT`]) by filling page directories above 4 GiB.
+pub fn extend_identity_map(limit: u64) {
+    let target = limit.min(IDENTITY_MAP_LIMIT).div_ceil(GIB) * GIB;
+    let mut mapped = mapped_limit();
+    while mapped < target {
+        let gib = (mapped / GIB) as usize;
+        // SAFETY: single-threaded; page directory `gib` is not referenced
+        // by the PDPT yet, so filling it changes no live mapping, and the
+        // page tables are identity-mapped below 4 GiB.
+        let pd = unsafe { &mut *core::ptr::addr_of_mut!(probe_pd[gib]) };
+        for (i, entry) in pd.iter_mut().enumerate() {
+            *entry = (mapped + i as u64 * PAGE_2M) | PDE_LARGE_RW;
+        }
+        let pd_addr = pd.as_ptr() as u64;
+        // SAFETY: as above; a not-present PDPT entry is never cached by the
+        // TLB, so the new GiB is visible without a flush.
+        unsafe {
+            core::ptr::write_volatile(core::ptr::addr_of_mut!(probe_pdpt[gib]), pd_addr | TABLE_RW)
+        };
+        mapped += GIB;
+    }
+    MAPPED_LIMIT.store(mapped, Ordering::Relaxed);
+}
 
 // Xen ELF note announcing the 32-bit PVH entry point. The descriptor is
 // 8 bytes like Linux's `.quad` (linux-loader reads the low 4 bytes and
@@ -71,13 +119,22 @@ probe_gdt_ptr:
     .balign 4096
 probe_pml4:
     .skip 4096
+    .global probe_pdpt
 probe_pdpt:
     .skip 4096
+    .popsection
+
+    // Not zeroed at entry: every entry is written before the PDPT points
+    // at its directory (the first four at entry, the rest on demand).
+    .pushsection .probe_noinit, "aw", @nobits
+    .balign 4096
+    .global probe_pd
 probe_pd:
     .skip 16 * 4096
     .popsection
 
-    .pushsection .bss.probe_stack, "aw", @nobits
+    // The stack needs no zeroing either.
+    .pushsection .probe_noinit, "aw", @nobits
     .balign 16
 probe_stack_bottom:
     .skip 65536
@@ -103,8 +160,9 @@ pvh_start:
     movl $__bss_start, %edi
     movl $__bss_end, %ecx
     subl %edi, %ecx
+    shrl $2, %ecx
     xorl %eax, %eax
-    rep stosb
+    rep stosl
 
     movl $probe_pd, %edi
     xorl %ecx, %ecx
@@ -123,7 +181,7 @@ pvh_start:
     shrl $11, %edx
     movl %edx, 4(%edi,%ecx,8)
     incl %ecx
-    cmpl $8192, %ecx
+    cmpl $2048, %ecx
     jb 1b
 
     movl $probe_pdpt, %edi
@@ -133,7 +191,7 @@ pvh_start:
     movl %eax, (%edi,%ecx,8)
     addl $4096, %eax
     incl %ecx
-    cmpl $16, %ecx
+    cmpl $4, %ecx
     jb 3b
     movl $(probe_pdpt + 3), probe_pml4
 
@@ -174,8 +232,9 @@ linux64_start:
     movl $__bss_start, %edi
     movl $__bss_end, %ecx
     subl %edi, %ecx
+    shrl $2, %ecx
     xorl %eax, %eax
-    rep stosb
+    rep stosl
 
     movl $probe_pd, %edi
     xorl %ecx, %ecx
@@ -191,7 +250,7 @@ linux64_start:
 5:
     movq %rax, (%rdi,%rcx,8)
     incl %ecx
-    cmpl $8192, %ecx
+    cmpl $2048, %ecx
     jb 4b
 
     movl $probe_pdpt, %edi
@@ -201,7 +260,7 @@ linux64_start:
     movq %rax, (%rdi,%rcx,8)
     addq $4096, %rax
     incl %ecx
-    cmpl $16, %ecx
+    cmpl $4, %ecx
     jb 6b
     movl $(probe_pdpt + 3), %eax
     movq %rax, probe_pml4

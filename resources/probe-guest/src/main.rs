@@ -56,6 +56,15 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
 
     let verbose = cmdline::flag(cmdline, "probe.verbose");
     let image = entry::image_range();
+    let ram_end = boot
+        .e820
+        .entries()
+        .iter()
+        .filter(|e| e.kind == e820::TYPE_RAM)
+        .map(|e| e.addr.saturating_add(e.size))
+        .max()
+        .unwrap_or(0);
+    entry::extend_identity_map(ram_end);
     e820::report(&boot.e820, image, verbose);
     mptable::report(verbose);
 

@@ -1,17 +1,17 @@
 //! Checked access to guest-physical memory through the identity map.
 //!
-//! The entry code identity-maps `[0, 16 GiB)`. Every read of a structure
+//! The entry code identity-maps `[0, 4 GiB)`, extended later to cover RAM. Every read of a structure
 //! the VMM handed us goes through these helpers, which refuse address 0
 //! and anything outside the map, so garbage pointers cannot fault.
 
-use crate::entry::IDENTITY_MAP_LIMIT;
+use crate::entry::mapped_limit;
 
 /// True if `[addr, addr + len)` is non-null and inside the identity map.
 pub fn range_ok(addr: u64, len: u64) -> bool {
     addr != 0
         && addr
             .checked_add(len)
-            .is_some_and(|end| end <= IDENTITY_MAP_LIMIT)
+            .is_some_and(|end| end <= mapped_limit())
 }
 
 fn ptr<T>(addr: u64) -> *const T {
