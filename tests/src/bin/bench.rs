@@ -7,6 +7,8 @@
 //! - `boot_cpu_us`: the VMM's CPU time over the same span;
 //! - `vmm_overhead_kib`: the RSS of every mapping of the running VMM except
 //!   guest RAM, from /proc/PID/smaps;
+//! - `vmm_private_kib`: the private (not shared with other processes) part
+//!   of that overhead;
 //! - `host_spawn_us`: the host baseline, fork+exec+exit of `/bin/true`.
 //!
 //! Usage: tessera-bench [--runs N] [--out FILE]
@@ -47,27 +49,35 @@ fn parse_boot_time(stderr: &str) -> Option<(f64, f64)> {
     Some((wall, cpu))
 }
 
-/// RSS in KiB of all mappings except guest RAM.
-fn overhead_kib(pid: u32) -> Option<f64> {
+/// (RSS, private) KiB of all mappings except guest RAM. Private memory is
+/// what each additional VM really costs: shared library text is not in it.
+fn overhead_kib(pid: u32) -> Option<(f64, f64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let mut total = 0u64;
+    let (mut rss, mut private) = (0u64, 0u64);
     let mut in_guest_ram = false;
+    let kib = |rest: &str| {
+        rest.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
         if first.contains('-') && !first.ends_with(':') {
             in_guest_ram = line.contains(GUEST_RAM_MAPPING);
+        } else if in_guest_ram {
+            continue;
         } else if let Some(rest) = line.strip_prefix("Rss:") {
-            if !in_guest_ram {
-                total += rest
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()?;
-            }
+            rss += kib(rest)?;
+        } else if let Some(rest) = line
+            .strip_prefix("Private_Clean:")
+            .or_else(|| line.strip_prefix("Private_Dirty:"))
+        {
+            private += kib(rest)?;
         }
     }
-    Some(total as f64)
+    Some((rss as f64, private as f64))
 }
 
 fn machine() -> serde_json::Value {
@@ -107,8 +117,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let deadline = Duration::from_secs(30);
 
-    let (mut boot_us, mut boot_cpu_us, mut overhead, mut spawn_us) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut boot_us, mut boot_cpu_us, mut spawn_us) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut overhead, mut private) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let config = VmConfig::new(&probe, &probe_cmdline("")).mem_mib(128);
         let run = run_with_deadline(
@@ -127,8 +137,10 @@ fn main() {
         let exited = vm.wait_until(deadline, |stdout, _| stdout.contains("probe.tick=2"));
         let sample = (!exited).then(|| overhead_kib(vm.pid())).flatten();
         let run = vm.finish();
-        overhead
-            .push(sample.unwrap_or_else(|| panic!("run {i}: no smaps sample\n{}", run.describe())));
+        let (rss, private_kib) =
+            sample.unwrap_or_else(|| panic!("run {i}: no smaps sample\n{}", run.describe()));
+        overhead.push(rss);
+        private.push(private_kib);
 
         let start = Instant::now();
         let status = Command::new("/bin/true").status().expect("spawn /bin/true");
@@ -148,6 +160,7 @@ fn main() {
         "boot_time_us": summary(boot_us),
         "boot_cpu_us": summary(boot_cpu_us),
         "vmm_overhead_kib": summary(overhead),
+        "vmm_private_kib": summary(private),
         "host_spawn_us": summary(spawn_us),
     });
     let text = serde_json::to_string_pretty(&report).expect("json");
