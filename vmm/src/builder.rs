@@ -231,6 +231,7 @@ pub fn build_microvm(
                 &guest_memory,
                 mem_size,
                 Path::new(path),
+                kernel.kernel_end,
                 boot::initrd_addr_limit(&kernel),
             )
         })

@@ -34,8 +34,16 @@ pub enum BootError {
         elf: loader::Error,
         bzimage: loader::Error,
     },
-    #[error("the initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x}")]
-    InitrdTooBig { path: String, size: u64, limit: u64 },
+    #[error(
+        "the initrd {path} ({size} bytes) does not fit in guest memory between the kernel \
+         (ending at {kernel_end:#x}) and {limit:#x}"
+    )]
+    InitrdTooBig {
+        path: String,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
     #[error("cannot read the initrd {path} into guest memory: {reason}")]
     InitrdRead { path: String, reason: String },
     #[error("the kernel command line is invalid: {0}")]
@@ -54,6 +62,8 @@ pub struct LoadedKernel {
     pub entry: EntryPoint,
     /// The bzImage setup header, which the zero page must carry.
     pub setup_header: Option<setup_header>,
+    /// The first guest address after the loaded image.
+    pub kernel_end: u64,
 }
 
 /// Where the initrd was put.
@@ -83,6 +93,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
             return Ok(LoadedKernel {
                 entry,
                 setup_header: None,
+                kernel_end: result.kernel_end,
             });
         }
         Err(err) => err,
@@ -92,6 +103,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         Ok(result) => Ok(LoadedKernel {
             entry: EntryPoint::Linux64(result.kernel_load.0 + 0x200),
             setup_header: result.setup_header,
+            kernel_end: result.kernel_end,
         }),
         Err(bz_err) => Err(BootError::NotAKernel {
             path: path.display().to_string(),
@@ -101,11 +113,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
-/// Loads the initrd page-aligned at the top of low RAM, below `max_addr`.
+/// Loads the initrd page-aligned at the top of low RAM, below `max_addr`
+/// and above the kernel image.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     path: &Path,
+    kernel_end: u64,
     max_addr: u64,
 ) -> Result<InitrdRegion, BootError> {
     let display = || path.display().to_string();
@@ -126,10 +140,11 @@ pub fn load_initrd(
     let addr = limit
         .checked_sub(size)
         .map(|a| a & !0xfff)
-        .filter(|a| *a >= layout::HIMEM_START)
+        .filter(|a| *a >= kernel_end.max(layout::HIMEM_START))
         .ok_or(BootError::InitrdTooBig {
             path: display(),
             size,
+            kernel_end,
             limit,
         })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
@@ -281,6 +296,7 @@ mod tests {
         let kernel = LoadedKernel {
             entry: EntryPoint::Linux64(0x100200),
             setup_header: None,
+            kernel_end: 0x20_0000,
         };
         let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).unwrap();
         cmdline.insert_str("console=ttyS0").unwrap();
@@ -308,6 +324,7 @@ mod tests {
         let kernel = LoadedKernel {
             entry: EntryPoint::Pvh(0x100000),
             setup_header: None,
+            kernel_end: 0x20_0000,
         };
         let cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).unwrap();
         let initrd = InitrdRegion {
@@ -330,11 +347,14 @@ mod tests {
         let mut file = std::env::temp_dir();
         file.push(format!("tessera-initrd-{}", std::process::id()));
         std::fs::write(&file, vec![7u8; 10_000]).unwrap();
-        let region = load_initrd(&mem, size, &file, u64::MAX).unwrap();
+        let region = load_initrd(&mem, size, &file, 0x20_0000, u64::MAX).unwrap();
         assert_eq!(region.addr % 4096, 0);
         assert!(region.addr + region.size <= size);
         assert!(size - (region.addr + region.size) < 4096);
-        let err = load_initrd(&mem, size, &file, layout::HIMEM_START + 100).unwrap_err();
+        let err = load_initrd(&mem, size, &file, 0x20_0000, layout::HIMEM_START + 100).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooBig { .. }));
+        // It must not overlap the kernel either.
+        let err = load_initrd(&mem, size, &file, size - 4096, u64::MAX).unwrap_err();
         std::fs::remove_file(&file).unwrap();
         assert!(matches!(err, BootError::InitrdTooBig { .. }));
     }
