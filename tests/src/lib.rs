@@ -2,6 +2,8 @@
 //! built binaries and guest artifacts, writes VM configuration files, runs
 //! `tessera` with a deadline and parses what the guest printed.
 
+pub mod nested;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -257,6 +259,11 @@ impl Running {
             err,
             readers,
         }
+    }
+
+    /// Time since the process was spawned.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
     }
 
     pub fn pid(&self) -> u32 {

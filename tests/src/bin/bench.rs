@@ -11,12 +11,18 @@
 //!   of that overhead;
 //! - `host_spawn_us`: the host baseline, fork+exec+exit of `/bin/true`.
 //!
-//! Usage: tessera-bench [--runs N] [--out FILE]
+//! With `--linux-guest DIR` it boots Linux from DIR instead and measures
+//! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
+//! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested).
+//!
+//! Usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tessera_tests::nested::run_l1;
 use tessera_tests::{
     guest_artifacts, probe_cmdline, run_with_deadline, tessera_command, Running, VmConfig,
 };
@@ -102,17 +108,43 @@ fn machine() -> serde_json::Value {
     })
 }
 
+/// Where and what to measure.
+enum Mode {
+    /// The probe guest under this host's KVM.
+    Probe,
+    /// Linux from DIR (vmlinux, initramfs.cpio.gz) under this host's KVM.
+    Linux(PathBuf),
+    /// Linux under tessera inside an L1 under QEMU TCG (runs `Linux` there).
+    Nested,
+}
+
+const USAGE: &str = "usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]";
+
 fn main() {
     let mut runs = 20usize;
     let mut out = String::from("bench-results.json");
+    let mut mode = Mode::Probe;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--runs", Some(n)) => runs = n.parse().expect("--runs takes a number"),
-            ("--out", Some(path)) => out = path,
-            _ => panic!("usage: tessera-bench [--runs N] [--out FILE]"),
+        match arg.as_str() {
+            "--nested" => mode = Mode::Nested,
+            "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
+            "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
+            "--out" => out = args.next().expect(USAGE),
+            _ => panic!("{USAGE}"),
         }
     }
+    let report = match mode {
+        Mode::Probe => bench_probe(runs),
+        Mode::Linux(dir) => bench_linux(&dir, runs),
+        Mode::Nested => bench_nested(runs),
+    };
+    let text = serde_json::to_string_pretty(&report).expect("json");
+    std::fs::write(&out, &text).expect("write the results");
+    println!("{text}");
+}
+
+fn bench_probe(runs: usize) -> serde_json::Value {
     let probe = guest_artifacts().probe();
     let dir = tempfile::tempdir().expect("tempdir");
     let deadline = Duration::from_secs(30);
@@ -153,7 +185,7 @@ fn main() {
         );
     }
 
-    let report = json!({
+    json!({
         "machine": machine(),
         "runs": runs,
         "guest": "probe guest, 1 vCPU, 128 MiB",
@@ -162,8 +194,67 @@ fn main() {
         "vmm_overhead_kib": summary(overhead),
         "vmm_private_kib": summary(private),
         "host_spawn_us": summary(spawn_us),
-    });
-    let text = serde_json::to_string_pretty(&report).expect("json");
-    std::fs::write(&out, &text).expect("write the results");
-    println!("{text}");
+    })
+}
+
+/// Boots Linux (1 vCPU, 256 MiB, initramfs) `runs` times: process start to
+/// the init's boot-timer write, and process start to `TESSERA-GUEST-UP`.
+fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
+    const ARGS: &str =
+        "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = VmConfig::new(guest_dir.join("vmlinux"), ARGS)
+        .mem_mib(256)
+        .initrd(guest_dir.join("initramfs.cpio.gz"));
+    let (mut boot_us, mut boot_cpu_us, mut marker_us) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        let mut vm = Running::spawn(tessera_command(&config, dir.path(), &["--boot-timer"]));
+        vm.wait_until(Duration::from_secs(120), |stdout, _| {
+            stdout.contains("TESSERA-GUEST-UP")
+        });
+        let marker = vm.elapsed();
+        vm.wait_until(Duration::from_secs(120), |_, _| false);
+        let run = vm.finish();
+        assert!(
+            run.stdout.contains("TESSERA-GUEST-UP") && run.code() == 0,
+            "run {i}: Linux did not boot\n{}",
+            run.describe()
+        );
+        let (wall, cpu) = parse_boot_time(&run.stderr)
+            .unwrap_or_else(|| panic!("run {i}: no boot time\n{}", run.describe()));
+        boot_us.push(wall);
+        boot_cpu_us.push(cpu);
+        marker_us.push(marker.as_secs_f64() * 1e6);
+        eprintln!("run {}/{runs}: boot timer {wall} us", i + 1);
+    }
+    json!({
+        "machine": machine(),
+        "runs": runs,
+        "guest": "Linux 6.1 (vmlinux, PVH), initramfs, 1 vCPU, 256 MiB, quiet",
+        "boot_time_us": summary(boot_us),
+        "boot_cpu_us": summary(boot_cpu_us),
+        "guest_up_us": summary(marker_us),
+    })
+}
+
+/// Runs `bench_linux` inside L1 under QEMU TCG and returns its report,
+/// marked as nested.
+fn bench_nested(runs: usize) -> serde_json::Value {
+    if runs != 10 {
+        eprintln!("the nested benchmark always makes 10 runs (tests/nested/runner.sh)");
+    }
+    let run = run_l1(&["bench"], Duration::from_secs(900));
+    let result = run
+        .result("bench")
+        .unwrap_or_else(|| panic!("L1 printed no bench result\n{}", run.output.describe()));
+    let json_text = result
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("nested.bench={result}"));
+    let mut report: serde_json::Value = serde_json::from_str(json_text).expect("bench JSON");
+    report["setup"] = json!(
+        "nested: L2 under tessera inside an L1 Debian cloud kernel under QEMU TCG \
+         (-cpu EPYC, 2 vCPUs, 2 GiB, emulated SVM); compare only with figures measured the same way"
+    );
+    report["host"] = machine();
+    report
 }
