@@ -145,7 +145,7 @@ scenario_stock_kernel() {
 # Boot-time benchmark: tessera-bench boots Linux 10 times and prints JSON.
 scenario_bench() {
 	if tessera-bench --linux-guest "$L2" --runs 10 --out /tmp/bench.json >/tmp/bench.log 2>&1; then
-		ok bench "$(tr -d '\n ' </tmp/bench.json)"
+		ok bench "$(tr '\n' ' ' </tmp/bench.json)"
 	else
 		fail bench "$(tail -n 3 /tmp/bench.log | tr '\n' ' ')"
 	fi
