@@ -1,11 +1,29 @@
 //! Tessera's REST API: HTTP/1.1 over a Unix socket, wire-compatible with
-//! Firecracker's API.
+//! Firecracker's API (same paths, bodies, status codes and error body).
 //!
-//! This crate is filled in by the API work; for now it holds the error body
-//! every failed request answers with, so that the VMM and its tests agree on
-//! it from the start.
+//! - [`config`]: the configuration schema shared by the API and the
+//!   `--config-file` JSON, one resource per file.
+//! - [`request`]: routes a request (one `match` on method and path) and
+//!   parses its body into a typed [`VmmAction`].
+//! - [`server`]: the API thread; it hands each action to the VMM thread and
+//!   waits for the outcome, so it never touches VM state itself.
+//!
+//! `openapi.yaml` beside this crate documents the API.
+
+pub mod action;
+pub mod config;
+pub mod request;
+pub mod server;
+
+pub use action::{ActionError, VmmAction, VmmData};
+pub use server::{ApiServer, ApiServerError, VmmChannel};
 
 use serde::{Deserialize, Serialize};
+
+/// The application name `GET /` reports.
+pub const APP_NAME: &str = "Tessera";
+/// Tessera's version, reported by `GET /` and `GET /version`.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The body of every error response: `{"fault_message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +42,7 @@ impl FaultBody {
 
     /// The JSON text of the body.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"fault_message\":\"\"}"))
+        serde_json::json!({ "fault_message": self.fault_message }).to_string()
     }
 }
 

@@ -165,7 +165,7 @@ main() {
 		cat "$0" "$repo/tests/nested/runner.sh"
 		(cd "$bin_dir" && sha256sum "${binaries[@]}")
 		(cd "$guest_dir" && sha256sum vmlinux bzImage initramfs.cpio.gz probe-guest.elf)
-		busybox | head -n 1
+		dpkg-query -W -f='${Version}' busybox-static
 	} | sha256sum | cut -c1-32)
 	out=$cache/l1-$key
 	if [ -f "$out/initramfs.cpio.gz" ]; then

@@ -79,20 +79,30 @@ pub fn guest_artifacts() -> &'static GuestArtifacts {
             return GuestArtifacts { dir: dir.into() };
         }
         eprintln!("TESSERA_GUEST_DIR is not set: running resources/build-guest.sh");
-        let out = Command::new(repo_root().join("resources/build-guest.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run resources/build-guest.sh");
-        assert!(out.status.success(), "resources/build-guest.sh failed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let dir = stdout
-            .lines()
-            .last()
-            .expect("build-guest.sh prints its output dir");
         GuestArtifacts {
-            dir: PathBuf::from(dir.trim()),
+            dir: run_build_script("resources/build-guest.sh", &[]),
         }
     })
+}
+
+/// Runs one of the repository's artifact scripts (progress on stderr, the
+/// output directory as the last stdout line) and returns that directory.
+pub fn run_build_script(script: &str, envs: &[(&str, &Path)]) -> PathBuf {
+    let mut command = Command::new(repo_root().join(script));
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {script}: {err}"));
+    assert!(out.status.success(), "{script} failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{script} printed no output directory"));
+    PathBuf::from(dir.trim())
 }
 
 /// Whether the host CPU has hardware virtualization (Intel VT-x or AMD-V).

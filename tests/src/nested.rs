@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{guest_artifacts, repo_root, run_with_deadline, workspace_bin, RunOutput};
+use crate::{guest_artifacts, run_build_script, run_with_deadline, workspace_bin, RunOutput};
 
 /// The L1 kernel and initramfs.
 #[derive(Debug, Clone)]
@@ -25,21 +25,14 @@ pub fn l1_artifacts() -> &'static L1Artifacts {
             .parent()
             .expect("binary dir")
             .to_path_buf();
-        let out = Command::new(repo_root().join("tests/nested/build-l1.sh"))
-            .env("TESSERA_BIN_DIR", &bin_dir)
-            .env("TESSERA_GUEST_DIR", &guest_artifacts().dir)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tests/nested/build-l1.sh");
-        assert!(out.status.success(), "tests/nested/build-l1.sh failed");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let dir = stdout
-            .lines()
-            .last()
-            .expect("build-l1.sh prints its output dir");
-        L1Artifacts {
-            dir: PathBuf::from(dir.trim()),
-        }
+        let dir = run_build_script(
+            "tests/nested/build-l1.sh",
+            &[
+                ("TESSERA_BIN_DIR", &bin_dir),
+                ("TESSERA_GUEST_DIR", &guest_artifacts().dir),
+            ],
+        );
+        L1Artifacts { dir }
     })
 }
 

@@ -4,9 +4,9 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::legacy::i8042::{I8042Error, I8042};
 use devices::legacy::serial::{SerialInput, SerialOutput};
 use devices::pseudo::BootTimer;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -24,8 +24,9 @@ use crate::arch::regs::{self, RegsError};
 use crate::device_manager::{self, DeviceError};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
+use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 use crate::ExitCode;
 
@@ -90,22 +91,42 @@ pub struct BootOptions {
     pub start_cpu: Duration,
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// How long a vCPU may take to acknowledge a pause or resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors controlling a running microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the microVM is already {0}")]
+    AlreadyInState(&'static str),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    I8042(#[from] I8042Error),
+}
 
 /// A running microVM.
 pub struct Vmm {
     // Guest memory must outlive the VM's memory slots and the vCPU threads.
     _guest_memory: GuestMemoryMmap,
     _vm: Vm,
-    _vcpu_threads: Vec<JoinHandle<()>>,
+    vcpus: Vec<VcpuHandle>,
+    i8042: Arc<Mutex<I8042>>,
+    resources: VmResources,
+    paused: bool,
     event_manager: EventManager<Subscriber>,
     exit_handler: Arc<Mutex<ExitHandler>>,
     _terminal: Option<TerminalGuard>,
 }
 
 impl Vmm {
-    /// Runs the event loop until the guest ends; returns the exit code.
-    pub fn run(&mut self) -> ExitCode {
+    /// Runs the event loop until the guest ends and returns the exit code.
+    /// `after_events` runs after every batch of events, with the VMM at
+    /// hand: the API and periodic work hook in there.
+    pub fn run(&mut self, mut after_events: impl FnMut(&mut Vmm)) -> ExitCode {
         loop {
             if let Err(err) = self.event_manager.run() {
                 log::error!("the event loop failed: {err:?}");
@@ -119,8 +140,75 @@ impl Vmm {
             if let Some(code) = code {
                 return code;
             }
+            after_events(self);
         }
     }
+
+    /// Adds an event-loop subscriber.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.event_manager.add_subscriber(subscriber);
+    }
+
+    /// The resources the microVM was built from.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU; it returns once all of them are out of the guest.
+    pub fn pause(&mut self) -> Result<(), RuntimeError> {
+        if self.paused {
+            return Err(RuntimeError::AlreadyInState("paused"));
+        }
+        for vcpu in &self.vcpus {
+            vcpu.request(VcpuEvent::Pause, VCPU_ACK_TIMEOUT)?;
+        }
+        self.paused = true;
+        log::info!("the microVM is paused");
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), RuntimeError> {
+        if !self.paused {
+            return Err(RuntimeError::AlreadyInState("running"));
+        }
+        for vcpu in &self.vcpus {
+            vcpu.request(VcpuEvent::Resume, VCPU_ACK_TIMEOUT)?;
+        }
+        self.paused = false;
+        log::info!("the microVM is resumed");
+        Ok(())
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), RuntimeError> {
+        lock(&self.i8042).send_ctrl_alt_del()?;
+        Ok(())
+    }
+
+    /// Per-device metrics for a flush.
+    pub fn device_metrics(&self) -> DeviceCounters {
+        let c = lock(&self.i8042).counters();
+        vec![(
+            "i8042".to_string(),
+            serde_json::json!({
+                "reset_count": c.reset_count,
+                "read_count": c.read_count,
+                "write_count": c.write_count,
+                "missed_read_count": c.missed_read_count,
+                "missed_write_count": c.missed_write_count,
+            }),
+        )]
+    }
+}
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Puts the host terminal in raw mode for the guest console and restores
@@ -255,12 +343,18 @@ pub fn build_microvm(
         machine.mem_size_mib
     );
 
+    // PUT /serial (or the config file's "serial") wins over --serial-out.
+    let serial_path = resources
+        .serial
+        .as_ref()
+        .and_then(|serial| serial.serial_out_path.as_ref().map(PathBuf::from))
+        .or_else(|| options.serial_out.clone());
     let boot_timer = options
         .boot_timer
         .then(|| BootTimer::new(options.start_wall, options.start_cpu));
     let legacy = device_manager::attach_legacy_devices(
         &vm,
-        serial_output(options.serial_out.as_deref())?,
+        serial_output(serial_path.as_deref())?,
         boot_timer,
     )?;
     let pio_bus = Arc::new(legacy.pio_bus);
@@ -304,16 +398,20 @@ pub fn build_microvm(
         }
     }
 
-    let mut vcpu_threads = Vec::with_capacity(vcpus.len());
+    vcpu::install_kick_handler()?;
+    let mut vcpu_handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let evt = vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?;
-        vcpu_threads.push(vcpu.start(stop_sender.clone(), evt)?);
+        vcpu_handles.push(vcpu.start(stop_sender.clone(), evt)?);
     }
 
     Ok(Vmm {
         _guest_memory: guest_memory,
         _vm: vm,
-        _vcpu_threads: vcpu_threads,
+        vcpus: vcpu_handles,
+        i8042: legacy.i8042,
+        resources: resources.clone(),
+        paused: false,
         event_manager,
         exit_handler,
         _terminal: terminal,

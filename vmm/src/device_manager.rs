@@ -1,5 +1,6 @@
 //! Attaches the VMM's own devices to the port I/O and MMIO buses: the
-//! serial console (COM1, IRQ 4), the i8042 reset line and the boot timer.
+//! serial console (COM1, IRQ 4), the i8042 (IRQ 1; its reset line ends the
+//! VM) and the boot timer.
 
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +30,7 @@ pub enum DeviceError {
 
 const COM1_PORT: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
+const KEYBOARD_IRQ: u32 = 1;
 const I8042_PORT: u64 = 0x60;
 const I8042_PORT_LEN: u64 = 5;
 
@@ -37,6 +39,7 @@ pub struct LegacyDevices {
     pub pio_bus: Bus,
     pub mmio_bus: Bus,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
     /// Fires when the guest resets the CPU through the i8042.
     pub reset_evt: EventFd,
 }
@@ -69,11 +72,16 @@ pub fn attach_legacy_devices(
             what: "the i8042 reset",
             source,
         })?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(reset_trigger))));
+    let kbd_irq = eventfd("the keyboard interrupt")?;
+    vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        EventFdTrigger::new(reset_trigger),
+        EventFdTrigger::new(kbd_irq),
+    )));
 
     let mut pio_bus = Bus::new();
     pio_bus.insert(serial.clone(), COM1_PORT, 8)?;
-    pio_bus.insert(i8042, I8042_PORT, I8042_PORT_LEN)?;
+    pio_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
 
     let mut mmio_bus = Bus::new();
     if let Some(timer) = boot_timer {
@@ -87,6 +95,7 @@ pub fn attach_legacy_devices(
         pio_bus,
         mmio_bus,
         serial,
+        i8042,
         reset_evt,
     })
 }

@@ -14,10 +14,12 @@ pub mod device_manager;
 mod exit_handler;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod resources;
+pub mod rpc_interface;
 pub mod vstate;
 
-pub use builder::{build_microvm, BootOptions, StartMicrovmError, Vmm};
+pub use builder::{build_microvm, BootOptions, RuntimeError, StartMicrovmError, Vmm};
 
 /// Process exit codes, the same values Firecracker uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! The VMM's logger: one line per record, to stderr or a file, in the
-//! shape `<time> [<instance>:<thread>:<LEVEL>] <message>`.
+//! The VMM's logger: one line per record, to stderr or a file or FIFO, in
+//! the shape `<time> [<instance>:<thread>(:<LEVEL>)(:<file>:<line>)] <message>`.
+//! `PUT /logger` reconfigures it before boot.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -7,6 +8,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use api_server::config::{LoggerConfig, LoggerLevel};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// Errors setting up logging.
@@ -28,47 +30,95 @@ enum Sink {
     File(File),
 }
 
+struct Settings {
+    sink: Sink,
+    show_level: bool,
+    show_origin: bool,
+    module: Option<String>,
+}
+
 struct Logger {
     instance_id: String,
-    sink: Mutex<Sink>,
+    settings: Mutex<Settings>,
 }
 
 static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 /// Parses a Firecracker log level name (case-insensitive).
 pub fn parse_level(level: &str) -> Result<LevelFilter, LoggerError> {
-    match level.to_ascii_lowercase().as_str() {
-        "off" => Ok(LevelFilter::Off),
-        "error" => Ok(LevelFilter::Error),
-        "warn" | "warning" => Ok(LevelFilter::Warn),
-        "info" => Ok(LevelFilter::Info),
-        "debug" => Ok(LevelFilter::Debug),
-        "trace" => Ok(LevelFilter::Trace),
-        _ => Err(LoggerError::Level(level.to_string())),
+    level
+        .parse::<LoggerLevel>()
+        .map(level_filter)
+        .map_err(|_| LoggerError::Level(level.to_string()))
+}
+
+fn level_filter(level: LoggerLevel) -> LevelFilter {
+    match level {
+        LoggerLevel::Off => LevelFilter::Off,
+        LoggerLevel::Error => LevelFilter::Error,
+        LoggerLevel::Warning => LevelFilter::Warn,
+        LoggerLevel::Info => LevelFilter::Info,
+        LoggerLevel::Debug => LevelFilter::Debug,
+        LoggerLevel::Trace => LevelFilter::Trace,
+    }
+}
+
+fn open_sink(path: Option<&Path>) -> Result<Sink, LoggerError> {
+    match path {
+        Some(path) => OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map(Sink::File)
+            .map_err(|source| LoggerError::Open {
+                path: path.display().to_string(),
+                source,
+            }),
+        None => Ok(Sink::Stderr),
     }
 }
 
 /// Installs the logger. `path` is a file or FIFO to append to; stderr otherwise.
 pub fn init(instance_id: &str, level: LevelFilter, path: Option<&Path>) -> Result<(), LoggerError> {
-    let sink = match path {
-        Some(path) => Sink::File(
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|source| LoggerError::Open {
-                    path: path.display().to_string(),
-                    source,
-                })?,
-        ),
-        None => Sink::Stderr,
-    };
+    let sink = open_sink(path)?;
     let logger = LOGGER.get_or_init(|| Logger {
         instance_id: instance_id.to_string(),
-        sink: Mutex::new(sink),
+        settings: Mutex::new(Settings {
+            sink,
+            show_level: true,
+            show_origin: false,
+            module: None,
+        }),
     });
     log::set_logger(logger).map_err(|_| LoggerError::AlreadySet)?;
     log::set_max_level(level);
+    Ok(())
+}
+
+/// Applies `PUT /logger`: a new destination, level, decorations and filter.
+pub fn configure(config: &LoggerConfig) -> Result<(), LoggerError> {
+    let logger = LOGGER.get().ok_or(LoggerError::AlreadySet)?;
+    let new_sink = config
+        .log_path
+        .as_deref()
+        .map(|p| open_sink(Some(Path::new(p))))
+        .transpose()?;
+    let mut settings = logger.settings.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(sink) = new_sink {
+        settings.sink = sink;
+    }
+    if let Some(show) = config.show_level {
+        settings.show_level = show;
+    }
+    if let Some(show) = config.show_log_origin {
+        settings.show_origin = show;
+    }
+    if config.module.is_some() {
+        settings.module = config.module.clone();
+    }
+    if let Some(level) = config.level {
+        log::set_max_level(level_filter(level));
+    }
     Ok(())
 }
 
@@ -81,26 +131,47 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
+        let mut settings = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = &settings.module {
+            if !record
+                .module_path()
+                .unwrap_or("")
+                .starts_with(module.as_str())
+            {
+                return;
+            }
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let thread = std::thread::current();
-        let level = match record.level() {
-            Level::Warn => "WARN",
-            other => other.as_str(),
-        };
+        let mut prefix = format!(
+            "{}:{}",
+            self.instance_id,
+            thread.name().unwrap_or("unnamed")
+        );
+        if settings.show_level {
+            prefix.push(':');
+            prefix.push_str(match record.level() {
+                Level::Warn => "WARN",
+                other => other.as_str(),
+            });
+        }
+        if settings.show_origin {
+            prefix.push_str(&format!(
+                ":{}:{}",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
         let line = format!(
-            "{}.{:09} [{}:{}:{}] {}\n",
+            "{}.{:09} [{prefix}] {}\n",
             now.as_secs(),
             now.subsec_nanos(),
-            self.instance_id,
-            thread.name().unwrap_or("unnamed"),
-            level,
             record.args()
         );
-        let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
         // A logger has nowhere to report its own write failures.
-        let _ = match &mut *sink {
+        let _ = match &mut settings.sink {
             Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
             Sink::File(file) => file.write_all(line.as_bytes()),
         };

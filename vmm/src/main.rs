@@ -1,31 +1,40 @@
-//! The `tessera` binary: parses the command line, sets up logging, builds
-//! the microVM from `--config-file` and runs it until the guest ends.
+//! The `tessera` binary: parses the command line, sets up logging and the
+//! API socket, builds the microVM (from `--config-file` at once, or on the
+//! API's `InstanceStart`) and runs it until the guest ends.
 
 use std::path::PathBuf;
 use std::process;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use api_server::server::DEFAULT_MAX_PAYLOAD_SIZE;
+use api_server::ApiServer;
 use clap::Parser;
+use vmm::metrics::{self, metrics};
 use vmm::resources::VmResources;
+use vmm::rpc_interface::{apply_observability, run_preboot, ApiEndpoint, RuntimeWork};
 use vmm::{build_microvm, logger, BootOptions, ExitCode};
+
+/// Firecracker's default API socket, for drop-in use.
+const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// Tessera: a microVM monitor, command-line compatible with Firecracker.
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, about)]
 struct Cli {
-    /// Path of the API Unix socket.
+    /// Path of the API Unix socket (default: /run/firecracker.socket).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
-    /// Boot from a Firecracker-style JSON configuration file.
+    /// Boot at once from a Firecracker-style JSON configuration file.
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
     /// Run without the API socket; needs --config-file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "api_sock")]
     no_api: bool,
     /// Log `Guest-boot-time` when the guest writes 123 to 0xd0000000.
     #[arg(long)]
     boot_timer: bool,
-    /// Instance id, shown in every log line.
+    /// Instance id, shown in every log line and by `GET /`.
     #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
     id: String,
     /// Append log lines to this file or FIFO instead of stderr.
@@ -34,6 +43,12 @@ struct Cli {
     /// Log level: Off, Error, Warning, Info, Debug or Trace.
     #[arg(long, default_value = "Info", value_name = "LEVEL")]
     level: String,
+    /// Write metrics as JSON lines to this file or FIFO.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+    /// The largest API request body accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD_SIZE, value_name = "N")]
+    http_api_max_payload_size: usize,
     /// Write the guest console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     serial_out: Option<PathBuf>,
@@ -65,21 +80,45 @@ fn main() {
     if let Err(err) = logger::init(&cli.id, level, cli.log_path.as_deref()) {
         fail(ExitCode::ArgParsing, err);
     }
-
-    if !cli.no_api || cli.api_sock.is_some() {
-        fail(
-            ExitCode::ArgParsing,
-            "the API socket is not available yet; run with --no-api --config-file FILE",
-        );
+    if let Some(path) = &cli.metrics_path {
+        metrics::configure(path).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
     }
-    let Some(config_file) = cli.config_file.as_deref() else {
-        fail(ExitCode::ArgParsing, "--no-api needs --config-file FILE");
+
+    let mut resources = match &cli.config_file {
+        Some(path) => VmResources::from_file(path).unwrap_or_else(|err| {
+            fail(
+                ExitCode::BadConfiguration,
+                format_args!("{}: {err}", path.display()),
+            )
+        }),
+        None if cli.no_api => fail(ExitCode::ArgParsing, "--no-api needs --config-file FILE"),
+        None => VmResources::default(),
     };
-    let resources = VmResources::from_file(config_file).unwrap_or_else(|err| {
-        fail(
-            ExitCode::BadConfiguration,
-            format_args!("{}: {err}", config_file.display()),
-        )
+    if let Err(err) = apply_observability(&resources) {
+        fail(ExitCode::BadConfiguration, err);
+    }
+
+    let api = (!cli.no_api).then(|| {
+        let sock = cli
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+        let (endpoint, channel) =
+            ApiEndpoint::new().unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
+        ApiServer::bind(&sock, cli.http_api_max_payload_size, channel)
+            .and_then(ApiServer::spawn)
+            .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
+        let m = metrics();
+        m.startup_time_us
+            .store(start_wall.elapsed().as_micros() as u64, Ordering::Relaxed);
+        m.startup_time_cpu_us.store(
+            devices::pseudo::process_cpu_time()
+                .saturating_sub(start_cpu)
+                .as_micros() as u64,
+            Ordering::Relaxed,
+        );
+        log::info!("API socket {} is ready", sock.display());
+        (endpoint, sock)
     });
 
     let options = BootOptions {
@@ -88,14 +127,32 @@ fn main() {
         start_wall,
         start_cpu,
     };
-    let mut vmm = build_microvm(&resources, &options).unwrap_or_else(|err| {
-        fail(
-            err.exit_code(),
-            format_args!("cannot start the microVM: {err}"),
-        )
-    });
-    let code = vmm.run();
+    let (endpoint, sock) = match api {
+        Some((endpoint, sock)) => (Some(endpoint), Some(sock)),
+        None => (None, None),
+    };
+    let mut vmm = match (&cli.config_file, &endpoint) {
+        // With the API and no configuration file, configure through the API.
+        (None, Some(endpoint)) => run_preboot(endpoint, &mut resources, &options, &cli.id)
+            .unwrap_or_else(|| fail(ExitCode::UnexpectedError, "the API thread stopped")),
+        _ => build_microvm(&resources, &options).unwrap_or_else(|err| {
+            fail(
+                err.exit_code(),
+                format_args!("cannot start the microVM: {err}"),
+            )
+        }),
+    };
+
+    let mut runtime = RuntimeWork::attach(&mut vmm, endpoint, &cli.id)
+        .unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
+    let code = vmm.run(|vmm| runtime.run(vmm));
+    if let Err(err) = metrics::flush(vmm.device_metrics()) {
+        log::warn!("final metrics flush failed: {err}");
+    }
     drop(vmm);
+    if let Some(sock) = sock {
+        let _ = std::fs::remove_file(sock);
+    }
     log::info!("tessera exiting with status {}", code as i32);
     process::exit(code as i32);
 }

@@ -3,7 +3,7 @@
 use std::fs::File;
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::layout;
 use crate::resources::HugePageConfig;
@@ -82,10 +82,36 @@ pub fn create_guest_memory(
             size_mib: mem_size_mib,
             reason: err.to_string(),
         })?;
-    GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| MemoryError::Map {
+    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| MemoryError::Map {
         size_mib: mem_size_mib,
         reason: err.to_string(),
-    })
+    })?;
+    if huge_pages == HugePageConfig::Transparent {
+        advise_huge_pages(&mem);
+    }
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages on every region; a host that refuses
+/// still runs the guest, on small pages.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        // SAFETY: the range is exactly one live mapping owned by `mem`;
+        // MADV_HUGEPAGE changes only how the kernel backs it.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            log::warn!(
+                "transparent huge pages refused for guest memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,21 +1,22 @@
 //! The VM's configuration, in Firecracker's `--config-file` JSON schema.
 //!
-//! Each resource lives in its own file and validates itself; [`VmResources`]
-//! holds them all until the VM is built. The same types back the REST API.
-
-mod boot_source;
-mod drive;
-mod machine_config;
-mod net;
+//! The resource types (one file each) live in `api_server::config`, shared
+//! with the REST API; [`VmResources`] holds them until the VM is built, and
+//! every change, from a file or from the API, goes through its methods.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use boot_source::{BootSourceConfig, DEFAULT_KERNEL_CMDLINE};
-pub use drive::BlockDeviceConfig;
-pub use machine_config::{HugePageConfig, MachineConfig, MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB};
-pub use net::NetworkInterfaceConfig;
+pub use api_server::config::{
+    BlockDeviceConfig, BootSourceConfig, HugePageConfig, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, SerialConfig,
+    DEFAULT_KERNEL_CMDLINE, MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
+};
+use api_server::config::{
+    BlockDeviceUpdate, BootSourceError, DriveError, MachineConfigError, NetError,
+    NetworkInterfaceUpdate,
+};
 
 /// Errors in a configuration file or resource.
 #[derive(Debug, thiserror::Error)]
@@ -30,15 +31,21 @@ pub enum ResourcesError {
     #[error("the configuration has no \"boot-source\"")]
     MissingBootSource,
     #[error(transparent)]
-    BootSource(#[from] boot_source::BootSourceError),
+    BootSource(#[from] BootSourceError),
     #[error(transparent)]
-    MachineConfig(#[from] machine_config::MachineConfigError),
+    MachineConfig(#[from] MachineConfigError),
     #[error(transparent)]
-    Drive(#[from] drive::DriveError),
+    Drive(#[from] DriveError),
     #[error(transparent)]
-    Net(#[from] net::NetError),
+    Net(#[from] NetError),
     #[error("\"{0}\" is not supported by Tessera yet")]
     NotSupported(&'static str),
+    #[error("no drive with id {0:?} is configured")]
+    UnknownDrive(String),
+    #[error("no network interface with id {0:?} is configured")]
+    UnknownInterface(String),
+    #[error("rate limiters are not supported by Tessera yet ({0})")]
+    RateLimiter(String),
 }
 
 /// The top level of Firecracker's configuration file.
@@ -53,12 +60,14 @@ pub struct VmConfigFile {
     pub drives: Vec<BlockDeviceConfig>,
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialConfig>,
     // Sections of Firecracker's schema that Tessera parses but cannot honour
     // yet. They are rejected by name rather than as unknown fields.
-    #[serde(default, skip_serializing)]
-    pub logger: Option<serde_json::Value>,
-    #[serde(default, skip_serializing)]
-    pub metrics: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
     pub vsock: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
@@ -69,6 +78,10 @@ pub struct VmConfigFile {
     pub entropy: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing)]
+    pub pmem: Option<serde_json::Value>,
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    pub memory_hotplug: Option<serde_json::Value>,
 }
 
 /// Everything needed to build and boot a VM.
@@ -78,6 +91,9 @@ pub struct VmResources {
     pub machine_config: MachineConfig,
     pub drives: Vec<BlockDeviceConfig>,
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    pub logger: Option<LoggerConfig>,
+    pub metrics: Option<MetricsConfig>,
+    pub serial: Option<SerialConfig>,
 }
 
 impl VmResources {
@@ -94,25 +110,28 @@ impl VmResources {
     pub fn from_json(json: &str) -> Result<Self, ResourcesError> {
         let file: VmConfigFile = serde_json::from_str(json)?;
         let unsupported = [
-            ("logger", file.logger.is_some()),
-            ("metrics", file.metrics.is_some()),
             ("vsock", file.vsock.is_some()),
             ("balloon", file.balloon.is_some()),
             ("mmds-config", file.mmds_config.is_some()),
             ("entropy", file.entropy.is_some()),
             ("cpu-config", file.cpu_config.is_some()),
+            ("pmem", file.pmem.is_some()),
+            ("memory-hotplug", file.memory_hotplug.is_some()),
         ];
         if let Some((name, _)) = unsupported.iter().find(|(_, present)| *present) {
             return Err(ResourcesError::NotSupported(name));
         }
 
-        let mut resources = VmResources::default();
+        let mut resources = VmResources {
+            logger: file.logger,
+            metrics: file.metrics,
+            serial: file.serial,
+            ..Default::default()
+        };
         let boot_source = file.boot_source.ok_or(ResourcesError::MissingBootSource)?;
-        boot_source.validate()?;
-        resources.boot_source = Some(boot_source);
+        resources.set_boot_source(boot_source)?;
         if let Some(machine_config) = file.machine_config {
-            machine_config.validate()?;
-            resources.machine_config = machine_config;
+            resources.set_machine_config(machine_config)?;
         }
         for drive in file.drives {
             resources.insert_drive(drive)?;
@@ -121,6 +140,84 @@ impl VmResources {
             resources.insert_network_interface(iface)?;
         }
         Ok(resources)
+    }
+
+    /// Sets the boot source after checking its files.
+    pub fn set_boot_source(&mut self, boot_source: BootSourceConfig) -> Result<(), ResourcesError> {
+        boot_source.validate()?;
+        self.boot_source = Some(boot_source);
+        Ok(())
+    }
+
+    /// Replaces the machine configuration.
+    pub fn set_machine_config(&mut self, config: MachineConfig) -> Result<(), ResourcesError> {
+        config.validate()?;
+        self.machine_config = config;
+        Ok(())
+    }
+
+    /// Changes the fields of the machine configuration that `update` names.
+    pub fn update_machine_config(
+        &mut self,
+        update: &MachineConfigUpdate,
+    ) -> Result<(), ResourcesError> {
+        self.machine_config = self.machine_config.updated(update)?;
+        Ok(())
+    }
+
+    /// Applies `PATCH /drives/{id}` before boot: a new backing file.
+    pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), ResourcesError> {
+        if update.rate_limiter.is_some() {
+            return Err(ResourcesError::RateLimiter(format!(
+                "drive {:?}",
+                update.drive_id
+            )));
+        }
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| d.drive_id == update.drive_id)
+            .ok_or_else(|| ResourcesError::UnknownDrive(update.drive_id.clone()))?;
+        let mut next = drive.clone();
+        next.path_on_host = update.path_on_host.clone().or(next.path_on_host);
+        self.insert_drive(next)
+    }
+
+    /// Applies `PATCH /network-interfaces/{id}`: only rate limiters, which
+    /// Tessera does not have yet.
+    pub fn update_network_interface(
+        &mut self,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), ResourcesError> {
+        if !self
+            .network_interfaces
+            .iter()
+            .any(|n| n.iface_id == update.iface_id)
+        {
+            return Err(ResourcesError::UnknownInterface(update.iface_id.clone()));
+        }
+        Err(ResourcesError::RateLimiter(format!(
+            "network interface {:?}",
+            update.iface_id
+        )))
+    }
+
+    /// The configuration in the `--config-file` schema (`GET /vm/config`).
+    pub fn to_config_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "boot-source": self.boot_source,
+            "machine-config": self.machine_config,
+            "drives": self.drives,
+            "network-interfaces": self.network_interfaces,
+            "logger": self.logger,
+            "metrics": self.metrics,
+            "serial": self.serial,
+            "balloon": null,
+            "vsock": null,
+            "mmds-config": null,
+            "entropy": null,
+            "cpu-config": null,
+        })
     }
 
     /// Adds or replaces a drive, keeping at most one root device.
@@ -132,7 +229,7 @@ impl VmResources {
             .find(|d| d.is_root_device && d.drive_id != drive.drive_id);
         if drive.is_root_device {
             if let Some(other) = other_root {
-                return Err(drive::DriveError::SecondRootDevice(other.drive_id.clone()).into());
+                return Err(DriveError::SecondRootDevice(other.drive_id.clone()).into());
             }
         }
         match self
@@ -158,7 +255,7 @@ impl VmResources {
                 && other.guest_mac == iface.guest_mac
         });
         if let Some(other) = clash {
-            return Err(net::NetError::DuplicateMac(
+            return Err(NetError::DuplicateMac(
                 iface.guest_mac.clone().unwrap_or_default(),
                 other.iface_id.clone(),
             )
@@ -211,6 +308,20 @@ mod tests {
             res.network_interfaces[0].host_dev_name.as_deref(),
             Some("tap0")
         );
+    }
+
+    #[test]
+    fn accepts_logger_metrics_and_round_trips_through_vm_config() {
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                "logger": {{"level": "Debug", "show_level": true}},
+                "metrics": {{"metrics_path": "/tmp/m.fifo"}}}}"#,
+            kernel_path()
+        );
+        let res = VmResources::from_json(&json).unwrap();
+        assert_eq!(res.metrics.as_ref().unwrap().metrics_path, "/tmp/m.fifo");
+        let again = VmResources::from_json(&res.to_config_json().to_string()).unwrap();
+        assert_eq!(again, res);
     }
 
     #[test]

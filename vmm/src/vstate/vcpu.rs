@@ -2,20 +2,25 @@
 //! its own thread. Port I/O and MMIO exits are dispatched straight to the
 //! device buses from the vCPU thread; only a stop travels to the main thread.
 
-use std::sync::mpsc::Sender;
+use std::cell::Cell;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::Bus;
+use kvm_bindings::kvm_run;
 use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::cpuid::{self, CpuidError, Topology};
 use crate::arch::msr::{self, MsrError};
 use crate::arch::regs::{self, EntryPoint, RegsError};
+use crate::metrics::metrics;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,94 @@ pub enum VcpuError {
     },
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Spawn { index: u8, source: std::io::Error },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("vCPU {index} did not acknowledge {what} within {timeout:?}")]
+    Unresponsive {
+        index: u8,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("vCPU {0} has stopped")]
+    Stopped(u8),
+}
+
+/// Requests the VMM thread sends to a running vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEvent {
+    Pause,
+    Resume,
+}
+
+/// A vCPU's acknowledgement of a [`VcpuEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+}
+
+thread_local! {
+    /// This thread's kvm_run area, so that the kick signal can make a
+    /// KVM_RUN that is about to start return at once.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+        // its vCPU loop and alive as long as the thread runs; a volatile
+        // byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the handler of the signal that kicks vCPUs out of KVM_RUN.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(SIGRTMIN(), handle_kick).map_err(VcpuError::SignalHandler)
+}
+
+/// The VMM thread's handle on a running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: JoinHandle<()>,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+}
+
+impl VcpuHandle {
+    /// Asks the vCPU to pause or resume and waits for it to do so.
+    pub fn request(&self, event: VcpuEvent, timeout: Duration) -> Result<(), VcpuError> {
+        let index = self.index;
+        let what = match event {
+            VcpuEvent::Pause => "a pause",
+            VcpuEvent::Resume => "a resume",
+        };
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Stopped(index))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Kick again while waiting: a kick that lands between two
+            // KVM_RUN calls is caught by immediate_exit, but a vCPU busy
+            // handling an exit only looks at its events before the next run.
+            if event == VcpuEvent::Pause {
+                let _ = self.thread.kill(SIGRTMIN());
+            }
+            match self.responses.recv_timeout(Duration::from_millis(10)) {
+                Ok(_) => return Ok(()),
+                Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Stopped(index)),
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    return Err(VcpuError::Unresponsive {
+                        index,
+                        what,
+                        timeout,
+                    })
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
 }
 
 /// Why a vCPU stopped running the guest.
@@ -149,38 +242,91 @@ impl Vcpu {
         self,
         stopped: Sender<VcpuStopReport>,
         stop_evt: EventFd,
-    ) -> Result<JoinHandle<()>, VcpuError> {
+    ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let (event_sender, events) = channel();
+        let (responder, responses) = channel();
+        let thread = std::thread::Builder::new()
             .name(format!("fc_vcpu {index}"))
             .spawn(move || {
                 let mut vcpu = self;
-                let reason = vcpu.run_until_stop();
+                KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
+                let reason = vcpu.run_until_stop(&events, &responder);
+                KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
                 match &reason {
                     VcpuStop::GuestShutdown(why) => log::info!("vCPU {index} stopped: {why}"),
-                    VcpuStop::Failed(why) => log::error!("vCPU {index} failed: {why}"),
+                    VcpuStop::Failed(why) => {
+                        metrics().vcpu.failures.inc();
+                        log::error!("vCPU {index} failed: {why}")
+                    }
                 }
                 // The main loop may already be gone when the VM is ending.
                 let _ = stopped.send(VcpuStopReport { index, reason });
                 let _ = stop_evt.write(1);
             })
-            .map_err(|source| VcpuError::Spawn { index, source })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            thread,
+            events: event_sender,
+            responses,
+        })
     }
 
-    fn run_until_stop(&mut self) -> VcpuStop {
+    fn run_until_stop(
+        &mut self,
+        events: &Receiver<VcpuEvent>,
+        responder: &Sender<VcpuResponse>,
+    ) -> VcpuStop {
         loop {
-            match self.fd.run() {
+            match events.try_recv() {
+                Ok(VcpuEvent::Pause) => {
+                    if let Some(stop) = Self::paused(events, responder) {
+                        return stop;
+                    }
+                }
+                Ok(VcpuEvent::Resume) => {
+                    let _ = responder.send(VcpuResponse::Resumed);
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => {
+                    return VcpuStop::GuestShutdown("the VMM is ending")
+                }
+            }
+            let result = self.fd.run();
+            match result {
                 Ok(VcpuExit::InternalError) => return VcpuStop::Failed(self.internal_error()),
                 Ok(exit) => {
                     if let Some(stop) = handle_exit(exit, &self.pio_bus, &self.mmio_bus) {
                         return stop;
                     }
                 }
-                Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {}
+                Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
                 Err(err) => return VcpuStop::Failed(format!("KVM_RUN failed: {err}")),
             }
         }
     }
+
+    /// Stays out of the guest until a resume; returns `Some` if the VMM
+    /// went away meanwhile.
+    fn paused(events: &Receiver<VcpuEvent>, responder: &Sender<VcpuResponse>) -> Option<VcpuStop> {
+        let _ = responder.send(VcpuResponse::Paused);
+        loop {
+            match events.recv() {
+                Ok(VcpuEvent::Resume) => {
+                    let _ = responder.send(VcpuResponse::Resumed);
+                    return None;
+                }
+                Ok(VcpuEvent::Pause) => {
+                    let _ = responder.send(VcpuResponse::Paused);
+                }
+                Err(_) => return Some(VcpuStop::GuestShutdown("the VMM is ending")),
+            }
+        }
+    }
+
     /// Describes a KVM internal error from the details KVM left in kvm_run.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
@@ -201,6 +347,7 @@ impl Vcpu {
 fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Option<VcpuStop> {
     match exit {
         VcpuExit::IoIn(port, data) => {
+            metrics().vcpu.exit_io_in.inc();
             if !pio.read(u64::from(port), data) {
                 // Nothing decodes the port: the bus floats high, as on a PC.
                 data.fill(0xff);
@@ -208,17 +355,20 @@ fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Option<VcpuStop> {
             }
         }
         VcpuExit::IoOut(port, data) => {
+            metrics().vcpu.exit_io_out.inc();
             if !pio.write(u64::from(port), data) {
                 log::debug!("unhandled port write {port:#x} <- {data:x?}");
             }
         }
         VcpuExit::MmioRead(addr, data) => {
+            metrics().vcpu.exit_mmio_read.inc();
             if !mmio.read(addr, data) {
                 data.fill(0);
                 log::debug!("unhandled MMIO read {addr:#x}");
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
+            metrics().vcpu.exit_mmio_write.inc();
             if !mmio.write(addr, data) {
                 log::debug!("unhandled MMIO write {addr:#x} <- {data:x?}");
             }

@@ -21,6 +21,8 @@ pub enum MachineConfigError {
     InvalidMemSize(usize),
     #[error("cpu_template {0:?} is not supported by Tessera")]
     CpuTemplate(String),
+    #[error("mem_size_mib must be a multiple of 2 with 2M huge pages, got {0}")]
+    HugePageMultiple(usize),
 }
 
 /// Backing page size for guest memory.
@@ -28,6 +30,8 @@ pub enum MachineConfigError {
 pub enum HugePageConfig {
     #[default]
     None,
+    /// Transparent huge pages (`madvise(MADV_HUGEPAGE)`).
+    Transparent,
     #[serde(rename = "2M")]
     Hugetlbfs2M,
 }
@@ -61,7 +65,57 @@ impl Default for MachineConfig {
     }
 }
 
+/// `PATCH /machine-config`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    #[serde(default)]
+    pub vcpu_count: Option<u8>,
+    #[serde(default)]
+    pub mem_size_mib: Option<usize>,
+    #[serde(default)]
+    pub smt: Option<bool>,
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default)]
+    pub huge_pages: Option<HugePageConfig>,
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+}
+
+impl MachineConfigUpdate {
+    /// Whether the update changes nothing (Firecracker rejects that).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 impl MachineConfig {
+    /// The configuration with `update` applied, validated as a whole.
+    pub fn updated(&self, update: &MachineConfigUpdate) -> Result<Self, MachineConfigError> {
+        let mut next = self.clone();
+        if let Some(v) = update.vcpu_count {
+            next.vcpu_count = v;
+        }
+        if let Some(v) = update.mem_size_mib {
+            next.mem_size_mib = v;
+        }
+        if let Some(v) = update.smt {
+            next.smt = v;
+        }
+        if let Some(v) = update.track_dirty_pages {
+            next.track_dirty_pages = v;
+        }
+        if let Some(v) = update.huge_pages {
+            next.huge_pages = v;
+        }
+        if let Some(v) = &update.cpu_template {
+            next.cpu_template = Some(v.clone());
+        }
+        next.validate()?;
+        Ok(next)
+    }
+
     /// Checks the values against Tessera's limits; the host's own limits
     /// (KVM's vCPU maximum, host memory) are checked when the VM is built.
     pub fn validate(&self) -> Result<(), MachineConfigError> {
@@ -73,6 +127,9 @@ impl MachineConfig {
         }
         if !(MIN_MEM_SIZE_MIB..=MAX_MEM_SIZE_MIB).contains(&self.mem_size_mib) {
             return Err(MachineConfigError::InvalidMemSize(self.mem_size_mib));
+        }
+        if self.huge_pages == HugePageConfig::Hugetlbfs2M && !self.mem_size_mib.is_multiple_of(2) {
+            return Err(MachineConfigError::HugePageMultiple(self.mem_size_mib));
         }
         match self.cpu_template.as_deref() {
             None | Some("None") => Ok(()),
@@ -123,6 +180,25 @@ mod tests {
         );
         assert!(cfg(32, 32, false).validate().is_ok());
         assert!(cfg(2, 8192, true).validate().is_ok());
+    }
+
+    #[test]
+    fn patch_applies_and_validates_as_a_whole() {
+        let base = MachineConfig::default();
+        let update = MachineConfigUpdate {
+            vcpu_count: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(base.updated(&update).unwrap().vcpu_count, 4);
+        let bad = MachineConfigUpdate {
+            mem_size_mib: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            base.updated(&bad),
+            Err(MachineConfigError::InvalidMemSize(1))
+        );
+        assert!(MachineConfigUpdate::default().is_empty());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::is_valid_id;
+
 /// Errors in a drive.
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
@@ -81,12 +83,15 @@ impl BlockDeviceConfig {
     }
 }
 
-/// Firecracker's rule for resource ids.
-pub(super) fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+/// `PATCH /drives/{id}`: a new backing file or rate limiter.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockDeviceUpdate {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

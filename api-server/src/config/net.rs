@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::drive::is_valid_id;
+use super::is_valid_id;
 
 /// Errors in a network interface.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +18,8 @@ pub enum NetError {
     Backing { id: String },
     #[error("guest_mac {0} is already used by interface {1:?}")]
     DuplicateMac(String, String),
+    #[error("interface {id:?}: mtu must be between 68 and 65535, got {mtu}")]
+    InvalidMtu { id: String, mtu: u32 },
 }
 
 /// One entry of `network-interfaces`.
@@ -34,7 +36,22 @@ pub struct NetworkInterfaceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Tessera addition: an external vhost-user-net backend's socket,
+    /// instead of a TAP device served by a backend that Tessera starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+}
+
+/// `PATCH /network-interfaces/{id}`: new rate limiters.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<serde_json::Value>,
 }
 
 impl NetworkInterfaceConfig {
@@ -60,6 +77,9 @@ impl NetworkInterfaceConfig {
             }
             (None, Some(_)) => {}
             _ => return Err(NetError::Backing { id: id() }),
+        }
+        if let Some(mtu) = self.mtu.filter(|m| !(68..=65535).contains(m)) {
+            return Err(NetError::InvalidMtu { id: id(), mtu });
         }
         if let Some(mac) = &self.guest_mac {
             if parse_mac(mac).is_none() {
@@ -111,6 +131,7 @@ mod tests {
             guest_mac: Some(mac.into()),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mtu: None,
             socket: None,
         };
         assert!(iface("tap0", "06:00:00:00:00:01").validate().is_ok());

@@ -1,0 +1,58 @@
+//! The typed actions the API asks of the VMM, and their outcomes.
+
+use crate::config::{
+    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, InstanceInfo, LoggerConfig,
+    MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, SerialConfig,
+};
+
+/// One request for the VMM thread.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmAction {
+    GetInstanceInfo,
+    GetVmConfig,
+    GetMachineConfig,
+    PutMachineConfig(MachineConfig),
+    PatchMachineConfig(MachineConfigUpdate),
+    PutBootSource(BootSourceConfig),
+    PutDrive(BlockDeviceConfig),
+    PatchDrive(BlockDeviceUpdate),
+    PutNetworkInterface(NetworkInterfaceConfig),
+    PatchNetworkInterface(NetworkInterfaceUpdate),
+    PutLogger(LoggerConfig),
+    PutMetrics(MetricsConfig),
+    PutSerial(SerialConfig),
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+    Pause,
+    Resume,
+}
+
+/// What a successful action returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VmmData {
+    Empty,
+    InstanceInfo(InstanceInfo),
+    MachineConfig(MachineConfig),
+    /// The full configuration, in the `--config-file` schema.
+    VmConfig(serde_json::Value),
+}
+
+/// Why the VMM refused an action; answered as 400 with the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotSupportedPreBoot,
+    #[error("The requested operation is not supported after starting the microVM.")]
+    NotSupportedPostBoot,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ActionError {
+    /// An action that failed for `reason`.
+    pub fn failed(reason: impl std::fmt::Display) -> Self {
+        Self::Failed(reason.to_string())
+    }
+}

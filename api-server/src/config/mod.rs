@@ -1,0 +1,34 @@
+//! The schema of Tessera's configuration: Firecracker's API bodies and
+//! `--config-file` sections, one resource per file. Each type validates
+//! itself; errors name the bad value.
+
+mod boot_source;
+mod drive;
+mod logger;
+mod machine_config;
+mod metrics;
+mod net;
+mod serial;
+mod vm;
+
+pub use boot_source::{BootSourceConfig, BootSourceError, DEFAULT_KERNEL_CMDLINE};
+pub use drive::{BlockDeviceConfig, BlockDeviceUpdate, CacheType, DriveError, IoEngine};
+pub use logger::{LoggerConfig, LoggerError, LoggerLevel};
+pub use machine_config::{
+    HugePageConfig, MachineConfig, MachineConfigError, MachineConfigUpdate, MAX_MEM_SIZE_MIB,
+    MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
+};
+pub use metrics::MetricsConfig;
+pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
+pub use serial::SerialConfig;
+pub use vm::{
+    ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
+};
+
+/// Firecracker's rule for resource ids: 1 to 64 characters of `[A-Za-z0-9_-]`.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,8 @@
+//! `PUT /boot-source`.
+
+use super::{Body, RequestError};
+use crate::action::VmmAction;
+
+pub(super) fn parse_put(body: &Body) -> Result<VmmAction, RequestError> {
+    Ok(VmmAction::PutBootSource(body.json()?))
+}

@@ -1,0 +1,8 @@
+//! `PUT /logger`.
+
+use super::{Body, RequestError};
+use crate::action::VmmAction;
+
+pub(super) fn parse_put(body: &Body) -> Result<VmmAction, RequestError> {
+    Ok(VmmAction::PutLogger(body.json()?))
+}

@@ -1,0 +1,236 @@
+//! Routes an HTTP request (one `match` on method and path) to the parser of
+//! its resource, which turns the body into a typed [`VmmAction`]. Only the
+//! syntax is checked here; the VMM validates values when it applies them.
+
+mod actions;
+mod boot_source;
+mod drive;
+mod logger;
+mod machine_config;
+mod metrics;
+mod net;
+mod serial;
+mod unsupported;
+mod vm;
+
+use serde::de::DeserializeOwned;
+
+use crate::action::VmmAction;
+
+/// A request the API understood.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParsedRequest {
+    /// An action for the VMM thread.
+    Action(VmmAction),
+    /// `GET /version`, answered by the API thread itself.
+    GetVersion,
+}
+
+/// Why a request was refused before reaching the VMM (all answered 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("Invalid request method and/or path: {0} {1}.")]
+    InvalidPathMethod(String, String),
+    #[error("The request body is missing: {0} {1} needs a JSON body.")]
+    EmptyBody(String, String),
+    #[error("An error occurred when deserializing the json body of a request: {0}.")]
+    InvalidJson(String),
+    #[error("The id from the path [{path_id}] does not match the id from the body [{body_id}]!")]
+    IdMismatch { path_id: String, body_id: String },
+    #[error("Invalid ID {0:?}: use 1-64 characters of [A-Za-z0-9_-].")]
+    InvalidId(String),
+    #[error("PATCH {0} must change at least one field.")]
+    EmptyPatch(String),
+    #[error("{0} is not supported by Tessera yet.")]
+    NotSupported(String),
+}
+
+/// Parses a request; `body` is the raw request body, if any.
+pub fn parse_request(
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<ParsedRequest, RequestError> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let action = |a: VmmAction| Ok(ParsedRequest::Action(a));
+    let body = Body {
+        method,
+        path,
+        bytes: body.filter(|b| !b.is_empty()),
+    };
+    match (method, segments.as_slice()) {
+        ("GET", []) => action(VmmAction::GetInstanceInfo),
+        ("GET", ["version"]) => Ok(ParsedRequest::GetVersion),
+        ("GET", ["vm", "config"]) => action(VmmAction::GetVmConfig),
+        ("GET", ["machine-config"]) => action(VmmAction::GetMachineConfig),
+        ("PUT", ["machine-config"]) => machine_config::parse_put(&body).and_then(action),
+        ("PATCH", ["machine-config"]) => machine_config::parse_patch(&body).and_then(action),
+        ("PUT", ["boot-source"]) => boot_source::parse_put(&body).and_then(action),
+        ("PUT", ["drives", id]) => drive::parse_put(id, &body).and_then(action),
+        ("PATCH", ["drives", id]) => drive::parse_patch(id, &body).and_then(action),
+        ("PUT", ["network-interfaces", id]) => net::parse_put(id, &body).and_then(action),
+        ("PATCH", ["network-interfaces", id]) => net::parse_patch(id, &body).and_then(action),
+        ("PUT", ["actions"]) => actions::parse_put(&body).and_then(action),
+        ("PATCH", ["vm"]) => vm::parse_patch(&body).and_then(action),
+        ("PUT", ["logger"]) => logger::parse_put(&body).and_then(action),
+        ("PUT", ["metrics"]) => metrics::parse_put(&body).and_then(action),
+        ("PUT", ["serial"]) => serial::parse_put(&body).and_then(action),
+        (_, [resource, ..]) if unsupported::is_unsupported(resource) => {
+            Err(unsupported::parse(&body, resource))
+        }
+        _ => Err(RequestError::InvalidPathMethod(
+            method.to_string(),
+            path.to_string(),
+        )),
+    }
+}
+
+/// A request body with what is needed to report errors about it.
+pub(crate) struct Body<'a> {
+    method: &'a str,
+    path: &'a str,
+    bytes: Option<&'a [u8]>,
+}
+
+impl Body<'_> {
+    /// Deserializes the body, which must be present.
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, RequestError> {
+        let bytes = self.bytes.ok_or_else(|| {
+            RequestError::EmptyBody(self.method.to_string(), self.path.to_string())
+        })?;
+        serde_json::from_slice(bytes).map_err(|err| RequestError::InvalidJson(err.to_string()))
+    }
+}
+
+/// Checks a path id and that the body names the same resource.
+pub(crate) fn check_ids(path_id: &str, body_id: &str) -> Result<(), RequestError> {
+    if !crate::config::is_valid_id(path_id) {
+        return Err(RequestError::InvalidId(path_id.to_string()));
+    }
+    if path_id != body_id {
+        return Err(RequestError::IdMismatch {
+            path_id: path_id.to_string(),
+            body_id: body_id.to_string(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(method: &str, path: &str, body: &str) -> Result<ParsedRequest, RequestError> {
+        parse_request(method, path, Some(body.as_bytes()))
+    }
+
+    #[test]
+    fn routes_known_paths() {
+        assert_eq!(
+            parse("GET", "/", ""),
+            Ok(ParsedRequest::Action(VmmAction::GetInstanceInfo))
+        );
+        assert_eq!(parse("GET", "/version", ""), Ok(ParsedRequest::GetVersion));
+        assert_eq!(
+            parse("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+            Ok(ParsedRequest::Action(VmmAction::InstanceStart))
+        );
+        assert_eq!(
+            parse("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            Ok(ParsedRequest::Action(VmmAction::Pause))
+        );
+    }
+
+    #[test]
+    fn unknown_paths_and_methods_are_400_not_404() {
+        assert_eq!(
+            parse("GET", "/nope", ""),
+            Err(RequestError::InvalidPathMethod(
+                "GET".into(),
+                "/nope".into()
+            ))
+        );
+        assert!(matches!(
+            parse("DELETE", "/machine-config", ""),
+            Err(RequestError::InvalidPathMethod(..))
+        ));
+    }
+
+    #[test]
+    fn bodies_are_required_and_strict() {
+        assert!(matches!(
+            parse_request("PUT", "/boot-source", None),
+            Err(RequestError::EmptyBody(..))
+        ));
+        let err = parse(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "x": 1}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `x`"), "{err}");
+        assert!(matches!(
+            parse("PUT", "/machine-config", "{not json"),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn path_and_body_ids_must_match() {
+        let err = parse(
+            "PUT",
+            "/drives/root",
+            r#"{"drive_id": "other", "path_on_host": "/x", "is_root_device": true}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "The id from the path [root] does not match the id from the body [other]!"
+        );
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/network-interfaces/bad%20id",
+                r#"{"iface_id": "bad%20id"}"#
+            ),
+            Err(RequestError::InvalidId(_))
+        ));
+    }
+
+    #[test]
+    fn unbuilt_features_answer_not_supported() {
+        for (method, path, body) in [
+            (
+                "PUT",
+                "/vsock",
+                r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
+            ),
+            ("PUT", "/mmds", r#"{"latest": {}}"#),
+            ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
+            ("PUT", "/entropy", r#"{}"#),
+            (
+                "PUT",
+                "/snapshot/create",
+                r#"{"mem_file_path": "m", "snapshot_path": "s"}"#,
+            ),
+            ("PUT", "/snapshot/load", r#"{"snapshot_path": "s"}"#),
+            ("GET", "/balloon", ""),
+        ] {
+            let err = parse(method, path, body).unwrap_err();
+            assert!(
+                matches!(err, RequestError::NotSupported(_)),
+                "{path}: {err}"
+            );
+        }
+        // Their bodies are still parsed.
+        assert!(matches!(
+            parse("PUT", "/vsock", "{oops"),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+}

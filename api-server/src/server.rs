@@ -1,0 +1,218 @@
+//! The API thread: accepts HTTP/1.1 requests on the Unix socket (dbs-uhttp,
+//! Firecracker's micro-http), parses them, hands each action to the VMM
+//! thread and answers with its outcome.
+//!
+//! The server is non-blocking per connection: a client that sends half a
+//! request and goes silent holds only its own connection. The thread never
+//! touches VM state; it waits on the VMM's reply, so the vCPUs never wait
+//! on it.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
+
+use dbs_uhttp::{Body, HttpServer, MediaType, Request, Response, StatusCode, Version};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::action::{ActionError, VmmAction, VmmData};
+use crate::request::{parse_request, ParsedRequest};
+use crate::{FaultBody, VMM_VERSION};
+
+/// Firecracker's default limit for request bodies.
+pub const DEFAULT_MAX_PAYLOAD_SIZE: usize = 51200;
+/// The longest path a Unix socket address holds (`sun_path` less the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Errors starting the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    #[error("the API socket path {path} is {len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}")]
+    PathTooLong { path: String, len: usize },
+    #[error("cannot create the API socket {path}: the directory {dir} does not exist")]
+    MissingDirectory { path: String, dir: String },
+    #[error("cannot remove the stale API socket {path}: {source}")]
+    RemoveStale { path: String, source: io::Error },
+    #[error("cannot bind the API socket {path}: {source}")]
+    Bind { path: String, source: io::Error },
+    #[error("cannot start the API server: {0}")]
+    Server(String),
+    #[error("cannot start the API thread: {0}")]
+    Spawn(io::Error),
+}
+
+/// The API thread's link to the VMM thread: it sends an action, wakes the
+/// VMM's event loop, and waits for the outcome.
+pub struct VmmChannel {
+    pub requests: Sender<VmmAction>,
+    pub wake: EventFd,
+    pub responses: Receiver<Result<VmmData, ActionError>>,
+}
+
+/// The bound, not yet running, API server.
+pub struct ApiServer {
+    http: HttpServer,
+    vmm: VmmChannel,
+}
+
+/// Binds `path`, replacing a stale socket file left by an earlier run.
+fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
+    let display = || path.display().to_string();
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ApiServerError::PathTooLong {
+            path: display(),
+            len,
+        });
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(ApiServerError::MissingDirectory {
+            path: display(),
+            dir: dir.display().to_string(),
+        });
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => log::info!("replaced the stale API socket {}", display()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ApiServerError::RemoveStale {
+                path: display(),
+                source,
+            })
+        }
+    }
+    UnixListener::bind(path).map_err(|source| ApiServerError::Bind {
+        path: display(),
+        source,
+    })
+}
+
+impl ApiServer {
+    /// Binds the socket; requests larger than `max_payload` are refused.
+    pub fn bind(path: &Path, max_payload: usize, vmm: VmmChannel) -> Result<Self, ApiServerError> {
+        let listener = bind(path)?;
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(listener);
+        let mut http = HttpServer::new_from_fd(fd)
+            .map_err(|err| ApiServerError::Server(format!("{err:?}")))?;
+        http.set_payload_max_size(max_payload);
+        Ok(Self { http, vmm })
+    }
+
+    /// Runs the server on its own thread.
+    pub fn spawn(self) -> Result<JoinHandle<()>, ApiServerError> {
+        std::thread::Builder::new()
+            .name("fc_api".into())
+            .spawn(move || self.run())
+            .map_err(ApiServerError::Spawn)
+    }
+
+    fn run(mut self) {
+        if let Err(err) = self.http.start_server() {
+            log::error!("the API server cannot start: {err:?}");
+            return;
+        }
+        loop {
+            let requests = match self.http.requests() {
+                Ok(requests) => requests,
+                Err(err) => {
+                    log::warn!("API server: {err:?}");
+                    continue;
+                }
+            };
+            for request in requests {
+                let response = request.process(|req| self.handle(req));
+                if let Err(err) = self.http.respond(response) {
+                    log::warn!("API server: cannot queue a response: {err:?}");
+                }
+            }
+            self.http.flush_outgoing_writes();
+        }
+    }
+
+    fn handle(&self, request: &Request) -> Response {
+        let method = request.method().to_str();
+        let path = request.uri().get_abs_path();
+        let body = request.body.as_ref().map(|b| b.raw());
+        log::debug!("API request: {method} {path}");
+        match parse_request(method, path, body) {
+            Ok(ParsedRequest::GetVersion) => json_response(
+                StatusCode::OK,
+                serde_json::json!({ "firecracker_version": VMM_VERSION }).to_string(),
+            ),
+            Ok(ParsedRequest::Action(action)) => match self.ask_vmm(action) {
+                Ok(data) => data_response(data),
+                Err(err) => fault(StatusCode::BadRequest, err),
+            },
+            Err(err) => {
+                log::info!("API request {method} {path} refused: {err}");
+                fault(StatusCode::BadRequest, err)
+            }
+        }
+    }
+
+    fn ask_vmm(&self, action: VmmAction) -> Result<VmmData, ActionError> {
+        let gone = || ActionError::failed("the VMM is not answering");
+        self.vmm.requests.send(action).map_err(|_| gone())?;
+        self.vmm.wake.write(1).map_err(|_| gone())?;
+        self.vmm.responses.recv().map_err(|_| gone())?
+    }
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(Version::Http11, status);
+    response.set_content_type(MediaType::ApplicationJson);
+    response.set_body(Body::new(body));
+    response
+}
+
+fn fault(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    json_response(status, FaultBody::new(message).to_json())
+}
+
+fn data_response(data: VmmData) -> Response {
+    let to_json = |value: Result<String, serde_json::Error>| match value {
+        Ok(text) => json_response(StatusCode::OK, text),
+        Err(err) => fault(StatusCode::InternalServerError, err),
+    };
+    match data {
+        VmmData::Empty => Response::new(Version::Http11, StatusCode::NoContent),
+        VmmData::InstanceInfo(info) => to_json(serde_json::to_string(&info)),
+        VmmData::MachineConfig(config) => to_json(serde_json::to_string(&config)),
+        VmmData::VmConfig(value) => to_json(serde_json::to_string(&value)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_path_errors_are_clear() {
+        let long = format!("/tmp/{}", "x".repeat(120));
+        assert!(matches!(
+            bind(Path::new(&long)),
+            Err(ApiServerError::PathTooLong { .. })
+        ));
+        let err = bind(Path::new("/no/such/dir/api.sock")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot create the API socket /no/such/dir/api.sock: the directory /no/such/dir does not exist"
+        );
+    }
+
+    #[test]
+    fn stale_sockets_are_replaced() {
+        let dir = std::env::temp_dir().join(format!("tessera-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        drop(bind(&path).unwrap());
+        assert!(path.exists(), "the first bind leaves a stale socket file");
+        assert!(bind(&path).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,310 @@
+//! The VMM side of the API: the API thread sends typed actions over a
+//! channel and wakes this side with an eventfd; the main thread carries them
+//! out and sends back the outcome.
+//!
+//! Before `InstanceStart` the main thread blocks on the channel and edits
+//! [`VmResources`]; after it, actions are taken between event-loop rounds,
+//! with the running [`Vmm`] at hand. Calls made in the wrong phase get
+//! Firecracker's "not supported before/after starting the microVM".
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::Instant;
+
+use api_server::config::{InstanceInfo, VmState};
+use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::builder::{build_microvm, BootOptions, Vmm};
+use crate::logger;
+use crate::metrics::{self, metrics, RequestCounters, FLUSH_INTERVAL_SECS};
+use crate::resources::VmResources;
+
+type Outcome = Result<VmmData, ActionError>;
+
+/// The main thread's end of the API channel.
+pub struct ApiEndpoint {
+    requests: Receiver<VmmAction>,
+    responses: Sender<Outcome>,
+    wake: EventFd,
+}
+
+impl ApiEndpoint {
+    /// Creates both ends: this one, and the one the API thread takes.
+    pub fn new() -> std::io::Result<(Self, VmmChannel)> {
+        let (request_sender, requests) = channel();
+        let (responses, response_receiver) = channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let channel = VmmChannel {
+            requests: request_sender,
+            wake: wake.try_clone()?,
+            responses: response_receiver,
+        };
+        Ok((
+            Self {
+                requests,
+                responses,
+                wake,
+            },
+            channel,
+        ))
+    }
+
+    fn respond(&self, outcome: Outcome) {
+        // The API thread lives as long as the process; a failed send only
+        // happens while the process is exiting.
+        let _ = self.responses.send(outcome);
+    }
+}
+
+/// Counts a request and, if it failed, a failure.
+fn counted(counters: &RequestCounters, outcome: Outcome) -> Outcome {
+    counters.count.inc();
+    if outcome.is_err() {
+        counters.fails.inc();
+    }
+    outcome
+}
+
+fn empty<E: std::fmt::Display>(result: Result<(), E>) -> Outcome {
+    result.map(|()| VmmData::Empty).map_err(ActionError::failed)
+}
+
+fn instance_info(instance_id: &str, state: VmState) -> VmmData {
+    VmmData::InstanceInfo(InstanceInfo {
+        id: instance_id.to_string(),
+        state,
+        vmm_version: VMM_VERSION.to_string(),
+        app_name: APP_NAME.to_string(),
+    })
+}
+
+/// Applies the logger and metrics sections of a configuration.
+pub fn apply_observability(resources: &VmResources) -> Result<(), String> {
+    if let Some(config) = &resources.logger {
+        logger::configure(config).map_err(|e| e.to_string())?;
+    }
+    if let Some(config) = &resources.metrics {
+        metrics::configure(Path::new(&config.metrics_path)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Serves the API until `InstanceStart` succeeds, then returns the VMM.
+/// Returns `None` if the API thread went away.
+pub fn run_preboot(
+    endpoint: &ApiEndpoint,
+    resources: &mut VmResources,
+    options: &BootOptions,
+    instance_id: &str,
+) -> Option<Vmm> {
+    loop {
+        let action = endpoint.requests.recv().ok()?;
+        let _ = endpoint.wake.read();
+        let m = metrics();
+        let outcome = match action {
+            VmmAction::InstanceStart => {
+                let outcome = build_microvm(resources, options).map_err(ActionError::failed);
+                match outcome {
+                    Ok(vmm) => {
+                        endpoint.respond(counted(&m.actions, Ok(VmmData::Empty)));
+                        return Some(vmm);
+                    }
+                    Err(err) => {
+                        log::error!("InstanceStart failed: {err}");
+                        counted(&m.actions, Err(err))
+                    }
+                }
+            }
+            VmmAction::GetInstanceInfo => counted(
+                &m.instance_info,
+                Ok(instance_info(instance_id, VmState::NotStarted)),
+            ),
+            VmmAction::GetVmConfig => counted(
+                &m.vm_config,
+                Ok(VmmData::VmConfig(resources.to_config_json())),
+            ),
+            VmmAction::GetMachineConfig => counted(
+                &m.machine_config_get,
+                Ok(VmmData::MachineConfig(resources.machine_config.clone())),
+            ),
+            VmmAction::PutMachineConfig(config) => counted(
+                &m.machine_config_put,
+                empty(resources.set_machine_config(config)),
+            ),
+            VmmAction::PatchMachineConfig(update) => counted(
+                &m.machine_config_patch,
+                empty(resources.update_machine_config(&update)),
+            ),
+            VmmAction::PutBootSource(boot_source) => counted(
+                &m.boot_source,
+                empty(resources.set_boot_source(boot_source)),
+            ),
+            VmmAction::PutDrive(drive) => {
+                counted(&m.drive_put, empty(resources.insert_drive(drive)))
+            }
+            VmmAction::PutNetworkInterface(iface) => counted(
+                &m.network_put,
+                empty(resources.insert_network_interface(iface)),
+            ),
+            VmmAction::PutLogger(config) => {
+                let outcome = empty(logger::configure(&config));
+                if outcome.is_ok() {
+                    resources.logger = Some(config);
+                }
+                counted(&m.logger, outcome)
+            }
+            VmmAction::PutMetrics(config) => {
+                let outcome = empty(metrics::configure(Path::new(&config.metrics_path)));
+                if outcome.is_ok() {
+                    resources.metrics = Some(config);
+                }
+                counted(&m.metrics, outcome)
+            }
+            VmmAction::PutSerial(config) => {
+                resources.serial = Some(config);
+                counted(&m.serial, Ok(VmmData::Empty))
+            }
+            VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
+            VmmAction::PatchDrive(_) => {
+                counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
+            }
+            VmmAction::PatchNetworkInterface(_) => {
+                counted(&m.network_patch, Err(ActionError::NotSupportedPreBoot))
+            }
+            VmmAction::SendCtrlAltDel => counted(&m.actions, Err(ActionError::NotSupportedPreBoot)),
+            VmmAction::Pause | VmmAction::Resume => {
+                counted(&m.vm_state, Err(ActionError::NotSupportedPreBoot))
+            }
+        };
+        endpoint.respond(outcome);
+    }
+}
+
+/// Carries out one action on the running microVM.
+fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcome {
+    let m = metrics();
+    match action {
+        VmmAction::GetInstanceInfo => {
+            let state = if vmm.is_paused() {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
+            counted(&m.instance_info, Ok(instance_info(instance_id, state)))
+        }
+        VmmAction::GetVmConfig => counted(
+            &m.vm_config,
+            Ok(VmmData::VmConfig(vmm.resources().to_config_json())),
+        ),
+        VmmAction::GetMachineConfig => counted(
+            &m.machine_config_get,
+            Ok(VmmData::MachineConfig(
+                vmm.resources().machine_config.clone(),
+            )),
+        ),
+        VmmAction::Pause => counted(&m.vm_state, empty(vmm.pause())),
+        VmmAction::Resume => counted(&m.vm_state, empty(vmm.resume())),
+        VmmAction::SendCtrlAltDel => counted(&m.actions, empty(vmm.send_ctrl_alt_del())),
+        VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(vmm.device_metrics()))),
+        VmmAction::PatchDrive(update) => {
+            let mut resources = vmm.resources().clone();
+            counted(&m.drive_patch, empty(resources.update_drive(&update)))
+        }
+        VmmAction::PatchNetworkInterface(update) => {
+            let mut resources = vmm.resources().clone();
+            counted(
+                &m.network_patch,
+                empty(resources.update_network_interface(&update)),
+            )
+        }
+        VmmAction::PutMachineConfig(_) => counted(&m.machine_config_put, post_boot()),
+        VmmAction::PatchMachineConfig(_) => counted(&m.machine_config_patch, post_boot()),
+        VmmAction::PutBootSource(_) => counted(&m.boot_source, post_boot()),
+        VmmAction::PutDrive(_) => counted(&m.drive_put, post_boot()),
+        VmmAction::PutNetworkInterface(_) => counted(&m.network_put, post_boot()),
+        VmmAction::PutLogger(_) => counted(&m.logger, post_boot()),
+        VmmAction::PutMetrics(_) => counted(&m.metrics, post_boot()),
+        VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
+        VmmAction::InstanceStart => counted(&m.actions, post_boot()),
+    }
+}
+
+fn post_boot() -> Outcome {
+    Err(ActionError::NotSupportedPostBoot)
+}
+
+/// Drains an eventfd or timerfd when it fires, so that the event loop
+/// returns and the runtime work below gets its turn.
+struct Wakeup<F: AsRawFd + Send> {
+    fd: F,
+}
+
+impl<F: AsRawFd + Send> MutEventSubscriber for Wakeup<F> {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch a wakeup fd: {err:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut counter = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a live local buffer from an
+        // fd this subscriber owns; eventfd and timerfd reads are 8 bytes.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// The work done between event-loop rounds while the VM runs: API actions
+/// and the periodic metrics flush.
+pub struct RuntimeWork {
+    endpoint: Option<ApiEndpoint>,
+    instance_id: String,
+    last_flush: Instant,
+}
+
+impl RuntimeWork {
+    /// Hooks the API (if any) and the metrics timer into `vmm`'s event loop.
+    pub fn attach(
+        vmm: &mut Vmm,
+        endpoint: Option<ApiEndpoint>,
+        instance_id: &str,
+    ) -> std::io::Result<Self> {
+        if let Some(endpoint) = &endpoint {
+            vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(Wakeup {
+                fd: endpoint.wake.try_clone()?,
+            })));
+        }
+        let mut timer = TimerFd::new()?;
+        let interval = std::time::Duration::from_secs(FLUSH_INTERVAL_SECS);
+        timer.reset(interval, Some(interval))?;
+        vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(Wakeup {
+            fd: timer,
+        })));
+        Ok(Self {
+            endpoint,
+            instance_id: instance_id.to_string(),
+            last_flush: Instant::now(),
+        })
+    }
+
+    /// Runs after each event-loop round.
+    pub fn run(&mut self, vmm: &mut Vmm) {
+        if let Some(endpoint) = &self.endpoint {
+            while let Ok(action) = endpoint.requests.try_recv() {
+                let outcome = handle_runtime(action, vmm, &self.instance_id);
+                endpoint.respond(outcome);
+            }
+        }
+        if self.last_flush.elapsed().as_secs() >= FLUSH_INTERVAL_SECS {
+            self.last_flush = Instant::now();
+            if let Err(err) = metrics::flush(vmm.device_metrics()) {
+                log::warn!("periodic metrics flush failed: {err}");
+            }
+        }
+    }
+}
