@@ -120,17 +120,20 @@ impl ApiServer {
             let requests = match self.http.requests() {
                 Ok(requests) => requests,
                 Err(err) => {
-                    log::warn!("API server: {err:?}");
+                    // One client's broken connection; the others carry on.
+                    log::debug!("API server: {err:?}");
                     continue;
                 }
             };
+            // Responses are queued here and written when the connection
+            // polls writable; flushing them eagerly would leave the
+            // connection registered for writes only, breaking keep-alive.
             for request in requests {
                 let response = request.process(|req| self.handle(req));
                 if let Err(err) = self.http.respond(response) {
                     log::warn!("API server: cannot queue a response: {err:?}");
                 }
             }
-            self.http.flush_outgoing_writes();
         }
     }
 

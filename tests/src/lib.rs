@@ -2,6 +2,7 @@
 //! built binaries and guest artifacts, writes VM configuration files, runs
 //! `tessera` with a deadline and parses what the guest printed.
 
+pub mod api;
 pub mod nested;
 
 use std::collections::BTreeMap;

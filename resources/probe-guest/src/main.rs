@@ -16,6 +16,7 @@ mod e820;
 mod entry;
 mod idt;
 mod io;
+mod keyboard;
 mod mem;
 mod mptable;
 mod phys;
@@ -155,11 +156,16 @@ fn ticks(cmdline: &[u8]) {
         return;
     };
     let mut tick: u64 = 1;
+    let mut keyboard = keyboard::CtrlAltDelWatch::new();
     while count == 0 || tick <= u64::from(count) {
         for _ in 0..ONESHOTS_PER_TICK {
             if let Err(e) = pit::sleep_10ms() {
                 outln!("probe.pit_error={}", e.name());
                 return;
+            }
+            if keyboard.poll() {
+                outln!("probe.ctrl_alt_del");
+                io::reset();
             }
         }
         outln!("probe.tick={}", tick);
