@@ -54,7 +54,7 @@ impl ApiClient {
                 Err(err) if Instant::now() > deadline => {
                     panic!("cannot connect to {}: {err}", socket.display())
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => std::thread::sleep(Duration::from_micros(100)),
             }
         }
     }

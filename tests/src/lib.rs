@@ -331,6 +331,16 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A test that fails half-way must not leave its VM running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Runs `command` until it exits, `deadline` passes, or `stop_when` returns
 /// true for the output so far (stdout, stderr); the process is then killed.
 pub fn run_with_deadline(

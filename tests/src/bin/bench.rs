@@ -17,14 +17,17 @@
 //!
 //! Usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tessera_tests::api::ApiClient;
 use tessera_tests::nested::run_l1;
 use tessera_tests::{
-    guest_artifacts, probe_cmdline, run_with_deadline, tessera_command, Running, VmConfig,
+    guest_artifacts, probe_cmdline, run_with_deadline, tessera_command, workspace_bin, Running,
+    VmConfig,
 };
 
 const GUEST_RAM_MAPPING: &str = "tessera-guest-ram";
@@ -194,6 +197,103 @@ fn bench_probe(runs: usize) -> serde_json::Value {
         "vmm_overhead_kib": summary(overhead),
         "vmm_private_kib": summary(private),
         "host_spawn_us": summary(spawn_us),
+        "api": bench_api(runs),
+    })
+}
+
+/// The API figures: process start until `GET /` answers (wall and the
+/// VMM's CPU time), `InstanceStart` until the probe's boot-timer write, and
+/// request latencies over one keep-alive connection, with a Unix-socket
+/// round trip on the host as the baseline.
+fn bench_api(runs: usize) -> serde_json::Value {
+    const CALLS: usize = 1000;
+    let probe = guest_artifacts().probe();
+    let (mut ready_us, mut ready_cpu_us, mut start_to_timer_us) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut get_us, mut put_us) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("api.sock");
+        let metrics_path = dir.path().join("metrics.json");
+        let mut command = Command::new(workspace_bin("tessera"));
+        command
+            .arg("--api-sock")
+            .arg(&socket)
+            .arg("--metrics-path")
+            .arg(&metrics_path)
+            .arg("--boot-timer");
+        let spawned = Instant::now();
+        let mut vm = Running::spawn(command);
+        let mut client = ApiClient::connect(&socket);
+        assert_eq!(client.get("/").status, 200);
+        ready_us.push(spawned.elapsed().as_secs_f64() * 1e6);
+
+        if i == 0 {
+            for _ in 0..CALLS {
+                let t = Instant::now();
+                assert_eq!(client.get("/").status, 200);
+                get_us.push(t.elapsed().as_secs_f64() * 1e6);
+                let t = Instant::now();
+                let r = client.put(
+                    "/machine-config",
+                    r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+                );
+                assert_eq!(r.status, 204);
+                put_us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+
+        let boot = serde_json::json!({
+            "kernel_image_path": probe,
+            "boot_args": "console=ttyS0",
+        });
+        assert_eq!(client.put("/boot-source", &boot.to_string()).status, 204);
+        let start_sent = spawned.elapsed().as_secs_f64() * 1e6;
+        let r = client.put("/actions", r#"{"action_type": "InstanceStart"}"#);
+        assert_eq!(r.status, 204, "{}", r.body);
+        vm.wait_until(Duration::from_secs(30), |_, _| false);
+        let run = vm.finish();
+        let (wall, _) = parse_boot_time(&run.stderr)
+            .unwrap_or_else(|| panic!("run {i}: no boot time\n{}", run.describe()));
+        start_to_timer_us.push(wall - start_sent);
+
+        let metrics = std::fs::read_to_string(&metrics_path).expect("metrics file");
+        let line: serde_json::Value = metrics
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .expect("a metrics line");
+        let cpu = line["api_server"]["process_startup_time_cpu_us"].as_f64();
+        ready_cpu_us.push(cpu.expect("startup CPU time"));
+    }
+
+    // Host baseline: a request/response round trip over a Unix socket pair.
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 128];
+        for _ in 0..CALLS {
+            b.read_exact(&mut buf).expect("read");
+            b.write_all(&buf).expect("write");
+        }
+    });
+    let mut baseline_us = Vec::with_capacity(CALLS);
+    let mut buf = [7u8; 128];
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        a.write_all(&buf).expect("write");
+        a.read_exact(&mut buf).expect("read");
+        baseline_us.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    echo.join().expect("echo thread");
+
+    json!({
+        "process_start_to_api_ready_us": summary(ready_us),
+        "process_start_to_api_ready_cpu_us": summary(ready_cpu_us),
+        "instance_start_to_boot_timer_us": summary(start_to_timer_us),
+        "get_instance_info_latency_us": summary(get_us),
+        "put_machine_config_latency_us": summary(put_us),
+        "host_unix_socket_round_trip_us": summary(baseline_us),
+        "latency_calls": CALLS,
     })
 }
 
