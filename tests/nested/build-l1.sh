@@ -19,7 +19,7 @@ die() { log "error: $*"; exit 1; }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${TESSERA_CACHE_DIR:-$HOME/.cache/tessera}/nested
 bin_dir=${TESSERA_BIN_DIR:-$repo/target/release}
-binaries=(tessera vhost-user-blk vhost-user-net jailer tessera-bench)
+binaries=(tessera vhost-user-blk vhost-user-net jailer tessera-bench api-call)
 mkdir -p "$cache"
 
 ensure_packages() {

@@ -110,6 +110,38 @@ scenario_bzimage() { check_linux bzimage "$L2/bzImage" 2 1024; }
 scenario_reboot() { check_exit reboot reboot; }
 scenario_poweroff() { check_exit poweroff poweroff; }
 
+# SendCtrlAltDel through the API reaches the guest kernel through the
+# i8042 keyboard, and its reboot ends tessera with status 0.
+scenario_ctrl_alt_del() {
+	name=ctrl_alt_del
+	cat >/tmp/$name.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+                  "boot_args": "$BASE_ARGS i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}
+}
+JSON
+	tessera --api-sock /tmp/$name.sock --config-file /tmp/$name.json \
+		</dev/null >/tmp/$name.out 2>/tmp/$name.err &
+	pid=$!
+	(sleep "$SCENARIO_TIMEOUT"; kill -9 "$pid" 2>/dev/null) &
+	watchdog=$!
+	waited=0
+	while ! grep -q TESSERA-GUEST-UP /tmp/$name.out && [ "$waited" -lt 600 ]; do
+		sleep 0.1
+		waited=$((waited + 1))
+	done
+	answer=$(api-call /tmp/$name.sock PUT /actions '{"action_type": "SendCtrlAltDel"}')
+	wait "$pid"
+	status=$?
+	kill "$watchdog" 2>/dev/null
+	if [ "$status" -eq 0 ] && grep -q TESSERA-GUEST-UP /tmp/$name.out; then
+		ok "$name" "the guest rebooted on Ctrl+Alt+Del; tessera exited 0 (API: $answer)"
+	else
+		fail "$name" "status $status, API: $answer: $(why "$name")"
+	fi
+}
+
 scenario_boot_timer() {
 	run_vm boot_timer "$L2/vmlinux" "$L2/initramfs.cpio.gz" 1 256 \
 		"$BASE_ARGS tessera.boot_timer=1 tessera.halt=1" --boot-timer
@@ -154,7 +186,7 @@ scenario_bench() {
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | stock_kernel | bench)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | stock_kernel | bench)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

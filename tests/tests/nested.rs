@@ -13,6 +13,7 @@ const SCENARIOS: &[&str] = &[
     "reboot",
     "poweroff",
     "boot_timer",
+    "ctrl_alt_del",
     "stock_kernel",
 ];
 /// A hard bound for the whole QEMU run; it takes about 25 s on 2 cores.
