@@ -27,7 +27,7 @@ pub enum MemoryError {
 }
 
 /// The host's RAM plus swap in MiB, from /proc/meminfo.
-fn host_memory_mib() -> Option<u64> {
+pub fn host_memory_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let field = |name: &str| -> Option<u64> {
         let line = meminfo.lines().find(|l| l.starts_with(name))?;
