@@ -1,12 +1,25 @@
-//! `vhost-user-blk`: serves one drive to a VMM over the vhost-user protocol.
-//!
-//! The command line is final; the data path is built by the block-storage
-//! work. Until then the binary validates its arguments and refuses to run.
+//! `vhost-user-blk`: serves one drive (a raw image or block device) to a VMM
+//! over the vhost-user protocol. The VMM shares guest memory and hands over
+//! each queue's kick and call eventfds; this process then moves the data
+//! between the guest's buffers and the file without the VMM.
 
+mod backend;
+mod disk;
+mod request;
+
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use backend::{BackendConfig, BlockBackend};
+use disk::Disk;
 
 /// A vhost-user block backend for one raw image or block device.
 #[derive(Debug, Parser)]
@@ -30,27 +43,150 @@ struct Cli {
     /// Number of request queues.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
-    /// Entries per queue (a power of two).
+    /// Entries per queue (a power of two, at most 32768).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
-    /// The serial number the guest reads with GET_ID.
+    /// The serial number the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
+    /// Microseconds a queue worker keeps polling after its last request
+    /// before it sleeps on the kick eventfd (0 disables polling).
+    #[arg(long, default_value_t = 50, value_name = "US")]
+    poll_us: u64,
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vhost-user-blk: {message}");
+    ExitCode::from(code)
+}
+
+/// Ends the process cleanly on SIGTERM or SIGINT: the data is flushed and the
+/// exit status is 0, with a log line saying why.
+fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
+    // SAFETY: plain sigset manipulation on a local, zero-initialised set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    };
+    // SAFETY: blocks the two signals in this thread; threads created later
+    // inherit the mask, so only the waiter below receives them.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` is a valid signal set and `signal` a writable int.
+            unsafe { libc::sigwait(&set, &mut signal) };
+            let name = if signal == libc::SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
+            match backend.flush() {
+                Ok(()) => eprintln!("vhost-user-blk: {name}: data flushed, exiting"),
+                Err(err) => eprintln!("vhost-user-blk: {name}: flush failed: {err}, exiting"),
+            }
+            std::process::exit(0);
+        })?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !cli.queue_size.is_power_of_two() {
-        eprintln!(
-            "vhost-user-blk: --queue-size must be a power of two, got {}",
-            cli.queue_size
+    if !cli.queue_size.is_power_of_two() || cli.queue_size > 32768 {
+        return fail(
+            2,
+            format_args!(
+                "--queue-size must be a power of two up to 32768, got {}",
+                cli.queue_size
+            ),
         );
-        return ExitCode::from(2);
     }
-    if let Err(err) = std::fs::metadata(&cli.path) {
-        eprintln!("vhost-user-blk: cannot use {}: {err}", cli.path.display());
-        return ExitCode::from(2);
+    let serial = cli.serial.clone().unwrap_or_default().into_bytes();
+    if serial.len() > request::ID_LEN {
+        return fail(
+            2,
+            format_args!("--serial holds at most {} bytes", request::ID_LEN),
+        );
     }
-    eprintln!("vhost-user-blk: the block data path is not built yet");
-    ExitCode::from(1)
+    let disk = match Disk::open(&cli.path, cli.readonly, cli.direct) {
+        Ok(disk) => disk,
+        Err(err) => return fail(2, err),
+    };
+    let sectors = disk.sectors();
+    let mut listener = match (&cli.socket, cli.fd) {
+        (Some(path), _) => match Listener::new(path, true) {
+            Ok(listener) => listener,
+            Err(err) => {
+                return fail(
+                    2,
+                    format_args!("cannot listen on {}: {err}", path.display()),
+                )
+            }
+        },
+        (None, Some(fd)) => {
+            if !is_socket(fd) {
+                return fail(2, format_args!("--fd {fd} is not an open socket"));
+            }
+            // SAFETY: the fd was inherited for this purpose and checked to
+            // be a socket; nothing else in this process owns it.
+            unsafe { Listener::from_raw_fd(fd) }
+        }
+        (None, None) => return fail(2, "give --socket PATH or --fd N"),
+    };
+
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let config = BackendConfig {
+        queues: usize::from(cli.queues),
+        queue_size: usize::from(cli.queue_size),
+        poll: Duration::from_micros(cli.poll_us),
+        serial,
+    };
+    let backend = match BlockBackend::new(disk, config, mem.clone()) {
+        Ok(backend) => Arc::new(backend),
+        Err(err) => return fail(1, format_args!("cannot create the device: {err}")),
+    };
+    if let Err(err) = handle_termination(backend.clone()) {
+        return fail(1, format_args!("cannot install signal handling: {err}"));
+    }
+    let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem) {
+        Ok(daemon) => daemon,
+        Err(err) => return fail(1, format_args!("cannot create the daemon: {err}")),
+    };
+    eprintln!(
+        "vhost-user-blk: serving {} ({sectors} sectors{}) with {} queue(s)",
+        cli.path.display(),
+        if cli.readonly { ", read-only" } else { "" },
+        cli.queues
+    );
+    if let Err(err) = daemon.start(&mut listener) {
+        return fail(1, format_args!("cannot accept a frontend: {err}"));
+    }
+    let result = daemon.wait();
+    backend.stop_workers();
+    if let Err(err) = backend.flush() {
+        return fail(1, format_args!("final flush failed: {err}"));
+    }
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+            eprintln!("vhost-user-blk: the frontend disconnected; exiting");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(1, format_args!("the vhost-user connection failed: {err}")),
+    }
+}
+
+fn is_socket(fd: i32) -> bool {
+    // SAFETY: fstat writes into a zeroed local stat buffer.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut stat) == 0 && stat.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    }
 }

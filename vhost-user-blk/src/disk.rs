@@ -1,0 +1,205 @@
+//! The backing file or block device and the I/O primitives on it: reads
+//! into and writes from guest memory at a byte offset, flush, discard and
+//! write-zeroes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+/// The sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors opening the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("cannot find the size of {path}: {source}")]
+    Size { path: String, source: io::Error },
+    #[error("{path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
+    Unaligned { path: String, size: u64 },
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    sectors: u64,
+    read_only: bool,
+}
+
+impl Disk {
+    /// Opens a raw image or block device.
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, DiskError> {
+        let display = || path.display().to_string();
+        let mut options = OpenOptions::new();
+        options.read(true).write(!read_only);
+        if direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = options.open(path).map_err(|source| DiskError::Open {
+            path: display(),
+            source,
+        })?;
+        let size = disk_size(&file).map_err(|source| DiskError::Size {
+            path: display(),
+            source,
+        })?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(DiskError::Unaligned {
+                path: display(),
+                size,
+            });
+        }
+        Ok(Self {
+            file,
+            sectors: size / SECTOR_SIZE,
+            read_only,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Reads `len` bytes at `offset` into host memory at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes for the whole call.
+    pub unsafe fn read_to(&self, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the caller guarantees `dst..dst+len` is writable; we
+            // stay inside it.
+            let n = unsafe {
+                libc::pread64(
+                    self.file.as_raw_fd(),
+                    dst.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off64_t,
+                )
+            };
+            match n {
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `len` bytes from host memory at `src` to `offset`.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn write_from(&self, src: *const u8, len: usize, offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the caller guarantees `src..src+len` is readable; we
+            // stay inside it.
+            let n = unsafe {
+                libc::pwrite64(
+                    self.file.as_raw_fd(),
+                    src.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as libc::off64_t,
+                )
+            };
+            match n {
+                n if n < 0 => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                }
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes completed writes durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Frees the byte range in the host file (reads then return zeroes).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    /// Zeroes the byte range, freeing it when `unmap` allows.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // Block devices and some file systems lack the fast paths.
+                let zeroes = vec![0u8; (1 << 20).min(len as usize)];
+                let mut done = 0;
+                while done < len {
+                    let n = zeroes.len().min((len - done) as usize);
+                    // SAFETY: `zeroes` is a live buffer of at least `n` bytes.
+                    unsafe { self.write_from(zeroes.as_ptr(), n, offset + done)? };
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate only acts on the descriptor we own.
+        let rc = unsafe {
+            libc::fallocate64(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off64_t,
+                len as libc::off64_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn disk_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+        const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+        // SAFETY: the ioctl writes one u64 into `size`, which outlives it.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}

@@ -1,0 +1,559 @@
+//! One virtio-blk request: parsed from a guest descriptor chain with every
+//! guest-controlled value checked (chain shape, directions, lengths, sector
+//! ranges), then carried out on the [`Disk`]. A bad request gets `IOERR` or
+//! `UNSUPP` in its status byte; nothing the guest sends can panic the
+//! backend.
+
+use std::io;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::disk::{Disk, SECTOR_SIZE};
+
+/// Data descriptors one request may carry (the `seg_max` we advertise).
+pub const SEG_MAX: u32 = 128;
+/// Discard and write-zeroes segments one request may carry.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// The largest discard or write-zeroes range, in sectors.
+pub const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
+const HEADER_LEN: u32 = 16;
+const SEGMENT_LEN: u32 = 16;
+/// The serial number returned by GET_ID holds 20 bytes.
+pub const ID_LEN: usize = 20;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Why a request failed; the status byte says `IOERR` or `UNSUPP`.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the descriptor chain has {0} descriptors; a request needs a header and a status")]
+    TooShort(usize),
+    #[error("the descriptor chain is longer than {0} descriptors")]
+    TooLong(usize),
+    #[error("the request header is {len} bytes or device-writable")]
+    BadHeader { len: u32 },
+    #[error("the last descriptor is not a device-writable status byte")]
+    BadStatus,
+    #[error("guest memory at {addr:#x} (+{len}) is not mapped")]
+    BadAddress { addr: u64, len: u64 },
+    #[error("a data descriptor of a type {0} request has the wrong direction")]
+    WrongDirection(u32),
+    #[error("the data length {0} is not a multiple of 512")]
+    Unaligned(u64),
+    #[error("sectors {sector}+{count} go past the capacity of {capacity}")]
+    OutOfRange {
+        sector: u64,
+        count: u64,
+        capacity: u64,
+    },
+    #[error("a write to a read-only disk")]
+    ReadOnly,
+    #[error("a discard or write-zeroes segment list of {0} bytes is malformed")]
+    BadSegments(u32),
+    #[error("unsupported flags {0:#x} in a discard or write-zeroes segment")]
+    BadSegmentFlags(u32),
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl RequestError {
+    /// The virtio-blk status byte for this error.
+    pub fn status(&self) -> u8 {
+        match self {
+            Self::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
+    }
+}
+
+/// The outcome of one chain: what to put in the used ring.
+#[derive(Debug)]
+pub struct Completion {
+    /// Bytes written into guest memory (data and status).
+    pub used_len: u32,
+    pub result: Result<(), RequestError>,
+}
+
+/// A parsed request.
+struct Request {
+    kind: u32,
+    sector: u64,
+    data: Vec<Descriptor>,
+    status: Descriptor,
+}
+
+/// Parses and carries out the request in `descriptors` (one whole chain).
+pub fn process(
+    descriptors: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    serial: &[u8],
+) -> Completion {
+    let request = match parse(descriptors, mem) {
+        Ok(request) => request,
+        Err(err) => {
+            // Report the error if the chain at least ends in a status byte.
+            let used_len = match descriptors.last() {
+                Some(last) if last.is_write_only() && last.len() > 0 && descriptors.len() >= 2 => {
+                    match mem.write_obj(err.status(), last.addr()) {
+                        Ok(()) => 1,
+                        Err(_) => 0,
+                    }
+                }
+                _ => 0,
+            };
+            return Completion {
+                used_len,
+                result: Err(err),
+            };
+        }
+    };
+    let (written, result) = match execute(&request, mem, disk, serial) {
+        Ok(written) => (written, Ok(())),
+        Err(err) => (0, Err(err)),
+    };
+    let status = match &result {
+        Ok(()) => VIRTIO_BLK_S_OK as u8,
+        Err(err) => err.status(),
+    };
+    let used_len = match mem.write_obj(status, request.status.addr()) {
+        Ok(()) => written.saturating_add(1),
+        Err(_) => written,
+    };
+    Completion { used_len, result }
+}
+
+fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, RequestError> {
+    let max = SEG_MAX as usize + 2;
+    if descriptors.len() > max {
+        return Err(RequestError::TooLong(max));
+    }
+    let (header, rest) = match descriptors {
+        [header, rest @ .., _] => (header, rest),
+        _ => return Err(RequestError::TooShort(descriptors.len())),
+    };
+    let status = *descriptors.last().ok_or(RequestError::TooShort(0))?;
+    if !status.is_write_only() || status.len() == 0 {
+        return Err(RequestError::BadStatus);
+    }
+    if header.is_write_only() || header.len() < HEADER_LEN {
+        return Err(RequestError::BadHeader { len: header.len() });
+    }
+    let mut raw = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut raw, header.addr())
+        .map_err(|_| RequestError::BadAddress {
+            addr: header.addr().0,
+            len: u64::from(HEADER_LEN),
+        })?;
+    let kind = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
+    let sector = u64::from_le_bytes([
+        raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
+    ]);
+    Ok(Request {
+        kind,
+        sector,
+        data: rest.to_vec(),
+        status,
+    })
+}
+
+fn data_len(data: &[Descriptor]) -> u64 {
+    data.iter().map(|d| u64::from(d.len())).sum()
+}
+
+/// Checks that `[sector, sector + bytes / 512)` lies inside the disk.
+fn check_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, RequestError> {
+    if bytes % SECTOR_SIZE != 0 {
+        return Err(RequestError::Unaligned(bytes));
+    }
+    let count = bytes / SECTOR_SIZE;
+    let capacity = disk.sectors();
+    match sector.checked_add(count) {
+        Some(end) if end <= capacity => Ok(sector * SECTOR_SIZE),
+        _ => Err(RequestError::OutOfRange {
+            sector,
+            count,
+            capacity,
+        }),
+    }
+}
+
+fn check_direction(request: &Request, write_only: bool) -> Result<(), RequestError> {
+    if request.data.iter().any(|d| d.is_write_only() != write_only) {
+        return Err(RequestError::WrongDirection(request.kind));
+    }
+    Ok(())
+}
+
+/// A host pointer to `len` bytes of guest memory at `addr`.
+fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<*mut u8, RequestError> {
+    let bad = || RequestError::BadAddress {
+        addr: addr.0,
+        len: u64::from(len),
+    };
+    let slice = mem.get_slice(addr, len as usize).map_err(|_| bad())?;
+    Ok(slice.ptr_guard_mut().as_ptr())
+}
+
+/// Carries out a valid-looking request; returns the bytes written to the guest.
+fn execute(
+    request: &Request,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    serial: &[u8],
+) -> Result<u32, RequestError> {
+    match request.kind {
+        VIRTIO_BLK_T_IN => {
+            check_direction(request, true)?;
+            let total = data_len(&request.data);
+            let mut offset = check_range(disk, request.sector, total)?;
+            for desc in &request.data {
+                let ptr = host_ptr(mem, desc.addr(), desc.len())?;
+                // SAFETY: `ptr` addresses `desc.len()` bytes of mapped guest
+                // memory, checked by get_slice; the mapping lives as long
+                // as `mem`.
+                unsafe { disk.read_to(ptr, desc.len() as usize, offset)? };
+                offset += u64::from(desc.len());
+            }
+            Ok(total as u32)
+        }
+        VIRTIO_BLK_T_OUT => {
+            check_direction(request, false)?;
+            if disk.read_only() {
+                return Err(RequestError::ReadOnly);
+            }
+            let mut offset = check_range(disk, request.sector, data_len(&request.data))?;
+            for desc in &request.data {
+                let ptr = host_ptr(mem, desc.addr(), desc.len())?;
+                // SAFETY: as above; the guest buffer is only read.
+                unsafe { disk.write_from(ptr, desc.len() as usize, offset)? };
+                offset += u64::from(desc.len());
+            }
+            Ok(0)
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            disk.flush()?;
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            check_direction(request, true)?;
+            let mut id = [0u8; ID_LEN];
+            let n = serial.len().min(ID_LEN);
+            id[..n].copy_from_slice(&serial[..n]);
+            let desc = request.data.first().ok_or(RequestError::TooShort(2))?;
+            let len = (desc.len() as usize).min(ID_LEN);
+            mem.write_slice(&id[..len], desc.addr())
+                .map_err(|_| RequestError::BadAddress {
+                    addr: desc.addr().0,
+                    len: len as u64,
+                })?;
+            Ok(len as u32)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            check_direction(request, false)?;
+            if disk.read_only() {
+                return Err(RequestError::ReadOnly);
+            }
+            for (sector, count, flags) in segments(request, mem)? {
+                let unmap = flags & WRITE_ZEROES_FLAG_UNMAP != 0;
+                let allowed = if request.kind == VIRTIO_BLK_T_DISCARD {
+                    0
+                } else {
+                    WRITE_ZEROES_FLAG_UNMAP
+                };
+                if flags & !allowed != 0 {
+                    return Err(RequestError::BadSegmentFlags(flags));
+                }
+                let bytes = u64::from(count) * SECTOR_SIZE;
+                let offset = check_range(disk, sector, bytes)?;
+                if request.kind == VIRTIO_BLK_T_DISCARD {
+                    disk.discard(offset, bytes)?;
+                } else {
+                    disk.write_zeroes(offset, bytes, unmap)?;
+                }
+            }
+            Ok(0)
+        }
+        other => Err(RequestError::Unsupported(other)),
+    }
+}
+
+/// Reads the `(sector, num_sectors, flags)` segments of a discard or
+/// write-zeroes request.
+fn segments(
+    request: &Request,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<(u64, u32, u32)>, RequestError> {
+    let total = data_len(&request.data);
+    if total == 0
+        || total % u64::from(SEGMENT_LEN) != 0
+        || total / u64::from(SEGMENT_LEN) > u64::from(MAX_DISCARD_SEG)
+    {
+        return Err(RequestError::BadSegments(total as u32));
+    }
+    let mut out = Vec::new();
+    for desc in &request.data {
+        if desc.len() % SEGMENT_LEN != 0 {
+            return Err(RequestError::BadSegments(desc.len()));
+        }
+        for i in 0..desc.len() / SEGMENT_LEN {
+            let addr = desc.addr().0.checked_add(u64::from(i * SEGMENT_LEN));
+            let mut raw = [0u8; SEGMENT_LEN as usize];
+            addr.map(GuestAddress)
+                .and_then(|a| mem.read_slice(&mut raw, a).ok())
+                .ok_or(RequestError::BadAddress {
+                    addr: desc.addr().0,
+                    len: u64::from(desc.len()),
+                })?;
+            let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+            let count = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
+            out.push((sector, count, flags));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const HEADER: u64 = 0x1000;
+    const DATA: u64 = 0x2000;
+    const STATUS: u64 = 0x9000;
+
+    struct Fixture {
+        mem: GuestMemoryMmap,
+        disk: Disk,
+        _file: tempfile::NamedTempFile,
+    }
+
+    fn fixture(read_only: bool) -> Fixture {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..64 * 512).map(|i| (i / 512) as u8).collect();
+        file.write_all(&content).unwrap();
+        let disk = Disk::open(file.path(), read_only, false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Fixture {
+            mem,
+            disk,
+            _file: file,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
+        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    /// Builds a chain through virtio-queue's mock queue and runs it.
+    fn run(f: &Fixture, kind: u32, sector: u64, descs: &[RawDescriptor]) -> (Completion, u8) {
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        f.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let queue = MockSplitQueue::create(&f.mem, GuestAddress(0x10000), 256);
+        let chain = queue.build_desc_chain(descs).unwrap();
+        let descriptors: Vec<Descriptor> = chain.collect();
+        let completion = process(&descriptors, &f.mem, &f.disk, b"tessera-disk");
+        let status: u8 = f.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (completion, status)
+    }
+
+    fn ok_chain(data: RawDescriptor) -> [RawDescriptor; 3] {
+        [desc(HEADER, 16, false), data, desc(STATUS, 1, true)]
+    }
+
+    #[test]
+    fn reads_and_writes_sectors() {
+        let f = fixture(false);
+        let (c, status) = run(&f, VIRTIO_BLK_T_IN, 3, &ok_chain(desc(DATA, 1024, true)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8, "{:?}", c.result);
+        assert_eq!(c.used_len, 1025);
+        let mut buf = [0u8; 1024];
+        f.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf[..512].iter().all(|b| *b == 3) && buf[512..].iter().all(|b| *b == 4));
+
+        f.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+        let (_, status) = run(&f, VIRTIO_BLK_T_OUT, 10, &ok_chain(desc(DATA, 512, false)));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let mut back = [0u8; 512];
+        // SAFETY: `back` is a live 512-byte buffer.
+        unsafe { f.disk.read_to(back.as_mut_ptr(), 512, 10 * 512).unwrap() };
+        assert_eq!(back, [0xab; 512]);
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let f = fixture(false);
+        let chain = [desc(HEADER, 16, false), desc(STATUS, 1, true)];
+        assert_eq!(
+            run(&f, VIRTIO_BLK_T_FLUSH, 0, &chain).1,
+            VIRTIO_BLK_S_OK as u8
+        );
+        let (c, status) = run(&f, VIRTIO_BLK_T_GET_ID, 0, &ok_chain(desc(DATA, 20, true)));
+        assert_eq!((status, c.used_len), (VIRTIO_BLK_S_OK as u8, 21));
+        let mut id = [0u8; 12];
+        f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"tessera-disk");
+        assert_eq!(run(&f, 0x77, 0, &chain).1, VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn out_of_range_and_overflowing_sectors_are_ioerr() {
+        let f = fixture(false);
+        for sector in [63, 64, u64::MAX, u64::MAX / 512] {
+            let (c, status) = run(
+                &f,
+                VIRTIO_BLK_T_IN,
+                sector,
+                &ok_chain(desc(DATA, 1024, true)),
+            );
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "sector {sector}");
+            assert!(matches!(c.result, Err(RequestError::OutOfRange { .. })));
+        }
+    }
+
+    #[test]
+    fn unaligned_lengths_and_wrong_directions_are_ioerr() {
+        let f = fixture(false);
+        let (c, status) = run(&f, VIRTIO_BLK_T_IN, 0, &ok_chain(desc(DATA, 100, true)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert!(matches!(c.result, Err(RequestError::Unaligned(100))));
+        // A read whose data buffer the device may not write.
+        let (c, status) = run(&f, VIRTIO_BLK_T_IN, 0, &ok_chain(desc(DATA, 512, false)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert!(matches!(c.result, Err(RequestError::WrongDirection(_))));
+        // A write whose data is device-writable.
+        let (_, status) = run(&f, VIRTIO_BLK_T_OUT, 0, &ok_chain(desc(DATA, 512, true)));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn malformed_chains_never_panic() {
+        let f = fixture(false);
+        // Too short: only a status byte.
+        let (c, _) = run(&f, VIRTIO_BLK_T_IN, 0, &[desc(STATUS, 1, true)]);
+        assert!(matches!(c.result, Err(RequestError::TooShort(1))));
+        assert_eq!(c.used_len, 0);
+        // A header the device could write, and one too short.
+        let (c, status) = run(
+            &f,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[desc(HEADER, 16, true), desc(STATUS, 1, true)],
+        );
+        assert!(matches!(c.result, Err(RequestError::BadHeader { .. })));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        let (c, _) = run(
+            &f,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[desc(HEADER, 8, false), desc(STATUS, 1, true)],
+        );
+        assert!(matches!(c.result, Err(RequestError::BadHeader { len: 8 })));
+        // A status descriptor the device may not write: nothing to report.
+        let (c, status) = run(
+            &f,
+            VIRTIO_BLK_T_IN,
+            0,
+            &[desc(HEADER, 16, false), desc(STATUS, 1, false)],
+        );
+        assert!(matches!(c.result, Err(RequestError::BadStatus)));
+        assert_eq!((c.used_len, status), (0, 0xff));
+        // Data outside guest memory.
+        let (c, status) = run(
+            &f,
+            VIRTIO_BLK_T_IN,
+            0,
+            &ok_chain(desc(MEM_SIZE as u64 - 256, 512, true)),
+        );
+        assert!(matches!(c.result, Err(RequestError::BadAddress { .. })));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        // Too many descriptors.
+        let mut long = vec![desc(HEADER, 16, false)];
+        long.extend((0..SEG_MAX + 1).map(|i| desc(DATA + u64::from(i) * 512, 512, true)));
+        long.push(desc(STATUS, 1, true));
+        let (c, _) = run(&f, VIRTIO_BLK_T_IN, 0, &long);
+        assert!(matches!(c.result, Err(RequestError::TooLong(_))));
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_discards_and_zeroes() {
+        let f = fixture(true);
+        for kind in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
+            let (c, status) = run(&f, kind, 0, &ok_chain(desc(DATA, 512, false)));
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+            assert!(matches!(c.result, Err(RequestError::ReadOnly)), "{kind}");
+        }
+        assert_eq!(
+            run(&f, VIRTIO_BLK_T_IN, 0, &ok_chain(desc(DATA, 512, true))).1,
+            0
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments_are_checked() {
+        let f = fixture(false);
+        let segment = |sector: u64, count: u32, flags: u32| {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&sector.to_le_bytes());
+            raw[8..12].copy_from_slice(&count.to_le_bytes());
+            raw[12..16].copy_from_slice(&flags.to_le_bytes());
+            f.mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
+        };
+        segment(8, 4, 0);
+        let (c, status) = run(
+            &f,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            &ok_chain(desc(DATA, 16, false)),
+        );
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8, "{:?}", c.result);
+        let mut back = [0xffu8; 512];
+        // SAFETY: `back` is a live 512-byte buffer.
+        unsafe { f.disk.read_to(back.as_mut_ptr(), 512, 9 * 512).unwrap() };
+        assert_eq!(back, [0u8; 512]);
+
+        segment(62, 4, 0);
+        let (c, _) = run(
+            &f,
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            &ok_chain(desc(DATA, 16, false)),
+        );
+        assert!(matches!(c.result, Err(RequestError::OutOfRange { .. })));
+        segment(0, 1, 1);
+        let (c, _) = run(
+            &f,
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            &ok_chain(desc(DATA, 16, false)),
+        );
+        assert!(matches!(c.result, Err(RequestError::BadSegmentFlags(1))));
+        let (c, _) = run(
+            &f,
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            &ok_chain(desc(DATA, 12, false)),
+        );
+        assert!(matches!(c.result, Err(RequestError::BadSegments(12))));
+    }
+}
