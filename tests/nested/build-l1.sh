@@ -149,7 +149,7 @@ main() {
 	ensure_packages
 	local guest_dir=${TESSERA_GUEST_DIR:-}
 	[ -n "$guest_dir" ] || guest_dir=$("$repo/resources/build-guest.sh" 3>&- | tail -n 1)
-	for f in vmlinux bzImage initramfs.cpio.gz probe-guest.elf; do
+	for f in vmlinux bzImage initramfs.cpio.gz rootfs.ext4 probe-guest.elf; do
 		[ -f "$guest_dir/$f" ] || die "missing L2 artifact $guest_dir/$f"
 	done
 	for b in "${binaries[@]}"; do
@@ -164,7 +164,7 @@ main() {
 		echo "$pkg"
 		cat "$0" "$repo/tests/nested/runner.sh"
 		(cd "$bin_dir" && sha256sum "${binaries[@]}")
-		(cd "$guest_dir" && sha256sum vmlinux bzImage initramfs.cpio.gz probe-guest.elf)
+		(cd "$guest_dir" && sha256sum vmlinux bzImage initramfs.cpio.gz rootfs.ext4 probe-guest.elf)
 		dpkg-query -W -f='${Version}' busybox-static
 	} | sha256sum | cut -c1-32)
 	out=$cache/l1-$key
@@ -184,7 +184,7 @@ main() {
 	for b in "${binaries[@]}"; do
 		stage_binary "$bin_dir/$b" "$stage"
 	done
-	cp "$guest_dir"/{vmlinux,bzImage,initramfs.cpio.gz,probe-guest.elf} "$stage/opt/l2/"
+	cp "$guest_dir"/{vmlinux,bzImage,initramfs.cpio.gz,rootfs.ext4,probe-guest.elf} "$stage/opt/l2/"
 	cp "$repo/tests/nested/runner.sh" "$stage/init"
 	chmod 0755 "$stage/init"
 

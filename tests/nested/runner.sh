@@ -153,6 +153,51 @@ scenario_boot_timer() {
 	fi
 }
 
+# Block: L2's root file system on a drive served by a vhost-user-blk that
+# tessera starts, and a data drive the guest fills with dd; the bytes are
+# checked on L1's file. With is_read_only the root mounts read-only.
+scenario_blk() {
+	name=blk_root ro=$1
+	[ "$ro" = true ] && name=blk_readonly
+	cp "$L2/rootfs.ext4" /tmp/$name-root.ext4
+	rm -f /tmp/$name-data.img
+	truncate -s 8M /tmp/$name-data.img
+	cat >/tmp/$name.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux",
+                  "boot_args": "$BASE_ARGS tessera.dd=/dev/vdb:4 tessera.halt=1"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+  "drives": [
+    {"drive_id": "rootfs", "path_on_host": "/tmp/$name-root.ext4", "is_root_device": true, "is_read_only": $ro},
+    {"drive_id": "data", "path_on_host": "/tmp/$name-data.img", "is_root_device": false, "is_read_only": false}
+  ]
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --no-api --config-file /tmp/$name.json \
+		</dev/null >/tmp/$name.out 2>/tmp/$name.err
+	status=$?
+	out=/tmp/$name.out
+	want=$(yes TESSERA | head -c 4194304 | md5sum | cut -d' ' -f1)
+	got=$(head -c 4194304 /tmp/$name-data.img | md5sum | cut -d' ' -f1)
+	writable=$(value tessera.root_writable "$out")
+	expect_writable=yes
+	[ "$ro" = true ] && expect_writable=no
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP "$out"; then
+		fail "$name" "status $status: $(why "$name")"
+	elif ! grep -q "tessera.dd=ok /dev/vdb 4" "$out"; then
+		fail "$name" "the guest's dd failed: $(why "$name")"
+	elif [ "$got" != "$want" ]; then
+		fail "$name" "the data drive holds the wrong bytes (md5 $got, want $want)"
+	elif [ "$writable" != "$expect_writable" ]; then
+		fail "$name" "root_writable=$writable, want $expect_writable"
+	else
+		ok "$name" "root on vhost-user-blk (writable=$writable); 4 MiB written by dd match on the host"
+	fi
+}
+
+scenario_blk_root() { scenario_blk false; }
+scenario_blk_readonly() { scenario_blk true; }
+
 # Debian's stock cloud kernel as L2 (bzImage), with an initramfs that loads
 # its virtio modules. It has no MP-table parser and finds virtio-mmio devices
 # only through ACPI, which Tessera does not provide: both are reported as gaps.
@@ -186,7 +231,7 @@ scenario_bench() {
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | stock_kernel | bench)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | stock_kernel | bench)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

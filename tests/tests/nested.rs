@@ -14,6 +14,8 @@ const SCENARIOS: &[&str] = &[
     "poweroff",
     "boot_timer",
     "ctrl_alt_del",
+    "blk_root",
+    "blk_readonly",
     "stock_kernel",
 ];
 /// A hard bound for the whole QEMU run; it takes about 25 s on 2 cores.

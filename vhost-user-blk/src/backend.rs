@@ -122,7 +122,7 @@ impl BlockBackend {
                 let head = chain.head_index();
                 let descriptors: Vec<Descriptor> = chain.collect();
                 let completion =
-                    request::process(&descriptors, &*mem, &self.disk, &self.config.serial);
+                    request::process(&descriptors, &mem, &self.disk, &self.config.serial);
                 if let Err(err) = &completion.result {
                     log::debug!("request {head} failed: {err}");
                 }
@@ -136,7 +136,7 @@ impl BlockBackend {
                 if notify {
                     vring.signal_used_queue()?;
                 }
-                if self.poll_for_more(vring, &*mem) {
+                if self.poll_for_more(vring, &mem) {
                     continue;
                 }
             }

@@ -47,7 +47,7 @@ impl Disk {
             path: display(),
             source,
         })?;
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::Unaligned {
                 path: display(),
                 size,

@@ -170,7 +170,7 @@ fn data_len(data: &[Descriptor]) -> u64 {
 
 /// Checks that `[sector, sector + bytes / 512)` lies inside the disk.
 fn check_range(disk: &Disk, sector: u64, bytes: u64) -> Result<u64, RequestError> {
-    if bytes % SECTOR_SIZE != 0 {
+    if !bytes.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(bytes));
     }
     let count = bytes / SECTOR_SIZE;
@@ -293,14 +293,14 @@ fn segments(
 ) -> Result<Vec<(u64, u32, u32)>, RequestError> {
     let total = data_len(&request.data);
     if total == 0
-        || total % u64::from(SEGMENT_LEN) != 0
+        || !total.is_multiple_of(u64::from(SEGMENT_LEN))
         || total / u64::from(SEGMENT_LEN) > u64::from(MAX_DISCARD_SEG)
     {
         return Err(RequestError::BadSegments(total as u32));
     }
     let mut out = Vec::new();
     for desc in &request.data {
-        if desc.len() % SEGMENT_LEN != 0 {
+        if !desc.len().is_multiple_of(SEGMENT_LEN) {
             return Err(RequestError::BadSegments(desc.len()));
         }
         for i in 0..desc.len() / SEGMENT_LEN {

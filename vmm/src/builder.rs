@@ -21,7 +21,7 @@ use crate::arch::boot::{self, BootError};
 use crate::arch::cpuid::Topology;
 use crate::arch::layout;
 use crate::arch::regs::{self, RegsError};
-use crate::device_manager::{self, DeviceError};
+use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::metrics::DeviceCounters;
@@ -56,6 +56,8 @@ pub enum StartMicrovmError {
     #[error(transparent)]
     Devices(#[from] DeviceError),
     #[error(transparent)]
+    Block(#[from] BlockDeviceError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventLoop(String),
@@ -86,6 +88,8 @@ pub struct BootOptions {
     pub boot_timer: bool,
     /// Send the console to this file instead of stdout.
     pub serial_out: Option<PathBuf>,
+    /// The vhost-user-blk backend binary (default: next to this executable).
+    pub vhost_user_blk_bin: Option<PathBuf>,
     /// When the process started (wall clock and CPU time).
     pub start_wall: Instant,
     pub start_cpu: Duration,
@@ -115,6 +119,7 @@ pub struct Vmm {
     _vm: Vm,
     vcpus: Vec<VcpuHandle>,
     i8042: Arc<Mutex<I8042>>,
+    _block_devices: Vec<device_manager::BlockTransport>,
     resources: VmResources,
     paused: bool,
     event_manager: EventManager<Subscriber>,
@@ -258,18 +263,6 @@ fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError>
 
 fn reject_unsupported_devices(resources: &VmResources) -> Result<(), StartMicrovmError> {
     let list = |ids: Vec<&str>| ids.join(", ");
-    if !resources.drives.is_empty() {
-        return Err(StartMicrovmError::UnsupportedDevices {
-            what: "block devices (drives)",
-            ids: list(
-                resources
-                    .drives
-                    .iter()
-                    .map(|d| d.drive_id.as_str())
-                    .collect(),
-            ),
-        });
-    }
     if !resources.network_interfaces.is_empty() {
         return Err(StartMicrovmError::UnsupportedDevices {
             what: "network interfaces",
@@ -324,24 +317,8 @@ pub fn build_microvm(
             )
         })
         .transpose()?;
-    let cmdline = Cmdline::try_from(boot_source.cmdline(), layout::CMDLINE_MAX_SIZE)
+    let mut cmdline = Cmdline::try_from(boot_source.cmdline(), layout::CMDLINE_MAX_SIZE)
         .map_err(BootError::Cmdline)?;
-    boot::configure_system(
-        &guest_memory,
-        mem_size,
-        &kernel,
-        &cmdline,
-        initrd,
-        machine.vcpu_count,
-    )?;
-    regs::write_boot_tables(&guest_memory, kernel.entry)?;
-    log::info!(
-        "loaded {} ({:?}), {} vCPUs, {} MiB",
-        boot_source.kernel_image_path,
-        kernel.entry,
-        machine.vcpu_count,
-        machine.mem_size_mib
-    );
 
     // PUT /serial (or the config file's "serial") wins over --serial-out.
     let serial_path = resources
@@ -352,11 +329,50 @@ pub fn build_microvm(
     let boot_timer = options
         .boot_timer
         .then(|| BootTimer::new(options.start_wall, options.start_cpu));
-    let legacy = device_manager::attach_legacy_devices(
+    let mut legacy = device_manager::attach_legacy_devices(
         &vm,
         serial_output(serial_path.as_deref())?,
         boot_timer,
     )?;
+    let block_devices = if resources.drives.is_empty() {
+        Vec::new()
+    } else {
+        let spawner = BackendSpawner::new(
+            options
+                .vhost_user_blk_bin
+                .clone()
+                .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-blk")),
+            std::env::temp_dir(),
+        )
+        .map_err(BlockDeviceError::from_spawner)?;
+        device_manager::attach_block_devices(
+            &vm,
+            &guest_memory,
+            &resources.drives,
+            &spawner,
+            u64::from(machine.vcpu_count),
+            &mut legacy.mmio_bus,
+            &mut cmdline,
+        )?
+    };
+
+    boot::configure_system(
+        &guest_memory,
+        mem_size,
+        &kernel,
+        &cmdline,
+        initrd,
+        machine.vcpu_count,
+    )?;
+    regs::write_boot_tables(&guest_memory, kernel.entry)?;
+    log::info!(
+        "loaded {} ({:?}), {} vCPUs, {} MiB, {} drive(s)",
+        boot_source.kernel_image_path,
+        kernel.entry,
+        machine.vcpu_count,
+        machine.mem_size_mib,
+        block_devices.len()
+    );
     let pio_bus = Arc::new(legacy.pio_bus);
     let mmio_bus = Arc::new(legacy.mmio_bus);
 
@@ -410,6 +426,7 @@ pub fn build_microvm(
         _vm: vm,
         vcpus: vcpu_handles,
         i8042: legacy.i8042,
+        _block_devices: block_devices,
         resources: resources.clone(),
         paused: false,
         event_manager,

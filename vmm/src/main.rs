@@ -52,6 +52,10 @@ struct Cli {
     /// Write the guest console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     serial_out: Option<PathBuf>,
+    /// The vhost-user-blk binary started for drives with `path_on_host`
+    /// (default: the one next to this executable).
+    #[arg(long, value_name = "PATH")]
+    vhost_user_blk_bin: Option<PathBuf>,
 }
 
 /// Reports a fatal error on stderr (and in the log file, if there is one)
@@ -124,6 +128,7 @@ fn main() {
     let options = BootOptions {
         boot_timer: cli.boot_timer,
         serial_out: cli.serial_out,
+        vhost_user_blk_bin: cli.vhost_user_blk_bin,
         start_wall,
         start_cpu,
     };

@@ -18,6 +18,12 @@ pub enum DriveError {
         path: String,
         source: std::io::Error,
     },
+    #[error("drive {id:?}: socket {path} cannot be used: {reason}")]
+    Socket {
+        id: String,
+        path: String,
+        reason: String,
+    },
     #[error("drive {0:?} is already the root device")]
     SecondRootDevice(String),
 }
@@ -75,7 +81,22 @@ impl BlockDeviceConfig {
                 })?;
                 Ok(())
             }
-            (None, Some(_)) => Ok(()),
+            (None, Some(socket)) => {
+                use std::os::unix::fs::FileTypeExt;
+                let meta = std::fs::metadata(socket).map_err(|source| DriveError::Socket {
+                    id: self.drive_id.clone(),
+                    path: socket.clone(),
+                    reason: source.to_string(),
+                })?;
+                if !meta.file_type().is_socket() {
+                    return Err(DriveError::Socket {
+                        id: self.drive_id.clone(),
+                        path: socket.clone(),
+                        reason: "it is not a Unix socket".into(),
+                    });
+                }
+                Ok(())
+            }
             _ => Err(DriveError::Backing {
                 id: self.drive_id.clone(),
             }),
@@ -115,9 +136,20 @@ mod tests {
     #[test]
     fn validation() {
         assert!(drive("root", Some("/dev/null"), None).validate().is_ok());
-        assert!(drive("root", None, Some("/run/blk.sock"))
-            .validate()
-            .is_ok());
+        let dir = std::env::temp_dir().join(format!("tessera-drive-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("blk.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(drive("root", None, sock.to_str()).validate().is_ok());
+        assert!(matches!(
+            drive("root", None, Some("/dev/null")).validate(),
+            Err(DriveError::Socket { .. })
+        ));
+        assert!(matches!(
+            drive("root", None, Some("/no/such.sock")).validate(),
+            Err(DriveError::Socket { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(
             drive("bad id", Some("/dev/null"), None).validate(),
             Err(DriveError::InvalidId(_))

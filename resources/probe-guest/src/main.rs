@@ -23,6 +23,7 @@ mod phys;
 mod pit;
 mod serial;
 mod virtio;
+mod virtio_blk;
 mod virtio_rng;
 
 use core::panic::PanicInfo;
@@ -81,8 +82,40 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     io::reset()
 }
 
+/// What the virtio device drivers need to know.
+struct VirtioContext<'a> {
+    map: &'a e820::Map,
+    image: (u64, u64),
+    /// `probe.blk` options (`None`: block devices are only listed).
+    blk: Option<virtio_blk::Options>,
+    /// virtio-blk devices seen so far (the `<i>` of `probe.blk<i>`).
+    blk_count: u32,
+}
+
+impl VirtioContext<'_> {
+    /// True if the register window at `base` overlaps RAM or the probe
+    /// image: such a window is never driven (written).
+    fn window_in_ram(&self, base: u64) -> bool {
+        let end = base + virtio::WINDOW_SIZE;
+        let in_ram = self.map.entries().iter().any(|e| {
+            e.kind == e820::TYPE_RAM && base < e.addr.saturating_add(e.size) && end > e.addr
+        });
+        in_ram || (base < self.image.1 && end > self.image.0)
+    }
+}
+
 /// Handles every `virtio_mmio.device=` parameter like Linux does.
 fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
+    let blk = virtio_blk::options(cmdline).unwrap_or_else(|bad| {
+        outln!("probe.blk_error=bad-value,{}", bad);
+        None
+    });
+    let mut context = VirtioContext {
+        map,
+        image,
+        blk,
+        blk_count: 0,
+    };
     // Linux's `vm_cmdline_id`: running platform device id.
     let mut next_id: i64 = 0;
     for (name, value) in cmdline::params(cmdline) {
@@ -103,11 +136,11 @@ fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
         };
         let index = next_id;
         next_id = i64::from((next_id as i32).wrapping_add(1));
-        probe_virtio_device(index, device.base, map, image);
+        probe_virtio_device(index, device.base, &mut context);
     }
 }
 
-fn probe_virtio_device(index: i64, base: u64, map: &e820::Map, image: (u64, u64)) {
+fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
     if !virtio::Mmio::window_ok(base) {
         outln!("probe.virtio_error={},bad-base,{:#x}", index, base);
         return;
@@ -128,17 +161,27 @@ fn probe_virtio_device(index: i64, base: u64, map: &e820::Map, image: (u64, u64)
     }
     let device_id = regs.device_id();
     outln!("probe.virtio={},{},{:#x}", index, device_id, base);
-    if device_id == virtio_rng::DEVICE_ID {
-        // Never drive (write) a window that overlaps RAM or the probe.
-        let end = base + virtio::WINDOW_SIZE;
-        let in_ram = map.entries().iter().any(|e| {
-            e.kind == e820::TYPE_RAM && base < e.addr.saturating_add(e.size) && end > e.addr
-        });
-        if in_ram || (base < image.1 && end > image.0) {
-            outln!("probe.virtio_rng={},error=base-in-ram", index);
-            return;
+    match device_id {
+        virtio_rng::DEVICE_ID => {
+            if context.window_in_ram(base) {
+                outln!("probe.virtio_rng={},error=base-in-ram", index);
+                return;
+            }
+            virtio_rng::probe(index, regs);
         }
-        virtio_rng::probe(index, regs);
+        virtio_blk::DEVICE_ID => {
+            let blk_index = context.blk_count;
+            context.blk_count += 1;
+            let Some(options) = context.blk else {
+                return;
+            };
+            if context.window_in_ram(base) {
+                outln!("probe.blk{}=error setup base-in-ram", blk_index);
+                return;
+            }
+            virtio_blk::probe(blk_index, regs, &options);
+        }
+        _ => {}
     }
 }
 

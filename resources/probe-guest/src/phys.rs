@@ -110,6 +110,24 @@ pub unsafe fn mmio_read32(addr: u64) -> u32 {
     unsafe { core::ptr::read_volatile(ptr::<u32>(addr)) }
 }
 
+/// Volatile aligned 16-bit MMIO load.
+///
+/// # Safety
+/// As for [`mmio_read32`], with 2-byte alignment.
+pub unsafe fn mmio_read16(addr: u64) -> u16 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(ptr::<u16>(addr)) }
+}
+
+/// Volatile 8-bit MMIO load.
+///
+/// # Safety
+/// As for [`mmio_read32`] (no alignment requirement).
+pub unsafe fn mmio_read8(addr: u64) -> u8 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(ptr::<u8>(addr)) }
+}
+
 /// Volatile aligned 32-bit MMIO store.
 ///
 /// # Safety

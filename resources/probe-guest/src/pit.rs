@@ -83,6 +83,16 @@ pub fn expired() -> bool {
     unsafe { inb(PORT_SPEAKER) & OUT2 != 0 }
 }
 
+/// True if PIT channel 2 and port 0x61 seem to exist: OUT2 reads low
+/// right after a 10 ms one-shot is programmed (an absent port reads 0xff).
+/// Leaves the one-shot running; does not wait for it.
+pub fn present() -> bool {
+    (0..ATTEMPTS).any(|_| {
+        start(COUNT_10MS);
+        !expired()
+    })
+}
+
 /// Busy-waits 10 ms.
 pub fn sleep_10ms() -> Result<(), Error> {
     for _ in 0..ATTEMPTS {

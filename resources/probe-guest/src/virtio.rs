@@ -10,10 +10,15 @@
 //! 4. [`Transport::driver_ok`],
 //! 5. [`Virtqueue::add`] a descriptor chain, [`Transport::notify`],
 //!    then [`Virtqueue::wait_used`] (polls the used ring, PIT deadline),
-//! 6. [`Transport::reset`] when done, so the device stops using our memory.
+//! 6. [`Transport::shutdown`] when done: it resets the device, so that it
+//!    stops using our memory, and returns the queue memory to the pool.
 //!
 //! All guest memory is identity-mapped, so buffer addresses are plain
 //! pointers cast to `u64`. No interrupts are used.
+//!
+//! Everything read from the device is checked: used-ring ids must name a
+//! chain that is in flight, the used index may not run ahead of what was
+//! made available, and config-space reads retry a bounded number of times.
 
 #![allow(
     dead_code,
@@ -115,6 +120,11 @@ pub enum Error {
     EmptyChain,
     Timeout,
     DeviceNeedsReset,
+    /// The used ring returned an id that is not the head of a chain in
+    /// flight (or is out of range).
+    BadUsedId(u32),
+    /// The used index moved further than the number of chains in flight.
+    BadUsedIdx(u16),
 }
 
 impl Error {
@@ -134,6 +144,8 @@ impl Error {
             Error::EmptyChain => "empty-chain",
             Error::Timeout => "timeout",
             Error::DeviceNeedsReset => "device-needs-reset",
+            Error::BadUsedId(_) => "bad-used-id",
+            Error::BadUsedIdx(_) => "bad-used-idx",
         }
     }
 }
@@ -172,6 +184,18 @@ impl Mmio {
         unsafe { phys::mmio_read32(self.base + offset) }
     }
 
+    /// Volatile 16-bit read (device config space only).
+    pub fn read16(&self, offset: u64) -> u16 {
+        // SAFETY: as for `read`; callers pass 2-byte aligned offsets.
+        unsafe { phys::mmio_read16(self.base + offset) }
+    }
+
+    /// Volatile 8-bit read (device config space only).
+    pub fn read8(&self, offset: u64) -> u8 {
+        // SAFETY: as for `read`.
+        unsafe { phys::mmio_read8(self.base + offset) }
+    }
+
     /// Volatile 32-bit register write.
     pub fn write(&self, offset: u64, value: u32) {
         // SAFETY: as for `read`.
@@ -200,7 +224,16 @@ pub struct Transport {
     regs: Mmio,
     device_id: u32,
     features: u64,
+    /// Queue-pool slots handed to this transport's queues:
+    /// `[first, first + count)` (the pool is a stack).
+    pool_first: usize,
+    pool_count: usize,
 }
+
+/// Size of the device-specific configuration space in the window.
+pub const CONFIG_SIZE: u64 = WINDOW_SIZE - reg::CONFIG;
+/// Attempts at a consistent config-space read (generation unchanged).
+const CONFIG_READ_ATTEMPTS: u32 = 64;
 
 /// Bound on status polls after a reset.
 const RESET_POLLS: u32 = 1_000_000;
@@ -221,6 +254,8 @@ impl Transport {
             regs,
             device_id: regs.device_id(),
             features: 0,
+            pool_first: 0,
+            pool_count: 0,
         })
     }
 
@@ -314,8 +349,12 @@ impl Transport {
         // Split queue sizes are powers of two.
         let limit = max.min(u32::from(QUEUE_SIZE));
         let size = 1u16 << (31 - limit.leading_zeros());
-        let mem = QUEUE_POOL.alloc().ok_or(Error::OutOfQueueMemory)?;
-        let queue = Virtqueue::new(index, size, mem);
+        let (slot, mem) = QUEUE_POOL.alloc().ok_or(Error::OutOfQueueMemory)?;
+        if self.pool_count == 0 {
+            self.pool_first = slot;
+        }
+        self.pool_count += 1;
+        let queue = Virtqueue::new(index, size, slot, mem);
         let (desc, avail, used) = queue.addresses();
         self.regs.write(reg::QUEUE_NUM, u32::from(size));
         self.regs.write(reg::QUEUE_DESC_LOW, desc as u32);
@@ -351,21 +390,76 @@ impl Transport {
         pending
     }
 
-    /// Reads a 32-bit word of device configuration space, retrying while
-    /// the config generation changes.
-    pub fn config_read32(&self, offset: u64) -> u32 {
+    /// Reads device configuration space with `read`, retrying (a bounded
+    /// number of times) while the config generation changes.
+    fn config_read<T>(&self, read: impl Fn(&Mmio) -> T) -> T {
+        let mut attempts = 1;
         loop {
             let before = self.regs.read(reg::CONFIG_GENERATION);
-            let value = self.regs.read(reg::CONFIG + (offset & !3));
-            if self.regs.read(reg::CONFIG_GENERATION) == before {
+            let value = read(&self.regs);
+            if self.regs.read(reg::CONFIG_GENERATION) == before || attempts == CONFIG_READ_ATTEMPTS
+            {
                 return value;
             }
+            attempts += 1;
         }
+    }
+
+    /// Reads a 32-bit word of device configuration space (offset rounded
+    /// down to 4 bytes, and wrapped into the config space).
+    pub fn config_read32(&self, offset: u64) -> u32 {
+        let offset = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
+        self.config_read(|r| r.read(offset))
+    }
+
+    /// Reads a 16-bit config field with a 16-bit access, as the virtio-mmio
+    /// spec requires (offset rounded down to 2 bytes).
+    pub fn config_read16(&self, offset: u64) -> u16 {
+        let offset = reg::CONFIG + (offset & !1) % CONFIG_SIZE;
+        self.config_read(|r| r.read16(offset))
+    }
+
+    /// Reads an 8-bit config field.
+    pub fn config_read8(&self, offset: u64) -> u8 {
+        let offset = reg::CONFIG + offset % CONFIG_SIZE;
+        self.config_read(|r| r.read8(offset))
+    }
+
+    /// Reads a 64-bit config field as two 32-bit accesses (low word first,
+    /// like Linux), both under one config generation.
+    pub fn config_read64(&self, offset: u64) -> u64 {
+        let low = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
+        let high = reg::CONFIG + ((offset & !3) + 4) % CONFIG_SIZE;
+        self.config_read(|r| u64::from(r.read(high)) << 32 | u64::from(r.read(low)))
+    }
+
+    /// Resets the device and, once it has confirmed the reset (so it no
+    /// longer touches any queue or buffer), returns the memory of `queues`
+    /// to the pool. `queues` should be every queue set up on this
+    /// transport; memory is only reused if all of them come back and no
+    /// other transport allocated queues since. If the reset is not
+    /// confirmed, the device is marked FAILED and the memory stays
+    /// allocated (the device might still write to it).
+    pub fn shutdown(mut self, queues: impl IntoIterator<Item = Virtqueue>) -> Result<(), Error> {
+        if let Err(e) = self.reset() {
+            self.fail();
+            return Err(e);
+        }
+        let first = self.pool_first;
+        let end = first + self.pool_count;
+        let returned = queues
+            .into_iter()
+            .filter(|q| (first..end).contains(&q.pool_slot))
+            .count();
+        if self.pool_count > 0 && returned == self.pool_count {
+            QUEUE_POOL.release(first, end);
+        }
+        Ok(())
     }
 }
 
 /// Maximum descriptors per queue.
-pub const QUEUE_SIZE: u16 = 16;
+pub const QUEUE_SIZE: u16 = 64;
 const QS: usize = QUEUE_SIZE as usize;
 /// Number of queues that can ever be set up (static pool).
 pub const MAX_QUEUES: usize = 8;
@@ -453,14 +547,22 @@ static QUEUE_POOL: QueuePool = QueuePool {
 };
 
 impl QueuePool {
-    fn alloc(&self) -> Option<*mut QueueMem> {
+    fn alloc(&self) -> Option<(usize, *mut QueueMem)> {
         let slot = self.next.get();
         if slot >= MAX_QUEUES {
             return None;
         }
         self.next.set(slot + 1);
         // SAFETY: slot < MAX_QUEUES, so the pointer stays inside the array.
-        Some(unsafe { self.mem.get().cast::<QueueMem>().add(slot) })
+        Some((slot, unsafe { self.mem.get().cast::<QueueMem>().add(slot) }))
+    }
+
+    /// Gives back slots `[first, end)` if they are the most recent ones
+    /// (stack order); otherwise they stay allocated.
+    fn release(&self, first: usize, end: usize) {
+        if self.next.get() == end && first <= end {
+            self.next.set(first);
+        }
     }
 }
 
@@ -488,14 +590,19 @@ pub struct Virtqueue {
     index: u16,
     size: u16,
     mem: *mut QueueMem,
+    pool_slot: usize,
     free_head: u16,
     num_free: u16,
     avail_idx: u16,
     last_used: u16,
+    /// Heads of the chains the device owns.
+    in_flight: [bool; QS],
+    /// Number of `true` entries in `in_flight`.
+    in_flight_count: u16,
 }
 
 impl Virtqueue {
-    fn new(index: u16, size: u16, mem: *mut QueueMem) -> Virtqueue {
+    fn new(index: u16, size: u16, pool_slot: usize, mem: *mut QueueMem) -> Virtqueue {
         // SAFETY: `mem` is a pool slot owned exclusively by this queue and
         // the device does not know it yet.
         unsafe {
@@ -508,10 +615,13 @@ impl Virtqueue {
             index,
             size,
             mem,
+            pool_slot,
             free_head: 0,
             num_free: size,
             avail_idx: 0,
             last_used: 0,
+            in_flight: [false; QS],
+            in_flight_count: 0,
         }
     }
 
@@ -540,6 +650,11 @@ impl Virtqueue {
     /// Free descriptors.
     pub fn num_free(&self) -> u16 {
         self.num_free
+    }
+
+    /// Chains made available and not yet returned by the device.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight_count
     }
 
     /// Publishes a descriptor chain; returns its head index. Call
@@ -587,6 +702,8 @@ impl Virtqueue {
             }
         }
         self.num_free -= buffers.len() as u16;
+        self.in_flight[usize::from(head)] = true;
+        self.in_flight_count += 1;
         let slot = usize::from(self.avail_idx % self.size);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // SAFETY: the available ring belongs to our slot; the ring entry is
@@ -600,27 +717,39 @@ impl Virtqueue {
     }
 
     /// Takes the next completed chain off the used ring, if any, and
-    /// returns its descriptors to the free list.
-    pub fn pop_used(&mut self) -> Option<Used> {
+    /// returns its descriptors to the free list. A used element whose id
+    /// is not a chain in flight, or a used index that runs ahead of the
+    /// chains in flight, is an error (the queue is then unusable: reset
+    /// the device).
+    pub fn pop_used(&mut self) -> Result<Option<Used>, Error> {
         let mem = self.mem;
         // SAFETY: the used ring belongs to our slot; the device writes it,
         // hence volatile reads, with a fence between index and element.
         let elem = unsafe {
             let idx = core::ptr::read_volatile(&raw const (*mem).used.idx);
             if idx == self.last_used {
-                return None;
+                return Ok(None);
+            }
+            if idx.wrapping_sub(self.last_used) > self.in_flight_count {
+                return Err(Error::BadUsedIdx(idx));
             }
             rmb();
             let slot = usize::from(self.last_used % self.size);
             core::ptr::read_volatile(&raw const (*mem).used.ring[slot])
         };
+        let id = elem.id;
+        if id >= u32::from(self.size) || !self.in_flight[id as usize] {
+            return Err(Error::BadUsedId(id));
+        }
+        let head = id as u16;
         self.last_used = self.last_used.wrapping_add(1);
-        let head = (elem.id as u16) % self.size;
+        self.in_flight[usize::from(head)] = false;
+        self.in_flight_count -= 1;
         self.free_chain(head);
-        Some(Used {
+        Ok(Some(Used {
             head,
             len: elem.len,
-        })
+        }))
     }
 
     fn free_chain(&mut self, head: u16) {
@@ -648,7 +777,7 @@ impl Virtqueue {
     pub fn wait_used(&mut self, transport: &Transport, ms: u32) -> Result<Used, Error> {
         let mut deadline = pit::Deadline::start(ms, 1 << 20);
         loop {
-            if let Some(used) = self.pop_used() {
+            if let Some(used) = self.pop_used()? {
                 return Ok(used);
             }
             if deadline.expired() {

@@ -64,10 +64,9 @@ fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
             }
         }
     }
-    // Stop the device from touching `scratch` or the queue memory again.
-    if transport.reset().is_err() {
-        transport.fail();
-    }
+    // Stop the device from touching `scratch` or the queue memory again
+    // (`shutdown` marks it FAILED if the reset is not confirmed).
+    let _ = transport.shutdown([queue]);
     result
 }
 

@@ -1,4 +1,4 @@
-//! Attaches the VMM's own devices to the port I/O and MMIO buses: the
+//! The legacy devices on the port I/O and MMIO buses: the
 //! serial console (COM1, IRQ 4), the i8042 (IRQ 1; its reset line ends the
 //! VM) and the boot timer.
 

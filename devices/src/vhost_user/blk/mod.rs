@@ -1,0 +1,5 @@
+//! virtio-blk served by a `vhost-user-blk` backend.
+
+mod device;
+
+pub use device::{VhostUserBlock, VhostUserBlockError};

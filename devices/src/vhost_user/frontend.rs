@@ -1,0 +1,201 @@
+//! The vhost-user frontend: connection, feature and protocol negotiation,
+//! and the per-activation setup of memory and queues (vhost crate).
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::QueueLayout;
+
+/// vhost-user's own feature bit: the backend speaks protocol features.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Errors talking to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("cannot connect to the backend at {path}: {source}")]
+    Connect { path: String, source: vhost::Error },
+    #[error("the backend failed at {step}: {source}")]
+    Protocol {
+        step: &'static str,
+        source: vhost::Error,
+    },
+    #[error("the backend lacks the {0} protocol feature")]
+    MissingProtocolFeature(&'static str),
+    #[error("guest memory region at {0:#x} is not shareable (not file-backed)")]
+    Memory(u64),
+    #[error("queue {0} lies outside guest memory")]
+    QueueAddress(usize),
+}
+
+fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
+    move |source| FrontendError::Protocol { step, source }
+}
+
+/// A negotiated connection to one backend.
+pub struct VhostUserFrontend {
+    frontend: Frontend,
+    backend_features: u64,
+    queue_num: usize,
+}
+
+impl VhostUserFrontend {
+    /// Connects to a backend listening on `path`.
+    pub fn connect(path: &Path, max_queues: u64) -> Result<Self, FrontendError> {
+        let stream = UnixStream::connect(path).map_err(|err| FrontendError::Connect {
+            path: path.display().to_string(),
+            source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(err)),
+        })?;
+        Self::from_stream(stream, max_queues)
+    }
+
+    /// Negotiates over an already connected stream.
+    pub fn from_stream(stream: UnixStream, max_queues: u64) -> Result<Self, FrontendError> {
+        let mut frontend = Frontend::from_stream(stream, max_queues);
+        frontend.set_owner().map_err(step("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+        if backend_features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+            return Err(FrontendError::MissingProtocolFeature("any"));
+        }
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(step("GET_PROTOCOL_FEATURES"))?;
+        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
+        }
+        let wanted = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        let acked = offered & wanted;
+        frontend
+            .set_protocol_features(acked)
+            .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let queue_num = if acked.contains(VhostUserProtocolFeatures::MQ) {
+            frontend.get_queue_num().map_err(step("GET_QUEUE_NUM"))? as usize
+        } else {
+            1
+        };
+        Ok(Self {
+            frontend,
+            backend_features,
+            queue_num: queue_num.min(max_queues as usize).max(1),
+        })
+    }
+
+    /// The virtio features the backend offers (without vhost-user's own bit).
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features & !VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    /// How many queues the backend serves.
+    pub fn queue_num(&self) -> usize {
+        self.queue_num
+    }
+
+    /// Reads the device configuration space.
+    pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, FrontendError> {
+        let buf = vec![0u8; len as usize];
+        let (_, payload) = self
+            .frontend
+            .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(step("GET_CONFIG"))?;
+        Ok(payload)
+    }
+
+    /// Writes the device configuration space.
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        self.frontend
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+            .map_err(step("SET_CONFIG"))
+    }
+
+    /// Shares guest memory and starts the queues.
+    pub fn activate(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        acked_features: u64,
+        queues: &[QueueLayout],
+        queue_max_size: u16,
+        kicks: &[EventFd],
+        calls: &[EventFd],
+    ) -> Result<(), FrontendError> {
+        self.frontend
+            .set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES)
+            .map_err(step("SET_FEATURES"))?;
+        let regions = mem
+            .iter()
+            .map(|region| {
+                VhostUserMemoryRegionInfo::from_guest_region(region).map_err(|_| {
+                    FrontendError::Memory(vm_memory::GuestMemoryRegion::start_addr(region).0)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.frontend
+            .set_mem_table(&regions)
+            .map_err(step("SET_MEM_TABLE"))?;
+        for (index, ((layout, kick), call)) in queues.iter().zip(kicks).zip(calls).enumerate() {
+            let host = |addr| {
+                mem.get_host_address(addr)
+                    .map(|p| p as u64)
+                    .map_err(|_| FrontendError::QueueAddress(index))
+            };
+            let config = VringConfigData {
+                queue_max_size,
+                queue_size: layout.size,
+                flags: 0,
+                desc_table_addr: host(layout.desc_table)?,
+                used_ring_addr: host(layout.used_ring)?,
+                avail_ring_addr: host(layout.avail_ring)?,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_num(index, layout.size)
+                .map_err(step("SET_VRING_NUM"))?;
+            self.frontend
+                .set_vring_addr(index, &config)
+                .map_err(step("SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(index, 0)
+                .map_err(step("SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(index, call)
+                .map_err(step("SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(index, kick)
+                .map_err(step("SET_VRING_KICK"))?;
+            self.frontend
+                .set_vring_enable(index, true)
+                .map_err(step("SET_VRING_ENABLE"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the first `queues` queues (a driver reset); the backend keeps
+    /// its connection and can be activated again.
+    pub fn deactivate(&mut self, queues: usize) -> Result<(), FrontendError> {
+        for index in 0..queues {
+            self.frontend
+                .set_vring_enable(index, false)
+                .map_err(step("SET_VRING_ENABLE"))?;
+            self.frontend
+                .get_vring_base(index)
+                .map_err(step("GET_VRING_BASE"))?;
+        }
+        Ok(())
+    }
+
+    /// The socket, to watch for the backend hanging up.
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.frontend)
+    }
+}

@@ -1,0 +1,382 @@
+//! The virtio-mmio transport (version 2, virtio 1.x): the register window a
+//! guest driver programs to discover the device, negotiate features, and lay
+//! out its queues. Queue notifications never reach it: each queue's
+//! QueueNotify write is an ioeventfd that goes straight to the backend.
+
+use super::{status, QueueLayout, VirtioDevice};
+use crate::bus::BusDevice;
+use vm_memory::GuestAddress;
+
+/// Bytes of guest-physical address space one device takes.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of QueueNotify, where ioeventfds are registered.
+pub const NOTIFY_REG_OFFSET: u64 = 0x50;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x5353_4554; // "TESS"
+const CONFIG_SPACE_OFFSET: u64 = 0x100;
+/// InterruptStatus: used-buffer notification.
+const INT_VRING: u32 = 1;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueRegs {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+/// A virtio device on the MMIO bus.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    config_generation: u32,
+    active: bool,
+}
+
+fn set_half(value: &mut u64, high: bool, half: u32) {
+    if high {
+        *value = (*value & 0xffff_ffff) | (u64::from(half) << 32);
+    } else {
+        *value = (*value & !0xffff_ffff) | u64::from(half);
+    }
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// Wraps `device`.
+    pub fn new(device: D) -> Self {
+        let queues = vec![QueueRegs::default(); device.queue_max_sizes().len()];
+        Self {
+            device,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            queues,
+            config_generation: 0,
+            active: false,
+        }
+    }
+
+    /// The wrapped device.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
+        if self.status & status::DRIVER_OK != 0 {
+            // Queue layout is frozen while the device runs.
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            *q = QueueRegs::default();
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let newly_set = value & !self.status;
+        if newly_set & status::FEATURES_OK != 0
+            && self.acked_features & !self.device.features() != 0
+        {
+            log::warn!(
+                "virtio-mmio: the driver acked features {:#x} the device does not offer",
+                self.acked_features & !self.device.features()
+            );
+            // Leave FEATURES_OK unset: the driver sees the refusal.
+            self.status = value & !status::FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if newly_set & status::DRIVER_OK != 0 && !self.active {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        let mut layouts = Vec::new();
+        for (index, q) in self.queues.iter().enumerate() {
+            if !q.ready {
+                break;
+            }
+            let max = self.device.queue_max_sizes()[index];
+            if q.size == 0 || q.size > max || !q.size.is_power_of_two() {
+                log::warn!("virtio-mmio: queue {index} has an invalid size {}", q.size);
+                self.status |= status::DEVICE_NEEDS_RESET;
+                return;
+            }
+            layouts.push(QueueLayout {
+                size: q.size,
+                desc_table: GuestAddress(q.desc),
+                avail_ring: GuestAddress(q.avail),
+                used_ring: GuestAddress(q.used),
+            });
+        }
+        match self.device.activate(self.acked_features, &layouts) {
+            Ok(()) => self.active = true,
+            Err(err) => {
+                log::error!("virtio-mmio: cannot activate the device: {err}");
+                self.status |= status::DEVICE_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            0x00 => MAGIC_VALUE,
+            0x04 => MMIO_VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR_ID,
+            0x10 => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            0x34 => self
+                .device
+                .queue_max_sizes()
+                .get(self.queue_sel as usize)
+                .map_or(0, |max| u32::from(*max)),
+            0x44 => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready)),
+            // The backend raises the interrupt through an irqfd, so the
+            // transport cannot know whether a used buffer is the cause: it
+            // always says so, and the driver checks its queues.
+            0x60 => {
+                if self.active {
+                    INT_VRING
+                } else {
+                    0
+                }
+            }
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            0x14 => self.device_features_sel = value,
+            0x20 => {
+                // Features are fixed once FEATURES_OK is set.
+                if self.status & status::FEATURES_OK == 0 {
+                    match self.driver_features_sel {
+                        0 => set_half(&mut self.acked_features, false, value),
+                        1 => set_half(&mut self.acked_features, true, value),
+                        _ => {}
+                    }
+                }
+            }
+            0x24 => self.driver_features_sel = value,
+            0x30 => self.queue_sel = value,
+            0x38 => {
+                if let Some(q) = self.selected_queue() {
+                    q.size = value as u16;
+                }
+            }
+            0x44 => {
+                if let Some(q) = self.selected_queue() {
+                    q.ready = value == 1;
+                }
+            }
+            // A notification that reached the VMM: the ioeventfd is not
+            // registered (or the access was not 4 bytes); the backend still
+            // polls the queue on its next kick.
+            0x50 => log::debug!("virtio-mmio: queue notify {value} reached the VMM"),
+            0x64 => {}
+            0x70 => self.write_status(value),
+            0x80 | 0x84 => {
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.desc, offset == 0x84, value)
+                }
+            }
+            0x90 | 0x94 => {
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.avail, offset == 0x94, value)
+                }
+            }
+            0xa0 | 0xa4 => {
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.used, offset == 0xa4, value)
+                }
+            }
+            _ => log::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            data.fill(0);
+            return;
+        }
+        let value = self.read_register(offset);
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset.is_multiple_of(4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Record {
+        activated: Option<(u64, Vec<QueueLayout>)>,
+        resets: usize,
+    }
+
+    struct FakeDevice(Arc<Mutex<Record>>);
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[256, 256]
+        }
+        fn features(&self) -> u64 {
+            1 << 32 | 1 << 9
+        }
+        fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            acked: u64,
+            queues: &[QueueLayout],
+        ) -> Result<(), super::super::ActivateError> {
+            self.0.lock().unwrap().activated = Some((acked, queues.to_vec()));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn rd(t: &mut MmioTransport<FakeDevice>, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn wr(t: &mut MmioTransport<FakeDevice>, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn driver_handshake_activates_with_the_ready_queues() {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut t = MmioTransport::new(FakeDevice(record.clone()));
+        assert_eq!(rd(&mut t, 0x00), MAGIC_VALUE);
+        assert_eq!(rd(&mut t, 0x04), 2);
+        assert_eq!(rd(&mut t, 0x08), 2);
+        wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        wr(&mut t, 0x14, 1);
+        assert_eq!(rd(&mut t, 0x10), 1);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, 1);
+        wr(&mut t, 0x24, 0);
+        wr(&mut t, 0x20, 1 << 9);
+        wr(
+            &mut t,
+            0x70,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        assert_ne!(rd(&mut t, 0x70) & status::FEATURES_OK, 0);
+        wr(&mut t, 0x30, 0);
+        assert_eq!(rd(&mut t, 0x34), 256);
+        wr(&mut t, 0x38, 128);
+        wr(&mut t, 0x80, 0x1000);
+        wr(&mut t, 0x90, 0x2000);
+        wr(&mut t, 0xa0, 0x3000);
+        wr(&mut t, 0xa4, 0x1);
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xf);
+        let (acked, queues) = record.lock().unwrap().activated.clone().unwrap();
+        assert_eq!(acked, 1 << 32 | 1 << 9);
+        assert_eq!(queues.len(), 1, "only the ready queue");
+        assert_eq!(queues[0].used_ring, GuestAddress(0x1_0000_3000));
+        assert_eq!(rd(&mut t, 0x60), INT_VRING);
+
+        // Reset stops the device and clears the layout.
+        wr(&mut t, 0x70, 0);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        assert_eq!(rd(&mut t, 0x70), 0);
+        assert_eq!(rd(&mut t, 0x44), 0);
+    }
+
+    #[test]
+    fn unoffered_features_and_bad_queue_sizes_are_refused() {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut t = MmioTransport::new(FakeDevice(record.clone()));
+        wr(&mut t, 0x20, 1 << 5); // not offered
+        wr(&mut t, 0x70, status::FEATURES_OK);
+        assert_eq!(rd(&mut t, 0x70) & status::FEATURES_OK, 0);
+
+        wr(&mut t, 0x70, 0);
+        wr(&mut t, 0x38, 300); // above the maximum
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xf);
+        assert!(record.lock().unwrap().activated.is_none());
+        assert_ne!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+
+        // Odd accesses are ignored, config reads go to the device.
+        let mut odd = [0u8; 2];
+        t.read(0x00, &mut odd);
+        assert_eq!(odd, [0, 0]);
+        let mut cfg = [0u8; 1];
+        t.read(0x108, &mut cfg);
+        assert_eq!(cfg, [8]);
+    }
+}

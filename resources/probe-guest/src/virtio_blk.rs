@@ -1,0 +1,916 @@
+//! virtio block device (device id 2), driven through [`crate::virtio`].
+//!
+//! With `probe.blk=<mode>` on the command line, every virtio-blk device is
+//! exercised and reported as one line `probe.blk<i>=...` (`i` counts
+//! virtio-blk devices in command-line order, from 0):
+//!
+//! * `write`: fills the first `probe.blk_mib` MiB (default 4, clamped to
+//!   the capacity) with a pattern, flushes (if `VIRTIO_BLK_F_FLUSH`),
+//!   reads it back and compares. Sector `s` holds the little-endian `u64`
+//!   `s ^ probe.seed` 64 times. A read-only device (`VIRTIO_BLK_F_RO`)
+//!   instead gets one single-sector write at sector 0, which it must
+//!   reject.
+//! * `verify`: only reads back and compares.
+//! * `discard`: discards the range (`VIRTIO_BLK_T_DISCARD`, split by
+//!   `max_discard_sectors`), then flushes.
+//!
+//! Requests carry at most 64 KiB; up to [`SLOTS`] of them are in flight,
+//! spread round-robin over up to [`MAX_QUEUES`] queues
+//! (`VIRTIO_BLK_F_MQ`). Every wait for a completion is bounded (2 s, PIT
+//! timed), so a dead backend yields `error timeout ...` and the probe
+//! moves on. Everything the device returns (config fields, used ids and
+//! lengths, status bytes) is checked before use.
+//!
+//! Buffers live in one static pool in `.bss`, taken by one device at a
+//! time and given back only after the device confirmed its reset.
+
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cmdline;
+use crate::pit;
+use crate::serial::{Bytes, outln};
+use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
+
+/// virtio device id of the block device.
+pub const DEVICE_ID: u32 = 2;
+
+/// Feature bits (virtio 1.x, section 5.2.3).
+mod feature {
+    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const MQ: u64 = 1 << 12;
+    pub const DISCARD: u64 = 1 << 13;
+}
+
+/// Every feature the driver understands (`VIRTIO_F_VERSION_1` is added by
+/// [`Transport::negotiate`]).
+const WANTED_FEATURES: u64 = feature::SIZE_MAX
+    | feature::SEG_MAX
+    | feature::RO
+    | feature::BLK_SIZE
+    | feature::FLUSH
+    | feature::MQ
+    | feature::DISCARD;
+
+/// Offsets in `struct virtio_blk_config`.
+mod config {
+    /// `le64 capacity`, in 512-byte sectors.
+    pub const CAPACITY: u64 = 0;
+    /// `le32 size_max`: bytes per data descriptor (`SIZE_MAX`).
+    pub const SIZE_MAX: u64 = 8;
+    /// `le32 seg_max`: data descriptors per request (`SEG_MAX`).
+    pub const SEG_MAX: u64 = 12;
+    /// `le16 num_queues` (`MQ`).
+    pub const NUM_QUEUES: u64 = 34;
+    /// `le32 max_discard_sectors` (`DISCARD`).
+    pub const MAX_DISCARD_SECTORS: u64 = 36;
+    /// `le32 discard_sector_alignment` (`DISCARD`).
+    pub const DISCARD_SECTOR_ALIGNMENT: u64 = 44;
+}
+
+/// Request status values.
+const STATUS_OK: u8 = 0;
+const STATUS_IOERR: u8 = 1;
+const STATUS_UNSUPP: u8 = 2;
+/// Written before a request is submitted; the device must overwrite it.
+const STATUS_UNSET: u8 = 0xff;
+
+const SECTOR_SIZE: u32 = 512;
+const WORDS_PER_SECTOR: usize = SECTOR_SIZE as usize / 8;
+const SECTORS_PER_MIB: u64 = 2048;
+/// Largest data transfer of one request.
+const REQUEST_MAX_BYTES: u32 = 64 * 1024;
+/// Requests in flight at once (each owns one 64 KiB buffer).
+pub const SLOTS: usize = 4;
+/// Most queues used with `VIRTIO_BLK_F_MQ`.
+pub const MAX_QUEUES: usize = 4;
+/// Most data descriptors per request.
+const MAX_SEGMENTS: usize = 16;
+/// Time allowed for the next completion.
+const REQUEST_TIMEOUT_MS: u32 = 2000;
+/// Spins before a deadline may expire. With a PIT the deadline is real
+/// time and this is only a floor; without one (QEMU microvm has no port
+/// 0x61) the spin count is the only clock: seconds on TCG.
+const MIN_SPINS_WITH_PIT: u64 = 1 << 20;
+const MIN_SPINS_WITHOUT_PIT: u64 = 1 << 27;
+/// Default of `probe.blk_mib`.
+const DEFAULT_MIB: u32 = 4;
+
+/// What `probe.blk=` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Write,
+    Verify,
+    Discard,
+}
+
+/// Block test options from the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub mode: Mode,
+    /// Sectors to cover (`probe.blk_mib` * 2048), before clamping.
+    pub sectors: u64,
+    /// `probe.seed`.
+    pub seed: u64,
+}
+
+/// An unusable option value: printed as `<name>=<value>`.
+#[derive(Clone, Copy, Debug)]
+pub struct BadOption<'a> {
+    pub name: &'static str,
+    pub value: Option<&'a [u8]>,
+}
+
+impl fmt::Display for BadOption<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.value {
+            Some(value) => write!(f, "{}={}", self.name, Bytes(value)),
+            None => f.write_str(self.name),
+        }
+    }
+}
+
+/// Reads `probe.blk`, `probe.blk_mib` and `probe.seed` (last one wins;
+/// numbers are base 0 like `kstrtoull`). `Ok(None)` without `probe.blk`.
+pub fn options(cmdline: &[u8]) -> Result<Option<Options>, BadOption<'_>> {
+    let Some(mode) = cmdline::last_value(cmdline, "probe.blk") else {
+        return Ok(None);
+    };
+    let mode = match mode {
+        Some(b"write") => Mode::Write,
+        Some(b"verify") => Mode::Verify,
+        Some(b"discard") => Mode::Discard,
+        value => {
+            return Err(BadOption {
+                name: "probe.blk",
+                value,
+            });
+        }
+    };
+    let mib = match cmdline::last_value(cmdline, "probe.blk_mib") {
+        None => DEFAULT_MIB,
+        Some(value) => value
+            .and_then(|v| cmdline::kstrtouint(v, 0))
+            .ok_or(BadOption {
+                name: "probe.blk_mib",
+                value,
+            })?,
+    };
+    let seed = match cmdline::last_value(cmdline, "probe.seed") {
+        None => 0,
+        Some(value) => value
+            .and_then(|v| cmdline::kstrtoull(v, 0))
+            .ok_or(BadOption {
+                name: "probe.seed",
+                value,
+            })?,
+    };
+    Ok(Some(Options {
+        mode,
+        sectors: u64::from(mib) * SECTORS_PER_MIB,
+        seed,
+    }))
+}
+
+/// Request types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Discard => "discard",
+        }
+    }
+
+    /// `VIRTIO_BLK_T_*`.
+    fn request_type(self) -> u32 {
+        match self {
+            Op::Read => 0,
+            Op::Write => 1,
+            Op::Flush => 4,
+            Op::Discard => 11,
+        }
+    }
+}
+
+/// Why a device test failed (the text after `error `).
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// Transport or negotiation error: `setup <reason>`.
+    Setup(Error),
+    /// `setup queue=<q> <reason>`.
+    SetupQueue(usize, Error),
+    /// Unusable config value: `setup <field>=<value>`.
+    SetupConfig(&'static str, u64),
+    /// The buffer pool is still owned by an earlier device that did not
+    /// confirm its reset: `setup dma-busy`.
+    DmaBusy,
+    /// `status=<v> op=<op> sector=<s>`.
+    Status {
+        status: u8,
+        op: Op,
+        sector: u64,
+    },
+    /// `timeout op=<op> sector=<s>`.
+    Timeout {
+        op: Op,
+        sector: u64,
+    },
+    /// A queue or device error while a request was in flight:
+    /// `<reason>[=<value>] op=<op> sector=<s>`.
+    Device {
+        error: Error,
+        op: Op,
+        sector: u64,
+    },
+    /// The used length exceeds the device-writable bytes:
+    /// `bad-used-len=<len> op=<op> sector=<s>`.
+    BadUsedLen {
+        len: u32,
+        op: Op,
+        sector: u64,
+    },
+    /// Internal: requests remain but none can be submitted.
+    Stalled,
+    /// The device did not confirm a reset after the test.
+    ResetTimeout,
+    RoWriteAccepted,
+    DiscardNotOffered,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Failure::Setup(e) => write!(f, "setup {}", e.name()),
+            Failure::SetupQueue(q, e) => write!(f, "setup queue={} {}", q, e.name()),
+            Failure::SetupConfig(field, value) => write!(f, "setup {}={}", field, value),
+            Failure::DmaBusy => f.write_str("setup dma-busy"),
+            Failure::Status { status, op, sector } => {
+                write!(f, "status={} op={} sector={}", status, op.name(), sector)
+            }
+            Failure::Timeout { op, sector } => {
+                write!(f, "timeout op={} sector={}", op.name(), sector)
+            }
+            Failure::Device { error, op, sector } => {
+                f.write_str(error.name())?;
+                match error {
+                    Error::BadUsedId(v) => write!(f, "={}", v)?,
+                    Error::BadUsedIdx(v) => write!(f, "={}", v)?,
+                    _ => {}
+                }
+                write!(f, " op={} sector={}", op.name(), sector)
+            }
+            Failure::BadUsedLen { len, op, sector } => {
+                write!(f, "bad-used-len={} op={} sector={}", len, op.name(), sector)
+            }
+            Failure::Stalled => f.write_str("stalled"),
+            Failure::ResetTimeout => f.write_str("reset-timeout"),
+            Failure::RoWriteAccepted => f.write_str("ro-write-accepted"),
+            Failure::DiscardNotOffered => f.write_str("discard-not-offered"),
+        }
+    }
+}
+
+/// Result of one device test (the text after `probe.blk<i>=`).
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    Ok { sectors: u64, queues: usize },
+    Mismatch { sector: u64 },
+    RoWriteRejected { status: u8 },
+    Discarded { sectors: u64 },
+    Error(Failure),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Outcome::Ok { sectors, queues } => {
+                write!(f, "ok sectors={} queues={}", sectors, queues)
+            }
+            Outcome::Mismatch { sector } => write!(f, "mismatch sector={}", sector),
+            Outcome::RoWriteRejected { status } => {
+                write!(f, "ro-write-rejected status={}", status)
+            }
+            Outcome::Discarded { sectors } => write!(f, "discarded sectors={}", sectors),
+            Outcome::Error(failure) => write!(f, "error {}", failure),
+        }
+    }
+}
+
+/// `struct virtio_blk_outhdr` (device-readable).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RequestHeader {
+    request_type: u32,
+    reserved: u32,
+    sector: u64,
+}
+
+/// `struct virtio_blk_discard_write_zeroes` (device-readable).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DiscardSegment {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+
+/// Buffers of the [`SLOTS`] request slots.
+#[repr(C, align(4096))]
+struct DmaMem {
+    data: [[u64; REQUEST_MAX_BYTES as usize / 8]; SLOTS],
+    header: [RequestHeader; SLOTS],
+    discard: [DiscardSegment; SLOTS],
+    status: [u8; SLOTS],
+}
+
+/// The static buffer pool, owned by at most one device at a time.
+struct DmaPool {
+    mem: UnsafeCell<DmaMem>,
+    taken: AtomicBool,
+}
+
+// SAFETY: the probe is single-threaded with interrupts disabled; the
+// memory is only reached through the pointer handed out by `take`, and
+// `taken` ensures a single owner at a time.
+unsafe impl Sync for DmaPool {}
+
+/// All zero, so it lands in `.bss` (zeroed by the entry code).
+static DMA: DmaPool = DmaPool {
+    mem: UnsafeCell::new(DmaMem {
+        data: [[0; REQUEST_MAX_BYTES as usize / 8]; SLOTS],
+        header: [RequestHeader {
+            request_type: 0,
+            reserved: 0,
+            sector: 0,
+        }; SLOTS],
+        discard: [DiscardSegment {
+            sector: 0,
+            num_sectors: 0,
+            flags: 0,
+        }; SLOTS],
+        status: [0; SLOTS],
+    }),
+    taken: AtomicBool::new(false),
+};
+
+impl DmaPool {
+    fn take(&self) -> Option<*mut DmaMem> {
+        (!self.taken.swap(true, Ordering::Relaxed)).then(|| self.mem.get())
+    }
+
+    /// Only once no device can touch the memory any more.
+    fn give_back(&self) {
+        self.taken.store(false, Ordering::Relaxed);
+    }
+}
+
+/// One request in flight (or an idle slot).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    busy: bool,
+    queue: usize,
+    head: u16,
+    op: Op,
+    sector: u64,
+    sectors: u32,
+    /// Device-writable bytes in the chain (bound for the used length).
+    writable: u32,
+    /// Submission order.
+    seq: u64,
+}
+
+const IDLE: Slot = Slot {
+    busy: false,
+    queue: 0,
+    head: 0,
+    op: Op::Read,
+    sector: 0,
+    sectors: 0,
+    writable: 0,
+    seq: 0,
+};
+
+/// A set-up virtio-blk device with the buffer pool.
+struct Blk {
+    transport: Transport,
+    queues: [Option<Virtqueue>; MAX_QUEUES],
+    num_queues: usize,
+    /// Queue of the next request (round-robin).
+    next_queue: usize,
+    features: u64,
+    capacity: u64,
+    /// Bytes per data descriptor.
+    segment_bytes: u32,
+    /// Sectors per read/write request.
+    request_sectors: u32,
+    mem: *mut DmaMem,
+    slots: [Slot; SLOTS],
+    seq: u64,
+    min_spins: u64,
+}
+
+/// Tests the virtio-blk device behind `regs` as `options` ask and prints
+/// `probe.blk<index>=...`.
+pub fn probe(index: u32, regs: Mmio, options: &Options) {
+    outln!("probe.blk{}={}", index, run(regs, options));
+}
+
+fn run(regs: Mmio, options: &Options) -> Outcome {
+    let transport = match Transport::new(regs) {
+        Ok(t) => t,
+        Err(e) => return Outcome::Error(Failure::Setup(e)),
+    };
+    let Some(mem) = DMA.take() else {
+        return Outcome::Error(Failure::DmaBusy);
+    };
+    let mut blk = Blk {
+        transport,
+        queues: [const { None }; MAX_QUEUES],
+        num_queues: 0,
+        next_queue: 0,
+        features: 0,
+        capacity: 0,
+        segment_bytes: 0,
+        request_sectors: 0,
+        mem,
+        slots: [IDLE; SLOTS],
+        seq: 0,
+        min_spins: MIN_SPINS_WITH_PIT,
+    };
+    let outcome = match blk.setup().and_then(|()| blk.exercise(options)) {
+        Ok(outcome) => outcome,
+        Err(failure) => Outcome::Error(failure),
+    };
+    match blk.finish() {
+        Ok(()) => outcome,
+        Err(_) if !matches!(outcome, Outcome::Error(_)) => Outcome::Error(Failure::ResetTimeout),
+        Err(_) => outcome,
+    }
+}
+
+impl Blk {
+    /// Negotiates features, reads and checks the config fields, sets up
+    /// the queues and sets DRIVER_OK.
+    fn setup(&mut self) -> Result<(), Failure> {
+        let t = &mut self.transport;
+        self.features = t.negotiate(WANTED_FEATURES, 0).map_err(Failure::Setup)?;
+        self.capacity = t.config_read64(config::CAPACITY);
+        let mut segment_bytes = REQUEST_MAX_BYTES;
+        if self.features & feature::SIZE_MAX != 0 {
+            let size_max = t.config_read32(config::SIZE_MAX);
+            if size_max == 0 {
+                return Err(Failure::SetupConfig("size_max", 0));
+            }
+            segment_bytes = segment_bytes.min(size_max);
+        }
+        let mut segments = MAX_SEGMENTS as u32;
+        if self.features & feature::SEG_MAX != 0 {
+            // Like Linux, 0 means one segment.
+            segments = segments.min(t.config_read32(config::SEG_MAX).max(1));
+        }
+        let mut num_queues = 1;
+        if self.features & feature::MQ != 0 {
+            // Like Linux, 0 means one queue.
+            let offered = t.config_read16(config::NUM_QUEUES).max(1);
+            num_queues = usize::from(offered).min(MAX_QUEUES);
+        }
+        let mut min_size = u16::MAX;
+        for q in 0..num_queues {
+            let queue = t
+                .setup_queue(q as u16)
+                .map_err(|e| Failure::SetupQueue(q, e))?;
+            min_size = min_size.min(queue.size());
+            self.queues[q] = Some(queue);
+        }
+        // Header and status take two descriptors.
+        if min_size < 3 {
+            return Err(Failure::SetupConfig("queue-size", u64::from(min_size)));
+        }
+        segments = segments.min(u32::from(min_size) - 2);
+        let bytes = segments
+            .saturating_mul(segment_bytes)
+            .min(REQUEST_MAX_BYTES);
+        let request_sectors = bytes / SECTOR_SIZE;
+        if request_sectors == 0 {
+            return Err(Failure::SetupConfig("size_max", u64::from(segment_bytes)));
+        }
+        self.num_queues = num_queues;
+        self.segment_bytes = segment_bytes;
+        self.request_sectors = request_sectors;
+        t.driver_ok();
+        if t.status() & virtio::status::DEVICE_NEEDS_RESET != 0 {
+            return Err(Failure::Setup(Error::DeviceNeedsReset));
+        }
+        self.min_spins = if pit::present() {
+            MIN_SPINS_WITH_PIT
+        } else {
+            MIN_SPINS_WITHOUT_PIT
+        };
+        Ok(())
+    }
+
+    /// Resets the device; gives the buffer pool back once it is quiet.
+    fn finish(self) -> Result<(), Error> {
+        let Blk {
+            transport, queues, ..
+        } = self;
+        transport.shutdown(queues.into_iter().flatten())?;
+        DMA.give_back();
+        Ok(())
+    }
+
+    fn read_only(&self) -> bool {
+        self.features & feature::RO != 0
+    }
+
+    fn exercise(&mut self, options: &Options) -> Result<Outcome, Failure> {
+        let total = options.sectors.min(self.capacity);
+        match options.mode {
+            Mode::Write if self.read_only() => self.write_read_only(options.seed),
+            Mode::Write => {
+                let per_request = u64::from(self.request_sectors);
+                self.run_range(Op::Write, total, per_request, options.seed)?;
+                self.flush()?;
+                self.verify(total, options.seed)
+            }
+            Mode::Verify => self.verify(total, options.seed),
+            Mode::Discard => self.discard(total),
+        }
+    }
+
+    fn verify(&mut self, total: u64, seed: u64) -> Result<Outcome, Failure> {
+        let per_request = u64::from(self.request_sectors);
+        Ok(match self.run_range(Op::Read, total, per_request, seed)? {
+            None => Outcome::Ok {
+                sectors: total,
+                queues: self.num_queues,
+            },
+            Some(sector) => Outcome::Mismatch { sector },
+        })
+    }
+
+    /// `VIRTIO_BLK_T_FLUSH`, if the device offers it.
+    fn flush(&mut self) -> Result<(), Failure> {
+        if self.features & feature::FLUSH == 0 {
+            return Ok(());
+        }
+        match self.single(Op::Flush, 0, 0, 0)? {
+            STATUS_OK => Ok(()),
+            status => Err(Failure::Status {
+                status,
+                op: Op::Flush,
+                sector: 0,
+            }),
+        }
+    }
+
+    /// One pattern sector written to sector 0 of a read-only device.
+    fn write_read_only(&mut self, seed: u64) -> Result<Outcome, Failure> {
+        match self.single(Op::Write, 0, 1, seed)? {
+            STATUS_OK => Err(Failure::RoWriteAccepted),
+            status @ (STATUS_IOERR | STATUS_UNSUPP) => Ok(Outcome::RoWriteRejected { status }),
+            status => Err(Failure::Status {
+                status,
+                op: Op::Write,
+                sector: 0,
+            }),
+        }
+    }
+
+    fn discard(&mut self, total: u64) -> Result<Outcome, Failure> {
+        if self.features & feature::DISCARD == 0 {
+            return Err(Failure::DiscardNotOffered);
+        }
+        let t = &self.transport;
+        // Like Linux, 0 means no limit.
+        let mut max = match t.config_read32(config::MAX_DISCARD_SECTORS) {
+            0 => u32::MAX,
+            max => max,
+        };
+        let alignment = t.config_read32(config::DISCARD_SECTOR_ALIGNMENT);
+        if alignment > 1 && alignment <= max {
+            max -= max % alignment;
+        }
+        self.run_range(Op::Discard, total, u64::from(max), 0)?;
+        self.flush()?;
+        Ok(Outcome::Discarded { sectors: total })
+    }
+
+    /// Descriptors a request needs.
+    fn descriptors(&self, op: Op, sectors: u32) -> usize {
+        let data = match op {
+            Op::Read | Op::Write => {
+                let bytes = sectors.saturating_mul(SECTOR_SIZE);
+                bytes.div_ceil(self.segment_bytes.max(1)) as usize
+            }
+            Op::Discard => 1,
+            Op::Flush => 0,
+        };
+        data + 2
+    }
+
+    /// Runs one request in slot 0 (nothing else may be in flight) and
+    /// returns its status byte.
+    fn single(&mut self, op: Op, sector: u64, sectors: u32, seed: u64) -> Result<u8, Failure> {
+        if op == Op::Write {
+            self.fill(0, sector, sectors, seed);
+        }
+        self.submit(0, op, sector, sectors)?;
+        let slot = self.complete_one()?;
+        Ok(self.status(slot))
+    }
+
+    /// Covers sectors `[0, total)` with `op` requests of at most
+    /// `per_request` sectors, keeping up to [`SLOTS`] in flight. Returns
+    /// the first sector that read back wrong (reads only). After an error
+    /// status or a mismatch no new request is started and the ones in
+    /// flight are drained; the first error wins over any mismatch.
+    fn run_range(
+        &mut self,
+        op: Op,
+        total: u64,
+        per_request: u64,
+        seed: u64,
+    ) -> Result<Option<u64>, Failure> {
+        let per_request = per_request.max(1);
+        let mut next: u64 = 0;
+        let mut count: usize = 0;
+        let mut mismatch: Option<u64> = None;
+        let mut failure: Option<Failure> = None;
+        loop {
+            while failure.is_none() && mismatch.is_none() && next < total {
+                let slot = count % SLOTS;
+                if self.slots[slot].busy {
+                    break;
+                }
+                let sectors = per_request.min(total - next) as u32;
+                let free = self.queues[self.next_queue]
+                    .as_ref()
+                    .map_or(0, |q| usize::from(q.num_free()));
+                if free < self.descriptors(op, sectors) {
+                    break;
+                }
+                match op {
+                    Op::Write => self.fill(slot, next, sectors, seed),
+                    // Poison, so that a short read cannot pass as data.
+                    Op::Read => self.fill(slot, next, sectors, !seed),
+                    Op::Flush | Op::Discard => {}
+                }
+                self.submit(slot, op, next, sectors)?;
+                next += u64::from(sectors);
+                count += 1;
+            }
+            if !self.slots.iter().any(|s| s.busy) {
+                if failure.is_none() && mismatch.is_none() && next < total {
+                    return Err(Failure::Stalled);
+                }
+                break;
+            }
+            let slot = self.complete_one()?;
+            let done = self.slots[slot];
+            match self.status(slot) {
+                STATUS_OK => {
+                    if op == Op::Read
+                        && let Some(bad) = self.check(slot, done.sector, done.sectors, seed)
+                    {
+                        mismatch = Some(mismatch.map_or(bad, |m| m.min(bad)));
+                    }
+                }
+                status => {
+                    failure.get_or_insert(Failure::Status {
+                        status,
+                        op,
+                        sector: done.sector,
+                    });
+                }
+            }
+        }
+        match failure {
+            Some(failure) => Err(failure),
+            None => Ok(mismatch),
+        }
+    }
+
+    /// Builds the chain of `op` in `slot` (data already filled) and
+    /// publishes it on the next queue in turn.
+    fn submit(&mut self, slot: usize, op: Op, sector: u64, sectors: u32) -> Result<(), Failure> {
+        let mem = self.mem;
+        let q = self.next_queue;
+        let mut buffers = [Buffer {
+            addr: 0,
+            len: 0,
+            device_writes: false,
+        }; MAX_SEGMENTS + 2];
+        let header_sector = if matches!(op, Op::Read | Op::Write) {
+            sector
+        } else {
+            0
+        };
+        // SAFETY: the slot is idle, so the device does not own its header,
+        // discard segment or status byte; `mem` is the pool this driver
+        // took, and only raw pointers reach it.
+        let (header, segment, status, data) = unsafe {
+            let header = &raw mut (*mem).header[slot];
+            header.write_volatile(RequestHeader {
+                request_type: op.request_type(),
+                reserved: 0,
+                sector: header_sector,
+            });
+            let segment = &raw mut (*mem).discard[slot];
+            segment.write_volatile(DiscardSegment {
+                sector,
+                num_sectors: sectors,
+                flags: 0,
+            });
+            let status = &raw mut (*mem).status[slot];
+            status.write_volatile(STATUS_UNSET);
+            let data = &raw mut (*mem).data[slot];
+            (header as u64, segment as u64, status as u64, data as u64)
+        };
+        let mut n = 0;
+        buffers[n] = Buffer {
+            addr: header,
+            len: size_of::<RequestHeader>() as u32,
+            device_writes: false,
+        };
+        n += 1;
+        let mut writable = 1;
+        match op {
+            Op::Read | Op::Write => {
+                let data_bytes = sectors.saturating_mul(SECTOR_SIZE);
+                let mut offset = 0;
+                while offset < data_bytes && n < MAX_SEGMENTS + 1 {
+                    let len = (data_bytes - offset).min(self.segment_bytes);
+                    buffers[n] = Buffer {
+                        addr: data + u64::from(offset),
+                        len,
+                        device_writes: op == Op::Read,
+                    };
+                    n += 1;
+                    offset += len;
+                }
+                if offset < data_bytes {
+                    return Err(Failure::Stalled);
+                }
+                if op == Op::Read {
+                    writable += data_bytes;
+                }
+            }
+            Op::Discard => {
+                buffers[n] = Buffer {
+                    addr: segment,
+                    len: size_of::<DiscardSegment>() as u32,
+                    device_writes: false,
+                };
+                n += 1;
+            }
+            Op::Flush => {}
+        }
+        buffers[n] = Buffer {
+            addr: status,
+            len: 1,
+            device_writes: true,
+        };
+        n += 1;
+        let Some(queue) = self.queues[q].as_mut() else {
+            return Err(Failure::Stalled);
+        };
+        // SAFETY: every buffer is in the static pool this driver owns; the
+        // slot stays busy (nothing touches its buffers) until the chain
+        // comes back or the device is reset in `finish`, and the pool is
+        // never handed out again if that reset is not confirmed.
+        let head = unsafe { queue.add(&buffers[..n]) }.map_err(|error| Failure::Device {
+            error,
+            op,
+            sector,
+        })?;
+        self.transport.notify(queue);
+        self.slots[slot] = Slot {
+            busy: true,
+            queue: q,
+            head,
+            op,
+            sector,
+            sectors,
+            writable,
+            seq: self.seq,
+        };
+        self.seq += 1;
+        self.next_queue = (q + 1) % self.num_queues.max(1);
+        Ok(())
+    }
+
+    /// Waits (bounded) for any request to complete; returns its slot,
+    /// now idle.
+    fn complete_one(&mut self) -> Result<usize, Failure> {
+        let mut deadline = pit::Deadline::start(REQUEST_TIMEOUT_MS, self.min_spins);
+        loop {
+            for q in 0..self.num_queues {
+                let Some(queue) = self.queues[q].as_mut() else {
+                    continue;
+                };
+                if queue.in_flight() == 0 {
+                    continue;
+                }
+                let used = match queue.pop_used() {
+                    Ok(Some(used)) => used,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        let (op, sector) = self.oldest(Some(q));
+                        return Err(Failure::Device { error, op, sector });
+                    }
+                };
+                let Some(slot) = self
+                    .slots
+                    .iter()
+                    .position(|s| s.busy && s.queue == q && s.head == used.head)
+                else {
+                    let (op, sector) = self.oldest(Some(q));
+                    let error = Error::BadUsedId(u32::from(used.head));
+                    return Err(Failure::Device { error, op, sector });
+                };
+                let done = &mut self.slots[slot];
+                done.busy = false;
+                if used.len > done.writable {
+                    return Err(Failure::BadUsedLen {
+                        len: used.len,
+                        op: done.op,
+                        sector: done.sector,
+                    });
+                }
+                return Ok(slot);
+            }
+            if deadline.expired() {
+                let (op, sector) = self.oldest(None);
+                if self.transport.status() & virtio::status::DEVICE_NEEDS_RESET != 0 {
+                    let error = Error::DeviceNeedsReset;
+                    return Err(Failure::Device { error, op, sector });
+                }
+                return Err(Failure::Timeout { op, sector });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Op and sector of the oldest request in flight (on `queue`).
+    fn oldest(&self, queue: Option<usize>) -> (Op, u64) {
+        self.slots
+            .iter()
+            .filter(|s| s.busy && queue.is_none_or(|q| s.queue == q))
+            .min_by_key(|s| s.seq)
+            .map_or((Op::Read, 0), |s| (s.op, s.sector))
+    }
+
+    /// Status byte of a completed request.
+    fn status(&self, slot: usize) -> u8 {
+        // SAFETY: the request in `slot` completed, so the device is done
+        // with the status byte; volatile because the device wrote it.
+        unsafe { (&raw const (*self.mem).status[slot]).read_volatile() }
+    }
+
+    /// Fills the data buffer of `slot` with the pattern of sectors
+    /// `[first, first + sectors)` for `seed`.
+    fn fill(&mut self, slot: usize, first: u64, sectors: u32, seed: u64) {
+        let words = (sectors as usize * WORDS_PER_SECTOR).min(REQUEST_MAX_BYTES as usize / 8);
+        // SAFETY: the slot is idle (the device does not own its buffer);
+        // `words` stays inside the slot's buffer.
+        unsafe {
+            let data = (&raw mut (*self.mem).data[slot]).cast::<u64>();
+            for w in 0..words {
+                let value = (first + (w / WORDS_PER_SECTOR) as u64) ^ seed;
+                data.add(w).write_volatile(value);
+            }
+        }
+    }
+
+    /// First sector in `slot`'s buffer that does not hold the pattern.
+    fn check(&self, slot: usize, first: u64, sectors: u32, seed: u64) -> Option<u64> {
+        let words = (sectors as usize * WORDS_PER_SECTOR).min(REQUEST_MAX_BYTES as usize / 8);
+        // SAFETY: the read in `slot` completed, so the device is done with
+        // the buffer; `words` stays inside it; volatile because the device
+        // wrote it.
+        unsafe {
+            let data = (&raw const (*self.mem).data[slot]).cast::<u64>();
+            (0..words)
+                .find(|&w| {
+                    data.add(w).read_volatile() != (first + (w / WORDS_PER_SECTOR) as u64) ^ seed
+                })
+                .map(|w| first + (w / WORDS_PER_SECTOR) as u64)
+        }
+    }
+}
