@@ -29,7 +29,7 @@ step "build"
 cargo build --workspace --release --bins
 
 step "tests"
-cargo test --workspace --release -- --skip under_nested_svm
+cargo test --workspace --release --no-fail-fast -- --skip under_nested_svm
 
 # Its own step, with output shown: it prints the known gaps it finds.
 step "nested virtualization: real Linux under tessera inside QEMU TCG with SVM"

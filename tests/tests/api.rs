@@ -284,25 +284,21 @@ fn invalid_requests_get_400_with_a_clear_message() {
         );
     }
 
-    // Drives are stored, but a start with one fails clearly until block
-    // devices exist, and the VMM stays alive and configurable.
-    assert_eq!(c.put("/boot-source", &boot_source("")).status, 204);
+    // A socket that is not there is refused when set, not at start.
+    let r = c.put(
+        "/drives/data",
+        r#"{"drive_id": "data", "socket": "/no/such/backend.sock", "is_root_device": false}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.fault().contains("/no/such/backend.sock"), "{}", r.body);
+    // A good drive is stored and shows in the configuration.
     let drive = json!({"drive_id": "rootfs", "path_on_host": probe, "is_root_device": true, "is_read_only": true});
     assert_eq!(c.put("/drives/rootfs", &drive.to_string()).status, 204);
-    let start = c.put("/actions", r#"{"action_type": "InstanceStart"}"#);
-    assert_eq!(start.status, 400);
-    assert!(
-        start
-            .fault()
-            .contains("block devices (drives) are not supported"),
-        "{}",
-        start.body
-    );
-    assert_eq!(c.get("/").json()["state"], "Not started");
     assert_eq!(
         c.get("/vm/config").json()["drives"][0]["drive_id"],
         "rootfs"
     );
+    assert_eq!(c.get("/").json()["state"], "Not started");
 }
 
 #[test]

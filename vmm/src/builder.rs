@@ -75,7 +75,8 @@ impl StartMicrovmError {
             | Self::Boot(BootError::InitrdTooBig { .. })
             | Self::Boot(BootError::Cmdline(_))
             | Self::Memory(MemoryError::MoreThanHost { .. })
-            | Self::Memory(MemoryError::HugePageMultiple(_)) => ExitCode::BadConfiguration,
+            | Self::Memory(MemoryError::HugePageMultiple(_))
+            | Self::Block(_) => ExitCode::BadConfiguration,
             _ => ExitCode::UnexpectedError,
         }
     }
