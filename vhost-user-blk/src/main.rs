@@ -43,8 +43,9 @@ struct Cli {
     /// Number of request queues.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
-    /// Entries per queue (a power of two, at most 32768).
-    #[arg(long, default_value_t = 256)]
+    /// The largest queue the frontend may set up (a power of two, at most
+    /// 32768). QEMU asks for 1024 entries by default.
+    #[arg(long, default_value_t = 1024)]
     queue_size: u16,
     /// The serial number the guest reads with GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID")]
@@ -99,6 +100,9 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Warnings and errors by default; RUST_LOG=debug shows every refused
+    // request and every vhost-user message the library logs.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if !cli.queue_size.is_power_of_two() || cli.queue_size > 32768 {
         return fail(
             2,

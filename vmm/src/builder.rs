@@ -403,6 +403,11 @@ pub fn build_microvm(
         stop_receiver,
     )));
     event_manager.add_subscriber(exit_handler.clone());
+    for transport in &block_devices {
+        let monitor = device_manager::BackendMonitor::new(transport.clone())
+            .map_err(|e| event_loop_err(&e))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
+    }
 
     let terminal = TerminalGuard::raw_stdin();
     if terminal.is_some() {

@@ -71,6 +71,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
+    /// The wrapped device, to act on it outside guest accesses.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
         if self.status & status::DRIVER_OK != 0 {
             // Queue layout is frozen while the device runs.

@@ -2,10 +2,12 @@
 //! the virtio-mmio devices (vhost-user block) in the MMIO hole, each with its
 //! ioeventfds, irqfd and kernel command-line entry.
 
+mod backend_monitor;
 mod backend_process;
 mod block;
 mod legacy;
 
+pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use block::{attach_block_devices, BlockDeviceError, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};

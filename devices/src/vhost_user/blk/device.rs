@@ -2,7 +2,10 @@
 //! sees through the MMIO transport (features, config space), turned into
 //! backend setup on activation.
 
-use vm_memory::GuestMemoryMmap;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vhost_user::{FrontendError, VhostUserFrontend};
@@ -37,8 +40,16 @@ pub struct VhostUserBlock {
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     active_queues: usize,
+    acked_features: u64,
+    layouts: Vec<QueueLayout>,
     failed: bool,
+    /// After the backend is gone: the queues the VMM completes with errors.
+    fallback: Vec<Queue>,
 }
+
+/// VIRTIO_BLK_S_IOERR.
+const STATUS_IOERR: u8 = 1;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 impl VhostUserBlock {
     /// Wraps a negotiated frontend; creates one kick and one call eventfd
@@ -76,7 +87,10 @@ impl VhostUserBlock {
             kicks,
             calls,
             active_queues: 0,
+            acked_features: 0,
+            layouts: Vec::new(),
             failed: false,
+            fallback: Vec::new(),
         })
     }
 
@@ -104,7 +118,82 @@ impl VhostUserBlock {
         if !self.failed {
             log::error!("drive {}: the backend failed ({what}): {err}", self.id);
         }
+        self.take_over_queues();
+    }
+
+    /// Whether the backend is gone and the VMM answers for it.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// The backend is gone: from now on the VMM completes every request on
+    /// this disk with an I/O error, so that the guest sees failures on this
+    /// disk only and never waits forever. Requests the backend took but did
+    /// not complete are answered too: the VMM restarts from the used index.
+    pub fn take_over_queues(&mut self) {
+        if self.failed {
+            return;
+        }
         self.failed = true;
+        log::error!(
+            "drive {}: the backend is gone; its requests now fail with I/O errors",
+            self.id
+        );
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for layout in &self.layouts {
+            let Ok(mut queue) = Queue::new(QUEUE_SIZE) else {
+                continue;
+            };
+            queue.set_size(layout.size);
+            let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+            let (lo, hi) = split(layout.desc_table.0);
+            queue.set_desc_table_address(lo, hi);
+            let (lo, hi) = split(layout.avail_ring.0);
+            queue.set_avail_ring_address(lo, hi);
+            let (lo, hi) = split(layout.used_ring.0);
+            queue.set_used_ring_address(lo, hi);
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                log::warn!(
+                    "drive {}: a queue layout is invalid; not taking it over",
+                    self.id
+                );
+                continue;
+            }
+            let used = queue
+                .used_idx(&self.mem, Ordering::Acquire)
+                .map(|w| w.0)
+                .unwrap_or(0);
+            queue.set_next_avail(used);
+            queue.set_next_used(used);
+            self.fallback.push(queue);
+        }
+        self.fail_pending_requests();
+    }
+
+    /// Completes every posted request with an I/O error and interrupts the
+    /// guest; called on each kick once the backend is gone.
+    pub fn fail_pending_requests(&mut self) {
+        for (queue, call) in self.fallback.iter_mut().zip(&self.calls) {
+            let mut completed = 0;
+            while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let status = chain.last().filter(|d| d.is_write_only() && d.len() > 0);
+                let len = match status {
+                    Some(desc) if self.mem.write_obj(STATUS_IOERR, desc.addr()).is_ok() => 1,
+                    _ => 0,
+                };
+                if queue.add_used(&self.mem, head, len).is_err() {
+                    break;
+                }
+                completed += 1;
+            }
+            let _ = queue.enable_notification(&self.mem);
+            if completed > 0 {
+                let _ = call.write(1);
+            }
+        }
     }
 }
 
@@ -169,11 +258,15 @@ impl VirtioDevice for VhostUserBlock {
             )
             .map_err(|err| ActivateError::Backend(format!("drive {}: {err}", self.id)))?;
         self.active_queues = queues.len();
+        self.acked_features = acked_features;
+        self.layouts = queues.to_vec();
         log::info!("drive {}: active with {} queue(s)", self.id, queues.len());
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.layouts.clear();
+        self.fallback.clear();
         if self.failed {
             return;
         }

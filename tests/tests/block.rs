@@ -1,0 +1,313 @@
+//! Block devices through `tessera` and our `vhost-user-blk` backend, driven by
+//! the probe guest's virtio-blk driver: data written by the guest checked
+//! byte for byte on the host, read-only drives, multiple queues, discard,
+//! a backend killed under a running guest, and QEMU's qemu-storage-daemon
+//! as a third-party backend behind our frontend.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tessera_tests::api::ApiVm;
+use tessera_tests::{guest_artifacts, run_with_deadline, Running, VmConfig};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const SEED: u64 = 0x1234_5678;
+
+fn probe_config(cmdline: &str, vcpus: u8, drives: serde_json::Value) -> serde_json::Value {
+    let mut json = VmConfig::new(
+        guest_artifacts().probe(),
+        &format!("console=ttyS0 {cmdline}"),
+    )
+    .vcpus(vcpus)
+    .mem_mib(256)
+    .to_json();
+    json["drives"] = drives;
+    json
+}
+
+fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
+    json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": read_only})
+}
+
+fn boot(config: &serde_json::Value) -> tessera_tests::RunOutput {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut command = Command::new(tessera_tests::workspace_bin("tessera"));
+    command.arg("--no-api").arg("--config-file").arg(&path);
+    run_with_deadline(command, DEADLINE, |_, _| false)
+}
+
+fn disk(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(mib << 20).unwrap();
+    path
+}
+
+/// Checks that the first `mib` MiB of `path` hold the probe's pattern.
+fn assert_pattern(path: &Path, mib: u64, seed: u64) {
+    let bytes = std::fs::read(path).unwrap();
+    for sector in 0..(mib << 20) / 512 {
+        let want = (sector ^ seed).to_le_bytes();
+        let at = (sector * 512) as usize;
+        for word in bytes[at..at + 512].chunks(8) {
+            assert_eq!(word, want, "sector {sector} of {}", path.display());
+        }
+    }
+}
+
+fn line<'a>(stdout: &'a str, key: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} line in:\n{stdout}"))
+}
+
+#[test]
+fn guest_writes_reach_the_host_file_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(dir.path(), "a.img", 16);
+    let b = disk(dir.path(), "b.img", 8);
+    let config = probe_config(
+        &format!("probe.blk=write probe.blk_mib=4 probe.seed={SEED:#x}"),
+        1,
+        json!([drive("a", &a, false), drive("b", &b, false)]),
+    );
+    let run = boot(&config);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("ok"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        line(&run.stdout, "probe.blk1").starts_with("ok"),
+        "{}",
+        run.describe()
+    );
+    assert_pattern(&a, 4, SEED);
+    assert_pattern(&b, 4, SEED);
+    // The rest of the disk is untouched.
+    let bytes = std::fs::read(&a).unwrap();
+    assert!(bytes[4 << 20..].iter().all(|b| *b == 0));
+
+    // A second boot reads the data back.
+    let config = probe_config(
+        &format!("probe.blk=verify probe.blk_mib=4 probe.seed={SEED:#x}"),
+        1,
+        json!([drive("a", &a, true)]),
+    );
+    let run = boot(&config);
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("ok"),
+        "{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn read_only_drives_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(dir.path(), "ro.img", 8);
+    std::fs::write(&a, vec![0x5a; 8 << 20]).unwrap();
+    let config = probe_config(
+        "probe.blk=write probe.blk_mib=1",
+        1,
+        json!([drive("ro", &a, true)]),
+    );
+    let run = boot(&config);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("ro-write-rejected"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        std::fs::read(&a).unwrap().iter().all(|b| *b == 0x5a),
+        "the read-only file changed"
+    );
+}
+
+#[test]
+fn four_queues_are_negotiated_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(dir.path(), "mq.img", 16);
+    let config = probe_config(
+        &format!("probe.blk=write probe.blk_mib=8 probe.seed={SEED:#x}"),
+        4,
+        json!([drive("mq", &a, false)]),
+    );
+    let run = boot(&config);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    let result = line(&run.stdout, "probe.blk0");
+    assert!(
+        result.starts_with("ok") && result.contains("queues=4"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        run.stderr.contains("drive mq: active with 4 queue(s)"),
+        "{}",
+        run.describe()
+    );
+    assert_pattern(&a, 8, SEED);
+}
+
+#[test]
+fn discard_frees_space_in_the_host_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("discard.img");
+    std::fs::write(&a, vec![0x77; 16 << 20]).unwrap();
+    let before = std::fs::metadata(&a).unwrap().blocks();
+    let config = probe_config(
+        "probe.blk=discard probe.blk_mib=8",
+        1,
+        json!([drive("d", &a, false)]),
+    );
+    let run = boot(&config);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("discarded"),
+        "{}",
+        run.describe()
+    );
+    let after = std::fs::metadata(&a).unwrap().blocks();
+    // 8 MiB is 16384 512-byte blocks.
+    assert!(before - after >= 16384, "blocks {before} -> {after}");
+    let bytes = std::fs::read(&a).unwrap();
+    assert!(bytes[..8 << 20].iter().all(|b| *b == 0));
+    assert!(bytes[8 << 20..].iter().all(|b| *b == 0x77));
+}
+
+#[test]
+fn a_killed_backend_fails_its_disk_only_and_the_vmm_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(dir.path(), "doomed.img", 8);
+    let b = disk(dir.path(), "healthy.img", 8);
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    let boot = json!({
+        "kernel_image_path": guest_artifacts().probe(),
+        "boot_args": format!("console=ttyS0 probe.blk=write probe.blk_mib=2 probe.seed={SEED:#x}"),
+    });
+    assert_eq!(c.put("/boot-source", &boot.to_string()).status, 204);
+    for (id, path) in [("doomed", &a), ("healthy", &b)] {
+        let r = c.put(
+            &format!("/drives/{id}"),
+            &drive(id, path, false).to_string(),
+        );
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    assert_eq!(
+        c.put("/actions", r#"{"action_type": "InstanceStart"}"#)
+            .status,
+        204
+    );
+    // Hold the guest while the backend dies.
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let doomed = backend_pid(api.vm.pid(), &a).expect("the doomed drive's backend");
+    // SAFETY: kill sends a signal to a child process of the test's VMM.
+    assert_eq!(unsafe { libc::kill(doomed as i32, libc::SIGKILL) }, 0);
+    api.vm.wait_until(DEADLINE, |_, err| {
+        err.contains("drive doomed: the backend is gone")
+    });
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    api.vm.wait_until(DEADLINE, |_, _| false);
+    let run = api.vm.finish();
+    assert_eq!(run.code(), 0, "the VMM must live on\n{}", run.describe());
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("error"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        line(&run.stdout, "probe.blk1").starts_with("ok"),
+        "{}",
+        run.describe()
+    );
+    assert_pattern(&b, 2, SEED);
+    assert!(
+        run.stderr.contains("drive doomed: backend"),
+        "{}",
+        run.describe()
+    );
+}
+
+/// The pid of the vhost-user-blk child of `vmm` that serves `path`.
+fn backend_pid(vmm: u32, path: &Path) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if ppid == Some(&vmm.to_string())
+                && String::from_utf8_lossy(&cmdline).contains(path.to_str()?)
+            {
+                return Some(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn qemu_storage_daemon_serves_our_frontend() {
+    if Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: qemu-storage-daemon is not installed (Debian's qemu-system-common)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = disk(dir.path(), "qsd.img", 16);
+    let socket = dir.path().join("qsd.sock");
+    let mut qsd = Command::new("qemu-storage-daemon");
+    qsd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stdout(Stdio::null());
+    let daemon = Running::spawn(qsd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let config = probe_config(
+        &format!("probe.blk=write probe.blk_mib=4 probe.seed={SEED:#x}"),
+        1,
+        json!([{"drive_id": "qsd", "socket": socket, "is_root_device": false}]),
+    );
+    let run = boot(&config);
+    drop(daemon.finish());
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        line(&run.stdout, "probe.blk0").starts_with("ok"),
+        "{}",
+        run.describe()
+    );
+    assert_pattern(&image, 4, SEED);
+}
