@@ -3,6 +3,7 @@
 //! `tessera` with a deadline and parses what the guest printed.
 
 pub mod api;
+pub mod blkio_client;
 pub mod nested;
 
 use std::collections::BTreeMap;
