@@ -106,6 +106,53 @@ impl BlkioDisk {
         self.complete()
     }
 
+    /// Keeps `depth` requests of `len` bytes in flight for `duration`;
+    /// returns how many completed (failures count as a panic: a benchmark
+    /// of failing I/O measures nothing).
+    pub fn run_for(
+        &mut self,
+        depth: usize,
+        len: usize,
+        duration: std::time::Duration,
+        mut next: impl FnMut(usize) -> (bool, u64),
+    ) -> usize {
+        let base = self.region.addr;
+        let deadline = std::time::Instant::now() + duration;
+        let mut submitted = 0;
+        let mut done = 0;
+        let mut completions: Vec<MaybeUninit<blkio::Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        loop {
+            let stop = std::time::Instant::now() >= deadline;
+            while !stop && submitted - done < depth {
+                let slot = submitted % depth;
+                let buf = base + slot * len;
+                let (is_write, offset) = next(submitted);
+                if is_write {
+                    self.queue
+                        .write(offset, buf as *const u8, len, slot, ReqFlags::empty());
+                } else {
+                    self.queue
+                        .read(offset, buf as *mut u8, len, slot, ReqFlags::empty());
+                }
+                submitted += 1;
+            }
+            if stop && done == submitted {
+                return done;
+            }
+            let n = self
+                .queue
+                .do_io(&mut completions, 1, None, None)
+                .unwrap_or(0);
+            for completion in &completions[..n] {
+                // SAFETY: do_io initialised the first `n` completions.
+                let ret = unsafe { completion.assume_init_read() }.ret;
+                assert_eq!(ret, 0, "a benchmark request failed");
+            }
+            done += n;
+        }
+    }
+
     /// Queues `depth` requests from `next(index) -> (is_write, offset)` at a
     /// time, each `len` bytes from its own slot of the buffer, and keeps the
     /// queue full until `total` requests completed. Returns how many failed.

@@ -17,6 +17,8 @@
 //!
 //! Usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]
 
+mod block;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,7 +34,7 @@ use tessera_tests::{
 
 const GUEST_RAM_MAPPING: &str = "tessera-guest-ram";
 
-fn summary(mut samples: Vec<f64>) -> serde_json::Value {
+pub(crate) fn summary(mut samples: Vec<f64>) -> serde_json::Value {
     samples.sort_by(|a, b| a.total_cmp(b));
     let n = samples.len();
     let median = if n % 2 == 1 {
@@ -119,9 +121,12 @@ enum Mode {
     Linux(PathBuf),
     /// Linux under tessera inside an L1 under QEMU TCG (runs `Linux` there).
     Nested,
+    /// The block backend through libblkio, beside qemu-storage-daemon and fio.
+    Block,
 }
 
-const USAGE: &str = "usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]";
+const USAGE: &str =
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -131,6 +136,7 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--nested" => mode = Mode::Nested,
+            "--block" => mode = Mode::Block,
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             "--out" => out = args.next().expect(USAGE),
@@ -141,6 +147,7 @@ fn main() {
         Mode::Probe => bench_probe(runs),
         Mode::Linux(dir) => bench_linux(&dir, runs),
         Mode::Nested => bench_nested(runs),
+        Mode::Block => block::bench_block(runs),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&out, &text).expect("write the results");
