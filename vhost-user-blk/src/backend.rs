@@ -25,8 +25,14 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use std::sync::Mutex;
+
 use crate::disk::{Disk, SECTOR_SIZE};
-use crate::request::{self, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
+use crate::engine::{Engine, Op};
+use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
+
+/// Requests one worker gathers before submitting them together.
+const MAX_BATCH: usize = 256;
 
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -42,6 +48,8 @@ pub struct BackendConfig {
     /// How long a worker keeps polling its queue after the last request.
     pub poll: Duration,
     pub serial: Vec<u8>,
+    /// Use io_uring where the kernel has it.
+    pub io_uring: bool,
 }
 
 /// A virtio-blk device served over vhost-user.
@@ -51,6 +59,8 @@ pub struct BlockBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
+    /// One I/O engine per queue worker, indexed by queue.
+    engines: Vec<Mutex<Engine>>,
 }
 
 impl BlockBackend {
@@ -63,12 +73,23 @@ impl BlockBackend {
         let exits = (0..config.queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
+        let engines = (0..config.queues)
+            .map(|_| Mutex::new(Engine::new(MAX_BATCH as u32, config.io_uring)))
+            .collect::<Vec<_>>();
+        if let Some(engine) = engines.first() {
+            let uring = engine.lock().map(|e| e.is_uring()).unwrap_or(false);
+            log::info!(
+                "I/O engine: {}",
+                if uring { "io_uring" } else { "synchronous" }
+            );
+        }
         Ok(Self {
             disk,
             config,
             mem,
             event_idx: AtomicBool::new(false),
             exits,
+            engines,
         })
     }
 
@@ -103,33 +124,69 @@ impl BlockBackend {
         c
     }
 
-    /// Takes every request the guest has posted on `vring` and completes
-    /// them, signalling the guest once per batch.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    /// Takes every request the guest has posted on `vring`, runs their I/O
+    /// together, and completes them, signalling the guest once per batch.
+    fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory();
+        let engine = self
+            .engines
+            .get(queue_index)
+            .ok_or_else(|| io::Error::other(format!("no engine for queue {queue_index}")))?;
+        let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mut completed = 0usize;
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let descriptors: Vec<Descriptor> = chain.collect();
-                let completion =
-                    request::process(&descriptors, &mem, &self.disk, &self.config.serial);
-                if let Err(err) = &completion.result {
-                    log::debug!("request {head} failed: {err}");
+                let mut heads = Vec::new();
+                let mut statuses = Vec::new();
+                let mut ops = Vec::new();
+                while ops.len() < MAX_BATCH {
+                    let chain = vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .pop_descriptor_chain(mem.clone());
+                    let Some(chain) = chain else { break };
+                    let head = chain.head_index();
+                    let descriptors: Vec<Descriptor> = chain.collect();
+                    match request::plan(&descriptors, &mem, &self.disk, &self.config.serial) {
+                        Plan::Done(completion) => {
+                            if let Err(err) = &completion.result {
+                                log::debug!("request {head} failed: {err}");
+                            }
+                            vring
+                                .add_used(head, completion.used_len)
+                                .map_err(io::Error::other)?;
+                            completed += 1;
+                        }
+                        Plan::Io { io, status } => {
+                            heads.push(head);
+                            statuses.push(status);
+                            ops.push(Op::Io(io));
+                        }
+                        Plan::Flush { status } => {
+                            heads.push(head);
+                            statuses.push(status);
+                            ops.push(Op::Flush);
+                        }
+                    }
                 }
-                vring
-                    .add_used(head, completion.used_len)
-                    .map_err(io::Error::other)?;
-                completed += 1;
+                if ops.is_empty() {
+                    break;
+                }
+                let results = engine.run(&self.disk, &ops);
+                for ((head, status), result) in heads.into_iter().zip(statuses).zip(results) {
+                    let completion = request::finish(&mem, status, result);
+                    if let Err(err) = &completion.result {
+                        log::debug!("request {head} failed: {err}");
+                    }
+                    vring
+                        .add_used(head, completion.used_len)
+                        .map_err(io::Error::other)?;
+                    completed += 1;
+                }
             }
             if completed > 0 {
                 let notify = !event_idx || vring.needs_notification().map_err(io::Error::other)?;
@@ -248,6 +305,6 @@ impl VhostUserBackend for BlockBackend {
         let vring = vrings
             .get(usize::from(device_event))
             .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
-        self.process_queue(vring)
+        self.process_queue(vring, usize::from(device_event))
     }
 }

@@ -60,6 +60,11 @@ impl Disk {
         })
     }
 
+    /// The file descriptor, for an I/O engine.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
         self.sectors

@@ -5,6 +5,7 @@
 
 mod backend;
 mod disk;
+mod engine;
 mod request;
 
 use std::os::fd::FromRawFd;
@@ -54,6 +55,10 @@ struct Cli {
     /// before it sleeps on the kick eventfd (0 disables polling).
     #[arg(long, default_value_t = 50, value_name = "US")]
     poll_us: u64,
+    /// The I/O engine: io_uring (falls back to sync where the kernel lacks
+    /// it) or sync.
+    #[arg(long, default_value = "io_uring", value_parser = ["io_uring", "sync"])]
+    io_engine: String,
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
         queue_size: usize::from(cli.queue_size),
         poll: Duration::from_micros(cli.poll_us),
         serial,
+        io_uring: cli.io_engine == "io_uring",
     };
     let backend = match BlockBackend::new(disk, config, mem.clone()) {
         Ok(backend) => Arc::new(backend),

@@ -89,13 +89,57 @@ struct Request {
     status: Descriptor,
 }
 
-/// Parses and carries out the request in `descriptors` (one whole chain).
-pub fn process(
-    descriptors: &[Descriptor],
+/// A read or write for an I/O engine to carry out: host addresses of the
+/// guest buffers, checked to lie in guest memory, and the byte offset,
+/// checked to lie inside the disk.
+pub struct DataIo {
+    pub write: bool,
+    pub offset: u64,
+    pub iovecs: Vec<libc::iovec>,
+    /// Bytes in all the buffers.
+    pub len: u32,
+}
+
+// SAFETY: the iovecs point into guest memory, which the backend maps for as
+// long as the request lives; moving them between threads is harmless.
+unsafe impl Send for DataIo {}
+
+/// What a chain asks for, once checked.
+pub enum Plan {
+    /// Nothing left to do asynchronously: the request is complete.
+    Done(Completion),
+    /// A read or write to submit; complete it with [`finish`].
+    Io { io: DataIo, status: Descriptor },
+    /// A flush to submit after the writes before it; complete it with [`finish`].
+    Flush { status: Descriptor },
+}
+
+/// Writes the status byte of a request and says what goes in the used ring.
+/// `result` is the number of bytes the device wrote into the guest's data
+/// buffers, or why it failed.
+pub fn finish(
     mem: &GuestMemoryMmap,
-    disk: &Disk,
-    serial: &[u8],
+    status: Descriptor,
+    result: Result<u32, RequestError>,
 ) -> Completion {
+    let (written, result) = match result {
+        Ok(written) => (written, Ok(())),
+        Err(err) => (0, Err(err)),
+    };
+    let byte = match &result {
+        Ok(()) => VIRTIO_BLK_S_OK as u8,
+        Err(err) => err.status(),
+    };
+    let used_len = match mem.write_obj(byte, status.addr()) {
+        Ok(()) => written.saturating_add(1),
+        Err(_) => written,
+    };
+    Completion { used_len, result }
+}
+
+/// Checks the chain in `descriptors` and works out what it needs; requests
+/// other than reads, writes and flushes are carried out here.
+pub fn plan(descriptors: &[Descriptor], mem: &GuestMemoryMmap, disk: &Disk, serial: &[u8]) -> Plan {
     let request = match parse(descriptors, mem) {
         Ok(request) => request,
         Err(err) => {
@@ -109,25 +153,85 @@ pub fn process(
                 }
                 _ => 0,
             };
-            return Completion {
+            return Plan::Done(Completion {
                 used_len,
                 result: Err(err),
-            };
+            });
         }
     };
-    let (written, result) = match execute(&request, mem, disk, serial) {
-        Ok(written) => (written, Ok(())),
-        Err(err) => (0, Err(err)),
-    };
-    let status = match &result {
-        Ok(()) => VIRTIO_BLK_S_OK as u8,
-        Err(err) => err.status(),
-    };
-    let used_len = match mem.write_obj(status, request.status.addr()) {
-        Ok(()) => written.saturating_add(1),
-        Err(_) => written,
-    };
-    Completion { used_len, result }
+    let status = request.status;
+    match request.kind {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => match data_io(&request, mem, disk) {
+            Ok(io) => Plan::Io { io, status },
+            Err(err) => Plan::Done(finish(mem, status, Err(err))),
+        },
+        VIRTIO_BLK_T_FLUSH => Plan::Flush { status },
+        _ => Plan::Done(finish(mem, status, execute(&request, mem, disk, serial))),
+    }
+}
+
+/// Parses and carries out the request in `descriptors` (one whole chain)
+/// with synchronous I/O: the engine's logic in one call, for tests.
+#[cfg(test)]
+pub fn process(
+    descriptors: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    serial: &[u8],
+) -> Completion {
+    match plan(descriptors, mem, disk, serial) {
+        Plan::Done(completion) => completion,
+        Plan::Io { io, status } => {
+            let result = run_sync(&io, disk).map(|()| if io.write { 0 } else { io.len });
+            finish(mem, status, result)
+        }
+        Plan::Flush { status } => finish(mem, status, disk.flush().map(|()| 0).map_err(Into::into)),
+    }
+}
+
+/// Carries out a planned read or write with blocking calls.
+pub fn run_sync(io: &DataIo, disk: &Disk) -> Result<(), RequestError> {
+    let mut offset = io.offset;
+    for iov in &io.iovecs {
+        // SAFETY: each iovec was built by `data_io` from a checked slice of
+        // guest memory, which stays mapped while the request is served.
+        unsafe {
+            if io.write {
+                disk.write_from(iov.iov_base.cast(), iov.iov_len, offset)?;
+            } else {
+                disk.read_to(iov.iov_base.cast(), iov.iov_len, offset)?;
+            }
+        }
+        offset += iov.iov_len as u64;
+    }
+    Ok(())
+}
+
+/// Checks a read or write and resolves its buffers to host addresses.
+fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<DataIo, RequestError> {
+    let write = request.kind == VIRTIO_BLK_T_OUT;
+    check_direction(request, !write)?;
+    if write && disk.read_only() {
+        return Err(RequestError::ReadOnly);
+    }
+    let total = data_len(&request.data);
+    let offset = check_range(disk, request.sector, total)?;
+    let iovecs = request
+        .data
+        .iter()
+        .map(|desc| {
+            host_ptr(mem, desc.addr(), desc.len()).map(|ptr| libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: desc.len() as usize,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(DataIo {
+        write,
+        offset,
+        iovecs,
+        len: total as u32,
+    })
 }
 
 fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, RequestError> {
@@ -202,7 +306,8 @@ fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<*mut 
     Ok(slice.ptr_guard_mut().as_ptr())
 }
 
-/// Carries out a valid-looking request; returns the bytes written to the guest.
+/// Carries out the requests that are not reads, writes or flushes;
+/// returns the bytes written to the guest.
 fn execute(
     request: &Request,
     mem: &GuestMemoryMmap,
@@ -210,38 +315,6 @@ fn execute(
     serial: &[u8],
 ) -> Result<u32, RequestError> {
     match request.kind {
-        VIRTIO_BLK_T_IN => {
-            check_direction(request, true)?;
-            let total = data_len(&request.data);
-            let mut offset = check_range(disk, request.sector, total)?;
-            for desc in &request.data {
-                let ptr = host_ptr(mem, desc.addr(), desc.len())?;
-                // SAFETY: `ptr` addresses `desc.len()` bytes of mapped guest
-                // memory, checked by get_slice; the mapping lives as long
-                // as `mem`.
-                unsafe { disk.read_to(ptr, desc.len() as usize, offset)? };
-                offset += u64::from(desc.len());
-            }
-            Ok(total as u32)
-        }
-        VIRTIO_BLK_T_OUT => {
-            check_direction(request, false)?;
-            if disk.read_only() {
-                return Err(RequestError::ReadOnly);
-            }
-            let mut offset = check_range(disk, request.sector, data_len(&request.data))?;
-            for desc in &request.data {
-                let ptr = host_ptr(mem, desc.addr(), desc.len())?;
-                // SAFETY: as above; the guest buffer is only read.
-                unsafe { disk.write_from(ptr, desc.len() as usize, offset)? };
-                offset += u64::from(desc.len());
-            }
-            Ok(0)
-        }
-        VIRTIO_BLK_T_FLUSH => {
-            disk.flush()?;
-            Ok(0)
-        }
         VIRTIO_BLK_T_GET_ID => {
             check_direction(request, true)?;
             let mut id = [0u8; ID_LEN];

@@ -118,6 +118,8 @@ pub struct Deadline {
     chunks_left: u32,
     spins: u64,
     min_spins: u64,
+    spins_per_check: u64,
+    max_spins: u64,
 }
 
 /// Count of one ~50 ms deadline chunk.
@@ -128,18 +130,32 @@ const SPINS_PER_CHECK: u64 = 4096;
 impl Deadline {
     /// Starts a deadline `ms` milliseconds from now.
     pub fn start(ms: u32, min_spins: u64) -> Deadline {
+        Deadline::start_with(ms, min_spins, SPINS_PER_CHECK, u64::MAX)
+    }
+
+    /// Like [`Deadline::start`], but reads OUT2 every `spins_per_check`
+    /// spins (each read is a port access: a VM exit) and expires after
+    /// `max_spins` spins whatever the PIT says (in case OUT2 never rises).
+    /// A slowly spinning (emulated) guest wants frequent checks: each
+    /// check that sees OUT2 high only counts one 50 ms chunk.
+    pub fn start_with(ms: u32, min_spins: u64, spins_per_check: u64, max_spins: u64) -> Deadline {
         start(CHUNK_COUNT);
         Deadline {
             chunks_left: ms.div_ceil(CHUNK_MS).max(1),
             spins: 0,
             min_spins,
+            spins_per_check: spins_per_check.max(1),
+            max_spins,
         }
     }
 
     /// Call once per spin; true when the deadline has passed.
     pub fn expired(&mut self) -> bool {
         self.spins = self.spins.wrapping_add(1);
-        if !self.spins.is_multiple_of(SPINS_PER_CHECK) || !expired() {
+        if self.spins >= self.max_spins {
+            return true;
+        }
+        if !self.spins.is_multiple_of(self.spins_per_check) || !expired() {
             return false;
         }
         self.chunks_left = self.chunks_left.saturating_sub(1);

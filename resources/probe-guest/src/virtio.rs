@@ -27,6 +27,7 @@
 
 use core::arch::asm;
 use core::cell::{Cell, UnsafeCell};
+use core::mem::MaybeUninit;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use crate::phys;
@@ -462,7 +463,7 @@ impl Transport {
 pub const QUEUE_SIZE: u16 = 64;
 const QS: usize = QUEUE_SIZE as usize;
 /// Number of queues that can ever be set up (static pool).
-pub const MAX_QUEUES: usize = 8;
+pub const MAX_QUEUES: usize = 12;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
@@ -532,27 +533,39 @@ impl QueueMem {
 
 /// Bump allocator over a static array of queue memory.
 struct QueuePool {
-    mem: UnsafeCell<[QueueMem; MAX_QUEUES]>,
-    next: Cell<usize>,
+    mem: UnsafeCell<MaybeUninit<[QueueMem; MAX_QUEUES]>>,
 }
 
-// SAFETY: the probe is single-threaded with interrupts disabled, so the
-// counter is never accessed concurrently; each slot is handed out at most
-// once (the counter only grows), so no two users ever share a slot.
+// SAFETY: the probe is single-threaded with interrupts disabled; a slot
+// is only reached through the pointer `alloc` hands out, and it is handed
+// out again only after the queue owning it was consumed by
+// `Transport::shutdown` with a confirmed device reset, so no two users
+// ever share a slot.
 unsafe impl Sync for QueuePool {}
 
+/// Not zeroed at boot (`.probe_noinit`, see link.ld): [`Virtqueue::new`]
+/// initialises a slot before the device learns its address.
+#[unsafe(link_section = ".probe_noinit.virtio")]
 static QUEUE_POOL: QueuePool = QueuePool {
-    mem: UnsafeCell::new([QueueMem::ZERO; MAX_QUEUES]),
-    next: Cell::new(0),
+    mem: UnsafeCell::new(MaybeUninit::uninit()),
 };
+/// The first free slot of [`QUEUE_POOL`].
+static QUEUE_NEXT: QueueNext = QueueNext(Cell::new(0));
+
+/// [`QUEUE_POOL`]'s allocation counter.
+struct QueueNext(Cell<usize>);
+
+// SAFETY: the probe is single-threaded with interrupts disabled, so the
+// counter is never accessed concurrently.
+unsafe impl Sync for QueueNext {}
 
 impl QueuePool {
     fn alloc(&self) -> Option<(usize, *mut QueueMem)> {
-        let slot = self.next.get();
+        let slot = QUEUE_NEXT.0.get();
         if slot >= MAX_QUEUES {
             return None;
         }
-        self.next.set(slot + 1);
+        QUEUE_NEXT.0.set(slot + 1);
         // SAFETY: slot < MAX_QUEUES, so the pointer stays inside the array.
         Some((slot, unsafe { self.mem.get().cast::<QueueMem>().add(slot) }))
     }
@@ -560,8 +573,8 @@ impl QueuePool {
     /// Gives back slots `[first, end)` if they are the most recent ones
     /// (stack order); otherwise they stay allocated.
     fn release(&self, first: usize, end: usize) {
-        if self.next.get() == end && first <= end {
-            self.next.set(first);
+        if QUEUE_NEXT.0.get() == end && first <= end {
+            QUEUE_NEXT.0.set(first);
         }
     }
 }
