@@ -479,6 +479,9 @@ fn run(regs: Mmio, options: &Options) -> Outcome {
     }
 }
 
+/// The smallest segment Linux lets a device limit requests to.
+const PAGE_SIZE: u32 = 4096;
+
 impl Blk {
     /// Negotiates features, reads and checks the config fields, sets up
     /// the queues and sets DRIVER_OK.
@@ -488,10 +491,9 @@ impl Blk {
         self.capacity = t.config_read64(config::CAPACITY);
         let mut segment_bytes = REQUEST_MAX_BYTES;
         if self.features & feature::SIZE_MAX != 0 {
-            let size_max = t.config_read32(config::SIZE_MAX);
-            if size_max == 0 {
-                return Err(Failure::SetupConfig("size_max", 0));
-            }
+            // Like Linux, a size_max below a page means a page (QEMU's
+            // qemu-storage-daemon offers SIZE_MAX with size_max 0).
+            let size_max = t.config_read32(config::SIZE_MAX).max(PAGE_SIZE);
             segment_bytes = segment_bytes.min(size_max);
         }
         let mut segments = MAX_SEGMENTS as u32;

@@ -13,6 +13,8 @@ use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of block devices.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// The virtio-blk configuration space (virtio 1.2, 5.2.4).
+const CONFIG_SPACE_LEN: usize = 60;
 /// Entries per queue the guest may use.
 pub const QUEUE_SIZE: u16 = 256;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -212,16 +214,27 @@ impl VirtioDevice for VhostUserBlock {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if self.failed || offset > 255 || data.len() > 256 {
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return;
+        };
+        if self.failed || end > CONFIG_SPACE_LEN {
             return;
         }
-        match self.frontend.get_config(offset as u32, data.len() as u32) {
-            Ok(payload) if payload.len() == data.len() => data.copy_from_slice(&payload),
-            Ok(payload) => log::warn!(
-                "drive {}: config read of {} bytes got {}",
+        // Read the whole space, so that fields the VMM owns can be fixed up
+        // whatever the width and offset of the guest's access.
+        match self.frontend.get_config(0, CONFIG_SPACE_LEN as u32) {
+            Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
+                // The guest may use only the queues this frontend set up,
+                // whatever the backend could serve.
+                let backend_queues = u16::from_le_bytes([space[34], space[35]]);
+                let queues = backend_queues.min(self.queue_sizes.len() as u16).max(1);
+                space[34..36].copy_from_slice(&queues.to_le_bytes());
+                data.copy_from_slice(&space[offset as usize..end]);
+            }
+            Ok(space) => log::warn!(
+                "drive {}: the backend's config space is {} bytes, not {CONFIG_SPACE_LEN}",
                 self.id,
-                data.len(),
-                payload.len()
+                space.len()
             ),
             Err(err) => self.backend_failed("config read", err),
         }
