@@ -28,11 +28,11 @@ use vmm_sys_util::event::{
 use std::sync::Mutex;
 
 use crate::disk::{Disk, SECTOR_SIZE};
-use crate::engine::{Engine, Op};
+use crate::engine::{Done, Engine, Op};
 use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
 
-/// Requests one worker gathers before submitting them together.
-const MAX_BATCH: usize = 256;
+/// Requests one worker keeps in flight.
+const MAX_IN_FLIGHT: u32 = 256;
 
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -74,7 +74,7 @@ impl BlockBackend {
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         let engines = (0..config.queues)
-            .map(|_| Mutex::new(Engine::new(MAX_BATCH as u32, config.io_uring)))
+            .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring)))
             .collect::<Vec<_>>();
         if let Some(engine) = engines.first() {
             let uring = engine.lock().map(|e| e.is_uring()).unwrap_or(false);
@@ -124,8 +124,10 @@ impl BlockBackend {
         c
     }
 
-    /// Takes every request the guest has posted on `vring`, runs their I/O
-    /// together, and completes them, signalling the guest once per batch.
+    /// Serves `vring` until it has nothing posted and nothing in flight:
+    /// takes every request the guest posted, keeps their I/O in flight
+    /// together, completes them as they finish, and signals the guest once
+    /// per batch of completions.
     fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let mem = self.mem.memory();
@@ -134,16 +136,15 @@ impl BlockBackend {
             .get(queue_index)
             .ok_or_else(|| io::Error::other(format!("no engine for queue {queue_index}")))?;
         let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done: Vec<Done> = Vec::new();
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let mut completed = 0usize;
+            let mut completed_any = false;
             loop {
-                let mut heads = Vec::new();
-                let mut statuses = Vec::new();
-                let mut ops = Vec::new();
-                while ops.len() < MAX_BATCH {
+                let mut completed = 0usize;
+                while engine.has_room() {
                     let chain = vring
                         .get_mut()
                         .get_queue_mut()
@@ -151,57 +152,59 @@ impl BlockBackend {
                     let Some(chain) = chain else { break };
                     let head = chain.head_index();
                     let descriptors: Vec<Descriptor> = chain.collect();
-                    match request::plan(&descriptors, &mem, &self.disk, &self.config.serial) {
-                        Plan::Done(completion) => {
-                            if let Err(err) = &completion.result {
-                                log::debug!("request {head} failed: {err}");
-                            }
-                            vring
-                                .add_used(head, completion.used_len)
-                                .map_err(io::Error::other)?;
-                            completed += 1;
-                        }
-                        Plan::Io { io, status } => {
-                            heads.push(head);
-                            statuses.push(status);
-                            ops.push(Op::Io(io));
-                        }
-                        Plan::Flush { status } => {
-                            heads.push(head);
-                            statuses.push(status);
-                            ops.push(Op::Flush);
-                        }
+                    let finished =
+                        match request::plan(&descriptors, &mem, &self.disk, &self.config.serial) {
+                            Plan::Done(completion) => Some((head, completion)),
+                            Plan::Io { io, status } => engine
+                                .start(&self.disk, head, status, Op::Io(io))
+                                .map(|(h, st, r)| (h, request::finish(&mem, st, r))),
+                            Plan::Flush { status } => engine
+                                .start(&self.disk, head, status, Op::Flush)
+                                .map(|(h, st, r)| (h, request::finish(&mem, st, r))),
+                        };
+                    if let Some((head, completion)) = finished {
+                        self.complete(vring, head, completion)?;
+                        completed += 1;
                     }
                 }
-                if ops.is_empty() {
-                    break;
-                }
-                let results = engine.run(&self.disk, &ops);
-                for ((head, status), result) in heads.into_iter().zip(statuses).zip(results) {
-                    let completion = request::finish(&mem, status, result);
-                    if let Err(err) = &completion.result {
-                        log::debug!("request {head} failed: {err}");
-                    }
-                    vring
-                        .add_used(head, completion.used_len)
-                        .map_err(io::Error::other)?;
+                engine.reap(completed == 0, &mut done)?;
+                for (head, status, result) in done.drain(..) {
+                    self.complete(vring, head, request::finish(&mem, status, result))?;
                     completed += 1;
                 }
+                if completed > 0 {
+                    completed_any = true;
+                    let notify =
+                        !event_idx || vring.needs_notification().map_err(io::Error::other)?;
+                    if notify {
+                        vring.signal_used_queue()?;
+                    }
+                } else if engine.in_flight() == 0 {
+                    break;
+                }
             }
-            if completed > 0 {
-                let notify = !event_idx || vring.needs_notification().map_err(io::Error::other)?;
-                if notify {
-                    vring.signal_used_queue()?;
-                }
-                if self.poll_for_more(vring, &mem) {
-                    continue;
-                }
+            if completed_any && self.poll_for_more(vring, &mem) {
+                continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
             }
             // More requests arrived while notifications were off: go again.
         }
+    }
+
+    fn complete(
+        &self,
+        vring: &VringRwLock,
+        head: u16,
+        completion: request::Completion,
+    ) -> io::Result<()> {
+        if let Err(err) = &completion.result {
+            log::debug!("request {head} failed: {err}");
+        }
+        vring
+            .add_used(head, completion.used_len)
+            .map_err(io::Error::other)
     }
 
     /// Spins for the polling window; true if the guest posted a request.

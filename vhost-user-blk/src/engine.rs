@@ -1,27 +1,44 @@
 //! The I/O engine one queue worker uses for reads, writes and flushes:
-//! io_uring where the kernel has it, so that a batch of requests is in
-//! flight together, and blocking calls otherwise.
+//! io_uring where the kernel has it, keeping up to a ring's worth of
+//! requests in flight while the worker keeps taking new ones from the
+//! guest; blocking calls otherwise.
 
 use std::io;
 
 use io_uring::{opcode, squeue, types, IoUring};
+use virtio_queue::desc::split::Descriptor;
 
 use crate::disk::Disk;
 use crate::request::{run_sync, DataIo, RequestError};
 
-/// One operation of a batch.
+/// One operation.
 pub enum Op {
     Io(DataIo),
     Flush,
 }
 
-/// An io_uring instance, or none when the kernel lacks it.
+/// A request whose I/O is done: the descriptor head, its status
+/// descriptor and the outcome (bytes written into guest buffers, or why it
+/// failed).
+pub type Done = (u16, Descriptor, Result<u32, RequestError>);
+
+struct InFlight {
+    head: u16,
+    status: Descriptor,
+    op: Op,
+}
+
+/// An io_uring instance with its requests in flight, or the blocking
+/// fallback.
 pub struct Engine {
     ring: Option<IoUring>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    queued: usize,
 }
 
 impl Engine {
-    /// Sets up io_uring with room for `entries` operations, or falls back.
+    /// Sets up io_uring with room for `entries` requests, or falls back.
     pub fn new(entries: u32, use_uring: bool) -> Self {
         let ring = if use_uring {
             match IoUring::new(entries) {
@@ -34,7 +51,12 @@ impl Engine {
         } else {
             None
         };
-        Self { ring }
+        Self {
+            ring,
+            slots: (0..entries).map(|_| None).collect(),
+            free: (0..entries as usize).rev().collect(),
+            queued: 0,
+        }
     }
 
     /// Whether io_uring is in use.
@@ -42,19 +64,83 @@ impl Engine {
         self.ring.is_some()
     }
 
-    /// Carries out `ops` and returns, for each, the bytes written into guest
-    /// buffers or the error. Flushes wait for every operation before them.
-    pub fn run(&mut self, disk: &Disk, ops: &[Op]) -> Vec<Result<u32, RequestError>> {
-        match &mut self.ring {
-            Some(ring) => match run_uring(ring, disk, ops) {
-                Ok(results) => results,
-                Err(err) => {
-                    log::error!("io_uring failed ({err}); retrying the batch synchronously");
-                    ops.iter().map(|op| run_one_sync(disk, op)).collect()
-                }
-            },
-            None => ops.iter().map(|op| run_one_sync(disk, op)).collect(),
+    /// Whether another request fits.
+    pub fn has_room(&self) -> bool {
+        self.ring.is_none() || !self.free.is_empty()
+    }
+
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Starts `op`. The blocking engine finishes it at once and returns it.
+    pub fn start(&mut self, disk: &Disk, head: u16, status: Descriptor, op: Op) -> Option<Done> {
+        let Some(ring) = &mut self.ring else {
+            return Some((head, status, run_one_sync(disk, &op)));
+        };
+        let Some(slot) = self.free.pop() else {
+            return Some((
+                head,
+                status,
+                Err(RequestError::Io(io::Error::other("engine full"))),
+            ));
+        };
+        let sqe = entry(types::Fd(disk.raw_fd()), &op, slot);
+        self.slots[slot] = Some(InFlight { head, status, op });
+        loop {
+            // SAFETY: the iovecs and guest buffers the entry points to live
+            // in `self.slots[slot]` until its completion is reaped.
+            if unsafe { ring.submission().push(&sqe) }.is_ok() {
+                self.queued += 1;
+                return None;
+            }
+            // The submission queue is full: hand it to the kernel first.
+            if let Err(err) = ring.submit() {
+                let done = self.slots[slot].take().map(|f| (f.head, f.status));
+                self.free.push(slot);
+                let (head, status) = done?;
+                return Some((head, status, Err(RequestError::Io(err))));
+            }
         }
+    }
+
+    /// Submits what was started, waits for at least one completion if
+    /// `wait` and anything is in flight, and appends every completed request
+    /// to `done`.
+    pub fn reap(&mut self, wait: bool, done: &mut Vec<Done>) -> io::Result<()> {
+        let Some(ring) = &mut self.ring else {
+            return Ok(());
+        };
+        let want = usize::from(wait && self.slots.len() != self.free.len());
+        if self.queued > 0 || want > 0 {
+            match ring.submit_and_wait(want) {
+                Ok(_) => self.queued = 0,
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        for cqe in ring.completion() {
+            let slot = cqe.user_data() as usize;
+            let Some(flight) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            let res = cqe.result();
+            let result = if res < 0 {
+                Err(RequestError::Io(io::Error::from_raw_os_error(-res)))
+            } else {
+                match &flight.op {
+                    Op::Io(io) if res as u32 != io.len => Err(RequestError::Io(io::Error::other(
+                        format!("short transfer: {res} of {} bytes", io.len),
+                    ))),
+                    Op::Io(io) => Ok(if io.write { 0 } else { io.len }),
+                    Op::Flush => Ok(0),
+                }
+            };
+            done.push((flight.head, flight.status, result));
+        }
+        Ok(())
     }
 }
 
@@ -65,7 +151,7 @@ fn run_one_sync(disk: &Disk, op: &Op) -> Result<u32, RequestError> {
     }
 }
 
-fn entry(fd: types::Fd, op: &Op, index: usize) -> squeue::Entry {
+fn entry(fd: types::Fd, op: &Op, slot: usize) -> squeue::Entry {
     match op {
         Op::Io(io) if io.write => {
             opcode::Writev::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)
@@ -75,56 +161,12 @@ fn entry(fd: types::Fd, op: &Op, index: usize) -> squeue::Entry {
         Op::Io(io) => opcode::Readv::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)
             .offset(io.offset)
             .build(),
-        // Drained: it starts only when everything before it has completed.
+        // Drained: it starts only when everything before it has completed,
+        // so it covers every write the guest saw complete.
         Op::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()
             .flags(squeue::Flags::IO_DRAIN),
     }
-    .user_data(index as u64)
-}
-
-fn run_uring(
-    ring: &mut IoUring,
-    disk: &Disk,
-    ops: &[Op],
-) -> io::Result<Vec<Result<u32, RequestError>>> {
-    let fd = types::Fd(disk.raw_fd());
-    let mut results: Vec<Option<Result<u32, RequestError>>> =
-        (0..ops.len()).map(|_| None).collect();
-    let mut next = 0;
-    let mut done = 0;
-    while done < ops.len() {
-        while next < ops.len() {
-            let sqe = entry(fd, &ops[next], next);
-            // SAFETY: the iovecs and guest buffers an entry points to live
-            // in `ops` until this function has reaped its completion.
-            if unsafe { ring.submission().push(&sqe) }.is_err() {
-                break; // full: submit what is queued first
-            }
-            next += 1;
-        }
-        ring.submit_and_wait(1)?;
-        for cqe in ring.completion() {
-            let index = cqe.user_data() as usize;
-            let Some(op) = ops.get(index) else { continue };
-            let res = cqe.result();
-            results[index] = Some(if res < 0 {
-                Err(RequestError::Io(io::Error::from_raw_os_error(-res)))
-            } else {
-                match op {
-                    Op::Io(io) if res as u32 != io.len => Err(RequestError::Io(io::Error::other(
-                        format!("short transfer: {res} of {} bytes", io.len),
-                    ))),
-                    Op::Io(io) => Ok(if io.write { 0 } else { io.len }),
-                    Op::Flush => Ok(0),
-                }
-            });
-            done += 1;
-        }
-    }
-    Ok(results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(RequestError::Io(io::Error::other("no completion")))))
-        .collect())
+    .user_data(slot as u64)
 }
