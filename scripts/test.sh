@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)" >&2; }
 
+step "test peers (QEMU, qemu-storage-daemon, fio)"
+scripts/install-test-deps.sh
+
 step "guest artifacts (kernel, rootfs, initramfs, probe guest)"
 guest_dir=$(resources/build-guest.sh | tail -n 1)
 export TESSERA_GUEST_DIR="$guest_dir"
