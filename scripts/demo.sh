@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Tessera and boots a demo microVM.
-# - With hardware virtualization (vmx or svm in /proc/cpuinfo): Linux, from
-#   the initramfs, to TESSERA-GUEST-UP and a shell on the console.
+# - With hardware virtualization (vmx or svm in /proc/cpuinfo): Linux, with
+#   its root fs on a vhost-user-blk drive, to TESSERA-GUEST-UP and a shell
+#   on the console.
 # - Elsewhere: the probe guest, which prints what it found and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,17 +24,24 @@ if [ "$guest" = linux ]; then
     args="console=ttyS0 reboot=k panic=1 pci=off quiet tessera.boot_timer=1"
     # Without a terminal nobody can type `poweroff`: stop right after boot.
     [ -t 0 ] || args="$args tessera.halt=1"
+    # The root fs is a private copy, served by a vhost-user-blk process
+    # that tessera starts for the drive.
+    rootfs=$(mktemp --suffix=.ext4)
+    trap 'rm -f "$config" "$rootfs"' EXIT
+    cp "$guest_dir/rootfs.ext4" "$rootfs"
     cat >"$config" <<JSON
 {
   "boot-source": {
     "kernel_image_path": "$guest_dir/vmlinux",
-    "initrd_path": "$guest_dir/initramfs.cpio.gz",
     "boot_args": "$args"
   },
+  "drives": [
+    { "drive_id": "rootfs", "path_on_host": "$rootfs", "is_root_device": true, "is_read_only": false }
+  ],
   "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 }
 }
 JSON
-    echo "[demo] booting Linux ($guest_dir/vmlinux); type 'poweroff' to leave" >&2
+    echo "[demo] booting Linux ($guest_dir/vmlinux) with its root fs on vhost-user-blk; type 'poweroff' to leave" >&2
 else
     cat >"$config" <<JSON
 {
@@ -47,4 +55,4 @@ JSON
     echo "[demo] this CPU has no vmx/svm, so KVM here cannot run Linux at a usable speed;" >&2
     echo "[demo] booting the probe guest instead ($guest_dir/probe-guest.elf)" >&2
 fi
-exec target/release/tessera --no-api --config-file "$config" --boot-timer
+target/release/tessera --no-api --config-file "$config" --boot-timer
