@@ -43,12 +43,20 @@ if [ "$guest" = linux ]; then
 JSON
     echo "[demo] booting Linux ($guest_dir/vmlinux) with its root fs on vhost-user-blk; type 'poweroff' to leave" >&2
 else
+    # A scratch disk, served by a vhost-user-blk process tessera starts,
+    # that the probe fills with a pattern and reads back.
+    disk=$(mktemp --suffix=.img)
+    trap 'rm -f "$config" "$disk"' EXIT
+    truncate -s 16M "$disk"
     cat >"$config" <<JSON
 {
   "boot-source": {
     "kernel_image_path": "$guest_dir/probe-guest.elf",
-    "boot_args": "console=ttyS0 probe.ticks=3"
+    "boot_args": "console=ttyS0 probe.blk=write probe.blk_mib=4 probe.ticks=3"
   },
+  "drives": [
+    { "drive_id": "scratch", "path_on_host": "$disk", "is_root_device": false, "is_read_only": false }
+  ],
   "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 }
 }
 JSON
