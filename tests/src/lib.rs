@@ -107,6 +107,18 @@ pub fn run_build_script(script: &str, envs: &[(&str, &Path)]) -> PathBuf {
     PathBuf::from(dir.trim())
 }
 
+/// Waits until `path` exists (a socket a process is about to create).
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// Whether the host CPU has hardware virtualization (Intel VT-x or AMD-V).
 pub fn host_has_hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")

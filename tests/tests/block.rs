@@ -60,6 +60,16 @@ fn assert_pattern(path: &Path, mib: u64, seed: u64) {
     }
 }
 
+/// Asserts that the probe's line for block device `index` starts with `prefix`.
+fn assert_blk(run: &tessera_tests::RunOutput, index: usize, prefix: &str) {
+    let result = line(&run.stdout, &format!("probe.blk{index}"));
+    assert!(
+        result.starts_with(prefix),
+        "probe.blk{index}={result}\n{}",
+        run.describe()
+    );
+}
+
 fn line<'a>(stdout: &'a str, key: &str) -> &'a str {
     stdout
         .lines()
@@ -79,16 +89,8 @@ fn guest_writes_reach_the_host_file_byte_for_byte() {
     );
     let run = boot(&config);
     assert_eq!(run.code(), 0, "{}", run.describe());
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("ok"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        line(&run.stdout, "probe.blk1").starts_with("ok"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "ok");
+    assert_blk(&run, 1, "ok");
     assert_pattern(&a, 4, SEED);
     assert_pattern(&b, 4, SEED);
     // The rest of the disk is untouched.
@@ -102,11 +104,7 @@ fn guest_writes_reach_the_host_file_byte_for_byte() {
         json!([drive("a", &a, true)]),
     );
     let run = boot(&config);
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("ok"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "ok");
 }
 
 #[test]
@@ -121,11 +119,7 @@ fn read_only_drives_refuse_writes() {
     );
     let run = boot(&config);
     assert_eq!(run.code(), 0, "{}", run.describe());
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("ro-write-rejected"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "ro-write-rejected");
     assert!(
         std::fs::read(&a).unwrap().iter().all(|b| *b == 0x5a),
         "the read-only file changed"
@@ -170,11 +164,7 @@ fn discard_frees_space_in_the_host_file() {
     );
     let run = boot(&config);
     assert_eq!(run.code(), 0, "{}", run.describe());
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("discarded"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "discarded");
     let after = std::fs::metadata(&a).unwrap().blocks();
     // 8 MiB is 16384 512-byte blocks.
     assert!(before - after >= 16384, "blocks {before} -> {after}");
@@ -219,16 +209,8 @@ fn a_killed_backend_fails_its_disk_only_and_the_vmm_lives() {
     api.vm.wait_until(DEADLINE, |_, _| false);
     let run = api.vm.finish();
     assert_eq!(run.code(), 0, "the VMM must live on\n{}", run.describe());
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("error"),
-        "{}",
-        run.describe()
-    );
-    assert!(
-        line(&run.stdout, "probe.blk1").starts_with("ok"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "error");
+    assert_blk(&run, 1, "ok");
     assert_pattern(&b, 2, SEED);
     assert!(
         run.stderr.contains("drive doomed: backend"),
@@ -292,10 +274,11 @@ fn qemu_storage_daemon_serves_our_frontend() {
         ))
         .stdout(Stdio::null());
     let daemon = Running::spawn(qsd);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        tessera_tests::wait_for_path(&socket, Duration::from_secs(10)),
+        "{} never appeared",
+        socket.display()
+    );
     let config = probe_config(
         &format!("probe.blk=write probe.blk_mib=4 probe.seed={SEED:#x}"),
         1,
@@ -304,10 +287,6 @@ fn qemu_storage_daemon_serves_our_frontend() {
     let run = boot(&config);
     drop(daemon.finish());
     assert_eq!(run.code(), 0, "{}", run.describe());
-    assert!(
-        line(&run.stdout, "probe.blk0").starts_with("ok"),
-        "{}",
-        run.describe()
-    );
+    assert_blk(&run, 0, "ok");
     assert_pattern(&image, 4, SEED);
 }

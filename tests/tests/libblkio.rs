@@ -5,7 +5,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_tests::blkio_client::BlkioDisk;
 use tessera_tests::{workspace_bin, Running};
@@ -33,10 +33,11 @@ impl Backend {
             .arg(&image)
             .args(extra);
         let process = Running::spawn(command);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        assert!(
+            tessera_tests::wait_for_path(&socket, Duration::from_secs(10)),
+            "{} never appeared",
+            socket.display()
+        );
         Self {
             _dir: dir,
             image,

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tessera_tests::{guest_artifacts, run_with_deadline, workspace_bin, Running};
 
@@ -19,10 +19,11 @@ fn backend(socket: &Path, image: &Path, queues: u16) -> Running {
         .arg("--queues")
         .arg(queues.to_string());
     let running = Running::spawn(command);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        tessera_tests::wait_for_path(socket, Duration::from_secs(10)),
+        "{} never appeared",
+        socket.display()
+    );
     running
 }
 

@@ -79,30 +79,16 @@ impl Disk {
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes for the whole call.
     pub unsafe fn read_to(&self, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < len {
-            // SAFETY: the caller guarantees `dst..dst+len` is writable; we
-            // stay inside it.
-            let n = unsafe {
-                libc::pread64(
-                    self.file.as_raw_fd(),
-                    dst.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off64_t,
-                )
-            };
-            match n {
-                n if n < 0 => {
-                    let err = io::Error::last_os_error();
-                    if err.kind() != io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
-                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+        // SAFETY: the caller's guarantee covers every chunk `transfer` asks
+        // for, which stays inside `dst..dst+len`.
+        self.transfer(
+            len,
+            offset,
+            io::ErrorKind::UnexpectedEof,
+            |done, off| unsafe {
+                libc::pread64(self.file.as_raw_fd(), dst.add(done).cast(), len - done, off)
+            },
+        )
     }
 
     /// Writes `len` bytes from host memory at `src` to `offset`.
@@ -110,26 +96,31 @@ impl Disk {
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the whole call.
     pub unsafe fn write_from(&self, src: *const u8, len: usize, offset: u64) -> io::Result<()> {
+        // SAFETY: as for `read_to`, inside `src..src+len`.
+        self.transfer(len, offset, io::ErrorKind::WriteZero, |done, off| unsafe {
+            libc::pwrite64(self.file.as_raw_fd(), src.add(done).cast(), len - done, off)
+        })
+    }
+
+    /// Repeats `step(done, file offset)` until `len` bytes moved, retrying
+    /// interrupted calls; a call that moves nothing fails with `stalled`.
+    fn transfer(
+        &self,
+        len: usize,
+        offset: u64,
+        stalled: io::ErrorKind,
+        mut step: impl FnMut(usize, libc::off64_t) -> isize,
+    ) -> io::Result<()> {
         let mut done = 0;
         while done < len {
-            // SAFETY: the caller guarantees `src..src+len` is readable; we
-            // stay inside it.
-            let n = unsafe {
-                libc::pwrite64(
-                    self.file.as_raw_fd(),
-                    src.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as libc::off64_t,
-                )
-            };
-            match n {
+            match step(done, (offset + done as u64) as libc::off64_t) {
                 n if n < 0 => {
                     let err = io::Error::last_os_error();
                     if err.kind() != io::ErrorKind::Interrupted {
                         return Err(err);
                     }
                 }
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                0 => return Err(io::Error::from(stalled)),
                 n => done += n as usize,
             }
         }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tessera_tests::blkio_client::BlkioDisk;
@@ -123,10 +123,11 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool) -> Runni
     };
     command.stdout(std::process::Stdio::null());
     let running = Running::spawn(command);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        tessera_tests::wait_for_path(socket, Duration::from_secs(10)),
+        "{} never appeared",
+        socket.display()
+    );
     pin_to_cpu(running.pid(), 1);
     running
 }
