@@ -330,3 +330,19 @@ pub fn parse_virtio_mmio_device(value: &[u8]) -> VirtioMmioParse {
     }
     result
 }
+
+/// An unusable option value: printed as `<name>=<value>`.
+#[derive(Clone, Copy, Debug)]
+pub struct BadOption<'a> {
+    pub name: &'static str,
+    pub value: Option<&'a [u8]>,
+}
+
+impl core::fmt::Display for BadOption<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.value {
+            Some(value) => write!(f, "{}={}", self.name, crate::serial::Bytes(value)),
+            None => f.write_str(self.name),
+        }
+    }
+}

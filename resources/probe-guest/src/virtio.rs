@@ -312,16 +312,31 @@ impl Transport {
     /// accept `wanted & offered` (plus `VIRTIO_F_VERSION_1`), check that
     /// `required` is offered, set and verify FEATURES_OK.
     pub fn negotiate(&mut self, wanted: u64, required: u64) -> Result<u64, Error> {
-        self.reset()?;
-        self.set_status(status::ACKNOWLEDGE);
-        self.set_status(status::ACKNOWLEDGE | status::DRIVER);
-        let offered = self.device_features();
+        let offered = self.begin_negotiation()?;
         let required = required | F_VERSION_1;
         if offered & required != required {
             self.fail();
             return Err(Error::MissingFeatures(required & !offered));
         }
-        let accepted = offered & (wanted | required);
+        self.accept_features(offered & (wanted | required))
+    }
+
+    /// First half of [`Transport::negotiate`], for drivers that look at
+    /// device configuration space before choosing features (as Linux's
+    /// `validate` callbacks do, which the spec allows during feature
+    /// negotiation): reset, ACKNOWLEDGE, DRIVER; returns the offered
+    /// features. Finish with [`Transport::accept_features`].
+    pub fn begin_negotiation(&mut self) -> Result<u64, Error> {
+        self.reset()?;
+        self.set_status(status::ACKNOWLEDGE);
+        self.set_status(status::ACKNOWLEDGE | status::DRIVER);
+        Ok(self.device_features())
+    }
+
+    /// Second half of [`Transport::negotiate`]: writes `accepted` (which
+    /// must be a subset of the offered features), sets and verifies
+    /// FEATURES_OK.
+    pub fn accept_features(&mut self, accepted: u64) -> Result<u64, Error> {
         self.regs.write(reg::DRIVER_FEATURES_SEL, 0);
         self.regs.write(reg::DRIVER_FEATURES, accepted as u32);
         self.regs.write(reg::DRIVER_FEATURES_SEL, 1);
@@ -338,8 +353,8 @@ impl Transport {
     }
 
     /// Sets up queue `index` with at most [`QUEUE_SIZE`] descriptors.
-    pub fn setup_queue(&mut self, index: u16) -> Result<Virtqueue, Error> {
-        self.regs.write(reg::QUEUE_SEL, u32::from(index));
+    pub fn setup_queue(&mut self, index: u32) -> Result<Virtqueue, Error> {
+        self.regs.write(reg::QUEUE_SEL, index);
         if self.regs.read(reg::QUEUE_READY) != 0 {
             return Err(Error::QueueInUse);
         }
@@ -378,7 +393,22 @@ impl Transport {
     /// Tells the device that `queue` has new available buffers.
     pub fn notify(&self, queue: &Virtqueue) {
         mb();
-        self.regs.write(reg::QUEUE_NOTIFY, u32::from(queue.index));
+        self.regs.write(reg::QUEUE_NOTIFY, queue.index);
+    }
+
+    /// Like [`Transport::notify`], but skips the (trapping) register write
+    /// while the device has set `VIRTQ_USED_F_NO_NOTIFY` in the used ring,
+    /// as Linux's `virtqueue_kick_prepare` does without event indices.
+    /// Returns whether it notified.
+    pub fn notify_if_needed(&self, queue: &Virtqueue) -> bool {
+        // Publish the available index before reading the device's flag.
+        mb();
+        if queue.device_wants_notify() {
+            self.regs.write(reg::QUEUE_NOTIFY, queue.index);
+            true
+        } else {
+            false
+        }
     }
 
     /// Reads and acknowledges the interrupt status (for polling drivers
@@ -426,6 +456,14 @@ impl Transport {
         self.config_read(|r| r.read8(offset))
     }
 
+    /// Reads `N` consecutive config bytes with 8-bit accesses, all under
+    /// one config generation (e.g. a MAC address).
+    pub fn config_bytes<const N: usize>(&self, offset: u64) -> [u8; N] {
+        self.config_read(|r| {
+            core::array::from_fn(|i| r.read8(reg::CONFIG + (offset + i as u64) % CONFIG_SIZE))
+        })
+    }
+
     /// Reads a 64-bit config field as two 32-bit accesses (low word first,
     /// like Linux), both under one config generation.
     pub fn config_read64(&self, offset: u64) -> u64 {
@@ -463,10 +501,16 @@ impl Transport {
 pub const QUEUE_SIZE: u16 = 64;
 const QS: usize = QUEUE_SIZE as usize;
 /// Number of queues that can ever be set up (static pool).
-pub const MAX_QUEUES: usize = 12;
+pub const MAX_QUEUES: usize = 16;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT`: the driver polls, no used-buffer
+/// notifications wanted.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTQ_USED_F_NO_NOTIFY`: the device needs no available-buffer
+/// notifications for now.
+const USED_F_NO_NOTIFY: u16 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -600,7 +644,7 @@ pub struct Used {
 
 /// A split virtqueue driven by polling.
 pub struct Virtqueue {
-    index: u16,
+    index: u32,
     size: u16,
     mem: *mut QueueMem,
     pool_slot: usize,
@@ -615,7 +659,7 @@ pub struct Virtqueue {
 }
 
 impl Virtqueue {
-    fn new(index: u16, size: u16, pool_slot: usize, mem: *mut QueueMem) -> Virtqueue {
+    fn new(index: u32, size: u16, pool_slot: usize, mem: *mut QueueMem) -> Virtqueue {
         // SAFETY: `mem` is a pool slot owned exclusively by this queue and
         // the device does not know it yet.
         unsafe {
@@ -651,8 +695,24 @@ impl Virtqueue {
     }
 
     /// The queue index on the device.
-    pub fn index(&self) -> u16 {
+    pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Asks the device not to send used-buffer notifications (interrupts)
+    /// for this queue (`VIRTQ_AVAIL_F_NO_INTERRUPT`; only a hint).
+    pub fn disable_interrupts(&mut self) {
+        // SAFETY: the available ring belongs to our slot; the device only
+        // reads it.
+        unsafe { core::ptr::write_volatile(&raw mut (*self.mem).avail.flags, AVAIL_F_NO_INTERRUPT) };
+    }
+
+    /// False while the device has set `VIRTQ_USED_F_NO_NOTIFY`.
+    fn device_wants_notify(&self) -> bool {
+        // SAFETY: the used ring belongs to our slot; the device writes it,
+        // hence a volatile read. Any value is harmless.
+        let flags = unsafe { core::ptr::read_volatile(&raw const (*self.mem).used.flags) };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     /// Number of descriptors.

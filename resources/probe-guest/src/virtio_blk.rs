@@ -36,9 +36,9 @@ use core::fmt;
 use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::cmdline;
+use crate::cmdline::{self, BadOption};
 use crate::pit;
-use crate::serial::{Bytes, outln};
+use crate::serial::outln;
 use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
 
 /// virtio device id of the block device.
@@ -145,22 +145,6 @@ pub struct Options {
     pub sectors: u64,
     /// `probe.seed`.
     pub seed: u64,
-}
-
-/// An unusable option value: printed as `<name>=<value>`.
-#[derive(Clone, Copy, Debug)]
-pub struct BadOption<'a> {
-    pub name: &'static str,
-    pub value: Option<&'a [u8]>,
-}
-
-impl fmt::Display for BadOption<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.value {
-            Some(value) => write!(f, "{}={}", self.name, Bytes(value)),
-            None => f.write_str(self.name),
-        }
-    }
 }
 
 /// Reads `probe.blk`, `probe.blk_mib` and `probe.seed` (last one wins;
@@ -510,7 +494,7 @@ impl Blk {
         let mut min_size = u16::MAX;
         for q in 0..num_queues {
             let queue = t
-                .setup_queue(q as u16)
+                .setup_queue(q as u32)
                 .map_err(|e| Failure::SetupQueue(q, e))?;
             min_size = min_size.min(queue.size());
             self.queues[q] = Some(queue);

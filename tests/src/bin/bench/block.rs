@@ -193,6 +193,63 @@ fn run_fio(image: &Path, direct: bool, w: &Workload) -> Option<f64> {
     job[side]["iops"].as_f64()
 }
 
+/// MiB/s of the probe guest's sequential write and verify of `mib` MiB
+/// through tessera and our backend: the time from the probe naming the
+/// device to its result line. Under kvm_pvm this measures the emulated
+/// guest as much as the I/O path.
+fn through_tessera(runs: usize, mib: u64) -> Value {
+    let probe = tessera_tests::guest_artifacts().probe();
+    let mut out = json!({"probe_mib": mib});
+    for mode in ["write", "verify"] {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let disk = dir.path().join("disk.img");
+            std::fs::File::create(&disk)
+                .and_then(|f| f.set_len(2 * mib << 20))
+                .expect("disk");
+            if mode == "verify" {
+                // Verify reads what a write run left.
+                let mut config = tessera_tests::VmConfig::new(
+                    &probe,
+                    &format!("console=ttyS0 probe.blk=write probe.blk_mib={mib}"),
+                )
+                .to_json();
+                config["drives"] =
+                    json!([{"drive_id": "d", "path_on_host": disk, "is_root_device": false}]);
+                let path = dir.path().join("prep.json");
+                std::fs::write(&path, config.to_string()).expect("config");
+                let mut c = Command::new(workspace_bin("tessera"));
+                c.arg("--no-api").arg("--config-file").arg(&path);
+                let _ = tessera_tests::run_with_deadline(c, Duration::from_secs(120), |_, _| false);
+            }
+            let mut config = tessera_tests::VmConfig::new(
+                &probe,
+                &format!("console=ttyS0 probe.blk={mode} probe.blk_mib={mib}"),
+            )
+            .to_json();
+            config["drives"] =
+                json!([{"drive_id": "d", "path_on_host": disk, "is_root_device": false}]);
+            let path = dir.path().join("vm.json");
+            std::fs::write(&path, config.to_string()).expect("config");
+            let mut c = Command::new(workspace_bin("tessera"));
+            c.arg("--no-api").arg("--config-file").arg(&path);
+            let mut vm = Running::spawn(c);
+            vm.wait_until(Duration::from_secs(120), |o, _| {
+                o.contains("probe.virtio=0,2,")
+            });
+            let start = vm.elapsed();
+            vm.wait_until(Duration::from_secs(120), |o, _| o.contains("probe.blk0="));
+            let seconds = (vm.elapsed() - start).as_secs_f64();
+            let run = vm.finish();
+            assert!(run.stdout.contains("probe.blk0=ok"), "{}", run.describe());
+            rates.push(mib as f64 / seconds);
+        }
+        out[mode] = json!({"mib_per_s": summary(rates)});
+    }
+    out
+}
+
 /// The whole block report.
 pub fn bench_block(runs: usize) -> Value {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -245,5 +302,6 @@ pub fn bench_block(runs: usize) -> Value {
         "runs": runs,
         "frontend": "libblkio virtio-blk-vhost-user, 1 queue, CPU 0; backend on CPU 1",
         "rows": rows,
+        "through_tessera_probe_kvm_pvm": through_tessera(runs, 8),
     })
 }
