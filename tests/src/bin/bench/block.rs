@@ -206,7 +206,7 @@ fn through_tessera(runs: usize, mib: u64) -> Value {
             let dir = tempfile::tempdir().expect("tempdir");
             let disk = dir.path().join("disk.img");
             std::fs::File::create(&disk)
-                .and_then(|f| f.set_len(2 * mib << 20))
+                .and_then(|f| f.set_len((2 * mib) << 20))
                 .expect("disk");
             if mode == "verify" {
                 // Verify reads what a write run left.
