@@ -19,11 +19,13 @@ mod io;
 mod keyboard;
 mod mem;
 mod mptable;
+mod netproto;
 mod phys;
 mod pit;
 mod serial;
 mod virtio;
 mod virtio_blk;
+mod virtio_net;
 mod virtio_rng;
 
 use core::panic::PanicInfo;
@@ -70,8 +72,14 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     e820::report(&boot.e820, image, verbose);
     mptable::report(verbose);
 
-    probe_virtio(cmdline, &boot.e820, image);
-    ticks(cmdline);
+    let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
+    let ticked = ticks(cmdline, net.as_mut());
+    if let Some(mut net) = net {
+        if !ticked {
+            serve_net(&mut net.device, net.serve_ms);
+        }
+        net.device.finish();
+    }
     echo(cmdline);
 
     // SAFETY: 0xd000_0000 is inside the identity map and in the MMIO hole
@@ -90,6 +98,20 @@ struct VirtioContext<'a> {
     blk: Option<virtio_blk::Options>,
     /// virtio-blk devices seen so far (the `<i>` of `probe.blk<i>`).
     blk_count: u32,
+    /// `probe.net` options (`None`: network devices are only listed).
+    net: Option<virtio_net::Options>,
+    /// virtio-net devices seen so far (the `<i>` of `probe.net<i>`).
+    net_count: u32,
+    /// The network device being served (the first one, if it came up).
+    net_device: Option<virtio_net::Net>,
+    verbose: bool,
+}
+
+/// The network device served while the probe ticks.
+struct ServedNet {
+    device: virtio_net::Net,
+    /// `probe.net_serve_ms`: how long to serve if the probe does not tick.
+    serve_ms: u32,
 }
 
 impl VirtioContext<'_> {
@@ -105,9 +127,19 @@ impl VirtioContext<'_> {
 }
 
 /// Handles every `virtio_mmio.device=` parameter like Linux does.
-fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
+/// Returns the network device to serve, if one came up.
+fn probe_virtio(
+    cmdline: &[u8],
+    map: &e820::Map,
+    image: (u64, u64),
+    verbose: bool,
+) -> Option<ServedNet> {
     let blk = virtio_blk::options(cmdline).unwrap_or_else(|bad| {
         outln!("probe.blk_error=bad-value,{}", bad);
+        None
+    });
+    let net = virtio_net::options(cmdline).unwrap_or_else(|bad| {
+        outln!("probe.net_error=bad-value,{}", bad);
         None
     });
     let mut context = VirtioContext {
@@ -115,6 +147,10 @@ fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
         image,
         blk,
         blk_count: 0,
+        net,
+        net_count: 0,
+        net_device: None,
+        verbose,
     };
     // Linux's `vm_cmdline_id`: running platform device id.
     let mut next_id: i64 = 0;
@@ -138,6 +174,9 @@ fn probe_virtio(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) {
         next_id = i64::from((next_id as i32).wrapping_add(1));
         probe_virtio_device(index, device.base, &mut context);
     }
+    let device = context.net_device?;
+    let serve_ms = context.net.map_or(0, |o| o.serve_ms);
+    Some(ServedNet { device, serve_ms })
 }
 
 fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
@@ -181,30 +220,48 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             }
             virtio_blk::probe(blk_index, regs, &options);
         }
+        virtio_net::DEVICE_ID => {
+            let net_index = context.net_count;
+            context.net_count += 1;
+            // Only the first network device is driven.
+            let Some(options) = context.net.filter(|_| net_index == 0) else {
+                return;
+            };
+            if context.window_in_ram(base) {
+                outln!("probe.net{}=error setup base-in-ram", net_index);
+                return;
+            }
+            context.net_device = virtio_net::setup(net_index, regs, &options, context.verbose);
+        }
         _ => {}
     }
 }
 
 /// `probe.ticks=<N>`: prints `probe.tick=<i>` every 100 ms, N times
-/// (0 = forever).
-fn ticks(cmdline: &[u8]) {
+/// (0 = forever), serving `net` meanwhile. Returns false if `probe.ticks`
+/// is absent or unusable (the tick loop did not run).
+fn ticks(cmdline: &[u8], mut net: Option<&mut ServedNet>) -> bool {
     let Some(value) = cmdline::last_value(cmdline, "probe.ticks") else {
-        return;
+        return false;
     };
     let Some(count) = value.and_then(|v| cmdline::kstrtouint(v, 0)) else {
         outln!(
             "probe.ticks_error=bad-value,{}",
             Bytes(value.unwrap_or(b""))
         );
-        return;
+        return false;
     };
     let mut tick: u64 = 1;
     let mut keyboard = keyboard::CtrlAltDelWatch::new();
     while count == 0 || tick <= u64::from(count) {
         for _ in 0..ONESHOTS_PER_TICK {
-            if let Err(e) = pit::sleep_10ms() {
+            let slept = match net.as_deref_mut() {
+                Some(net) => pit::sleep_10ms_polling(|| net.device.poll()),
+                None => pit::sleep_10ms(),
+            };
+            if let Err(e) = slept {
                 outln!("probe.pit_error={}", e.name());
-                return;
+                return true;
             }
             if keyboard.poll() {
                 outln!("probe.ctrl_alt_del");
@@ -213,6 +270,29 @@ fn ticks(cmdline: &[u8]) {
         }
         outln!("probe.tick={}", tick);
         tick += 1;
+    }
+    true
+}
+
+/// Keyboard checks while serving without ticks: one every this many polls.
+const SERVE_POLLS_PER_KEYBOARD_CHECK: u32 = 256;
+
+/// `probe.net_serve_ms=<n>` without `probe.ticks`: serves the network
+/// device for about `ms` milliseconds, watching for Ctrl+Alt+Del.
+fn serve_net(net: &mut virtio_net::Net, ms: u32) {
+    if ms == 0 {
+        return;
+    }
+    let mut deadline = virtio_net::serve_deadline(ms);
+    let mut keyboard = keyboard::CtrlAltDelWatch::new();
+    let mut polls: u32 = 0;
+    while !deadline.expired() {
+        net.poll();
+        polls = polls.wrapping_add(1);
+        if polls.is_multiple_of(SERVE_POLLS_PER_KEYBOARD_CHECK) && keyboard.poll() {
+            outln!("probe.ctrl_alt_del");
+            io::reset();
+        }
     }
 }
 

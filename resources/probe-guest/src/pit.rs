@@ -95,6 +95,12 @@ pub fn present() -> bool {
 
 /// Busy-waits 10 ms.
 pub fn sleep_10ms() -> Result<(), Error> {
+    sleep_10ms_polling(|| {})
+}
+
+/// Busy-waits 10 ms, calling `poll` between reads of OUT2 (e.g. to serve
+/// a network device while ticking).
+pub fn sleep_10ms_polling(mut poll: impl FnMut()) -> Result<(), Error> {
     for _ in 0..ATTEMPTS {
         start(COUNT_10MS);
         if expired() {
@@ -104,6 +110,7 @@ pub fn sleep_10ms() -> Result<(), Error> {
             if expired() {
                 return Ok(());
             }
+            poll();
         }
         return Err(Error::Timeout);
     }

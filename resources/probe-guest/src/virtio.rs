@@ -704,7 +704,9 @@ impl Virtqueue {
     pub fn disable_interrupts(&mut self) {
         // SAFETY: the available ring belongs to our slot; the device only
         // reads it.
-        unsafe { core::ptr::write_volatile(&raw mut (*self.mem).avail.flags, AVAIL_F_NO_INTERRUPT) };
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*self.mem).avail.flags, AVAIL_F_NO_INTERRUPT)
+        };
     }
 
     /// False while the device has set `VIRTQ_USED_F_NO_NOTIFY`.

@@ -1,0 +1,346 @@
+//! The vhost-user net device: features, config space, and the two
+//! directions of each queue pair on its own worker thread. TX takes every
+//! frame the guest posted and writes it to the TAP. RX reads frames from
+//! the TAP (an edge-triggered listener in the worker's epoll) into the
+//! guest's RX buffers while it has some; when it has none the worker stops
+//! reading (no spinning, no loss: the TAP queues the frames) until the guest
+//! posts buffers and kicks.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::frame::{self, Received, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+const CONFIG_LEN: usize = 12;
+
+/// Settings of the device.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+    pub queue_pairs: usize,
+    pub queue_size: usize,
+}
+
+/// Frame counters, logged when the backend exits.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    pub tx_frames: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_dropped: AtomicU64,
+}
+
+/// A virtio-net device served over vhost-user, on a TAP.
+pub struct NetBackend {
+    taps: Vec<Tap>,
+    config: NetConfig,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: AtomicBool,
+    mergeable: AtomicBool,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    pub stats: NetStats,
+}
+
+impl NetBackend {
+    pub fn new(
+        taps: Vec<Tap>,
+        config: NetConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> io::Result<Self> {
+        let exits = (0..config.queue_pairs)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            taps,
+            config,
+            mem,
+            event_idx: AtomicBool::new(false),
+            mergeable: AtomicBool::new(false),
+            exits,
+            stats: NetStats::default(),
+        })
+    }
+
+    /// The TAP of each pair, for the epoll listeners.
+    pub fn taps(&self) -> &[Tap] {
+        &self.taps
+    }
+
+    /// The epoll data value of pair `pair`'s TAP listener.
+    pub fn tap_event(&self, pair: usize) -> u64 {
+        (2 * self.config.queue_pairs + 1 + pair) as u64
+    }
+
+    /// Wakes every worker thread so that it exits.
+    pub fn stop_workers(&self) {
+        for (_, notifier) in &self.exits {
+            let _ = notifier.notify();
+        }
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..6].copy_from_slice(&self.config.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c[8..10].copy_from_slice(&(self.config.queue_pairs as u16).to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        c
+    }
+
+    fn signal(&self, vring: &VringRwLock) -> io::Result<()> {
+        let notify = !self.event_idx.load(Ordering::Relaxed)
+            || vring.needs_notification().map_err(io::Error::other)?;
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Guest to TAP: sends every posted frame; bad frames are dropped and
+    /// counted, and each chain goes back to the guest.
+    fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut sent = 0;
+            while let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+            {
+                let head = chain.head_index();
+                let descriptors: Vec<Descriptor> = chain.collect();
+                match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
+                    Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
+                    Err(err) => {
+                        log::debug!("TX frame dropped: {err}");
+                        self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                vring.add_used(head, 0).map_err(io::Error::other)?;
+                sent += 1;
+            }
+            if sent > 0 {
+                self.signal(vring)?;
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// TAP to guest: fills the guest's RX buffers while both have some.
+    fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let mergeable = self.mergeable.load(Ordering::Relaxed);
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut delivered = 0;
+        loop {
+            // Take enough buffers for the largest frame (one without
+            // mergeable buffers: each chain must hold a whole frame).
+            let mut heads = Vec::new();
+            let mut chains = Vec::new();
+            let mut capacity = 0usize;
+            while capacity < MAX_FRAME_LEN + VNET_HDR_LEN && (mergeable || chains.is_empty()) {
+                let Some(chain) = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone())
+                else {
+                    break;
+                };
+                heads.push(chain.head_index());
+                let descriptors: Vec<Descriptor> = chain.collect();
+                capacity += descriptors.iter().map(|d| d.len() as usize).sum::<usize>();
+                chains.push(descriptors);
+            }
+            let rewind = |count: usize| {
+                let mut state = vring.get_mut();
+                for _ in 0..count {
+                    state.get_queue_mut().go_to_previous_position();
+                }
+            };
+            if chains.is_empty() {
+                // No buffers: stop until the guest posts some and kicks.
+                if event_idx && vring.enable_notification().map_err(io::Error::other)? {
+                    continue;
+                }
+                break;
+            }
+            match frame::receive(&chains, &mem, tap.as_raw_fd(), mergeable) {
+                Ok(Received::Empty) => {
+                    rewind(chains.len());
+                    break;
+                }
+                Ok(Received::Frame { used, .. }) => {
+                    rewind(chains.len() - used.len());
+                    for (head, len) in heads.iter().zip(&used) {
+                        vring.add_used(*head, *len).map_err(io::Error::other)?;
+                    }
+                    self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    delivered += 1;
+                }
+                Err(err) => {
+                    // The first chain is bad: give it back empty, keep the rest.
+                    log::debug!("RX buffer refused: {err}");
+                    rewind(chains.len() - 1);
+                    vring.add_used(heads[0], 0).map_err(io::Error::other)?;
+                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    delivered += 1;
+                }
+            }
+        }
+        if delivered > 0 {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2 * self.config.queue_pairs
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.config.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_TSO4
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_HOST_TSO4
+            | 1 << VIRTIO_NET_F_HOST_TSO6
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS;
+        if self.config.mtu.is_some() {
+            features |= 1 << VIRTIO_NET_F_MTU;
+        }
+        if self.config.queue_pairs > 1 {
+            features |= 1 << VIRTIO_NET_F_MQ;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        let has = |bit: u32| features & (1 << bit) != 0;
+        self.mergeable
+            .store(has(VIRTIO_NET_F_MRG_RXBUF), Ordering::Relaxed);
+        let mut offload = 0;
+        if has(VIRTIO_NET_F_GUEST_CSUM) {
+            offload |= TUN_F_CSUM;
+            if has(VIRTIO_NET_F_GUEST_TSO4) {
+                offload |= TUN_F_TSO4;
+            }
+            if has(VIRTIO_NET_F_GUEST_TSO6) {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        for tap in &self.taps {
+            if let Err(err) = tap.set_offload(offload) {
+                log::error!("{err}");
+            }
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
+        let mut out = space[start..end].to_vec();
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.config.queue_pairs)
+            .map(|p| 0b11u64 << (2 * p))
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exits.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if !evset.contains(EventSet::IN) {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let pair = thread_id;
+        let Some(tap) = self.taps.get(pair) else {
+            return Err(io::Error::other(format!("no queue pair {pair}")));
+        };
+        let event = usize::from(device_event);
+        let rx = vrings.get(2 * pair);
+        let tx = vrings.get(2 * pair + 1);
+        match (event, rx, tx) {
+            (e, _, Some(tx)) if e == 2 * pair + 1 => self.process_tx(tx, tap),
+            (e, Some(rx), _) if e == 2 * pair => self.process_rx(rx, tap),
+            // Frames before the guest set up its RX queue wait in the TAP;
+            // the guest's first RX kick picks them up.
+            (e, Some(rx), _) if e as u64 == self.tap_event(pair) => {
+                if rx.get_ref().get_queue().ready() {
+                    self.process_rx(rx, tap)
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(io::Error::other(format!("unexpected event {device_event}"))),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Frames between a guest's descriptor chains and the TAP: every
+//! guest-controlled value is checked (directions, lengths, addresses) before
+//! the data moves with one readv/writev straight to or from guest memory.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// The virtio-net header with VIRTIO_F_VERSION_1 (`virtio_net_hdr_v1`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Offset of `num_buffers` in that header.
+const NUM_BUFFERS_OFFSET: u64 = 10;
+/// The largest frame: a 64 KiB GSO packet with its Ethernet header.
+pub const MAX_FRAME_LEN: usize = 65_535 + 14;
+/// The most descriptors one frame may use.
+const MAX_DESCRIPTORS: usize = 256;
+
+/// Why a frame was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("a {0} chain has a descriptor with the wrong direction")]
+    WrongDirection(&'static str),
+    #[error("a {0} chain of {1} bytes is shorter than the virtio-net header")]
+    TooShort(&'static str, usize),
+    #[error("a TX frame of {0} bytes is larger than {MAX_FRAME_LEN} plus the header")]
+    TooLong(usize),
+    #[error("a chain has more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
+    #[error("guest memory at {addr:#x} (+{len}) is not mapped")]
+    BadAddress { addr: u64, len: u32 },
+    #[error("TAP I/O failed: {0}")]
+    Io(io::Error),
+}
+
+/// The iovecs of a chain's buffers, all of one direction.
+fn iovecs(
+    descriptors: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    writable: bool,
+    what: &'static str,
+    out: &mut Vec<libc::iovec>,
+) -> Result<usize, FrameError> {
+    if descriptors.len() > MAX_DESCRIPTORS {
+        return Err(FrameError::TooManyDescriptors);
+    }
+    let mut total = 0;
+    for desc in descriptors {
+        if desc.is_write_only() != writable {
+            return Err(FrameError::WrongDirection(what));
+        }
+        let bad = || FrameError::BadAddress {
+            addr: desc.addr().0,
+            len: desc.len(),
+        };
+        let slice = mem
+            .get_slice(desc.addr(), desc.len() as usize)
+            .map_err(|_| bad())?;
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: desc.len() as usize,
+        });
+        total += desc.len() as usize;
+    }
+    Ok(total)
+}
+
+/// Sends the frame in one TX chain (header and data, device-readable) to
+/// `fd`. Returns the bytes sent.
+pub fn transmit(
+    descriptors: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    fd: RawFd,
+) -> Result<usize, FrameError> {
+    let mut iov = Vec::with_capacity(descriptors.len());
+    let total = iovecs(descriptors, mem, false, "TX", &mut iov)?;
+    if total < VNET_HDR_LEN {
+        return Err(FrameError::TooShort("TX", total));
+    }
+    if total > MAX_FRAME_LEN + VNET_HDR_LEN {
+        return Err(FrameError::TooLong(total));
+    }
+    // SAFETY: every iovec addresses mapped guest memory checked above, and
+    // writev only reads it.
+    let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        return Err(FrameError::Io(io::Error::last_os_error()));
+    }
+    Ok(n as usize)
+}
+
+/// The outcome of reading one frame into RX chains.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Nothing to read.
+    Empty,
+    /// A frame of `len` bytes (header included) filled the first chains;
+    /// `used` says how many bytes each consumed chain got.
+    Frame { len: usize, used: Vec<u32> },
+}
+
+/// Reads one frame from `fd` into `chains` (device-writable buffers). With
+/// `mergeable` (VIRTIO_NET_F_MRG_RXBUF) a frame may span several chains and
+/// `num_buffers` in its header says how many; otherwise only the first
+/// chain is used.
+pub fn receive(
+    chains: &[Vec<Descriptor>],
+    mem: &GuestMemoryMmap,
+    fd: RawFd,
+    mergeable: bool,
+) -> Result<Received, FrameError> {
+    let usable = if mergeable {
+        chains.len()
+    } else {
+        chains.len().min(1)
+    };
+    let mut iov = Vec::new();
+    let mut capacities = Vec::with_capacity(usable);
+    for chain in &chains[..usable] {
+        let len = iovecs(chain, mem, true, "RX", &mut iov)?;
+        if len < VNET_HDR_LEN {
+            return Err(FrameError::TooShort("RX", len));
+        }
+        capacities.push(len);
+    }
+    if iov.is_empty() {
+        return Ok(Received::Empty);
+    }
+    // SAFETY: every iovec addresses mapped guest memory checked above,
+    // which the device may write.
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Ok(Received::Empty);
+        }
+        return Err(FrameError::Io(err));
+    }
+    let len = n as usize;
+    let mut used = Vec::new();
+    let mut left = len;
+    for capacity in capacities {
+        let take = left.min(capacity);
+        used.push(take as u32);
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    if mergeable {
+        if let Some(addr) = header_byte(&chains[0], NUM_BUFFERS_OFFSET) {
+            let num_buffers = used.len() as u16;
+            mem.write_obj(num_buffers.to_le(), addr)
+                .map_err(|_| FrameError::BadAddress {
+                    addr: addr.0,
+                    len: 2,
+                })?;
+        }
+    }
+    Ok(Received::Frame { len, used })
+}
+
+/// The guest address of byte `offset` of a chain, if the two bytes there
+/// lie in one descriptor.
+fn header_byte(chain: &[Descriptor], mut offset: u64) -> Option<GuestAddress> {
+    for desc in chain {
+        let len = u64::from(desc.len());
+        if offset + 2 <= len {
+            return desc.addr().checked_add(offset);
+        }
+        if offset < len {
+            return None;
+        }
+        offset -= len;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn chain(mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) -> Vec<Descriptor> {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .map(|(addr, len, write)| {
+                let flags = if *write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                RawDescriptor::from(Descriptor::new(*addr, *len, flags, 0))
+            })
+            .collect();
+        let queue = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 256);
+        queue.build_desc_chain(&raw).unwrap().collect()
+    }
+
+    #[test]
+    fn transmit_sends_header_and_frame_from_several_descriptors() {
+        let mem = memory();
+        let (tap, peer) = UnixDatagram::pair().unwrap();
+        mem.write_slice(&[0u8; 12], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xab; 60], GuestAddress(0x2000)).unwrap();
+        let c = chain(&mem, &[(0x1000, 12, false), (0x2000, 60, false)]);
+        assert_eq!(transmit(&c, &mem, tap.as_raw_fd()).unwrap(), 72);
+        let mut buf = [0u8; 100];
+        assert_eq!(peer.recv(&mut buf).unwrap(), 72);
+        assert_eq!(&buf[12..72], &[0xab; 60][..]);
+    }
+
+    #[test]
+    fn bad_tx_chains_are_refused() {
+        let mem = memory();
+        let (tap, _peer) = UnixDatagram::pair().unwrap();
+        let fd = tap.as_raw_fd();
+        let writable = chain(&mem, &[(0x1000, 64, true)]);
+        assert!(matches!(
+            transmit(&writable, &mem, fd),
+            Err(FrameError::WrongDirection("TX"))
+        ));
+        let short = chain(&mem, &[(0x1000, 8, false)]);
+        assert!(matches!(
+            transmit(&short, &mem, fd),
+            Err(FrameError::TooShort("TX", 8))
+        ));
+        let huge = chain(&mem, &[(0x1000, 0x2_0000, false)]);
+        assert!(matches!(
+            transmit(&huge, &mem, fd),
+            Err(FrameError::TooLong(_))
+        ));
+        let outside = chain(&mem, &[(0xf_ff00, 0x1000, false)]);
+        assert!(matches!(
+            transmit(&outside, &mem, fd),
+            Err(FrameError::BadAddress { .. })
+        ));
+    }
+
+    #[test]
+    fn receive_merges_chains_and_sets_num_buffers() {
+        let mem = memory();
+        let (tap, peer) = UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let frame: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        peer.send(&frame).unwrap();
+        let chains = vec![
+            chain(&mem, &[(0x1000, 1500, true)]),
+            chain(&mem, &[(0x4000, 1500, true)]),
+            chain(&mem, &[(0x7000, 1500, true)]),
+        ];
+        let got = receive(&chains, &mem, tap.as_raw_fd(), true).unwrap();
+        assert_eq!(
+            got,
+            Received::Frame {
+                len: 3000,
+                used: vec![1500, 1500]
+            }
+        );
+        let num_buffers: u16 = mem.read_obj(GuestAddress(0x1000 + 10)).unwrap();
+        assert_eq!(num_buffers, 2);
+        let mut second = [0u8; 1500];
+        mem.read_slice(&mut second, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&second[..], &frame[1500..]);
+        // Nothing more to read.
+        assert_eq!(
+            receive(&chains, &mem, tap.as_raw_fd(), true).unwrap(),
+            Received::Empty
+        );
+    }
+
+    #[test]
+    fn bad_rx_chains_are_refused() {
+        let mem = memory();
+        let (tap, _peer) = UnixDatagram::pair().unwrap();
+        let readable = vec![chain(&mem, &[(0x1000, 1500, false)])];
+        assert!(matches!(
+            receive(&readable, &mem, tap.as_raw_fd(), false),
+            Err(FrameError::WrongDirection("RX"))
+        ));
+        let tiny = vec![chain(&mem, &[(0x1000, 4, true)])];
+        assert!(matches!(
+            receive(&tiny, &mem, tap.as_raw_fd(), false),
+            Err(FrameError::TooShort("RX", 4))
+        ));
+    }
+}
