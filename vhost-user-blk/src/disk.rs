@@ -79,16 +79,12 @@ impl Disk {
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes for the whole call.
     pub unsafe fn read_to(&self, dst: *mut u8, len: usize, offset: u64) -> io::Result<()> {
-        // SAFETY: the caller's guarantee covers every chunk `transfer` asks
-        // for, which stays inside `dst..dst+len`.
-        self.transfer(
-            len,
-            offset,
-            io::ErrorKind::UnexpectedEof,
-            |done, off| unsafe {
-                libc::pread64(self.file.as_raw_fd(), dst.add(done).cast(), len - done, off)
-            },
-        )
+        let fd = self.file.as_raw_fd();
+        self.transfer(len, offset, io::ErrorKind::UnexpectedEof, |done, off| {
+            // SAFETY: the caller's guarantee covers every chunk `transfer`
+            // asks for, which stays inside `dst..dst+len`.
+            unsafe { libc::pread64(fd, dst.add(done).cast(), len - done, off) }
+        })
     }
 
     /// Writes `len` bytes from host memory at `src` to `offset`.
@@ -96,9 +92,10 @@ impl Disk {
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the whole call.
     pub unsafe fn write_from(&self, src: *const u8, len: usize, offset: u64) -> io::Result<()> {
-        // SAFETY: as for `read_to`, inside `src..src+len`.
-        self.transfer(len, offset, io::ErrorKind::WriteZero, |done, off| unsafe {
-            libc::pwrite64(self.file.as_raw_fd(), src.add(done).cast(), len - done, off)
+        let fd = self.file.as_raw_fd();
+        self.transfer(len, offset, io::ErrorKind::WriteZero, |done, off| {
+            // SAFETY: as for `read_to`, inside `src..src+len`.
+            unsafe { libc::pwrite64(fd, src.add(done).cast(), len - done, off) }
         })
     }
 

@@ -793,10 +793,10 @@ impl Blk {
         let Some(queue) = self.queues[q].as_mut() else {
             return Err(Failure::Stalled);
         };
-        // SAFETY: every buffer is in the static pool (never deallocated)
-        // this driver owns; it is only accessed through raw pointers, and
-        // the slot stays busy (its buffers untouched) until the chain
-        // comes back or the device is reset in `finish`.
+        // Every buffer is in the never-freed static pool this driver owns,
+        // reached only through raw pointers.
+        // SAFETY: the slot stays busy (its buffers untouched) until the
+        // chain comes back or the device is reset in `finish`.
         let head = unsafe { queue.add(&buffers[..n]) }.map_err(|error| Failure::Device {
             error,
             op,
@@ -950,10 +950,10 @@ unsafe fn fill_sector(dst: *mut u64, value: u64) {
 /// `src` must be 8-byte aligned and valid for reads of one sector.
 unsafe fn sector_holds(src: *const u64, value: u64) -> bool {
     let equal: u8;
-    // SAFETY: the caller guarantees the 512 bytes at `src` are readable;
-    // with the direction flag clear, `repe scasq` compares at most
-    // `rcx` = 64 words upwards from `src` and only reads memory. ZF is
-    // set after it iff the last compared word (so every word) matched.
+    // With the direction flag clear, `repe scasq` compares at most `rcx` =
+    // 64 words upwards from `src`; ZF is set iff every word matched.
+    // SAFETY: the caller guarantees the 512 bytes at `src` are readable,
+    // and the instruction only reads memory.
     unsafe {
         asm!(
             "repe scasq",

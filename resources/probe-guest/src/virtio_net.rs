@@ -654,10 +654,10 @@ impl Pair {
             len: BUF_SIZE as u32,
             device_writes: true,
         };
-        // SAFETY: the buffer is in the static pool this driver owns; it is
-        // not accessed until the device returns it through the used ring.
         // It cannot fail for lack of descriptors: each RX buffer is one
         // descriptor, and there are at most as many buffers as descriptors.
+        // SAFETY: the buffer is in the static pool this driver owns; it is
+        // not accessed until the device returns it through the used ring.
         if let Ok(head) = unsafe { self.rx.add(&[buffer]) } {
             self.rx_buf[usize::from(head)] = buf as u8;
         }
@@ -735,11 +735,11 @@ impl Pair {
             stats.dropped += 1;
             return false;
         }
+        let ptr = buf_addr(ctx.mem, ctx.pair, buf, false);
         // SAFETY: the device returned this buffer (it is no longer in
-        // flight) and `len` <= BUF_SIZE; nothing else refers to it until
+        // flight), `len` <= BUF_SIZE, and nothing else refers to it until
         // it is re-posted after this function.
-        let data =
-            unsafe { core::slice::from_raw_parts(buf_addr(ctx.mem, ctx.pair, buf, false), len) };
+        let data = unsafe { core::slice::from_raw_parts(ptr, len) };
         let Some((header, frame)) = data.split_first_chunk::<HDR_LEN>() else {
             stats.dropped += 1;
             return false;
