@@ -394,3 +394,33 @@ pub fn boot(config: &VmConfig, extra_args: &[&str], deadline: Duration) -> RunOu
 pub fn probe_cmdline(extra: &str) -> String {
     format!("console=ttyS0 {extra}").trim().to_string()
 }
+
+/// The pid of a child of `parent` whose command line contains `needle`,
+/// waiting up to 10 s for it to appear.
+pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if ppid == Some(&parent.to_string())
+                && String::from_utf8_lossy(&cmdline).contains(needle)
+            {
+                return Some(pid);
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}

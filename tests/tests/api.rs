@@ -219,6 +219,20 @@ fn invalid_requests_get_400_with_a_clear_message() {
         ),
         (
             "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tessera-none0"}"#.into(),
+            "no such network device",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "lo",
+                "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#
+                .into(),
+            "rate limiters are not supported",
+        ),
+        (
+            "PUT",
             "/actions",
             r#"{"action_type": "Reboot"}"#.into(),
             "unknown variant `Reboot`",

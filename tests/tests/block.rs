@@ -7,7 +7,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use tessera_tests::api::ApiVm;
@@ -199,7 +199,8 @@ fn a_killed_backend_fails_its_disk_only_and_the_vmm_lives() {
     );
     // Hold the guest while the backend dies.
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
-    let doomed = backend_pid(api.vm.pid(), &a).expect("the doomed drive's backend");
+    let doomed = tessera_tests::child_pid(api.vm.pid(), a.to_str().unwrap())
+        .expect("the doomed drive's backend");
     // SAFETY: kill sends a signal to a child process of the test's VMM.
     assert_eq!(unsafe { libc::kill(doomed as i32, libc::SIGKILL) }, 0);
     api.vm.wait_until(DEADLINE, |_, err| {
@@ -217,35 +218,6 @@ fn a_killed_backend_fails_its_disk_only_and_the_vmm_lives() {
         "{}",
         run.describe()
     );
-}
-
-/// The pid of the vhost-user-blk child of `vmm` that serves `path`.
-fn backend_pid(vmm: u32, path: &Path) -> Option<u32> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(1));
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if ppid == Some(&vmm.to_string())
-                && String::from_utf8_lossy(&cmdline).contains(path.to_str()?)
-            {
-                return Some(pid);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::arch::boot::{self, BootError};
 use crate::arch::cpuid::Topology;
 use crate::arch::layout;
 use crate::arch::regs::{self, RegsError};
-use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError};
+use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError, NetDeviceError};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::metrics::DeviceCounters;
@@ -41,8 +41,6 @@ pub enum StartMicrovmError {
     TooManyVcpus { wanted: u8, max: usize },
     #[error("KVM cannot report the CPUID it supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
-    #[error("{what} are not supported by Tessera yet (configured: {ids})")]
-    UnsupportedDevices { what: &'static str, ids: String },
     #[error("cannot open the serial output file {path}: {source}")]
     SerialOutput { path: String, source: io::Error },
     #[error(transparent)]
@@ -58,6 +56,8 @@ pub enum StartMicrovmError {
     #[error(transparent)]
     Block(#[from] BlockDeviceError),
     #[error(transparent)]
+    Net(#[from] NetDeviceError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventLoop(String),
@@ -69,14 +69,14 @@ impl StartMicrovmError {
         match self {
             Self::MissingBootSource
             | Self::TooManyVcpus { .. }
-            | Self::UnsupportedDevices { .. }
             | Self::Boot(BootError::NotAKernel { .. })
             | Self::Boot(BootError::Open { .. })
             | Self::Boot(BootError::InitrdTooBig { .. })
             | Self::Boot(BootError::Cmdline(_))
             | Self::Memory(MemoryError::MoreThanHost { .. })
             | Self::Memory(MemoryError::HugePageMultiple(_))
-            | Self::Block(_) => ExitCode::BadConfiguration,
+            | Self::Block(_)
+            | Self::Net(_) => ExitCode::BadConfiguration,
             _ => ExitCode::UnexpectedError,
         }
     }
@@ -91,6 +91,8 @@ pub struct BootOptions {
     pub serial_out: Option<PathBuf>,
     /// The vhost-user-blk backend binary (default: next to this executable).
     pub vhost_user_blk_bin: Option<PathBuf>,
+    /// The vhost-user-net backend binary (default: next to this executable).
+    pub vhost_user_net_bin: Option<PathBuf>,
     /// When the process started (wall clock and CPU time).
     pub start_wall: Instant,
     pub start_cpu: Duration,
@@ -121,6 +123,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuHandle>,
     i8042: Arc<Mutex<I8042>>,
     _block_devices: Vec<device_manager::BlockTransport>,
+    _net_devices: Vec<device_manager::NetTransport>,
     resources: VmResources,
     paused: bool,
     event_manager: EventManager<Subscriber>,
@@ -262,23 +265,6 @@ fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError>
     }
 }
 
-fn reject_unsupported_devices(resources: &VmResources) -> Result<(), StartMicrovmError> {
-    let list = |ids: Vec<&str>| ids.join(", ");
-    if !resources.network_interfaces.is_empty() {
-        return Err(StartMicrovmError::UnsupportedDevices {
-            what: "network interfaces",
-            ids: list(
-                resources
-                    .network_interfaces
-                    .iter()
-                    .map(|n| n.iface_id.as_str())
-                    .collect(),
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// Builds the microVM described by `resources` and starts its vCPUs.
 pub fn build_microvm(
     resources: &VmResources,
@@ -288,7 +274,6 @@ pub fn build_microvm(
         .boot_source
         .as_ref()
         .ok_or(StartMicrovmError::MissingBootSource)?;
-    reject_unsupported_devices(resources)?;
     let machine = &resources.machine_config;
 
     let kvm = Kvm::new().map_err(StartMicrovmError::Kvm)?;
@@ -344,6 +329,7 @@ pub fn build_microvm(
                 .clone()
                 .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-blk")),
             std::env::temp_dir(),
+            "drive",
         )
         .map_err(BlockDeviceError::from_spawner)?;
         device_manager::attach_block_devices(
@@ -352,6 +338,28 @@ pub fn build_microvm(
             &resources.drives,
             &spawner,
             u64::from(machine.vcpu_count),
+            &mut legacy.mmio_bus,
+            &mut cmdline,
+        )?
+    };
+    let net_devices = if resources.network_interfaces.is_empty() {
+        Vec::new()
+    } else {
+        let spawner = BackendSpawner::new(
+            options
+                .vhost_user_net_bin
+                .clone()
+                .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-net")),
+            std::env::temp_dir(),
+            "interface",
+        )
+        .map_err(NetDeviceError::from_spawner)?;
+        device_manager::attach_net_devices(
+            &vm,
+            &guest_memory,
+            &resources.network_interfaces,
+            &spawner,
+            block_devices.len(),
             &mut legacy.mmio_bus,
             &mut cmdline,
         )?
@@ -367,12 +375,13 @@ pub fn build_microvm(
     )?;
     regs::write_boot_tables(&guest_memory, kernel.entry)?;
     log::info!(
-        "loaded {} ({:?}), {} vCPUs, {} MiB, {} drive(s)",
+        "loaded {} ({:?}), {} vCPUs, {} MiB, {} drive(s), {} interface(s)",
         boot_source.kernel_image_path,
         kernel.entry,
         machine.vcpu_count,
         machine.mem_size_mib,
-        block_devices.len()
+        block_devices.len(),
+        net_devices.len()
     );
     let pio_bus = Arc::new(legacy.pio_bus);
     let mmio_bus = Arc::new(legacy.mmio_bus);
@@ -408,6 +417,10 @@ pub fn build_microvm(
             .map_err(|e| event_loop_err(&e))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
     }
+    for transport in &net_devices {
+        let monitor = device_manager::NetBackendMonitor::new(transport.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
+    }
 
     let terminal = TerminalGuard::raw_stdin();
     if terminal.is_some() {
@@ -433,6 +446,7 @@ pub fn build_microvm(
         vcpus: vcpu_handles,
         i8042: legacy.i8042,
         _block_devices: block_devices,
+        _net_devices: net_devices,
         resources: resources.clone(),
         paused: false,
         event_manager,

@@ -56,6 +56,10 @@ struct Cli {
     /// (default: the one next to this executable).
     #[arg(long, value_name = "PATH")]
     vhost_user_blk_bin: Option<PathBuf>,
+    /// The vhost-user-net binary started for interfaces with
+    /// `host_dev_name` (default: the one next to this executable).
+    #[arg(long, value_name = "PATH")]
+    vhost_user_net_bin: Option<PathBuf>,
 }
 
 /// Reports a fatal error on stderr (and in the log file, if there is one)
@@ -129,6 +133,7 @@ fn main() {
         boot_timer: cli.boot_timer,
         serial_out: cli.serial_out,
         vhost_user_blk_bin: cli.vhost_user_blk_bin,
+        vhost_user_net_bin: cli.vhost_user_net_bin,
         start_wall,
         start_cpu,
     };

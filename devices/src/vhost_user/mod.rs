@@ -5,5 +5,6 @@
 
 pub mod blk;
 mod frontend;
+pub mod net;
 
 pub use frontend::{FrontendError, VhostUserFrontend};

@@ -1,4 +1,5 @@
-//! Starts a device backend process for a drive that names a host file: the
+//! Starts a device backend process for a drive that names a host file or
+//! an interface that names a TAP: the
 //! VMM creates the listening socket, connects to it itself, removes its path
 //! (nobody else can connect), and hands the listening end to the backend as
 //! fd 3. The backend dies with the VMM (PR_SET_PDEATHSIG), and its exit is
@@ -13,7 +14,7 @@ use std::process::{Command, Stdio};
 /// Errors starting a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendProcessError {
-    #[error("the backend binary {0} does not exist; build it or pass --vhost-user-blk-bin")]
+    #[error("the backend binary {0} does not exist; build it or pass --vhost-user-blk-bin or --vhost-user-net-bin")]
     MissingBinary(String),
     #[error("cannot create the backend socket in {dir}: {source}")]
     Socket { dir: String, source: std::io::Error },
@@ -32,17 +33,28 @@ const BACKEND_LISTEN_FD: RawFd = 3;
 pub struct BackendSpawner {
     binary: PathBuf,
     run_dir: PathBuf,
+    /// What a device is called in log lines: "drive" or "interface".
+    kind: &'static str,
 }
 
 impl BackendSpawner {
-    /// Uses `binary`; sockets are created briefly in `run_dir`.
-    pub fn new(binary: PathBuf, run_dir: PathBuf) -> Result<Self, BackendProcessError> {
+    /// Uses `binary` for devices of `kind` ("drive", "interface"); sockets
+    /// are created briefly in `run_dir`.
+    pub fn new(
+        binary: PathBuf,
+        run_dir: PathBuf,
+        kind: &'static str,
+    ) -> Result<Self, BackendProcessError> {
         if !binary.is_file() {
             return Err(BackendProcessError::MissingBinary(
                 binary.display().to_string(),
             ));
         }
-        Ok(Self { binary, run_dir })
+        Ok(Self {
+            binary,
+            run_dir,
+            kind,
+        })
     }
 
     /// The default backend binary: `name` next to the running executable.
@@ -102,15 +114,16 @@ impl BackendSpawner {
         let pid = child.id();
         let id = id.to_string();
         let binary = self.binary.clone();
-        log::info!("drive {id}: started {} (pid {pid})", binary.display());
+        let kind = self.kind;
+        log::info!("{kind} {id}: started {} (pid {pid})", binary.display());
         std::thread::Builder::new()
             .name(format!("wait_{id}"))
             .spawn(move || match child.wait() {
                 Ok(status) if status.success() => {
-                    log::info!("drive {id}: backend (pid {pid}) exited: {status}")
+                    log::info!("{kind} {id}: backend (pid {pid}) exited: {status}")
                 }
-                Ok(status) => log::error!("drive {id}: backend (pid {pid}) died: {status}"),
-                Err(err) => log::error!("drive {id}: cannot wait for backend {pid}: {err}"),
+                Ok(status) => log::error!("{kind} {id}: backend (pid {pid}) died: {status}"),
+                Err(err) => log::error!("{kind} {id}: cannot wait for backend {pid}: {err}"),
             })
             .map_err(|source| BackendProcessError::Spawn {
                 binary: binary.display().to_string(),

@@ -1,16 +1,18 @@
 //! Attaches devices to the VM: the legacy devices on the port I/O bus, and
-//! the virtio-mmio devices (vhost-user block) in the MMIO hole, each with its
+//! the virtio-mmio devices (vhost-user block and net) in the MMIO hole, each with its
 //! ioeventfds, irqfd and kernel command-line entry.
 
 mod backend_monitor;
 mod backend_process;
 mod block;
 mod legacy;
+mod net;
 
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use block::{attach_block_devices, BlockDeviceError, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
+pub use net::{attach_net_devices, NetBackendMonitor, NetDeviceError, NetTransport};
 
 use crate::arch::layout;
 

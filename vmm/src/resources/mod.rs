@@ -46,6 +46,8 @@ pub enum ResourcesError {
     UnknownInterface(String),
     #[error("rate limiters are not supported by Tessera yet ({0})")]
     RateLimiter(String),
+    #[error("interface {id:?}: host_dev_name {name:?}: no such network device in the VMM's network namespace")]
+    NoSuchTap { id: String, name: String },
 }
 
 /// The top level of Firecracker's configuration file.
@@ -249,6 +251,23 @@ impl VmResources {
         iface: NetworkInterfaceConfig,
     ) -> Result<(), ResourcesError> {
         iface.validate()?;
+        let limited = [&iface.rx_rate_limiter, &iface.tx_rate_limiter]
+            .into_iter()
+            .any(|limiter| limiter.as_ref().is_some_and(limits_anything));
+        if limited {
+            return Err(ResourcesError::RateLimiter(format!(
+                "network interface {:?}",
+                iface.iface_id
+            )));
+        }
+        if let Some(name) = &iface.host_dev_name {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                return Err(ResourcesError::NoSuchTap {
+                    id: iface.iface_id.clone(),
+                    name: name.clone(),
+                });
+            }
+        }
         let clash = self.network_interfaces.iter().find(|other| {
             other.iface_id != iface.iface_id
                 && iface.guest_mac.is_some()
@@ -273,6 +292,16 @@ impl VmResources {
     }
 }
 
+/// Whether a rate limiter has any bucket: Firecracker clients often send
+/// `{"bandwidth": null, "ops": null}` or `{}` for "no limit".
+fn limits_anything(limiter: &serde_json::Value) -> bool {
+    match limiter {
+        serde_json::Value::Null => false,
+        serde_json::Value::Object(buckets) => buckets.values().any(|b| !b.is_null()),
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,7 +320,7 @@ mod tests {
               "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}},
               "drives": [{{"drive_id": "rootfs", "path_on_host": "{0}",
                           "is_root_device": true, "is_read_only": false}}],
-              "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+              "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "lo",
                                       "guest_mac": "06:00:ac:10:00:02"}}]
             }}"#,
             kernel_path()
@@ -306,7 +335,7 @@ mod tests {
         assert_eq!(res.drives.len(), 1);
         assert_eq!(
             res.network_interfaces[0].host_dev_name.as_deref(),
-            Some("tap0")
+            Some("lo")
         );
     }
 
@@ -357,8 +386,8 @@ mod tests {
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
                 "network-interfaces": [
-                  {{"iface_id": "a", "host_dev_name": "t0", "guest_mac": "06:00:00:00:00:01"}},
-                  {{"iface_id": "b", "host_dev_name": "t1", "guest_mac": "06:00:00:00:00:01"}}]}}"#
+                  {{"iface_id": "a", "host_dev_name": "lo", "guest_mac": "06:00:00:00:00:01"}},
+                  {{"iface_id": "b", "host_dev_name": "lo", "guest_mac": "06:00:00:00:00:01"}}]}}"#
         );
         let err = VmResources::from_json(&json).unwrap_err().to_string();
         assert!(err.contains("06:00:00:00:00:01"), "{err}");

@@ -1,0 +1,202 @@
+//! The VMM's half of a vhost-user network device: the feature set and the
+//! configuration space the guest's driver sees, turned into backend setup
+//! on activation. Frames never pass through the VMM.
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vhost_user::{FrontendError, VhostUserFrontend};
+use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
+
+/// The virtio device id of network devices.
+pub const VIRTIO_ID_NET: u32 = 1;
+/// mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
+const CONFIG_SPACE_LEN: usize = 12;
+/// Entries per queue the guest may use.
+pub const QUEUE_SIZE: u16 = 256;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Transport and ring features the VMM passes through to the guest.
+const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
+/// VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ: multiqueue needs a control
+/// queue, which this frontend does not serve yet, so the guest gets one pair.
+const UNSERVED_FEATURES: u64 = 1 << 17 | 1 << 22;
+/// One receive and one transmit queue.
+const QUEUES: usize = 2;
+
+/// Errors creating a network device.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserNetError {
+    #[error("interface {id}: cannot create an eventfd: {source}")]
+    EventFd { id: String, source: std::io::Error },
+    #[error("interface {id}: the backend does not offer VIRTIO_F_VERSION_1")]
+    NotVirtio1 { id: String },
+    #[error("interface {id}: the backend serves {queues} queue(s), a pair is needed")]
+    TooFewQueues { id: String, queues: usize },
+}
+
+/// A virtio-net device whose queues a vhost-user backend serves.
+pub struct VhostUserNet {
+    id: String,
+    frontend: VhostUserFrontend,
+    mem: GuestMemoryMmap,
+    features: u64,
+    queue_sizes: Vec<u16>,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    active_queues: usize,
+    failed: bool,
+}
+
+impl VhostUserNet {
+    /// Wraps a negotiated frontend; creates the kick and call eventfds of
+    /// one queue pair, for the caller to register as ioeventfds and irqfds.
+    pub fn new(
+        id: &str,
+        frontend: VhostUserFrontend,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self, VhostUserNetError> {
+        let features = frontend.backend_features();
+        if features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VhostUserNetError::NotVirtio1 { id: id.into() });
+        }
+        if frontend.queue_num() < QUEUES {
+            return Err(VhostUserNetError::TooFewQueues {
+                id: id.into(),
+                queues: frontend.queue_num(),
+            });
+        }
+        let eventfds = || {
+            (0..QUEUES)
+                .map(|_| {
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VhostUserNetError::EventFd {
+                        id: id.into(),
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Self {
+            id: id.to_string(),
+            features: features
+                & ((0xffff_ffff & !(0xf << 28) & !UNSERVED_FEATURES) | PASSTHROUGH_FEATURES),
+            frontend,
+            mem,
+            queue_sizes: vec![QUEUE_SIZE; QUEUES],
+            kicks: eventfds()?,
+            calls: eventfds()?,
+            active_queues: 0,
+            failed: false,
+        })
+    }
+
+    /// The interface id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Each queue's kick eventfd, for ioeventfd registration.
+    pub fn kick_fds(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
+    /// Each queue's call eventfd, for irqfd registration.
+    pub fn call_fds(&self) -> &[EventFd] {
+        &self.calls
+    }
+
+    /// The backend socket, to watch for hang-ups.
+    pub fn backend_fd(&self) -> std::os::fd::RawFd {
+        self.frontend.socket_fd()
+    }
+
+    /// The backend is gone. Unlike a disk, nothing waits on a network
+    /// queue: the guest's frames are simply no longer carried.
+    pub fn backend_failed(&mut self, what: &str, err: Option<FrontendError>) {
+        if !self.failed {
+            match err {
+                Some(err) => {
+                    log::error!("interface {}: the backend failed ({what}): {err}", self.id)
+                }
+                None => log::error!("interface {}: the backend is gone ({what})", self.id),
+            }
+        }
+        self.failed = true;
+    }
+}
+
+impl VirtioDevice for VhostUserNet {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Some(end) = (offset as usize).checked_add(data.len()) else {
+            return;
+        };
+        if self.failed || end > CONFIG_SPACE_LEN {
+            return;
+        }
+        match self.frontend.get_config(0, CONFIG_SPACE_LEN as u32) {
+            Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
+                // One queue pair, whatever the backend could serve.
+                space[8..10].copy_from_slice(&1u16.to_le_bytes());
+                data.copy_from_slice(&space[offset as usize..end]);
+            }
+            Ok(space) => log::warn!(
+                "interface {}: the backend's config space is {} bytes, not {CONFIG_SPACE_LEN}",
+                self.id,
+                space.len()
+            ),
+            Err(err) => self.backend_failed("config read", Some(err)),
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // virtio-net's configuration space is read-only for the driver.
+    }
+
+    fn activate(
+        &mut self,
+        acked_features: u64,
+        queues: &[QueueLayout],
+    ) -> Result<(), ActivateError> {
+        if self.failed {
+            return Err(ActivateError::Backend(format!(
+                "interface {}: the backend is gone",
+                self.id
+            )));
+        }
+        self.frontend
+            .activate(
+                &self.mem,
+                acked_features,
+                queues,
+                QUEUE_SIZE,
+                &self.kicks,
+                &self.calls,
+            )
+            .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
+        self.active_queues = queues.len();
+        log::info!("interface {}: active", self.id);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.failed {
+            return;
+        }
+        if let Err(err) = self.frontend.deactivate(self.active_queues) {
+            self.backend_failed("reset", Some(err));
+        }
+        self.active_queues = 0;
+    }
+}

@@ -1,0 +1,195 @@
+//! Network devices: one virtio-mmio device per interface, served by a
+//! `vhost-user-net` process: an external one (`socket`) or one the VMM
+//! starts for the interface's TAP (`host_dev_name`). They take the MMIO
+//! slots after the drives'.
+
+use std::os::fd::RawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use api_server::config::NetworkInterfaceConfig;
+use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
+use devices::vhost_user::{FrontendError, VhostUserFrontend};
+use devices::virtio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use devices::{Bus, BusError};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use kvm_ioctls::IoEventAddress;
+use linux_loader::loader::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::backend_process::{BackendProcessError, BackendSpawner};
+use super::virtio_mmio_slot;
+use crate::vstate::vm::{Vm, VmError};
+
+/// Queues a backend may offer: one pair is used.
+const MAX_QUEUES: u64 = 2;
+
+/// Errors attaching network devices.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    #[error("too many virtio devices: interface {0} has no MMIO slot or IRQ left")]
+    NoSlot(String),
+    #[error("interface {id}: {source}")]
+    Backend {
+        id: String,
+        source: BackendProcessError,
+    },
+    #[error("interface {id}: {source}")]
+    Frontend { id: String, source: FrontendError },
+    #[error(transparent)]
+    Device(#[from] VhostUserNetError),
+    #[error("interface {id}: cannot register its queue notification: {source}")]
+    IoEvent {
+        id: String,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("interface {id}: cannot add it to the kernel command line: {source}")]
+    Cmdline {
+        id: String,
+        source: linux_loader::cmdline::Error,
+    },
+}
+
+impl NetDeviceError {
+    /// A backend binary that cannot be used, before any interface is set up.
+    pub fn from_spawner(source: BackendProcessError) -> Self {
+        Self::Backend {
+            id: "(all)".into(),
+            source,
+        }
+    }
+}
+
+/// A network device on the MMIO bus.
+pub type NetTransport = Arc<Mutex<MmioTransport<VhostUserNet>>>;
+
+fn connect(
+    iface: &NetworkInterfaceConfig,
+    spawner: &BackendSpawner,
+) -> Result<VhostUserFrontend, NetDeviceError> {
+    let id = &iface.iface_id;
+    let frontend_err = |source| NetDeviceError::Frontend {
+        id: id.clone(),
+        source,
+    };
+    if let Some(socket) = &iface.socket {
+        return VhostUserFrontend::connect(Path::new(socket), MAX_QUEUES).map_err(frontend_err);
+    }
+    let mut args = vec![
+        "--tap".to_string(),
+        iface.host_dev_name.clone().unwrap_or_default(),
+    ];
+    if let Some(mac) = &iface.guest_mac {
+        args.extend(["--mac".to_string(), mac.clone()]);
+    }
+    if let Some(mtu) = iface.mtu {
+        args.extend(["--mtu".to_string(), mtu.to_string()]);
+    }
+    let stream = spawner
+        .spawn(id, &args)
+        .map_err(|source| NetDeviceError::Backend {
+            id: id.clone(),
+            source,
+        })?;
+    VhostUserFrontend::from_stream(stream, MAX_QUEUES).map_err(frontend_err)
+}
+
+/// Creates a device per interface from MMIO slot `first_slot` on, wires
+/// its queues (an ioeventfd per queue on QueueNotify, an irqfd per queue on
+/// its IRQ), puts it on the MMIO bus and adds its `virtio_mmio.device=`
+/// entry to `cmdline`.
+pub fn attach_net_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    ifaces: &[NetworkInterfaceConfig],
+    spawner: &BackendSpawner,
+    first_slot: usize,
+    mmio_bus: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<Vec<NetTransport>, NetDeviceError> {
+    let mut transports = Vec::new();
+    for (index, iface) in ifaces.iter().enumerate() {
+        let id = iface.iface_id.clone();
+        let (base, irq) = virtio_mmio_slot(first_slot + index)
+            .ok_or_else(|| NetDeviceError::NoSlot(id.clone()))?;
+        let frontend = connect(iface, spawner)?;
+        let device = VhostUserNet::new(&id, frontend, mem.clone())?;
+        for (queue, kick) in device.kick_fds().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    kick,
+                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| NetDeviceError::IoEvent {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        for call in device.call_fds() {
+            vm.register_irqfd(call, irq)?;
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
+        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        cmdline
+            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
+            .map_err(|source| NetDeviceError::Cmdline {
+                id: id.clone(),
+                source,
+            })?;
+        log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}");
+        transports.push(transport);
+    }
+    Ok(transports)
+}
+
+/// Watches one network backend's socket from the main event loop, so that
+/// a backend that dies is reported once, and the device stops using it.
+pub struct NetBackendMonitor {
+    transport: NetTransport,
+    socket_fd: RawFd,
+}
+
+impl NetBackendMonitor {
+    /// Watches the backend of `transport`.
+    pub fn new(transport: NetTransport) -> Self {
+        let socket_fd = transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device()
+            .backend_fd();
+        Self {
+            transport,
+            socket_fd,
+        }
+    }
+
+    fn hang_up_events(&self) -> Events {
+        Events::new_raw(
+            self.socket_fd,
+            EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
+        )
+    }
+}
+
+impl MutEventSubscriber for NetBackendMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(self.hang_up_events()) {
+            log::error!("cannot watch a network backend's socket: {err:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = ops.remove(self.hang_up_events());
+        self.transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device_mut()
+            .backend_failed("socket hang-up", None);
+    }
+}
