@@ -127,11 +127,16 @@ impl NetBackend {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mut sent = 0;
-            while let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone())
-            {
+            loop {
+                // Pop in its own statement: a `while let` would hold the
+                // vring lock through the body, and `add_used` takes it too.
+                let next = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = next else {
+                    break;
+                };
                 let head = chain.head_index();
                 let descriptors: Vec<Descriptor> = chain.collect();
                 match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
