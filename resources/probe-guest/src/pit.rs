@@ -126,6 +126,8 @@ pub struct Deadline {
     spins: u64,
     min_spins: u64,
     spins_per_check: u64,
+    /// Spins until the next OUT2 check.
+    until_check: u64,
     max_spins: u64,
 }
 
@@ -147,11 +149,13 @@ impl Deadline {
     /// check that sees OUT2 high only counts one 50 ms chunk.
     pub fn start_with(ms: u32, min_spins: u64, spins_per_check: u64, max_spins: u64) -> Deadline {
         start(CHUNK_COUNT);
+        let spins_per_check = spins_per_check.max(1);
         Deadline {
             chunks_left: ms.div_ceil(CHUNK_MS).max(1),
             spins: 0,
             min_spins,
-            spins_per_check: spins_per_check.max(1),
+            spins_per_check,
+            until_check: spins_per_check,
             max_spins,
         }
     }
@@ -162,7 +166,14 @@ impl Deadline {
         if self.spins >= self.max_spins {
             return true;
         }
-        if !self.spins.is_multiple_of(self.spins_per_check) || !expired() {
+        // A countdown rather than `spins % spins_per_check`: a division
+        // per spin is costly where instructions are emulated.
+        self.until_check -= 1;
+        if self.until_check > 0 {
+            return false;
+        }
+        self.until_check = self.spins_per_check;
+        if !expired() {
             return false;
         }
         self.chunks_left = self.chunks_left.saturating_sub(1);

@@ -659,6 +659,7 @@ pub struct Virtqueue {
 }
 
 impl Virtqueue {
+    /// `size` must be a power of two (at most [`QUEUE_SIZE`]).
     fn new(index: u32, size: u16, pool_slot: usize, mem: *mut QueueMem) -> Virtqueue {
         // SAFETY: `mem` is a pool slot owned exclusively by this queue and
         // the device does not know it yet.
@@ -732,6 +733,16 @@ impl Virtqueue {
         self.in_flight_count
     }
 
+    /// True if the used index moved since the last [`Virtqueue::pop_used`]
+    /// (one memory read: a cheap test before a full poll).
+    #[inline]
+    pub fn has_used(&self) -> bool {
+        // SAFETY: the used ring belongs to our slot; the device writes it,
+        // hence a volatile read. Any value is harmless here.
+        let idx = unsafe { core::ptr::read_volatile(&raw const (*self.mem).used.idx) };
+        idx != self.last_used
+    }
+
     /// Publishes a descriptor chain; returns its head index. Call
     /// [`Transport::notify`] afterwards.
     ///
@@ -756,19 +767,14 @@ impl Virtqueue {
                 flags |= DESC_F_NEXT;
             }
             // SAFETY: `index` < size (free list links stay in range); the
-            // descriptor is free, so the device is not reading it.
+            // descriptor is free, so the device is not reading it. Field
+            // by field: `next` already links the free list.
             unsafe {
                 let d = &raw mut (*mem).desc[usize::from(index)];
-                let next = (*d).next;
-                core::ptr::write_volatile(
-                    d,
-                    Desc {
-                        addr: b.addr,
-                        len: b.len,
-                        flags,
-                        next,
-                    },
-                );
+                let next = (&raw const (*d).next).read_volatile();
+                (&raw mut (*d).addr).write_volatile(b.addr);
+                (&raw mut (*d).len).write_volatile(b.len);
+                (&raw mut (*d).flags).write_volatile(flags);
                 if !last {
                     index = next;
                 } else {
@@ -779,7 +785,7 @@ impl Virtqueue {
         self.num_free -= buffers.len() as u16;
         self.in_flight[usize::from(head)] = true;
         self.in_flight_count += 1;
-        let slot = usize::from(self.avail_idx % self.size);
+        let slot = self.ring_slot(self.avail_idx);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // SAFETY: the available ring belongs to our slot; the ring entry is
         // written before the index that publishes it (barrier in between).
@@ -809,7 +815,7 @@ impl Virtqueue {
                 return Err(Error::BadUsedIdx(idx));
             }
             rmb();
-            let slot = usize::from(self.last_used % self.size);
+            let slot = self.ring_slot(self.last_used);
             core::ptr::read_volatile(&raw const (*mem).used.ring[slot])
         };
         let id = elem.id;
@@ -827,18 +833,30 @@ impl Virtqueue {
         }))
     }
 
+    /// Ring position of the free-running index `idx` (the size is a
+    /// power of two, so a mask, not a division).
+    fn ring_slot(&self, idx: u16) -> usize {
+        usize::from(idx & (self.size - 1))
+    }
+
     fn free_chain(&mut self, head: u16) {
         let mem = self.mem;
         let mut index = head;
         // Bounded walk: a corrupt chain cannot loop forever.
         for _ in 0..self.size {
             // SAFETY: `index` < size; descriptors are only written by us.
-            let d = unsafe { core::ptr::read_volatile(&raw const (*mem).desc[usize::from(index)]) };
+            let (flags, next) = unsafe {
+                let d = &raw const (*mem).desc[usize::from(index)];
+                (
+                    (&raw const (*d).flags).read_volatile(),
+                    (&raw const (*d).next).read_volatile(),
+                )
+            };
             self.num_free = (self.num_free + 1).min(self.size);
-            if d.flags & DESC_F_NEXT == 0 {
+            if flags & DESC_F_NEXT == 0 {
                 break;
             }
-            index = d.next % self.size;
+            index = next & (self.size - 1);
         }
         // Put the chain in front of the free list.
         let tail = index;

@@ -1,0 +1,143 @@
+//! Networking through `tessera` and our `vhost-user-net` backend, driven by
+//! the probe guest's virtio-net driver: the host pings the guest through a
+//! real TAP device inside a network namespace of the test's own, so no
+//! traffic leaves the machine.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_tests::{guest_artifacts, Running, VmConfig};
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const HOST_IP: &str = "10.77.0.1";
+const GUEST_IP: &str = "10.77.0.2";
+const GUEST_MAC: &str = "06:00:0a:4d:00:02";
+
+/// A network namespace holding `tap0` at `HOST_IP/24`; deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("tessera-{tag}-{}", std::process::id());
+        let netns = Self { name };
+        netns.ip(&["netns", "add", &netns.name]);
+        for args in [
+            &["tuntap", "add", "dev", "tap0", "mode", "tap"][..],
+            &["addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"],
+            &["link", "set", "tap0", "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            netns.ip(&[&["-n", &netns.name][..], args].concat());
+        }
+        netns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let status = Command::new("ip").args(args).status().expect("run ip");
+        assert!(status.success(), "ip {args:?} failed");
+    }
+
+    /// `program args` inside the namespace.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Boots the probe with one interface on `tap0` inside `netns` and waits
+/// until its driver is up.
+fn boot_probe(netns: &Netns, dir: &std::path::Path) -> Running {
+    let mut config = VmConfig::new(
+        guest_artifacts().probe(),
+        &format!("console=ttyS0 probe.net={GUEST_IP}/24 probe.net_serve_ms=100000"),
+    )
+    .mem_mib(256)
+    .to_json();
+    config["network-interfaces"] = json!([
+        {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}
+    ]);
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut command = netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
+    command.arg("--no-api").arg("--config-file").arg(&path);
+    let mut vm = Running::spawn(command);
+    vm.wait_until(DEADLINE, |out, _| {
+        out.split_once("probe.net0=")
+            .is_some_and(|(_, rest)| rest.contains('\n'))
+    });
+    assert!(
+        vm.stdout()
+            .contains(&format!("probe.net0=up mac={GUEST_MAC}")),
+        "stdout:\n{}\nstderr:\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    vm
+}
+
+fn ping(netns: &Netns, args: &[&str]) -> String {
+    let out = netns
+        .command("ping")
+        .args(args)
+        .arg(GUEST_IP)
+        .output()
+        .expect("run ping");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_host_pings_the_probe_through_a_tap_and_a_flood_all_comes_back() {
+    let netns = Netns::new("ping");
+    let dir = tempfile::tempdir().unwrap();
+    let vm = boot_probe(&netns, dir.path());
+
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(
+        out.contains("3 packets transmitted, 3 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    let out = ping(&netns, &["-f", "-c", "10000", "-W", "2"]);
+    assert!(
+        out.contains("10000 packets transmitted, 10000 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    let run = vm.finish();
+    assert!(run.stdout.contains("probe.net0=up"), "{}", run.describe());
+}
+
+#[test]
+fn a_killed_backend_leaves_the_vmm_and_the_guest_alive() {
+    let netns = Netns::new("kill");
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = boot_probe(&netns, dir.path());
+    let out = ping(&netns, &["-c", "1", "-W", "5"]);
+    assert!(out.contains("1 received"), "{out}");
+
+    let backend = tessera_tests::child_pid(vm.pid(), "vhost-user-net").expect("the backend");
+    // SAFETY: kill sends a signal to a child process of the test's VMM.
+    assert_eq!(unsafe { libc::kill(backend as i32, libc::SIGKILL) }, 0);
+    let exited = vm.wait_until(DEADLINE, |_, err| {
+        err.contains("interface eth0: the backend is gone")
+    });
+    assert!(!exited, "the VMM died with its backend\n{}", vm.stderr());
+    let out = ping(&netns, &["-c", "1", "-W", "1"]);
+    assert!(out.contains("0 received"), "{out}");
+    // The guest still runs: its serial console still answers the VMM.
+    std::thread::sleep(Duration::from_millis(500));
+    let run = vm.finish();
+    assert!(run.status.is_none(), "{}", run.describe());
+}
