@@ -180,7 +180,7 @@ main() {
 	stage=$tmp/root
 	mkdir -p "$stage"/{proc,sys,dev,tmp,etc,opt/tessera/bin,opt/l2}
 	stage_busybox "$stage"
-	stage_modules "$kernel_dir/lib/modules/$kver" "$stage" etc/modules.order kvm-amd
+	stage_modules "$kernel_dir/lib/modules/$kver" "$stage" etc/modules.order kvm-amd tun
 	for b in "${binaries[@]}"; do
 		stage_binary "$bin_dir/$b" "$stage"
 	done

@@ -195,6 +195,51 @@ JSON
 	fi
 }
 
+# L2 Linux on vhost-user-net over a TAP in L1, its eth0 set up by ip=:
+# L2 pings L1, and L1 pings L2, both with 1400-byte payloads.
+scenario_net() {
+	name=net
+	if ! tunctl -t tap0 >/dev/null || ! ip addr add 10.99.0.1/24 dev tap0 ||
+		! ip link set tap0 up; then
+		fail net "cannot set up tap0 in L1"
+		return
+	fi
+	cat >/tmp/net.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+                  "boot_args": "$BASE_ARGS ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off tessera.ping=10.99.0.1 tessera.wait=15 tessera.halt=1"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:63:00:02"}]
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --no-api --config-file /tmp/net.json \
+		</dev/null >/tmp/net.out 2>/tmp/net.err &
+	vm=$!
+	waited=0
+	while ! grep -q "^tessera.ping=" /tmp/net.out && [ $waited -lt 90 ]; do
+		sleep 1
+		waited=$((waited + 1))
+	done
+	set -- $(ping -c 5 -W 2 -s 1400 10.99.0.2 2>&1 | grep 'packets transmitted')
+	l1_received=${4:-0}
+	wait $vm
+	status=$?
+	out=/tmp/net.out
+	guest_ping=$(value tessera.ping "$out")
+	guest_addr=$(value tessera.eth0 "$out")
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP "$out"; then
+		fail net "status $status: $(why net)"
+	elif [ "$guest_addr" != 10.99.0.2/24 ]; then
+		fail net "the guest's eth0 is $guest_addr, want 10.99.0.2/24: $(why net)"
+	elif [ "${guest_ping%% *}" != ok ]; then
+		fail net "L2 -> L1 ping: $guest_ping"
+	elif [ "$l1_received" != 5 ]; then
+		fail net "L1 -> L2 ping: $l1_received of 5 replies"
+	else
+		ok net "eth0=$guest_addr on vhost-user-net; L2 -> L1 ping $guest_ping, L1 -> L2 5/5"
+	fi
+}
+
 scenario_blk_root() { scenario_blk false; }
 scenario_blk_readonly() { scenario_blk true; }
 
@@ -231,7 +276,7 @@ scenario_bench() {
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | stock_kernel | bench)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

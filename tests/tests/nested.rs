@@ -16,6 +16,7 @@ const SCENARIOS: &[&str] = &[
     "ctrl_alt_del",
     "blk_root",
     "blk_readonly",
+    "net",
     "stock_kernel",
 ];
 /// A hard bound for the whole QEMU run; it takes about 25 s on 2 cores.
