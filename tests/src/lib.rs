@@ -5,6 +5,7 @@
 pub mod api;
 pub mod blkio_client;
 pub mod nested;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::io::Read;

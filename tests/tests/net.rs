@@ -3,58 +3,15 @@
 //! real TAP device inside a network namespace of the test's own, so no
 //! traffic leaves the machine.
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
+use tessera_tests::netns::Netns;
 use tessera_tests::{guest_artifacts, Running, VmConfig};
 
 const DEADLINE: Duration = Duration::from_secs(120);
-const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const GUEST_MAC: &str = "06:00:0a:4d:00:02";
-
-/// A network namespace holding `tap0` at `HOST_IP/24`; deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("tessera-{tag}-{}", std::process::id());
-        let netns = Self { name };
-        netns.ip(&["netns", "add", &netns.name]);
-        for args in [
-            &["tuntap", "add", "dev", "tap0", "mode", "tap"][..],
-            &["addr", "add", &format!("{HOST_IP}/24"), "dev", "tap0"],
-            &["link", "set", "tap0", "up"],
-            &["link", "set", "lo", "up"],
-        ] {
-            netns.ip(&[&["-n", &netns.name][..], args].concat());
-        }
-        netns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        let status = Command::new("ip").args(args).status().expect("run ip");
-        assert!(status.success(), "ip {args:?} failed");
-    }
-
-    /// `program args` inside the namespace.
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name, program]);
-        command
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// Boots the probe with one interface on `tap0` inside `netns` and waits
 /// until its driver is up.
@@ -99,7 +56,7 @@ fn ping(netns: &Netns, args: &[&str]) -> String {
 
 #[test]
 fn the_host_pings_the_probe_through_a_tap_and_a_flood_all_comes_back() {
-    let netns = Netns::new("ping");
+    let netns = Netns::with_tap("ping", "10.77.0.1/24");
     let dir = tempfile::tempdir().unwrap();
     let vm = boot_probe(&netns, dir.path());
 
@@ -121,7 +78,7 @@ fn the_host_pings_the_probe_through_a_tap_and_a_flood_all_comes_back() {
 
 #[test]
 fn a_killed_backend_leaves_the_vmm_and_the_guest_alive() {
-    let netns = Netns::new("kill");
+    let netns = Netns::with_tap("kill", "10.77.0.1/24");
     let dir = tempfile::tempdir().unwrap();
     let mut vm = boot_probe(&netns, dir.path());
     let out = ping(&netns, &["-c", "1", "-W", "5"]);

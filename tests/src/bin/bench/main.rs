@@ -13,11 +13,14 @@
 //!
 //! With `--linux-guest DIR` it boots Linux from DIR instead and measures
 //! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
-//! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested).
+//! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
+//! `--block` and `--net` measure the device backends (see block.rs, net.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested] [--runs N] [--out FILE]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net]
+//!        [--runs N] [--out FILE]
 
 mod block;
+mod net;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -123,10 +126,12 @@ enum Mode {
     Nested,
     /// The block backend through libblkio, beside qemu-storage-daemon and fio.
     Block,
+    /// ICMP echo through tessera and vhost-user-net, beside a host veth.
+    Net,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -137,6 +142,7 @@ fn main() {
         match arg.as_str() {
             "--nested" => mode = Mode::Nested,
             "--block" => mode = Mode::Block,
+            "--net" => mode = Mode::Net,
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             "--out" => out = args.next().expect(USAGE),
@@ -148,6 +154,7 @@ fn main() {
         Mode::Linux(dir) => bench_linux(&dir, runs),
         Mode::Nested => bench_nested(runs),
         Mode::Block => block::bench_block(runs),
+        Mode::Net => net::bench_net(runs),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&out, &text).expect("write the results");
