@@ -196,7 +196,8 @@ JSON
 }
 
 # L2 Linux on vhost-user-net over a TAP in L1, its eth0 set up by ip=:
-# L2 pings L1, and L1 pings L2, both with 1400-byte payloads.
+# L2 pings L1 and L1 pings L2 (1400-byte payloads), then 16 MiB go over
+# HTTP (busybox httpd and wget) each way and their md5 sums must match.
 scenario_net() {
 	name=net
 	if ! tunctl -t tap0 >/dev/null || ! ip addr add 10.99.0.1/24 dev tap0 ||
@@ -204,10 +205,14 @@ scenario_net() {
 		fail net "cannot set up tap0 in L1"
 		return
 	fi
+	mkdir -p /tmp/www
+	yes TESSERA | head -c 16777216 >/tmp/www/blob
+	want=$(md5sum </tmp/www/blob | cut -d' ' -f1)
+	httpd -p 8080 -h /tmp/www
 	cat >/tmp/net.json <<JSON
 {
   "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
-                  "boot_args": "$BASE_ARGS ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off tessera.ping=10.99.0.1 tessera.wait=15 tessera.halt=1"},
+                  "boot_args": "$BASE_ARGS ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off tessera.ping=10.99.0.1 tessera.transfer=10.99.0.1 tessera.wait=30 tessera.halt=1"},
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
   "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:63:00:02"}]
 }
@@ -216,17 +221,19 @@ JSON
 		</dev/null >/tmp/net.out 2>/tmp/net.err &
 	vm=$!
 	waited=0
-	while ! grep -q "^tessera.ping=" /tmp/net.out && [ $waited -lt 90 ]; do
+	while ! grep -q "^tessera.fetch=" /tmp/net.out && [ $waited -lt 90 ]; do
 		sleep 1
 		waited=$((waited + 1))
 	done
 	set -- $(ping -c 5 -W 2 -s 1400 10.99.0.2 2>&1 | grep 'packets transmitted')
 	l1_received=${4:-0}
+	got_from_l2=$(wget -q -O - http://10.99.0.2:8080/blob | md5sum | cut -d' ' -f1)
 	wait $vm
 	status=$?
 	out=/tmp/net.out
 	guest_ping=$(value tessera.ping "$out")
 	guest_addr=$(value tessera.eth0 "$out")
+	got_by_l2=$(value tessera.fetch "$out")
 	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP "$out"; then
 		fail net "status $status: $(why net)"
 	elif [ "$guest_addr" != 10.99.0.2/24 ]; then
@@ -235,9 +242,14 @@ JSON
 		fail net "L2 -> L1 ping: $guest_ping"
 	elif [ "$l1_received" != 5 ]; then
 		fail net "L1 -> L2 ping: $l1_received of 5 replies"
+	elif [ "$got_by_l2" != "$want" ]; then
+		fail net "16 MiB L1 -> L2: md5 $got_by_l2, want $want"
+	elif [ "$got_from_l2" != "$want" ]; then
+		fail net "16 MiB L2 -> L1: md5 $got_from_l2, want $want"
 	else
-		ok net "eth0=$guest_addr on vhost-user-net; L2 -> L1 ping $guest_ping, L1 -> L2 5/5"
+		ok net "eth0=$guest_addr on vhost-user-net; L2 -> L1 ping $guest_ping, L1 -> L2 5/5; 16 MiB over HTTP each way, md5 $want"
 	fi
+	kill "$(pidof httpd)" 2>/dev/null
 }
 
 scenario_blk_root() { scenario_blk false; }
