@@ -36,7 +36,9 @@ const CONFIG_LEN: usize = 12;
 /// Settings of the device.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
-    pub mac: [u8; 6],
+    /// Offered with VIRTIO_NET_F_MAC; without it the guest picks a random
+    /// address, so that interfaces without one never share a MAC.
+    pub mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
     pub queue_pairs: usize,
     pub queue_size: usize,
@@ -101,7 +103,7 @@ impl NetBackend {
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
-        c[0..6].copy_from_slice(&self.config.mac);
+        c[0..6].copy_from_slice(&self.config.mac.unwrap_or_default());
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c[8..10].copy_from_slice(&(self.config.queue_pairs as u16).to_le_bytes());
         c[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
@@ -249,8 +251,10 @@ impl VhostUserBackend for NetBackend {
             | 1 << VIRTIO_NET_F_HOST_TSO4
             | 1 << VIRTIO_NET_F_HOST_TSO6
             | 1 << VIRTIO_NET_F_MRG_RXBUF
-            | 1 << VIRTIO_NET_F_MAC
             | 1 << VIRTIO_NET_F_STATUS;
+        if self.config.mac.is_some() {
+            features |= 1 << VIRTIO_NET_F_MAC;
+        }
         if self.config.mtu.is_some() {
             features |= 1 << VIRTIO_NET_F_MTU;
         }

@@ -42,7 +42,8 @@ struct Cli {
     /// The largest queue the frontend may set up (a power of two).
     #[arg(long, default_value_t = 1024)]
     queue_size: u16,
-    /// The guest's MAC address.
+    /// The guest's MAC address (VIRTIO_NET_F_MAC); without it the guest
+    /// picks a random one.
     #[arg(long, value_name = "MAC")]
     mac: Option<String>,
     /// The MTU offered to the guest (VIRTIO_NET_F_MTU).
@@ -81,8 +82,8 @@ fn main() -> ExitCode {
         );
     }
     let mac = match cli.mac.as_deref().map(parse_mac) {
-        None => [0x06, 0x00, 0x00, 0x00, 0x00, 0x01],
-        Some(Some(mac)) => mac,
+        None => None,
+        Some(Some(mac)) => Some(mac),
         Some(None) => {
             return fail(
                 2,
