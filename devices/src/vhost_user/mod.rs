@@ -6,5 +6,7 @@
 pub mod blk;
 mod frontend;
 pub mod net;
+mod queues;
 
 pub use frontend::{FrontendError, VhostUserFrontend};
+pub use queues::VhostUserQueues;

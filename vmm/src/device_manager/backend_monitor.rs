@@ -23,8 +23,9 @@ impl BackendMonitor {
     pub fn new(transport: BlockTransport) -> std::io::Result<Self> {
         let guard = transport.lock().unwrap_or_else(|p| p.into_inner());
         let device = guard.device();
-        let socket_fd = device.backend_fd();
+        let socket_fd = device.queues().backend_fd();
         let kicks = device
+            .queues()
             .kick_fds()
             .iter()
             .map(EventFd::try_clone)

@@ -9,15 +9,14 @@ use std::sync::{Arc, Mutex};
 use api_server::config::BlockDeviceConfig;
 use devices::vhost_user::blk::{VhostUserBlock, VhostUserBlockError};
 use devices::vhost_user::{FrontendError, VhostUserFrontend};
-use devices::virtio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
-use devices::{Bus, BusError};
-use kvm_ioctls::IoEventAddress;
+use devices::virtio::MmioTransport;
+use devices::Bus;
 use linux_loader::loader::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::backend_process::{BackendProcessError, BackendSpawner};
-use super::virtio_mmio_slot;
-use crate::vstate::vm::{Vm, VmError};
+use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
+use crate::vstate::vm::Vm;
 
 /// The most queues a block device gets.
 pub const MAX_QUEUES: u64 = 8;
@@ -38,15 +37,8 @@ pub enum BlockDeviceError {
     Frontend { id: String, source: FrontendError },
     #[error(transparent)]
     Device(#[from] VhostUserBlockError),
-    #[error("drive {id}: cannot register its queue notification: {source}")]
-    IoEvent {
-        id: String,
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error(transparent)]
-    Bus(#[from] BusError),
+    #[error("drive {id}: {source}")]
+    Attach { id: String, source: MmioSlotError },
     #[error("drive {id}: cannot add it to the kernel command line: {source}")]
     Cmdline {
         id: String,
@@ -128,30 +120,17 @@ pub fn attach_block_devices(
             virtio_mmio_slot(index).ok_or_else(|| BlockDeviceError::NoSlot(id.clone()))?;
         let frontend = connect(drive, spawner, queues.clamp(1, MAX_QUEUES))?;
         let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
-        for (queue, kick) in device.kick_fds().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    kick,
-                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                    queue as u32,
-                )
-                .map_err(|source| BlockDeviceError::IoEvent {
-                    id: id.clone(),
-                    source,
-                })?;
-        }
-        for call in device.call_fds() {
-            vm.register_irqfd(call, irq)?;
-        }
+        let attach_err = |source| BlockDeviceError::Attach {
+            id: id.clone(),
+            source,
+        };
+        wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
         let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
         let cmdline_err = |source| BlockDeviceError::Cmdline {
             id: id.clone(),
             source,
         };
-        cmdline
-            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
-            .map_err(cmdline_err)?;
         if drive.is_root_device {
             let root = match &drive.partuuid {
                 Some(uuid) => format!("root=PARTUUID={uuid}"),

@@ -14,7 +14,17 @@ pub use block::{attach_block_devices, BlockDeviceError, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{attach_net_devices, NetBackendMonitor, NetDeviceError, NetTransport};
 
+use std::sync::{Arc, Mutex};
+
+use devices::vhost_user::VhostUserQueues;
+use devices::virtio::{MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use devices::{Bus, BusDevice, BusError};
+use kvm_ioctls::IoEventAddress;
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestAddress;
+
 use crate::arch::layout;
+use crate::vstate::vm::{Vm, VmError};
 
 /// The first IRQ for virtio-mmio devices (0-4 are legacy devices').
 const FIRST_VIRTIO_IRQ: u32 = 5;
@@ -30,6 +40,58 @@ pub fn virtio_mmio_slot(index: usize) -> Option<(u64, u32)> {
     }
     let base = layout::BOOT_TIMER_START + layout::BOOT_TIMER_SIZE * (index as u64 + 1);
     Some((base, irq))
+}
+
+/// Errors placing a vhost-user device in its virtio-mmio slot.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioSlotError {
+    #[error("cannot register its queue notification: {0}")]
+    IoEvent(kvm_ioctls::Error),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot add it to the kernel command line: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+}
+
+/// Connects the guest straight to the backend: an ioeventfd per queue on
+/// the slot's QueueNotify register (matching the queue index) and an irqfd
+/// per queue on the slot's IRQ.
+pub fn wire_queues(
+    vm: &Vm,
+    base: u64,
+    irq: u32,
+    queues: &VhostUserQueues,
+) -> Result<(), MmioSlotError> {
+    for (index, kick) in queues.kick_fds().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(
+                kick,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                index as u32,
+            )
+            .map_err(MmioSlotError::IoEvent)?;
+    }
+    for call in queues.call_fds() {
+        vm.register_irqfd(call, irq)?;
+    }
+    Ok(())
+}
+
+/// Puts a virtio-mmio transport on the MMIO bus at `base` and tells the
+/// guest kernel where it is (`virtio_mmio.device=`).
+pub fn place_on_bus(
+    transport: Arc<Mutex<dyn BusDevice>>,
+    base: u64,
+    irq: u32,
+    mmio_bus: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<(), MmioSlotError> {
+    mmio_bus.insert(transport, base, MMIO_WINDOW_SIZE)?;
+    cmdline
+        .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
+        .map_err(MmioSlotError::Cmdline)
 }
 
 #[cfg(test)]

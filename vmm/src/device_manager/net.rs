@@ -10,17 +10,16 @@ use std::sync::{Arc, Mutex};
 use api_server::config::NetworkInterfaceConfig;
 use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
 use devices::vhost_user::{FrontendError, VhostUserFrontend};
-use devices::virtio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
-use devices::{Bus, BusError};
+use devices::virtio::MmioTransport;
+use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend_process::{BackendProcessError, BackendSpawner};
-use super::virtio_mmio_slot;
-use crate::vstate::vm::{Vm, VmError};
+use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
+use crate::vstate::vm::Vm;
 
 /// Queues a backend may offer: one pair is used.
 const MAX_QUEUES: u64 = 2;
@@ -39,20 +38,8 @@ pub enum NetDeviceError {
     Frontend { id: String, source: FrontendError },
     #[error(transparent)]
     Device(#[from] VhostUserNetError),
-    #[error("interface {id}: cannot register its queue notification: {source}")]
-    IoEvent {
-        id: String,
-        source: kvm_ioctls::Error,
-    },
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    #[error(transparent)]
-    Bus(#[from] BusError),
-    #[error("interface {id}: cannot add it to the kernel command line: {source}")]
-    Cmdline {
-        id: String,
-        source: linux_loader::cmdline::Error,
-    },
+    #[error("interface {id}: {source}")]
+    Attach { id: String, source: MmioSlotError },
 }
 
 impl NetDeviceError {
@@ -119,29 +106,13 @@ pub fn attach_net_devices(
             .ok_or_else(|| NetDeviceError::NoSlot(id.clone()))?;
         let frontend = connect(iface, spawner)?;
         let device = VhostUserNet::new(&id, frontend, mem.clone())?;
-        for (queue, kick) in device.kick_fds().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(
-                    kick,
-                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                    queue as u32,
-                )
-                .map_err(|source| NetDeviceError::IoEvent {
-                    id: id.clone(),
-                    source,
-                })?;
-        }
-        for call in device.call_fds() {
-            vm.register_irqfd(call, irq)?;
-        }
+        let attach_err = |source| NetDeviceError::Attach {
+            id: id.clone(),
+            source,
+        };
+        wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
         let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
-        cmdline
-            .add_virtio_mmio_device(MMIO_WINDOW_SIZE, GuestAddress(base), irq, None)
-            .map_err(|source| NetDeviceError::Cmdline {
-                id: id.clone(),
-                source,
-            })?;
+        place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
         log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}");
         transports.push(transport);
     }
@@ -162,6 +133,7 @@ impl NetBackendMonitor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .device()
+            .queues()
             .backend_fd();
         Self {
             transport,

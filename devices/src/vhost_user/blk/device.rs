@@ -6,9 +6,8 @@ use std::sync::atomic::Ordering;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::vhost_user::{FrontendError, VhostUserFrontend};
+use crate::vhost_user::{FrontendError, VhostUserFrontend, VhostUserQueues};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of block devices.
@@ -35,13 +34,9 @@ pub enum VhostUserBlockError {
 /// A virtio-blk device whose queues a vhost-user backend serves.
 pub struct VhostUserBlock {
     id: String,
-    frontend: VhostUserFrontend,
-    mem: GuestMemoryMmap,
+    queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
-    kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
-    active_queues: usize,
     acked_features: u64,
     layouts: Vec<QueueLayout>,
     failed: bool,
@@ -65,30 +60,21 @@ impl VhostUserBlock {
         if features & VIRTIO_F_VERSION_1 == 0 {
             return Err(VhostUserBlockError::NotVirtio1 { id: id.into() });
         }
-        let queues = frontend.queue_num();
-        let eventfd = || {
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VhostUserBlockError::EventFd {
+        let count = frontend.queue_num();
+        // Block features pass through; transport features only if we
+        // support them in this transport.
+        let features = features & ((0xffff_ffff & !(0xf << 28)) | PASSTHROUGH_FEATURES);
+        let queues = VhostUserQueues::new(frontend, mem, count).map_err(|source| {
+            VhostUserBlockError::EventFd {
                 id: id.into(),
                 source,
-            })
-        };
-        let kicks = (0..queues)
-            .map(|_| eventfd())
-            .collect::<Result<Vec<_>, _>>()?;
-        let calls = (0..queues)
-            .map(|_| eventfd())
-            .collect::<Result<Vec<_>, _>>()?;
+            }
+        })?;
         Ok(Self {
             id: id.to_string(),
-            frontend,
-            mem,
-            // Block features pass through; transport features only if we
-            // support them in this transport.
-            features: features & ((0xffff_ffff & !(0xf << 28)) | PASSTHROUGH_FEATURES),
-            queue_sizes: vec![QUEUE_SIZE; queues],
-            kicks,
-            calls,
-            active_queues: 0,
+            queues,
+            features,
+            queue_sizes: vec![QUEUE_SIZE; count],
             acked_features: 0,
             layouts: Vec::new(),
             failed: false,
@@ -101,19 +87,9 @@ impl VhostUserBlock {
         &self.id
     }
 
-    /// Each queue's kick eventfd, for ioeventfd registration.
-    pub fn kick_fds(&self) -> &[EventFd] {
-        &self.kicks
-    }
-
-    /// Each queue's call eventfd, for irqfd registration.
-    pub fn call_fds(&self) -> &[EventFd] {
-        &self.calls
-    }
-
-    /// The backend socket, to watch for hang-ups.
-    pub fn backend_fd(&self) -> std::os::fd::RawFd {
-        self.frontend.socket_fd()
+    /// The queues' eventfds and the backend connection.
+    pub fn queues(&self) -> &VhostUserQueues {
+        &self.queues
     }
 
     fn backend_failed(&mut self, what: &str, err: FrontendError) {
@@ -156,7 +132,7 @@ impl VhostUserBlock {
             queue.set_used_ring_address(lo, hi);
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
-            if !queue.is_valid(&self.mem) {
+            if !queue.is_valid(self.queues.mem()) {
                 log::warn!(
                     "drive {}: a queue layout is invalid; not taking it over",
                     self.id
@@ -164,7 +140,7 @@ impl VhostUserBlock {
                 continue;
             }
             let used = queue
-                .used_idx(&self.mem, Ordering::Acquire)
+                .used_idx(self.queues.mem(), Ordering::Acquire)
                 .map(|w| w.0)
                 .unwrap_or(0);
             queue.set_next_avail(used);
@@ -177,21 +153,22 @@ impl VhostUserBlock {
     /// Completes every posted request with an I/O error and interrupts the
     /// guest; called on each kick once the backend is gone.
     pub fn fail_pending_requests(&mut self) {
-        for (queue, call) in self.fallback.iter_mut().zip(&self.calls) {
+        let mem = self.queues.mem();
+        for (queue, call) in self.fallback.iter_mut().zip(self.queues.call_fds()) {
             let mut completed = 0;
-            while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let status = chain.last().filter(|d| d.is_write_only() && d.len() > 0);
                 let len = match status {
-                    Some(desc) if self.mem.write_obj(STATUS_IOERR, desc.addr()).is_ok() => 1,
+                    Some(desc) if mem.write_obj(STATUS_IOERR, desc.addr()).is_ok() => 1,
                     _ => 0,
                 };
-                if queue.add_used(&self.mem, head, len).is_err() {
+                if queue.add_used(mem, head, len).is_err() {
                     break;
                 }
                 completed += 1;
             }
-            let _ = queue.enable_notification(&self.mem);
+            let _ = queue.enable_notification(mem);
             if completed > 0 {
                 let _ = call.write(1);
             }
@@ -222,7 +199,11 @@ impl VirtioDevice for VhostUserBlock {
         }
         // Read the whole space, so that fields the VMM owns can be fixed up
         // whatever the width and offset of the guest's access.
-        match self.frontend.get_config(0, CONFIG_SPACE_LEN as u32) {
+        match self
+            .queues
+            .frontend_mut()
+            .get_config(0, CONFIG_SPACE_LEN as u32)
+        {
             Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
                 // The guest may use only the queues this frontend set up,
                 // whatever the backend could serve.
@@ -244,7 +225,7 @@ impl VirtioDevice for VhostUserBlock {
         if self.failed || offset > 255 {
             return;
         }
-        if let Err(err) = self.frontend.set_config(offset as u32, data) {
+        if let Err(err) = self.queues.frontend_mut().set_config(offset as u32, data) {
             self.backend_failed("config write", err);
         }
     }
@@ -260,17 +241,9 @@ impl VirtioDevice for VhostUserBlock {
                 self.id
             )));
         }
-        self.frontend
-            .activate(
-                &self.mem,
-                acked_features,
-                queues,
-                QUEUE_SIZE,
-                &self.kicks,
-                &self.calls,
-            )
+        self.queues
+            .start(acked_features, queues, QUEUE_SIZE)
             .map_err(|err| ActivateError::Backend(format!("drive {}: {err}", self.id)))?;
-        self.active_queues = queues.len();
         self.acked_features = acked_features;
         self.layouts = queues.to_vec();
         log::info!("drive {}: active with {} queue(s)", self.id, queues.len());
@@ -283,9 +256,8 @@ impl VirtioDevice for VhostUserBlock {
         if self.failed {
             return;
         }
-        if let Err(err) = self.frontend.deactivate(self.active_queues) {
+        if let Err(err) = self.queues.stop() {
             self.backend_failed("reset", err);
         }
-        self.active_queues = 0;
     }
 }

@@ -3,9 +3,8 @@
 //! on activation. Frames never pass through the VMM.
 
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
-use crate::vhost_user::{FrontendError, VhostUserFrontend};
+use crate::vhost_user::{FrontendError, VhostUserFrontend, VhostUserQueues};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of network devices.
@@ -37,13 +36,9 @@ pub enum VhostUserNetError {
 /// A virtio-net device whose queues a vhost-user backend serves.
 pub struct VhostUserNet {
     id: String,
-    frontend: VhostUserFrontend,
-    mem: GuestMemoryMmap,
+    queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
-    kicks: Vec<EventFd>,
-    calls: Vec<EventFd>,
-    active_queues: usize,
     failed: bool,
 }
 
@@ -65,26 +60,19 @@ impl VhostUserNet {
                 queues: frontend.queue_num(),
             });
         }
-        let eventfds = || {
-            (0..QUEUES)
-                .map(|_| {
-                    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VhostUserNetError::EventFd {
-                        id: id.into(),
-                        source,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
+        let features =
+            features & ((0xffff_ffff & !(0xf << 28) & !UNSERVED_FEATURES) | PASSTHROUGH_FEATURES);
+        let queues = VhostUserQueues::new(frontend, mem, QUEUES).map_err(|source| {
+            VhostUserNetError::EventFd {
+                id: id.into(),
+                source,
+            }
+        })?;
         Ok(Self {
             id: id.to_string(),
-            features: features
-                & ((0xffff_ffff & !(0xf << 28) & !UNSERVED_FEATURES) | PASSTHROUGH_FEATURES),
-            frontend,
-            mem,
+            queues,
+            features,
             queue_sizes: vec![QUEUE_SIZE; QUEUES],
-            kicks: eventfds()?,
-            calls: eventfds()?,
-            active_queues: 0,
             failed: false,
         })
     }
@@ -94,19 +82,9 @@ impl VhostUserNet {
         &self.id
     }
 
-    /// Each queue's kick eventfd, for ioeventfd registration.
-    pub fn kick_fds(&self) -> &[EventFd] {
-        &self.kicks
-    }
-
-    /// Each queue's call eventfd, for irqfd registration.
-    pub fn call_fds(&self) -> &[EventFd] {
-        &self.calls
-    }
-
-    /// The backend socket, to watch for hang-ups.
-    pub fn backend_fd(&self) -> std::os::fd::RawFd {
-        self.frontend.socket_fd()
+    /// The queues' eventfds and the backend connection.
+    pub fn queues(&self) -> &VhostUserQueues {
+        &self.queues
     }
 
     /// The backend is gone. Unlike a disk, nothing waits on a network
@@ -145,7 +123,11 @@ impl VirtioDevice for VhostUserNet {
         if self.failed || end > CONFIG_SPACE_LEN {
             return;
         }
-        match self.frontend.get_config(0, CONFIG_SPACE_LEN as u32) {
+        match self
+            .queues
+            .frontend_mut()
+            .get_config(0, CONFIG_SPACE_LEN as u32)
+        {
             Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
                 // One queue pair, whatever the backend could serve.
                 space[8..10].copy_from_slice(&1u16.to_le_bytes());
@@ -175,17 +157,9 @@ impl VirtioDevice for VhostUserNet {
                 self.id
             )));
         }
-        self.frontend
-            .activate(
-                &self.mem,
-                acked_features,
-                queues,
-                QUEUE_SIZE,
-                &self.kicks,
-                &self.calls,
-            )
+        self.queues
+            .start(acked_features, queues, QUEUE_SIZE)
             .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
-        self.active_queues = queues.len();
         log::info!("interface {}: active", self.id);
         Ok(())
     }
@@ -194,9 +168,8 @@ impl VirtioDevice for VhostUserNet {
         if self.failed {
             return;
         }
-        if let Err(err) = self.frontend.deactivate(self.active_queues) {
+        if let Err(err) = self.queues.stop() {
             self.backend_failed("reset", Some(err));
         }
-        self.active_queues = 0;
     }
 }
