@@ -98,3 +98,36 @@ fn a_killed_backend_leaves_the_vmm_and_the_guest_alive() {
     let run = vm.finish();
     assert!(run.status.is_none(), "{}", run.describe());
 }
+
+#[test]
+fn the_backend_exits_cleanly_on_sigterm() {
+    let netns = Netns::with_tap("term", "10.77.1.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let mut command = netns.command(
+        tessera_tests::workspace_bin("vhost-user-net")
+            .to_str()
+            .unwrap(),
+    );
+    command.arg("--socket").arg(&socket).args(["--tap", "tap0"]);
+    let mut backend = Running::spawn(command);
+    assert!(
+        tessera_tests::wait_for_path(&socket, DEADLINE),
+        "{}",
+        backend.stderr()
+    );
+    // `ip netns exec` execs the backend: the pid is the backend's.
+    // SAFETY: kill sends a signal to a process this test started.
+    assert_eq!(
+        unsafe { libc::kill(backend.pid() as i32, libc::SIGTERM) },
+        0
+    );
+    assert!(backend.wait_until(DEADLINE, |_, _| false));
+    let run = backend.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stderr.contains("SIGTERM: exiting"),
+        "{}",
+        run.describe()
+    );
+}

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -54,6 +55,37 @@ struct Cli {
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-net: {message}");
     ExitCode::from(code)
+}
+
+fn log_stats(stats: &backend::NetStats) {
+    eprintln!(
+        "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped)",
+        stats.tx_frames.load(Ordering::Relaxed),
+        stats.tx_dropped.load(Ordering::Relaxed),
+        stats.rx_frames.load(Ordering::Relaxed),
+        stats.rx_dropped.load(Ordering::Relaxed)
+    );
+}
+
+/// Ends the process cleanly on SIGTERM or SIGINT: the counters are logged
+/// and the exit status is 0. Call it before any other thread starts, so
+/// that every thread inherits the blocked mask and only the waiter gets the
+/// signals.
+fn exit_on_termination(backend: Arc<NetBackend>) -> nix::Result<()> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let name = signals.wait().map_or("a signal", Signal::as_str);
+            log_stats(&backend.stats);
+            eprintln!("vhost-user-net: {name}: exiting");
+            std::process::exit(0);
+        })
+        .map_err(|_| nix::Error::EAGAIN)?;
+    Ok(())
 }
 
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -125,6 +157,9 @@ fn main() -> ExitCode {
         Ok(backend) => Arc::new(backend),
         Err(err) => return fail(1, format_args!("cannot create the device: {err}")),
     };
+    if let Err(err) = exit_on_termination(backend.clone()) {
+        return fail(1, format_args!("cannot set up SIGTERM handling: {err}"));
+    }
     let mut daemon = match VhostUserDaemon::new("vhost-user-net".into(), backend.clone(), mem) {
         Ok(daemon) => daemon,
         Err(err) => return fail(1, format_args!("cannot create the daemon: {err}")),
@@ -150,14 +185,7 @@ fn main() -> ExitCode {
     }
     let result = daemon.wait();
     backend.stop_workers();
-    let s = &backend.stats;
-    eprintln!(
-        "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped)",
-        s.tx_frames.load(Ordering::Relaxed),
-        s.tx_dropped.load(Ordering::Relaxed),
-        s.rx_frames.load(Ordering::Relaxed),
-        s.rx_dropped.load(Ordering::Relaxed)
-    );
+    log_stats(&backend.stats);
     match result {
         Ok(())
         | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
