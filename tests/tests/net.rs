@@ -16,15 +16,20 @@ const GUEST_MAC: &str = "06:00:0a:4d:00:02";
 /// Boots the probe with one interface on `tap0` inside `netns` and waits
 /// until its driver is up.
 fn boot_probe(netns: &Netns, dir: &std::path::Path) -> Running {
+    let iface = json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC});
+    boot_probe_with(netns, dir, iface)
+}
+
+/// Boots the probe with the interface `iface` and waits until its driver
+/// is up with `GUEST_MAC`.
+fn boot_probe_with(netns: &Netns, dir: &std::path::Path, iface: serde_json::Value) -> Running {
     let mut config = VmConfig::new(
         guest_artifacts().probe(),
         &format!("console=ttyS0 probe.net={GUEST_IP}/24 probe.net_serve_ms=100000"),
     )
     .mem_mib(256)
     .to_json();
-    config["network-interfaces"] = json!([
-        {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}
-    ]);
+    config["network-interfaces"] = json!([iface]);
     let path = dir.join("vm.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let mut command = netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
@@ -129,5 +134,33 @@ fn the_backend_exits_cleanly_on_sigterm() {
         run.stderr.contains("SIGTERM: exiting"),
         "{}",
         run.describe()
+    );
+}
+
+#[test]
+fn an_external_backend_serves_the_guest_with_the_configured_mac() {
+    let netns = Netns::with_tap("ext", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    // No --mac: the address the guest sees comes from the VMM's guest_mac.
+    let mut command = netns.command(
+        tessera_tests::workspace_bin("vhost-user-net")
+            .to_str()
+            .unwrap(),
+    );
+    command.arg("--socket").arg(&socket).args(["--tap", "tap0"]);
+    let backend = Running::spawn(command);
+    assert!(
+        tessera_tests::wait_for_path(&socket, DEADLINE),
+        "{}",
+        backend.stderr()
+    );
+    let iface = json!({"iface_id": "eth0", "socket": socket, "guest_mac": GUEST_MAC});
+    let vm = boot_probe_with(&netns, dir.path(), iface);
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(
+        out.contains("3 packets transmitted, 3 received"),
+        "{out}\n{}",
+        vm.stderr()
     );
 }

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use api_server::config::NetworkInterfaceConfig;
+use api_server::config::{parse_mac, NetworkInterfaceConfig};
 use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
 use devices::vhost_user::{FrontendError, VhostUserFrontend};
 use devices::virtio::MmioTransport;
@@ -105,7 +105,8 @@ pub fn attach_net_devices(
         let (base, irq) = virtio_mmio_slot(first_slot + index)
             .ok_or_else(|| NetDeviceError::NoSlot(id.clone()))?;
         let frontend = connect(iface, spawner)?;
-        let device = VhostUserNet::new(&id, frontend, mem.clone())?;
+        let mac = iface.guest_mac.as_deref().and_then(parse_mac);
+        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac)?;
         let attach_err = |source| NetDeviceError::Attach {
             id: id.clone(),
             source,

@@ -21,6 +21,7 @@ const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
 const UNSERVED_FEATURES: u64 = 1 << 17 | 1 << 22;
 /// One receive and one transmit queue.
 const QUEUES: usize = 2;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 
 /// Errors creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -39,16 +40,24 @@ pub struct VhostUserNet {
     queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
+    /// `guest_mac`: the VMM's word wins over the backend's, so that an
+    /// external backend's guest gets the address it was configured with.
+    mac: Option<[u8; 6]>,
+    /// Features the VMM offers on its own (MAC for a backend without one):
+    /// never passed to the backend, which would refuse them.
+    vmm_features: u64,
     failed: bool,
 }
 
 impl VhostUserNet {
     /// Wraps a negotiated frontend; creates the kick and call eventfds of
     /// one queue pair, for the caller to register as ioeventfds and irqfds.
+    /// With `mac` the guest gets that address whatever the backend says.
     pub fn new(
         id: &str,
         frontend: VhostUserFrontend,
         mem: GuestMemoryMmap,
+        mac: Option<[u8; 6]>,
     ) -> Result<Self, VhostUserNetError> {
         let features = frontend.backend_features();
         if features & VIRTIO_F_VERSION_1 == 0 {
@@ -60,8 +69,13 @@ impl VhostUserNet {
                 queues: frontend.queue_num(),
             });
         }
-        let features =
+        let mut features =
             features & ((0xffff_ffff & !(0xf << 28) & !UNSERVED_FEATURES) | PASSTHROUGH_FEATURES);
+        let vmm_features = match mac {
+            Some(_) => VIRTIO_NET_F_MAC & !features,
+            None => 0,
+        };
+        features |= vmm_features;
         let queues = VhostUserQueues::new(frontend, mem, QUEUES).map_err(|source| {
             VhostUserNetError::EventFd {
                 id: id.into(),
@@ -73,6 +87,8 @@ impl VhostUserNet {
             queues,
             features,
             queue_sizes: vec![QUEUE_SIZE; QUEUES],
+            mac,
+            vmm_features,
             failed: false,
         })
     }
@@ -129,6 +145,9 @@ impl VirtioDevice for VhostUserNet {
             .get_config(0, CONFIG_SPACE_LEN as u32)
         {
             Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
+                if let Some(mac) = self.mac {
+                    space[0..6].copy_from_slice(&mac);
+                }
                 // One queue pair, whatever the backend could serve.
                 space[8..10].copy_from_slice(&1u16.to_le_bytes());
                 data.copy_from_slice(&space[offset as usize..end]);
@@ -158,7 +177,7 @@ impl VirtioDevice for VhostUserNet {
             )));
         }
         self.queues
-            .start(acked_features, queues, QUEUE_SIZE)
+            .start(acked_features & !self.vmm_features, queues, QUEUE_SIZE)
             .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
         log::info!("interface {}: active", self.id);
         Ok(())
