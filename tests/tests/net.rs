@@ -49,6 +49,24 @@ fn boot_probe_with(netns: &Netns, dir: &std::path::Path, iface: serde_json::Valu
     vm
 }
 
+/// Starts an external `vhost-user-net` on `tap0` (without `--mac`) and
+/// waits until it listens on `socket`.
+fn start_backend(netns: &Netns, socket: &std::path::Path) -> Running {
+    let mut command = netns.command(
+        tessera_tests::workspace_bin("vhost-user-net")
+            .to_str()
+            .unwrap(),
+    );
+    command.arg("--socket").arg(socket).args(["--tap", "tap0"]);
+    let backend = Running::spawn(command);
+    assert!(
+        tessera_tests::wait_for_path(socket, DEADLINE),
+        "{}",
+        backend.stderr()
+    );
+    backend
+}
+
 fn ping(netns: &Netns, args: &[&str]) -> String {
     let out = netns
         .command("ping")
@@ -109,18 +127,7 @@ fn the_backend_exits_cleanly_on_sigterm() {
     let netns = Netns::with_tap("term", "10.77.1.1/24");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("net.sock");
-    let mut command = netns.command(
-        tessera_tests::workspace_bin("vhost-user-net")
-            .to_str()
-            .unwrap(),
-    );
-    command.arg("--socket").arg(&socket).args(["--tap", "tap0"]);
-    let mut backend = Running::spawn(command);
-    assert!(
-        tessera_tests::wait_for_path(&socket, DEADLINE),
-        "{}",
-        backend.stderr()
-    );
+    let mut backend = start_backend(&netns, &socket);
     // `ip netns exec` execs the backend: the pid is the backend's.
     // SAFETY: kill sends a signal to a process this test started.
     assert_eq!(
@@ -143,18 +150,7 @@ fn an_external_backend_serves_the_guest_with_the_configured_mac() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("net.sock");
     // No --mac: the address the guest sees comes from the VMM's guest_mac.
-    let mut command = netns.command(
-        tessera_tests::workspace_bin("vhost-user-net")
-            .to_str()
-            .unwrap(),
-    );
-    command.arg("--socket").arg(&socket).args(["--tap", "tap0"]);
-    let backend = Running::spawn(command);
-    assert!(
-        tessera_tests::wait_for_path(&socket, DEADLINE),
-        "{}",
-        backend.stderr()
-    );
+    let _backend = start_backend(&netns, &socket);
     let iface = json!({"iface_id": "eth0", "socket": socket, "guest_mac": GUEST_MAC});
     let vm = boot_probe_with(&netns, dir.path(), iface);
     let out = ping(&netns, &["-c", "3", "-W", "5"]);

@@ -272,10 +272,10 @@ pub fn checksum(data: &[u8]) -> u16 {
 /// eight times the iterations, each one emulated under kvm_pvm.
 fn copy(dst: &mut [u8], src: &[u8]) {
     let n = dst.len().min(src.len());
+    // The direction flag is clear (Rust ABI): the string instructions copy
+    // `n / 8` words, then `n % 8` bytes, upwards from the starts.
     // SAFETY: both slices are valid for `n` bytes and cannot overlap (one
-    // is borrowed mutably); the direction flag is clear (Rust ABI), so
-    // the string instructions copy `n / 8` words, then `n % 8` bytes,
-    // upwards from the starts.
+    // is borrowed mutably).
     unsafe {
         core::arch::asm!(
             "rep movsq",
