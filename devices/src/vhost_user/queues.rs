@@ -63,6 +63,41 @@ impl VhostUserQueues {
         self.frontend.socket_fd()
     }
 
+    /// Answers a guest read of `data` at `offset` from the backend's
+    /// configuration space of `len` bytes. The whole space is fetched so
+    /// that `fix_up` can overwrite the fields the VMM owns whatever the
+    /// width and offset of the guest's access; reads outside the space, or
+    /// a space of the wrong size, give zeros.
+    pub fn read_config(
+        &mut self,
+        len: usize,
+        offset: u64,
+        data: &mut [u8],
+        fix_up: impl FnOnce(&mut [u8]),
+    ) -> Result<(), FrontendError> {
+        data.fill(0);
+        let Some(start) = usize::try_from(offset).ok().filter(|o| *o <= len) else {
+            return Ok(());
+        };
+        let Some(window) = start.checked_add(data.len()).map(|end| start..end) else {
+            return Ok(());
+        };
+        if window.end > len {
+            return Ok(());
+        }
+        let mut space = self.frontend.get_config(0, len as u32)?;
+        if space.len() != len {
+            log::warn!(
+                "the backend's config space is {} bytes, not {len}",
+                space.len()
+            );
+            return Ok(());
+        }
+        fix_up(&mut space);
+        data.copy_from_slice(&space[window]);
+        Ok(())
+    }
+
     /// Shares guest memory with the backend and starts `layouts`.
     pub fn start(
         &mut self,

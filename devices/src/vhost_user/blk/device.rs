@@ -190,34 +190,22 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(end) = (offset as usize).checked_add(data.len()) else {
-            return;
-        };
-        if self.failed || end > CONFIG_SPACE_LEN {
+        if self.failed {
+            data.fill(0);
             return;
         }
-        // Read the whole space, so that fields the VMM owns can be fixed up
-        // whatever the width and offset of the guest's access.
-        match self
+        let max_queues = self.queue_sizes.len() as u16;
+        let result = self
             .queues
-            .frontend_mut()
-            .get_config(0, CONFIG_SPACE_LEN as u32)
-        {
-            Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
+            .read_config(CONFIG_SPACE_LEN, offset, data, |space| {
                 // The guest may use only the queues this frontend set up,
                 // whatever the backend could serve.
                 let backend_queues = u16::from_le_bytes([space[34], space[35]]);
-                let queues = backend_queues.min(self.queue_sizes.len() as u16).max(1);
+                let queues = backend_queues.min(max_queues).max(1);
                 space[34..36].copy_from_slice(&queues.to_le_bytes());
-                data.copy_from_slice(&space[offset as usize..end]);
-            }
-            Ok(space) => log::warn!(
-                "drive {}: the backend's config space is {} bytes, not {CONFIG_SPACE_LEN}",
-                self.id,
-                space.len()
-            ),
-            Err(err) => self.backend_failed("config read", err),
+            });
+        if let Err(err) = result {
+            self.backend_failed("config read", err);
         }
     }
 

@@ -132,32 +132,22 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Some(end) = (offset as usize).checked_add(data.len()) else {
-            return;
-        };
-        if self.failed || end > CONFIG_SPACE_LEN {
+        if self.failed {
+            data.fill(0);
             return;
         }
-        match self
+        let mac = self.mac;
+        let result = self
             .queues
-            .frontend_mut()
-            .get_config(0, CONFIG_SPACE_LEN as u32)
-        {
-            Ok(mut space) if space.len() == CONFIG_SPACE_LEN => {
-                if let Some(mac) = self.mac {
+            .read_config(CONFIG_SPACE_LEN, offset, data, |space| {
+                if let Some(mac) = mac {
                     space[0..6].copy_from_slice(&mac);
                 }
                 // One queue pair, whatever the backend could serve.
                 space[8..10].copy_from_slice(&1u16.to_le_bytes());
-                data.copy_from_slice(&space[offset as usize..end]);
-            }
-            Ok(space) => log::warn!(
-                "interface {}: the backend's config space is {} bytes, not {CONFIG_SPACE_LEN}",
-                self.id,
-                space.len()
-            ),
-            Err(err) => self.backend_failed("config read", Some(err)),
+            });
+        if let Err(err) = result {
+            self.backend_failed("config read", Some(err));
         }
     }
 
