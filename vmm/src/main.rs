@@ -60,6 +60,25 @@ struct Cli {
     /// `host_dev_name` (default: the one next to this executable).
     #[arg(long, value_name = "PATH")]
     vhost_user_net_bin: Option<PathBuf>,
+    /// Set by the jailer: wall-clock start of the jailer, in microseconds.
+    #[arg(long, value_name = "US", hide = true)]
+    start_time_us: Option<u64>,
+    /// Set by the jailer: the jailer's CPU time at exec, in microseconds.
+    #[arg(long, value_name = "US", hide = true)]
+    start_time_cpu_us: Option<u64>,
+    /// Set by the jailer: the CPU time of the jailer's parent, in microseconds.
+    #[arg(long, value_name = "US", hide = true)]
+    parent_cpu_time_us: Option<u64>,
+    /// Set by the jailer: the socket on which it starts jailed device
+    /// backends for this VMM.
+    #[arg(long, value_name = "FD")]
+    backend_launcher_fd: Option<i32>,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long, conflicts_with = "seccomp_filter")]
+    no_seccomp: bool,
+    /// Load the seccomp filters from this JSON file instead of the built-in ones.
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
 }
 
 /// Reports a fatal error on stderr (and in the log file, if there is one)
