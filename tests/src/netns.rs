@@ -57,3 +57,22 @@ fn run_ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("run ip");
     assert!(status.success(), "ip {args:?} failed");
 }
+
+/// Bridges: several TAPs on one Linux bridge, so that guests reach each
+/// other (and, with an address on the bridge, the host side).
+impl Netns {
+    /// A namespace holding bridge `br0` with `taps` (e.g. `["tap0",
+    /// "tap1"]`) as its ports, all up. STP is off, so the ports forward as
+    /// soon as a backend opens their TAP. `br0` gets no address.
+    pub fn with_bridge(tag: &str, taps: &[&str]) -> Self {
+        let netns = Self::new(tag);
+        netns.ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"]);
+        netns.ip(&["link", "set", "br0", "up"]);
+        for tap in taps {
+            netns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"]);
+            netns.ip(&["link", "set", tap, "master", "br0"]);
+            netns.ip(&["link", "set", tap, "up"]);
+        }
+        netns
+    }
+}

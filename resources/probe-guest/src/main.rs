@@ -1,7 +1,8 @@
 //! Tessera probe guest: a tiny freestanding x86_64 guest that reports on
 //! the serial port what the VMM gave it (boot protocol, command line,
-//! memory map, CPUs, virtio-mmio devices), optionally ticks with the PIT,
-//! pokes the boot timer and resets through the i8042.
+//! memory map, CPUs, virtio-mmio devices), optionally pings another host
+//! (`probe.ping`) and ticks with the PIT, pokes the boot timer and resets
+//! through the i8042.
 //!
 //! See README.md for the output lines and command line options.
 
@@ -21,6 +22,7 @@ mod mem;
 mod mptable;
 mod netproto;
 mod phys;
+mod ping;
 mod pit;
 mod serial;
 mod virtio;
@@ -73,6 +75,7 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     mptable::report(verbose);
 
     let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
+    ping(cmdline, net.as_mut());
     let ticked = ticks(cmdline, net.as_mut());
     if let Some(mut net) = net {
         if !ticked {
@@ -234,6 +237,16 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             context.net_device = virtio_net::setup(net_index, regs, &options, context.verbose);
         }
         _ => {}
+    }
+}
+
+/// `probe.ping=<a.b.c.d>[:<count>]`: pings that address through the
+/// served network device (see `ping.rs`).
+fn ping(cmdline: &[u8], net: Option<&mut ServedNet>) {
+    match ping::options(cmdline) {
+        Ok(Some(options)) => ping::run(&options, net.map(|n| &mut n.device)),
+        Ok(None) => {}
+        Err(bad) => outln!("probe.ping_error=bad-value,{}", bad),
     }
 }
 

@@ -1,11 +1,15 @@
 //! Just enough Ethernet, ARP, IPv4 and ICMP to answer ARP requests and
-//! pings for one IPv4 address (used by `virtio_net.rs`).
+//! pings for one IPv4 address, and to ping another one (used by
+//! `virtio_net.rs` and `ping.rs`).
 //!
 //! [`answer`] looks at one received Ethernet frame (without FCS) and, if
 //! it is an ARP request or an ICMP echo request for our address, writes
-//! the reply frame. Everything is read from byte slices with checked
-//! accesses (`first_chunk`, `get`), every header field is checked before
-//! it is used, so a garbage frame is dropped and can never panic.
+//! the reply frame; an ARP reply or an ICMP echo reply to us is handed
+//! back parsed (for `probe.ping`). [`arp_request`] and [`echo_request`]
+//! build the frames `probe.ping` sends. Everything is read from byte
+//! slices with checked accesses (`first_chunk`, `get`), every header field
+//! is checked before it is used, so a garbage frame is dropped and can
+//! never panic.
 //!
 //! Cost matters (every guest instruction may be emulated): a frame is
 //! parsed once, only the IPv4 header and the ICMP message are summed (the
@@ -47,23 +51,40 @@ pub struct Iface {
 
 /// What to do with a received frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Answer {
+pub enum Answer<'a> {
     /// An ARP reply of this many bytes was written.
     Arp(usize),
     /// An ICMP echo reply of this many bytes was written.
     Echo(usize),
+    /// An ARP reply to us (sender addresses checked to be unicast):
+    /// nothing was written.
+    ArpReply { ip: [u8; 4], mac: [u8; 6] },
+    /// An ICMP echo reply to our address and MAC, with valid IPv4 and
+    /// ICMP checksums: nothing was written.
+    EchoReply {
+        from: [u8; 4],
+        id: u16,
+        seq: u16,
+        data: &'a [u8],
+    },
     /// Not for us, not understood, or malformed: no reply.
     Drop,
 }
 
 /// Builds the reply to `frame` (an Ethernet frame without FCS) in `out`.
 /// `ip_id` is the IPv4 identification of an echo reply. After
-/// [`Answer::Drop`], `out` may hold parts of an unfinished reply.
-pub fn answer(iface: &Iface, frame: &[u8], out: &mut [u8], ip_id: u16) -> Answer {
+/// [`Answer::Drop`], `out` may hold parts of an unfinished reply. Replies
+/// to our own requests need no room in `out` (it may be empty).
+pub fn answer<'a>(iface: &Iface, frame: &'a [u8], out: &mut [u8], ip_id: u16) -> Answer<'a> {
     answer_frame(iface, frame, out, ip_id).unwrap_or(Answer::Drop)
 }
 
-fn answer_frame(iface: &Iface, frame: &[u8], out: &mut [u8], ip_id: u16) -> Option<Answer> {
+fn answer_frame<'a>(
+    iface: &Iface,
+    frame: &'a [u8],
+    out: &mut [u8],
+    ip_id: u16,
+) -> Option<Answer<'a>> {
     let (eth, payload) = frame.split_first_chunk::<ETH_HLEN>()?;
     let dst: &[u8; 6] = field(eth, 0)?;
     let src: &[u8; 6] = field(eth, 6)?;
@@ -112,14 +133,27 @@ fn finish_frame(
 }
 
 /// ARP request for our address: reply (RFC 826), to the sender's address.
-fn arp(iface: &Iface, payload: &[u8], out: &mut [u8]) -> Option<Answer> {
+/// ARP reply to our address: its sender's addresses, for `probe.ping`.
+fn arp<'a>(iface: &Iface, payload: &[u8], out: &mut [u8]) -> Option<Answer<'a>> {
     let req = payload.first_chunk::<ARP_LEN>()?;
     let fixed: &[u8; 6] = field(req, 0)?;
     let op: &[u8; 2] = field(req, 6)?;
     let sha: &[u8; 6] = field(req, 8)?;
     let spa: &[u8; 4] = field(req, 14)?;
     let tpa: &[u8; 4] = field(req, 24)?;
-    if *fixed != ARP_ETH_IPV4 || *op != ARP_REQUEST || *tpa != iface.ip || sha[0] & 1 != 0 {
+    if *fixed != ARP_ETH_IPV4 || *tpa != iface.ip || sha[0] & 1 != 0 {
+        return None;
+    }
+    if *op == ARP_REPLY {
+        if *sha == [0; 6] || bad_source(spa) {
+            return None;
+        }
+        return Some(Answer::ArpReply {
+            ip: *spa,
+            mac: *sha,
+        });
+    }
+    if *op != ARP_REQUEST {
         return None;
     }
     let reply = field_mut::<ARP_LEN>(out, ETH_HLEN)?;
@@ -138,14 +172,15 @@ fn bad_source(ip: &[u8; 4]) -> bool {
     matches!(ip[0], 0 | 127 | 224..=255)
 }
 
-/// IPv4 datagram to us: only unfragmented ICMP echo requests are answered.
-fn ipv4(
+/// IPv4 datagram to us: only unfragmented ICMP echo requests are answered;
+/// unfragmented ICMP echo replies are handed back parsed.
+fn ipv4<'a>(
     iface: &Iface,
     eth_src: &[u8; 6],
-    payload: &[u8],
+    payload: &'a [u8],
     out: &mut [u8],
     ip_id: u16,
-) -> Option<Answer> {
+) -> Option<Answer<'a>> {
     let header = payload.first_chunk::<IPV4_HLEN>()?;
     let version_ihl = header[0];
     let tos = header[1];
@@ -173,15 +208,39 @@ fn ipv4(
         return None;
     }
     let icmp_header = icmp.first_chunk::<ICMP_HLEN>()?;
-    if icmp_header[0] != ICMP_ECHO_REQUEST || checksum(icmp) != 0xffff {
+    let is_reply = icmp_header[0] == ICMP_ECHO_REPLY;
+    if !(is_reply || icmp_header[0] == ICMP_ECHO_REQUEST) || checksum(icmp) != 0xffff {
         return None;
+    }
+    if is_reply {
+        return Some(Answer::EchoReply {
+            from: *src,
+            id: u16::from_be_bytes(*field(icmp_header, 4)?),
+            seq: u16::from_be_bytes(*field(icmp_header, 6)?),
+            data: icmp.get(ICMP_HLEN..)?,
+        });
     }
     let old_checksum = u16::from_be_bytes(*field(icmp_header, 2)?);
     let reply_len = IPV4_HLEN + icmp.len();
     let reply = out.get_mut(ETH_HLEN..)?.get_mut(..reply_len)?;
     let (ip, reply_icmp) = reply.split_at_mut(IPV4_HLEN);
     // `reply_len` fits in 16 bits: it is at most `total_len`.
-    let [len_hi, len_lo] = (reply_len as u16).to_be_bytes();
+    ip.copy_from_slice(&ipv4_header(tos, reply_len as u16, ip_id, &iface.ip, src));
+    copy(reply_icmp, icmp);
+    // Only the type changes (8 -> 0): RFC 1624 eqn. 3,
+    // HC' = ~(~HC + ~m + m'), and ~m + m' = ~0x0800 for any code byte.
+    let new_checksum = !ones_add(!old_checksum, !0x0800);
+    *field_mut::<4>(reply_icmp, 0)? = {
+        let [hi, lo] = new_checksum.to_be_bytes();
+        [ICMP_ECHO_REPLY, icmp_header[1], hi, lo]
+    };
+    finish_frame(iface, eth_src, ETHERTYPE_IPV4, out, ETH_HLEN + reply_len).map(Answer::Echo)
+}
+
+/// A 20-byte IPv4 header (no options, not fragmented, TTL 64) of an ICMP
+/// datagram of `len` bytes, with its checksum.
+fn ipv4_header(tos: u8, len: u16, ip_id: u16, src: &[u8; 4], dst: &[u8; 4]) -> [u8; IPV4_HLEN] {
+    let [len_hi, len_lo] = len.to_be_bytes();
     let [id_hi, id_lo] = ip_id.to_be_bytes();
     let mut h: [u8; IPV4_HLEN] = [
         0x45,
@@ -196,28 +255,76 @@ fn ipv4(
         IPPROTO_ICMP,
         0,
         0,
-        iface.ip[0],
-        iface.ip[1],
-        iface.ip[2],
-        iface.ip[3],
         src[0],
         src[1],
         src[2],
         src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
     ];
     let [c_hi, c_lo] = (!checksum(&h)).to_be_bytes();
     h[10] = c_hi;
     h[11] = c_lo;
-    ip.copy_from_slice(&h);
-    copy(reply_icmp, icmp);
-    // Only the type changes (8 -> 0): RFC 1624 eqn. 3,
-    // HC' = ~(~HC + ~m + m'), and ~m + m' = ~0x0800 for any code byte.
-    let new_checksum = !ones_add(!old_checksum, !0x0800);
-    *field_mut::<4>(reply_icmp, 0)? = {
-        let [hi, lo] = new_checksum.to_be_bytes();
-        [ICMP_ECHO_REPLY, icmp_header[1], hi, lo]
-    };
-    finish_frame(iface, eth_src, ETHERTYPE_IPV4, out, ETH_HLEN + reply_len).map(Answer::Echo)
+    h
+}
+
+/// Writes into `out` a broadcast ARP request (RFC 826) from us for
+/// `target`; returns the frame length, or `None` if `out` is too small.
+pub fn arp_request(iface: &Iface, target: &[u8; 4], out: &mut [u8]) -> Option<usize> {
+    let req = field_mut::<ARP_LEN>(out, ETH_HLEN)?;
+    req[..6].copy_from_slice(&ARP_ETH_IPV4);
+    req[6..8].copy_from_slice(&ARP_REQUEST);
+    req[8..14].copy_from_slice(&iface.mac);
+    req[14..18].copy_from_slice(&iface.ip);
+    req[18..24].fill(0);
+    req[24..28].copy_from_slice(target);
+    finish_frame(iface, &BROADCAST, ETHERTYPE_ARP, out, ETH_HLEN + ARP_LEN)
+}
+
+/// Where an ICMP echo request is sent and what it carries.
+#[derive(Clone, Copy, Debug)]
+pub struct EchoRequest<'a> {
+    pub dst_mac: [u8; 6],
+    pub dst_ip: [u8; 4],
+    /// IPv4 identification.
+    pub ip_id: u16,
+    /// ICMP identifier and sequence number.
+    pub id: u16,
+    pub seq: u16,
+    pub data: &'a [u8],
+}
+
+/// Writes into `out` an ICMP echo request from us; returns the frame
+/// length, or `None` if `out` is too small.
+pub fn echo_request(iface: &Iface, request: &EchoRequest<'_>, out: &mut [u8]) -> Option<usize> {
+    let icmp_len = ICMP_HLEN + request.data.len();
+    let total = IPV4_HLEN + icmp_len;
+    let len = u16::try_from(total).ok()?;
+    let packet = out.get_mut(ETH_HLEN..)?.get_mut(..total)?;
+    let (ip, icmp) = packet.split_at_mut(IPV4_HLEN);
+    ip.copy_from_slice(&ipv4_header(
+        0,
+        len,
+        request.ip_id,
+        &iface.ip,
+        &request.dst_ip,
+    ));
+    let (header, data) = icmp.split_first_chunk_mut::<ICMP_HLEN>()?;
+    let [id_hi, id_lo] = request.id.to_be_bytes();
+    let [seq_hi, seq_lo] = request.seq.to_be_bytes();
+    *header = [ICMP_ECHO_REQUEST, 0, 0, 0, id_hi, id_lo, seq_hi, seq_lo];
+    copy(data, request.data);
+    let [c_hi, c_lo] = (!checksum(icmp)).to_be_bytes();
+    *field_mut::<2>(icmp, 2)? = [c_hi, c_lo];
+    finish_frame(
+        iface,
+        &request.dst_mac,
+        ETHERTYPE_IPV4,
+        out,
+        ETH_HLEN + total,
+    )
 }
 
 /// Ones'-complement addition of two 16-bit values.
@@ -297,6 +404,12 @@ pub fn parse_cidr(value: &[u8]) -> Option<([u8; 4], u8)> {
     let slash = value.iter().position(|&c| c == b'/')?;
     let (addr, prefix) = (value.get(..slash)?, value.get(slash + 1..)?);
     let prefix = parse_decimal(prefix, 32)?;
+    Some((parse_ipv4(addr)?, prefix))
+}
+
+/// Parses `a.b.c.d` (decimal, each part 0..=255). The address may not be
+/// 0.0.0.0/8, loopback, multicast or reserved.
+pub fn parse_ipv4(addr: &[u8]) -> Option<[u8; 4]> {
     let mut ip = [0u8; 4];
     let mut parts = addr.split(|&c| c == b'.');
     for byte in &mut ip {
@@ -305,7 +418,7 @@ pub fn parse_cidr(value: &[u8]) -> Option<([u8; 4], u8)> {
     if parts.next().is_some() || bad_source(&ip) {
         return None;
     }
-    Some((ip, prefix))
+    Some(ip)
 }
 
 /// 1 to 3 decimal digits with a value of at most `max`.

@@ -27,6 +27,10 @@
 //! `probe.net<i>=error ...`), a used length outside
 //! `[header + Ethernet header, BUF_SIZE]` or a header announcing offloads
 //! drops the frame, and [`netproto::answer`] checks every field it reads.
+//!
+//! With `probe.ping` ([`crate::ping`]), a [`Pinger`] set with
+//! [`Net::set_pinger`] gets the ARP and echo replies addressed to us, and
+//! [`Net::transmit`] sends its requests on the TX queue of pair 0.
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -35,6 +39,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, Answer, ETH_HLEN, Iface};
+use crate::ping::Pinger;
 use crate::pit;
 use crate::serial::outln;
 use crate::virtio::{self, Buffer, Error, Mmio, QUEUE_SIZE, Transport, Used, Virtqueue};
@@ -261,8 +266,10 @@ impl NetPool {
 }
 
 /// Frame counters (`probe.net<i>=stats`). Every received frame is
-/// answered (`arp` or `icmp`) or `dropped`, so `rx = arp + icmp +
-/// dropped`.
+/// answered (`arp` or `icmp`), taken by the pinger (`ping_rx`) or
+/// `dropped`, so `rx = arp + icmp + ping_rx + dropped`, and every frame
+/// sent is a reply or a request of the pinger (`ping_tx`), so
+/// `tx = arp + icmp + ping_tx`.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stats {
     rx: u64,
@@ -270,6 +277,8 @@ struct Stats {
     arp: u64,
     icmp: u64,
     dropped: u64,
+    ping_rx: u64,
+    ping_tx: u64,
 }
 
 /// One RX/TX queue pair with its buffers.
@@ -311,6 +320,11 @@ pub struct Net {
     ip_id: u16,
     stats: Stats,
     verbose: bool,
+    /// The ping in progress (`probe.ping`).
+    ping: Option<Pinger>,
+    /// Whether a pinger was ever set: the stats line then has the
+    /// `ping_rx` and `ping_tx` counters.
+    pinged: bool,
 }
 
 /// Sets up the virtio-net device behind `regs` as device `index` and
@@ -344,6 +358,8 @@ pub fn setup(index: u32, regs: Mmio, options: &Options, verbose: bool) -> Option
         ip_id: 1,
         stats: Stats::default(),
         verbose,
+        ping: None,
+        pinged: false,
     };
     match net.init(options) {
         Ok(()) => {
@@ -565,17 +581,75 @@ impl Net {
                 mtu: usize::from(self.mtu),
                 pair: p,
             };
-            if let Err(e) = pair.serve(t, &ctx, &mut self.stats, &mut self.ip_id) {
+            let state = ServeState {
+                stats: &mut self.stats,
+                ip_id: &mut self.ip_id,
+                ping: &mut self.ping,
+            };
+            if let Err(e) = pair.serve(t, &ctx, state) {
                 failure = Some(e);
                 break;
             }
         }
         if let Some(e) = failure {
-            outln!("probe.net{}=error {}", self.index, e);
-            if self.stop().is_err() {
-                outln!("probe.net{}=error reset-timeout", self.index);
-            }
+            self.fail(e);
         }
+    }
+
+    /// Stops serving after a corrupt used ring.
+    fn fail(&mut self, e: ServeError) {
+        outln!("probe.net{}=error {}", self.index, e);
+        if self.stop().is_err() {
+            outln!("probe.net{}=error reset-timeout", self.index);
+        }
+    }
+
+    /// Sets (or clears) the ping in progress: ARP and echo replies to us
+    /// then go to it.
+    pub fn set_pinger(&mut self, ping: Option<Pinger>) {
+        self.pinged |= ping.is_some();
+        self.ping = ping;
+    }
+
+    pub fn pinger(&self) -> Option<&Pinger> {
+        self.ping.as_ref()
+    }
+
+    pub fn pinger_mut(&mut self) -> Option<&mut Pinger> {
+        self.ping.as_mut()
+    }
+
+    /// Sends one frame on the TX queue of pair 0: `build(iface, ip_id,
+    /// out)` writes it into `out` (at most `ETH_HLEN + mtu` bytes) and
+    /// returns its length. The IPv4 identification moves on for every
+    /// frame sent. False if the device was stopped, no transmit buffer is
+    /// free, or `build` failed.
+    pub fn transmit(
+        &mut self,
+        build: impl FnOnce(&Iface, u16, &mut [u8]) -> Option<usize>,
+    ) -> bool {
+        let (Some(t), Some(Some(pair))) = (self.transport.as_ref(), self.pairs.first_mut()) else {
+            return false;
+        };
+        if let Err(e) = pair.reclaim() {
+            self.fail(e);
+            return false;
+        }
+        let mtu = usize::from(self.mtu);
+        let Some((tx_buf, out)) = pair.free_tx_frame(self.mem, 0, mtu) else {
+            return false;
+        };
+        let Some(len) = build(&self.iface, self.ip_id, out) else {
+            return false;
+        };
+        if !pair.push_tx(self.mem, 0, tx_buf, len) {
+            return false;
+        }
+        t.notify_if_needed(&pair.tx);
+        self.ip_id = self.ip_id.wrapping_add(1);
+        self.stats.tx += 1;
+        self.stats.ping_tx += 1;
+        true
     }
 
     /// Waits briefly for frames in flight to be sent, prints the stats
@@ -601,15 +675,29 @@ impl Net {
             }
         }
         let s = self.stats;
-        outln!(
-            "probe.net{}=stats rx={} tx={} arp={} icmp={} dropped={}",
-            self.index,
-            s.rx,
-            s.tx,
-            s.arp,
-            s.icmp,
-            s.dropped
-        );
+        if self.pinged {
+            outln!(
+                "probe.net{}=stats rx={} tx={} arp={} icmp={} dropped={} ping_rx={} ping_tx={}",
+                self.index,
+                s.rx,
+                s.tx,
+                s.arp,
+                s.icmp,
+                s.dropped,
+                s.ping_rx,
+                s.ping_tx
+            );
+        } else {
+            outln!(
+                "probe.net{}=stats rx={} tx={} arp={} icmp={} dropped={}",
+                self.index,
+                s.rx,
+                s.tx,
+                s.arp,
+                s.icmp,
+                s.dropped
+            );
+        }
         if self.stop().is_err() {
             outln!("probe.net{}=error reset-timeout", self.index);
         }
@@ -641,6 +729,14 @@ impl Net {
             .chain(self.ctrl.take());
         transport.shutdown(queues)
     }
+}
+
+/// The device state [`Pair::serve`] updates.
+struct ServeState<'a> {
+    stats: &'a mut Stats,
+    /// IPv4 identification of the next frame sent.
+    ip_id: &'a mut u16,
+    ping: &'a mut Option<Pinger>,
 }
 
 /// What [`Pair::serve`] needs besides the pair.
@@ -718,8 +814,7 @@ impl Pair {
         &mut self,
         t: &Transport,
         ctx: &Ctx<'_>,
-        stats: &mut Stats,
-        ip_id: &mut u16,
+        mut state: ServeState<'_>,
     ) -> Result<(), ServeError> {
         self.reclaim()?;
         let mut received = 0;
@@ -733,10 +828,10 @@ impl Pair {
                 break;
             };
             received += 1;
-            stats.rx += 1;
+            state.stats.rx += 1;
             self.rx_frames += 1;
             let buf = usize::from(self.rx_buf[usize::from(used.head)]);
-            if self.answer(ctx, buf, used.len, stats, ip_id) {
+            if self.answer(ctx, buf, used.len, &mut state) {
                 sent += 1;
             }
             self.post_rx(ctx.mem, ctx.pair, buf);
@@ -751,17 +846,12 @@ impl Pair {
     }
 
     /// Handles the frame in RX buffer `buf` (`len` bytes written by the
-    /// device, header included); true if a reply was queued.
-    fn answer(
-        &mut self,
-        ctx: &Ctx<'_>,
-        buf: usize,
-        len: u32,
-        stats: &mut Stats,
-        ip_id: &mut u16,
-    ) -> bool {
+    /// device, header included); true if a reply was queued. Replies to
+    /// the pinger's requests go to it (no transmit buffer needed).
+    fn answer(&mut self, ctx: &Ctx<'_>, buf: usize, len: u32, state: &mut ServeState<'_>) -> bool {
+        let stats = &mut *state.stats;
         let len = len as usize;
-        if !(HDR_LEN + ETH_HLEN..=BUF_SIZE).contains(&len) || self.tx_free_len == 0 {
+        if !(HDR_LEN + ETH_HLEN..=BUF_SIZE).contains(&len) {
             stats.dropped += 1;
             return false;
         }
@@ -778,27 +868,86 @@ impl Pair {
             stats.dropped += 1;
             return false;
         }
-        let tx_buf = usize::from(self.tx_free[self.tx_free_len - 1]);
-        let tx_addr = buf_addr(ctx.mem, ctx.pair, tx_buf, true);
-        // SAFETY: free TX buffers belong to no chain in flight; the
-        // buffer is in the static pool and nothing else refers to it.
-        let out = unsafe { core::slice::from_raw_parts_mut(tx_addr, BUF_SIZE) };
-        let Some((tx_header, tx_frame)) = out.split_first_chunk_mut::<HDR_LEN>() else {
-            stats.dropped += 1;
-            return false;
+        // Without a free transmit buffer, only frames that need no reply
+        // get through.
+        let (tx_buf, tx_frame) = match self.free_tx_frame(ctx.mem, ctx.pair, ctx.mtu) {
+            Some((tx_buf, out)) => (Some(tx_buf), out),
+            None => (None, &mut [][..]),
         };
-        // Replies longer than the MTU are not sent (no fragmentation).
-        let tx_frame = tx_frame.get_mut(..ETH_HLEN + ctx.mtu).unwrap_or(&mut []);
-        let (frame_len, echo) = match netproto::answer(ctx.iface, frame, tx_frame, *ip_id) {
+        let (frame_len, echo) = match netproto::answer(ctx.iface, frame, tx_frame, *state.ip_id) {
             Answer::Arp(n) => (n, false),
             Answer::Echo(n) => (n, true),
+            Answer::ArpReply { ip, mac } => {
+                let taken = state.ping.as_mut().is_some_and(|p| p.arp_reply(ip, mac));
+                count_ping_reply(stats, taken);
+                return false;
+            }
+            Answer::EchoReply {
+                from,
+                id,
+                seq,
+                data,
+            } => {
+                let taken =
+                    (state.ping.as_mut()).is_some_and(|p| p.echo_reply(from, id, seq, data));
+                count_ping_reply(stats, taken);
+                return false;
+            }
             Answer::Drop => {
                 stats.dropped += 1;
                 return false;
             }
         };
+        let Some(tx_buf) = tx_buf else {
+            stats.dropped += 1;
+            return false;
+        };
+        if !self.push_tx(ctx.mem, ctx.pair, tx_buf, frame_len) {
+            stats.dropped += 1;
+            return false;
+        }
+        stats.tx += 1;
+        if echo {
+            stats.icmp += 1;
+            *state.ip_id = state.ip_id.wrapping_add(1);
+        } else {
+            stats.arp += 1;
+        }
+        true
+    }
+
+    /// The next free TX buffer (still on the free list) and its frame
+    /// area after the header, at most `ETH_HLEN + mtu` bytes (replies
+    /// longer than the MTU are not sent: no fragmentation).
+    fn free_tx_frame(
+        &mut self,
+        mem: *mut NetMem,
+        pair: usize,
+        mtu: usize,
+    ) -> Option<(usize, &mut [u8])> {
+        let tx_buf = usize::from(*self.tx_free.get(self.tx_free_len.checked_sub(1)?)?);
+        let tx_addr = buf_addr(mem, pair, tx_buf, true);
+        // SAFETY: free TX buffers belong to no chain in flight; the
+        // buffer is in the static pool and nothing else refers to it (the
+        // slice borrows `self`, so it is gone before `push_tx`).
+        let out = unsafe { core::slice::from_raw_parts_mut(tx_addr, BUF_SIZE) };
+        let frame = out.get_mut(HDR_LEN..)?;
+        let frame_len = frame.len().min(ETH_HLEN + mtu);
+        Some((tx_buf, frame.get_mut(..frame_len)?))
+    }
+
+    /// Sends the `frame_len`-byte frame written into the frame area of
+    /// free TX buffer `tx_buf` (from [`Pair::free_tx_frame`]): writes the
+    /// header and makes the buffer available (the caller notifies).
+    fn push_tx(&mut self, mem: *mut NetMem, pair: usize, tx_buf: usize, frame_len: usize) -> bool {
+        if self.tx_free_len == 0 || frame_len > BUF_SIZE - HDR_LEN {
+            return false;
+        }
+        let tx_addr = buf_addr(mem, pair, tx_buf, true);
         // No offloads: flags, gso_type and every other field are 0.
-        *tx_header = [0; HDR_LEN];
+        // SAFETY: the buffer is free (no chain in flight uses it), in the
+        // static pool, and no reference to it is alive.
+        unsafe { tx_addr.cast::<[u8; HDR_LEN]>().write([0; HDR_LEN]) };
         let buffer = Buffer {
             addr: tx_addr as u64,
             len: (HDR_LEN + frame_len) as u32,
@@ -807,20 +956,22 @@ impl Pair {
         // SAFETY: the TX buffer stays untouched (off the free list) until
         // the device returns it through the used ring.
         let Ok(head) = (unsafe { self.tx.add(&[buffer]) }) else {
-            stats.dropped += 1;
             return false;
         };
         self.tx_buf[usize::from(head)] = tx_buf as u8;
         self.tx_free_len -= 1;
         self.tx_frames += 1;
-        stats.tx += 1;
-        if echo {
-            stats.icmp += 1;
-            *ip_id = ip_id.wrapping_add(1);
-        } else {
-            stats.arp += 1;
-        }
         true
+    }
+}
+
+/// Counts a reply to one of our requests: taken by the pinger, or not
+/// ours (dropped).
+fn count_ping_reply(stats: &mut Stats, taken: bool) {
+    if taken {
+        stats.ping_rx += 1;
+    } else {
+        stats.dropped += 1;
     }
 }
 
@@ -852,7 +1003,7 @@ const SERVE_SPINS_PER_CHECK_WITH_PIT: u64 = 64;
 /// roughly what QEMU TCG manages per millisecond with an idle device.
 /// Under an emulating KVM (kvm_pvm) a poll takes some 40 us instead of
 /// 25 ns, so a millisecond lasts about 1.5 s there.
-const SERVE_SPINS_PER_MS_WITHOUT_PIT: u64 = 40_000;
+pub const SERVE_SPINS_PER_MS_WITHOUT_PIT: u64 = 40_000;
 
 /// A deadline `ms` milliseconds from now for a loop that calls
 /// [`Net::poll`] once per spin: PIT timed (in 50 ms steps) if there is a
