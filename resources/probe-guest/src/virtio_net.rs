@@ -888,8 +888,10 @@ impl Pair {
                 seq,
                 data,
             } => {
-                let taken =
-                    (state.ping.as_mut()).is_some_and(|p| p.echo_reply(from, id, seq, data));
+                let taken = state
+                    .ping
+                    .as_mut()
+                    .is_some_and(|p| p.echo_reply(from, id, seq, data));
                 count_ping_reply(stats, taken);
                 return false;
             }
