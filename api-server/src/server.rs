@@ -40,6 +40,8 @@ pub enum ApiServerError {
     Server(String),
     #[error("cannot start the API thread: {0}")]
     Spawn(io::Error),
+    #[error("cannot confine the API thread: {0}")]
+    Confine(String),
 }
 
 /// The API thread's link to the VMM thread: it sends an action, wakes the
@@ -103,12 +105,32 @@ impl ApiServer {
         Ok(Self { http, vmm })
     }
 
-    /// Runs the server on its own thread.
-    pub fn spawn(self) -> Result<JoinHandle<()>, ApiServerError> {
-        std::thread::Builder::new()
+    /// Runs the server on its own thread. The thread first runs `confine`
+    /// (it installs the API thread's seccomp filter) and serves no request
+    /// unless that succeeds; its error is returned here.
+    pub fn spawn(
+        self,
+        confine: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> Result<JoinHandle<()>, ApiServerError> {
+        let (confined, outcome) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name("fc_api".into())
-            .spawn(move || self.run())
-            .map_err(ApiServerError::Spawn)
+            .spawn(move || {
+                let result = confine();
+                let ok = result.is_ok();
+                let _ = confined.send(result);
+                if ok {
+                    self.run();
+                }
+            })
+            .map_err(ApiServerError::Spawn)?;
+        match outcome.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(err)) => Err(ApiServerError::Confine(err)),
+            Err(_) => Err(ApiServerError::Confine(
+                "the API thread ended before it was confined".into(),
+            )),
+        }
     }
 
     fn run(mut self) {

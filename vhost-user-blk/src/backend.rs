@@ -50,6 +50,8 @@ pub struct BackendConfig {
     pub serial: Vec<u8>,
     /// Use io_uring where the kernel has it.
     pub io_uring: bool,
+    /// The seccomp filters; each worker installs "worker" at its first event.
+    pub seccomp: tessera_seccomp::Filters,
 }
 
 /// A virtio-blk device served over vhost-user.
@@ -302,6 +304,12 @@ impl VhostUserBackend for BlockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        // The library starts the workers; each confines itself before it
+        // touches its first guest request.
+        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
+            eprintln!("vhost-user-blk: {err}; exiting rather than serve unconfined");
+            std::process::exit(1);
+        }
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }

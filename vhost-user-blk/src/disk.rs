@@ -43,6 +43,38 @@ impl Disk {
             path: display(),
             source,
         })?;
+        Self::from_file(file, &display(), read_only)
+    }
+
+    /// Serves an inherited, already open disk (`--disk-fd`: the jailer's
+    /// launcher hands it over, so the backend's jail holds no path to it).
+    /// `O_DIRECT` is set on the open file with `direct`.
+    pub fn from_fd(
+        fd: std::os::fd::OwnedFd,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<Self, DiskError> {
+        let name = format!("--disk-fd {}", fd.as_raw_fd());
+        let file = File::from(fd);
+        if direct {
+            let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+                .map_err(|errno| DiskError::Open {
+                    path: name.clone(),
+                    source: errno.into(),
+                })?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_DIRECT;
+            nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(
+                |errno| DiskError::Open {
+                    path: name.clone(),
+                    source: errno.into(),
+                },
+            )?;
+        }
+        Self::from_file(file, &name, read_only)
+    }
+
+    fn from_file(file: File, name: &str, read_only: bool) -> Result<Self, DiskError> {
+        let display = || name.to_string();
         let size = disk_size(&file).map_err(|source| DiskError::Size {
             path: display(),
             source,

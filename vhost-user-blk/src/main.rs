@@ -8,7 +8,7 @@ mod disk;
 mod engine;
 mod request;
 
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -33,8 +33,23 @@ struct Cli {
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     fd: Option<i32>,
     /// The backing raw image or block device.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "disk_fd",
+        conflicts_with = "disk_fd"
+    )]
+    path: Option<PathBuf>,
+    /// Serve this inherited, already open disk instead of --path.
+    #[arg(long, value_name = "N")]
+    disk_fd: Option<i32>,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long, conflicts_with = "seccomp_filter")]
+    no_seccomp: bool,
+    /// Load the seccomp filters (kinds "main" and "worker") from this
+    /// seccompiler JSON file instead of the built-in ones.
     #[arg(long, value_name = "FILE")]
-    path: PathBuf,
+    seccomp_filter: Option<PathBuf>,
     /// Refuse guest writes.
     #[arg(long)]
     readonly: bool,
@@ -59,6 +74,20 @@ struct Cli {
     /// it) or sync.
     #[arg(long, default_value = "io_uring", value_parser = ["io_uring", "sync"])]
     io_engine: String,
+}
+
+/// The filters compiled from resources/seccomp/vhost-user-blk.json.
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
+
+/// Takes ownership of inherited fd `fd`, after checking that it is open.
+fn inherited_fd(fd: i32) -> Result<OwnedFd, nix::errno::Errno> {
+    if fd <= 2 {
+        return Err(nix::errno::Errno::EBADF);
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
+    // SAFETY: the fd is open (checked above), was inherited for this
+    // purpose, and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -124,9 +153,21 @@ fn main() -> ExitCode {
             format_args!("--serial holds at most {} bytes", request::ID_LEN),
         );
     }
-    let disk = match Disk::open(&cli.path, cli.readonly, cli.direct) {
+    let disk = match (&cli.path, cli.disk_fd) {
+        (Some(path), _) => Disk::open(path, cli.readonly, cli.direct),
+        (None, Some(fd)) => match inherited_fd(fd) {
+            Ok(fd) => Disk::from_fd(fd, cli.readonly, cli.direct),
+            Err(err) => return fail(2, format_args!("--disk-fd {fd}: {err}")),
+        },
+        (None, None) => return fail(2, "give --path FILE or --disk-fd N"),
+    };
+    let disk = match disk {
         Ok(disk) => disk,
         Err(err) => return fail(2, err),
+    };
+    let source = match &cli.path {
+        Some(path) => path.display().to_string(),
+        None => format!("--disk-fd {}", cli.disk_fd.unwrap_or_default()),
     };
     let sectors = disk.sectors();
     let mut listener = match (&cli.socket, cli.fd) {
@@ -150,6 +191,15 @@ fn main() -> ExitCode {
         (None, None) => return fail(2, "give --socket PATH or --fd N"),
     };
 
+    let seccomp = match tessera_seccomp::load(
+        SECCOMP_FILTERS,
+        cli.no_seccomp,
+        cli.seccomp_filter.as_deref(),
+        &["main", "worker"],
+    ) {
+        Ok(filters) => filters,
+        Err(err) => return fail(2, err),
+    };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = BackendConfig {
         queues: usize::from(cli.queues),
@@ -157,11 +207,17 @@ fn main() -> ExitCode {
         poll: Duration::from_micros(cli.poll_us),
         serial,
         io_uring: cli.io_engine == "io_uring",
+        seccomp: seccomp.clone(),
     };
     let backend = match BlockBackend::new(disk, config, mem.clone()) {
         Ok(backend) => Arc::new(backend),
         Err(err) => return fail(1, format_args!("cannot create the device: {err}")),
     };
+    // Everything that needs more than the filters allow is done: from here
+    // on, this thread and every thread it starts are confined.
+    if let Err(err) = seccomp.apply("main") {
+        return fail(1, err);
+    }
     if let Err(err) = handle_termination(backend.clone()) {
         return fail(1, format_args!("cannot install signal handling: {err}"));
     }
@@ -171,7 +227,7 @@ fn main() -> ExitCode {
     };
     eprintln!(
         "vhost-user-blk: serving {} ({sectors} sectors{}) with {} queue(s)",
-        cli.path.display(),
+        source,
         if cli.readonly { ", read-only" } else { "" },
         cli.queues
     );

@@ -42,6 +42,8 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     pub queue_pairs: usize,
     pub queue_size: usize,
+    /// The seccomp filters; each worker installs "worker" at its first event.
+    pub seccomp: tessera_seccomp::Filters,
 }
 
 /// Frame counters, logged when the backend exits.
@@ -327,6 +329,12 @@ impl VhostUserBackend for NetBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The library starts the workers; each confines itself before it
+        // touches its first guest request.
+        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
+            eprintln!("vhost-user-net: {err}; exiting rather than serve unconfined");
+            std::process::exit(1);
+        }
         if !evset.contains(EventSet::IN) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }

@@ -7,7 +7,7 @@ mod backend;
 mod frame;
 mod tap;
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -34,8 +34,23 @@ struct Cli {
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     fd: Option<i32>,
     /// The existing TAP device to attach to.
-    #[arg(long, value_name = "NAME")]
-    tap: String,
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "tap_fd",
+        conflicts_with = "tap_fd"
+    )]
+    tap: Option<String>,
+    /// An inherited TAP queue, opened with IFF_VNET_HDR; one per queue pair.
+    #[arg(long, value_name = "N")]
+    tap_fd: Vec<i32>,
+    /// Run without seccomp filters (for debugging only).
+    #[arg(long, conflicts_with = "seccomp_filter")]
+    no_seccomp: bool,
+    /// Load the seccomp filters (kinds "main" and "worker") from this
+    /// seccompiler JSON file instead of the built-in ones.
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
     /// Number of queues: RX and TX queue pairs times two. Above 2 the TAP
     /// must be multi-queue.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..=32))]
@@ -50,6 +65,20 @@ struct Cli {
     /// The MTU offered to the guest (VIRTIO_NET_F_MTU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
     mtu: Option<u16>,
+}
+
+/// The filters compiled from resources/seccomp/vhost-user-net.json.
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
+
+/// Takes ownership of inherited fd `fd`, after checking that it is open.
+fn inherited_fd(fd: i32) -> Result<OwnedFd, nix::errno::Errno> {
+    if fd <= 2 {
+        return Err(nix::errno::Errno::EBADF);
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
+    // SAFETY: the fd is open (checked above), was inherited for this
+    // purpose, and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
@@ -127,8 +156,39 @@ fn main() -> ExitCode {
         }
     };
     let pairs = usize::from(cli.queues / 2);
-    let taps = match Tap::open_queues(&cli.tap, pairs, frame::VNET_HDR_LEN as i32) {
+    let taps = match &cli.tap {
+        Some(name) => Tap::open_queues(name, pairs, frame::VNET_HDR_LEN as i32),
+        None if cli.tap_fd.len() != pairs => {
+            return fail(
+                2,
+                format_args!(
+                    "--queues {} needs {pairs} --tap-fd, got {}",
+                    cli.queues,
+                    cli.tap_fd.len()
+                ),
+            )
+        }
+        None => match cli
+            .tap_fd
+            .iter()
+            .map(|&fd| inherited_fd(fd).map_err(|err| format!("--tap-fd {fd}: {err}")))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(fds) => Tap::from_fds(fds, frame::VNET_HDR_LEN as i32),
+            Err(err) => return fail(2, err),
+        },
+    };
+    let taps = match taps {
         Ok(taps) => taps,
+        Err(err) => return fail(2, err),
+    };
+    let seccomp = match tessera_seccomp::load(
+        SECCOMP_FILTERS,
+        cli.no_seccomp,
+        cli.seccomp_filter.as_deref(),
+        &["main", "worker"],
+    ) {
+        Ok(filters) => filters,
         Err(err) => return fail(2, err),
     };
     let mut listener = match (&cli.socket, cli.fd) {
@@ -152,11 +212,17 @@ fn main() -> ExitCode {
         mtu: cli.mtu,
         queue_pairs: pairs,
         queue_size: usize::from(cli.queue_size),
+        seccomp: seccomp.clone(),
     };
     let backend = match NetBackend::new(taps, config, mem.clone()) {
         Ok(backend) => Arc::new(backend),
         Err(err) => return fail(1, format_args!("cannot create the device: {err}")),
     };
+    // Everything that needs more than the filters allow is done: from here
+    // on, this thread and every thread it starts are confined.
+    if let Err(err) = seccomp.apply("main") {
+        return fail(1, err);
+    }
     if let Err(err) = exit_on_termination(backend.clone()) {
         return fail(1, format_args!("cannot set up SIGTERM handling: {err}"));
     }
@@ -178,7 +244,7 @@ fn main() -> ExitCode {
     }
     eprintln!(
         "vhost-user-net: serving TAP {} with {pairs} queue pair(s)",
-        cli.tap
+        cli.tap.as_deref().unwrap_or("from --tap-fd")
     );
     if let Err(err) = daemon.start(&mut listener) {
         return fail(1, format_args!("cannot accept a frontend: {err}"));

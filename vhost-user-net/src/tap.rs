@@ -62,6 +62,24 @@ impl Tap {
             .collect()
     }
 
+    /// Takes over TAP queues opened by someone else (the jailer's launcher,
+    /// with IFF_VNET_HDR), so that the backend's jail needs no /dev/net/tun.
+    pub fn from_fds(
+        fds: Vec<std::os::fd::OwnedFd>,
+        vnet_hdr_len: i32,
+    ) -> Result<Vec<Tap>, TapError> {
+        fds.into_iter()
+            .map(|fd| {
+                let tap = Tap {
+                    name: format!("--tap-fd {}", fd.as_raw_fd()),
+                    file: File::from(fd),
+                };
+                tap.ioctl_int(TUNSETVNETHDRSZ, vnet_hdr_len, "set the vnet header size")?;
+                Ok(tap)
+            })
+            .collect()
+    }
+
     fn open_one(name: &str, multi_queue: bool, vnet_hdr_len: i32) -> Result<Tap, TapError> {
         let file = OpenOptions::new()
             .read(true)

@@ -61,6 +61,8 @@ pub enum StartMicrovmError {
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventLoop(String),
+    #[error("cannot confine the VMM thread: {0}")]
+    Seccomp(tessera_seccomp::SeccompError),
 }
 
 impl StartMicrovmError {
@@ -96,6 +98,8 @@ pub struct BootOptions {
     /// When the process started (wall clock and CPU time).
     pub start_wall: Instant,
     pub start_cpu: Duration,
+    /// The seccomp filters of the VMM's threads ("vmm", "api", "vcpu").
+    pub seccomp: Arc<tessera_seccomp::Filters>,
 }
 
 /// An event-loop subscriber.
@@ -330,6 +334,7 @@ pub fn build_microvm(
                 .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-blk")),
             std::env::temp_dir(),
             "drive",
+            options.seccomp.clone(),
         )
         .map_err(BlockDeviceError::from_spawner)?;
         device_manager::attach_block_devices(
@@ -352,6 +357,7 @@ pub fn build_microvm(
                 .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-net")),
             std::env::temp_dir(),
             "interface",
+            options.seccomp.clone(),
         )
         .map_err(NetDeviceError::from_spawner)?;
         device_manager::attach_net_devices(
@@ -437,8 +443,14 @@ pub fn build_microvm(
     let mut vcpu_handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let evt = vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?;
-        vcpu_handles.push(vcpu.start(stop_sender.clone(), evt)?);
+        vcpu_handles.push(vcpu.start(stop_sender.clone(), evt, options.seccomp.clone())?);
     }
+    // Firecracker's order: the vCPU threads confine themselves, then the
+    // VMM thread does, once it needs nothing beyond its runtime list.
+    options
+        .seccomp
+        .apply("vmm")
+        .map_err(StartMicrovmError::Seccomp)?;
 
     Ok(Vmm {
         _guest_memory: guest_memory,

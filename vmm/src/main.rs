@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use api_server::server::DEFAULT_MAX_PAYLOAD_SIZE;
@@ -14,6 +15,9 @@ use vmm::metrics::{self, metrics};
 use vmm::resources::VmResources;
 use vmm::rpc_interface::{apply_observability, run_preboot, ApiEndpoint, RuntimeWork};
 use vmm::{build_microvm, logger, BootOptions, ExitCode};
+
+/// The filters compiled from resources/seccomp/tessera.json.
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
 /// Firecracker's default API socket, for drop-in use.
 const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -125,6 +129,16 @@ fn main() {
         fail(ExitCode::BadConfiguration, err);
     }
 
+    let seccomp = Arc::new(
+        tessera_seccomp::load(
+            SECCOMP_FILTERS,
+            cli.no_seccomp,
+            cli.seccomp_filter.as_deref(),
+            &["vmm", "api", "vcpu"],
+        )
+        .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err)),
+    );
+
     let api = (!cli.no_api).then(|| {
         let sock = cli
             .api_sock
@@ -133,7 +147,10 @@ fn main() {
         let (endpoint, channel) =
             ApiEndpoint::new().unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
         ApiServer::bind(&sock, cli.http_api_max_payload_size, channel)
-            .and_then(ApiServer::spawn)
+            .and_then(|server| {
+                let filters = seccomp.clone();
+                server.spawn(move || filters.apply("api").map_err(|err| err.to_string()))
+            })
             .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
         let m = metrics();
         m.startup_time_us
@@ -155,6 +172,7 @@ fn main() {
         vhost_user_net_bin: cli.vhost_user_net_bin,
         start_wall,
         start_cpu,
+        seccomp,
     };
     let (endpoint, sock) = match api {
         Some((endpoint, sock)) => (Some(endpoint), Some(sock)),

@@ -10,6 +10,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use tessera_seccomp::Filters;
 
 /// Errors starting a backend.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,9 @@ pub struct BackendSpawner {
     run_dir: PathBuf,
     /// What a device is called in log lines: "drive" or "interface".
     kind: &'static str,
+    /// The VMM's filters: the thread that waits for a backend installs
+    /// "vmm", and backends of an unconfined VMM run unconfined too.
+    seccomp: Arc<Filters>,
 }
 
 impl BackendSpawner {
@@ -44,6 +50,7 @@ impl BackendSpawner {
         binary: PathBuf,
         run_dir: PathBuf,
         kind: &'static str,
+        seccomp: Arc<Filters>,
     ) -> Result<Self, BackendProcessError> {
         if !binary.is_file() {
             return Err(BackendProcessError::MissingBinary(
@@ -54,6 +61,7 @@ impl BackendSpawner {
             binary,
             run_dir,
             kind,
+            seccomp,
         })
     }
 
@@ -88,6 +96,9 @@ impl BackendSpawner {
             .arg(BACKEND_LISTEN_FD.to_string())
             .args(args)
             .stdin(Stdio::null());
+        if self.seccomp.is_disabled() {
+            command.arg("--no-seccomp");
+        }
         // SAFETY: the closure only makes async-signal-safe calls (dup2,
         // fcntl, prctl) between fork and exec.
         unsafe {
@@ -115,15 +126,22 @@ impl BackendSpawner {
         let id = id.to_string();
         let binary = self.binary.clone();
         let kind = self.kind;
+        let seccomp = self.seccomp.clone();
         log::info!("{kind} {id}: started {} (pid {pid})", binary.display());
         std::thread::Builder::new()
             .name(format!("wait_{id}"))
-            .spawn(move || match child.wait() {
-                Ok(status) if status.success() => {
-                    log::info!("{kind} {id}: backend (pid {pid}) exited: {status}")
+            .spawn(move || {
+                if let Err(err) = seccomp.apply("vmm") {
+                    log::error!("{kind} {id}: {err}; not waiting for backend {pid}");
+                    return;
                 }
-                Ok(status) => log::error!("{kind} {id}: backend (pid {pid}) died: {status}"),
-                Err(err) => log::error!("{kind} {id}: cannot wait for backend {pid}: {err}"),
+                match child.wait() {
+                    Ok(status) if status.success() => {
+                        log::info!("{kind} {id}: backend (pid {pid}) exited: {status}")
+                    }
+                    Ok(status) => log::error!("{kind} {id}: backend (pid {pid}) died: {status}"),
+                    Err(err) => log::error!("{kind} {id}: cannot wait for backend {pid}: {err}"),
+                }
             })
             .map_err(|source| BackendProcessError::Spawn {
                 binary: binary.display().to_string(),

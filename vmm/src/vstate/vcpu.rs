@@ -242,6 +242,7 @@ impl Vcpu {
         self,
         stopped: Sender<VcpuStopReport>,
         stop_evt: EventFd,
+        seccomp: std::sync::Arc<tessera_seccomp::Filters>,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_sender, events) = channel();
@@ -251,7 +252,11 @@ impl Vcpu {
             .spawn(move || {
                 let mut vcpu = self;
                 KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
-                let reason = vcpu.run_until_stop(&events, &responder);
+                // The guest runs only once this thread is confined.
+                let reason = match seccomp.apply("vcpu") {
+                    Ok(()) => vcpu.run_until_stop(&events, &responder),
+                    Err(err) => VcpuStop::Failed(err.to_string()),
+                };
                 KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
                 match &reason {
                     VcpuStop::GuestShutdown(why) => log::info!("vCPU {index} stopped: {why}"),

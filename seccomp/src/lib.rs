@@ -1,0 +1,335 @@
+//! Seccomp filters for every Tessera binary: the JSON under
+//! `resources/seccomp/` is compiled to BPF by each binary's `build.rs`
+//! ([`compile_json_file`]), embedded with `include_bytes!`, and installed on
+//! each thread, by its kind, before the thread handles any input
+//! ([`Filters::apply`]).
+//!
+//! The embedded form is a small length-prefixed encoding of seccompiler's
+//! `BpfMap` (thread kind → program), parsed with bounds checks.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+pub use seccompiler::BpfProgram;
+use seccompiler::{sock_filter, TargetArch};
+
+/// Errors compiling, loading or installing filters.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot read seccomp filter file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot compile seccomp filters from {path}: {source}")]
+    Compile {
+        path: String,
+        source: seccompiler::Error,
+    },
+    #[error("cannot write compiled seccomp filters to {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the embedded seccomp filters are corrupt at byte {0}")]
+    Corrupt(usize),
+    #[error("no seccomp filter for thread kind {kind:?} (the filters define: {known})")]
+    MissingThread { kind: String, known: String },
+    #[error("cannot install the seccomp filter for thread kind {kind:?}: {source}")]
+    Install {
+        kind: String,
+        source: seccompiler::Error,
+    },
+}
+
+const MAGIC: &[u8; 4] = b"TSCF";
+const INSN_LEN: usize = 8;
+
+/// Compiles the JSON filter file `json` for x86-64 and writes the encoded
+/// programs to `out`. Called from `build.rs`.
+pub fn compile_json_file(json: &Path, out: &Path) -> Result<(), SeccompError> {
+    let filters = Filters::from_json_file(json)?;
+    std::fs::write(out, filters.encode()).map_err(|source| SeccompError::Write {
+        path: out.display().to_string(),
+        source,
+    })
+}
+
+/// The filter program of each thread kind of one binary, or none at all
+/// when seccomp is turned off.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    programs: HashMap<String, BpfProgram>,
+    disabled: bool,
+}
+
+impl Filters {
+    /// No filtering (`--no-seccomp`): [`Filters::apply`] does nothing.
+    pub fn disabled() -> Self {
+        Self {
+            programs: HashMap::new(),
+            disabled: true,
+        }
+    }
+
+    /// Compiles a seccompiler JSON file (`--seccomp-filter FILE`).
+    pub fn from_json_file(path: &Path) -> Result<Self, SeccompError> {
+        let display = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| SeccompError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let programs = seccompiler::compile_from_json(std::io::BufReader::new(file), arch())
+            .map_err(|source| SeccompError::Compile {
+                path: display,
+                source,
+            })?;
+        Ok(Self {
+            programs,
+            disabled: false,
+        })
+    }
+
+    /// Decodes the filters embedded by `build.rs`.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SeccompError> {
+        let mut reader = Reader { bytes, at: 0 };
+        if reader.take(MAGIC.len())? != MAGIC {
+            return Err(SeccompError::Corrupt(0));
+        }
+        let mut programs = HashMap::new();
+        for _ in 0..reader.u32()? {
+            let name_len = reader.u32()? as usize;
+            let at = reader.at;
+            let name = std::str::from_utf8(reader.take(name_len)?)
+                .map_err(|_| SeccompError::Corrupt(at))?
+                .to_string();
+            let count = reader.u32()? as usize;
+            let mut program = Vec::with_capacity(count.min(4096));
+            for _ in 0..count {
+                let insn = reader.take(INSN_LEN)?;
+                program.push(sock_filter {
+                    code: u16::from_le_bytes([insn[0], insn[1]]),
+                    jt: insn[2],
+                    jf: insn[3],
+                    k: u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]),
+                });
+            }
+            programs.insert(name, program);
+        }
+        if reader.at != bytes.len() {
+            return Err(SeccompError::Corrupt(reader.at));
+        }
+        Ok(Self {
+            programs,
+            disabled: false,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut names: Vec<&String> = self.programs.keys().collect();
+        names.sort();
+        let mut out = MAGIC.to_vec();
+        out.extend((names.len() as u32).to_le_bytes());
+        for name in names {
+            let program = &self.programs[name];
+            out.extend((name.len() as u32).to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend((program.len() as u32).to_le_bytes());
+            for insn in program {
+                out.extend(insn.code.to_le_bytes());
+                out.extend([insn.jt, insn.jf]);
+                out.extend(insn.k.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Whether seccomp is turned off.
+    pub fn is_disabled(&self) -> bool {
+        self.disabled
+    }
+
+    /// The program for thread kind `kind`.
+    pub fn program(&self, kind: &str) -> Result<&BpfProgram, SeccompError> {
+        self.programs
+            .get(kind)
+            .ok_or_else(|| SeccompError::MissingThread {
+                kind: kind.to_string(),
+                known: self.kinds().join(", "),
+            })
+    }
+
+    /// The thread kinds these filters define, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = self.programs.keys().cloned().collect();
+        kinds.sort();
+        kinds
+    }
+
+    /// Installs the filter for `kind` on the calling thread (and so on the
+    /// threads it starts later). Does nothing when seccomp is off.
+    pub fn apply(&self, kind: &str) -> Result<(), SeccompError> {
+        if self.disabled {
+            return Ok(());
+        }
+        let program = self.program(kind)?;
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+            kind: kind.to_string(),
+            source,
+        })
+    }
+}
+
+/// The filters a binary runs with: none with `no_seccomp`, the JSON file
+/// `custom` if given, else the `embedded` ones. Every kind in `kinds` must
+/// be defined, so that a custom file missing one fails at start.
+pub fn load(
+    embedded: &[u8],
+    no_seccomp: bool,
+    custom: Option<&Path>,
+    kinds: &[&str],
+) -> Result<Filters, SeccompError> {
+    let filters = match (no_seccomp, custom) {
+        (true, _) => return Ok(Filters::disabled()),
+        (false, Some(path)) => Filters::from_json_file(path)?,
+        (false, None) => Filters::decode(embedded)?,
+    };
+    for kind in kinds {
+        filters.program(kind)?;
+    }
+    Ok(filters)
+}
+
+thread_local! {
+    static THREAD_CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Filters {
+    /// Installs the filter for `kind` the first time the calling thread
+    /// gets here; for threads started by a library, at their first event.
+    pub fn apply_once_per_thread(&self, kind: &str) -> Result<(), SeccompError> {
+        if THREAD_CONFINED.with(|done| done.get()) {
+            return Ok(());
+        }
+        self.apply(kind)?;
+        THREAD_CONFINED.with(|done| done.set(true));
+        Ok(())
+    }
+}
+
+fn arch() -> TargetArch {
+    TargetArch::x86_64
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> Result<&'a [u8], SeccompError> {
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or(SeccompError::Corrupt(self.at))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn u32(&mut self) -> Result<u32, SeccompError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JSON: &str = r#"{
+        "main": {"mismatch_action": "kill_process", "match_action": "allow",
+                 "filter": [{"syscall": "read", "comment": "stdin"},
+                            {"syscall": "ioctl", "args": [{"index": 1, "type": "dword", "op": "eq", "val": 21505}]}]},
+        "worker": {"mismatch_action": "kill_process", "match_action": "allow",
+                   "filter": [{"syscall": "write"}]}
+    }"#;
+
+    fn compiled() -> Filters {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("tessera-seccomp-{}-{call}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("f.json");
+        let out = dir.join("f.bpf");
+        std::fs::write(&json, JSON).unwrap();
+        compile_json_file(&json, &out).unwrap();
+        let filters = Filters::decode(&std::fs::read(&out).unwrap()).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        filters
+    }
+
+    #[test]
+    fn round_trip_keeps_every_program() {
+        let filters = compiled();
+        assert_eq!(filters.kinds(), ["main", "worker"]);
+        let again = Filters::decode(&filters.encode()).unwrap();
+        for kind in filters.kinds() {
+            let (a, b) = (
+                filters.program(&kind).unwrap(),
+                again.program(&kind).unwrap(),
+            );
+            assert!(!a.is_empty());
+            assert_eq!(a.len(), b.len());
+            assert!(a
+                .iter()
+                .zip(b)
+                .all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k)));
+        }
+    }
+
+    #[test]
+    fn truncated_or_padded_input_is_rejected() {
+        let bytes = compiled().encode();
+        for len in [0, 3, 4, 9, bytes.len() - 1] {
+            assert!(
+                matches!(
+                    Filters::decode(&bytes[..len]),
+                    Err(SeccompError::Corrupt(_))
+                ),
+                "len {len}"
+            );
+        }
+        let mut padded = bytes.clone();
+        padded.push(0);
+        assert!(matches!(
+            Filters::decode(&padded),
+            Err(SeccompError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_thread_kind_names_the_known_ones() {
+        let err = compiled().apply("vcpu").unwrap_err().to_string();
+        assert!(
+            err.contains("\"vcpu\"") && err.contains("main, worker"),
+            "{err}"
+        );
+        assert!(Filters::disabled().apply("vcpu").is_ok());
+    }
+
+    #[test]
+    fn bad_json_names_the_file() {
+        let path = std::env::temp_dir().join(format!("tessera-bad-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"main": {"filter": [{"syscall": "nosuchcall"}]}}"#,
+        )
+        .unwrap();
+        let err = Filters::from_json_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("tessera-bad-"), "{err}");
+    }
+}
