@@ -1,33 +1,53 @@
-//! `jailer`: will confine every Tessera process (chroot through pivot_root,
-//! namespaces, cgroups, rlimits, dropped privileges) with Firecracker's
-//! jailer command line. The confinement itself is built by the jailer work;
-//! today the binary checks the instance id the way Firecracker's does and
-//! refuses to run rather than start anything unconfined.
+//! `jailer`: starts a binary confined the way Firecracker's jailer does
+//! (a chroot entered through pivot_root in its own mount namespace,
+//! optionally a new pid namespace and a network namespace, cgroups,
+//! rlimits, a dropped uid/gid with no capabilities), with Firecracker's
+//! command line. For `tessera` it also keeps a root launcher outside the
+//! jail that starts each device backend in a jail of its own on the VMM's
+//! request (see the `launcher` module and [`jailer::launch`]).
+//!
+//! Every failure is one line on stderr, `jailer: <what failed, with what
+//! value>`, and a nonzero exit status; nothing half-made is left.
 
-mod id;
+mod cgroup;
+mod chroot;
+mod cli;
+mod env;
+mod launcher;
+mod privileges;
+mod resource_limits;
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let id = args
-        .windows(2)
-        .find(|pair| pair[0] == "--id")
-        .map(|pair| pair[1].as_str());
-    match id.map(id::validate) {
-        None => {
-            eprintln!("jailer: --id ID is required");
-            ExitCode::from(2)
+    let start_time_us = env::clock_us(nix::time::ClockId::CLOCK_MONOTONIC);
+    let start_time_cpu_us = env::clock_us(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID);
+    // Step 2 first, as Firecracker: nothing inherited survives into the jail.
+    env::sanitize_process();
+
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            // clap's message names the bad flag; keep its first line.
+            let text = err.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("jailer: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
         }
-        Some(Err(err)) => {
+    };
+    let env = match env::Env::new(cli, start_time_us, start_time_cpu_us) {
+        Ok(env) => env,
+        Err(err) => {
             eprintln!("jailer: {err}");
-            ExitCode::from(2)
+            return ExitCode::from(1);
         }
-        Some(Ok(())) => {
-            eprintln!(
-                "jailer: confinement is not built yet; refusing to start an unconfined process"
-            );
-            ExitCode::from(1)
-        }
-    }
+    };
+    let err = match env.run() {
+        Err(err) => err,
+    };
+    eprintln!("jailer: {err}");
+    ExitCode::from(1)
 }

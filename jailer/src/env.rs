@@ -1,0 +1,726 @@
+//! The jailer's steps, in Firecracker's order:
+//!
+//! 1. validate the id, the exec file, the chroot base, uid/gid, cgroups and
+//!    limits ([`Env::new`]; nothing is created before all of them pass);
+//! 2. (done by `main` before parsing) close inherited fds above 2 and
+//!    clear the environment;
+//! 3. create `<base>/<exe-name>/<id>/root` and copy the binary in; an
+//!    existing `root/<exe-name>` means the id is taken and is refused;
+//! 4. apply the resource limits;
+//! 5. create the cgroups, write the values and join them;
+//! 6. join `--netns`; for a `tessera*` exec file, fork the backend launcher
+//!    (see [`crate::launcher`]) here, still root and in the host mounts;
+//! 7. unshare the mount namespace (and the pid namespace with
+//!    `--new-pid-ns`, forking so that the child is the namespace's pid 1),
+//!    then pivot into the jail;
+//! 8. create `/dev/kvm`, `/dev/net/tun`, `/dev/urandom` (and
+//!    `/dev/userfaultfd` when the host has it) owned by uid:gid;
+//! 9. with `--daemonize`, fork, `setsid`, fork and point stdio at
+//!    /dev/null; drop to gid and uid with no capabilities, and exec the
+//!    binary with `--id`, `--start-time-us`, `--start-time-cpu-us`,
+//!    `--parent-cpu-time-us` (and `--backend-launcher-fd`) before the
+//!    user's arguments.
+//!
+//! A failure after step 5 moves the process back out of its cgroups and
+//! removes them before the jailer exits.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::unistd::{dup2, execve, fork, setsid, ForkResult};
+
+use crate::cgroup::{self, CgroupError, CgroupPlan, CgroupSet, CgroupVersion};
+use crate::chroot::{self, ChrootError};
+use crate::cli::Cli;
+use crate::launcher::{self, LauncherConfig, LauncherError};
+use crate::privileges::{self, PrivilegeError};
+use crate::resource_limits::{ResourceLimitError, ResourceLimits};
+use jailer::id::{self, IdError};
+
+/// Exec files whose name starts with this get the backend launcher.
+pub const TESSERA_PREFIX: &str = "tessera";
+
+/// Errors of the jailer's steps.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("invalid uid {0:?}: expected a number from 0 to 4294967295")]
+    Uid(String),
+    #[error("invalid gid {0:?}: expected a number from 0 to 4294967295")]
+    Gid(String),
+    #[error("invalid --backend-uid {0:?}: expected a number from 0 to 4294967295")]
+    BackendUid(String),
+    #[error("invalid --backend-gid {0:?}: expected a number from 0 to 4294967295")]
+    BackendGid(String),
+    #[error("invalid exec file {path}: {source}")]
+    ExecFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid exec file {0}: not a regular file")]
+    ExecNotAFile(String),
+    #[error("invalid exec file {0}: its name is not valid UTF-8")]
+    ExecName(String),
+    #[error("invalid backend binary {path}: {reason}")]
+    BackendBin { path: String, reason: String },
+    #[error("invalid chroot base dir {path}: {source}")]
+    ChrootBase {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid chroot base dir {0}: not a directory")]
+    ChrootBaseNotADir(String),
+    #[error("the jail {0} already exists: the id is in use (remove the jail to reuse it)")]
+    JailExists(String),
+    #[error("cannot create the jail {path}: {source}")]
+    CreateJail {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot copy {from} to {to}: {source}")]
+    Copy {
+        from: String,
+        to: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    ResourceLimit(#[from] ResourceLimitError),
+    #[error("cannot open the network namespace {path}: {source}")]
+    NetnsOpen {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot join the network namespace {path}: {errno}")]
+    NetnsJoin { path: String, errno: nix::Error },
+    #[error(transparent)]
+    Launcher(#[from] LauncherError),
+    #[error("cannot unshare the {what} namespace: {errno}")]
+    Unshare {
+        what: &'static str,
+        errno: nix::Error,
+    },
+    #[error("cannot fork: {0}")]
+    Fork(nix::Error),
+    #[error("cannot write the pid file {path}: {source}")]
+    PidFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Chroot(#[from] ChrootError),
+    #[error("cannot open /dev/null: {0}")]
+    DevNull(std::io::Error),
+    #[error("cannot daemonize: {what}: {errno}")]
+    Daemonize {
+        what: &'static str,
+        errno: nix::Error,
+    },
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    #[error("an argument contains a NUL byte: {0:?}")]
+    Nul(String),
+    #[error("cannot exec {path}: {errno}")]
+    Exec { path: String, errno: nix::Error },
+}
+
+fn parse_id_number(value: &str) -> Option<u32> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// The binaries and ids of the sibling backends (for `tessera*`).
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub uid: u32,
+    pub gid: u32,
+    pub blk_bin: PathBuf,
+    pub net_bin: PathBuf,
+}
+
+/// Everything the jailer will do, validated.
+#[derive(Debug)]
+pub struct Env {
+    pub id: String,
+    pub exec_file: PathBuf,
+    pub exec_name: String,
+    pub chroot_base: PathBuf,
+    /// `<base>/<exe-name>/<id>/root`.
+    pub chroot_dir: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub netns: Option<PathBuf>,
+    pub daemonize: bool,
+    pub new_pid_ns: bool,
+    pub cgroups: CgroupPlan,
+    pub limits: ResourceLimits,
+    pub exec_args: Vec<String>,
+    pub backends: Option<Backends>,
+    /// CLOCK_MONOTONIC at start, µs (Firecracker's `--start-time-us`).
+    pub start_time_us: u64,
+    /// The jailer's CPU time at start, µs.
+    pub start_time_cpu_us: u64,
+    proc_misc: String,
+    last_cap: u32,
+}
+
+/// A clock's value in microseconds.
+pub fn clock_us(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock)
+        .map(|ts| ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// Resolves a backend binary: the flag's path (which must be a file) or
+/// `name` next to the exec file (which may be missing: the launcher then
+/// refuses that kind).
+fn backend_bin(flag: Option<&Path>, exec_file: &Path, name: &str) -> Result<PathBuf, EnvError> {
+    match flag {
+        Some(path) => {
+            let canonical = fs::canonicalize(path).map_err(|err| EnvError::BackendBin {
+                path: path.display().to_string(),
+                reason: err.to_string(),
+            })?;
+            if !canonical.is_file() {
+                return Err(EnvError::BackendBin {
+                    path: path.display().to_string(),
+                    reason: "not a regular file".into(),
+                });
+            }
+            Ok(canonical)
+        }
+        None => Ok(exec_file.with_file_name(name)),
+    }
+}
+
+impl Env {
+    /// Step 1: validates the command line; creates nothing.
+    pub fn new(cli: Cli, start_time_us: u64, start_time_cpu_us: u64) -> Result<Self, EnvError> {
+        id::validate(&cli.id)?;
+        let exec_file = fs::canonicalize(&cli.exec_file).map_err(|source| EnvError::ExecFile {
+            path: cli.exec_file.display().to_string(),
+            source,
+        })?;
+        if !exec_file.is_file() {
+            return Err(EnvError::ExecNotAFile(exec_file.display().to_string()));
+        }
+        let exec_name = exec_file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| EnvError::ExecName(exec_file.display().to_string()))?
+            .to_string();
+        let chroot_base =
+            fs::canonicalize(&cli.chroot_base_dir).map_err(|source| EnvError::ChrootBase {
+                path: cli.chroot_base_dir.display().to_string(),
+                source,
+            })?;
+        if !chroot_base.is_dir() {
+            return Err(EnvError::ChrootBaseNotADir(
+                chroot_base.display().to_string(),
+            ));
+        }
+        let chroot_dir = chroot_base.join(&exec_name).join(&cli.id).join("root");
+        let uid = parse_id_number(&cli.uid).ok_or_else(|| EnvError::Uid(cli.uid.clone()))?;
+        let gid = parse_id_number(&cli.gid).ok_or_else(|| EnvError::Gid(cli.gid.clone()))?;
+        let version = CgroupVersion::parse(&cli.cgroup_version)?;
+        let parent = cgroup::parse_parent(cli.parent_cgroup.as_deref().unwrap_or(&exec_name))?;
+        let cgroups = CgroupPlan::new(version, parent, &cli.cgroup)?;
+        let limits = ResourceLimits::parse(&cli.resource_limit)?;
+        let backends = if exec_name.starts_with(TESSERA_PREFIX) {
+            let backend_uid = match &cli.backend_uid {
+                Some(v) => parse_id_number(v).ok_or_else(|| EnvError::BackendUid(v.clone()))?,
+                None => uid,
+            };
+            let backend_gid = match &cli.backend_gid {
+                Some(v) => parse_id_number(v).ok_or_else(|| EnvError::BackendGid(v.clone()))?,
+                None => gid,
+            };
+            Some(Backends {
+                uid: backend_uid,
+                gid: backend_gid,
+                blk_bin: backend_bin(
+                    cli.vhost_user_blk_bin.as_deref(),
+                    &exec_file,
+                    "vhost-user-blk",
+                )?,
+                net_bin: backend_bin(
+                    cli.vhost_user_net_bin.as_deref(),
+                    &exec_file,
+                    "vhost-user-net",
+                )?,
+            })
+        } else {
+            None
+        };
+        let mut exec_args = Vec::new();
+        for arg in &cli.exec_args {
+            if arg.contains('\0') {
+                return Err(EnvError::Nul(arg.clone()));
+            }
+            exec_args.push(arg.clone());
+        }
+        Ok(Self {
+            id: cli.id,
+            exec_file,
+            exec_name,
+            chroot_base,
+            chroot_dir,
+            uid,
+            gid,
+            netns: cli.netns,
+            daemonize: cli.daemonize,
+            new_pid_ns: cli.new_pid_ns,
+            cgroups,
+            limits,
+            exec_args,
+            backends,
+            start_time_us,
+            start_time_cpu_us,
+            proc_misc: fs::read_to_string("/proc/misc").unwrap_or_default(),
+            last_cap: privileges::prepare(),
+        })
+    }
+
+    /// Steps 3 to 9; returns only on failure.
+    pub fn run(self) -> Result<Infallible, EnvError> {
+        // 3. The jail and the binary in it.
+        let jailed_exec = self.chroot_dir.join(&self.exec_name);
+        if fs::symlink_metadata(&jailed_exec).is_ok() {
+            return Err(EnvError::JailExists(self.chroot_dir.display().to_string()));
+        }
+        fs::create_dir_all(&self.chroot_dir).map_err(|source| EnvError::CreateJail {
+            path: self.chroot_dir.display().to_string(),
+            source,
+        })?;
+        // A copy, not a hard link, as Firecracker: jailed VMMs share no
+        // page cache for their code.
+        fs::copy(&self.exec_file, &jailed_exec).map_err(|source| EnvError::Copy {
+            from: self.exec_file.display().to_string(),
+            to: jailed_exec.display().to_string(),
+            source,
+        })?;
+
+        // 4. Resource limits.
+        self.limits.install()?;
+
+        // 5. Cgroups; from here on a failure removes them.
+        let mut cgroups = self.cgroups.create(&self.id, None)?;
+        let err = match self.run_in_cgroups(&mut cgroups) {
+            Err(err) => err,
+        };
+        cgroups.leave_self();
+        for (path, errno) in cgroups.remove(Duration::from_secs(1)) {
+            eprintln!("jailer: cannot remove cgroup {}: {errno}", path.display());
+        }
+        Err(err)
+    }
+
+    fn run_in_cgroups(&self, cgroups: &mut CgroupSet) -> Result<Infallible, EnvError> {
+        cgroups.attach_self()?;
+
+        // 6. The network namespace, then the launcher (still root, host mounts).
+        if let Some(path) = &self.netns {
+            let file = fs::File::open(path).map_err(|source| EnvError::NetnsOpen {
+                path: path.display().to_string(),
+                source,
+            })?;
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| EnvError::NetnsJoin {
+                path: path.display().to_string(),
+                errno,
+            })?;
+        }
+        let dev_null = if self.daemonize {
+            Some(
+                fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                    .map_err(EnvError::DevNull)?,
+            )
+        } else {
+            None
+        };
+        let launcher_fd: Option<OwnedFd> = match &self.backends {
+            Some(backends) => Some(launcher::start(
+                LauncherConfig {
+                    id: self.id.clone(),
+                    chroot_base: self.chroot_base.clone(),
+                    uid: backends.uid,
+                    gid: backends.gid,
+                    blk_bin: backends.blk_bin.clone(),
+                    net_bin: backends.net_bin.clone(),
+                    limits: self.limits.clone(),
+                    cgroups: self.cgroups.clone(),
+                    quiet: self.daemonize,
+                    last_cap: self.last_cap,
+                },
+                cgroups,
+            )?),
+            None => None,
+        };
+
+        // 7. Mount (and pid) namespace, then into the jail.
+        let mut flags = CloneFlags::CLONE_NEWNS;
+        if self.new_pid_ns {
+            flags |= CloneFlags::CLONE_NEWPID;
+        }
+        unshare(flags).map_err(|errno| EnvError::Unshare {
+            what: if self.new_pid_ns {
+                "mount and pid"
+            } else {
+                "mount"
+            },
+            errno,
+        })?;
+        let pid_file = self.chroot_dir.join(format!("{}.pid", self.exec_name));
+        let write_pid = |pid: i32| {
+            fs::write(&pid_file, pid.to_string()).map_err(|source| EnvError::PidFile {
+                path: pid_file.display().to_string(),
+                source,
+            })
+        };
+        if self.new_pid_ns {
+            // SAFETY: the jailer is single-threaded, so the child may
+            // continue with any code.
+            match unsafe { fork() }.map_err(EnvError::Fork)? {
+                ForkResult::Parent { child } => {
+                    if let Err(err) = write_pid(child.as_raw()) {
+                        eprintln!("jailer: {err}");
+                        std::process::exit(1);
+                    }
+                    std::process::exit(0);
+                }
+                ForkResult::Child => {}
+            }
+        } else {
+            write_pid(std::process::id() as i32)?;
+        }
+        chroot::pivot_into(&self.chroot_dir)?;
+
+        // 8. Directories and device nodes.
+        for dir in ["/", "/dev", "/dev/net", "/run"] {
+            chroot::own_dir(Path::new(dir), self.uid, self.gid)?;
+        }
+        for node in chroot::vmm_devices(&self.proc_misc) {
+            let optional =
+                node.path != Path::new("/dev/kvm") && node.path != Path::new("/dev/net/tun");
+            match chroot::make_device(&node, self.uid, self.gid) {
+                Ok(()) => {}
+                Err(err) if optional => eprintln!("jailer: warning: {err}"),
+                Err(err) => return Err(err.into()),
+            }
+        }
+
+        // 9. Daemonize, drop privileges, exec.
+        if let Some(null) = dev_null {
+            self.daemonize(&null)?;
+        }
+        let mut args: Vec<String> = vec![
+            format!("/{}", self.exec_name),
+            "--id".into(),
+            self.id.clone(),
+            "--start-time-us".into(),
+            self.start_time_us.to_string(),
+            // As Firecracker: the CPU clock restarts at exec, and the
+            // jailer's own CPU time is passed as the parent's.
+            "--start-time-cpu-us".into(),
+            "0".into(),
+            "--parent-cpu-time-us".into(),
+            clock_us(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+                .saturating_sub(self.start_time_cpu_us)
+                .to_string(),
+        ];
+        if let Some(fd) = &launcher_fd {
+            args.push("--backend-launcher-fd".into());
+            args.push(fd.as_raw_fd().to_string());
+        }
+        args.extend(self.exec_args.iter().cloned());
+        let c_args = args
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(|_| EnvError::Nul(a.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = CString::new(Path::new("/").join(&self.exec_name).as_os_str().as_bytes())
+            .map_err(|_| EnvError::Nul(self.exec_name.clone()))?;
+
+        privileges::drop_to(self.uid, self.gid, self.last_cap)?;
+        let env: [CString; 0] = [];
+        let errno = match execve(&path, &c_args, &env) {
+            Err(errno) => errno,
+        };
+        Err(EnvError::Exec {
+            path: self.exec_file.display().to_string(),
+            errno,
+        })
+    }
+
+    /// Firecracker's double fork: the grandchild, in a new session with
+    /// stdio on /dev/null, goes on.
+    fn daemonize(&self, null: &fs::File) -> Result<(), EnvError> {
+        for what in ["fork", "second fork"] {
+            // SAFETY: single-threaded; the parent only exits.
+            match unsafe { fork() }.map_err(|errno| EnvError::Daemonize { what, errno })? {
+                ForkResult::Parent { .. } => std::process::exit(0),
+                ForkResult::Child => {}
+            }
+            if what == "fork" {
+                setsid().map_err(|errno| EnvError::Daemonize {
+                    what: "setsid",
+                    errno,
+                })?;
+            }
+        }
+        for fd in 0..=2 {
+            dup2(null.as_raw_fd(), fd).map_err(|errno| EnvError::Daemonize {
+                what: "dup2 /dev/null",
+                errno,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Step 2: closes every inherited fd above 2 and clears the environment.
+pub fn sanitize_process() {
+    let fds: Vec<i32> = match fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+            .filter(|fd| *fd > 2)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for fd in fds {
+        // The read_dir fd itself is already closed; EBADF is harmless.
+        let _ = nix::unistd::close(fd);
+    }
+    for (key, _) in std::env::vars_os() {
+        std::env::remove_var(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn cli(extra: &[&str]) -> Cli {
+        let base = [
+            "jailer",
+            "--id",
+            "vm-1",
+            "--exec-file",
+            "/bin/true",
+            "--uid",
+            "1234",
+            "--gid",
+            "1235",
+            "--chroot-base-dir",
+            "/tmp",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra.iter())).unwrap()
+    }
+
+    fn err(extra: &[&str]) -> String {
+        Env::new(cli(extra), 0, 0).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn valid_command_line() {
+        let env = Env::new(cli(&["--", "--flag"]), 5, 6).unwrap();
+        let exe = fs::canonicalize("/bin/true").unwrap();
+        let name = exe.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(
+            env.chroot_dir,
+            PathBuf::from(format!("/tmp/{name}/vm-1/root"))
+        );
+        assert_eq!((env.uid, env.gid), (1234, 1235));
+        assert_eq!(env.exec_args, ["--flag"]);
+        assert!(
+            env.backends.is_none(),
+            "no launcher for a non-tessera binary"
+        );
+        assert_eq!(env.cgroups.parent, PathBuf::from(&name));
+        assert!(env.cgroups.hierarchies.is_empty());
+        assert_eq!(env.limits.no_file, 2048);
+    }
+
+    #[test]
+    fn each_bad_value_is_named() {
+        let long = "a".repeat(65);
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                &long,
+                "--exec-file",
+                "/bin/true",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&long) && e.contains("64"), "{e}");
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                "x",
+                "--exec-file",
+                "/bin/true",
+                "--uid",
+                "abc",
+                "--gid",
+                "1",
+                "--chroot-base-dir",
+                "/tmp",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid uid \"abc\""), "{e}");
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                "x",
+                "--exec-file",
+                "/bin/true",
+                "--uid",
+                "1",
+                "--gid",
+                "-1",
+                "--chroot-base-dir",
+                "/tmp",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("invalid gid \"-1\""), "{e}");
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                "x",
+                "--exec-file",
+                "/nonexistent/tessera",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/nonexistent/tessera") && e.contains("No such file"),
+            "{e}"
+        );
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                "x",
+                "--exec-file",
+                "/tmp",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = Env::new(
+            Cli::try_parse_from([
+                "jailer",
+                "--id",
+                "x",
+                "--exec-file",
+                "/bin/true",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+                "--chroot-base-dir",
+                "/nonexistent-base",
+            ])
+            .unwrap(),
+            0,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent-base"), "{e}");
+        assert!(err(&["--cgroup-version", "3"]).contains("\"3\""));
+        assert!(err(&["--cgroup", "cpusetcpus=1"]).contains("cpusetcpus"));
+        assert!(err(&["--cgroup", "nosuchctl.x=1"]).contains("nosuchctl"));
+        assert!(err(&["--parent-cgroup", "../up"]).contains("../up"));
+        assert!(err(&["--resource-limit", "no-file=x"]).contains("no-file=x"));
+        assert!(err(&["--resource-limit", "stack=1"]).contains("stack=1"));
+    }
+
+    #[test]
+    fn tessera_gets_backends() {
+        let dir = std::env::temp_dir().join(format!("jailer-env-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("tessera");
+        fs::write(&exe, b"").unwrap();
+        let base = [
+            "jailer",
+            "--id",
+            "vm",
+            "--exec-file",
+            exe.to_str().unwrap(),
+            "--uid",
+            "10",
+            "--gid",
+            "11",
+            "--chroot-base-dir",
+            "/tmp",
+        ];
+        let env = Env::new(Cli::try_parse_from(base).unwrap(), 0, 0).unwrap();
+        let backends = env.backends.unwrap();
+        assert_eq!((backends.uid, backends.gid), (10, 11));
+        assert_eq!(backends.blk_bin, dir.join("vhost-user-blk"));
+        assert_eq!(backends.net_bin, dir.join("vhost-user-net"));
+        assert_eq!(env.cgroups.parent, PathBuf::from("tessera"));
+        let mut args = base.to_vec();
+        args.extend(["--backend-uid", "20", "--backend-gid", "x"]);
+        let e = Env::new(Cli::try_parse_from(&args).unwrap(), 0, 0).unwrap_err();
+        assert!(e.to_string().contains("--backend-gid \"x\""), "{e}");
+        let mut args = base.to_vec();
+        args.extend(["--vhost-user-blk-bin", "/nonexistent/blk"]);
+        let e = Env::new(Cli::try_parse_from(&args).unwrap(), 0, 0).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/blk"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,354 @@
+//! The sibling-backend launcher: a root process the jailer forks for a
+//! `tessera*` VMM (after joining `--netns`, before the mount namespace and
+//! the privilege drop), which starts each device backend in a jail of its
+//! own on the VMM's request ([`jailer::launch`] is the protocol).
+//!
+//! # Trust boundary
+//!
+//! The launcher is root, in the host's mount namespace and the VMM's
+//! network namespace; its only input is the jailed, untrusted VMM's
+//! messages on a SEQPACKET socketpair. So:
+//!
+//! - a message is at most [`jailer::launch::MAX_MESSAGE_BYTES`] of JSON
+//!   (longer ones, or ones with more fds than a request may carry, are
+//!   refused whole) into fixed, closed types (`deny_unknown_fields`);
+//! - it takes no paths: the backend binaries, the jail base, uid/gid,
+//!   cgroups and limits all come from the jailer's own command line; the
+//!   device id must pass the instance id rule, the backend flags a
+//!   whitelist per kind whose values are numbers, a MAC, an enum or a
+//!   short printable serial ([`validate`]);
+//! - the only resources it hands out are fds the VMM already holds (its
+//!   listening socket and disk file, checked by type) and the queues of a
+//!   TAP that already exists in the VMM's network namespace;
+//! - at most [`jailer::launch::MAX_BACKENDS`] backends run at a time, one
+//!   per device id;
+//! - each backend is as confined as the VMM (own jail, cgroup, mount
+//!   namespace, rlimits, backend uid/gid, no capabilities, no device
+//!   nodes) and dies with the launcher (PR_SET_PDEATHSIG).
+//!
+//! A bad request gets `Failed { error }` and the launcher keeps serving.
+//! It reaps its backends as they die (logging the device and status on its
+//! stderr). At EOF (the VMM exited or closed the channel) it sends SIGTERM
+//! to the backends still running, waits for them (SIGKILL after 5 s),
+//! removes their cgroups and the VMM's (retrying while the VMM's last
+//! tasks leave it), and exits 0. It ignores SIGINT, SIGHUP and SIGQUIT, so
+//! that a terminal's ^C kills the VMM and the launcher then cleans up.
+
+pub mod spawn;
+pub mod tap;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use jailer::launch::{
+    receive_message, respond, BackendKind, LaunchError, LaunchRequest, LaunchResponse, MAX_BACKENDS,
+};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, signal, SigHandler, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{dup2, fork, ForkResult, Pid};
+
+use crate::cgroup::{CgroupPlan, CgroupSet};
+use crate::resource_limits::ResourceLimits;
+
+/// Signals the launcher ignores (and its children reset before exec).
+pub const IGNORED_SIGNALS: [Signal; 4] = [
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGPIPE,
+];
+
+/// How long backends get to exit on SIGTERM at shutdown.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+/// How long the launcher waits for the VMM's cgroups to empty.
+const VMM_CGROUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What the launcher needs from the jailer's command line.
+#[derive(Debug, Clone)]
+pub struct LauncherConfig {
+    pub id: String,
+    pub chroot_base: PathBuf,
+    /// The backends' uid and gid.
+    pub uid: u32,
+    pub gid: u32,
+    pub blk_bin: PathBuf,
+    pub net_bin: PathBuf,
+    pub limits: ResourceLimits,
+    /// The VMM's cgroups (the backends get the same hierarchies).
+    pub cgroups: CgroupPlan,
+    /// Stderr to /dev/null too (`--daemonize`).
+    pub quiet: bool,
+    pub last_cap: u32,
+}
+
+/// Errors starting the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error("cannot create the backend launcher's socketpair: {0}")]
+    Socketpair(nix::Error),
+    #[error("cannot fork the backend launcher: {0}")]
+    Fork(nix::Error),
+    #[error("cannot pass the backend launcher fd to the VMM: {0}")]
+    Cloexec(nix::Error),
+}
+
+/// Forks the launcher; returns the VMM's end of the channel (inherited
+/// across exec). The child never returns. `vmm_cgroups` are the cgroups
+/// the caller is in: the launcher leaves them and removes them at the end.
+pub fn start(
+    config: LauncherConfig,
+    vmm_cgroups: &mut CgroupSet,
+) -> Result<OwnedFd, LauncherError> {
+    let (vmm_end, launcher_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(LauncherError::Socketpair)?;
+    // SAFETY: the jailer is single-threaded, so the child may run any code.
+    match unsafe { fork() }.map_err(LauncherError::Fork)? {
+        ForkResult::Child => {
+            drop(vmm_end);
+            let cgroups = std::mem::take(vmm_cgroups);
+            let code = run(config, launcher_end, cgroups);
+            std::process::exit(code)
+        }
+        ForkResult::Parent { .. } => {
+            drop(launcher_end);
+            nix::fcntl::fcntl(
+                vmm_end.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(LauncherError::Cloexec)?;
+            Ok(vmm_end)
+        }
+    }
+}
+
+fn log(message: std::fmt::Arguments<'_>) {
+    eprintln!("jailer launcher: {message}");
+}
+
+/// One running backend.
+struct Backend {
+    device_id: String,
+    kind: BackendKind,
+    cgroups: CgroupSet,
+}
+
+/// The launcher's state.
+struct Launcher {
+    config: LauncherConfig,
+    backends: HashMap<Pid, Backend>,
+}
+
+fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> i32 {
+    vmm_cgroups.leave_self();
+    for sig in IGNORED_SIGNALS {
+        // SAFETY: SIG_IGN installs no handler.
+        let _ = unsafe { signal(sig, SigHandler::SigIgn) };
+    }
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = dup2(null.as_raw_fd(), 0);
+        let _ = dup2(null.as_raw_fd(), 1);
+        if config.quiet {
+            let _ = dup2(null.as_raw_fd(), 2);
+        }
+    }
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    if let Err(err) = mask.thread_block() {
+        log(format_args!("cannot block SIGCHLD: {err}"));
+        return 1;
+    }
+    let sigfd = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        Ok(fd) => fd,
+        Err(err) => {
+            log(format_args!("cannot create a signalfd: {err}"));
+            return 1;
+        }
+    };
+    let mut launcher = Launcher {
+        config,
+        backends: HashMap::new(),
+    };
+    launcher.serve(&channel, &sigfd);
+    drop(channel);
+    launcher.shutdown(&sigfd);
+    for (path, errno) in vmm_cgroups.remove(VMM_CGROUP_PATIENCE) {
+        log(format_args!(
+            "cannot remove the VMM's cgroup {}: {errno}",
+            path.display()
+        ));
+    }
+    0
+}
+
+impl Launcher {
+    fn serve(&mut self, channel: &OwnedFd, sigfd: &SignalFd) {
+        loop {
+            let mut fds = [
+                PollFd::new(channel.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(err) => {
+                    log(format_args!("poll failed: {err}"));
+                    return;
+                }
+            }
+            let channel_ready = fds[0].any().unwrap_or(false);
+            let child_ready = fds[1].any().unwrap_or(false);
+            if child_ready {
+                while let Ok(Some(_)) = sigfd.read_signal() {}
+                self.reap();
+            }
+            if channel_ready {
+                match receive_message(channel.as_fd()) {
+                    Ok(None) => return,
+                    Ok(Some((body, fds))) => {
+                        let response = match self.handle(&body, fds) {
+                            Ok(pid) => LaunchResponse::Started { pid },
+                            Err(error) => {
+                                log(format_args!("refused a request: {error}"));
+                                LaunchResponse::Failed { error }
+                            }
+                        };
+                        if let Err(err) = respond(channel.as_fd(), &response) {
+                            log(format_args!("cannot answer the VMM: {err}"));
+                            return;
+                        }
+                    }
+                    Err(err @ (LaunchError::Truncated | LaunchError::TooManyFds(_))) => {
+                        log(format_args!("refused a request: {err}"));
+                        let response = LaunchResponse::Failed {
+                            error: err.to_string(),
+                        };
+                        if respond(channel.as_fd(), &response).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        log(format_args!("{err}"));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks and carries out one request.
+    fn handle(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<u32, String> {
+        let request: LaunchRequest =
+            serde_json::from_slice(body).map_err(|err| format!("invalid request: {err}"))?;
+        validate::check_request(&request)?;
+        validate::check_fds(request.kind, &fds)?;
+        if self.backends.len() >= MAX_BACKENDS {
+            return Err(format!("{MAX_BACKENDS} backends are running already"));
+        }
+        if self
+            .backends
+            .values()
+            .any(|b| b.device_id == request.device_id)
+        {
+            return Err(format!(
+                "a backend for device {:?} is running already",
+                request.device_id
+            ));
+        }
+        let mut fds = fds;
+        if request.kind == BackendKind::Net {
+            let tap = request.tap.as_deref().unwrap_or_default();
+            fds.extend(tap::open_tap(tap, request.tap_queue_pairs)?);
+        }
+        let spawned = spawn::spawn(&self.config, &request, fds)?;
+        let pid = spawned.pid;
+        log(format_args!(
+            "started the {:?} backend for device {} (pid {pid})",
+            request.kind, request.device_id
+        ));
+        self.backends.insert(
+            pid,
+            Backend {
+                device_id: request.device_id,
+                kind: request.kind,
+                cgroups: spawned.cgroups,
+            },
+        );
+        u32::try_from(pid.as_raw()).map_err(|_| format!("odd pid {pid}"))
+    }
+
+    /// Reaps every backend that has exited.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { continue };
+                    if let Some(mut backend) = self.backends.remove(&pid) {
+                        log(format_args!(
+                            "the {:?} backend for device {} (pid {pid}) exited: {}",
+                            backend.kind,
+                            backend.device_id,
+                            describe(status)
+                        ));
+                        for (path, errno) in backend.cgroups.remove(Duration::from_secs(1)) {
+                            log(format_args!(
+                                "cannot remove cgroup {}: {errno}",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every backend, then wait (SIGKILL after the grace time).
+    fn shutdown(&mut self, sigfd: &SignalFd) {
+        for pid in self.backends.keys() {
+            let _ = kill(*pid, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        let mut killed = false;
+        while !self.backends.is_empty() {
+            self.reap();
+            if self.backends.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline && !killed {
+                for pid in self.backends.keys() {
+                    log(format_args!(
+                        "backend pid {pid} ignored SIGTERM: killing it"
+                    ));
+                    let _ = kill(*pid, Signal::SIGKILL);
+                }
+                killed = true;
+            }
+            let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(100u8));
+            while let Ok(Some(_)) = sigfd.read_signal() {}
+        }
+    }
+}
+
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
+        other => format!("{other:?}"),
+    }
+}

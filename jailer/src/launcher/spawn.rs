@@ -1,0 +1,318 @@
+//! Starting one backend in a jail of its own:
+//! `<base>/<backend-exe>/<id>-<device>/root` with a copy of the binary, the
+//! cgroup `<parent>/<id>-<device>` in the VMM's hierarchies (with the VMM's
+//! `cpuset.cpus`/`cpuset.mems` under v1 so that it can run, and none of the
+//! VMM's other values), the resource limits, a mount namespace of its own
+//! pivoted into the jail, no device nodes, the backend uid/gid with no
+//! capabilities, PR_SET_PDEATHSIG(SIGTERM), and exactly the received fds
+//! at 3, 4, ... (every other fd is closed at exec).
+//!
+//! The child reports a failure before exec through a close-on-exec pipe,
+//! so the VMM gets the reason in [`LaunchResponse::Failed`]; an empty pipe
+//! at EOF means the exec happened.
+//!
+//! [`LaunchResponse::Failed`]: jailer::launch::LaunchResponse::Failed
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jailer::launch::{BackendKind, LaunchRequest};
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{signal, SigHandler, SigSet};
+use nix::sys::wait::waitpid;
+use nix::unistd::{dup2, execve, fork, getppid, pipe2, ForkResult, Pid};
+
+use super::LauncherConfig;
+use crate::cgroup::CgroupSet;
+use crate::chroot;
+use crate::privileges;
+
+/// The fd the backend finds its listening socket at; the disk or the TAP
+/// queues follow.
+pub const FIRST_FD: RawFd = 3;
+/// Where fds are parked while they are moved into place.
+const PARK_FDS_AT: RawFd = 64;
+
+/// A started backend.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    pub cgroups: CgroupSet,
+}
+
+/// The backend's command line (argv[0] is its path inside the jail).
+pub fn backend_args(exe_name: &str, request: &LaunchRequest, fd_count: usize) -> Vec<String> {
+    let mut args = vec![
+        format!("/{exe_name}"),
+        "--fd".to_string(),
+        FIRST_FD.to_string(),
+    ];
+    let extra = match request.kind {
+        BackendKind::Blk => "--disk-fd",
+        BackendKind::Net => "--tap-fd",
+    };
+    for i in 1..fd_count {
+        args.push(extra.to_string());
+        args.push((FIRST_FD + i as RawFd).to_string());
+    }
+    args.extend(request.args.iter().cloned());
+    args
+}
+
+/// The jail of one backend.
+pub fn jail_dir(base: &Path, exe_name: &str, leaf: &str) -> PathBuf {
+    base.join(exe_name).join(leaf).join("root")
+}
+
+/// Starts the backend for `request` (validated) with `fds` (the socket
+/// first).
+pub fn spawn(
+    cfg: &LauncherConfig,
+    request: &LaunchRequest,
+    fds: Vec<OwnedFd>,
+) -> Result<Spawned, String> {
+    let bin = match request.kind {
+        BackendKind::Blk => &cfg.blk_bin,
+        BackendKind::Net => &cfg.net_bin,
+    };
+    if !bin.is_file() {
+        return Err(format!(
+            "the backend binary {} does not exist",
+            bin.display()
+        ));
+    }
+    let exe_name = bin
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("the backend binary {} has no usable name", bin.display()))?;
+    let leaf = format!("{}-{}", cfg.id, request.device_id);
+    let jail = jail_dir(&cfg.chroot_base, exe_name, &leaf);
+    fs::create_dir_all(&jail).map_err(|e| format!("cannot create {}: {e}", jail.display()))?;
+    let target = jail.join(exe_name);
+    match fs::remove_file(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot replace {}: {e}", target.display())),
+    }
+    fs::copy(bin, &target)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", bin.display(), target.display()))?;
+
+    let args = backend_args(exe_name, request, fds.len());
+    let c_args = args
+        .iter()
+        .map(|a| CString::new(a.as_bytes()).map_err(|_| format!("NUL in argument {a:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let c_path = CString::new(Path::new("/").join(exe_name).as_os_str().as_bytes())
+        .map_err(|_| "NUL in the backend's name".to_string())?;
+
+    let mut cgroups = cfg
+        .cgroups
+        .without_settings()
+        .create(&leaf, Some(&cfg.id))
+        .map_err(|e| e.to_string())?;
+    let (err_read, err_write) = match pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            cgroups.remove(Duration::ZERO);
+            return Err(format!("cannot create a pipe: {e}"));
+        }
+    };
+    let launcher = nix::unistd::getpid();
+    // SAFETY: the launcher is single-threaded, so the child may run any
+    // code until it execs or exits.
+    match unsafe { fork() } {
+        Err(e) => {
+            cgroups.remove(Duration::ZERO);
+            Err(format!("cannot fork: {e}"))
+        }
+        Ok(ForkResult::Child) => {
+            drop(err_read);
+            let err = match child(
+                cfg, &jail, &c_path, &c_args, &fds, &cgroups, launcher, err_write,
+            ) {
+                Err(err) => err,
+            };
+            // Nothing to do on failure but exit.
+            // SAFETY: _exit ends the child without unwinding into the
+            // launcher's state.
+            unsafe { libc::_exit(err) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(err_write);
+            let mut message = String::new();
+            let _ = fs::File::from(err_read).read_to_string(&mut message);
+            if message.is_empty() {
+                Ok(Spawned {
+                    pid: child,
+                    cgroups,
+                })
+            } else {
+                let _ = waitpid(child, None);
+                cgroups.remove(Duration::from_secs(1));
+                Err(message)
+            }
+        }
+    }
+}
+
+/// The child's side; writes why it failed to `report` and returns the exit
+/// status to use.
+#[allow(clippy::too_many_arguments)]
+fn child(
+    cfg: &LauncherConfig,
+    jail: &Path,
+    path: &CString,
+    args: &[CString],
+    fds: &[OwnedFd],
+    cgroups: &CgroupSet,
+    launcher: Pid,
+    report: OwnedFd,
+) -> Result<Infallible, i32> {
+    // Park the report pipe above the fds' final places.
+    let parked_report = match fcntl(report.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(PARK_FDS_AT)) {
+        Ok(fd) => fd,
+        Err(_) => return Err(126),
+    };
+    drop(report);
+    let report = parked_report;
+    let fail = |message: String| -> i32 {
+        let _ = nix::unistd::write(
+            // SAFETY: `report` is open for the whole life of the child.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(report) },
+            message.as_bytes(),
+        );
+        126
+    };
+    match setup(cfg, jail, fds, cgroups, launcher, report) {
+        Ok(()) => {}
+        Err(message) => return Err(fail(message)),
+    }
+    let env: [CString; 0] = [];
+    let errno = match execve(path, args, &env) {
+        Err(errno) => errno,
+    };
+    Err(fail(format!(
+        "cannot exec {}: {errno}",
+        path.to_string_lossy()
+    )))
+}
+
+fn setup(
+    cfg: &LauncherConfig,
+    jail: &Path,
+    fds: &[OwnedFd],
+    cgroups: &CgroupSet,
+    launcher: Pid,
+    report: RawFd,
+) -> Result<(), String> {
+    // The launcher's signal mask and ignored signals would survive exec.
+    SigSet::empty()
+        .thread_set_mask()
+        .map_err(|e| format!("cannot reset the signal mask: {e}"))?;
+    for sig in super::IGNORED_SIGNALS {
+        // SAFETY: restoring the default disposition installs no handler.
+        let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+    }
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) } != 0 {
+        return Err(format!(
+            "cannot set the parent-death signal: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if getppid() != launcher {
+        return Err("the launcher exited".into());
+    }
+    cgroups.attach_self().map_err(|e| e.to_string())?;
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot unshare the mount namespace: {e}"))?;
+    chroot::pivot_into(jail).map_err(|e| e.to_string())?;
+
+    // Move the fds to 3, 4, ...: park them all high first so that no
+    // dup2 lands on one not yet moved.
+    let mut parked = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let high = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(PARK_FDS_AT + 1))
+            .map_err(|e| format!("cannot move fd {}: {e}", fd.as_raw_fd()))?;
+        parked.push(high);
+    }
+    for (i, high) in parked.iter().enumerate() {
+        let target = FIRST_FD + i as RawFd;
+        // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
+        dup2(*high, target).map_err(|e| format!("cannot move fd {high} to {target}: {e}"))?;
+    }
+    // Everything above is closed at exec (the report pipe included).
+    let first_closed = FIRST_FD as libc::c_uint + parked.len() as libc::c_uint;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on fds.
+    if unsafe {
+        libc::close_range(
+            first_closed,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    } != 0
+    {
+        return Err(format!(
+            "cannot mark fds close-on-exec: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    debug_assert!(report >= PARK_FDS_AT);
+    cfg.limits.install().map_err(|e| e.to_string())?;
+    privileges::drop_to(cfg.uid, cfg.gid, cfg.last_cap).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines() {
+        let mut request = LaunchRequest {
+            kind: BackendKind::Blk,
+            device_id: "root".into(),
+            args: vec!["--readonly".into()],
+            tap: None,
+            tap_queue_pairs: 0,
+        };
+        assert_eq!(
+            backend_args("vhost-user-blk", &request, 2),
+            [
+                "/vhost-user-blk",
+                "--fd",
+                "3",
+                "--disk-fd",
+                "4",
+                "--readonly"
+            ]
+        );
+        request.kind = BackendKind::Net;
+        request.args = vec!["--queues".into(), "4".into()];
+        assert_eq!(
+            backend_args("vhost-user-net", &request, 3),
+            [
+                "/vhost-user-net",
+                "--fd",
+                "3",
+                "--tap-fd",
+                "4",
+                "--tap-fd",
+                "5",
+                "--queues",
+                "4"
+            ]
+        );
+        assert_eq!(
+            jail_dir(Path::new("/srv/jailer"), "vhost-user-net", "vm-eth0"),
+            PathBuf::from("/srv/jailer/vhost-user-net/vm-eth0/root")
+        );
+    }
+}

@@ -1,0 +1,6 @@
+//! The library side of Tessera's jailer: what other crates need to talk to
+//! it. [`launch`] is the protocol between a jailed VMM and the jailer's
+//! backend launcher; [`id`] is the instance id rule the jailer enforces.
+
+pub mod id;
+pub mod launch;
