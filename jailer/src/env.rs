@@ -91,6 +91,8 @@ pub enum EnvError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Libs(#[from] crate::libs::LibsError),
+    #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
     ResourceLimit(#[from] ResourceLimitError),
@@ -309,6 +311,7 @@ impl Env {
             to: jailed_exec.display().to_string(),
             source,
         })?;
+        crate::libs::copy_into(&self.exec_file, &self.chroot_dir)?;
 
         // 4. Resource limits.
         self.limits.install()?;

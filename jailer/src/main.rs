@@ -14,6 +14,7 @@ mod chroot;
 mod cli;
 mod env;
 mod launcher;
+mod libs;
 mod privileges;
 mod resource_limits;
 
