@@ -100,6 +100,10 @@ pub struct BootOptions {
     pub start_cpu: Duration,
     /// The seccomp filters of the VMM's threads ("vmm", "api", "vcpu").
     pub seccomp: Arc<tessera_seccomp::Filters>,
+    /// The jailer's launcher, which starts backends for a jailed VMM.
+    pub backend_launcher: Option<Arc<jailer::launch::LaunchChannel>>,
+    /// Where backend sockets are created for a moment.
+    pub backend_run_dir: PathBuf,
 }
 
 /// An event-loop subscriber.
@@ -332,7 +336,8 @@ pub fn build_microvm(
                 .vhost_user_blk_bin
                 .clone()
                 .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-blk")),
-            std::env::temp_dir(),
+            options.backend_launcher.clone(),
+            options.backend_run_dir.clone(),
             "drive",
             options.seccomp.clone(),
         )
@@ -355,7 +360,8 @@ pub fn build_microvm(
                 .vhost_user_net_bin
                 .clone()
                 .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-net")),
-            std::env::temp_dir(),
+            options.backend_launcher.clone(),
+            options.backend_run_dir.clone(),
             "interface",
             options.seccomp.clone(),
         )

@@ -93,6 +93,17 @@ fn fail(code: ExitCode, message: impl std::fmt::Display) -> ! {
     process::exit(code as i32);
 }
 
+/// Takes ownership of inherited fd `fd`, after checking that it is open.
+fn inherited_fd(fd: i32) -> Result<std::os::fd::OwnedFd, nix::errno::Errno> {
+    if fd <= 2 {
+        return Err(nix::errno::Errno::EBADF);
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
+    // SAFETY: the fd is open (checked above), was inherited for this
+    // purpose, and nothing else in this process owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 fn main() {
     // Boot time is measured from here, as close to process start as we get.
     let start_wall = Instant::now();
@@ -164,7 +175,28 @@ fn main() {
         log::info!("API socket {} is ready", sock.display());
         (endpoint, sock)
     });
+    let sock_dir = api
+        .as_ref()
+        .and_then(|(_, sock)| sock.parent())
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map(|dir| dir.to_path_buf());
 
+    let backend_launcher = cli.backend_launcher_fd.map(|fd| {
+        Arc::new(jailer::launch::LaunchChannel::new(
+            inherited_fd(fd).unwrap_or_else(|err| {
+                fail(
+                    ExitCode::ArgParsing,
+                    format_args!("--backend-launcher-fd {fd}: {err}"),
+                )
+            }),
+        ))
+    });
+    // A jailed VMM may have no /tmp; the API socket's directory is one it
+    // can create sockets in.
+    let backend_run_dir = match (&backend_launcher, &sock_dir) {
+        (Some(_), Some(dir)) => dir.clone(),
+        _ => std::env::temp_dir(),
+    };
     let options = BootOptions {
         boot_timer: cli.boot_timer,
         serial_out: cli.serial_out,
@@ -173,6 +205,8 @@ fn main() {
         start_wall,
         start_cpu,
         seccomp,
+        backend_launcher,
+        backend_run_dir,
     };
     let (endpoint, sock) = match api {
         Some((endpoint, sock)) => (Some(endpoint), Some(sock)),

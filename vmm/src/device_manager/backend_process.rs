@@ -4,6 +4,11 @@
 //! (nobody else can connect), and hands the listening end to the backend as
 //! fd 3. The backend dies with the VMM (PR_SET_PDEATHSIG), and its exit is
 //! logged with the drive it served.
+//!
+//! A jailed VMM cannot start processes usefully, so it asks the jailer's
+//! launcher (`--backend-launcher-fd`) instead: the VMM opens the drive's
+//! file inside its own jail and sends that fd; the launcher opens the TAP
+//! in the VMM's network namespace; each backend gets a jail of its own.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use jailer::launch::{BackendKind, LaunchChannel, LaunchError, LaunchRequest};
 use tessera_seccomp::Filters;
 
 /// Errors starting a backend.
@@ -26,6 +32,25 @@ pub enum BackendProcessError {
         binary: String,
         source: std::io::Error,
     },
+    #[error("cannot open the disk {path} for its backend: {source}")]
+    OpenDisk {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the jailer's launcher cannot start the {kind} backend: {source}")]
+    Launch {
+        kind: &'static str,
+        source: LaunchError,
+    },
+}
+
+/// How backends are started.
+#[derive(Debug, Clone)]
+enum Starter {
+    /// fork and exec the binary ourselves.
+    Exec(PathBuf),
+    /// Ask the jailer's launcher.
+    Launcher(Arc<LaunchChannel>),
 }
 
 /// The fd number the backend finds its listening socket at.
@@ -34,7 +59,7 @@ const BACKEND_LISTEN_FD: RawFd = 3;
 /// Starts backend processes, one per device.
 #[derive(Debug, Clone)]
 pub struct BackendSpawner {
-    binary: PathBuf,
+    starter: Starter,
     run_dir: PathBuf,
     /// What a device is called in log lines: "drive" or "interface".
     kind: &'static str,
@@ -44,21 +69,27 @@ pub struct BackendSpawner {
 }
 
 impl BackendSpawner {
-    /// Uses `binary` for devices of `kind` ("drive", "interface"); sockets
-    /// are created briefly in `run_dir`.
+    /// Uses `binary` for devices of `kind` ("drive", "interface"), or the
+    /// jailer's `launcher` when there is one; sockets are created briefly
+    /// in `run_dir`.
     pub fn new(
         binary: PathBuf,
+        launcher: Option<Arc<LaunchChannel>>,
         run_dir: PathBuf,
         kind: &'static str,
         seccomp: Arc<Filters>,
     ) -> Result<Self, BackendProcessError> {
-        if !binary.is_file() {
-            return Err(BackendProcessError::MissingBinary(
-                binary.display().to_string(),
-            ));
-        }
+        let starter = match launcher {
+            Some(channel) => Starter::Launcher(channel),
+            None if !binary.is_file() => {
+                return Err(BackendProcessError::MissingBinary(
+                    binary.display().to_string(),
+                ))
+            }
+            None => Starter::Exec(binary),
+        };
         Ok(Self {
-            binary,
+            starter,
             run_dir,
             kind,
             seccomp,
@@ -73,9 +104,21 @@ impl BackendSpawner {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
-    /// Starts the backend for device `id` with `args`; returns the
-    /// frontend's end of the connection.
+    /// Starts the backend for device `id` with `args` (which name the disk
+    /// with `--path` or the TAP with `--tap`); returns the frontend's end
+    /// of the connection.
     pub fn spawn(&self, id: &str, args: &[String]) -> Result<UnixStream, BackendProcessError> {
+        let (listener, stream) = self.listen(id)?;
+        match &self.starter {
+            Starter::Exec(binary) => self.exec(binary, id, args, listener)?,
+            Starter::Launcher(channel) => self.launch(channel, id, args, listener)?,
+        }
+        Ok(stream)
+    }
+
+    /// A listening socket for the backend, and our connection to it; the
+    /// path is gone before anyone else could connect.
+    fn listen(&self, id: &str) -> Result<(UnixListener, UnixStream), BackendProcessError> {
         let socket_err = |source| BackendProcessError::Socket {
             dir: self.run_dir.display().to_string(),
             source,
@@ -87,10 +130,18 @@ impl BackendSpawner {
         let listener = UnixListener::bind(&path).map_err(socket_err)?;
         let stream = UnixStream::connect(&path).map_err(socket_err);
         let _ = std::fs::remove_file(&path);
-        let stream = stream?;
+        Ok((listener, stream?))
+    }
 
+    fn exec(
+        &self,
+        binary: &Path,
+        id: &str,
+        args: &[String],
+        listener: UnixListener,
+    ) -> Result<(), BackendProcessError> {
         let listen_fd = listener.as_raw_fd();
-        let mut command = Command::new(&self.binary);
+        let mut command = Command::new(binary);
         command
             .arg("--fd")
             .arg(BACKEND_LISTEN_FD.to_string())
@@ -118,13 +169,13 @@ impl BackendSpawner {
         let mut child = command
             .spawn()
             .map_err(|source| BackendProcessError::Spawn {
-                binary: self.binary.display().to_string(),
+                binary: binary.display().to_string(),
                 source,
             })?;
         drop(listener);
         let pid = child.id();
         let id = id.to_string();
-        let binary = self.binary.clone();
+        let binary = binary.to_path_buf();
         let kind = self.kind;
         let seccomp = self.seccomp.clone();
         log::info!("{kind} {id}: started {} (pid {pid})", binary.display());
@@ -147,7 +198,81 @@ impl BackendSpawner {
                 binary: binary.display().to_string(),
                 source,
             })?;
-        Ok(stream)
+        Ok(())
+    }
+
+    /// Has the jailer's launcher start the backend. The disk (`--path`) is
+    /// opened here, inside the VMM's jail, and sent as an fd; the TAP
+    /// (`--tap`) is opened by the launcher; the other flags pass through.
+    fn launch(
+        &self,
+        channel: &LaunchChannel,
+        id: &str,
+        args: &[String],
+        listener: UnixListener,
+    ) -> Result<(), BackendProcessError> {
+        let mut passed = Vec::new();
+        let (mut disk_path, mut tap, mut queues) = (None, None, 2u16);
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--path" => disk_path = args.next().cloned(),
+                "--tap" => tap = args.next().cloned(),
+                flag => {
+                    passed.push(flag.to_string());
+                    if flag == "--queues" {
+                        if let Some(value) = args.next() {
+                            queues = value.parse().unwrap_or(queues);
+                            passed.push(value.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let launch_err = |source| BackendProcessError::Launch {
+            kind: self.kind,
+            source,
+        };
+        let pid = match (self.kind, disk_path) {
+            ("drive", Some(path)) => {
+                let read_only = passed.iter().any(|arg| arg == "--readonly");
+                let disk = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .open(&path)
+                    .map_err(|source| BackendProcessError::OpenDisk {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let request = LaunchRequest {
+                    kind: BackendKind::Blk,
+                    device_id: id.to_string(),
+                    args: passed,
+                    tap: None,
+                    tap_queue_pairs: 0,
+                };
+                channel
+                    .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
+                    .map_err(launch_err)?
+            }
+            _ => {
+                let request = LaunchRequest {
+                    kind: BackendKind::Net,
+                    device_id: id.to_string(),
+                    args: passed,
+                    tap,
+                    tap_queue_pairs: (queues / 2).max(1),
+                };
+                channel
+                    .launch(&request, &[listener.as_raw_fd()])
+                    .map_err(launch_err)?
+            }
+        };
+        log::info!(
+            "{} {id}: the jailer's launcher started its backend (pid {pid})",
+            self.kind
+        );
+        Ok(())
     }
 
     /// The directory backend sockets are created in.
