@@ -21,8 +21,18 @@ impl Netns {
 
     /// A namespace holding `tap0` at `cidr` (e.g. `10.77.0.1/24`), up.
     pub fn with_tap(tag: &str, cidr: &str) -> Self {
+        Self::with_tap_args(tag, cidr, &[])
+    }
+
+    /// As [`Netns::with_tap`], with a multi-queue `tap0` (one queue per
+    /// queue pair of the guest's interface).
+    pub fn with_multi_queue_tap(tag: &str, cidr: &str) -> Self {
+        Self::with_tap_args(tag, cidr, &["multi_queue"])
+    }
+
+    fn with_tap_args(tag: &str, cidr: &str, extra: &[&str]) -> Self {
         let netns = Self::new(tag);
-        netns.ip(&["tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        netns.ip(&[&["tuntap", "add", "dev", "tap0", "mode", "tap"][..], extra].concat());
         netns.ip(&["addr", "add", cidr, "dev", "tap0"]);
         netns.ip(&["link", "set", "tap0", "up"]);
         netns

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tessera_tests::api::{ApiClient, ApiVm};
 use tessera_tests::netns::Netns;
 use tessera_tests::{guest_artifacts, Running, VmConfig};
 
@@ -23,9 +24,19 @@ fn boot_probe(netns: &Netns, dir: &std::path::Path) -> Running {
 /// Boots the probe with the interface `iface` and waits until its driver
 /// is up with `GUEST_MAC`.
 fn boot_probe_with(netns: &Netns, dir: &std::path::Path, iface: serde_json::Value) -> Running {
+    boot_probe_args(netns, dir, iface, "probe.net_serve_ms=100000")
+}
+
+/// As [`boot_probe_with`], with `args` on the probe's command line.
+fn boot_probe_args(
+    netns: &Netns,
+    dir: &std::path::Path,
+    iface: serde_json::Value,
+    args: &str,
+) -> Running {
     let mut config = VmConfig::new(
         guest_artifacts().probe(),
-        &format!("console=ttyS0 probe.net={GUEST_IP}/24 probe.net_serve_ms=100000"),
+        &format!("console=ttyS0 probe.net={GUEST_IP}/24 {args}"),
     )
     .mem_mib(256)
     .to_json();
@@ -52,12 +63,21 @@ fn boot_probe_with(netns: &Netns, dir: &std::path::Path, iface: serde_json::Valu
 /// Starts an external `vhost-user-net` on `tap0` (without `--mac`) and
 /// waits until it listens on `socket`.
 fn start_backend(netns: &Netns, socket: &std::path::Path) -> Running {
+    start_backend_with(netns, socket, &[])
+}
+
+/// As [`start_backend`], with `args` added.
+fn start_backend_with(netns: &Netns, socket: &std::path::Path, args: &[&str]) -> Running {
     let mut command = netns.command(
         tessera_tests::workspace_bin("vhost-user-net")
             .to_str()
             .unwrap(),
     );
-    command.arg("--socket").arg(socket).args(["--tap", "tap0"]);
+    command
+        .arg("--socket")
+        .arg(socket)
+        .args(["--tap", "tap0"])
+        .args(args);
     let backend = Running::spawn(command);
     assert!(
         tessera_tests::wait_for_path(socket, DEADLINE),
@@ -159,4 +179,198 @@ fn an_external_backend_serves_the_guest_with_the_configured_mac() {
         "{out}\n{}",
         vm.stderr()
     );
+}
+
+/// The frames each queue pair received, from the probe's verbose stats
+/// (`probe.net0_pair=<p> rx=<n> tx=<n>`).
+fn pair_rx_frames(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe.net0_pair="))
+        .filter_map(|rest| {
+            rest.split_once(" rx=")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Boots the probe with two queue pairs on a multi-queue `tap0` and
+/// checks that it negotiated both (the VMM answered its VQ_PAIRS_SET on
+/// the control queue).
+fn boot_probe_two_pairs(netns: &Netns, dir: &std::path::Path, serve_ms: u32) -> Running {
+    let iface = json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC,
+                       "num_queue_pairs": 2});
+    let vm = boot_probe_args(
+        netns,
+        dir,
+        iface,
+        &format!("probe.net_queues=2 probe.net_serve_ms={serve_ms} probe.verbose"),
+    );
+    assert!(
+        vm.stdout()
+            .contains(&format!("probe.net0=up mac={GUEST_MAC} queues=2")),
+        "stdout:\n{}\nstderr:\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    assert!(
+        vm.stderr()
+            .contains("interface eth0: the guest uses 2 queue pair(s)"),
+        "{}",
+        vm.stderr()
+    );
+    vm
+}
+
+#[test]
+fn two_queue_pairs_on_a_multi_queue_tap_and_a_flood_all_comes_back() {
+    let netns = Netns::with_multi_queue_tap("mq", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let vm = boot_probe_two_pairs(&netns, dir.path(), 100_000);
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(
+        out.contains("3 packets transmitted, 3 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    let out = ping(&netns, &["-f", "-c", "10000", "-W", "2"]);
+    assert!(
+        out.contains("10000 packets transmitted, 10000 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    eprintln!(
+        "2 pairs, ping -f: {}",
+        out.lines().last().unwrap_or_default()
+    );
+    let run = vm.finish();
+    assert!(run.status.is_none(), "{}", run.describe());
+}
+
+#[test]
+#[ignore = "vhost-user-net's workers index their vrings globally, so pair 1 gets no frames \
+            (handle_event: vrings are per thread in vhost-user-backend)"]
+fn both_queue_pairs_carry_frames() {
+    let netns = Netns::with_multi_queue_tap("mq2", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = boot_probe_two_pairs(&netns, dir.path(), 5_000);
+    // Resolve the guest's address first: its first frames would wait in
+    // a short ARP queue.
+    let out = ping(&netns, &["-c", "1", "-W", "2"]);
+    assert!(out.contains("1 received"), "{out}");
+    // One flow stays on one TAP queue; flows from 16 source addresses are
+    // spread over both (by a hash seeded at host boot: all 16 on one
+    // queue has a chance of 2^-15).
+    let sources: Vec<String> = (10..26).map(|i| format!("10.77.0.{i}")).collect();
+    for source in &sources {
+        netns.ip(&["addr", "add", &format!("{source}/24"), "dev", "tap0"]);
+    }
+    let pings: Vec<_> = sources
+        .iter()
+        .map(|source| {
+            netns
+                .command("ping")
+                .args(["-c", "5", "-i", "0.01", "-W", "2", "-I", source, GUEST_IP])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run ping")
+        })
+        .collect();
+    for ping in pings {
+        let out = ping.wait_with_output().expect("wait for ping");
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(out.contains("5 packets transmitted, 5 received"), "{out}");
+    }
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.done"));
+    let run = vm.finish();
+    let rx = pair_rx_frames(&run.stdout);
+    eprintln!("2 pairs, frames received per pair: {rx:?}");
+    assert_eq!(rx.len(), 2, "{}", run.describe());
+    assert!(rx.iter().all(|n| *n > 0), "{rx:?}\n{}", run.describe());
+}
+
+#[test]
+fn an_external_backend_gives_the_pairs_it_serves_up_to_num_queue_pairs() {
+    // A backend with two pairs: the guest gets both.
+    let netns = Netns::with_multi_queue_tap("extmq", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let _backend = start_backend_with(&netns, &socket, &["--queues", "4"]);
+    let iface = json!({"iface_id": "eth0", "socket": socket, "guest_mac": GUEST_MAC,
+                       "num_queue_pairs": 2});
+    let vm = boot_probe_args(
+        &netns,
+        dir.path(),
+        iface,
+        "probe.net_queues=2 probe.net_serve_ms=100000",
+    );
+    assert!(vm.stdout().contains("queues=2"), "{}", vm.stdout());
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(out.contains("3 received"), "{out}\n{}", vm.stderr());
+    drop(vm);
+
+    // A backend with one pair (no VIRTIO_NET_F_MQ): the guest gets one.
+    let netns = Netns::with_tap("ext1q", "10.77.0.1/24");
+    let socket = dir.path().join("net1.sock");
+    let _backend = start_backend_with(&netns, &socket, &[]);
+    let iface = json!({"iface_id": "eth0", "socket": socket, "guest_mac": GUEST_MAC,
+                       "num_queue_pairs": 2});
+    let vm = boot_probe_args(
+        &netns,
+        dir.path(),
+        iface,
+        "probe.net_queues=2 probe.net_serve_ms=100000",
+    );
+    assert!(vm.stdout().contains("queues=1"), "{}", vm.stdout());
+    assert!(
+        vm.stderr()
+            .contains("2 queue pairs asked for, but the backend serves 2 queue(s) without"),
+        "{}",
+        vm.stderr()
+    );
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(out.contains("3 received"), "{out}\n{}", vm.stderr());
+}
+
+#[test]
+fn two_queue_pairs_need_a_multi_queue_tap() {
+    let netns = Netns::with_tap("nomq", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let mut command = netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
+    command.arg("--api-sock").arg(&socket);
+    let _vm = Running::spawn(command);
+    let mut api = ApiClient::connect(&socket);
+    let body = json!({"iface_id": "eth0", "host_dev_name": "tap0", "num_queue_pairs": 2});
+    let response = api.put("/network-interfaces/eth0", &body.to_string());
+    assert_eq!(response.status, 400, "{}", response.body);
+    let fault = response.fault();
+    assert!(
+        fault.contains("num_queue_pairs is 2 but TAP \"tap0\" is not multi-queue"),
+        "{fault}"
+    );
+    // One pair on the same TAP is fine.
+    let body = json!({"iface_id": "eth0", "host_dev_name": "tap0", "num_queue_pairs": 1});
+    let response = api.put("/network-interfaces/eth0", &body.to_string());
+    assert_eq!(response.status, 204, "{}", response.body);
+}
+
+#[test]
+fn num_queue_pairs_must_be_between_1_and_8() {
+    let vm = ApiVm::start(&[]);
+    let mut api = vm.client();
+    for pairs in [0, 9] {
+        let body = json!({"iface_id": "eth0", "socket": "/nonexistent.sock",
+                          "num_queue_pairs": pairs});
+        let response = api.put("/network-interfaces/eth0", &body.to_string());
+        assert_eq!(response.status, 400, "{}", response.body);
+        assert_eq!(
+            response.fault(),
+            format!("interface \"eth0\": num_queue_pairs must be between 1 and 8, got {pairs}")
+        );
+    }
 }

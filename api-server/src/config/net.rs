@@ -1,5 +1,6 @@
-//! `network-interfaces`: virtio-net devices. They are validated and kept
-//! here; each is served by a `vhost-user-net` process once networking lands.
+//! `network-interfaces`: virtio-net devices, each served by a
+//! `vhost-user-net` process. They are validated and kept here, including
+//! Tessera's `num_queue_pairs` (multi-queue, 1 to [`MAX_QUEUE_PAIRS`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +21,14 @@ pub enum NetError {
     DuplicateMac(String, String),
     #[error("interface {id:?}: mtu must be between 68 and 65535, got {mtu}")]
     InvalidMtu { id: String, mtu: u32 },
+    #[error(
+        "interface {id:?}: num_queue_pairs must be between 1 and {MAX_QUEUE_PAIRS}, got {pairs}"
+    )]
+    InvalidQueuePairs { id: String, pairs: u32 },
 }
+
+/// The most queue pairs an interface may have.
+pub const MAX_QUEUE_PAIRS: u32 = 8;
 
 /// One entry of `network-interfaces`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -41,6 +49,10 @@ pub struct NetworkInterfaceConfig {
     /// instead of a TAP device served by a backend that Tessera starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
+    /// Tessera addition: RX/TX queue pairs offered to the guest (default 1).
+    /// Above 1, a `host_dev_name` TAP must be multi-queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queue_pairs: Option<u32>,
 }
 
 /// `PATCH /network-interfaces/{id}`: new rate limiters.
@@ -55,7 +67,16 @@ pub struct NetworkInterfaceUpdate {
 }
 
 impl NetworkInterfaceConfig {
-    /// Checks the id, the TAP name and the MAC address.
+    /// The queue pairs asked for (`num_queue_pairs`, default 1); in
+    /// 1..=[`MAX_QUEUE_PAIRS`] once [`Self::validate`] passed.
+    pub fn queue_pairs(&self) -> u16 {
+        self.num_queue_pairs
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(1)
+    }
+
+    /// Checks the id, the TAP name, the MTU, the queue pairs and the MAC
+    /// address.
     pub fn validate(&self) -> Result<(), NetError> {
         let id = || self.iface_id.clone();
         if !is_valid_id(&self.iface_id) {
@@ -80,6 +101,10 @@ impl NetworkInterfaceConfig {
         }
         if let Some(mtu) = self.mtu.filter(|m| !(68..=65535).contains(m)) {
             return Err(NetError::InvalidMtu { id: id(), mtu });
+        }
+        let pairs = self.num_queue_pairs.unwrap_or(1);
+        if !(1..=MAX_QUEUE_PAIRS).contains(&pairs) {
+            return Err(NetError::InvalidQueuePairs { id: id(), pairs });
         }
         if let Some(mac) = &self.guest_mac {
             if parse_mac(mac).is_none() {
@@ -133,6 +158,7 @@ mod tests {
             tx_rate_limiter: None,
             mtu: None,
             socket: None,
+            num_queue_pairs: None,
         };
         assert!(iface("tap0", "06:00:00:00:00:01").validate().is_ok());
         assert!(matches!(
@@ -143,5 +169,18 @@ mod tests {
             iface("a-name-that-is-too-long", "06:00:00:00:00:01").validate(),
             Err(NetError::InvalidTapName { .. })
         ));
+        let pairs = |n| NetworkInterfaceConfig {
+            num_queue_pairs: Some(n),
+            ..iface("tap0", "06:00:00:00:00:01")
+        };
+        assert!(pairs(1).validate().is_ok());
+        assert_eq!(pairs(8).queue_pairs(), 8);
+        for bad in [0, 9] {
+            let err = pairs(bad).validate().unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("interface \"eth0\": num_queue_pairs must be between 1 and 8, got {bad}")
+            );
+        }
     }
 }

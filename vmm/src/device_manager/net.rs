@@ -1,7 +1,12 @@
 //! Network devices: one virtio-mmio device per interface, served by a
 //! `vhost-user-net` process: an external one (`socket`) or one the VMM
-//! starts for the interface's TAP (`host_dev_name`). They take the MMIO
-//! slots after the drives'.
+//! starts for the interface's TAP (`host_dev_name`, with `--queues` twice
+//! `num_queue_pairs`). They take the MMIO slots after the drives'.
+//!
+//! With several queue pairs the control queue stays in the VMM: its
+//! QueueNotify is an ioeventfd of its own that [`NetBackendMonitor`]
+//! watches on the main event loop, and its interrupt an irqfd on the
+//! device's IRQ.
 
 use std::os::fd::RawFd;
 use std::path::Path;
@@ -10,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use api_server::config::{parse_mac, NetworkInterfaceConfig};
 use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
 use devices::vhost_user::{FrontendError, VhostUserFrontend};
-use devices::virtio::MmioTransport;
+use devices::virtio::{MmioTransport, NOTIFY_REG_OFFSET};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -21,8 +27,8 @@ use super::backend_process::{BackendProcessError, BackendSpawner};
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
-/// Queues a backend may offer: one pair is used.
-const MAX_QUEUES: u64 = 2;
+/// RX and TX: the queues of one pair.
+const QUEUES_PER_PAIR: u64 = 2;
 
 /// Errors attaching network devices.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +61,8 @@ impl NetDeviceError {
 /// A network device on the MMIO bus.
 pub type NetTransport = Arc<Mutex<MmioTransport<VhostUserNet>>>;
 
+/// Connects to the interface's backend, or starts one for its TAP with
+/// a queue pair per `num_queue_pairs`. At most that many pairs are used.
 fn connect(
     iface: &NetworkInterfaceConfig,
     spawner: &BackendSpawner,
@@ -64,12 +72,15 @@ fn connect(
         id: id.clone(),
         source,
     };
+    let max_queues = QUEUES_PER_PAIR * u64::from(iface.queue_pairs());
     if let Some(socket) = &iface.socket {
-        return VhostUserFrontend::connect(Path::new(socket), MAX_QUEUES).map_err(frontend_err);
+        return VhostUserFrontend::connect(Path::new(socket), max_queues).map_err(frontend_err);
     }
     let mut args = vec![
         "--tap".to_string(),
         iface.host_dev_name.clone().unwrap_or_default(),
+        "--queues".to_string(),
+        max_queues.to_string(),
     ];
     if let Some(mac) = &iface.guest_mac {
         args.extend(["--mac".to_string(), mac.clone()]);
@@ -83,7 +94,25 @@ fn connect(
             id: id.clone(),
             source,
         })?;
-    VhostUserFrontend::from_stream(stream, MAX_QUEUES).map_err(frontend_err)
+    VhostUserFrontend::from_stream(stream, max_queues).map_err(frontend_err)
+}
+
+/// Connects the guest to the VMM for the control queue: an ioeventfd on
+/// QueueNotify matching its index, and an irqfd on the device's IRQ.
+fn wire_ctrl_queue(
+    vm: &Vm,
+    base: u64,
+    irq: u32,
+    device: &VhostUserNet,
+) -> Result<(), MmioSlotError> {
+    let Some((index, kick, call)) = device.ctrl_eventfds() else {
+        return Ok(());
+    };
+    vm.fd()
+        .register_ioevent(kick, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), index)
+        .map_err(MmioSlotError::IoEvent)?;
+    vm.register_irqfd(call, irq)?;
+    Ok(())
 }
 
 /// Creates a device per interface from MMIO slot `first_slot` on, wires
@@ -106,39 +135,48 @@ pub fn attach_net_devices(
             .ok_or_else(|| NetDeviceError::NoSlot(id.clone()))?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
-        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac)?;
+        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
         let attach_err = |source| NetDeviceError::Attach {
             id: id.clone(),
             source,
         };
         wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
+        wire_ctrl_queue(vm, base, irq, &device).map_err(attach_err)?;
+        let pairs = device.queue_pairs();
         let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
         place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
-        log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}");
+        log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}, {pairs} queue pair(s)");
         transports.push(transport);
     }
     Ok(transports)
 }
 
-/// Watches one network backend's socket from the main event loop, so that
-/// a backend that dies is reported once, and the device stops using it.
+/// Watches one network device from the main event loop: its backend's
+/// socket, so that a backend that dies is reported once and the device
+/// stops using it, and the notifications of its control queue (with
+/// several queue pairs), which the VMM answers.
 pub struct NetBackendMonitor {
     transport: NetTransport,
     socket_fd: RawFd,
+    /// The control queue's kick eventfd (owned by the device, which the
+    /// transport keeps alive).
+    ctrl_kick_fd: Option<RawFd>,
 }
 
 impl NetBackendMonitor {
-    /// Watches the backend of `transport`.
+    /// Watches the backend and the control queue of `transport`.
     pub fn new(transport: NetTransport) -> Self {
-        let socket_fd = transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .device()
-            .queues()
-            .backend_fd();
+        let guard = transport.lock().unwrap_or_else(|p| p.into_inner());
+        let device = guard.device();
+        let socket_fd = device.queues().backend_fd();
+        let ctrl_kick_fd = device
+            .ctrl_eventfds()
+            .map(|(_, kick, _)| std::os::fd::AsRawFd::as_raw_fd(kick));
+        drop(guard);
         Self {
             transport,
             socket_fd,
+            ctrl_kick_fd,
         }
     }
 
@@ -155,9 +193,22 @@ impl MutEventSubscriber for NetBackendMonitor {
         if let Err(err) = ops.add(self.hang_up_events()) {
             log::error!("cannot watch a network backend's socket: {err:?}");
         }
+        if let Some(fd) = self.ctrl_kick_fd {
+            if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch a network control queue: {err:?}");
+            }
+        }
     }
 
-    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if Some(events.fd()) == self.ctrl_kick_fd {
+            self.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_mut()
+                .process_ctrl_queue();
+            return;
+        }
         let _ = ops.remove(self.hang_up_events());
         self.transport
             .lock()

@@ -4,6 +4,8 @@
 //! with the REST API; [`VmResources`] holds them until the VM is built, and
 //! every change, from a file or from the API, goes through its methods.
 
+mod net;
+
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -46,8 +48,8 @@ pub enum ResourcesError {
     UnknownInterface(String),
     #[error("rate limiters are not supported by Tessera yet ({0})")]
     RateLimiter(String),
-    #[error("interface {id:?}: host_dev_name {name:?}: no such network device in the VMM's network namespace")]
-    NoSuchTap { id: String, name: String },
+    #[error(transparent)]
+    Tap(#[from] net::TapCheckError),
 }
 
 /// The top level of Firecracker's configuration file.
@@ -260,14 +262,7 @@ impl VmResources {
                 iface.iface_id
             )));
         }
-        if let Some(name) = &iface.host_dev_name {
-            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-                return Err(ResourcesError::NoSuchTap {
-                    id: iface.iface_id.clone(),
-                    name: name.clone(),
-                });
-            }
-        }
+        net::check_host_tap(&iface)?;
         let clash = self.network_interfaces.iter().find(|other| {
             other.iface_id != iface.iface_id
                 && iface.guest_mac.is_some()

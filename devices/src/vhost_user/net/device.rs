@@ -1,9 +1,18 @@
 //! The VMM's half of a vhost-user network device: the feature set and the
 //! configuration space the guest's driver sees, turned into backend setup
 //! on activation. Frames never pass through the VMM.
+//!
+//! With more than one queue pair (and a backend that offers
+//! `VIRTIO_NET_F_MQ`) the guest is offered `MQ` and `CTRL_VQ` and sees
+//! `max_virtqueue_pairs` = the pairs; queue `2 * pairs` is the control
+//! queue, which the VMM serves itself ([`CtrlQueue`]) on its own
+//! ioeventfd and irqfd. The backend only ever hears of the data queues,
+//! and never of `CTRL_VQ`.
 
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
+use super::ctrl::{CtrlQueue, CtrlStats};
 use crate::vhost_user::{FrontendError, VhostUserFrontend, VhostUserQueues};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
@@ -16,11 +25,14 @@ pub const QUEUE_SIZE: u16 = 256;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Transport and ring features the VMM passes through to the guest.
 const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
-/// VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ: multiqueue needs a control
-/// queue, which this frontend does not serve yet, so the guest gets one pair.
-const UNSERVED_FEATURES: u64 = 1 << 17 | 1 << 22;
+/// VIRTIO_NET_F_CTRL_VQ: the VMM serves the control queue, never the
+/// backend.
+const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+/// VIRTIO_NET_F_MQ: passed on from the backend only with several pairs.
+const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// One receive and one transmit queue.
-const QUEUES: usize = 2;
+const QUEUES_PER_PAIR: usize = 2;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 
 /// Errors creating a network device.
@@ -34,6 +46,13 @@ pub enum VhostUserNetError {
     TooFewQueues { id: String, queues: usize },
 }
 
+/// The eventfds of the control queue: its QueueNotify (an ioeventfd the
+/// VMM's event loop reads) and its interrupt (an irqfd on the device's IRQ).
+struct CtrlEventFds {
+    kick: EventFd,
+    call: EventFd,
+}
+
 /// A virtio-net device whose queues a vhost-user backend serves.
 pub struct VhostUserNet {
     id: String,
@@ -43,54 +62,142 @@ pub struct VhostUserNet {
     /// `guest_mac`: the VMM's word wins over the backend's, so that an
     /// external backend's guest gets the address it was configured with.
     mac: Option<[u8; 6]>,
-    /// Features the VMM offers on its own (MAC for a backend without one):
-    /// never passed to the backend, which would refuse them.
+    /// Features the VMM offers on its own (MAC for a backend without one,
+    /// CTRL_VQ): never passed to the backend, which would refuse them.
     vmm_features: u64,
     failed: bool,
+    /// `max_virtqueue_pairs`: 1, or the pairs asked for that the backend
+    /// serves.
+    pairs: u16,
+    /// With more than one pair.
+    ctrl_fds: Option<CtrlEventFds>,
+    /// The control queue, from an activation that negotiated MQ to reset.
+    ctrl: Option<CtrlQueue>,
 }
 
 impl VhostUserNet {
     /// Wraps a negotiated frontend; creates the kick and call eventfds of
-    /// one queue pair, for the caller to register as ioeventfds and irqfds.
-    /// With `mac` the guest gets that address whatever the backend says.
+    /// the data queues (and of the control queue), for the caller to
+    /// register as ioeventfds and irqfds. With `mac` the guest gets that
+    /// address whatever the backend says. The guest gets up to `pairs`
+    /// queue pairs: as many as the backend serves, and 1 unless it offers
+    /// `VIRTIO_NET_F_MQ`.
     pub fn new(
         id: &str,
         frontend: VhostUserFrontend,
         mem: GuestMemoryMmap,
         mac: Option<[u8; 6]>,
+        pairs: u16,
     ) -> Result<Self, VhostUserNetError> {
-        let features = frontend.backend_features();
-        if features & VIRTIO_F_VERSION_1 == 0 {
+        let backend_features = frontend.backend_features();
+        if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(VhostUserNetError::NotVirtio1 { id: id.into() });
         }
-        if frontend.queue_num() < QUEUES {
+        let backend_queues = frontend.queue_num();
+        if backend_queues < QUEUES_PER_PAIR {
             return Err(VhostUserNetError::TooFewQueues {
                 id: id.into(),
-                queues: frontend.queue_num(),
+                queues: backend_queues,
             });
         }
-        let mut features =
-            features & ((0xffff_ffff & !(0xf << 28) & !UNSERVED_FEATURES) | PASSTHROUGH_FEATURES);
-        let vmm_features = match mac {
+        let backend_mq = backend_features & VIRTIO_NET_F_MQ != 0;
+        let backend_pairs = u16::try_from(backend_queues / QUEUES_PER_PAIR).unwrap_or(u16::MAX);
+        let served = if backend_mq {
+            pairs.min(backend_pairs).max(1)
+        } else {
+            1
+        };
+        if served < pairs {
+            log::warn!(
+                "interface {id}: {pairs} queue pairs asked for, but the backend serves \
+                 {backend_queues} queue(s) {} VIRTIO_NET_F_MQ: the guest gets {served}",
+                if backend_mq { "with" } else { "without" }
+            );
+        }
+        let pairs = served;
+        let mut features = backend_features
+            & ((0xffff_ffff & !(0xf << 28) & !VIRTIO_NET_F_CTRL_VQ & !VIRTIO_NET_F_MQ)
+                | PASSTHROUGH_FEATURES);
+        let mut vmm_features = match mac {
             Some(_) => VIRTIO_NET_F_MAC & !features,
             None => 0,
         };
+        if pairs > 1 {
+            // MQ is the backend's (it serves the pairs); CTRL_VQ is ours.
+            features |= VIRTIO_NET_F_MQ;
+            vmm_features |= VIRTIO_NET_F_CTRL_VQ;
+        }
         features |= vmm_features;
-        let queues = VhostUserQueues::new(frontend, mem, QUEUES).map_err(|source| {
-            VhostUserNetError::EventFd {
-                id: id.into(),
-                source,
-            }
-        })?;
+        let eventfd_err = |source| VhostUserNetError::EventFd {
+            id: id.into(),
+            source,
+        };
+        let data_queues = QUEUES_PER_PAIR * usize::from(pairs);
+        let queues = VhostUserQueues::new(frontend, mem, data_queues).map_err(eventfd_err)?;
+        let ctrl_fds = if pairs > 1 {
+            Some(CtrlEventFds {
+                kick: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
+                call: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
+            })
+        } else {
+            None
+        };
+        let queue_count = data_queues + usize::from(ctrl_fds.is_some());
         Ok(Self {
             id: id.to_string(),
             queues,
             features,
-            queue_sizes: vec![QUEUE_SIZE; QUEUES],
+            queue_sizes: vec![QUEUE_SIZE; queue_count],
             mac,
             vmm_features,
             failed: false,
+            pairs,
+            ctrl_fds,
+            ctrl: None,
         })
+    }
+
+    /// The queue pairs offered to the guest (`max_virtqueue_pairs`).
+    pub fn queue_pairs(&self) -> u16 {
+        self.pairs
+    }
+
+    /// The control queue's index, its kick eventfd (to register as an
+    /// ioeventfd matching that index) and its call eventfd (an irqfd);
+    /// `None` with one queue pair.
+    pub fn ctrl_eventfds(&self) -> Option<(u32, &EventFd, &EventFd)> {
+        let fds = self.ctrl_fds.as_ref()?;
+        Some((2 * u32::from(self.pairs), &fds.kick, &fds.call))
+    }
+
+    /// What the control queue has answered since the last activation.
+    pub fn ctrl_stats(&self) -> Option<CtrlStats> {
+        self.ctrl.as_ref().map(CtrlQueue::stats)
+    }
+
+    /// The guest notified the control queue: answers its commands and
+    /// interrupts it if it wants. Called from the VMM's event loop.
+    pub fn process_ctrl_queue(&mut self) {
+        let Some(fds) = &self.ctrl_fds else {
+            return;
+        };
+        // Non-blocking: a spurious wake-up reads nothing.
+        let _ = fds.kick.read();
+        let Some(ctrl) = self.ctrl.as_mut() else {
+            log::debug!(
+                "interface {}: control queue notified while inactive",
+                self.id
+            );
+            return;
+        };
+        if ctrl.process(self.queues.mem()) {
+            if let Err(err) = fds.call.write(1) {
+                log::error!(
+                    "interface {}: cannot interrupt the guest for its control queue: {err}",
+                    self.id
+                );
+            }
+        }
     }
 
     /// The interface id.
@@ -137,14 +244,16 @@ impl VirtioDevice for VhostUserNet {
             return;
         }
         let mac = self.mac;
+        let pairs = self.pairs;
         let result = self
             .queues
             .read_config(CONFIG_SPACE_LEN, offset, data, |space| {
                 if let Some(mac) = mac {
                     space[0..6].copy_from_slice(&mac);
                 }
-                // One queue pair, whatever the backend could serve.
-                space[8..10].copy_from_slice(&1u16.to_le_bytes());
+                // The pairs this frontend set up, whatever the backend
+                // could serve.
+                space[8..10].copy_from_slice(&pairs.to_le_bytes());
             });
         if let Err(err) = result {
             self.backend_failed("config read", Some(err));
@@ -166,14 +275,71 @@ impl VirtioDevice for VhostUserNet {
                 self.id
             )));
         }
+        let mq = acked_features & VIRTIO_NET_F_MQ != 0;
+        let ctrl_vq = acked_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let data_count = if mq {
+            QUEUES_PER_PAIR * usize::from(self.pairs)
+        } else {
+            QUEUES_PER_PAIR
+        };
+        if ctrl_vq && !mq {
+            // Its control queue would be queue 2, whose notifications go
+            // to the backend's kick eventfd.
+            return Err(ActivateError::BadQueue {
+                index: QUEUES_PER_PAIR,
+                reason: format!(
+                    "interface {}: the driver acked VIRTIO_NET_F_CTRL_VQ without \
+                     VIRTIO_NET_F_MQ; the control queue is served only at index {}",
+                    self.id,
+                    2 * self.pairs
+                ),
+            });
+        }
+        let data = &queues[..queues.len().min(data_count)];
+        let ctrl = match (mq, queues.get(data_count)) {
+            (true, Some(layout)) => Some(
+                CtrlQueue::new(
+                    &self.id,
+                    self.queues.mem(),
+                    layout,
+                    QUEUE_SIZE,
+                    acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
+                    self.pairs,
+                )
+                .map_err(|err| ActivateError::BadQueue {
+                    index: data_count,
+                    reason: format!("interface {}: {err}", self.id),
+                })?,
+            ),
+            (true, None) => {
+                log::warn!(
+                    "interface {}: the driver negotiated MQ but queue {data_count} (control) \
+                     is not ready; control commands will not be answered",
+                    self.id
+                );
+                None
+            }
+            (false, _) => None,
+        };
         self.queues
-            .start(acked_features & !self.vmm_features, queues, QUEUE_SIZE)
+            .start(acked_features & !self.vmm_features, data, QUEUE_SIZE)
             .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
-        log::info!("interface {}: active", self.id);
+        self.ctrl = ctrl;
+        log::info!(
+            "interface {}: active with {} data queue(s){}",
+            self.id,
+            data.len(),
+            if self.ctrl.is_some() {
+                " and the control queue"
+            } else {
+                ""
+            }
+        );
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.ctrl = None;
         if self.failed {
             return;
         }
