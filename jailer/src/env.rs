@@ -313,14 +313,37 @@ impl Env {
         })?;
         crate::libs::copy_into(&self.exec_file, &self.chroot_dir)?;
 
+        // A failure from here on removes the copy again (through a
+        // directory fd, which still works after the pivot), so that the id
+        // is not left taken by a jail that never ran.
+        let jail_fd = nix::fcntl::open(
+            &self.chroot_dir,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()
+        // SAFETY: `open` just returned this fd and nothing else owns it.
+        .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        let Err(err) = self.run_copied();
+        if let Some(fd) = jail_fd {
+            let _ = nix::unistd::unlinkat(
+                Some(fd.as_raw_fd()),
+                self.exec_name.as_str(),
+                nix::unistd::UnlinkatFlags::NoRemoveDir,
+            );
+        }
+        Err(err)
+    }
+
+    fn run_copied(&self) -> Result<Infallible, EnvError> {
         // 4. Resource limits.
         self.limits.install()?;
 
         // 5. Cgroups; from here on a failure removes them.
         let mut cgroups = self.cgroups.create(&self.id, None)?;
-        let err = match self.run_in_cgroups(&mut cgroups) {
-            Err(err) => err,
-        };
+        let Err(err) = self.run_in_cgroups(&mut cgroups);
         cgroups.leave_self();
         for (path, errno) in cgroups.remove(Duration::from_secs(1)) {
             eprintln!("jailer: cannot remove cgroup {}: {errno}", path.display());
@@ -457,9 +480,7 @@ impl Env {
 
         privileges::drop_to(self.uid, self.gid, self.last_cap)?;
         let env: [CString; 0] = [];
-        let errno = match execve(&path, &c_args, &env) {
-            Err(errno) => errno,
-        };
+        let Err(errno) = execve(&path, &c_args, &env);
         Err(EnvError::Exec {
             path: self.exec_file.display().to_string(),
             errno,

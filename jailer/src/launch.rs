@@ -177,6 +177,9 @@ pub fn send_message(
     }
 }
 
+/// One received message: its bytes and the fds that came with it.
+pub type Message = (Vec<u8>, Vec<OwnedFd>);
+
 /// The kernel's limit of fds in one message (`SCM_MAX_FD`): the receive
 /// buffer has room for all of them, so that every fd that arrives can be
 /// closed again when a message is refused.
@@ -187,9 +190,7 @@ const SCM_MAX_FD: usize = 253;
 /// [`LaunchError::Truncated`] and one with more than [`MAX_REQUEST_FDS`]
 /// fds is [`LaunchError::TooManyFds`]; the fds of a refused message are
 /// closed.
-pub fn receive_message(
-    channel: BorrowedFd<'_>,
-) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, LaunchError> {
+pub fn receive_message(channel: BorrowedFd<'_>) -> Result<Option<Message>, LaunchError> {
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
     let mut cmsg_space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     loop {

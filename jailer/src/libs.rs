@@ -251,7 +251,7 @@ mod tests {
         // Truncated: program headers or the dynamic section are cut off.
         let _ = parse(&data);
         let mut garbage = b"\x7fELF\x02\x01".to_vec();
-        garbage.extend(std::iter::repeat(0xff).take(100));
+        garbage.extend(std::iter::repeat_n(0xff, 100));
         assert!(parse(&garbage).is_err());
     }
 }

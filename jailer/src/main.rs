@@ -46,9 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let err = match env.run() {
-        Err(err) => err,
-    };
+    let Err(err) = env.run();
     eprintln!("jailer: {err}");
     ExitCode::from(1)
 }

@@ -134,11 +134,9 @@ pub fn spawn(
         }
         Ok(ForkResult::Child) => {
             drop(err_read);
-            let err = match child(
+            let Err(err) = child(
                 cfg, &jail, &c_path, &c_args, &fds, &cgroups, launcher, err_write,
-            ) {
-                Err(err) => err,
-            };
+            );
             // Nothing to do on failure but exit.
             // SAFETY: _exit ends the child without unwinding into the
             // launcher's state.
@@ -195,9 +193,7 @@ fn child(
         Err(message) => return Err(fail(message)),
     }
     let env: [CString; 0] = [];
-    let errno = match execve(path, args, &env) {
-        Err(errno) => errno,
-    };
+    let Err(errno) = execve(path, args, &env);
     Err(fail(format!(
         "cannot exec {}: {errno}",
         path.to_string_lossy()

@@ -340,7 +340,7 @@ mod tests {
         ] {
             assert!(net(bad).is_err(), "{bad:?} should be refused");
         }
-        let many: Vec<&str> = std::iter::repeat("--readonly").take(MAX_ARGS + 1).collect();
+        let many: Vec<&str> = std::iter::repeat_n("--readonly", MAX_ARGS + 1).collect();
         assert!(blk(&many).unwrap_err().contains("at most"));
     }
 
