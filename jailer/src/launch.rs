@@ -317,8 +317,10 @@ mod tests {
     #[test]
     fn too_many_fds_are_refused_on_both_sides() {
         let (vmm, launcher) = pair();
+        let marker = std::env::temp_dir().join(format!("launch-fds-{}", std::process::id()));
+        std::fs::write(&marker, b"").unwrap();
         let f: Vec<std::fs::File> = (0..3)
-            .map(|_| std::fs::File::open("/proc/self/status").unwrap())
+            .map(|_| std::fs::File::open(&marker).unwrap())
             .collect();
         let raw: Vec<RawFd> = f.iter().map(|f| f.as_raw_fd()).collect();
         assert!(matches!(
@@ -327,12 +329,19 @@ mod tests {
         ));
         // A peer that sends three anyway is refused on the launcher side,
         // and the fds that arrived are closed again.
-        let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let marker_fds = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).ok().as_deref() == Some(marker.as_path()))
+                .count()
+        };
         send_message(vmm.as_fd(), b"{}", &raw).unwrap();
-        let before = open_fds();
         let got = receive_message(launcher.as_fd());
         assert!(matches!(got, Err(LaunchError::TooManyFds(3))), "{got:?}");
-        assert!(open_fds() <= before, "the refused fds were closed");
+        assert_eq!(marker_fds(), 3, "only the sender's own fds are left open");
+        drop(f);
+        std::fs::remove_file(&marker).unwrap();
         // An oversized message too, on both sides.
         let big = vec![b'x'; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(
