@@ -171,8 +171,11 @@ pub fn vmm_devices(proc_misc: &str) -> Vec<DeviceNode> {
     nodes
 }
 
-/// Creates `node` (read-write for its owner only) owned by `uid:gid`.
+/// Creates `node` (read-write for its owner only) owned by `uid:gid`,
+/// replacing whatever is at its path.
 pub fn make_device(node: &DeviceNode, uid: u32, gid: u32) -> Result<(), ChrootError> {
+    // A node left by an earlier run of this id is made afresh.
+    let _ = std::fs::remove_file(&node.path);
     mknod(
         &node.path,
         SFlag::S_IFCHR,

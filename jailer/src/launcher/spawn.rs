@@ -103,6 +103,7 @@ pub fn spawn(
     }
     fs::copy(bin, &target)
         .map_err(|e| format!("cannot copy {} to {}: {e}", bin.display(), target.display()))?;
+    crate::libs::copy_into(bin, &jail).map_err(|e| e.to_string())?;
 
     let args = backend_args(exe_name, request, fds.len());
     let c_args = args
