@@ -6,9 +6,10 @@
 //! reading (no spinning, no loss: the TAP queues the frames) until the guest
 //! posts buffers and kicks.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -18,16 +19,16 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::frame::{self, Received, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::frame::{self, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -113,23 +114,39 @@ impl NetBackend {
     }
 
     fn signal(&self, vring: &VringRwLock) -> io::Result<()> {
-        let notify = !self.event_idx.load(Ordering::Relaxed)
-            || vring.needs_notification().map_err(io::Error::other)?;
+        let notify = if self.event_idx.load(Ordering::Relaxed) {
+            vring.needs_notification().map_err(io::Error::other)?
+        } else {
+            !self.driver_polls(vring)
+        };
         if notify {
             vring.signal_used_queue()?;
         }
         Ok(())
     }
 
+    /// Without VIRTIO_RING_F_EVENT_IDX: whether the driver set
+    /// VRING_AVAIL_F_NO_INTERRUPT (a polling driver such as DPDK's), so
+    /// that the device should not interrupt it. A ring that cannot be read
+    /// counts as "interrupt".
+    fn driver_polls(&self, vring: &VringRwLock) -> bool {
+        // The used entries must be visible before the flags are read.
+        fence(Ordering::SeqCst);
+        let flags = GuestAddress(vring.get_ref().get_queue().avail_ring());
+        self.mem
+            .memory()
+            .load::<u16>(flags, Ordering::Acquire)
+            .is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
+    }
+
     /// Guest to TAP: sends every posted frame; bad frames are dropped and
     /// counted, and each chain goes back to the guest.
     fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
         let mem = self.mem.memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
+            // No kicks while this pass runs (VRING_USED_F_NO_NOTIFY, or
+            // nothing to do with EVENT_IDX).
+            vring.disable_notification().map_err(io::Error::other)?;
             let mut sent = 0;
             loop {
                 // Pop in its own statement: a `while let` would hold the
@@ -156,25 +173,39 @@ impl NetBackend {
             if sent > 0 {
                 self.signal(vring)?;
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
             }
         }
     }
 
     /// TAP to guest: fills the guest's RX buffers while both have some.
+    /// Chains are popped and checked once and kept across frames (a
+    /// mergeable frame may need up to 64 KiB of them, most of which a small
+    /// frame leaves for the next); those left at the end go back to the
+    /// ring. Notifications of new buffers are off while buffers remain.
     fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
         let mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut ready: VecDeque<RxChain> = VecDeque::new();
+        let mut capacity = 0usize;
+        let mut scratch = Vec::new();
         let mut delivered = 0;
+        // A bad chain met behind good ones waits in the ring until those
+        // are used, so that `ready` always ends at the ring's position and
+        // can be given back by rewinding.
+        let mut blocked = false;
+        vring.disable_notification().map_err(io::Error::other)?;
         loop {
-            // Take enough buffers for the largest frame (one without
-            // mergeable buffers: each chain must hold a whole frame).
-            let mut heads = Vec::new();
-            let mut chains = Vec::new();
-            let mut capacity = 0usize;
-            while capacity < MAX_FRAME_LEN + VNET_HDR_LEN && (mergeable || chains.is_empty()) {
+            if ready.is_empty() {
+                blocked = false;
+            }
+            // Enough buffers for the largest frame (one without mergeable
+            // buffers: each chain must hold a whole frame).
+            while !blocked
+                && capacity < MAX_FRAME_LEN + VNET_HDR_LEN
+                && (mergeable || ready.is_empty())
+            {
                 let Some(chain) = vring
                     .get_mut()
                     .get_queue_mut()
@@ -182,45 +213,65 @@ impl NetBackend {
                 else {
                     break;
                 };
-                heads.push(chain.head_index());
+                let head = chain.head_index();
                 let descriptors: Vec<Descriptor> = chain.collect();
-                capacity += descriptors.iter().map(|d| d.len() as usize).sum::<usize>();
-                chains.push(descriptors);
-            }
-            let rewind = |count: usize| {
-                let mut state = vring.get_mut();
-                for _ in 0..count {
-                    state.get_queue_mut().go_to_previous_position();
+                match frame::check_rx_chain(head, &descriptors, &mem) {
+                    Ok(checked) => {
+                        capacity += checked.capacity;
+                        ready.push_back(checked);
+                    }
+                    Err(err) if ready.is_empty() => {
+                        log::debug!("RX buffer refused: {err}");
+                        vring.add_used(head, 0).map_err(io::Error::other)?;
+                        self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        delivered += 1;
+                    }
+                    Err(_) => {
+                        vring.get_mut().get_queue_mut().go_to_previous_position();
+                        blocked = true;
+                    }
                 }
-            };
-            if chains.is_empty() {
+            }
+            if ready.is_empty() {
                 // No buffers: stop until the guest posts some and kicks.
-                if event_idx && vring.enable_notification().map_err(io::Error::other)? {
+                if vring.enable_notification().map_err(io::Error::other)? {
+                    vring.disable_notification().map_err(io::Error::other)?;
                     continue;
                 }
                 break;
             }
-            match frame::receive(&chains, &mem, tap.as_raw_fd(), mergeable) {
-                Ok(Received::Empty) => {
-                    rewind(chains.len());
-                    break;
-                }
+            match frame::receive_into(
+                ready.make_contiguous(),
+                &mut scratch,
+                &mem,
+                tap.as_raw_fd(),
+                mergeable,
+            ) {
+                Ok(Received::Empty) => break,
                 Ok(Received::Frame { used, .. }) => {
-                    rewind(chains.len() - used.len());
-                    for (head, len) in heads.iter().zip(&used) {
-                        vring.add_used(*head, *len).map_err(io::Error::other)?;
+                    for len in used {
+                        let chain = ready.pop_front().expect("used only ready chains");
+                        capacity -= chain.capacity;
+                        vring.add_used(chain.head, len).map_err(io::Error::other)?;
                     }
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
                 Err(err) => {
-                    // The first chain is bad: give it back empty, keep the rest.
-                    log::debug!("RX buffer refused: {err}");
-                    rewind(chains.len() - 1);
-                    vring.add_used(heads[0], 0).map_err(io::Error::other)?;
+                    // Give the first chain back empty, keep the rest.
+                    log::debug!("RX frame dropped: {err}");
+                    let chain = ready.pop_front().expect("not empty");
+                    capacity -= chain.capacity;
+                    vring.add_used(chain.head, 0).map_err(io::Error::other)?;
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
+            }
+        }
+        {
+            let mut state = vring.get_mut();
+            for _ in 0..ready.len() {
+                state.get_queue_mut().go_to_previous_position();
             }
         }
         if delivered > 0 {

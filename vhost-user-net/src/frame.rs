@@ -16,6 +16,8 @@ const NUM_BUFFERS_OFFSET: u64 = 10;
 pub const MAX_FRAME_LEN: usize = 65_535 + 14;
 /// The most descriptors one frame may use.
 const MAX_DESCRIPTORS: usize = 256;
+/// The most iovecs one readv takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
 
 /// Why a frame was dropped.
 #[derive(Debug, thiserror::Error)]
@@ -100,10 +102,42 @@ pub enum Received {
     Frame { len: usize, used: Vec<u32> },
 }
 
+/// One RX chain, checked once when popped: its head, the iovecs of its
+/// buffers (device-writable, mapped) and where its `num_buffers` lies.
+/// The iovecs point into guest memory: use them only while the memory
+/// snapshot they were checked against is held.
+pub struct RxChain {
+    pub head: u16,
+    pub capacity: usize,
+    iov: Vec<libc::iovec>,
+    num_buffers: Option<GuestAddress>,
+}
+
+/// Checks an RX chain (directions, addresses, room for the header).
+pub fn check_rx_chain(
+    head: u16,
+    descriptors: &[Descriptor],
+    mem: &GuestMemoryMmap,
+) -> Result<RxChain, FrameError> {
+    let mut iov = Vec::with_capacity(descriptors.len());
+    let capacity = iovecs(descriptors, mem, true, "RX", &mut iov)?;
+    if capacity < VNET_HDR_LEN {
+        return Err(FrameError::TooShort("RX", capacity));
+    }
+    Ok(RxChain {
+        head,
+        capacity,
+        iov,
+        num_buffers: header_byte(descriptors, NUM_BUFFERS_OFFSET),
+    })
+}
+
 /// Reads one frame from `fd` into `chains` (device-writable buffers). With
 /// `mergeable` (VIRTIO_NET_F_MRG_RXBUF) a frame may span several chains and
 /// `num_buffers` in its header says how many; otherwise only the first
-/// chain is used.
+/// chain is used. (The backend keeps checked chains across frames and
+/// calls [`receive_into`].)
+#[cfg(test)]
 pub fn receive(
     chains: &[Vec<Descriptor>],
     mem: &GuestMemoryMmap,
@@ -115,21 +149,44 @@ pub fn receive(
     } else {
         chains.len().min(1)
     };
-    let mut iov = Vec::new();
-    let mut capacities = Vec::with_capacity(usable);
-    for chain in &chains[..usable] {
-        let len = iovecs(chain, mem, true, "RX", &mut iov)?;
-        if len < VNET_HDR_LEN {
-            return Err(FrameError::TooShort("RX", len));
+    let checked = chains[..usable]
+        .iter()
+        .map(|chain| check_rx_chain(0, chain, mem))
+        .collect::<Result<Vec<_>, _>>()?;
+    receive_into(&checked, &mut Vec::new(), mem, fd, mergeable)
+}
+
+/// As [`receive`], into chains checked by [`check_rx_chain`] (in their
+/// order in the ring); `scratch` holds the iovecs between calls.
+pub fn receive_into(
+    chains: &[RxChain],
+    scratch: &mut Vec<libc::iovec>,
+    mem: &GuestMemoryMmap,
+    fd: RawFd,
+    mergeable: bool,
+) -> Result<Received, FrameError> {
+    let wanted = if mergeable {
+        chains.len()
+    } else {
+        chains.len().min(1)
+    };
+    // Whole chains only, and no more iovecs than readv takes.
+    scratch.clear();
+    let mut usable = 0;
+    for chain in &chains[..wanted] {
+        if scratch.len() + chain.iov.len() > IOV_MAX {
+            break;
         }
-        capacities.push(len);
+        scratch.extend_from_slice(&chain.iov);
+        usable += 1;
     }
-    if iov.is_empty() {
+    if usable == 0 {
         return Ok(Received::Empty);
     }
-    // SAFETY: every iovec addresses mapped guest memory checked above,
-    // which the device may write.
-    let n = unsafe { libc::readv(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+    // SAFETY: every iovec addresses mapped guest memory checked by
+    // check_rx_chain against the snapshot the caller still holds, which the
+    // device may write.
+    let n = unsafe { libc::readv(fd, scratch.as_ptr(), scratch.len() as libc::c_int) };
     if n < 0 {
         let err = io::Error::last_os_error();
         if err.kind() == io::ErrorKind::WouldBlock {
@@ -140,8 +197,8 @@ pub fn receive(
     let len = n as usize;
     let mut used = Vec::new();
     let mut left = len;
-    for capacity in capacities {
-        let take = left.min(capacity);
+    for chain in &chains[..usable] {
+        let take = left.min(chain.capacity);
         used.push(take as u32);
         left -= take;
         if left == 0 {
@@ -149,7 +206,7 @@ pub fn receive(
         }
     }
     if mergeable {
-        if let Some(addr) = header_byte(&chains[0], NUM_BUFFERS_OFFSET) {
+        if let Some(addr) = chains[0].num_buffers {
             let num_buffers = used.len() as u16;
             mem.write_obj(num_buffers.to_le(), addr)
                 .map_err(|_| FrameError::BadAddress {
@@ -272,6 +329,63 @@ mod tests {
             receive(&chains, &mem, tap.as_raw_fd(), true).unwrap(),
             Received::Empty
         );
+    }
+
+    #[test]
+    fn checked_chains_serve_several_frames_in_order() {
+        let mem = memory();
+        let (tap, peer) = UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        peer.send(&[1u8; 100]).unwrap();
+        peer.send(&[2u8; 2000]).unwrap();
+        let mut ready: Vec<RxChain> = [0x1000u64, 0x4000, 0x7000]
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let c = chain(&mem, &[(*addr, 1500, true)]);
+                check_rx_chain(i as u16, &c, &mem).unwrap()
+            })
+            .collect();
+        let mut scratch = Vec::new();
+        let fd = tap.as_raw_fd();
+        let first = receive_into(&ready, &mut scratch, &mem, fd, true).unwrap();
+        assert_eq!(
+            first,
+            Received::Frame {
+                len: 100,
+                used: vec![100]
+            }
+        );
+        ready.remove(0);
+        let second = receive_into(&ready, &mut scratch, &mem, fd, true).unwrap();
+        assert_eq!(
+            second,
+            Received::Frame {
+                len: 2000,
+                used: vec![1500, 500]
+            }
+        );
+        let num_buffers: u16 = mem.read_obj(GuestAddress(0x4000 + 10)).unwrap();
+        assert_eq!(num_buffers, 2);
+        assert_eq!(
+            receive_into(&ready, &mut scratch, &mem, fd, true).unwrap(),
+            Received::Empty
+        );
+        // Without mergeable buffers only the first chain takes a frame.
+        peer.send(&[3u8; 2000]).unwrap();
+        let got = receive_into(&ready, &mut scratch, &mem, fd, false).unwrap();
+        assert_eq!(
+            got,
+            Received::Frame {
+                len: 1500,
+                used: vec![1500]
+            }
+        );
+        let tiny = chain(&mem, &[(0x1000, 4, true)]);
+        assert!(matches!(
+            check_rx_chain(0, &tiny, &mem),
+            Err(FrameError::TooShort("RX", 4))
+        ));
     }
 
     #[test]
