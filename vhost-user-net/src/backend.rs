@@ -393,12 +393,14 @@ impl VhostUserBackend for NetBackend {
         let Some(tap) = self.taps.get(pair) else {
             return Err(io::Error::other(format!("no queue pair {pair}")));
         };
+        // Each worker gets only its own pair's vrings, and their kicks as
+        // events 0 (RX) and 1 (TX); the TAP's event is ours.
         let event = usize::from(device_event);
-        let rx = vrings.get(2 * pair);
-        let tx = vrings.get(2 * pair + 1);
+        let rx = vrings.first();
+        let tx = vrings.get(1);
         match (event, rx, tx) {
-            (e, _, Some(tx)) if e == 2 * pair + 1 => self.process_tx(tx, tap),
-            (e, Some(rx), _) if e == 2 * pair => self.process_rx(rx, tap),
+            (1, _, Some(tx)) => self.process_tx(tx, tap),
+            (0, Some(rx), _) => self.process_rx(rx, tap),
             // Frames before the guest set up its RX queue wait in the TAP;
             // the guest's first RX kick picks them up.
             (e, Some(rx), _) if e as u64 == self.tap_event(pair) => {

@@ -57,8 +57,20 @@ impl Tap {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(TapError::Name(name.into()));
         }
+        if queues == 1 {
+            // A TAP made multi-queue (`ip tuntap add ... multi_queue`) must
+            // be attached as such even for one queue; the kernel says EINVAL.
+            return match Self::open_one(name, false, vnet_hdr_len) {
+                Err(TapError::Attach { source, .. })
+                    if source.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    Self::open_one(name, true, vnet_hdr_len).map(|tap| vec![tap])
+                }
+                other => other.map(|tap| vec![tap]),
+            };
+        }
         (0..queues)
-            .map(|_| Self::open_one(name, queues > 1, vnet_hdr_len))
+            .map(|_| Self::open_one(name, true, vnet_hdr_len))
             .collect()
     }
 

@@ -63,6 +63,8 @@ pub enum StartMicrovmError {
     EventLoop(String),
     #[error("cannot confine the VMM thread: {0}")]
     Seccomp(tessera_seccomp::SeccompError),
+    #[error("cannot start the vhost-user reply watchdog: {0}")]
+    Watchdog(std::io::Error),
 }
 
 impl StartMicrovmError {
@@ -328,6 +330,13 @@ pub fn build_microvm(
         serial_output(serial_path.as_deref())?,
         boot_timer,
     )?;
+    if !resources.drives.is_empty() || !resources.network_interfaces.is_empty() {
+        let filters = options.seccomp.clone();
+        devices::vhost_user::watchdog::start(move || {
+            filters.apply("vmm").map_err(|err| err.to_string())
+        })
+        .map_err(StartMicrovmError::Watchdog)?;
+    }
     let block_devices = if resources.drives.is_empty() {
         Vec::new()
     } else {

@@ -35,6 +35,21 @@ pub enum FrontendError {
     QueueAddress(usize),
 }
 
+fn is_transport_failure(err: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    matches!(
+        err,
+        vhost::Error::VhostUserProtocol(
+            E::SocketError(_)
+                | E::SocketBroken(_)
+                | E::SocketRetry(_)
+                | E::PartialMessage
+                | E::Disconnected
+                | E::InvalidMessage
+        )
+    )
+}
+
 fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
     move |source| FrontendError::Protocol { step, source }
 }
@@ -58,6 +73,7 @@ impl VhostUserFrontend {
 
     /// Negotiates over an already connected stream.
     pub fn from_stream(stream: UnixStream, max_queues: u64) -> Result<Self, FrontendError> {
+        let _deadline = super::watchdog::arm(std::os::fd::AsRawFd::as_raw_fd(&stream));
         let mut frontend = Frontend::from_stream(stream, max_queues);
         frontend.set_owner().map_err(step("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
@@ -105,18 +121,17 @@ impl VhostUserFrontend {
     /// Reads the device configuration space.
     pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, FrontendError> {
         let buf = vec![0u8; len as usize];
-        let (_, payload) = self
-            .frontend
-            .get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(step("GET_CONFIG"))?;
+        let (_, payload) = self.transport("GET_CONFIG", |f| {
+            f.get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)
+        })?;
         Ok(payload)
     }
 
     /// Writes the device configuration space.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
-        self.frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(step("SET_CONFIG"))
+        self.transport("SET_CONFIG", |f| {
+            f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+        })
     }
 
     /// Shares guest memory and starts the queues.
@@ -129,9 +144,9 @@ impl VhostUserFrontend {
         kicks: &[EventFd],
         calls: &[EventFd],
     ) -> Result<(), FrontendError> {
-        self.frontend
-            .set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES)
-            .map_err(step("SET_FEATURES"))?;
+        self.transport("SET_FEATURES", |f| {
+            f.set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES)
+        })?;
         let regions = mem
             .iter()
             .map(|region| {
@@ -140,9 +155,7 @@ impl VhostUserFrontend {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(step("SET_MEM_TABLE"))?;
+        self.transport("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
         for (index, ((layout, kick), call)) in queues.iter().zip(kicks).zip(calls).enumerate() {
             let host = |addr| {
                 mem.get_host_address(addr)
@@ -158,24 +171,12 @@ impl VhostUserFrontend {
                 avail_ring_addr: host(layout.avail_ring)?,
                 log_addr: None,
             };
-            self.frontend
-                .set_vring_num(index, layout.size)
-                .map_err(step("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_addr(index, &config)
-                .map_err(step("SET_VRING_ADDR"))?;
-            self.frontend
-                .set_vring_base(index, 0)
-                .map_err(step("SET_VRING_BASE"))?;
-            self.frontend
-                .set_vring_call(index, call)
-                .map_err(step("SET_VRING_CALL"))?;
-            self.frontend
-                .set_vring_kick(index, kick)
-                .map_err(step("SET_VRING_KICK"))?;
-            self.frontend
-                .set_vring_enable(index, true)
-                .map_err(step("SET_VRING_ENABLE"))?;
+            self.transport("SET_VRING_NUM", |f| f.set_vring_num(index, layout.size))?;
+            self.transport("SET_VRING_ADDR", |f| f.set_vring_addr(index, &config))?;
+            self.transport("SET_VRING_BASE", |f| f.set_vring_base(index, 0))?;
+            self.transport("SET_VRING_CALL", |f| f.set_vring_call(index, call))?;
+            self.transport("SET_VRING_KICK", |f| f.set_vring_kick(index, kick))?;
+            self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
         }
         Ok(())
     }
@@ -184,14 +185,34 @@ impl VhostUserFrontend {
     /// its connection and can be activated again.
     pub fn deactivate(&mut self, queues: usize) -> Result<(), FrontendError> {
         for index in 0..queues {
-            self.frontend
-                .set_vring_enable(index, false)
-                .map_err(step("SET_VRING_ENABLE"))?;
-            self.frontend
-                .get_vring_base(index)
-                .map_err(step("GET_VRING_BASE"))?;
+            self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
+            self.transport("GET_VRING_BASE", |f| f.get_vring_base(index))?;
         }
         Ok(())
+    }
+
+    /// Runs one exchange with the backend, under the reply watchdog's
+    /// deadline. A transport failure (no reply in time, a broken or garbled
+    /// stream) leaves the connection out of step, so the VMM hangs up:
+    /// later exchanges fail at once, and the backend monitor sees the
+    /// hang-up, instead of each vCPU access waiting out the deadline again.
+    fn transport<T>(
+        &mut self,
+        step: &'static str,
+        exchange: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error>,
+    ) -> Result<T, FrontendError> {
+        let deadline = super::watchdog::arm(self.socket_fd());
+        let result = exchange(&mut self.frontend);
+        drop(deadline);
+        result.map_err(|source| {
+            if is_transport_failure(&source) {
+                log::error!("the backend failed at {step}: {source}; hanging up on it");
+                // SAFETY: shutdown only changes the state of our own socket,
+                // which stays open (and owned by `frontend`) until drop.
+                unsafe { libc::shutdown(self.socket_fd(), libc::SHUT_RDWR) };
+            }
+            FrontendError::Protocol { step, source }
+        })
     }
 
     /// The socket, to watch for the backend hanging up.

@@ -7,6 +7,7 @@ pub mod blk;
 mod frontend;
 pub mod net;
 mod queues;
+pub mod watchdog;
 
 pub use frontend::{FrontendError, VhostUserFrontend};
 pub use queues::VhostUserQueues;

@@ -4,7 +4,7 @@
 //! CAP_NET_ADMIN. Only an existing TAP is opened (TUNSETIFF would create
 //! a missing one); any TAP in the VMM's network namespace is the VMM's to
 //! use, which is what `--netns` means. Flags: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, plus
-//! `IFF_MULTI_QUEUE` for more than one queue pair.
+//! `IFF_MULTI_QUEUE` for more than one queue pair or a multi-queue TAP.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -35,28 +35,38 @@ pub fn open_tap(name: &str, pairs: u16) -> Result<Vec<OwnedFd>, String> {
             "the TAP {name:?} does not exist in the VMM's network namespace"
         ));
     }
-    let mut fds = Vec::with_capacity(usize::from(pairs));
-    for _ in 0..pairs {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|err| format!("cannot open /dev/net/tun: {err}"))?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | if pairs > 1 { IFF_MULTI_QUEUE } else { 0 },
-            _pad: [0; 22],
+    let attach_err = |err: std::io::Error| format!("cannot attach to TAP {name:?}: {err}");
+    if pairs == 1 {
+        // A TAP made multi-queue must be attached as such even for one
+        // queue; the kernel says EINVAL otherwise.
+        return match attach(name, false) {
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                attach(name, true).map(|fd| vec![fd]).map_err(attach_err)
+            }
+            other => other.map(|fd| vec![fd]).map_err(attach_err),
         };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads (and may update) one ifreq we own.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-            return Err(format!(
-                "cannot attach to TAP {name:?}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        fds.push(OwnedFd::from(file));
     }
-    Ok(fds)
+    (0..pairs)
+        .map(|_| attach(name, true).map_err(attach_err))
+        .collect()
+}
+
+/// One queue of the TAP `name`.
+fn attach(name: &str, multi_queue: bool) -> std::io::Result<OwnedFd> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads (and may update) one ifreq we own.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(file))
 }
