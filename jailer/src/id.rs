@@ -21,6 +21,21 @@ pub fn validate(id: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Checks a drive or interface id: the API's rule, the instance id rule
+/// plus `_` (Firecracker allows it in resource ids).
+pub fn validate_device_id(id: &str) -> Result<(), IdError> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(IdError::Length(id.to_string()));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(IdError::Character(id.to_string()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +47,11 @@ mod tests {
         assert!(matches!(validate(&"a".repeat(65)), Err(IdError::Length(_))));
         assert!(matches!(validate("a/b"), Err(IdError::Character(_))));
         assert!(matches!(validate("a_b"), Err(IdError::Character(_))));
+        assert!(validate_device_id("drive_1").is_ok());
+        assert!(matches!(
+            validate_device_id("a/b"),
+            Err(IdError::Character(_))
+        ));
+        assert!(matches!(validate_device_id(""), Err(IdError::Length(_))));
     }
 }

@@ -394,3 +394,182 @@ fn jailed_and_unjailed_start_times() {
     ));
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
+
+/// The mount namespace of `pid`.
+fn mount_ns(pid: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap()
+}
+
+/// The source path of `pid`'s root mount, from its mountinfo.
+fn root_mount_source(pid: u32) -> String {
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    mountinfo
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some("/"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Asserts that `pid` runs as `uid` with no capabilities, under seccomp,
+/// in a mount namespace of its own rooted at `jail`.
+fn assert_confined(what: &str, pid: u32, uid: &str, jail: &std::path::Path) {
+    assert_eq!(
+        status_field(pid, "Uid").unwrap(),
+        [uid; 4].join(" "),
+        "{what} uid"
+    );
+    assert_eq!(
+        status_field(pid, "CapEff").unwrap(),
+        "0000000000000000",
+        "{what} capabilities"
+    );
+    assert_eq!(status_field(pid, "Seccomp").unwrap(), "2", "{what} seccomp");
+    assert_ne!(
+        mount_ns(&pid.to_string()),
+        mount_ns("self"),
+        "{what} mount namespace"
+    );
+    assert_eq!(
+        root_mount_source(pid),
+        jail.to_str().unwrap(),
+        "{what} root"
+    );
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        assert!(
+            status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
+            "{what}: thread {:?} is not under seccomp",
+            task.file_name()
+        );
+    }
+}
+
+#[test]
+fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
+    if !is_root() {
+        eprintln!("skipped: the jailer tests need root");
+        return;
+    }
+    const SEED: u64 = 0x5eed;
+    let netns = tessera_tests::netns::Netns::with_tap("jail", "10.80.0.1/24");
+    let base = JailBase::new();
+    let id = unique_id("devices");
+    let parent = unique_id("tessera-test");
+    let root = base.prepare_probe(
+        &id,
+        &probe_cmdline(&format!(
+            "probe.blk=write probe.blk_mib=2 probe.seed={SEED:#x} \
+             probe.net=10.80.0.2/24 probe.net_serve_ms=8000"
+        )),
+    );
+    // The drive lives in the VMM's jail, as with Firecracker, and belongs
+    // to the VMM's uid: the VMM opens it and hands the launcher the fd.
+    let disk = root.join("data.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    std::os::unix::fs::chown(&disk, Some(1234), Some(1234)).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("vm.json")).unwrap()).unwrap();
+    config["drives"] = serde_json::json!([{"drive_id": "data_1", "path_on_host": "data.img",
+        "is_root_device": false, "is_read_only": false}]);
+    config["network-interfaces"] = serde_json::json!([{"iface_id": "eth0",
+        "host_dev_name": "tap0", "guest_mac": "06:00:0a:50:00:02"}]);
+    std::fs::write(root.join("vm.json"), config.to_string()).unwrap();
+
+    let netns_path = format!("/var/run/netns/{}", netns.name());
+    let mut args = tessera_args(&base, &id, &parent);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    for (i, extra) in [
+        "--netns",
+        &netns_path,
+        "--backend-uid",
+        "1235",
+        "--backend-gid",
+        "1235",
+    ]
+    .iter()
+    .enumerate()
+    {
+        args.insert(at + i, extra.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Running::spawn(jailer_command(&args));
+    let pid = vm.pid();
+    vm.wait_until(Duration::from_secs(60), |out, _| {
+        out.contains("probe.net0=")
+    });
+    assert!(
+        vm.stdout().contains("probe.blk0=ok") && vm.stdout().contains("probe.net0=up"),
+        "stdout:\n{}\nstderr:\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    let ping = netns
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "2", "10.80.0.2"])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    assert_confined("tessera", pid, "1234", &root);
+    let launcher = child_pid(pid, "jailer").expect("the backend launcher");
+    let mut backend_cgroups = Vec::new();
+    for (exe, device) in [("vhost-user-blk", "data_1"), ("vhost-user-net", "eth0")] {
+        let backend = child_pid(launcher, exe).unwrap_or_else(|| panic!("no {exe}"));
+        let jail = base.root(exe, &format!("{id}-{device}"));
+        assert_confined(exe, backend, "1235", &jail);
+        assert_ne!(mount_ns(&backend.to_string()), mount_ns(&pid.to_string()));
+        // Its jail holds the binary (and its libraries), not the disk or a
+        // device node: the disk and the TAP came as fds.
+        let entries: Vec<String> = std::fs::read_dir(&jail)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(entries.iter().any(|e| e == exe), "{entries:?}");
+        assert!(
+            !entries.iter().any(|e| e.ends_with(".img") || e == "dev"),
+            "{entries:?}"
+        );
+        let leaf = format!("{id}-{device}");
+        let own = std::fs::read_to_string(format!("/proc/{backend}/cgroup")).unwrap();
+        assert!(own.contains(&format!("/{parent}/{leaf}")), "{exe}: {own}");
+        backend_cgroups.extend(cgroup_dirs(&parent, &leaf));
+    }
+
+    let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
+    assert!(exited, "tessera did not exit\n{}", vm.stderr());
+    let run = vm.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    // The guest's writes reached the disk in the jail.
+    let bytes = std::fs::read(&disk).unwrap();
+    for sector in 0..(2u64 << 20) / 512 {
+        let want = (sector ^ SEED).to_le_bytes();
+        let at = (sector * 512) as usize;
+        assert!(
+            bytes[at..at + 512].chunks(8).all(|w| w == want),
+            "sector {sector}"
+        );
+    }
+    // Everything is cleaned up: the VMM's and the backends' cgroups, and
+    // the backends themselves.
+    let mut dirs = cgroup_dirs(&parent, &id);
+    dirs.extend(backend_cgroups);
+    assert!(
+        wait_gone(&dirs, Duration::from_secs(15)),
+        "cgroups left behind: {dirs:?}"
+    );
+    assert!(child_pid(launcher, "vhost-user").is_none());
+    remove_parent_cgroups(&CONTROLLERS, &parent);
+}

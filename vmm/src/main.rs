@@ -191,11 +191,12 @@ fn main() {
             }),
         ))
     });
-    // A jailed VMM may have no /tmp; the API socket's directory is one it
-    // can create sockets in.
-    let backend_run_dir = match (&backend_launcher, &sock_dir) {
-        (Some(_), Some(dir)) => dir.clone(),
-        _ => std::env::temp_dir(),
+    // A jailed VMM has no /tmp, but it can create sockets where its API
+    // socket is, or in the /run the jailer made for it.
+    let backend_run_dir = match (&backend_launcher, sock_dir) {
+        (Some(_), Some(dir)) => dir,
+        (Some(_), None) => PathBuf::from("/run"),
+        (None, _) => std::env::temp_dir(),
     };
     let options = BootOptions {
         boot_timer: cli.boot_timer,

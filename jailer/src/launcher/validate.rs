@@ -170,7 +170,8 @@ pub fn expected_fds(kind: BackendKind) -> usize {
 
 /// Checks everything in `request` but the fds.
 pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
-    id::validate(&request.device_id).map_err(|err| format!("invalid device id: {err}"))?;
+    id::validate_device_id(&request.device_id)
+        .map_err(|err| format!("invalid device id: {err}"))?;
     check_args(request.kind, &request.args)?;
     match request.kind {
         BackendKind::Blk => {
@@ -358,6 +359,7 @@ mod tests {
     fn requests() {
         check_request(&request(BackendKind::Blk, "rootfs", None, 0)).unwrap();
         check_request(&request(BackendKind::Net, "eth0", Some("tap0"), 1)).unwrap();
+        check_request(&request(BackendKind::Blk, "drive_1", None, 0)).unwrap();
         check_request(&request(BackendKind::Net, "eth0", Some("tap-1.a_b"), 16)).unwrap();
         for (req, what) in [
             (request(BackendKind::Blk, "../x", None, 0), "device id"),
@@ -366,7 +368,7 @@ mod tests {
                 request(BackendKind::Blk, &"a".repeat(65), None, 0),
                 "device id",
             ),
-            (request(BackendKind::Blk, "a_b", None, 0), "device id"),
+            (request(BackendKind::Blk, "a.b", None, 0), "device id"),
             (request(BackendKind::Blk, "d", Some("tap0"), 0), "no tap"),
             (request(BackendKind::Blk, "d", None, 1), "no tap"),
             (request(BackendKind::Net, "d", None, 1), "needs a tap"),
