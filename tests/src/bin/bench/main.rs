@@ -14,13 +14,15 @@
 //! With `--linux-guest DIR` it boots Linux from DIR instead and measures
 //! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
-//! `--block` and `--net` measure the device backends (see block.rs, net.rs).
+//! `--block`, `--net` and `--net-dpdk` measure the device backends (see
+//! block.rs, net.rs, net_dpdk.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk]
 //!        [--runs N] [--out FILE]
 
 mod block;
 mod net;
+mod net_dpdk;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -128,10 +130,12 @@ enum Mode {
     Block,
     /// ICMP echo through tessera and vhost-user-net, beside a host veth.
     Net,
+    /// Frame rates through vhost-user-net with DPDK's virtio-user frontend.
+    NetDpdk,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -143,6 +147,7 @@ fn main() {
             "--nested" => mode = Mode::Nested,
             "--block" => mode = Mode::Block,
             "--net" => mode = Mode::Net,
+            "--net-dpdk" => mode = Mode::NetDpdk,
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             "--out" => out = args.next().expect(USAGE),
@@ -155,6 +160,7 @@ fn main() {
         Mode::Nested => bench_nested(runs),
         Mode::Block => block::bench_block(runs),
         Mode::Net => net::bench_net(runs),
+        Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&out, &text).expect("write the results");
