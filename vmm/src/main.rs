@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use api_server::server::DEFAULT_MAX_PAYLOAD_SIZE;
 use api_server::ApiServer;
@@ -117,6 +117,16 @@ fn main() {
             process::exit(ExitCode::ArgParsing as i32);
         }
     };
+    // Under the jailer, boot time counts from the jailer's start, as with
+    // Firecracker (--start-time-us is CLOCK_MONOTONIC, like Instant).
+    let start_wall = cli
+        .start_time_us
+        .and_then(|us| {
+            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+            let now_us = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000;
+            start_wall.checked_sub(Duration::from_micros(now_us.checked_sub(us)?))
+        })
+        .unwrap_or(start_wall);
     let level =
         logger::parse_level(&cli.level).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
     if let Err(err) = logger::init(&cli.id, level, cli.log_path.as_deref()) {

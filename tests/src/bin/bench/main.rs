@@ -17,10 +17,11 @@
 //! `--block`, `--net` and `--net-dpdk` measure the device backends (see
 //! block.rs, net.rs, net_dpdk.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --jailer]
 //!        [--runs N] [--out FILE]
 
 mod block;
+mod jailer;
 mod net;
 mod net_dpdk;
 
@@ -132,10 +133,12 @@ enum Mode {
     Net,
     /// Frame rates through vhost-user-net with DPDK's virtio-user frontend.
     NetDpdk,
+    /// The probe's boot time with and without the jailer.
+    Jailer,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --jailer] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -148,6 +151,7 @@ fn main() {
             "--block" => mode = Mode::Block,
             "--net" => mode = Mode::Net,
             "--net-dpdk" => mode = Mode::NetDpdk,
+            "--jailer" => mode = Mode::Jailer,
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             "--out" => out = args.next().expect(USAGE),
@@ -161,6 +165,7 @@ fn main() {
         Mode::Block => block::bench_block(runs),
         Mode::Net => net::bench_net(runs),
         Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
+        Mode::Jailer => jailer::bench_jailer(runs),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&out, &text).expect("write the results");
