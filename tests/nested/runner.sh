@@ -14,6 +14,22 @@ PATH=/opt/tessera/bin:/sbin:/bin:/usr/sbin:/usr/bin
 export PATH
 
 mount -t proc proc /proc
+# The jailer's pivot_root cannot leave an initramfs (rootfs): for the
+# jailed scenarios, PID 1 first moves everything to a tmpfs and switches
+# to it, as a real host's root file system would be.
+if [ -z "$NESTED_ON_TMPFS" ] && grep -q 'nested\.scenarios=[^ ]*jailed' /proc/cmdline; then
+	mkdir -p /newroot
+	mount -t tmpfs -o mode=0755 tmpfs /newroot
+	for entry in /*; do
+		case "$entry" in
+		/proc | /sys | /dev | /tmp | /newroot) mkdir -p "/newroot$entry" ;;
+		*) cp -a "$entry" /newroot/ ;;
+		esac
+	done
+	umount /proc
+	export NESTED_ON_TMPFS=1
+	exec switch_root /newroot /init
+fi
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
@@ -21,8 +37,54 @@ mount -t tmpfs tmpfs /tmp
 L2=/opt/l2
 SCENARIO_TIMEOUT=120
 
-ok() { echo "nested.$1=ok $2"; }
-fail() { echo "nested.$1=fail $2"; }
+# In the jailed_* scenarios PREFIX is "jailed_" and JAILED is set.
+PREFIX=
+JAILED=
+JAIL_BASE=/tmp/jail
+JAIL_UID=123
+
+ok() { echo "nested.$PREFIX$1=ok $2"; }
+fail() { echo "nested.$PREFIX$1=fail $2"; }
+
+# jail_root NAME: the jail of run NAME (jailer ids take no '_').
+jail_id() { echo "jailed-$1" | tr _ -; }
+jail_root() { echo "$JAIL_BASE/tessera/$(jail_id "$1")/root"; }
+
+# stage NAME FILE: FILE as a config names it. In a jailed run the file is
+# copied into NAME's jail, owned by the jailed uid, and named relative to
+# the jail root, as with Firecracker's jailer.
+stage() {
+	if [ -n "$JAILED" ]; then
+		root=$(jail_root "$1")
+		mkdir -p "$root"
+		cp "$2" "$root/" && chown "$JAIL_UID:$JAIL_UID" "$root/$(basename "$2")"
+		basename "$2"
+	else
+		echo "$2"
+	fi
+}
+
+# on_host NAME FILE: where a file the config names as FILE is in L1.
+on_host() {
+	if [ -n "$JAILED" ]; then echo "$(jail_root "$1")/$2"; else echo "$2"; fi
+}
+
+# run_tessera NAME CONFIG [tessera flags...]: tessera on CONFIG, started
+# by the jailer (its backends jailed by the jailer's launcher) in a jailed run.
+run_tessera() {
+	name=$1 config=$2
+	shift 2
+	if [ -n "$JAILED" ]; then
+		root=$(jail_root "$name")
+		mkdir -p "$root"
+		cp "$config" "$root/vm.json"
+		timeout -s KILL "$SCENARIO_TIMEOUT" jailer --id "$(jail_id "$name")" \
+			--exec-file /opt/tessera/bin/tessera --uid "$JAIL_UID" --gid "$JAIL_UID" \
+			--chroot-base-dir "$JAIL_BASE" -- --config-file vm.json "$@"
+	else
+		timeout -s KILL "$SCENARIO_TIMEOUT" tessera --config-file "$config" "$@"
+	fi
+}
 
 finish() {
 	echo "nested.end"
@@ -45,7 +107,7 @@ echo "nested.kvm=ok $(grep -c svm /proc/cpuinfo) svm cpus"
 # Boots an L2 guest; leaves its console in /tmp/NAME.out, the VMM log in
 # /tmp/NAME.err and the exit status in $vm_status.
 run_vm() {
-	name=$1 kernel=$2 initrd=$3 vcpus=$4 mem=$5 args=$6
+	name=$1 kernel=$(stage "$1" "$2") initrd=$(stage "$1" "$3") vcpus=$4 mem=$5 args=$6
 	shift 6
 	cat >"/tmp/$name.json" <<JSON
 {
@@ -53,7 +115,7 @@ run_vm() {
   "machine-config": {"vcpu_count": $vcpus, "mem_size_mib": $mem}
 }
 JSON
-	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --no-api --config-file "/tmp/$name.json" "$@" \
+	run_tessera "$name" "/tmp/$name.json" --no-api "$@" \
 		</dev/null >"/tmp/$name.out" 2>"/tmp/$name.err"
 	vm_status=$?
 }
@@ -162,23 +224,25 @@ scenario_blk() {
 	cp "$L2/rootfs.ext4" /tmp/$name-root.ext4
 	rm -f /tmp/$name-data.img
 	truncate -s 8M /tmp/$name-data.img
+	kernel=$(stage "$name" "$L2/vmlinux")
+	root_disk=$(stage "$name" /tmp/$name-root.ext4)
+	data_disk=$(stage "$name" /tmp/$name-data.img)
 	cat >/tmp/$name.json <<JSON
 {
-  "boot-source": {"kernel_image_path": "$L2/vmlinux",
+  "boot-source": {"kernel_image_path": "$kernel",
                   "boot_args": "$BASE_ARGS tessera.dd=/dev/vdb:4 tessera.halt=1"},
   "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
   "drives": [
-    {"drive_id": "rootfs", "path_on_host": "/tmp/$name-root.ext4", "is_root_device": true, "is_read_only": $ro},
-    {"drive_id": "data", "path_on_host": "/tmp/$name-data.img", "is_root_device": false, "is_read_only": false}
+    {"drive_id": "rootfs", "path_on_host": "$root_disk", "is_root_device": true, "is_read_only": $ro},
+    {"drive_id": "data", "path_on_host": "$data_disk", "is_root_device": false, "is_read_only": false}
   ]
 }
 JSON
-	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --no-api --config-file /tmp/$name.json \
-		</dev/null >/tmp/$name.out 2>/tmp/$name.err
+	run_tessera "$name" /tmp/$name.json --no-api </dev/null >/tmp/$name.out 2>/tmp/$name.err
 	status=$?
 	out=/tmp/$name.out
 	want=$(yes TESSERA | head -c 4194304 | md5sum | cut -d' ' -f1)
-	got=$(head -c 4194304 /tmp/$name-data.img | md5sum | cut -d' ' -f1)
+	got=$(head -c 4194304 "$(on_host "$name" "$data_disk")" | md5sum | cut -d' ' -f1)
 	writable=$(value tessera.root_writable "$out")
 	expect_writable=yes
 	[ "$ro" = true ] && expect_writable=no
@@ -200,6 +264,7 @@ JSON
 # HTTP (busybox httpd and wget) each way and their md5 sums must match.
 scenario_net() {
 	name=net
+	ip link del tap0 2>/dev/null
 	if ! tunctl -t tap0 >/dev/null || ! ip addr add 10.99.0.1/24 dev tap0 ||
 		! ip link set tap0 up; then
 		fail net "cannot set up tap0 in L1"
@@ -209,21 +274,38 @@ scenario_net() {
 	yes TESSERA | head -c 16777216 >/tmp/www/blob
 	want=$(md5sum </tmp/www/blob | cut -d' ' -f1)
 	httpd -p 8080 -h /tmp/www
+	kernel=$(stage net "$L2/vmlinux")
+	initrd=$(stage net "$L2/initramfs.cpio.gz")
+	rm -f /tmp/net.out
 	cat >/tmp/net.json <<JSON
 {
-  "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+  "boot-source": {"kernel_image_path": "$kernel", "initrd_path": "$initrd",
                   "boot_args": "$BASE_ARGS ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off tessera.ping=10.99.0.1 tessera.transfer=10.99.0.1 tessera.wait=30 tessera.halt=1"},
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
   "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:63:00:02"}]
 }
 JSON
-	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --no-api --config-file /tmp/net.json \
-		</dev/null >/tmp/net.out 2>/tmp/net.err &
+	run_tessera net /tmp/net.json --no-api </dev/null >/tmp/net.out 2>/tmp/net.err &
 	vm=$!
 	waited=0
 	while ! grep -q "^tessera.fetch=" /tmp/net.out && [ $waited -lt 90 ]; do
 		sleep 1
 		waited=$((waited + 1))
+	done
+	# In a jailed run, the VMM and its backend must be confined while they
+	# serve: the jailed uid, seccomp, each in its own jail.
+	confinement=
+	for exe in tessera vhost-user-net; do
+		[ -n "$JAILED" ] || break
+		pid=$(pidof "$exe" | cut -d' ' -f1)
+		uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+		seccomp=$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+		root=$(awk '$5 == "/" {print $4}' "/proc/$pid/mountinfo" 2>/dev/null | head -n 1)
+		confinement="$confinement $exe:uid=$uid,seccomp=$seccomp,root=$root"
+		case "$uid,$seccomp,$root" in
+		"$JAIL_UID,2,"*"/jail/$exe/"*) ;;
+		*) confinement="$confinement(NOT-CONFINED)" ;;
+		esac
 	done
 	set -- $(ping -c 5 -W 2 -s 1400 10.99.0.2 2>&1 | grep 'packets transmitted')
 	l1_received=${4:-0}
@@ -246,11 +328,25 @@ JSON
 		fail net "16 MiB L1 -> L2: md5 $got_by_l2, want $want"
 	elif [ "$got_from_l2" != "$want" ]; then
 		fail net "16 MiB L2 -> L1: md5 $got_from_l2, want $want"
+	elif [ "${confinement#*NOT-CONFINED}" != "$confinement" ]; then
+		fail net "not confined:$confinement"
 	else
-		ok net "eth0=$guest_addr on vhost-user-net; L2 -> L1 ping $guest_ping, L1 -> L2 5/5; 16 MiB over HTTP each way, md5 $want"
+		ok net "eth0=$guest_addr on vhost-user-net; L2 -> L1 ping $guest_ping, L1 -> L2 5/5; 16 MiB over HTTP each way, md5 $want$confinement"
 	fi
 	kill "$(pidof httpd)" 2>/dev/null
 }
+
+# The same scenarios with tessera started by the jailer (uid 123, pivoted
+# into its jail) and each backend started by the jailer's launcher in a
+# jail of its own: the results must match the unjailed runs.
+jailed() {
+	PREFIX=jailed_ JAILED=1
+	"$@"
+	PREFIX= JAILED=
+}
+scenario_jailed_initramfs() { jailed scenario_initramfs; }
+scenario_jailed_blk_root() { jailed scenario_blk_root; }
+scenario_jailed_net() { jailed scenario_net; }
 
 scenario_blk_root() { scenario_blk false; }
 scenario_blk_readonly() { scenario_blk true; }
@@ -288,7 +384,7 @@ scenario_bench() {
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

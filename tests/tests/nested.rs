@@ -18,6 +18,9 @@ const SCENARIOS: &[&str] = &[
     "blk_readonly",
     "net",
     "stock_kernel",
+    "jailed_initramfs",
+    "jailed_blk_root",
+    "jailed_net",
 ];
 /// A hard bound for the whole QEMU run; it takes about 25 s on 2 cores.
 const DEADLINE: Duration = Duration::from_secs(600);
