@@ -64,6 +64,9 @@ pub struct NetBackend {
     event_idx: AtomicBool,
     mergeable: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Whether each pair's TAP queue is attached: pairs past the first
+    /// join the TAP when the guest first kicks them (it uses that pair).
+    attached: Vec<AtomicBool>,
     pub stats: NetStats,
 }
 
@@ -76,6 +79,15 @@ impl NetBackend {
         let exits = (0..config.queue_pairs)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
+        // A guest may use fewer pairs than it is offered (Linux uses one per
+        // vCPU): the TAP would still steer flows to the unused pairs' queues
+        // and they would be lost, so only pair 0 starts attached.
+        for tap in taps.iter().skip(1) {
+            tap.set_queue_attached(false).map_err(io::Error::other)?;
+        }
+        let attached = (0..taps.len())
+            .map(|pair| AtomicBool::new(pair == 0))
+            .collect();
         Ok(Self {
             taps,
             config,
@@ -83,6 +95,7 @@ impl NetBackend {
             event_idx: AtomicBool::new(false),
             mergeable: AtomicBool::new(false),
             exits,
+            attached,
             stats: NetStats::default(),
         })
     }
@@ -373,6 +386,22 @@ impl VhostUserBackend for NetBackend {
         Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // A reset guest may come back with fewer pairs: detach again.
+        let pair = queue_index as usize / 2;
+        if pair > 0
+            && self
+                .attached
+                .get(pair)
+                .is_some_and(|a| a.swap(false, Ordering::AcqRel))
+        {
+            if let Some(tap) = self.taps.get(pair) {
+                tap.set_queue_attached(false).map_err(io::Error::other)?;
+            }
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -393,6 +422,14 @@ impl VhostUserBackend for NetBackend {
         let Some(tap) = self.taps.get(pair) else {
             return Err(io::Error::other(format!("no queue pair {pair}")));
         };
+        if self
+            .attached
+            .get(pair)
+            .is_some_and(|a| !a.swap(true, Ordering::AcqRel))
+        {
+            tap.set_queue_attached(true).map_err(io::Error::other)?;
+            log::info!("queue pair {pair} is in use: its TAP queue is attached");
+        }
         // Each worker gets only its own pair's vrings, and their kicks as
         // events 0 (RX) and 1 (TX); the TAP's event is ours.
         let event = usize::from(device_event);

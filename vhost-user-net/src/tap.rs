@@ -15,6 +15,9 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 /// Offload flags for TUNSETOFFLOAD.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -135,6 +138,34 @@ impl Tap {
             return Err(TapError::Configure {
                 name: self.name.clone(),
                 what,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Attaches this queue to its multi-queue TAP, or detaches it: the TAP
+    /// steers flows only to attached queues, so a queue pair the guest
+    /// does not use must not hold one.
+    pub fn set_queue_attached(&self, attached: bool) -> Result<(), TapError> {
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: if attached {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads the flags of one ifreq we own.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+            return Err(TapError::Configure {
+                name: self.name.clone(),
+                what: if attached {
+                    "attach a queue"
+                } else {
+                    "detach a queue"
+                },
                 source: io::Error::last_os_error(),
             });
         }
