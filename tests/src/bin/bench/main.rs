@@ -14,16 +14,17 @@
 //! With `--linux-guest DIR` it boots Linux from DIR instead and measures
 //! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
-//! `--block`, `--net` and `--net-dpdk` measure the device backends (see
-//! block.rs, net.rs, net_dpdk.rs).
+//! `--block`, `--net`, `--net-dpdk` and `--net-frontend` measure the device
+//! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --jailer]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer]
 //!        [--runs N] [--out FILE]
 
 mod block;
 mod jailer;
 mod net;
 mod net_dpdk;
+mod net_frontend;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -133,12 +134,14 @@ enum Mode {
     Net,
     /// Frame rates through vhost-user-net with DPDK's virtio-user frontend.
     NetDpdk,
+    /// Frame rates through vhost-user-net with our own vhost frontend.
+    NetFrontend,
     /// The probe's boot time with and without the jailer.
     Jailer,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --jailer] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -151,6 +154,7 @@ fn main() {
             "--block" => mode = Mode::Block,
             "--net" => mode = Mode::Net,
             "--net-dpdk" => mode = Mode::NetDpdk,
+            "--net-frontend" => mode = Mode::NetFrontend,
             "--jailer" => mode = Mode::Jailer,
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -165,6 +169,7 @@ fn main() {
         Mode::Block => block::bench_block(runs),
         Mode::Net => net::bench_net(runs),
         Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
+        Mode::NetFrontend => net_frontend::bench_net_frontend(runs),
         Mode::Jailer => jailer::bench_jailer(runs),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");

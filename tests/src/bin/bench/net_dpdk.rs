@@ -40,23 +40,23 @@ const WINDOW: Duration = Duration::from_secs(5);
 const WARM_UP: Duration = Duration::from_secs(1);
 const QUEUE_SIZE: u32 = 256;
 const FRAME_LENS: [usize; 2] = [64, 1500];
-const BACKEND_CPU: usize = 1;
-const FRONTEND_CPU: usize = 0;
+pub(crate) const BACKEND_CPU: usize = 1;
+pub(crate) const FRONTEND_CPU: usize = 0;
 /// The TAP's queue towards the backend, in frames (Linux's default: 1000).
-const TAP_TXQUEUELEN: u32 = 10_000;
+pub(crate) const TAP_TXQUEUELEN: u32 = 10_000;
 
 /// Cloud Hypervisor's `vhost_user_net`, 1 queue pair, guest to TAP (the
 /// issue's reference): packets/s by frame length, and backend CPU per packet.
-const CLH_PPS: [(usize, f64); 2] = [(64, 660_000.0), (1500, 570_000.0)];
-const CLH_CPU_US_PER_PACKET: f64 = 1.5;
+pub(crate) const CLH_PPS: [(usize, f64); 2] = [(64, 660_000.0), (1500, 570_000.0)];
+pub(crate) const CLH_CPU_US_PER_PACKET: f64 = 1.5;
 
-fn on_path(program: &str) -> bool {
+pub(crate) fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// utime + stime of `pid`, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -71,7 +71,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-fn load_average() -> Vec<f64> {
+pub(crate) fn load_average() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -81,7 +81,7 @@ fn load_average() -> Vec<f64> {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin_this_thread(cpu: usize) {
+pub(crate) fn pin_this_thread(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set is a valid mask; 0 is
     // the calling thread.
     unsafe {
@@ -93,15 +93,15 @@ fn pin_this_thread(cpu: usize) {
 
 /// The TAP's counters: (rx packets, rx bytes, tx packets, tx bytes, tx dropped).
 #[derive(Debug, Clone, Copy)]
-struct TapCounters {
-    rx_packets: f64,
-    rx_bytes: f64,
-    tx_packets: f64,
-    tx_bytes: f64,
-    tx_dropped: f64,
+pub(crate) struct TapCounters {
+    pub(crate) rx_packets: f64,
+    pub(crate) rx_bytes: f64,
+    pub(crate) tx_packets: f64,
+    pub(crate) tx_bytes: f64,
+    pub(crate) tx_dropped: f64,
 }
 
-fn tap_counters(netns: &Netns) -> TapCounters {
+pub(crate) fn tap_counters(netns: &Netns) -> TapCounters {
     let out = Command::new("ip")
         .args(["-n", netns.name(), "-s", "-j", "link", "show", "tap0"])
         .output()
@@ -120,7 +120,7 @@ fn tap_counters(netns: &Netns) -> TapCounters {
 
 /// One Ethernet/IPv4/UDP frame of `len` bytes (no FCS), to a locally
 /// administered unicast MAC (testpmd's port is promiscuous).
-fn udp_frame(len: usize) -> Vec<u8> {
+pub(crate) fn udp_frame(len: usize) -> Vec<u8> {
     let mut f = vec![0u8; len];
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
     f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
@@ -227,6 +227,48 @@ fn sender(
     })
 }
 
+/// Starts `vhost-user-net` on `tap0` of `netns`, pinned to `BACKEND_CPU`,
+/// listening on `socket`, and waits until it listens.
+pub(crate) fn start_backend(
+    netns: &Netns,
+    socket: &Path,
+    queues: usize,
+    queue_size: u32,
+) -> Result<Running, String> {
+    let _ = std::fs::remove_file(socket);
+    let mut backend = netns.command("taskset");
+    backend
+        .args(["-c", &BACKEND_CPU.to_string()])
+        .arg(workspace_bin("vhost-user-net"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--tap", "tap0", "--queues", &queues.to_string()])
+        .args(["--queue-size", &queue_size.to_string()]);
+    let backend = Running::spawn(backend);
+    if !tessera_tests::wait_for_path(socket, Duration::from_secs(10)) {
+        return Err(format!(
+            "the backend never listened\n{}",
+            backend.finish().describe()
+        ));
+    }
+    Ok(backend)
+}
+
+/// Waits up to 5 s for the backend to exit (its frontend has hung up) and
+/// fails if seccomp killed it.
+pub(crate) fn finish_backend(mut backend: Running) -> Result<tessera_tests::RunOutput, String> {
+    backend.wait_until(Duration::from_secs(5), |_, _| false);
+    let backend = backend.finish();
+    let signal = backend.status.and_then(|s| s.signal());
+    if signal == Some(libc::SIGSYS) {
+        return Err(format!(
+            "the backend died of SIGSYS (see dmesg | grep type=1326)\n{}",
+            backend.describe()
+        ));
+    }
+    Ok(backend)
+}
+
 /// The figures of one window.
 struct Sample {
     pps: f64,
@@ -243,22 +285,7 @@ struct Sample {
 /// TAP; "rxonly": TAP to guest) with `len`-byte frames.
 fn run_once(netns: &Netns, dir: &Path, mode: &str, len: usize) -> Result<Sample, String> {
     let socket = dir.join(format!("net-{mode}-{len}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    let mut backend = netns.command("taskset");
-    backend
-        .args(["-c", &BACKEND_CPU.to_string()])
-        .arg(workspace_bin("vhost-user-net"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--tap", "tap0", "--queues", "2"])
-        .args(["--queue-size", &QUEUE_SIZE.to_string()]);
-    let backend = Running::spawn(backend);
-    if !tessera_tests::wait_for_path(&socket, Duration::from_secs(10)) {
-        return Err(format!(
-            "the backend never listened\n{}",
-            backend.finish().describe()
-        ));
-    }
+    let backend = start_backend(netns, &socket, 2, QUEUE_SIZE)?;
     // `ip netns exec` and `taskset` exec, so this is the backend's pid.
     let pid = backend.pid();
 
@@ -316,18 +343,9 @@ fn run_once(netns: &Netns, dir: &Path, mode: &str, len: usize) -> Result<Sample,
     unsafe { libc::kill(testpmd.pid() as i32, libc::SIGINT) };
     testpmd.wait_until(Duration::from_secs(15), |_, _| false);
     let testpmd = testpmd.finish();
-    let mut backend = backend;
-    backend.wait_until(Duration::from_secs(5), |_, _| false);
-    let backend = backend.finish();
+    let backend = finish_backend(backend)?;
     if let Some(Err(err)) = sender_result {
         return Err(format!("the sender failed: {err}"));
-    }
-    let signal = backend.status.and_then(|s| s.signal());
-    if signal == Some(libc::SIGSYS) {
-        return Err(format!(
-            "the backend died of SIGSYS (see dmesg | grep type=1326)\n{}",
-            backend.describe()
-        ));
     }
 
     let (packets, bytes) = if mode == "txonly" {
