@@ -47,8 +47,8 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
         .unwrap();
     let root_sock = dir.path().join("root.sock");
     let data_sock = dir.path().join("data.sock");
-    let root_backend = backend(&root_sock, &root, 1);
-    let data_backend = backend(&data_sock, &data, 2);
+    let mut root_backend = backend(&root_sock, &root, 1);
+    let mut data_backend = backend(&data_sock, &data, 2);
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-M", "microvm,acpi=off,memory-backend=mem"])
@@ -75,6 +75,9 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
             "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw tessera.dd=/dev/vdb:4 tessera.halt=1",
         );
     let run = run_with_deadline(qemu, Duration::from_secs(300), |_, _| false);
+    // The backends exit on their own once QEMU hangs up (after a flush).
+    root_backend.wait_until(Duration::from_secs(10), |_, _| false);
+    data_backend.wait_until(Duration::from_secs(10), |_, _| false);
     let root_run = root_backend.finish();
     let data_run = data_backend.finish();
 
