@@ -15,7 +15,7 @@
 //!    then pivot into the jail;
 //! 8. create `/dev/kvm`, `/dev/net/tun`, `/dev/urandom` (and
 //!    `/dev/userfaultfd` when the host has it) owned by uid:gid;
-//! 9. with `--daemonize`, fork, `setsid`, fork and point stdio at
+//! 9. with `--daemonize`, `setsid` (forking first if it must) and point stdio at
 //!    /dev/null; drop to gid and uid with no capabilities, and exec the
 //!    binary with `--id`, `--start-time-us`, `--start-time-cpu-us`,
 //!    `--parent-cpu-time-us` (and `--backend-launcher-fd`) before the
@@ -409,11 +409,15 @@ impl Env {
             errno,
         })?;
         let pid_file = self.chroot_dir.join(format!("{}.pid", self.exec_name));
-        let write_pid = |pid: i32| {
-            fs::write(&pid_file, pid.to_string()).map_err(|source| EnvError::PidFile {
-                path: pid_file.display().to_string(),
-                source,
-            })
+        let pid_err = |source| EnvError::PidFile {
+            path: pid_file.display().to_string(),
+            source,
+        };
+        // Opened before the fork: the child's pivot_root moves the root of
+        // every process in this mount namespace, the parent's included.
+        let mut pid_out = fs::File::create(&pid_file).map_err(pid_err)?;
+        let mut write_pid = |pid: i32| {
+            std::io::Write::write_all(&mut pid_out, pid.to_string().as_bytes()).map_err(pid_err)
         };
         if self.new_pid_ns {
             // SAFETY: the jailer is single-threaded, so the child may
@@ -428,8 +432,6 @@ impl Env {
                 }
                 ForkResult::Child => {}
             }
-        } else {
-            write_pid(std::process::id() as i32)?;
         }
         chroot::pivot_into(&self.chroot_dir)?;
 
@@ -450,6 +452,10 @@ impl Env {
         // 9. Daemonize, drop privileges, exec.
         if let Some(null) = dev_null {
             self.daemonize(&null)?;
+        }
+        if !self.new_pid_ns {
+            // After daemonizing, which may have forked.
+            write_pid(std::process::id() as i32)?;
         }
         let mut args: Vec<String> = vec![
             format!("/{}", self.exec_name),
@@ -487,21 +493,24 @@ impl Env {
         })
     }
 
-    /// Firecracker's double fork: the grandchild, in a new session with
-    /// stdio on /dev/null, goes on.
+    /// Detaches from the caller's session with stdio on /dev/null. A
+    /// process group leader cannot `setsid`, so it forks once and the
+    /// child goes on; pid 1 of a new pid namespace is never a leader (and
+    /// must not fork away: its exit would end the namespace).
     fn daemonize(&self, null: &fs::File) -> Result<(), EnvError> {
-        for what in ["fork", "second fork"] {
+        if setsid().is_err() {
             // SAFETY: single-threaded; the parent only exits.
-            match unsafe { fork() }.map_err(|errno| EnvError::Daemonize { what, errno })? {
+            match unsafe { fork() }.map_err(|errno| EnvError::Daemonize {
+                what: "fork",
+                errno,
+            })? {
                 ForkResult::Parent { .. } => std::process::exit(0),
                 ForkResult::Child => {}
             }
-            if what == "fork" {
-                setsid().map_err(|errno| EnvError::Daemonize {
-                    what: "setsid",
-                    errno,
-                })?;
-            }
+            setsid().map_err(|errno| EnvError::Daemonize {
+                what: "setsid",
+                errno,
+            })?;
         }
         for fd in 0..=2 {
             dup2(null.as_raw_fd(), fd).map_err(|errno| EnvError::Daemonize {

@@ -573,3 +573,88 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     assert!(child_pid(launcher, "vhost-user").is_none());
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
+
+#[test]
+fn a_daemonized_tessera_in_a_new_pid_namespace_serves_its_api() {
+    if !is_root() {
+        eprintln!("skipped: the jailer tests need root");
+        return;
+    }
+    let base = JailBase::new();
+    let id = unique_id("daemon");
+    let parent = unique_id("tessera-test");
+    let root = base.prepare_probe(&id, &probe_cmdline("probe.ticks=0"));
+    let mut args = tessera_args(&base, &id, &parent);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    args.insert(at, "--daemonize".into());
+    args.insert(at, "--new-pid-ns".into());
+    args.retain(|a| a != "--no-api");
+    args.extend(["--api-sock".into(), "/run/api.sock".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // The jailer returns at once; the VMM lives on as a daemon.
+    let status = jailer_command(&args).status().unwrap();
+    assert!(status.success(), "{status:?}");
+    let pid_file = root.join("tessera.pid");
+    assert!(wait_gone_or_there(&pid_file), "no {}", pid_file.display());
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let sock = root.join("run/api.sock");
+    assert!(tessera_tests::wait_for_path(&sock, Duration::from_secs(30)));
+
+    // pid 1 of its own pid namespace, in a session of its own, stdio on
+    // /dev/null, confined as usual.
+    assert_eq!(
+        status_field(pid, "NSpid").unwrap(),
+        format!("{pid} 1"),
+        "pid namespace"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let own_session = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let own_session = own_session
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(3);
+    assert_ne!(Some(fields[3]), own_session, "a session of its own");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap(),
+        PathBuf::from("/dev/null")
+    );
+    assert_eq!(status_field(pid, "Uid").unwrap(), "1234 1234 1234 1234");
+    let mut api = tessera_tests::api::ApiClient::connect(&sock);
+    let info = api.get("/");
+    assert_eq!(info.status, 200, "{}", info.body);
+    assert!(
+        info.body.contains(&format!("\"id\":\"{id}\"")),
+        "{}",
+        info.body
+    );
+    assert!(info.body.contains("Running"), "{}", info.body);
+    // The VMM thread confines itself once the guest runs.
+    assert_eq!(status_field(pid, "Seccomp").unwrap(), "2");
+
+    // Ending the VMM ends its launcher, which removes the cgroups.
+    // SAFETY: kill sends a signal to the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    assert!(
+        wait_gone(&cgroup_dirs(&parent, &id), Duration::from_secs(15)),
+        "cgroups left behind"
+    );
+    remove_parent_cgroups(&CONTROLLERS, &parent);
+}
+
+/// Waits up to 10 s for `path` to appear.
+fn wait_gone_or_there(path: &std::path::Path) -> bool {
+    tessera_tests::wait_for_path(path, Duration::from_secs(10))
+}
