@@ -209,10 +209,11 @@ fn sender(
             iov_base: frame.as_ptr() as *mut libc::c_void,
             iov_len: frame.len(),
         };
-        // SAFETY: all-zero mmsghdrs are valid; each points at the one iovec,
-        // which outlives the loop and is only read.
+        // Each mmsghdr points at the one iovec, which outlives the loop and
+        // is only read.
         let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
             .map(|_| {
+                // SAFETY: an all-zero mmsghdr is a valid, empty header.
                 let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 m.msg_hdr.msg_iov = &mut iov;
                 m.msg_hdr.msg_iovlen = 1;
