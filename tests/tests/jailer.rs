@@ -658,3 +658,76 @@ fn a_daemonized_tessera_in_a_new_pid_namespace_serves_its_api() {
 fn wait_gone_or_there(path: &std::path::Path) -> bool {
     tessera_tests::wait_for_path(path, Duration::from_secs(10))
 }
+
+/// Where the cgroup v2 hierarchy is mounted, if it is.
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 2 && fields[2] == "cgroup2").then(|| PathBuf::from(fields[1]))
+    })
+}
+
+#[test]
+fn a_jailed_tessera_under_cgroup_v2_gets_its_values_and_leaves_no_cgroup() {
+    if !is_root() {
+        eprintln!("skipped: the jailer tests need root");
+        return;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        eprintln!("skipped: no cgroup2 hierarchy is mounted");
+        return;
+    };
+    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
+    if !controllers.split_whitespace().any(|c| c == "hugetlb") {
+        eprintln!("skipped: the cgroup2 hierarchy has no hugetlb controller ({controllers})");
+        return;
+    }
+    let base = JailBase::new();
+    let id = unique_id("v2");
+    let parent = unique_id("tessera-test");
+    base.prepare_probe(&id, &probe_cmdline("probe.ticks=20"));
+    let mut args = tessera_args(&base, &id, &parent);
+    // Replace the v1 values with a v2 one.
+    let at = args.iter().position(|a| a == "--cgroup").unwrap();
+    args.drain(at..at + 4);
+    for (i, extra) in [
+        "--cgroup-version",
+        "2",
+        "--cgroup",
+        "hugetlb.2MB.max=1073741824",
+    ]
+    .iter()
+    .enumerate()
+    {
+        args.insert(at + i, extra.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Running::spawn(jailer_command(&args));
+    let pid = vm.pid();
+    let exited = vm.wait_until(Duration::from_secs(60), |out, _| {
+        out.contains("probe.tick=1")
+    });
+    assert!(!exited, "tessera exited early\n{}", vm.stderr());
+
+    let leaf = mount.join(&parent).join(&id);
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        own.lines().any(|l| l == format!("0::/{parent}/{id}")),
+        "{own}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(leaf.join("hugetlb.2MB.max"))
+            .unwrap()
+            .trim(),
+        "1073741824"
+    );
+    vm.wait_until(Duration::from_secs(60), |_, _| false);
+    let run = vm.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        wait_gone(&[leaf], Duration::from_secs(15)),
+        "cgroup left behind"
+    );
+    let _ = std::fs::remove_dir(mount.join(&parent));
+}
