@@ -8,7 +8,7 @@ mod disk;
 mod engine;
 mod request;
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -79,17 +79,6 @@ struct Cli {
 /// The filters compiled from resources/seccomp/vhost-user-blk.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
-/// Takes ownership of inherited fd `fd`, after checking that it is open.
-fn inherited_fd(fd: i32) -> Result<OwnedFd, nix::errno::Errno> {
-    if fd <= 2 {
-        return Err(nix::errno::Errno::EBADF);
-    }
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
-    // SAFETY: the fd is open (checked above), was inherited for this
-    // purpose, and nothing else in this process owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-blk: {message}");
     ExitCode::from(code)
@@ -155,7 +144,7 @@ fn main() -> ExitCode {
     }
     let disk = match (&cli.path, cli.disk_fd) {
         (Some(path), _) => Disk::open(path, cli.readonly, cli.direct),
-        (None, Some(fd)) => match inherited_fd(fd) {
+        (None, Some(fd)) => match tessera_seccomp::take_inherited_fd(fd) {
             Ok(fd) => Disk::from_fd(fd, cli.readonly, cli.direct),
             Err(err) => return fail(2, format_args!("--disk-fd {fd}: {err}")),
         },

@@ -7,7 +7,7 @@ mod backend;
 mod frame;
 mod tap;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -69,17 +69,6 @@ struct Cli {
 
 /// The filters compiled from resources/seccomp/vhost-user-net.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
-
-/// Takes ownership of inherited fd `fd`, after checking that it is open.
-fn inherited_fd(fd: i32) -> Result<OwnedFd, nix::errno::Errno> {
-    if fd <= 2 {
-        return Err(nix::errno::Errno::EBADF);
-    }
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
-    // SAFETY: the fd is open (checked above), was inherited for this
-    // purpose, and nothing else in this process owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vhost-user-net: {message}");
@@ -171,7 +160,10 @@ fn main() -> ExitCode {
         None => match cli
             .tap_fd
             .iter()
-            .map(|&fd| inherited_fd(fd).map_err(|err| format!("--tap-fd {fd}: {err}")))
+            .map(|&fd| {
+                tessera_seccomp::take_inherited_fd(fd)
+                    .map_err(|err| format!("--tap-fd {fd}: {err}"))
+            })
             .collect::<Result<Vec<_>, _>>()
         {
             Ok(fds) => Tap::from_fds(fds, frame::VNET_HDR_LEN as i32),

@@ -93,17 +93,6 @@ fn fail(code: ExitCode, message: impl std::fmt::Display) -> ! {
     process::exit(code as i32);
 }
 
-/// Takes ownership of inherited fd `fd`, after checking that it is open.
-fn inherited_fd(fd: i32) -> Result<std::os::fd::OwnedFd, nix::errno::Errno> {
-    if fd <= 2 {
-        return Err(nix::errno::Errno::EBADF);
-    }
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)?;
-    // SAFETY: the fd is open (checked above), was inherited for this
-    // purpose, and nothing else in this process owns it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
-}
-
 fn main() {
     // Boot time is measured from here, as close to process start as we get.
     let start_wall = Instant::now();
@@ -193,7 +182,7 @@ fn main() {
 
     let backend_launcher = cli.backend_launcher_fd.map(|fd| {
         Arc::new(jailer::launch::LaunchChannel::new(
-            inherited_fd(fd).unwrap_or_else(|err| {
+            tessera_seccomp::take_inherited_fd(fd).unwrap_or_else(|err| {
                 fail(
                     ExitCode::ArgParsing,
                     format_args!("--backend-launcher-fd {fd}: {err}"),
