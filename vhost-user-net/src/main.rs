@@ -52,7 +52,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     seccomp_filter: Option<PathBuf>,
     /// Number of queues: RX and TX queue pairs times two. Above 2 the TAP
-    /// must be multi-queue.
+    /// must be multi-queue (and protocol features must be on).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..=32))]
     queues: u16,
     /// The largest queue the frontend may set up (a power of two).
@@ -65,6 +65,14 @@ struct Cli {
     /// The MTU offered to the guest (VIRTIO_NET_F_MTU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
     mtu: Option<u16>,
+    /// Do not offer VHOST_USER_F_PROTOCOL_FEATURES, for frontends that send
+    /// SET_VRING_ENABLE before SET_FEATURES (QEMU's vhost-user netdev): the
+    /// rings then start enabled at SET_FEATURES. Without protocol features
+    /// there is one queue pair and no config space (the frontend keeps its
+    /// own: give the MAC and MTU to it, not --mac/--mtu). Tessera's VMM
+    /// needs protocol features: never use this for it.
+    #[arg(long, conflicts_with_all = ["mac", "mtu"])]
+    no_protocol_features: bool,
 }
 
 /// The filters compiled from resources/seccomp/vhost-user-net.json.
@@ -128,6 +136,15 @@ fn main() -> ExitCode {
             format_args!(
                 "--queues must be even and --queue-size a power of two, got {} and {}",
                 cli.queues, cli.queue_size
+            ),
+        );
+    }
+    if cli.no_protocol_features && cli.queues > 2 {
+        return fail(
+            2,
+            format_args!(
+                "--queues {} needs protocol features (MQ): --no-protocol-features serves one queue pair (--queues 2)",
+                cli.queues
             ),
         );
     }
@@ -204,6 +221,7 @@ fn main() -> ExitCode {
         mtu: cli.mtu,
         queue_pairs: pairs,
         queue_size: usize::from(cli.queue_size),
+        protocol_features: !cli.no_protocol_features,
         seccomp: seccomp.clone(),
     };
     let backend = match NetBackend::new(taps, config, mem.clone()) {
@@ -235,8 +253,13 @@ fn main() -> ExitCode {
         }
     }
     eprintln!(
-        "vhost-user-net: serving TAP {} with {pairs} queue pair(s)",
-        cli.tap.as_deref().unwrap_or("from --tap-fd")
+        "vhost-user-net: serving TAP {} with {pairs} queue pair(s){}",
+        cli.tap.as_deref().unwrap_or("from --tap-fd"),
+        if cli.no_protocol_features {
+            ", without protocol features"
+        } else {
+            ""
+        }
     );
     if let Err(err) = daemon.start(&mut listener) {
         return fail(1, format_args!("cannot accept a frontend: {err}"));
