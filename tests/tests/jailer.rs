@@ -602,6 +602,7 @@ fn a_daemonized_tessera_in_a_new_pid_namespace_serves_its_api() {
         .trim()
         .parse()
         .unwrap();
+    let _daemon = KillOnDrop(pid);
     let sock = root.join("run/api.sock");
     assert!(tessera_tests::wait_for_path(&sock, Duration::from_secs(30)));
 
@@ -652,6 +653,16 @@ fn a_daemonized_tessera_in_a_new_pid_namespace_serves_its_api() {
         "cgroups left behind"
     );
     remove_parent_cgroups(&CONTROLLERS, &parent);
+}
+
+/// Kills a daemon the test started, even when an assertion fails first.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill sends a signal; a pid that is gone makes it fail.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
 }
 
 /// Waits up to 10 s for `path` to appear.
