@@ -44,6 +44,15 @@ pub enum BackendProcessError {
     },
 }
 
+/// What a backend serves.
+#[derive(Debug, Clone, Copy)]
+pub enum BackendTarget<'a> {
+    /// A drive's image or block device.
+    Disk { path: &'a str, read_only: bool },
+    /// An existing TAP, with one queue per pair.
+    Tap { name: &'a str, queue_pairs: u16 },
+}
+
 /// How backends are started.
 #[derive(Debug, Clone)]
 enum Starter {
@@ -104,14 +113,36 @@ impl BackendSpawner {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
-    /// Starts the backend for device `id` with `args` (which name the disk
-    /// with `--path` or the TAP with `--tap`); returns the frontend's end
-    /// of the connection.
-    pub fn spawn(&self, id: &str, args: &[String]) -> Result<UnixStream, BackendProcessError> {
+    /// Starts the backend for device `id`, serving `target`, with the
+    /// further flags `args`; returns the frontend's end of the connection.
+    pub fn spawn(
+        &self,
+        id: &str,
+        target: BackendTarget,
+        args: &[String],
+    ) -> Result<UnixStream, BackendProcessError> {
         let (listener, stream) = self.listen(id)?;
         match &self.starter {
-            Starter::Exec(binary) => self.exec(binary, id, args, listener)?,
-            Starter::Launcher(channel) => self.launch(channel, id, args, listener)?,
+            Starter::Exec(binary) => {
+                let mut all: Vec<String> = match target {
+                    BackendTarget::Disk { path, read_only } => {
+                        let mut disk = vec!["--path".to_string(), path.to_string()];
+                        if read_only {
+                            disk.push("--readonly".into());
+                        }
+                        disk
+                    }
+                    BackendTarget::Tap { name, queue_pairs } => vec![
+                        "--tap".to_string(),
+                        name.to_string(),
+                        "--queues".to_string(),
+                        (2 * queue_pairs).to_string(),
+                    ],
+                };
+                all.extend_from_slice(args);
+                self.exec(binary, id, &all, listener)?
+            }
+            Starter::Launcher(channel) => self.launch(channel, id, target, args, listener)?,
         }
         Ok(stream)
     }
@@ -201,53 +232,39 @@ impl BackendSpawner {
         Ok(())
     }
 
-    /// Has the jailer's launcher start the backend. The disk (`--path`) is
-    /// opened here, inside the VMM's jail, and sent as an fd; the TAP
-    /// (`--tap`) is opened by the launcher; the other flags pass through.
+    /// Has the jailer's launcher start the backend. A disk is opened
+    /// here, inside the VMM's jail, and sent as an fd; a TAP is opened by
+    /// the launcher in the VMM's network namespace.
     fn launch(
         &self,
         channel: &LaunchChannel,
         id: &str,
+        target: BackendTarget,
         args: &[String],
         listener: UnixListener,
     ) -> Result<(), BackendProcessError> {
-        let mut passed = Vec::new();
-        let (mut disk_path, mut tap, mut queues) = (None, None, 2u16);
-        let mut args = args.iter();
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--path" => disk_path = args.next().cloned(),
-                "--tap" => tap = args.next().cloned(),
-                flag => {
-                    passed.push(flag.to_string());
-                    if flag == "--queues" {
-                        if let Some(value) = args.next() {
-                            queues = value.parse().unwrap_or(queues);
-                            passed.push(value.clone());
-                        }
-                    }
-                }
-            }
-        }
         let launch_err = |source| BackendProcessError::Launch {
             kind: self.kind,
             source,
         };
-        let pid = match (self.kind, disk_path) {
-            ("drive", Some(path)) => {
-                let read_only = passed.iter().any(|arg| arg == "--readonly");
+        let mut args = args.to_vec();
+        let pid = match target {
+            BackendTarget::Disk { path, read_only } => {
                 let disk = std::fs::OpenOptions::new()
                     .read(true)
                     .write(!read_only)
-                    .open(&path)
+                    .open(path)
                     .map_err(|source| BackendProcessError::OpenDisk {
-                        path: path.clone(),
+                        path: path.to_string(),
                         source,
                     })?;
+                if read_only {
+                    args.push("--readonly".into());
+                }
                 let request = LaunchRequest {
                     kind: BackendKind::Blk,
                     device_id: id.to_string(),
-                    args: passed,
+                    args,
                     tap: None,
                     tap_queue_pairs: 0,
                 };
@@ -255,13 +272,14 @@ impl BackendSpawner {
                     .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
                     .map_err(launch_err)?
             }
-            _ => {
+            BackendTarget::Tap { name, queue_pairs } => {
+                args.extend(["--queues".to_string(), (2 * queue_pairs).to_string()]);
                 let request = LaunchRequest {
                     kind: BackendKind::Net,
                     device_id: id.to_string(),
-                    args: passed,
-                    tap,
-                    tap_queue_pairs: (queues / 2).max(1),
+                    args,
+                    tap: Some(name.to_string()),
+                    tap_queue_pairs: queue_pairs,
                 };
                 channel
                     .launch(&request, &[listener.as_raw_fd()])

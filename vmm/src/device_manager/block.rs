@@ -14,7 +14,7 @@ use devices::Bus;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
-use super::backend_process::{BackendProcessError, BackendSpawner};
+use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
@@ -79,21 +79,19 @@ fn connect(
     if let Some(socket) = &drive.socket {
         return VhostUserFrontend::connect(Path::new(socket), MAX_QUEUES).map_err(frontend_err);
     }
-    let path = drive.path_on_host.clone().unwrap_or_default();
+    let disk = BackendTarget::Disk {
+        path: drive.path_on_host.as_deref().unwrap_or_default(),
+        read_only: drive.is_read_only.unwrap_or(false),
+    };
     let serial: String = id.chars().take(SERIAL_LEN).collect();
-    let mut args = vec![
-        "--path".to_string(),
-        path,
+    let args = [
         "--queues".to_string(),
         queues.to_string(),
         "--serial".to_string(),
         serial,
     ];
-    if drive.is_read_only.unwrap_or(false) {
-        args.push("--readonly".into());
-    }
     let stream = spawner
-        .spawn(id, &args)
+        .spawn(id, disk, &args)
         .map_err(|source| BlockDeviceError::Backend {
             id: id.clone(),
             source,

@@ -23,7 +23,7 @@ use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::backend_process::{BackendProcessError, BackendSpawner};
+use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
@@ -76,12 +76,11 @@ fn connect(
     if let Some(socket) = &iface.socket {
         return VhostUserFrontend::connect(Path::new(socket), max_queues).map_err(frontend_err);
     }
-    let mut args = vec![
-        "--tap".to_string(),
-        iface.host_dev_name.clone().unwrap_or_default(),
-        "--queues".to_string(),
-        max_queues.to_string(),
-    ];
+    let tap = BackendTarget::Tap {
+        name: iface.host_dev_name.as_deref().unwrap_or_default(),
+        queue_pairs: iface.queue_pairs(),
+    };
+    let mut args = Vec::new();
     if let Some(mac) = &iface.guest_mac {
         args.extend(["--mac".to_string(), mac.clone()]);
     }
@@ -89,7 +88,7 @@ fn connect(
         args.extend(["--mtu".to_string(), mtu.to_string()]);
     }
     let stream = spawner
-        .spawn(id, &args)
+        .spawn(id, tap, &args)
         .map_err(|source| NetDeviceError::Backend {
             id: id.clone(),
             source,
