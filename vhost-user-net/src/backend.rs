@@ -43,13 +43,6 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     pub queue_pairs: usize,
     pub queue_size: usize,
-    /// Whether to offer VHOST_USER_F_PROTOCOL_FEATURES (the default). Off
-    /// for frontends such as QEMU's vhost-user-net, which sends
-    /// SET_VRING_ENABLE before SET_FEATURES when the bit is offered (and
-    /// the vhost crate then ends the connection); without it the rings
-    /// start enabled at SET_FEATURES, and there are no protocol features:
-    /// no config space (the frontend keeps its own), one queue pair.
-    pub protocol_features: bool,
     /// The seccomp filters; each worker installs "worker" at its first event.
     pub seccomp: tessera_seccomp::Filters,
 }
@@ -316,6 +309,7 @@ impl VhostUserBackend for NetBackend {
     fn features(&self) -> u64 {
         let mut features = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4
@@ -324,9 +318,6 @@ impl VhostUserBackend for NetBackend {
             | 1 << VIRTIO_NET_F_HOST_TSO6
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_STATUS;
-        if self.config.protocol_features {
-            features |= 1 << VHOST_USER_F_PROTOCOL_FEATURES;
-        }
         if self.config.mac.is_some() {
             features |= 1 << VIRTIO_NET_F_MAC;
         }
@@ -465,55 +456,45 @@ impl VhostUserBackend for NetBackend {
 mod tests {
     use super::*;
 
-    fn backend(protocol_features: bool, queue_pairs: usize) -> NetBackend {
+    fn backend(queue_pairs: usize) -> NetBackend {
         let config = NetConfig {
             mac: None,
             mtu: None,
             queue_pairs,
             queue_size: 256,
-            protocol_features,
             seccomp: tessera_seccomp::Filters::disabled(),
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         NetBackend::new(Vec::new(), config, mem).unwrap()
     }
 
-    const BASE: u64 = 1 << VIRTIO_F_VERSION_1
-        | 1 << VIRTIO_RING_F_EVENT_IDX
-        | 1 << VIRTIO_NET_F_CSUM
-        | 1 << VIRTIO_NET_F_GUEST_CSUM
-        | 1 << VIRTIO_NET_F_GUEST_TSO4
-        | 1 << VIRTIO_NET_F_GUEST_TSO6
-        | 1 << VIRTIO_NET_F_HOST_TSO4
-        | 1 << VIRTIO_NET_F_HOST_TSO6
-        | 1 << VIRTIO_NET_F_MRG_RXBUF
-        | 1 << VIRTIO_NET_F_STATUS;
-
+    /// Both Tessera's frontend and QEMU's (through the relay of
+    /// --defer-early-vring-enable) need VHOST_USER_F_PROTOCOL_FEATURES:
+    /// QEMU fails vhost_net_start without it.
     #[test]
-    fn the_default_mode_offers_protocol_features() {
-        let one = backend(true, 1);
-        assert_eq!(one.features(), BASE | 1 << VHOST_USER_F_PROTOCOL_FEATURES);
-        assert_eq!(
-            one.protocol_features(),
-            VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        );
-        let two = backend(true, 2);
-        assert_eq!(
-            two.features(),
-            BASE | 1 << VHOST_USER_F_PROTOCOL_FEATURES | 1 << VIRTIO_NET_F_MQ
-        );
+    fn protocol_features_are_offered_with_one_or_more_pairs() {
+        let base = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+            | 1 << VIRTIO_NET_F_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_TSO4
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_HOST_TSO4
+            | 1 << VIRTIO_NET_F_HOST_TSO6
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_STATUS;
+        let protocol = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        let one = backend(1);
+        assert_eq!(one.features(), base);
+        assert_eq!(one.protocol_features(), protocol);
+        assert_eq!(one.num_queues(), 2);
+        let two = backend(2);
+        assert_eq!(two.features(), base | 1 << VIRTIO_NET_F_MQ);
+        assert_eq!(two.protocol_features(), protocol);
         assert_eq!(two.num_queues(), 4);
-    }
-
-    #[test]
-    fn without_protocol_features_bit_30_is_not_offered() {
-        let net = backend(false, 1);
-        assert_eq!(net.features(), BASE);
-        assert_eq!(net.features() & 1 << 30, 0);
-        assert_eq!(net.features() & 1 << VIRTIO_NET_F_MQ, 0);
-        assert_eq!(net.num_queues(), 2);
     }
 }

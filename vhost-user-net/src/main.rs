@@ -5,10 +5,12 @@
 
 mod backend;
 mod frame;
+mod relay;
 mod tap;
 
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,7 +54,7 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     seccomp_filter: Option<PathBuf>,
     /// Number of queues: RX and TX queue pairs times two. Above 2 the TAP
-    /// must be multi-queue (and protocol features must be on).
+    /// must be multi-queue.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..=32))]
     queues: u16,
     /// The largest queue the frontend may set up (a power of two).
@@ -65,14 +67,12 @@ struct Cli {
     /// The MTU offered to the guest (VIRTIO_NET_F_MTU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
     mtu: Option<u16>,
-    /// Do not offer VHOST_USER_F_PROTOCOL_FEATURES, for frontends that send
-    /// SET_VRING_ENABLE before SET_FEATURES (QEMU's vhost-user netdev): the
-    /// rings then start enabled at SET_FEATURES. Without protocol features
-    /// there is one queue pair and no config space (the frontend keeps its
-    /// own: give the MAC and MTU to it, not --mac/--mtu). Tessera's VMM
-    /// needs protocol features: never use this for it.
-    #[arg(long, conflicts_with_all = ["mac", "mtu"])]
-    no_protocol_features: bool,
+    /// Accept VHOST_USER_SET_VRING_ENABLE before SET_FEATURES, as QEMU's
+    /// vhost-user netdev sends it: such a request is acked and held until
+    /// SET_FEATURES (without this option the connection ends there). Serves
+    /// one frontend, through a relay thread. Tessera's VMM does not need it.
+    #[arg(long)]
+    defer_early_vring_enable: bool,
 }
 
 /// The filters compiled from resources/seccomp/vhost-user-net.json.
@@ -114,6 +114,27 @@ fn exit_on_termination(backend: Arc<NetBackend>) -> nix::Result<()> {
     Ok(())
 }
 
+/// A private connection for the daemon to accept: a listener on a path
+/// only this user can reach, already connected to and unlinked.
+fn private_connection(dir: &Path) -> std::io::Result<(Listener, UnixStream)> {
+    let path = dir.join(format!(".vhost-user-net-{}.relay", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let listener = UnixListener::bind(&path);
+    nix::sys::stat::umask(umask);
+    let client = match &listener {
+        Ok(_) => UnixStream::connect(&path),
+        Err(_) => Err(std::io::ErrorKind::NotConnected.into()),
+    };
+    let _ = std::fs::remove_file(&path);
+    let (listener, client) = (listener?, client?);
+    // SAFETY: the fd is a listening socket this function owns.
+    Ok((
+        unsafe { Listener::from_raw_fd(listener.into_raw_fd()) },
+        client,
+    ))
+}
+
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
@@ -136,15 +157,6 @@ fn main() -> ExitCode {
             format_args!(
                 "--queues must be even and --queue-size a power of two, got {} and {}",
                 cli.queues, cli.queue_size
-            ),
-        );
-    }
-    if cli.no_protocol_features && cli.queues > 2 {
-        return fail(
-            2,
-            format_args!(
-                "--queues {} needs protocol features (MQ): --no-protocol-features serves one queue pair (--queues 2)",
-                cli.queues
             ),
         );
     }
@@ -215,13 +227,31 @@ fn main() -> ExitCode {
         (None, Some(fd)) => unsafe { Listener::from_raw_fd(fd) },
         (None, None) => return fail(2, "give --socket PATH or --fd N"),
     };
+    // The relay's private connection needs socket calls the filters forbid.
+    let relay = if cli.defer_early_vring_enable {
+        let dir = match cli.socket.as_deref().and_then(Path::parent) {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            Some(_) => PathBuf::from("."),
+            None => std::env::temp_dir(),
+        };
+        match private_connection(&dir) {
+            Ok(pair) => Some(pair),
+            Err(err) => {
+                return fail(
+                    1,
+                    format_args!("cannot set up the relay in {}: {err}", dir.display()),
+                )
+            }
+        }
+    } else {
+        None
+    };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = NetConfig {
         mac,
         mtu: cli.mtu,
         queue_pairs: pairs,
         queue_size: usize::from(cli.queue_size),
-        protocol_features: !cli.no_protocol_features,
         seccomp: seccomp.clone(),
     };
     let backend = match NetBackend::new(taps, config, mem.clone()) {
@@ -255,13 +285,29 @@ fn main() -> ExitCode {
     eprintln!(
         "vhost-user-net: serving TAP {} with {pairs} queue pair(s){}",
         cli.tap.as_deref().unwrap_or("from --tap-fd"),
-        if cli.no_protocol_features {
-            ", without protocol features"
+        if relay.is_some() {
+            ", deferring SET_VRING_ENABLE before SET_FEATURES"
         } else {
             ""
         }
     );
-    if let Err(err) = daemon.start(&mut listener) {
+    let started = match relay {
+        None => daemon.start(&mut listener),
+        Some((mut inner, handler_end)) => {
+            let frontend = loop {
+                match listener.accept() {
+                    Ok(Some(stream)) => break stream,
+                    Ok(None) => continue,
+                    Err(err) => return fail(1, format_args!("cannot accept a frontend: {err}")),
+                }
+            };
+            if let Err(err) = relay::spawn(frontend, handler_end) {
+                return fail(1, format_args!("cannot start the relay: {err}"));
+            }
+            daemon.start(&mut inner)
+        }
+    };
+    if let Err(err) = started {
         return fail(1, format_args!("cannot accept a frontend: {err}"));
     }
     let result = daemon.wait();
