@@ -169,7 +169,7 @@ impl BlockBackend {
                         completed += 1;
                     }
                 }
-                engine.reap(completed == 0, &mut done)?;
+                engine.reap(&self.disk, completed == 0, &mut done)?;
                 for (head, status, result) in done.drain(..) {
                     self.complete(vring, head, request::finish(&mem, status, result))?;
                     completed += 1;

@@ -108,7 +108,7 @@ impl Engine {
     /// Submits what was started, waits for at least one completion if
     /// `wait` and anything is in flight, and appends every completed request
     /// to `done`.
-    pub fn reap(&mut self, wait: bool, done: &mut Vec<Done>) -> io::Result<()> {
+    pub fn reap(&mut self, disk: &Disk, wait: bool, done: &mut Vec<Done>) -> io::Result<()> {
         let Some(ring) = &mut self.ring else {
             return Ok(());
         };
@@ -127,16 +127,16 @@ impl Engine {
             };
             self.free.push(slot);
             let res = cqe.result();
-            let result = if res < 0 {
-                Err(RequestError::Io(io::Error::from_raw_os_error(-res)))
-            } else {
-                match &flight.op {
-                    Op::Io(io) if res as u32 != io.len => Err(RequestError::Io(io::Error::other(
-                        format!("short transfer: {res} of {} bytes", io.len),
-                    ))),
-                    Op::Io(io) => Ok(if io.write { 0 } else { io.len }),
-                    Op::Flush => Ok(0),
-                }
+            let result = match &flight.op {
+                // A transient failure or a short transfer (the kernel may
+                // stop early under memory pressure) is not the guest's
+                // error: the request is redone synchronously, in full, as
+                // QEMU resubmits it.
+                _ if res == -libc::EAGAIN || res == -libc::EINTR => run_one_sync(disk, &flight.op),
+                Op::Io(io) if res >= 0 && (res as u32) < io.len => run_one_sync(disk, &flight.op),
+                _ if res < 0 => Err(RequestError::Io(io::Error::from_raw_os_error(-res))),
+                Op::Io(io) => Ok(if io.write { 0 } else { io.len }),
+                Op::Flush => Ok(0),
             };
             done.push((flight.head, flight.status, result));
         }
