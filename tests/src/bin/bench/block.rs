@@ -1,7 +1,15 @@
 //! The block benchmark: libblkio drives our `vhost-user-blk` and QEMU's
 //! `qemu-storage-daemon` side by side on the same file, page-cached and with
 //! O_DIRECT, beside fio with io_uring on the host file. The frontend runs
-//! on CPU 0 and the backend on CPU 1, as in the reference figures.
+//! on CPU 0 and every backend thread on CPU 1, as in the reference
+//! figures. The `-4q` cells use 4 queues (`--queues 4`, qemu-storage-daemon's
+//! `num-queues=4`) with one frontend thread per queue, and fio `numjobs=4`.
+//!
+//! For comparisons while working on the backend: `TESSERA_BENCH_BLOCK_ONLY`
+//! (a substring of `<workload>-cached` or `<workload>-direct`),
+//! `TESSERA_BENCH_BLOCK_KINDS` (`tessera`, `qemu-storage-daemon`; skips fio),
+//! `TESSERA_BENCH_BLK_BIN` (another `vhost-user-blk` build) and
+//! `TESSERA_BENCH_BLK_ARGS` (extra backend arguments).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,13 +24,17 @@ use super::summary;
 const IMAGE_MIB: u64 = 256;
 const SECONDS: u64 = 1;
 
-/// One workload: name, block size, queue depth, writes, random.
+/// One workload: name, block size, queue depth (in total, over all
+/// queues), writes, random, and the number of queues: with more than one,
+/// one frontend thread per queue keeps `depth / queues` requests in flight
+/// on its own queue (as fio's `numjobs` with `iodepth`).
 struct Workload {
     name: &'static str,
     block: usize,
     depth: usize,
     write: bool,
     random: bool,
+    queues: usize,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -32,6 +44,7 @@ const WORKLOADS: &[Workload] = &[
         depth: 1,
         write: false,
         random: true,
+        queues: 1,
     },
     Workload {
         name: "randread-4k-qd32",
@@ -39,6 +52,7 @@ const WORKLOADS: &[Workload] = &[
         depth: 32,
         write: false,
         random: true,
+        queues: 1,
     },
     Workload {
         name: "randwrite-4k-qd1",
@@ -46,6 +60,7 @@ const WORKLOADS: &[Workload] = &[
         depth: 1,
         write: true,
         random: true,
+        queues: 1,
     },
     Workload {
         name: "randwrite-4k-qd32",
@@ -53,6 +68,7 @@ const WORKLOADS: &[Workload] = &[
         depth: 32,
         write: true,
         random: true,
+        queues: 1,
     },
     Workload {
         name: "read-1m-qd4",
@@ -60,6 +76,7 @@ const WORKLOADS: &[Workload] = &[
         depth: 4,
         write: false,
         random: false,
+        queues: 1,
     },
     Workload {
         name: "write-1m-qd4",
@@ -67,6 +84,23 @@ const WORKLOADS: &[Workload] = &[
         depth: 4,
         write: true,
         random: false,
+        queues: 1,
+    },
+    Workload {
+        name: "randread-4k-qd32-4q",
+        block: 4096,
+        depth: 32,
+        write: false,
+        random: true,
+        queues: 4,
+    },
+    Workload {
+        name: "randwrite-4k-qd32-4q",
+        block: 4096,
+        depth: 32,
+        write: true,
+        random: true,
+        queues: 4,
     },
 ];
 
@@ -77,6 +111,35 @@ fn pin_to_cpu(pid: u32, cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins every thread of `pid` to `cpu`: vhost-user-backend starts the
+/// queue workers as soon as the daemon is created, before the socket is
+/// polled for here, so pinning the main thread alone would leave them free
+/// to run on the frontend's CPU. Threads started later inherit the mask.
+fn pin_process_to_cpu(pid: u32, cpu: usize) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for tid in tasks {
+        pin_to_cpu(tid, cpu);
+    }
+}
+
+/// Writes back and drops the image's page cache, so that every O_DIRECT
+/// run starts from the same state: an O_DIRECT write over a cached page
+/// must invalidate it, which io_uring cannot do without blocking, and a run
+/// that follows another would find fewer cached pages than the first.
+fn drop_file_cache(image: &Path) {
+    if let Ok(file) = std::fs::File::open(image) {
+        let _ = file.sync_all();
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on an fd this function owns; no memory is involved.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 }
 
@@ -97,11 +160,19 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// A backend under test, serving `image` on `socket`.
-fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool) -> Running {
+fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: usize) -> Running {
     let mut command = match kind {
         "tessera" => {
-            let mut c = Command::new(workspace_bin("vhost-user-blk"));
+            // TESSERA_BENCH_BLK_BIN: another build to compare (before/after).
+            let bin = std::env::var_os("TESSERA_BENCH_BLK_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_bin("vhost-user-blk"));
+            let mut c = Command::new(bin);
             c.arg("--socket").arg(socket).arg("--path").arg(image);
+            c.arg("--queues").arg(queues.to_string());
+            if let Ok(extra) = std::env::var("TESSERA_BENCH_BLK_ARGS") {
+                c.args(extra.split_whitespace());
+            }
             if direct {
                 c.arg("--direct");
             }
@@ -115,7 +186,7 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool) -> Runni
                 if direct { "on" } else { "off" }
             ));
             c.arg("--export").arg(format!(
-                "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
                 socket.display()
             ));
             c
@@ -128,34 +199,124 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool) -> Runni
         "{} never appeared",
         socket.display()
     );
-    pin_to_cpu(running.pid(), 1);
+    pin_process_to_cpu(running.pid(), 1);
     running
+}
+
+/// The next offset of a workload: xorshift over the blocks when random.
+fn next_offset(w: &Workload, state: &mut u64, i: usize) -> u64 {
+    let blocks = (IMAGE_MIB << 20) / w.block as u64;
+    let block = if w.random {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state % blocks
+    } else {
+        i as u64 % blocks
+    };
+    block * w.block as u64
+}
+
+/// Drives `w` over `w.queues` libblkio queues of the backend at `socket`,
+/// one thread per queue on CPU 0, each keeping `w.depth / w.queues`
+/// requests in flight for `duration`; returns the requests completed.
+/// Also returns the CPU seconds `pid` used meanwhile.
+fn run_queues(
+    socket: &Path,
+    pid: u32,
+    w: &Workload,
+    duration: Duration,
+) -> Result<(usize, f64), String> {
+    use std::mem::MaybeUninit;
+    let err = |what: &str, e: blkio::Error| format!("{what}: {}", e.message());
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| err("new", e))?;
+    b.set_str("path", &socket.to_string_lossy())
+        .map_err(|e| err("path", e))?;
+    b.connect().map_err(|e| err("connect", e))?;
+    b.set_i32("num-queues", w.queues as i32)
+        .map_err(|e| err("num-queues", e))?;
+    let started = b.start().map_err(|e| err("start", e))?;
+    let per_queue = (w.depth / w.queues).max(1);
+    let region = b
+        .alloc_mem_region(w.queues * per_queue * w.block)
+        .map_err(|e| err("alloc_mem_region", e))?;
+    b.map_mem_region(&region)
+        .map_err(|e| err("map_mem_region", e))?;
+    let cpu_before = cpu_seconds(pid);
+    let deadline = std::time::Instant::now() + duration;
+    let base = region.addr;
+    let done = std::thread::scope(|s| {
+        let threads: Vec<_> = started
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(q, mut queue)| {
+                s.spawn(move || {
+                    pin_to_cpu(0, 0);
+                    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ ((q as u64 + 1) << 32);
+                    let base = base + q * per_queue * w.block;
+                    let mut completions: Vec<MaybeUninit<blkio::Completion>> =
+                        (0..per_queue).map(|_| MaybeUninit::uninit()).collect();
+                    let (mut submitted, mut done) = (0usize, 0usize);
+                    loop {
+                        let stop = std::time::Instant::now() >= deadline;
+                        while !stop && submitted - done < per_queue {
+                            let buf = base + (submitted % per_queue) * w.block;
+                            let offset = next_offset(w, &mut state, submitted);
+                            let flags = blkio::ReqFlags::empty();
+                            if w.write {
+                                queue.write(offset, buf as *const u8, w.block, 0, flags);
+                            } else {
+                                queue.read(offset, buf as *mut u8, w.block, 0, flags);
+                            }
+                            submitted += 1;
+                        }
+                        if stop && done == submitted {
+                            return done;
+                        }
+                        let n = queue.do_io(&mut completions, 1, None, None).unwrap_or(0);
+                        for completion in &completions[..n] {
+                            // SAFETY: do_io initialised the first `n` completions.
+                            let ret = unsafe { completion.assume_init_read() }.ret;
+                            assert_eq!(ret, 0, "a benchmark request failed");
+                        }
+                        done += n;
+                    }
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("frontend thread"))
+            .sum::<usize>()
+    });
+    Ok((done, cpu_seconds(pid) - cpu_before))
 }
 
 /// IOPS and backend CPU seconds per GiB for one workload on one backend.
 fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f64) {
+    if direct {
+        drop_file_cache(image);
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("blk.sock");
-    let backend = start_backend(kind, image, &socket, direct);
+    let backend = start_backend(kind, image, &socket, direct, w.queues);
     let pid = backend.pid();
-    let mut disk = BlkioDisk::connect(&socket, w.depth * w.block).expect("libblkio connect");
-    pin_to_cpu(0, 0);
-    let blocks = (IMAGE_MIB << 20) / w.block as u64;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let cpu_before = cpu_seconds(pid);
-    let ops = disk.run_for(w.depth, w.block, Duration::from_secs(SECONDS), |i| {
-        let block = if w.random {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % blocks
-        } else {
-            i as u64 % blocks
-        };
-        (w.write, block * w.block as u64)
-    });
-    let cpu = cpu_seconds(pid) - cpu_before;
-    drop(disk);
+    let duration = Duration::from_secs(SECONDS);
+    let (ops, cpu) = if w.queues > 1 {
+        run_queues(&socket, pid, w, duration).expect("libblkio with several queues")
+    } else {
+        let mut disk = BlkioDisk::connect(&socket, w.depth * w.block).expect("libblkio connect");
+        pin_to_cpu(0, 0);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let cpu_before = cpu_seconds(pid);
+        let ops = disk.run_for(w.depth, w.block, duration, |i| {
+            (w.write, next_offset(w, &mut state, i))
+        });
+        let cpu = cpu_seconds(pid) - cpu_before;
+        drop(disk);
+        (ops, cpu)
+    };
     drop(backend.finish());
     let gib = (ops * w.block) as f64 / (1u64 << 30) as f64;
     (ops as f64 / SECONDS as f64, cpu / gib)
@@ -163,6 +324,9 @@ fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f6
 
 /// fio with io_uring on the host file: IOPS.
 fn run_fio(image: &Path, direct: bool, w: &Workload) -> Option<f64> {
+    if direct {
+        drop_file_cache(image);
+    }
     let rw = match (w.write, w.random) {
         (false, true) => "randread",
         (true, true) => "randwrite",
@@ -181,7 +345,9 @@ fn run_fio(image: &Path, direct: bool, w: &Workload) -> Option<f64> {
         .arg(format!("--filename={}", image.display()))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", w.block))
-        .arg(format!("--iodepth={}", w.depth))
+        .arg(format!("--iodepth={}", (w.depth / w.queues).max(1)))
+        .arg(format!("--numjobs={}", w.queues))
+        .arg("--group_reporting")
         .arg(format!("--direct={}", u8::from(direct)))
         .arg(format!("--runtime={SECONDS}"))
         .args(["--time_based", "--norandommap", "--randrepeat=0"])
@@ -260,28 +426,45 @@ pub fn bench_block(runs: usize) -> Value {
         .output()
         .is_ok();
     let have_fio = Command::new("fio").arg("--version").output().is_ok();
+    // TESSERA_BENCH_BLOCK_ONLY=substring keeps the cells whose name
+    // (workload, then "-direct" or "-cached") contains it.
+    let only = std::env::var("TESSERA_BENCH_BLOCK_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
     for direct in [false, true] {
         for w in WORKLOADS {
-            let mut cell = json!({"workload": w.name, "o_direct": direct, "block_bytes": w.block, "queue_depth": w.depth});
+            let label = format!("{}-{}", w.name, if direct { "direct" } else { "cached" });
+            if !label.contains(only.as_str()) {
+                continue;
+            }
+            let mut cell = json!({"workload": w.name, "o_direct": direct, "block_bytes": w.block, "queue_depth": w.depth, "queues": w.queues});
+            let kinds: Vec<&str> = ["tessera", "qemu-storage-daemon"]
+                .into_iter()
+                .filter(|k| *k == "tessera" || have_qsd)
+                .filter(|k| {
+                    std::env::var("TESSERA_BENCH_BLOCK_KINDS").map_or(true, |v| v.contains(k))
+                })
+                .collect();
+            // Runs alternate between the backends (ours first, then theirs
+            // first), so that drift on this shared machine and the state a
+            // run leaves behind weigh on both alike.
+            let mut samples = vec![(Vec::new(), Vec::new()); kinds.len()];
+            for run in 0..runs {
+                for i in 0..kinds.len() {
+                    let k = if run % 2 == 0 { i } else { kinds.len() - 1 - i };
+                    let (iops, cpu) = run_backend(kinds[k], &image, direct, w);
+                    samples[k].0.push(iops);
+                    samples[k].1.push(cpu);
+                }
+            }
             let mut ours_median = 0.0;
-            for kind in ["tessera", "qemu-storage-daemon"] {
-                if kind != "tessera" && !have_qsd {
-                    continue;
-                }
-                let (mut iops, mut cpu) = (Vec::new(), Vec::new());
-                for _ in 0..runs {
-                    let (i, c) = run_backend(kind, &image, direct, w);
-                    iops.push(i);
-                    cpu.push(c);
-                }
+            for (kind, (iops, cpu)) in kinds.iter().zip(samples) {
                 let s = summary(iops);
-                if kind == "tessera" {
+                if *kind == "tessera" {
                     ours_median = s["median"].as_f64().unwrap_or(0.0);
                 }
-                cell[kind] = json!({"iops": s, "backend_cpu_seconds_per_gib": summary(cpu)});
+                cell[*kind] = json!({"iops": s, "backend_cpu_seconds_per_gib": summary(cpu)});
             }
-            if have_fio {
+            if have_fio && std::env::var_os("TESSERA_BENCH_BLOCK_KINDS").is_none() {
                 let host: Vec<f64> = (0..runs)
                     .filter_map(|_| run_fio(&image, direct, w))
                     .collect();
@@ -296,12 +479,19 @@ pub fn bench_block(runs: usize) -> Value {
             rows.push(cell);
         }
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     json!({
         "image_mib": IMAGE_MIB,
         "seconds_per_run": SECONDS,
         "runs": runs,
-        "frontend": "libblkio virtio-blk-vhost-user, 1 queue, CPU 0; backend on CPU 1",
+        "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), CPU 0; every backend thread on CPU 1",
+        "order": "runs alternate between the backends; O_DIRECT runs start with the image's page cache written back and dropped",
+        "load_average_after": load.trim(),
         "rows": rows,
-        "through_tessera_probe_kvm_pvm": through_tessera(runs, 8),
+        "through_tessera_probe_kvm_pvm": if only.is_empty() {
+            through_tessera(runs, 8)
+        } else {
+            Value::Null
+        },
     })
 }
