@@ -684,11 +684,12 @@ fn generate(
             iov_len: frames[i % FLOWS].len(),
         })
         .collect();
-    // SAFETY: all-zero mmsghdrs are valid; each points at its own iovec,
-    // which outlives the loop and is only read.
+    // Each mmsghdr points at its own iovec, which outlives the loop and is
+    // only read.
     let mut send_msgs: Vec<libc::mmsghdr> = iovs
         .iter_mut()
         .map(|iov| {
+            // SAFETY: an all-zero mmsghdr is a valid, empty header.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
@@ -707,11 +708,12 @@ fn generate(
             iov_len: b.len(),
         })
         .collect();
-    // SAFETY: as above; each header points at its own buffer and address.
+    // Each header points at its own buffer and address.
     let mut read_msgs: Vec<libc::mmsghdr> = read_iovs
         .iter_mut()
         .zip(read_addrs.iter_mut())
         .map(|(iov, addr)| {
+            // SAFETY: an all-zero mmsghdr is a valid, empty header.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
