@@ -182,27 +182,7 @@ fn sender(
                 std::mem::size_of::<libc::c_int>() as u32,
             );
         }
-        // SAFETY: a NUL-terminated name.
-        let ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) };
-        if ifindex == 0 {
-            return Err("no tap0 in the namespace".into());
-        }
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
-        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = proto;
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: bind reads one sockaddr_ll of the given size.
-        let rc = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc != 0 {
-            return Err(format!("bind: {}", std::io::Error::last_os_error()));
-        }
+        bind_to_tap0(&sock, proto)?;
         const BATCH: usize = 64;
         let frame = udp_frame(len);
         let mut iov = libc::iovec {
@@ -569,4 +549,31 @@ pub fn bench_net_dpdk(runs: usize) -> Value {
     report["host_veth_iperf3_baseline"] = host;
     report["load_average_after"] = json!(load_average());
     report
+}
+
+/// Binds the AF_PACKET socket `sock` to `tap0` of the calling thread's
+/// network namespace, for protocol `proto` (network byte order).
+pub(crate) fn bind_to_tap0(sock: &impl AsRawFd, proto: u16) -> Result<(), String> {
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) };
+    if ifindex == 0 {
+        return Err("no tap0 in the namespace".into());
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = proto;
+    addr.sll_ifindex = ifindex as i32;
+    // SAFETY: bind reads one sockaddr_ll of the given size.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("bind: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }

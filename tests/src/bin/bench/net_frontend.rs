@@ -582,27 +582,7 @@ fn packet_socket(netns: &str, vnet_hdr: bool) -> Result<OwnedFd, String> {
             std::io::Error::last_os_error()
         ));
     }
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(c"tap0".as_ptr()) };
-    if ifindex == 0 {
-        return Err("no tap0 in the namespace".into());
-    }
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields are set below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = proto;
-    addr.sll_ifindex = ifindex as i32;
-    // SAFETY: bind reads one sockaddr_ll of the given size.
-    let rc = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(format!("bind: {}", std::io::Error::last_os_error()));
-    }
+    crate::net_dpdk::bind_to_tap0(&sock, proto)?;
     Ok(sock)
 }
 
