@@ -395,6 +395,11 @@ fn jailed_and_unjailed_start_times() {
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
 
+/// Replaces `range` of the jailer arguments `args` with `with`.
+fn splice(args: &mut Vec<String>, range: std::ops::Range<usize>, with: &[&str]) {
+    args.splice(range, with.iter().map(|s| s.to_string()));
+}
+
 /// The mount namespace of `pid`.
 fn mount_ns(pid: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap()
@@ -487,19 +492,18 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     let netns_path = format!("/var/run/netns/{}", netns.name());
     let mut args = tessera_args(&base, &id, &parent);
     let at = args.iter().position(|a| a == "--").unwrap();
-    for (i, extra) in [
-        "--netns",
-        &netns_path,
-        "--backend-uid",
-        "1235",
-        "--backend-gid",
-        "1235",
-    ]
-    .iter()
-    .enumerate()
-    {
-        args.insert(at + i, extra.to_string());
-    }
+    splice(
+        &mut args,
+        at..at,
+        &[
+            "--netns",
+            &netns_path,
+            "--backend-uid",
+            "1235",
+            "--backend-gid",
+            "1235",
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Running::spawn(jailer_command(&args));
     let pid = vm.pid();
@@ -701,18 +705,16 @@ fn a_jailed_tessera_under_cgroup_v2_gets_its_values_and_leaves_no_cgroup() {
     let mut args = tessera_args(&base, &id, &parent);
     // Replace the v1 values with a v2 one.
     let at = args.iter().position(|a| a == "--cgroup").unwrap();
-    args.drain(at..at + 4);
-    for (i, extra) in [
-        "--cgroup-version",
-        "2",
-        "--cgroup",
-        "hugetlb.2MB.max=1073741824",
-    ]
-    .iter()
-    .enumerate()
-    {
-        args.insert(at + i, extra.to_string());
-    }
+    splice(
+        &mut args,
+        at..at + 4,
+        &[
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "hugetlb.2MB.max=1073741824",
+        ],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vm = Running::spawn(jailer_command(&args));
     let pid = vm.pid();
