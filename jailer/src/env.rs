@@ -567,6 +567,12 @@ mod tests {
         Env::new(cli(extra), 0, 0).unwrap_err().to_string()
     }
 
+    /// The error for a whole command line (after `jailer`).
+    fn err_from(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from(std::iter::once(&"jailer").chain(args)).unwrap();
+        Env::new(cli, 0, 0).unwrap_err().to_string()
+    }
+
     #[test]
     fn valid_command_line() {
         let env = Env::new(cli(&["--", "--flag"]), 5, 6).unwrap();
@@ -590,128 +596,80 @@ mod tests {
     #[test]
     fn each_bad_value_is_named() {
         let long = "a".repeat(65);
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                &long,
-                "--exec-file",
-                "/bin/true",
-                "--uid",
-                "1",
-                "--gid",
-                "1",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            &long,
+            "--exec-file",
+            "/bin/true",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+        ]);
         assert!(e.contains(&long) && e.contains("64"), "{e}");
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                "x",
-                "--exec-file",
-                "/bin/true",
-                "--uid",
-                "abc",
-                "--gid",
-                "1",
-                "--chroot-base-dir",
-                "/tmp",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            "x",
+            "--exec-file",
+            "/bin/true",
+            "--uid",
+            "abc",
+            "--gid",
+            "1",
+            "--chroot-base-dir",
+            "/tmp",
+        ]);
         assert!(e.contains("invalid uid \"abc\""), "{e}");
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                "x",
-                "--exec-file",
-                "/bin/true",
-                "--uid",
-                "1",
-                "--gid",
-                "-1",
-                "--chroot-base-dir",
-                "/tmp",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            "x",
+            "--exec-file",
+            "/bin/true",
+            "--uid",
+            "1",
+            "--gid",
+            "-1",
+            "--chroot-base-dir",
+            "/tmp",
+        ]);
         assert!(e.contains("invalid gid \"-1\""), "{e}");
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                "x",
-                "--exec-file",
-                "/nonexistent/tessera",
-                "--uid",
-                "1",
-                "--gid",
-                "1",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            "x",
+            "--exec-file",
+            "/nonexistent/tessera",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+        ]);
         assert!(
             e.contains("/nonexistent/tessera") && e.contains("No such file"),
             "{e}"
         );
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                "x",
-                "--exec-file",
-                "/tmp",
-                "--uid",
-                "1",
-                "--gid",
-                "1",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            "x",
+            "--exec-file",
+            "/tmp",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+        ]);
         assert!(e.contains("not a regular file"), "{e}");
-        let e = Env::new(
-            Cli::try_parse_from([
-                "jailer",
-                "--id",
-                "x",
-                "--exec-file",
-                "/bin/true",
-                "--uid",
-                "1",
-                "--gid",
-                "1",
-                "--chroot-base-dir",
-                "/nonexistent-base",
-            ])
-            .unwrap(),
-            0,
-            0,
-        )
-        .unwrap_err()
-        .to_string();
+        let e = err_from(&[
+            "--id",
+            "x",
+            "--exec-file",
+            "/bin/true",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+            "--chroot-base-dir",
+            "/nonexistent-base",
+        ]);
         assert!(e.contains("/nonexistent-base"), "{e}");
         assert!(err(&["--cgroup-version", "3"]).contains("\"3\""));
         assert!(err(&["--cgroup", "cpusetcpus=1"]).contains("cpusetcpus"));
