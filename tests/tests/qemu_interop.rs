@@ -37,6 +37,25 @@ fn backend(socket: &Path, image: &Path, queues: u16) -> Running {
     running
 }
 
+/// QEMU (TCG) as a microvm with `vcpus` vCPUs and 256 MiB of shareable
+/// memfd memory, the console on stdio; devices and kernel are added by
+/// the caller.
+fn qemu_microvm(vcpus: u8) -> Command {
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", "tcg", "-M", "microvm,acpi=off,memory-backend=mem"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+        .args(["-m", "256", "-cpu", "max", "-smp", &vcpus.to_string()])
+        .args([
+            "-nographic",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .args(["-device", "i8042"]);
+    qemu
+}
+
 #[test]
 fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
     if Command::new("qemu-system-x86_64")
@@ -60,19 +79,8 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
     let mut root_backend = backend(&root_sock, &root, 1);
     let mut data_backend = backend(&data_sock, &data, 2);
 
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-M", "microvm,acpi=off,memory-backend=mem"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-m", "256", "-cpu", "max", "-smp", "2"])
-        .args([
-            "-nographic",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args(["-device", "i8042"])
-        .arg("-chardev")
+    let mut qemu = qemu_microvm(2);
+    qemu.arg("-chardev")
         .arg(format!("socket,id=root,path={}", root_sock.display()))
         .args(["-device", "vhost-user-blk,chardev=root,num-queues=1"])
         .arg("-chardev")
@@ -280,19 +288,8 @@ fn linux_under_qemu_pings_and_moves_16_mib_each_way_through_our_net_backend() {
 
     // The guest halts `tessera.wait` seconds after its own fetch: time for
     // the host's pings and fetch.
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-M", "microvm,acpi=off,memory-backend=mem"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-m", "256", "-cpu", "max", "-smp", "1"])
-        .args([
-            "-nographic",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .args(["-device", "i8042"])
-        .arg("-chardev")
+    let mut qemu = qemu_microvm(1);
+    qemu.arg("-chardev")
         .arg(format!("socket,id=n0,path={}", socket.display()))
         .args(["-netdev", "vhost-user,id=net0,chardev=n0"])
         .arg("-device")
