@@ -97,24 +97,31 @@ fn ping(netns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Three pings, then `ping -f -c 10000`: all must come back. Returns the
+/// flood's output.
+fn ping_then_flood(netns: &Netns, vm: &Running) -> String {
+    let out = ping(netns, &["-c", "3", "-W", "5"]);
+    assert!(
+        out.contains("3 packets transmitted, 3 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    let out = ping(netns, &["-f", "-c", "10000", "-W", "2"]);
+    assert!(
+        out.contains("10000 packets transmitted, 10000 received"),
+        "{out}\n{}",
+        vm.stderr()
+    );
+    out
+}
+
 #[test]
 fn the_host_pings_the_probe_through_a_tap_and_a_flood_all_comes_back() {
     let netns = Netns::with_tap("ping", "10.77.0.1/24");
     let dir = tempfile::tempdir().unwrap();
     let vm = boot_probe(&netns, dir.path());
 
-    let out = ping(&netns, &["-c", "3", "-W", "5"]);
-    assert!(
-        out.contains("3 packets transmitted, 3 received"),
-        "{out}\n{}",
-        vm.stderr()
-    );
-    let out = ping(&netns, &["-f", "-c", "10000", "-W", "2"]);
-    assert!(
-        out.contains("10000 packets transmitted, 10000 received"),
-        "{out}\n{}",
-        vm.stderr()
-    );
+    ping_then_flood(&netns, &vm);
     let run = vm.finish();
     assert!(run.stdout.contains("probe.net0=up"), "{}", run.describe());
 }
@@ -231,18 +238,7 @@ fn two_queue_pairs_on_a_multi_queue_tap_and_a_flood_all_comes_back() {
     let netns = Netns::with_multi_queue_tap("mq", "10.77.0.1/24");
     let dir = tempfile::tempdir().unwrap();
     let vm = boot_probe_two_pairs(&netns, dir.path(), 100_000);
-    let out = ping(&netns, &["-c", "3", "-W", "5"]);
-    assert!(
-        out.contains("3 packets transmitted, 3 received"),
-        "{out}\n{}",
-        vm.stderr()
-    );
-    let out = ping(&netns, &["-f", "-c", "10000", "-W", "2"]);
-    assert!(
-        out.contains("10000 packets transmitted, 10000 received"),
-        "{out}\n{}",
-        vm.stderr()
-    );
+    let out = ping_then_flood(&netns, &vm);
     eprintln!(
         "2 pairs, ping -f: {}",
         out.lines().last().unwrap_or_default()
