@@ -16,6 +16,58 @@ pub struct BlkioDisk {
     capacity: u64,
 }
 
+/// Several request queues on one connected backend, sharing one buffer
+/// region; each queue may be driven from a thread of its own.
+pub struct BlkioQueues {
+    _blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+}
+
+impl BlkioQueues {
+    /// Connects to the backend at `socket` with `queues` queues and a
+    /// `buffer_len` shared buffer.
+    pub fn connect(socket: &Path, queues: usize, buffer_len: usize) -> Result<Self, String> {
+        let (blkio, queues, region) = open(socket, false, queues, buffer_len)?;
+        Ok(Self {
+            _blkio: blkio,
+            queues,
+            region,
+        })
+    }
+}
+
+/// Connects libblkio's vhost-user-blk driver, starts `queues` queues and
+/// maps a shared buffer of `buffer_len` bytes.
+fn open(
+    socket: &Path,
+    read_only: bool,
+    queues: usize,
+    buffer_len: usize,
+) -> Result<(Blkio, Vec<Blkioq>, MemoryRegion), String> {
+    let err = |what: &str, e: blkio::Error| format!("{what}: {}", e.message());
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(|e| err("new", e))?;
+    blkio
+        .set_str("path", &socket.to_string_lossy())
+        .map_err(|e| err("path", e))?;
+    blkio
+        .set_bool("read-only", read_only)
+        .map_err(|e| err("read-only", e))?;
+    blkio.connect().map_err(|e| err("connect", e))?;
+    let count = i32::try_from(queues).map_err(|_| format!("{queues} queues"))?;
+    blkio
+        .set_i32("num-queues", count)
+        .map_err(|e| err("num-queues", e))?;
+    let started = blkio.start().map_err(|e| err("start", e))?;
+    let region = blkio
+        .alloc_mem_region(buffer_len)
+        .map_err(|e| err("alloc_mem_region", e))?;
+    blkio
+        .map_mem_region(&region)
+        .map_err(|e| err("map_mem_region", e))?;
+    Ok((blkio, started.queues, region))
+}
+
 impl BlkioDisk {
     /// Connects to the backend at `socket` with a `buffer_len` shared buffer.
     pub fn connect(socket: &Path, buffer_len: usize) -> Result<Self, String> {
@@ -24,27 +76,11 @@ impl BlkioDisk {
 
     /// As `connect`; `read_only` is needed for a device that offers RO.
     pub fn connect_with(socket: &Path, buffer_len: usize, read_only: bool) -> Result<Self, String> {
-        let err = |what: &str, e: blkio::Error| format!("{what}: {}", e.message());
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(|e| err("new", e))?;
-        blkio
-            .set_str("path", &socket.to_string_lossy())
-            .map_err(|e| err("path", e))?;
-        blkio
-            .set_bool("read-only", read_only)
-            .map_err(|e| err("read-only", e))?;
-        blkio.connect().map_err(|e| err("connect", e))?;
-        blkio
-            .set_i32("num-queues", 1)
-            .map_err(|e| err("num-queues", e))?;
-        let mut started = blkio.start().map_err(|e| err("start", e))?;
-        let queue = started.queues.pop().ok_or("no queue")?;
-        let region = blkio
-            .alloc_mem_region(buffer_len)
-            .map_err(|e| err("alloc_mem_region", e))?;
-        blkio
-            .map_mem_region(&region)
-            .map_err(|e| err("map_mem_region", e))?;
-        let capacity = blkio.get_u64("capacity").map_err(|e| err("capacity", e))?;
+        let (blkio, mut queues, region) = open(socket, read_only, 1, buffer_len)?;
+        let queue = queues.pop().ok_or("no queue")?;
+        let capacity = blkio
+            .get_u64("capacity")
+            .map_err(|e| format!("capacity: {}", e.message()))?;
         Ok(Self {
             _blkio: blkio,
             queue,
@@ -161,40 +197,46 @@ impl BlkioDisk {
         depth: usize,
         len: usize,
         total: usize,
-        mut next: impl FnMut(usize) -> (bool, u64),
+        next: impl FnMut(usize) -> (bool, u64),
     ) -> usize {
-        let base = self.region.addr;
-        let mut submitted = 0;
-        let mut done = 0;
-        let mut failed = 0;
-        let mut completions: Vec<MaybeUninit<blkio::Completion>> =
-            (0..depth).map(|_| MaybeUninit::uninit()).collect();
-        while done < total {
-            while submitted < total && submitted - done < depth {
-                let slot = submitted % depth;
-                let buf = base + slot * len;
-                let (is_write, offset) = next(submitted);
-                if is_write {
-                    self.queue
-                        .write(offset, buf as *const u8, len, slot, ReqFlags::empty());
-                } else {
-                    self.queue
-                        .read(offset, buf as *mut u8, len, slot, ReqFlags::empty());
-                }
-                submitted += 1;
-            }
-            let n = self
-                .queue
-                .do_io(&mut completions, 1, None, None)
-                .unwrap_or(0);
-            for completion in &completions[..n] {
-                // SAFETY: do_io initialised the first `n` completions.
-                if unsafe { completion.assume_init_read() }.ret != 0 {
-                    failed += 1;
-                }
-            }
-            done += n;
-        }
-        failed
+        run_queue_depth(&mut self.queue, self.region.addr, depth, len, total, next)
     }
+}
+
+/// [`BlkioDisk::run_queue_depth`] on any queue, with its slots from `base`.
+pub fn run_queue_depth(
+    queue: &mut Blkioq,
+    base: usize,
+    depth: usize,
+    len: usize,
+    total: usize,
+    mut next: impl FnMut(usize) -> (bool, u64),
+) -> usize {
+    let mut submitted = 0;
+    let mut done = 0;
+    let mut failed = 0;
+    let mut completions: Vec<MaybeUninit<blkio::Completion>> =
+        (0..depth).map(|_| MaybeUninit::uninit()).collect();
+    while done < total {
+        while submitted < total && submitted - done < depth {
+            let slot = submitted % depth;
+            let buf = base + slot * len;
+            let (is_write, offset) = next(submitted);
+            if is_write {
+                queue.write(offset, buf as *const u8, len, slot, ReqFlags::empty());
+            } else {
+                queue.read(offset, buf as *mut u8, len, slot, ReqFlags::empty());
+            }
+            submitted += 1;
+        }
+        let n = queue.do_io(&mut completions, 1, None, None).unwrap_or(0);
+        for completion in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            if unsafe { completion.assume_init_read() }.ret != 0 {
+                failed += 1;
+            }
+        }
+        done += n;
+    }
+    failed
 }

@@ -121,6 +121,37 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     true
 }
 
+/// Waits until a Unix socket listens at `path` (in this network
+/// namespace). The path appears at bind(), just before listen(): a client
+/// that connects in between is refused.
+pub fn wait_for_listener(path: &Path, timeout: Duration) -> bool {
+    /// `__SO_ACCEPTCON` in /proc/net/unix's Flags column: listening.
+    const ACCEPTCON: u32 = 1 << 16;
+    let Some(wanted) = path.to_str() else {
+        return false;
+    };
+    let listening = || {
+        std::fs::read_to_string("/proc/net/unix").is_ok_and(|table| {
+            table.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(7) == Some(&wanted)
+                    && fields
+                        .get(3)
+                        .and_then(|flags| u32::from_str_radix(flags, 16).ok())
+                        .is_some_and(|flags| flags & ACCEPTCON != 0)
+            })
+        })
+    };
+    let deadline = Instant::now() + timeout;
+    while !listening() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 /// Whether the host CPU has hardware virtualization (Intel VT-x or AMD-V).
 pub fn host_has_hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")

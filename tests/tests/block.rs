@@ -262,7 +262,7 @@ fn qemu_storage_daemon_serves_our_frontend() {
         .stdout(Stdio::null());
     let daemon = Running::spawn(qsd);
     assert!(
-        tessera_tests::wait_for_path(&socket, Duration::from_secs(10)),
+        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
         "{} never appeared",
         socket.display()
     );

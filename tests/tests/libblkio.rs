@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::blkio_client::BlkioDisk;
+use tessera_tests::blkio_client::{run_queue_depth, BlkioDisk, BlkioQueues};
 use tessera_tests::{workspace_bin, Running};
 
 const MIB: u64 = 1 << 20;
@@ -34,7 +34,7 @@ impl Backend {
             .args(extra);
         let process = Running::spawn(command);
         assert!(
-            tessera_tests::wait_for_path(&socket, Duration::from_secs(10)),
+            tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
             "{} never appeared",
             socket.display()
         );
@@ -186,4 +186,84 @@ fn deep_queues_of_random_io_complete_and_land_on_disk() {
         }
     }
     drop(backend.finish());
+}
+
+#[test]
+fn four_queues_on_fewer_workers_each_land_their_writes() {
+    const QUEUES: usize = 4;
+    const DEPTH: usize = 8;
+    const BLOCKS_PER_QUEUE: usize = 1024;
+    const BLOCK: usize = 4096;
+    // Block b belongs to queue b % QUEUES and holds the byte b % QUEUES + 1.
+    let block_of = |queue: usize, i: usize| (i * QUEUES + queue) as u64;
+    for threads in ["1", "2"] {
+        let size = (QUEUES * BLOCKS_PER_QUEUE * BLOCK) as u64;
+        let backend = Backend::start(size, 0, &["--queues", "4", "--threads", threads]);
+        {
+            let mut client =
+                BlkioQueues::connect(&backend.socket, QUEUES, QUEUES * DEPTH * BLOCK).unwrap();
+            let base = client.region.addr;
+            // SAFETY: the region is a live mapping of `len` bytes that no
+            // request uses yet.
+            let buffer =
+                unsafe { std::slice::from_raw_parts_mut(base as *mut u8, client.region.len) };
+            for (queue, slots) in buffer.chunks_mut(DEPTH * BLOCK).enumerate() {
+                slots.fill(queue as u8 + 1);
+            }
+            // All four queues write at once, each from its own thread.
+            let failed: Vec<usize> = std::thread::scope(|scope| {
+                let writers: Vec<_> = client
+                    .queues
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(queue, q)| {
+                        let slots = base + queue * DEPTH * BLOCK;
+                        scope.spawn(move || {
+                            run_queue_depth(q, slots, DEPTH, BLOCK, BLOCKS_PER_QUEUE, |i| {
+                                (true, block_of(queue, i) * BLOCK as u64)
+                            })
+                        })
+                    })
+                    .collect();
+                writers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            assert_eq!(failed, [0; QUEUES], "--threads {threads}");
+        }
+        let file = backend.file();
+        for (block, bytes) in file.chunks(BLOCK).enumerate() {
+            let want = (block % QUEUES) as u8 + 1;
+            assert!(
+                bytes.iter().all(|b| *b == want),
+                "--threads {threads}: block {block} does not hold {want}"
+            );
+        }
+        let run = backend.finish();
+        assert!(
+            run.stderr
+                .contains(&format!("4 queue(s) on {threads} worker thread(s)")),
+            "{}",
+            run.describe()
+        );
+    }
+}
+
+#[test]
+fn more_threads_than_queues_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, vec![0; 1 << 20]).unwrap();
+    let output = Command::new(workspace_bin("vhost-user-blk"))
+        .arg("--socket")
+        .arg(dir.path().join("blk.sock"))
+        .arg("--path")
+        .arg(&image)
+        .args(["--queues", "2", "--threads", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--threads 3 exceeds --queues 2"),
+        "{stderr}"
+    );
 }

@@ -1,8 +1,9 @@
 //! Our backends under real Linux virtio drivers, with QEMU as the frontend
 //! (TCG, since KVM here cannot run Linux).
 //!
-//! - `vhost-user-blk`: the guest's root fs lives on one backend, and it
-//!   fills a second, two-queue drive with `dd`; the bytes are checked on the
+//! - `vhost-user-blk` under `-device vhost-user-blk-pci` on a PC: the
+//!   guest's root fs lives on one backend, and it fills a second drive
+//!   (offered with two queues) with `dd`; the bytes are checked on the
 //!   host.
 //! - `vhost-user-net --defer-early-vring-enable` on a TAP in a network
 //!   namespace of the test's own: pings and 16 MiB over HTTP each way.
@@ -30,19 +31,30 @@ fn backend(socket: &Path, image: &Path, queues: u16) -> Running {
         .arg(queues.to_string());
     let running = Running::spawn(command);
     assert!(
-        tessera_tests::wait_for_path(socket, Duration::from_secs(10)),
+        tessera_tests::wait_for_listener(socket, Duration::from_secs(10)),
         "{} never appeared",
         socket.display()
     );
     running
 }
 
-/// QEMU (TCG) as a microvm with `vcpus` vCPUs and 256 MiB of shareable
-/// memfd memory, the console on stdio; devices and kernel are added by
-/// the caller.
-fn qemu_microvm(vcpus: u8) -> Command {
+/// The machine QEMU emulates: `Microvm` puts devices on virtio-mmio,
+/// `Pc` (i440FX) on PCI.
+#[derive(Clone, Copy)]
+enum Machine {
+    Microvm,
+    Pc,
+}
+
+/// QEMU (TCG) with `vcpus` vCPUs and 256 MiB of shareable memfd memory, the
+/// console on stdio; devices and kernel are added by the caller.
+fn qemu(machine: Machine, vcpus: u8) -> Command {
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args(["-accel", "tcg", "-M", "microvm,acpi=off,memory-backend=mem"])
+    let machine_arg = match machine {
+        Machine::Microvm => "microvm,acpi=off,memory-backend=mem",
+        Machine::Pc => "pc,memory-backend=mem",
+    };
+    qemu.args(["-accel", "tcg", "-M", machine_arg])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args(["-m", "256", "-cpu", "max", "-smp", &vcpus.to_string()])
         .args([
@@ -51,8 +63,11 @@ fn qemu_microvm(vcpus: u8) -> Command {
             "-serial",
             "stdio",
             "-no-reboot",
-        ])
-        .args(["-device", "i8042"]);
+        ]);
+    // The PC has its own keyboard controller (reboot=k ends the VM).
+    if matches!(machine, Machine::Microvm) {
+        qemu.args(["-device", "i8042"]);
+    }
     qemu
 }
 
@@ -79,13 +94,13 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
     let mut root_backend = backend(&root_sock, &root, 1);
     let mut data_backend = backend(&data_sock, &data, 2);
 
-    let mut qemu = qemu_microvm(2);
+    let mut qemu = qemu(Machine::Pc, 1);
     qemu.arg("-chardev")
         .arg(format!("socket,id=root,path={}", root_sock.display()))
-        .args(["-device", "vhost-user-blk,chardev=root,num-queues=1"])
+        .args(["-device", "vhost-user-blk-pci,chardev=root,num-queues=1"])
         .arg("-chardev")
         .arg(format!("socket,id=data,path={}", data_sock.display()))
-        .args(["-device", "vhost-user-blk,chardev=data,num-queues=2"])
+        .args(["-device", "vhost-user-blk-pci,chardev=data,num-queues=2"])
         .arg("-kernel")
         .arg(guest.vmlinux())
         .arg("-append")
@@ -288,7 +303,7 @@ fn linux_under_qemu_pings_and_moves_16_mib_each_way_through_our_net_backend() {
 
     // The guest halts `tessera.wait` seconds after its own fetch: time for
     // the host's pings and fetch.
-    let mut qemu = qemu_microvm(1);
+    let mut qemu = qemu(Machine::Microvm, 1);
     qemu.arg("-chardev")
         .arg(format!("socket,id=n0,path={}", socket.display()))
         .args(["-netdev", "vhost-user,id=net0,chardev=n0"])

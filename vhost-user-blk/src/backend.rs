@@ -1,11 +1,14 @@
 //! The vhost-user device: features, config space and queue processing.
-//! One worker thread per queue (vhost-user-backend runs them); each fills
-//! as many requests as the guest posted per kick, completes them in one
-//! batch, and then polls the avail ring for a short window before going
-//! back to waiting on the kick eventfd.
+//! One worker thread per queue (vhost-user-backend runs them), or fewer
+//! when the process may use fewer CPUs than it has queues; then each worker
+//! serves several queues on one io_uring. A worker fills as many requests
+//! as the guest posted per kick, completes them in one batch, and then
+//! polls the avail rings for a short window before going back to waiting
+//! on the kick eventfds.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -28,7 +31,7 @@ use vmm_sys_util::event::{
 use std::sync::Mutex;
 
 use crate::disk::{Disk, SECTOR_SIZE};
-use crate::engine::{Done, Engine, Op};
+use crate::engine::{Done, Engine, Op, Ticket};
 use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
 
 /// Requests one worker keeps in flight.
@@ -44,6 +47,8 @@ const CONFIG_LEN: usize = 60;
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub queues: usize,
+    /// Worker threads (1..=queues); queue `q` is served by `q % threads`.
+    pub threads: usize,
     pub queue_size: usize,
     /// How long a worker keeps polling its queue after the last request.
     pub poll: Duration,
@@ -61,7 +66,7 @@ pub struct BlockBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
-    /// One I/O engine per queue worker, indexed by queue.
+    /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
 }
 
@@ -72,10 +77,11 @@ impl BlockBackend {
         config: BackendConfig,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
-        let exits = (0..config.queues)
+        let threads = queue_masks(config.queues, config.threads).len();
+        let exits = (0..threads)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
-        let engines = (0..config.queues)
+        let engines = (0..threads)
             .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring)))
             .collect::<Vec<_>>();
         if let Some(engine) = engines.first() {
@@ -126,72 +132,123 @@ impl BlockBackend {
         c
     }
 
-    /// Serves `vring` until it has nothing posted and nothing in flight:
-    /// takes every request the guest posted, keeps their I/O in flight
-    /// together, completes them as they finish, and signals the guest once
-    /// per batch of completions.
-    fn process_queue(&self, vring: &VringRwLock, queue_index: usize) -> io::Result<()> {
+    /// Serves the worker's `vrings` until none has anything posted or in
+    /// flight: takes every request the guest posted on any of them, keeps
+    /// their I/O in flight together on the worker's one engine, completes
+    /// them as they finish, and signals each queue once per batch of its
+    /// completions.
+    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mem = self.mem.memory();
+        let mut mem = self.mem.memory().into_inner();
+        // Snapshots replaced while this call runs: their mappings must stay
+        // while requests that point into them are in flight, and this call
+        // returns only once nothing is.
+        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
         let engine = self
             .engines
-            .get(queue_index)
-            .ok_or_else(|| io::Error::other(format!("no engine for queue {queue_index}")))?;
+            .get(thread)
+            .ok_or_else(|| io::Error::other(format!("no engine for worker {thread}")))?;
         let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+        // The guest may leave queues unset or disabled: those are not
+        // touched, not even their notification flags.
+        let live: Vec<(usize, &VringRwLock)> = vrings
+            .iter()
+            .enumerate()
+            .filter(|(_, vring)| {
+                let state = vring.get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            })
+            .collect();
         let mut done: Vec<Done> = Vec::new();
+        let mut completed = vec![false; vrings.len()];
         loop {
             if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
+                for (_, vring) in &live {
+                    vring.disable_notification().map_err(io::Error::other)?;
+                }
             }
             let mut completed_any = false;
             loop {
-                let mut completed = 0usize;
-                while engine.has_room() {
-                    let chain = vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .pop_descriptor_chain(mem.clone());
-                    let Some(chain) = chain else { break };
-                    let head = chain.head_index();
-                    let descriptors: Vec<Descriptor> = chain.collect();
-                    let finished =
-                        match request::plan(&descriptors, &mem, &self.disk, &self.config.serial) {
-                            Plan::Done(completion) => Some((head, completion)),
-                            Plan::Io { io, status } => engine
-                                .start(&self.disk, head, status, Op::Io(io))
-                                .map(|(h, st, r)| (h, request::finish(&mem, st, r))),
-                            Plan::Flush { status } => engine
-                                .start(&self.disk, head, status, Op::Flush)
-                                .map(|(h, st, r)| (h, request::finish(&mem, st, r))),
+                completed.fill(false);
+                // The frontend may have added memory while this worker was
+                // busy (or preempted) and then posted requests that use it.
+                let latest = self.mem.memory().into_inner();
+                if !Arc::ptr_eq(&latest, &mem) {
+                    replaced.push(std::mem::replace(&mut mem, latest));
+                }
+                for &(queue, vring) in &live {
+                    while engine.has_room() {
+                        let chain = vring
+                            .get_mut()
+                            .get_queue_mut()
+                            .pop_descriptor_chain(mem.clone());
+                        let Some(chain) = chain else { break };
+                        let head = chain.head_index();
+                        let descriptors: Vec<Descriptor> = chain.collect();
+                        let plan =
+                            request::plan(&descriptors, &mem, &self.disk, &self.config.serial);
+                        let (status, op) = match plan {
+                            Plan::Done(completion) => {
+                                self.complete(vring, head, completion)?;
+                                completed[queue] = true;
+                                continue;
+                            }
+                            Plan::Io { io, status } => (status, Op::Io(io)),
+                            Plan::Flush { status } => (status, Op::Flush),
                         };
-                    if let Some((head, completion)) = finished {
-                        self.complete(vring, head, completion)?;
-                        completed += 1;
+                        let ticket = Ticket {
+                            queue,
+                            head,
+                            status,
+                        };
+                        // The synchronous engine (or a failed submission)
+                        // finishes at once.
+                        if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
+                            let completion = request::finish(&mem, ticket.status, result);
+                            self.complete(vring, ticket.head, completion)?;
+                            completed[queue] = true;
+                        }
                     }
                 }
-                engine.reap(&self.disk, completed == 0, &mut done)?;
-                for (head, status, result) in done.drain(..) {
-                    self.complete(vring, head, request::finish(&mem, status, result))?;
-                    completed += 1;
+                engine.reap(&self.disk, !completed.contains(&true), &mut done)?;
+                for (ticket, result) in done.drain(..) {
+                    let vring = vrings.get(ticket.queue).ok_or_else(|| {
+                        io::Error::other(format!("no queue {} in this worker", ticket.queue))
+                    })?;
+                    let completion = request::finish(&mem, ticket.status, result);
+                    self.complete(vring, ticket.head, completion)?;
+                    completed[ticket.queue] = true;
                 }
-                if completed > 0 {
+                if completed.contains(&true) {
                     completed_any = true;
-                    let notify =
-                        !event_idx || vring.needs_notification().map_err(io::Error::other)?;
-                    if notify {
-                        vring.signal_used_queue()?;
+                    for &(queue, vring) in &live {
+                        if !completed[queue] {
+                            continue;
+                        }
+                        let notify =
+                            !event_idx || vring.needs_notification().map_err(io::Error::other)?;
+                        if notify {
+                            vring.signal_used_queue()?;
+                        }
                     }
                 } else if engine.in_flight() == 0 {
                     break;
                 }
             }
-            if completed_any && self.poll_for_more(vring, &mem) {
+            if completed_any && self.poll_for_more(&live, &mem) {
                 continue;
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx {
                 return Ok(());
             }
-            // More requests arrived while notifications were off: go again.
+            // More requests may have arrived while notifications were off.
+            let mut posted = false;
+            for (_, vring) in &live {
+                posted |= vring.enable_notification().map_err(io::Error::other)?;
+            }
+            if !posted {
+                return Ok(());
+            }
         }
     }
 
@@ -209,21 +266,23 @@ impl BlockBackend {
             .map_err(io::Error::other)
     }
 
-    /// Spins for the polling window; true if the guest posted a request.
-    fn poll_for_more(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    /// Spins for the polling window; true if the guest posted a request on
+    /// any of `vrings`.
+    fn poll_for_more(&self, vrings: &[(usize, &VringRwLock)], mem: &GuestMemoryMmap) -> bool {
         if self.config.poll.is_zero() {
             return false;
         }
         let deadline = Instant::now() + self.config.poll;
         while Instant::now() < deadline {
-            let state = vring.get_ref();
-            let queue = state.get_queue();
-            if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-                if avail.0 != queue.next_avail() {
-                    return true;
+            for (_, vring) in vrings {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
+                    if avail.0 != queue.next_avail() {
+                        return true;
+                    }
                 }
             }
-            drop(state);
             std::hint::spin_loop();
         }
         false
@@ -289,7 +348,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.config.queues).map(|q| 1u64 << q).collect()
+        queue_masks(self.config.queues, self.config.threads)
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -302,7 +361,7 @@ impl VhostUserBackend for BlockBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         // The library starts the workers; each confines itself before it
         // touches its first guest request.
@@ -313,9 +372,36 @@ impl VhostUserBackend for BlockBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| io::Error::other(format!("no queue {device_event}")))?;
-        self.process_queue(vring, usize::from(device_event))
+        if usize::from(device_event) >= vrings.len() {
+            return Err(io::Error::other(format!("no queue {device_event}")));
+        }
+        self.process_queues(vrings, thread_id)
+    }
+}
+
+/// The queues each worker serves, as vhost-user-backend's bitmasks: queue
+/// `q` goes to worker `q % threads`.
+fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
+    let threads = threads.clamp(1, queues.max(1));
+    (0..threads)
+        .map(|thread| {
+            (thread..queues)
+                .step_by(threads)
+                .fold(0u64, |mask, queue| mask | 1 << queue)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queue_masks;
+
+    #[test]
+    fn queues_are_dealt_round_robin_to_the_workers() {
+        assert_eq!(queue_masks(4, 4), [0b0001, 0b0010, 0b0100, 0b1000]);
+        assert_eq!(queue_masks(4, 1), [0b1111]);
+        assert_eq!(queue_masks(5, 2), [0b10101, 0b01010]);
+        assert_eq!(queue_masks(2, 8), [0b01, 0b10]);
+        assert_eq!(queue_masks(1, 0), [0b1]);
     }
 }

@@ -1,7 +1,7 @@
-//! The I/O engine one queue worker uses for reads, writes and flushes:
-//! io_uring where the kernel has it, keeping up to a ring's worth of
-//! requests in flight while the worker keeps taking new ones from the
-//! guest; blocking calls otherwise.
+//! The I/O engine one worker uses for reads, writes and flushes of every
+//! queue it serves: io_uring where the kernel has it, keeping up to a ring's
+//! worth of requests in flight while the worker keeps taking new ones from
+//! the guest; blocking calls otherwise.
 
 use std::io;
 
@@ -17,14 +17,22 @@ pub enum Op {
     Flush,
 }
 
-/// A request whose I/O is done: the descriptor head, its status
-/// descriptor and the outcome (bytes written into guest buffers, or why it
-/// failed).
-pub type Done = (u16, Descriptor, Result<u32, RequestError>);
+/// Where a request's completion goes: the worker's queue (its position
+/// among the worker's vrings), the descriptor head and the status
+/// descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    pub queue: usize,
+    pub head: u16,
+    pub status: Descriptor,
+}
+
+/// A request whose I/O is done, with its outcome: bytes written into guest
+/// buffers, or why it failed.
+pub type Done = (Ticket, Result<u32, RequestError>);
 
 struct InFlight {
-    head: u16,
-    status: Descriptor,
+    ticket: Ticket,
     op: Op,
 }
 
@@ -75,19 +83,18 @@ impl Engine {
     }
 
     /// Starts `op`. The blocking engine finishes it at once and returns it.
-    pub fn start(&mut self, disk: &Disk, head: u16, status: Descriptor, op: Op) -> Option<Done> {
+    pub fn start(&mut self, disk: &Disk, ticket: Ticket, op: Op) -> Option<Done> {
         let Some(ring) = &mut self.ring else {
-            return Some((head, status, run_one_sync(disk, &op)));
+            return Some((ticket, run_one_sync(disk, &op)));
         };
         let Some(slot) = self.free.pop() else {
             return Some((
-                head,
-                status,
+                ticket,
                 Err(RequestError::Io(io::Error::other("engine full"))),
             ));
         };
         let sqe = entry(types::Fd(disk.raw_fd()), &op, slot);
-        self.slots[slot] = Some(InFlight { head, status, op });
+        self.slots[slot] = Some(InFlight { ticket, op });
         loop {
             // SAFETY: the iovecs and guest buffers the entry points to live
             // in `self.slots[slot]` until its completion is reaped.
@@ -97,10 +104,9 @@ impl Engine {
             }
             // The submission queue is full: hand it to the kernel first.
             if let Err(err) = ring.submit() {
-                let done = self.slots[slot].take().map(|f| (f.head, f.status));
+                let ticket = self.slots[slot].take().map(|f| f.ticket);
                 self.free.push(slot);
-                let (head, status) = done?;
-                return Some((head, status, Err(RequestError::Io(err))));
+                return Some((ticket?, Err(RequestError::Io(err))));
             }
         }
     }
@@ -138,7 +144,7 @@ impl Engine {
                 Op::Io(io) => Ok(if io.write { 0 } else { io.len }),
                 Op::Flush => Ok(0),
             };
-            done.push((flight.head, flight.status, result));
+            done.push((flight.ticket, result));
         }
         Ok(())
     }

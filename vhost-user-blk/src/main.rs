@@ -59,6 +59,13 @@ struct Cli {
     /// Number of request queues.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
+    /// Worker threads serving the queues, queue q on thread q % N. The
+    /// default is one per queue, but no more than the CPUs this process may
+    /// run on (its affinity mask and cgroup quota): threads sharing a CPU
+    /// only take turns, where one thread can gather every queue's requests
+    /// into one submission.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: Option<u16>,
     /// The largest queue the frontend may set up (a power of two, at most
     /// 32768). QEMU asks for 1024 entries by default.
     #[arg(long, default_value_t = 1024)]
@@ -135,6 +142,19 @@ fn main() -> ExitCode {
             ),
         );
     }
+    let queues = usize::from(cli.queues);
+    let threads = match cli.threads.map(usize::from) {
+        Some(threads) if threads > queues => {
+            return fail(
+                2,
+                format_args!(
+                    "--threads {threads} exceeds --queues {queues}: a worker serves whole queues"
+                ),
+            )
+        }
+        Some(threads) => threads,
+        None => std::thread::available_parallelism().map_or(1, |cpus| cpus.get().min(queues)),
+    };
     let serial = cli.serial.clone().unwrap_or_default().into_bytes();
     if serial.len() > request::ID_LEN {
         return fail(
@@ -191,7 +211,8 @@ fn main() -> ExitCode {
     };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = BackendConfig {
-        queues: usize::from(cli.queues),
+        queues,
+        threads,
         queue_size: usize::from(cli.queue_size),
         poll: Duration::from_micros(cli.poll_us),
         serial,
@@ -215,7 +236,7 @@ fn main() -> ExitCode {
         Err(err) => return fail(1, format_args!("cannot create the daemon: {err}")),
     };
     eprintln!(
-        "vhost-user-blk: serving {} ({sectors} sectors{}) with {} queue(s)",
+        "vhost-user-blk: serving {} ({sectors} sectors{}) with {} queue(s) on {threads} worker thread(s)",
         source,
         if cli.readonly { ", read-only" } else { "" },
         cli.queues

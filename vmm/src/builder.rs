@@ -313,8 +313,7 @@ pub fn build_microvm(
             )
         })
         .transpose()?;
-    let mut cmdline = Cmdline::try_from(boot_source.cmdline(), layout::CMDLINE_MAX_SIZE)
-        .map_err(BootError::Cmdline)?;
+    let mut cmdline = kernel_cmdline(boot_source.cmdline())?;
 
     // PUT /serial (or the config file's "serial") wins over --serial-out.
     let serial_path = resources
@@ -480,4 +479,33 @@ pub fn build_microvm(
         exit_handler,
         _terminal: terminal,
     })
+}
+
+/// The guest kernel's command line: the boot source's, plus `pci=off`
+/// unless it says otherwise. There is no PCI bus, and a kernel built with
+/// PCI (to run under QEMU as well) would probe the config-space ports for
+/// nothing.
+fn kernel_cmdline(args: &str) -> Result<Cmdline, BootError> {
+    let mut cmdline =
+        Cmdline::try_from(args, layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !args.split_whitespace().any(|arg| arg.starts_with("pci=")) {
+        cmdline.insert("pci", "off").map_err(BootError::Cmdline)?;
+    }
+    Ok(cmdline)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_cmdline;
+
+    #[test]
+    fn the_kernel_is_told_there_is_no_pci_unless_the_user_says_otherwise() {
+        let line = |args: &str| {
+            let cmdline = kernel_cmdline(args).unwrap();
+            cmdline.as_cstring().unwrap().into_string().unwrap()
+        };
+        assert_eq!(line("console=ttyS0"), "console=ttyS0 pci=off");
+        assert_eq!(line("console=ttyS0 pci=off"), "console=ttyS0 pci=off");
+        assert_eq!(line("pci=nomsi"), "pci=nomsi");
+    }
 }

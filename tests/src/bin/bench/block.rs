@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::blkio_client::BlkioDisk;
+use tessera_tests::blkio_client::{BlkioDisk, BlkioQueues};
 use tessera_tests::{workspace_bin, Running};
 
 use super::summary;
@@ -114,22 +114,6 @@ fn pin_to_cpu(pid: u32, cpu: usize) {
     }
 }
 
-/// Pins every thread of `pid` to `cpu`: vhost-user-backend starts the
-/// queue workers as soon as the daemon is created, before the socket is
-/// polled for here, so pinning the main thread alone would leave them free
-/// to run on the frontend's CPU. Threads started later inherit the mask.
-fn pin_process_to_cpu(pid: u32, cpu: usize) {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    for tid in tasks {
-        pin_to_cpu(tid, cpu);
-    }
-}
-
 /// Writes back and drops the image's page cache, so that every O_DIRECT
 /// run starts from the same state: an O_DIRECT write over a cached page
 /// must invalidate it, which io_uring cannot do without blocking, and a run
@@ -159,6 +143,15 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// `program` started on CPU 1 only, as `taskset -c 1` does: every thread
+/// it starts inherits the mask, and a backend that sizes its thread pool by
+/// the CPUs it may use sees one.
+fn on_backend_cpu(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("taskset");
+    command.args(["-c", "1"]).arg(program);
+    command
+}
+
 /// A backend under test, serving `image` on `socket`.
 fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: usize) -> Running {
     let mut command = match kind {
@@ -167,7 +160,7 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: 
             let bin = std::env::var_os("TESSERA_BENCH_BLK_BIN")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| workspace_bin("vhost-user-blk"));
-            let mut c = Command::new(bin);
+            let mut c = on_backend_cpu(bin);
             c.arg("--socket").arg(socket).arg("--path").arg(image);
             c.arg("--queues").arg(queues.to_string());
             if let Ok(extra) = std::env::var("TESSERA_BENCH_BLK_ARGS") {
@@ -179,7 +172,7 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: 
             c
         }
         _ => {
-            let mut c = Command::new("qemu-storage-daemon");
+            let mut c = on_backend_cpu("qemu-storage-daemon");
             c.arg("--blockdev").arg(format!(
                 "driver=file,node-name=disk,filename={},cache.direct={},aio=io_uring",
                 image.display(),
@@ -195,11 +188,10 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: 
     command.stdout(std::process::Stdio::null());
     let running = Running::spawn(command);
     assert!(
-        tessera_tests::wait_for_path(socket, Duration::from_secs(10)),
+        tessera_tests::wait_for_listener(socket, Duration::from_secs(10)),
         "{} never appeared",
         socket.display()
     );
-    pin_process_to_cpu(running.pid(), 1);
     running
 }
 
@@ -228,26 +220,13 @@ fn run_queues(
     duration: Duration,
 ) -> Result<(usize, f64), String> {
     use std::mem::MaybeUninit;
-    let err = |what: &str, e: blkio::Error| format!("{what}: {}", e.message());
-    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").map_err(|e| err("new", e))?;
-    b.set_str("path", &socket.to_string_lossy())
-        .map_err(|e| err("path", e))?;
-    b.connect().map_err(|e| err("connect", e))?;
-    b.set_i32("num-queues", w.queues as i32)
-        .map_err(|e| err("num-queues", e))?;
-    let started = b.start().map_err(|e| err("start", e))?;
     let per_queue = (w.depth / w.queues).max(1);
-    let region = b
-        .alloc_mem_region(w.queues * per_queue * w.block)
-        .map_err(|e| err("alloc_mem_region", e))?;
-    b.map_mem_region(&region)
-        .map_err(|e| err("map_mem_region", e))?;
+    let mut client = BlkioQueues::connect(socket, w.queues, w.queues * per_queue * w.block)?;
     let cpu_before = cpu_seconds(pid);
     let deadline = std::time::Instant::now() + duration;
-    let base = region.addr;
+    let base = client.region.addr;
     let done = std::thread::scope(|s| {
-        let threads: Vec<_> = started
-            .queues
+        let threads: Vec<_> = std::mem::take(&mut client.queues)
             .into_iter()
             .enumerate()
             .map(|(q, mut queue)| {
