@@ -147,12 +147,13 @@ fn a_read_only_backend_refuses_writes() {
     drop(backend.finish());
 }
 
-#[test]
-fn deep_queues_of_random_io_complete_and_land_on_disk() {
+/// Request i of 4096 writes its slot (i % 32) to a block of its own at
+/// queue depth 32, then reads them all back; the file is checked.
+fn deep_queue_of_random_io(backend_args: &[&str]) {
     const BLOCKS: u64 = 16384;
     const WRITES: usize = 4096;
     let block = |i: usize| (i as u64 * 7919) % BLOCKS; // distinct for i < BLOCKS
-    let backend = Backend::start(BLOCKS * 4096, 0, &[]);
+    let backend = Backend::start(BLOCKS * 4096, 0, backend_args);
     {
         let mut disk = BlkioDisk::connect(&backend.socket, 32 * 4096).unwrap();
         for slot in 0..32 {
@@ -173,7 +174,7 @@ fn deep_queues_of_random_io_complete_and_land_on_disk() {
         let want = (i % 32) as u8 + 1;
         assert!(
             file[at..at + 4096].iter().all(|b| *b == want),
-            "block {}",
+            "{backend_args:?}: block {}",
             block(i)
         );
     }
@@ -186,6 +187,17 @@ fn deep_queues_of_random_io_complete_and_land_on_disk() {
         }
     }
     drop(backend.finish());
+}
+
+#[test]
+fn deep_queues_of_random_io_complete_and_land_on_disk() {
+    deep_queue_of_random_io(&[]);
+}
+
+#[test]
+fn deep_queues_of_random_o_direct_io_complete_and_land_on_disk() {
+    // O_DIRECT requests are submitted one by one, page-cache ones in batches.
+    deep_queue_of_random_io(&["--direct"]);
 }
 
 #[test]

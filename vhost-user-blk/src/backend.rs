@@ -82,7 +82,7 @@ impl BlockBackend {
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         let engines = (0..threads)
-            .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring)))
+            .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring, disk.direct())))
             .collect::<Vec<_>>();
         if let Some(engine) = engines.first() {
             let uring = engine.lock().map(|e| e.is_uring()).unwrap_or(false);

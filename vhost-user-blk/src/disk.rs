@@ -28,6 +28,7 @@ pub struct Disk {
     file: File,
     sectors: u64,
     read_only: bool,
+    direct: bool,
 }
 
 impl Disk {
@@ -43,7 +44,7 @@ impl Disk {
             path: display(),
             source,
         })?;
-        Self::from_file(file, &display(), read_only)
+        Self::from_file(file, &display(), read_only, direct)
     }
 
     /// Serves an inherited, already open disk (`--disk-fd`: the jailer's
@@ -70,10 +71,10 @@ impl Disk {
                 },
             )?;
         }
-        Self::from_file(file, &name, read_only)
+        Self::from_file(file, &name, read_only, direct)
     }
 
-    fn from_file(file: File, name: &str, read_only: bool) -> Result<Self, DiskError> {
+    fn from_file(file: File, name: &str, read_only: bool, direct: bool) -> Result<Self, DiskError> {
         let display = || name.to_string();
         let size = disk_size(&file).map_err(|source| DiskError::Size {
             path: display(),
@@ -89,6 +90,7 @@ impl Disk {
             file,
             sectors: size / SECTOR_SIZE,
             read_only,
+            direct,
         })
     }
 
@@ -104,6 +106,11 @@ impl Disk {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether I/O bypasses the host page cache (O_DIRECT).
+    pub fn direct(&self) -> bool {
+        self.direct
     }
 
     /// Reads `len` bytes at `offset` into host memory at `dst`.

@@ -463,7 +463,7 @@ pub fn bench_block(runs: usize) -> Value {
         "image_mib": IMAGE_MIB,
         "seconds_per_run": SECONDS,
         "runs": runs,
-        "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), CPU 0; every backend thread on CPU 1",
+        "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), CPU 0; each backend started under taskset -c 1 (all its threads on CPU 1)",
         "order": "runs alternate between the backends; O_DIRECT runs start with the image's page cache written back and dropped",
         "load_average_after": load.trim(),
         "rows": rows,
