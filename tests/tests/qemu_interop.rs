@@ -138,6 +138,13 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
     assert!(bytes[4 << 20..].iter().all(|b| *b == 0));
     for backend in [root_run, data_run] {
         assert_eq!(backend.code(), 0, "{}", backend.describe());
+        // QEMU negotiated INFLIGHT_SHMFD: it took a region from the backend
+        // (GET_INFLIGHT_FD) and handed it back (SET_INFLIGHT_FD).
+        assert!(
+            backend.stderr.contains("tracking in-flight requests of"),
+            "{}",
+            backend.describe()
+        );
         assert!(
             backend.stderr.contains("the frontend disconnected"),
             "{}",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -28,10 +28,12 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use std::sync::Mutex;
+use std::fs::File;
+use std::sync::{Mutex, RwLock};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::{Done, Engine, Op, Ticket};
+use crate::inflight::InflightRegion;
 use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
 
 /// Requests one worker keeps in flight.
@@ -68,6 +70,8 @@ pub struct BlockBackend {
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
+    /// The inflight region the frontend set, if any.
+    inflight: RwLock<Option<Arc<InflightRegion>>>,
 }
 
 impl BlockBackend {
@@ -98,6 +102,7 @@ impl BlockBackend {
             event_idx: AtomicBool::new(false),
             exits,
             engines,
+            inflight: RwLock::new(None),
         })
     }
 
@@ -159,6 +164,16 @@ impl BlockBackend {
                 state.is_enabled() && state.get_queue().ready()
             })
             .collect();
+        let completer = Completer {
+            vrings,
+            inflight: self
+                .inflight
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            thread,
+            threads: self.exits.len(),
+        };
         let mut done: Vec<Done> = Vec::new();
         let mut completed = vec![false; vrings.len()];
         loop {
@@ -184,12 +199,13 @@ impl BlockBackend {
                             .pop_descriptor_chain(mem.clone());
                         let Some(chain) = chain else { break };
                         let head = chain.head_index();
+                        completer.taken(queue, head);
                         let descriptors: Vec<Descriptor> = chain.collect();
                         let plan =
                             request::plan(&descriptors, &mem, &self.disk, &self.config.serial);
                         let (status, op) = match plan {
                             Plan::Done(completion) => {
-                                self.complete(vring, head, completion)?;
+                                completer.complete(queue, head, completion)?;
                                 completed[queue] = true;
                                 continue;
                             }
@@ -205,19 +221,18 @@ impl BlockBackend {
                         // finishes at once.
                         if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
                             let completion = request::finish(&mem, ticket.status, result);
-                            self.complete(vring, ticket.head, completion)?;
+                            completer.complete(queue, ticket.head, completion)?;
                             completed[queue] = true;
                         }
                     }
                 }
                 engine.reap(&self.disk, !completed.contains(&true), &mut done)?;
                 for (ticket, result) in done.drain(..) {
-                    let vring = vrings.get(ticket.queue).ok_or_else(|| {
-                        io::Error::other(format!("no queue {} in this worker", ticket.queue))
-                    })?;
                     let completion = request::finish(&mem, ticket.status, result);
-                    self.complete(vring, ticket.head, completion)?;
-                    completed[ticket.queue] = true;
+                    completer.complete(ticket.queue, ticket.head, completion)?;
+                    if let Some(flag) = completed.get_mut(ticket.queue) {
+                        *flag = true;
+                    }
                 }
                 if completed.contains(&true) {
                     completed_any = true;
@@ -252,20 +267,6 @@ impl BlockBackend {
         }
     }
 
-    fn complete(
-        &self,
-        vring: &VringRwLock,
-        head: u16,
-        completion: request::Completion,
-    ) -> io::Result<()> {
-        if let Err(err) = &completion.result {
-            log::debug!("request {head} failed: {err}");
-        }
-        vring
-            .add_used(head, completion.used_len)
-            .map_err(io::Error::other)
-    }
-
     /// Spins for the polling window; true if the guest posted a request on
     /// any of `vrings`.
     fn poll_for_more(&self, vrings: &[(usize, &VringRwLock)], mem: &GuestMemoryMmap) -> bool {
@@ -286,6 +287,59 @@ impl BlockBackend {
             std::hint::spin_loop();
         }
         false
+    }
+}
+
+/// Where one worker's requests are completed: its vrings (by position),
+/// and the inflight region, if the frontend set one, where each vring has
+/// its device-wide queue index.
+struct Completer<'a> {
+    vrings: &'a [VringRwLock],
+    inflight: Option<Arc<InflightRegion>>,
+    thread: usize,
+    threads: usize,
+}
+
+impl Completer<'_> {
+    /// The device-wide index of the worker's vring at `position` (queue
+    /// `q` is served by worker `q % threads`).
+    fn queue_index(&self, position: usize) -> usize {
+        self.thread + position * self.threads
+    }
+
+    /// Marks request `head` of the vring at `position` as taken.
+    fn taken(&self, position: usize, head: u16) {
+        if let Some(region) = &self.inflight {
+            region.taken(self.queue_index(position), head);
+        }
+    }
+
+    /// Puts request `head` into the used ring of the vring at `position`.
+    fn complete(
+        &self,
+        position: usize,
+        head: u16,
+        completion: request::Completion,
+    ) -> io::Result<()> {
+        if let Err(err) = &completion.result {
+            log::debug!("request {head} failed: {err}");
+        }
+        let vring = self
+            .vrings
+            .get(position)
+            .ok_or_else(|| io::Error::other(format!("no queue at {position} in this worker")))?;
+        let queue = self.queue_index(position);
+        if let Some(region) = &self.inflight {
+            region.completing(queue, head);
+        }
+        vring
+            .add_used(head, completion.used_len)
+            .map_err(io::Error::other)?;
+        if let Some(region) = &self.inflight {
+            let used = vring.get_ref().get_queue().next_used();
+            region.completed(queue, head, used);
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +381,35 @@ impl VhostUserBackend for BlockBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        Ok(InflightRegion::create(
+            asked,
+            self.config.queues,
+            self.config.queue_size,
+        )?)
+    }
+
+    fn set_inflight_fd(&self, given: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::open(given, file, self.config.queues, self.config.queue_size)?;
+        for queue in 0..usize::from(given.num_queues) {
+            let left = region.start_queue(queue);
+            if left > 0 {
+                // Resubmitting them is part of reconnecting, which this
+                // backend does not do yet.
+                log::warn!(
+                    "queue {queue}: {left} request(s) an earlier backend left in flight are not resubmitted"
+                );
+            }
+        }
+        *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+        eprintln!(
+            "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region",
+            given.num_queues, given.queue_size
+        );
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {

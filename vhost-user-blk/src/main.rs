@@ -6,6 +6,7 @@
 mod backend;
 mod disk;
 mod engine;
+mod inflight;
 mod request;
 
 use std::os::fd::FromRawFd;
