@@ -34,13 +34,34 @@ fn linux_guests_boot_to_userspace_under_nested_svm() {
         "L1 has no working /dev/kvm\n{}",
         describe()
     );
+    // An L2 that makes no progress for the scenario's 120 s is killed
+    // (status 137). That happens now and then under TCG's emulated SVM,
+    // with the L2 printing nothing at all (jailed_initramfs once in a CI
+    // run; it passed when run again), so such a scenario gets one more
+    // try in a fresh L1, and says so.
+    let stalled: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|scenario| {
+            run.result(scenario)
+                .is_some_and(|r| r.starts_with("fail tessera exited with 137"))
+        })
+        .collect();
+    let retry = (!stalled.is_empty()).then(|| {
+        eprintln!("nested: {stalled:?} stalled (killed after 120 s); running them again");
+        run_l1(&stalled, DEADLINE)
+    });
     for scenario in SCENARIOS {
-        match run.result(scenario) {
+        let (result, output) = match &retry {
+            Some(second) if stalled.contains(scenario) => (second.result(scenario), &second.output),
+            _ => (run.result(scenario), &run.output),
+        };
+        match result {
             Some(result) if result.starts_with("ok") => {
                 eprintln!("nested.{scenario}={result}")
             }
-            Some(result) => panic!("nested.{scenario}={result}\n{}", describe()),
-            None => panic!("nested.{scenario} printed no result\n{}", describe()),
+            Some(result) => panic!("nested.{scenario}={result}\n{}", output.describe()),
+            None => panic!("nested.{scenario} printed no result\n{}", output.describe()),
         }
     }
     assert!(

@@ -6,9 +6,10 @@
 //! polls the avail rings for a short window before going back to waiting
 //! on the kick eventfds.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
@@ -27,9 +28,6 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-
-use std::fs::File;
-use std::sync::{Mutex, RwLock};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::{Done, Engine, Op, Ticket};
@@ -191,7 +189,7 @@ impl BlockBackend {
                 if !Arc::ptr_eq(&latest, &mem) {
                     replaced.push(std::mem::replace(&mut mem, latest));
                 }
-                for &(queue, vring) in &live {
+                for &(position, vring) in &live {
                     while engine.has_room() {
                         let chain = vring
                             .get_mut()
@@ -199,21 +197,21 @@ impl BlockBackend {
                             .pop_descriptor_chain(mem.clone());
                         let Some(chain) = chain else { break };
                         let head = chain.head_index();
-                        completer.taken(queue, head);
+                        completer.taken(position, head);
                         let descriptors: Vec<Descriptor> = chain.collect();
                         let plan =
                             request::plan(&descriptors, &mem, &self.disk, &self.config.serial);
                         let (status, op) = match plan {
                             Plan::Done(completion) => {
-                                completer.complete(queue, head, completion)?;
-                                completed[queue] = true;
+                                completer.complete(position, head, completion)?;
+                                completed[position] = true;
                                 continue;
                             }
                             Plan::Io { io, status } => (status, Op::Io(io)),
                             Plan::Flush { status } => (status, Op::Flush),
                         };
                         let ticket = Ticket {
-                            queue,
+                            position,
                             head,
                             status,
                         };
@@ -221,23 +219,23 @@ impl BlockBackend {
                         // finishes at once.
                         if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
                             let completion = request::finish(&mem, ticket.status, result);
-                            completer.complete(queue, ticket.head, completion)?;
-                            completed[queue] = true;
+                            completer.complete(position, ticket.head, completion)?;
+                            completed[position] = true;
                         }
                     }
                 }
                 engine.reap(&self.disk, !completed.contains(&true), &mut done)?;
                 for (ticket, result) in done.drain(..) {
                     let completion = request::finish(&mem, ticket.status, result);
-                    completer.complete(ticket.queue, ticket.head, completion)?;
-                    if let Some(flag) = completed.get_mut(ticket.queue) {
+                    completer.complete(ticket.position, ticket.head, completion)?;
+                    if let Some(flag) = completed.get_mut(ticket.position) {
                         *flag = true;
                     }
                 }
                 if completed.contains(&true) {
                     completed_any = true;
-                    for &(queue, vring) in &live {
-                        if !completed[queue] {
+                    for &(position, vring) in &live {
+                        if !completed[position] {
                             continue;
                         }
                         let notify =

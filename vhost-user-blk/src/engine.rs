@@ -17,12 +17,11 @@ pub enum Op {
     Flush,
 }
 
-/// Where a request's completion goes: the worker's queue (its position
-/// among the worker's vrings), the descriptor head and the status
-/// descriptor.
+/// Where a request's completion goes: the queue (by its position among
+/// the worker's vrings), the descriptor head and the status descriptor.
 #[derive(Debug, Clone, Copy)]
 pub struct Ticket {
-    pub queue: usize,
+    pub position: usize,
     pub head: u16,
     pub status: Descriptor,
 }
