@@ -152,6 +152,13 @@ pub fn wait_for_listener(path: &Path, timeout: Duration) -> bool {
     true
 }
 
+/// Whether `out` holds a whole line (newline included) that starts with
+/// `prefix`: output is read as it comes, so a line may be cut short.
+pub fn has_line(out: &str, prefix: &str) -> bool {
+    out.split_inclusive('\n')
+        .any(|line| line.ends_with('\n') && line.trim_start_matches('\r').starts_with(prefix))
+}
+
 /// Whether the host CPU has hardware virtualization (Intel VT-x or AMD-V).
 pub fn host_has_hardware_virtualization() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")

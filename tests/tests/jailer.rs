@@ -508,7 +508,7 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     let mut vm = Running::spawn(jailer_command(&args));
     let pid = vm.pid();
     vm.wait_until(Duration::from_secs(60), |out, _| {
-        out.contains("probe.net0=")
+        tessera_tests::has_line(out, "probe.net0=")
     });
     assert!(
         vm.stdout().contains("probe.blk0=ok") && vm.stdout().contains("probe.net0=up"),

@@ -121,7 +121,9 @@ fn every_thread_of_the_vmm_and_its_backends_is_confined() {
         .arg("--config-file")
         .arg(&config);
     let mut vm = Running::spawn(command);
-    vm.wait_until(DEADLINE, |out, _| out.contains("probe.net0="));
+    vm.wait_until(DEADLINE, |out, _| {
+        tessera_tests::has_line(out, "probe.net0=")
+    });
     assert!(
         vm.stdout().contains("probe.blk0=ok") && vm.stdout().contains("probe.net0=up"),
         "stdout:\n{}\nstderr:\n{}",
