@@ -91,6 +91,16 @@ fn guest_writes_reach_the_host_file_byte_for_byte() {
     assert_eq!(run.code(), 0, "{}", run.describe());
     assert_blk(&run, 0, "ok");
     assert_blk(&run, 1, "ok");
+    // Each backend tracked the requests in flight in a region the VMM
+    // took from it and handed back (INFLIGHT_SHMFD).
+    assert_eq!(
+        run.stderr
+            .matches("vhost-user-blk: tracking in-flight requests of 1 queue(s)")
+            .count(),
+        2,
+        "{}",
+        run.describe()
+    );
     assert_pattern(&a, 4, SEED);
     assert_pattern(&b, 4, SEED);
     // The rest of the disk is untouched.

@@ -1,11 +1,13 @@
 //! The vhost-user frontend: connection, feature and protocol negotiation,
 //! and the per-activation setup of memory and queues (vhost crate).
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -59,6 +61,11 @@ pub struct VhostUserFrontend {
     frontend: Frontend,
     backend_features: u64,
     queue_num: usize,
+    /// Whether the backend tracks requests in flight in a shared region.
+    inflight_acked: bool,
+    /// That region, kept from activation to the next driver reset, so that
+    /// it outlives the backend (what a reconnect needs).
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl VhostUserFrontend {
@@ -88,7 +95,8 @@ impl VhostUserFrontend {
         }
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         let acked = offered & wanted;
         frontend
             .set_protocol_features(acked)
@@ -105,6 +113,8 @@ impl VhostUserFrontend {
             frontend,
             backend_features,
             queue_num: queue_num.min(max_queues as usize).max(1),
+            inflight_acked: acked.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            inflight: None,
         })
     }
 
@@ -156,6 +166,9 @@ impl VhostUserFrontend {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.transport("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        if self.inflight_acked {
+            self.share_inflight_region(queue_max_size)?;
+        }
         for (index, ((layout, kick), call)) in queues.iter().zip(kicks).zip(calls).enumerate() {
             let host = |addr| {
                 mem.get_host_address(addr)
@@ -181,9 +194,33 @@ impl VhostUserFrontend {
         Ok(())
     }
 
+    /// Has the backend track requests in flight in a region this side
+    /// keeps (as QEMU does): made by the backend at the first activation
+    /// after a reset (GET_INFLIGHT_FD), handed back at every activation
+    /// (SET_INFLIGHT_FD).
+    fn share_inflight_region(&mut self, queue_size: u16) -> Result<(), FrontendError> {
+        if self.inflight.is_none() {
+            let asked = VhostUserInflight {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: u16::try_from(self.queue_num).unwrap_or(u16::MAX),
+                queue_size,
+            };
+            let region = self.transport("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&asked))?;
+            self.inflight = Some(region);
+        }
+        if let Some((region, file)) = &self.inflight {
+            let (region, fd) = (*region, file.as_raw_fd());
+            self.transport("SET_INFLIGHT_FD", |f| f.set_inflight_fd(&region, fd))?;
+        }
+        Ok(())
+    }
+
     /// Stops the first `queues` queues (a driver reset); the backend keeps
-    /// its connection and can be activated again.
+    /// its connection and can be activated again, with a fresh inflight
+    /// region.
     pub fn deactivate(&mut self, queues: usize) -> Result<(), FrontendError> {
+        self.inflight = None;
         for index in 0..queues {
             self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
             self.transport("GET_VRING_BASE", |f| f.get_vring_base(index))?;
@@ -217,6 +254,6 @@ impl VhostUserFrontend {
 
     /// The socket, to watch for the backend hanging up.
     pub fn socket_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.frontend)
+        self.frontend.as_raw_fd()
     }
 }
