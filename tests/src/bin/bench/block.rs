@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tessera_tests::blkio_client::{BlkioDisk, BlkioQueues};
 use tessera_tests::{workspace_bin, Running};
 
-use super::summary;
+use super::{cpu_seconds, pin_this_thread, summary};
 
 const IMAGE_MIB: u64 = 256;
 const SECONDS: u64 = 1;
@@ -104,16 +104,6 @@ const WORKLOADS: &[Workload] = &[
     },
 ];
 
-fn pin_to_cpu(pid: u32, cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set is a valid mask for
-    // sched_setaffinity on a live pid (0 = this thread).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(pid as i32, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Writes back and drops the image's page cache, so that every O_DIRECT
 /// run starts from the same state: an O_DIRECT write over a cached page
 /// must invalidate it, which io_uring cannot do without blocking, and a run
@@ -125,22 +115,6 @@ fn drop_file_cache(image: &Path) {
         // SAFETY: advice on an fd this function owns; no memory is involved.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
-}
-
-/// utime + stime of `pid` in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// `program` started on CPU 1 only, as `taskset -c 1` does: every thread
@@ -231,7 +205,7 @@ fn run_queues(
             .enumerate()
             .map(|(q, mut queue)| {
                 s.spawn(move || {
-                    pin_to_cpu(0, 0);
+                    pin_this_thread(0);
                     let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ ((q as u64 + 1) << 32);
                     let base = base + q * per_queue * w.block;
                     let mut completions: Vec<MaybeUninit<blkio::Completion>> =
@@ -286,7 +260,7 @@ fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f6
         run_queues(&socket, pid, w, duration).expect("libblkio with several queues")
     } else {
         let mut disk = BlkioDisk::connect(&socket, w.depth * w.block).expect("libblkio connect");
-        pin_to_cpu(0, 0);
+        pin_this_thread(0);
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let cpu_before = cpu_seconds(pid);
         let ops = disk.run_for(w.depth, w.block, duration, |i| {

@@ -41,6 +41,33 @@ use tessera_tests::{
 
 const GUEST_RAM_MAPPING: &str = "tessera-guest-ram";
 
+/// utime + stime of `pid`, in seconds.
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Pins the calling thread to `cpu`.
+pub(crate) fn pin_this_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one bit set is a valid mask; 0 is
+    // the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 pub(crate) fn summary(mut samples: Vec<f64>) -> serde_json::Value {
     samples.sort_by(|a, b| a.total_cmp(b));
     let n = samples.len();

@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use tessera_tests::netns::Netns;
 use tessera_tests::{workspace_bin, Running};
 
-use super::summary;
+use super::{cpu_seconds, pin_this_thread, summary};
 
 const WINDOW: Duration = Duration::from_secs(5);
 const WARM_UP: Duration = Duration::from_secs(1);
@@ -55,22 +55,6 @@ pub(crate) fn on_path(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
-/// utime + stime of `pid`, in seconds.
-pub(crate) fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 pub(crate) fn load_average() -> Vec<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -78,17 +62,6 @@ pub(crate) fn load_average() -> Vec<f64> {
         .take(3)
         .filter_map(|v| v.parse().ok())
         .collect()
-}
-
-/// Pins the calling thread to `cpu`.
-pub(crate) fn pin_this_thread(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set is a valid mask; 0 is
-    // the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// The TAP's counters: (rx packets, rx bytes, tx packets, tx bytes, tx dropped).

@@ -59,10 +59,10 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::net_dpdk::{
-    cpu_seconds, finish_backend, load_average, pin_this_thread, start_backend, tap_counters,
-    udp_frame, BACKEND_CPU, CLH_CPU_US_PER_PACKET, CLH_PPS, FRONTEND_CPU, TAP_TXQUEUELEN,
+    finish_backend, load_average, start_backend, tap_counters, udp_frame, BACKEND_CPU,
+    CLH_CPU_US_PER_PACKET, CLH_PPS, FRONTEND_CPU, TAP_TXQUEUELEN,
 };
-use super::summary;
+use super::{cpu_seconds, pin_this_thread, summary};
 
 const WINDOW: Duration = Duration::from_secs(3);
 const WARM_UP: Duration = Duration::from_secs(1);
