@@ -7,8 +7,18 @@
 //! It also takes over the fds a confined process inherits
 //! ([`take_inherited_fd`]).
 //!
-//! The embedded form is a small length-prefixed encoding of seccompiler's
-//! `BpfMap` (thread kind → program), parsed with bounds checks.
+//! The JSON is seccompiler's, with one addition: a rule may carry
+//! `"errno": N`. Such a call returns that errno instead of killing the
+//! process. It is how a filter answers the housekeeping calls glibc makes
+//! behind the code's back (its malloc opens `/proc/sys/vm/overcommit_memory`
+//! the first time it trims a thread's arena, and carries on when that
+//! fails). seccompiler has one match action per filter, so each thread kind
+//! becomes a stack of programs: one per errno value (that call -> the
+//! errno, anything else -> allow) and then the kind's own program (which
+//! allows the call, so that the errno, the stricter answer, wins).
+//!
+//! The embedded form is a small length-prefixed encoding of those stacks
+//! (thread kind → programs in install order), parsed with bounds checks.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,6 +44,8 @@ pub enum SeccompError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot parse seccomp filter file {path}: {reason}")]
+    Json { path: String, reason: String },
     #[error("the embedded seccomp filters are corrupt at byte {0}")]
     Corrupt(usize),
     #[error("no seccomp filter for thread kind {kind:?} (the filters define: {known})")]
@@ -45,7 +57,7 @@ pub enum SeccompError {
     },
 }
 
-const MAGIC: &[u8; 4] = b"TSCF";
+const MAGIC: &[u8; 4] = b"TSC2";
 const INSN_LEN: usize = 8;
 
 /// Compiles the JSON filter file `json` for x86-64 and writes the encoded
@@ -58,11 +70,11 @@ pub fn compile_json_file(json: &Path, out: &Path) -> Result<(), SeccompError> {
     })
 }
 
-/// The filter program of each thread kind of one binary, or none at all
-/// when seccomp is turned off.
+/// The filter stack of each thread kind of one binary (in install order,
+/// the kind's own program last), or none at all when seccomp is off.
 #[derive(Debug, Clone, Default)]
 pub struct Filters {
-    programs: HashMap<String, BpfProgram>,
+    programs: HashMap<String, Vec<BpfProgram>>,
     disabled: bool,
 }
 
@@ -75,18 +87,52 @@ impl Filters {
         }
     }
 
-    /// Compiles a seccompiler JSON file (`--seccomp-filter FILE`).
+    /// Compiles a seccompiler JSON file (`--seccomp-filter FILE`), with
+    /// `"errno": N` rules as described in the crate documentation.
     pub fn from_json_file(path: &Path) -> Result<Self, SeccompError> {
         let display = path.display().to_string();
-        let file = std::fs::File::open(path).map_err(|source| SeccompError::Read {
+        let text = std::fs::read_to_string(path).map_err(|source| SeccompError::Read {
             path: display.clone(),
             source,
         })?;
-        let programs = seccompiler::compile_from_json(std::io::BufReader::new(file), arch())
-            .map_err(|source| SeccompError::Compile {
-                path: display,
-                source,
+        let json_error = |reason: String| SeccompError::Json {
+            path: display.clone(),
+            reason,
+        };
+        let kinds: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).map_err(|err| json_error(err.to_string()))?;
+        let mut plain = serde_json::Map::new();
+        let mut stacks: HashMap<String, Vec<String>> = HashMap::new();
+        for (kind, filter) in kinds {
+            let (own, errno_filters) = split_errno_rules(&kind, filter).map_err(json_error)?;
+            plain.insert(kind.clone(), own);
+            let mut stack = Vec::new();
+            for (errno, filter) in errno_filters {
+                let name = format!("{kind}/errno{errno}");
+                plain.insert(name.clone(), filter);
+                stack.push(name);
+            }
+            stack.push(kind.clone());
+            stacks.insert(kind, stack);
+        }
+        let json = serde_json::Value::Object(plain).to_string();
+        let mut compiled =
+            seccompiler::compile_from_json(json.as_bytes(), arch()).map_err(|source| {
+                SeccompError::Compile {
+                    path: display.clone(),
+                    source,
+                }
             })?;
+        let programs = stacks
+            .into_iter()
+            .map(|(kind, names)| {
+                let stack = names
+                    .iter()
+                    .map(|name| compiled.remove(name).unwrap_or_default())
+                    .collect();
+                (kind, stack)
+            })
+            .collect();
         Ok(Self {
             programs,
             disabled: false,
@@ -106,18 +152,23 @@ impl Filters {
             let name = std::str::from_utf8(reader.take(name_len)?)
                 .map_err(|_| SeccompError::Corrupt(at))?
                 .to_string();
-            let count = reader.u32()? as usize;
-            let mut program = Vec::with_capacity(count.min(4096));
-            for _ in 0..count {
-                let insn = reader.take(INSN_LEN)?;
-                program.push(sock_filter {
-                    code: u16::from_le_bytes([insn[0], insn[1]]),
-                    jt: insn[2],
-                    jf: insn[3],
-                    k: u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]),
-                });
+            let depth = reader.u32()? as usize;
+            let mut stack = Vec::with_capacity(depth.min(8));
+            for _ in 0..depth {
+                let count = reader.u32()? as usize;
+                let mut program = Vec::with_capacity(count.min(4096));
+                for _ in 0..count {
+                    let insn = reader.take(INSN_LEN)?;
+                    program.push(sock_filter {
+                        code: u16::from_le_bytes([insn[0], insn[1]]),
+                        jt: insn[2],
+                        jf: insn[3],
+                        k: u32::from_le_bytes([insn[4], insn[5], insn[6], insn[7]]),
+                    });
+                }
+                stack.push(program);
             }
-            programs.insert(name, program);
+            programs.insert(name, stack);
         }
         if reader.at != bytes.len() {
             return Err(SeccompError::Corrupt(reader.at));
@@ -134,14 +185,17 @@ impl Filters {
         let mut out = MAGIC.to_vec();
         out.extend((names.len() as u32).to_le_bytes());
         for name in names {
-            let program = &self.programs[name];
+            let stack = &self.programs[name];
             out.extend((name.len() as u32).to_le_bytes());
             out.extend(name.as_bytes());
-            out.extend((program.len() as u32).to_le_bytes());
-            for insn in program {
-                out.extend(insn.code.to_le_bytes());
-                out.extend([insn.jt, insn.jf]);
-                out.extend(insn.k.to_le_bytes());
+            out.extend((stack.len() as u32).to_le_bytes());
+            for program in stack {
+                out.extend((program.len() as u32).to_le_bytes());
+                for insn in program {
+                    out.extend(insn.code.to_le_bytes());
+                    out.extend([insn.jt, insn.jf]);
+                    out.extend(insn.k.to_le_bytes());
+                }
             }
         }
         out
@@ -152,10 +206,11 @@ impl Filters {
         self.disabled
     }
 
-    /// The program for thread kind `kind`.
-    pub fn program(&self, kind: &str) -> Result<&BpfProgram, SeccompError> {
+    /// The programs for thread kind `kind`, in install order.
+    pub fn stack(&self, kind: &str) -> Result<&[BpfProgram], SeccompError> {
         self.programs
             .get(kind)
+            .map(Vec::as_slice)
             .ok_or_else(|| SeccompError::MissingThread {
                 kind: kind.to_string(),
                 known: self.kinds().join(", "),
@@ -175,11 +230,13 @@ impl Filters {
         if self.disabled {
             return Ok(());
         }
-        let program = self.program(kind)?;
-        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
-            kind: kind.to_string(),
-            source,
-        })
+        for program in self.stack(kind)? {
+            seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+                kind: kind.to_string(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -198,7 +255,7 @@ pub fn load(
         (false, None) => Filters::decode(embedded)?,
     };
     for kind in kinds {
-        filters.program(kind)?;
+        filters.stack(kind)?;
     }
     Ok(filters)
 }
@@ -236,6 +293,45 @@ pub fn take_inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// Splits one thread kind's filter into its own filter (every rule, the
+/// `"errno"` key removed, so those calls pass it) and one filter per errno
+/// value (those rules -> the errno, anything else -> allow).
+fn split_errno_rules(
+    kind: &str,
+    mut filter: serde_json::Value,
+) -> Result<(serde_json::Value, Vec<(u64, serde_json::Value)>), String> {
+    let rules = filter
+        .get_mut("filter")
+        .and_then(serde_json::Value::as_array_mut)
+        .ok_or_else(|| format!("thread kind {kind:?} has no \"filter\" list"))?;
+    let mut by_errno: std::collections::BTreeMap<u64, Vec<serde_json::Value>> = Default::default();
+    for rule in rules.iter_mut() {
+        let Some(object) = rule.as_object_mut() else {
+            continue;
+        };
+        let Some(errno) = object.remove("errno") else {
+            continue;
+        };
+        let errno = errno
+            .as_u64()
+            .filter(|errno| (1..=4095).contains(errno))
+            .ok_or_else(|| format!("thread kind {kind:?}: \"errno\" {errno} is not 1 to 4095"))?;
+        by_errno.entry(errno).or_default().push(rule.clone());
+    }
+    let errno_filters = by_errno
+        .into_iter()
+        .map(|(errno, rules)| {
+            let filter = serde_json::json!({
+                "mismatch_action": "allow",
+                "match_action": { "errno": errno },
+                "filter": rules,
+            });
+            (errno, filter)
+        })
+        .collect();
+    Ok((filter, errno_filters))
+}
+
 fn arch() -> TargetArch {
     TargetArch::x86_64
 }
@@ -270,6 +366,8 @@ mod tests {
     const JSON: &str = r#"{
         "main": {"mismatch_action": "kill_process", "match_action": "allow",
                  "filter": [{"syscall": "read", "comment": "stdin"},
+                            {"syscall": "exit_group"},
+                            {"syscall": "openat", "errno": 13, "comment": "glibc's malloc"},
                             {"syscall": "ioctl", "args": [{"index": 1, "type": "dword", "op": "eq", "val": 21505}]}]},
         "worker": {"mismatch_action": "kill_process", "match_action": "allow",
                    "filter": [{"syscall": "write"}]}
@@ -296,17 +394,90 @@ mod tests {
         assert_eq!(filters.kinds(), ["main", "worker"]);
         let again = Filters::decode(&filters.encode()).unwrap();
         for kind in filters.kinds() {
-            let (a, b) = (
-                filters.program(&kind).unwrap(),
-                again.program(&kind).unwrap(),
-            );
-            assert!(!a.is_empty());
+            let (a, b) = (filters.stack(&kind).unwrap(), again.stack(&kind).unwrap());
             assert_eq!(a.len(), b.len());
-            assert!(a
-                .iter()
-                .zip(b)
-                .all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k)));
+            for (a, b) in a.iter().zip(b) {
+                assert!(!a.is_empty());
+                assert_eq!(a.len(), b.len());
+                assert!(a
+                    .iter()
+                    .zip(b)
+                    .all(|(x, y)| (x.code, x.jt, x.jf, x.k) == (y.code, y.jt, y.jf, y.k)));
+            }
         }
+    }
+
+    #[test]
+    fn errno_rules_stack_a_program_before_the_kinds_own() {
+        let filters = compiled();
+        assert_eq!(filters.stack("main").unwrap().len(), 2);
+        assert_eq!(filters.stack("worker").unwrap().len(), 1);
+    }
+
+    /// Forks a child that installs `main` and makes `call`; returns its
+    /// wait status.
+    fn confined_child(call: fn() -> i32) -> i32 {
+        let filters = compiled();
+        // SAFETY: the child installs the prepared filters, makes one
+        // syscall and exits; it touches no lock.
+        match unsafe { libc::fork() } {
+            0 => {
+                let code = match filters.apply("main") {
+                    Ok(()) => call(),
+                    Err(_) => 100,
+                };
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(code) }
+            }
+            pid => {
+                assert!(pid > 0, "fork failed");
+                let mut status = 0;
+                // SAFETY: waits for the child just forked.
+                assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                status
+            }
+        }
+    }
+
+    #[test]
+    fn an_errno_rule_answers_with_the_errno_and_other_calls_still_kill() {
+        let open_overcommit = || {
+            let path = c"/proc/sys/vm/overcommit_memory";
+            // SAFETY: a plain syscall on a NUL-terminated path.
+            let fd = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), libc::O_RDONLY) };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            if fd < 0 && errno == libc::EACCES {
+                7
+            } else {
+                8
+            }
+        };
+        let status = confined_child(open_overcommit);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 7);
+
+        let open_socket = || {
+            // SAFETY: a plain syscall; its result does not matter.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            9
+        };
+        let status = confined_child(open_socket);
+        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
+    fn an_errno_out_of_range_is_refused() {
+        let path = std::env::temp_dir().join(format!("tessera-errno-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"main": {"mismatch_action": "kill_process", "match_action": "allow",
+                "filter": [{"syscall": "openat", "errno": 0}]}}"#,
+        )
+        .unwrap();
+        let err = Filters::from_json_file(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("\"errno\" 0 is not 1 to 4095"), "{err}");
     }
 
     #[test]

@@ -347,7 +347,7 @@ fn in_confined_child(binary: &str, kinds: &[&str], call: fn()) -> std::process::
     let filters = tessera_seccomp::Filters::from_json_file(&path).unwrap();
     let programs: Vec<_> = kinds
         .iter()
-        .map(|kind| filters.program(kind).unwrap().clone())
+        .flat_map(|kind| filters.stack(kind).unwrap().to_vec())
         .collect();
     // SAFETY: the child only installs the prepared filters (prctl and
     // seccomp), makes one syscall and exits; it touches no lock.

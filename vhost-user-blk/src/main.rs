@@ -3,12 +3,6 @@
 //! each queue's kick and call eventfds; this process then moves the data
 //! between the guest's buffers and the file without the VMM.
 
-mod backend;
-mod disk;
-mod engine;
-mod inflight;
-mod request;
-
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,8 +14,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use backend::{BackendConfig, BlockBackend};
-use disk::Disk;
+use vhost_user_blk::backend::{BackendConfig, BlockBackend};
+use vhost_user_blk::disk::Disk;
+use vhost_user_blk::request;
 
 /// A vhost-user block backend for one raw image or block device.
 #[derive(Debug, Parser)]

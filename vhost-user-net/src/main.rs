@@ -3,11 +3,6 @@
 //! virtio-net header passed to the TAP (IFF_VNET_HDR) so that checksum and
 //! segmentation offloads cross without copies or software fallbacks.
 
-mod backend;
-mod frame;
-mod relay;
-mod tap;
-
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -22,8 +17,9 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use backend::{NetBackend, NetConfig};
-use tap::Tap;
+use vhost_user_net::backend::{NetBackend, NetConfig};
+use vhost_user_net::tap::Tap;
+use vhost_user_net::{backend, frame, relay};
 
 /// A vhost-user network backend for one TAP device.
 #[derive(Debug, Parser)]
