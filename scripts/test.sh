@@ -31,6 +31,9 @@ resources/probe-guest/check-insns.sh "$TESSERA_GUEST_DIR/probe-guest.elf"
 step "build"
 cargo build --workspace --release --bins
 
+step "fuzz smoke: every target from its corpus (scripts/fuzz.sh)"
+scripts/fuzz.sh "${TESSERA_FUZZ_SECONDS:-20}"
+
 step "tests"
 cargo test --workspace --release --no-fail-fast -- --skip under_nested_svm
 

@@ -13,6 +13,13 @@
 //! * `verify`: only reads back and compares.
 //! * `discard`: discards the range (`VIRTIO_BLK_T_DISCARD`, split by
 //!   `max_discard_sectors`), then flushes.
+//! * `journal`: writes numbered, checksummed records over the range in
+//!   rounds of [`JOURNAL_ROUND_SECTORS`], each round followed by a FLUSH,
+//!   and after each completed flush prints `probe.journal=<n>`: records
+//!   `0..n` are durable. Record `s` is sector `s`: word 0 is `s ^ seed`,
+//!   word `i` (1 to 62) is [`record_word`], and word 63 the FNV-1a hash of
+//!   words 0 to 62. The host kills the VMM and the backend mid-run and
+//!   checks every record the last line promised (tests/tests/durability.rs).
 //!
 //! Requests carry at most 64 KiB; up to [`SLOTS`] of them are in flight,
 //! spread round-robin over up to [`MAX_QUEUES`] queues
@@ -128,6 +135,11 @@ const TIMING_WITHOUT_PIT: Timing = Timing {
 const SECTORS_PER_SLOT: usize = (REQUEST_MAX_BYTES / SECTOR_SIZE) as usize;
 /// Default of `probe.blk_mib`.
 const DEFAULT_MIB: u32 = 4;
+/// Records written between two flushes in `journal` mode.
+pub const JOURNAL_ROUND_SECTORS: u64 = 16;
+/// Sectors per write request in `journal` mode (so that a round keeps
+/// several requests in flight).
+const JOURNAL_REQUEST_SECTORS: u64 = 2;
 
 /// What `probe.blk=` asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +147,7 @@ pub enum Mode {
     Write,
     Verify,
     Discard,
+    Journal,
 }
 
 /// Block test options from the command line.
@@ -157,6 +170,7 @@ pub fn options(cmdline: &[u8]) -> Result<Option<Options>, BadOption<'_>> {
         Some(b"write") => Mode::Write,
         Some(b"verify") => Mode::Verify,
         Some(b"discard") => Mode::Discard,
+        Some(b"journal") => Mode::Journal,
         value => {
             return Err(BadOption {
                 name: "probe.blk",
@@ -261,6 +275,8 @@ enum Failure {
     ResetTimeout,
     RoWriteAccepted,
     DiscardNotOffered,
+    /// `journal` on a read-only device or one without FLUSH.
+    JournalNeedsWritableFlush,
 }
 
 impl fmt::Display for Failure {
@@ -292,6 +308,7 @@ impl fmt::Display for Failure {
             Failure::ResetTimeout => f.write_str("reset-timeout"),
             Failure::RoWriteAccepted => f.write_str("ro-write-accepted"),
             Failure::DiscardNotOffered => f.write_str("discard-not-offered"),
+            Failure::JournalNeedsWritableFlush => f.write_str("journal-needs-writable-flush"),
         }
     }
 }
@@ -303,6 +320,7 @@ enum Outcome {
     Mismatch { sector: u64 },
     RoWriteRejected { status: u8 },
     Discarded { sectors: u64 },
+    Journaled { sectors: u64 },
     Error(Failure),
 }
 
@@ -317,6 +335,7 @@ impl fmt::Display for Outcome {
                 write!(f, "ro-write-rejected status={}", status)
             }
             Outcome::Discarded { sectors } => write!(f, "discarded sectors={}", sectors),
+            Outcome::Journaled { sectors } => write!(f, "journaled sectors={}", sectors),
             Outcome::Error(failure) => write!(f, "error {}", failure),
         }
     }
@@ -422,6 +441,8 @@ struct Blk {
     slots: [Slot; SLOTS],
     seq: u64,
     timing: Timing,
+    /// Writes carry journal records instead of the plain pattern.
+    records: bool,
 }
 
 /// Tests the virtio-blk device behind `regs` as `options` ask and prints
@@ -451,6 +472,7 @@ fn run(regs: Mmio, options: &Options) -> Outcome {
         slots: [IDLE; SLOTS],
         seq: 0,
         timing: TIMING_WITH_PIT,
+        records: false,
     };
     let outcome = match blk.setup().and_then(|()| blk.exercise(options)) {
         Ok(outcome) => outcome,
@@ -547,24 +569,47 @@ impl Blk {
             Mode::Write if self.read_only() => self.write_read_only(options.seed),
             Mode::Write => {
                 let per_request = u64::from(self.request_sectors);
-                self.run_range(Op::Write, total, per_request, options.seed)?;
+                self.run_range(Op::Write, 0..total, per_request, options.seed)?;
                 self.flush()?;
                 self.verify(total, options.seed)
             }
             Mode::Verify => self.verify(total, options.seed),
             Mode::Discard => self.discard(total),
+            Mode::Journal => self.journal(total, options.seed),
         }
+    }
+
+    /// `journal` mode (see the module docs).
+    fn journal(&mut self, total: u64, seed: u64) -> Result<Outcome, Failure> {
+        if self.read_only() || self.features & feature::FLUSH == 0 {
+            return Err(Failure::JournalNeedsWritableFlush);
+        }
+        let per_request = JOURNAL_REQUEST_SECTORS.min(u64::from(self.request_sectors));
+        let mut durable = 0;
+        while durable < total {
+            let end = (durable + JOURNAL_ROUND_SECTORS).min(total);
+            self.records = true;
+            let written = self.run_range(Op::Write, durable..end, per_request, seed);
+            self.records = false;
+            written?;
+            self.flush()?;
+            durable = end;
+            outln!("probe.journal={}", durable);
+        }
+        Ok(Outcome::Journaled { sectors: durable })
     }
 
     fn verify(&mut self, total: u64, seed: u64) -> Result<Outcome, Failure> {
         let per_request = u64::from(self.request_sectors);
-        Ok(match self.run_range(Op::Read, total, per_request, seed)? {
-            None => Outcome::Ok {
-                sectors: total,
-                queues: self.num_queues,
+        Ok(
+            match self.run_range(Op::Read, 0..total, per_request, seed)? {
+                None => Outcome::Ok {
+                    sectors: total,
+                    queues: self.num_queues,
+                },
+                Some(sector) => Outcome::Mismatch { sector },
             },
-            Some(sector) => Outcome::Mismatch { sector },
-        })
+        )
     }
 
     /// `VIRTIO_BLK_T_FLUSH`, if the device offers it.
@@ -609,7 +654,7 @@ impl Blk {
         if alignment > 1 && alignment <= max {
             max -= max % alignment;
         }
-        self.run_range(Op::Discard, total, u64::from(max), 0)?;
+        self.run_range(Op::Discard, 0..total, u64::from(max), 0)?;
         self.flush()?;
         Ok(Outcome::Discarded { sectors: total })
     }
@@ -638,7 +683,7 @@ impl Blk {
         Ok(self.status(slot))
     }
 
-    /// Covers sectors `[0, total)` with `op` requests of at most
+    /// Covers sectors `range` with `op` requests of at most
     /// `per_request` sectors, keeping up to [`SLOTS`] in flight. Returns
     /// the first sector that read back wrong (reads only). After an error
     /// status or a mismatch no new request is started and the ones in
@@ -646,12 +691,13 @@ impl Blk {
     fn run_range(
         &mut self,
         op: Op,
-        total: u64,
+        range: core::ops::Range<u64>,
         per_request: u64,
         seed: u64,
     ) -> Result<Option<u64>, Failure> {
         let per_request = per_request.max(1);
-        let mut next: u64 = 0;
+        let total = range.end;
+        let mut next: u64 = range.start;
         let mut count: usize = 0;
         let mut mismatch: Option<u64> = None;
         let mut failure: Option<Failure> = None;
@@ -899,9 +945,17 @@ impl Blk {
         // SAFETY: only computes the address of the slot's buffer.
         let data = unsafe { (&raw mut (*self.mem).data[slot]).cast::<u64>() };
         for s in 0..sectors {
+            let value = (first + s as u64) ^ seed;
             // SAFETY: the slot is idle (the device does not own its
             // buffer) and sector `s` lies inside it.
-            unsafe { fill_sector(data.add(s * WORDS_PER_SECTOR), (first + s as u64) ^ seed) };
+            unsafe {
+                let sector = data.add(s * WORDS_PER_SECTOR);
+                if self.records {
+                    fill_record(sector, value);
+                } else {
+                    fill_sector(sector, value);
+                }
+            }
         }
     }
 
@@ -941,6 +995,27 @@ unsafe fn fill_sector(dst: *mut u64, value: u64) {
             options(nostack, preserves_flags)
         )
     };
+}
+
+/// Word `i` (1 to 62) of the journal record whose word 0 is `value`.
+pub fn record_word(value: u64, i: usize) -> u64 {
+    value.rotate_left(i as u32) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Writes the journal record whose word 0 is `value` (see the module docs).
+///
+/// # Safety
+/// As [`fill_sector`].
+unsafe fn fill_record(dst: *mut u64, value: u64) {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..WORDS_PER_SECTOR - 1 {
+        let word = if i == 0 { value } else { record_word(value, i) };
+        hash = (hash ^ word).wrapping_mul(0x0000_0100_0000_01b3);
+        // SAFETY: word `i` lies in the sector the caller hands over.
+        unsafe { dst.add(i).write_volatile(word) };
+    }
+    // SAFETY: as above, for the last word.
+    unsafe { dst.add(WORDS_PER_SECTOR - 1).write_volatile(hash) };
 }
 
 /// True if all 64 words of the sector at `src` equal `value`
