@@ -86,3 +86,35 @@ impl Netns {
         netns
     }
 }
+
+/// Fleets: one TAP per microVM, each on a subnet of its own.
+impl Netns {
+    /// A namespace holding `tap0` .. `tap<count-1>`, up, owned by `uid` (so
+    /// that an unprivileged VMM may attach them), `tap<i>` at
+    /// `<prefix>.<i>.1/24` (`prefix` such as "10.82"): the guest of VM `i`
+    /// is `<prefix>.<i>.2`.
+    pub fn with_tap_fleet(tag: &str, count: usize, uid: u32, prefix: &str) -> Self {
+        let netns = Self::new(tag);
+        let uid = uid.to_string();
+        for index in 0..count {
+            let tap = format!("tap{index}");
+            netns.ip(&[
+                "tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid, "group", &uid,
+            ]);
+            netns.ip(&[
+                "addr",
+                "add",
+                &format!("{prefix}.{index}.1/24"),
+                "dev",
+                &tap,
+            ]);
+            netns.ip(&["link", "set", &tap, "up"]);
+        }
+        netns
+    }
+
+    /// The path `--netns` takes.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+}

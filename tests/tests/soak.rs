@@ -15,10 +15,8 @@ use std::time::{Duration, Instant};
 
 use tessera_tests::jail::{jailer_command, unique_id, v1_mount, JailBase};
 use tessera_tests::netns::Netns;
-use tessera_tests::{probe_cmdline, workspace_bin, Running};
+use tessera_tests::{fleet, workspace_bin, Running};
 
-const VMM_UID: &str = "1234";
-const BACKEND_UID: &str = "1235";
 const DEADLINE: Duration = Duration::from_secs(240);
 /// The cgroup v1 controllers the jailer gets values for.
 const CONTROLLERS: [&str; 2] = ["cpuset", "cpu"];
@@ -145,55 +143,33 @@ struct Vm {
 fn start_vm(base: &JailBase, netns: &Netns, parent: &str, index: usize) -> Vm {
     let id = unique_id("soak");
     let tap = format!("tap{index}");
-    let root = base.prepare_probe(
+    fleet::prepare_vm(
+        base,
+        "tessera",
         &id,
-        &probe_cmdline(&format!(
-            "probe.blk=write probe.blk_mib=1 probe.seed={index} probe.net=10.82.{index}.2/24 \
-             probe.ticks=0"
-        )),
+        &fleet::probe_args(index, "10.82"),
+        &tap,
+        &fleet::mac(index),
     );
-    let disk = root.join("data.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    std::os::unix::fs::chown(&disk, Some(1234), Some(1234)).unwrap();
-    let config_path = root.join("vm.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    config["drives"] = serde_json::json!([{"drive_id": "data", "path_on_host": "data.img",
-        "is_root_device": false, "is_read_only": false}]);
-    config["network-interfaces"] = serde_json::json!([{"iface_id": "eth0",
-        "host_dev_name": tap, "guest_mac": format!("06:00:0a:52:00:{index:02x}")}]);
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    let netns_path = format!("/var/run/netns/{}", netns.name());
-    let exec_file = workspace_bin("tessera");
-    let args = [
-        "--id",
-        &id,
-        "--exec-file",
-        exec_file.to_str().unwrap(),
-        "--uid",
-        VMM_UID,
-        "--gid",
-        VMM_UID,
-        "--chroot-base-dir",
-        base.path().to_str().unwrap(),
+    let backend_uid = fleet::BACKEND_UID.to_string();
+    let extra = [
         "--parent-cgroup",
         parent,
         "--cgroup",
         "cpu.shares=512",
-        "--netns",
-        &netns_path,
         "--backend-uid",
-        BACKEND_UID,
+        &backend_uid,
         "--backend-gid",
-        BACKEND_UID,
-        "--",
-        "--no-api",
-        "--config-file",
-        "vm.json",
+        &backend_uid,
     ];
+    let args = fleet::jailer_args(
+        base.path(),
+        &id,
+        &workspace_bin("tessera"),
+        &netns.path(),
+        &extra,
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let running = Running::spawn(jailer_command(&args));
     Vm { id, tap, running }
 }
@@ -212,15 +188,7 @@ fn fifty_jailed_microvms_tick_together_and_leave_nothing_behind() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let netns = Netns::new("soak");
-    for index in 0..count {
-        let tap = format!("tap{index}");
-        netns.ip(&[
-            "tuntap", "add", "dev", &tap, "mode", "tap", "user", VMM_UID, "group", VMM_UID,
-        ]);
-        netns.ip(&["addr", "add", &format!("10.82.{index}.1/24"), "dev", &tap]);
-        netns.ip(&["link", "set", &tap, "up"]);
-    }
+    let netns = Netns::with_tap_fleet("soak", count, fleet::VMM_UID, "10.82");
     let base = JailBase::new();
     let parent = unique_id("tessera-soak");
     let fds_before = open_fds();

@@ -15,12 +15,14 @@
 //! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
 //! `--block`, `--net`, `--net-dpdk` and `--net-frontend` measure the device
-//! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs).
+//! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--fleet N`
+//! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
+mod fleet;
 mod jailer;
 mod net;
 mod net_dpdk;
@@ -163,12 +165,14 @@ enum Mode {
     NetDpdk,
     /// Frame rates through vhost-user-net with our own vhost frontend.
     NetFrontend,
+    /// The creation rate of N jailed microVMs, beside Firecracker's.
+    Fleet(usize),
     /// The probe's boot time with and without the jailer.
     Jailer,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -183,6 +187,7 @@ fn main() {
             "--net-dpdk" => mode = Mode::NetDpdk,
             "--net-frontend" => mode = Mode::NetFrontend,
             "--jailer" => mode = Mode::Jailer,
+            "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
             "--out" => out = args.next().expect(USAGE),
@@ -198,6 +203,7 @@ fn main() {
         Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
         Mode::NetFrontend => net_frontend::bench_net_frontend(runs),
         Mode::Jailer => jailer::bench_jailer(runs),
+        Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&out, &text).expect("write the results");
