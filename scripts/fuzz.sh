@@ -7,6 +7,8 @@
 # the input is in fuzz/artifacts/<target>/, and the script exits non-zero.
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]
+# With TESSERA_FUZZ_RUNS=N a target stops after N executions (or SECONDS,
+# whichever comes first): the long runs recorded in FUZZING.md.
 # Needs the nightly toolchain; installs cargo-fuzz if it is missing.
 # vhost_user_net opens a TAP: it needs root and /dev/net/tun, and is
 # skipped without them (a failure under TESSERA_STRICT=1).
@@ -41,10 +43,12 @@ for target in "${targets[@]}"; do
 	mkdir -p "$out/$target" "fuzz/corpus/$target"
 	log="$out/$target.log"
 	if (cd fuzz && cargo +nightly fuzz run -O "$target" "$out/$target" "corpus/$target" -- \
-		-max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
+		-max_total_time="$seconds" ${TESSERA_FUZZ_RUNS:+-runs=$TESSERA_FUZZ_RUNS} \
+		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
 		runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-		cov=$(grep -o 'cov: [0-9]*' "$log" | tail -n 1)
-		echo "[fuzz] $target: ok, ${runs:-?} runs in ${seconds} s, ${cov:-cov: ?}" >&2
+		cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -n 1)
+		took=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n 1)
+		echo "[fuzz] $target: ok, ${runs:-?} runs in ${took:-?} s, ${cov:-cov: ?}" >&2
 	else
 		echo "[fuzz] $target: FAILED; the last lines of its log ($log):" >&2
 		grep -v '^INFO\|Uses: ' "$log" | tail -n 40 >&2
