@@ -8,12 +8,15 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_common::guest_log;
+use vhost_user_common::ratelimit::{self, RateLimit};
+use vhost_user_common::ring::{self, RingError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -59,6 +62,39 @@ pub struct BackendConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
+/// Why a worker stopped serving. Each one breaks the device: see
+/// [`BlockBackend::broken_event`].
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("queue {queue} is broken: {source}")]
+    Broken { queue: usize, source: RingError },
+    #[error("queue {queue}: {source}")]
+    Queue {
+        queue: usize,
+        source: virtio_queue::Error,
+    },
+    #[error("cannot signal queue {queue}: {source}")]
+    Signal { queue: usize, source: io::Error },
+    #[error("the I/O engine of worker {thread} failed: {source}")]
+    Engine { thread: usize, source: io::Error },
+    #[error("no I/O engine for worker {0}")]
+    NoEngine(usize),
+    #[error("no queue at position {0} in this worker")]
+    NoQueue(usize),
+}
+
+/// What the guest made the device do, counted rather than logged.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Requests completed with an error status.
+    pub failed_requests: AtomicU64,
+    /// Queues the guest broke (at most one: the device then stops).
+    pub broken_queues: AtomicU64,
+}
+
+/// Refused or failed requests, logged at debug level.
+static REFUSED_REQUESTS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+
 /// A virtio-blk device served over vhost-user.
 pub struct BlockBackend {
     disk: Disk,
@@ -70,6 +106,10 @@ pub struct BlockBackend {
     engines: Vec<Mutex<Engine>>,
     /// The inflight region the frontend set, if any.
     inflight: RwLock<Option<Arc<InflightRegion>>>,
+    /// Set once a worker failed; then nothing more is served.
+    broken: AtomicBool,
+    broken_event: (EventConsumer, EventNotifier),
+    pub stats: BlockStats,
 }
 
 impl BlockBackend {
@@ -101,12 +141,43 @@ impl BlockBackend {
             exits,
             engines,
             inflight: RwLock::new(None),
+            broken: AtomicBool::new(false),
+            broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
+            stats: BlockStats::default(),
         })
     }
 
     /// Makes completed writes durable.
     pub fn flush(&self) -> io::Result<()> {
         self.disk.flush()
+    }
+
+    /// Whether a worker failed (the guest broke a queue, or the engine
+    /// failed): nothing is served any more.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// An event that becomes readable (a blocking read returns) once the
+    /// device is broken. The binary then ends the process, which closes the
+    /// vhost-user connection: the VMM treats that as a dead backend and
+    /// fails the disk's requests, as libvhost-user backends do on a broken
+    /// ring (`vu_panic`).
+    pub fn broken_event(&self) -> io::Result<EventConsumer> {
+        self.broken_event.0.try_clone()
+    }
+
+    /// Marks the device broken; the first failure is logged and announced.
+    fn break_device(&self, err: &WorkerError) {
+        if matches!(err, WorkerError::Broken { .. }) {
+            self.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            log::error!("{err}; the device stops");
+            if let Err(err) = self.broken_event.1.notify() {
+                log::error!("cannot announce the broken device: {err}");
+            }
+        }
     }
 
     /// Wakes every worker thread so that it exits.
@@ -135,23 +206,61 @@ impl BlockBackend {
         c
     }
 
-    /// Serves the worker's `vrings` until none has anything posted or in
-    /// flight: takes every request the guest posted on any of them, keeps
-    /// their I/O in flight together on the worker's one engine, completes
-    /// them as they finish, and signals each queue once per batch of its
-    /// completions.
-    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut mem = self.mem.memory().into_inner();
-        // Snapshots replaced while this call runs: their mappings must stay
-        // while requests that point into them are in flight, and this call
-        // returns only once nothing is.
-        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
+    /// Serves the worker's `vrings` (see [`Self::serve`]). On any error the
+    /// worker's requests in flight are completed before the memory they
+    /// point into may go, and the device is marked broken.
+    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> Result<(), WorkerError> {
         let engine = self
             .engines
             .get(thread)
-            .ok_or_else(|| io::Error::other(format!("no engine for worker {thread}")))?;
+            .ok_or(WorkerError::NoEngine(thread))?;
         let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mem = self.mem.memory().into_inner();
+        // Snapshots replaced while this call runs: their mappings must stay
+        // while requests that point into them are in flight.
+        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
+        let result = self.serve(vrings, thread, &mut engine, &mut mem, &mut replaced);
+        if result.is_err() {
+            if let Err(err) = engine.drain() {
+                // The kernel may still write into these mappings: keep them
+                // until the process ends.
+                log::error!("worker {thread}: cannot wait for its I/O in flight: {err}");
+                std::mem::forget(mem);
+                std::mem::forget(replaced);
+            }
+        }
+        result
+    }
+
+    /// Serves `vrings` until none has anything posted or in flight: takes
+    /// every request the guest posted on any of them, keeps their I/O in
+    /// flight together on the worker's one engine, completes them as they
+    /// finish, and signals each queue once per batch of its completions.
+    /// Returns only once nothing is in flight, unless it fails.
+    fn serve(
+        &self,
+        vrings: &[VringRwLock],
+        thread: usize,
+        engine: &mut Engine,
+        mem: &mut Arc<GuestMemoryMmap>,
+        replaced: &mut Vec<Arc<GuestMemoryMmap>>,
+    ) -> Result<(), WorkerError> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let completer = Completer {
+            vrings,
+            inflight: self
+                .inflight
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            thread,
+            threads: self.exits.len(),
+            stats: &self.stats,
+        };
+        let queue_error = |position: usize| {
+            let queue = completer.queue_index(position);
+            move |source| WorkerError::Queue { queue, source }
+        };
         // The guest may leave queues unset or disabled: those are not
         // touched, not even their notification flags.
         let live: Vec<(usize, &VringRwLock)> = vrings
@@ -162,22 +271,14 @@ impl BlockBackend {
                 state.is_enabled() && state.get_queue().ready()
             })
             .collect();
-        let completer = Completer {
-            vrings,
-            inflight: self
-                .inflight
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            thread,
-            threads: self.exits.len(),
-        };
         let mut done: Vec<Done> = Vec::new();
         let mut completed = vec![false; vrings.len()];
         loop {
             if event_idx {
-                for (_, vring) in &live {
-                    vring.disable_notification().map_err(io::Error::other)?;
+                for &(position, vring) in &live {
+                    vring
+                        .disable_notification()
+                        .map_err(queue_error(position))?;
                 }
             }
             let mut completed_any = false;
@@ -186,21 +287,22 @@ impl BlockBackend {
                 // The frontend may have added memory while this worker was
                 // busy (or preempted) and then posted requests that use it.
                 let latest = self.mem.memory().into_inner();
-                if !Arc::ptr_eq(&latest, &mem) {
-                    replaced.push(std::mem::replace(&mut mem, latest));
+                if !Arc::ptr_eq(&latest, mem) {
+                    replaced.push(std::mem::replace(mem, latest));
                 }
                 for &(position, vring) in &live {
                     while engine.has_room() {
-                        let chain = vring
-                            .get_mut()
-                            .get_queue_mut()
-                            .pop_descriptor_chain(mem.clone());
+                        let chain = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
+                            .map_err(|source| WorkerError::Broken {
+                                queue: completer.queue_index(position),
+                                source,
+                            })?;
                         let Some(chain) = chain else { break };
                         let head = chain.head_index();
                         completer.taken(position, head);
                         let descriptors: Vec<Descriptor> = chain.collect();
                         let plan =
-                            request::plan(&descriptors, &mem, &self.disk, &self.config.serial);
+                            request::plan(&descriptors, mem, &self.disk, &self.config.serial);
                         let (status, op) = match plan {
                             Plan::Done(completion) => {
                                 completer.complete(position, head, completion)?;
@@ -218,15 +320,17 @@ impl BlockBackend {
                         // The synchronous engine (or a failed submission)
                         // finishes at once.
                         if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
-                            let completion = request::finish(&mem, ticket.status, result);
+                            let completion = request::finish(mem, ticket.status, result);
                             completer.complete(position, ticket.head, completion)?;
                             completed[position] = true;
                         }
                     }
                 }
-                engine.reap(&self.disk, !completed.contains(&true), &mut done)?;
+                engine
+                    .reap(&self.disk, !completed.contains(&true), &mut done)
+                    .map_err(|source| WorkerError::Engine { thread, source })?;
                 for (ticket, result) in done.drain(..) {
-                    let completion = request::finish(&mem, ticket.status, result);
+                    let completion = request::finish(mem, ticket.status, result);
                     completer.complete(ticket.position, ticket.head, completion)?;
                     if let Some(flag) = completed.get_mut(ticket.position) {
                         *flag = true;
@@ -238,17 +342,22 @@ impl BlockBackend {
                         if !completed[position] {
                             continue;
                         }
-                        let notify =
-                            !event_idx || vring.needs_notification().map_err(io::Error::other)?;
+                        let notify = !event_idx
+                            || vring.needs_notification().map_err(queue_error(position))?;
                         if notify {
-                            vring.signal_used_queue()?;
+                            vring
+                                .signal_used_queue()
+                                .map_err(|source| WorkerError::Signal {
+                                    queue: completer.queue_index(position),
+                                    source,
+                                })?;
                         }
                     }
                 } else if engine.in_flight() == 0 {
                     break;
                 }
             }
-            if completed_any && self.poll_for_more(&live, &mem) {
+            if completed_any && self.poll_for_more(&live, mem) {
                 continue;
             }
             if !event_idx {
@@ -256,8 +365,8 @@ impl BlockBackend {
             }
             // More requests may have arrived while notifications were off.
             let mut posted = false;
-            for (_, vring) in &live {
-                posted |= vring.enable_notification().map_err(io::Error::other)?;
+            for &(position, vring) in &live {
+                posted |= vring.enable_notification().map_err(queue_error(position))?;
             }
             if !posted {
                 return Ok(());
@@ -296,6 +405,7 @@ struct Completer<'a> {
     inflight: Option<Arc<InflightRegion>>,
     thread: usize,
     threads: usize,
+    stats: &'a BlockStats,
 }
 
 impl Completer<'_> {
@@ -318,21 +428,26 @@ impl Completer<'_> {
         position: usize,
         head: u16,
         completion: request::Completion,
-    ) -> io::Result<()> {
+    ) -> Result<(), WorkerError> {
+        let queue = self.queue_index(position);
         if let Err(err) = &completion.result {
-            log::debug!("request {head} failed: {err}");
+            self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+            guest_log!(
+                &REFUSED_REQUESTS,
+                log::Level::Debug,
+                "queue {queue}: request {head} failed: {err}"
+            );
         }
         let vring = self
             .vrings
             .get(position)
-            .ok_or_else(|| io::Error::other(format!("no queue at {position} in this worker")))?;
-        let queue = self.queue_index(position);
+            .ok_or(WorkerError::NoQueue(position))?;
         if let Some(region) = &self.inflight {
             region.completing(queue, head);
         }
         vring
             .add_used(head, completion.used_len)
-            .map_err(io::Error::other)?;
+            .map_err(|source| WorkerError::Queue { queue, source })?;
         if let Some(region) = &self.inflight {
             let used = vring.get_ref().get_queue().next_used();
             region.completed(queue, head, used);
@@ -456,7 +571,13 @@ impl VhostUserBackend for BlockBackend {
         if usize::from(device_event) >= vrings.len() {
             return Err(io::Error::other(format!("no queue {device_event}")));
         }
-        self.process_queues(vrings, thread_id)
+        if self.is_broken() {
+            return Ok(());
+        }
+        self.process_queues(vrings, thread_id).map_err(|err| {
+            self.break_device(&err);
+            io::Error::other(err)
+        })
     }
 }
 
@@ -475,7 +596,20 @@ fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::queue_masks;
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const QUEUE_SIZE: u16 = 16;
+    const HEADER: u64 = 0x8000;
+    const DATA: u64 = 0x9000;
+    const STATUS: u64 = 0xa000;
 
     #[test]
     fn queues_are_dealt_round_robin_to_the_workers() {
@@ -484,5 +618,153 @@ mod tests {
         assert_eq!(queue_masks(5, 2), [0b10101, 0b01010]);
         assert_eq!(queue_masks(2, 8), [0b01, 0b10]);
         assert_eq!(queue_masks(1, 0), [0b1]);
+    }
+
+    /// A one-queue device with event_idx on a 64-sector disk, its vring set
+    /// up on rings laid out by virtio-queue's mock in guest memory.
+    struct Device {
+        backend: Arc<BlockBackend>,
+        vrings: Arc<Vec<VringRwLock>>,
+        mem: GuestMemoryMmap,
+        _disk: tempfile::NamedTempFile,
+    }
+
+    fn device() -> Device {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[0x5a; 64 * 512]).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let config = BackendConfig {
+            queues: 1,
+            threads: 1,
+            queue_size: usize::from(QUEUE_SIZE),
+            poll: Duration::ZERO,
+            serial: Vec::new(),
+            io_uring: true,
+            seccomp: tessera_seccomp::Filters::disabled(),
+        };
+        let backend = BlockBackend::new(disk, config, atomic.clone()).unwrap();
+        backend.set_event_idx(true);
+        let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let vring = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Device {
+            backend: Arc::new(backend),
+            vrings: Arc::new(vec![vring]),
+            mem,
+            _disk: file,
+        }
+    }
+
+    impl Device {
+        fn avail_ring(&self) -> u64 {
+            self.vrings[0].get_ref().get_queue().avail_ring()
+        }
+
+        /// Posts a one-sector read of sector 0 as the chain at descriptor
+        /// `head`, in avail entry `position`.
+        fn post_read(&self, position: u16, head: u16) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            self.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            let table = self.vrings[0].get_ref().get_queue().desc_table();
+            let descriptors = [
+                (HEADER, 16, VRING_DESC_F_NEXT),
+                (DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE),
+                (STATUS, 1, VRING_DESC_F_WRITE),
+            ];
+            for (i, (addr, len, flags)) in descriptors.into_iter().enumerate() {
+                let index = head + i as u16;
+                let desc =
+                    virtio_queue::desc::split::Descriptor::new(addr, len, flags as u16, index + 1);
+                self.mem
+                    .write_obj(
+                        RawDescriptor::from(desc),
+                        GuestAddress(table + u64::from(index) * 16),
+                    )
+                    .unwrap();
+            }
+            self.put_avail_entry(position, head);
+        }
+
+        fn put_avail_entry(&self, position: u16, head: u16) {
+            let entry = self.avail_ring() + 4 + u64::from(position % QUEUE_SIZE) * 2;
+            self.mem
+                .write_obj(head.to_le(), GuestAddress(entry))
+                .unwrap();
+        }
+
+        fn set_avail_idx(&self, idx: u16) {
+            self.mem
+                .write_obj(idx.to_le(), GuestAddress(self.avail_ring() + 2))
+                .unwrap();
+        }
+
+        /// Runs the worker for one kick of queue 0, as vhost-user-backend
+        /// does; `None` if it has not returned within five seconds.
+        fn kick(&self) -> Option<io::Result<()>> {
+            let (sender, receiver) = mpsc::channel();
+            let backend = self.backend.clone();
+            let vrings = self.vrings.clone();
+            std::thread::spawn(move || {
+                let _ = sender.send(backend.handle_event(0, EventSet::IN, &vrings, 0));
+            });
+            receiver.recv_timeout(Duration::from_secs(5)).ok()
+        }
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_device_instead_of_spinning() {
+        let device = device();
+        device.set_avail_idx(QUEUE_SIZE + 1);
+        let result = device.kick().expect("the worker spins on a broken ring");
+        assert!(result.is_err(), "the worker must report the broken queue");
+        assert!(device.backend.is_broken());
+        assert_eq!(
+            device.backend.stats.broken_queues.load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+        // Nothing more is served, and each kick returns at once.
+        device.post_read(0, 0);
+        device.set_avail_idx(1);
+        assert!(device
+            .kick()
+            .expect("a kick of a broken device returns")
+            .is_ok());
+        assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+    }
+
+    #[test]
+    fn a_head_past_the_queue_breaks_the_device_after_draining_its_io() {
+        let device = device();
+        assert!(
+            device.backend.engines[0].lock().unwrap().is_uring(),
+            "this test needs io_uring"
+        );
+        // A read goes in flight on io_uring, then the guest names a
+        // descriptor the queue does not have.
+        device.post_read(0, 0);
+        device.put_avail_entry(1, QUEUE_SIZE);
+        device.set_avail_idx(2);
+        let result = device.kick().expect("the worker returns");
+        assert!(result.is_err(), "the worker must report the broken queue");
+        assert!(device.backend.is_broken(), "the VMM must get to see it");
+        assert_eq!(
+            device.backend.engines[0].lock().unwrap().in_flight(),
+            0,
+            "I/O left in flight into memory the worker let go"
+        );
     }
 }

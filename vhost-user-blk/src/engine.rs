@@ -159,6 +159,32 @@ impl Engine {
         }
         Ok(())
     }
+
+    /// Waits until every request in flight has completed, dropping their
+    /// outcomes: for a worker that gives up, whose requests' buffers must
+    /// stay mapped until the kernel is done with them.
+    pub fn drain(&mut self) -> io::Result<()> {
+        let Self {
+            ring, slots, free, ..
+        } = self;
+        let Some(ring) = ring else {
+            return Ok(());
+        };
+        while slots.len() != free.len() {
+            match ring.submit_and_wait(1) {
+                Ok(_) => self.queued = 0,
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
+                Err(err) => return Err(err),
+            }
+            for cqe in ring.completion() {
+                let slot = cqe.user_data() as usize;
+                if slots.get_mut(slot).and_then(Option::take).is_some() {
+                    free.push(slot);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn run_one_sync(disk: &Disk, op: &Op) -> Result<u32, RequestError> {

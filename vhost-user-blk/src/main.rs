@@ -124,11 +124,44 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The exit status once the device broke (the guest broke a queue, or a
+/// worker's I/O engine failed).
+const EXIT_BROKEN: i32 = 3;
+
+/// Ends the process once the device is broken: its requests in flight were
+/// completed, and closing the vhost-user connection is what the VMM sees
+/// (it then fails the disk's requests itself).
+fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
+    let broken = backend.broken_event()?;
+    std::thread::Builder::new()
+        .name("broken".into())
+        .spawn(move || {
+            if broken.consume().is_err() {
+                return;
+            }
+            backend.stop_workers();
+            let flushed = match backend.flush() {
+                Ok(()) => "data flushed".to_string(),
+                Err(err) => format!("flush failed: {err}"),
+            };
+            eprintln!("vhost-user-blk: the device is broken; {flushed}; closing the connection");
+            std::process::exit(EXIT_BROKEN);
+        })?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Warnings and errors by default; RUST_LOG=debug shows every refused
-    // request and every vhost-user message the library logs.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Warnings and errors by default; RUST_LOG=debug shows refused requests
+    // (rate-limited) and every vhost-user message the library logs.
+    // virtio-queue logs an error for each bad chain a guest posts, with no
+    // limit: it is off unless RUST_LOG names it, the backend reports a
+    // broken ring once itself.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("virtio_queue", log::LevelFilter::Off)
+        .parse_env(env_logger::Env::default())
+        .init();
     if !cli.queue_size.is_power_of_two() || cli.queue_size > 32768 {
         return fail(
             2,
@@ -226,6 +259,9 @@ fn main() -> ExitCode {
     }
     if let Err(err) = handle_termination(backend.clone()) {
         return fail(1, format_args!("cannot install signal handling: {err}"));
+    }
+    if let Err(err) = end_when_broken(backend.clone()) {
+        return fail(1, format_args!("cannot watch for a broken device: {err}"));
     }
     let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem) {
         Ok(daemon) => daemon,
