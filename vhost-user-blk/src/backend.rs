@@ -35,15 +35,13 @@ use vmm_sys_util::event::{
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::{Done, Engine, Op, Ticket};
 use crate::inflight::InflightRegion;
-use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
+use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SIZE_MAX};
 
 /// Requests one worker keeps in flight.
 const MAX_IN_FLIGHT: u32 = 256;
 
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// The largest data descriptor we accept, in bytes (`size_max`).
-const SIZE_MAX: u32 = 1 << 20;
 const CONFIG_LEN: usize = 60;
 
 /// Settings of the backend.
