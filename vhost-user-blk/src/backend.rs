@@ -43,6 +43,18 @@ const MAX_IN_FLIGHT: u32 = 256;
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 const CONFIG_LEN: usize = 60;
+/// The config space's `writeback` byte: 0 write-through, 1 write-back.
+const WRITEBACK_OFFSET: u32 = 32;
+
+/// A config write the device refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "config bytes {offset}+{len} are read-only (only writeback, at {WRITEBACK_OFFSET}, is \
+         writable, with CONFIG_WCE)"
+    )]
+    ReadOnly { offset: u32, len: usize },
+}
 
 /// Settings of the backend.
 #[derive(Debug, Clone)]
@@ -99,6 +111,7 @@ pub struct BlockBackend {
     config: BackendConfig,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
+    acked_features: AtomicU64,
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
@@ -136,6 +149,7 @@ impl BlockBackend {
             config,
             mem,
             event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
             exits,
             engines,
             inflight: RwLock::new(None),
@@ -193,7 +207,7 @@ impl BlockBackend {
         put(8, &SIZE_MAX.to_le_bytes()); // size_max
         put(12, &SEG_MAX.to_le_bytes()); // seg_max
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        put(32, &[1]); // wce: writeback, so FLUSH matters
+        put(32, &[u8::from(!self.disk.write_through())]); // writeback
         put(34, &(self.config.queues as u16).to_le_bytes()); // num_queues
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
@@ -527,6 +541,40 @@ impl VhostUserBackend for BlockBackend {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
+    /// The device starts write-back only if the driver can flush (virtio
+    /// 1.2, 5.2.5.2); with CONFIG_WCE it may switch through `writeback`.
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        self.disk
+            .set_write_through(features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
+    }
+
+    /// Only `writeback` is writable, and only with CONFIG_WCE (as QEMU).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        match (offset, buf) {
+            (WRITEBACK_OFFSET, &[writeback]) if wce => {
+                self.disk.set_write_through(writeback == 0);
+                log::info!(
+                    "the guest set the cache mode to {}",
+                    if writeback == 0 {
+                        "write-through"
+                    } else {
+                        "write-back"
+                    }
+                );
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                ConfigError::ReadOnly {
+                    offset,
+                    len: buf.len(),
+                },
+            )),
+        }
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = self.config_space();
         let start = (offset as usize).min(CONFIG_LEN);
@@ -720,6 +768,51 @@ mod tests {
             });
             receiver.recv_timeout(Duration::from_secs(5)).ok()
         }
+    }
+
+    #[test]
+    fn the_cache_mode_follows_flush_and_the_guests_writeback_field() {
+        let device = device();
+        let backend = &device.backend;
+        let writeback = || backend.get_config(WRITEBACK_OFFSET, 1)[0];
+        let features = backend.features();
+        // Without FLUSH the device is write-through, and says so.
+        backend.acked_features(features & !(1 << VIRTIO_BLK_F_FLUSH));
+        assert_eq!(writeback(), 0);
+        assert!(backend.disk.write_through());
+        // With FLUSH it starts write-back; CONFIG_WCE lets the guest switch.
+        backend.acked_features(features);
+        assert_eq!(writeback(), 1);
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert_eq!(writeback(), 0);
+        assert!(backend.disk.write_through());
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
+        device
+            .mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .unwrap();
+        let write = [
+            Descriptor::new(HEADER, 16, 0, 0),
+            Descriptor::new(DATA, 512, 0, 0),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let durable = || match request::plan(&write, &device.mem, &backend.disk, b"") {
+            Plan::Io { io, .. } => io.durable,
+            _ => panic!("a valid write was not planned"),
+        };
+        assert!(
+            durable(),
+            "a write-through write must be durable when it completes"
+        );
+        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(writeback(), 1);
+        assert!(!durable());
+        // Nothing else is writable, nor writeback without CONFIG_WCE.
+        assert!(backend.set_config(0, &[0; 8]).is_err());
+        backend.acked_features(features & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
+        assert!(backend.set_config(WRITEBACK_OFFSET, &[0]).is_err());
+        assert_eq!(writeback(), 1);
     }
 
     #[test]

@@ -216,9 +216,12 @@ fn run_one_sync(disk: &Disk, op: &Op) -> Result<u32, RequestError> {
 
 fn entry(fd: types::Fd, op: &Op, slot: usize) -> squeue::Entry {
     match op {
+        // A write-through write is durable when it completes (RWF_DSYNC:
+        // as if the file were open with O_DSYNC).
         Op::Io(io) if io.write => {
             opcode::Writev::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)
                 .offset(io.offset)
+                .rw_flags(if io.durable { libc::RWF_DSYNC } else { 0 })
                 .build()
         }
         Op::Io(io) => opcode::Readv::new(fd, io.iovecs.as_ptr(), io.iovecs.len() as u32)

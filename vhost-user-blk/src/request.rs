@@ -105,6 +105,8 @@ pub struct DataIo {
     pub iovecs: Vec<libc::iovec>,
     /// Bytes in all the buffers (at most `SEG_MAX * SIZE_MAX`).
     pub len: u32,
+    /// A write that must be durable before it completes (write-through).
+    pub durable: bool,
 }
 
 // SAFETY: the iovecs point into guest memory, which the backend maps for as
@@ -211,6 +213,9 @@ pub fn run_sync(io: &DataIo, disk: &Disk) -> Result<(), RequestError> {
         }
         offset += iov.iov_len as u64;
     }
+    if io.durable {
+        disk.flush()?;
+    }
     Ok(())
 }
 
@@ -239,6 +244,7 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
         offset,
         iovecs,
         len,
+        durable: write && disk.write_through(),
     })
 }
 
