@@ -305,7 +305,7 @@ fn main() -> ExitCode {
                     Err(err) => return fail(1, format_args!("cannot accept a frontend: {err}")),
                 }
             };
-            if let Err(err) = relay::spawn(frontend, handler_end) {
+            if let Err(err) = relay::spawn(frontend, handler_end, u32::from(cli.queues)) {
                 return fail(1, format_args!("cannot start the relay: {err}"));
             }
             daemon.start(&mut inner)
