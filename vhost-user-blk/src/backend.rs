@@ -46,16 +46,6 @@ const CONFIG_LEN: usize = 60;
 /// The config space's `writeback` byte: 0 write-through, 1 write-back.
 const WRITEBACK_OFFSET: u32 = 32;
 
-/// A config write the device refuses.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(
-        "config bytes {offset}+{len} are read-only (only writeback, at {WRITEBACK_OFFSET}, is \
-         writable, with CONFIG_WCE)"
-    )]
-    ReadOnly { offset: u32, len: usize },
-}
-
 /// Settings of the backend.
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
@@ -104,6 +94,10 @@ pub struct BlockStats {
 
 /// Refused or failed requests, logged at debug level.
 static REFUSED_REQUESTS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// The guest's config writes.
+static CONFIG_WRITES: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Inflight regions set, once per activation of the device by the guest.
+static ACTIVATIONS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
 /// A virtio-blk device served over vhost-user.
 pub struct BlockBackend {
@@ -524,16 +518,24 @@ impl VhostUserBackend for BlockBackend {
             if left > 0 {
                 // Resubmitting them is part of reconnecting, which this
                 // backend does not do yet.
-                log::warn!(
+                guest_log!(
+                    &ACTIVATIONS,
+                    log::Level::Warn,
                     "queue {queue}: {left} request(s) an earlier backend left in flight are not resubmitted"
                 );
             }
         }
         *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
-        eprintln!(
-            "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region",
-            given.num_queues, given.queue_size
-        );
+        // Once per activation: a guest resetting its driver in a loop must
+        // not flood the log.
+        if let Some(suppressed) = ACTIVATIONS.admit() {
+            eprintln!(
+                "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region{}",
+                given.num_queues,
+                given.queue_size,
+                if suppressed > 0 { format!(" ({suppressed} such lines suppressed)") } else { String::new() }
+            );
+        }
         Ok(())
     }
 
@@ -549,13 +551,17 @@ impl VhostUserBackend for BlockBackend {
             .set_write_through(features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
     }
 
-    /// Only `writeback` is writable, and only with CONFIG_WCE (as QEMU).
+    /// Only `writeback` is writable, and only with CONFIG_WCE; other
+    /// writes are ignored, as QEMU does (the VMM fails a disk whose
+    /// backend refuses a config write).
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
         match (offset, buf) {
             (WRITEBACK_OFFSET, &[writeback]) if wce => {
                 self.disk.set_write_through(writeback == 0);
-                log::info!(
+                guest_log!(
+                    &CONFIG_WRITES,
+                    log::Level::Info,
                     "the guest set the cache mode to {}",
                     if writeback == 0 {
                         "write-through"
@@ -563,16 +569,15 @@ impl VhostUserBackend for BlockBackend {
                         "write-back"
                     }
                 );
-                Ok(())
             }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                ConfigError::ReadOnly {
-                    offset,
-                    len: buf.len(),
-                },
-            )),
+            _ => guest_log!(
+                &CONFIG_WRITES,
+                log::Level::Debug,
+                "config write of {} byte(s) at {offset} ignored",
+                buf.len()
+            ),
         }
+        Ok(())
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -808,10 +813,13 @@ mod tests {
         backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
         assert_eq!(writeback(), 1);
         assert!(!durable());
-        // Nothing else is writable, nor writeback without CONFIG_WCE.
-        assert!(backend.set_config(0, &[0; 8]).is_err());
+        // Nothing else is writable, nor writeback without CONFIG_WCE: such
+        // writes are ignored.
+        let before = backend.config_space();
+        backend.set_config(0, &[0; 8]).unwrap();
+        assert_eq!(backend.config_space(), before);
         backend.acked_features(features & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
-        assert!(backend.set_config(WRITEBACK_OFFSET, &[0]).is_err());
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
         assert_eq!(writeback(), 1);
     }
 

@@ -67,6 +67,8 @@ pub enum QueueError {
 static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 /// Queues broken by the guest.
 static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Set-up steps repeated each time the guest resets its driver.
+static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
 #[derive(Debug, Default)]
 pub struct NetStats {
@@ -403,7 +405,7 @@ impl VhostUserBackend for NetBackend {
         }
         for tap in &self.taps {
             if let Err(err) = tap.set_offload(offload) {
-                log::error!("{err}");
+                guest_log!(&SETUP, log::Level::Error, "{err}");
             }
         }
     }
@@ -488,7 +490,11 @@ impl VhostUserBackend for NetBackend {
             .is_some_and(|a| !a.swap(true, Ordering::AcqRel))
         {
             tap.set_queue_attached(true).map_err(io::Error::other)?;
-            log::info!("queue pair {pair} is in use: its TAP queue is attached");
+            guest_log!(
+                &SETUP,
+                log::Level::Info,
+                "queue pair {pair} is in use: its TAP queue is attached"
+            );
         }
         // Each worker gets only its own pair's vrings, and their kicks as
         // events 0 (RX) and 1 (TX); the TAP's event is ours.
