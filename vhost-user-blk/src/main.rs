@@ -6,6 +6,7 @@
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use vhost_user_blk::backend::{BackendConfig, BlockBackend};
+use vhost_user_blk::backend::{BackendConfig, BlockBackend, BlockStats};
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::request;
 
@@ -115,6 +116,7 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
             } else {
                 "SIGINT"
             };
+            log_stats(&backend.stats);
             match backend.flush() {
                 Ok(()) => eprintln!("vhost-user-blk: {name}: data flushed, exiting"),
                 Err(err) => eprintln!("vhost-user-blk: {name}: flush failed: {err}, exiting"),
@@ -122,6 +124,14 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
             std::process::exit(0);
         })?;
     Ok(())
+}
+
+fn log_stats(stats: &BlockStats) {
+    eprintln!(
+        "vhost-user-blk: {} request(s) failed, {} queue(s) broken",
+        stats.failed_requests.load(Ordering::Relaxed),
+        stats.broken_queues.load(Ordering::Relaxed)
+    );
 }
 
 /// The exit status once the device broke (the guest broke a queue, or a
@@ -144,6 +154,7 @@ fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
                 Ok(()) => "data flushed".to_string(),
                 Err(err) => format!("flush failed: {err}"),
             };
+            log_stats(&backend.stats);
             eprintln!("vhost-user-blk: the device is broken; {flushed}; closing the connection");
             std::process::exit(EXIT_BROKEN);
         })?;
@@ -278,6 +289,7 @@ fn main() -> ExitCode {
     }
     let result = daemon.wait();
     backend.stop_workers();
+    log_stats(&backend.stats);
     if let Err(err) = backend.flush() {
         return fail(1, format_args!("final flush failed: {err}"));
     }
