@@ -89,6 +89,15 @@ impl Backend {
     }
 }
 
+/// The end of a log that may be huge.
+fn tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(2048);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name, which may hold spaces: utime and stime are
@@ -214,8 +223,9 @@ fn assert_ends_quietly(mut backend: Backend, what: &str) {
     let output = backend.process.finish();
     assert!(
         exited,
-        "{what}: the backend did not end\n{}",
-        output.describe()
+        "{what}: the backend did not end ({cpu} CPU seconds, {} bytes of log)\n{}",
+        output.stderr.len(),
+        tail(&output.stderr)
     );
     assert_eq!(output.code(), EXIT_BROKEN, "{what}\n{}", output.describe());
     assert!(
