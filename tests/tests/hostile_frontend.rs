@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tessera_tests::netns::Netns;
 use tessera_tests::{workspace_bin, Running};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
@@ -68,6 +69,29 @@ impl Backend {
         }
     }
 
+    /// A `vhost-user-net` on `tap0` of `netns`, one queue pair.
+    fn start_net(netns: &Netns) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("net.sock");
+        let mut command = netns.command(workspace_bin("vhost-user-net").to_str().unwrap());
+        command
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--tap", "tap0", "--queue-size", "16"])
+            .env_remove("RUST_LOG");
+        let process = Running::spawn(command);
+        assert!(
+            tessera_tests::wait_for_path(&socket, Duration::from_secs(10)),
+            "{}",
+            process.stderr()
+        );
+        Self {
+            dir,
+            socket,
+            process,
+        }
+    }
+
     /// CPU seconds the process used so far (user + system).
     fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.process.pid()).unwrap_or(f64::NAN)
@@ -109,7 +133,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
-/// The driver side of queue 0, in guest memory the backend maps.
+/// The driver side of one queue, in guest memory the backend maps.
 struct Guest {
     _frontend: Frontend,
     mem: GuestMemoryMmap,
@@ -134,8 +158,9 @@ fn guest_memory() -> GuestMemoryMmap {
 }
 
 impl Guest {
-    /// Sets up one queue of `QUEUE_SIZE` entries with EVENT_IDX.
-    fn connect(socket: &Path, queues: u64) -> Self {
+    /// Sets up queue `queue` (of the device's `queues`), of `QUEUE_SIZE`
+    /// entries with EVENT_IDX; the others stay unset.
+    fn connect(socket: &Path, queues: u64, queue: usize) -> Self {
         let mut frontend = Frontend::connect(socket, queues).unwrap();
         frontend.set_owner().unwrap();
         let offered = frontend.get_features().unwrap();
@@ -165,12 +190,12 @@ impl Guest {
         };
         let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-        frontend.set_vring_addr(0, &config).unwrap();
-        frontend.set_vring_base(0, 0).unwrap();
-        frontend.set_vring_call(0, &call).unwrap();
-        frontend.set_vring_kick(0, &kick).unwrap();
-        frontend.set_vring_enable(0, true).unwrap();
+        frontend.set_vring_num(queue, QUEUE_SIZE).unwrap();
+        frontend.set_vring_addr(queue, &config).unwrap();
+        frontend.set_vring_base(queue, 0).unwrap();
+        frontend.set_vring_call(queue, &call).unwrap();
+        frontend.set_vring_kick(queue, &kick).unwrap();
+        frontend.set_vring_enable(queue, true).unwrap();
         Self {
             _frontend: frontend,
             mem,
@@ -250,7 +275,7 @@ fn assert_ends_quietly(mut backend: Backend, what: &str) {
 #[test]
 fn blk_an_avail_index_past_the_ring_ends_the_backend_without_spinning() {
     let backend = Backend::start_blk(&[]);
-    let guest = Guest::connect(&backend.socket, 1);
+    let guest = Guest::connect(&backend.socket, 1, 0);
     guest.publish(QUEUE_SIZE + 1);
     assert_ends_quietly(backend, "avail.idx = size + 1");
     drop(guest);
@@ -259,7 +284,7 @@ fn blk_an_avail_index_past_the_ring_ends_the_backend_without_spinning() {
 #[test]
 fn blk_a_head_past_the_queue_ends_the_backend() {
     let backend = Backend::start_blk(&[]);
-    let mut guest = Guest::connect(&backend.socket, 1);
+    let mut guest = Guest::connect(&backend.socket, 1, 0);
     guest.post(QUEUE_SIZE);
     guest.publish(guest.next_avail);
     assert_ends_quietly(backend, "head = size");
@@ -270,7 +295,7 @@ fn blk_a_head_past_the_queue_ends_the_backend() {
 fn blk_a_flood_of_bad_requests_is_answered_not_logged() {
     // Debug level: each refused request would be a line without the limit.
     let mut backend = Backend::start_blk(&[("RUST_LOG", "debug")]);
-    let mut guest = Guest::connect(&backend.socket, 1);
+    let mut guest = Guest::connect(&backend.socket, 1, 0);
     // Eight chains of a device-writable header (refused) and a status byte.
     for chain in 0..QUEUE_SIZE / 2 {
         let (header, status) = (2 * chain, 2 * chain + 1);
@@ -327,4 +352,48 @@ fn blk_a_flood_of_bad_requests_is_answered_not_logged() {
         output.describe()
     );
     assert!(cpu < 2.0, "{cpu} CPU seconds for {} requests", rounds * 8);
+}
+
+#[test]
+fn net_a_broken_tx_ring_is_left_alone_and_the_backend_ends_with_its_frontend() {
+    let netns = Netns::with_tap("hostile", "10.77.9.1/24");
+    let mut backend = Backend::start_net(&netns);
+    // TX is queue 1.
+    let guest = Guest::connect(&backend.socket, 2, 1);
+    let cpu_before = backend.cpu_seconds();
+    guest.publish(QUEUE_SIZE + 1);
+    std::thread::sleep(Duration::from_millis(500));
+    // Kicking a broken queue again costs nothing either.
+    for _ in 0..100 {
+        guest.kick.write(1).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let cpu = backend.cpu_seconds() - cpu_before;
+    assert!(cpu < 0.2, "{cpu} CPU seconds in 1 s on a broken ring");
+    assert!(
+        backend.process.stderr().len() < 4096,
+        "{} bytes of log\n{}",
+        backend.process.stderr().len(),
+        tail(&backend.process.stderr())
+    );
+    drop(guest);
+    let (exited, _) = backend.wait_for_exit(Duration::from_secs(5));
+    let output = backend.process.finish();
+    assert!(
+        exited,
+        "the backend outlived its frontend\n{}",
+        tail(&output.stderr)
+    );
+    assert_eq!(output.code(), 0, "{}", output.describe());
+    assert!(
+        output.stderr.contains("queue 1 is broken"),
+        "{}",
+        output.describe()
+    );
+    assert!(
+        output.stderr.contains("1 broken queue(s)"),
+        "{}",
+        output.describe()
+    );
+    drop(backend.dir);
 }
