@@ -77,6 +77,8 @@ pub enum WorkerError {
     Signal { queue: usize, source: io::Error },
     #[error("the I/O engine of worker {thread} failed: {source}")]
     Engine { thread: usize, source: io::Error },
+    #[error("unexpected event set {0:?} on a kick")]
+    EventSet(EventSet),
     #[error("no I/O engine for worker {0}")]
     NoEngine(usize),
     #[error("no queue at position {0} in this worker")]
@@ -616,16 +618,19 @@ impl VhostUserBackend for BlockBackend {
             eprintln!("vhost-user-blk: {err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
-        }
-        if usize::from(device_event) >= vrings.len() {
-            return Err(io::Error::other(format!("no queue {device_event}")));
-        }
         if self.is_broken() {
             return Ok(());
         }
-        self.process_queues(vrings, thread_id).map_err(|err| {
+        let result = if evset != EventSet::IN {
+            Err(WorkerError::EventSet(evset))
+        } else if usize::from(device_event) >= vrings.len() {
+            Err(WorkerError::NoQueue(usize::from(device_event)))
+        } else {
+            self.process_queues(vrings, thread_id)
+        };
+        // The library ends the worker on an error, and nothing else would
+        // notice: the device breaks, which the VMM does see.
+        result.map_err(|err| {
             self.break_device(&err);
             io::Error::other(err)
         })

@@ -477,10 +477,30 @@ impl VhostUserBackend for NetBackend {
             eprintln!("vhost-user-net: {err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
+        if let Err(err) = self.serve_event(device_event, evset, vrings, thread_id) {
+            // vhost-user-backend would end the worker and tell no one: the
+            // pair would go silent while the process looks alive. Ending
+            // the process closes the connection, which the VMM watches.
+            eprintln!("vhost-user-net: worker {thread_id}: {err}; exiting");
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}
+
+impl NetBackend {
+    /// Serves one event of the worker of pair `pair`. A queue the guest
+    /// broke is marked so; an error is left for the worker to fail on.
+    fn serve_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        pair: usize,
+    ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let pair = thread_id;
         let Some(tap) = self.taps.get(pair) else {
             return Err(io::Error::other(format!("no queue pair {pair}")));
         };
