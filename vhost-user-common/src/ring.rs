@@ -6,8 +6,8 @@
 //! `enable_notification` keeps saying there is more: a worker that trusts
 //! both spins. [`next_chain`] tells the two apart, so that a worker can mark
 //! the queue broken (virtio's NEEDS_RESET) and stop serving it. It also
-//! refuses a head the used ring could not take, and never calls the
-//! virtio-queue paths that log per chain.
+//! refuses a head the used ring could not take. virtio-queue logs an error
+//! on the way to some of these answers; the backends turn its logging off.
 
 use std::num::Wrapping;
 use std::ops::Deref;
@@ -37,13 +37,16 @@ pub enum RingError {
     },
     #[error("the avail ring at {addr:#x} is not in guest memory")]
     AvailRingUnmapped { addr: u64 },
+    #[error("the avail ring is at guest address 0, which virtio-queue takes as not set up")]
+    NotReady,
     #[error("avail entry {position} names descriptor {head}; the queue has {size}")]
     HeadOutOfRange { position: u16, head: u16, size: u16 },
 }
 
 /// The next chain the guest posted on `queue`, `None` when it posted
 /// nothing more, or why the queue is broken. A broken queue is left as it
-/// was: the caller stops taking from it.
+/// was: the caller stops taking from it. Costs what `pop_descriptor_chain`
+/// does: the checks that need more reads run only when it takes nothing.
 pub fn next_chain<M>(queue: &mut Queue, mem: M) -> Result<Option<DescriptorChain<M>>, RingError>
 where
     M: Clone + Deref,
@@ -52,38 +55,32 @@ where
     let size = queue.size();
     let next = queue.next_avail();
     let avail_ring = queue.avail_ring();
-    let avail = queue
-        .avail_idx(mem.deref(), Ordering::Acquire)
-        .map_err(|_| RingError::AvailRingUnmapped { addr: avail_ring })?
-        .0;
-    let ahead = (Wrapping(avail) - Wrapping(next)).0;
-    if ahead == 0 {
-        return Ok(None);
-    }
-    if ahead > size {
-        return Err(RingError::AvailIndexTooFar {
-            avail,
-            next,
-            ahead,
-            size,
-        });
-    }
-    // The entry is read again by the iterator, which logs if it cannot:
-    // check it is mapped first (the memory snapshot `mem` cannot change).
-    let entry = AVAIL_RING_HEADER_LEN + u64::from(next % size.max(1)) * AVAIL_ENTRY_LEN;
-    let entry_addr = GuestAddress(avail_ring).checked_add(entry);
-    if entry_addr.is_none_or(|addr| mem.load::<u16>(addr, Ordering::Relaxed).is_err()) {
-        return Err(RingError::AvailRingUnmapped { addr: avail_ring });
-    }
-    // The guest may move its index between the check above and this read.
-    let mut iter = queue.iter(mem).map_err(|_| RingError::AvailIndexTooFar {
-        avail,
-        next,
-        ahead,
-        size,
-    })?;
-    let Some(chain) = iter.next() else {
-        return Err(RingError::AvailRingUnmapped { addr: avail_ring });
+    let unmapped = RingError::AvailRingUnmapped { addr: avail_ring };
+    let chain = match queue.iter(mem.clone()) {
+        Ok(mut iter) => iter.next(),
+        Err(virtio_queue::Error::InvalidAvailRingIndex) => {
+            let avail = queue
+                .avail_idx(mem.deref(), Ordering::Acquire)
+                .map_err(|_| unmapped)?
+                .0;
+            return Err(RingError::AvailIndexTooFar {
+                avail,
+                next,
+                ahead: (Wrapping(avail) - Wrapping(next)).0,
+                size,
+            });
+        }
+        Err(virtio_queue::Error::QueueNotReady) => return Err(RingError::NotReady),
+        Err(_) => return Err(unmapped),
+    };
+    let Some(chain) = chain else {
+        // Nothing posted, or the entry to read is outside guest memory
+        // (the snapshot `mem` cannot change in between).
+        let entry = AVAIL_RING_HEADER_LEN + u64::from(next % size.max(1)) * AVAIL_ENTRY_LEN;
+        let readable = GuestAddress(avail_ring)
+            .checked_add(entry)
+            .is_some_and(|addr| mem.load::<u16>(addr, Ordering::Relaxed).is_ok());
+        return if readable { Ok(None) } else { Err(unmapped) };
     };
     let head = chain.head_index();
     if head >= size {
@@ -168,6 +165,16 @@ mod tests {
             })
         );
         assert_eq!(queue.next_avail(), 0);
+    }
+
+    #[test]
+    fn an_avail_ring_at_address_0_breaks_the_queue() {
+        let (mem, mut queue) = setup();
+        queue.set_avail_ring_address(Some(0), None);
+        assert_eq!(
+            next_chain(&mut queue, &mem).err(),
+            Some(RingError::NotReady)
+        );
     }
 
     #[test]
