@@ -90,7 +90,7 @@ pub enum WorkerError {
 pub struct BlockStats {
     /// Requests completed with an error status.
     pub failed_requests: AtomicU64,
-    /// Queues the guest broke (at most one: the device then stops).
+    /// Queues the guest broke (the device stops at the first).
     pub broken_queues: AtomicU64,
 }
 
@@ -214,9 +214,9 @@ impl BlockBackend {
         c
     }
 
-    /// Serves the worker's `vrings` (see [`Self::serve`]). On any error the
-    /// worker's requests in flight are completed before the memory they
-    /// point into may go, and the device is marked broken.
+    /// Serves the worker's `vrings` (see [`Self::serve`]). On an error it
+    /// first waits for the worker's I/O in flight, whose buffers lie in the
+    /// memory snapshots it holds.
     fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> Result<(), WorkerError> {
         let engine = self
             .engines

@@ -50,7 +50,6 @@ pub struct NetConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
-/// Frame counters, logged when the backend exits.
 /// Why a worker stopped serving a queue: the queue is then broken
 /// (virtio's NEEDS_RESET) until the frontend stops and restarts it.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +69,7 @@ static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL)
 /// Set-up steps repeated each time the guest resets its driver.
 static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
+/// Frame counters, logged when the backend exits.
 #[derive(Debug, Default)]
 pub struct NetStats {
     pub tx_frames: AtomicU64,
