@@ -252,6 +252,11 @@ fn assert_ends_quietly(mut backend: Backend, what: &str) {
         output.stderr.len(),
         tail(&output.stderr)
     );
+    eprintln!(
+        "{what}: ended after {:?}, {cpu} CPU seconds, {} bytes of log",
+        output.elapsed,
+        output.stderr.len()
+    );
     assert_eq!(output.code(), EXIT_BROKEN, "{what}\n{}", output.describe());
     assert!(
         cpu < 0.5,
@@ -325,6 +330,7 @@ fn blk_a_flood_of_bad_requests_is_answered_not_logged() {
     let status: u8 = guest.mem.read_obj(GuestAddress(BUFFERS + 0x80)).unwrap();
     assert_eq!(status, 1, "VIRTIO_BLK_S_IOERR");
     let cpu = backend.cpu_seconds() - cpu_before;
+    eprintln!("{} refused requests: {cpu} CPU seconds", rounds * 8);
     // The frontend hangs up: the backend ends normally.
     drop(guest);
     let (exited, _) = backend.wait_for_exit(Duration::from_secs(5));
@@ -369,6 +375,10 @@ fn net_a_broken_tx_ring_is_left_alone_and_the_backend_ends_with_its_frontend() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let cpu = backend.cpu_seconds() - cpu_before;
+    eprintln!(
+        "broken TX ring: {cpu} CPU seconds in 1 s, {} bytes of log",
+        backend.process.stderr().len()
+    );
     assert!(cpu < 0.2, "{cpu} CPU seconds in 1 s on a broken ring");
     assert!(
         backend.process.stderr().len() < 4096,
