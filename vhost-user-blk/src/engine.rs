@@ -251,6 +251,46 @@ mod tests {
     }
 
     #[test]
+    fn a_short_transfer_is_an_error_not_a_success() {
+        use std::io::Write;
+        use virtio_queue::desc::split::Descriptor;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[7u8; 8 * 512]).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        // The image shrinks under the backend: a read of its last sectors
+        // now ends early.
+        file.as_file().set_len(512).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let io = DataIo {
+            write: false,
+            offset: 0,
+            iovecs: vec![libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }],
+            len: 4096,
+            durable: false,
+        };
+        let ticket = Ticket {
+            position: 0,
+            head: 0,
+            status: Descriptor::new(0, 1, 0, 0),
+        };
+        let mut engine = Engine::new(8, true, false);
+        assert!(engine.is_uring());
+        assert!(engine.start(&disk, ticket, Op::Io(io)).is_none());
+        let mut done = Vec::new();
+        while done.is_empty() {
+            engine.reap(&disk, true, &mut done).unwrap();
+        }
+        assert!(
+            matches!(done[0].1, Err(RequestError::Io(_))),
+            "{:?}",
+            done[0].1
+        );
+    }
+
+    #[test]
     fn the_ring_refuses_every_opcode_the_engine_does_not_use() {
         let mut ring = restricted_ring(8).unwrap();
         let file = tempfile::tempfile().unwrap();
