@@ -138,9 +138,10 @@ fn log_stats(stats: &BlockStats) {
 /// worker's I/O engine failed).
 const EXIT_BROKEN: i32 = 3;
 
-/// Ends the process once the device is broken: its requests in flight were
-/// completed, and closing the vhost-user connection is what the VMM sees
-/// (it then fails the disk's requests itself).
+/// Ends the process once the device is broken (the failing worker waited
+/// for its I/O in flight; the kernel cancels the others' before it unmaps
+/// anything): closing the vhost-user connection is what the VMM sees, and
+/// it then fails the disk's requests itself.
 fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
     let broken = backend.broken_event()?;
     std::thread::Builder::new()
