@@ -8,12 +8,15 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_common::guest_log;
+use vhost_user_common::ratelimit::{self, RateLimit};
+use vhost_user_common::ring::{self, RingError};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -32,16 +35,16 @@ use vmm_sys_util::event::{
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::{Done, Engine, Op, Ticket};
 use crate::inflight::InflightRegion;
-use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX};
+use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SIZE_MAX};
 
 /// Requests one worker keeps in flight.
 const MAX_IN_FLIGHT: u32 = 256;
 
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// The largest data descriptor we accept, in bytes (`size_max`).
-const SIZE_MAX: u32 = 1 << 20;
 const CONFIG_LEN: usize = 60;
+/// The config space's `writeback` byte: 0 write-through, 1 write-back.
+const WRITEBACK_OFFSET: u32 = 32;
 
 /// Settings of the backend.
 #[derive(Debug, Clone)]
@@ -59,17 +62,61 @@ pub struct BackendConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
+/// Why a worker stopped serving. Each one breaks the device: see
+/// [`BlockBackend::broken_event`].
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("queue {queue} is broken: {source}")]
+    Broken { queue: usize, source: RingError },
+    #[error("queue {queue}: {source}")]
+    Queue {
+        queue: usize,
+        source: virtio_queue::Error,
+    },
+    #[error("cannot signal queue {queue}: {source}")]
+    Signal { queue: usize, source: io::Error },
+    #[error("the I/O engine of worker {thread} failed: {source}")]
+    Engine { thread: usize, source: io::Error },
+    #[error("unexpected event set {0:?} on a kick")]
+    EventSet(EventSet),
+    #[error("no I/O engine for worker {0}")]
+    NoEngine(usize),
+    #[error("no queue at position {0} in this worker")]
+    NoQueue(usize),
+}
+
+/// What the guest made the device do, counted rather than logged.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Requests completed with an error status.
+    pub failed_requests: AtomicU64,
+    /// Queues the guest broke (the device stops at the first).
+    pub broken_queues: AtomicU64,
+}
+
+/// Refused or failed requests, logged at debug level.
+static REFUSED_REQUESTS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// The guest's config writes.
+static CONFIG_WRITES: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Inflight regions set, once per activation of the device by the guest.
+static ACTIVATIONS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+
 /// A virtio-blk device served over vhost-user.
 pub struct BlockBackend {
     disk: Disk,
     config: BackendConfig,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
+    acked_features: AtomicU64,
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
     /// The inflight region the frontend set, if any.
     inflight: RwLock<Option<Arc<InflightRegion>>>,
+    /// Set once a worker failed; then nothing more is served.
+    broken: AtomicBool,
+    broken_event: (EventConsumer, EventNotifier),
+    pub stats: BlockStats,
 }
 
 impl BlockBackend {
@@ -98,15 +145,47 @@ impl BlockBackend {
             config,
             mem,
             event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
             exits,
             engines,
             inflight: RwLock::new(None),
+            broken: AtomicBool::new(false),
+            broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
+            stats: BlockStats::default(),
         })
     }
 
     /// Makes completed writes durable.
     pub fn flush(&self) -> io::Result<()> {
         self.disk.flush()
+    }
+
+    /// Whether a worker failed (the guest broke a queue, or the engine
+    /// failed): nothing is served any more.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// An event that becomes readable (a blocking read returns) once the
+    /// device is broken. The binary then ends the process, which closes the
+    /// vhost-user connection: the VMM treats that as a dead backend and
+    /// fails the disk's requests, as libvhost-user backends do on a broken
+    /// ring (`vu_panic`).
+    pub fn broken_event(&self) -> io::Result<EventConsumer> {
+        self.broken_event.0.try_clone()
+    }
+
+    /// Marks the device broken; the first failure is logged and announced.
+    fn break_device(&self, err: &WorkerError) {
+        if matches!(err, WorkerError::Broken { .. }) {
+            self.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.broken.swap(true, Ordering::AcqRel) {
+            log::error!("{err}; the device stops");
+            if let Err(err) = self.broken_event.1.notify() {
+                log::error!("cannot announce the broken device: {err}");
+            }
+        }
     }
 
     /// Wakes every worker thread so that it exits.
@@ -124,7 +203,7 @@ impl BlockBackend {
         put(8, &SIZE_MAX.to_le_bytes()); // size_max
         put(12, &SEG_MAX.to_le_bytes()); // seg_max
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        put(32, &[1]); // wce: writeback, so FLUSH matters
+        put(32, &[u8::from(!self.disk.write_through())]); // writeback
         put(34, &(self.config.queues as u16).to_le_bytes()); // num_queues
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
@@ -135,23 +214,61 @@ impl BlockBackend {
         c
     }
 
-    /// Serves the worker's `vrings` until none has anything posted or in
-    /// flight: takes every request the guest posted on any of them, keeps
-    /// their I/O in flight together on the worker's one engine, completes
-    /// them as they finish, and signals each queue once per batch of its
-    /// completions.
-    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> io::Result<()> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut mem = self.mem.memory().into_inner();
-        // Snapshots replaced while this call runs: their mappings must stay
-        // while requests that point into them are in flight, and this call
-        // returns only once nothing is.
-        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
+    /// Serves the worker's `vrings` (see [`Self::serve`]). On an error it
+    /// first waits for the worker's I/O in flight, whose buffers lie in the
+    /// memory snapshots it holds.
+    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> Result<(), WorkerError> {
         let engine = self
             .engines
             .get(thread)
-            .ok_or_else(|| io::Error::other(format!("no engine for worker {thread}")))?;
+            .ok_or(WorkerError::NoEngine(thread))?;
         let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mem = self.mem.memory().into_inner();
+        // Snapshots replaced while this call runs: their mappings must stay
+        // while requests that point into them are in flight.
+        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
+        let result = self.serve(vrings, thread, &mut engine, &mut mem, &mut replaced);
+        if result.is_err() {
+            if let Err(err) = engine.drain() {
+                // The kernel may still write into these mappings: keep them
+                // until the process ends.
+                log::error!("worker {thread}: cannot wait for its I/O in flight: {err}");
+                std::mem::forget(mem);
+                std::mem::forget(replaced);
+            }
+        }
+        result
+    }
+
+    /// Serves `vrings` until none has anything posted or in flight: takes
+    /// every request the guest posted on any of them, keeps their I/O in
+    /// flight together on the worker's one engine, completes them as they
+    /// finish, and signals each queue once per batch of its completions.
+    /// Returns only once nothing is in flight, unless it fails.
+    fn serve(
+        &self,
+        vrings: &[VringRwLock],
+        thread: usize,
+        engine: &mut Engine,
+        mem: &mut Arc<GuestMemoryMmap>,
+        replaced: &mut Vec<Arc<GuestMemoryMmap>>,
+    ) -> Result<(), WorkerError> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let completer = Completer {
+            vrings,
+            inflight: self
+                .inflight
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            thread,
+            threads: self.exits.len(),
+            stats: &self.stats,
+        };
+        let queue_error = |position: usize| {
+            let queue = completer.queue_index(position);
+            move |source| WorkerError::Queue { queue, source }
+        };
         // The guest may leave queues unset or disabled: those are not
         // touched, not even their notification flags.
         let live: Vec<(usize, &VringRwLock)> = vrings
@@ -162,22 +279,14 @@ impl BlockBackend {
                 state.is_enabled() && state.get_queue().ready()
             })
             .collect();
-        let completer = Completer {
-            vrings,
-            inflight: self
-                .inflight
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            thread,
-            threads: self.exits.len(),
-        };
         let mut done: Vec<Done> = Vec::new();
         let mut completed = vec![false; vrings.len()];
         loop {
             if event_idx {
-                for (_, vring) in &live {
-                    vring.disable_notification().map_err(io::Error::other)?;
+                for &(position, vring) in &live {
+                    vring
+                        .disable_notification()
+                        .map_err(queue_error(position))?;
                 }
             }
             let mut completed_any = false;
@@ -186,21 +295,22 @@ impl BlockBackend {
                 // The frontend may have added memory while this worker was
                 // busy (or preempted) and then posted requests that use it.
                 let latest = self.mem.memory().into_inner();
-                if !Arc::ptr_eq(&latest, &mem) {
-                    replaced.push(std::mem::replace(&mut mem, latest));
+                if !Arc::ptr_eq(&latest, mem) {
+                    replaced.push(std::mem::replace(mem, latest));
                 }
                 for &(position, vring) in &live {
                     while engine.has_room() {
-                        let chain = vring
-                            .get_mut()
-                            .get_queue_mut()
-                            .pop_descriptor_chain(mem.clone());
+                        let chain = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
+                            .map_err(|source| WorkerError::Broken {
+                                queue: completer.queue_index(position),
+                                source,
+                            })?;
                         let Some(chain) = chain else { break };
                         let head = chain.head_index();
                         completer.taken(position, head);
                         let descriptors: Vec<Descriptor> = chain.collect();
                         let plan =
-                            request::plan(&descriptors, &mem, &self.disk, &self.config.serial);
+                            request::plan(&descriptors, mem, &self.disk, &self.config.serial);
                         let (status, op) = match plan {
                             Plan::Done(completion) => {
                                 completer.complete(position, head, completion)?;
@@ -218,15 +328,17 @@ impl BlockBackend {
                         // The synchronous engine (or a failed submission)
                         // finishes at once.
                         if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
-                            let completion = request::finish(&mem, ticket.status, result);
+                            let completion = request::finish(mem, ticket.status, result);
                             completer.complete(position, ticket.head, completion)?;
                             completed[position] = true;
                         }
                     }
                 }
-                engine.reap(&self.disk, !completed.contains(&true), &mut done)?;
+                engine
+                    .reap(&self.disk, !completed.contains(&true), &mut done)
+                    .map_err(|source| WorkerError::Engine { thread, source })?;
                 for (ticket, result) in done.drain(..) {
-                    let completion = request::finish(&mem, ticket.status, result);
+                    let completion = request::finish(mem, ticket.status, result);
                     completer.complete(ticket.position, ticket.head, completion)?;
                     if let Some(flag) = completed.get_mut(ticket.position) {
                         *flag = true;
@@ -238,17 +350,22 @@ impl BlockBackend {
                         if !completed[position] {
                             continue;
                         }
-                        let notify =
-                            !event_idx || vring.needs_notification().map_err(io::Error::other)?;
+                        let notify = !event_idx
+                            || vring.needs_notification().map_err(queue_error(position))?;
                         if notify {
-                            vring.signal_used_queue()?;
+                            vring
+                                .signal_used_queue()
+                                .map_err(|source| WorkerError::Signal {
+                                    queue: completer.queue_index(position),
+                                    source,
+                                })?;
                         }
                     }
                 } else if engine.in_flight() == 0 {
                     break;
                 }
             }
-            if completed_any && self.poll_for_more(&live, &mem) {
+            if completed_any && self.poll_for_more(&live, mem) {
                 continue;
             }
             if !event_idx {
@@ -256,8 +373,8 @@ impl BlockBackend {
             }
             // More requests may have arrived while notifications were off.
             let mut posted = false;
-            for (_, vring) in &live {
-                posted |= vring.enable_notification().map_err(io::Error::other)?;
+            for &(position, vring) in &live {
+                posted |= vring.enable_notification().map_err(queue_error(position))?;
             }
             if !posted {
                 return Ok(());
@@ -296,6 +413,7 @@ struct Completer<'a> {
     inflight: Option<Arc<InflightRegion>>,
     thread: usize,
     threads: usize,
+    stats: &'a BlockStats,
 }
 
 impl Completer<'_> {
@@ -318,21 +436,26 @@ impl Completer<'_> {
         position: usize,
         head: u16,
         completion: request::Completion,
-    ) -> io::Result<()> {
+    ) -> Result<(), WorkerError> {
+        let queue = self.queue_index(position);
         if let Err(err) = &completion.result {
-            log::debug!("request {head} failed: {err}");
+            self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
+            guest_log!(
+                &REFUSED_REQUESTS,
+                log::Level::Debug,
+                "queue {queue}: request {head} failed: {err}"
+            );
         }
         let vring = self
             .vrings
             .get(position)
-            .ok_or_else(|| io::Error::other(format!("no queue at {position} in this worker")))?;
-        let queue = self.queue_index(position);
+            .ok_or(WorkerError::NoQueue(position))?;
         if let Some(region) = &self.inflight {
             region.completing(queue, head);
         }
         vring
             .add_used(head, completion.used_len)
-            .map_err(io::Error::other)?;
+            .map_err(|source| WorkerError::Queue { queue, source })?;
         if let Some(region) = &self.inflight {
             let used = vring.get_ref().get_queue().next_used();
             region.completed(queue, head, used);
@@ -397,21 +520,66 @@ impl VhostUserBackend for BlockBackend {
             if left > 0 {
                 // Resubmitting them is part of reconnecting, which this
                 // backend does not do yet.
-                log::warn!(
+                guest_log!(
+                    &ACTIVATIONS,
+                    log::Level::Warn,
                     "queue {queue}: {left} request(s) an earlier backend left in flight are not resubmitted"
                 );
             }
         }
         *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
-        eprintln!(
-            "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region",
-            given.num_queues, given.queue_size
-        );
+        // Once per activation: a guest resetting its driver in a loop must
+        // not flood the log.
+        if let Some(suppressed) = ACTIVATIONS.admit() {
+            eprintln!(
+                "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region{}",
+                given.num_queues,
+                given.queue_size,
+                if suppressed > 0 { format!(" ({suppressed} such lines suppressed)") } else { String::new() }
+            );
+        }
         Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    /// The device starts write-back only if the driver can flush (virtio
+    /// 1.2, 5.2.5.2); with CONFIG_WCE it may switch through `writeback`.
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+        self.disk
+            .set_write_through(features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
+    }
+
+    /// Only `writeback` is writable, and only with CONFIG_WCE; other
+    /// writes are ignored, as QEMU does (the VMM fails a disk whose
+    /// backend refuses a config write).
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let wce = self.acked_features.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        match (offset, buf) {
+            (WRITEBACK_OFFSET, &[writeback]) if wce => {
+                self.disk.set_write_through(writeback == 0);
+                guest_log!(
+                    &CONFIG_WRITES,
+                    log::Level::Info,
+                    "the guest set the cache mode to {}",
+                    if writeback == 0 {
+                        "write-through"
+                    } else {
+                        "write-back"
+                    }
+                );
+            }
+            _ => guest_log!(
+                &CONFIG_WRITES,
+                log::Level::Debug,
+                "config write of {} byte(s) at {offset} ignored",
+                buf.len()
+            ),
+        }
+        Ok(())
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -450,13 +618,22 @@ impl VhostUserBackend for BlockBackend {
             eprintln!("vhost-user-blk: {err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
-        if evset != EventSet::IN {
-            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        if self.is_broken() {
+            return Ok(());
         }
-        if usize::from(device_event) >= vrings.len() {
-            return Err(io::Error::other(format!("no queue {device_event}")));
-        }
-        self.process_queues(vrings, thread_id)
+        let result = if evset != EventSet::IN {
+            Err(WorkerError::EventSet(evset))
+        } else if usize::from(device_event) >= vrings.len() {
+            Err(WorkerError::NoQueue(usize::from(device_event)))
+        } else {
+            self.process_queues(vrings, thread_id)
+        };
+        // The library ends the worker on an error, and nothing else would
+        // notice: the device breaks, which the VMM does see.
+        result.map_err(|err| {
+            self.break_device(&err);
+            io::Error::other(err)
+        })
     }
 }
 
@@ -475,7 +652,20 @@ fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::queue_masks;
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+    use vhost_user_backend::VringT;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const QUEUE_SIZE: u16 = 16;
+    const HEADER: u64 = 0x8000;
+    const DATA: u64 = 0x9000;
+    const STATUS: u64 = 0xa000;
 
     #[test]
     fn queues_are_dealt_round_robin_to_the_workers() {
@@ -484,5 +674,201 @@ mod tests {
         assert_eq!(queue_masks(5, 2), [0b10101, 0b01010]);
         assert_eq!(queue_masks(2, 8), [0b01, 0b10]);
         assert_eq!(queue_masks(1, 0), [0b1]);
+    }
+
+    /// A one-queue device with event_idx on a 64-sector disk, its vring set
+    /// up on rings laid out by virtio-queue's mock in guest memory.
+    struct Device {
+        backend: Arc<BlockBackend>,
+        vrings: Arc<Vec<VringRwLock>>,
+        mem: GuestMemoryMmap,
+        _disk: tempfile::NamedTempFile,
+    }
+
+    fn device() -> Device {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[0x5a; 64 * 512]).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let config = BackendConfig {
+            queues: 1,
+            threads: 1,
+            queue_size: usize::from(QUEUE_SIZE),
+            poll: Duration::ZERO,
+            serial: Vec::new(),
+            io_uring: true,
+            seccomp: tessera_seccomp::Filters::disabled(),
+        };
+        let backend = BlockBackend::new(disk, config, atomic.clone()).unwrap();
+        backend.set_event_idx(true);
+        let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let vring = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        vring.set_queue_event_idx(true);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Device {
+            backend: Arc::new(backend),
+            vrings: Arc::new(vec![vring]),
+            mem,
+            _disk: file,
+        }
+    }
+
+    impl Device {
+        fn avail_ring(&self) -> u64 {
+            self.vrings[0].get_ref().get_queue().avail_ring()
+        }
+
+        /// Posts a one-sector read of sector 0 as the chain at descriptor
+        /// `head`, in avail entry `position`.
+        fn post_read(&self, position: u16, head: u16) {
+            let mut header = [0u8; 16];
+            header[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+            self.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+            let table = self.vrings[0].get_ref().get_queue().desc_table();
+            let descriptors = [
+                (HEADER, 16, VRING_DESC_F_NEXT),
+                (DATA, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE),
+                (STATUS, 1, VRING_DESC_F_WRITE),
+            ];
+            for (i, (addr, len, flags)) in descriptors.into_iter().enumerate() {
+                let index = head + i as u16;
+                let desc =
+                    virtio_queue::desc::split::Descriptor::new(addr, len, flags as u16, index + 1);
+                self.mem
+                    .write_obj(
+                        RawDescriptor::from(desc),
+                        GuestAddress(table + u64::from(index) * 16),
+                    )
+                    .unwrap();
+            }
+            self.put_avail_entry(position, head);
+        }
+
+        fn put_avail_entry(&self, position: u16, head: u16) {
+            let entry = self.avail_ring() + 4 + u64::from(position % QUEUE_SIZE) * 2;
+            self.mem
+                .write_obj(head.to_le(), GuestAddress(entry))
+                .unwrap();
+        }
+
+        fn set_avail_idx(&self, idx: u16) {
+            self.mem
+                .write_obj(idx.to_le(), GuestAddress(self.avail_ring() + 2))
+                .unwrap();
+        }
+
+        /// Runs the worker for one kick of queue 0, as vhost-user-backend
+        /// does; `None` if it has not returned within five seconds.
+        fn kick(&self) -> Option<io::Result<()>> {
+            let (sender, receiver) = mpsc::channel();
+            let backend = self.backend.clone();
+            let vrings = self.vrings.clone();
+            std::thread::spawn(move || {
+                let _ = sender.send(backend.handle_event(0, EventSet::IN, &vrings, 0));
+            });
+            receiver.recv_timeout(Duration::from_secs(5)).ok()
+        }
+    }
+
+    #[test]
+    fn the_cache_mode_follows_flush_and_the_guests_writeback_field() {
+        let device = device();
+        let backend = &device.backend;
+        let writeback = || backend.get_config(WRITEBACK_OFFSET, 1)[0];
+        let features = backend.features();
+        // Without FLUSH the device is write-through, and says so.
+        backend.acked_features(features & !(1 << VIRTIO_BLK_F_FLUSH));
+        assert_eq!(writeback(), 0);
+        assert!(backend.disk.write_through());
+        // With FLUSH it starts write-back; CONFIG_WCE lets the guest switch.
+        backend.acked_features(features);
+        assert_eq!(writeback(), 1);
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert_eq!(writeback(), 0);
+        assert!(backend.disk.write_through());
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT.to_le_bytes());
+        device
+            .mem
+            .write_slice(&header, GuestAddress(HEADER))
+            .unwrap();
+        let write = [
+            Descriptor::new(HEADER, 16, 0, 0),
+            Descriptor::new(DATA, 512, 0, 0),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let durable = || match request::plan(&write, &device.mem, &backend.disk, b"") {
+            Plan::Io { io, .. } => io.durable,
+            _ => panic!("a valid write was not planned"),
+        };
+        assert!(
+            durable(),
+            "a write-through write must be durable when it completes"
+        );
+        backend.set_config(WRITEBACK_OFFSET, &[1]).unwrap();
+        assert_eq!(writeback(), 1);
+        assert!(!durable());
+        // Nothing else is writable, nor writeback without CONFIG_WCE: such
+        // writes are ignored.
+        let before = backend.config_space();
+        backend.set_config(0, &[0; 8]).unwrap();
+        assert_eq!(backend.config_space(), before);
+        backend.acked_features(features & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert_eq!(writeback(), 1);
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_device_instead_of_spinning() {
+        let device = device();
+        device.set_avail_idx(QUEUE_SIZE + 1);
+        let result = device.kick().expect("the worker spins on a broken ring");
+        assert!(result.is_err(), "the worker must report the broken queue");
+        assert!(device.backend.is_broken());
+        assert_eq!(
+            device.backend.stats.broken_queues.load(Ordering::Relaxed),
+            1
+        );
+        assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+        // Nothing more is served, and each kick returns at once.
+        device.post_read(0, 0);
+        device.set_avail_idx(1);
+        assert!(device
+            .kick()
+            .expect("a kick of a broken device returns")
+            .is_ok());
+        assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+    }
+
+    #[test]
+    fn a_head_past_the_queue_breaks_the_device_after_draining_its_io() {
+        let device = device();
+        assert!(
+            device.backend.engines[0].lock().unwrap().is_uring(),
+            "this test needs io_uring"
+        );
+        // A read goes in flight on io_uring, then the guest names a
+        // descriptor the queue does not have.
+        device.post_read(0, 0);
+        device.put_avail_entry(1, QUEUE_SIZE);
+        device.set_avail_idx(2);
+        let result = device.kick().expect("the worker returns");
+        assert!(result.is_err(), "the worker must report the broken queue");
+        assert!(device.backend.is_broken(), "the VMM must get to see it");
+        assert_eq!(
+            device.backend.engines[0].lock().unwrap().in_flight(),
+            0,
+            "I/O left in flight into memory the worker let go"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -29,6 +30,9 @@ pub struct Disk {
     sectors: u64,
     read_only: bool,
     direct: bool,
+    /// Whether each write is durable before it completes (the guest's
+    /// cache mode; write-back leaves that to FLUSH).
+    write_through: AtomicBool,
 }
 
 impl Disk {
@@ -91,6 +95,7 @@ impl Disk {
             sectors: size / SECTOR_SIZE,
             read_only,
             direct,
+            write_through: AtomicBool::new(true),
         })
     }
 
@@ -106,6 +111,17 @@ impl Disk {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Whether each write must be durable before it completes.
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Relaxed)
+    }
+
+    /// Sets the cache mode: write-through, or write-back (FLUSH makes
+    /// writes durable).
+    pub fn set_write_through(&self, write_through: bool) {
+        self.write_through.store(write_through, Ordering::Relaxed);
     }
 
     /// Whether I/O bypasses the host page cache (O_DIRECT).

@@ -57,6 +57,11 @@ pub enum InflightError {
         queue_size: u16,
         needed: usize,
     },
+    #[error(
+        "the inflight region's file is not sealed against shrinking (F_SEAL_SHRINK), so the \
+         frontend could truncate it under the mapping; seals: {seals}"
+    )]
+    NotSealed { seals: String },
     #[error("cannot create the inflight region: {0}")]
     Create(#[source] io::Error),
     #[error("cannot map the inflight region ({len} bytes at offset {offset}): {source}")]
@@ -134,6 +139,22 @@ impl InflightRegion {
         max_queue_size: usize,
     ) -> Result<Self, InflightError> {
         check_shape(given, max_queues, max_queue_size)?;
+        // Touching a mapping of a file truncated since is a SIGBUS: only a
+        // file that cannot shrink (a sealed memfd, as GET_INFLIGHT_FD hands
+        // out and QEMU hands back) is mapped.
+        match fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS) {
+            Ok(seals) if SealFlag::from_bits_retain(seals).contains(SealFlag::F_SEAL_SHRINK) => {}
+            Ok(seals) => {
+                return Err(InflightError::NotSealed {
+                    seals: format!("{:?}", SealFlag::from_bits_retain(seals)),
+                })
+            }
+            Err(errno) => {
+                return Err(InflightError::NotSealed {
+                    seals: format!("none ({errno})"),
+                })
+            }
+        }
         let needed = usize::from(given.num_queues) * queue_region_len(given.queue_size);
         // Touching a mapping past the end of its file is a SIGBUS.
         // fstat, not metadata(): std's statx is outside the seccomp filter.
@@ -363,6 +384,41 @@ mod tests {
         assert_eq!(before, contents());
     }
 
+    /// A memfd of `len` bytes with `seals`.
+    fn memfd(len: u64, seals: SealFlag) -> File {
+        let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
+        let file = File::from(memfd_create(c"test-inflight", flags).unwrap());
+        file.set_len(len).unwrap();
+        fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_region_the_frontend_could_shrink_is_refused() {
+        let given = VhostUserInflight {
+            mmap_size: 4160,
+            ..ask(1, 256)
+        };
+        // Truncated after SET_INFLIGHT_FD, any of these would make the
+        // worker's next mark a SIGBUS.
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(4160).unwrap();
+        for file in [
+            plain,
+            memfd(4160, SealFlag::empty()),
+            memfd(4160, SealFlag::F_SEAL_GROW),
+        ] {
+            let err = InflightRegion::open(&given, file, 4, 1024).err();
+            assert!(
+                matches!(err, Some(InflightError::NotSealed { .. })),
+                "{err:?}"
+            );
+        }
+        assert!(
+            InflightRegion::open(&given, memfd(4160, SealFlag::F_SEAL_SHRINK), 4, 1024).is_ok()
+        );
+    }
+
     #[test]
     fn bad_shapes_and_short_files_are_refused() {
         fn err<T>(result: Result<T, InflightError>) -> String {
@@ -374,8 +430,7 @@ mod tests {
         assert!(err(create(1, 100)).contains("of 100 entries"));
         assert!(err(create(1, 2048)).contains("of 2048 entries"));
 
-        let file = tempfile::tempfile().unwrap();
-        file.set_len(4096).unwrap();
+        let file = memfd(4096, SealFlag::F_SEAL_SHRINK);
         let small = VhostUserInflight {
             mmap_size: 4096,
             ..ask(1, 256)

@@ -6,6 +6,7 @@
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use vhost_user_blk::backend::{BackendConfig, BlockBackend};
+use vhost_user_blk::backend::{BackendConfig, BlockBackend, BlockStats};
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::request;
 
@@ -115,6 +116,7 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
             } else {
                 "SIGINT"
             };
+            log_stats(&backend.stats);
             match backend.flush() {
                 Ok(()) => eprintln!("vhost-user-blk: {name}: data flushed, exiting"),
                 Err(err) => eprintln!("vhost-user-blk: {name}: flush failed: {err}, exiting"),
@@ -124,11 +126,54 @@ fn handle_termination(backend: Arc<BlockBackend>) -> std::io::Result<()> {
     Ok(())
 }
 
+fn log_stats(stats: &BlockStats) {
+    eprintln!(
+        "vhost-user-blk: {} request(s) failed, {} queue(s) broken",
+        stats.failed_requests.load(Ordering::Relaxed),
+        stats.broken_queues.load(Ordering::Relaxed)
+    );
+}
+
+/// The exit status once the device broke (the guest broke a queue, or a
+/// worker's I/O engine failed).
+const EXIT_BROKEN: i32 = 3;
+
+/// Ends the process once the device is broken (the failing worker waited
+/// for its I/O in flight; the kernel cancels the others' before it unmaps
+/// anything): closing the vhost-user connection is what the VMM sees, and
+/// it then fails the disk's requests itself.
+fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
+    let broken = backend.broken_event()?;
+    std::thread::Builder::new()
+        .name("broken".into())
+        .spawn(move || {
+            if broken.consume().is_err() {
+                return;
+            }
+            backend.stop_workers();
+            let flushed = match backend.flush() {
+                Ok(()) => "data flushed".to_string(),
+                Err(err) => format!("flush failed: {err}"),
+            };
+            log_stats(&backend.stats);
+            eprintln!("vhost-user-blk: the device is broken; {flushed}; closing the connection");
+            std::process::exit(EXIT_BROKEN);
+        })?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Warnings and errors by default; RUST_LOG=debug shows every refused
-    // request and every vhost-user message the library logs.
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // Warnings and errors by default; RUST_LOG=debug shows refused requests
+    // (rate-limited) and every vhost-user message the library logs.
+    // virtio-queue logs an error for each bad chain a guest posts, with no
+    // limit: it is off unless RUST_LOG names it, the backend reports a
+    // broken ring once itself.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("virtio_queue", log::LevelFilter::Off)
+        .parse_env(env_logger::Env::default())
+        .init();
     if !cli.queue_size.is_power_of_two() || cli.queue_size > 32768 {
         return fail(
             2,
@@ -227,6 +272,9 @@ fn main() -> ExitCode {
     if let Err(err) = handle_termination(backend.clone()) {
         return fail(1, format_args!("cannot install signal handling: {err}"));
     }
+    if let Err(err) = end_when_broken(backend.clone()) {
+        return fail(1, format_args!("cannot watch for a broken device: {err}"));
+    }
     let mut daemon = match VhostUserDaemon::new("vhost-user-blk".into(), backend.clone(), mem) {
         Ok(daemon) => daemon,
         Err(err) => return fail(1, format_args!("cannot create the daemon: {err}")),
@@ -242,6 +290,7 @@ fn main() -> ExitCode {
     }
     let result = daemon.wait();
     backend.stop_workers();
+    log_stats(&backend.stats);
     if let Err(err) = backend.flush() {
         return fail(1, format_args!("final flush failed: {err}"));
     }

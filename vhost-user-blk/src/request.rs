@@ -18,6 +18,9 @@ use crate::disk::{Disk, SECTOR_SIZE};
 
 /// Data descriptors one request may carry (the `seg_max` we advertise).
 pub const SEG_MAX: u32 = 128;
+/// The largest data descriptor, in bytes (the `size_max` we advertise):
+/// a request moves at most `SEG_MAX * SIZE_MAX` bytes (128 MiB).
+pub const SIZE_MAX: u32 = 1 << 20;
 /// Discard and write-zeroes segments one request may carry.
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// The largest discard or write-zeroes range, in sectors.
@@ -41,6 +44,10 @@ pub enum RequestError {
     BadStatus,
     #[error("guest memory at {addr:#x} (+{len}) is not mapped")]
     BadAddress { addr: u64, len: u64 },
+    #[error("a data descriptor of {len} bytes is larger than size_max ({SIZE_MAX})")]
+    SegmentTooLarge { len: u32 },
+    #[error("the request moves {0} bytes, more than a used ring entry can report")]
+    TooLarge(u64),
     #[error("a data descriptor of a type {0} request has the wrong direction")]
     WrongDirection(u32),
     #[error("the data length {0} is not a multiple of 512")]
@@ -54,7 +61,7 @@ pub enum RequestError {
     #[error("a write to a read-only disk")]
     ReadOnly,
     #[error("a discard or write-zeroes segment list of {0} bytes is malformed")]
-    BadSegments(u32),
+    BadSegments(u64),
     #[error("unsupported flags {0:#x} in a discard or write-zeroes segment")]
     BadSegmentFlags(u32),
     #[error("request type {0} is not supported")]
@@ -96,8 +103,10 @@ pub struct DataIo {
     pub write: bool,
     pub offset: u64,
     pub iovecs: Vec<libc::iovec>,
-    /// Bytes in all the buffers.
+    /// Bytes in all the buffers (at most `SEG_MAX * SIZE_MAX`).
     pub len: u32,
+    /// A write that must be durable before it completes (write-through).
+    pub durable: bool,
 }
 
 // SAFETY: the iovecs point into guest memory, which the backend maps for as
@@ -204,6 +213,9 @@ pub fn run_sync(io: &DataIo, disk: &Disk) -> Result<(), RequestError> {
         }
         offset += iov.iov_len as u64;
     }
+    if io.durable {
+        disk.flush()?;
+    }
     Ok(())
 }
 
@@ -215,6 +227,7 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
         return Err(RequestError::ReadOnly);
     }
     let total = data_len(&request.data);
+    let len = u32::try_from(total).map_err(|_| RequestError::TooLarge(total))?;
     let offset = check_range(disk, request.sector, total)?;
     let iovecs = request
         .data
@@ -230,7 +243,8 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
         write,
         offset,
         iovecs,
-        len: total as u32,
+        len,
+        durable: write && disk.write_through(),
     })
 }
 
@@ -249,6 +263,9 @@ fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, R
     }
     if header.is_write_only() || header.len() < HEADER_LEN {
         return Err(RequestError::BadHeader { len: header.len() });
+    }
+    if let Some(data) = rest.iter().find(|d| d.len() > SIZE_MAX) {
+        return Err(RequestError::SegmentTooLarge { len: data.len() });
     }
     let mut raw = [0u8; HEADER_LEN as usize];
     mem.read_slice(&mut raw, header.addr())
@@ -369,12 +386,12 @@ fn segments(
         || !total.is_multiple_of(u64::from(SEGMENT_LEN))
         || total / u64::from(SEGMENT_LEN) > u64::from(MAX_DISCARD_SEG)
     {
-        return Err(RequestError::BadSegments(total as u32));
+        return Err(RequestError::BadSegments(total));
     }
     let mut out = Vec::new();
     for desc in &request.data {
         if !desc.len().is_multiple_of(SEGMENT_LEN) {
-            return Err(RequestError::BadSegments(desc.len()));
+            return Err(RequestError::BadSegments(u64::from(desc.len())));
         }
         for i in 0..desc.len() / SEGMENT_LEN {
             let addr = desc.addr().0.checked_add(u64::from(i * SEGMENT_LEN));
@@ -562,6 +579,48 @@ mod tests {
         long.push(desc(STATUS, 1, true));
         let (c, _) = run(&f, VIRTIO_BLK_T_IN, 0, &long);
         assert!(matches!(c.result, Err(RequestError::TooLong(_))));
+    }
+
+    #[test]
+    fn descriptors_over_size_max_are_refused_even_when_the_total_wraps_32_bits() {
+        // A disk and guest memory large enough that only size_max stands
+        // in the way; both stay sparse, nothing is read.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(8 << 30).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 3 << 30)]).unwrap();
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        // Two overlapping buffers of 2 GiB + 256 bytes: 4 GiB + 512 in all,
+        // 512 once truncated to 32 bits.
+        let big = (1u32 << 31) + 256;
+        let chain = [
+            Descriptor::new(HEADER, 16, 0, 0),
+            Descriptor::new(0, big, VRING_DESC_F_WRITE as u16, 0),
+            Descriptor::new(0, big, VRING_DESC_F_WRITE as u16, 0),
+            Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let Plan::Done(completion) = plan(&chain, &mem, &disk, b"") else {
+            panic!("a request with descriptors over size_max was planned");
+        };
+        assert!(matches!(
+            completion.result,
+            Err(RequestError::SegmentTooLarge { len }) if len == big
+        ));
+        let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        // One byte over size_max is refused too; size_max itself is fine.
+        let one = |len| {
+            let chain = [
+                Descriptor::new(HEADER, 16, 0, 0),
+                Descriptor::new(DATA, len, VRING_DESC_F_WRITE as u16, 0),
+                Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+            ];
+            plan(&chain, &mem, &disk, b"")
+        };
+        assert!(matches!(one(SIZE_MAX), Plan::Io { io, .. } if io.len == SIZE_MAX));
+        assert!(matches!(one(SIZE_MAX + 512), Plan::Done(_)));
     }
 
     #[test]

@@ -13,6 +13,9 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_common::guest_log;
+use vhost_user_common::ratelimit::{self, RateLimit};
+use vhost_user_common::ring::{self, RingError};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -47,6 +50,25 @@ pub struct NetConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
+/// Why a worker stopped serving a queue: the queue is then broken
+/// (virtio's NEEDS_RESET) until the frontend stops and restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Broken(#[from] RingError),
+    #[error("its rings cannot be updated: {0}")]
+    Ring(#[from] virtio_queue::Error),
+    #[error("the guest cannot be signalled: {0}")]
+    Signal(#[from] io::Error),
+}
+
+/// Frames and buffers dropped, logged at debug level.
+static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Queues broken by the guest.
+static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Set-up steps repeated each time the guest resets its driver.
+static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+
 /// Frame counters, logged when the backend exits.
 #[derive(Debug, Default)]
 pub struct NetStats {
@@ -54,6 +76,8 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     pub rx_frames: AtomicU64,
     pub rx_dropped: AtomicU64,
+    /// Queues the guest broke (each time it did).
+    pub broken_queues: AtomicU64,
 }
 
 /// A virtio-net device served over vhost-user, on a TAP.
@@ -67,6 +91,10 @@ pub struct NetBackend {
     /// Whether each pair's TAP queue is attached: pairs past the first
     /// join the TAP when the guest first kicks them (it uses that pair).
     attached: Vec<AtomicBool>,
+    /// Per queue (RX of pair p is 2p, TX 2p + 1): the guest broke it, so
+    /// it is not served until the frontend stops it (GET_VRING_BASE) and
+    /// sets it up again.
+    broken: Vec<AtomicBool>,
     pub stats: NetStats,
 }
 
@@ -88,6 +116,9 @@ impl NetBackend {
         let attached = (0..taps.len())
             .map(|pair| AtomicBool::new(pair == 0))
             .collect();
+        let broken = (0..2 * config.queue_pairs)
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(Self {
             taps,
             config,
@@ -96,6 +127,7 @@ impl NetBackend {
             mergeable: AtomicBool::new(false),
             exits,
             attached,
+            broken,
             stats: NetStats::default(),
         })
     }
@@ -126,9 +158,9 @@ impl NetBackend {
         c
     }
 
-    fn signal(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
         let notify = if self.event_idx.load(Ordering::Relaxed) {
-            vring.needs_notification().map_err(io::Error::other)?
+            vring.needs_notification()?
         } else {
             !self.driver_polls(vring)
         };
@@ -142,6 +174,39 @@ impl NetBackend {
     /// VRING_AVAIL_F_NO_INTERRUPT (a polling driver such as DPDK's), so
     /// that the device should not interrupt it. A ring that cannot be read
     /// counts as "interrupt".
+    /// Runs `process` for `queue` unless the guest broke that queue.
+    fn serve(
+        &self,
+        queue: usize,
+        process: impl FnOnce() -> Result<(), QueueError>,
+    ) -> Result<(), QueueError> {
+        if self.is_broken(queue) {
+            return Ok(());
+        }
+        process()
+    }
+
+    /// Whether the guest broke `queue`, which is then not served.
+    pub fn is_broken(&self, queue: usize) -> bool {
+        self.broken
+            .get(queue)
+            .is_some_and(|broken| broken.load(Ordering::Acquire))
+    }
+
+    /// Stops serving `queue`: what the guest wrote there cannot be served.
+    /// The other queues go on; the frontend may reset this one.
+    fn break_queue(&self, queue: usize, err: &QueueError) {
+        self.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+        if let Some(broken) = self.broken.get(queue) {
+            broken.store(true, Ordering::Release);
+        }
+        guest_log!(
+            &BROKEN,
+            log::Level::Error,
+            "queue {queue} is broken and no longer served: {err}"
+        );
+    }
+
     fn driver_polls(&self, vring: &VringRwLock) -> bool {
         // The used entries must be visible before the flags are read.
         fence(Ordering::SeqCst);
@@ -154,20 +219,17 @@ impl NetBackend {
 
     /// Guest to TAP: sends every posted frame; bad frames are dropped and
     /// counted, and each chain goes back to the guest.
-    fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
+    fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
         let mem = self.mem.memory();
         loop {
             // No kicks while this pass runs (VRING_USED_F_NO_NOTIFY, or
             // nothing to do with EVENT_IDX).
-            vring.disable_notification().map_err(io::Error::other)?;
+            vring.disable_notification()?;
             let mut sent = 0;
             loop {
                 // Pop in its own statement: a `while let` would hold the
                 // vring lock through the body, and `add_used` takes it too.
-                let next = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
+                let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
                 let Some(chain) = next else {
                     break;
                 };
@@ -176,17 +238,17 @@ impl NetBackend {
                 match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
                     Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
                     Err(err) => {
-                        log::debug!("TX frame dropped: {err}");
+                        guest_log!(&DROPPED, log::Level::Debug, "TX frame dropped: {err}");
                         self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed)
                     }
                 };
-                vring.add_used(head, 0).map_err(io::Error::other)?;
+                vring.add_used(head, 0)?;
                 sent += 1;
             }
             if sent > 0 {
                 self.signal(vring)?;
             }
-            if !vring.enable_notification().map_err(io::Error::other)? {
+            if !vring.enable_notification()? {
                 return Ok(());
             }
         }
@@ -197,7 +259,7 @@ impl NetBackend {
     /// mergeable frame may need up to 64 KiB of them, most of which a small
     /// frame leaves for the next); those left at the end go back to the
     /// ring. Notifications of new buffers are off while buffers remain.
-    fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> io::Result<()> {
+    fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
         let mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
         let mut ready: VecDeque<RxChain> = VecDeque::new();
@@ -208,7 +270,7 @@ impl NetBackend {
         // are used, so that `ready` always ends at the ring's position and
         // can be given back by rewinding.
         let mut blocked = false;
-        vring.disable_notification().map_err(io::Error::other)?;
+        vring.disable_notification()?;
         loop {
             if ready.is_empty() {
                 blocked = false;
@@ -219,10 +281,7 @@ impl NetBackend {
                 && capacity < MAX_FRAME_LEN + VNET_HDR_LEN
                 && (mergeable || ready.is_empty())
             {
-                let Some(chain) = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone())
+                let Some(chain) = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?
                 else {
                     break;
                 };
@@ -234,8 +293,8 @@ impl NetBackend {
                         ready.push_back(checked);
                     }
                     Err(err) if ready.is_empty() => {
-                        log::debug!("RX buffer refused: {err}");
-                        vring.add_used(head, 0).map_err(io::Error::other)?;
+                        guest_log!(&DROPPED, log::Level::Debug, "RX buffer refused: {err}");
+                        vring.add_used(head, 0)?;
                         self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                         delivered += 1;
                     }
@@ -247,8 +306,8 @@ impl NetBackend {
             }
             if ready.is_empty() {
                 // No buffers: stop until the guest posts some and kicks.
-                if vring.enable_notification().map_err(io::Error::other)? {
-                    vring.disable_notification().map_err(io::Error::other)?;
+                if vring.enable_notification()? {
+                    vring.disable_notification()?;
                     continue;
                 }
                 break;
@@ -265,17 +324,17 @@ impl NetBackend {
                     for len in used {
                         let chain = ready.pop_front().expect("used only ready chains");
                         capacity -= chain.capacity;
-                        vring.add_used(chain.head, len).map_err(io::Error::other)?;
+                        vring.add_used(chain.head, len)?;
                     }
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
                 Err(err) => {
                     // Give the first chain back empty, keep the rest.
-                    log::debug!("RX frame dropped: {err}");
+                    guest_log!(&DROPPED, log::Level::Debug, "RX frame dropped: {err}");
                     let chain = ready.pop_front().expect("not empty");
                     capacity -= chain.capacity;
-                    vring.add_used(chain.head, 0).map_err(io::Error::other)?;
+                    vring.add_used(chain.head, 0)?;
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
@@ -346,7 +405,7 @@ impl VhostUserBackend for NetBackend {
         }
         for tap in &self.taps {
             if let Err(err) = tap.set_offload(offload) {
-                log::error!("{err}");
+                guest_log!(&SETUP, log::Level::Error, "{err}");
             }
         }
     }
@@ -387,6 +446,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(broken) = self.broken.get(queue_index as usize) {
+            broken.store(false, Ordering::Release);
+        }
         // A reset guest may come back with fewer pairs: detach again.
         let pair = queue_index as usize / 2;
         if pair > 0
@@ -415,10 +477,30 @@ impl VhostUserBackend for NetBackend {
             eprintln!("vhost-user-net: {err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
+        if let Err(err) = self.serve_event(device_event, evset, vrings, thread_id) {
+            // vhost-user-backend would end the worker and tell no one: the
+            // pair would go silent while the process looks alive. Ending
+            // the process closes the connection, which the VMM watches.
+            eprintln!("vhost-user-net: worker {thread_id}: {err}; exiting");
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}
+
+impl NetBackend {
+    /// Serves one event of the worker of pair `pair`. A queue the guest
+    /// broke is marked so; an error is left for the worker to fail on.
+    fn serve_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        pair: usize,
+    ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let pair = thread_id;
         let Some(tap) = self.taps.get(pair) else {
             return Err(io::Error::other(format!("no queue pair {pair}")));
         };
@@ -428,33 +510,45 @@ impl VhostUserBackend for NetBackend {
             .is_some_and(|a| !a.swap(true, Ordering::AcqRel))
         {
             tap.set_queue_attached(true).map_err(io::Error::other)?;
-            log::info!("queue pair {pair} is in use: its TAP queue is attached");
+            guest_log!(
+                &SETUP,
+                log::Level::Info,
+                "queue pair {pair} is in use: its TAP queue is attached"
+            );
         }
         // Each worker gets only its own pair's vrings, and their kicks as
         // events 0 (RX) and 1 (TX); the TAP's event is ours.
         let event = usize::from(device_event);
         let rx = vrings.first();
         let tx = vrings.get(1);
-        match (event, rx, tx) {
-            (1, _, Some(tx)) => self.process_tx(tx, tap),
-            (0, Some(rx), _) => self.process_rx(rx, tap),
+        let (queue, result) = match (event, rx, tx) {
+            (1, _, Some(tx)) => (
+                2 * pair + 1,
+                self.serve(2 * pair + 1, || self.process_tx(tx, tap)),
+            ),
+            (0, Some(rx), _) => (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap))),
             // Frames before the guest set up its RX queue wait in the TAP;
             // the guest's first RX kick picks them up.
             (e, Some(rx), _) if e as u64 == self.tap_event(pair) => {
                 if rx.get_ref().get_queue().ready() {
-                    self.process_rx(rx, tap)
+                    (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
                 } else {
-                    Ok(())
+                    return Ok(());
                 }
             }
-            _ => Err(io::Error::other(format!("unexpected event {device_event}"))),
+            _ => return Err(io::Error::other(format!("unexpected event {device_event}"))),
+        };
+        if let Err(err) = result {
+            self.break_queue(queue, &err);
         }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn backend(queue_pairs: usize) -> NetBackend {
         let config = NetConfig {
@@ -496,5 +590,76 @@ mod tests {
         assert_eq!(two.features(), base | 1 << VIRTIO_NET_F_MQ);
         assert_eq!(two.protocol_features(), protocol);
         assert_eq!(two.num_queues(), 4);
+    }
+
+    const QUEUE_SIZE: u16 = 16;
+
+    /// Runs the worker of pair 0 for one kick of `queue`, as
+    /// vhost-user-backend does; `None` if it has not returned within five
+    /// seconds.
+    fn kick(
+        backend: &Arc<NetBackend>,
+        vrings: &Arc<Vec<VringRwLock>>,
+        queue: u16,
+    ) -> Option<io::Result<()>> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let (backend, vrings) = (backend.clone(), vrings.clone());
+        std::thread::spawn(move || {
+            let _ = sender.send(backend.handle_event(queue, EventSet::IN, &vrings, 0));
+        });
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .ok()
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_queue_instead_of_spinning() {
+        use virtio_queue::mock::MockSplitQueue;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        let config = NetConfig {
+            mac: None,
+            mtu: None,
+            queue_pairs: 1,
+            queue_size: usize::from(QUEUE_SIZE),
+            seccomp: tessera_seccomp::Filters::disabled(),
+        };
+        let tap = Tap::stand_in(std::fs::File::open("/dev/null").unwrap());
+        let backend = Arc::new(NetBackend::new(vec![tap], config, atomic.clone()).unwrap());
+        backend.set_event_idx(true);
+        let vrings: Vec<VringRwLock> = [0x1_0000, 0x2_0000]
+            .into_iter()
+            .map(|base| {
+                let mock = MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);
+                let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+                vring.set_queue_size(QUEUE_SIZE);
+                vring
+                    .set_queue_info(
+                        mock.desc_table_addr().0,
+                        mock.avail_addr().0,
+                        mock.used_addr().0,
+                    )
+                    .unwrap();
+                vring.set_queue_event_idx(true);
+                vring.set_queue_ready(true);
+                vring.set_enabled(true);
+                vring
+            })
+            .collect();
+        let vrings = Arc::new(vrings);
+        let tx_avail = vrings[1].get_ref().get_queue().avail_ring();
+        mem.write_obj((QUEUE_SIZE + 1).to_le(), GuestAddress(tx_avail + 2))
+            .unwrap();
+
+        let result = kick(&backend, &vrings, 1).expect("the TX worker spins on a broken ring");
+        assert!(result.is_ok(), "the worker goes on serving the other queue");
+        assert!(backend.is_broken(1) && !backend.is_broken(0));
+        assert_eq!(backend.stats.broken_queues.load(Ordering::Relaxed), 1);
+        // A broken queue is left alone, kick after kick.
+        assert!(kick(&backend, &vrings, 1).expect("returns").is_ok());
+        assert_eq!(backend.stats.broken_queues.load(Ordering::Relaxed), 1);
+        // Until the frontend stops it to set it up again.
+        backend.stop_vring(1).unwrap();
+        assert!(!backend.is_broken(1));
     }
 }

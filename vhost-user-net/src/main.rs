@@ -81,11 +81,12 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 fn log_stats(stats: &backend::NetStats) {
     eprintln!(
-        "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped)",
+        "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped), {} broken queue(s)",
         stats.tx_frames.load(Ordering::Relaxed),
         stats.tx_dropped.load(Ordering::Relaxed),
         stats.rx_frames.load(Ordering::Relaxed),
-        stats.rx_dropped.load(Ordering::Relaxed)
+        stats.rx_dropped.load(Ordering::Relaxed),
+        stats.broken_queues.load(Ordering::Relaxed)
     );
 }
 
@@ -146,7 +147,14 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // virtio-queue logs an error for each bad chain a guest posts, with no
+    // limit: it is off unless RUST_LOG names it; the backend reports a
+    // broken ring itself, rate-limited.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("virtio_queue", log::LevelFilter::Off)
+        .parse_env(env_logger::Env::default())
+        .init();
     if !cli.queue_size.is_power_of_two() || cli.queues % 2 != 0 {
         return fail(
             2,
@@ -297,7 +305,7 @@ fn main() -> ExitCode {
                     Err(err) => return fail(1, format_args!("cannot accept a frontend: {err}")),
                 }
             };
-            if let Err(err) = relay::spawn(frontend, handler_end) {
+            if let Err(err) = relay::spawn(frontend, handler_end, u32::from(cli.queues)) {
                 return fail(1, format_args!("cannot start the relay: {err}"));
             }
             daemon.start(&mut inner)

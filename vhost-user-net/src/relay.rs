@@ -11,9 +11,12 @@
 //! userspace virtio") when it restores the enable state.
 //!
 //! The relay passes every message through unchanged (with its fds), except
-//! a SET_VRING_ENABLE before SET_FEATURES: that one is acked when the
-//! frontend asked for an ack, kept (the last one per ring), and sent on
-//! right after a SET_FEATURES that acks protocol features.
+//! a SET_VRING_ENABLE before SET_FEATURES for one of the device's rings:
+//! that one is acked when the frontend asked for an ack, kept (the last one
+//! per ring, without fds, which it never carries), and sent on right after
+//! a SET_FEATURES that acks protocol features. One for a ring the device
+//! does not have goes through, for the handler to refuse: the relay keeps
+//! at most one small message per ring.
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -184,6 +187,8 @@ struct Requests {
     to_frontend: Arc<Mutex<UnixStream>>,
     features_set: bool,
     reply_ack: bool,
+    /// The device's rings: only these have a deferred enable.
+    rings: u32,
     deferred: BTreeMap<u32, Message>,
     /// Whether the log line about deferring was printed.
     deferred_any: bool,
@@ -200,10 +205,12 @@ impl Requests {
     fn pass(&mut self, mut message: Message) -> io::Result<()> {
         match message.request() {
             SET_VRING_ENABLE if !self.features_set => {
-                let Some(index) = message.vring_index() else {
-                    // Malformed: the handler refuses it.
+                let Some(index) = message.vring_index().filter(|i| *i < self.rings) else {
+                    // Malformed, or not a ring of the device: the handler
+                    // refuses it.
                     return write_message(&self.backend, &message);
                 };
+                message.fds.clear();
                 if self.reply_ack && message.flags() & FLAG_NEED_REPLY != 0 {
                     write_message(&self.to_frontend.lock().unwrap(), &message.ack())?;
                 }
@@ -246,9 +253,10 @@ impl Requests {
 }
 
 /// Relays between `frontend` (the frontend's connection) and `backend`
-/// (the vhost crate's side) on two threads. When either side hangs up, the
-/// other is shut down, so the handler sees the frontend leave.
-pub fn spawn(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
+/// (the vhost crate's side of a device with `rings` rings) on two threads.
+/// When either side hangs up, the other is shut down, so the handler sees
+/// the frontend leave.
+pub fn spawn(frontend: UnixStream, backend: UnixStream, rings: u32) -> io::Result<()> {
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let replies_from = backend.try_clone()?;
     let replies_to = to_frontend.clone();
@@ -269,6 +277,7 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream) -> io::Result<()> {
         to_frontend,
         features_set: false,
         reply_ack: false,
+        rings,
         deferred: BTreeMap::new(),
         deferred_any: false,
     };
@@ -289,6 +298,7 @@ mod tests {
     use std::io::{Read, Write};
 
     const GET_FEATURES: u32 = 1;
+    const RINGS: u32 = 2;
     const SET_VRING_KICK: u32 = 12;
 
     fn message(request: u32, flags: u32, body: &[u8]) -> Message {
@@ -312,7 +322,11 @@ mod tests {
     fn relay() -> (UnixStream, UnixStream) {
         let (frontend, frontend_relay) = UnixStream::pair().unwrap();
         let (backend_relay, backend) = UnixStream::pair().unwrap();
-        spawn(frontend_relay, backend_relay).unwrap();
+        spawn(frontend_relay, backend_relay, RINGS).unwrap();
+        // A message that never comes fails the test rather than hang it.
+        let timeout = Some(std::time::Duration::from_secs(5));
+        frontend.set_read_timeout(timeout).unwrap();
+        backend.set_read_timeout(timeout).unwrap();
         (frontend, backend)
     }
 
@@ -405,5 +419,46 @@ mod tests {
         assert_eq!(got.request(), GET_FEATURES);
         drop(backend);
         assert!(read_message(&frontend).unwrap().is_none());
+    }
+
+    #[test]
+    fn only_the_devices_rings_are_deferred_and_each_once() {
+        let (frontend, backend) = relay();
+        // Any number of early enables of the device's rings: the last one
+        // per ring is kept.
+        for round in 0..1000 {
+            for ring in 0..RINGS {
+                let enable = message(SET_VRING_ENABLE, 0, &vring_state(ring, round % 2));
+                write_message(&frontend, &enable).unwrap();
+            }
+        }
+        // Enables of rings the device does not have are not kept: they go
+        // to the handler, which refuses them.
+        for ring in [RINGS, 7, u32::MAX] {
+            write_message(
+                &frontend,
+                &message(SET_VRING_ENABLE, 0, &vring_state(ring, 1)),
+            )
+            .unwrap();
+            let got = next(&backend);
+            assert_eq!(got.request(), SET_VRING_ENABLE);
+            assert_eq!(got.body, vring_state(ring, 1));
+        }
+        let features = F_PROTOCOL_FEATURES;
+        write_message(
+            &frontend,
+            &message(SET_FEATURES, 0, &features.to_le_bytes()),
+        )
+        .unwrap();
+        assert_eq!(next(&backend).request(), SET_FEATURES);
+        for ring in 0..RINGS {
+            assert_eq!(next(&backend).body, vring_state(ring, 1));
+        }
+        write_message(&frontend, &message(GET_FEATURES, 0, &[])).unwrap();
+        assert_eq!(
+            next(&backend).request(),
+            GET_FEATURES,
+            "nothing else was kept"
+        );
     }
 }

@@ -95,6 +95,15 @@ impl Tap {
             .collect()
     }
 
+    /// A stand-in over any file, for tests that never reach the TAP.
+    #[cfg(test)]
+    pub(crate) fn stand_in(file: File) -> Tap {
+        Tap {
+            name: "stand-in".into(),
+            file,
+        }
+    }
+
     fn open_one(name: &str, multi_queue: bool, vnet_hdr_len: i32) -> Result<Tap, TapError> {
         let file = OpenOptions::new()
             .read(true)
