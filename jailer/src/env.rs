@@ -389,6 +389,11 @@ impl Env {
                     cgroups: self.cgroups.clone(),
                     quiet: self.daemonize,
                     last_cap: self.last_cap,
+                    taps: launcher::tap::TapPolicy {
+                        uid: self.uid,
+                        gid: self.gid,
+                        private_netns: self.netns.is_some(),
+                    },
                 },
                 cgroups,
             )?),

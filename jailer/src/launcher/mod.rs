@@ -19,7 +19,9 @@
 //!   short printable serial ([`validate`]);
 //! - the only resources it hands out are fds the VMM already holds (its
 //!   listening socket and disk file, checked by type) and the queues of a
-//!   TAP that already exists in the VMM's network namespace;
+//!   TAP that already exists in the VMM's network namespace, that the
+//!   VMM's uid or gid owns (or, with `--netns`, that nobody owns) and that
+//!   nobody has attached ([`tap`]);
 //! - at most [`jailer::launch::MAX_BACKENDS`] backends run at a time, one
 //!   per device id;
 //! - each backend is as confined as the VMM (own jail, cgroup, mount
@@ -85,6 +87,8 @@ pub struct LauncherConfig {
     /// Stderr to /dev/null too (`--daemonize`).
     pub quiet: bool,
     pub last_cap: u32,
+    /// Which TAPs the VMM may have.
+    pub taps: tap::TapPolicy,
 }
 
 /// Errors starting the launcher.
@@ -272,7 +276,10 @@ impl Launcher {
         let mut fds = fds;
         if request.kind == BackendKind::Net {
             let tap = request.tap.as_deref().unwrap_or_default();
-            fds.extend(tap::open_tap(tap, request.tap_queue_pairs)?);
+            fds.extend(
+                tap::open_tap(tap, request.tap_queue_pairs, &self.config.taps)
+                    .map_err(|err| err.to_string())?,
+            );
         }
         let spawned = spawn::spawn(&self.config, &request, fds)?;
         let pid = spawned.pid;
