@@ -342,7 +342,7 @@ impl Env {
         self.limits.install()?;
 
         // 5. Cgroups; from here on a failure removes them.
-        let mut cgroups = self.cgroups.create(&self.id, None)?;
+        let mut cgroups = self.cgroups.create(&self.id)?;
         let Err(err) = self.run_in_cgroups(&mut cgroups);
         cgroups.leave_self();
         for (path, errno) in cgroups.remove(Duration::from_secs(1)) {
@@ -377,26 +377,30 @@ impl Env {
             None
         };
         let launcher_fd: Option<OwnedFd> = match &self.backends {
-            Some(backends) => Some(launcher::start(
-                LauncherConfig {
-                    id: self.id.clone(),
-                    chroot_base: self.chroot_base.clone(),
-                    uid: backends.uid,
-                    gid: backends.gid,
-                    blk_bin: backends.blk_bin.clone(),
-                    net_bin: backends.net_bin.clone(),
-                    limits: self.limits.clone(),
-                    cgroups: self.cgroups.clone(),
-                    quiet: self.daemonize,
-                    last_cap: self.last_cap,
-                    taps: launcher::tap::TapPolicy {
-                        uid: self.uid,
-                        gid: self.gid,
-                        private_netns: self.netns.is_some(),
+            Some(backends) => Some(
+                launcher::start(
+                    LauncherConfig {
+                        id: self.id.clone(),
+                        vm_dir: self.chroot_base.join(&self.exec_name).join(&self.id),
+                        uid: backends.uid,
+                        gid: backends.gid,
+                        blk_bin: backends.blk_bin.clone(),
+                        net_bin: backends.net_bin.clone(),
+                        limits: self.limits.clone(),
+                        cgroups: self.cgroups.clone(),
+                        quiet: self.daemonize,
+                        last_cap: self.last_cap,
+                        taps: launcher::tap::TapPolicy {
+                            uid: self.uid,
+                            gid: self.gid,
+                            private_netns: self.netns.is_some(),
+                        },
+                        max_starts: jailer::launch::MAX_BACKEND_STARTS,
                     },
-                },
-                cgroups,
-            )?),
+                    cgroups,
+                )?
+                .0,
+            ),
             None => None,
         };
 

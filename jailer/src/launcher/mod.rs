@@ -23,10 +23,14 @@
 //!   VMM's uid or gid owns (or, with `--netns`, that nobody owns) and that
 //!   nobody has attached ([`tap`]);
 //! - at most [`jailer::launch::MAX_BACKENDS`] backends run at a time, one
-//!   per device id;
-//! - each backend is as confined as the VMM (own jail, cgroup, mount
-//!   namespace, rlimits, backend uid/gid, no capabilities, no device
-//!   nodes) and dies with the launcher (PR_SET_PDEATHSIG).
+//!   per device id, and at most [`jailer::launch::MAX_BACKEND_STARTS`] are
+//!   started in the VM's life; a backend's jail and cgroup are removed as
+//!   soon as it ends;
+//! - each backend is as confined as the VMM (own jail, mount namespace,
+//!   rlimits, backend uid/gid, no capabilities, no device nodes), in a
+//!   child of the VM's cgroup (so under the VM's `--cgroup` limits), in an
+//!   empty network namespace unless it is a net backend, and dies with the
+//!   launcher (PR_SET_PDEATHSIG).
 //!
 //! A bad request gets `Failed { error }` and the launcher keeps serving.
 //! It reaps its backends as they die (logging the device and status on its
@@ -75,7 +79,9 @@ const VMM_CGROUP_PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct LauncherConfig {
     pub id: String,
-    pub chroot_base: PathBuf,
+    /// The VM's instance directory, `<base>/<vmm-exe>/<id>`: the backends'
+    /// jails are made in it.
+    pub vm_dir: PathBuf,
     /// The backends' uid and gid.
     pub uid: u32,
     pub gid: u32,
@@ -89,6 +95,9 @@ pub struct LauncherConfig {
     pub last_cap: u32,
     /// Which TAPs the VMM may have.
     pub taps: tap::TapPolicy,
+    /// The most backends to start in the VM's life
+    /// ([`MAX_BACKEND_STARTS`]).
+    pub max_starts: usize,
 }
 
 /// Errors starting the launcher.
@@ -103,12 +112,12 @@ pub enum LauncherError {
 }
 
 /// Forks the launcher; returns the VMM's end of the channel (inherited
-/// across exec). The child never returns. `vmm_cgroups` are the cgroups
+/// across exec) and the launcher's pid. The child never returns. `vmm_cgroups` are the cgroups
 /// the caller is in: the launcher leaves them and removes them at the end.
 pub fn start(
     config: LauncherConfig,
     vmm_cgroups: &mut CgroupSet,
-) -> Result<OwnedFd, LauncherError> {
+) -> Result<(OwnedFd, Pid), LauncherError> {
     let (vmm_end, launcher_end) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -124,19 +133,19 @@ pub fn start(
             let code = run(config, launcher_end, cgroups);
             std::process::exit(code)
         }
-        ForkResult::Parent { .. } => {
+        ForkResult::Parent { child } => {
             drop(launcher_end);
             nix::fcntl::fcntl(
                 vmm_end.as_raw_fd(),
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
             )
             .map_err(LauncherError::Cloexec)?;
-            Ok(vmm_end)
+            Ok((vmm_end, child))
         }
     }
 }
 
-fn log(message: std::fmt::Arguments<'_>) {
+pub(crate) fn log(message: std::fmt::Arguments<'_>) {
     eprintln!("jailer launcher: {message}");
 }
 
@@ -145,12 +154,16 @@ struct Backend {
     device_id: String,
     kind: BackendKind,
     cgroups: CgroupSet,
+    /// Its jail's directory, removed when it ends.
+    instance: PathBuf,
 }
 
 /// The launcher's state.
 struct Launcher {
     config: LauncherConfig,
     backends: HashMap<Pid, Backend>,
+    /// Requests that got as far as building a jail.
+    starts: usize,
 }
 
 fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> i32 {
@@ -186,6 +199,7 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
     let mut launcher = Launcher {
         config,
         backends: HashMap::new(),
+        starts: 0,
     };
     launcher.serve(&channel, &sigfd);
     drop(channel);
@@ -263,6 +277,12 @@ impl Launcher {
         if self.backends.len() >= MAX_BACKENDS {
             return Err(format!("{MAX_BACKENDS} backends are running already"));
         }
+        if self.starts >= self.config.max_starts {
+            return Err(format!(
+                "{} backends were started already: no more for this VM",
+                self.starts
+            ));
+        }
         if self
             .backends
             .values()
@@ -281,6 +301,7 @@ impl Launcher {
                     .map_err(|err| err.to_string())?,
             );
         }
+        self.starts += 1;
         let spawned = spawn::spawn(&self.config, &request, fds)?;
         let pid = spawned.pid;
         log(format_args!(
@@ -293,6 +314,7 @@ impl Launcher {
                 device_id: request.device_id,
                 kind: request.kind,
                 cgroups: spawned.cgroups,
+                instance: spawned.instance,
             },
         );
         u32::try_from(pid.as_raw()).map_err(|_| format!("odd pid {pid}"))
@@ -317,6 +339,9 @@ impl Launcher {
                                 "cannot remove cgroup {}: {errno}",
                                 path.display()
                             ));
+                        }
+                        if let Err(err) = spawn::remove_jail(&backend.instance) {
+                            log(format_args!("{err}"));
                         }
                     }
                 }
@@ -357,5 +382,118 @@ fn describe(status: WaitStatus) -> String {
         WaitStatus::Exited(_, code) => format!("status {code}"),
         WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jailer::launch::request_launch;
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    /// A launcher for VM `vm` whose blk "backend" is `/bin/true` (it exits
+    /// at once), with its instance directory in `dir`.
+    fn config(dir: &Path, max_starts: usize) -> LauncherConfig {
+        let true_bin = std::fs::canonicalize("/bin/true").unwrap();
+        LauncherConfig {
+            id: "vm".into(),
+            vm_dir: dir.join("tessera").join("vm"),
+            uid: 4321,
+            gid: 4321,
+            blk_bin: true_bin.clone(),
+            net_bin: true_bin,
+            limits: ResourceLimits::default(),
+            cgroups: CgroupPlan {
+                version: crate::cgroup::CgroupVersion::V1,
+                parent: "unused".into(),
+                hierarchies: Vec::new(),
+            },
+            quiet: false,
+            last_cap: crate::privileges::prepare(),
+            taps: tap::TapPolicy {
+                uid: 1234,
+                gid: 1234,
+                private_netns: false,
+            },
+            max_starts,
+        }
+    }
+
+    fn blk(device_id: &str) -> LaunchRequest {
+        LaunchRequest {
+            kind: BackendKind::Blk,
+            device_id: device_id.into(),
+            args: Vec::new(),
+            tap: None,
+            tap_queue_pairs: 0,
+        }
+    }
+
+    /// Bytes in the files under `dir` (0 if it is gone).
+    fn bytes_under(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => bytes_under(&e.path()),
+                _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+            })
+            .sum()
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn backends_that_exit_leave_no_jail_and_starts_are_capped() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        const STARTS: usize = 12;
+        let dir = std::env::temp_dir().join(format!("jailer-starts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, STARTS);
+        let jails = cfg.vm_dir.clone();
+        let (channel, launcher) = start(cfg, &mut CgroupSet::default()).unwrap();
+        let listener = UnixListener::bind(dir.join("sock")).unwrap();
+        let disk = std::fs::File::create(dir.join("disk")).unwrap();
+        let fds = [listener.as_raw_fd(), disk.as_raw_fd()];
+        for i in 0..STARTS {
+            let started = request_launch(channel.as_fd(), &blk(&format!("d{i}")), &fds);
+            assert!(started.is_ok(), "start {i}: {started:?}");
+        }
+        // Each "backend" exits at once: its jail goes with it.
+        let emptied = wait_for(|| !jails.join("true").exists());
+        assert!(
+            emptied,
+            "{} bytes of jails left after {STARTS} starts",
+            bytes_under(&jails)
+        );
+        // No backend runs, but the VM has used up its starts.
+        match request_launch(channel.as_fd(), &blk("one-more"), &fds) {
+            Err(LaunchError::Failed(error)) => {
+                assert!(error.contains("12 backends were started"), "{error}")
+            }
+            other => panic!("start {STARTS} was not refused: {other:?}"),
+        }
+        assert!(!jails.join("true").join("one-more").exists());
+        drop(channel);
+        assert_eq!(
+            waitpid(launcher, None).unwrap(),
+            WaitStatus::Exited(launcher, 0)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
