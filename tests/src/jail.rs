@@ -33,6 +33,17 @@ impl JailBase {
         self.path().join(exe).join(id).join("root")
     }
 
+    /// The jail root of the `exe` backend of `device` of `tessera`
+    /// instance `id`: `<base>/tessera/<id>/<exe>/<device>/root`.
+    pub fn backend_root(&self, id: &str, exe: &str, device: &str) -> PathBuf {
+        self.path()
+            .join("tessera")
+            .join(id)
+            .join(exe)
+            .join(device)
+            .join("root")
+    }
+
     /// Creates the jail root of `tessera` instance `id` with the probe
     /// kernel (`kernel`) and `vm.json` booting it with `boot_args`.
     pub fn prepare_probe(&self, id: &str, boot_args: &str) -> PathBuf {

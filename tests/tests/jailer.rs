@@ -530,11 +530,13 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     assert_confined("tessera", pid, "1234", &root);
     let launcher = child_pid(pid, "jailer").expect("the backend launcher");
     let mut backend_cgroups = Vec::new();
+    let mut backend_jails = Vec::new();
     for (exe, device) in [("vhost-user-blk", "data_1"), ("vhost-user-net", "eth0")] {
         let backend = child_pid(launcher, exe).unwrap_or_else(|| panic!("no {exe}"));
-        let jail = base.root(exe, &format!("{id}-{device}"));
+        let jail = base.backend_root(&id, exe, device);
         assert_confined(exe, backend, "1235", &jail);
         assert_ne!(mount_ns(&backend.to_string()), mount_ns(&pid.to_string()));
+        backend_jails.push(jail.parent().unwrap().to_path_buf());
         // Its jail holds the binary (and its libraries), not the disk or a
         // device node: the disk and the TAP came as fds.
         let entries: Vec<String> = std::fs::read_dir(&jail)
@@ -546,10 +548,27 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
             !entries.iter().any(|e| e.ends_with(".img") || e == "dev"),
             "{entries:?}"
         );
-        let leaf = format!("{id}-{device}");
+        // A child of the VM's cgroups, under the VM's values.
+        let leaf = format!("{id}/{device}");
         let own = std::fs::read_to_string(format!("/proc/{backend}/cgroup")).unwrap();
-        assert!(own.contains(&format!("/{parent}/{leaf}")), "{exe}: {own}");
+        for controller in CONTROLLERS {
+            assert!(
+                own.lines()
+                    .any(|l| l.ends_with(&format!(":{controller}:/{parent}/{leaf}"))),
+                "{exe}: {controller}\n{own}"
+            );
+        }
         backend_cgroups.extend(cgroup_dirs(&parent, &leaf));
+        // The blk backend has an empty network namespace, only `lo`; the
+        // net backend has the VMM's, where its TAP is.
+        let backend_net = net_ns(&backend.to_string());
+        if exe == "vhost-user-blk" {
+            assert_ne!(backend_net, net_ns(&pid.to_string()), "{exe} netns");
+            assert_ne!(backend_net, net_ns("self"), "{exe} netns");
+            assert_eq!(interfaces(backend), ["lo"], "{exe} interfaces");
+        } else {
+            assert_eq!(backend_net, net_ns(&pid.to_string()), "{exe} netns");
+        }
     }
 
     let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
@@ -575,6 +594,74 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
         "cgroups left behind: {dirs:?}"
     );
     assert!(child_pid(launcher, "vhost-user").is_none());
+    // And their jails: nothing but the VMM's own is left.
+    assert!(
+        wait_gone(&backend_jails, Duration::from_secs(15)),
+        "backend jails left behind: {backend_jails:?}"
+    );
+    remove_parent_cgroups(&CONTROLLERS, &parent);
+}
+
+/// The network namespace of `pid`.
+fn net_ns(pid: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()
+}
+
+/// The interfaces in `pid`'s network namespace.
+fn interfaces(pid: u32) -> Vec<String> {
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    dev.lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn the_launcher_refuses_a_tap_the_vmm_does_not_own() {
+    if !is_root() {
+        eprintln!("skipped: the jailer tests need root");
+        return;
+    }
+    // In the VMM's network namespace, a TAP that uid 4321 owns (another
+    // VM's): root could attach it, the VMM (uid 1234) could not.
+    let netns = tessera_tests::netns::Netns::new("notmine");
+    netns.ip(&[
+        "tuntap", "add", "dev", "tap0", "mode", "tap", "user", "4321",
+    ]);
+    let base = JailBase::new();
+    let id = unique_id("nottap");
+    let parent = unique_id("tessera-test");
+    let root = base.prepare_probe(&id, &probe_cmdline("probe.ticks=0"));
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("vm.json")).unwrap()).unwrap();
+    config["network-interfaces"] = serde_json::json!([{"iface_id": "eth0",
+        "host_dev_name": "tap0", "guest_mac": "06:00:0a:50:00:02"}]);
+    std::fs::write(root.join("vm.json"), config.to_string()).unwrap();
+    let netns_path = format!("/var/run/netns/{}", netns.name());
+    let mut args = tessera_args(&base, &id, &parent);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    splice(&mut args, at..at, &["--netns", &netns_path]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Running::spawn(jailer_command(&args));
+    let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
+    assert!(exited, "tessera did not exit\n{}", vm.stderr());
+    let run = vm.finish();
+    assert_ne!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("the TAP \"tap0\" belongs to uid 4321, not the VMM's uid 1234"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !base.path().join("tessera").join(&id).join("vhost-user-net").exists(),
+        "a jail was built for the refused backend"
+    );
+    assert!(wait_gone(
+        &cgroup_dirs(&parent, &id),
+        Duration::from_secs(15)
+    ));
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
 
