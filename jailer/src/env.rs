@@ -13,8 +13,11 @@
 //! 7. unshare the mount namespace (and the pid namespace with
 //!    `--new-pid-ns`, forking so that the child is the namespace's pid 1),
 //!    then pivot into the jail;
-//! 8. create `/dev/kvm`, `/dev/net/tun`, `/dev/urandom` (and
-//!    `/dev/userfaultfd` when the host has it) owned by uid:gid;
+//! 8. make the jail's `/`, `/dev` and `/dev/net` root's (mode 0755: the
+//!    jailed binary cannot remove or replace anything in its jail) and
+//!    `/run` uid:gid's (mode 0700, for its sockets); create `/dev/kvm`,
+//!    `/dev/net/tun`, `/dev/urandom` (and `/dev/userfaultfd` when the host
+//!    has it) owned by uid:gid;
 //! 9. with `--daemonize`, `setsid` (forking first if it must) and point stdio at
 //!    /dev/null; drop to gid and uid with no capabilities, and exec the
 //!    binary with `--id`, `--start-time-us`, `--start-time-cpu-us`,
@@ -29,6 +32,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -295,7 +299,9 @@ impl Env {
 
     /// Steps 3 to 9; returns only on failure.
     pub fn run(self) -> Result<Infallible, EnvError> {
-        // 3. The jail and the binary in it.
+        // 3. The jail and the binary in it, root's and not writable by
+        // anyone else whatever the caller's umask.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
         let jailed_exec = self.chroot_dir.join(&self.exec_name);
         if fs::symlink_metadata(&jailed_exec).is_ok() {
             return Err(EnvError::JailExists(self.chroot_dir.display().to_string()));
@@ -306,11 +312,13 @@ impl Env {
         })?;
         // A copy, not a hard link, as Firecracker: jailed VMMs share no
         // page cache for their code.
-        fs::copy(&self.exec_file, &jailed_exec).map_err(|source| EnvError::Copy {
+        let copy_err = |source| EnvError::Copy {
             from: self.exec_file.display().to_string(),
             to: jailed_exec.display().to_string(),
             source,
-        })?;
+        };
+        fs::copy(&self.exec_file, &jailed_exec).map_err(copy_err)?;
+        fs::set_permissions(&jailed_exec, fs::Permissions::from_mode(0o755)).map_err(copy_err)?;
         crate::libs::copy_into(&self.exec_file, &self.chroot_dir)?;
 
         // A failure from here on removes the copy again (through a
@@ -444,10 +452,12 @@ impl Env {
         }
         chroot::pivot_into(&self.chroot_dir)?;
 
-        // 8. Directories and device nodes.
-        for dir in ["/", "/dev", "/dev/net", "/run"] {
-            chroot::own_dir(Path::new(dir), self.uid, self.gid)?;
+        // 8. Directories and device nodes: the jail is root's, but for the
+        // nodes and /run (its sockets), as with Firecracker.
+        for dir in ["/", "/dev", "/dev/net"] {
+            chroot::root_dir(Path::new(dir))?;
         }
+        chroot::own_dir(Path::new("/run"), self.uid, self.gid)?;
         for node in chroot::vmm_devices(&self.proc_misc) {
             let optional =
                 node.path != Path::new("/dev/kvm") && node.path != Path::new("/dev/net/tun");

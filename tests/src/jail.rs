@@ -21,6 +21,13 @@ impl JailBase {
             .prefix("tessera-jail-")
             .tempdir_in("/tmp")
             .expect("chroot base");
+        // Traversable, as /srv/jailer is: what the jailed uids cannot do
+        // there is then down to the jail's own modes.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chroot base mode");
         Self { dir }
     }
 

@@ -5,6 +5,7 @@
 //! And each refused command line says what was wrong, exits nonzero and
 //! leaves no cgroup behind.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -149,6 +150,30 @@ fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
         .any(|e| e == "etc" || e == "proc" || e == "old_root"));
     let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&kvm), 1234);
+    // The jail is root's: the VMM cannot remove its exec file (or anything
+    // else) to defeat the id check of a later run; it writes only in /run.
+    for path in ["", "dev", "dev/net", "tessera", "vm.json"] {
+        let meta = std::fs::metadata(root.join(path)).unwrap();
+        let mode = std::os::unix::fs::MetadataExt::mode(&meta);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            0,
+            "/{path} belongs to root"
+        );
+        assert_eq!(mode & 0o022, 0, "/{path} mode {mode:o}: only root writes");
+    }
+    let run_dir = std::fs::metadata(root.join("run")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&run_dir), 1234);
+    // As the VMM's uid, removing /tessera fails.
+    let unlink = Command::new("rm")
+        .arg("-f")
+        .arg(root.join("tessera"))
+        .uid(1234)
+        .gid(1234)
+        .output()
+        .unwrap();
+    assert!(!unlink.status.success(), "uid 1234 removed /tessera");
+    assert!(root.join("tessera").exists());
 
     // In its cgroups, with the values written.
     let own_cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -655,7 +680,12 @@ fn the_launcher_refuses_a_tap_the_vmm_does_not_own() {
         run.describe()
     );
     assert!(
-        !base.path().join("tessera").join(&id).join("vhost-user-net").exists(),
+        !base
+            .path()
+            .join("tessera")
+            .join(&id)
+            .join("vhost-user-net")
+            .exists(),
         "a jail was built for the refused backend"
     );
     assert!(wait_gone(
