@@ -209,6 +209,17 @@ fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
         ns("self"),
         "the launcher stays in the host's mount namespace"
     );
+    // Confined too: its own seccomp filter and only the capabilities it
+    // uses (SYS_ADMIN, SETUID, SETGID, SETPCAP, SYS_RESOURCE, NET_ADMIN,
+    // KILL), in its bounding set as well.
+    assert_eq!(status_field(launcher, "Seccomp").unwrap(), "2");
+    assert_eq!(status_field(launcher, "NoNewPrivs").unwrap(), "1");
+    const LAUNCHER_CAPS: u64 = 0x0120_11e0;
+    for caps in ["CapEff", "CapPrm", "CapBnd"] {
+        let value = u64::from_str_radix(&status_field(launcher, caps).unwrap(), 16).unwrap();
+        assert_eq!(value & !LAUNCHER_CAPS, 0, "launcher {caps} {value:#x}");
+        assert_ne!(value, 0, "launcher {caps}");
+    }
 
     // The guest runs to the end and its console reaches us.
     let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);

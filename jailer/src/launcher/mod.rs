@@ -70,6 +70,27 @@ pub const IGNORED_SIGNALS: [Signal; 4] = [
     Signal::SIGPIPE,
 ];
 
+/// The capabilities the launcher keeps: CAP_SYS_ADMIN (a backend's
+/// namespaces, bind mount and pivot_root), CAP_SETUID, CAP_SETGID and
+/// CAP_SETPCAP (its drop to the backend uid/gid with an empty bounding
+/// set), CAP_SYS_RESOURCE (its rlimits), CAP_NET_ADMIN (TUNSETIFF on a TAP
+/// root does not own) and CAP_KILL (SIGTERM to backends of another uid).
+pub const KEPT_CAPABILITIES: [u32; 7] = [
+    21, // CAP_SYS_ADMIN
+    7,  // CAP_SETUID
+    6,  // CAP_SETGID
+    8,  // CAP_SETPCAP
+    24, // CAP_SYS_RESOURCE
+    12, // CAP_NET_ADMIN
+    5,  // CAP_KILL
+];
+
+/// The launcher's seccomp filter (thread kind `launcher`), compiled from
+/// resources/seccomp/launcher.json and the backends' filters by build.rs.
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
+/// The launcher's one thread kind.
+pub const SECCOMP_KIND: &str = "launcher";
+
 /// How long backends get to exit on SIGTERM at shutdown.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 /// How long the launcher waits for the VMM's cgroups to empty.
@@ -196,6 +217,10 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
             return 1;
         }
     };
+    if let Err(err) = confine(config.last_cap) {
+        log(format_args!("{err}"));
+        return 1;
+    }
     let mut launcher = Launcher {
         config,
         backends: HashMap::new(),
@@ -211,6 +236,25 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
         ));
     }
     0
+}
+
+/// Errors confining the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("cannot drop the launcher's capabilities: {0}")]
+    Capabilities(#[from] crate::privileges::PrivilegeError),
+    #[error("cannot confine the launcher: {0}")]
+    Seccomp(#[from] tessera_seccomp::SeccompError),
+}
+
+/// Keeps only [`KEPT_CAPABILITIES`] and installs the launcher's seccomp
+/// filter, before it reads its first request. Its children (and so the
+/// backends) inherit both; a backend then drops every capability and
+/// stacks its own filter.
+pub fn confine(last_cap: u32) -> Result<(), ConfineError> {
+    crate::privileges::keep_only(crate::privileges::mask(&KEPT_CAPABILITIES), last_cap)?;
+    tessera_seccomp::Filters::decode(SECCOMP_FILTERS)?.apply(SECCOMP_KIND)?;
+    Ok(())
 }
 
 impl Launcher {
@@ -453,6 +497,111 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         false
+    }
+
+    /// A call made by a confined child; it returns the exit status.
+    type ConfinedCall = fn() -> i32;
+
+    /// How a forked child ends that confines itself as the launcher and
+    /// then runs `call`, which returns the exit status.
+    fn confined(call: ConfinedCall) -> WaitStatus {
+        // SAFETY: the child only confines itself, makes one call and exits.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let code = match confine(crate::privileges::prepare()) {
+                    Ok(()) => call(),
+                    Err(_) => 100,
+                };
+                // SAFETY: _exit ends the child without running the test
+                // harness's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => waitpid(child, None).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_confined_launcher_keeps_few_capabilities_and_forbidden_calls_kill_it() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let kept = crate::privileges::mask(&KEPT_CAPABILITIES);
+        let caps = |child: Pid| -> Vec<(String, u64)> {
+            let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+            status
+                .lines()
+                .filter_map(|line| {
+                    let (key, value) = line.split_once(':')?;
+                    let value = u64::from_str_radix(value.trim(), 16).ok()?;
+                    key.starts_with("Cap").then(|| (key.to_string(), value))
+                })
+                .collect()
+        };
+        // What it may do: its capabilities, read while it waits.
+        let (to_parent, from_child) = nix::unistd::pipe().unwrap();
+        let (to_child, from_parent) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child confines itself, signals, waits and exits.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let ok = confine(crate::privileges::prepare()).is_ok();
+                let _ = nix::unistd::write(&from_child, &[u8::from(ok)]);
+                let mut byte = [0u8];
+                let _ = nix::unistd::read(to_child.as_raw_fd(), &mut byte);
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                let mut ok = [0u8];
+                nix::unistd::read(to_parent.as_raw_fd(), &mut ok).unwrap();
+                let seen = caps(child);
+                nix::unistd::write(&from_parent, b"x").unwrap();
+                assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+                assert_eq!(ok, [1], "confine failed");
+                // What this test process has (a container may hold back
+                // some), less all but the kept ones.
+                let own: HashMap<String, u64> = caps(nix::unistd::getpid()).into_iter().collect();
+                for (key, value) in seen {
+                    let want = match key.as_str() {
+                        "CapInh" | "CapAmb" => 0,
+                        _ => kept & own[&key],
+                    };
+                    assert_eq!(value, want, "{key} {value:#x}");
+                }
+            }
+        }
+        // What it may not: each of these is killed with SIGSYS.
+        let forbidden: [(&str, ConfinedCall); 4] = [
+            ("setns", || {
+                // SAFETY: a syscall with plain integer arguments.
+                unsafe { libc::syscall(libc::SYS_setns, -1, 0) as i32 }
+            }),
+            ("ptrace", || {
+                // SAFETY: as above; PTRACE_TRACEME touches no memory.
+                unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) as i32 }
+            }),
+            ("an inet socket", || {
+                // SAFETY: as above.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+            }),
+            ("SIGUSR1 to a process", || {
+                // SAFETY: as above.
+                unsafe { libc::kill(1, libc::SIGUSR1) }
+            }),
+        ];
+        for (what, call) in forbidden {
+            match confined(call) {
+                WaitStatus::Signaled(_, Signal::SIGSYS, _) => {}
+                other => panic!("{what}: {other:?}, not SIGSYS"),
+            }
+        }
+        // A netlink socket, which it needs, is fine.
+        let netlink = confined(|| {
+            // SAFETY: as above.
+            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+            i32::from(fd < 0)
+        });
+        assert!(matches!(netlink, WaitStatus::Exited(_, 0)), "{netlink:?}");
     }
 
     #[test]
