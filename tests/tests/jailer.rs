@@ -872,3 +872,40 @@ fn a_jailed_tessera_under_cgroup_v2_gets_its_values_and_leaves_no_cgroup() {
     );
     let _ = std::fs::remove_dir(mount.join(&parent));
 }
+
+#[test]
+fn every_flag_the_launcher_passes_on_is_one_its_backend_takes() {
+    use jailer::backend_flags::{net_queues, samples};
+    use jailer::launch::BackendKind;
+    // Each backend runs with the sample and fds that are not open: it gets
+    // through its own flag checks (clap's and its own) to the first fd.
+    for (kind, exe) in [
+        (BackendKind::Blk, "vhost-user-blk"),
+        (BackendKind::Net, "vhost-user-net"),
+    ] {
+        for sample in samples(kind) {
+            let mut args: Vec<String> = vec!["--fd".into(), "998".into()];
+            let fd_flags = match kind {
+                BackendKind::Blk => 1,
+                BackendKind::Net => usize::from(net_queues(&sample) / 2),
+            };
+            let fd_flag = match kind {
+                BackendKind::Blk => "--disk-fd",
+                BackendKind::Net => "--tap-fd",
+            };
+            for _ in 0..fd_flags {
+                args.extend([fd_flag.to_string(), "999".to_string()]);
+            }
+            args.extend(sample.iter().cloned());
+            let output = Command::new(workspace_bin(exe))
+                .args(&args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains(&format!("{fd_flag} 999: Bad file descriptor")),
+                "{exe} refused {sample:?}: {stderr}"
+            );
+        }
+    }
+}
