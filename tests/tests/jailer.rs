@@ -204,11 +204,32 @@ fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
     assert_eq!(status_field(launcher, "Uid").unwrap(), "0 0 0 0");
     let launcher_cgroups = std::fs::read_to_string(format!("/proc/{launcher}/cgroup")).unwrap();
     assert!(!launcher_cgroups.contains(&id), "{launcher_cgroups}");
-    assert_eq!(
+    // In a mount namespace of its own where it can write only the
+    // instance directory (the backends' jails) and the cgroups.
+    assert_ne!(
         std::fs::read_link(format!("/proc/{launcher}/ns/mnt")).unwrap(),
         ns("self"),
-        "the launcher stays in the host's mount namespace"
+        "the launcher's mount namespace"
     );
+    let instance_dir = base.path().join("tessera").join(&id);
+    let launcher_mounts = std::fs::read_to_string(format!("/proc/{launcher}/mountinfo")).unwrap();
+    let visible: Vec<(&str, &str, &str)> = launcher_mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fstype = line.split_once(" - ")?.1.split(' ').next()?;
+            Some((*fields.get(4)?, *fields.get(5)?, fstype))
+        })
+        .collect();
+    for (at, (point, options, fstype)) in visible.iter().enumerate() {
+        let hidden = visible[at + 1..].iter().any(|(p, _, _)| p == point);
+        let may_write =
+            std::path::Path::new(point).starts_with(&instance_dir) || fstype.starts_with("cgroup");
+        assert!(
+            hidden || may_write || options.split(',').any(|o| o == "ro"),
+            "the launcher may write {point} ({fstype}, {options})"
+        );
+    }
     // Confined too: its own seccomp filter and only the capabilities it
     // uses (SYS_ADMIN, SETUID, SETGID, SETPCAP, SYS_RESOURCE, NET_ADMIN,
     // KILL), in its bounding set as well.

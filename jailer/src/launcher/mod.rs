@@ -40,6 +40,7 @@
 //! tasks leave it), and exits 0. It ignores SIGINT, SIGHUP and SIGQUIT, so
 //! that a terminal's ^C kills the VMM and the launcher then cleans up.
 
+pub mod mounts;
 pub mod spawn;
 pub mod tap;
 pub mod validate;
@@ -217,6 +218,10 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
             return 1;
         }
     };
+    if let Err(err) = mounts::confine_mounts(&config.vm_dir) {
+        log(format_args!("{err}"));
+        return 1;
+    }
     if let Err(err) = confine(config.last_cap) {
         log(format_args!("{err}"));
         return 1;
@@ -615,6 +620,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = config(&dir, STARTS);
         let jails = cfg.vm_dir.clone();
+        std::fs::create_dir_all(&jails).unwrap();
         let (channel, launcher) = start(cfg, &mut CgroupSet::default()).unwrap();
         let listener = UnixListener::bind(dir.join("sock")).unwrap();
         let disk = std::fs::File::create(dir.join("disk")).unwrap();
@@ -638,6 +644,19 @@ mod tests {
             other => panic!("start {STARTS} was not refused: {other:?}"),
         }
         assert!(!jails.join("true").join("one-more").exists());
+        // The launcher's own mounts are read-only but for the instance
+        // directory and the cgroup hierarchies (of the mounts stacked on
+        // one point, the last is the one seen).
+        let mountinfo = std::fs::read_to_string(format!("/proc/{launcher}/mountinfo")).unwrap();
+        let entries = mounts::parse_mountinfo(&mountinfo);
+        for (at, entry) in entries.iter().enumerate() {
+            if entries[at + 1..].iter().any(|e| e.point == entry.point) {
+                continue;
+            }
+            let writable = entry.options.split(',').any(|o| o == "rw");
+            let may_write = entry.point.starts_with(&jails) || entry.fstype.starts_with("cgroup");
+            assert!(!writable || may_write, "the launcher may write {entry:?}");
+        }
         drop(channel);
         assert_eq!(
             waitpid(launcher, None).unwrap(),
