@@ -9,7 +9,8 @@
 //! 4. apply the resource limits;
 //! 5. create the cgroups, write the values and join them;
 //! 6. join `--netns`; for a `tessera*` exec file, fork the backend launcher
-//!    (see [`crate::launcher`]) here, still root and in the host mounts;
+//!    (see [`crate::launcher`]) here, still root and before the jail's
+//!    mount namespace (the launcher then makes a read-only one of its own);
 //! 7. unshare the mount namespace (and the pid namespace with
 //!    `--new-pid-ns`, forking so that the child is the namespace's pid 1),
 //!    then pivot into the jail;
@@ -362,7 +363,8 @@ impl Env {
     fn run_in_cgroups(&self, cgroups: &mut CgroupSet) -> Result<Infallible, EnvError> {
         cgroups.attach_self()?;
 
-        // 6. The network namespace, then the launcher (still root, host mounts).
+        // 6. The network namespace, then the launcher (still root, before
+        // the jail's mount namespace).
         if let Some(path) = &self.netns {
             let file = fs::File::open(path).map_err(|source| EnvError::NetnsOpen {
                 path: path.display().to_string(),

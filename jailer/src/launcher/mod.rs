@@ -5,9 +5,12 @@
 //!
 //! # Trust boundary
 //!
-//! The launcher is root, in the host's mount namespace and the VMM's
-//! network namespace; its only input is the jailed, untrusted VMM's
-//! messages on a SEQPACKET socketpair. So:
+//! The launcher is root, in the VMM's network namespace; its only input is
+//! the jailed, untrusted VMM's messages on a SEQPACKET socketpair. Before
+//! it reads the first one it confines itself: a mount namespace of its own
+//! where it can write only the VM's instance directory and the cgroups
+//! ([`mounts`]), only the capabilities it uses ([`KEPT_CAPABILITIES`]),
+//! and its own seccomp filter ([`confine`]). And:
 //!
 //! - a message is at most [`jailer::launch::MAX_MESSAGE_BYTES`] of JSON
 //!   (longer ones, or ones with more fds than a request may carry, are
