@@ -15,6 +15,25 @@ pub const MAX_ARGS: usize = 32;
 /// A net backend's `--queues` when none is given.
 pub const DEFAULT_NET_QUEUES: u16 = 2;
 
+/// A refused backend argument.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagError {
+    #[error("{0} arguments: at most {MAX_ARGS}")]
+    TooMany(usize),
+    #[error("argument {flag:?} is not allowed for a {kind:?} backend")]
+    NotAllowed { flag: String, kind: BackendKind },
+    #[error("argument {0} is given twice")]
+    Twice(String),
+    #[error("argument {0} needs a value")]
+    NeedsValue(String),
+    #[error("invalid value {value:?} for {flag}: expected {expected}")]
+    Value {
+        flag: String,
+        value: String,
+        expected: String,
+    },
+}
+
 /// What a flag's value must look like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Value {
@@ -77,74 +96,77 @@ fn number(value: &str) -> Option<u64> {
     value.parse().ok()
 }
 
-fn check_value(flag: &str, kind: Value, value: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("invalid value {value:?} for {flag}: {why}"));
-    match kind {
-        Value::None => Ok(()),
+/// What `kind` expects, if `value` is not it.
+fn value_error(kind: Value, value: &str) -> Option<String> {
+    let expected = match kind {
+        Value::None => return None,
         Value::Number { min, max } => match number(value) {
-            Some(n) if (min..=max).contains(&n) => Ok(()),
-            _ => bad(&format!("expected {min} to {max}")),
+            Some(n) if (min..=max).contains(&n) => return None,
+            _ => format!("{min} to {max}"),
         },
         Value::Even { min, max } => match number(value) {
-            Some(n) if (min..=max).contains(&n) && n % 2 == 0 => Ok(()),
-            _ => bad(&format!("expected an even number from {min} to {max}")),
+            Some(n) if (min..=max).contains(&n) && n % 2 == 0 => return None,
+            _ => format!("an even number from {min} to {max}"),
         },
         Value::PowerOfTwo { max } => match number(value) {
-            Some(n) if n <= max && n.is_power_of_two() => Ok(()),
-            _ => bad(&format!("expected a power of two up to {max}")),
+            Some(n) if n <= max && n.is_power_of_two() => return None,
+            _ => format!("a power of two up to {max}"),
         },
         Value::Serial => {
-            if value.is_empty() || value.len() > MAX_SERIAL_BYTES {
-                return bad("expected 1 to 20 bytes");
+            let printable = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+            if (1..=MAX_SERIAL_BYTES).contains(&value.len()) && printable && !value.starts_with('-')
+            {
+                return None;
             }
-            if value.starts_with('-') || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                return bad("expected printable ASCII not starting with '-'");
-            }
-            Ok(())
+            format!("1 to {MAX_SERIAL_BYTES} bytes of printable ASCII not starting with '-'")
         }
         Value::Mac => {
             let parts: Vec<&str> = value.split(':').collect();
-            let ok = parts.len() == 6
-                && parts
-                    .iter()
-                    .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
-            if ok {
-                Ok(())
-            } else {
-                bad("expected xx:xx:xx:xx:xx:xx")
+            let hex = |p: &&str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit());
+            if parts.len() == 6 && parts.iter().all(hex) {
+                return None;
             }
+            "xx:xx:xx:xx:xx:xx".to_string()
         }
         Value::IoEngine => match value {
-            "io_uring" | "sync" => Ok(()),
-            _ => bad("expected io_uring or sync"),
+            "io_uring" | "sync" => return None,
+            _ => "io_uring or sync".to_string(),
         },
-    }
+    };
+    Some(expected)
 }
 
 /// Checks `args` against the flags of `kind`: known flags, each once,
 /// values in their own argument.
-pub fn check_args(kind: BackendKind, args: &[String]) -> Result<(), String> {
+pub fn check_args(kind: BackendKind, args: &[String]) -> Result<(), FlagError> {
     if args.len() > MAX_ARGS {
-        return Err(format!("{} arguments: at most {MAX_ARGS}", args.len()));
+        return Err(FlagError::TooMany(args.len()));
     }
     let table = flags(kind);
     let mut seen: Vec<&str> = Vec::new();
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
         let Some((name, value_kind)) = table.iter().find(|(name, _)| name == flag) else {
-            return Err(format!(
-                "argument {flag:?} is not allowed for a {kind:?} backend"
-            ));
+            return Err(FlagError::NotAllowed {
+                flag: flag.clone(),
+                kind,
+            });
         };
         if seen.contains(name) {
-            return Err(format!("argument {flag} is given twice"));
+            return Err(FlagError::Twice(flag.clone()));
         }
         seen.push(name);
         if *value_kind != Value::None {
             let value = iter
                 .next()
-                .ok_or_else(|| format!("argument {flag} needs a value"))?;
-            check_value(flag, *value_kind, value)?;
+                .ok_or_else(|| FlagError::NeedsValue(flag.clone()))?;
+            if let Some(expected) = value_error(*value_kind, value) {
+                return Err(FlagError::Value {
+                    flag: flag.clone(),
+                    value: value.clone(),
+                    expected,
+                });
+            }
         }
     }
     Ok(())
@@ -192,11 +214,11 @@ mod tests {
         args.iter().map(|s| s.to_string()).collect()
     }
 
-    fn blk(args: &[&str]) -> Result<(), String> {
+    fn blk(args: &[&str]) -> Result<(), FlagError> {
         check_args(BackendKind::Blk, &strings(args))
     }
 
-    fn net(args: &[&str]) -> Result<(), String> {
+    fn net(args: &[&str]) -> Result<(), FlagError> {
         check_args(BackendKind::Net, &strings(args))
     }
 
@@ -247,8 +269,13 @@ mod tests {
         ] {
             assert!(blk(bad).is_err(), "{bad:?} should be refused");
         }
-        let err = blk(&["--path", "/etc/shadow"]).unwrap_err();
+        let err = blk(&["--path", "/etc/shadow"]).unwrap_err().to_string();
         assert!(err.contains("--path"), "{err}");
+        let err = blk(&["--queue-size", "100"]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid value \"100\" for --queue-size: expected a power of two up to 32768"
+        );
     }
 
     #[test]
@@ -284,7 +311,7 @@ mod tests {
             assert!(net(bad).is_err(), "{bad:?} should be refused");
         }
         let many: Vec<&str> = std::iter::repeat_n("--readonly", MAX_ARGS + 1).collect();
-        assert!(blk(&many).unwrap_err().contains("at most"));
+        assert_eq!(blk(&many), Err(FlagError::TooMany(MAX_ARGS + 1)));
         assert_eq!(net_queues(&strings(&["--mtu", "1500"])), 2);
         assert_eq!(net_queues(&strings(&["--queues", "8"])), 8);
     }

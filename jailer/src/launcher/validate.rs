@@ -45,7 +45,7 @@ pub fn expected_fds(kind: BackendKind) -> usize {
 pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
     id::validate_device_id(&request.device_id)
         .map_err(|err| format!("invalid device id: {err}"))?;
-    check_args(request.kind, &request.args)?;
+    check_args(request.kind, &request.args).map_err(|err| err.to_string())?;
     match request.kind {
         BackendKind::Blk => {
             if request.tap.is_some() || request.tap_queue_pairs != 0 {
