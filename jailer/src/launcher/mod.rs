@@ -579,7 +579,23 @@ mod tests {
             }
         }
         // What it may not: each of these is killed with SIGSYS.
-        let forbidden: [(&str, ConfinedCall); 4] = [
+        let forbidden: [(&str, ConfinedCall); 6] = [
+            ("a remount", || {
+                // SAFETY: a syscall with null pointers for what it ignores.
+                unsafe {
+                    libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REMOUNT | libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                }
+            }),
+            ("a user namespace", || {
+                // SAFETY: a syscall with integer arguments.
+                unsafe { libc::unshare(libc::CLONE_NEWUSER) }
+            }),
             ("setns", || {
                 // SAFETY: a syscall with plain integer arguments.
                 unsafe { libc::syscall(libc::SYS_setns, -1, 0) as i32 }
