@@ -343,24 +343,29 @@ impl CgroupPlan {
         self.hierarchies.iter().map(|h| self.dir(h, leaf)).collect()
     }
 
-    /// The same hierarchies without the values: what a backend of the
-    /// instance gets.
-    pub fn without_settings(&self) -> Self {
+    /// The plan for the cgroups nested in instance `leaf`'s: the same
+    /// hierarchies with `<parent>/<leaf>` as the parent, no values of their
+    /// own, and (v2) no controllers enabled, since the instance's cgroup
+    /// holds a process. What a backend of the instance gets: its cgroup is
+    /// a child of the VM's, under the VM's limits, which count it.
+    pub fn nested(&self, leaf: &str) -> Self {
         let mut plan = self.clone();
+        plan.parent = self.parent.join(leaf);
         for h in &mut plan.hierarchies {
             h.settings.clear();
+            if plan.version == CgroupVersion::V2 {
+                h.controllers.clear();
+            }
         }
         plan
     }
 
     /// Creates `<mount>/<parent>/<leaf>` in every hierarchy and writes the
-    /// values. With `cpuset_from`, a v1 cpuset cgroup copies `cpuset.cpus`
-    /// and `cpuset.mems` from that sibling leaf instead of inheriting the
-    /// parent's. On error every directory made so far is removed again.
-    pub fn create(&self, leaf: &str, cpuset_from: Option<&str>) -> Result<CgroupSet, CgroupError> {
+    /// values. On error every directory made so far is removed again.
+    pub fn create(&self, leaf: &str) -> Result<CgroupSet, CgroupError> {
         let mut set = CgroupSet { dirs: Vec::new() };
         for hierarchy in &self.hierarchies {
-            if let Err(err) = self.create_one(hierarchy, leaf, cpuset_from, &mut set) {
+            if let Err(err) = self.create_one(hierarchy, leaf, &mut set) {
                 set.remove(Duration::ZERO);
                 return Err(err);
             }
@@ -372,7 +377,6 @@ impl CgroupPlan {
         &self,
         hierarchy: &Hierarchy,
         leaf: &str,
-        cpuset_from: Option<&str>,
         set: &mut CgroupSet,
     ) -> Result<(), CgroupError> {
         let dir = self.dir(hierarchy, leaf);
@@ -413,13 +417,7 @@ impl CgroupPlan {
         set.dirs.push(CgroupDir::open(&dir, &hierarchy.original)?);
         if hierarchy.has_cpuset_v1(self.version) {
             for file in ["cpuset.cpus", "cpuset.mems"] {
-                match cpuset_from {
-                    Some(sibling) => {
-                        let value = read(&parent_dir.join(sibling).join(file))?;
-                        write_value(&dir.join(file), value.trim())?;
-                    }
-                    None => inherit_from_parent(&dir, file, &hierarchy.mount)?,
-                }
+                inherit_from_parent(&dir, file, &hierarchy.mount)?;
             }
         }
         for setting in &hierarchy.settings {
@@ -693,11 +691,18 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             plan.hierarchies[0].original,
             PathBuf::from("/sys/fs/cgroup/cpuset/")
         );
-        assert!(plan
-            .without_settings()
-            .hierarchies
-            .iter()
-            .all(|h| h.settings.is_empty()));
+        // A backend's cgroup is a child of the VM's, with no values of its
+        // own: `a`'s device `b` and VM `a-b` cannot meet.
+        let nested = plan.nested("vm1");
+        assert!(nested.hierarchies.iter().all(|h| h.settings.is_empty()));
+        assert_eq!(
+            nested.dirs("disk"),
+            [
+                PathBuf::from("/sys/fs/cgroup/cpuset/tessera/vm1/disk"),
+                PathBuf::from("/sys/fs/cgroup/cpu/tessera/vm1/disk")
+            ]
+        );
+        assert_ne!(plan.nested("a").dirs("b"), plan.dirs("a-b"));
         // The caller's own cgroup is found per controller.
         assert_eq!(
             own_cgroup(OWN, Some("memory")).unwrap(),
@@ -737,6 +742,13 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             [PathBuf::from("/sys/fs/cgroup/unified/a/b/vm")]
         );
         assert_eq!(plan.hierarchies[0].controllers, ["pids", "hugetlb"]);
+        // The VM's cgroup holds the VMM: no controller is enabled below it.
+        let nested = plan.nested("vm");
+        assert!(nested.hierarchies[0].controllers.is_empty());
+        assert_eq!(
+            nested.dirs("eth0"),
+            [PathBuf::from("/sys/fs/cgroup/unified/a/b/vm/eth0")]
+        );
         assert_eq!(
             plan.hierarchies[0].original,
             PathBuf::from("/sys/fs/cgroup/unified/user.slice")

@@ -103,19 +103,28 @@ pub fn pivot_into(root: &Path) -> Result<(), ChrootError> {
     std::fs::remove_dir(OLD_ROOT).map_err(ChrootError::RemoveOldRoot)
 }
 
-/// Creates `path` (and its parents) mode 0700 owned by `uid:gid`.
+/// Creates `path` (and its parents) mode 0700 owned by `uid:gid`: a
+/// directory the jailed process may write.
 pub fn own_dir(path: &Path, uid: u32, gid: u32) -> Result<(), ChrootError> {
-    std::fs::create_dir_all(path).map_err(|source| ChrootError::Mkdir {
+    make_dir(path, 0o700)?;
+    chown_path(path, uid, gid)
+}
+
+/// Creates `path` (and its parents) mode 0755 owned by root: a directory
+/// the jailed process may read but not change (so that it can neither
+/// remove its exec file nor plant anything for a later run of its id).
+pub fn root_dir(path: &Path) -> Result<(), ChrootError> {
+    make_dir(path, 0o755)?;
+    chown_path(path, 0, 0)
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<(), ChrootError> {
+    let mkdir_err = |source| ChrootError::Mkdir {
         path: path.display().to_string(),
         source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
-        ChrootError::Mkdir {
-            path: path.display().to_string(),
-            source,
-        }
-    })?;
-    chown_path(path, uid, gid)
+    };
+    std::fs::create_dir_all(path).map_err(mkdir_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(mkdir_err)
 }
 
 fn chown_path(path: &Path, uid: u32, gid: u32) -> Result<(), ChrootError> {

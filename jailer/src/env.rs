@@ -9,12 +9,16 @@
 //! 4. apply the resource limits;
 //! 5. create the cgroups, write the values and join them;
 //! 6. join `--netns`; for a `tessera*` exec file, fork the backend launcher
-//!    (see [`crate::launcher`]) here, still root and in the host mounts;
+//!    (see [`crate::launcher`]) here, still root and before the jail's
+//!    mount namespace (the launcher then makes a read-only one of its own);
 //! 7. unshare the mount namespace (and the pid namespace with
 //!    `--new-pid-ns`, forking so that the child is the namespace's pid 1),
 //!    then pivot into the jail;
-//! 8. create `/dev/kvm`, `/dev/net/tun`, `/dev/urandom` (and
-//!    `/dev/userfaultfd` when the host has it) owned by uid:gid;
+//! 8. make the jail's `/`, `/dev` and `/dev/net` root's (mode 0755: the
+//!    jailed binary cannot remove or replace anything in its jail) and
+//!    `/run` uid:gid's (mode 0700, for its sockets); create `/dev/kvm`,
+//!    `/dev/net/tun`, `/dev/urandom` (and `/dev/userfaultfd` when the host
+//!    has it) owned by uid:gid;
 //! 9. with `--daemonize`, `setsid` (forking first if it must) and point stdio at
 //!    /dev/null; drop to gid and uid with no capabilities, and exec the
 //!    binary with `--id`, `--start-time-us`, `--start-time-cpu-us`,
@@ -29,6 +33,7 @@ use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -295,7 +300,9 @@ impl Env {
 
     /// Steps 3 to 9; returns only on failure.
     pub fn run(self) -> Result<Infallible, EnvError> {
-        // 3. The jail and the binary in it.
+        // 3. The jail and the binary in it, root's and not writable by
+        // anyone else whatever the caller's umask.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
         let jailed_exec = self.chroot_dir.join(&self.exec_name);
         if fs::symlink_metadata(&jailed_exec).is_ok() {
             return Err(EnvError::JailExists(self.chroot_dir.display().to_string()));
@@ -306,11 +313,13 @@ impl Env {
         })?;
         // A copy, not a hard link, as Firecracker: jailed VMMs share no
         // page cache for their code.
-        fs::copy(&self.exec_file, &jailed_exec).map_err(|source| EnvError::Copy {
+        let copy_err = |source| EnvError::Copy {
             from: self.exec_file.display().to_string(),
             to: jailed_exec.display().to_string(),
             source,
-        })?;
+        };
+        fs::copy(&self.exec_file, &jailed_exec).map_err(copy_err)?;
+        fs::set_permissions(&jailed_exec, fs::Permissions::from_mode(0o755)).map_err(copy_err)?;
         crate::libs::copy_into(&self.exec_file, &self.chroot_dir)?;
 
         // A failure from here on removes the copy again (through a
@@ -342,7 +351,7 @@ impl Env {
         self.limits.install()?;
 
         // 5. Cgroups; from here on a failure removes them.
-        let mut cgroups = self.cgroups.create(&self.id, None)?;
+        let mut cgroups = self.cgroups.create(&self.id)?;
         let Err(err) = self.run_in_cgroups(&mut cgroups);
         cgroups.leave_self();
         for (path, errno) in cgroups.remove(Duration::from_secs(1)) {
@@ -354,7 +363,8 @@ impl Env {
     fn run_in_cgroups(&self, cgroups: &mut CgroupSet) -> Result<Infallible, EnvError> {
         cgroups.attach_self()?;
 
-        // 6. The network namespace, then the launcher (still root, host mounts).
+        // 6. The network namespace, then the launcher (still root, before
+        // the jail's mount namespace).
         if let Some(path) = &self.netns {
             let file = fs::File::open(path).map_err(|source| EnvError::NetnsOpen {
                 path: path.display().to_string(),
@@ -377,21 +387,30 @@ impl Env {
             None
         };
         let launcher_fd: Option<OwnedFd> = match &self.backends {
-            Some(backends) => Some(launcher::start(
-                LauncherConfig {
-                    id: self.id.clone(),
-                    chroot_base: self.chroot_base.clone(),
-                    uid: backends.uid,
-                    gid: backends.gid,
-                    blk_bin: backends.blk_bin.clone(),
-                    net_bin: backends.net_bin.clone(),
-                    limits: self.limits.clone(),
-                    cgroups: self.cgroups.clone(),
-                    quiet: self.daemonize,
-                    last_cap: self.last_cap,
-                },
-                cgroups,
-            )?),
+            Some(backends) => Some(
+                launcher::start(
+                    LauncherConfig {
+                        id: self.id.clone(),
+                        vm_dir: self.chroot_base.join(&self.exec_name).join(&self.id),
+                        uid: backends.uid,
+                        gid: backends.gid,
+                        blk_bin: backends.blk_bin.clone(),
+                        net_bin: backends.net_bin.clone(),
+                        limits: self.limits.clone(),
+                        cgroups: self.cgroups.clone(),
+                        quiet: self.daemonize,
+                        last_cap: self.last_cap,
+                        taps: launcher::tap::TapPolicy {
+                            uid: self.uid,
+                            gid: self.gid,
+                            private_netns: self.netns.is_some(),
+                        },
+                        max_starts: jailer::launch::MAX_BACKEND_STARTS,
+                    },
+                    cgroups,
+                )?
+                .0,
+            ),
             None => None,
         };
 
@@ -435,10 +454,12 @@ impl Env {
         }
         chroot::pivot_into(&self.chroot_dir)?;
 
-        // 8. Directories and device nodes.
-        for dir in ["/", "/dev", "/dev/net", "/run"] {
-            chroot::own_dir(Path::new(dir), self.uid, self.gid)?;
+        // 8. Directories and device nodes: the jail is root's, but for the
+        // nodes and /run (its sockets), as with Firecracker.
+        for dir in ["/", "/dev", "/dev/net"] {
+            chroot::root_dir(Path::new(dir))?;
         }
+        chroot::own_dir(Path::new("/run"), self.uid, self.gid)?;
         for node in chroot::vmm_devices(&self.proc_misc) {
             let optional =
                 node.path != Path::new("/dev/kvm") && node.path != Path::new("/dev/net/tun");

@@ -38,6 +38,9 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 pub const MAX_REQUEST_FDS: usize = 2;
 /// The most backends one VMM may have running at a time.
 pub const MAX_BACKENDS: usize = 64;
+/// The most backends one VMM may start in its life, running or not (each
+/// start costs the host a jail and a cgroup for a while).
+pub const MAX_BACKEND_STARTS: usize = 4 * MAX_BACKENDS;
 /// The most TAP queue pairs (one TAP fd each) of a `Net` backend.
 pub const MAX_TAP_QUEUE_PAIRS: u16 = 16;
 

@@ -1,5 +1,6 @@
 //! Dropping to the jailed uid and gid with no capabilities left, for the
-//! VMM and for each backend.
+//! VMM and for each backend; and, for the launcher, which stays root,
+//! keeping only the capabilities it uses ([`keep_only`]).
 //!
 //! Order: `no_new_privs`; empty the capability bounding set (so no later
 //! exec can gain a capability, even as uid 0); clear the ambient set;
@@ -89,16 +90,68 @@ pub fn current_capabilities() -> Result<(u64, u64), PrivilegeError> {
     ))
 }
 
-fn clear_capabilities() -> Result<(), PrivilegeError> {
+/// Sets the effective and permitted sets to `mask`, the inheritable set to
+/// empty.
+fn set_capabilities(mask: u64) -> Result<(), PrivilegeError> {
     let mut header = CapHeader {
         version: CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let half = |shift: u32| {
+        let bits = (mask >> shift) as u32;
+        CapData {
+            effective: bits,
+            permitted: bits,
+            inheritable: 0,
+        }
+    };
+    let data = [half(0), half(32)];
     // SAFETY: capset reads the header and two CapData we own.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
     if rc < 0 {
         return Err(PrivilegeError::Capset(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Drops every capability not in `keep` from the bounding set.
+fn drop_bounding(keep: u64, last_cap: u32) -> Result<(), PrivilegeError> {
+    for cap in (0..=last_cap.min(63)).filter(|cap| keep & (1 << cap) == 0) {
+        match prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
+            Ok(()) => {}
+            // A capability the kernel does not know.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(source) => return Err(PrivilegeError::Bounding { cap, source }),
+        }
+    }
+    Ok(())
+}
+
+/// The mask of capability numbers `caps`.
+pub fn mask(caps: &[u32]) -> u64 {
+    caps.iter().fold(0, |mask, cap| mask | (1u64 << cap))
+}
+
+/// Keeps only `keep` (a [`mask`]) of the calling process's capabilities,
+/// in its bounding, effective and permitted sets, with no inheritable or
+/// ambient ones, and no_new_privs; the uid stays what it is. For the
+/// launcher, which stays root but needs only a few.
+pub fn keep_only(keep: u64, last_cap: u32) -> Result<(), PrivilegeError> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(PrivilegeError::NoNewPrivs)?;
+    drop_bounding(keep, last_cap)?;
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    )
+    .map_err(PrivilegeError::Ambient)?;
+    let (_, permitted) = current_capabilities()?;
+    set_capabilities(keep & permitted)?;
+    let (effective, permitted) = current_capabilities()?;
+    if (effective | permitted) & !keep != 0 {
+        return Err(PrivilegeError::CapabilitiesLeft {
+            effective,
+            permitted,
+        });
     }
     Ok(())
 }
@@ -121,14 +174,7 @@ pub fn prepare() -> u32 {
 /// after everything that needs root; `last_cap` is [`prepare`]'s answer.
 pub fn drop_to(uid: u32, gid: u32, last_cap: u32) -> Result<(), PrivilegeError> {
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1).map_err(PrivilegeError::NoNewPrivs)?;
-    for cap in 0..=last_cap.min(63) {
-        match prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
-            Ok(()) => {}
-            // A capability the kernel does not know.
-            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(source) => return Err(PrivilegeError::Bounding { cap, source }),
-        }
-    }
+    drop_bounding(0, last_cap)?;
     prctl(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -139,7 +185,7 @@ pub fn drop_to(uid: u32, gid: u32, last_cap: u32) -> Result<(), PrivilegeError> 
     setresgid(g, g, g).map_err(|errno| PrivilegeError::Gid { gid, errno })?;
     let u = Uid::from_raw(uid);
     setresuid(u, u, u).map_err(|errno| PrivilegeError::Uid { uid, errno })?;
-    clear_capabilities()?;
+    set_capabilities(0)?;
     let (effective, permitted) = current_capabilities()?;
     if effective != 0 || permitted != 0 {
         return Err(PrivilegeError::CapabilitiesLeft {

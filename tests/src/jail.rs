@@ -21,6 +21,13 @@ impl JailBase {
             .prefix("tessera-jail-")
             .tempdir_in("/tmp")
             .expect("chroot base");
+        // Traversable, as /srv/jailer is: what the jailed uids cannot do
+        // there is then down to the jail's own modes.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chroot base mode");
         Self { dir }
     }
 
@@ -31,6 +38,17 @@ impl JailBase {
     /// `<base>/<exe>/<id>/root`.
     pub fn root(&self, exe: &str, id: &str) -> PathBuf {
         self.path().join(exe).join(id).join("root")
+    }
+
+    /// The jail root of the `exe` backend of `device` of `tessera`
+    /// instance `id`: `<base>/tessera/<id>/<exe>/<device>/root`.
+    pub fn backend_root(&self, id: &str, exe: &str, device: &str) -> PathBuf {
+        self.path()
+            .join("tessera")
+            .join(id)
+            .join(exe)
+            .join(device)
+            .join("root")
     }
 
     /// Creates the jail root of `tessera` instance `id` with the probe

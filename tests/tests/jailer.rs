@@ -5,6 +5,7 @@
 //! And each refused command line says what was wrong, exits nonzero and
 //! leaves no cgroup behind.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -149,6 +150,30 @@ fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
         .any(|e| e == "etc" || e == "proc" || e == "old_root"));
     let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&kvm), 1234);
+    // The jail is root's: the VMM cannot remove its exec file (or anything
+    // else) to defeat the id check of a later run; it writes only in /run.
+    for path in ["", "dev", "dev/net", "tessera", "vm.json"] {
+        let meta = std::fs::metadata(root.join(path)).unwrap();
+        let mode = std::os::unix::fs::MetadataExt::mode(&meta);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            0,
+            "/{path} belongs to root"
+        );
+        assert_eq!(mode & 0o022, 0, "/{path} mode {mode:o}: only root writes");
+    }
+    let run_dir = std::fs::metadata(root.join("run")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&run_dir), 1234);
+    // As the VMM's uid, removing /tessera fails.
+    let unlink = Command::new("rm")
+        .arg("-f")
+        .arg(root.join("tessera"))
+        .uid(1234)
+        .gid(1234)
+        .output()
+        .unwrap();
+    assert!(!unlink.status.success(), "uid 1234 removed /tessera");
+    assert!(root.join("tessera").exists());
 
     // In its cgroups, with the values written.
     let own_cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -179,11 +204,43 @@ fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
     assert_eq!(status_field(launcher, "Uid").unwrap(), "0 0 0 0");
     let launcher_cgroups = std::fs::read_to_string(format!("/proc/{launcher}/cgroup")).unwrap();
     assert!(!launcher_cgroups.contains(&id), "{launcher_cgroups}");
-    assert_eq!(
+    // In a mount namespace of its own where it can write only the
+    // instance directory (the backends' jails) and the cgroups.
+    assert_ne!(
         std::fs::read_link(format!("/proc/{launcher}/ns/mnt")).unwrap(),
         ns("self"),
-        "the launcher stays in the host's mount namespace"
+        "the launcher's mount namespace"
     );
+    let instance_dir = base.path().join("tessera").join(&id);
+    let launcher_mounts = std::fs::read_to_string(format!("/proc/{launcher}/mountinfo")).unwrap();
+    let visible: Vec<(&str, &str, &str)> = launcher_mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fstype = line.split_once(" - ")?.1.split(' ').next()?;
+            Some((*fields.get(4)?, *fields.get(5)?, fstype))
+        })
+        .collect();
+    for (at, (point, options, fstype)) in visible.iter().enumerate() {
+        let hidden = visible[at + 1..].iter().any(|(p, _, _)| p == point);
+        let may_write =
+            std::path::Path::new(point).starts_with(&instance_dir) || fstype.starts_with("cgroup");
+        assert!(
+            hidden || may_write || options.split(',').any(|o| o == "ro"),
+            "the launcher may write {point} ({fstype}, {options})"
+        );
+    }
+    // Confined too: its own seccomp filter and only the capabilities it
+    // uses (SYS_ADMIN, SETUID, SETGID, SETPCAP, SYS_RESOURCE, NET_ADMIN,
+    // KILL), in its bounding set as well.
+    assert_eq!(status_field(launcher, "Seccomp").unwrap(), "2");
+    assert_eq!(status_field(launcher, "NoNewPrivs").unwrap(), "1");
+    const LAUNCHER_CAPS: u64 = 0x0120_11e0;
+    for caps in ["CapEff", "CapPrm", "CapBnd"] {
+        let value = u64::from_str_radix(&status_field(launcher, caps).unwrap(), 16).unwrap();
+        assert_eq!(value & !LAUNCHER_CAPS, 0, "launcher {caps} {value:#x}");
+        assert_ne!(value, 0, "launcher {caps}");
+    }
 
     // The guest runs to the end and its console reaches us.
     let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
@@ -530,11 +587,13 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     assert_confined("tessera", pid, "1234", &root);
     let launcher = child_pid(pid, "jailer").expect("the backend launcher");
     let mut backend_cgroups = Vec::new();
+    let mut backend_jails = Vec::new();
     for (exe, device) in [("vhost-user-blk", "data_1"), ("vhost-user-net", "eth0")] {
         let backend = child_pid(launcher, exe).unwrap_or_else(|| panic!("no {exe}"));
-        let jail = base.root(exe, &format!("{id}-{device}"));
+        let jail = base.backend_root(&id, exe, device);
         assert_confined(exe, backend, "1235", &jail);
         assert_ne!(mount_ns(&backend.to_string()), mount_ns(&pid.to_string()));
+        backend_jails.push(jail.parent().unwrap().to_path_buf());
         // Its jail holds the binary (and its libraries), not the disk or a
         // device node: the disk and the TAP came as fds.
         let entries: Vec<String> = std::fs::read_dir(&jail)
@@ -546,10 +605,27 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
             !entries.iter().any(|e| e.ends_with(".img") || e == "dev"),
             "{entries:?}"
         );
-        let leaf = format!("{id}-{device}");
+        // A child of the VM's cgroups, under the VM's values.
+        let leaf = format!("{id}/{device}");
         let own = std::fs::read_to_string(format!("/proc/{backend}/cgroup")).unwrap();
-        assert!(own.contains(&format!("/{parent}/{leaf}")), "{exe}: {own}");
+        for controller in CONTROLLERS {
+            assert!(
+                own.lines()
+                    .any(|l| l.ends_with(&format!(":{controller}:/{parent}/{leaf}"))),
+                "{exe}: {controller}\n{own}"
+            );
+        }
         backend_cgroups.extend(cgroup_dirs(&parent, &leaf));
+        // The blk backend has an empty network namespace, only `lo`; the
+        // net backend has the VMM's, where its TAP is.
+        let backend_net = net_ns(&backend.to_string());
+        if exe == "vhost-user-blk" {
+            assert_ne!(backend_net, net_ns(&pid.to_string()), "{exe} netns");
+            assert_ne!(backend_net, net_ns("self"), "{exe} netns");
+            assert_eq!(interfaces(backend), ["lo"], "{exe} interfaces");
+        } else {
+            assert_eq!(backend_net, net_ns(&pid.to_string()), "{exe} netns");
+        }
     }
 
     let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
@@ -575,6 +651,79 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
         "cgroups left behind: {dirs:?}"
     );
     assert!(child_pid(launcher, "vhost-user").is_none());
+    // And their jails: nothing but the VMM's own is left.
+    assert!(
+        wait_gone(&backend_jails, Duration::from_secs(15)),
+        "backend jails left behind: {backend_jails:?}"
+    );
+    remove_parent_cgroups(&CONTROLLERS, &parent);
+}
+
+/// The network namespace of `pid`.
+fn net_ns(pid: &str) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()
+}
+
+/// The interfaces in `pid`'s network namespace.
+fn interfaces(pid: u32) -> Vec<String> {
+    let dev = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).unwrap();
+    dev.lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn the_launcher_refuses_a_tap_the_vmm_does_not_own() {
+    if !is_root() {
+        eprintln!("skipped: the jailer tests need root");
+        return;
+    }
+    // In the VMM's network namespace, a TAP that uid 4321 owns (another
+    // VM's): root could attach it, the VMM (uid 1234) could not.
+    let netns = tessera_tests::netns::Netns::new("notmine");
+    netns.ip(&[
+        "tuntap", "add", "dev", "tap0", "mode", "tap", "user", "4321",
+    ]);
+    let base = JailBase::new();
+    let id = unique_id("nottap");
+    let parent = unique_id("tessera-test");
+    let root = base.prepare_probe(&id, &probe_cmdline("probe.ticks=0"));
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("vm.json")).unwrap()).unwrap();
+    config["network-interfaces"] = serde_json::json!([{"iface_id": "eth0",
+        "host_dev_name": "tap0", "guest_mac": "06:00:0a:50:00:02"}]);
+    std::fs::write(root.join("vm.json"), config.to_string()).unwrap();
+    let netns_path = format!("/var/run/netns/{}", netns.name());
+    let mut args = tessera_args(&base, &id, &parent);
+    let at = args.iter().position(|a| a == "--").unwrap();
+    splice(&mut args, at..at, &["--netns", &netns_path]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Running::spawn(jailer_command(&args));
+    let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
+    assert!(exited, "tessera did not exit\n{}", vm.stderr());
+    let run = vm.finish();
+    assert_ne!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("the TAP \"tap0\" belongs to uid 4321, not the VMM's uid 1234"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        !base
+            .path()
+            .join("tessera")
+            .join(&id)
+            .join("vhost-user-net")
+            .exists(),
+        "a jail was built for the refused backend"
+    );
+    assert!(wait_gone(
+        &cgroup_dirs(&parent, &id),
+        Duration::from_secs(15)
+    ));
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
 
@@ -743,4 +892,41 @@ fn a_jailed_tessera_under_cgroup_v2_gets_its_values_and_leaves_no_cgroup() {
         "cgroup left behind"
     );
     let _ = std::fs::remove_dir(mount.join(&parent));
+}
+
+#[test]
+fn every_flag_the_launcher_passes_on_is_one_its_backend_takes() {
+    use jailer::backend_flags::{net_queues, samples};
+    use jailer::launch::BackendKind;
+    // Each backend runs with the sample and fds that are not open: it gets
+    // through its own flag checks (clap's and its own) to the first fd.
+    for (kind, exe) in [
+        (BackendKind::Blk, "vhost-user-blk"),
+        (BackendKind::Net, "vhost-user-net"),
+    ] {
+        for sample in samples(kind) {
+            let mut args: Vec<String> = vec!["--fd".into(), "998".into()];
+            let fd_flags = match kind {
+                BackendKind::Blk => 1,
+                BackendKind::Net => usize::from(net_queues(&sample) / 2),
+            };
+            let fd_flag = match kind {
+                BackendKind::Blk => "--disk-fd",
+                BackendKind::Net => "--tap-fd",
+            };
+            for _ in 0..fd_flags {
+                args.extend([fd_flag.to_string(), "999".to_string()]);
+            }
+            args.extend(sample.iter().cloned());
+            let output = Command::new(workspace_bin(exe))
+                .args(&args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains(&format!("{fd_flag} 999: Bad file descriptor")),
+                "{exe} refused {sample:?}: {stderr}"
+            );
+        }
+    }
 }

@@ -5,9 +5,12 @@
 //!
 //! # Trust boundary
 //!
-//! The launcher is root, in the host's mount namespace and the VMM's
-//! network namespace; its only input is the jailed, untrusted VMM's
-//! messages on a SEQPACKET socketpair. So:
+//! The launcher is root, in the VMM's network namespace; its only input is
+//! the jailed, untrusted VMM's messages on a SEQPACKET socketpair. Before
+//! it reads the first one it confines itself: a mount namespace of its own
+//! where it can write only the VM's instance directory and the cgroups
+//! ([`mounts`]), only the capabilities it uses ([`KEPT_CAPABILITIES`]),
+//! and its own seccomp filter ([`confine`]). And:
 //!
 //! - a message is at most [`jailer::launch::MAX_MESSAGE_BYTES`] of JSON
 //!   (longer ones, or ones with more fds than a request may carry, are
@@ -19,12 +22,18 @@
 //!   short printable serial ([`validate`]);
 //! - the only resources it hands out are fds the VMM already holds (its
 //!   listening socket and disk file, checked by type) and the queues of a
-//!   TAP that already exists in the VMM's network namespace;
+//!   TAP that already exists in the VMM's network namespace, that the
+//!   VMM's uid or gid owns (or, with `--netns`, that nobody owns) and that
+//!   nobody has attached ([`tap`]);
 //! - at most [`jailer::launch::MAX_BACKENDS`] backends run at a time, one
-//!   per device id;
-//! - each backend is as confined as the VMM (own jail, cgroup, mount
-//!   namespace, rlimits, backend uid/gid, no capabilities, no device
-//!   nodes) and dies with the launcher (PR_SET_PDEATHSIG).
+//!   per device id, and at most [`jailer::launch::MAX_BACKEND_STARTS`] are
+//!   started in the VM's life; a backend's jail and cgroup are removed as
+//!   soon as it ends;
+//! - each backend is as confined as the VMM (own jail, mount namespace,
+//!   rlimits, backend uid/gid, no capabilities, no device nodes), in a
+//!   child of the VM's cgroup (so under the VM's `--cgroup` limits), in an
+//!   empty network namespace unless it is a net backend, and dies with the
+//!   launcher (PR_SET_PDEATHSIG).
 //!
 //! A bad request gets `Failed { error }` and the launcher keeps serving.
 //! It reaps its backends as they die (logging the device and status on its
@@ -34,6 +43,7 @@
 //! tasks leave it), and exits 0. It ignores SIGINT, SIGHUP and SIGQUIT, so
 //! that a terminal's ^C kills the VMM and the launcher then cleans up.
 
+pub mod mounts;
 pub mod spawn;
 pub mod tap;
 pub mod validate;
@@ -64,6 +74,27 @@ pub const IGNORED_SIGNALS: [Signal; 4] = [
     Signal::SIGPIPE,
 ];
 
+/// The capabilities the launcher keeps: CAP_SYS_ADMIN (a backend's
+/// namespaces, bind mount and pivot_root), CAP_SETUID, CAP_SETGID and
+/// CAP_SETPCAP (its drop to the backend uid/gid with an empty bounding
+/// set), CAP_SYS_RESOURCE (its rlimits), CAP_NET_ADMIN (TUNSETIFF on a TAP
+/// root does not own) and CAP_KILL (SIGTERM to backends of another uid).
+pub const KEPT_CAPABILITIES: [u32; 7] = [
+    21, // CAP_SYS_ADMIN
+    7,  // CAP_SETUID
+    6,  // CAP_SETGID
+    8,  // CAP_SETPCAP
+    24, // CAP_SYS_RESOURCE
+    12, // CAP_NET_ADMIN
+    5,  // CAP_KILL
+];
+
+/// The launcher's seccomp filter (thread kind `launcher`), compiled from
+/// resources/seccomp/launcher.json and the backends' filters by build.rs.
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
+/// The launcher's one thread kind.
+pub const SECCOMP_KIND: &str = "launcher";
+
 /// How long backends get to exit on SIGTERM at shutdown.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 /// How long the launcher waits for the VMM's cgroups to empty.
@@ -73,7 +104,9 @@ const VMM_CGROUP_PATIENCE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct LauncherConfig {
     pub id: String,
-    pub chroot_base: PathBuf,
+    /// The VM's instance directory, `<base>/<vmm-exe>/<id>`: the backends'
+    /// jails are made in it.
+    pub vm_dir: PathBuf,
     /// The backends' uid and gid.
     pub uid: u32,
     pub gid: u32,
@@ -85,6 +118,11 @@ pub struct LauncherConfig {
     /// Stderr to /dev/null too (`--daemonize`).
     pub quiet: bool,
     pub last_cap: u32,
+    /// Which TAPs the VMM may have.
+    pub taps: tap::TapPolicy,
+    /// The most backends to start in the VM's life
+    /// ([`MAX_BACKEND_STARTS`]).
+    pub max_starts: usize,
 }
 
 /// Errors starting the launcher.
@@ -99,12 +137,12 @@ pub enum LauncherError {
 }
 
 /// Forks the launcher; returns the VMM's end of the channel (inherited
-/// across exec). The child never returns. `vmm_cgroups` are the cgroups
+/// across exec) and the launcher's pid. The child never returns. `vmm_cgroups` are the cgroups
 /// the caller is in: the launcher leaves them and removes them at the end.
 pub fn start(
     config: LauncherConfig,
     vmm_cgroups: &mut CgroupSet,
-) -> Result<OwnedFd, LauncherError> {
+) -> Result<(OwnedFd, Pid), LauncherError> {
     let (vmm_end, launcher_end) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -120,19 +158,19 @@ pub fn start(
             let code = run(config, launcher_end, cgroups);
             std::process::exit(code)
         }
-        ForkResult::Parent { .. } => {
+        ForkResult::Parent { child } => {
             drop(launcher_end);
             nix::fcntl::fcntl(
                 vmm_end.as_raw_fd(),
                 nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
             )
             .map_err(LauncherError::Cloexec)?;
-            Ok(vmm_end)
+            Ok((vmm_end, child))
         }
     }
 }
 
-fn log(message: std::fmt::Arguments<'_>) {
+pub(crate) fn log(message: std::fmt::Arguments<'_>) {
     eprintln!("jailer launcher: {message}");
 }
 
@@ -141,12 +179,16 @@ struct Backend {
     device_id: String,
     kind: BackendKind,
     cgroups: CgroupSet,
+    /// Its jail's directory, removed when it ends.
+    instance: PathBuf,
 }
 
 /// The launcher's state.
 struct Launcher {
     config: LauncherConfig,
     backends: HashMap<Pid, Backend>,
+    /// Requests that got as far as building a jail.
+    starts: usize,
 }
 
 fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> i32 {
@@ -179,9 +221,18 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
             return 1;
         }
     };
+    if let Err(err) = mounts::confine_mounts(&config.vm_dir) {
+        log(format_args!("{err}"));
+        return 1;
+    }
+    if let Err(err) = confine(config.last_cap) {
+        log(format_args!("{err}"));
+        return 1;
+    }
     let mut launcher = Launcher {
         config,
         backends: HashMap::new(),
+        starts: 0,
     };
     launcher.serve(&channel, &sigfd);
     drop(channel);
@@ -193,6 +244,25 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
         ));
     }
     0
+}
+
+/// Errors confining the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("cannot drop the launcher's capabilities: {0}")]
+    Capabilities(#[from] crate::privileges::PrivilegeError),
+    #[error("cannot confine the launcher: {0}")]
+    Seccomp(#[from] tessera_seccomp::SeccompError),
+}
+
+/// Keeps only [`KEPT_CAPABILITIES`] and installs the launcher's seccomp
+/// filter, before it reads its first request. Its children (and so the
+/// backends) inherit both; a backend then drops every capability and
+/// stacks its own filter.
+pub fn confine(last_cap: u32) -> Result<(), ConfineError> {
+    crate::privileges::keep_only(crate::privileges::mask(&KEPT_CAPABILITIES), last_cap)?;
+    tessera_seccomp::Filters::decode(SECCOMP_FILTERS)?.apply(SECCOMP_KIND)?;
+    Ok(())
 }
 
 impl Launcher {
@@ -259,6 +329,12 @@ impl Launcher {
         if self.backends.len() >= MAX_BACKENDS {
             return Err(format!("{MAX_BACKENDS} backends are running already"));
         }
+        if self.starts >= self.config.max_starts {
+            return Err(format!(
+                "{} backends were started already: no more for this VM",
+                self.starts
+            ));
+        }
         if self
             .backends
             .values()
@@ -272,8 +348,12 @@ impl Launcher {
         let mut fds = fds;
         if request.kind == BackendKind::Net {
             let tap = request.tap.as_deref().unwrap_or_default();
-            fds.extend(tap::open_tap(tap, request.tap_queue_pairs)?);
+            fds.extend(
+                tap::open_tap(tap, request.tap_queue_pairs, &self.config.taps)
+                    .map_err(|err| err.to_string())?,
+            );
         }
+        self.starts += 1;
         let spawned = spawn::spawn(&self.config, &request, fds)?;
         let pid = spawned.pid;
         log(format_args!(
@@ -286,6 +366,7 @@ impl Launcher {
                 device_id: request.device_id,
                 kind: request.kind,
                 cgroups: spawned.cgroups,
+                instance: spawned.instance,
             },
         );
         u32::try_from(pid.as_raw()).map_err(|_| format!("odd pid {pid}"))
@@ -310,6 +391,9 @@ impl Launcher {
                                 "cannot remove cgroup {}: {errno}",
                                 path.display()
                             ));
+                        }
+                        if let Err(err) = spawn::remove_jail(&backend.instance) {
+                            log(format_args!("{err}"));
                         }
                     }
                 }
@@ -350,5 +434,253 @@ fn describe(status: WaitStatus) -> String {
         WaitStatus::Exited(_, code) => format!("status {code}"),
         WaitStatus::Signaled(_, sig, _) => format!("killed by {sig}"),
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jailer::launch::request_launch;
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    /// A launcher for VM `vm` whose blk "backend" is `/bin/true` (it exits
+    /// at once), with its instance directory in `dir`.
+    fn config(dir: &Path, max_starts: usize) -> LauncherConfig {
+        let true_bin = std::fs::canonicalize("/bin/true").unwrap();
+        LauncherConfig {
+            id: "vm".into(),
+            vm_dir: dir.join("tessera").join("vm"),
+            uid: 4321,
+            gid: 4321,
+            blk_bin: true_bin.clone(),
+            net_bin: true_bin,
+            limits: ResourceLimits::default(),
+            cgroups: CgroupPlan {
+                version: crate::cgroup::CgroupVersion::V1,
+                parent: "unused".into(),
+                hierarchies: Vec::new(),
+            },
+            quiet: false,
+            last_cap: crate::privileges::prepare(),
+            taps: tap::TapPolicy {
+                uid: 1234,
+                gid: 1234,
+                private_netns: false,
+            },
+            max_starts,
+        }
+    }
+
+    fn blk(device_id: &str) -> LaunchRequest {
+        LaunchRequest {
+            kind: BackendKind::Blk,
+            device_id: device_id.into(),
+            args: Vec::new(),
+            tap: None,
+            tap_queue_pairs: 0,
+        }
+    }
+
+    /// Bytes in the files under `dir` (0 if it is gone).
+    fn bytes_under(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => bytes_under(&e.path()),
+                _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+            })
+            .sum()
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// A call made by a confined child; it returns the exit status.
+    type ConfinedCall = fn() -> i32;
+
+    /// How a forked child ends that confines itself as the launcher and
+    /// then runs `call`, which returns the exit status.
+    fn confined(call: ConfinedCall) -> WaitStatus {
+        // SAFETY: the child only confines itself, makes one call and exits.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let code = match confine(crate::privileges::prepare()) {
+                    Ok(()) => call(),
+                    Err(_) => 100,
+                };
+                // SAFETY: _exit ends the child without running the test
+                // harness's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => waitpid(child, None).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_confined_launcher_keeps_few_capabilities_and_forbidden_calls_kill_it() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let kept = crate::privileges::mask(&KEPT_CAPABILITIES);
+        let caps = |child: Pid| -> Vec<(String, u64)> {
+            let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+            status
+                .lines()
+                .filter_map(|line| {
+                    let (key, value) = line.split_once(':')?;
+                    let value = u64::from_str_radix(value.trim(), 16).ok()?;
+                    key.starts_with("Cap").then(|| (key.to_string(), value))
+                })
+                .collect()
+        };
+        // What it may do: its capabilities, read while it waits.
+        let (to_parent, from_child) = nix::unistd::pipe().unwrap();
+        let (to_child, from_parent) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child confines itself, signals, waits and exits.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let ok = confine(crate::privileges::prepare()).is_ok();
+                let _ = nix::unistd::write(&from_child, &[u8::from(ok)]);
+                let mut byte = [0u8];
+                let _ = nix::unistd::read(to_child.as_raw_fd(), &mut byte);
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                let mut ok = [0u8];
+                nix::unistd::read(to_parent.as_raw_fd(), &mut ok).unwrap();
+                let seen = caps(child);
+                nix::unistd::write(&from_parent, b"x").unwrap();
+                assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
+                assert_eq!(ok, [1], "confine failed");
+                // What this test process has (a container may hold back
+                // some), less all but the kept ones.
+                let own: HashMap<String, u64> = caps(nix::unistd::getpid()).into_iter().collect();
+                for (key, value) in seen {
+                    let want = match key.as_str() {
+                        "CapInh" | "CapAmb" => 0,
+                        _ => kept & own[&key],
+                    };
+                    assert_eq!(value, want, "{key} {value:#x}");
+                }
+            }
+        }
+        // What it may not: each of these is killed with SIGSYS.
+        let forbidden: [(&str, ConfinedCall); 6] = [
+            ("a remount", || {
+                // SAFETY: a syscall with null pointers for what it ignores.
+                unsafe {
+                    libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REMOUNT | libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                }
+            }),
+            ("a user namespace", || {
+                // SAFETY: a syscall with integer arguments.
+                unsafe { libc::unshare(libc::CLONE_NEWUSER) }
+            }),
+            ("setns", || {
+                // SAFETY: a syscall with plain integer arguments.
+                unsafe { libc::syscall(libc::SYS_setns, -1, 0) as i32 }
+            }),
+            ("ptrace", || {
+                // SAFETY: as above; PTRACE_TRACEME touches no memory.
+                unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) as i32 }
+            }),
+            ("an inet socket", || {
+                // SAFETY: as above.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+            }),
+            ("SIGUSR1 to a process", || {
+                // SAFETY: as above.
+                unsafe { libc::kill(1, libc::SIGUSR1) }
+            }),
+        ];
+        for (what, call) in forbidden {
+            match confined(call) {
+                WaitStatus::Signaled(_, Signal::SIGSYS, _) => {}
+                other => panic!("{what}: {other:?}, not SIGSYS"),
+            }
+        }
+        // A netlink socket, which it needs, is fine.
+        let netlink = confined(|| {
+            // SAFETY: as above.
+            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0) };
+            i32::from(fd < 0)
+        });
+        assert!(matches!(netlink, WaitStatus::Exited(_, 0)), "{netlink:?}");
+    }
+
+    #[test]
+    fn backends_that_exit_leave_no_jail_and_starts_are_capped() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        const STARTS: usize = 12;
+        let dir = std::env::temp_dir().join(format!("jailer-starts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, STARTS);
+        let jails = cfg.vm_dir.clone();
+        std::fs::create_dir_all(&jails).unwrap();
+        let (channel, launcher) = start(cfg, &mut CgroupSet::default()).unwrap();
+        let listener = UnixListener::bind(dir.join("sock")).unwrap();
+        let disk = std::fs::File::create(dir.join("disk")).unwrap();
+        let fds = [listener.as_raw_fd(), disk.as_raw_fd()];
+        for i in 0..STARTS {
+            let started = request_launch(channel.as_fd(), &blk(&format!("d{i}")), &fds);
+            assert!(started.is_ok(), "start {i}: {started:?}");
+        }
+        // Each "backend" exits at once: its jail goes with it.
+        let emptied = wait_for(|| !jails.join("true").exists());
+        assert!(
+            emptied,
+            "{} bytes of jails left after {STARTS} starts",
+            bytes_under(&jails)
+        );
+        // No backend runs, but the VM has used up its starts.
+        match request_launch(channel.as_fd(), &blk("one-more"), &fds) {
+            Err(LaunchError::Failed(error)) => {
+                assert!(error.contains("12 backends were started"), "{error}")
+            }
+            other => panic!("start {STARTS} was not refused: {other:?}"),
+        }
+        assert!(!jails.join("true").join("one-more").exists());
+        // The launcher's own mounts are read-only but for the instance
+        // directory and the cgroup hierarchies (of the mounts stacked on
+        // one point, the last is the one seen).
+        let mountinfo = std::fs::read_to_string(format!("/proc/{launcher}/mountinfo")).unwrap();
+        let entries = mounts::parse_mountinfo(&mountinfo);
+        for (at, entry) in entries.iter().enumerate() {
+            if entries[at + 1..].iter().any(|e| e.point == entry.point) {
+                continue;
+            }
+            let writable = entry.options.split(',').any(|o| o == "rw");
+            let may_write = entry.point.starts_with(&jails) || entry.fstype.starts_with("cgroup");
+            assert!(!writable || may_write, "the launcher may write {entry:?}");
+        }
+        drop(channel);
+        assert_eq!(
+            waitpid(launcher, None).unwrap(),
+            WaitStatus::Exited(launcher, 0)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,11 +1,15 @@
 //! Starting one backend in a jail of its own:
-//! `<base>/<backend-exe>/<id>-<device>/root` with a copy of the binary, the
-//! cgroup `<parent>/<id>-<device>` in the VMM's hierarchies (with the VMM's
-//! `cpuset.cpus`/`cpuset.mems` under v1 so that it can run, and none of the
-//! VMM's other values), the resource limits, a mount namespace of its own
-//! pivoted into the jail, no device nodes, the backend uid/gid with no
-//! capabilities, PR_SET_PDEATHSIG(SIGTERM), and exactly the received fds
-//! at 3, 4, ... (every other fd is closed at exec).
+//! `<base>/<vmm-exe>/<id>/<backend-exe>/<device>/root`, beside the VMM's
+//! `root`, with a copy of the binary (removed again when the backend
+//! ends), the cgroup
+//! `<parent>/<id>/<device>` in the VMM's hierarchies, a child of the VM's
+//! cgroup and so under all of its limits (v1: with its
+//! `cpuset.cpus`/`cpuset.mems` so that it can run), the resource limits, a
+//! mount namespace of its own pivoted into the jail, an empty network
+//! namespace for a backend that needs no network (blk), no device nodes,
+//! the backend uid/gid with no capabilities, PR_SET_PDEATHSIG(SIGTERM),
+//! and exactly the received fds at 3, 4, ... (every other fd is closed at
+//! exec).
 //!
 //! The child reports a failure before exec through a close-on-exec pipe,
 //! so the VMM gets the reason in [`LaunchResponse::Failed`]; an empty pipe
@@ -45,6 +49,8 @@ const PARK_FDS_AT: RawFd = 64;
 pub struct Spawned {
     pub pid: Pid,
     pub cgroups: CgroupSet,
+    /// Its jail's instance directory, for [`remove_jail`].
+    pub instance: PathBuf,
 }
 
 /// The backend's command line (argv[0] is its path inside the jail).
@@ -66,13 +72,57 @@ pub fn backend_args(exe_name: &str, request: &LaunchRequest, fd_count: usize) ->
     args
 }
 
-/// The jail of one backend.
-pub fn jail_dir(base: &Path, exe_name: &str, leaf: &str) -> PathBuf {
-    base.join(exe_name).join(leaf).join("root")
+/// The directory of one backend's jail: `<backend-exe>/<device>` in the
+/// VM's instance directory `<base>/<vmm-exe>/<id>`, beside the VMM's own
+/// `root` (ids cannot hold '/', so no two instances' devices meet).
+pub fn instance_dir(vm_dir: &Path, exe_name: &str, device_id: &str) -> PathBuf {
+    vm_dir.join(exe_name).join(device_id)
+}
+
+/// The jail root in an instance directory.
+pub fn jail_dir(instance: &Path) -> PathBuf {
+    instance.join("root")
+}
+
+/// Removes a backend's jail (its instance directory) and the
+/// `<backend-exe>` directory above it once that is empty.
+pub fn remove_jail(instance: &Path) -> Result<(), String> {
+    match fs::remove_dir_all(instance) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(format!(
+                "cannot remove the jail {}: {e}",
+                instance.display()
+            ))
+        }
+    }
+    if let Some(exe_dir) = instance.parent() {
+        // Not empty while another device of the kind has its jail.
+        let _ = fs::remove_dir(exe_dir);
+    }
+    Ok(())
+}
+
+/// Creates the jail root in `instance` with a copy of `bin` and its
+/// libraries (root-owned, read-only for the backend).
+fn build_jail(bin: &Path, exe_name: &str, instance: &Path) -> Result<PathBuf, String> {
+    let jail = jail_dir(instance);
+    fs::create_dir_all(&jail).map_err(|e| format!("cannot create {}: {e}", jail.display()))?;
+    let target = jail.join(exe_name);
+    match fs::remove_file(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot replace {}: {e}", target.display())),
+    }
+    fs::copy(bin, &target)
+        .map_err(|e| format!("cannot copy {} to {}: {e}", bin.display(), target.display()))?;
+    crate::libs::copy_into(bin, &jail).map_err(|e| e.to_string())?;
+    Ok(jail)
 }
 
 /// Starts the backend for `request` (validated) with `fds` (the socket
-/// first).
+/// first). On failure nothing of it is left: no jail, no cgroup.
 pub fn spawn(
     cfg: &LauncherConfig,
     request: &LaunchRequest,
@@ -92,19 +142,32 @@ pub fn spawn(
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| format!("the backend binary {} has no usable name", bin.display()))?;
-    let leaf = format!("{}-{}", cfg.id, request.device_id);
-    let jail = jail_dir(&cfg.chroot_base, exe_name, &leaf);
-    fs::create_dir_all(&jail).map_err(|e| format!("cannot create {}: {e}", jail.display()))?;
-    let target = jail.join(exe_name);
-    match fs::remove_file(&target) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot replace {}: {e}", target.display())),
+    let instance = instance_dir(&cfg.vm_dir, exe_name, &request.device_id);
+    let started = build_jail(bin, exe_name, &instance)
+        .and_then(|jail| spawn_in(cfg, request, fds, exe_name, &jail));
+    match started {
+        Ok((pid, cgroups)) => Ok(Spawned {
+            pid,
+            cgroups,
+            instance,
+        }),
+        Err(err) => {
+            if let Err(cleanup) = remove_jail(&instance) {
+                super::log(format_args!("{cleanup}"));
+            }
+            Err(err)
+        }
     }
-    fs::copy(bin, &target)
-        .map_err(|e| format!("cannot copy {} to {}: {e}", bin.display(), target.display()))?;
-    crate::libs::copy_into(bin, &jail).map_err(|e| e.to_string())?;
+}
 
+/// Forks the backend into `jail` (built) and its cgroups.
+fn spawn_in(
+    cfg: &LauncherConfig,
+    request: &LaunchRequest,
+    fds: Vec<OwnedFd>,
+    exe_name: &str,
+    jail: &Path,
+) -> Result<(Pid, CgroupSet), String> {
     let args = backend_args(exe_name, request, fds.len());
     let c_args = args
         .iter()
@@ -115,8 +178,8 @@ pub fn spawn(
 
     let mut cgroups = cfg
         .cgroups
-        .without_settings()
-        .create(&leaf, Some(&cfg.id))
+        .nested(&cfg.id)
+        .create(&request.device_id)
         .map_err(|e| e.to_string())?;
     let (err_read, err_write) = match pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(pipe) => pipe,
@@ -135,9 +198,13 @@ pub fn spawn(
         }
         Ok(ForkResult::Child) => {
             drop(err_read);
-            let Err(err) = child(
-                cfg, &jail, &c_path, &c_args, &fds, &cgroups, launcher, err_write,
-            );
+            let target = ChildTarget {
+                kind: request.kind,
+                jail,
+                path: &c_path,
+                args: &c_args,
+            };
+            let Err(err) = child(cfg, &target, &fds, &cgroups, launcher, err_write);
             // Nothing to do on failure but exit.
             // SAFETY: _exit ends the child without unwinding into the
             // launcher's state.
@@ -148,10 +215,7 @@ pub fn spawn(
             let mut message = String::new();
             let _ = fs::File::from(err_read).read_to_string(&mut message);
             if message.is_empty() {
-                Ok(Spawned {
-                    pid: child,
-                    cgroups,
-                })
+                Ok((child, cgroups))
             } else {
                 let _ = waitpid(child, None);
                 cgroups.remove(Duration::from_secs(1));
@@ -161,14 +225,19 @@ pub fn spawn(
     }
 }
 
+/// What the child execs, and where.
+struct ChildTarget<'a> {
+    kind: BackendKind,
+    jail: &'a Path,
+    path: &'a CString,
+    args: &'a [CString],
+}
+
 /// The child's side; writes why it failed to `report` and returns the exit
 /// status to use.
-#[allow(clippy::too_many_arguments)]
 fn child(
     cfg: &LauncherConfig,
-    jail: &Path,
-    path: &CString,
-    args: &[CString],
+    target: &ChildTarget<'_>,
     fds: &[OwnedFd],
     cgroups: &CgroupSet,
     launcher: Pid,
@@ -189,21 +258,30 @@ fn child(
         );
         126
     };
-    match setup(cfg, jail, fds, cgroups, launcher, report) {
+    match setup(cfg, target, fds, cgroups, launcher, report) {
         Ok(()) => {}
         Err(message) => return Err(fail(message)),
     }
     let env: [CString; 0] = [];
-    let Err(errno) = execve(path, args, &env);
+    let Err(errno) = execve(target.path, target.args, &env);
     Err(fail(format!(
         "cannot exec {}: {errno}",
-        path.to_string_lossy()
+        target.path.to_string_lossy()
     )))
+}
+
+/// The namespaces a backend of `kind` gets: a mount namespace, and an
+/// empty network namespace (only `lo`) for one that needs no network.
+pub fn backend_namespaces(kind: BackendKind) -> CloneFlags {
+    match kind {
+        BackendKind::Blk => CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET,
+        BackendKind::Net => CloneFlags::CLONE_NEWNS,
+    }
 }
 
 fn setup(
     cfg: &LauncherConfig,
-    jail: &Path,
+    target: &ChildTarget<'_>,
     fds: &[OwnedFd],
     cgroups: &CgroupSet,
     launcher: Pid,
@@ -228,9 +306,10 @@ fn setup(
         return Err("the launcher exited".into());
     }
     cgroups.attach_self().map_err(|e| e.to_string())?;
-    unshare(CloneFlags::CLONE_NEWNS)
-        .map_err(|e| format!("cannot unshare the mount namespace: {e}"))?;
-    chroot::pivot_into(jail).map_err(|e| e.to_string())?;
+    let namespaces = backend_namespaces(target.kind);
+    unshare(namespaces)
+        .map_err(|e| format!("cannot unshare the namespaces {namespaces:?}: {e}"))?;
+    chroot::pivot_into(target.jail).map_err(|e| e.to_string())?;
 
     // Move the fds to 3, 4, ...: park them all high first so that no
     // dup2 lands on one not yet moved.
@@ -307,9 +386,14 @@ mod tests {
                 "4"
             ]
         );
+        let instance = instance_dir(
+            Path::new("/srv/jailer/tessera/vm"),
+            "vhost-user-net",
+            "eth0",
+        );
         assert_eq!(
-            jail_dir(Path::new("/srv/jailer"), "vhost-user-net", "vm-eth0"),
-            PathBuf::from("/srv/jailer/vhost-user-net/vm-eth0/root")
+            jail_dir(&instance),
+            PathBuf::from("/srv/jailer/tessera/vm/vhost-user-net/eth0/root")
         );
     }
 }

@@ -1,145 +1,18 @@
 //! The launcher's request checks. Everything in a [`LaunchRequest`] comes
 //! from the untrusted VMM, so each field is held to a whitelist: the device
 //! id to the instance id rule (it becomes a directory and a cgroup name),
-//! `args` to a fixed set of flags per kind whose values are numbers, a MAC,
-//! an enum or a short printable serial (never a path, never starting with
-//! `-` so no value can pose as a flag), the TAP name to an interface name,
-//! and the fds to exactly the expected count and types.
+//! `args` to the backend's own flags and values that take no path or fd
+//! ([`jailer::backend_flags`]), a net backend's `--queues` to its TAP
+//! queue pairs, the TAP name to an interface name, and the fds to exactly
+//! the expected count and types.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use jailer::backend_flags::check_args;
 use jailer::id;
 use jailer::launch::{BackendKind, LaunchRequest, MAX_TAP_QUEUE_PAIRS};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::sys::stat::{fstat, SFlag};
-
-/// The longest serial number (virtio-blk's ID field).
-pub const MAX_SERIAL_BYTES: usize = 20;
-/// The most arguments a request may carry.
-pub const MAX_ARGS: usize = 32;
-
-/// What a flag's value must look like.
-#[derive(Debug, Clone, Copy)]
-enum Value {
-    None,
-    Number { min: u64, max: u64 },
-    Serial,
-    Mac,
-    Engine,
-}
-
-const BLK_FLAGS: &[(&str, Value)] = &[
-    ("--readonly", Value::None),
-    ("--direct", Value::None),
-    ("--queues", Value::Number { min: 1, max: 64 }),
-    ("--queue-size", Value::Number { min: 1, max: 32768 }),
-    ("--serial", Value::Serial),
-    (
-        "--poll-us",
-        Value::Number {
-            min: 0,
-            max: 1_000_000,
-        },
-    ),
-    ("--engine", Value::Engine),
-    ("--io-engine", Value::Engine),
-];
-
-const NET_FLAGS: &[(&str, Value)] = &[
-    ("--queues", Value::Number { min: 1, max: 64 }),
-    ("--queue-size", Value::Number { min: 1, max: 32768 }),
-    ("--mac", Value::Mac),
-    (
-        "--mtu",
-        Value::Number {
-            min: 68,
-            max: 65535,
-        },
-    ),
-    (
-        "--poll-us",
-        Value::Number {
-            min: 0,
-            max: 1_000_000,
-        },
-    ),
-];
-
-fn check_value(flag: &str, kind: Value, value: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("invalid value {value:?} for {flag}: {why}"));
-    match kind {
-        Value::None => Ok(()),
-        Value::Number { min, max } => {
-            if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
-                return bad("expected a decimal number");
-            }
-            match value.parse::<u64>() {
-                Ok(n) if (min..=max).contains(&n) => Ok(()),
-                _ => bad(&format!("expected {min} to {max}")),
-            }
-        }
-        Value::Serial => {
-            if value.is_empty() || value.len() > MAX_SERIAL_BYTES {
-                return bad("expected 1 to 20 bytes");
-            }
-            if value.starts_with('-') || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-                return bad("expected printable ASCII not starting with '-'");
-            }
-            Ok(())
-        }
-        Value::Mac => {
-            let parts: Vec<&str> = value.split(':').collect();
-            let ok = parts.len() == 6
-                && parts
-                    .iter()
-                    .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
-            if ok {
-                Ok(())
-            } else {
-                bad("expected xx:xx:xx:xx:xx:xx")
-            }
-        }
-        Value::Engine => match value {
-            "io_uring" | "sync" => Ok(()),
-            _ => bad("expected io_uring or sync"),
-        },
-    }
-}
-
-/// Checks `args` against the whitelist of `kind`: known flags, each once,
-/// values in their own argument.
-pub fn check_args(kind: BackendKind, args: &[String]) -> Result<(), String> {
-    if args.len() > MAX_ARGS {
-        return Err(format!("{} arguments: at most {MAX_ARGS}", args.len()));
-    }
-    let table = match kind {
-        BackendKind::Blk => BLK_FLAGS,
-        BackendKind::Net => NET_FLAGS,
-    };
-    let mut seen: Vec<&str> = Vec::new();
-    let mut iter = args.iter();
-    while let Some(flag) = iter.next() {
-        let Some((name, value_kind)) = table.iter().find(|(name, _)| name == flag) else {
-            return Err(format!(
-                "argument {flag:?} is not allowed for a {kind:?} backend"
-            ));
-        };
-        if seen.contains(name) {
-            return Err(format!("argument {flag} is given twice"));
-        }
-        seen.push(name);
-        if !matches!(value_kind, Value::None) {
-            let value = iter
-                .next()
-                .ok_or_else(|| format!("argument {flag} needs a value"))?;
-            check_value(flag, *value_kind, value)?;
-        }
-    }
-    if seen.contains(&"--engine") && seen.contains(&"--io-engine") {
-        return Err("give --engine or --io-engine, not both".into());
-    }
-    Ok(())
-}
 
 /// Checks a TAP interface name: 1 to 15 bytes of `[A-Za-z0-9_.-]`, not
 /// `.` or `..`.
@@ -172,7 +45,7 @@ pub fn expected_fds(kind: BackendKind) -> usize {
 pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
     id::validate_device_id(&request.device_id)
         .map_err(|err| format!("invalid device id: {err}"))?;
-    check_args(request.kind, &request.args)?;
+    check_args(request.kind, &request.args).map_err(|err| err.to_string())?;
     match request.kind {
         BackendKind::Blk => {
             if request.tap.is_some() || request.tap_queue_pairs != 0 {
@@ -188,6 +61,13 @@ pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
             if request.tap_queue_pairs == 0 || request.tap_queue_pairs > MAX_TAP_QUEUE_PAIRS {
                 return Err(format!(
                     "tap_queue_pairs {} is out of range: expected 1 to {MAX_TAP_QUEUE_PAIRS}",
+                    request.tap_queue_pairs
+                ));
+            }
+            let queues = jailer::backend_flags::net_queues(&request.args);
+            if queues != 2 * request.tap_queue_pairs {
+                return Err(format!(
+                    "--queues {queues} does not match tap_queue_pairs {}: the backend serves 2 queues per TAP queue",
                     request.tap_queue_pairs
                 ));
             }
@@ -256,95 +136,6 @@ pub fn check_fds(kind: BackendKind, fds: &[OwnedFd]) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn blk(args: &[&str]) -> Result<(), String> {
-        check_args(BackendKind::Blk, &strings(args))
-    }
-
-    fn net(args: &[&str]) -> Result<(), String> {
-        check_args(BackendKind::Net, &strings(args))
-    }
-
-    #[test]
-    fn blk_whitelist() {
-        blk(&[]).unwrap();
-        blk(&[
-            "--readonly",
-            "--direct",
-            "--queues",
-            "4",
-            "--queue-size",
-            "256",
-            "--serial",
-            "drive 1",
-            "--poll-us",
-            "0",
-            "--io-engine",
-            "sync",
-        ])
-        .unwrap();
-        blk(&["--engine", "io_uring"]).unwrap();
-        for bad in [
-            &["--path", "/etc/shadow"][..],
-            &["--socket", "/tmp/x"],
-            &["--fd", "5"],
-            &["--disk-fd", "5"],
-            &["--queues=4"],
-            &["--queues"],
-            &["--queues", "0"],
-            &["--queues", "65"],
-            &["--queues", "+4"],
-            &["--queues", "4", "--queues", "4"],
-            &["--serial", "--path=/etc/shadow"],
-            &["--serial", "123456789012345678901"],
-            &["--serial", "a\nb"],
-            &["--serial", ""],
-            &["--engine", "aio"],
-            &["--engine", "sync", "--io-engine", "sync"],
-            &["--mac", "02:00:00:00:00:01"],
-            &["-r"],
-            &["positional"],
-        ] {
-            assert!(blk(bad).is_err(), "{bad:?} should be refused");
-        }
-        let err = blk(&["--path", "/etc/shadow"]).unwrap_err();
-        assert!(err.contains("--path"), "{err}");
-    }
-
-    #[test]
-    fn net_whitelist() {
-        net(&[
-            "--queues",
-            "2",
-            "--queue-size",
-            "1024",
-            "--mac",
-            "02:aA:00:00:00:01",
-            "--mtu",
-            "1500",
-            "--poll-us",
-            "50",
-        ])
-        .unwrap();
-        for bad in [
-            &["--tap", "tap0"][..],
-            &["--tap-fd", "4"],
-            &["--readonly"],
-            &["--mac", "02:00:00:00:00"],
-            &["--mac", "02:00:00:00:00:0g"],
-            &["--mtu", "67"],
-            &["--mtu", "65536"],
-            &["--serial", "x"],
-        ] {
-            assert!(net(bad).is_err(), "{bad:?} should be refused");
-        }
-        let many: Vec<&str> = std::iter::repeat_n("--readonly", MAX_ARGS + 1).collect();
-        assert!(blk(&many).unwrap_err().contains("at most"));
-    }
-
     fn request(kind: BackendKind, id: &str, tap: Option<&str>, pairs: u16) -> LaunchRequest {
         LaunchRequest {
             kind,
@@ -360,7 +151,12 @@ mod tests {
         check_request(&request(BackendKind::Blk, "rootfs", None, 0)).unwrap();
         check_request(&request(BackendKind::Net, "eth0", Some("tap0"), 1)).unwrap();
         check_request(&request(BackendKind::Blk, "drive_1", None, 0)).unwrap();
-        check_request(&request(BackendKind::Net, "eth0", Some("tap-1.a_b"), 16)).unwrap();
+        let mut sixteen = request(BackendKind::Net, "eth0", Some("tap-1.a_b"), 16);
+        sixteen.args = vec!["--queues".into(), "32".into()];
+        check_request(&sixteen).unwrap();
+        sixteen.tap_queue_pairs = 15;
+        let err = check_request(&sixteen).unwrap_err();
+        assert!(err.contains("--queues 32 does not match"), "{err}");
         for (req, what) in [
             (request(BackendKind::Blk, "../x", None, 0), "device id"),
             (request(BackendKind::Blk, "", None, 0), "device id"),
