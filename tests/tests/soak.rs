@@ -107,21 +107,32 @@ fn cgroups_under(parent: &str) -> Vec<PathBuf> {
     found
 }
 
-/// The jails (`<base>/<exe>/<id>`) left under the chroot base once the
-/// VMMs' own (the orchestrator's to remove, as with Firecracker) are gone.
+/// Everything under the chroot base but the VMMs' own jail roots (the
+/// orchestrator's to remove, as with Firecracker's): backend jails, at
+/// `<base>/tessera/<id>/<backend>/<device>` or anywhere else.
 fn jails_under(base: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(base)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|exe| {
-            std::fs::read_dir(exe.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|jail| jail.path())
-        .collect()
+    let mut left = Vec::new();
+    for exe in std::fs::read_dir(base).into_iter().flatten().flatten() {
+        for instance in std::fs::read_dir(exe.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if exe.file_name() != "tessera" {
+                left.push(instance.path());
+                continue;
+            }
+            left.extend(
+                std::fs::read_dir(instance.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|entry| entry.file_name() != "root")
+                    .map(|entry| entry.path()),
+            );
+        }
+    }
+    left
 }
 
 /// A TAP has carrier while some process has a queue attached.
@@ -262,6 +273,7 @@ fn fifty_jailed_microvms_tick_together_and_leave_nothing_behind() {
         // SAFETY: SIGKILL to a VMM this test started.
         unsafe { libc::kill(vm.running.pid() as i32, libc::SIGKILL) };
     }
+    let ids: Vec<String> = vms.iter().map(|vm| vm.id.clone()).collect();
     for mut vm in vms.drain(..) {
         let deadline = vm.running.elapsed() + Duration::from_secs(10);
         assert!(
@@ -270,8 +282,6 @@ fn fifty_jailed_microvms_tick_together_and_leave_nothing_behind() {
             vm.id
         );
         vm.running.finish();
-        // The VMM's own jail is the orchestrator's to remove.
-        std::fs::remove_dir_all(base.root("tessera", &vm.id).parent().unwrap()).unwrap();
     }
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -291,6 +301,10 @@ fn fifty_jailed_microvms_tick_together_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let fds_after = open_fds();
+    // The VMMs' own jails are the orchestrator's to remove.
+    for id in &ids {
+        let _ = std::fs::remove_dir_all(base.root("tessera", id).parent().unwrap());
+    }
     for controller in CONTROLLERS {
         if let Some(mount) = v1_mount(controller) {
             let _ = std::fs::remove_dir(mount.join(&parent));
