@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -39,6 +40,12 @@ use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, 
 
 /// Requests one worker keeps in flight.
 const MAX_IN_FLIGHT: u32 = 256;
+/// Requests one `handle_event` takes before it lets the worker's event
+/// loop look at its other events (its exit event among them) and kicks
+/// itself to come back: a guest that keeps posting (or whose used ring
+/// overlaps its avail index, so that each completion posts a request)
+/// must not keep a worker from ever stopping.
+const MAX_TAKEN_PER_EVENT: usize = 4 * MAX_IN_FLIGHT as usize;
 
 /// vhost-user's own feature bit: the frontend may use protocol features.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -281,6 +288,7 @@ impl BlockBackend {
             .collect();
         let mut done: Vec<Done> = Vec::new();
         let mut completed = vec![false; vrings.len()];
+        let mut taken = 0;
         loop {
             if event_idx {
                 for &(position, vring) in &live {
@@ -299,7 +307,8 @@ impl BlockBackend {
                     replaced.push(std::mem::replace(mem, latest));
                 }
                 for &(position, vring) in &live {
-                    while engine.has_room() {
+                    while engine.has_room() && taken < MAX_TAKEN_PER_EVENT {
+                        taken += 1;
                         let chain = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
                             .map_err(|source| WorkerError::Broken {
                                 queue: completer.queue_index(position),
@@ -365,6 +374,12 @@ impl BlockBackend {
                     break;
                 }
             }
+            if taken >= MAX_TAKEN_PER_EVENT {
+                for &(_, vring) in &live {
+                    kick_again(vring);
+                }
+                return Ok(());
+            }
             if completed_any && self.poll_for_more(&live, mem) {
                 continue;
             }
@@ -402,6 +417,18 @@ impl BlockBackend {
             std::hint::spin_loop();
         }
         false
+    }
+}
+
+/// Makes `vring`'s kick eventfd readable, so that the worker's event loop
+/// calls `handle_event` for it again.
+fn kick_again(vring: &VringRwLock) {
+    let state = vring.get_ref();
+    if let Some(kick) = state.get_kick() {
+        // SAFETY: the fd is the kick EventConsumer's, which `state` keeps
+        // open for as long as this borrow lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+        let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
     }
 }
 
@@ -848,6 +875,40 @@ mod tests {
             .expect("a kick of a broken device returns")
             .is_ok());
         assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+    }
+
+    #[test]
+    fn a_used_ring_over_the_avail_index_cannot_hold_a_worker_forever() {
+        let device = device();
+        let (desc, avail) = {
+            let state = device.vrings[0].get_ref();
+            (
+                state.get_queue().desc_table(),
+                state.get_queue().avail_ring(),
+            )
+        };
+        // The used ring laid over the avail ring: each completion bumps
+        // avail.idx, so the guest seems to post a request per completion.
+        device.vrings[0].set_queue_info(desc, avail, avail).unwrap();
+        // One ahead: each completion then makes the next request visible.
+        device.vrings[0].set_queue_next_used(1);
+        // Descriptor 0 is a chain no request fits: it completes at once
+        // with length 0, so the used entries keep naming head 0.
+        let desc0 = virtio_queue::desc::split::Descriptor::new(HEADER, 0, 0, 0);
+        device
+            .mem
+            .write_obj(RawDescriptor::from(desc0), GuestAddress(desc))
+            .unwrap();
+        device.set_avail_idx(1);
+        let result = device
+            .kick()
+            .expect("the worker must get back to its event loop");
+        assert!(result.is_ok(), "{result:?}");
+        assert!(!device.backend.is_broken());
+        assert_eq!(
+            device.vrings[0].get_ref().get_queue().next_avail(),
+            MAX_TAKEN_PER_EVENT as u16
+        );
     }
 
     #[test]
