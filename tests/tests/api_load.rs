@@ -130,7 +130,9 @@ fn a_partial_request_times_out_and_closes_only_its_connection() {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
     let mut partial = UnixStream::connect(&api.socket).expect("connect");
-    partial.write_all(b"GET /machine-config HTTP/1.1\r\n").unwrap();
+    partial
+        .write_all(b"GET /machine-config HTTP/1.1\r\n")
+        .unwrap();
     partial
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();

@@ -424,7 +424,8 @@ pub fn build_microvm(
     let event_loop_err =
         |err: &dyn std::fmt::Debug| StartMicrovmError::EventLoop(format!("{err:?}"));
     let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| event_loop_err(&e))?;
-    let vcpu_stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| event_loop_err(&e))?;
+    let vcpu_stop_evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| event_loop_err(&e))?;
     let (stop_sender, stop_receiver) = mpsc::channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler::new(
         legacy.reset_evt,

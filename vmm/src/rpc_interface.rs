@@ -38,7 +38,7 @@ impl ApiEndpoint {
     pub fn new() -> std::io::Result<(Self, VmmChannel)> {
         let (request_sender, requests) = channel();
         let (responses, response_receiver) = channel();
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let channel = VmmChannel {
             requests: request_sender,
             wake: wake.try_clone()?,

@@ -42,7 +42,7 @@ impl SerialDevice {
     /// Creates the UART; `irq` is triggered for the guest's interrupt line.
     pub fn new(irq: EventFdTrigger, out: SerialOutput) -> io::Result<Self> {
         let input_ready = Arc::new(InputReady {
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         });
         Ok(Self {
             uart: Serial::with_events(irq, input_ready.clone(), out),

@@ -136,8 +136,8 @@ impl VhostUserNet {
         let queues = VhostUserQueues::new(frontend, mem, data_queues).map_err(eventfd_err)?;
         let ctrl_fds = if pairs > 1 {
             Some(CtrlEventFds {
-                kick: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
-                call: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
+                kick: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
+                call: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
             })
         } else {
             None
