@@ -25,6 +25,7 @@ use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError,
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::metrics::DeviceCounters;
+use crate::output_file::open_nonblocking_append;
 use crate::resources::VmResources;
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -259,14 +260,12 @@ impl Drop for TerminalGuard {
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError> {
     match path {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|source| StartMicrovmError::SerialOutput {
+            let file = open_nonblocking_append(path).map_err(|source| {
+                StartMicrovmError::SerialOutput {
                     path: path.display().to_string(),
                     source,
-                })?;
+                }
+            })?;
             Ok(Box::new(file))
         }
         // vm-superio flushes after every byte, so console output is never

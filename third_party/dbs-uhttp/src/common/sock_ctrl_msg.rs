@@ -372,7 +372,6 @@ pub unsafe trait IntoIovec {
 // guaranteed to be valid.
 unsafe impl<'a> IntoIovec for &'a [u8] {
     // Clippy false positive: https://github.com/rust-lang/rust-clippy/issues/3480
-    #[cfg_attr(feature = "cargo-clippy", allow(clippy::useless_asref))]
     fn as_ptr(&self) -> *const libc::c_void {
         self.as_ref().as_ptr() as *const libc::c_void
     }
