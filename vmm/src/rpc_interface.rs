@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
 
-use api_server::config::{InstanceInfo, MachineConfig, VmState};
+use api_server::config::{InstanceInfo, VmState};
 use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -81,30 +81,6 @@ fn instance_info(instance_id: &str, state: VmState) -> VmmData {
         vmm_version: VMM_VERSION.to_string(),
         app_name: APP_NAME.to_string(),
     })
-}
-
-/// Checks a machine configuration against this host, so that a value the
-/// host cannot honour is refused when it is set rather than at start:
-/// KVM's vCPU limit and the host's memory.
-pub fn check_host_limits(config: &MachineConfig) -> Result<(), ActionError> {
-    if let Ok(kvm) = kvm_ioctls::Kvm::new() {
-        let max = kvm.get_max_vcpus();
-        if usize::from(config.vcpu_count) > max {
-            return Err(ActionError::failed(format!(
-                "vcpu_count {} is more than KVM allows on this host ({max})",
-                config.vcpu_count
-            )));
-        }
-    }
-    if let Some(host) = crate::memory::host_memory_mib() {
-        if config.mem_size_mib as u64 > host {
-            return Err(ActionError::failed(format!(
-                "mem_size_mib {} is more than this host's memory ({host} MiB of RAM and swap)",
-                config.mem_size_mib
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Applies the logger and metrics sections of a configuration.
@@ -189,10 +165,7 @@ pub fn run_preboot(
                 }
                 counted(&m.metrics, outcome)
             }
-            VmmAction::PutSerial(config) => {
-                resources.serial = Some(config);
-                counted(&m.serial, Ok(VmmData::Empty))
-            }
+            VmmAction::PutSerial(config) => counted(&m.serial, empty(resources.set_serial(config))),
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))

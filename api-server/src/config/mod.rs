@@ -22,7 +22,7 @@ pub use machine_config::{
 };
 pub use metrics::MetricsConfig;
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
-pub use serial::SerialConfig;
+pub use serial::{SerialConfig, SerialError};
 pub use vm::{
     ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
 };
