@@ -208,17 +208,14 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::Resume => counted(&m.vm_state, empty(vmm.resume())),
         VmmAction::SendCtrlAltDel => counted(&m.actions, empty(vmm.send_ctrl_alt_del())),
         VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(vmm.device_metrics()))),
-        VmmAction::PatchDrive(update) => {
-            let mut resources = vmm.resources().clone();
-            counted(&m.drive_patch, empty(resources.update_drive(&update)))
-        }
-        VmmAction::PatchNetworkInterface(update) => {
-            let mut resources = vmm.resources().clone();
-            counted(
-                &m.network_patch,
-                empty(resources.update_network_interface(&update)),
-            )
-        }
+        VmmAction::PatchDrive(update) => counted(
+            &m.drive_patch,
+            empty(vmm.resources().check_running_drive_update(&update)),
+        ),
+        VmmAction::PatchNetworkInterface(update) => counted(
+            &m.network_patch,
+            empty(vmm.resources().update_network_interface(&update)),
+        ),
         VmmAction::PutMachineConfig(_) => counted(&m.machine_config_put, post_boot()),
         VmmAction::PatchMachineConfig(_) => counted(&m.machine_config_patch, post_boot()),
         VmmAction::PutBootSource(_) => counted(&m.boot_source, post_boot()),

@@ -61,6 +61,8 @@ pub enum ResourcesError {
     },
     #[error(transparent)]
     Serial(#[from] api_server::config::SerialError),
+    #[error("drive {id:?}: changing path_on_host (to {path}) on a running microVM is not supported by Tessera yet: the drive's backend would have to be restarted on the new file")]
+    RunningDrivePath { id: String, path: String },
 }
 
 /// The top level of Firecracker's configuration file.
@@ -213,10 +215,36 @@ impl VmResources {
         self.insert_drive(next)
     }
 
-    /// Applies `PATCH /network-interfaces/{id}`: only rate limiters, which
-    /// Tessera does not have yet.
+    /// Checks `PATCH /drives/{id}` on a running microVM, without touching
+    /// the host's files (the VMM thread's seccomp filter forbids that): a
+    /// new backing file is refused, an empty rate limiter changes nothing.
+    pub fn check_running_drive_update(
+        &self,
+        update: &BlockDeviceUpdate,
+    ) -> Result<(), ResourcesError> {
+        if !self.drives.iter().any(|d| d.drive_id == update.drive_id) {
+            return Err(ResourcesError::UnknownDrive(update.drive_id.clone()));
+        }
+        if let Some(path) = &update.path_on_host {
+            return Err(ResourcesError::RunningDrivePath {
+                id: update.drive_id.clone(),
+                path: path.clone(),
+            });
+        }
+        if update.rate_limiter.as_ref().is_some_and(limits_anything) {
+            return Err(ResourcesError::RateLimiter(format!(
+                "drive {:?}",
+                update.drive_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks `PATCH /network-interfaces/{id}`: it carries only rate
+    /// limiters; one that limits anything is refused (Tessera has none
+    /// yet), an empty one changes nothing.
     pub fn update_network_interface(
-        &mut self,
+        &self,
         update: &NetworkInterfaceUpdate,
     ) -> Result<(), ResourcesError> {
         if !self
@@ -226,10 +254,16 @@ impl VmResources {
         {
             return Err(ResourcesError::UnknownInterface(update.iface_id.clone()));
         }
-        Err(ResourcesError::RateLimiter(format!(
-            "network interface {:?}",
-            update.iface_id
-        )))
+        let limited = [&update.rx_rate_limiter, &update.tx_rate_limiter]
+            .into_iter()
+            .any(|limiter| limiter.as_ref().is_some_and(limits_anything));
+        if limited {
+            return Err(ResourcesError::RateLimiter(format!(
+                "network interface {:?}",
+                update.iface_id
+            )));
+        }
+        Ok(())
     }
 
     /// The configuration in the `--config-file` schema (`GET /vm/config`).
