@@ -176,3 +176,24 @@ fn a_stalled_log_fifo_drops_lines_and_counts_them() {
         "{last}"
     );
 }
+
+#[test]
+fn a_serial_fifo_without_reader_fails_the_start_at_once() {
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    let fifo = mkfifo(&api.dir().join("console.fifo"));
+    let boot = json!({"kernel_image_path": guest_artifacts().probe(),
+                      "boot_args": "console=ttyS0 probe.ticks=0"});
+    assert_eq!(c.put("/boot-source", &boot.to_string()).status, 204);
+    let r = c.put("/serial", &json!({"serial_out_path": fifo}).to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    let start = c.put("/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(start.status, 400, "{}", start.body);
+    assert!(
+        start.fault().contains(&fifo.display().to_string())
+            && start.fault().contains("no process has open for reading"),
+        "{}",
+        start.body
+    );
+    assert_eq!(c.get("/").json()["state"], "Not started");
+}
