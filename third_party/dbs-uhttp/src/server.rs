@@ -1160,6 +1160,16 @@ mod tests {
         server.start_server().unwrap();
         let mut idle = UnixStream::connect(path_to_socket.as_path()).unwrap();
         assert!(server.requests().unwrap().is_empty());
+        // A connection whose request was whole and answered is idle again.
+        let mut answered = UnixStream::connect(path_to_socket.as_path()).unwrap();
+        assert!(server.requests().unwrap().is_empty());
+        answered.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let request = server.requests().unwrap().remove(0);
+        server
+            .respond(request.process(|_| Response::new(Version::Http11, StatusCode::OK)))
+            .unwrap();
+        assert!(server.requests().unwrap().is_empty());
+        assert!(answered.read(&mut [0; 1024]).unwrap() > 0);
         let mut slow = UnixStream::connect(path_to_socket.as_path()).unwrap();
         assert!(server.requests().unwrap().is_empty());
         slow.write_all(b"GET / HTTP/1.1\r\n").unwrap();
@@ -1169,9 +1179,11 @@ mod tests {
         assert!(server.requests().unwrap().is_empty());
         let mut buf = [0; 16];
         assert_eq!(slow.read(&mut buf).unwrap(), 0);
-        assert_eq!(server.connections.len(), 1);
+        assert_eq!(server.connections.len(), 2);
         idle.set_nonblocking(true).unwrap();
         assert!(idle.read(&mut buf).is_err(), "an idle connection stays open");
+        answered.set_nonblocking(true).unwrap();
+        assert!(answered.read(&mut buf).is_err(), "an answered connection stays open");
     }
 
     #[test]
