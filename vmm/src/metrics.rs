@@ -55,6 +55,11 @@ impl Counter {
         self.total.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Everything counted so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
     /// The increase since the previous call.
     fn delta(&self) -> u64 {
         let total = self.total.load(Ordering::Relaxed);
@@ -76,6 +81,9 @@ pub struct VcpuMetrics {
     pub exit_io_out: Counter,
     pub exit_mmio_read: Counter,
     pub exit_mmio_write: Counter,
+    /// Port and MMIO accesses no device decodes.
+    pub unhandled_pio: Counter,
+    pub unhandled_mmio: Counter,
     pub failures: Counter,
 }
 
@@ -204,6 +212,8 @@ fn snapshot(devices: DeviceCounters) -> Value {
             "exit_io_out": m.vcpu.exit_io_out.delta(),
             "exit_mmio_read": m.vcpu.exit_mmio_read.delta(),
             "exit_mmio_write": m.vcpu.exit_mmio_write.delta(),
+            "unhandled_pio": m.vcpu.unhandled_pio.delta(),
+            "unhandled_mmio": m.vcpu.unhandled_mmio.delta(),
             "failures": m.vcpu.failures.delta(),
         },
     });
