@@ -3,9 +3,11 @@
 //! thread and answers with its outcome.
 //!
 //! The server is non-blocking per connection: a client that sends half a
-//! request and goes silent holds only its own connection. The thread never
-//! touches VM state; it waits on the VMM's reply, so the vCPUs never wait
-//! on it.
+//! request and goes silent holds only its own connection, until the
+//! request's 10 s deadline closes it. At most 256 connections are served;
+//! a new one beyond that closes the longest-idle one (see the dbs-uhttp
+//! patch in `third_party/`). The thread never touches VM state; it waits on
+//! the VMM's reply, so the vCPUs never wait on it.
 
 use std::io;
 use std::os::unix::net::UnixListener;

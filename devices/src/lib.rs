@@ -11,6 +11,7 @@
 //! vCPU threads look up without taking a global lock.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod pseudo;
 pub mod vhost_user;

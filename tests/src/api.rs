@@ -43,19 +43,22 @@ impl ApiClient {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match UnixStream::connect(socket) {
-                Ok(stream) => {
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(30)))
-                        .expect("timeout");
-                    return Self {
-                        reader: BufReader::new(stream),
-                    };
-                }
+                Ok(stream) => return Self::from_stream(stream),
                 Err(err) if Instant::now() > deadline => {
                     panic!("cannot connect to {}: {err}", socket.display())
                 }
                 Err(_) => std::thread::sleep(Duration::from_micros(100)),
             }
+        }
+    }
+
+    /// Wraps a connection made by the caller.
+    pub fn from_stream(stream: UnixStream) -> Self {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Self {
+            reader: BufReader::new(stream),
         }
     }
 
@@ -88,7 +91,8 @@ impl ApiClient {
         self.request("PATCH", path, Some(body))
     }
 
-    fn read_response(&mut self) -> HttpResponse {
+    /// Reads one response.
+    pub fn read_response(&mut self) -> HttpResponse {
         let mut status_line = String::new();
         self.reader
             .read_line(&mut status_line)

@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::i8042::{I8042Error, I8042};
-use devices::legacy::serial::{SerialInput, SerialOutput};
+use devices::legacy::serial::{SerialDevice, SerialInput, SerialOutput};
 use devices::pseudo::BootTimer;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -25,6 +25,7 @@ use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError,
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::metrics::DeviceCounters;
+use crate::output_file::open_nonblocking_append;
 use crate::resources::VmResources;
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -132,8 +133,9 @@ pub struct Vmm {
     _vm: Vm,
     vcpus: Vec<VcpuHandle>,
     i8042: Arc<Mutex<I8042>>,
-    _block_devices: Vec<device_manager::BlockTransport>,
-    _net_devices: Vec<device_manager::NetTransport>,
+    serial: Arc<Mutex<SerialDevice>>,
+    block_devices: Vec<device_manager::BlockTransport>,
+    net_devices: Vec<device_manager::NetTransport>,
     resources: VmResources,
     paused: bool,
     event_manager: EventManager<Subscriber>,
@@ -213,16 +215,37 @@ impl Vmm {
     /// Per-device metrics for a flush.
     pub fn device_metrics(&self) -> DeviceCounters {
         let c = lock(&self.i8042).counters();
-        vec![(
-            "i8042".to_string(),
-            serde_json::json!({
-                "reset_count": c.reset_count,
-                "read_count": c.read_count,
-                "write_count": c.write_count,
-                "missed_read_count": c.missed_read_count,
-                "missed_write_count": c.missed_write_count,
-            }),
-        )]
+        let mut counters = vec![
+            (
+                "i8042".to_string(),
+                serde_json::json!({
+                    "reset_count": c.reset_count,
+                    "read_count": c.read_count,
+                    "write_count": c.write_count,
+                    "missed_read_count": c.missed_read_count,
+                    "missed_write_count": c.missed_write_count,
+                }),
+            ),
+            (
+                "uart".to_string(),
+                serde_json::json!({"missed_write_count": lock(&self.serial).missed_writes()}),
+            ),
+        ];
+        for transport in &self.block_devices {
+            let transport = lock(transport);
+            counters.push((
+                format!("block_{}", transport.device().id()),
+                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
+            ));
+        }
+        for transport in &self.net_devices {
+            let transport = lock(transport);
+            counters.push((
+                format!("net_{}", transport.device().id()),
+                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
+            ));
+        }
+        counters
     }
 }
 
@@ -259,14 +282,12 @@ impl Drop for TerminalGuard {
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError> {
     match path {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|source| StartMicrovmError::SerialOutput {
+            let file = open_nonblocking_append(path).map_err(|source| {
+                StartMicrovmError::SerialOutput {
                     path: path.display().to_string(),
                     source,
-                })?;
+                }
+            })?;
             Ok(Box::new(file))
         }
         // vm-superio flushes after every byte, so console output is never
@@ -424,7 +445,8 @@ pub fn build_microvm(
     let event_loop_err =
         |err: &dyn std::fmt::Debug| StartMicrovmError::EventLoop(format!("{err:?}"));
     let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| event_loop_err(&e))?;
-    let vcpu_stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| event_loop_err(&e))?;
+    let vcpu_stop_evt =
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| event_loop_err(&e))?;
     let (stop_sender, stop_receiver) = mpsc::channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler::new(
         legacy.reset_evt,
@@ -471,8 +493,9 @@ pub fn build_microvm(
         _vm: vm,
         vcpus: vcpu_handles,
         i8042: legacy.i8042,
-        _block_devices: block_devices,
-        _net_devices: net_devices,
+        serial: legacy.serial,
+        block_devices,
+        net_devices,
         resources: resources.clone(),
         paused: false,
         event_manager,

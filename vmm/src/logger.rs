@@ -1,8 +1,10 @@
 //! The VMM's logger: one line per record, to stderr or a file or FIFO, in
 //! the shape `<time> [<instance>:<thread>(:<LEVEL>)(:<file>:<line>)] <message>`.
-//! `PUT /logger` reconfigures it before boot.
+//! `PUT /logger` reconfigures it before boot. A file or FIFO is written
+//! without blocking: lines a slow FIFO reader has no room for are dropped
+//! and counted (`logger.missed_log_count` in the metrics).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -10,6 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use api_server::config::{LoggerConfig, LoggerLevel};
 use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::metrics::metrics;
+use crate::output_file::{open_nonblocking_append, write_or_drop, WriteOutcome};
 
 /// Errors setting up logging.
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +70,7 @@ fn level_filter(level: LoggerLevel) -> LevelFilter {
 
 fn open_sink(path: Option<&Path>) -> Result<Sink, LoggerError> {
     match path {
-        Some(path) => OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
+        Some(path) => open_nonblocking_append(path)
             .map(Sink::File)
             .map_err(|source| LoggerError::Open {
                 path: path.display().to_string(),
@@ -170,11 +172,20 @@ impl Log for Logger {
             now.subsec_nanos(),
             record.args()
         );
-        // A logger has nowhere to report its own write failures.
-        let _ = match &mut settings.sink {
-            Sink::Stderr => std::io::stderr().write_all(line.as_bytes()),
-            Sink::File(file) => file.write_all(line.as_bytes()),
+        // A logger has nowhere to report its own write failures but the
+        // metrics.
+        let outcome = match &mut settings.sink {
+            Sink::Stderr => match std::io::stderr().write_all(line.as_bytes()) {
+                Ok(()) => WriteOutcome::Written,
+                Err(err) => WriteOutcome::Failed(err),
+            },
+            Sink::File(file) => write_or_drop(file, line.as_bytes()),
         };
+        match outcome {
+            WriteOutcome::Written => {}
+            WriteOutcome::Dropped => metrics().logger_output.missed_log_count.inc(),
+            WriteOutcome::Failed(_) => metrics().logger_output.log_fails.inc(),
+        }
     }
 
     fn flush(&self) {}

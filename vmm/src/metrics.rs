@@ -1,16 +1,19 @@
 //! Metrics in Firecracker's style: counters that threads bump lock-free,
 //! written as one JSON line per flush to the file or FIFO `PUT /metrics`
 //! names. Each flush writes what happened since the previous one. Flushes
-//! happen on `FlushMetrics` and every 60 s while the VM runs.
+//! happen on `FlushMetrics` and every 60 s while the VM runs. The file or
+//! FIFO is written without blocking: a flush a slow FIFO reader has no
+//! room for is dropped and counted (`logger.missed_metrics_count`).
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
+
+use crate::output_file::{open_nonblocking_append, write_or_drop, WriteOutcome};
 
 /// How often metrics are flushed while the VM runs.
 pub const FLUSH_INTERVAL_SECS: u64 = 60;
@@ -52,6 +55,11 @@ impl Counter {
         self.total.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Everything counted so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
     /// The increase since the previous call.
     fn delta(&self) -> u64 {
         let total = self.total.load(Ordering::Relaxed);
@@ -73,13 +81,29 @@ pub struct VcpuMetrics {
     pub exit_io_out: Counter,
     pub exit_mmio_read: Counter,
     pub exit_mmio_write: Counter,
+    /// Port and MMIO accesses no device decodes.
+    pub unhandled_pio: Counter,
+    pub unhandled_mmio: Counter,
     pub failures: Counter,
+}
+
+/// What the log and metrics writers could not write (Firecracker's
+/// `logger` section).
+#[derive(Debug, Default)]
+pub struct LoggerMetrics {
+    /// Flushes dropped because the metrics FIFO was full.
+    pub missed_metrics_count: Counter,
+    pub metrics_fails: Counter,
+    /// Lines dropped because the log FIFO was full.
+    pub missed_log_count: Counter,
+    pub log_fails: Counter,
 }
 
 /// Every metric of the process.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub vcpu: VcpuMetrics,
+    pub logger_output: LoggerMetrics,
     pub instance_info: RequestCounters,
     pub vm_config: RequestCounters,
     pub machine_config_get: RequestCounters,
@@ -123,14 +147,10 @@ pub fn configure(path: &Path) -> Result<(), MetricsError> {
     if let Some(existing) = destination.as_ref() {
         return Err(MetricsError::AlreadyConfigured(existing.path.clone()));
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|source| MetricsError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+    let file = open_nonblocking_append(path).map_err(|source| MetricsError::Open {
+        path: path.display().to_string(),
+        source,
+    })?;
     *destination = Some(Destination {
         path: path.display().to_string(),
         file,
@@ -181,11 +201,19 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("network", &m.network_patch),
             ("vm", &m.vm_state),
         ]),
+        "logger": {
+            "missed_metrics_count": m.logger_output.missed_metrics_count.delta(),
+            "metrics_fails": m.logger_output.metrics_fails.delta(),
+            "missed_log_count": m.logger_output.missed_log_count.delta(),
+            "log_fails": m.logger_output.log_fails.delta(),
+        },
         "vcpu": {
             "exit_io_in": m.vcpu.exit_io_in.delta(),
             "exit_io_out": m.vcpu.exit_io_out.delta(),
             "exit_mmio_read": m.vcpu.exit_mmio_read.delta(),
             "exit_mmio_write": m.vcpu.exit_mmio_write.delta(),
+            "unhandled_pio": m.vcpu.unhandled_pio.delta(),
+            "unhandled_mmio": m.vcpu.unhandled_mmio.delta(),
             "failures": m.vcpu.failures.delta(),
         },
     });
@@ -198,18 +226,31 @@ fn snapshot(devices: DeviceCounters) -> Value {
 }
 
 /// Writes one JSON line with what changed since the last flush. Without a
-/// configured destination there is nothing to do.
+/// configured destination there is nothing to do. A full FIFO drops the
+/// line (counted, not an error); the thread never waits for the reader.
 pub fn flush(devices: DeviceCounters) -> Result<(), MetricsError> {
     let mut destination = DESTINATION.lock().unwrap_or_else(|p| p.into_inner());
     let Some(destination) = destination.as_mut() else {
         return Ok(());
     };
-    let mut text = snapshot(devices).to_string();
-    text.push('\n');
-    destination
-        .file
-        .write_all(text.as_bytes())
-        .map_err(MetricsError::Write)
+    let line = snapshot(devices);
+    let text = format!("{line}\n");
+    match write_or_drop(&mut destination.file, text.as_bytes()) {
+        WriteOutcome::Written => Ok(()),
+        WriteOutcome::Dropped => {
+            // The next line that gets through reports every dropped one.
+            let earlier = line["logger"]["missed_metrics_count"].as_u64().unwrap_or(0);
+            metrics()
+                .logger_output
+                .missed_metrics_count
+                .add(earlier + 1);
+            Ok(())
+        }
+        WriteOutcome::Failed(err) => {
+            metrics().logger_output.metrics_fails.inc();
+            Err(MetricsError::Write(err))
+        }
+    }
 }
 
 #[cfg(test)]

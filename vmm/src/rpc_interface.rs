@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::Instant;
 
-use api_server::config::{InstanceInfo, MachineConfig, VmState};
+use api_server::config::{InstanceInfo, VmState};
 use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -38,7 +38,7 @@ impl ApiEndpoint {
     pub fn new() -> std::io::Result<(Self, VmmChannel)> {
         let (request_sender, requests) = channel();
         let (responses, response_receiver) = channel();
-        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let channel = VmmChannel {
             requests: request_sender,
             wake: wake.try_clone()?,
@@ -81,30 +81,6 @@ fn instance_info(instance_id: &str, state: VmState) -> VmmData {
         vmm_version: VMM_VERSION.to_string(),
         app_name: APP_NAME.to_string(),
     })
-}
-
-/// Checks a machine configuration against this host, so that a value the
-/// host cannot honour is refused when it is set rather than at start:
-/// KVM's vCPU limit and the host's memory.
-pub fn check_host_limits(config: &MachineConfig) -> Result<(), ActionError> {
-    if let Ok(kvm) = kvm_ioctls::Kvm::new() {
-        let max = kvm.get_max_vcpus();
-        if usize::from(config.vcpu_count) > max {
-            return Err(ActionError::failed(format!(
-                "vcpu_count {} is more than KVM allows on this host ({max})",
-                config.vcpu_count
-            )));
-        }
-    }
-    if let Some(host) = crate::memory::host_memory_mib() {
-        if config.mem_size_mib as u64 > host {
-            return Err(ActionError::failed(format!(
-                "mem_size_mib {} is more than this host's memory ({host} MiB of RAM and swap)",
-                config.mem_size_mib
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Applies the logger and metrics sections of a configuration.
@@ -189,10 +165,7 @@ pub fn run_preboot(
                 }
                 counted(&m.metrics, outcome)
             }
-            VmmAction::PutSerial(config) => {
-                resources.serial = Some(config);
-                counted(&m.serial, Ok(VmmData::Empty))
-            }
+            VmmAction::PutSerial(config) => counted(&m.serial, empty(resources.set_serial(config))),
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
@@ -235,17 +208,14 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::Resume => counted(&m.vm_state, empty(vmm.resume())),
         VmmAction::SendCtrlAltDel => counted(&m.actions, empty(vmm.send_ctrl_alt_del())),
         VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(vmm.device_metrics()))),
-        VmmAction::PatchDrive(update) => {
-            let mut resources = vmm.resources().clone();
-            counted(&m.drive_patch, empty(resources.update_drive(&update)))
-        }
-        VmmAction::PatchNetworkInterface(update) => {
-            let mut resources = vmm.resources().clone();
-            counted(
-                &m.network_patch,
-                empty(resources.update_network_interface(&update)),
-            )
-        }
+        VmmAction::PatchDrive(update) => counted(
+            &m.drive_patch,
+            empty(vmm.resources().check_running_drive_update(&update)),
+        ),
+        VmmAction::PatchNetworkInterface(update) => counted(
+            &m.network_patch,
+            empty(vmm.resources().update_network_interface(&update)),
+        ),
         VmmAction::PutMachineConfig(_) => counted(&m.machine_config_put, post_boot()),
         VmmAction::PatchMachineConfig(_) => counted(&m.machine_config_patch, post_boot()),
         VmmAction::PutBootSource(_) => counted(&m.boot_source, post_boot()),

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::host_file::{open_regular, HostFileError};
+
 /// Firecracker's default command line, used when `boot_args` is absent.
 pub const DEFAULT_KERNEL_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 \
      i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
@@ -11,16 +13,10 @@ pub const DEFAULT_KERNEL_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule 8250
 /// Errors in `boot-source`.
 #[derive(Debug, thiserror::Error)]
 pub enum BootSourceError {
-    #[error("the kernel image {path} cannot be opened: {source}")]
-    KernelImage {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the initrd {path} cannot be opened: {source}")]
-    Initrd {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("the kernel image {path} {source}")]
+    KernelImage { path: String, source: HostFileError },
+    #[error("the initrd {path} {source}")]
+    Initrd { path: String, source: HostFileError },
 }
 
 /// The `boot-source` resource.
@@ -35,15 +31,18 @@ pub struct BootSourceConfig {
 }
 
 impl BootSourceConfig {
-    /// Checks that the kernel and initrd files can be opened, so that a bad
-    /// path is reported when it is configured, not at boot.
+    /// Checks that the kernel and initrd are regular files that can be
+    /// opened, so that a bad path is reported when it is configured, not
+    /// at boot.
     pub fn validate(&self) -> Result<(), BootSourceError> {
-        open_readable(&self.kernel_image_path).map_err(|source| BootSourceError::KernelImage {
-            path: self.kernel_image_path.clone(),
-            source,
+        open_regular(Path::new(&self.kernel_image_path)).map_err(|source| {
+            BootSourceError::KernelImage {
+                path: self.kernel_image_path.clone(),
+                source,
+            }
         })?;
         if let Some(initrd) = &self.initrd_path {
-            open_readable(initrd).map_err(|source| BootSourceError::Initrd {
+            open_regular(Path::new(initrd)).map_err(|source| BootSourceError::Initrd {
                 path: initrd.clone(),
                 source,
             })?;
@@ -55,14 +54,6 @@ impl BootSourceConfig {
     pub fn cmdline(&self) -> &str {
         self.boot_args.as_deref().unwrap_or(DEFAULT_KERNEL_CMDLINE)
     }
-}
-
-fn open_readable(path: &str) -> std::io::Result<()> {
-    let file = std::fs::File::open(Path::new(path))?;
-    if file.metadata()?.is_dir() {
-        return Err(std::io::Error::other("it is a directory"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! `drives`: block devices. They are validated and kept here; each is
 //! served by a `vhost-user-blk` backend process once block support lands.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
+use super::host_file::{check_disk, HostFileError};
 use super::is_valid_id;
 
 /// Errors in a drive.
@@ -12,11 +15,11 @@ pub enum DriveError {
     InvalidId(String),
     #[error("drive {id:?}: give exactly one of path_on_host and socket")]
     Backing { id: String },
-    #[error("drive {id:?}: path_on_host {path} cannot be opened: {source}")]
+    #[error("drive {id:?}: path_on_host {path} {source}")]
     Path {
         id: String,
         path: String,
-        source: std::io::Error,
+        source: HostFileError,
     },
     #[error("drive {id:?}: socket {path} cannot be used: {reason}")]
     Socket {
@@ -67,14 +70,16 @@ pub struct BlockDeviceConfig {
 }
 
 impl BlockDeviceConfig {
-    /// Checks the id and that the backing file exists.
+    /// Checks the id and that the backing file is a regular file or a
+    /// block device that opens with the access the drive needs.
     pub fn validate(&self) -> Result<(), DriveError> {
         if !is_valid_id(&self.drive_id) {
             return Err(DriveError::InvalidId(self.drive_id.clone()));
         }
         match (&self.path_on_host, &self.socket) {
             (Some(path), None) => {
-                std::fs::metadata(path).map_err(|source| DriveError::Path {
+                let read_only = self.is_read_only.unwrap_or(false);
+                check_disk(Path::new(path), read_only).map_err(|source| DriveError::Path {
                     id: self.drive_id.clone(),
                     path: path.clone(),
                     source,
@@ -135,12 +140,26 @@ mod tests {
 
     #[test]
     fn validation() {
-        assert!(drive("root", Some("/dev/null"), None).validate().is_ok());
         let dir = std::env::temp_dir().join(format!("tessera-drive-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        std::fs::write(&image, [0; 512]).unwrap();
+        assert!(drive("root", image.to_str(), None).validate().is_ok());
         let sock = dir.join("blk.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         assert!(drive("root", None, sock.to_str()).validate().is_ok());
+        for (path, kind) in [
+            ("/dev/null", "a character device"),
+            (dir.to_str().unwrap(), "a directory"),
+            (sock.to_str().unwrap(), "a Unix socket"),
+        ] {
+            assert_eq!(
+                drive("d", Some(path), None).validate().unwrap_err().to_string(),
+                format!(
+                    "drive \"d\": path_on_host {path} is {kind}, not a regular file or a block device"
+                )
+            );
+        }
         assert!(matches!(
             drive("root", None, Some("/dev/null")).validate(),
             Err(DriveError::Socket { .. })

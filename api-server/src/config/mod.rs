@@ -4,6 +4,7 @@
 
 mod boot_source;
 mod drive;
+mod host_file;
 mod logger;
 mod machine_config;
 mod metrics;
@@ -13,6 +14,7 @@ mod vm;
 
 pub use boot_source::{BootSourceConfig, BootSourceError, DEFAULT_KERNEL_CMDLINE};
 pub use drive::{BlockDeviceConfig, BlockDeviceUpdate, CacheType, DriveError, IoEngine};
+pub use host_file::{check_disk, kind_of, open_regular, HostFileError};
 pub use logger::{LoggerConfig, LoggerError, LoggerLevel};
 pub use machine_config::{
     HugePageConfig, MachineConfig, MachineConfigError, MachineConfigUpdate, MAX_MEM_SIZE_MIB,
@@ -20,7 +22,7 @@ pub use machine_config::{
 };
 pub use metrics::MetricsConfig;
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
-pub use serial::SerialConfig;
+pub use serial::{SerialConfig, SerialError};
 pub use vm::{
     ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
 };

@@ -182,7 +182,7 @@ impl BusDevice for I8042 {
                 let value = self.pop().unwrap_or(0);
                 // More bytes queued: interrupt again for the next one.
                 if let Err(err) = self.raise_kbd_irq() {
-                    log::warn!("i8042: {err}");
+                    crate::guest_log_here!(log::Level::Warn, "i8042: {err}");
                 }
                 value
             }

@@ -28,7 +28,7 @@ impl VhostUserQueues {
     ) -> std::io::Result<Self> {
         let eventfds = || {
             (0..count)
-                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
                 .collect::<std::io::Result<Vec<_>>>()
         };
         Ok(Self {

@@ -2,9 +2,13 @@
 //! guest driver programs to discover the device, negotiate features, and lay
 //! out its queues. Queue notifications never reach it: each queue's
 //! QueueNotify write is an ioeventfd that goes straight to the backend.
+//! Accesses a driver should not make are counted ([`MmioTransport::invalid_accesses`])
+//! and their log lines rate-limited.
 
 use super::{status, QueueLayout, VirtioDevice};
 use crate::bus::BusDevice;
+use crate::guest_log;
+use crate::guest_log::LogLimiter;
 use vm_memory::GuestAddress;
 
 /// Bytes of guest-physical address space one device takes.
@@ -39,6 +43,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     queues: Vec<QueueRegs>,
     config_generation: u32,
     active: bool,
+    invalid_accesses: u64,
+    log_limiter: LogLimiter,
 }
 
 fn set_half(value: &mut u64, high: bool, half: u32) {
@@ -63,7 +69,20 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queues,
             config_generation: 0,
             active: false,
+            invalid_accesses: 0,
+            log_limiter: LogLimiter::new(),
         }
+    }
+
+    /// Register accesses the guest made that a driver should not: unknown
+    /// registers, wrong sizes or alignment, features not offered, invalid
+    /// queue sizes.
+    pub fn invalid_accesses(&self) -> u64 {
+        self.invalid_accesses
+    }
+
+    fn count_invalid(&mut self) {
+        self.invalid_accesses += 1;
     }
 
     /// The wrapped device.
@@ -108,7 +127,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if newly_set & status::FEATURES_OK != 0
             && self.acked_features & !self.device.features() != 0
         {
-            log::warn!(
+            self.count_invalid();
+            guest_log!(
+                self.log_limiter,
+                log::Level::Warn,
                 "virtio-mmio: the driver acked features {:#x} the device does not offer",
                 self.acked_features & !self.device.features()
             );
@@ -130,7 +152,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
             let max = self.device.queue_max_sizes()[index];
             if q.size == 0 || q.size > max || !q.size.is_power_of_two() {
-                log::warn!("virtio-mmio: queue {index} has an invalid size {}", q.size);
+                let size = q.size;
+                self.count_invalid();
+                guest_log!(
+                    self.log_limiter,
+                    log::Level::Warn,
+                    "virtio-mmio: queue {index} has an invalid size {size}"
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
@@ -144,7 +172,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         match self.device.activate(self.acked_features, &layouts) {
             Ok(()) => self.active = true,
             Err(err) => {
-                log::error!("virtio-mmio: cannot activate the device: {err}");
+                guest_log!(
+                    self.log_limiter,
+                    log::Level::Error,
+                    "virtio-mmio: cannot activate the device: {err}"
+                );
                 self.status |= status::DEVICE_NEEDS_RESET;
             }
         }
@@ -183,7 +215,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x70 => self.status,
             0xfc => self.config_generation,
             _ => {
-                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                self.count_invalid();
+                guest_log!(
+                    self.log_limiter,
+                    log::Level::Debug,
+                    "virtio-mmio: read of unknown register {offset:#x}"
+                );
                 0
             }
         }
@@ -217,7 +254,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // A notification that reached the VMM: the ioeventfd is not
             // registered (or the access was not 4 bytes); the backend still
             // polls the queue on its next kick.
-            0x50 => log::debug!("virtio-mmio: queue notify {value} reached the VMM"),
+            0x50 => guest_log!(
+                self.log_limiter,
+                log::Level::Debug,
+                "virtio-mmio: queue notify {value} reached the VMM"
+            ),
             0x64 => {}
             0x70 => self.write_status(value),
             0x80 | 0x84 => {
@@ -235,7 +276,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     set_half(&mut q.used, offset == 0xa4, value)
                 }
             }
-            _ => log::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => {
+                self.count_invalid();
+                guest_log!(
+                    self.log_limiter,
+                    log::Level::Debug,
+                    "virtio-mmio: write of unknown register {offset:#x}"
+                );
+            }
         }
     }
 }
@@ -247,6 +295,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
+            self.count_invalid();
             data.fill(0);
             return;
         }
@@ -260,11 +309,11 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            return;
-        };
-        if offset.is_multiple_of(4) {
-            self.write_register(offset, u32::from_le_bytes(bytes));
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset.is_multiple_of(4) => {
+                self.write_register(offset, u32::from_le_bytes(bytes))
+            }
+            _ => self.count_invalid(),
         }
     }
 }
@@ -383,5 +432,43 @@ mod tests {
         let mut cfg = [0u8; 1];
         t.read(0x108, &mut cfg);
         assert_eq!(cfg, [8]);
+    }
+
+    /// Keeps the lines logged about one register offset.
+    struct CapturingLogger(Mutex<Vec<String>>);
+
+    impl log::Log for CapturingLogger {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let line = record.args().to_string();
+            if line.contains("unknown register 0xc4") {
+                self.0.lock().unwrap().push(line);
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static LOGGER: CapturingLogger = CapturingLogger(Mutex::new(Vec::new()));
+
+    #[test]
+    fn a_flood_of_bad_writes_is_counted_and_logs_a_bounded_number_of_lines() {
+        log::set_logger(&LOGGER).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+        let mut t = MmioTransport::new(FakeDevice(Arc::default()));
+        for _ in 0..100_000 {
+            wr(&mut t, 0xc4, 1);
+        }
+        assert_eq!(t.invalid_accesses(), 100_000);
+        let lines = LOGGER.0.lock().unwrap();
+        // The burst, and at most one more line should the test straddle an
+        // interval.
+        assert!(
+            (10..=12).contains(&lines.len()),
+            "{} lines: {:?}",
+            lines.len(),
+            &lines[..lines.len().min(20)]
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! and the MP table.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -73,11 +74,20 @@ pub struct InitrdRegion {
     pub size: u64,
 }
 
+/// Opens a file for reading; a FIFO put in place of the file since it was
+/// configured reads as empty instead of waiting for a writer.
+fn open_without_blocking(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Loads an ELF vmlinux (through its PVH note when it has one, else the
 /// 64-bit entry) or a bzImage.
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let open = || {
-        File::open(path).map_err(|source| BootError::Open {
+        open_without_blocking(path).map_err(|source| BootError::Open {
             what: "the kernel image",
             path: path.display().to_string(),
             source,
@@ -123,7 +133,7 @@ pub fn load_initrd(
     max_addr: u64,
 ) -> Result<InitrdRegion, BootError> {
     let display = || path.display().to_string();
-    let mut file = File::open(path).map_err(|source| BootError::Open {
+    let mut file = open_without_blocking(path).map_err(|source| BootError::Open {
         what: "the initrd",
         path: display(),
         source,

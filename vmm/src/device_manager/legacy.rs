@@ -45,7 +45,8 @@ pub struct LegacyDevices {
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what, source })
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|source| DeviceError::EventFd { what, source })
 }
 
 /// Creates the legacy devices and wires the serial interrupt through an irqfd.

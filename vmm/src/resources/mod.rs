@@ -4,6 +4,7 @@
 //! with the REST API; [`VmResources`] holds them until the VM is built, and
 //! every change, from a file or from the API, goes through its methods.
 
+mod host;
 mod net;
 
 use std::path::Path;
@@ -50,6 +51,18 @@ pub enum ResourcesError {
     RateLimiter(String),
     #[error(transparent)]
     Tap(#[from] net::TapCheckError),
+    #[error(transparent)]
+    Host(#[from] host::HostLimitError),
+    #[error("interface {id:?}: host_dev_name {name:?} is already used by interface {other:?}")]
+    SharedTap {
+        id: String,
+        name: String,
+        other: String,
+    },
+    #[error(transparent)]
+    Serial(#[from] api_server::config::SerialError),
+    #[error("drive {id:?}: changing path_on_host (to {path}) on a running microVM is not supported by Tessera yet: the drive's backend would have to be restarted on the new file")]
+    RunningDrivePath { id: String, path: String },
 }
 
 /// The top level of Firecracker's configuration file.
@@ -129,9 +142,11 @@ impl VmResources {
         let mut resources = VmResources {
             logger: file.logger,
             metrics: file.metrics,
-            serial: file.serial,
             ..Default::default()
         };
+        if let Some(serial) = file.serial {
+            resources.set_serial(serial)?;
+        }
         let boot_source = file.boot_source.ok_or(ResourcesError::MissingBootSource)?;
         resources.set_boot_source(boot_source)?;
         if let Some(machine_config) = file.machine_config {
@@ -153,9 +168,20 @@ impl VmResources {
         Ok(())
     }
 
+    /// Sets where the guest console goes.
+    pub fn set_serial(&mut self, serial: SerialConfig) -> Result<(), ResourcesError> {
+        serial.validate()?;
+        if serial.rate_limiter.as_ref().is_some_and(limits_anything) {
+            return Err(ResourcesError::RateLimiter("serial".into()));
+        }
+        self.serial = Some(serial);
+        Ok(())
+    }
+
     /// Replaces the machine configuration.
     pub fn set_machine_config(&mut self, config: MachineConfig) -> Result<(), ResourcesError> {
         config.validate()?;
+        host::check_machine_config(&config)?;
         self.machine_config = config;
         Ok(())
     }
@@ -165,13 +191,15 @@ impl VmResources {
         &mut self,
         update: &MachineConfigUpdate,
     ) -> Result<(), ResourcesError> {
-        self.machine_config = self.machine_config.updated(update)?;
+        let next = self.machine_config.updated(update)?;
+        host::check_machine_config(&next)?;
+        self.machine_config = next;
         Ok(())
     }
 
     /// Applies `PATCH /drives/{id}` before boot: a new backing file.
     pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), ResourcesError> {
-        if update.rate_limiter.is_some() {
+        if update.rate_limiter.as_ref().is_some_and(limits_anything) {
             return Err(ResourcesError::RateLimiter(format!(
                 "drive {:?}",
                 update.drive_id
@@ -187,10 +215,36 @@ impl VmResources {
         self.insert_drive(next)
     }
 
-    /// Applies `PATCH /network-interfaces/{id}`: only rate limiters, which
-    /// Tessera does not have yet.
+    /// Checks `PATCH /drives/{id}` on a running microVM, without touching
+    /// the host's files (the VMM thread's seccomp filter forbids that): a
+    /// new backing file is refused, an empty rate limiter changes nothing.
+    pub fn check_running_drive_update(
+        &self,
+        update: &BlockDeviceUpdate,
+    ) -> Result<(), ResourcesError> {
+        if !self.drives.iter().any(|d| d.drive_id == update.drive_id) {
+            return Err(ResourcesError::UnknownDrive(update.drive_id.clone()));
+        }
+        if let Some(path) = &update.path_on_host {
+            return Err(ResourcesError::RunningDrivePath {
+                id: update.drive_id.clone(),
+                path: path.clone(),
+            });
+        }
+        if update.rate_limiter.as_ref().is_some_and(limits_anything) {
+            return Err(ResourcesError::RateLimiter(format!(
+                "drive {:?}",
+                update.drive_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks `PATCH /network-interfaces/{id}`: it carries only rate
+    /// limiters; one that limits anything is refused (Tessera has none
+    /// yet), an empty one changes nothing.
     pub fn update_network_interface(
-        &mut self,
+        &self,
         update: &NetworkInterfaceUpdate,
     ) -> Result<(), ResourcesError> {
         if !self
@@ -200,10 +254,16 @@ impl VmResources {
         {
             return Err(ResourcesError::UnknownInterface(update.iface_id.clone()));
         }
-        Err(ResourcesError::RateLimiter(format!(
-            "network interface {:?}",
-            update.iface_id
-        )))
+        let limited = [&update.rx_rate_limiter, &update.tx_rate_limiter]
+            .into_iter()
+            .any(|limiter| limiter.as_ref().is_some_and(limits_anything));
+        if limited {
+            return Err(ResourcesError::RateLimiter(format!(
+                "network interface {:?}",
+                update.iface_id
+            )));
+        }
+        Ok(())
     }
 
     /// The configuration in the `--config-file` schema (`GET /vm/config`).
@@ -227,6 +287,12 @@ impl VmResources {
     /// Adds or replaces a drive, keeping at most one root device.
     pub fn insert_drive(&mut self, drive: BlockDeviceConfig) -> Result<(), ResourcesError> {
         drive.validate()?;
+        if drive.rate_limiter.as_ref().is_some_and(limits_anything) {
+            return Err(ResourcesError::RateLimiter(format!(
+                "drive {:?}",
+                drive.drive_id
+            )));
+        }
         let other_root = self
             .drives
             .iter()
@@ -263,6 +329,18 @@ impl VmResources {
             )));
         }
         net::check_host_tap(&iface)?;
+        let sharing = self.network_interfaces.iter().find(|other| {
+            other.iface_id != iface.iface_id
+                && iface.host_dev_name.is_some()
+                && other.host_dev_name == iface.host_dev_name
+        });
+        if let Some(other) = sharing {
+            return Err(ResourcesError::SharedTap {
+                id: iface.iface_id.clone(),
+                name: iface.host_dev_name.clone().unwrap_or_default(),
+                other: other.iface_id.clone(),
+            });
+        }
         let clash = self.network_interfaces.iter().find(|other| {
             other.iface_id != iface.iface_id
                 && iface.guest_mac.is_some()
@@ -287,12 +365,21 @@ impl VmResources {
     }
 }
 
-/// Whether a rate limiter has any bucket: Firecracker clients often send
-/// `{"bandwidth": null, "ops": null}` or `{}` for "no limit".
+/// Whether a rate limiter has a bucket that would limit anything.
+/// Firecracker clients often send `{"bandwidth": null, "ops": null}` or
+/// `{}` for "no limit", and Firecracker ignores a bucket whose `size` or
+/// `refill_time` is 0.
 fn limits_anything(limiter: &serde_json::Value) -> bool {
+    let bucket_limits = |bucket: &serde_json::Value| match bucket {
+        serde_json::Value::Null => false,
+        serde_json::Value::Object(fields) => ["size", "refill_time"]
+            .iter()
+            .all(|name| fields.get(*name).and_then(|v| v.as_u64()) != Some(0)),
+        _ => true,
+    };
     match limiter {
         serde_json::Value::Null => false,
-        serde_json::Value::Object(buckets) => buckets.values().any(|b| !b.is_null()),
+        serde_json::Value::Object(buckets) => buckets.values().any(bucket_limits),
         _ => true,
     }
 }
@@ -300,6 +387,7 @@ fn limits_anything(limiter: &serde_json::Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn kernel_path() -> String {
         // Any existing file passes the path check; the kernel format is
@@ -314,8 +402,8 @@ mod tests {
               "boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}},
               "machine-config": {{"vcpu_count": 2, "mem_size_mib": 256, "smt": false}},
               "drives": [{{"drive_id": "rootfs", "path_on_host": "{0}",
-                          "is_root_device": true, "is_read_only": false}}],
-              "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "lo",
+                          "is_root_device": true, "is_read_only": true}}],
+              "network-interfaces": [{{"iface_id": "eth0", "socket": "/run/net.sock",
                                       "guest_mac": "06:00:ac:10:00:02"}}]
             }}"#,
             kernel_path()
@@ -329,8 +417,8 @@ mod tests {
         );
         assert_eq!(res.drives.len(), 1);
         assert_eq!(
-            res.network_interfaces[0].host_dev_name.as_deref(),
-            Some("lo")
+            res.network_interfaces[0].socket.as_deref(),
+            Some("/run/net.sock")
         );
     }
 
@@ -381,11 +469,39 @@ mod tests {
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
                 "network-interfaces": [
-                  {{"iface_id": "a", "host_dev_name": "lo", "guest_mac": "06:00:00:00:00:01"}},
-                  {{"iface_id": "b", "host_dev_name": "lo", "guest_mac": "06:00:00:00:00:01"}}]}}"#
+                  {{"iface_id": "a", "socket": "/run/a.sock", "guest_mac": "06:00:00:00:00:01"}},
+                  {{"iface_id": "b", "socket": "/run/b.sock", "guest_mac": "06:00:00:00:00:01"}}]}}"#
         );
         let err = VmResources::from_json(&json).unwrap_err().to_string();
         assert!(err.contains("06:00:00:00:00:01"), "{err}");
+    }
+
+    #[test]
+    fn rate_limiters_that_limit_are_refused_and_empty_ones_accepted() {
+        for empty in [
+            json!(null),
+            json!({}),
+            json!({"bandwidth": null, "ops": null}),
+            json!({"bandwidth": {"size": 0, "refill_time": 100}}),
+            json!({"ops": {"size": 100, "refill_time": 0}}),
+        ] {
+            assert!(!limits_anything(&empty), "{empty}");
+        }
+        assert!(limits_anything(
+            &json!({"bandwidth": {"size": 1000, "one_time_burst": 0, "refill_time": 100}})
+        ));
+        let k = kernel_path();
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
+                "drives": [{{"drive_id": "a", "path_on_host": "{k}", "is_root_device": false,
+                            "is_read_only": true,
+                            "rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}]}}"#
+        );
+        let err = VmResources::from_json(&json).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "rate limiters are not supported by Tessera yet (drive \"a\")"
+        );
     }
 
     #[test]

@@ -356,26 +356,36 @@ fn handle_exit(exit: VcpuExit, pio: &Bus, mmio: &Bus) -> Option<VcpuStop> {
             if !pio.read(u64::from(port), data) {
                 // Nothing decodes the port: the bus floats high, as on a PC.
                 data.fill(0xff);
-                log::debug!("unhandled port read {port:#x}");
+                metrics().vcpu.unhandled_pio.inc();
+                devices::guest_log_here!(log::Level::Debug, "unhandled port read {port:#x}");
             }
         }
         VcpuExit::IoOut(port, data) => {
             metrics().vcpu.exit_io_out.inc();
             if !pio.write(u64::from(port), data) {
-                log::debug!("unhandled port write {port:#x} <- {data:x?}");
+                metrics().vcpu.unhandled_pio.inc();
+                devices::guest_log_here!(
+                    log::Level::Debug,
+                    "unhandled port write {port:#x} <- {data:x?}"
+                );
             }
         }
         VcpuExit::MmioRead(addr, data) => {
             metrics().vcpu.exit_mmio_read.inc();
             if !mmio.read(addr, data) {
                 data.fill(0);
-                log::debug!("unhandled MMIO read {addr:#x}");
+                metrics().vcpu.unhandled_mmio.inc();
+                devices::guest_log_here!(log::Level::Debug, "unhandled MMIO read {addr:#x}");
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
             metrics().vcpu.exit_mmio_write.inc();
             if !mmio.write(addr, data) {
-                log::debug!("unhandled MMIO write {addr:#x} <- {data:x?}");
+                metrics().vcpu.unhandled_mmio.inc();
+                devices::guest_log_here!(
+                    log::Level::Debug,
+                    "unhandled MMIO write {addr:#x} <- {data:x?}"
+                );
             }
         }
         VcpuExit::Hlt => return Some(VcpuStop::GuestShutdown("the guest halted")),
@@ -426,6 +436,18 @@ mod tests {
             handle_exit(VcpuExit::MmioWrite(0xdead_0000, &[1]), &bus, &bus),
             None
         );
+    }
+
+    #[test]
+    fn unhandled_accesses_are_counted() {
+        let bus = Bus::new();
+        let before = metrics().vcpu.unhandled_mmio.total();
+        for _ in 0..100_000 {
+            handle_exit(VcpuExit::MmioWrite(0xdead_0000, &[1]), &bus, &bus);
+        }
+        // Another test may add its own one or two meanwhile.
+        let counted = metrics().vcpu.unhandled_mmio.total() - before;
+        assert!((100_000..=100_002).contains(&counted), "{counted}");
     }
 
     #[test]

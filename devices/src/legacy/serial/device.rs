@@ -23,7 +23,7 @@ impl SerialEvents for InputReady {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        log::warn!("serial: lost an output byte");
+        crate::guest_log_here!(log::Level::Warn, "serial: lost an output byte");
     }
     fn in_buffer_empty(&self) {
         if let Err(err) = self.evt.write(1) {
@@ -36,18 +36,25 @@ impl SerialEvents for InputReady {
 pub struct SerialDevice {
     pub(super) uart: Serial<EventFdTrigger, Arc<InputReady>, SerialOutput>,
     pub(super) input_ready: Arc<InputReady>,
+    missed_writes: u64,
 }
 
 impl SerialDevice {
     /// Creates the UART; `irq` is triggered for the guest's interrupt line.
     pub fn new(irq: EventFdTrigger, out: SerialOutput) -> io::Result<Self> {
         let input_ready = Arc::new(InputReady {
-            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            evt: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         });
         Ok(Self {
             uart: Serial::with_events(irq, input_ready.clone(), out),
             input_ready,
+            missed_writes: 0,
         })
+    }
+
+    /// Output bytes the guest wrote that the output file could not take.
+    pub fn missed_writes(&self) -> u64 {
+        self.missed_writes
     }
 
     /// Queues host input for the guest; returns how many bytes fit.
@@ -69,8 +76,13 @@ impl BusDevice for SerialDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let ([value], true) = (data, offset < 8) {
+            // A full output FIFO drops the byte rather than stall the vCPU.
             if let Err(err) = self.uart.write(offset as u8, *value) {
-                log::warn!("serial: write to register {offset} failed: {err:?}");
+                self.missed_writes += 1;
+                crate::guest_log_here!(
+                    log::Level::Warn,
+                    "serial: write to register {offset} failed: {err:?}"
+                );
             }
         }
     }

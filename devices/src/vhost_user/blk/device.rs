@@ -133,7 +133,8 @@ impl VhostUserBlock {
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
             if !queue.is_valid(self.queues.mem()) {
-                log::warn!(
+                crate::guest_log_here!(
+                    log::Level::Warn,
                     "drive {}: a queue layout is invalid; not taking it over",
                     self.id
                 );
@@ -234,7 +235,12 @@ impl VirtioDevice for VhostUserBlock {
             .map_err(|err| ActivateError::Backend(format!("drive {}: {err}", self.id)))?;
         self.acked_features = acked_features;
         self.layouts = queues.to_vec();
-        log::info!("drive {}: active with {} queue(s)", self.id, queues.len());
+        crate::guest_log_here!(
+            log::Level::Info,
+            "drive {}: active with {} queue(s)",
+            self.id,
+            queues.len()
+        );
         Ok(())
     }
 

@@ -204,7 +204,11 @@ impl CtrlQueue {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(err) => {
-                    log::warn!("interface {}: control queue notifications: {err}", self.id);
+                    crate::guest_log_here!(
+                        log::Level::Warn,
+                        "interface {}: control queue notifications: {err}",
+                        self.id
+                    );
                     break;
                 }
             }
@@ -257,7 +261,8 @@ impl CtrlQueue {
         if u32::from(class) != VIRTIO_NET_CTRL_MQ
             || u32::from(command) != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
         {
-            log::debug!(
+            crate::guest_log_here!(
+                log::Level::Debug,
                 "interface {}: control command class {class} command {command} is not supported",
                 self.id
             );
@@ -269,7 +274,8 @@ impl CtrlQueue {
         }
         let pairs = u16::from_le_bytes([lo, hi]);
         if !(1..=self.max_pairs).contains(&pairs) {
-            log::warn!(
+            crate::guest_log_here!(
+                log::Level::Warn,
                 "interface {}: the guest asked for {pairs} queue pair(s); the device has 1 to {}",
                 self.id,
                 self.max_pairs
@@ -278,7 +284,8 @@ impl CtrlQueue {
             return Ok(ACK_ERR);
         }
         if pairs != self.pairs {
-            log::info!(
+            crate::guest_log_here!(
+                log::Level::Info,
                 "interface {}: the guest uses {pairs} queue pair(s)",
                 self.id
             );
@@ -288,17 +295,15 @@ impl CtrlQueue {
         Ok(ACK_OK)
     }
 
-    /// Counts a malformed chain; logs the first and then every
-    /// power-of-two-th, so that a guest cannot flood the log.
+    /// Counts a malformed chain and logs it, rate-limited.
     fn bad(&mut self, err: &CtrlQueueError) {
         self.stats.bad += 1;
-        if self.stats.bad.is_power_of_two() {
-            log::warn!(
-                "interface {}: bad control command ({} so far): {err}",
-                self.id,
-                self.stats.bad
-            );
-        }
+        crate::guest_log_here!(
+            log::Level::Warn,
+            "interface {}: bad control command ({} so far): {err}",
+            self.id,
+            self.stats.bad
+        );
     }
 }
 

@@ -108,7 +108,8 @@ impl VhostUserNet {
             1
         };
         if served < pairs {
-            log::warn!(
+            crate::guest_log_here!(
+                log::Level::Warn,
                 "interface {id}: {pairs} queue pairs asked for, but the backend serves \
                  {backend_queues} queue(s) {} VIRTIO_NET_F_MQ: the guest gets {served}",
                 if backend_mq { "with" } else { "without" }
@@ -136,8 +137,8 @@ impl VhostUserNet {
         let queues = VhostUserQueues::new(frontend, mem, data_queues).map_err(eventfd_err)?;
         let ctrl_fds = if pairs > 1 {
             Some(CtrlEventFds {
-                kick: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
-                call: EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd_err)?,
+                kick: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
+                call: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
             })
         } else {
             None
@@ -184,7 +185,8 @@ impl VhostUserNet {
         // Non-blocking: a spurious wake-up reads nothing.
         let _ = fds.kick.read();
         let Some(ctrl) = self.ctrl.as_mut() else {
-            log::debug!(
+            crate::guest_log_here!(
+                log::Level::Debug,
                 "interface {}: control queue notified while inactive",
                 self.id
             );
@@ -192,7 +194,8 @@ impl VhostUserNet {
         };
         if ctrl.process(self.queues.mem()) {
             if let Err(err) = fds.call.write(1) {
-                log::error!(
+                crate::guest_log_here!(
+                    log::Level::Error,
                     "interface {}: cannot interrupt the guest for its control queue: {err}",
                     self.id
                 );
@@ -312,7 +315,8 @@ impl VirtioDevice for VhostUserNet {
                 })?,
             ),
             (true, None) => {
-                log::warn!(
+                crate::guest_log_here!(
+                    log::Level::Warn,
                     "interface {}: the driver negotiated MQ but queue {data_count} (control) \
                      is not ready; control commands will not be answered",
                     self.id
@@ -325,7 +329,8 @@ impl VirtioDevice for VhostUserNet {
             .start(acked_features & !self.vmm_features, data, QUEUE_SIZE)
             .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
         self.ctrl = ctrl;
-        log::info!(
+        crate::guest_log_here!(
+            log::Level::Info,
             "interface {}: active with {} data queue(s){}",
             self.id,
             data.len(),
