@@ -167,7 +167,9 @@ fn every_thread_of_the_vmm_and_its_backends_is_confined() {
             .collect();
         assert!(!workers.is_empty(), "{binary}: no worker: {threads:?}");
         assert!(
-            workers.iter().any(|(_, _, filters)| *filters as usize == stacked),
+            workers
+                .iter()
+                .any(|(_, _, filters)| *filters as usize == stacked),
             "{binary}: no worker with its own filter ({stacked} programs): {threads:?}"
         );
     }
