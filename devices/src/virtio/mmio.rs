@@ -138,6 +138,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.status = value & !status::FEATURES_OK;
             return;
         }
+        if newly_set & status::DRIVER_OK != 0 && value & status::FEATURES_OK == 0 {
+            self.count_invalid();
+            guest_log!(
+                self.log_limiter,
+                log::Level::Warn,
+                "virtio-mmio: the driver set DRIVER_OK before FEATURES_OK was accepted"
+            );
+            // Features were never agreed: the device does not start.
+            self.status = value & !status::DRIVER_OK;
+            return;
+        }
         self.status = value;
         if newly_set & status::DRIVER_OK != 0 && !self.active {
             self.activate();
@@ -432,6 +443,20 @@ mod tests {
         let mut cfg = [0u8; 1];
         t.read(0x108, &mut cfg);
         assert_eq!(cfg, [8]);
+    }
+
+    #[test]
+    fn driver_ok_without_accepted_features_does_not_start_the_device() {
+        // Found by the virtio_mmio fuzz target: unoffered features acked,
+        // FEATURES_OK skipped, DRIVER_OK set.
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut t = MmioTransport::new(FakeDevice(record.clone()));
+        wr(&mut t, 0x20, 1 << 5); // not offered
+        wr(&mut t, 0x44, 1);
+        let no_features_ok = status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK;
+        wr(&mut t, 0x70, no_features_ok);
+        assert!(record.lock().unwrap().activated.is_none());
+        assert_eq!(rd(&mut t, 0x70) & status::DRIVER_OK, 0);
     }
 
     /// Keeps the lines logged about one register offset.
