@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -376,7 +375,9 @@ impl BlockBackend {
             }
             if taken >= MAX_TAKEN_PER_EVENT {
                 for &(_, vring) in &live {
-                    kick_again(vring);
+                    if let Some(kick) = vring.get_ref().get_kick() {
+                        ring::kick_again(kick);
+                    }
                 }
                 return Ok(());
             }
@@ -417,18 +418,6 @@ impl BlockBackend {
             std::hint::spin_loop();
         }
         false
-    }
-}
-
-/// Makes `vring`'s kick eventfd readable, so that the worker's event loop
-/// calls `handle_event` for it again.
-fn kick_again(vring: &VringRwLock) {
-    let state = vring.get_ref();
-    if let Some(kick) = state.get_kick() {
-        // SAFETY: the fd is the kick EventConsumer's, which `state` keeps
-        // open for as long as this borrow lives.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-        let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
     }
 }
 

@@ -36,6 +36,11 @@ use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 const CONFIG_LEN: usize = 12;
+/// Frames one `handle_event` sends before it lets the worker's event loop
+/// look at its other events (its exit event among them) and kicks itself
+/// to come back: a guest whose used ring overlaps its avail index (each
+/// completion then posts a frame) must not keep a worker from stopping.
+const MAX_TX_PER_EVENT: usize = 1024;
 
 /// Settings of the device.
 #[derive(Debug, Clone)]
@@ -221,12 +226,13 @@ impl NetBackend {
     /// counted, and each chain goes back to the guest.
     fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
         let mem = self.mem.memory();
+        let mut total = 0;
         loop {
             // No kicks while this pass runs (VRING_USED_F_NO_NOTIFY, or
             // nothing to do with EVENT_IDX).
             vring.disable_notification()?;
             let mut sent = 0;
-            loop {
+            while total < MAX_TX_PER_EVENT {
                 // Pop in its own statement: a `while let` would hold the
                 // vring lock through the body, and `add_used` takes it too.
                 let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
@@ -244,9 +250,16 @@ impl NetBackend {
                 };
                 vring.add_used(head, 0)?;
                 sent += 1;
+                total += 1;
             }
             if sent > 0 {
                 self.signal(vring)?;
+            }
+            if total == MAX_TX_PER_EVENT {
+                if let Some(kick) = vring.get_ref().get_kick() {
+                    ring::kick_again(kick);
+                }
+                return Ok(());
             }
             if !vring.enable_notification()? {
                 return Ok(());
@@ -612,8 +625,9 @@ mod tests {
             .ok()
     }
 
-    #[test]
-    fn an_avail_index_too_far_ahead_breaks_the_queue_instead_of_spinning() {
+    /// One pair on a stand-in TAP (/dev/null), event_idx on, its RX and TX
+    /// vrings on rings laid out by virtio-queue's mock.
+    fn device() -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
         use virtio_queue::mock::MockSplitQueue;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -646,7 +660,46 @@ mod tests {
                 vring
             })
             .collect();
-        let vrings = Arc::new(vrings);
+        (backend, Arc::new(vrings), mem)
+    }
+
+    #[test]
+    fn a_used_ring_over_the_avail_index_cannot_hold_a_tx_worker_forever() {
+        let (backend, vrings, mem) = device();
+        let (desc, avail) = {
+            let state = vrings[1].get_ref();
+            (
+                state.get_queue().desc_table(),
+                state.get_queue().avail_ring(),
+            )
+        };
+        // The used ring laid over the avail ring, one entry ahead: each
+        // completion makes the next frame visible.
+        vrings[1].set_queue_info(desc, avail, avail).unwrap();
+        vrings[1].set_queue_next_used(1);
+        // Descriptor 0: an empty frame, dropped and completed with length 0,
+        // so the used entries keep naming head 0.
+        let empty = virtio_queue::desc::split::Descriptor::new(0x8000, 0, 0, 0);
+        mem.write_obj(
+            virtio_queue::desc::RawDescriptor::from(empty),
+            GuestAddress(desc),
+        )
+        .unwrap();
+        mem.write_obj(1u16.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        let result =
+            kick(&backend, &vrings, 1).expect("the TX worker must get back to its event loop");
+        assert!(result.is_ok(), "{result:?}");
+        assert!(!backend.is_broken(1));
+        assert_eq!(
+            backend.stats.tx_dropped.load(Ordering::Relaxed),
+            MAX_TX_PER_EVENT as u64
+        );
+    }
+
+    #[test]
+    fn an_avail_index_too_far_ahead_breaks_the_queue_instead_of_spinning() {
+        let (backend, vrings, mem) = device();
         let tx_avail = vrings[1].get_ref().get_queue().avail_ring();
         mem.write_obj((QUEUE_SIZE + 1).to_le(), GuestAddress(tx_avail + 2))
             .unwrap();
