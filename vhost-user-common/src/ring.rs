@@ -94,6 +94,17 @@ where
     Ok(Some(chain))
 }
 
+/// Makes a queue's kick eventfd readable again, so that the worker's event
+/// loop calls it back after it has looked at its other events (its exit
+/// event among them): how a worker that has taken its budget of requests
+/// for one event yields without leaving the rest unserved.
+pub fn kick_again(kick: &impl std::os::fd::AsRawFd) {
+    // SAFETY: the caller's `kick` keeps the fd open for this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    // A full eventfd counter (EAGAIN) already means "readable".
+    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,15 +197,4 @@ mod tests {
             Some(RingError::AvailRingUnmapped { addr: 0x20_0000 })
         );
     }
-}
-
-/// Makes a queue's kick eventfd readable again, so that the worker's event
-/// loop calls it back after it has looked at its other events (its exit
-/// event among them): how a worker that has taken its budget of requests
-/// for one event yields without leaving the rest unserved.
-pub fn kick_again(kick: &impl std::os::fd::AsRawFd) {
-    // SAFETY: the caller's `kick` keeps the fd open for this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
-    // A full eventfd counter (EAGAIN) already means "readable".
-    let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
 }
