@@ -121,9 +121,7 @@ fn value_error(kind: Value, value: &str) -> Option<String> {
             format!("1 to {MAX_SERIAL_BYTES} bytes of printable ASCII not starting with '-'")
         }
         Value::Mac => {
-            let parts: Vec<&str> = value.split(':').collect();
-            let hex = |p: &&str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit());
-            if parts.len() == 6 && parts.iter().all(hex) {
+            if value.parse::<tessera_types::MacAddr>().is_ok() {
                 return None;
             }
             "xx:xx:xx:xx:xx:xx".to_string()
@@ -304,6 +302,7 @@ mod tests {
             &["--queue-size", "1000"],
             &["--mac", "02:00:00:00:00"],
             &["--mac", "02:00:00:00:00:0g"],
+            &["--mac", "+2:00:00:00:00:01"],
             &["--mtu", "67"],
             &["--mtu", "65536"],
             &["--serial", "x"],

@@ -27,10 +27,7 @@ pub fn validate_device_id(id: &str) -> Result<(), IdError> {
     if id.is_empty() || id.len() > 64 {
         return Err(IdError::Length(id.to_string()));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if id.parse::<tessera_types::DeviceId>().is_err() {
         return Err(IdError::Character(id.to_string()));
     }
     Ok(())

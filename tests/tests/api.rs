@@ -218,6 +218,14 @@ fn invalid_requests_get_400_with_a_clear_message() {
             "is not a MAC address",
         ),
         (
+            // The launcher and the backend refuse it too (one MacAddr rule).
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "+6:00:ac:10:00:02"}"#
+                .into(),
+            "is not a MAC address",
+        ),
+        (
             "PUT",
             "/network-interfaces/eth0",
             r#"{"iface_id": "eth0", "host_dev_name": "tessera-none0"}"#.into(),

@@ -59,7 +59,7 @@ struct Cli {
     /// The guest's MAC address (VIRTIO_NET_F_MAC); without it the guest
     /// picks a random one.
     #[arg(long, value_name = "MAC")]
-    mac: Option<String>,
+    mac: Option<tessera_types::MacAddr>,
     /// The MTU offered to the guest (VIRTIO_NET_F_MTU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
     mtu: Option<u16>,
@@ -132,19 +132,6 @@ fn private_connection(dir: &Path) -> std::io::Result<(Listener, UnixStream)> {
     ))
 }
 
-fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // virtio-queue logs an error for each bad chain a guest posts, with no
@@ -164,19 +151,7 @@ fn main() -> ExitCode {
             ),
         );
     }
-    let mac = match cli.mac.as_deref().map(parse_mac) {
-        None => None,
-        Some(Some(mac)) => Some(mac),
-        Some(None) => {
-            return fail(
-                2,
-                format_args!(
-                    "--mac {:?} is not a MAC address like 06:00:ac:10:00:02",
-                    cli.mac.unwrap_or_default()
-                ),
-            )
-        }
-    };
+    let mac = cli.mac.map(|mac| mac.bytes());
     let pairs = usize::from(cli.queues / 2);
     let taps = match &cli.tap {
         Some(name) => Tap::open_queues(name, pairs, frame::VNET_HDR_LEN as i32),

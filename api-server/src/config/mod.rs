@@ -27,10 +27,7 @@ pub use vm::{
     ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
 };
 
-/// Firecracker's rule for resource ids: 1 to 64 characters of `[A-Za-z0-9_-]`.
+/// Firecracker's rule for resource ids ([`tessera_types::DeviceId`]).
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    id.parse::<tessera_types::DeviceId>().is_ok()
 }

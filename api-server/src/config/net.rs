@@ -84,12 +84,7 @@ impl NetworkInterfaceConfig {
         }
         match (&self.host_dev_name, &self.socket) {
             (Some(name), None) => {
-                // IFNAMSIZ is 16 including the terminating NUL.
-                let valid = (1..16).contains(&name.len())
-                    && !name.contains(['/', ' ', '\0'])
-                    && name != "."
-                    && name != "..";
-                if !valid {
+                if name.parse::<tessera_types::TapName>().is_err() {
                     return Err(NetError::InvalidTapName {
                         id: id(),
                         name: name.clone(),
@@ -118,18 +113,11 @@ impl NetworkInterfaceConfig {
     }
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`.
+/// Parses `aa:bb:cc:dd:ee:ff` ([`tessera_types::MacAddr`]).
 pub fn parse_mac(mac: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = mac.split(':');
-    for byte in out.iter_mut() {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
+    mac.parse::<tessera_types::MacAddr>()
+        .ok()
+        .map(|mac| mac.bytes())
 }
 
 #[cfg(test)]
@@ -146,6 +134,8 @@ mod tests {
         assert_eq!(parse_mac("06:00:ac:10:00:02:03"), None);
         assert_eq!(parse_mac("6:00:ac:10:00:02"), None);
         assert_eq!(parse_mac("zz:00:ac:10:00:02"), None);
+        // u8::from_str_radix takes a sign; a MAC does not.
+        assert_eq!(parse_mac("+6:00:ac:10:00:02"), None);
     }
 
     #[test]

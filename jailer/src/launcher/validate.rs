@@ -14,23 +14,11 @@ use jailer::launch::{BackendKind, LaunchRequest, MAX_TAP_QUEUE_PAIRS};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::sys::stat::{fstat, SFlag};
 
-/// Checks a TAP interface name: 1 to 15 bytes of `[A-Za-z0-9_.-]`, not
-/// `.` or `..`.
+/// Checks a TAP interface name ([`tessera_types::TapName`]).
 pub fn check_tap_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid TAP name {name:?}: expected 1 to 15 of [A-Za-z0-9_.-]"
-        ))
-    }
+    name.parse::<tessera_types::TapName>()
+        .map(drop)
+        .map_err(|err| err.to_string())
 }
 
 /// How many fds a request of `kind` must carry.
