@@ -1,6 +1,7 @@
 //! The launcher's side of the launch protocol: one SEQPACKET message from a
 //! (possibly compromised) jailed VMM, with file descriptors attached, read
-//! by the launcher's receiver and decoded as a `LaunchRequest`.
+//! by the launcher's receiver, decoded as a `LaunchRequest` and checked
+//! by the launcher's rules (device id, the backend flag whitelist).
 #![no_main]
 
 use std::os::fd::AsFd;
@@ -22,6 +23,11 @@ fuzz_target!(|bytes: &[u8]| {
     tessera_fuzz::send_datagram(&vmm, body, usize::from(fd_count % 4));
     drop(vmm);
     if let Ok(Some((body, _fds))) = receive_message(launcher.as_fd()) {
-        let _ = serde_json::from_slice::<LaunchRequest>(&body);
+        if let Ok(request) = serde_json::from_slice::<LaunchRequest>(&body) {
+            let _ = jailer::id::validate_device_id(&request.device_id);
+            if jailer::backend_flags::check_args(request.kind, &request.args).is_ok() {
+                let _ = jailer::backend_flags::net_queues(&request.args);
+            }
+        }
     }
 });
