@@ -465,3 +465,19 @@ pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
     }
     None
 }
+
+/// Whether a test that needs something a host may lack can run here: true
+/// when `available`. Otherwise the test fails under `TESSERA_STRICT=1`;
+/// without it, it prints `not run: <why>` and the caller returns (so a
+/// host without root, QEMU or cgroup v2 runs the rest).
+pub fn can_run(available: bool, why: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        std::env::var("TESSERA_STRICT").as_deref() != Ok("1"),
+        "TESSERA_STRICT=1 and this test cannot run: {why}"
+    );
+    eprintln!("not run: {why}");
+    false
+}

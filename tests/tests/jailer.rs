@@ -59,8 +59,7 @@ fn cgroup_dirs(parent: &str, id: &str) -> Vec<PathBuf> {
 
 #[test]
 fn jailed_tessera_boots_the_probe_confined_and_cleans_up() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     let base = JailBase::new();
@@ -285,8 +284,7 @@ fn jailer_fails(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn refused_command_lines_name_the_bad_value_and_leave_nothing() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     let base = JailBase::new();
@@ -399,8 +397,7 @@ fn refused_command_lines_name_the_bad_value_and_leave_nothing() {
 
 #[test]
 fn jailed_and_unjailed_start_times() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     // Not a pass/fail bound: the time to the guest's first output, for the
@@ -514,8 +511,7 @@ fn assert_confined(what: &str, pid: u32, uid: &str, jail: &std::path::Path) {
 
 #[test]
 fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     const SEED: u64 = 0x5eed;
@@ -676,8 +672,7 @@ fn interfaces(pid: u32) -> Vec<String> {
 
 #[test]
 fn the_launcher_refuses_a_tap_the_vmm_does_not_own() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     // In the VMM's network namespace, a TAP that uid 4321 owns (another
@@ -729,8 +724,7 @@ fn the_launcher_refuses_a_tap_the_vmm_does_not_own() {
 
 #[test]
 fn a_daemonized_tessera_in_a_new_pid_namespace_serves_its_api() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
     let base = JailBase::new();
@@ -834,17 +828,20 @@ fn cgroup2_mount() -> Option<PathBuf> {
 
 #[test]
 fn a_jailed_tessera_under_cgroup_v2_gets_its_values_and_leaves_no_cgroup() {
-    if !is_root() {
-        eprintln!("skipped: the jailer tests need root");
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
         return;
     }
-    let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup2 hierarchy is mounted");
+    let mount = cgroup2_mount();
+    if !tessera_tests::can_run(mount.is_some(), "no cgroup2 hierarchy is mounted") {
         return;
-    };
+    }
+    let mount = mount.unwrap();
     let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap();
-    if !controllers.split_whitespace().any(|c| c == "hugetlb") {
-        eprintln!("skipped: the cgroup2 hierarchy has no hugetlb controller ({controllers})");
+    let hugetlb = controllers.split_whitespace().any(|c| c == "hugetlb");
+    if !tessera_tests::can_run(
+        hugetlb,
+        &format!("the cgroup2 hierarchy has no hugetlb controller ({controllers})"),
+    ) {
         return;
     }
     let base = JailBase::new();
