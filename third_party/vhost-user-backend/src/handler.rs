@@ -388,6 +388,7 @@ where
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
         for (region, file) in ctx.iter().zip(files) {
+            check_region_file(&file, region.mmap_offset, region.memory_size)?;
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -697,6 +698,7 @@ where
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
 
+        check_region_file(&file, region.mmap_offset, region.memory_size)?;
         let guest_region = Arc::new(
             GuestRegionMmap::new(
                 region.mmap_region(file)?,
@@ -931,6 +933,23 @@ impl<T: VhostUserBackend> Drop for VhostUserHandler<T> {
                 error!("Error in vring worker: {:?}", e);
             }
         }
+    }
+}
+
+/// Refuses a memory region that reaches past the end of its file: mapped,
+/// its tail would raise SIGBUS on the first access (vm-memory does not
+/// check). Tessera patch; see third_party/README.md.
+fn check_region_file(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    let len = file
+        .metadata()
+        .map_err(VhostUserError::ReqHandlerError)?
+        .len();
+    match offset.checked_add(size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a memory region of {size} bytes at offset {offset} is past the end of its {len}-byte file"),
+        ))),
     }
 }
 
