@@ -184,6 +184,9 @@ main() {
 	for b in "${binaries[@]}"; do
 		stage_binary "$bin_dir/$b" "$stage"
 	done
+	# iproute2's ip: busybox's tunctl cannot give a TAP an owner, which the
+	# jailer's launcher requires of a TAP outside a netns of the VMM's own.
+	stage_binary "$(command -v ip)" "$stage"
 	cp "$guest_dir"/{vmlinux,bzImage,initramfs.cpio.gz,rootfs.ext4,probe-guest.elf} "$stage/opt/l2/"
 	cp "$repo/tests/nested/runner.sh" "$stage/init"
 	chmod 0755 "$stage/init"

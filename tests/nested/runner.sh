@@ -265,9 +265,10 @@ JSON
 scenario_net() {
 	name=net
 	ip link del tap0 2>/dev/null
-	# Jailed, the launcher attaches only a TAP the VMM's uid could open
-	# itself: the orchestrator makes it for that uid, as for Firecracker.
-	if ! tunctl -t tap0 ${JAILED:+-u "$JAIL_UID"} >/dev/null || ! ip addr add 10.99.0.1/24 dev tap0 ||
+	# The launcher attaches only a TAP the VMM's uid could open itself: the
+	# orchestrator makes it for that uid, as for Firecracker.
+	if ! /opt/tessera/bin/ip tuntap add dev tap0 mode tap user "$JAIL_UID" group "$JAIL_UID" ||
+		! ip addr add 10.99.0.1/24 dev tap0 ||
 		! ip link set tap0 up; then
 		fail net "cannot set up tap0 in L1"
 		return
