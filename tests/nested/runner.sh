@@ -305,8 +305,11 @@ JSON
 		seccomp=$(awk '/^Seccomp:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
 		root=$(awk '$5 == "/" {print $4}' "/proc/$pid/mountinfo" 2>/dev/null | head -n 1)
 		confinement="$confinement $exe:uid=$uid,seccomp=$seccomp,root=$root"
-		case "$uid,$seccomp,$root" in
-		"$JAIL_UID,2,"*"/jail/$exe/"*) ;;
+		# The VMM's jail is /jail/tessera/<id>/root; a backend's nests in its
+		# VM's instance directory: /jail/tessera/<id>/<backend>/<device>/root.
+		case "$exe,$uid,$seccomp,$root" in
+		"tessera,$JAIL_UID,2,/jail/tessera/"*/root) ;;
+		"$exe,$JAIL_UID,2,/jail/tessera/"*"/$exe/"*/root) ;;
 		*) confinement="$confinement(NOT-CONFINED)" ;;
 		esac
 	done
