@@ -55,9 +55,17 @@ pub enum ChrootError {
     },
 }
 
-/// Pivots the calling process (already in its own mount namespace) into
-/// `root`; afterwards `/` is `root` and the host's tree is gone.
-pub fn pivot_into(root: &Path) -> Result<(), ChrootError> {
+/// The step of [`private_view_of`] that failed.
+pub enum ViewStep {
+    Propagation(nix::Error),
+    Bind(nix::Error),
+}
+
+/// In the caller's own mount namespace: stops mount events propagating back
+/// to the host (`/` becomes a recursive slave) and bind-mounts `dir` on
+/// itself, so that it is a mount point of its own (for `pivot_root`, or to
+/// be left writable under a read-only view).
+pub fn private_view_of(dir: &Path) -> Result<(), ViewStep> {
     mount(
         None::<&str>,
         "/",
@@ -65,17 +73,26 @@ pub fn pivot_into(root: &Path) -> Result<(), ChrootError> {
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(ChrootError::Propagation)?;
+    .map_err(ViewStep::Propagation)?;
     mount(
-        Some(root),
-        root,
+        Some(dir),
+        dir,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(|errno| ChrootError::BindMount {
-        path: root.display().to_string(),
-        errno,
+    .map_err(ViewStep::Bind)
+}
+
+/// Pivots the calling process (already in its own mount namespace) into
+/// `root`; afterwards `/` is `root` and the host's tree is gone.
+pub fn pivot_into(root: &Path) -> Result<(), ChrootError> {
+    private_view_of(root).map_err(|step| match step {
+        ViewStep::Propagation(errno) => ChrootError::Propagation(errno),
+        ViewStep::Bind(errno) => ChrootError::BindMount {
+            path: root.display().to_string(),
+            errno,
+        },
     })?;
     chdir(root).map_err(|errno| ChrootError::Chdir {
         path: root.display().to_string(),

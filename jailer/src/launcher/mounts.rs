@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
+use crate::chroot::ViewStep;
+
 /// Errors confining the launcher's mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -103,24 +105,12 @@ fn stays_writable(mount: &Mount, writable: &Path) -> bool {
 /// hierarchies can be written.
 pub fn confine_mounts(writable: &Path) -> Result<(), MountError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(MountError::Unshare)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(MountError::Propagation)?;
-    mount(
-        Some(writable),
-        writable,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|errno| MountError::Bind {
-        path: writable.display().to_string(),
-        errno,
+    crate::chroot::private_view_of(writable).map_err(|step| match step {
+        ViewStep::Propagation(errno) => MountError::Propagation(errno),
+        ViewStep::Bind(errno) => MountError::Bind {
+            path: writable.display().to_string(),
+            errno,
+        },
     })?;
     let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
     for entry in parse_mountinfo(&text) {
