@@ -6,6 +6,7 @@
 //! polls the avail rings for a short window before going back to waiting
 //! on the kick eventfds.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,8 +26,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -119,6 +120,12 @@ pub struct BlockBackend {
     engines: Vec<Mutex<Engine>>,
     /// The inflight region the frontend set, if any.
     inflight: RwLock<Option<Arc<InflightRegion>>>,
+    /// Per queue: an earlier backend left requests in flight in the region
+    /// just set; they are looked up when the queue next runs, once its
+    /// ring is known.
+    recovering: Vec<AtomicBool>,
+    /// Per queue: those requests, oldest first, served before new ones.
+    resubmit: Vec<Mutex<VecDeque<u16>>>,
     /// Set once a worker failed; then nothing more is served.
     broken: AtomicBool,
     broken_event: (EventConsumer, EventNotifier),
@@ -146,6 +153,8 @@ impl BlockBackend {
                 if uring { "io_uring" } else { "synchronous" }
             );
         }
+        let recovering = (0..config.queues).map(|_| AtomicBool::new(false)).collect();
+        let resubmit = (0..config.queues).map(|_| Mutex::default()).collect();
         Ok(Self {
             disk,
             config,
@@ -155,6 +164,8 @@ impl BlockBackend {
             exits,
             engines,
             inflight: RwLock::new(None),
+            recovering,
+            resubmit,
             broken: AtomicBool::new(false),
             broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
             stats: BlockStats::default(),
@@ -285,6 +296,11 @@ impl BlockBackend {
                 state.is_enabled() && state.get_queue().ready()
             })
             .collect();
+        if let Some(region) = &completer.inflight {
+            for &(position, vring) in &live {
+                self.recover(region, completer.queue_index(position), vring, mem)?;
+            }
+        }
         let mut done: Vec<Done> = Vec::new();
         let mut completed = vec![false; vrings.len()];
         let mut taken = 0;
@@ -306,16 +322,21 @@ impl BlockBackend {
                     replaced.push(std::mem::replace(mem, latest));
                 }
                 for &(position, vring) in &live {
+                    let queue = completer.queue_index(position);
                     while engine.has_room() && taken < MAX_TAKEN_PER_EVENT {
                         taken += 1;
-                        let chain = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
-                            .map_err(|source| WorkerError::Broken {
-                                queue: completer.queue_index(position),
-                                source,
-                            })?;
-                        let Some(chain) = chain else { break };
+                        let chain = match self.next_resubmitted(queue, vring, mem) {
+                            Some(chain) => chain,
+                            None => {
+                                let chain =
+                                    ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
+                                        .map_err(|source| WorkerError::Broken { queue, source })?;
+                                let Some(chain) = chain else { break };
+                                completer.taken(position, chain.head_index());
+                                chain
+                            }
+                        };
                         let head = chain.head_index();
-                        completer.taken(position, head);
                         let descriptors: Vec<Descriptor> = chain.collect();
                         let plan =
                             request::plan(&descriptors, mem, &self.disk, &self.config.serial);
@@ -396,6 +417,67 @@ impl BlockBackend {
                 return Ok(());
             }
         }
+    }
+
+    /// Once after the frontend set a region in which an earlier backend
+    /// left requests of `queue` in flight: queues them for resubmission,
+    /// and takes new requests from the avail ring after them, as
+    /// libvhost-user does (every request the earlier backend took is
+    /// either in the used ring or still marked).
+    fn recover(
+        &self,
+        region: &InflightRegion,
+        queue: usize,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), WorkerError> {
+        let Some(recovering) = self.recovering.get(queue) else {
+            return Ok(());
+        };
+        if !recovering.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut state = vring.get_mut();
+        let ring = state.get_queue_mut();
+        let used = ring
+            .used_idx(mem, Ordering::Acquire)
+            .map_err(|source| WorkerError::Queue { queue, source })?
+            .0;
+        let left = region.left_in_flight(queue, used, ring.size());
+        ring.set_next_used(used);
+        ring.set_next_avail(used.wrapping_add(left.len() as u16));
+        log::info!(
+            "queue {queue}: resubmitting {} request(s) an earlier backend left in flight",
+            left.len()
+        );
+        if let Some(list) = self.resubmit.get(queue) {
+            *list.lock().unwrap_or_else(|p| p.into_inner()) = left.into();
+        }
+        Ok(())
+    }
+
+    /// The next request of `queue` an earlier backend left in flight, if
+    /// any is left to resubmit. It stays marked in the region until done.
+    fn next_resubmitted(
+        &self,
+        queue: usize,
+        vring: &VringRwLock,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> Option<DescriptorChain<Arc<GuestMemoryMmap>>> {
+        let head = self
+            .resubmit
+            .get(queue)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()?;
+        let state = vring.get_ref();
+        let ring = state.get_queue();
+        Some(DescriptorChain::new(
+            mem.clone(),
+            GuestAddress(ring.desc_table()),
+            ring.size(),
+            head,
+        ))
     }
 
     /// Spins for the polling window; true if the guest posted a request on
@@ -533,14 +615,11 @@ impl VhostUserBackend for BlockBackend {
         let region = InflightRegion::open(given, file, self.config.queues, self.config.queue_size)?;
         for queue in 0..usize::from(given.num_queues) {
             let left = region.start_queue(queue);
-            if left > 0 {
-                // Resubmitting them is part of reconnecting, which this
-                // backend does not do yet.
-                guest_log!(
-                    &ACTIVATIONS,
-                    log::Level::Warn,
-                    "queue {queue}: {left} request(s) an earlier backend left in flight are not resubmitted"
-                );
+            if let Some(list) = self.resubmit.get(queue) {
+                list.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
+            if let Some(recovering) = self.recovering.get(queue) {
+                recovering.store(left > 0, Ordering::Release);
             }
         }
         *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
@@ -842,6 +921,55 @@ mod tests {
         backend.acked_features(features & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
         backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
         assert_eq!(writeback(), 1);
+    }
+
+    #[test]
+    fn requests_an_earlier_backend_left_in_flight_are_resubmitted_first() {
+        let device = device();
+        let asked = VhostUserInflight {
+            mmap_size: 0,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: QUEUE_SIZE,
+        };
+        let (region, file) = device.backend.get_inflight_fd(&asked).unwrap();
+        // The earlier backend took the reads at heads 3 and 0 (positions
+        // 0 and 1) and died; the guest then posted head 6 (position 2).
+        let earlier = InflightRegion::open(&region, file.try_clone().unwrap(), 1, 64).unwrap();
+        earlier.start_queue(0);
+        earlier.taken(0, 3);
+        earlier.taken(0, 0);
+        drop(earlier);
+        device.post_read(0, 3);
+        device.post_read(1, 0);
+        device.post_read(2, 6);
+        device.set_avail_idx(3);
+        // The frontend restarts the ring from the guest's used index.
+        device.vrings[0].set_queue_next_avail(0);
+        device.backend.set_inflight_fd(&region, file).unwrap();
+
+        let result = device.kick().expect("the worker returns");
+        assert!(result.is_ok(), "{result:?}");
+        let state = device.vrings[0].get_ref();
+        let queue = state.get_queue();
+        let used = queue.used_idx(&device.mem, Ordering::Acquire).unwrap().0;
+        assert_eq!(used, 3, "each request completes exactly once");
+        let used_ring = queue.used_ring();
+        let heads: Vec<u32> = (0..3u64)
+            .map(|i| {
+                device
+                    .mem
+                    .read_obj(GuestAddress(used_ring + 4 + i * 8))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(heads, [3, 0, 6], "left-over requests first, in order");
+        assert_eq!(queue.next_avail(), 3);
+        let status: u8 = device.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(status, 0);
+        let mut data = [0u8; 512];
+        device.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        assert_eq!(data, [0x5a; 512]);
     }
 
     #[test]

@@ -218,6 +218,41 @@ impl InflightRegion {
             .count()
     }
 
+    /// The requests an earlier backend left in flight on `queue`, oldest
+    /// first, for a ring of `ring_size` entries whose used index in guest
+    /// memory is `used_idx`. A request the earlier backend had put into the
+    /// used ring but not yet unmarked (it stopped in between, so the
+    /// region's used index lags the ring's) is done, and unmarked here;
+    /// marks past the ring are stale and cleared. Requests taken from now
+    /// on count after the ones returned.
+    pub fn left_in_flight(&self, queue: usize, used_idx: u16, ring_size: u16) -> Vec<u16> {
+        if self.load::<u16>(queue, QUEUE_USED_IDX) != Some(used_idx) {
+            if let Some(head) = self.load::<u16>(queue, QUEUE_LAST_BATCH_HEAD) {
+                if head < self.queue_size {
+                    self.store(queue, desc_at(head, DESC_INFLIGHT), 0u8);
+                }
+            }
+            self.store(queue, QUEUE_USED_IDX, used_idx);
+        }
+        let mut left: Vec<(u64, u16)> = Vec::new();
+        for head in 0..self.queue_size {
+            if self.load::<u8>(queue, desc_at(head, DESC_INFLIGHT)) != Some(1) {
+                continue;
+            }
+            if head >= ring_size {
+                self.store(queue, desc_at(head, DESC_INFLIGHT), 0u8);
+                continue;
+            }
+            let counter = self.load::<u64>(queue, desc_at(head, DESC_COUNTER)).unwrap_or(0);
+            left.push((counter, head));
+        }
+        left.sort_unstable();
+        if let (Some(order), Some((last, _))) = (self.taken.get(queue), left.last()) {
+            order.fetch_max(*last, Ordering::Relaxed);
+        }
+        left.into_iter().map(|(_, head)| head).collect()
+    }
+
     /// A worker took request `head` from `queue`.
     pub fn taken(&self, queue: usize, head: u16) {
         let Some(order) = self.taken.get(queue) else {
@@ -364,6 +399,35 @@ mod tests {
         let next = InflightRegion::open(&reply, file, 4, 1024).unwrap();
         assert_eq!(next.start_queue(1), 1);
         assert!(next.is_in_flight(1, 3));
+    }
+
+    #[test]
+    fn the_next_backend_gets_what_was_left_oldest_first() {
+        let (reply, file) = InflightRegion::create(&ask(1, 256), 4, 1024).unwrap();
+        let old = InflightRegion::open(&reply, file.try_clone().unwrap(), 4, 1024).unwrap();
+        old.start_queue(0);
+        for head in [9, 4, 200, 6] {
+            old.taken(0, head);
+        }
+        old.completing(0, 4);
+        old.completed(0, 4, 1);
+        // Request 6 reached the used ring (its index is now 2), but the
+        // backend died before unmarking it.
+        old.completing(0, 6);
+        drop(old);
+
+        let next = InflightRegion::open(&reply, file, 4, 1024).unwrap();
+        assert_eq!(next.start_queue(0), 3);
+        // The guest's ring has 128 entries: head 200 cannot be a request.
+        assert_eq!(next.left_in_flight(0, 2, 128), vec![9]);
+        assert!(!next.is_in_flight(0, 6), "done, so unmarked");
+        assert!(!next.is_in_flight(0, 200), "stale, so unmarked");
+        next.taken(0, 11);
+        assert_eq!(
+            next.left_in_flight(0, 2, 128),
+            vec![9, 11],
+            "new requests count after the resubmitted ones"
+        );
     }
 
     #[test]
