@@ -466,6 +466,40 @@ pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
     None
 }
 
+/// The pid of a process below `ancestor` (a child, or a child's child: a
+/// VMM's backends are children of its backend starter) whose command line
+/// contains `needle`; waits up to 10 s for it to appear.
+pub fn descendant_pid(ancestor: u32, needle: &str) -> Option<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let below = parent_of(pid)
+                .is_some_and(|parent| parent == ancestor || parent_of(parent) == Some(ancestor));
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if below && cmdline.contains(needle) && !cmdline.contains("--backend-starter") {
+                return Some(pid);
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
 /// Whether a test that needs something a host may lack can run here: true
 /// when `available`. Otherwise the test fails under `TESSERA_STRICT=1`;
 /// without it, it prints `not run: <why>` and the caller returns (so a

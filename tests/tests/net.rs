@@ -134,7 +134,7 @@ fn a_killed_backend_leaves_the_vmm_and_the_guest_alive() {
     let out = ping(&netns, &["-c", "1", "-W", "5"]);
     assert!(out.contains("1 received"), "{out}");
 
-    let backend = tessera_tests::child_pid(vm.pid(), "vhost-user-net").expect("the backend");
+    let backend = tessera_tests::descendant_pid(vm.pid(), "vhost-user-net").expect("the backend");
     // SAFETY: kill sends a signal to a child process of the test's VMM.
     assert_eq!(unsafe { libc::kill(backend as i32, libc::SIGKILL) }, 0);
     let exited = vm.wait_until(DEADLINE, |_, err| {

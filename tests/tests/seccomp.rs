@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tessera_tests::netns::Netns;
-use tessera_tests::{child_pid, guest_artifacts, repo_root, workspace_bin, Running, VmConfig};
+use tessera_tests::{guest_artifacts, repo_root, workspace_bin, Running, VmConfig};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const GUEST_IP: &str = "10.79.0.2";
@@ -153,7 +153,8 @@ fn every_thread_of_the_vmm_and_its_backends_is_confined() {
         );
     }
     for binary in ["vhost-user-blk", "vhost-user-net"] {
-        let pid = child_pid(vm.pid(), binary).unwrap_or_else(|| panic!("no {binary}"));
+        let pid = tessera_tests::descendant_pid(vm.pid(), binary)
+            .unwrap_or_else(|| panic!("no {binary}"));
         let threads = thread_confinement(pid);
         assert_all_confined(binary, &threads);
         // Workers that served requests stacked their own filter on main's

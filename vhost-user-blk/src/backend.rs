@@ -968,7 +968,10 @@ mod tests {
         let status: u8 = device.mem.read_obj(GuestAddress(STATUS)).unwrap();
         assert_eq!(status, 0);
         let mut data = [0u8; 512];
-        device.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+        device
+            .mem
+            .read_slice(&mut data, GuestAddress(DATA))
+            .unwrap();
         assert_eq!(data, [0x5a; 512]);
     }
 

@@ -243,7 +243,9 @@ impl InflightRegion {
                 self.store(queue, desc_at(head, DESC_INFLIGHT), 0u8);
                 continue;
             }
-            let counter = self.load::<u64>(queue, desc_at(head, DESC_COUNTER)).unwrap_or(0);
+            let counter = self
+                .load::<u64>(queue, desc_at(head, DESC_COUNTER))
+                .unwrap_or(0);
             left.push((counter, head));
         }
         left.sort_unstable();

@@ -30,6 +30,7 @@ use crate::resources::VmResources;
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 use crate::ExitCode;
+use devices::vhost_user::VhostUserDevice;
 
 /// Errors building or starting a microVM.
 #[derive(Debug, thiserror::Error)]
@@ -454,13 +455,16 @@ pub fn build_microvm(
         stop_receiver,
     )));
     event_manager.add_subscriber(exit_handler.clone());
-    for transport in &block_devices {
-        let monitor = device_manager::BackendMonitor::new(transport.clone())
+    let (block_devices, block_connectors): (Vec<_>, Vec<_>) = block_devices.into_iter().unzip();
+    for (transport, connect) in block_devices.iter().zip(block_connectors) {
+        let monitor = device_manager::BackendMonitor::new(transport.clone(), connect)
             .map_err(|e| event_loop_err(&e))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
     }
-    for transport in &net_devices {
-        let monitor = device_manager::NetBackendMonitor::new(transport.clone());
+    let (net_devices, net_connectors): (Vec<_>, Vec<_>) = net_devices.into_iter().unzip();
+    for (transport, connect) in net_devices.iter().zip(net_connectors) {
+        let monitor = device_manager::NetBackendMonitor::new(transport.clone(), connect)
+            .map_err(|e| event_loop_err(&e))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
     }
 

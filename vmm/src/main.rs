@@ -77,6 +77,10 @@ struct Cli {
     /// backends for this VMM.
     #[arg(long, value_name = "FD")]
     backend_launcher_fd: Option<i32>,
+    /// Internal: run as the backend starter for this backend binary (see
+    /// `device_manager::backend_starter`).
+    #[arg(long, value_name = "PATH", hide = true)]
+    backend_starter: Option<PathBuf>,
     /// Run without seccomp filters (for debugging only).
     #[arg(long, conflicts_with = "seccomp_filter")]
     no_seccomp: bool,
@@ -106,6 +110,12 @@ fn main() {
             process::exit(ExitCode::ArgParsing as i32);
         }
     };
+    if let Some(binary) = cli.backend_starter {
+        process::exit(vmm::device_manager::backend_starter::run(
+            binary,
+            cli.no_seccomp,
+        ));
+    }
     // Under the jailer, boot time counts from the jailer's start, as with
     // Firecracker (--start-time-us is CLOCK_MONOTONIC, like Instant).
     let start_wall = cli

@@ -11,7 +11,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::virtio::QueueLayout;
@@ -35,7 +35,25 @@ pub enum FrontendError {
     Memory(u64),
     #[error("queue {0} lies outside guest memory")]
     QueueAddress(usize),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
 }
+
+impl FrontendError {
+    /// Whether the connection is gone (the backend died, hung up or stopped
+    /// answering), rather than a request refused on a live connection.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Protocol { source, .. } => is_transport_failure(source),
+            _ => false,
+        }
+    }
+}
+
+/// The inflight region a frontend keeps across backends: its description
+/// and the sealed memfd the first backend made.
+pub type InflightRegion = (VhostUserInflight, File);
 
 fn is_transport_failure(err: &vhost::Error) -> bool {
     use vhost::vhost_user::Error as E;
@@ -144,7 +162,12 @@ impl VhostUserFrontend {
         })
     }
 
-    /// Shares guest memory and starts the queues.
+    /// Shares guest memory and starts the queues: from index 0, or, when
+    /// `resume` (a new backend taking over running queues), from each
+    /// queue's used index in guest memory, as QEMU restarts a crashed
+    /// vhost-user backend; one with the inflight region also resubmits
+    /// what its predecessor left in flight.
+    #[allow(clippy::too_many_arguments)]
     pub fn activate(
         &mut self,
         mem: &GuestMemoryMmap,
@@ -153,6 +176,7 @@ impl VhostUserFrontend {
         queue_max_size: u16,
         kicks: &[EventFd],
         calls: &[EventFd],
+        resume: bool,
     ) -> Result<(), FrontendError> {
         self.transport("SET_FEATURES", |f| {
             f.set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES)
@@ -186,7 +210,16 @@ impl VhostUserFrontend {
             };
             self.transport("SET_VRING_NUM", |f| f.set_vring_num(index, layout.size))?;
             self.transport("SET_VRING_ADDR", |f| f.set_vring_addr(index, &config))?;
-            self.transport("SET_VRING_BASE", |f| f.set_vring_base(index, 0))?;
+            let base = if resume {
+                let used_idx = vm_memory::GuestAddress(layout.used_ring.0.wrapping_add(2));
+                mem.read_obj::<u16>(used_idx)
+                    .map_err(|_| FrontendError::QueueAddress(index))?
+            } else {
+                0
+            };
+            self.transport("SET_VRING_BASE", |f| {
+                f.set_vring_base(index, u16::from_le(base))
+            })?;
             self.transport("SET_VRING_CALL", |f| f.set_vring_call(index, call))?;
             self.transport("SET_VRING_KICK", |f| f.set_vring_kick(index, kick))?;
             self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
@@ -214,6 +247,18 @@ impl VhostUserFrontend {
             self.transport("SET_INFLIGHT_FD", |f| f.set_inflight_fd(&region, fd))?;
         }
         Ok(())
+    }
+
+    /// Gives up the inflight region, for the next backend.
+    pub fn take_inflight(&mut self) -> Option<InflightRegion> {
+        self.inflight.take()
+    }
+
+    /// Hands this backend the region an earlier one tracked requests in.
+    pub fn keep_inflight(&mut self, region: Option<InflightRegion>) {
+        if self.inflight_acked {
+            self.inflight = region;
+        }
     }
 
     /// Stops the first `queues` queues (a driver reset); the backend keeps

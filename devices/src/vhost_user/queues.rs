@@ -1,7 +1,14 @@
 //! What every vhost-user device shares: one kick and one call eventfd per
-//! queue (for the VMM to register as ioeventfds and irqfds), and the
-//! frontend calls that start the queues on activation and stop them on a
-//! driver reset.
+//! queue (for the VMM to register as ioeventfds and irqfds), the frontend
+//! calls that start the queues on activation and stop them on a driver
+//! reset, and the hand-over to a new backend when the old one is gone.
+//!
+//! The eventfds, the guest's queue layouts and the inflight region belong
+//! to this side, not to a backend, so a new backend takes over exactly
+//! where the old one stopped: while none is connected, the guest's kicks
+//! wait in the kick eventfds, its config reads are answered from the last
+//! config space a backend gave, and its activation and config writes are
+//! kept and replayed.
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -9,39 +16,62 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{FrontendError, VhostUserFrontend};
 use crate::virtio::QueueLayout;
 
-/// A negotiated backend connection with the eventfds of `count` queues.
+/// Config writes kept while no backend is connected (each offset once).
+const MAX_KEPT_CONFIG_WRITES: usize = 16;
+
+/// The guest's last activation: what a new backend is started with.
+#[derive(Debug, Clone)]
+struct Activation {
+    acked_features: u64,
+    layouts: Vec<QueueLayout>,
+    queue_max_size: u16,
+}
+
+/// A backend connection with the eventfds of `count` queues.
 pub struct VhostUserQueues {
     frontend: VhostUserFrontend,
+    /// False from the moment the backend is known gone until a new one
+    /// took over.
+    connected: bool,
     mem: GuestMemoryMmap,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
-    /// Queues started by the last activation.
-    active: usize,
+    /// Set from activation to the next driver reset.
+    activation: Option<Activation>,
+    /// The config space the backend last gave.
+    config_cache: Vec<u8>,
+    /// The guest's config writes, replayed to a new backend.
+    config_writes: Vec<(u32, Vec<u8>)>,
 }
 
 impl VhostUserQueues {
-    /// Wraps `frontend` and creates the eventfds of `count` queues.
+    /// Wraps `frontend` and creates the eventfds of `count` queues; reads
+    /// the backend's configuration space of `config_len` bytes, so that
+    /// the guest can read it even while no backend is connected.
     pub fn new(
         frontend: VhostUserFrontend,
         mem: GuestMemoryMmap,
         count: usize,
-    ) -> std::io::Result<Self> {
+        config_len: usize,
+    ) -> Result<Self, FrontendError> {
         let eventfds = || {
             (0..count)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
                 .collect::<std::io::Result<Vec<_>>>()
+                .map_err(FrontendError::EventFd)
         };
-        Ok(Self {
+        let mut queues = Self {
             frontend,
+            connected: true,
             mem,
             kicks: eventfds()?,
             calls: eventfds()?,
-            active: 0,
-        })
-    }
-
-    pub fn frontend_mut(&mut self) -> &mut VhostUserFrontend {
-        &mut self.frontend
+            activation: None,
+            config_cache: Vec::new(),
+            config_writes: Vec::new(),
+        };
+        queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
+        Ok(queues)
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {
@@ -63,11 +93,23 @@ impl VhostUserQueues {
         self.frontend.socket_fd()
     }
 
+    /// Whether a backend is connected.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The backend is gone: until [`Self::reconnect`], nothing is sent to
+    /// it, and what the guest does is kept for the next one.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+    }
+
     /// Answers a guest read of `data` at `offset` from the backend's
     /// configuration space of `len` bytes. The whole space is fetched so
     /// that `fix_up` can overwrite the fields the VMM owns whatever the
     /// width and offset of the guest's access; reads outside the space, or
-    /// a space of the wrong size, give zeros.
+    /// a space of the wrong size, give zeros. Without a backend (or when
+    /// it turns out gone now) the last space one gave answers.
     pub fn read_config(
         &mut self,
         len: usize,
@@ -85,41 +127,123 @@ impl VhostUserQueues {
         if window.end > len {
             return Ok(());
         }
-        let mut space = self.frontend.get_config(0, len as u32)?;
-        if space.len() != len {
-            log::warn!(
-                "the backend's config space is {} bytes, not {len}",
-                space.len()
-            );
+        let fetched = match self.connected {
+            true => match self.frontend.get_config(0, len as u32) {
+                Ok(space) => Some(space),
+                Err(err) if err.is_disconnect() => {
+                    log::warn!("the backend is gone (config read): {err}; waiting for a new one");
+                    self.connected = false;
+                    None
+                }
+                Err(err) => return Err(err),
+            },
+            false => None,
+        };
+        let mut space = if let Some(space) = fetched {
+            if space.len() != len {
+                log::warn!(
+                    "the backend's config space is {} bytes, not {len}",
+                    space.len()
+                );
+                return Ok(());
+            }
+            self.config_cache.clone_from(&space);
+            space
+        } else if self.config_cache.len() == len {
+            self.config_cache.clone()
+        } else {
             return Ok(());
-        }
+        };
         fix_up(&mut space);
         data.copy_from_slice(&space[window]);
         Ok(())
     }
 
-    /// Shares guest memory with the backend and starts `layouts`.
+    /// Writes `data` at `offset` of the backend's configuration space; kept
+    /// for the next backend too.
+    pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        self.config_writes.retain(|(at, _)| *at != offset);
+        if self.config_writes.len() < MAX_KEPT_CONFIG_WRITES {
+            self.config_writes.push((offset, data.to_vec()));
+        }
+        if !self.connected {
+            return Ok(());
+        }
+        self.frontend.set_config(offset, data)
+    }
+
+    /// Shares guest memory with the backend and starts `layouts`. Without
+    /// a backend the activation is kept, for the next one.
     pub fn start(
         &mut self,
         acked_features: u64,
         layouts: &[QueueLayout],
         queue_max_size: u16,
     ) -> Result<(), FrontendError> {
+        let activation = Activation {
+            acked_features,
+            layouts: layouts.to_vec(),
+            queue_max_size,
+        };
+        self.activation = Some(activation.clone());
+        if !self.connected {
+            return Ok(());
+        }
+        self.activate(&activation, false)
+    }
+
+    fn activate(&mut self, activation: &Activation, resume: bool) -> Result<(), FrontendError> {
         self.frontend.activate(
             &self.mem,
-            acked_features,
-            layouts,
-            queue_max_size,
+            activation.acked_features,
+            &activation.layouts,
+            activation.queue_max_size,
             &self.kicks,
             &self.calls,
-        )?;
-        self.active = layouts.len();
-        Ok(())
+            resume,
+        )
     }
 
     /// Stops the queues the last activation started (a driver reset).
     pub fn stop(&mut self) -> Result<(), FrontendError> {
-        let active = std::mem::take(&mut self.active);
-        self.frontend.deactivate(active)
+        let Some(activation) = self.activation.take() else {
+            return Ok(());
+        };
+        self.config_writes.clear();
+        if !self.connected {
+            // The next activation starts with a fresh inflight region.
+            self.frontend.take_inflight();
+            return Ok(());
+        }
+        self.frontend.deactivate(activation.layouts.len())
+    }
+
+    /// A new backend takes over from the one that is gone: it gets the
+    /// guest's config writes, and, if the guest's driver is active, the
+    /// queues from their used indexes with the inflight region (so it
+    /// resubmits what the old one left in flight), and a kick on every
+    /// queue for what the guest posted meanwhile.
+    pub fn reconnect(&mut self, mut frontend: VhostUserFrontend) -> Result<(), FrontendError> {
+        frontend.keep_inflight(self.frontend.take_inflight());
+        self.frontend = frontend;
+        self.connected = true;
+        let resumed = self.resume();
+        if resumed.is_err() {
+            self.connected = false;
+        }
+        resumed
+    }
+
+    fn resume(&mut self) -> Result<(), FrontendError> {
+        for (offset, data) in self.config_writes.clone() {
+            self.frontend.set_config(offset, &data)?;
+        }
+        if let Some(activation) = self.activation.clone() {
+            self.activate(&activation, true)?;
+            for kick in &self.kicks[..activation.layouts.len().min(self.kicks.len())] {
+                let _ = kick.write(1);
+            }
+        }
+        Ok(())
     }
 }

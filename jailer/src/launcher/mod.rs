@@ -335,15 +335,16 @@ impl Launcher {
                 self.starts
             ));
         }
-        if self
+        // A new backend for a device replaces the old one, which must not
+        // touch the guest's queues any more (the VMM saw it hang up, or
+        // stop answering).
+        let old = self
             .backends
-            .values()
-            .any(|b| b.device_id == request.device_id)
-        {
-            return Err(format!(
-                "a backend for device {:?} is running already",
-                request.device_id
-            ));
+            .iter()
+            .find(|(_, b)| b.device_id == request.device_id)
+            .map(|(pid, _)| *pid);
+        if let Some(pid) = old {
+            self.retire(pid);
         }
         let mut fds = fds;
         if request.kind == BackendKind::Net {
@@ -372,6 +373,34 @@ impl Launcher {
         u32::try_from(pid.as_raw()).map_err(|_| format!("odd pid {pid}"))
     }
 
+    /// Ends backend `pid` now (SIGKILL), waits for it and removes its
+    /// jail and cgroups, so that a new backend for its device starts clean.
+    fn retire(&mut self, pid: Pid) {
+        let _ = kill(pid, Signal::SIGKILL);
+        let status = waitpid(pid, None);
+        if let Some(backend) = self.backends.remove(&pid) {
+            log(format_args!(
+                "replaced the {:?} backend for device {} (pid {pid}): {}",
+                backend.kind,
+                backend.device_id,
+                status.map_or_else(|err| err.to_string(), describe)
+            ));
+            self.clean_up(backend);
+        }
+    }
+
+    fn clean_up(&mut self, mut backend: Backend) {
+        for (path, errno) in backend.cgroups.remove(Duration::from_secs(1)) {
+            log(format_args!(
+                "cannot remove cgroup {}: {errno}",
+                path.display()
+            ));
+        }
+        if let Err(err) = spawn::remove_jail(&backend.instance) {
+            log(format_args!("{err}"));
+        }
+    }
+
     /// Reaps every backend that has exited.
     fn reap(&mut self) {
         loop {
@@ -379,22 +408,14 @@ impl Launcher {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
-                    if let Some(mut backend) = self.backends.remove(&pid) {
+                    if let Some(backend) = self.backends.remove(&pid) {
                         log(format_args!(
                             "the {:?} backend for device {} (pid {pid}) exited: {}",
                             backend.kind,
                             backend.device_id,
                             describe(status)
                         ));
-                        for (path, errno) in backend.cgroups.remove(Duration::from_secs(1)) {
-                            log(format_args!(
-                                "cannot remove cgroup {}: {errno}",
-                                path.display()
-                            ));
-                        }
-                        if let Err(err) = spawn::remove_jail(&backend.instance) {
-                            log(format_args!("{err}"));
-                        }
+                        self.clean_up(backend);
                     }
                 }
             }

@@ -1,77 +1,73 @@
-//! Watches each block backend's vhost-user socket from the main event loop.
-//! When a backend hangs up (it crashed, was killed, or exited), the VMM takes
-//! over that disk's queues and completes every request with an I/O error:
-//! the guest sees failures on that disk only, and the VMM keeps running.
-
-use std::os::fd::RawFd;
+//! Watches each block device's backend from the main event loop (see
+//! [`BackendWatch`]). A disk given up is answered by the VMM: every request
+//! on it completes with an I/O error, so the guest sees failures on that
+//! disk only, never a request that waits forever, and the VMM keeps
+//! running.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::backend_watch::{BackendWatch, Connector, Watched};
 use super::block::BlockTransport;
+use devices::vhost_user::blk::VhostUserBlock;
+use devices::vhost_user::VhostUserDevice;
 
 /// Event-loop subscriber for one block device's backend.
 pub struct BackendMonitor {
-    transport: BlockTransport,
-    socket_fd: RawFd,
+    watch: BackendWatch<VhostUserBlock>,
     kicks: Vec<EventFd>,
 }
 
 impl BackendMonitor {
-    /// Watches the backend of `transport`.
-    pub fn new(transport: BlockTransport) -> std::io::Result<Self> {
-        let guard = transport.lock().unwrap_or_else(|p| p.into_inner());
-        let device = guard.device();
-        let socket_fd = device.queues().backend_fd();
-        let kicks = device
+    /// Watches the backend of `transport`; `connect` brings a new one.
+    pub fn new(transport: BlockTransport, connect: Connector) -> std::io::Result<Self> {
+        let kicks = transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device()
             .queues()
             .kick_fds()
             .iter()
             .map(EventFd::try_clone)
             .collect::<std::io::Result<Vec<_>>>()?;
-        drop(guard);
         Ok(Self {
-            transport,
-            socket_fd,
+            watch: BackendWatch::new(transport, "drive", connect)?,
             kicks,
         })
-    }
-
-    fn hang_up_events(&self) -> Events {
-        Events::new_raw(
-            self.socket_fd,
-            EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-        )
     }
 }
 
 impl MutEventSubscriber for BackendMonitor {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(self.hang_up_events()) {
-            log::error!("cannot watch a block backend's socket: {err:?}");
-        }
+        self.watch.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut transport = self.transport.lock().unwrap_or_else(|p| p.into_inner());
-        if events.fd() == self.socket_fd {
-            let _ = ops.remove(self.hang_up_events());
-            transport.device_mut().take_over_queues();
-            for kick in &self.kicks {
-                if let Err(err) = ops.add(Events::new(kick, EventSet::IN)) {
-                    log::error!("cannot watch a failed disk's queue: {err:?}");
+        match self.watch.process(&events, ops) {
+            Watched::Handled => return,
+            Watched::GaveUp => {
+                for kick in &self.kicks {
+                    if let Err(err) = ops.add(Events::new(kick, EventSet::IN)) {
+                        log::error!("cannot watch a failed disk's queue: {err:?}");
+                    }
                 }
             }
-            return;
+            Watched::NotOurs => {
+                if let Some(kick) = self
+                    .kicks
+                    .iter()
+                    .find(|k| std::os::fd::AsRawFd::as_raw_fd(*k) == events.fd())
+                {
+                    let _ = kick.read();
+                }
+            }
         }
-        if let Some(kick) = self
-            .kicks
-            .iter()
-            .find(|k| std::os::fd::AsRawFd::as_raw_fd(*k) == events.fd())
-        {
-            let _ = kick.read();
-        }
-        transport.device_mut().fail_pending_requests();
+        self.watch
+            .transport()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device_mut()
+            .fail_pending_requests();
     }
 }

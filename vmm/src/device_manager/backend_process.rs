@@ -1,24 +1,36 @@
 //! Starts a device backend process for a drive that names a host file or
-//! an interface that names a TAP: the
-//! VMM creates the listening socket, connects to it itself, removes its path
-//! (nobody else can connect), and hands the listening end to the backend as
-//! fd 3. The backend dies with the VMM (PR_SET_PDEATHSIG), and its exit is
-//! logged with the drive it served.
-//!
-//! A jailed VMM cannot start processes usefully, so it asks the jailer's
-//! launcher (`--backend-launcher-fd`) instead: the VMM opens the drive's
-//! file inside its own jail and sends that fd; the launcher opens the TAP
-//! in the VMM's network namespace; each backend gets a jail of its own.
+//! an interface that names a TAP: the VMM creates the listening socket,
+//! connects to it itself, removes its path (nobody else can connect), and
+//! has the backend started with the listening end as fd 3 and, for a
+//! drive, the disk (opened by the VMM, inside its jail if it has one) as
+//! fd 4. The starter is the jailer's launcher (`--backend-launcher-fd`),
+//! which gives each backend a jail of its own and opens the TAP in the
+//! VMM's network namespace, or the VMM's own backend starter
+//! ([`super::backend_starter`]). Either logs how each backend ended, and
+//! starts a new one for a device whose backend is gone.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use jailer::launch::{BackendKind, LaunchChannel, LaunchError, LaunchRequest};
 use tessera_seccomp::Filters;
+
+/// Opens a drive's disk for its backends (inside the VMM's jail, if any).
+fn open_disk(path: &str, read_only: bool) -> Result<File, BackendProcessError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| BackendProcessError::OpenDisk {
+            path: path.to_string(),
+            source,
+        })
+}
 
 /// Errors starting a backend.
 #[derive(Debug, thiserror::Error)]
@@ -53,34 +65,27 @@ pub enum BackendTarget<'a> {
     Tap { name: &'a str, queue_pairs: u16 },
 }
 
-/// How backends are started.
-#[derive(Debug, Clone)]
-enum Starter {
-    /// fork and exec the binary ourselves.
-    Exec(PathBuf),
-    /// Ask the jailer's launcher.
-    Launcher(Arc<LaunchChannel>),
-}
-
-/// The fd number the backend finds its listening socket at.
-const BACKEND_LISTEN_FD: RawFd = 3;
-
-/// Starts backend processes, one per device.
+/// Starts backend processes, one per device, through the jailer's
+/// launcher or the VMM's own backend starter: a VMM thread under its
+/// seccomp filter never forks. The disk a drive's backend serves is opened
+/// once, when its first backend starts, and handed to every later one.
 #[derive(Debug, Clone)]
 pub struct BackendSpawner {
-    starter: Starter,
+    channel: Arc<LaunchChannel>,
+    /// Whether `channel` is the jailer's launcher.
+    jailed: bool,
     run_dir: PathBuf,
     /// What a device is called in log lines: "drive" or "interface".
     kind: &'static str,
-    /// The VMM's filters: the thread that waits for a backend installs
-    /// "vmm", and backends of an unconfined VMM run unconfined too.
-    seccomp: Arc<Filters>,
+    /// Each drive's disk, by drive id.
+    disks: Arc<Mutex<HashMap<String, File>>>,
 }
 
 impl BackendSpawner {
-    /// Uses `binary` for devices of `kind` ("drive", "interface"), or the
-    /// jailer's `launcher` when there is one; sockets are created briefly
-    /// in `run_dir`.
+    /// Uses `binary` for devices of `kind` ("drive", "interface"), through
+    /// a backend starter of its own, or the jailer's `launcher` when there
+    /// is one; sockets are created briefly in `run_dir`. Call it before the
+    /// thread's seccomp filter is in place.
     pub fn new(
         binary: PathBuf,
         launcher: Option<Arc<LaunchChannel>>,
@@ -88,20 +93,29 @@ impl BackendSpawner {
         kind: &'static str,
         seccomp: Arc<Filters>,
     ) -> Result<Self, BackendProcessError> {
-        let starter = match launcher {
-            Some(channel) => Starter::Launcher(channel),
+        let jailed = launcher.is_some();
+        let channel = match launcher {
+            Some(channel) => channel,
             None if !binary.is_file() => {
                 return Err(BackendProcessError::MissingBinary(
                     binary.display().to_string(),
                 ))
             }
-            None => Starter::Exec(binary),
+            None => Arc::new(
+                super::backend_starter::spawn(&binary, seccomp.is_disabled()).map_err(
+                    |source| BackendProcessError::Spawn {
+                        binary: binary.display().to_string(),
+                        source,
+                    },
+                )?,
+            ),
         };
         Ok(Self {
-            starter,
+            channel,
+            jailed,
             run_dir,
             kind,
-            seccomp,
+            disks: Arc::default(),
         })
     }
 
@@ -115,6 +129,7 @@ impl BackendSpawner {
 
     /// Starts the backend for device `id`, serving `target`, with the
     /// further flags `args`; returns the frontend's end of the connection.
+    /// A later call for the same device replaces its backend.
     pub fn spawn(
         &self,
         id: &str,
@@ -122,28 +137,55 @@ impl BackendSpawner {
         args: &[String],
     ) -> Result<UnixStream, BackendProcessError> {
         let (listener, stream) = self.listen(id)?;
-        match &self.starter {
-            Starter::Exec(binary) => {
-                let mut all: Vec<String> = match target {
-                    BackendTarget::Disk { path, read_only } => {
-                        let mut disk = vec!["--path".to_string(), path.to_string()];
-                        if read_only {
-                            disk.push("--readonly".into());
-                        }
-                        disk
-                    }
-                    BackendTarget::Tap { name, queue_pairs } => vec![
-                        "--tap".to_string(),
-                        name.to_string(),
-                        "--queues".to_string(),
-                        (2 * queue_pairs).to_string(),
-                    ],
+        let launch_err = |source| BackendProcessError::Launch {
+            kind: self.kind,
+            source,
+        };
+        let mut args = args.to_vec();
+        let pid = match target {
+            BackendTarget::Disk { path, read_only } => {
+                let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+                let disk = match disks.entry(id.to_string()) {
+                    Entry::Occupied(kept) => kept.into_mut(),
+                    Entry::Vacant(slot) => slot.insert(open_disk(path, read_only)?),
                 };
-                all.extend_from_slice(args);
-                self.exec(binary, id, &all, listener)?
+                if read_only {
+                    args.push("--readonly".into());
+                }
+                let request = LaunchRequest {
+                    kind: BackendKind::Blk,
+                    device_id: id.to_string(),
+                    args,
+                    tap: None,
+                    tap_queue_pairs: 0,
+                };
+                self.channel
+                    .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
+                    .map_err(launch_err)?
             }
-            Starter::Launcher(channel) => self.launch(channel, id, target, args, listener)?,
-        }
+            BackendTarget::Tap { name, queue_pairs } => {
+                args.extend(["--queues".to_string(), (2 * queue_pairs).to_string()]);
+                let request = LaunchRequest {
+                    kind: BackendKind::Net,
+                    device_id: id.to_string(),
+                    args,
+                    tap: Some(name.to_string()),
+                    tap_queue_pairs: queue_pairs,
+                };
+                self.channel
+                    .launch(&request, &[listener.as_raw_fd()])
+                    .map_err(launch_err)?
+            }
+        };
+        log::info!(
+            "{} {id}: {} started its backend (pid {pid})",
+            self.kind,
+            if self.jailed {
+                "the jailer's launcher"
+            } else {
+                "the backend starter"
+            }
+        );
         Ok(stream)
     }
 
@@ -162,135 +204,6 @@ impl BackendSpawner {
         let stream = UnixStream::connect(&path).map_err(socket_err);
         let _ = std::fs::remove_file(&path);
         Ok((listener, stream?))
-    }
-
-    fn exec(
-        &self,
-        binary: &Path,
-        id: &str,
-        args: &[String],
-        listener: UnixListener,
-    ) -> Result<(), BackendProcessError> {
-        let listen_fd = listener.as_raw_fd();
-        let mut command = Command::new(binary);
-        command
-            .arg("--fd")
-            .arg(BACKEND_LISTEN_FD.to_string())
-            .args(args)
-            .stdin(Stdio::null());
-        if self.seccomp.is_disabled() {
-            command.arg("--no-seccomp");
-        }
-        // SAFETY: the closure only makes async-signal-safe calls (dup2,
-        // fcntl, prctl) between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                if listen_fd == BACKEND_LISTEN_FD {
-                    let flags = libc::fcntl(listen_fd, libc::F_GETFD);
-                    libc::fcntl(listen_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(listen_fd, BACKEND_LISTEN_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|source| BackendProcessError::Spawn {
-                binary: binary.display().to_string(),
-                source,
-            })?;
-        drop(listener);
-        let pid = child.id();
-        let id = id.to_string();
-        let binary = binary.to_path_buf();
-        let kind = self.kind;
-        let seccomp = self.seccomp.clone();
-        log::info!("{kind} {id}: started {} (pid {pid})", binary.display());
-        std::thread::Builder::new()
-            .name(format!("wait_{id}"))
-            .spawn(move || {
-                if let Err(err) = seccomp.apply("vmm") {
-                    log::error!("{kind} {id}: {err}; not waiting for backend {pid}");
-                    return;
-                }
-                match child.wait() {
-                    Ok(status) if status.success() => {
-                        log::info!("{kind} {id}: backend (pid {pid}) exited: {status}")
-                    }
-                    Ok(status) => log::error!("{kind} {id}: backend (pid {pid}) died: {status}"),
-                    Err(err) => log::error!("{kind} {id}: cannot wait for backend {pid}: {err}"),
-                }
-            })
-            .map_err(|source| BackendProcessError::Spawn {
-                binary: binary.display().to_string(),
-                source,
-            })?;
-        Ok(())
-    }
-
-    /// Has the jailer's launcher start the backend. A disk is opened
-    /// here, inside the VMM's jail, and sent as an fd; a TAP is opened by
-    /// the launcher in the VMM's network namespace.
-    fn launch(
-        &self,
-        channel: &LaunchChannel,
-        id: &str,
-        target: BackendTarget,
-        args: &[String],
-        listener: UnixListener,
-    ) -> Result<(), BackendProcessError> {
-        let launch_err = |source| BackendProcessError::Launch {
-            kind: self.kind,
-            source,
-        };
-        let mut args = args.to_vec();
-        let pid = match target {
-            BackendTarget::Disk { path, read_only } => {
-                let disk = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(!read_only)
-                    .open(path)
-                    .map_err(|source| BackendProcessError::OpenDisk {
-                        path: path.to_string(),
-                        source,
-                    })?;
-                if read_only {
-                    args.push("--readonly".into());
-                }
-                let request = LaunchRequest {
-                    kind: BackendKind::Blk,
-                    device_id: id.to_string(),
-                    args,
-                    tap: None,
-                    tap_queue_pairs: 0,
-                };
-                channel
-                    .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
-                    .map_err(launch_err)?
-            }
-            BackendTarget::Tap { name, queue_pairs } => {
-                args.extend(["--queues".to_string(), (2 * queue_pairs).to_string()]);
-                let request = LaunchRequest {
-                    kind: BackendKind::Net,
-                    device_id: id.to_string(),
-                    args,
-                    tap: Some(name.to_string()),
-                    tap_queue_pairs: queue_pairs,
-                };
-                channel
-                    .launch(&request, &[listener.as_raw_fd()])
-                    .map_err(launch_err)?
-            }
-        };
-        log::info!(
-            "{} {id}: the jailer's launcher started its backend (pid {pid})",
-            self.kind
-        );
-        Ok(())
     }
 
     /// The directory backend sockets are created in.

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use api_server::config::BlockDeviceConfig;
 use devices::vhost_user::blk::{VhostUserBlock, VhostUserBlockError};
-use devices::vhost_user::{FrontendError, VhostUserFrontend};
+use devices::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend};
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
+use super::backend_watch::Connector;
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
@@ -99,9 +100,18 @@ fn connect(
     VhostUserFrontend::from_stream(stream, MAX_QUEUES).map_err(frontend_err)
 }
 
+/// What brings a new backend for `drive` (started again, or reconnected to
+/// its socket) when its backend is gone.
+fn connector(drive: &BlockDeviceConfig, spawner: &BackendSpawner, queues: u64) -> Connector {
+    let drive = drive.clone();
+    let spawner = spawner.clone();
+    Box::new(move || connect(&drive, &spawner, queues).map_err(|err| err.to_string()))
+}
+
 /// Creates a device per drive, wires its queues (ioeventfd per queue on
 /// QueueNotify, irqfd per queue on its IRQ), puts it on the MMIO bus and
 /// adds its `virtio_mmio.device=` (and `root=`) entries to `cmdline`.
+/// Each device comes with what brings it a new backend.
 pub fn attach_block_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
@@ -110,13 +120,14 @@ pub fn attach_block_devices(
     queues: u64,
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
-) -> Result<Vec<BlockTransport>, BlockDeviceError> {
+) -> Result<Vec<(BlockTransport, Connector)>, BlockDeviceError> {
     let mut transports = Vec::new();
     for (index, drive) in device_order(drives).into_iter().enumerate() {
         let id = drive.drive_id.clone();
         let (base, irq) =
             virtio_mmio_slot(index).ok_or_else(|| BlockDeviceError::NoSlot(id.clone()))?;
-        let frontend = connect(drive, spawner, queues.clamp(1, MAX_QUEUES))?;
+        let queues = queues.clamp(1, MAX_QUEUES);
+        let frontend = connect(drive, spawner, queues)?;
         let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
         let attach_err = |source| BlockDeviceError::Attach {
             id: id.clone(),
@@ -143,7 +154,7 @@ pub fn attach_block_devices(
             cmdline.insert_str(mode).map_err(cmdline_err)?;
         }
         log::info!("drive {id}: virtio-mmio at {base:#x}, IRQ {irq}");
-        transports.push(transport);
+        transports.push((transport, connector(drive, spawner, queues)));
     }
     Ok(transports)
 }

@@ -4,12 +4,15 @@
 
 mod backend_monitor;
 mod backend_process;
+pub mod backend_starter;
+mod backend_watch;
 mod block;
 mod legacy;
 mod net;
 
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
+pub use backend_watch::Connector;
 pub use block::{attach_block_devices, BlockDeviceError, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{attach_net_devices, NetBackendMonitor, NetDeviceError, NetTransport};

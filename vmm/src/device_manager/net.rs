@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use api_server::config::{parse_mac, NetworkInterfaceConfig};
 use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
-use devices::vhost_user::{FrontendError, VhostUserFrontend};
+use devices::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend};
 use devices::virtio::{MmioTransport, NOTIFY_REG_OFFSET};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -24,6 +24,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
+use super::backend_watch::{BackendWatch, Connector};
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
@@ -126,7 +127,7 @@ pub fn attach_net_devices(
     first_slot: usize,
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
-) -> Result<Vec<NetTransport>, NetDeviceError> {
+) -> Result<Vec<(NetTransport, Connector)>, NetDeviceError> {
     let mut transports = Vec::new();
     for (index, iface) in ifaces.iter().enumerate() {
         let id = iface.iface_id.clone();
@@ -145,53 +146,45 @@ pub fn attach_net_devices(
         let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
         place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
         log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}, {pairs} queue pair(s)");
-        transports.push(transport);
+        let (iface, spawner) = (iface.clone(), spawner.clone());
+        let connector: Connector =
+            Box::new(move || connect(&iface, &spawner).map_err(|err| err.to_string()));
+        transports.push((transport, connector));
     }
     Ok(transports)
 }
 
-/// Watches one network device from the main event loop: its backend's
-/// socket, so that a backend that dies is reported once and the device
-/// stops using it, and the notifications of its control queue (with
-/// several queue pairs), which the VMM answers.
+/// Watches one network device from the main event loop: its backend (see
+/// [`BackendWatch`]: a new one is brought in when it is gone; frames in
+/// flight are lost, the link comes back), and the notifications of its
+/// control queue (with several queue pairs), which the VMM answers.
 pub struct NetBackendMonitor {
-    transport: NetTransport,
-    socket_fd: RawFd,
+    watch: BackendWatch<VhostUserNet>,
     /// The control queue's kick eventfd (owned by the device, which the
     /// transport keeps alive).
     ctrl_kick_fd: Option<RawFd>,
 }
 
 impl NetBackendMonitor {
-    /// Watches the backend and the control queue of `transport`.
-    pub fn new(transport: NetTransport) -> Self {
-        let guard = transport.lock().unwrap_or_else(|p| p.into_inner());
-        let device = guard.device();
-        let socket_fd = device.queues().backend_fd();
-        let ctrl_kick_fd = device
+    /// Watches the backend and the control queue of `transport`; `connect`
+    /// brings a new backend.
+    pub fn new(transport: NetTransport, connect: Connector) -> std::io::Result<Self> {
+        let ctrl_kick_fd = transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .device()
             .ctrl_eventfds()
             .map(|(_, kick, _)| std::os::fd::AsRawFd::as_raw_fd(kick));
-        drop(guard);
-        Self {
-            transport,
-            socket_fd,
+        Ok(Self {
+            watch: BackendWatch::new(transport, "interface", connect)?,
             ctrl_kick_fd,
-        }
-    }
-
-    fn hang_up_events(&self) -> Events {
-        Events::new_raw(
-            self.socket_fd,
-            EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR,
-        )
+        })
     }
 }
 
 impl MutEventSubscriber for NetBackendMonitor {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(err) = ops.add(self.hang_up_events()) {
-            log::error!("cannot watch a network backend's socket: {err:?}");
-        }
+        self.watch.init(ops);
         if let Some(fd) = self.ctrl_kick_fd {
             if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch a network control queue: {err:?}");
@@ -201,18 +194,14 @@ impl MutEventSubscriber for NetBackendMonitor {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if Some(events.fd()) == self.ctrl_kick_fd {
-            self.transport
+            self.watch
+                .transport()
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .device_mut()
                 .process_ctrl_queue();
             return;
         }
-        let _ = ops.remove(self.hang_up_events());
-        self.transport
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .device_mut()
-            .backend_failed("socket hang-up", None);
+        self.watch.process(&events, ops);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::vhost_user::{FrontendError, VhostUserFrontend, VhostUserQueues};
+use crate::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of block devices.
@@ -25,8 +25,6 @@ const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
 pub enum VhostUserBlockError {
     #[error("drive {id}: {source}")]
     Frontend { id: String, source: FrontendError },
-    #[error("drive {id}: cannot create an eventfd: {source}")]
-    EventFd { id: String, source: std::io::Error },
     #[error("drive {id}: the backend does not offer VIRTIO_F_VERSION_1")]
     NotVirtio1 { id: String },
 }
@@ -64,12 +62,13 @@ impl VhostUserBlock {
         // Block features pass through; transport features only if we
         // support them in this transport.
         let features = features & ((0xffff_ffff & !(0xf << 28)) | PASSTHROUGH_FEATURES);
-        let queues = VhostUserQueues::new(frontend, mem, count).map_err(|source| {
-            VhostUserBlockError::EventFd {
-                id: id.into(),
-                source,
-            }
-        })?;
+        let queues =
+            VhostUserQueues::new(frontend, mem, count, CONFIG_SPACE_LEN).map_err(|source| {
+                VhostUserBlockError::Frontend {
+                    id: id.into(),
+                    source,
+                }
+            })?;
         Ok(Self {
             id: id.to_string(),
             queues,
@@ -82,26 +81,24 @@ impl VhostUserBlock {
         })
     }
 
-    /// The drive id.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// The queues' eventfds and the backend connection.
-    pub fn queues(&self) -> &VhostUserQueues {
-        &self.queues
-    }
-
+    /// A backend call failed: a lost connection waits for the backend
+    /// monitor (a new backend, or the disk given up); a refusal is logged.
     fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        if !self.failed {
-            log::error!("drive {}: the backend failed ({what}): {err}", self.id);
+        if err.is_disconnect() {
+            if self.queues.is_connected() {
+                log::warn!(
+                    "drive {}: the backend is gone ({what}): {err}; waiting for a new one",
+                    self.id
+                );
+            }
+            self.queues.disconnected();
+        } else {
+            crate::guest_log_here!(
+                log::Level::Warn,
+                "drive {}: the backend refused the {what}: {err}",
+                self.id
+            );
         }
-        self.take_over_queues();
-    }
-
-    /// Whether the backend is gone and the VMM answers for it.
-    pub fn is_failed(&self) -> bool {
-        self.failed
     }
 
     /// The backend is gone: from now on the VMM completes every request on
@@ -177,6 +174,28 @@ impl VhostUserBlock {
     }
 }
 
+impl VhostUserDevice for VhostUserBlock {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn queues(&self) -> &VhostUserQueues {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut VhostUserQueues {
+        &mut self.queues
+    }
+
+    fn give_up(&mut self) {
+        self.take_over_queues();
+    }
+
+    fn is_given_up(&self) -> bool {
+        self.failed
+    }
+}
+
 impl VirtioDevice for VhostUserBlock {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -214,7 +233,7 @@ impl VirtioDevice for VhostUserBlock {
         if self.failed || offset > 255 {
             return;
         }
-        if let Err(err) = self.queues.frontend_mut().set_config(offset as u32, data) {
+        if let Err(err) = self.queues.write_config(offset as u32, data) {
             self.backend_failed("config write", err);
         }
     }
@@ -230,11 +249,16 @@ impl VirtioDevice for VhostUserBlock {
                 self.id
             )));
         }
-        self.queues
-            .start(acked_features, queues, QUEUE_SIZE)
-            .map_err(|err| ActivateError::Backend(format!("drive {}: {err}", self.id)))?;
         self.acked_features = acked_features;
         self.layouts = queues.to_vec();
+        match self.queues.start(acked_features, queues, QUEUE_SIZE) {
+            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
+            Err(err) => {
+                self.layouts.clear();
+                return Err(ActivateError::Backend(format!("drive {}: {err}", self.id)));
+            }
+            Ok(()) => {}
+        }
         crate::guest_log_here!(
             log::Level::Info,
             "drive {}: active with {} queue(s)",

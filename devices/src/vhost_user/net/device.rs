@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlQueue, CtrlStats};
-use crate::vhost_user::{FrontendError, VhostUserFrontend, VhostUserQueues};
+use crate::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of network devices.
@@ -40,6 +40,8 @@ const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub enum VhostUserNetError {
     #[error("interface {id}: cannot create an eventfd: {source}")]
     EventFd { id: String, source: std::io::Error },
+    #[error("interface {id}: {source}")]
+    Frontend { id: String, source: FrontendError },
     #[error("interface {id}: the backend does not offer VIRTIO_F_VERSION_1")]
     NotVirtio1 { id: String },
     #[error("interface {id}: the backend serves {queues} queue(s), a pair is needed")]
@@ -134,7 +136,12 @@ impl VhostUserNet {
             source,
         };
         let data_queues = QUEUES_PER_PAIR * usize::from(pairs);
-        let queues = VhostUserQueues::new(frontend, mem, data_queues).map_err(eventfd_err)?;
+        let queues = VhostUserQueues::new(frontend, mem, data_queues, CONFIG_SPACE_LEN).map_err(
+            |source| VhostUserNetError::Frontend {
+                id: id.into(),
+                source,
+            },
+        )?;
         let ctrl_fds = if pairs > 1 {
             Some(CtrlEventFds {
                 kick: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
@@ -203,28 +210,55 @@ impl VhostUserNet {
         }
     }
 
-    /// The interface id.
-    pub fn id(&self) -> &str {
+    /// A backend call failed: a lost connection waits for the backend
+    /// monitor (a new backend, or the interface given up); a refusal is
+    /// logged.
+    fn backend_failed(&mut self, what: &str, err: FrontendError) {
+        if err.is_disconnect() {
+            if self.queues.is_connected() {
+                log::warn!(
+                    "interface {}: the backend is gone ({what}): {err}; waiting for a new one",
+                    self.id
+                );
+            }
+            self.queues.disconnected();
+        } else {
+            crate::guest_log_here!(
+                log::Level::Warn,
+                "interface {}: the backend refused the {what}: {err}",
+                self.id
+            );
+        }
+    }
+}
+
+impl VhostUserDevice for VhostUserNet {
+    fn id(&self) -> &str {
         &self.id
     }
 
-    /// The queues' eventfds and the backend connection.
-    pub fn queues(&self) -> &VhostUserQueues {
+    fn queues(&self) -> &VhostUserQueues {
         &self.queues
     }
 
-    /// The backend is gone. Unlike a disk, nothing waits on a network
-    /// queue: the guest's frames are simply no longer carried.
-    pub fn backend_failed(&mut self, what: &str, err: Option<FrontendError>) {
+    fn queues_mut(&mut self) -> &mut VhostUserQueues {
+        &mut self.queues
+    }
+
+    /// Unlike a disk, nothing waits on a network queue: the guest's frames
+    /// are simply no longer carried.
+    fn give_up(&mut self) {
         if !self.failed {
-            match err {
-                Some(err) => {
-                    log::error!("interface {}: the backend failed ({what}): {err}", self.id)
-                }
-                None => log::error!("interface {}: the backend is gone ({what})", self.id),
-            }
+            log::error!(
+                "interface {}: no backend; the guest's frames are no longer carried",
+                self.id
+            );
         }
         self.failed = true;
+    }
+
+    fn is_given_up(&self) -> bool {
+        self.failed
     }
 }
 
@@ -259,7 +293,7 @@ impl VirtioDevice for VhostUserNet {
                 space[8..10].copy_from_slice(&pairs.to_le_bytes());
             });
         if let Err(err) = result {
-            self.backend_failed("config read", Some(err));
+            self.backend_failed("config read", err);
         }
     }
 
@@ -325,9 +359,19 @@ impl VirtioDevice for VhostUserNet {
             }
             (false, _) => None,
         };
-        self.queues
+        match self
+            .queues
             .start(acked_features & !self.vmm_features, data, QUEUE_SIZE)
-            .map_err(|err| ActivateError::Backend(format!("interface {}: {err}", self.id)))?;
+        {
+            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
+            Err(err) => {
+                return Err(ActivateError::Backend(format!(
+                    "interface {}: {err}",
+                    self.id
+                )))
+            }
+            Ok(()) => {}
+        }
         self.ctrl = ctrl;
         crate::guest_log_here!(
             log::Level::Info,
@@ -349,7 +393,7 @@ impl VirtioDevice for VhostUserNet {
             return;
         }
         if let Err(err) = self.queues.stop() {
-            self.backend_failed("reset", Some(err));
+            self.backend_failed("reset", err);
         }
     }
 }

@@ -78,7 +78,7 @@ fn through_tessera(runs: usize) -> Value {
     vm.wait_until(Duration::from_secs(60), |out, _| {
         out.contains("probe.net0=up")
     });
-    let backend = tessera_tests::child_pid(vm.pid(), "vhost-user-net").expect("the backend");
+    let backend = tessera_tests::descendant_pid(vm.pid(), "vhost-user-net").expect("the backend");
     let (mut rate, mut rtt, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let before = cpu_us(backend);
