@@ -446,8 +446,9 @@ impl BlockBackend {
         let left = region.left_in_flight(queue, used, ring.size());
         ring.set_next_used(used);
         ring.set_next_avail(used.wrapping_add(left.len() as u16));
-        log::info!(
-            "queue {queue}: resubmitting {} request(s) an earlier backend left in flight",
+        // Once per queue per new backend: the VMM bounds how often that is.
+        eprintln!(
+            "vhost-user-blk: queue {queue}: resubmitting {} request(s) an earlier backend left in flight",
             left.len()
         );
         if let Some(list) = self.resubmit.get(queue) {
