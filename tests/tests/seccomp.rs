@@ -146,7 +146,7 @@ fn every_thread_of_the_vmm_and_its_backends_is_confined() {
 
     let vmm = thread_confinement(vm.pid());
     assert_all_confined("tessera", &vmm);
-    for name in ["fc_api", "fc_vcpu 0", "wait_data", "wait_eth0"] {
+    for name in ["fc_api", "fc_vcpu 0", "vu_watchdog"] {
         assert!(
             vmm.iter().any(|(n, ..)| n == name),
             "no {name} thread: {vmm:?}"

@@ -197,6 +197,7 @@ impl Starter {
                 }
                 for i in 0..raw.len() {
                     move_fd(park + i as RawFd, FIRST_BACKEND_FD + i as RawFd)?;
+                    libc::close(park + i as RawFd);
                 }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
