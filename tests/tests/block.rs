@@ -162,6 +162,26 @@ fn four_queues_are_negotiated_and_used() {
 }
 
 #[test]
+fn a_drive_whose_size_is_not_whole_sectors_shows_its_whole_sectors() {
+    // As Firecracker: the size is rounded down, the tail left alone.
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("odd.img");
+    std::fs::write(&a, vec![0x33; (1 << 20) + 100]).unwrap();
+    let config = probe_config(
+        &format!("probe.blk=write probe.blk_mib=4 probe.seed={SEED:#x}"),
+        1,
+        json!([drive("odd", &a, false)]),
+    );
+    let run = boot(&config);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert_blk(&run, 0, "ok sectors=2048");
+    assert_pattern(&a, 1, SEED);
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(bytes.len(), (1 << 20) + 100);
+    assert!(bytes[1 << 20..].iter().all(|b| *b == 0x33));
+}
+
+#[test]
 fn discard_frees_space_in_the_host_file() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("discard.img");

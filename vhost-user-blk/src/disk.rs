@@ -19,8 +19,6 @@ pub enum DiskError {
     Open { path: String, source: io::Error },
     #[error("cannot find the size of {path}: {source}")]
     Size { path: String, source: io::Error },
-    #[error("{path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
-    Unaligned { path: String, size: u64 },
 }
 
 /// An open disk image.
@@ -85,10 +83,13 @@ impl Disk {
             source,
         })?;
         if !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(DiskError::Unaligned {
-                path: display(),
-                size,
-            });
+            // As Firecracker does: the guest sees the whole sectors.
+            eprintln!(
+                "vhost-user-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
+                 byte(s) are not visible to the guest",
+                display(),
+                size % SECTOR_SIZE
+            );
         }
         Ok(Self {
             file,
