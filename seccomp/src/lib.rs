@@ -294,8 +294,11 @@ pub fn take_inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// Splits one thread kind's filter into its own filter (every rule, the
-/// `"errno"` key removed, so those calls pass it) and one filter per errno
-/// value (those rules -> the errno, anything else -> allow).
+/// `"errno"` key and its `"args"` removed, so those calls pass it whatever
+/// their arguments, and the errno program alone decides) and one filter per
+/// errno value (those rules -> the errno, anything else -> allow). In the
+/// own filter a call allowed whatever its arguments keeps one rule without
+/// arguments: seccompiler would otherwise keep only its conditional rules.
 fn split_errno_rules(
     kind: &str,
     mut filter: serde_json::Value,
@@ -317,7 +320,25 @@ fn split_errno_rules(
             .filter(|errno| (1..=4095).contains(errno))
             .ok_or_else(|| format!("thread kind {kind:?}: \"errno\" {errno} is not 1 to 4095"))?;
         by_errno.entry(errno).or_default().push(rule.clone());
+        if let Some(object) = rule.as_object_mut() {
+            object.remove("args");
+        }
     }
+    let unconditional: std::collections::BTreeSet<String> = rules
+        .iter()
+        .filter(|rule| rule.get("args").is_none())
+        .filter_map(|rule| rule.get("syscall")?.as_str().map(str::to_string))
+        .collect();
+    let mut kept = std::collections::BTreeSet::new();
+    rules.retain(|rule| {
+        let Some(name) = rule.get("syscall").and_then(serde_json::Value::as_str) else {
+            return true;
+        };
+        if !unconditional.contains(name) {
+            return true;
+        }
+        rule.get("args").is_none() && kept.insert(name.to_string())
+    });
     let errno_filters = by_errno
         .into_iter()
         .map(|(errno, rules)| {

@@ -17,13 +17,26 @@ fn count_ticks(stdout: &str) -> usize {
         .count()
 }
 
-fn disk(api: &ApiVm, name: &str) -> std::path::PathBuf {
+fn disk(api: &ApiVm, name: &str, mib: u64) -> std::path::PathBuf {
     let path = api.dir().join(name);
     std::fs::File::create(&path)
         .unwrap()
-        .set_len(4 << 20)
+        .set_len(mib << 20)
         .unwrap();
     path
+}
+
+/// Whether a backend of the VMM serves drive `id` from `disk`.
+fn served_from(api: &ApiVm, id: &str, disk: &std::path::Path) -> bool {
+    let Some(backend) = tessera_tests::descendant_pid(api.vm.pid(), &format!("--serial {id}"))
+    else {
+        return false;
+    };
+    std::fs::read_dir(format!("/proc/{backend}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == disk))
 }
 
 fn assert_answer(
@@ -45,19 +58,52 @@ fn assert_answer(
     }
 }
 
-/// The calls that touch host files before boot, made on a running VM.
-fn runtime_calls(c: &mut ApiClient, api: &ApiVm) {
-    let other_disk = disk(api, "other.img");
+/// The calls that touch host files before boot, made on a running VM;
+/// the drive moves to `next_disk`.
+fn runtime_calls(c: &mut ApiClient, api: &mut ApiVm, next_disk: &std::path::Path) {
+    let other_disk = next_disk.to_path_buf();
+    for (bad, fault) in [
+        (
+            std::path::PathBuf::from("/dev/null"),
+            "/dev/null is not a regular file or a block device",
+        ),
+        (api.dir().to_path_buf(), "Is a directory"),
+        (api.dir().join("missing.img"), "No such file"),
+    ] {
+        assert_answer(
+            c,
+            "PATCH",
+            "/drives/data",
+            &json!({"drive_id": "data", "path_on_host": bad}).to_string(),
+            400,
+            fault,
+        );
+    }
+    let replaced = api
+        .vm
+        .stderr()
+        .matches("drive data: a new backend took over")
+        .count();
     assert_answer(
         c,
         "PATCH",
         "/drives/data",
         &json!({"drive_id": "data", "path_on_host": other_disk}).to_string(),
-        400,
-        &format!(
-            "drive \"data\": changing path_on_host (to {}) on a running microVM is not supported",
-            other_disk.display()
-        ),
+        204,
+        "",
+    );
+    api.vm.wait_until(DEADLINE, |_, err| {
+        err.matches("drive data: a new backend took over").count() > replaced
+    });
+    assert!(
+        served_from(api, "data", &other_disk),
+        "the drive's backend does not serve {}\n{}",
+        other_disk.display(),
+        api.vm.stderr()
+    );
+    assert_eq!(
+        c.get("/vm/config").json()["drives"][0]["path_on_host"],
+        other_disk.to_str().unwrap()
     );
     assert_answer(
         c,
@@ -131,7 +177,8 @@ fn runtime_calls_that_touch_host_files_get_answers_and_the_vmm_lives() {
     let boot = json!({"kernel_image_path": guest_artifacts().probe(),
                       "boot_args": "console=ttyS0 probe.ticks=0"});
     assert_eq!(c.put("/boot-source", &boot.to_string()).status, 204);
-    let data = disk(&api, "data.img");
+    let data = disk(&api, "data.img", 4);
+    let bigger = disk(&api, "bigger.img", 8);
     let r = c.put(
         "/drives/data",
         &json!({"drive_id": "data", "path_on_host": data, "is_root_device": false}).to_string(),
@@ -148,9 +195,16 @@ fn runtime_calls_that_touch_host_files_get_answers_and_the_vmm_lives() {
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.tick=2"));
 
-    runtime_calls(&mut c, &api);
+    runtime_calls(&mut c, &mut api, &bigger);
+    assert!(
+        api.vm
+            .stderr()
+            .contains("drive data: its configuration changed; telling the guest"),
+        "{}",
+        api.vm.stderr()
+    );
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
-    runtime_calls(&mut c, &api);
+    runtime_calls(&mut c, &mut api, &data);
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
 
     assert_eq!(c.get("/").json()["state"], "Running");

@@ -30,7 +30,9 @@ use crate::resources::VmResources;
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 use crate::ExitCode;
+use api_server::config::BlockDeviceUpdate;
 use devices::vhost_user::VhostUserDevice;
+use nix::sys::stat::SFlag;
 
 /// Errors building or starting a microVM.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,18 @@ pub enum RuntimeError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     I8042(#[from] I8042Error),
+    #[error(transparent)]
+    Resources(#[from] crate::resources::ResourcesError),
+    #[error("drive {id}: cannot open {path}: {source}")]
+    OpenDisk {
+        id: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("drive {id}: {path} is not a regular file or a block device")]
+    NotADisk { id: String, path: String },
+    #[error("drive {0}: its device was given up; it takes no new file")]
+    DriveGivenUp(String),
 }
 
 /// A running microVM.
@@ -136,6 +150,8 @@ pub struct Vmm {
     i8042: Arc<Mutex<I8042>>,
     serial: Arc<Mutex<SerialDevice>>,
     block_devices: Vec<device_manager::BlockTransport>,
+    /// Starts the drives' backends (kept for a drive's new file).
+    block_spawner: Option<BackendSpawner>,
     net_devices: Vec<device_manager::NetTransport>,
     resources: VmResources,
     paused: bool,
@@ -204,6 +220,66 @@ impl Vmm {
         }
         self.paused = false;
         log::info!("the microVM is resumed");
+        Ok(())
+    }
+
+    /// `PATCH /drives/{id}` on the running microVM. A new `path_on_host`
+    /// is opened here (inside the VMM's jail, if jailed), becomes the disk
+    /// the drive's backends get, and the current backend is hung up on: the
+    /// backend monitor brings in a new one on the new file, which takes
+    /// over the queues (requests in flight included) and, if the capacity
+    /// changed, the guest gets a configuration change interrupt, as with
+    /// Firecracker.
+    pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), RuntimeError> {
+        let Some(path) = self.resources.check_running_drive_update(update)? else {
+            return Ok(());
+        };
+        let id = &update.drive_id;
+        let read_only = self
+            .resources
+            .drives
+            .iter()
+            .find(|d| &d.drive_id == id)
+            .and_then(|d| d.is_read_only)
+            .unwrap_or(false);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| RuntimeError::OpenDisk {
+                id: id.clone(),
+                path: path.to_string(),
+                source,
+            })?;
+        let kind = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))
+            .map(|stat| SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()))
+            .map_err(|errno| RuntimeError::OpenDisk {
+                id: id.clone(),
+                path: path.to_string(),
+                source: errno.into(),
+            })?;
+        if kind != SFlag::S_IFREG && kind != SFlag::S_IFBLK {
+            return Err(RuntimeError::NotADisk {
+                id: id.clone(),
+                path: path.to_string(),
+            });
+        }
+        let transport = self
+            .block_devices
+            .iter()
+            .find(|t| lock(t).device().id() == id)
+            .ok_or_else(|| crate::resources::ResourcesError::UnknownDrive(id.clone()))?;
+        let transport = lock(transport);
+        if transport.device().is_given_up() {
+            return Err(RuntimeError::DriveGivenUp(id.clone()));
+        }
+        if let Some(spawner) = &self.block_spawner {
+            spawner.replace_disk(id, file);
+        }
+        transport.device().queues().hang_up();
+        drop(transport);
+        self.resources.set_running_drive_path(id, path);
+        log::info!("drive {id}: now backed by {path}; replacing its backend");
         Ok(())
     }
 
@@ -358,6 +434,7 @@ pub fn build_microvm(
         })
         .map_err(StartMicrovmError::Watchdog)?;
     }
+    let mut block_spawner = None;
     let block_devices = if resources.drives.is_empty() {
         Vec::new()
     } else {
@@ -380,7 +457,8 @@ pub fn build_microvm(
             u64::from(machine.vcpu_count),
             &mut legacy.mmio_bus,
             &mut cmdline,
-        )?
+        )
+        .inspect(|_| block_spawner = Some(spawner))?
     };
     let net_devices = if resources.network_interfaces.is_empty() {
         Vec::new()
@@ -499,6 +577,7 @@ pub fn build_microvm(
         i8042: legacy.i8042,
         serial: legacy.serial,
         block_devices,
+        block_spawner,
         net_devices,
         resources: resources.clone(),
         paused: false,

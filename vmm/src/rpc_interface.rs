@@ -208,10 +208,7 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::Resume => counted(&m.vm_state, empty(vmm.resume())),
         VmmAction::SendCtrlAltDel => counted(&m.actions, empty(vmm.send_ctrl_alt_del())),
         VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(vmm.device_metrics()))),
-        VmmAction::PatchDrive(update) => counted(
-            &m.drive_patch,
-            empty(vmm.resources().check_running_drive_update(&update)),
-        ),
+        VmmAction::PatchDrive(update) => counted(&m.drive_patch, empty(vmm.update_drive(&update))),
         VmmAction::PatchNetworkInterface(update) => counted(
             &m.network_patch,
             empty(vmm.resources().update_network_interface(&update)),

@@ -289,12 +289,18 @@ impl VhostUserFrontend {
         result.map_err(|source| {
             if is_transport_failure(&source) {
                 log::error!("the backend failed at {step}: {source}; hanging up on it");
-                // SAFETY: shutdown only changes the state of our own socket,
-                // which stays open (and owned by `frontend`) until drop.
-                unsafe { libc::shutdown(self.socket_fd(), libc::SHUT_RDWR) };
+                self.hang_up();
             }
             FrontendError::Protocol { step, source }
         })
+    }
+
+    /// Ends the connection (the socket stays open until drop): the backend
+    /// sees the frontend leave, and the VMM's backend monitor a hang-up.
+    pub fn hang_up(&self) {
+        // SAFETY: shutdown only changes the state of our own socket, which
+        // stays open (and owned by `frontend`) until drop.
+        unsafe { libc::shutdown(self.socket_fd(), libc::SHUT_RDWR) };
     }
 
     /// The socket, to watch for the backend hanging up.

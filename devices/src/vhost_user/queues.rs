@@ -98,6 +98,12 @@ impl VhostUserQueues {
         self.connected
     }
 
+    /// Hangs up on the backend, so that the backend monitor brings in a new
+    /// one (on a drive's new file, say).
+    pub fn hang_up(&self) {
+        self.frontend.hang_up();
+    }
+
     /// The backend is gone: until [`Self::reconnect`], nothing is sent to
     /// it, and what the guest does is kept for the next one.
     pub fn disconnected(&mut self) {
@@ -222,16 +228,25 @@ impl VhostUserQueues {
     /// guest's config writes, and, if the guest's driver is active, the
     /// queues from their used indexes with the inflight region (so it
     /// resubmits what the old one left in flight), and a kick on every
-    /// queue for what the guest posted meanwhile.
-    pub fn reconnect(&mut self, mut frontend: VhostUserFrontend) -> Result<(), FrontendError> {
+    /// queue for what the guest posted meanwhile. Returns whether its
+    /// configuration space differs from the old backend's (a drive on a
+    /// new file of another size): the guest must then be told.
+    pub fn reconnect(&mut self, mut frontend: VhostUserFrontend) -> Result<bool, FrontendError> {
         frontend.keep_inflight(self.frontend.take_inflight());
         self.frontend = frontend;
         self.connected = true;
         let resumed = self.resume();
-        if resumed.is_err() {
+        if let Err(err) = resumed {
             self.connected = false;
+            return Err(err);
         }
-        resumed
+        let before = self.config_cache.clone();
+        let len = before.len();
+        if len == 0 {
+            return Ok(false);
+        }
+        self.read_config(len, 0, &mut vec![0; len], |_| {})?;
+        Ok(self.config_cache != before)
     }
 
     fn resume(&mut self) -> Result<(), FrontendError> {

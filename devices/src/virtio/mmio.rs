@@ -22,6 +22,8 @@ const VENDOR_ID: u32 = 0x5353_4554; // "TESS"
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 /// InterruptStatus: used-buffer notification.
 const INT_VRING: u32 = 1;
+/// InterruptStatus: configuration change notification.
+const INT_CONFIG: u32 = 2;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct QueueRegs {
@@ -42,6 +44,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     queue_sel: u32,
     queues: Vec<QueueRegs>,
     config_generation: u32,
+    /// A configuration change the driver has not acknowledged yet.
+    config_changed: bool,
     active: bool,
     invalid_accesses: u64,
     log_limiter: LogLimiter,
@@ -68,6 +72,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_sel: 0,
             queues,
             config_generation: 0,
+            config_changed: false,
             active: false,
             invalid_accesses: 0,
             log_limiter: LogLimiter::new(),
@@ -86,6 +91,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     /// The wrapped device.
+    /// The device's configuration changed (a drive's capacity, after its
+    /// backing file was replaced): the next InterruptStatus read says so
+    /// and the generation moves on. The caller raises the interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_changed = true;
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
     pub fn device(&self) -> &D {
         &self.device
     }
@@ -217,11 +230,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             // transport cannot know whether a used buffer is the cause: it
             // always says so, and the driver checks its queues.
             0x60 => {
-                if self.active {
-                    INT_VRING
-                } else {
-                    0
-                }
+                let vring = if self.active { INT_VRING } else { 0 };
+                vring | if self.config_changed { INT_CONFIG } else { 0 }
             }
             0x70 => self.status,
             0xfc => self.config_generation,
@@ -270,7 +280,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 log::Level::Debug,
                 "virtio-mmio: queue notify {value} reached the VMM"
             ),
-            0x64 => {}
+            0x64 => {
+                if value & INT_CONFIG != 0 {
+                    self.config_changed = false;
+                }
+            }
             0x70 => self.write_status(value),
             0x80 | 0x84 => {
                 if let Some(q) = self.selected_queue() {
@@ -377,6 +391,21 @@ mod tests {
 
     fn wr(t: &mut MmioTransport<FakeDevice>, off: u64, v: u32) {
         t.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn a_config_change_is_reported_until_the_driver_acknowledges_it() {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mut t = MmioTransport::new(FakeDevice(record));
+        let generation = rd(&mut t, 0xfc);
+        assert_eq!(rd(&mut t, 0x60), 0);
+        t.config_changed();
+        assert_eq!(rd(&mut t, 0x60), INT_CONFIG);
+        assert_ne!(rd(&mut t, 0xfc), generation);
+        wr(&mut t, 0x64, INT_VRING);
+        assert_eq!(rd(&mut t, 0x60), INT_CONFIG, "only its own bit clears it");
+        wr(&mut t, 0x64, INT_CONFIG);
+        assert_eq!(rd(&mut t, 0x60), 0);
     }
 
     #[test]

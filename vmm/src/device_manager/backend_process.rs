@@ -189,6 +189,14 @@ impl BackendSpawner {
         Ok(stream)
     }
 
+    /// Makes `disk` the file the next backends of drive `id` get.
+    pub fn replace_disk(&self, id: &str, disk: File) {
+        self.disks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), disk);
+    }
+
     /// A listening socket for the backend, and our connection to it; the
     /// path is gone before anyone else could connect.
     fn listen(&self, id: &str) -> Result<(UnixListener, UnixStream), BackendProcessError> {

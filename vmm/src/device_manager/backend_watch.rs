@@ -187,12 +187,25 @@ impl<D: VhostUserDevice> BackendWatch<D> {
     }
 
     /// Connects a new backend and hands it the queues; returns its socket.
+    /// A backend whose configuration differs (a drive on a new file) is
+    /// announced to the guest with a configuration change interrupt.
     fn take_over(&mut self) -> Result<RawFd, String> {
         let frontend = (self.connect)()?;
         let mut transport = self.transport.lock().unwrap_or_else(|p| p.into_inner());
         let queues = transport.device_mut().queues_mut();
-        queues.reconnect(frontend).map_err(|err| err.to_string())?;
-        Ok(queues.backend_fd())
+        let changed = queues.reconnect(frontend).map_err(|err| err.to_string())?;
+        let fd = queues.backend_fd();
+        if changed {
+            log::info!(
+                "{}: its configuration changed; telling the guest",
+                self.label
+            );
+            transport.config_changed();
+            if let Some(call) = transport.device().queues().call_fds().first() {
+                let _ = call.write(1);
+            }
+        }
+        Ok(fd)
     }
 
     fn give_up(&mut self, why: &str) -> Watched {

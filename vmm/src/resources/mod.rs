@@ -61,8 +61,12 @@ pub enum ResourcesError {
     },
     #[error(transparent)]
     Serial(#[from] api_server::config::SerialError),
-    #[error("drive {id:?}: changing path_on_host (to {path}) on a running microVM is not supported by Tessera yet: the drive's backend would have to be restarted on the new file")]
-    RunningDrivePath { id: String, path: String },
+    #[error("drive {id:?}: path_on_host {path} cannot be set: the drive is served by the backend at socket {socket}, which owns its file")]
+    SocketDrivePath {
+        id: String,
+        path: String,
+        socket: String,
+    },
 }
 
 /// The top level of Firecracker's configuration file.
@@ -215,20 +219,25 @@ impl VmResources {
         self.insert_drive(next)
     }
 
-    /// Checks `PATCH /drives/{id}` on a running microVM, without touching
-    /// the host's files (the VMM thread's seccomp filter forbids that): a
-    /// new backing file is refused, an empty rate limiter changes nothing.
-    pub fn check_running_drive_update(
+    /// Checks `PATCH /drives/{id}` on a running microVM: a new backing file
+    /// is only for a drive with `path_on_host` (a `socket` drive's backend
+    /// owns its file), a rate limiter that limits anything is refused (an
+    /// empty one changes nothing). Returns the new file, if any, for the
+    /// VMM to open and to start the drive's next backend on.
+    pub fn check_running_drive_update<'u>(
         &self,
-        update: &BlockDeviceUpdate,
-    ) -> Result<(), ResourcesError> {
-        if !self.drives.iter().any(|d| d.drive_id == update.drive_id) {
-            return Err(ResourcesError::UnknownDrive(update.drive_id.clone()));
-        }
-        if let Some(path) = &update.path_on_host {
-            return Err(ResourcesError::RunningDrivePath {
+        update: &'u BlockDeviceUpdate,
+    ) -> Result<Option<&'u str>, ResourcesError> {
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| d.drive_id == update.drive_id)
+            .ok_or_else(|| ResourcesError::UnknownDrive(update.drive_id.clone()))?;
+        if let (Some(path), Some(socket)) = (&update.path_on_host, &drive.socket) {
+            return Err(ResourcesError::SocketDrivePath {
                 id: update.drive_id.clone(),
                 path: path.clone(),
+                socket: socket.clone(),
             });
         }
         if update.rate_limiter.as_ref().is_some_and(limits_anything) {
@@ -237,7 +246,15 @@ impl VmResources {
                 update.drive_id
             )));
         }
-        Ok(())
+        Ok(update.path_on_host.as_deref())
+    }
+
+    /// Records a running drive's new backing file (once its backend was
+    /// switched to it), for `GET /vm/config`.
+    pub fn set_running_drive_path(&mut self, id: &str, path: &str) {
+        if let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) {
+            drive.path_on_host = Some(path.to_string());
+        }
     }
 
     /// Checks `PATCH /network-interfaces/{id}`: it carries only rate
