@@ -70,6 +70,86 @@ pub fn compile_json_file(json: &Path, out: &Path) -> Result<(), SeccompError> {
     })
 }
 
+/// Compiles the filter of a process that starts backends (the jailer's
+/// launcher, the VMM's backend starter): kind `kind` of the JSON file
+/// `spawner`, widened by every rule of the backends' filter files
+/// `backends`, and writes the encoded programs to `out` (and the widened
+/// JSON beside it). A filter survives exec, so each backend runs under its
+/// starter's filter and its own, stacked: the starter's must allow
+/// whatever a backend may call. A syscall allowed outright by any of them
+/// is allowed outright (seccompiler would otherwise keep only the
+/// conditional rules), and the backends' `"errno"` answers stay theirs.
+/// Called from `build.rs`.
+pub fn compile_spawner_file(
+    spawner: &Path,
+    kind: &str,
+    backends: &[&Path],
+    out: &Path,
+) -> Result<(), SeccompError> {
+    let read = |path: &Path| -> Result<serde_json::Value, SeccompError> {
+        let json_error = |reason: String| SeccompError::Json {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| SeccompError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|err| json_error(err.to_string()))
+    };
+    let mut merged = read(spawner)?;
+    let rules_of = |filter: &serde_json::Value| -> Vec<serde_json::Value> {
+        filter["filter"].as_array().cloned().unwrap_or_default()
+    };
+    let mut rules = rules_of(&merged[kind]);
+    for path in backends {
+        let backend = read(path)?;
+        for filter in backend
+            .as_object()
+            .into_iter()
+            .flat_map(|kinds| kinds.values())
+        {
+            for mut rule in rules_of(filter) {
+                if let Some(rule) = rule.as_object_mut() {
+                    rule.remove("errno");
+                }
+                rules.push(rule);
+            }
+        }
+    }
+    merged[kind]["filter"] = serde_json::Value::Array(allow_outright_once(rules));
+    let json = out.with_extension("json");
+    std::fs::write(&json, merged.to_string()).map_err(|source| SeccompError::Write {
+        path: json.display().to_string(),
+        source,
+    })?;
+    compile_json_file(&json, out)
+}
+
+/// `rules` with each syscall that some rule allows outright (no args, no
+/// errno) kept once, without args: seccompiler would otherwise keep only
+/// its conditional rules.
+fn allow_outright_once(rules: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let outright: std::collections::BTreeSet<String> = rules
+        .iter()
+        .filter(|rule| rule.get("args").is_none() && rule.get("errno").is_none())
+        .filter_map(|rule| rule.get("syscall")?.as_str().map(str::to_string))
+        .collect();
+    let mut kept = std::collections::BTreeSet::new();
+    rules
+        .into_iter()
+        .filter(|rule| {
+            let Some(name) = rule.get("syscall").and_then(serde_json::Value::as_str) else {
+                return true;
+            };
+            if rule.get("errno").is_some() || !outright.contains(name) {
+                return true;
+            }
+            rule.get("args").is_none() && kept.insert(name.to_string())
+        })
+        .collect()
+}
+
 /// The filter stack of each thread kind of one binary (in install order,
 /// the kind's own program last), or none at all when seccomp is off.
 #[derive(Debug, Clone, Default)]
@@ -324,21 +404,7 @@ fn split_errno_rules(
             object.remove("args");
         }
     }
-    let unconditional: std::collections::BTreeSet<String> = rules
-        .iter()
-        .filter(|rule| rule.get("args").is_none())
-        .filter_map(|rule| rule.get("syscall")?.as_str().map(str::to_string))
-        .collect();
-    let mut kept = std::collections::BTreeSet::new();
-    rules.retain(|rule| {
-        let Some(name) = rule.get("syscall").and_then(serde_json::Value::as_str) else {
-            return true;
-        };
-        if !unconditional.contains(name) {
-            return true;
-        }
-        rule.get("args").is_none() && kept.insert(name.to_string())
-    });
+    *rules = allow_outright_once(std::mem::take(rules));
     let errno_filters = by_errno
         .into_iter()
         .map(|(errno, rules)| {

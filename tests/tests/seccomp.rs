@@ -152,16 +152,38 @@ fn every_thread_of_the_vmm_and_its_backends_is_confined() {
             "no {name} thread: {vmm:?}"
         );
     }
+    // The backend starters (one per backend binary) have their filter,
+    // and each backend runs under its starter's and its own.
     for binary in ["vhost-user-blk", "vhost-user-net"] {
+        let starter =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", vm.pid(), vm.pid()))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|pid| pid.parse::<u32>().ok())
+                .find(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| {
+                            String::from_utf8_lossy(&c).contains(&format!(
+                                "--backend-starter\0{}",
+                                workspace_bin(binary).display()
+                            ))
+                        })
+                        .unwrap_or(false)
+                })
+                .unwrap_or_else(|| panic!("no backend starter for {binary}"));
+        let threads = thread_confinement(starter);
+        assert_all_confined(&format!("the backend starter of {binary}"), &threads);
         let pid = tessera_tests::descendant_pid(vm.pid(), binary)
             .unwrap_or_else(|| panic!("no {binary}"));
         let threads = thread_confinement(pid);
         assert_all_confined(binary, &threads);
-        // Workers that served requests stacked their own filter on main's
-        // (each kind a stack of programs: its errno programs, then its own).
+        // Workers that served requests stacked their own filter on main's,
+        // on the starter's one program (each kind a stack of programs: its
+        // errno programs, then its own).
         let path = repo_root().join(format!("resources/seccomp/{binary}.json"));
         let builtin = tessera_seccomp::Filters::from_json_file(&path).unwrap();
-        let stacked = builtin.stack("main").unwrap().len() + builtin.stack("worker").unwrap().len();
+        let stacked =
+            1 + builtin.stack("main").unwrap().len() + builtin.stack("worker").unwrap().len();
         let workers: Vec<_> = threads
             .iter()
             .filter(|(n, ..)| n == "vring_worker")

@@ -9,7 +9,10 @@
 //! listening socket and, for a disk, the disk's fd), checks them as the
 //! launcher does, and starts the backend with them. It ends when the VMM
 //! closes the channel or dies (PR_SET_PDEATHSIG), and its backends with it
-//! (theirs). Under the jailer, the jailer's launcher plays this part.
+//! (theirs). It runs under its own seccomp filter
+//! (`resources/seccomp/backend-starter.json`, widened by the backends'
+//! rules since they inherit it). Under the jailer, the jailer's launcher
+//! plays this part.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -22,6 +25,10 @@ use jailer::launch::{
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+/// The starter's filter: backend-starter.json widened by the backends'
+/// rules (a backend runs under it and its own, stacked).
+const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/starter.bpf"));
 
 /// Where the starter finds its channel, and each backend its listening
 /// socket; a disk's fd follows it.
@@ -81,6 +88,14 @@ pub fn run(binary: PathBuf, no_seccomp: bool) -> i32 {
     // SAFETY: the VMM put the channel at fd 3 for this process, which owns
     // it from here on.
     let channel = unsafe { OwnedFd::from_raw_fd(CHANNEL_FD) };
+    if !no_seccomp {
+        let confined = tessera_seccomp::Filters::decode(SECCOMP_FILTERS)
+            .and_then(|filters| filters.apply("starter"));
+        if let Err(err) = confined {
+            eprintln!("tessera backend starter: {err}; not starting unconfined");
+            return 1;
+        }
+    }
     let mut starter = Starter {
         binary,
         no_seccomp,
