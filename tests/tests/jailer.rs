@@ -624,6 +624,23 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
         }
     }
 
+    // A killed backend is replaced through the launcher, jailed the same
+    // way (the old one's jail is gone, its device's jail rebuilt).
+    let old = child_pid(launcher, "vhost-user-blk").expect("the blk backend");
+    // SAFETY: kill sends SIGKILL to a backend the test's jailer started.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    vm.wait_until(Duration::from_secs(60), |_, err| {
+        err.contains("drive data_1: a new backend took over")
+    });
+    let new = child_pid(launcher, "vhost-user-blk").expect("a new blk backend");
+    assert_ne!(new, old);
+    assert_confined(
+        "vhost-user-blk",
+        new,
+        "1235",
+        &base.backend_root(&id, "vhost-user-blk", "data_1"),
+    );
+
     let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
     assert!(exited, "tessera did not exit\n{}", vm.stderr());
     let run = vm.finish();

@@ -221,7 +221,8 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
             return 1;
         }
     };
-    if let Err(err) = mounts::confine_mounts(&config.vm_dir) {
+    let view = mounts::reachable(&config.vm_dir, &[&config.blk_bin, &config.net_bin]);
+    if let Err(err) = mounts::confine_mounts(&view) {
         log(format_args!("{err}"));
         return 1;
     }
@@ -684,11 +685,17 @@ mod tests {
             other => panic!("start {STARTS} was not refused: {other:?}"),
         }
         assert!(!jails.join("true").join("one-more").exists());
-        // The launcher's own mounts are read-only but for the instance
-        // directory and the cgroup hierarchies (of the mounts stacked on
-        // one point, the last is the one seen).
+        // The launcher sees only its view: a read-only tmpfs root, the
+        // instance directory and the cgroup hierarchies writable, the
+        // rest read-only (of the mounts stacked on one point, the last is
+        // the one seen).
         let mountinfo = std::fs::read_to_string(format!("/proc/{launcher}/mountinfo")).unwrap();
         let entries = mounts::parse_mountinfo(&mountinfo);
+        let root = entries.iter().rev().find(|e| e.point == Path::new("/"));
+        assert!(
+            root.is_some_and(|r| r.fstype == "tmpfs" && r.options.split(',').any(|o| o == "ro")),
+            "{mountinfo}"
+        );
         for (at, entry) in entries.iter().enumerate() {
             if entries[at + 1..].iter().any(|e| e.point == entry.point) {
                 continue;
@@ -696,6 +703,15 @@ mod tests {
             let writable = entry.options.split(',').any(|o| o == "rw");
             let may_write = entry.point.starts_with(&jails) || entry.fstype.starts_with("cgroup");
             assert!(!writable || may_write, "the launcher may write {entry:?}");
+            let needed = entry.point == Path::new("/")
+                || entry.point.starts_with(&jails)
+                || entry.point.starts_with("/sys/fs/cgroup")
+                || entry.point.starts_with("/dev")
+                || crate::libs::LIBRARY_DIRS
+                    .iter()
+                    .any(|d| entry.point.starts_with(d))
+                || entry.point.file_name().is_some_and(|n| n == "true");
+            assert!(needed, "the launcher can reach {entry:?}");
         }
         drop(channel);
         assert_eq!(

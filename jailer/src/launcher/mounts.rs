@@ -1,18 +1,18 @@
 //! The launcher's view of the host's files: a mount namespace of its own
-//! in which every mount is read-only but the VM's instance directory
-//! (`<base>/<vmm-exe>/<id>`, where the backends' jails are built) and the
-//! cgroup hierarchies (where their cgroups are made). A compromised
-//! launcher cannot change a host file outside those; it still reads what
-//! it needs (the backend binaries and their libraries, `/dev/net/tun`).
-//! Mount propagation is made slave first, so nothing done here reaches
-//! the host; the backends' own namespaces are copies of this one.
+//! whose root is a small read-only tmpfs holding only what it needs, each
+//! at its host path: the VM's instance directory (`<base>/<vmm-exe>/<id>`,
+//! where the backends' jails are built) and the cgroup hierarchies (where
+//! their cgroups are made), writable; the backend binaries and the library
+//! directories (copied into each jail), read-only and not executable; and
+//! `/dev/net/tun` and `/dev/null`. A compromised launcher can neither
+//! change nor read any other host file. Mount propagation is made slave
+//! first, so nothing done here reaches the host; the backends' own
+//! namespaces are copies of this one.
 
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-
-use crate::chroot::ViewStep;
 
 /// Errors confining the launcher's mounts.
 #[derive(Debug, thiserror::Error)]
@@ -21,15 +21,20 @@ pub enum MountError {
     Unshare(nix::Error),
     #[error("cannot make the launcher's mounts slave: {0}")]
     Propagation(nix::Error),
-    #[error("cannot read the launcher's mount table: {0}")]
-    MountInfo(std::io::Error),
     #[error("cannot bind-mount {path} for the launcher: {errno}")]
     Bind { path: String, errno: nix::Error },
     #[error("cannot make {path} read-only for the launcher: {errno}")]
     ReadOnly { path: String, errno: nix::Error },
+    #[error("no directory to build the launcher's root in: each of {STAGING_CANDIDATES:?} is missing or on the way to a path it needs")]
+    NoStaging,
+    #[error("cannot mount the launcher's root at {path}: {errno}")]
+    Tmpfs { path: String, errno: nix::Error },
+    #[error("cannot enter the launcher's root: {0}")]
+    Pivot(crate::chroot::ChrootError),
 }
 
-/// One line of `/proc/self/mountinfo`: where, its per-mount options, the
+#[cfg(test)]
+/// One line of `/proc/self/mountinfo` (tests read the launcher's): where, its per-mount options, the
 /// file system type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
@@ -38,6 +43,7 @@ pub struct Mount {
     pub fstype: String,
 }
 
+#[cfg(test)]
 /// Undoes mountinfo's octal escapes (`\040` for a space).
 fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
@@ -62,6 +68,7 @@ fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+#[cfg(test)]
 /// Parses `/proc/self/mountinfo` text.
 pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
     text.lines()
@@ -77,64 +84,199 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-/// The flags a read-only remount keeps from `options`.
-fn remount_flags(options: &str) -> MsFlags {
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-    for option in options.split(',') {
-        flags |= match option {
-            "nosuid" => MsFlags::MS_NOSUID,
-            "nodev" => MsFlags::MS_NODEV,
-            "noexec" => MsFlags::MS_NOEXEC,
-            "noatime" => MsFlags::MS_NOATIME,
-            "nodiratime" => MsFlags::MS_NODIRATIME,
-            "relatime" => MsFlags::MS_RELATIME,
-            "strictatime" => MsFlags::MS_STRICTATIME,
-            _ => MsFlags::empty(),
-        };
-    }
-    flags
+/// How the launcher may use a path of its view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Written (the instance directory), with the mounts below it.
+    Write,
+    /// Read only, without exec, suid or devices (binaries, libraries).
+    Read,
+    /// A device node, opened but not executed (`/dev/net/tun`).
+    Device,
+    /// A symlink, made again in the view with the same target.
+    Link,
+    /// The cgroup hierarchies: each writable, the tmpfs that holds them
+    /// (cgroup v1) read-only.
+    Cgroups,
 }
 
-/// Whether the launcher keeps `mount` writable.
-fn stays_writable(mount: &Mount, writable: &Path) -> bool {
-    mount.fstype == "cgroup" || mount.fstype == "cgroup2" || mount.point.starts_with(writable)
-}
+/// Directories one of which holds the launcher's new root while it is
+/// built: a tmpfs is mounted there, in the launcher's own namespace only.
+const STAGING_CANDIDATES: &[&str] = &["/mnt", "/media", "/srv", "/opt", "/run", "/var/tmp"];
 
-/// Moves the calling process into a mount namespace of its own where only
-/// `writable` (a directory, bind-mounted on itself) and the cgroup
-/// hierarchies can be written.
-pub fn confine_mounts(writable: &Path) -> Result<(), MountError> {
-    unshare(CloneFlags::CLONE_NEWNS).map_err(MountError::Unshare)?;
-    crate::chroot::private_view_of(writable).map_err(|step| match step {
-        ViewStep::Propagation(errno) => MountError::Propagation(errno),
-        ViewStep::Bind(errno) => MountError::Bind {
-            path: writable.display().to_string(),
-            errno,
-        },
-    })?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
-    for entry in parse_mountinfo(&text) {
-        if stays_writable(&entry, writable) || entry.options.split(',').any(|o| o == "ro") {
-            continue;
+/// What the launcher needs to reach, and how: the VM's instance directory
+/// (`writable`) and the cgroup hierarchies to write, the backend binaries
+/// (`binaries`) and the library directories to read, `/dev/net/tun` and
+/// `/dev/null` to open.
+pub fn reachable(writable: &Path, binaries: &[&Path]) -> Vec<(PathBuf, Access)> {
+    let mut paths = vec![
+        (writable.to_path_buf(), Access::Write),
+        (PathBuf::from("/sys/fs/cgroup"), Access::Cgroups),
+    ];
+    paths.extend(binaries.iter().map(|b| (b.to_path_buf(), Access::Read)));
+    paths.extend(
+        crate::libs::LIBRARY_DIRS
+            .iter()
+            .map(|dir| (PathBuf::from(dir), Access::Read)),
+    );
+    paths.extend(
+        ["/dev/net/tun", "/dev/null"]
+            .iter()
+            .map(|dev| (PathBuf::from(dev), Access::Device)),
+    );
+    // Library directories may be missing, or symlinks to others (/lib ->
+    // usr/lib): what a path resolves to is bound, and a symlink is made
+    // again in the view (the ELF interpreter is /lib64/...). Resolved
+    // paths also keep a bind from ever following a link out of the view.
+    let mut resolved = Vec::new();
+    for (path, access) in paths {
+        let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        if link {
+            resolved.push((path.clone(), Access::Link));
         }
-        match mount(
-            None::<&str>,
-            &entry.point,
-            None::<&str>,
-            remount_flags(&entry.options),
-            None::<&str>,
-        ) {
-            // A mount below one already gone, or hidden under another.
-            Ok(()) | Err(nix::Error::ENOENT) => {}
-            Err(errno) => {
-                return Err(MountError::ReadOnly {
-                    path: entry.point.display().to_string(),
-                    errno,
-                })
+        match std::fs::canonicalize(&path) {
+            Ok(real) => resolved.push((real, access)),
+            Err(_) if matches!(access, Access::Write | Access::Cgroups) => {
+                resolved.push((path, access))
             }
+            Err(_) => {}
         }
     }
-    Ok(())
+    // A path already reached read-only through another (a binary in a
+    // library directory, the same binary twice) is not bound again: the
+    // first bind is read-only, so nothing can be made inside it.
+    let all = resolved.clone();
+    let mut seen = std::collections::HashSet::new();
+    resolved.retain(|(path, access)| {
+        let covered = *access == Access::Read
+            && all
+                .iter()
+                .any(|(other, a)| *a == Access::Read && other != path && path.starts_with(other));
+        !covered && seen.insert(path.clone())
+    });
+    // Links last, once what they point into is there.
+    resolved.sort_by_key(|(_, access)| *access == Access::Link);
+    resolved
+}
+
+/// A directory to build the new root in that is not on the way to any
+/// path it must hold (mounting there would hide it).
+fn staging_dir(paths: &[(PathBuf, Access)]) -> Result<PathBuf, MountError> {
+    STAGING_CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|dir| {
+            dir.is_dir()
+                && paths
+                    .iter()
+                    .all(|(path, _)| !path.starts_with(dir) && !dir.starts_with(path))
+        })
+        .ok_or(MountError::NoStaging)
+}
+
+fn bind(source: &Path, target: &Path, access: Access) -> Result<(), MountError> {
+    let bind_err = |errno| MountError::Bind {
+        path: source.display().to_string(),
+        errno,
+    };
+    let io_errno = |err: std::io::Error| nix::Error::from_raw(err.raw_os_error().unwrap_or(0));
+    if access == Access::Link {
+        if std::fs::symlink_metadata(target).is_ok() {
+            return Ok(());
+        }
+        let to = std::fs::read_link(source).map_err(|err| bind_err(io_errno(err)))?;
+        return target
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::os::unix::fs::symlink(to, target))
+            .map_err(|err| bind_err(io_errno(err)));
+    }
+    let create = if source.is_dir() {
+        std::fs::create_dir_all(target)
+    } else {
+        target
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::File::create(target).map(drop))
+    };
+    create.map_err(|err| bind_err(io_errno(err)))?;
+    let recursive = match access {
+        Access::Write | Access::Cgroups => MsFlags::MS_REC,
+        Access::Read | Access::Device | Access::Link => MsFlags::empty(),
+    };
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | recursive,
+        None::<&str>,
+    )
+    .map_err(bind_err)?;
+    let read_only = match access {
+        Access::Write | Access::Link => return Ok(()),
+        Access::Cgroups => {
+            let holder = nix::sys::statfs::statfs(target)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+            if !holder {
+                return Ok(());
+            }
+            MsFlags::MS_NOEXEC | MsFlags::MS_NOSUID | MsFlags::MS_NODEV
+        }
+        Access::Read => MsFlags::MS_NOEXEC | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Access::Device => MsFlags::MS_NOEXEC | MsFlags::MS_NOSUID,
+    };
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | read_only,
+        None::<&str>,
+    )
+    .map_err(|errno| MountError::ReadOnly {
+        path: source.display().to_string(),
+        errno,
+    })
+}
+
+/// Moves the calling process into a mount namespace of its own whose root
+/// is a read-only tmpfs holding only `paths`, each at its own path and
+/// with its access; the rest of the host's tree is gone.
+pub fn confine_mounts(paths: &[(PathBuf, Access)]) -> Result<(), MountError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(MountError::Unshare)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(MountError::Propagation)?;
+    let root = staging_dir(paths)?;
+    let tmpfs_err = |errno| MountError::Tmpfs {
+        path: root.display().to_string(),
+        errno,
+    };
+    mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755,size=1m"),
+    )
+    .map_err(tmpfs_err)?;
+    for (path, access) in paths {
+        let inside = root.join(path.strip_prefix("/").unwrap_or(path));
+        bind(path, &inside, *access)?;
+    }
+    crate::chroot::pivot_into(&root).map_err(MountError::Pivot)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID,
+        None::<&str>,
+    )
+    .map_err(tmpfs_err)
 }
 
 #[cfg(test)]
@@ -157,20 +299,20 @@ mod tests {
         assert_eq!(mounts[1].options, "rw,nosuid,nodev,noexec,relatime");
         assert_eq!(mounts[2].fstype, "cgroup");
         assert_eq!(mounts[4].point, PathBuf::from("/srv/with space"));
-        let writable = Path::new("/srv/jailer/tessera/vm");
-        let kept: Vec<bool> = mounts.iter().map(|m| stays_writable(m, writable)).collect();
-        assert_eq!(kept, [false, false, true, true, false]);
-        assert!(stays_writable(
-            &Mount {
-                point: writable.join("root"),
-                options: "rw".into(),
-                fstype: "ext4".into()
-            },
-            writable
-        ));
-        let flags = remount_flags(&mounts[1].options);
-        assert!(flags.contains(
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
-        ));
+    }
+
+    #[test]
+    fn the_view_holds_what_the_launcher_needs_and_is_built_away_from_it() {
+        let vm_dir = Path::new("/srv/jailer/tessera/vm");
+        let paths = reachable(vm_dir, &[Path::new("/proc/self/exe")]);
+        assert_eq!(paths[0], (vm_dir.to_path_buf(), Access::Write));
+        assert!(paths.contains(&(PathBuf::from("/sys/fs/cgroup"), Access::Cgroups)));
+        assert!(paths.contains(&(PathBuf::from("/dev/null"), Access::Device)));
+        assert!(paths
+            .iter()
+            .any(|(p, a)| p.starts_with("/usr/lib") && *a == Access::Read));
+        // Not /srv: the instance directory is below it.
+        let staging = staging_dir(&[(vm_dir.to_path_buf(), Access::Write)]).unwrap();
+        assert!(!vm_dir.starts_with(&staging), "{}", staging.display());
     }
 }
