@@ -1,7 +1,9 @@
 //! vhost-user-net's frame path on chains a hostile guest laid out: TX
 //! chains are sent (gathered straight from guest memory) to a socket that
 //! stands in for the TAP, and RX chains are checked and filled from it,
-//! with and without mergeable buffers, as the backend's workers do.
+//! with and without mergeable buffers, as the backend's workers do: at
+//! most `MAX_TX_PER_EVENT` chains per run, as a worker per event (a used
+//! ring laid over the avail index posts a chain per completion).
 #![no_main]
 
 use std::os::fd::AsRawFd;
@@ -10,6 +12,7 @@ use std::os::unix::net::UnixDatagram;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
+use vhost_user_net::backend::MAX_TX_PER_EVENT;
 use vhost_user_net::frame::{check_rx_chain, receive_into, transmit, Received};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
@@ -33,7 +36,10 @@ fuzz_target!(|input: Input| {
     let _ = tap.set_nonblocking(true);
     let _ = peer.set_nonblocking(true);
     if !input.rx {
-        while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+        for _ in 0..MAX_TX_PER_EVENT {
+            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
             let head = chain.head_index();
             let descriptors: Vec<Descriptor> = chain.collect();
             let _ = transmit(&descriptors, &mem, tap.as_raw_fd());
@@ -42,7 +48,10 @@ fuzz_target!(|input: Input| {
         return;
     }
     let mut chains = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(&mem) {
+    for _ in 0..MAX_TX_PER_EVENT {
+        let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            break;
+        };
         let head = chain.head_index();
         let descriptors: Vec<Descriptor> = chain.collect();
         match check_rx_chain(head, &descriptors, &mem) {

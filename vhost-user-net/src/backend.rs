@@ -40,7 +40,7 @@ const CONFIG_LEN: usize = 12;
 /// look at its other events (its exit event among them) and kicks itself
 /// to come back: a guest whose used ring overlaps its avail index (each
 /// completion then posts a frame) must not keep a worker from stopping.
-const MAX_TX_PER_EVENT: usize = 1024;
+pub const MAX_TX_PER_EVENT: usize = 1024;
 
 /// Settings of the device.
 #[derive(Debug, Clone)]
