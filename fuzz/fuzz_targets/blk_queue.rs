@@ -2,9 +2,13 @@
 //! real backend's event handler (descriptor chains, the request parser and
 //! planner, the I/O engine, the used ring) over guest memory from the
 //! input, on a small memfd disk. A hang here is a guest spinning a worker.
+//! Optionally the frontend hands over an inflight region in which an
+//! earlier backend left requests in flight (any heads, counters and used
+//! index): the worker resubmits them before taking new ones.
 #![no_main]
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
@@ -23,6 +27,40 @@ struct Input {
     read_only: bool,
     disk_sectors: u8,
     features: u64,
+    left_in_flight: Option<LeftInFlight>,
+}
+
+/// What an earlier backend left in queue 0's part of the inflight region
+/// (QEMU's layout: a 16-byte header, then 16 bytes per descriptor).
+#[derive(Arbitrary, Debug)]
+struct LeftInFlight {
+    version: u16,
+    last_batch_head: u16,
+    used_idx: u16,
+    /// (head, counter): marked in flight.
+    marks: Vec<(u8, u64)>,
+}
+
+/// Hands `backend` a region holding `left` (as SET_INFLIGHT_FD would).
+fn hand_over(backend: &BlockBackend, left: &LeftInFlight) {
+    let asked = vhost::vhost_user::message::VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: 256,
+    };
+    let Ok((region, file)) = backend.get_inflight_fd(&asked) else {
+        return;
+    };
+    let _ = file.write_all_at(&left.version.to_le_bytes(), 8);
+    let _ = file.write_all_at(&left.last_batch_head.to_le_bytes(), 12);
+    let _ = file.write_all_at(&left.used_idx.to_le_bytes(), 14);
+    for (head, counter) in &left.marks {
+        let at = 16 + u64::from(*head) * 16;
+        let _ = file.write_all_at(&[1], at);
+        let _ = file.write_all_at(&counter.to_le_bytes(), at + 8);
+    }
+    let _ = backend.set_inflight_fd(&region, file);
 }
 
 fn memfd_disk(sectors: u64, read_only: bool) -> Option<Disk> {
@@ -59,6 +97,9 @@ fuzz_target!(|input: Input| {
         return;
     };
     backend.acked_features(input.features);
+    if let Some(left) = &input.left_in_flight {
+        hand_over(&backend, left);
+    }
     backend.set_event_idx(input.ring.event_idx);
     let Ok(vring) = VringRwLock::<GuestMemoryAtomic<GuestMemoryMmap>>::new(mem, 256) else {
         return;
