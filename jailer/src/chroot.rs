@@ -61,11 +61,9 @@ pub enum ViewStep {
     Bind(nix::Error),
 }
 
-/// In the caller's own mount namespace: stops mount events propagating back
-/// to the host (`/` becomes a recursive slave) and bind-mounts `dir` on
-/// itself, so that it is a mount point of its own (for `pivot_root`, or to
-/// be left writable under a read-only view).
-pub fn private_view_of(dir: &Path) -> Result<(), ViewStep> {
+/// In the caller's own mount namespace: makes `/` a recursive slave, so
+/// that no mount made here reaches the host.
+pub fn stop_propagation() -> nix::Result<()> {
     mount(
         None::<&str>,
         "/",
@@ -73,7 +71,14 @@ pub fn private_view_of(dir: &Path) -> Result<(), ViewStep> {
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(ViewStep::Propagation)?;
+}
+
+/// In the caller's own mount namespace: stops mount events propagating back
+/// to the host (`/` becomes a recursive slave) and bind-mounts `dir` on
+/// itself, so that it is a mount point of its own (for `pivot_root`, or to
+/// be left writable under a read-only view).
+pub fn private_view_of(dir: &Path) -> Result<(), ViewStep> {
+    stop_propagation().map_err(ViewStep::Propagation)?;
     mount(
         Some(dir),
         dir,

@@ -436,9 +436,18 @@ pub fn probe_cmdline(extra: &str) -> String {
     format!("console=ttyS0 {extra}").trim().to_string()
 }
 
-/// The pid of a child of `parent` whose command line contains `needle`,
-/// waiting up to 10 s for it to appear.
-pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
+/// The parent of process `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|ppid| ppid.parse().ok())
+}
+
+/// The first process for which `wanted(pid, command line)` holds (the
+/// command line's NULs as spaces), waiting up to 10 s for one to appear.
+fn find_process(wanted: impl Fn(u32, &str) -> bool) -> Option<u32> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         for entry in std::fs::read_dir("/proc").ok()?.flatten() {
@@ -449,15 +458,8 @@ pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
             else {
                 continue;
             };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit(')')
-                .next()
-                .and_then(|rest| rest.split_whitespace().nth(1));
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if ppid == Some(&parent.to_string())
-                && String::from_utf8_lossy(&cmdline).contains(needle)
-            {
+            if wanted(pid, &String::from_utf8_lossy(&cmdline).replace('\0', " ")) {
                 return Some(pid);
             }
         }
@@ -466,38 +468,21 @@ pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
     None
 }
 
+/// The pid of a child of `parent` whose command line contains `needle`,
+/// waiting up to 10 s for it to appear.
+pub fn child_pid(parent: u32, needle: &str) -> Option<u32> {
+    find_process(|pid, cmdline| parent_of(pid) == Some(parent) && cmdline.contains(needle))
+}
+
 /// The pid of a process below `ancestor` (a child, or a child's child: a
 /// VMM's backends are children of its backend starter) whose command line
 /// contains `needle`; waits up to 10 s for it to appear.
 pub fn descendant_pid(ancestor: u32, needle: &str) -> Option<u32> {
-    let parent_of = |pid: u32| -> Option<u32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|ppid| ppid.parse().ok())
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let below = parent_of(pid)
-                .is_some_and(|parent| parent == ancestor || parent_of(parent) == Some(ancestor));
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if below && cmdline.contains(needle) && !cmdline.contains("--backend-starter") {
-                return Some(pid);
-            }
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    None
+    find_process(|pid, cmdline| {
+        let below = parent_of(pid)
+            .is_some_and(|parent| parent == ancestor || parent_of(parent) == Some(ancestor));
+        below && cmdline.contains(needle) && !cmdline.contains("--backend-starter")
+    })
 }
 
 /// Whether a test that needs something a host may lack can run here: true

@@ -104,6 +104,23 @@ impl VhostUserQueues {
         self.frontend.hang_up();
     }
 
+    /// A call to the backend for the device `label` ("drive d") failed: a
+    /// lost connection waits for the backend monitor (a new backend, or
+    /// the device given up); a refusal is logged (rate-limited).
+    pub fn call_failed(&mut self, label: &str, what: &str, err: FrontendError) {
+        if err.is_disconnect() {
+            if self.connected {
+                log::warn!("{label}: the backend is gone ({what}): {err}; waiting for a new one");
+            }
+            self.connected = false;
+        } else {
+            crate::guest_log_here!(
+                log::Level::Warn,
+                "{label}: the backend refused the {what}: {err}"
+            );
+        }
+    }
+
     /// The backend is gone: until [`Self::reconnect`], nothing is sent to
     /// it, and what the guest does is kept for the next one.
     pub fn disconnected(&mut self) {

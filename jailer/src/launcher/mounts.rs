@@ -243,14 +243,7 @@ fn bind(source: &Path, target: &Path, access: Access) -> Result<(), MountError> 
 /// with its access; the rest of the host's tree is gone.
 pub fn confine_mounts(paths: &[(PathBuf, Access)]) -> Result<(), MountError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(MountError::Unshare)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(MountError::Propagation)?;
+    crate::chroot::stop_propagation().map_err(MountError::Propagation)?;
     let root = staging_dir(paths)?;
     let tmpfs_err = |errno| MountError::Tmpfs {
         path: root.display().to_string(),

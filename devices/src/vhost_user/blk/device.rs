@@ -81,24 +81,9 @@ impl VhostUserBlock {
         })
     }
 
-    /// A backend call failed: a lost connection waits for the backend
-    /// monitor (a new backend, or the disk given up); a refusal is logged.
     fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        if err.is_disconnect() {
-            if self.queues.is_connected() {
-                log::warn!(
-                    "drive {}: the backend is gone ({what}): {err}; waiting for a new one",
-                    self.id
-                );
-            }
-            self.queues.disconnected();
-        } else {
-            crate::guest_log_here!(
-                log::Level::Warn,
-                "drive {}: the backend refused the {what}: {err}",
-                self.id
-            );
-        }
+        let label = format!("drive {}", self.id);
+        self.queues.call_failed(&label, what, err);
     }
 
     /// The backend is gone: from now on the VMM completes every request on

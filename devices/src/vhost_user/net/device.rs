@@ -210,25 +210,9 @@ impl VhostUserNet {
         }
     }
 
-    /// A backend call failed: a lost connection waits for the backend
-    /// monitor (a new backend, or the interface given up); a refusal is
-    /// logged.
     fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        if err.is_disconnect() {
-            if self.queues.is_connected() {
-                log::warn!(
-                    "interface {}: the backend is gone ({what}): {err}; waiting for a new one",
-                    self.id
-                );
-            }
-            self.queues.disconnected();
-        } else {
-            crate::guest_log_here!(
-                log::Level::Warn,
-                "interface {}: the backend refused the {what}: {err}",
-                self.id
-            );
-        }
+        let label = format!("interface {}", self.id);
+        self.queues.call_failed(&label, what, err);
     }
 }
 
