@@ -43,6 +43,17 @@ fn assert_probe_saw(run: &RunOutput, vcpus: u8, mem_mib: usize) {
         "tessera should log the i8042 reset\n{}",
         run.describe()
     );
+    // Every vCPU leaves the guest before its memory goes: none re-enters
+    // and faults on unmapped memory.
+    assert!(!run.stderr.contains("KVM_RUN failed"), "{}", run.describe());
+    for vcpu in 0..vcpus {
+        assert!(
+            run.stderr
+                .contains(&format!("vCPU {vcpu} stopped: the VMM is ending")),
+            "{}",
+            run.describe()
+        );
+    }
 }
 
 #[test]

@@ -141,7 +141,8 @@ pub enum RuntimeError {
     DriveGivenUp(String),
 }
 
-/// A running microVM.
+/// A running microVM. Its vCPUs are stopped before the guest memory and
+/// the VM go (see the `Drop` impl).
 pub struct Vmm {
     // Guest memory must outlive the VM's memory slots and the vCPU threads.
     _guest_memory: GuestMemoryMmap,
@@ -176,9 +177,19 @@ impl Vmm {
                 .unwrap_or_else(|p| p.into_inner())
                 .exit_code();
             if let Some(code) = code {
+                self.stop_vcpus();
                 return code;
             }
             after_events(self);
+        }
+    }
+
+    /// Takes every vCPU out of the guest for good and joins its thread.
+    fn stop_vcpus(&mut self) {
+        for vcpu in self.vcpus.drain(..) {
+            if let Err(err) = vcpu.stop(VCPU_ACK_TIMEOUT) {
+                log::error!("{err}");
+            }
         }
     }
 
@@ -323,6 +334,12 @@ impl Vmm {
             ));
         }
         counters
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
     }
 }
 
@@ -506,9 +523,12 @@ pub fn build_microvm(
     let pio_bus = Arc::new(legacy.pio_bus);
     let mmio_bus = Arc::new(legacy.mmio_bus);
 
-    let supported_cpuid = kvm
+    let mut supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(StartMicrovmError::SupportedCpuid)?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        crate::arch::cpuid::announce_tsc_deadline(&mut supported_cpuid);
+    }
     let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
     for index in 0..machine.vcpu_count {
         let vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;

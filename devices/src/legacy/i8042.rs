@@ -157,16 +157,26 @@ impl I8042 {
         }
     }
 
-    fn data(&mut self, value: u8) {
+    /// A write to the data port; returns whether the keyboard answered
+    /// (a byte the guest expects through IRQ 1, as Linux's keyboard probe
+    /// does).
+    fn data(&mut self, value: u8) -> bool {
         match self.pending_command.take() {
             Some(CMD_WRITE_CTR) => self.control = value,
             Some(CMD_WRITE_OUTP) => self.output_port = value,
-            Some(CMD_WRITE_KBD_OUTBUF) => self.push(value),
+            Some(CMD_WRITE_KBD_OUTBUF) => {
+                self.push(value);
+                return true;
+            }
             // There is no mouse: swallow bytes meant for it.
             Some(CMD_WRITE_AUX) => {}
             // A command for the keyboard itself: acknowledge it.
-            _ => self.push(KBD_ACK),
+            _ => {
+                self.push(KBD_ACK);
+                return true;
+            }
         }
+        false
     }
 }
 
@@ -207,7 +217,11 @@ impl BusDevice for I8042 {
             }
             DATA_OFFSET => {
                 self.status &= !SB_I8042_CMD_DATA;
-                self.data(*value);
+                if self.data(*value) {
+                    if let Err(err) = self.raise_kbd_irq() {
+                        crate::guest_log_here!(log::Level::Warn, "i8042: {err}");
+                    }
+                }
             }
             _ => self.counters.missed_write_count += 1,
         }
@@ -259,6 +273,19 @@ mod tests {
         assert_eq!(got, CTRL_ALT_DEL);
         // Each read that left bytes behind raised the interrupt again.
         assert_eq!(irq.read().unwrap(), 3);
+    }
+
+    #[test]
+    fn the_keyboard_acknowledges_a_command_with_an_interrupt() {
+        let (mut dev, _, irq) = device();
+        dev.write(DATA_OFFSET, &[0xf2]); // ATKBD_CMD_GETID
+        assert_eq!(irq.read().unwrap(), 1, "no IRQ 1 for the ACK");
+        assert_eq!(read(&mut dev, DATA_OFFSET), KBD_ACK);
+        // With the keyboard interrupt off in the control byte, none.
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        dev.write(DATA_OFFSET, &[CB_POST_OK]);
+        dev.write(DATA_OFFSET, &[0xf2]);
+        assert!(irq.read().is_err());
     }
 
     #[test]

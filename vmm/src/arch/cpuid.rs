@@ -57,6 +57,18 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> core::arch::x86_64::CpuidResult {
     core::arch::x86_64::__cpuid_count(leaf, subleaf)
 }
 
+/// Tells the guest it has a TSC-deadline timer (CPUID.1:ECX bit 24), which
+/// KVM emulates when it has `KVM_CAP_TSC_DEADLINE_TIMER` but leaves out of
+/// `KVM_GET_SUPPORTED_CPUID`, as Firecracker does. Without it Linux keeps
+/// the PIT and calibrates the APIC timer against it at every boot.
+pub fn announce_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// Adjusts KVM's supported CPUID for one vCPU of this VM.
 pub fn normalize(cpuid: &mut CpuId, topo: Topology) -> Result<(), CpuidError> {
     let is_amd = {
@@ -238,6 +250,19 @@ mod tests {
         assert!(cpuid.as_slice().iter().all(|e| e.function != 0x1f));
         let core = find(&cpuid, LEAF_EXT_TOPOLOGY, 1);
         assert_eq!((core.eax, core.ebx), (0, 1));
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_announced_and_kept() {
+        let mut cpuid = CpuId::from_entries(&[entry(0, 0), entry(LEAF_FEATURES, 0)]).unwrap();
+        announce_tsc_deadline(&mut cpuid);
+        let topo = Topology {
+            cpu_index: 0,
+            cpu_count: 1,
+            threads_per_core: 1,
+        };
+        normalize(&mut cpuid, topo).unwrap();
+        assert_ne!(find(&cpuid, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]

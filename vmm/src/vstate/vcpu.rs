@@ -139,6 +139,40 @@ impl VcpuHandle {
     }
 }
 
+impl VcpuHandle {
+    /// Ends the vCPU and waits for its thread: it must be out of KVM_RUN
+    /// for good before guest memory is unmapped, or it re-enters the guest
+    /// and faults on the missing memory.
+    pub fn stop(self, timeout: Duration) -> Result<(), VcpuError> {
+        let Self {
+            index,
+            thread,
+            events,
+            responses,
+        } = self;
+        // A closed event channel is the vCPU's signal to end; its thread
+        // ending closes the response channel.
+        drop(events);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let _ = thread.kill(SIGRTMIN());
+            match responses.recv_timeout(Duration::from_millis(1)) {
+                Err(RecvTimeoutError::Disconnected) => break,
+                _ if Instant::now() >= deadline => {
+                    return Err(VcpuError::Unresponsive {
+                        index,
+                        what: "a stop",
+                        timeout,
+                    })
+                }
+                _ => {}
+            }
+        }
+        let _ = thread.join();
+        Ok(())
+    }
+}
+
 /// Why a vCPU stopped running the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VcpuStop {
