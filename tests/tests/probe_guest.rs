@@ -233,3 +233,39 @@ fn terminal_input_reaches_the_guest_uart() {
     assert_eq!(run.code(), 0, "{}", run.describe());
     assert_eq!(run.probe_report()["input"], "hello", "{}", run.describe());
 }
+
+/// The `kB` of `field` summed over the process's mappings.
+fn smaps_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn guest_ram_without_backends_is_private_and_on_huge_pages() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !tessera_tests::can_run(
+        thp.contains("[always]") || thp.contains("[madvise]"),
+        "transparent huge pages are off on this host",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config =
+        VmConfig::new(guest_artifacts().probe(), &probe_cmdline("probe.ticks=0")).mem_mib(256);
+    let mut vm = Running::spawn(tessera_command(&config, dir.path(), &[]));
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.tick=2"));
+    let huge = smaps_kb(vm.pid(), "AnonHugePages:");
+    let shared = smaps_kb(vm.pid(), "Shmem:");
+    let run = vm.finish();
+    assert!(huge >= 2048, "AnonHugePages {huge} kB\n{}", run.describe());
+    assert!(
+        shared < 2048,
+        "Shmem {shared} kB: guest RAM is shared\n{}",
+        run.describe()
+    );
+}

@@ -410,7 +410,14 @@ pub fn build_microvm(
         });
     }
     let mem_size = (machine.mem_size_mib as u64) << 20;
-    let guest_memory = memory::create_guest_memory(machine.mem_size_mib, machine.huge_pages)?;
+    // Backends map guest RAM only when there are devices for them.
+    let sharing = if resources.drives.is_empty() && resources.network_interfaces.is_empty() {
+        memory::Sharing::Private
+    } else {
+        memory::Sharing::Shared
+    };
+    let guest_memory =
+        memory::create_guest_memory(machine.mem_size_mib, machine.huge_pages, sharing)?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
 

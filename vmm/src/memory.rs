@@ -1,4 +1,10 @@
-//! Guest RAM, backed by a memfd so that vhost-user backends can map it.
+//! Guest RAM: backed by a memfd when vhost-user backends must map it,
+//! private anonymous memory otherwise (as Firecracker), and in both cases
+//! advised for transparent huge pages: guest RAM on 4 KiB pages costs a
+//! nested page fault per 4 KiB the guest touches. Private memory gets them
+//! whenever the host's THP setting is `always` or `madvise`; shared memory
+//! only where `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows
+//! (`advise` or `always`), or with `huge_pages: "2M"` (hugetlbfs).
 
 use std::fs::File;
 
@@ -36,11 +42,22 @@ pub fn host_memory_mib() -> Option<u64> {
     Some((field("MemTotal:")? + field("SwapTotal:").unwrap_or(0)) >> 10)
 }
 
-/// Creates `mem_size_mib` MiB of guest RAM laid out around the MMIO hole,
-/// all regions backed by one memfd at matching file offsets.
+/// Who maps guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Vhost-user backends map it too: one memfd.
+    Shared,
+    /// Only this process: private anonymous memory.
+    Private,
+}
+
+/// Creates `mem_size_mib` MiB of guest RAM laid out around the MMIO hole;
+/// shared RAM is one memfd, at matching file offsets (hugetlbfs always
+/// is).
 pub fn create_guest_memory(
     mem_size_mib: usize,
     huge_pages: HugePageConfig,
+    sharing: Sharing,
 ) -> Result<GuestMemoryMmap, MemoryError> {
     if let Some(host) = host_memory_mib() {
         if mem_size_mib as u64 > host {
@@ -49,6 +66,20 @@ pub fn create_guest_memory(
                 host,
             });
         }
+    }
+    let size = (mem_size_mib as u64) << 20;
+    let map_err = |reason: String| MemoryError::Map {
+        size_mib: mem_size_mib,
+        reason,
+    };
+    if sharing == Sharing::Private && huge_pages != HugePageConfig::Hugetlbfs2M {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
+            .into_iter()
+            .map(|(addr, len)| (GuestAddress(addr), len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|err| map_err(err.to_string()))?;
+        advise_huge_pages(&mem);
+        return Ok(mem);
     }
     let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
     if huge_pages == HugePageConfig::Hugetlbfs2M {
@@ -59,7 +90,6 @@ pub fn create_guest_memory(
     }
     let fd = memfd_create(c"tessera-guest-ram", flags).map_err(MemoryError::Memfd)?;
     let file = File::from(fd);
-    let size = (mem_size_mib as u64) << 20;
     file.set_len(size).map_err(|source| MemoryError::Resize {
         size_mib: mem_size_mib,
         source,
@@ -78,22 +108,17 @@ pub fn create_guest_memory(
             Ok(region)
         })
         .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|err| MemoryError::Map {
-            size_mib: mem_size_mib,
-            reason: err.to_string(),
-        })?;
-    let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| MemoryError::Map {
-        size_mib: mem_size_mib,
-        reason: err.to_string(),
-    })?;
-    if huge_pages == HugePageConfig::Transparent {
+        .map_err(|err| map_err(err.to_string()))?;
+    let mem =
+        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| map_err(err.to_string()))?;
+    if huge_pages != HugePageConfig::Hugetlbfs2M {
         advise_huge_pages(&mem);
     }
     Ok(mem)
 }
 
 /// Asks for transparent huge pages on every region; a host that refuses
-/// still runs the guest, on small pages.
+/// (THP `never`) still runs the guest, on small pages.
 fn advise_huge_pages(mem: &GuestMemoryMmap) {
     for region in mem.iter() {
         // SAFETY: the range is exactly one live mapping owned by `mem`;
@@ -121,7 +146,7 @@ mod tests {
 
     #[test]
     fn memory_above_the_hole_is_one_file() {
-        let mem = create_guest_memory(3584, HugePageConfig::None).unwrap();
+        let mem = create_guest_memory(3584, HugePageConfig::None, Sharing::Shared).unwrap();
         let regions: Vec<_> = mem
             .iter()
             .map(|r| (r.start_addr().0, r.len(), r.file_offset().unwrap().start()))
@@ -146,7 +171,7 @@ mod tests {
 
     #[test]
     fn refuses_more_than_the_host_has() {
-        let err = create_guest_memory(1 << 40, HugePageConfig::None).unwrap_err();
+        let err = create_guest_memory(1 << 40, HugePageConfig::None, Sharing::Shared).unwrap_err();
         assert!(matches!(err, MemoryError::MoreThanHost { .. }), "{err}");
     }
 }
