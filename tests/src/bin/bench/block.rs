@@ -1,13 +1,16 @@
-//! The block benchmark: libblkio drives our `vhost-user-blk` and QEMU's
-//! `qemu-storage-daemon` side by side on the same file, page-cached and with
-//! O_DIRECT, beside fio with io_uring on the host file. The frontend runs
+//! The block benchmark: libblkio drives our `vhost-user-blk`, Cloud
+//! Hypervisor's `vhost_user_block` (from `../shared/peers/`, when there)
+//! and QEMU's `qemu-storage-daemon` side by side on the same file: on ext4
+//! page-cached and with O_DIRECT, and on tmpfs; beside fio with io_uring on
+//! the host file. The frontend runs
 //! on CPU 0 and every backend thread on CPU 1, as in the reference
 //! figures. The `-4q` cells use 4 queues (`--queues 4`, qemu-storage-daemon's
 //! `num-queues=4`) with one frontend thread per queue, and fio `numjobs=4`.
 //!
 //! For comparisons while working on the backend: `TESSERA_BENCH_BLOCK_ONLY`
 //! (a substring of `<workload>-cached` or `<workload>-direct`),
-//! `TESSERA_BENCH_BLOCK_KINDS` (`tessera`, `qemu-storage-daemon`; skips fio),
+//! `TESSERA_BENCH_BLOCK_KINDS` (`tessera`, `cloud-hypervisor`,
+//! `qemu-storage-daemon`; skips fio),
 //! `TESSERA_BENCH_BLK_BIN` (another `vhost-user-blk` build) and
 //! `TESSERA_BENCH_BLK_ARGS` (extra backend arguments).
 
@@ -126,6 +129,11 @@ fn on_backend_cpu(program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
+/// Cloud Hypervisor's vhost-user-blk backend among the peers' binaries.
+fn ch_block_backend() -> PathBuf {
+    tessera_tests::repo_root().join("../shared/peers/vhost_user_block")
+}
+
 /// A backend under test, serving `image` on `socket`.
 fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: usize) -> Running {
     let mut command = match kind {
@@ -143,6 +151,15 @@ fn start_backend(kind: &str, image: &Path, socket: &Path, direct: bool, queues: 
             if direct {
                 c.arg("--direct");
             }
+            c
+        }
+        "cloud-hypervisor" => {
+            let mut c = on_backend_cpu(ch_block_backend());
+            c.arg("--block-backend").arg(format!(
+                "path={},socket={},num_queues={queues},queue_size=256,direct={direct}",
+                image.display(),
+                socket.display()
+            ));
             c
         }
         _ => {
@@ -371,28 +388,49 @@ fn through_tessera(runs: usize, mib: u64) -> Value {
 
 /// The whole block report.
 pub fn bench_block(runs: usize) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image: PathBuf = dir.path().join("bench.img");
-    std::fs::write(&image, vec![0x5au8; (IMAGE_MIB << 20) as usize]).expect("image");
+    let ext4 = tempfile::tempdir().expect("tempdir");
+    let tmpfs = tempfile::tempdir_in("/dev/shm").ok();
+    let mut images = vec![("ext4", ext4.path().join("bench.img"))];
+    if let Some(dir) = &tmpfs {
+        images.push(("tmpfs", dir.path().join("bench.img")));
+    }
+    for (_, image) in &images {
+        std::fs::write(image, vec![0x5au8; (IMAGE_MIB << 20) as usize]).expect("image");
+    }
     let have_qsd = Command::new("qemu-storage-daemon")
         .arg("--version")
         .output()
         .is_ok();
+    let have_ch = ch_block_backend().is_file();
     let have_fio = Command::new("fio").arg("--version").output().is_ok();
     // TESSERA_BENCH_BLOCK_ONLY=substring keeps the cells whose name
     // (workload, then "-direct" or "-cached") contains it.
     let only = std::env::var("TESSERA_BENCH_BLOCK_ONLY").unwrap_or_default();
     let mut rows = Vec::new();
-    for direct in [false, true] {
+    // tmpfs has no O_DIRECT.
+    let cases = images
+        .iter()
+        .flat_map(|(fs, image)| [(fs, image, false), (fs, image, true)])
+        .filter(|(fs, _, direct)| !(*direct && **fs == "tmpfs"));
+    for (fs, image, direct) in cases {
+        let image = image.as_path();
         for w in WORKLOADS {
-            let label = format!("{}-{}", w.name, if direct { "direct" } else { "cached" });
+            let label = format!(
+                "{}-{}-{fs}",
+                w.name,
+                if direct { "direct" } else { "cached" }
+            );
             if !label.contains(only.as_str()) {
                 continue;
             }
-            let mut cell = json!({"workload": w.name, "o_direct": direct, "block_bytes": w.block, "queue_depth": w.depth, "queues": w.queues});
-            let kinds: Vec<&str> = ["tessera", "qemu-storage-daemon"]
+            let mut cell = json!({"workload": w.name, "filesystem": fs, "o_direct": direct, "block_bytes": w.block, "queue_depth": w.depth, "queues": w.queues});
+            let kinds: Vec<&str> = ["tessera", "cloud-hypervisor", "qemu-storage-daemon"]
                 .into_iter()
-                .filter(|k| *k == "tessera" || have_qsd)
+                .filter(|k| match *k {
+                    "tessera" => true,
+                    "cloud-hypervisor" => have_ch,
+                    _ => have_qsd,
+                })
                 .filter(|k| {
                     std::env::var("TESSERA_BENCH_BLOCK_KINDS").map_or(true, |v| v.contains(k))
                 })
@@ -410,12 +448,20 @@ pub fn bench_block(runs: usize) -> Value {
                 }
             }
             let mut ours_median = 0.0;
+            let mut medians = Vec::new();
             for (kind, (iops, cpu)) in kinds.iter().zip(samples) {
                 let s = summary(iops);
+                let median = s["median"].as_f64().unwrap_or(0.0);
                 if *kind == "tessera" {
-                    ours_median = s["median"].as_f64().unwrap_or(0.0);
+                    ours_median = median;
                 }
+                medians.push((*kind, median));
                 cell[*kind] = json!({"iops": s, "backend_cpu_seconds_per_gib": summary(cpu)});
+            }
+            for (kind, median) in medians {
+                if kind != "tessera" && median > 0.0 {
+                    cell[format!("tessera_vs_{kind}")] = json!(ours_median / median);
+                }
             }
             if have_fio && std::env::var_os("TESSERA_BENCH_BLOCK_KINDS").is_none() {
                 let host: Vec<f64> = (0..runs)
@@ -438,6 +484,8 @@ pub fn bench_block(runs: usize) -> Value {
         "seconds_per_run": SECONDS,
         "runs": runs,
         "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), CPU 0; each backend started under taskset -c 1 (all its threads on CPU 1)",
+        "backends": "tessera's vhost-user-blk (default engine), Cloud Hypervisor's vhost_user_block (queue_size=256), qemu-storage-daemon (aio=io_uring)",
+        "filesystems": "ext4 (this host's root file system, page-cached or O_DIRECT) and tmpfs (/dev/shm)",
         "order": "runs alternate between the backends; O_DIRECT runs start with the image's page cache written back and dropped",
         "load_average_after": load.trim(),
         "rows": rows,
