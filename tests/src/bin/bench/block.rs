@@ -442,7 +442,7 @@ pub fn bench_block(runs: usize) -> Value {
             for run in 0..runs {
                 for i in 0..kinds.len() {
                     let k = if run % 2 == 0 { i } else { kinds.len() - 1 - i };
-                    let (iops, cpu) = run_backend(kinds[k], &image, direct, w);
+                    let (iops, cpu) = run_backend(kinds[k], image, direct, w);
                     samples[k].0.push(iops);
                     samples[k].1.push(cpu);
                 }
