@@ -465,7 +465,7 @@ pub fn bench_block(runs: usize) -> Value {
             }
             if have_fio && std::env::var_os("TESSERA_BENCH_BLOCK_KINDS").is_none() {
                 let host: Vec<f64> = (0..runs)
-                    .filter_map(|_| run_fio(&image, direct, w))
+                    .filter_map(|_| run_fio(image, direct, w))
                     .collect();
                 if !host.is_empty() {
                     let s = summary(host);
