@@ -25,7 +25,7 @@ pub enum MountError {
     Bind { path: String, errno: nix::Error },
     #[error("cannot make {path} read-only for the launcher: {errno}")]
     ReadOnly { path: String, errno: nix::Error },
-    #[error("no directory to build the launcher's root in: each of {STAGING_CANDIDATES:?} is missing or on the way to a path it needs")]
+    #[error("no directory to build the launcher's root in: each of {STAGING_CANDIDATES:?} is missing or on the way to a path it needs, and none can be made in the instance directory")]
     NoStaging,
     #[error("cannot mount the launcher's root at {path}: {errno}")]
     Tmpfs { path: String, errno: nix::Error },
@@ -161,17 +161,30 @@ pub fn reachable(writable: &Path, binaries: &[&Path]) -> Vec<(PathBuf, Access)> 
 
 /// A directory to build the new root in that is not on the way to any
 /// path it must hold (mounting there would hide it).
-fn staging_dir(paths: &[(PathBuf, Access)]) -> Result<PathBuf, MountError> {
-    STAGING_CANDIDATES
+/// Without one (a minimal host has none of them), a directory made in the
+/// instance directory (the first writable path), removed once the launcher
+/// is in its view; that directory is bound without what is mounted below
+/// it, so the view does not hold itself.
+fn staging_dir(paths: &[(PathBuf, Access)]) -> Result<(PathBuf, bool), MountError> {
+    let candidate = STAGING_CANDIDATES.iter().map(PathBuf::from).find(|dir| {
+        dir.is_dir()
+            && paths
+                .iter()
+                .all(|(path, _)| !path.starts_with(dir) && !dir.starts_with(path))
+    });
+    if let Some(dir) = candidate {
+        return Ok((dir, false));
+    }
+    let (instance, _) = paths
         .iter()
-        .map(PathBuf::from)
-        .find(|dir| {
-            dir.is_dir()
-                && paths
-                    .iter()
-                    .all(|(path, _)| !path.starts_with(dir) && !dir.starts_with(path))
-        })
-        .ok_or(MountError::NoStaging)
+        .find(|(_, access)| *access == Access::Write)
+        .ok_or(MountError::NoStaging)?;
+    let made = instance.join(".launcher-view");
+    match std::fs::create_dir(&made) {
+        Ok(()) => Ok((made, true)),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok((made, true)),
+        Err(_) => Err(MountError::NoStaging),
+    }
 }
 
 fn bind(source: &Path, target: &Path, access: Access) -> Result<(), MountError> {
@@ -201,7 +214,8 @@ fn bind(source: &Path, target: &Path, access: Access) -> Result<(), MountError> 
     };
     create.map_err(|err| bind_err(io_errno(err)))?;
     let recursive = match access {
-        Access::Write | Access::Cgroups => MsFlags::MS_REC,
+        Access::Cgroups => MsFlags::MS_REC,
+        Access::Write => MsFlags::empty(),
         Access::Read | Access::Device | Access::Link => MsFlags::empty(),
     };
     mount(
@@ -244,7 +258,7 @@ fn bind(source: &Path, target: &Path, access: Access) -> Result<(), MountError> 
 pub fn confine_mounts(paths: &[(PathBuf, Access)]) -> Result<(), MountError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(MountError::Unshare)?;
     crate::chroot::stop_propagation().map_err(MountError::Propagation)?;
-    let root = staging_dir(paths)?;
+    let (root, made) = staging_dir(paths)?;
     let tmpfs_err = |errno| MountError::Tmpfs {
         path: root.display().to_string(),
         errno,
@@ -262,6 +276,10 @@ pub fn confine_mounts(paths: &[(PathBuf, Access)]) -> Result<(), MountError> {
         bind(path, &inside, *access)?;
     }
     crate::chroot::pivot_into(&root).map_err(MountError::Pivot)?;
+    if made {
+        // Seen through the instance directory's bind: an empty directory.
+        let _ = std::fs::remove_dir(&root);
+    }
     mount(
         None::<&str>,
         "/",
@@ -305,7 +323,11 @@ mod tests {
             .iter()
             .any(|(p, a)| p.starts_with("/usr/lib") && *a == Access::Read));
         // Not /srv: the instance directory is below it.
-        let staging = staging_dir(&[(vm_dir.to_path_buf(), Access::Write)]).unwrap();
-        assert!(!vm_dir.starts_with(&staging), "{}", staging.display());
+        let (staging, made) = staging_dir(&[(vm_dir.to_path_buf(), Access::Write)]).unwrap();
+        assert!(
+            !made && !vm_dir.starts_with(&staging),
+            "{}",
+            staging.display()
+        );
     }
 }
