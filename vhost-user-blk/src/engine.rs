@@ -298,14 +298,8 @@ mod tests {
         ring.completion().next().unwrap().result()
     }
 
-    #[test]
-    fn a_read_from_the_page_cache_completes_in_place() {
-        use std::io::Write;
-        use virtio_queue::desc::split::Descriptor;
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(&[7u8; 8 * 512]).unwrap();
-        let disk = Disk::open(file.path(), false, false).unwrap();
-        let mut buf = vec![0u8; 4096];
+    /// A read of `buf.len()` bytes at offset 0 into `buf`.
+    fn read_into(buf: &mut [u8]) -> (DataIo, Ticket) {
         let io = DataIo {
             write: false,
             offset: 0,
@@ -313,14 +307,25 @@ mod tests {
                 iov_base: buf.as_mut_ptr().cast(),
                 iov_len: buf.len(),
             }],
-            len: 4096,
+            len: buf.len() as u32,
             durable: false,
         };
         let ticket = Ticket {
             position: 0,
             head: 0,
-            status: Descriptor::new(0, 1, 0, 0),
+            status: virtio_queue::desc::split::Descriptor::new(0, 1, 0, 0),
         };
+        (io, ticket)
+    }
+
+    #[test]
+    fn a_read_from_the_page_cache_completes_in_place() {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[7u8; 8 * 512]).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (io, ticket) = read_into(&mut buf);
         let mut engine = Engine::new(8, true, false);
         let done = engine.start(&disk, ticket, Op::Io(io));
         assert!(matches!(done, Some((_, Ok(4096)))), "not done in place");
@@ -331,7 +336,6 @@ mod tests {
     #[test]
     fn a_short_transfer_is_an_error_not_a_success() {
         use std::io::Write;
-        use virtio_queue::desc::split::Descriptor;
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(&[7u8; 8 * 512]).unwrap();
         let disk = Disk::open(file.path(), false, false).unwrap();
@@ -339,21 +343,7 @@ mod tests {
         // now ends early.
         file.as_file().set_len(512).unwrap();
         let mut buf = vec![0u8; 4096];
-        let io = DataIo {
-            write: false,
-            offset: 0,
-            iovecs: vec![libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
-            }],
-            len: 4096,
-            durable: false,
-        };
-        let ticket = Ticket {
-            position: 0,
-            head: 0,
-            status: Descriptor::new(0, 1, 0, 0),
-        };
+        let (io, ticket) = read_into(&mut buf);
         let mut engine = Engine::new(8, true, false);
         assert!(engine.is_uring());
         assert!(engine.start(&disk, ticket, Op::Io(io)).is_none());
