@@ -378,9 +378,10 @@ scenario_stock_kernel() {
 	echo "nested.$name.gap=virtio-mmio devices found: ${devices:-none}; the stock kernel has no VIRTIO_MMIO_CMDLINE_DEVICES and Tessera gives no ACPI DSDT"
 }
 
-# Boot-time benchmark: tessera-bench boots Linux 10 times and prints JSON.
+# Boot-time benchmark: tessera-bench boots Linux 10 times and prints JSON,
+# beside Firecracker when build-l1.sh put it in /opt/peers.
 scenario_bench() {
-	if tessera-bench --linux-guest "$L2" --runs 10 --out /tmp/bench.json >/tmp/bench.log 2>&1; then
+	if TESSERA_PEERS_DIR=/opt/peers tessera-bench --linux-guest "$L2" --runs 10 --out /tmp/bench.json >/tmp/bench.log 2>&1; then
 		ok bench "$(tr '\n' ' ' </tmp/bench.json)"
 	else
 		fail bench "$(tail -n 3 /tmp/bench.log | tr '\n' ' ')"

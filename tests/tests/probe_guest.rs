@@ -158,6 +158,62 @@ fn probe_ticks_every_100ms_and_passes_its_command_line() {
     assert!(run.probe_report()["cmdline"].contains("tessera.marker=xyz"));
 }
 
+/// kvm-clock is the clock Firecracker and Cloud Hypervisor (which has no
+/// PIT) give the probe too; the PIT stays the fallback.
+#[test]
+fn probe_keeps_time_with_kvmclock_and_with_the_pit() {
+    for clock in ["kvmclock", "pit"] {
+        let run = boot_probe(
+            1,
+            128,
+            &format!("probe.verbose probe.clock={clock} probe.ticks=3"),
+            &[],
+        );
+        assert_eq!(run.code(), 0, "{}", run.describe());
+        assert_eq!(run.probe_report()["clock"], clock, "{}", run.describe());
+        let ticks = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("probe.tick="))
+            .count();
+        assert_eq!(ticks, 3, "{}", run.describe());
+        assert!(
+            run.elapsed >= Duration::from_millis(300),
+            "{clock}: {:?}",
+            run.elapsed
+        );
+    }
+}
+
+/// Each boot with `--boot-timer`: whether tessera logged `Guest-boot-time`.
+fn boot_timer_fired(extra_cmdline: &str) -> (bool, RunOutput) {
+    let run = boot_probe(1, 128, extra_cmdline, &["--boot-timer"]);
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    (run.stderr.contains("Guest-boot-time = "), run)
+}
+
+#[test]
+fn probe_boot_timer_moves_the_write_and_refuses_ram() {
+    let (fired, run) = boot_timer_fired("probe.boot_timer=0xd0000000");
+    assert!(fired, "{}", run.describe());
+    // Firecracker 1.17's address: nothing of tessera's is there.
+    let (fired, run) = boot_timer_fired("probe.boot_timer=0xc0000000");
+    assert!(!fired, "{}", run.describe());
+    assert!(
+        run.probe_report().contains_key("done"),
+        "{}",
+        run.describe()
+    );
+    let (fired, run) = boot_timer_fired("probe.boot_timer=0x200000");
+    assert!(!fired, "{}", run.describe());
+    assert_eq!(
+        run.probe_report()["boot_timer_error"],
+        "bad-value,0x200000",
+        "{}",
+        run.describe()
+    );
+}
+
 #[test]
 fn boot_timer_logs_guest_boot_time() {
     let run = boot_probe(1, 128, "", &["--boot-timer"]);

@@ -18,12 +18,14 @@ mod entry;
 mod idt;
 mod io;
 mod keyboard;
+mod kvmclock;
 mod mem;
 mod mptable;
 mod netproto;
 mod phys;
 mod ping;
 mod pit;
+mod timer;
 mod serial;
 mod virtio;
 mod virtio_blk;
@@ -39,7 +41,9 @@ use serial::{Bytes, outln};
 // Rebuild (and relink) when the linker script changes.
 const _: &str = include_str!("../link.ld");
 
-/// The VMM's boot-timer MMIO byte: writing 123 marks "guest booted".
+/// The VMM's boot-timer MMIO byte: writing 123 marks "guest booted"
+/// (`probe.boot_timer=<addr>` moves it; Firecracker 1.17 has it at
+/// 0xc000_0000).
 const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
 const BOOT_TIMER_MAGIC: u8 = 123;
 /// One tick is ten 10 ms PIT one-shots.
@@ -73,6 +77,11 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     entry::extend_identity_map(ram_end);
     e820::report(&boot.e820, image, verbose);
     mptable::report(verbose);
+    let clock = timer::init(cmdline);
+    if verbose {
+        outln!("probe.clock={}", clock.name());
+    }
+    let boot_timer = boot_timer_addr(cmdline, &boot.e820, image);
 
     let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
     ping(cmdline, net.as_mut());
@@ -85,12 +94,38 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     }
     echo(cmdline);
 
-    // SAFETY: 0xd000_0000 is inside the identity map and in the MMIO hole
-    // (never RAM the probe uses); it is the VMM's boot-timer device.
-    unsafe { phys::mmio_write8(BOOT_TIMER_ADDR, BOOT_TIMER_MAGIC) };
+    if let Some(addr) = boot_timer {
+        // SAFETY: `boot_timer_addr` checked that `addr` is inside the
+        // identity map and neither RAM nor the probe: a device, or nothing.
+        unsafe { phys::mmio_write8(addr, BOOT_TIMER_MAGIC) };
+    }
 
     outln!("probe.done");
     io::reset()
+}
+
+/// The boot timer's address: `probe.boot_timer=<addr>` (base-0 number)
+/// or [`BOOT_TIMER_ADDR`]. An address in RAM, in the probe or outside the
+/// identity map is refused with `probe.boot_timer_error=bad-value,<value>`,
+/// and then nothing is written.
+fn boot_timer_addr(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) -> Option<u64> {
+    let Some(value) = cmdline::last_value(cmdline, "probe.boot_timer") else {
+        return Some(BOOT_TIMER_ADDR);
+    };
+    let addr = value.and_then(|v| cmdline::kstrtoull(v, 0));
+    let usable = addr.filter(|&a| {
+        let in_ram = map.entries().iter().any(|e| {
+            e.kind == e820::TYPE_RAM && a >= e.addr && a - e.addr < e.size
+        });
+        a < entry::mapped_limit() && !in_ram && !(image.0..image.1).contains(&a)
+    });
+    if usable.is_none() {
+        outln!(
+            "probe.boot_timer_error=bad-value,{}",
+            Bytes(value.unwrap_or(b""))
+        );
+    }
+    usable
 }
 
 /// What the virtio device drivers need to know.
@@ -269,8 +304,8 @@ fn ticks(cmdline: &[u8], mut net: Option<&mut ServedNet>) -> bool {
     while count == 0 || tick <= u64::from(count) {
         for _ in 0..ONESHOTS_PER_TICK {
             let slept = match net.as_deref_mut() {
-                Some(net) => pit::sleep_10ms_polling(|| net.device.poll()),
-                None => pit::sleep_10ms(),
+                Some(net) => timer::sleep_10ms_polling(|| net.device.poll()),
+                None => timer::sleep_10ms(),
             };
             if let Err(e) = slept {
                 outln!("probe.pit_error={}", e.name());
@@ -337,7 +372,7 @@ fn echo(cmdline: &[u8]) {
             got += 1;
             continue;
         }
-        if waited == ECHO_TIMEOUT_ONESHOTS || pit::sleep_10ms().is_err() {
+        if waited == ECHO_TIMEOUT_ONESHOTS || timer::sleep_10ms().is_err() {
             outln!("probe.input_error=timeout got={}", got);
             return;
         }

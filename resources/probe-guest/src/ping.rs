@@ -14,14 +14,14 @@
 //! data of that request; each sequence number counts once.
 //!
 //! Time is measured in 10 ms PIT one-shots whose OUT2 wait polls the
-//! device ([`crate::pit::sleep_10ms_polling`]), so the probe keeps
+//! device ([`crate::timer::sleep_10ms_polling`]), so the probe keeps
 //! answering ARP requests and pings from others while it pings; without a
 //! PIT, in [`virtio_net::SERVE_SPINS_PER_MS_WITHOUT_PIT`] polls per
 //! millisecond.
 
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, EchoRequest};
-use crate::pit;
+use crate::timer;
 use crate::serial::outln;
 use crate::virtio_net::{self, Net};
 
@@ -149,22 +149,22 @@ impl Pinger {
 /// Waits [`STEP_MS`] while serving the device: on the PIT if there is one,
 /// else by counting polls.
 struct Clock {
-    pit: bool,
+    clock: bool,
 }
 
 impl Clock {
     fn new() -> Clock {
         Clock {
-            pit: pit::present(),
+            clock: timer::present(),
         }
     }
 
     fn step(&mut self, net: &mut Net) {
-        if self.pit && pit::sleep_10ms_polling(|| net.poll()).is_ok() {
+        if self.clock && timer::sleep_10ms_polling(|| net.poll()).is_ok() {
             return;
         }
         // No PIT (or it stopped working): count polls instead.
-        self.pit = false;
+        self.clock = false;
         let spins = u64::from(STEP_MS) * virtio_net::SERVE_SPINS_PER_MS_WITHOUT_PIT;
         for _ in 0..spins {
             net.poll();

@@ -93,11 +93,6 @@ pub fn present() -> bool {
     })
 }
 
-/// Busy-waits 10 ms.
-pub fn sleep_10ms() -> Result<(), Error> {
-    sleep_10ms_polling(|| {})
-}
-
 /// Busy-waits 10 ms, calling `poll` between reads of OUT2 (e.g. to serve
 /// a network device while ticking).
 pub fn sleep_10ms_polling(mut poll: impl FnMut()) -> Result<(), Error> {
@@ -134,15 +129,10 @@ pub struct Deadline {
 /// Count of one ~50 ms deadline chunk.
 const CHUNK_COUNT: u16 = 59_659;
 const CHUNK_MS: u32 = 50;
-const SPINS_PER_CHECK: u64 = 4096;
+pub const SPINS_PER_CHECK: u64 = 4096;
 
 impl Deadline {
-    /// Starts a deadline `ms` milliseconds from now.
-    pub fn start(ms: u32, min_spins: u64) -> Deadline {
-        Deadline::start_with(ms, min_spins, SPINS_PER_CHECK, u64::MAX)
-    }
-
-    /// Like [`Deadline::start`], but reads OUT2 every `spins_per_check`
+    /// A deadline `ms` milliseconds from now; reads OUT2 every `spins_per_check`
     /// spins (each read is a port access: a VM exit) and expires after
     /// `max_spins` spins whatever the PIT says (in case OUT2 never rises).
     /// A slowly spinning (emulated) guest wants frequent checks: each

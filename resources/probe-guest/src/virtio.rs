@@ -31,7 +31,7 @@ use core::mem::MaybeUninit;
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use crate::phys;
-use crate::pit;
+use crate::timer;
 
 /// "virt" in little endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -866,9 +866,9 @@ impl Virtqueue {
     }
 
     /// Polls the used ring until a chain completes or `ms` milliseconds
-    /// pass (PIT deadline, see [`pit::Deadline`]).
+    /// pass (PIT deadline, see [`timer::Deadline`]).
     pub fn wait_used(&mut self, transport: &Transport, ms: u32) -> Result<Used, Error> {
-        let mut deadline = pit::Deadline::start(ms, 1 << 20);
+        let mut deadline = timer::Deadline::start(ms, 1 << 20);
         loop {
             if let Some(used) = self.pop_used()? {
                 return Ok(used);

@@ -44,7 +44,7 @@ use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::{self, BadOption};
-use crate::pit;
+use crate::timer;
 use crate::serial::outln;
 use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
 
@@ -108,7 +108,7 @@ pub const MAX_QUEUES: usize = 4;
 const MAX_SEGMENTS: usize = 16;
 /// Time allowed for the next completion.
 const REQUEST_TIMEOUT_MS: u32 = 2000;
-/// How completions are timed ([`pit::Deadline::start_with`]).
+/// How completions are timed ([`timer::Deadline::start_with`]).
 #[derive(Clone, Copy, Debug)]
 struct Timing {
     min_spins: u64,
@@ -540,7 +540,7 @@ impl Blk {
         if t.status() & virtio::status::DEVICE_NEEDS_RESET != 0 {
             return Err(Failure::Setup(Error::DeviceNeedsReset));
         }
-        self.timing = if pit::present() {
+        self.timing = if timer::present() {
             TIMING_WITH_PIT
         } else {
             TIMING_WITHOUT_PIT
@@ -873,7 +873,7 @@ impl Blk {
             max_spins,
         } = self.timing;
         let mut deadline =
-            pit::Deadline::start_with(REQUEST_TIMEOUT_MS, min_spins, spins_per_check, max_spins);
+            timer::Deadline::start_with(REQUEST_TIMEOUT_MS, min_spins, spins_per_check, max_spins);
         loop {
             for q in 0..self.num_queues {
                 let Some(queue) = self.queues[q].as_mut() else {

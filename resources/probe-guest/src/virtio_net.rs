@@ -40,7 +40,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, Answer, ETH_HLEN, Iface};
 use crate::ping::Pinger;
-use crate::pit;
+use crate::timer;
 use crate::serial::outln;
 use crate::virtio::{self, Buffer, Error, Mmio, QUEUE_SIZE, Transport, Used, Virtqueue};
 
@@ -657,7 +657,7 @@ impl Net {
     /// gives back the buffers.
     pub fn finish(mut self) {
         if self.transport.is_some() {
-            let mut deadline = pit::Deadline::start(TX_DRAIN_MS, 1 << 16);
+            let mut deadline = timer::Deadline::start(TX_DRAIN_MS, 1 << 16);
             'drain: for pair in self.pairs.iter_mut().flatten() {
                 while pair.tx.in_flight() > 0 {
                     if pair.reclaim().is_err() || deadline.expired() {
@@ -1010,11 +1010,11 @@ pub const SERVE_SPINS_PER_MS_WITHOUT_PIT: u64 = 40_000;
 /// A deadline `ms` milliseconds from now for a loop that calls
 /// [`Net::poll`] once per spin: PIT timed (in 50 ms steps) if there is a
 /// PIT, else [`SERVE_SPINS_PER_MS_WITHOUT_PIT`] spins per millisecond.
-pub fn serve_deadline(ms: u32) -> pit::Deadline {
-    if pit::present() {
-        pit::Deadline::start_with(ms, 0, SERVE_SPINS_PER_CHECK_WITH_PIT, u64::MAX)
+pub fn serve_deadline(ms: u32) -> timer::Deadline {
+    if timer::present() {
+        timer::Deadline::start_with(ms, 0, SERVE_SPINS_PER_CHECK_WITH_PIT, u64::MAX)
     } else {
         let spins = u64::from(ms) * SERVE_SPINS_PER_MS_WITHOUT_PIT;
-        pit::Deadline::start_with(ms, spins, 4096, u64::MAX)
+        timer::Deadline::start_with(ms, spins, 4096, u64::MAX)
     }
 }

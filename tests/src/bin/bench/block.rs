@@ -131,7 +131,7 @@ fn on_backend_cpu(program: impl AsRef<std::ffi::OsStr>) -> Command {
 
 /// Cloud Hypervisor's vhost-user-blk backend among the peers' binaries.
 fn ch_block_backend() -> PathBuf {
-    tessera_tests::repo_root().join("../shared/peers/vhost_user_block")
+    crate::peers::peers_dir().join("vhost_user_block")
 }
 
 /// A backend under test, serving `image` on `socket`.

@@ -21,7 +21,7 @@ use serde_json::json;
 use tessera_tests::fleet;
 use tessera_tests::jail::{unique_id, JailBase};
 use tessera_tests::netns::Netns;
-use tessera_tests::{repo_root, workspace_bin, Running};
+use tessera_tests::{workspace_bin, Running};
 
 use crate::{machine, summary};
 
@@ -65,7 +65,7 @@ fn contenders() -> (Vec<Contender>, Option<String>) {
             .to_vec(),
         libraries: Vec::new(),
     };
-    let peers = repo_root().join("../shared/peers");
+    let peers = crate::peers::peers_dir();
     let (firecracker, jailer) = (peers.join("firecracker"), peers.join("firecracker-jailer"));
     if !firecracker.exists() || !jailer.exists() {
         let why = format!("Firecracker not measured: no {}", peers.display());

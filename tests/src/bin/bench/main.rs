@@ -15,10 +15,11 @@
 //! `boot_time_us` and `guest_up_us` (process start to `TESSERA-GUEST-UP`);
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
 //! `--block`, `--net`, `--net-dpdk` and `--net-frontend` measure the device
-//! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--fleet N`
+//! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--startup`
+//! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
@@ -27,6 +28,8 @@ mod jailer;
 mod net;
 mod net_dpdk;
 mod net_frontend;
+mod peers;
+mod startup;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -41,11 +44,16 @@ use tessera_tests::{
     VmConfig,
 };
 
-const GUEST_RAM_MAPPING: &str = "tessera-guest-ram";
+pub(crate) const GUEST_RAM_MAPPING: &str = "tessera-guest-ram";
 
 /// utime + stime of `pid`, in seconds.
 pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&stat)
+}
+
+/// utime + stime from a `/proc/.../stat` line, in seconds.
+pub(crate) fn stat_cpu_seconds(stat: &str) -> f64 {
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
@@ -96,37 +104,6 @@ fn parse_boot_time(stderr: &str) -> Option<(f64, f64)> {
     Some((wall, cpu))
 }
 
-/// (RSS, private) KiB of all mappings except guest RAM. Private memory is
-/// what each additional VM really costs: shared library text is not in it.
-fn overhead_kib(pid: u32) -> Option<(f64, f64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut rss, mut private) = (0u64, 0u64);
-    let mut in_guest_ram = false;
-    let kib = |rest: &str| {
-        rest.trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse::<u64>()
-            .ok()
-    };
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            in_guest_ram = line.contains(GUEST_RAM_MAPPING);
-        } else if in_guest_ram {
-            continue;
-        } else if let Some(rest) = line.strip_prefix("Rss:") {
-            rss += kib(rest)?;
-        } else if let Some(rest) = line
-            .strip_prefix("Private_Clean:")
-            .or_else(|| line.strip_prefix("Private_Dirty:"))
-        {
-            private += kib(rest)?;
-        }
-    }
-    Some((rss as f64, private as f64))
-}
-
 fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -169,10 +146,12 @@ enum Mode {
     Fleet(usize),
     /// The probe's boot time with and without the jailer.
     Jailer,
+    /// Start-up figures beside Firecracker and Cloud Hypervisor.
+    Startup,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -187,6 +166,7 @@ fn main() {
             "--net-dpdk" => mode = Mode::NetDpdk,
             "--net-frontend" => mode = Mode::NetFrontend,
             "--jailer" => mode = Mode::Jailer,
+            "--startup" => mode = Mode::Startup,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -203,6 +183,7 @@ fn main() {
         Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
         Mode::NetFrontend => net_frontend::bench_net_frontend(runs),
         Mode::Jailer => jailer::bench_jailer(runs),
+        Mode::Startup => startup::bench_startup(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
@@ -233,7 +214,9 @@ fn bench_probe(runs: usize) -> serde_json::Value {
         let config = VmConfig::new(&probe, &probe_cmdline("probe.ticks=0")).mem_mib(128);
         let mut vm = Running::spawn(tessera_command(&config, dir.path(), &[]));
         let exited = vm.wait_until(deadline, |stdout, _| stdout.contains("probe.tick=2"));
-        let sample = (!exited).then(|| overhead_kib(vm.pid())).flatten();
+        let sample = (!exited)
+            .then(|| startup::overhead_kib(vm.pid(), 128))
+            .flatten();
         let run = vm.finish();
         let (rss, private_kib) =
             sample.unwrap_or_else(|| panic!("run {i}: no smaps sample\n{}", run.describe()));
@@ -360,44 +343,82 @@ fn bench_api(runs: usize) -> serde_json::Value {
     })
 }
 
-/// Boots Linux (1 vCPU, 256 MiB, initramfs) `runs` times: process start to
-/// the init's boot-timer write, and process start to `TESSERA-GUEST-UP`.
+/// Boots Linux (1 vCPU, 256 MiB, initramfs) `runs` times under tessera
+/// and, when its binary is among the peers, under Firecracker, in turn:
+/// process start to `TESSERA-GUEST-UP` (the init's first line), to the
+/// process's exit (init halts at once), and, under tessera, to the init's
+/// boot-timer write.
 fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
     const ARGS: &str =
         "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = VmConfig::new(guest_dir.join("vmlinux"), ARGS)
         .mem_mib(256)
         .initrd(guest_dir.join("initramfs.cpio.gz"));
-    let (mut boot_us, mut boot_cpu_us, mut marker_us) = (Vec::new(), Vec::new(), Vec::new());
+    let mut vmms = vec![peers::Vmm::Tessera];
+    vmms.extend(peers::peer_bin("firecracker").map(peers::Vmm::Firecracker));
+    let mut per_vmm: Vec<(Vec<f64>, Vec<f64>)> = vmms.iter().map(|_| Default::default()).collect();
+    let (mut boot_us, mut boot_cpu_us) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        let mut vm = Running::spawn(tessera_command(&config, dir.path(), &["--boot-timer"]));
-        vm.wait_until(Duration::from_secs(120), |stdout, _| {
-            stdout.contains("TESSERA-GUEST-UP")
-        });
-        let marker = vm.elapsed();
-        vm.wait_until(Duration::from_secs(120), |_, _| false);
-        let run = vm.finish();
-        assert!(
-            run.stdout.contains("TESSERA-GUEST-UP") && run.code() == 0,
-            "run {i}: Linux did not boot\n{}",
-            run.describe()
-        );
-        let (wall, cpu) = parse_boot_time(&run.stderr)
-            .unwrap_or_else(|| panic!("run {i}: no boot time\n{}", run.describe()));
-        boot_us.push(wall);
-        boot_cpu_us.push(cpu);
-        marker_us.push(marker.as_secs_f64() * 1e6);
-        eprintln!("run {}/{runs}: boot timer {wall} us", i + 1);
+        for k in 0..vmms.len() {
+            let at = (i + k) % vmms.len();
+            let vmm = &vmms[at];
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut command = vmm.boot_command(&config, dir.path());
+            if let peers::Vmm::Tessera = vmm {
+                command.arg("--boot-timer");
+            }
+            let mut vm = Running::spawn(command);
+            vm.wait_until(Duration::from_secs(120), |stdout, _| {
+                stdout.contains("TESSERA-GUEST-UP")
+            });
+            let marker = vm.elapsed();
+            let exited = vm.wait_until(Duration::from_secs(120), |_, _| false);
+            let end = vm.elapsed();
+            let run = vm.finish();
+            assert!(
+                exited && run.stdout.contains("TESSERA-GUEST-UP"),
+                "{} run {i}: Linux did not boot and halt\n{}",
+                vmm.name(),
+                run.describe()
+            );
+            per_vmm[at].0.push(marker.as_secs_f64() * 1e6);
+            per_vmm[at].1.push(end.as_secs_f64() * 1e6);
+            if let peers::Vmm::Tessera = vmm {
+                let (wall, cpu) = parse_boot_time(&run.stderr)
+                    .unwrap_or_else(|| panic!("run {i}: no boot time\n{}", run.describe()));
+                boot_us.push(wall);
+                boot_cpu_us.push(cpu);
+            }
+            eprintln!(
+                "run {}/{runs}: {} exited after {:?}",
+                i + 1,
+                vmm.name(),
+                end
+            );
+        }
     }
-    json!({
+    let mut report = json!({
         "machine": machine(),
         "runs": runs,
         "guest": "Linux 6.1 (vmlinux, PVH), initramfs, 1 vCPU, 256 MiB, quiet",
         "boot_time_us": summary(boot_us),
         "boot_cpu_us": summary(boot_cpu_us),
-        "guest_up_us": summary(marker_us),
-    })
+    });
+    for (vmm, (up, end)) in vmms.iter().zip(per_vmm) {
+        report[vmm.name()] = json!({
+            "guest_up_us": summary(up),
+            "start_to_exit_us": summary(end),
+        });
+    }
+    if let Some(fc) = report.get("firecracker") {
+        let median = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
+        let ours = &report["tessera"];
+        report["tessera_over_firecracker"] = json!({
+            "guest_up": median(ours, "guest_up_us") / median(fc, "guest_up_us"),
+            "start_to_exit": median(ours, "start_to_exit_us") / median(fc, "start_to_exit_us"),
+        });
+    }
+    report
 }
 
 /// Runs `bench_linux` inside L1 under QEMU TCG and returns its report,
@@ -405,6 +426,10 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
 fn bench_nested(runs: usize) -> serde_json::Value {
     if runs != 10 {
         eprintln!("the nested benchmark always makes 10 runs (tests/nested/runner.sh)");
+    }
+    if peers::peer_bin("firecracker").is_some() {
+        // build-l1.sh then puts Firecracker in L1, to boot beside tessera.
+        std::env::set_var("TESSERA_NESTED_PEERS", peers::peers_dir());
     }
     let run = run_l1(&["bench"], Duration::from_secs(900));
     let result = run

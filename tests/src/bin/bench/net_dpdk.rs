@@ -11,6 +11,11 @@
 //!   (its tx_packets counter, which the TAP counts when a frame is read),
 //!   and the TAP's tx_dropped says whether the sender outran the backend.
 //!
+//! Cloud Hypervisor's `vhost_user_net` (from the peers' binaries, when
+//! there) runs every cell beside ours, the two taking turns; its figures
+//! sit under `cloud-hypervisor` in each cell, with Tessera's medians over
+//! its in `tessera_over_cloud_hypervisor`.
+//!
 //! Each run is a fresh backend and testpmd, 1 s of warm-up, then one
 //! window of `WINDOW` over which the TAP counters and the backend's CPU
 //! time (utime + stime from /proc/PID/stat) are sampled.
@@ -24,7 +29,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,11 +49,6 @@ pub(crate) const BACKEND_CPU: usize = 1;
 pub(crate) const FRONTEND_CPU: usize = 0;
 /// The TAP's queue towards the backend, in frames (Linux's default: 1000).
 pub(crate) const TAP_TXQUEUELEN: u32 = 10_000;
-
-/// Cloud Hypervisor's `vhost_user_net`, 1 queue pair, guest to TAP (the
-/// issue's reference): packets/s by frame length, and backend CPU per packet.
-pub(crate) const CLH_PPS: [(usize, f64); 2] = [(64, 660_000.0), (1500, 570_000.0)];
-pub(crate) const CLH_CPU_US_PER_PACKET: f64 = 1.5;
 
 pub(crate) fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -183,21 +183,77 @@ fn sender(
 
 /// Starts `vhost-user-net` on `tap0` of `netns`, pinned to `BACKEND_CPU`,
 /// listening on `socket`, and waits until it listens.
+/// A vhost-user-net backend under test.
+#[derive(Clone, Debug)]
+pub(crate) enum NetBackend {
+    Tessera,
+    /// Cloud Hypervisor's `vhost_user_net`, among the peers' binaries.
+    CloudHypervisor(PathBuf),
+}
+
+impl NetBackend {
+    /// Ours, and Cloud Hypervisor's when its binary is there.
+    pub(crate) fn all() -> Vec<NetBackend> {
+        let mut all = vec![NetBackend::Tessera];
+        match crate::peers::peer_bin("vhost_user_net") {
+            Some(bin) => all.push(NetBackend::CloudHypervisor(bin)),
+            None => eprintln!(
+                "Cloud Hypervisor's vhost_user_net not measured: not in {}",
+                crate::peers::peers_dir().display()
+            ),
+        }
+        all
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            NetBackend::Tessera => "tessera",
+            NetBackend::CloudHypervisor(_) => "cloud-hypervisor",
+        }
+    }
+}
+
+/// The IPv4 address and netmask `tap0` has in `netns` (Cloud Hypervisor's
+/// backend sets both on the TAP it opens: it gets the ones already there).
+fn tap_address(netns: &Netns) -> Result<(String, String), String> {
+    let out = Command::new("ip")
+        .args(["-n", netns.name(), "-j", "-4", "addr", "show", "tap0"])
+        .output()
+        .map_err(|e| format!("ip addr show: {e}"))?;
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("ip -j: {e}"))?;
+    let info = &v[0]["addr_info"][0];
+    let (Some(ip), Some(prefix)) = (info["local"].as_str(), info["prefixlen"].as_u64()) else {
+        return Err(format!("tap0 in {} has no IPv4 address", netns.name()));
+    };
+    let mask = u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0);
+    Ok((ip.to_string(), std::net::Ipv4Addr::from(mask).to_string()))
+}
+
 pub(crate) fn start_backend(
     netns: &Netns,
     socket: &Path,
     queues: usize,
     queue_size: u32,
+    kind: &NetBackend,
 ) -> Result<Running, String> {
     let _ = std::fs::remove_file(socket);
     let mut backend = netns.command("taskset");
-    backend
-        .args(["-c", &BACKEND_CPU.to_string()])
-        .arg(workspace_bin("vhost-user-net"))
-        .arg("--socket")
-        .arg(socket)
-        .args(["--tap", "tap0", "--queues", &queues.to_string()])
-        .args(["--queue-size", &queue_size.to_string()]);
+    backend.args(["-c", &BACKEND_CPU.to_string()]);
+    match kind {
+        NetBackend::Tessera => backend
+            .arg(workspace_bin("vhost-user-net"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--tap", "tap0", "--queues", &queues.to_string()])
+            .args(["--queue-size", &queue_size.to_string()]),
+        NetBackend::CloudHypervisor(bin) => {
+            let (ip, mask) = tap_address(netns)?;
+            backend.arg(bin).arg("--net-backend").arg(format!(
+                "ip={ip},mask={mask},socket={},num_queues={queues},queue_size={queue_size},tap=tap0",
+                socket.display()
+            ))
+        }
+    };
     let backend = Running::spawn(backend);
     if !tessera_tests::wait_for_path(socket, Duration::from_secs(10)) {
         return Err(format!(
@@ -237,9 +293,15 @@ struct Sample {
 
 /// One run: a fresh backend and testpmd in `mode` ("txonly": guest to
 /// TAP; "rxonly": TAP to guest) with `len`-byte frames.
-fn run_once(netns: &Netns, dir: &Path, mode: &str, len: usize) -> Result<Sample, String> {
+fn run_once(
+    netns: &Netns,
+    dir: &Path,
+    mode: &str,
+    len: usize,
+    kind: &NetBackend,
+) -> Result<Sample, String> {
     let socket = dir.join(format!("net-{mode}-{len}.sock"));
-    let backend = start_backend(netns, &socket, 2, QUEUE_SIZE)?;
+    let backend = start_backend(netns, &socket, 2, QUEUE_SIZE, kind)?;
     // `ip netns exec` and `taskset` exec, so this is the backend's pid.
     let pid = backend.pid();
 
@@ -326,38 +388,87 @@ fn run_once(netns: &Netns, dir: &Path, mode: &str, len: usize) -> Result<Sample,
     })
 }
 
-fn cell(netns: &Netns, dir: &Path, mode: &str, len: usize, runs: usize) -> Value {
-    let mut samples = Vec::new();
-    let mut failures = Vec::new();
+/// One cell: `runs` runs per backend, the backends taking turns.
+/// Tessera's figures are at the top level; each other backend's are
+/// under its name, with Tessera's medians over its.
+fn cell(
+    netns: &Netns,
+    dir: &Path,
+    mode: &str,
+    len: usize,
+    runs: usize,
+    backends: &[NetBackend],
+) -> Value {
+    let mut samples: Vec<Vec<Sample>> = backends.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<Vec<String>> = backends.iter().map(|_| Vec::new()).collect();
     for i in 0..runs {
-        match run_once(netns, dir, mode, len) {
-            Ok(s) => {
-                eprintln!(
-                    "{mode} {len} B run {}/{runs}: {:.0} pps, {:.2} Gbit/s, {:.2} us CPU/packet",
-                    i + 1,
-                    s.pps,
-                    s.gbit_per_s,
-                    s.cpu_us_per_packet
-                );
-                samples.push(s);
-            }
-            Err(err) => {
-                eprintln!("{mode} {len} B run {}/{runs} failed: {err}", i + 1);
-                failures.push(err.lines().next().unwrap_or("").to_string());
+        for k in 0..backends.len() {
+            let at = (i + k) % backends.len();
+            let name = backends[at].name();
+            match run_once(netns, dir, mode, len, &backends[at]) {
+                Ok(s) => {
+                    eprintln!(
+                        "{name} {mode} {len} B run {}/{runs}: {:.0} pps, {:.2} Gbit/s, {:.2} us CPU/packet",
+                        i + 1,
+                        s.pps,
+                        s.gbit_per_s,
+                        s.cpu_us_per_packet
+                    );
+                    samples[at].push(s);
+                }
+                Err(err) => {
+                    eprintln!("{name} {mode} {len} B run {}/{runs} failed: {err}", i + 1);
+                    failures[at].push(err.lines().next().unwrap_or("").to_string());
+                }
             }
         }
     }
-    let pick = |f: fn(&Sample) -> f64| summary(samples.iter().map(f).collect());
     let mut out = json!({
         "direction": if mode == "txonly" { "guest to TAP" } else { "TAP to guest" },
         "testpmd_forward_mode": mode,
         "frame_bytes": len,
+    });
+    for (at, kind) in backends.iter().enumerate() {
+        let figures = figures(mode, &samples[at], &failures[at]);
+        match kind {
+            NetBackend::Tessera => merge(&mut out, figures),
+            _ => {
+                out[format!("tessera_over_{}", kind.name().replace('-', "_"))] =
+                    ratios(&out, &figures);
+                out[kind.name()] = figures;
+            }
+        }
+    }
+    out
+}
+
+/// Copies `from`'s fields into `into`.
+pub(crate) fn merge(into: &mut Value, from: Value) {
+    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
+        into.extend(from);
+    }
+}
+
+/// Tessera's medians over a peer's: packets per second (above 1: ours is
+/// faster) and backend CPU per packet (below 1: ours uses less).
+pub(crate) fn ratios(ours: &Value, theirs: &Value) -> Value {
+    let ratio = |key: &str| median(&ours[key]) / median(&theirs[key]);
+    json!({
+        "packets_per_second": ratio("packets_per_second"),
+        "backend_cpu_us_per_packet": ratio("backend_cpu_us_per_packet"),
+    })
+}
+
+/// One backend's figures in a cell.
+fn figures(mode: &str, samples: &[Sample], failures: &[String]) -> Value {
+    let mut out = json!({
         "runs": samples.len(),
         "failed_runs": failures,
     });
     if samples.is_empty() {
         return out;
     }
+    let pick = |f: fn(&Sample) -> f64| summary(samples.iter().map(f).collect());
     out["packets_per_second"] = pick(|s| s.pps);
     out["gbit_per_second"] = pick(|s| s.gbit_per_s);
     out["backend_cpu_us_per_packet"] = pick(|s| s.cpu_us_per_packet);
@@ -366,17 +477,6 @@ fn cell(netns: &Netns, dir: &Path, mode: &str, len: usize, runs: usize) -> Value
     if mode == "rxonly" {
         out["offered_packets_per_second"] = pick(|s| s.offered_pps);
         out["tap_tx_dropped_per_second"] = pick(|s| s.tap_tx_dropped_per_s);
-    }
-    if let Some((_, clh)) = CLH_PPS.iter().find(|(l, _)| *l == len) {
-        if mode == "txonly" {
-            let median = out["packets_per_second"]["median"].as_f64().unwrap_or(0.0);
-            out["vs_cloud_hypervisor_reference"] = json!({
-                "reference_pps": clh,
-                "reference_backend_cpu_us_per_packet": CLH_CPU_US_PER_PACKET,
-                "pps_ratio": median / clh,
-                "target_pps_ratio": 1.2,
-            });
-        }
     }
     out
 }
@@ -483,9 +583,10 @@ pub fn bench_net_dpdk(runs: usize) -> Value {
         netns.ip(&["link", "set", "tap0", "txqueuelen", &txqueuelen]);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cells = Vec::new();
+        let backends = NetBackend::all();
         for mode in ["txonly", "rxonly"] {
             for len in FRAME_LENS {
-                let c = cell(&netns, dir.path(), mode, len, runs);
+                let c = cell(&netns, dir.path(), mode, len, runs, &backends);
                 eprintln!("{c}");
                 cells.push(c);
             }

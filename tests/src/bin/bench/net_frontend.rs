@@ -37,6 +37,12 @@
 //! - 1 pair: a plain TAP and `--queues 2`; 2 pairs: a multi-queue TAP and
 //!   `--queues 4`, the generator driving both pairs.
 //!
+//! Cloud Hypervisor's `vhost_user_net` (from the peers' binaries, when
+//! there) runs every cell beside ours, the two taking turns. It offers
+//! neither MRG_RXBUF (so each of its RX entries is one frame, and it has
+//! no 64 KiB TAP-to-guest row) nor EVENT_IDX (so it runs the EVENT_IDX
+//! rows without it, as a guest would; `event_idx_negotiated` says so).
+//!
 //! The backend is pinned to CPU 1 and the generator (with the TAP reader
 //! or writer in its thread) to CPU 0. Each run is a fresh backend, 1 s of
 //! warm-up, then a window of `WINDOW` over which the TAP counters, the
@@ -59,8 +65,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::net_dpdk::{
-    finish_backend, load_average, start_backend, tap_counters, udp_frame, BACKEND_CPU,
-    CLH_CPU_US_PER_PACKET, CLH_PPS, FRONTEND_CPU, TAP_TXQUEUELEN,
+    finish_backend, load_average, merge, ratios, start_backend, tap_counters, udp_frame,
+    NetBackend, BACKEND_CPU, FRONTEND_CPU, TAP_TXQUEUELEN,
 };
 use super::{cpu_seconds, pin_this_thread, summary};
 
@@ -397,6 +403,11 @@ impl Ring {
 /// A negotiated, running device: the frontend connection (which must
 /// outlive the run), the guest memory and the rings (RX, TX per pair).
 struct Device {
+    /// VIRTIO_NET_F_MRG_RXBUF was negotiated (Cloud Hypervisor's backend
+    /// does not offer it): without it every RX entry is one frame.
+    mergeable: bool,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
     _frontend: Frontend,
     _mem: GuestMemoryMmap,
     rings: Vec<Ring>,
@@ -412,14 +423,21 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
     let frontend = Frontend::connect(socket, queues as u64).map_err(|e| format!("connect: {e}"))?;
     frontend.set_owner().map_err(protocol("SET_OWNER"))?;
     let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
+    let mergeable = offered & VIRTIO_NET_F_MRG_RXBUF != 0;
+    if !mergeable && case.tso() && case.direction == Direction::Rx {
+        return Err("no MRG_RXBUF: 64 KiB frames do not fit the 4 KiB RX buffers".into());
+    }
     let mut wanted = VIRTIO_F_VERSION_1
         | VHOST_USER_F_PROTOCOL_FEATURES
-        | VIRTIO_NET_F_MRG_RXBUF
+        | if mergeable { VIRTIO_NET_F_MRG_RXBUF } else { 0 }
         | VIRTIO_NET_F_CSUM
         | VIRTIO_NET_F_HOST_TSO4
         | VIRTIO_NET_F_GUEST_CSUM
         | VIRTIO_NET_F_GUEST_TSO4;
-    if case.event_idx {
+    // A backend that does not offer EVENT_IDX (Cloud Hypervisor's) runs
+    // the EVENT_IDX rows without it, as a guest would; its figures say so.
+    let event_idx = case.event_idx && offered & VIRTIO_RING_F_EVENT_IDX != 0;
+    if event_idx {
         wanted |= VIRTIO_RING_F_EVENT_IDX;
     }
     if case.pairs > 1 {
@@ -473,7 +491,7 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
     for q in 0..queues {
         let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let mut ring = Ring::new(&mem, q, case.event_idx, kick);
+        let mut ring = Ring::new(&mem, q, event_idx, kick);
         let rx = q % 2 == 0;
         let tx_frame = frame(case, 0);
         for i in 0..QUEUE_SIZE {
@@ -530,6 +548,8 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
         calls.push(call);
     }
     Ok(Device {
+        mergeable,
+        event_idx,
         _frontend: frontend,
         _mem: mem,
         rings,
@@ -746,7 +766,14 @@ fn generate(
             } else {
                 let p = &mut pending[pair];
                 let (f, b) = (&mut frames_done[pair], &mut bytes_done[pair]);
+                let mergeable = device.mergeable;
                 ring.reap(|id, len| {
+                    if !mergeable {
+                        *f += 1;
+                        *b = b.wrapping_add(u64::from(len).saturating_sub(VNET_HDR_LEN as u64));
+                        done.push(id);
+                        return;
+                    }
                     if *p == 0 {
                         // SAFETY: the header at the start of the buffer,
                         // written by the device before it published the
@@ -851,6 +878,8 @@ struct Sample {
     backend_wait: f64,
     generator_wait: f64,
     generator_busy: f64,
+    /// Whether EVENT_IDX was negotiated (the backend may not offer it).
+    event_idx: bool,
 }
 
 struct Snapshot {
@@ -881,9 +910,9 @@ fn snapshot(netns: &Netns, pid: u32, c: &Counters) -> Snapshot {
     }
 }
 
-fn run_once(netns: &Netns, dir: &Path, case: &Case) -> Result<Sample, String> {
+fn run_once(netns: &Netns, dir: &Path, case: &Case, kind: &NetBackend) -> Result<Sample, String> {
     let socket = dir.join("net-frontend.sock");
-    let backend = start_backend(netns, &socket, 2 * case.pairs, u32::from(QUEUE_SIZE))?;
+    let backend = start_backend(netns, &socket, 2 * case.pairs, u32::from(QUEUE_SIZE), kind)?;
     let pid = backend.pid();
     let device = match connect(&socket, case) {
         Ok(d) => d,
@@ -892,6 +921,7 @@ fn run_once(netns: &Netns, dir: &Path, case: &Case) -> Result<Sample, String> {
             return Err(format!("{err}\n{}", out.describe()));
         }
     };
+    let event_idx = device.event_idx;
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
     let generator = {
@@ -960,32 +990,40 @@ fn run_once(netns: &Netns, dir: &Path, case: &Case) -> Result<Sample, String> {
         backend_wait: (s1.backend_sched.1 - s0.backend_sched.1) / seconds,
         generator_wait: (s1.generator_sched.1 - s0.generator_sched.1) / seconds,
         generator_busy: (s1.generator_sched.0 - s0.generator_sched.0) / seconds,
+        event_idx,
     })
 }
 
-fn cell(netns: &Netns, dir: &Path, case: &Case, runs: usize) -> Value {
-    let mut samples = Vec::new();
-    let mut failures = Vec::new();
+/// One cell: `runs` runs per backend, the backends taking turns.
+/// Tessera's figures are at the top level; each other backend's are
+/// under its name, with Tessera's medians over its.
+fn cell(netns: &Netns, dir: &Path, case: &Case, runs: usize, backends: &[NetBackend]) -> Value {
+    let mut samples: Vec<Vec<Sample>> = backends.iter().map(|_| Vec::new()).collect();
+    let mut failures: Vec<Vec<String>> = backends.iter().map(|_| Vec::new()).collect();
     for i in 0..runs {
-        match run_once(netns, dir, case) {
-            Ok(s) => {
-                eprintln!(
-                    "{} run {}/{runs}: {:.0} pps, {:.2} Gbit/s, {:.2} us CPU/packet, busy {:.2}, \
-                     backend waited {:.2}, generator waited {:.2}",
-                    case.name(),
-                    i + 1,
-                    s.pps,
-                    s.gbit_per_s,
-                    s.cpu_us_per_packet,
-                    s.cpu_busy,
-                    s.backend_wait,
-                    s.generator_wait
-                );
-                samples.push(s);
-            }
-            Err(err) => {
-                eprintln!("{} run {}/{runs} failed: {err}", case.name(), i + 1);
-                failures.push(err.lines().next().unwrap_or("").to_string());
+        for k in 0..backends.len() {
+            let at = (i + k) % backends.len();
+            let name = backends[at].name();
+            match run_once(netns, dir, case, &backends[at]) {
+                Ok(s) => {
+                    eprintln!(
+                        "{name} {} run {}/{runs}: {:.0} pps, {:.2} Gbit/s, {:.2} us CPU/packet, busy {:.2}, \
+                         backend waited {:.2}, generator waited {:.2}",
+                        case.name(),
+                        i + 1,
+                        s.pps,
+                        s.gbit_per_s,
+                        s.cpu_us_per_packet,
+                        s.cpu_busy,
+                        s.backend_wait,
+                        s.generator_wait
+                    );
+                    samples[at].push(s);
+                }
+                Err(err) => {
+                    eprintln!("{name} {} run {}/{runs} failed: {err}", case.name(), i + 1);
+                    failures[at].push(err.lines().next().unwrap_or("").to_string());
+                }
             }
         }
     }
@@ -997,16 +1035,36 @@ fn cell(netns: &Netns, dir: &Path, case: &Case, runs: usize) -> Value {
         "tso": case.tso(),
         "queue_pairs": case.pairs,
         "event_idx": case.event_idx,
-        "runs": samples.len(),
-        "failed_runs": failures,
     });
     if tx {
         out["tap_reader"] = json!(case.reader);
     }
+    for (at, kind) in backends.iter().enumerate() {
+        let figures = figures(case, &samples[at], &failures[at]);
+        match kind {
+            NetBackend::Tessera => merge(&mut out, figures),
+            _ => {
+                out[format!("tessera_over_{}", kind.name().replace('-', "_"))] =
+                    ratios(&out, &figures);
+                out[kind.name()] = figures;
+            }
+        }
+    }
+    out
+}
+
+/// One backend's figures in a cell.
+fn figures(case: &Case, samples: &[Sample], failures: &[String]) -> Value {
+    let tx = case.direction == Direction::Tx;
+    let mut out = json!({
+        "runs": samples.len(),
+        "failed_runs": failures,
+    });
     if samples.is_empty() {
         return out;
     }
     let pick = |f: fn(&Sample) -> f64| summary(samples.iter().map(f).collect());
+    out["event_idx_negotiated"] = json!(samples.iter().all(|s| s.event_idx));
     out["packets_per_second"] = pick(|s| s.pps);
     out["gbit_per_second"] = pick(|s| s.gbit_per_s);
     out["backend_cpu_us_per_packet"] = pick(|s| s.cpu_us_per_packet);
@@ -1027,21 +1085,6 @@ fn cell(netns: &Netns, dir: &Path, case: &Case, runs: usize) -> Value {
     if !tx {
         out["tap_tx_dropped_per_second"] = pick(|s| s.tap_tx_dropped_per_s);
     }
-    if let Some((_, clh)) = CLH_PPS.iter().find(|(l, _)| *l == case.frame) {
-        if tx && case.pairs == 1 {
-            let median = out["packets_per_second"]["median"].as_f64().unwrap_or(0.0);
-            let cpu = out["backend_cpu_us_per_packet"]["median"]
-                .as_f64()
-                .unwrap_or(0.0);
-            out["vs_cloud_hypervisor_reference"] = json!({
-                "reference_pps": clh,
-                "reference_backend_cpu_us_per_packet": CLH_CPU_US_PER_PACKET,
-                "pps_ratio": median / clh,
-                "cpu_per_packet_ratio": cpu / CLH_CPU_US_PER_PACKET,
-                "target_pps_ratio": 1.2,
-            });
-        }
-    }
     out
 }
 
@@ -1053,6 +1096,7 @@ pub fn bench_net_frontend(runs: usize) -> Value {
     let load_before = load_average();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cells = Vec::new();
+    let backends = NetBackend::all();
     for pairs in [1, 2] {
         let netns = if pairs == 1 {
             Netns::with_tap("nfe", "10.82.0.1/24")
@@ -1096,7 +1140,7 @@ pub fn bench_net_frontend(runs: usize) -> Value {
         let only = std::env::var("TESSERA_BENCH_CASES").ok();
         cases.retain(|c| only.as_ref().is_none_or(|o| c.name().contains(o.as_str())));
         for case in &cases {
-            let c = cell(&netns, dir.path(), case, runs);
+            let c = cell(&netns, dir.path(), case, runs, &backends);
             eprintln!("{c}");
             cells.push(c);
         }
@@ -1110,7 +1154,11 @@ pub fn bench_net_frontend(runs: usize) -> Value {
              polling, CPU {FRONTEND_CPU}; acked VERSION_1 MRG_RXBUF CSUM HOST_TSO4 GUEST_CSUM GUEST_TSO4 \
              (+EVENT_IDX, +MQ); RX buffers {RX_BUFFER} B; TX one descriptor per frame"
         ),
-        "backend": format!("vhost-user-net --queues 2|4 --queue-size {QUEUE_SIZE}, CPU {BACKEND_CPU}"),
+        "backend": format!(
+            "vhost-user-net --queues 2|4 --queue-size {QUEUE_SIZE}, CPU {BACKEND_CPU}; beside it \
+             Cloud Hypervisor's vhost_user_net num_queues=2|4,queue_size={QUEUE_SIZE} (no MRG_RXBUF: \
+             one RX buffer per frame, no 64 KiB TAP-to-guest row)"
+        ),
         "tso_frame": format!("{TSO_FRAME} B Ethernet/IPv4/TCP, GSO TCPV4, MSS {TSO_MSS}"),
         "tap_txqueuelen": TAP_TXQUEUELEN,
         "tap_reader": "AF_PACKET on tap0, recvmmsg of 64 with MSG_TRUNC, in the generator's thread",
