@@ -40,7 +40,7 @@ pub enum Value {
     None,
     Number { min: u64, max: u64 },
     Even { min: u64, max: u64 },
-    PowerOfTwo { max: u64 },
+    QueueSize,
     Serial,
     Mac,
     IoEngine,
@@ -53,7 +53,7 @@ pub const BLK_FLAGS: &[(&str, Value)] = &[
     ("--readonly", Value::None),
     ("--direct", Value::None),
     ("--queues", Value::Number { min: 1, max: 64 }),
-    ("--queue-size", Value::PowerOfTwo { max: 32768 }),
+    ("--queue-size", Value::QueueSize),
     ("--serial", Value::Serial),
     (
         "--poll-us",
@@ -70,7 +70,7 @@ pub const BLK_FLAGS: &[(&str, Value)] = &[
 /// which only QEMU needs).
 pub const NET_FLAGS: &[(&str, Value)] = &[
     ("--queues", Value::Even { min: 2, max: 32 }),
-    ("--queue-size", Value::PowerOfTwo { max: 32768 }),
+    ("--queue-size", Value::QueueSize),
     ("--mac", Value::Mac),
     (
         "--mtu",
@@ -108,9 +108,9 @@ fn value_error(kind: Value, value: &str) -> Option<String> {
             Some(n) if (min..=max).contains(&n) && n % 2 == 0 => return None,
             _ => format!("an even number from {min} to {max}"),
         },
-        Value::PowerOfTwo { max } => match number(value) {
-            Some(n) if n <= max && n.is_power_of_two() => return None,
-            _ => format!("a power of two up to {max}"),
+        Value::QueueSize => match value.parse::<tessera_types::QueueSize>() {
+            Ok(_) => return None,
+            Err(_) => tessera_types::QueueSize::EXPECTED.to_string(),
         },
         Value::Serial => {
             let printable = value.bytes().all(|b| (0x20..0x7f).contains(&b));
@@ -189,7 +189,7 @@ pub fn samples(kind: BackendKind) -> Vec<Vec<String>> {
             Value::Number { min, max } | Value::Even { min, max } => {
                 vec![min.to_string(), max.to_string()]
             }
-            Value::PowerOfTwo { max } => vec!["1".into(), max.to_string()],
+            Value::QueueSize => vec!["1".into(), tessera_types::QueueSize::MAX.to_string()],
             Value::Serial => vec!["a".into(), "x".repeat(MAX_SERIAL_BYTES), "drive 1~".into()],
             Value::Mac => vec!["06:00:0a:50:00:02".into(), "FF:fe:00:00:00:00".into()],
             Value::IoEngine => vec!["io_uring".into(), "sync".into()],

@@ -4,9 +4,6 @@
 //! each thread, by its kind, before the thread handles any input
 //! ([`Filters::apply`]).
 //!
-//! It also takes over the fds a confined process inherits
-//! ([`take_inherited_fd`]).
-//!
 //! The JSON is seccompiler's, with one addition: a rule may carry
 //! `"errno": N`. Such a call returns that errno instead of killing the
 //! process. It is how a filter answers the housekeeping calls glibc makes
@@ -355,22 +352,6 @@ impl Filters {
         THREAD_CONFINED.with(|done| done.set(true));
         Ok(())
     }
-}
-
-/// Takes ownership of fd `fd`, inherited from the process that started
-/// this one (the jailer's launcher or the VMM hands backends their socket,
-/// disk or TAP this way), after checking that it is open and not stdio.
-pub fn take_inherited_fd(fd: i32) -> std::io::Result<std::os::fd::OwnedFd> {
-    if fd <= 2 {
-        return Err(std::io::Error::from_raw_os_error(libc::EBADF));
-    }
-    // SAFETY: F_GETFD only reads the flags of `fd`, if it is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the fd is open (checked above), was inherited for this
-    // purpose, and the caller takes it over once.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
 /// Splits one thread kind's filter into its own filter (every rule, the

@@ -23,6 +23,10 @@ pub enum TypeError {
     DeviceId(String),
     #[error("invalid instance id {0:?}: expected 1 to 64 characters of [A-Za-z0-9-]")]
     InstanceId(String),
+    #[error("invalid inherited fd {0:?}: expected a number above 2 (0 to 2 are stdio)")]
+    InheritedFd(String),
+    #[error("invalid queue size {0:?}: expected {expected}", expected = QueueSize::EXPECTED)]
+    QueueSize(String),
 }
 
 /// Implements `Display`, `Serialize` and `Deserialize` through the text
@@ -167,9 +171,109 @@ impl fmt::Display for MacAddr {
 
 text_serde!(MacAddr);
 
+/// The number of a file descriptor inherited from the process that started
+/// this one (the jailer's launcher or the VMM hands backends their socket,
+/// disk or TAP this way, and the jailer the VMM its launcher socket): a
+/// number above 2, since 0 to 2 are stdio. [`InheritedFd::take`] then
+/// checks that it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InheritedFd(i32);
+
+impl InheritedFd {
+    pub fn raw(self) -> i32 {
+        self.0
+    }
+
+    /// Takes ownership of the descriptor, once it is known to be open.
+    pub fn take(self) -> std::io::Result<std::os::fd::OwnedFd> {
+        // SAFETY: F_GETFD only reads the flags of the fd, if it is open.
+        if unsafe { libc::fcntl(self.0, libc::F_GETFD) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the fd is open (checked above), above stdio, and was
+        // inherited for this purpose; the caller takes it over once.
+        Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(self.0) })
+    }
+}
+
+impl FromStr for InheritedFd {
+    type Err = TypeError;
+
+    fn from_str(text: &str) -> Result<Self, TypeError> {
+        match text.parse::<i32>() {
+            Ok(fd) if fd > 2 => Ok(Self(fd)),
+            _ => Err(TypeError::InheritedFd(text.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for InheritedFd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A virtqueue size a vhost-user backend offers: a power of two from 1 to
+/// 32768 (a split virtqueue's limit), in decimal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSize(u16);
+
+impl QueueSize {
+    pub const MAX: u16 = 32768;
+    /// What a queue size looks like, for error messages.
+    pub const EXPECTED: &'static str = "a power of two up to 32768";
+
+    pub fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl FromStr for QueueSize {
+    type Err = TypeError;
+
+    fn from_str(text: &str) -> Result<Self, TypeError> {
+        let digits =
+            !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit());
+        match text.parse::<u16>() {
+            Ok(size) if digits && size.is_power_of_two() && size <= Self::MAX => Ok(Self(size)),
+            _ => Err(TypeError::QueueSize(text.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for QueueSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_sizes_are_powers_of_two_up_to_32768() {
+        for good in ["1", "256", "1024", "32768"] {
+            assert_eq!(good.parse::<QueueSize>().unwrap().to_string(), good);
+        }
+        for bad in ["0", "3", "1000", "65536", "-1", "+4", "x", ""] {
+            assert!(bad.parse::<QueueSize>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn inherited_fds_are_above_stdio_and_must_be_open() {
+        for bad in ["0", "2", "-1", "x", ""] {
+            assert!(bad.parse::<InheritedFd>().is_err(), "{bad}");
+        }
+        let fd: InheritedFd = "1000".parse().unwrap();
+        assert_eq!(fd.raw(), 1000);
+        assert_eq!(
+            fd.take().unwrap_err().raw_os_error(),
+            Some(libc::EBADF),
+            "fd 1000 is not open in the test"
+        );
+    }
 
     #[test]
     fn mac_addresses_take_exactly_six_hex_pairs() {

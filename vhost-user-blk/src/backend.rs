@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
@@ -47,8 +49,6 @@ const MAX_IN_FLIGHT: u32 = 256;
 /// must not keep a worker from ever stopping.
 const MAX_TAKEN_PER_EVENT: usize = 4 * MAX_IN_FLIGHT as usize;
 
-/// vhost-user's own feature bit: the frontend may use protocol features.
-const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 const CONFIG_LEN: usize = 60;
 /// The config space's `writeback` byte: 0 write-through, 1 write-back.
 const WRITEBACK_OFFSET: u32 = 32;
@@ -579,7 +579,7 @@ impl VhostUserBackend for BlockBackend {
         let mut features = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE

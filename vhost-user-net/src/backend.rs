@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
@@ -34,7 +34,6 @@ use vmm_sys_util::event::{
 use crate::frame::{self, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 const CONFIG_LEN: usize = 12;
 /// Frames one `handle_event` sends before it lets the worker's event loop
 /// look at its other events (its exit event among them) and kicks itself
@@ -381,7 +380,7 @@ impl VhostUserBackend for NetBackend {
     fn features(&self) -> u64 {
         let mut features = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4
@@ -582,7 +581,7 @@ mod tests {
     fn protocol_features_are_offered_with_one_or_more_pairs() {
         let base = 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
-            | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4

@@ -11,9 +11,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clap::Parser;
-use nix::sys::signal::{SigSet, Signal};
+use tessera_types::InheritedFd;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_common::cli::CommonArgs;
+use vhost_user_common::process::{Failure, Process};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -25,12 +26,8 @@ use vhost_user_net::{backend, frame, relay};
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-net", version, about)]
 struct Cli {
-    /// Listen on this Unix socket.
-    #[arg(long, value_name = "PATH", required_unless_present = "fd")]
-    socket: Option<PathBuf>,
-    /// Serve an inherited, already listening socket.
-    #[arg(long, value_name = "N", conflicts_with = "socket")]
-    fd: Option<i32>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// The existing TAP device to attach to.
     #[arg(
         long,
@@ -41,21 +38,11 @@ struct Cli {
     tap: Option<String>,
     /// An inherited TAP queue, opened with IFF_VNET_HDR; one per queue pair.
     #[arg(long, value_name = "N")]
-    tap_fd: Vec<i32>,
-    /// Run without seccomp filters (for debugging only).
-    #[arg(long, conflicts_with = "seccomp_filter")]
-    no_seccomp: bool,
-    /// Load the seccomp filters (kinds "main" and "worker") from this
-    /// seccompiler JSON file instead of the built-in ones.
-    #[arg(long, value_name = "FILE")]
-    seccomp_filter: Option<PathBuf>,
+    tap_fd: Vec<InheritedFd>,
     /// Number of queues: RX and TX queue pairs times two. Above 2 the TAP
     /// must be multi-queue.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(2..=32))]
     queues: u16,
-    /// The largest queue the frontend may set up (a power of two).
-    #[arg(long, default_value_t = 1024)]
-    queue_size: u16,
     /// The guest's MAC address (VIRTIO_NET_F_MAC); without it the guest
     /// picks a random one.
     #[arg(long, value_name = "MAC")]
@@ -74,11 +61,6 @@ struct Cli {
 /// The filters compiled from resources/seccomp/vhost-user-net.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("vhost-user-net: {message}");
-    ExitCode::from(code)
-}
-
 fn log_stats(stats: &backend::NetStats) {
     eprintln!(
         "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped), {} broken queue(s)",
@@ -88,27 +70,6 @@ fn log_stats(stats: &backend::NetStats) {
         stats.rx_dropped.load(Ordering::Relaxed),
         stats.broken_queues.load(Ordering::Relaxed)
     );
-}
-
-/// Ends the process cleanly on SIGTERM or SIGINT: the counters are logged
-/// and the exit status is 0. Call it before any other thread starts, so
-/// that every thread inherits the blocked mask and only the waiter gets the
-/// signals.
-fn exit_on_termination(backend: Arc<NetBackend>) -> nix::Result<()> {
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.thread_block()?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let name = signals.wait().map_or("a signal", Signal::as_str);
-            log_stats(&backend.stats);
-            eprintln!("vhost-user-net: {name}: exiting");
-            std::process::exit(0);
-        })
-        .map_err(|_| nix::Error::EAGAIN)?;
-    Ok(())
 }
 
 /// A private connection for the daemon to accept: a listener on a path
@@ -132,144 +93,101 @@ fn private_connection(dir: &Path) -> std::io::Result<(Listener, UnixStream)> {
     ))
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // virtio-queue logs an error for each bad chain a guest posts, with no
-    // limit: it is off unless RUST_LOG names it; the backend reports a
-    // broken ring itself, rate-limited.
-    env_logger::Builder::new()
-        .filter_level(log::LevelFilter::Warn)
-        .filter_module("virtio_queue", log::LevelFilter::Off)
-        .parse_env(env_logger::Env::default())
-        .init();
-    if !cli.queue_size.is_power_of_two() || cli.queues % 2 != 0 {
-        return fail(
-            2,
-            format_args!(
-                "--queues must be even and --queue-size a power of two, got {} and {}",
-                cli.queues, cli.queue_size
-            ),
-        );
-    }
-    let mac = cli.mac.map(|mac| mac.bytes());
-    let pairs = usize::from(cli.queues / 2);
+/// The TAP queues of `--tap` or `--tap-fd`, one per queue pair.
+fn open_taps(cli: &Cli, pairs: usize) -> Result<Vec<Tap>, Failure> {
     let taps = match &cli.tap {
         Some(name) => Tap::open_queues(name, pairs, frame::VNET_HDR_LEN as i32),
         None if cli.tap_fd.len() != pairs => {
-            return fail(
-                2,
-                format_args!(
-                    "--queues {} needs {pairs} --tap-fd, got {}",
-                    cli.queues,
-                    cli.tap_fd.len()
-                ),
-            )
+            return Err(Failure::setup(format_args!(
+                "--queues {} needs {pairs} --tap-fd, got {}",
+                cli.queues,
+                cli.tap_fd.len()
+            )))
         }
-        None => match cli
-            .tap_fd
-            .iter()
-            .map(|&fd| {
-                tessera_seccomp::take_inherited_fd(fd)
-                    .map_err(|err| format!("--tap-fd {fd}: {err}"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-        {
-            Ok(fds) => Tap::from_fds(fds, frame::VNET_HDR_LEN as i32),
-            Err(err) => return fail(2, err),
-        },
-    };
-    let taps = match taps {
-        Ok(taps) => taps,
-        Err(err) => return fail(2, err),
-    };
-    let seccomp = match tessera_seccomp::load(
-        SECCOMP_FILTERS,
-        cli.no_seccomp,
-        cli.seccomp_filter.as_deref(),
-        &["main", "worker"],
-    ) {
-        Ok(filters) => filters,
-        Err(err) => return fail(2, err),
-    };
-    let mut listener = match (&cli.socket, cli.fd) {
-        (Some(path), _) => match Listener::new(path, true) {
-            Ok(listener) => listener,
-            Err(err) => {
-                return fail(
-                    2,
-                    format_args!("cannot listen on {}: {err}", path.display()),
-                )
-            }
-        },
-        // SAFETY: the fd was inherited for this purpose; nothing else in
-        // this process owns it.
-        (None, Some(fd)) => unsafe { Listener::from_raw_fd(fd) },
-        (None, None) => return fail(2, "give --socket PATH or --fd N"),
-    };
-    // The relay's private connection needs socket calls the filters forbid.
-    let relay = if cli.defer_early_vring_enable {
-        let dir = match cli.socket.as_deref().and_then(Path::parent) {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            Some(_) => PathBuf::from("."),
-            None => std::env::temp_dir(),
-        };
-        match private_connection(&dir) {
-            Ok(pair) => Some(pair),
-            Err(err) => {
-                return fail(
-                    1,
-                    format_args!("cannot set up the relay in {}: {err}", dir.display()),
-                )
-            }
+        None => {
+            let fds = cli
+                .tap_fd
+                .iter()
+                .map(|fd| {
+                    fd.take()
+                        .map_err(|err| Failure::setup(format_args!("--tap-fd {fd}: {err}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Tap::from_fds(fds, frame::VNET_HDR_LEN as i32)
         }
-    } else {
-        None
     };
+    taps.map_err(Failure::setup)
+}
+
+/// With `--defer-early-vring-enable`: the relay's private connection,
+/// made next to the socket (it needs socket calls the filters forbid).
+fn relay_connection(cli: &Cli) -> Result<Option<(Listener, UnixStream)>, Failure> {
+    if !cli.defer_early_vring_enable {
+        return Ok(None);
+    }
+    let dir = match cli.common.socket.as_deref().and_then(Path::parent) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        Some(_) => PathBuf::from("."),
+        None => std::env::temp_dir(),
+    };
+    private_connection(&dir).map(Some).map_err(|err| {
+        Failure::runtime(format_args!(
+            "cannot set up the relay in {}: {err}",
+            dir.display()
+        ))
+    })
+}
+
+fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
+    if !cli.queues.is_multiple_of(2) {
+        return Err(Failure::setup(format_args!(
+            "--queues must be even, got {}",
+            cli.queues
+        )));
+    }
+    let pairs = usize::from(cli.queues / 2);
+    let taps = open_taps(cli, pairs)?;
+    let seccomp = process.seccomp(&cli.common, SECCOMP_FILTERS)?;
+    let mut listener = process.listener(&cli.common)?;
+    let relay = relay_connection(cli)?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = NetConfig {
-        mac,
+        mac: cli.mac.map(|mac| mac.bytes()),
         mtu: cli.mtu,
         queue_pairs: pairs,
-        queue_size: usize::from(cli.queue_size),
+        queue_size: usize::from(cli.common.queue_size.get()),
         seccomp: seccomp.clone(),
     };
-    let backend = match NetBackend::new(taps, config, mem.clone()) {
-        Ok(backend) => Arc::new(backend),
-        Err(err) => return fail(1, format_args!("cannot create the device: {err}")),
+    let backend = NetBackend::new(taps, config, mem.clone())
+        .map(Arc::new)
+        .map_err(|err| Failure::runtime(format_args!("cannot create the device: {err}")))?;
+    let on_signal = {
+        let backend = backend.clone();
+        move || log_stats(&backend.stats)
     };
-    // Everything that needs more than the filters allow is done: from here
-    // on, this thread and every thread it starts are confined.
-    if let Err(err) = seccomp.apply("main") {
-        return fail(1, err);
-    }
-    if let Err(err) = exit_on_termination(backend.clone()) {
-        return fail(1, format_args!("cannot set up SIGTERM handling: {err}"));
-    }
-    let mut daemon = match VhostUserDaemon::new("vhost-user-net".into(), backend.clone(), mem) {
-        Ok(daemon) => daemon,
-        Err(err) => return fail(1, format_args!("cannot create the daemon: {err}")),
-    };
+    process.confine(&seccomp, on_signal)?;
+    let mut daemon = process.daemon(backend.clone(), mem)?;
     for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
         let Some(tap) = backend.taps().get(pair) else {
             break;
         };
-        if let Err(err) = handler.register_listener(
-            tap.as_raw_fd(),
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            backend.tap_event(pair),
-        ) {
-            return fail(1, format_args!("cannot watch the TAP: {err}"));
-        }
+        handler
+            .register_listener(
+                tap.as_raw_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                backend.tap_event(pair),
+            )
+            .map_err(|err| Failure::runtime(format_args!("cannot watch the TAP: {err}")))?;
     }
-    eprintln!(
-        "vhost-user-net: serving TAP {} with {pairs} queue pair(s){}",
+    process.announce(format_args!(
+        "serving TAP {} with {pairs} queue pair(s){}",
         cli.tap.as_deref().unwrap_or("from --tap-fd"),
         if relay.is_some() {
             ", deferring SET_VRING_ENABLE before SET_FEATURES"
         } else {
             ""
         }
-    );
+    ));
     let started = match relay {
         None => daemon.start(&mut listener),
         Some((mut inner, handler_end)) => {
@@ -277,27 +195,31 @@ fn main() -> ExitCode {
                 match listener.accept() {
                     Ok(Some(stream)) => break stream,
                     Ok(None) => continue,
-                    Err(err) => return fail(1, format_args!("cannot accept a frontend: {err}")),
+                    Err(err) => {
+                        return Err(Failure::runtime(format_args!(
+                            "cannot accept a frontend: {err}"
+                        )))
+                    }
                 }
             };
-            if let Err(err) = relay::spawn(frontend, handler_end, u32::from(cli.queues)) {
-                return fail(1, format_args!("cannot start the relay: {err}"));
-            }
+            relay::spawn(frontend, handler_end, u32::from(cli.queues))
+                .map_err(|err| Failure::runtime(format_args!("cannot start the relay: {err}")))?;
             daemon.start(&mut inner)
         }
     };
-    if let Err(err) = started {
-        return fail(1, format_args!("cannot accept a frontend: {err}"));
-    }
-    let result = daemon.wait();
+    let served = process.serve(&mut daemon, started);
     backend.stop_workers();
     log_stats(&backend.stats);
-    match result {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
-            eprintln!("vhost-user-net: the frontend disconnected; exiting");
-            ExitCode::SUCCESS
-        }
-        Err(err) => fail(1, format_args!("the vhost-user connection failed: {err}")),
+    served?;
+    process.announce("the frontend disconnected; exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let process = Process::start("vhost-user-net");
+    match run(process, &cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => process.exit(failure),
     }
 }

@@ -76,7 +76,7 @@ struct Cli {
     /// Set by the jailer: the socket on which it starts jailed device
     /// backends for this VMM.
     #[arg(long, value_name = "FD")]
-    backend_launcher_fd: Option<i32>,
+    backend_launcher_fd: Option<tessera_types::InheritedFd>,
     /// Internal: run as the backend starter for this backend binary (see
     /// `device_manager::backend_starter`).
     #[arg(long, value_name = "PATH", hide = true)]
@@ -192,7 +192,7 @@ fn main() {
 
     let backend_launcher = cli.backend_launcher_fd.map(|fd| {
         Arc::new(jailer::launch::LaunchChannel::new(
-            tessera_seccomp::take_inherited_fd(fd).unwrap_or_else(|err| {
+            fd.take().unwrap_or_else(|err| {
                 fail(
                     ExitCode::ArgParsing,
                     format_args!("--backend-launcher-fd {fd}: {err}"),

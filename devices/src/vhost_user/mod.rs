@@ -4,6 +4,7 @@
 //! talk directly (ioeventfd and irqfd) and the VMM is out of the data path.
 
 pub mod blk;
+pub mod features;
 mod frontend;
 pub mod net;
 mod queues;

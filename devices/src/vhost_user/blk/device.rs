@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues};
+use crate::vhost_user::{
+    features, FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues,
+};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of block devices.
@@ -16,9 +18,6 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 const CONFIG_SPACE_LEN: usize = 60;
 /// Entries per queue the guest may use.
 pub const QUEUE_SIZE: u16 = 256;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Transport and ring features the VMM passes through to the guest.
-const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +43,6 @@ pub struct VhostUserBlock {
 
 /// VIRTIO_BLK_S_IOERR.
 const STATUS_IOERR: u8 = 1;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 impl VhostUserBlock {
     /// Wraps a negotiated frontend; creates one kick and one call eventfd
@@ -55,13 +53,13 @@ impl VhostUserBlock {
         mem: GuestMemoryMmap,
     ) -> Result<Self, VhostUserBlockError> {
         let features = frontend.backend_features();
-        if features & VIRTIO_F_VERSION_1 == 0 {
+        if features & features::VERSION_1 == 0 {
             return Err(VhostUserBlockError::NotVirtio1 { id: id.into() });
         }
         let count = frontend.queue_num();
         // Block features pass through; transport features only if we
         // support them in this transport.
-        let features = features & ((0xffff_ffff & !(0xf << 28)) | PASSTHROUGH_FEATURES);
+        let features = features::offered_to_guest(features);
         let queues =
             VhostUserQueues::new(frontend, mem, count, CONFIG_SPACE_LEN).map_err(|source| {
                 VhostUserBlockError::Frontend {
@@ -99,7 +97,7 @@ impl VhostUserBlock {
             "drive {}: the backend is gone; its requests now fail with I/O errors",
             self.id
         );
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.acked_features & features::EVENT_IDX != 0;
         for layout in &self.layouts {
             let Ok(mut queue) = Queue::new(QUEUE_SIZE) else {
                 continue;

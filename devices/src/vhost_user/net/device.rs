@@ -9,11 +9,14 @@
 //! ioeventfd and irqfd. The backend only ever hears of the data queues,
 //! and never of `CTRL_VQ`.
 
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlQueue, CtrlStats};
-use crate::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues};
+use crate::vhost_user::{
+    features, FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues,
+};
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
 /// The virtio device id of network devices.
@@ -22,18 +25,14 @@ pub const VIRTIO_ID_NET: u32 = 1;
 const CONFIG_SPACE_LEN: usize = 12;
 /// Entries per queue the guest may use.
 pub const QUEUE_SIZE: u16 = 256;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Transport and ring features the VMM passes through to the guest.
-const PASSTHROUGH_FEATURES: u64 = VIRTIO_F_VERSION_1 | 1 << 28 | 1 << 29;
 /// VIRTIO_NET_F_CTRL_VQ: the VMM serves the control queue, never the
 /// backend.
-const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+const CTRL_VQ: u64 = 1 << VIRTIO_NET_F_CTRL_VQ;
 /// VIRTIO_NET_F_MQ: passed on from the backend only with several pairs.
-const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
 /// One receive and one transmit queue.
 const QUEUES_PER_PAIR: usize = 2;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
 
 /// Errors creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +91,7 @@ impl VhostUserNet {
         pairs: u16,
     ) -> Result<Self, VhostUserNetError> {
         let backend_features = frontend.backend_features();
-        if backend_features & VIRTIO_F_VERSION_1 == 0 {
+        if backend_features & features::VERSION_1 == 0 {
             return Err(VhostUserNetError::NotVirtio1 { id: id.into() });
         }
         let backend_queues = frontend.queue_num();
@@ -102,7 +101,7 @@ impl VhostUserNet {
                 queues: backend_queues,
             });
         }
-        let backend_mq = backend_features & VIRTIO_NET_F_MQ != 0;
+        let backend_mq = backend_features & MQ != 0;
         let backend_pairs = u16::try_from(backend_queues / QUEUES_PER_PAIR).unwrap_or(u16::MAX);
         let served = if backend_mq {
             pairs.min(backend_pairs).max(1)
@@ -118,17 +117,15 @@ impl VhostUserNet {
             );
         }
         let pairs = served;
-        let mut features = backend_features
-            & ((0xffff_ffff & !(0xf << 28) & !VIRTIO_NET_F_CTRL_VQ & !VIRTIO_NET_F_MQ)
-                | PASSTHROUGH_FEATURES);
+        let mut features = features::offered_to_guest(backend_features) & !CTRL_VQ & !MQ;
         let mut vmm_features = match mac {
-            Some(_) => VIRTIO_NET_F_MAC & !features,
+            Some(_) => MAC & !features,
             None => 0,
         };
         if pairs > 1 {
             // MQ is the backend's (it serves the pairs); CTRL_VQ is ours.
-            features |= VIRTIO_NET_F_MQ;
-            vmm_features |= VIRTIO_NET_F_CTRL_VQ;
+            features |= MQ;
+            vmm_features |= CTRL_VQ;
         }
         features |= vmm_features;
         let eventfd_err = |source| VhostUserNetError::EventFd {
@@ -296,8 +293,8 @@ impl VirtioDevice for VhostUserNet {
                 self.id
             )));
         }
-        let mq = acked_features & VIRTIO_NET_F_MQ != 0;
-        let ctrl_vq = acked_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let mq = acked_features & MQ != 0;
+        let ctrl_vq = acked_features & CTRL_VQ != 0;
         let data_count = if mq {
             QUEUES_PER_PAIR * usize::from(self.pairs)
         } else {
@@ -324,7 +321,7 @@ impl VirtioDevice for VhostUserNet {
                     self.queues.mem(),
                     layout,
                     QUEUE_SIZE,
-                    acked_features & VIRTIO_RING_F_EVENT_IDX != 0,
+                    acked_features & features::EVENT_IDX != 0,
                     self.pairs,
                 )
                 .map_err(|err| ActivateError::BadQueue {
