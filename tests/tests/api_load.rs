@@ -43,10 +43,8 @@ fn allow_open_files(fds: u64) {
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes only the struct it is given.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-        0
-    );
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0);
     if limit.rlim_cur < fds {
         limit.rlim_cur = fds.min(limit.rlim_max);
         // SAFETY: setrlimit only reads the struct it is given.

@@ -167,10 +167,8 @@ fn the_backend_exits_cleanly_on_sigterm() {
     let mut backend = start_backend(&netns, &socket);
     // `ip netns exec` execs the backend: the pid is the backend's.
     // SAFETY: kill sends a signal to a process this test started.
-    assert_eq!(
-        unsafe { libc::kill(backend.pid() as i32, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(backend.pid() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     assert!(backend.wait_until(DEADLINE, |_, _| false));
     let run = backend.finish();
     assert_eq!(run.code(), 0, "{}", run.describe());
