@@ -3,7 +3,8 @@
 //! stands in for the TAP, and RX chains are checked and filled from it,
 //! with and without mergeable buffers, as the backend's workers do: at
 //! most `MAX_TX_PER_EVENT` chains per run, as a worker per event (a used
-//! ring laid over the avail index posts a chain per completion).
+//! ring laid over the avail index posts a chain per completion), each read
+//! no further than `MAX_DESCRIPTORS` + 1 descriptors, as the workers do.
 #![no_main]
 
 use std::os::fd::AsRawFd;
@@ -13,8 +14,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
 use vhost_user_net::backend::MAX_TX_PER_EVENT;
-use vhost_user_net::frame::{check_rx_chain, receive_into, transmit, Received};
-use virtio_queue::desc::split::Descriptor;
+use vhost_user_common::ring;
+use vhost_user_net::frame::{check_rx_chain, receive_into, transmit, Received, MAX_DESCRIPTORS};
 use virtio_queue::QueueT;
 
 #[derive(Arbitrary, Debug)]
@@ -41,7 +42,7 @@ fuzz_target!(|input: Input| {
                 break;
             };
             let head = chain.head_index();
-            let descriptors: Vec<Descriptor> = chain.collect();
+            let descriptors = ring::descriptors_up_to(chain, MAX_DESCRIPTORS);
             let _ = transmit(&descriptors, &mem, tap.as_raw_fd());
             let _ = queue.add_used(&mem, head, 0);
         }
@@ -53,7 +54,7 @@ fuzz_target!(|input: Input| {
             break;
         };
         let head = chain.head_index();
-        let descriptors: Vec<Descriptor> = chain.collect();
+        let descriptors = ring::descriptors_up_to(chain, MAX_DESCRIPTORS);
         match check_rx_chain(head, &descriptors, &mem) {
             Ok(chain) => chains.push(chain),
             Err(_) => {

@@ -27,7 +27,6 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -337,7 +336,7 @@ impl BlockBackend {
                             }
                         };
                         let head = chain.head_index();
-                        let descriptors: Vec<Descriptor> = chain.collect();
+                        let descriptors = ring::descriptors_up_to(chain, request::MAX_DESCRIPTORS);
                         let plan =
                             request::plan(&descriptors, mem, &self.disk, &self.config.serial);
                         let (status, op) = match plan {

@@ -248,10 +248,13 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
     })
 }
 
+/// The most descriptors a request may have: a header, `SEG_MAX` data
+/// segments and a status.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+
 fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, RequestError> {
-    let max = SEG_MAX as usize + 2;
-    if descriptors.len() > max {
-        return Err(RequestError::TooLong(max));
+    if descriptors.len() > MAX_DESCRIPTORS {
+        return Err(RequestError::TooLong(MAX_DESCRIPTORS));
     }
     let (header, rest) = match descriptors {
         [header, rest @ .., _] => (header, rest),

@@ -13,6 +13,7 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
@@ -103,6 +104,19 @@ pub fn kick_again(kick: &impl std::os::fd::AsRawFd) {
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(kick.as_raw_fd()) };
     // A full eventfd counter (EAGAIN) already means "readable".
     let _ = nix::unistd::write(fd, &1u64.to_ne_bytes());
+}
+
+/// The descriptors of `chain`, but no more than `max + 1` of them: enough
+/// for the device to see that a chain is longer than it takes. A guest's
+/// chain can be an indirect table of thousands of entries, and reading all
+/// of them for each of the chains a worker takes per event would let a
+/// guest buy a backend's CPU time cheaply.
+pub fn descriptors_up_to<M>(chain: DescriptorChain<M>, max: usize) -> Vec<Descriptor>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    chain.take(max.saturating_add(1)).collect()
 }
 
 #[cfg(test)]
@@ -196,5 +210,26 @@ mod tests {
             next_chain(&mut queue, &mem).err(),
             Some(RingError::AvailRingUnmapped { addr: 0x20_0000 })
         );
+    }
+
+    #[test]
+    fn a_long_chain_is_read_only_past_the_limit() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, SIZE);
+        let descs: Vec<RawDescriptor> = (0..SIZE)
+            .map(|i| {
+                let next = if i + 1 < SIZE { 1 } else { 0 };
+                RawDescriptor::from(SplitDescriptor::new(
+                    0x8000 + u64::from(i) * 0x100,
+                    0x100,
+                    next,
+                    i + 1,
+                ))
+            })
+            .collect();
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let chain = next_chain(&mut queue, &mem).unwrap().unwrap();
+        assert_eq!(descriptors_up_to(chain, 4).len(), 5);
     }
 }

@@ -23,7 +23,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -239,7 +238,7 @@ impl NetBackend {
                     break;
                 };
                 let head = chain.head_index();
-                let descriptors: Vec<Descriptor> = chain.collect();
+                let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
                 match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
                     Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
                     Err(err) => {
@@ -298,7 +297,7 @@ impl NetBackend {
                     break;
                 };
                 let head = chain.head_index();
-                let descriptors: Vec<Descriptor> = chain.collect();
+                let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
                 match frame::check_rx_chain(head, &descriptors, &mem) {
                     Ok(checked) => {
                         capacity += checked.capacity;

@@ -15,7 +15,7 @@ const NUM_BUFFERS_OFFSET: u64 = 10;
 /// The largest frame: a 64 KiB GSO packet with its Ethernet header.
 pub const MAX_FRAME_LEN: usize = 65_535 + 14;
 /// The most descriptors one frame may use.
-const MAX_DESCRIPTORS: usize = 256;
+pub const MAX_DESCRIPTORS: usize = 256;
 /// The most iovecs one readv takes (IOV_MAX).
 const IOV_MAX: usize = 1024;
 
