@@ -753,6 +753,7 @@ mod tests {
     use vhost_user_backend::VringT;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
