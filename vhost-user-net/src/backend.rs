@@ -561,10 +561,10 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn backend(queue_pairs: usize) -> NetBackend {
+    fn backend(queue_pairs: usize, mac: Option<[u8; 6]>, mtu: Option<u16>) -> NetBackend {
         let config = NetConfig {
-            mac: None,
-            mtu: None,
+            mac,
+            mtu,
             queue_pairs,
             queue_size: 256,
             seccomp: tessera_seccomp::Filters::disabled(),
@@ -573,34 +573,50 @@ mod tests {
         NetBackend::new(Vec::new(), config, mem).unwrap()
     }
 
+    fn offers(backend: &NetBackend, feature: u32) -> bool {
+        backend.features() & 1 << feature != 0
+    }
+
     /// Both Tessera's frontend and QEMU's (through the relay of
     /// --defer-early-vring-enable) need VHOST_USER_F_PROTOCOL_FEATURES:
     /// QEMU fails vhost_net_start without it.
     #[test]
-    fn protocol_features_are_offered_with_one_or_more_pairs() {
-        let base = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | 1 << VIRTIO_NET_F_CSUM
-            | 1 << VIRTIO_NET_F_GUEST_CSUM
-            | 1 << VIRTIO_NET_F_GUEST_TSO4
-            | 1 << VIRTIO_NET_F_GUEST_TSO6
-            | 1 << VIRTIO_NET_F_HOST_TSO4
-            | 1 << VIRTIO_NET_F_HOST_TSO6
-            | 1 << VIRTIO_NET_F_MRG_RXBUF
-            | 1 << VIRTIO_NET_F_STATUS;
-        let protocol = VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        let one = backend(1);
-        assert_eq!(one.features(), base);
-        assert_eq!(one.protocol_features(), protocol);
-        assert_eq!(one.num_queues(), 2);
-        let two = backend(2);
-        assert_eq!(two.features(), base | 1 << VIRTIO_NET_F_MQ);
-        assert_eq!(two.protocol_features(), protocol);
-        assert_eq!(two.num_queues(), 4);
+    fn protocol_features_and_virtio_1_are_always_offered() {
+        for pairs in [1, 2] {
+            let backend = backend(pairs, None, None);
+            let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            assert_eq!(backend.features() & protocol, protocol);
+            assert!(offers(&backend, VIRTIO_F_VERSION_1));
+            assert!(backend
+                .protocol_features()
+                .contains(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG));
+            assert_eq!(backend.num_queues(), 2 * pairs);
+        }
+    }
+
+    #[test]
+    fn mq_is_offered_only_with_several_pairs() {
+        assert!(!offers(&backend(1, None, None), VIRTIO_NET_F_MQ));
+        assert!(offers(&backend(2, None, None), VIRTIO_NET_F_MQ));
+    }
+
+    #[test]
+    fn mac_and_mtu_are_offered_only_when_configured() {
+        let plain = backend(1, None, None);
+        assert!(!offers(&plain, VIRTIO_NET_F_MAC));
+        assert!(!offers(&plain, VIRTIO_NET_F_MTU));
+        let configured = backend(1, Some([6, 0, 10, 80, 0, 2]), Some(9000));
+        assert!(offers(&configured, VIRTIO_NET_F_MAC));
+        assert!(offers(&configured, VIRTIO_NET_F_MTU));
+    }
+
+    /// Frames cross both ways with their virtio-net header: offloads in
+    /// both directions need both checksum bits.
+    #[test]
+    fn checksum_offload_is_offered_both_ways() {
+        let backend = backend(1, None, None);
+        assert!(offers(&backend, VIRTIO_NET_F_CSUM));
+        assert!(offers(&backend, VIRTIO_NET_F_GUEST_CSUM));
     }
 
     const QUEUE_SIZE: u16 = 16;
