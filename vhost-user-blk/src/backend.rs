@@ -20,6 +20,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring::{self, RingError};
+use vhost_user_common::worker::{self, WorkerExits};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -114,7 +115,7 @@ pub struct BlockBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    exits: WorkerExits,
     /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
     /// The inflight region the frontend set, if any.
@@ -139,9 +140,7 @@ impl BlockBackend {
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
         let threads = queue_masks(config.queues, config.threads).len();
-        let exits = (0..threads)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
+        let exits = WorkerExits::new(threads)?;
         let engines = (0..threads)
             .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring, disk.direct())))
             .collect::<Vec<_>>();
@@ -206,9 +205,7 @@ impl BlockBackend {
 
     /// Wakes every worker thread so that it exits.
     pub fn stop_workers(&self) {
-        for (_, notifier) in &self.exits {
-            let _ = notifier.notify();
-        }
+        self.exits.stop_all();
     }
 
     /// The device's virtio-blk configuration space.
@@ -278,7 +275,7 @@ impl BlockBackend {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             thread,
-            threads: self.exits.len(),
+            threads: self.exits.threads(),
             stats: &self.stats,
         };
         let queue_error = |position: usize| {
@@ -678,12 +675,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.config_space();
-        let start = (offset as usize).min(CONFIG_LEN);
-        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
-        let mut out = space[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        worker::config_slice(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -696,8 +688,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        self.exits.exit_event(thread_index)
     }
 
     fn handle_event(

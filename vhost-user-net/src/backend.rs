@@ -16,6 +16,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring::{self, RingError};
+use vhost_user_common::worker::{self, WorkerExits};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -26,9 +27,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INT
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::frame::{self, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
@@ -90,7 +89,7 @@ pub struct NetBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: AtomicBool,
     mergeable: AtomicBool,
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    exits: WorkerExits,
     /// Whether each pair's TAP queue is attached: pairs past the first
     /// join the TAP when the guest first kicks them (it uses that pair).
     attached: Vec<AtomicBool>,
@@ -107,9 +106,7 @@ impl NetBackend {
         config: NetConfig,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
-        let exits = (0..config.queue_pairs)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
+        let exits = WorkerExits::new(config.queue_pairs)?;
         // A guest may use fewer pairs than it is offered (Linux uses one per
         // vCPU): the TAP would still steer flows to the unused pairs' queues
         // and they would be lost, so only pair 0 starts attached.
@@ -147,9 +144,7 @@ impl NetBackend {
 
     /// Wakes every worker thread so that it exits.
     pub fn stop_workers(&self) {
-        for (_, notifier) in &self.exits {
-            let _ = notifier.notify();
-        }
+        self.exits.stop_all();
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -433,12 +428,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.config_space();
-        let start = (offset as usize).min(CONFIG_LEN);
-        let end = start.saturating_add(size as usize).min(CONFIG_LEN);
-        let mut out = space[start..end].to_vec();
-        out.resize(size as usize, 0);
-        out
+        worker::config_slice(&self.config_space(), offset, size)
     }
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
@@ -452,8 +442,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exits.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        self.exits.exit_event(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

@@ -1,0 +1,76 @@
+//! What a backend's `VhostUserBackend` impl repeats for every device: the
+//! eventfd pair that tells each worker thread to exit, and the slice of the
+//! config space a frontend reads.
+
+use std::io;
+
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+/// One exit event per worker thread: vhost-user-backend's worker waits on
+/// the consumer (`exit_event`), and [`WorkerExits::stop_all`] signals each.
+#[derive(Debug)]
+pub struct WorkerExits(Vec<(EventConsumer, EventNotifier)>);
+
+impl WorkerExits {
+    pub fn new(threads: usize) -> io::Result<Self> {
+        (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The exit event of worker `thread`, for `VhostUserBackend::exit_event`.
+    pub fn exit_event(&self, thread: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.0.get(thread)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    /// Wakes every worker thread so that it exits.
+    pub fn stop_all(&self) {
+        for (_, notifier) in &self.0 {
+            let _ = notifier.notify();
+        }
+    }
+}
+
+/// `size` bytes of `space` from `offset`, zero past its end: what
+/// `VhostUserBackend::get_config` answers, whatever the frontend asks.
+pub fn config_slice(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(space.len());
+    let end = start.saturating_add(size as usize).min(space.len());
+    let mut out = space[start..end].to_vec();
+    out.resize(size as usize, 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_read_zeros() {
+        let space = [1u8, 2, 3, 4];
+        assert_eq!(config_slice(&space, 1, 2), [2, 3]);
+        assert_eq!(config_slice(&space, 3, 3), [4, 0, 0]);
+        assert_eq!(config_slice(&space, 9, 2), [0, 0]);
+        assert_eq!(config_slice(&space, u32::MAX, 1), [0]);
+    }
+
+    #[test]
+    fn each_worker_gets_its_own_exit_event() {
+        let exits = WorkerExits::new(2).unwrap();
+        assert_eq!(exits.threads(), 2);
+        let (first, _) = exits.exit_event(0).unwrap();
+        let (second, _) = exits.exit_event(1).unwrap();
+        assert!(exits.exit_event(2).is_none());
+        exits.stop_all();
+        assert!(first.consume().is_ok());
+        assert!(second.consume().is_ok());
+    }
+}
