@@ -21,7 +21,7 @@ use crate::arch::boot::{self, BootError};
 use crate::arch::cpuid::Topology;
 use crate::arch::layout;
 use crate::arch::regs::{self, RegsError};
-use crate::device_manager::{self, BackendSpawner, BlockDeviceError, DeviceError, NetDeviceError};
+use crate::device_manager::{self, AttachError, BackendSpawner, DeviceError, DeviceKind};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::metrics::DeviceCounters;
@@ -58,9 +58,7 @@ pub enum StartMicrovmError {
     #[error(transparent)]
     Devices(#[from] DeviceError),
     #[error(transparent)]
-    Block(#[from] BlockDeviceError),
-    #[error(transparent)]
-    Net(#[from] NetDeviceError),
+    Device(#[from] AttachError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
@@ -83,8 +81,7 @@ impl StartMicrovmError {
             | Self::Boot(BootError::Cmdline(_))
             | Self::Memory(MemoryError::MoreThanHost { .. })
             | Self::Memory(MemoryError::HugePageMultiple(_))
-            | Self::Block(_)
-            | Self::Net(_) => ExitCode::BadConfiguration,
+            | Self::Device(_) => ExitCode::BadConfiguration,
             _ => ExitCode::UnexpectedError,
         }
     }
@@ -462,17 +459,11 @@ pub fn build_microvm(
     let block_devices = if resources.drives.is_empty() {
         Vec::new()
     } else {
-        let spawner = BackendSpawner::new(
-            options
-                .vhost_user_blk_bin
-                .clone()
-                .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-blk")),
-            options.backend_launcher.clone(),
-            options.backend_run_dir.clone(),
-            "drive",
-            options.seccomp.clone(),
-        )
-        .map_err(BlockDeviceError::from_spawner)?;
+        let spawner = device_manager::spawner(
+            DeviceKind::Drive,
+            options.vhost_user_blk_bin.as_ref(),
+            options,
+        )?;
         device_manager::attach_block_devices(
             &vm,
             &guest_memory,
@@ -487,17 +478,11 @@ pub fn build_microvm(
     let net_devices = if resources.network_interfaces.is_empty() {
         Vec::new()
     } else {
-        let spawner = BackendSpawner::new(
-            options
-                .vhost_user_net_bin
-                .clone()
-                .unwrap_or_else(|| BackendSpawner::default_binary("vhost-user-net")),
-            options.backend_launcher.clone(),
-            options.backend_run_dir.clone(),
-            "interface",
-            options.seccomp.clone(),
-        )
-        .map_err(NetDeviceError::from_spawner)?;
+        let spawner = device_manager::spawner(
+            DeviceKind::Interface,
+            options.vhost_user_net_bin.as_ref(),
+            options,
+        )?;
         device_manager::attach_net_devices(
             &vm,
             &guest_memory,

@@ -9,13 +9,15 @@ mod backend_watch;
 mod block;
 mod legacy;
 mod net;
+mod vhost_user;
 
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use backend_watch::Connector;
-pub use block::{attach_block_devices, BlockDeviceError, BlockTransport};
+pub use block::{attach_block_devices, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
-pub use net::{attach_net_devices, NetBackendMonitor, NetDeviceError, NetTransport};
+pub use net::{attach_net_devices, NetBackendMonitor, NetTransport};
+pub use vhost_user::{spawner, AttachError, DeviceKind};
 
 use std::sync::{Arc, Mutex};
 

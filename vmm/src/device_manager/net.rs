@@ -9,12 +9,11 @@
 //! device's IRQ.
 
 use std::os::fd::RawFd;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use api_server::config::{parse_mac, NetworkInterfaceConfig};
-use devices::vhost_user::net::{VhostUserNet, VhostUserNetError};
-use devices::vhost_user::{FrontendError, VhostUserDevice, VhostUserFrontend};
+use devices::vhost_user::net::VhostUserNet;
+use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
 use devices::virtio::{MmioTransport, NOTIFY_REG_OFFSET};
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -23,41 +22,14 @@ use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
-use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
+use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
+use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
 use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
 /// RX and TX: the queues of one pair.
 const QUEUES_PER_PAIR: u64 = 2;
-
-/// Errors attaching network devices.
-#[derive(Debug, thiserror::Error)]
-pub enum NetDeviceError {
-    #[error("too many virtio devices: interface {0} has no MMIO slot or IRQ left")]
-    NoSlot(String),
-    #[error("interface {id}: {source}")]
-    Backend {
-        id: String,
-        source: BackendProcessError,
-    },
-    #[error("interface {id}: {source}")]
-    Frontend { id: String, source: FrontendError },
-    #[error(transparent)]
-    Device(#[from] VhostUserNetError),
-    #[error("interface {id}: {source}")]
-    Attach { id: String, source: MmioSlotError },
-}
-
-impl NetDeviceError {
-    /// A backend binary that cannot be used, before any interface is set up.
-    pub fn from_spawner(source: BackendProcessError) -> Self {
-        Self::Backend {
-            id: "(all)".into(),
-            source,
-        }
-    }
-}
 
 /// A network device on the MMIO bus.
 pub type NetTransport = Arc<Mutex<MmioTransport<VhostUserNet>>>;
@@ -67,20 +39,7 @@ pub type NetTransport = Arc<Mutex<MmioTransport<VhostUserNet>>>;
 fn connect(
     iface: &NetworkInterfaceConfig,
     spawner: &BackendSpawner,
-) -> Result<VhostUserFrontend, NetDeviceError> {
-    let id = &iface.iface_id;
-    let frontend_err = |source| NetDeviceError::Frontend {
-        id: id.clone(),
-        source,
-    };
-    let max_queues = QUEUES_PER_PAIR * u64::from(iface.queue_pairs());
-    if let Some(socket) = &iface.socket {
-        return VhostUserFrontend::connect(Path::new(socket), max_queues).map_err(frontend_err);
-    }
-    let tap = BackendTarget::Tap {
-        name: iface.host_dev_name.as_deref().unwrap_or_default(),
-        queue_pairs: iface.queue_pairs(),
-    };
+) -> Result<VhostUserFrontend, AttachError> {
     let mut args = Vec::new();
     if let Some(mac) = &iface.guest_mac {
         args.extend(["--mac".to_string(), mac.clone()]);
@@ -88,13 +47,16 @@ fn connect(
     if let Some(mtu) = iface.mtu {
         args.extend(["--mtu".to_string(), mtu.to_string()]);
     }
-    let stream = spawner
-        .spawn(id, tap, &args)
-        .map_err(|source| NetDeviceError::Backend {
-            id: id.clone(),
-            source,
-        })?;
-    VhostUserFrontend::from_stream(stream, max_queues).map_err(frontend_err)
+    let source = BackendSource {
+        socket: iface.socket.as_deref(),
+        target: BackendTarget::Tap {
+            name: iface.host_dev_name.as_deref().unwrap_or_default(),
+            queue_pairs: iface.queue_pairs(),
+        },
+        args,
+        max_queues: QUEUES_PER_PAIR * u64::from(iface.queue_pairs()),
+    };
+    vhost_user::connect(DeviceKind::Interface, &iface.iface_id, source, spawner)
 }
 
 /// Connects the guest to the VMM for the control queue: an ioeventfd on
@@ -127,16 +89,20 @@ pub fn attach_net_devices(
     first_slot: usize,
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
-) -> Result<Vec<(NetTransport, Connector)>, NetDeviceError> {
+) -> Result<Vec<(NetTransport, Connector)>, AttachError> {
     let mut transports = Vec::new();
     for (index, iface) in ifaces.iter().enumerate() {
         let id = iface.iface_id.clone();
-        let (base, irq) = virtio_mmio_slot(first_slot + index)
-            .ok_or_else(|| NetDeviceError::NoSlot(id.clone()))?;
+        let (base, irq) =
+            virtio_mmio_slot(first_slot + index).ok_or_else(|| AttachError::NoSlot {
+                kind: DeviceKind::Interface,
+                id: id.clone(),
+            })?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
         let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
-        let attach_err = |source| NetDeviceError::Attach {
+        let attach_err = |source| AttachError::Attach {
+            kind: DeviceKind::Interface,
             id: id.clone(),
             source,
         };

@@ -1,0 +1,142 @@
+//! What attaching any vhost-user device takes, whatever its kind: a
+//! backend (an external socket, or a process the VMM starts for the
+//! device's file or TAP), and errors that name the device by kind and id.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use devices::vhost_user::blk::VhostUserBlockError;
+use devices::vhost_user::net::VhostUserNetError;
+use devices::vhost_user::{FrontendError, VhostUserFrontend};
+
+use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
+use super::MmioSlotError;
+use crate::builder::BootOptions;
+
+/// The kinds of vhost-user devices, as the API names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Drive,
+    Interface,
+}
+
+impl DeviceKind {
+    /// The backend binary the VMM starts for this kind.
+    fn backend_binary(self) -> &'static str {
+        match self {
+            DeviceKind::Drive => "vhost-user-blk",
+            DeviceKind::Interface => "vhost-user-net",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            DeviceKind::Drive => "drive",
+            DeviceKind::Interface => "interface",
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.noun())
+    }
+}
+
+/// Errors attaching a vhost-user device.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("too many virtio devices: {kind} {id} has no MMIO slot or IRQ left")]
+    NoSlot { kind: DeviceKind, id: String },
+    #[error("{kind} {id}: {source}")]
+    Backend {
+        kind: DeviceKind,
+        id: String,
+        source: BackendProcessError,
+    },
+    #[error("{kind} {id}: {source}")]
+    Frontend {
+        kind: DeviceKind,
+        id: String,
+        source: FrontendError,
+    },
+    #[error(transparent)]
+    Block(#[from] VhostUserBlockError),
+    #[error(transparent)]
+    Net(#[from] VhostUserNetError),
+    #[error("{kind} {id}: {source}")]
+    Attach {
+        kind: DeviceKind,
+        id: String,
+        source: MmioSlotError,
+    },
+    #[error("{kind} {id}: cannot add it to the kernel command line: {source}")]
+    Cmdline {
+        kind: DeviceKind,
+        id: String,
+        source: linux_loader::cmdline::Error,
+    },
+}
+
+/// Where one device's backend comes from.
+pub struct BackendSource<'a> {
+    /// An external backend's socket; otherwise the VMM starts one.
+    pub socket: Option<&'a str>,
+    /// What a started backend serves.
+    pub target: BackendTarget<'a>,
+    /// A started backend's own flags.
+    pub args: Vec<String>,
+    /// The most queues the device may use.
+    pub max_queues: u64,
+}
+
+/// Connects to the device's backend: its socket, or a backend the VMM
+/// starts for it.
+pub fn connect(
+    kind: DeviceKind,
+    id: &str,
+    source: BackendSource,
+    spawner: &BackendSpawner,
+) -> Result<VhostUserFrontend, AttachError> {
+    let frontend_err = |source| AttachError::Frontend {
+        kind,
+        id: id.to_string(),
+        source,
+    };
+    if let Some(socket) = source.socket {
+        return VhostUserFrontend::connect(Path::new(socket), source.max_queues)
+            .map_err(frontend_err);
+    }
+    let stream = spawner
+        .spawn(id, source.target, &source.args)
+        .map_err(|err| AttachError::Backend {
+            kind,
+            id: id.to_string(),
+            source: err,
+        })?;
+    VhostUserFrontend::from_stream(stream, source.max_queues).map_err(frontend_err)
+}
+
+/// What starts `kind`'s backends: `binary` (from the command line) or the
+/// one next to tessera, through the jailer's launcher or the VMM's
+/// backend starter.
+pub fn spawner(
+    kind: DeviceKind,
+    binary: Option<&PathBuf>,
+    options: &BootOptions,
+) -> Result<BackendSpawner, AttachError> {
+    BackendSpawner::new(
+        binary
+            .cloned()
+            .unwrap_or_else(|| BackendSpawner::default_binary(kind.backend_binary())),
+        options.backend_launcher.clone(),
+        options.backend_run_dir.clone(),
+        kind.noun(),
+        options.seccomp.clone(),
+    )
+    .map_err(|source| AttachError::Backend {
+        kind,
+        id: "(all)".into(),
+        source,
+    })
+}
