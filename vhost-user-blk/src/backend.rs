@@ -443,8 +443,8 @@ impl BlockBackend {
         ring.set_next_used(used);
         ring.set_next_avail(used.wrapping_add(left.len() as u16));
         // Once per queue per new backend: the VMM bounds how often that is.
-        eprintln!(
-            "vhost-user-blk: queue {queue}: resubmitting {} request(s) an earlier backend left in flight",
+        log::info!(
+            "queue {queue}: resubmitting {} request(s) an earlier backend left in flight",
             left.len()
         );
         if let Some(list) = self.resubmit.get(queue) {
@@ -623,8 +623,8 @@ impl VhostUserBackend for BlockBackend {
         // Once per activation: a guest resetting its driver in a loop must
         // not flood the log.
         if let Some(suppressed) = ACTIVATIONS.admit() {
-            eprintln!(
-                "vhost-user-blk: tracking in-flight requests of {} queue(s) of {} entries in the frontend's region{}",
+            log::info!(
+                "tracking in-flight requests of {} queue(s) of {} entries in the frontend's region{}",
                 given.num_queues,
                 given.queue_size,
                 if suppressed > 0 { format!(" ({suppressed} such lines suppressed)") } else { String::new() }
@@ -701,7 +701,7 @@ impl VhostUserBackend for BlockBackend {
         // The library starts the workers; each confines itself before it
         // touches its first guest request.
         if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
-            eprintln!("vhost-user-blk: {err}; exiting rather than serve unconfined");
+            log::error!("{err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
         if self.is_broken() {

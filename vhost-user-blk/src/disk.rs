@@ -84,8 +84,8 @@ impl Disk {
         })?;
         if !size.is_multiple_of(SECTOR_SIZE) {
             // As Firecracker does: the guest sees the whole sectors.
-            eprintln!(
-                "vhost-user-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
+            log::warn!(
+                "{} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last {} \
                  byte(s) are not visible to the guest",
                 display(),
                 size % SECTOR_SIZE

@@ -69,8 +69,8 @@ struct Cli {
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
 fn log_stats(stats: &BlockStats) {
-    eprintln!(
-        "vhost-user-blk: {} request(s) failed, {} queue(s) broken",
+    log::info!(
+        "{} request(s) failed, {} queue(s) broken",
         stats.failed_requests.load(Ordering::Relaxed),
         stats.broken_queues.load(Ordering::Relaxed)
     );
@@ -94,7 +94,7 @@ fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
                 Err(err) => format!("flush failed: {err}"),
             };
             log_stats(&backend.stats);
-            eprintln!("vhost-user-blk: the device is broken; {flushed}; closing the connection");
+            log::error!("the device is broken; {flushed}; closing the connection");
             std::process::exit(EXIT_BROKEN);
         })?;
     Ok(())
@@ -162,7 +162,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         move || {
             log_stats(&backend.stats);
             if let Err(err) = backend.flush() {
-                eprintln!("vhost-user-blk: flush failed: {err}");
+                log::error!("flush failed: {err}");
             }
         }
     };

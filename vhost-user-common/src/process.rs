@@ -61,10 +61,27 @@ impl Process {
     /// more). virtio-queue logs an error for each bad chain a guest posts,
     /// with no limit: it is off unless `RUST_LOG` names it; backends report
     /// a broken ring themselves, rate-limited.
+    /// The backend's own lines (its crate's and this one's) are logged
+    /// from `info` up, each as `<name>: <message>` (`<name>: <level>:
+    /// <message>` for warnings and errors), on stderr, which the VMM passes
+    /// on to its own log.
     pub fn start(name: &'static str) -> Self {
+        use std::io::Write;
+        let own_crate = name.replace('-', "_");
         env_logger::Builder::new()
             .filter_level(log::LevelFilter::Warn)
+            .filter_module(&own_crate, log::LevelFilter::Info)
+            .filter_module("vhost_user_common", log::LevelFilter::Info)
             .filter_module("virtio_queue", log::LevelFilter::Off)
+            .format(move |buf, record| match record.level() {
+                log::Level::Info => writeln!(buf, "{name}: {}", record.args()),
+                level => writeln!(
+                    buf,
+                    "{name}: {}: {}",
+                    level.as_str().to_lowercase(),
+                    record.args()
+                ),
+            })
             .parse_env(env_logger::Env::default())
             .init();
         Self { name }
@@ -76,13 +93,13 @@ impl Process {
 
     /// Logs `failure` and returns its exit status.
     pub fn exit(self, failure: Failure) -> ExitCode {
-        eprintln!("{}: {failure}", self.name);
+        log::error!("{failure}");
         ExitCode::from(failure.code())
     }
 
-    /// Says what the process does (on stderr, which the VMM logs).
+    /// Says what the process does.
     pub fn announce(self, what: impl std::fmt::Display) {
-        eprintln!("{}: {what}", self.name);
+        log::info!("{what}");
     }
 
     /// The socket frontends connect to: `--socket PATH`, or an inherited
@@ -148,7 +165,7 @@ impl Process {
             .spawn(move || {
                 let name = signals.wait().map_or("a signal", Signal::as_str);
                 on_signal();
-                eprintln!("{}: {name}: exiting", self.name);
+                log::info!("{name}: exiting");
                 std::process::exit(0);
             })
             .map_err(|err| Failure::runtime(format_args!("cannot wait for SIGTERM: {err}")))?;

@@ -474,14 +474,14 @@ impl VhostUserBackend for NetBackend {
         // The library starts the workers; each confines itself before it
         // touches its first guest request.
         if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
-            eprintln!("vhost-user-net: {err}; exiting rather than serve unconfined");
+            log::error!("{err}; exiting rather than serve unconfined");
             std::process::exit(1);
         }
         if let Err(err) = self.serve_event(device_event, evset, vrings, thread_id) {
             // vhost-user-backend would end the worker and tell no one: the
             // pair would go silent while the process looks alive. Ending
             // the process closes the connection, which the VMM watches.
-            eprintln!("vhost-user-net: worker {thread_id}: {err}; exiting");
+            log::error!("worker {thread_id}: {err}; exiting");
             std::process::exit(1);
         }
         Ok(())

@@ -62,8 +62,8 @@ struct Cli {
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
 fn log_stats(stats: &backend::NetStats) {
-    eprintln!(
-        "vhost-user-net: tx {} frames ({} dropped), rx {} frames ({} dropped), {} broken queue(s)",
+    log::info!(
+        "tx {} frames ({} dropped), rx {} frames ({} dropped), {} broken queue(s)",
         stats.tx_frames.load(Ordering::Relaxed),
         stats.tx_dropped.load(Ordering::Relaxed),
         stats.rx_frames.load(Ordering::Relaxed),

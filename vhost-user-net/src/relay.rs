@@ -216,8 +216,8 @@ impl Requests {
                 }
                 if !self.deferred_any {
                     self.deferred_any = true;
-                    eprintln!(
-                        "vhost-user-net: SET_VRING_ENABLE (ring {index}) before SET_FEATURES: \
+                    log::info!(
+                        "SET_VRING_ENABLE (ring {index}) before SET_FEATURES: \
                          deferring such requests until SET_FEATURES"
                     );
                 }
@@ -285,7 +285,7 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream, rings: u32) -> io::Resul
         .name("relay-requests".into())
         .spawn(move || {
             if let Err(err) = requests.run() {
-                eprintln!("vhost-user-net: relaying the frontend's requests: {err}");
+                log::error!("relaying the frontend's requests: {err}");
             }
             let _ = requests.backend.shutdown(Shutdown::Both);
         })?;
