@@ -27,6 +27,7 @@ use devices::{Bus, BusDevice, BusError};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::layout;
 use crate::vstate::vm::{Vm, VmError};
@@ -69,16 +70,26 @@ pub fn wire_queues(
     irq: u32,
     queues: &VhostUserQueues,
 ) -> Result<(), MmioSlotError> {
-    for (index, kick) in queues.kick_fds().iter().enumerate() {
+    let kicks = (0u32..).zip(queues.kick_fds());
+    wire_eventfds(vm, base, irq, kicks, queues.call_fds())
+}
+
+/// Registers each `(queue index, kick)` as an ioeventfd on the slot's
+/// QueueNotify register, matching the index, and each call eventfd as an
+/// irqfd on the slot's IRQ.
+pub fn wire_eventfds<'a>(
+    vm: &Vm,
+    base: u64,
+    irq: u32,
+    kicks: impl IntoIterator<Item = (u32, &'a EventFd)>,
+    calls: impl IntoIterator<Item = &'a EventFd>,
+) -> Result<(), MmioSlotError> {
+    for (index, kick) in kicks {
         vm.fd()
-            .register_ioevent(
-                kick,
-                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                index as u32,
-            )
+            .register_ioevent(kick, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), index)
             .map_err(MmioSlotError::IoEvent)?;
     }
-    for call in queues.call_fds() {
+    for call in calls {
         vm.register_irqfd(call, irq)?;
     }
     Ok(())

@@ -14,10 +14,9 @@ use std::sync::{Arc, Mutex};
 use api_server::config::{parse_mac, NetworkInterfaceConfig};
 use devices::vhost_user::net::VhostUserNet;
 use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
-use devices::virtio::{MmioTransport, NOTIFY_REG_OFFSET};
+use devices::virtio::MmioTransport;
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use kvm_ioctls::IoEventAddress;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -25,7 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
+use super::{place_on_bus, virtio_mmio_slot, wire_eventfds, wire_queues, MmioSlotError};
 use crate::vstate::vm::Vm;
 
 /// RX and TX: the queues of one pair.
@@ -67,14 +66,10 @@ fn wire_ctrl_queue(
     irq: u32,
     device: &VhostUserNet,
 ) -> Result<(), MmioSlotError> {
-    let Some((index, kick, call)) = device.ctrl_eventfds() else {
-        return Ok(());
-    };
-    vm.fd()
-        .register_ioevent(kick, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), index)
-        .map_err(MmioSlotError::IoEvent)?;
-    vm.register_irqfd(call, irq)?;
-    Ok(())
+    match device.ctrl_eventfds() {
+        Some((index, kick, call)) => wire_eventfds(vm, base, irq, [(index, kick)], [call]),
+        None => Ok(()),
+    }
 }
 
 /// Creates a device per interface from MMIO slot `first_slot` on, wires
