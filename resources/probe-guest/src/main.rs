@@ -77,6 +77,9 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     entry::extend_identity_map(ram_end);
     e820::report(&boot.e820, image, verbose);
     mptable::report(verbose);
+    if cmdline::flag(cmdline, "probe.cpuid") {
+        report_cpuid();
+    }
     let clock = timer::init(cmdline);
     if verbose {
         outln!("probe.clock={}", clock.name());
@@ -126,6 +129,37 @@ fn boot_timer_addr(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) -> Option
         );
     }
     usable
+}
+
+/// Subleaves listed per leaf: enough for the topology (0xb, 0x1f), cache
+/// (4, 0x8000_001d) and extended-state (0xd) leaves of a small VM.
+const CPUID_SUBLEAVES: u32 = 4;
+
+/// `probe.cpuid`: one `probe.cpuid=<leaf>,<subleaf>,<eax>,<ebx>,<ecx>,<edx>`
+/// line (hex) per basic, hypervisor and extended leaf the VMM reports, so
+/// that two VMMs' CPUID can be compared line by line.
+fn report_cpuid() {
+    use core::arch::x86_64::__cpuid_count;
+    for base in [0u32, 0x4000_0000, 0x8000_0000] {
+        let max = __cpuid_count(base, 0).eax;
+        if max < base || max - base > 0x40 {
+            continue;
+        }
+        for leaf in base..=max {
+            for subleaf in 0..CPUID_SUBLEAVES {
+                let r = __cpuid_count(leaf, subleaf);
+                outln!(
+                    "probe.cpuid={:#x},{},{:#x},{:#x},{:#x},{:#x}",
+                    leaf,
+                    subleaf,
+                    r.eax,
+                    r.ebx,
+                    r.ecx,
+                    r.edx
+                );
+            }
+        }
+    }
 }
 
 /// What the virtio device drivers need to know.

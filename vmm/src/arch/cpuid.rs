@@ -32,6 +32,8 @@ const LEAF_AMD_EXT_FEATURES: u32 = 0x8000_0001;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+/// The processor brand string, 16 bytes per leaf.
+const LEAVES_BRAND_STRING: std::ops::RangeInclusive<u32> = 0x8000_0002..=0x8000_0004;
 
 const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
@@ -124,6 +126,13 @@ pub fn normalize(cpuid: &mut CpuId, topo: Topology) -> Result<(), CpuidError> {
                 let cache_level = (entry.eax >> 5) & 0x7;
                 let sharing = if cache_level >= 3 { cpu_count } else { threads };
                 entry.eax = (entry.eax & !(0xfff << 14)) | ((sharing - 1) << 14);
+            }
+            // KVM reports these as zeros: the guest would see no model
+            // name (Firecracker passes the host's on too).
+            leaf if LEAVES_BRAND_STRING.contains(&leaf) => {
+                let host = host_cpuid(leaf, 0);
+                (entry.eax, entry.ebx, entry.ecx, entry.edx) =
+                    (host.eax, host.ebx, host.ecx, host.edx);
             }
             LEAF_AMD_EXT_APIC_ID if is_amd => {
                 entry.eax = apic_id;
@@ -250,6 +259,26 @@ mod tests {
         assert!(cpuid.as_slice().iter().all(|e| e.function != 0x1f));
         let core = find(&cpuid, LEAF_EXT_TOPOLOGY, 1);
         assert_eq!((core.eax, core.ebx), (0, 1));
+    }
+
+    #[test]
+    fn the_brand_string_is_the_hosts() {
+        let leaves: Vec<_> = LEAVES_BRAND_STRING.map(|leaf| entry(leaf, 0)).collect();
+        let mut cpuid = CpuId::from_entries(&leaves).unwrap();
+        let topo = Topology {
+            cpu_index: 0,
+            cpu_count: 1,
+            threads_per_core: 1,
+        };
+        normalize(&mut cpuid, topo).unwrap();
+        for leaf in LEAVES_BRAND_STRING {
+            let host = host_cpuid(leaf, 0);
+            let guest = find(&cpuid, leaf, 0);
+            assert_eq!(
+                (guest.eax, guest.ebx, guest.ecx, guest.edx),
+                (host.eax, host.ebx, host.ecx, host.edx)
+            );
+        }
     }
 
     #[test]
