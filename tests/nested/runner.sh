@@ -388,10 +388,29 @@ scenario_bench() {
 	fi
 }
 
+# CPUID as an L2 sees it, under tessera and (when build-l1.sh put it in
+# /opt/peers) under Firecracker: the probe lists every leaf; each line that
+# differs is printed as nested.cpuid.diff=<line>.
+scenario_cpuid() {
+	cat >/tmp/cpuid.json <<JSON
+{"boot-source": {"kernel_image_path": "$L2/probe-guest.elf", "boot_args": "console=ttyS0 probe.cpuid"},
+ "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}
+JSON
+	timeout 60 tessera --no-api --config-file /tmp/cpuid.json 2>/dev/null | grep '^probe.cpuid=' >/tmp/cpuid.tessera
+	if [ ! -x /opt/peers/firecracker ]; then
+		ok cpuid "$(wc -l </tmp/cpuid.tessera) leaves under tessera; no Firecracker to compare with"
+		return
+	fi
+	timeout 60 /opt/peers/firecracker --no-api --config-file /tmp/cpuid.json 2>/dev/null |
+		grep '^probe.cpuid=' >/tmp/cpuid.firecracker
+	diff /tmp/cpuid.tessera /tmp/cpuid.firecracker | sed -n 's/^\([<>]\) probe.cpuid=/nested.cpuid.diff=\1 /p'
+	ok cpuid "$(wc -l </tmp/cpuid.tessera) leaves under tessera, $(wc -l </tmp/cpuid.firecracker) under Firecracker"
+}
+
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench | cpuid | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac
