@@ -429,29 +429,31 @@ fn cell(
         "frame_bytes": len,
     });
     for (at, kind) in backends.iter().enumerate() {
-        let figures = figures(mode, &samples[at], &failures[at]);
-        match kind {
-            NetBackend::Tessera => merge(&mut out, figures),
-            _ => {
-                out[format!("tessera_over_{}", kind.name().replace('-', "_"))] =
-                    ratios(&out, &figures);
-                out[kind.name()] = figures;
-            }
-        }
+        add_figures(&mut out, kind, figures(mode, &samples[at], &failures[at]));
     }
     out
 }
 
-/// Copies `from`'s fields into `into`.
-pub(crate) fn merge(into: &mut Value, from: Value) {
-    if let (Some(into), Value::Object(from)) = (into.as_object_mut(), from) {
-        into.extend(from);
+/// Puts one backend's figures into a cell: Tessera's at the top level,
+/// another backend's under its name, with Tessera's medians over its.
+pub(crate) fn add_figures(cell: &mut Value, kind: &NetBackend, figures: Value) {
+    match kind {
+        NetBackend::Tessera => {
+            if let (Some(cell), Value::Object(figures)) = (cell.as_object_mut(), figures) {
+                cell.extend(figures);
+            }
+        }
+        _ => {
+            cell[format!("tessera_over_{}", kind.name().replace('-', "_"))] =
+                ratios(cell, &figures);
+            cell[kind.name()] = figures;
+        }
     }
 }
 
 /// Tessera's medians over a peer's: packets per second (above 1: ours is
 /// faster) and backend CPU per packet (below 1: ours uses less).
-pub(crate) fn ratios(ours: &Value, theirs: &Value) -> Value {
+fn ratios(ours: &Value, theirs: &Value) -> Value {
     let ratio = |key: &str| median(&ours[key]) / median(&theirs[key]);
     json!({
         "packets_per_second": ratio("packets_per_second"),

@@ -68,8 +68,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::net_dpdk::{
-    finish_backend, load_average, merge, ratios, start_backend, tap_counters, udp_frame,
-    NetBackend, BACKEND_CPU, FRONTEND_CPU, TAP_TXQUEUELEN,
+    add_figures, finish_backend, load_average, start_backend, tap_counters, udp_frame, NetBackend,
+    BACKEND_CPU, FRONTEND_CPU, TAP_TXQUEUELEN,
 };
 use super::{cpu_seconds, pin_this_thread, summary};
 
@@ -1044,15 +1044,7 @@ fn cell(netns: &Netns, dir: &Path, case: &Case, runs: usize, backends: &[NetBack
         out["tap_reader"] = json!(case.reader);
     }
     for (at, kind) in backends.iter().enumerate() {
-        let figures = figures(case, &samples[at], &failures[at]);
-        match kind {
-            NetBackend::Tessera => merge(&mut out, figures),
-            _ => {
-                out[format!("tessera_over_{}", kind.name().replace('-', "_"))] =
-                    ratios(&out, &figures);
-                out[kind.name()] = figures;
-            }
-        }
+        add_figures(&mut out, kind, figures(case, &samples[at], &failures[at]));
     }
     out
 }
