@@ -25,8 +25,8 @@ mod netproto;
 mod phys;
 mod ping;
 mod pit;
-mod timer;
 mod serial;
+mod timer;
 mod virtio;
 mod virtio_blk;
 mod virtio_net;
@@ -117,9 +117,10 @@ fn boot_timer_addr(cmdline: &[u8], map: &e820::Map, image: (u64, u64)) -> Option
     };
     let addr = value.and_then(|v| cmdline::kstrtoull(v, 0));
     let usable = addr.filter(|&a| {
-        let in_ram = map.entries().iter().any(|e| {
-            e.kind == e820::TYPE_RAM && a >= e.addr && a - e.addr < e.size
-        });
+        let in_ram = map
+            .entries()
+            .iter()
+            .any(|e| e.kind == e820::TYPE_RAM && a >= e.addr && a - e.addr < e.size);
         a < entry::mapped_limit() && !in_ram && !(image.0..image.1).contains(&a)
     });
     if usable.is_none() {

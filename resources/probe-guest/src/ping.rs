@@ -21,8 +21,8 @@
 
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, EchoRequest};
-use crate::timer;
 use crate::serial::outln;
+use crate::timer;
 use crate::virtio_net::{self, Net};
 
 /// Default number of echo requests.

@@ -44,8 +44,8 @@ use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::{self, BadOption};
-use crate::timer;
 use crate::serial::outln;
+use crate::timer;
 use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
 
 /// virtio device id of the block device.

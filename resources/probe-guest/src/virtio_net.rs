@@ -40,8 +40,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, Answer, ETH_HLEN, Iface};
 use crate::ping::Pinger;
-use crate::timer;
 use crate::serial::outln;
+use crate::timer;
 use crate::virtio::{self, Buffer, Error, Mmio, QUEUE_SIZE, Transport, Used, Virtqueue};
 
 /// virtio device id of the network device.
