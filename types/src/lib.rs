@@ -27,6 +27,8 @@ pub enum TypeError {
     InheritedFd(String),
     #[error("invalid queue size {0:?}: expected {expected}", expected = QueueSize::EXPECTED)]
     QueueSize(String),
+    #[error("invalid guest CID {0:?}: expected a number from 3 to 4294967295 (0 to 2 are reserved; 2 is the host)")]
+    GuestCid(String),
 }
 
 /// Implements `Display`, `Serialize` and `Deserialize` through the text
@@ -247,9 +249,75 @@ impl fmt::Display for QueueSize {
     }
 }
 
+/// A guest's vsock context id: 3 to `u32::MAX` (0 and 1 are reserved, 2
+/// is the host). Firecracker's API takes it as a JSON number; the config
+/// space holds it as 64 bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct GuestCid(u32);
+
+impl GuestCid {
+    pub const MIN: u32 = 3;
+
+    pub fn new(cid: u64) -> Result<Self, TypeError> {
+        match u32::try_from(cid) {
+            Ok(cid) if cid >= Self::MIN => Ok(Self(cid)),
+            _ => Err(TypeError::GuestCid(cid.to_string())),
+        }
+    }
+
+    pub fn get(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+impl FromStr for GuestCid {
+    type Err = TypeError;
+
+    fn from_str(text: &str) -> Result<Self, TypeError> {
+        let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+        match text.parse::<u64>() {
+            Ok(cid) if digits => Self::new(cid).map_err(|_| TypeError::GuestCid(text.into())),
+            _ => Err(TypeError::GuestCid(text.to_string())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GuestCid {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::new(u64::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for GuestCid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_cids_start_at_3_and_fit_32_bits() {
+        for good in ["3", "4294967295"] {
+            assert_eq!(good.parse::<GuestCid>().unwrap().to_string(), good);
+        }
+        for bad in ["0", "1", "2", "4294967296", "-3", "+3", "x", ""] {
+            assert!(bad.parse::<GuestCid>().is_err(), "{bad}");
+        }
+        assert_eq!(serde_json::from_str::<GuestCid>("52").unwrap().get(), 52);
+        let err = serde_json::from_str::<GuestCid>("2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid guest CID \"2\""), "{err}");
+        assert!(serde_json::from_str::<GuestCid>("\"3\"").is_err());
+        assert_eq!(
+            serde_json::to_string(&GuestCid::new(3).unwrap()).unwrap(),
+            "3"
+        );
+    }
 
     #[test]
     fn queue_sizes_are_powers_of_two_up_to_32768() {

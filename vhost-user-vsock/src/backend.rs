@@ -1,0 +1,333 @@
+//! The vhost-user vsock device: features, the config space (the guest's
+//! CID), and one worker thread for the RX, TX and event queues and the
+//! muxer's host sockets. TX hands each guest packet to the muxer; RX fills
+//! the guest's buffers with what the muxer owes it while both have some.
+//! The event queue carries only TRANSPORT_RESET, which the device sends
+//! on snapshot restore; its buffers wait until then.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_common::guest_log;
+use vhost_user_common::ratelimit::{self, RateLimit};
+use vhost_user_common::ring::{self, RingError};
+use vhost_user_common::worker::{self, WorkerExits};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::muxer::Muxer;
+use crate::packet::Header;
+
+/// RX, TX and event.
+pub const NUM_QUEUES: usize = 3;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+/// The worker's event for the muxer's epoll fd (after the queues' and
+/// the exit event's).
+pub const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// The largest payload of one packet, either way (Linux's own limit).
+pub const MAX_PACKET_DATA: u32 = 64 * 1024;
+/// Packets one event takes from, or gives to, a queue before the worker
+/// looks at its other events and comes back.
+pub const MAX_PACKETS_PER_EVENT: usize = 256;
+
+/// Guest packets dropped, logged at debug level.
+static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+/// Queues broken by the guest.
+static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
+
+/// Settings of the device.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub queue_size: usize,
+    /// The seccomp filters; the worker installs "worker" at its first event.
+    pub seccomp: tessera_seccomp::Filters,
+}
+
+/// Why the worker stopped serving a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Broken(#[from] RingError),
+    #[error("its rings cannot be updated: {0}")]
+    Ring(#[from] virtio_queue::Error),
+    #[error("the guest cannot be signalled: {0}")]
+    Signal(#[from] io::Error),
+}
+
+/// A virtio-vsock device served over vhost-user.
+pub struct VsockBackend {
+    config: VsockConfig,
+    muxer: Mutex<Muxer>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: AtomicBool,
+    exits: WorkerExits,
+    /// Per queue: the guest broke it; not served until it is set up again.
+    broken: [AtomicBool; NUM_QUEUES],
+}
+
+impl VsockBackend {
+    pub fn new(
+        muxer: Muxer,
+        config: VsockConfig,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            config,
+            muxer: Mutex::new(muxer),
+            mem,
+            event_idx: AtomicBool::new(false),
+            exits: WorkerExits::new(1)?,
+            broken: Default::default(),
+        })
+    }
+
+    /// The muxer (its epoll fd for the worker, its counters).
+    pub fn muxer(&self) -> MutexGuard<'_, Muxer> {
+        self.muxer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the worker thread so that it exits.
+    pub fn stop_workers(&self) {
+        self.exits.stop_all();
+    }
+
+    fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
+        if !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification()? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the guest broke `queue`.
+    pub fn is_broken(&self, queue: usize) -> bool {
+        self.broken
+            .get(queue)
+            .is_some_and(|b| b.load(Ordering::Acquire))
+    }
+
+    fn break_queue(&self, queue: usize, err: &QueueError) {
+        if let Some(broken) = self.broken.get(queue) {
+            broken.store(true, Ordering::Release);
+        }
+        guest_log!(
+            &BROKEN,
+            log::Level::Error,
+            "queue {queue} is broken and no longer served: {err}"
+        );
+    }
+
+    /// Guest to host: every packet posted goes to the muxer, then back to
+    /// the guest. Returns whether the budget ran out (more may wait).
+    fn process_tx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
+        let mem = self.mem.memory();
+        let mut taken = 0;
+        loop {
+            vring.disable_notification()?;
+            let mut used = 0;
+            while taken < MAX_PACKETS_PER_EVENT {
+                let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
+                let Some(mut chain) = next else {
+                    break;
+                };
+                let head = chain.head_index();
+                match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PACKET_DATA) {
+                    Ok(packet) => muxer.on_guest_packet(&Header::of(&packet), packet.data_slice()),
+                    Err(err) => {
+                        muxer.stats.dropped_packets.fetch_add(1, Ordering::Relaxed);
+                        guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
+                    }
+                }
+                vring.add_used(head, 0)?;
+                used += 1;
+                taken += 1;
+            }
+            if used > 0 {
+                self.signal(vring)?;
+            }
+            if taken == MAX_PACKETS_PER_EVENT {
+                return Ok(true);
+            }
+            if !vring.enable_notification()? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Host to guest: fills RX buffers with the packets the muxer owes,
+    /// while both have some. Returns whether the budget ran out.
+    fn process_rx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
+        let mem = self.mem.memory();
+        let mut given = 0;
+        let mut result = Ok(false);
+        while muxer.has_rx_work() {
+            if given == MAX_PACKETS_PER_EVENT {
+                result = Ok(true);
+                break;
+            }
+            let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
+            let Some(mut chain) = next else {
+                // No buffers: wait for the guest's kick (unless buffers
+                // came in between).
+                if vring.enable_notification()? {
+                    vring.disable_notification()?;
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let mut packet =
+                match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PACKET_DATA) {
+                    Ok(packet) => packet,
+                    Err(err) => {
+                        guest_log!(&DROPPED, log::Level::Debug, "RX buffer refused: {err}");
+                        vring.add_used(head, 0)?;
+                        given += 1;
+                        continue;
+                    }
+                };
+            let mut header = Header::default();
+            let Some(len) = muxer.fill_rx(&mut header, packet.data_slice()) else {
+                vring.get_mut().get_queue_mut().go_to_previous_position();
+                break;
+            };
+            header.write_to(&mut packet);
+            vring.add_used(head, PKT_HEADER_SIZE as u32 + len)?;
+            given += 1;
+        }
+        if given > 0 {
+            self.signal(vring)?;
+        }
+        result
+    }
+
+    /// Serves one worker event: a queue's kick or news from the host
+    /// sockets, then whatever the guest is owed.
+    fn serve_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+        let [rx, tx, _event] = vrings else {
+            return Err(io::Error::other(format!("{} vrings, not 3", vrings.len())));
+        };
+        let mut muxer = self.muxer();
+        match usize::from(device_event) {
+            RX => {}
+            TX => {
+                if !self.is_broken(TX) {
+                    match self.process_tx(tx, &mut muxer) {
+                        Ok(true) => kick(tx),
+                        Ok(false) => {}
+                        Err(err) => self.break_queue(TX, &err),
+                    }
+                }
+            }
+            EVENT => {}
+            _ if device_event == MUXER_EVENT => muxer.on_host_events()?,
+            _ => return Err(io::Error::other(format!("unexpected event {device_event}"))),
+        }
+        if !self.is_broken(RX) && rx.get_ref().get_queue().ready() {
+            match self.process_rx(rx, &mut muxer) {
+                Ok(true) => kick(rx),
+                Ok(false) => {}
+                Err(err) => self.break_queue(RX, &err),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Has the worker come back to `vring` after its other events.
+fn kick(vring: &VringRwLock) {
+    if let Some(kick) = vring.get_ref().get_kick() {
+        ring::kick_again(kick);
+    }
+}
+
+impl VhostUserBackend for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.config.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cid = self.muxer().guest_cid();
+        worker::config_slice(&cid.to_le_bytes(), offset, size)
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![(1 << NUM_QUEUES) - 1]
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exits.exit_event(thread_index)
+    }
+
+    /// A stopped queue is a reset device (or a new frontend): the guest's
+    /// connections are gone with it.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(broken) = self.broken.get(queue_index as usize) {
+            broken.store(false, Ordering::Release);
+        }
+        if queue_index as usize == RX {
+            self.muxer().reset();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
+            log::error!("{err}; exiting rather than serve unconfined");
+            std::process::exit(1);
+        }
+        if !evset.contains(EventSet::IN) {
+            log::error!("worker {thread_id}: unexpected event set {evset:?}; exiting");
+            std::process::exit(1);
+        }
+        if let Err(err) = self.serve_event(device_event, vrings) {
+            // vhost-user-backend would end the worker and tell no one.
+            log::error!("worker {thread_id}: {err}; exiting");
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}
