@@ -3,7 +3,7 @@
 use crate::config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, InstanceInfo, LoggerConfig,
     MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, SerialConfig,
+    NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
 };
 
 /// One request for the VMM thread.
@@ -22,6 +22,7 @@ pub enum VmmAction {
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     PutSerial(SerialConfig),
+    PutVsock(VsockDeviceConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

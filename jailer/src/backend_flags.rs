@@ -81,11 +81,26 @@ pub const NET_FLAGS: &[(&str, Value)] = &[
     ),
 ];
 
+/// `vhost-user-vsock`'s flags (less `--socket`, `--fd`, `--uds-path`,
+/// `--uds-fd`, `--seccomp-filter` and `--no-seccomp`).
+pub const VSOCK_FLAGS: &[(&str, Value)] = &[
+    (
+        "--guest-cid",
+        Value::Number {
+            min: tessera_types::GuestCid::MIN as u64,
+            max: u32::MAX as u64,
+        },
+    ),
+    ("--queue-size", Value::QueueSize),
+    ("--max-connections", Value::Number { min: 1, max: 65536 }),
+];
+
 /// The flags of `kind`.
 pub fn flags(kind: BackendKind) -> &'static [(&'static str, Value)] {
     match kind {
         BackendKind::Blk => BLK_FLAGS,
         BackendKind::Net => NET_FLAGS,
+        BackendKind::Vsock => VSOCK_FLAGS,
     }
 }
 
@@ -317,7 +332,7 @@ mod tests {
 
     #[test]
     fn samples_pass_the_whitelist() {
-        for kind in [BackendKind::Blk, BackendKind::Net] {
+        for kind in [BackendKind::Blk, BackendKind::Net, BackendKind::Vsock] {
             let samples = samples(kind);
             assert!(samples.len() >= flags(kind).len());
             for sample in samples {

@@ -52,6 +52,8 @@ pub enum BackendKind {
     Blk,
     /// `vhost-user-net`.
     Net,
+    /// `vhost-user-vsock`.
+    Vsock,
 }
 
 /// A request to start one backend.
@@ -67,6 +69,11 @@ pub struct LaunchRequest {
     pub tap: Option<String>,
     /// `Net` only: how many TAP queues (fds) to open, 1 to 16; `Blk`: 0.
     pub tap_queue_pairs: u16,
+    /// `Vsock` only: the host side's socket path (`--uds-path`), where
+    /// guest-initiated connections go (`<uds_path>_<port>`); its listening
+    /// socket is the request's second fd.
+    #[serde(default)]
+    pub uds_path: Option<String>,
 }
 
 /// The launcher's answer.
@@ -267,6 +274,7 @@ mod tests {
             args: vec!["--readonly".into()],
             tap: None,
             tap_queue_pairs: 0,
+            uds_path: None,
         }
     }
 

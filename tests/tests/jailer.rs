@@ -917,17 +917,27 @@ fn every_flag_the_launcher_passes_on_is_one_its_backend_takes() {
     for (kind, exe) in [
         (BackendKind::Blk, "vhost-user-blk"),
         (BackendKind::Net, "vhost-user-net"),
+        (BackendKind::Vsock, "vhost-user-vsock"),
     ] {
         for sample in samples(kind) {
             let mut args: Vec<String> = vec!["--fd".into(), "998".into()];
             let fd_flags = match kind {
                 BackendKind::Blk => 1,
                 BackendKind::Net => usize::from(net_queues(&sample) / 2),
+                BackendKind::Vsock => 1,
             };
             let fd_flag = match kind {
                 BackendKind::Blk => "--disk-fd",
                 BackendKind::Net => "--tap-fd",
+                BackendKind::Vsock => "--uds-fd",
             };
+            if kind == BackendKind::Vsock {
+                // What the launch request carries beside the flags.
+                args.extend(["--uds-path".into(), "/nonexistent/v.sock".into()]);
+                if !sample.contains(&"--guest-cid".to_string()) {
+                    args.extend(["--guest-cid".into(), "3".into()]);
+                }
+            }
             for _ in 0..fd_flags {
                 args.extend([fd_flag.to_string(), "999".to_string()]);
             }

@@ -77,6 +77,7 @@ fn uds_listener(cli: &Cli) -> Result<UnixListener, Failure> {
 }
 
 fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
+    let host_listener = uds_listener(cli)?;
     let seccomp = process.seccomp(&cli.common, SECCOMP_FILTERS)?;
     let mut listener = process.listener(&cli.common)?;
     let muxer_config = MuxerConfig {
@@ -84,7 +85,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         uds_path: cli.uds_path.clone(),
         max_connections: cli.max_connections as usize,
     };
-    let muxer = Muxer::new(muxer_config, uds_listener(cli)?)
+    let muxer = Muxer::new(muxer_config, host_listener)
         .map_err(|err| Failure::runtime(format_args!("cannot serve the host side: {err}")))?;
     let stats = muxer.stats.clone();
     let epoll_fd = muxer.epoll_fd();

@@ -98,6 +98,8 @@ pub struct BootOptions {
     pub vhost_user_blk_bin: Option<PathBuf>,
     /// The vhost-user-net backend binary (default: next to this executable).
     pub vhost_user_net_bin: Option<PathBuf>,
+    /// The vhost-user-vsock backend binary (default: next to this executable).
+    pub vhost_user_vsock_bin: Option<PathBuf>,
     /// When the process started (wall clock and CPU time).
     pub start_wall: Instant,
     pub start_cpu: Duration,
@@ -151,6 +153,7 @@ pub struct Vmm {
     /// Starts the drives' backends (kept for a drive's new file).
     block_spawner: Option<BackendSpawner>,
     net_devices: Vec<device_manager::NetTransport>,
+    vsock_device: Option<device_manager::VsockTransport>,
     resources: VmResources,
     paused: bool,
     event_manager: EventManager<Subscriber>,
@@ -330,6 +333,13 @@ impl Vmm {
                 serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
             ));
         }
+        if let Some(transport) = &self.vsock_device {
+            let transport = lock(transport);
+            counters.push((
+                "vsock".to_string(),
+                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
+            ));
+        }
         counters
     }
 }
@@ -408,7 +418,10 @@ pub fn build_microvm(
     }
     let mem_size = (machine.mem_size_mib as u64) << 20;
     // Backends map guest RAM only when there are devices for them.
-    let sharing = if resources.drives.is_empty() && resources.network_interfaces.is_empty() {
+    let sharing = if resources.drives.is_empty()
+        && resources.network_interfaces.is_empty()
+        && resources.vsock.is_none()
+    {
         memory::Sharing::Private
     } else {
         memory::Sharing::Shared
@@ -448,7 +461,10 @@ pub fn build_microvm(
         serial_output(serial_path.as_deref())?,
         boot_timer,
     )?;
-    if !resources.drives.is_empty() || !resources.network_interfaces.is_empty() {
+    let has_backends = !resources.drives.is_empty()
+        || !resources.network_interfaces.is_empty()
+        || resources.vsock.is_some();
+    if has_backends {
         let filters = options.seccomp.clone();
         devices::vhost_user::watchdog::start(move || {
             filters.apply("vmm").map_err(|err| err.to_string())
@@ -492,6 +508,25 @@ pub fn build_microvm(
             &mut legacy.mmio_bus,
             &mut cmdline,
         )?
+    };
+    let vsock_device = match &resources.vsock {
+        None => None,
+        Some(vsock) => {
+            let spawner = device_manager::spawner(
+                DeviceKind::Vsock,
+                options.vhost_user_vsock_bin.as_ref(),
+                options,
+            )?;
+            Some(device_manager::attach_vsock_device(
+                &vm,
+                &guest_memory,
+                vsock,
+                &spawner,
+                block_devices.len() + net_devices.len(),
+                &mut legacy.mmio_bus,
+                &mut cmdline,
+            )?)
+        }
     };
 
     boot::configure_system(
@@ -557,6 +592,15 @@ pub fn build_microvm(
             .map_err(|e| event_loop_err(&e))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
     }
+    let vsock_device = match vsock_device {
+        None => None,
+        Some((transport, connect)) => {
+            let monitor = device_manager::VsockBackendMonitor::new(transport.clone(), connect)
+                .map_err(|e| event_loop_err(&e))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
+            Some(transport)
+        }
+    };
 
     let terminal = TerminalGuard::raw_stdin();
     if terminal.is_some() {
@@ -591,6 +635,7 @@ pub fn build_microvm(
         block_devices,
         block_spawner,
         net_devices,
+        vsock_device,
         resources: resources.clone(),
         paused: false,
         event_manager,

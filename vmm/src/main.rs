@@ -64,6 +64,10 @@ struct Cli {
     /// `host_dev_name` (default: the one next to this executable).
     #[arg(long, value_name = "PATH")]
     vhost_user_net_bin: Option<PathBuf>,
+    /// The vhost-user-vsock binary started for the vsock device (default:
+    /// the one next to this executable).
+    #[arg(long, value_name = "PATH")]
+    vhost_user_vsock_bin: Option<PathBuf>,
     /// Set by the jailer: wall-clock start of the jailer, in microseconds.
     #[arg(long, value_name = "US", hide = true)]
     start_time_us: Option<u64>,
@@ -212,6 +216,7 @@ fn main() {
         serial_out: cli.serial_out,
         vhost_user_blk_bin: cli.vhost_user_blk_bin,
         vhost_user_net_bin: cli.vhost_user_net_bin,
+        vhost_user_vsock_bin: cli.vhost_user_vsock_bin,
         start_wall,
         start_cpu,
         seccomp,

@@ -119,6 +119,7 @@ pub struct Metrics {
     pub logger: RequestCounters,
     pub metrics: RequestCounters,
     pub serial: RequestCounters,
+    pub vsock: RequestCounters,
     /// Process start to the API socket answering, and its CPU time.
     pub startup_time_us: AtomicU64,
     pub startup_time_cpu_us: AtomicU64,
@@ -194,6 +195,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("metrics", &m.metrics),
             ("network", &m.network_put),
             ("serial", &m.serial),
+            ("vsock", &m.vsock),
         ]),
         "patch_api_requests": requests(&[
             ("drive", &m.drive_patch),

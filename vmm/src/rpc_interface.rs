@@ -166,6 +166,7 @@ pub fn run_preboot(
                 counted(&m.metrics, outcome)
             }
             VmmAction::PutSerial(config) => counted(&m.serial, empty(resources.set_serial(config))),
+            VmmAction::PutVsock(config) => counted(&m.vsock, empty(resources.set_vsock(config))),
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
@@ -221,6 +222,7 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutLogger(_) => counted(&m.logger, post_boot()),
         VmmAction::PutMetrics(_) => counted(&m.metrics, post_boot()),
         VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
+        VmmAction::PutVsock(_) => counted(&m.vsock, post_boot()),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
     }
 }

@@ -11,6 +11,7 @@ mod metrics;
 mod net;
 mod serial;
 mod vm;
+mod vsock;
 
 pub use boot_source::{BootSourceConfig, BootSourceError, DEFAULT_KERNEL_CMDLINE};
 pub use drive::{BlockDeviceConfig, BlockDeviceUpdate, CacheType, DriveError, IoEngine};
@@ -26,6 +27,7 @@ pub use serial::{SerialConfig, SerialError};
 pub use vm::{
     ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
 };
+pub use vsock::{VsockDeviceConfig, VsockError, MAX_UDS_PATH_LEN};
 
 /// Firecracker's rule for resource ids ([`tessera_types::DeviceId`]).
 pub fn is_valid_id(id: &str) -> bool {

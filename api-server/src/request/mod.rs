@@ -12,6 +12,7 @@ mod net;
 mod serial;
 mod unsupported;
 mod vm;
+mod vsock;
 
 use serde::de::DeserializeOwned;
 
@@ -75,6 +76,7 @@ pub fn parse_request(
         ("PUT", ["logger"]) => logger::parse_put(&body).and_then(action),
         ("PUT", ["metrics"]) => metrics::parse_put(&body).and_then(action),
         ("PUT", ["serial"]) => serial::parse_put(&body).and_then(action),
+        ("PUT", ["vsock"] | ["vsock", _]) => vsock::parse_put(&body).and_then(action),
         (_, [resource, ..]) if unsupported::is_unsupported(resource) => {
             Err(unsupported::parse(&body, resource))
         }
@@ -198,13 +200,32 @@ mod tests {
     }
 
     #[test]
-    fn unbuilt_features_answer_not_supported() {
-        for (method, path, body) in [
-            (
+    fn vsock_is_put_with_or_without_a_path_segment() {
+        let body = r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#;
+        for path in ["/vsock", "/vsock/vsock0", "/vsock/anything"] {
+            let Ok(ParsedRequest::Action(VmmAction::PutVsock(config))) = parse("PUT", path, body)
+            else {
+                panic!("{path} is not a PutVsock");
+            };
+            assert_eq!(config.uds_path, "/v.sock");
+        }
+        assert!(matches!(
+            parse("PUT", "/vsock/a/b", body),
+            Err(RequestError::InvalidPathMethod(..))
+        ));
+        assert!(matches!(
+            parse(
                 "PUT",
                 "/vsock",
-                r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
+                r#"{"guest_cid": 1, "uds_path": "/v.sock"}"#
             ),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn unbuilt_features_answer_not_supported() {
+        for (method, path, body) in [
             (
                 "PUT",
                 "/balloon",
@@ -229,7 +250,7 @@ mod tests {
         }
         // Their bodies are still parsed.
         assert!(matches!(
-            parse("PUT", "/vsock", "{oops"),
+            parse("PUT", "/balloon", "{oops"),
             Err(RequestError::InvalidJson(_))
         ));
     }

@@ -1,4 +1,4 @@
-//! Firecracker resources Tessera has not built yet: vsock, balloon, MMDS,
+//! Firecracker resources Tessera has not built yet: balloon, MMDS,
 //! entropy, snapshots, CPU templates, pmem and memory hotplug. Their bodies
 //! are still parsed, so a malformed body gets the JSON error, and a
 //! well-formed one a clear "not supported yet", never a 404.
@@ -6,7 +6,6 @@
 use super::{Body, RequestError};
 
 const UNSUPPORTED: &[&str] = &[
-    "vsock",
     "balloon",
     "mmds",
     "entropy",

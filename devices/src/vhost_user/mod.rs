@@ -8,6 +8,7 @@ pub mod features;
 mod frontend;
 pub mod net;
 mod queues;
+pub mod vsock;
 pub mod watchdog;
 
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};

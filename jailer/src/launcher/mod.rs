@@ -501,6 +501,7 @@ mod tests {
             args: Vec::new(),
             tap: None,
             tap_queue_pairs: 0,
+            uds_path: None,
         }
     }
 

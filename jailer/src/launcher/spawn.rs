@@ -63,6 +63,7 @@ pub fn backend_args(exe_name: &str, request: &LaunchRequest, fd_count: usize) ->
     let extra = match request.kind {
         BackendKind::Blk => "--disk-fd",
         BackendKind::Net => "--tap-fd",
+        BackendKind::Vsock => "--uds-fd",
     };
     for i in 1..fd_count {
         args.push(extra.to_string());
@@ -131,6 +132,12 @@ pub fn spawn(
     let bin = match request.kind {
         BackendKind::Blk => &cfg.blk_bin,
         BackendKind::Net => &cfg.net_bin,
+        BackendKind::Vsock => {
+            return Err(
+                "vsock backends cannot run under the jailer yet: its jail would need the host socket's directory"
+                    .into(),
+            )
+        }
     };
     if !bin.is_file() {
         return Err(format!(
@@ -276,6 +283,7 @@ pub fn backend_namespaces(kind: BackendKind) -> CloneFlags {
     match kind {
         BackendKind::Blk => CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET,
         BackendKind::Net => CloneFlags::CLONE_NEWNS,
+        BackendKind::Vsock => CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET,
     }
 }
 
@@ -358,6 +366,7 @@ mod tests {
             args: vec!["--readonly".into()],
             tap: None,
             tap_queue_pairs: 0,
+            uds_path: None,
         };
         assert_eq!(
             backend_args("vhost-user-blk", &request, 2),

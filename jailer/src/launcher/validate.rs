@@ -26,6 +26,7 @@ pub fn expected_fds(kind: BackendKind) -> usize {
     match kind {
         BackendKind::Blk => 2,
         BackendKind::Net => 1,
+        BackendKind::Vsock => 2,
     }
 }
 
@@ -36,11 +37,24 @@ pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
     check_args(request.kind, &request.args).map_err(|err| err.to_string())?;
     match request.kind {
         BackendKind::Blk => {
-            if request.tap.is_some() || request.tap_queue_pairs != 0 {
-                return Err("a blk request takes no tap and tap_queue_pairs 0".into());
+            if request.tap.is_some() || request.tap_queue_pairs != 0 || request.uds_path.is_some() {
+                return Err("a blk request takes no tap, no uds_path and tap_queue_pairs 0".into());
             }
         }
+        BackendKind::Vsock => {
+            if request.tap.is_some() || request.tap_queue_pairs != 0 {
+                return Err("a vsock request takes no tap and tap_queue_pairs 0".into());
+            }
+            let path = request
+                .uds_path
+                .as_deref()
+                .ok_or_else(|| "a vsock request needs a uds_path".to_string())?;
+            check_uds_path(path)?;
+        }
         BackendKind::Net => {
+            if request.uds_path.is_some() {
+                return Err("a net request takes no uds_path".into());
+            }
             let tap = request
                 .tap
                 .as_deref()
@@ -60,6 +74,20 @@ pub fn check_request(request: &LaunchRequest) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks a vsock device's host socket path: absolute, without `..`, and
+/// short enough for a socket address with `_<port>` after it.
+pub fn check_uds_path(path: &str) -> Result<(), String> {
+    /// `sun_path` holds 108 bytes with its NUL; `_4294967295` takes 11.
+    const MAX_LEN: usize = 107 - 11;
+    let parent_dir = path.split('/').any(|part| part == "..");
+    if !path.starts_with('/') || parent_dir || path.len() > MAX_LEN || path.contains('\0') {
+        return Err(format!(
+            "invalid uds_path {path:?}: expected an absolute path of at most {MAX_LEN} bytes without '..'"
+        ));
     }
     Ok(())
 }
@@ -114,6 +142,9 @@ pub fn check_fds(kind: BackendKind, fds: &[OwnedFd]) -> Result<(), String> {
     if !is_listening_unix_socket(&fds[0]) {
         return Err("the first fd is not a listening unix stream socket".into());
     }
+    if kind == BackendKind::Vsock && !is_listening_unix_socket(&fds[1]) {
+        return Err("the second fd is not a listening unix stream socket".into());
+    }
     if kind == BackendKind::Blk && !is_disk(&fds[1]) {
         return Err("the second fd is not a regular file or block device".into());
     }
@@ -131,6 +162,7 @@ mod tests {
             args: vec![],
             tap: tap.map(String::from),
             tap_queue_pairs: pairs,
+            uds_path: None,
         }
     }
 

@@ -35,7 +35,7 @@ fn open_disk(path: &str, read_only: bool) -> Result<File, BackendProcessError> {
 /// Errors starting a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendProcessError {
-    #[error("the backend binary {0} does not exist; build it or pass --vhost-user-blk-bin or --vhost-user-net-bin")]
+    #[error("the backend binary {0} does not exist; build it or pass --vhost-user-blk-bin, --vhost-user-net-bin or --vhost-user-vsock-bin")]
     MissingBinary(String),
     #[error("cannot create the backend socket in {dir}: {source}")]
     Socket { dir: String, source: std::io::Error },
@@ -63,6 +63,12 @@ pub enum BackendTarget<'a> {
     Disk { path: &'a str, read_only: bool },
     /// An existing TAP, with one queue per pair.
     Tap { name: &'a str, queue_pairs: u16 },
+    /// A vsock device's host side: its socket path and the socket
+    /// listening there (bound when the device was configured).
+    VsockHost {
+        uds_path: &'a str,
+        listener: &'a UnixListener,
+    },
 }
 
 /// Starts backend processes, one per device, through the jailer's
@@ -158,9 +164,26 @@ impl BackendSpawner {
                     args,
                     tap: None,
                     tap_queue_pairs: 0,
+                    uds_path: None,
                 };
                 self.channel
                     .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
+                    .map_err(launch_err)?
+            }
+            BackendTarget::VsockHost {
+                uds_path,
+                listener: host,
+            } => {
+                let request = LaunchRequest {
+                    kind: BackendKind::Vsock,
+                    device_id: id.to_string(),
+                    args,
+                    tap: None,
+                    tap_queue_pairs: 0,
+                    uds_path: Some(uds_path.to_string()),
+                };
+                self.channel
+                    .launch(&request, &[listener.as_raw_fd(), host.as_raw_fd()])
                     .map_err(launch_err)?
             }
             BackendTarget::Tap { name, queue_pairs } => {
@@ -171,6 +194,7 @@ impl BackendSpawner {
                     args,
                     tap: Some(name.to_string()),
                     tap_queue_pairs: queue_pairs,
+                    uds_path: None,
                 };
                 self.channel
                     .launch(&request, &[listener.as_raw_fd()])

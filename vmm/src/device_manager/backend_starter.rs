@@ -159,7 +159,7 @@ impl Starter {
             return Err(format!("{MAX_BACKENDS} backends are running already"));
         }
         let expected = match request.kind {
-            BackendKind::Blk => 2,
+            BackendKind::Blk | BackendKind::Vsock => 2,
             BackendKind::Net => 1,
         };
         if fds.len() != expected {
@@ -185,6 +185,17 @@ impl Starter {
                 tap.parse::<tessera_types::TapName>()
                     .map_err(|err| err.to_string())?;
                 command.arg("--tap").arg(tap);
+            }
+            BackendKind::Vsock => {
+                let path = request
+                    .uds_path
+                    .as_deref()
+                    .ok_or("a vsock request needs a uds_path")?;
+                command
+                    .arg("--uds-path")
+                    .arg(path)
+                    .arg("--uds-fd")
+                    .arg((FIRST_BACKEND_FD + 1).to_string());
             }
         }
         command.args(&request.args);

@@ -1,5 +1,5 @@
 //! Attaches devices to the VM: the legacy devices on the port I/O bus, and
-//! the virtio-mmio devices (vhost-user block and net) in the MMIO hole, each with its
+//! the virtio-mmio devices (vhost-user block, net and vsock) in the MMIO hole, each with its
 //! ioeventfds, irqfd and kernel command-line entry.
 
 mod backend_monitor;
@@ -10,6 +10,7 @@ mod block;
 mod legacy;
 mod net;
 mod vhost_user;
+mod vsock;
 
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
@@ -18,6 +19,7 @@ pub use block::{attach_block_devices, BlockTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{attach_net_devices, NetBackendMonitor, NetTransport};
 pub use vhost_user::{spawner, AttachError, DeviceKind};
+pub use vsock::{attach_vsock_device, VsockBackendMonitor, VsockTransport};
 
 use std::sync::{Arc, Mutex};
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use devices::vhost_user::blk::VhostUserBlockError;
 use devices::vhost_user::net::VhostUserNetError;
+use devices::vhost_user::vsock::VhostUserVsockError;
 use devices::vhost_user::{FrontendError, VhostUserFrontend};
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
@@ -18,6 +19,7 @@ use crate::builder::BootOptions;
 pub enum DeviceKind {
     Drive,
     Interface,
+    Vsock,
 }
 
 impl DeviceKind {
@@ -26,6 +28,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Drive => "vhost-user-blk",
             DeviceKind::Interface => "vhost-user-net",
+            DeviceKind::Vsock => "vhost-user-vsock",
         }
     }
 
@@ -33,6 +36,7 @@ impl DeviceKind {
         match self {
             DeviceKind::Drive => "drive",
             DeviceKind::Interface => "interface",
+            DeviceKind::Vsock => "vsock",
         }
     }
 }
@@ -64,6 +68,8 @@ pub enum AttachError {
     Block(#[from] VhostUserBlockError),
     #[error(transparent)]
     Net(#[from] VhostUserNetError),
+    #[error(transparent)]
+    Vsock(#[from] VhostUserVsockError),
     #[error("{kind} {id}: {source}")]
     Attach {
         kind: DeviceKind,

@@ -6,6 +6,9 @@
 
 mod host;
 mod net;
+mod vsock;
+
+pub use vsock::{VsockResource, VsockSocketError};
 
 use std::path::Path;
 
@@ -18,7 +21,7 @@ pub use api_server::config::{
 };
 use api_server::config::{
     BlockDeviceUpdate, BootSourceError, DriveError, MachineConfigError, NetError,
-    NetworkInterfaceUpdate,
+    NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
 };
 
 /// Errors in a configuration file or resource.
@@ -61,6 +64,10 @@ pub enum ResourcesError {
     },
     #[error(transparent)]
     Serial(#[from] api_server::config::SerialError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error(transparent)]
+    VsockSocket(#[from] VsockSocketError),
     #[error("drive {id:?}: path_on_host {path} cannot be set: the drive is served by the backend at socket {socket}, which owns its file")]
     SocketDrivePath {
         id: String,
@@ -87,10 +94,10 @@ pub struct VmConfigFile {
     pub metrics: Option<MetricsConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockDeviceConfig>,
     // Sections of Firecracker's schema that Tessera parses but cannot honour
     // yet. They are rejected by name rather than as unknown fields.
-    #[serde(default, skip_serializing)]
-    pub vsock: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
     pub balloon: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default, skip_serializing)]
@@ -115,6 +122,7 @@ pub struct VmResources {
     pub logger: Option<LoggerConfig>,
     pub metrics: Option<MetricsConfig>,
     pub serial: Option<SerialConfig>,
+    pub vsock: Option<VsockResource>,
 }
 
 impl VmResources {
@@ -131,7 +139,6 @@ impl VmResources {
     pub fn from_json(json: &str) -> Result<Self, ResourcesError> {
         let file: VmConfigFile = serde_json::from_str(json)?;
         let unsupported = [
-            ("vsock", file.vsock.is_some()),
             ("balloon", file.balloon.is_some()),
             ("mmds-config", file.mmds_config.is_some()),
             ("entropy", file.entropy.is_some()),
@@ -162,6 +169,9 @@ impl VmResources {
         for iface in file.network_interfaces {
             resources.insert_network_interface(iface)?;
         }
+        if let Some(vsock) = file.vsock {
+            resources.set_vsock(vsock)?;
+        }
         Ok(resources)
     }
 
@@ -179,6 +189,13 @@ impl VmResources {
             return Err(ResourcesError::RateLimiter("serial".into()));
         }
         self.serial = Some(serial);
+        Ok(())
+    }
+
+    /// Sets (or replaces) the vsock device, binding its host socket.
+    pub fn set_vsock(&mut self, config: VsockDeviceConfig) -> Result<(), ResourcesError> {
+        config.validate()?;
+        self.vsock = Some(VsockResource::bind(config, self.vsock.as_ref())?);
         Ok(())
     }
 
@@ -294,7 +311,7 @@ impl VmResources {
             "metrics": self.metrics,
             "serial": self.serial,
             "balloon": null,
-            "vsock": null,
+            "vsock": self.vsock.as_ref().map(|v| &v.config),
             "mmds-config": null,
             "entropy": null,
             "cpu-config": null,
@@ -464,11 +481,33 @@ mod tests {
         let err = VmResources::from_json(&top).unwrap_err().to_string();
         assert!(err.contains("unknown field `extra`"), "{err}");
 
-        let vsock = format!(
-            r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "vsock": {{"guest_cid": 3}}}}"#
+        let balloon = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "balloon": {{"amount_mib": 0}}}}"#
         );
-        let err = VmResources::from_json(&vsock).unwrap_err().to_string();
-        assert_eq!(err, "\"vsock\" is not supported by Tessera yet");
+        let err = VmResources::from_json(&balloon).unwrap_err().to_string();
+        assert_eq!(err, "\"balloon\" is not supported by Tessera yet");
+    }
+
+    #[test]
+    fn a_config_file_vsock_binds_its_socket_and_shows_in_vm_config() {
+        let k = kernel_path();
+        let path =
+            std::env::temp_dir().join(format!("tessera-cfg-vsock-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
+                "vsock": {{"guest_cid": 7, "uds_path": "{}"}}}}"#,
+            path.display()
+        );
+        let res = VmResources::from_json(&json).unwrap();
+        std::os::unix::net::UnixStream::connect(&path).expect("the socket is there");
+        let shown = res.to_config_json();
+        assert_eq!(shown["vsock"]["guest_cid"], 7);
+        assert_eq!(shown["vsock"]["uds_path"], path.display().to_string());
+        let bad = json.replace("\"guest_cid\": 7", "\"guest_cid\": 0");
+        let err = VmResources::from_json(&bad).unwrap_err().to_string();
+        assert!(err.contains("invalid guest CID \"0\""), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

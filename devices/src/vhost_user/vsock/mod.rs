@@ -1,0 +1,5 @@
+//! The vhost-user vsock device (virtio-vsock, device id 19).
+
+mod device;
+
+pub use device::{VhostUserVsock, VhostUserVsockError, QUEUE_SIZE, VIRTIO_ID_VSOCK};

@@ -1,0 +1,109 @@
+//! The vsock device: one virtio-mmio device served by a
+//! `vhost-user-vsock` process the VMM starts with the host socket bound
+//! at configuration time. It takes the MMIO slot after the interfaces'.
+
+use std::sync::{Arc, Mutex};
+
+use devices::vhost_user::vsock::VhostUserVsock;
+use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
+use devices::virtio::MmioTransport;
+use devices::Bus;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use linux_loader::loader::Cmdline;
+use vm_memory::GuestMemoryMmap;
+
+use super::backend_process::{BackendSpawner, BackendTarget};
+use super::backend_watch::{BackendWatch, Connector};
+use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
+use super::{place_on_bus, virtio_mmio_slot, wire_queues};
+use crate::resources::VsockResource;
+use crate::vstate::vm::Vm;
+
+/// The vsock device on the MMIO bus.
+pub type VsockTransport = Arc<Mutex<MmioTransport<VhostUserVsock>>>;
+
+/// The id the device goes by in logs and backend names (Firecracker's
+/// `vsock_id` is deprecated and optional).
+const VSOCK_ID: &str = "vsock";
+/// RX, TX, event.
+const QUEUES: u64 = 3;
+
+fn connect(
+    vsock: &VsockResource,
+    spawner: &BackendSpawner,
+) -> Result<VhostUserFrontend, AttachError> {
+    let source = BackendSource {
+        socket: None,
+        target: BackendTarget::VsockHost {
+            uds_path: &vsock.config.uds_path,
+            listener: &vsock.listener,
+        },
+        args: vec![
+            "--guest-cid".to_string(),
+            vsock.config.guest_cid.to_string(),
+        ],
+        max_queues: QUEUES,
+    };
+    vhost_user::connect(DeviceKind::Vsock, VSOCK_ID, source, spawner)
+}
+
+/// Creates the device in MMIO slot `slot`, wires its queues, puts it on
+/// the bus and adds its `virtio_mmio.device=` entry to `cmdline`.
+pub fn attach_vsock_device(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    vsock: &VsockResource,
+    spawner: &BackendSpawner,
+    slot: usize,
+    mmio_bus: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<(VsockTransport, Connector), AttachError> {
+    let (base, irq) = virtio_mmio_slot(slot).ok_or_else(|| AttachError::NoSlot {
+        kind: DeviceKind::Vsock,
+        id: VSOCK_ID.into(),
+    })?;
+    let frontend = connect(vsock, spawner)?;
+    let cid = vsock.config.guest_cid.get();
+    let device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
+    let attach_err = |source| AttachError::Attach {
+        kind: DeviceKind::Vsock,
+        id: VSOCK_ID.into(),
+        source,
+    };
+    wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
+    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
+    log::info!(
+        "vsock: virtio-mmio at {base:#x}, IRQ {irq}, guest CID {cid}, host socket {}",
+        vsock.config.uds_path
+    );
+    let (vsock, spawner) = (vsock.clone(), spawner.clone());
+    let connector: Connector =
+        Box::new(move || connect(&vsock, &spawner).map_err(|err| err.to_string()));
+    Ok((transport, connector))
+}
+
+/// Watches the vsock device's backend from the main event loop (see
+/// [`BackendWatch`]): a new backend is brought in when it is gone; the
+/// host's connections ended with the old one, and the guest's get resets.
+pub struct VsockBackendMonitor {
+    watch: BackendWatch<VhostUserVsock>,
+}
+
+impl VsockBackendMonitor {
+    pub fn new(transport: VsockTransport, connect: Connector) -> std::io::Result<Self> {
+        Ok(Self {
+            watch: BackendWatch::new(transport, "vsock", connect)?,
+        })
+    }
+}
+
+impl MutEventSubscriber for VsockBackendMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.watch.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.watch.process(&events, ops);
+    }
+}

@@ -1,0 +1,108 @@
+//! The vsock device's host socket, bound when the device is configured
+//! (`PUT /vsock` or the config file) as Firecracker binds it: host clients
+//! may connect as soon as the request returns, before the guest boots;
+//! their `CONNECT` waits in the backlog until the backend serves it.
+
+use std::fmt;
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use api_server::config::VsockDeviceConfig;
+
+/// Errors binding the host socket, worded as Firecracker's.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockSocketError {
+    #[error("Cannot create backend for vsock device: Error binding to the host-side Unix socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The configured device and its listening host socket.
+#[derive(Clone)]
+pub struct VsockResource {
+    pub config: VsockDeviceConfig,
+    pub listener: Arc<UnixListener>,
+}
+
+impl VsockResource {
+    /// Binds `config.uds_path`; `previous` (the device configured before)
+    /// keeps its socket if the path is the same.
+    pub fn bind(
+        config: VsockDeviceConfig,
+        previous: Option<&VsockResource>,
+    ) -> Result<Self, VsockSocketError> {
+        if let Some(previous) = previous.filter(|p| p.config.uds_path == config.uds_path) {
+            return Ok(Self {
+                config,
+                listener: previous.listener.clone(),
+            });
+        }
+        let listener =
+            UnixListener::bind(&config.uds_path).map_err(|source| VsockSocketError::Bind {
+                path: config.uds_path.clone(),
+                source,
+            })?;
+        if let Some(previous) = previous {
+            // Its socket was ours: nobody will serve it now.
+            let _ = std::fs::remove_file(&previous.config.uds_path);
+        }
+        Ok(Self {
+            config,
+            listener: Arc::new(listener),
+        })
+    }
+}
+
+impl PartialEq for VsockResource {
+    fn eq(&self, other: &Self) -> bool {
+        self.config == other.config && Arc::ptr_eq(&self.listener, &other.listener)
+    }
+}
+
+impl fmt::Debug for VsockResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VsockResource")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn config(path: &std::path::Path) -> VsockDeviceConfig {
+        serde_json::from_value(serde_json::json!({
+            "guest_cid": 3,
+            "uds_path": path.display().to_string(),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_socket_exists_once_configured_and_a_taken_path_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tessera-vsock-res-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let first = VsockResource::bind(config(&path), None).unwrap();
+        UnixStream::connect(&path).expect("clients can connect before boot");
+        let err = VsockResource::bind(config(&path), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("Cannot create backend for vsock device: Error binding to the host-side Unix socket"), "{err}");
+        assert!(err.contains("in use"), "{err}");
+        // The same path again keeps the socket; a new path moves it.
+        let again = VsockResource::bind(config(&path), Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&again.listener, &first.listener));
+        let moved = dir.join("w.sock");
+        let _ = std::fs::remove_file(&moved);
+        VsockResource::bind(config(&moved), Some(&again)).unwrap();
+        assert!(!path.exists());
+        UnixStream::connect(&moved).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
