@@ -100,7 +100,7 @@ mod tests {
         assert!(Arc::ptr_eq(&again.listener, &first.listener));
         let moved = dir.join("w.sock");
         let _ = std::fs::remove_file(&moved);
-        VsockResource::bind(config(&moved), Some(&again)).unwrap();
+        let _moved_socket = VsockResource::bind(config(&moved), Some(&again)).unwrap();
         assert!(!path.exists());
         UnixStream::connect(&moved).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
