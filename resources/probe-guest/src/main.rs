@@ -31,6 +31,7 @@ mod virtio;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_rng;
+mod virtio_vsock;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -177,6 +178,9 @@ struct VirtioContext<'a> {
     net_count: u32,
     /// The network device being served (the first one, if it came up).
     net_device: Option<virtio_net::Net>,
+    /// `probe.vsock` or `probe.vsock_connect` options (`None`: socket
+    /// devices are only listed).
+    vsock: Option<virtio_vsock::Options>,
     verbose: bool,
 }
 
@@ -215,6 +219,10 @@ fn probe_virtio(
         outln!("probe.net_error=bad-value,{}", bad);
         None
     });
+    let vsock = virtio_vsock::options(cmdline).unwrap_or_else(|bad| {
+        outln!("probe.vsock=error bad-value,{}", bad);
+        None
+    });
     let mut context = VirtioContext {
         map,
         image,
@@ -223,6 +231,7 @@ fn probe_virtio(
         net,
         net_count: 0,
         net_device: None,
+        vsock,
         verbose,
     };
     // Linux's `vm_cmdline_id`: running platform device id.
@@ -292,6 +301,16 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
                 return;
             }
             virtio_blk::probe(blk_index, regs, &options);
+        }
+        virtio_vsock::DEVICE_ID => {
+            let Some(options) = context.vsock.take() else {
+                return;
+            };
+            if context.window_in_ram(base) {
+                outln!("probe.vsock=error setup base-in-ram");
+                return;
+            }
+            virtio_vsock::probe(regs, &options);
         }
         virtio_net::DEVICE_ID => {
             let net_index = context.net_count;
