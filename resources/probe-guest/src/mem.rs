@@ -111,3 +111,26 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// Copies `src` to the start of `dst` (as many bytes as both hold) with
+/// `rep movsq` and `rep movsb`: the compiler's `memcpy` is a `rep movsb`,
+/// eight times the iterations, each one emulated under kvm_pvm.
+pub fn copy(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len().min(src.len());
+    // The direction flag is clear (Rust ABI): the string instructions copy
+    // `n / 8` words, then `n % 8` bytes, upwards from the starts.
+    // SAFETY: both slices are valid for `n` bytes and cannot overlap (one
+    // is borrowed mutably).
+    unsafe {
+        core::arch::asm!(
+            "rep movsq",
+            "mov ecx, {tail:e}",
+            "rep movsb",
+            tail = in(reg) n & 7,
+            inout("rcx") n / 8 => _,
+            inout("rsi") src.as_ptr() => _,
+            inout("rdi") dst.as_mut_ptr() => _,
+            options(nostack, preserves_flags)
+        )
+    };
+}

@@ -15,7 +15,7 @@
 //! parsed once, only the IPv4 header and the ICMP message are summed (the
 //! ICMP sum is needed to drop corrupt requests), and the reply checksum is
 //! derived from the request's (RFC 1624) instead of summing again. The
-//! echoed data is copied with `rep movsq` (see [`copy`]).
+//! echoed data is copied with `rep movsq` (see [`crate::mem::copy`]).
 
 /// Ethernet header length.
 pub const ETH_HLEN: usize = 14;
@@ -226,7 +226,7 @@ fn ipv4<'a>(
     let (ip, reply_icmp) = reply.split_at_mut(IPV4_HLEN);
     // `reply_len` fits in 16 bits: it is at most `total_len`.
     ip.copy_from_slice(&ipv4_header(tos, reply_len as u16, ip_id, &iface.ip, src));
-    copy(reply_icmp, icmp);
+    crate::mem::copy(reply_icmp, icmp);
     // Only the type changes (8 -> 0): RFC 1624 eqn. 3,
     // HC' = ~(~HC + ~m + m'), and ~m + m' = ~0x0800 for any code byte.
     let new_checksum = !ones_add(!old_checksum, !0x0800);
@@ -315,7 +315,7 @@ pub fn echo_request(iface: &Iface, request: &EchoRequest<'_>, out: &mut [u8]) ->
     let [id_hi, id_lo] = request.id.to_be_bytes();
     let [seq_hi, seq_lo] = request.seq.to_be_bytes();
     *header = [ICMP_ECHO_REQUEST, 0, 0, 0, id_hi, id_lo, seq_hi, seq_lo];
-    copy(data, request.data);
+    crate::mem::copy(data, request.data);
     let [c_hi, c_lo] = (!checksum(icmp)).to_be_bytes();
     *field_mut::<2>(icmp, 2)? = [c_hi, c_lo];
     finish_frame(
@@ -372,29 +372,6 @@ pub fn checksum(data: &[u8]) -> u16 {
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
     (acc as u16).swap_bytes()
-}
-
-/// Copies `src` to the start of `dst` (as many bytes as both hold) with
-/// `rep movsq` and `rep movsb`: the compiler's `memcpy` is a `rep movsb`,
-/// eight times the iterations, each one emulated under kvm_pvm.
-fn copy(dst: &mut [u8], src: &[u8]) {
-    let n = dst.len().min(src.len());
-    // The direction flag is clear (Rust ABI): the string instructions copy
-    // `n / 8` words, then `n % 8` bytes, upwards from the starts.
-    // SAFETY: both slices are valid for `n` bytes and cannot overlap (one
-    // is borrowed mutably).
-    unsafe {
-        core::arch::asm!(
-            "rep movsq",
-            "mov ecx, {tail:e}",
-            "rep movsb",
-            tail = in(reg) n & 7,
-            inout("rcx") n / 8 => _,
-            inout("rsi") src.as_ptr() => _,
-            inout("rdi") dst.as_mut_ptr() => _,
-            options(nostack, preserves_flags)
-        )
-    };
 }
 
 /// Parses `a.b.c.d/prefix` (decimal, each part 0..=255, prefix 0..=32)

@@ -24,6 +24,7 @@ use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::{self, BadOption};
+use crate::mem::copy;
 use crate::serial::outln;
 use crate::timer;
 use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
@@ -55,7 +56,43 @@ const EVENT_BUFFERS: usize = 4;
 const MAX_CONNS: usize = 128;
 /// Bytes of the host's a connection holds until it sends them back: its
 /// `buf_alloc`.
-const HOLD: usize = 16 * 1024;
+const HOLD: usize = 64 * 1024;
+/// The period of the connect mode's pattern, and a copy long enough to
+/// take a whole packet from any phase.
+const PATTERN_PERIOD: u32 = 251;
+const PATTERN_LEN: usize = PATTERN_PERIOD as usize + DATA_LEN;
+
+/// Copies `data` into the ring `ring` from `at` (wrapping): at most two
+/// word copies (every instruction counts when the guest is emulated, see
+/// [`copy`]).
+fn ring_write(ring: &mut [u8; HOLD], at: usize, data: &[u8]) {
+    let first = data.len().min(HOLD - at);
+    copy(&mut ring[at..at + first], &data[..first]);
+    copy(&mut ring[..data.len() - first], &data[first..]);
+}
+
+/// Copies `out.len()` bytes of the ring `ring` from `at` (wrapping).
+fn ring_read(ring: &[u8; HOLD], at: usize, out: &mut [u8]) {
+    let first = out.len().min(HOLD - at);
+    copy(&mut out[..first], &ring[at..at + first]);
+    let rest = out.len() - first;
+    copy(&mut out[first..], &ring[..rest]);
+}
+
+/// Writes the connect mode's pattern: one period by hand, the rest by
+/// doubling copies.
+fn fill_pattern(pattern: &mut [u8; PATTERN_LEN]) {
+    for (i, byte) in pattern[..PATTERN_PERIOD as usize].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    let mut filled = PATTERN_PERIOD as usize;
+    while filled < PATTERN_LEN {
+        let n = filled.min(PATTERN_LEN - filled);
+        pattern.copy_within(..n, filled);
+        filled += n;
+    }
+}
+
 /// The first local port of connections the probe opens.
 const FIRST_LOCAL_PORT: u32 = 1 << 20;
 const DEFAULT_TIMEOUT_MS: u32 = 60_000;
@@ -207,6 +244,8 @@ struct Hold {
 }
 
 struct VsockMem {
+    /// `i % 251` from 0, long enough for a packet from any phase.
+    pattern: [u8; PATTERN_LEN],
     rx: [Slot; RX_BUFFERS],
     tx: [Slot; TX_SLOTS],
     events: [[u8; 8]; EVENT_BUFFERS],
@@ -262,8 +301,9 @@ struct Conn {
     tx_cnt: u32,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
-    /// Connect mode: pattern bytes still to send.
+    /// Connect mode: pattern bytes still to send, and sent.
     to_send: u64,
+    sent: u64,
 }
 
 impl Conn {
@@ -328,6 +368,8 @@ impl Driver {
             ended: 0,
             next_local_port: FIRST_LOCAL_PORT,
         };
+        // SAFETY: the pool is this driver's; the device does not know it yet.
+        fill_pattern(unsafe { &mut (*mem).pattern });
         for slot in 0..RX_BUFFERS {
             driver.post_rx(slot)?;
         }
@@ -492,9 +534,7 @@ impl Driver {
                 // SAFETY: the hold ring of this connection is in the pool
                 // this driver owns; the device never touches it.
                 let hold = unsafe { &mut (*self.mem).holds[index].bytes };
-                for (i, &byte) in data.iter().enumerate() {
-                    hold[(conn.start + conn.len + i) % HOLD] = byte;
-                }
+                ring_write(hold, (conn.start + conn.len) % HOLD, data);
                 conn.len += len;
             }
             OP_CREDIT_REQUEST => conn.pending |= PENDING_CREDIT_UPDATE,
@@ -635,14 +675,12 @@ impl Driver {
                 // SAFETY: the hold ring is in the pool; the device never
                 // touches it.
                 let hold = unsafe { &(*mem).holds[index].bytes };
-                for (i, byte) in out.iter_mut().enumerate() {
-                    *byte = hold[(conn.start + i) % HOLD];
-                }
+                ring_read(hold, conn.start, out);
             } else {
-                let offset = conn.tx_cnt as u64;
-                for (i, byte) in out.iter_mut().enumerate() {
-                    *byte = ((offset + i as u64) % 251) as u8;
-                }
+                // SAFETY: the pattern is in the pool, written at setup.
+                let pattern = unsafe { &(*mem).pattern };
+                let at = (conn.sent % u64::from(PATTERN_PERIOD)) as usize;
+                copy(out, &pattern[at..at + out.len()]);
             }
         };
         if !self.send(&hdr, fill).map_err(Failure::Queue)? {
@@ -657,6 +695,7 @@ impl Driver {
             self.echoed += len as u64;
         } else {
             conn.to_send -= len as u64;
+            conn.sent += len as u64;
             if conn.to_send == 0 {
                 conn.pending |= PENDING_SHUTDOWN;
             }
