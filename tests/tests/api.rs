@@ -260,8 +260,8 @@ fn invalid_requests_get_400_with_a_clear_message() {
         (
             "PUT",
             "/vsock",
-            r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#.into(),
-            "/vsock is not supported by Tessera yet",
+            r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#.into(),
+            "invalid guest CID \"2\"",
         ),
         (
             "PUT",

@@ -317,10 +317,12 @@ impl Muxer {
             return Some(conn.header(code, 0));
         }
         let mut data = data?.clone();
-        let stalled_before = conn.peer_credit() == 0;
         match conn.read_host(&mut data) {
             HostRead::Data(n) => {
                 VsockStats::count(&self.stats.bytes_to_guest, u64::from(n));
+                if conn.peer_credit() == 0 && conn.host_readable {
+                    VsockStats::count(&self.stats.credit_stalls, 1);
+                }
                 Some(conn.header(op::RW, n))
             }
             HostRead::Eof => {
@@ -329,9 +331,6 @@ impl Muxer {
                 Some(conn.header(code, 0))
             }
             HostRead::Nothing => {
-                if conn.peer_credit() == 0 && !stalled_before {
-                    VsockStats::count(&self.stats.credit_stalls, 1);
-                }
                 let code = conn.take_control()?;
                 Some(conn.header(code, 0))
             }
