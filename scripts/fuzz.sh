@@ -3,12 +3,15 @@
 # 60), starting from the corpus in fuzz/corpus/<target>/. New inputs the
 # fuzzer finds go to $TESSERA_FUZZ_OUT/<target>/ (a scratch directory by
 # default; point it at fuzz/corpus to grow the committed corpus). A crash,
-# a leak, a timeout (10 s per input) or an out-of-memory stops the run:
+# a leak, a timeout (10 s per input, see TESSERA_FUZZ_TIMEOUT) or an out-of-memory stops the run:
 # the input is in fuzz/artifacts/<target>/, and the script exits non-zero.
 #
 # Usage: scripts/fuzz.sh [SECONDS] [TARGET...]
 # With TESSERA_FUZZ_RUNS=N a target stops after N executions (or SECONDS,
 # whichever comes first): the long runs recorded in FUZZING.md.
+# TESSERA_FUZZ_TIMEOUT (seconds per input, default 10): a long run niced
+# beside tests and benchmarks can be starved for longer than 10 s, which
+# libFuzzer reports as a timeout; give such runs 120.
 # Needs the nightly toolchain; installs cargo-fuzz if it is missing.
 # vhost_user_net opens a TAP: it needs root and /dev/net/tun, and is
 # skipped without them (a failure under TESSERA_STRICT=1).
@@ -49,7 +52,7 @@ for target in "${targets[@]}"; do
 	log="$out/$target.log"
 	if (cd fuzz && cargo +nightly fuzz run -O "$target" "$out/$target" "corpus/$target" -- \
 		-max_total_time="$seconds" ${TESSERA_FUZZ_RUNS:+-runs=$TESSERA_FUZZ_RUNS} \
-		-timeout=10 -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
+		-timeout="${TESSERA_FUZZ_TIMEOUT:-10}" -rss_limit_mb=4096 -print_final_stats=1) >"$log" 2>&1; then
 		runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
 		cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -n 1)
 		took=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n 1)
