@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Linux guest artifacts Tessera boots in its tests:
 #   vmlinux, bzImage       Debian linux-source-6.1 + resources/guest/tessera-microvm.config
-#   rootfs.ext4            busybox-static + resources/guest/init, ext4 image (no root needed)
+#   rootfs.ext4            busybox-static + resources/guest/init + vsock-tool, ext4 image (no root needed)
 #   initramfs.cpio.gz      the same tree as a gzip'd newc cpio
 #   probe-guest.elf        resources/probe-guest (cargo build --release)
 #
@@ -30,6 +30,7 @@ readonly REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly GUEST_DIR=$REPO/resources/guest
 readonly FRAGMENT=$GUEST_DIR/tessera-microvm.config
 readonly INIT_SCRIPT=$GUEST_DIR/init
+readonly VSOCK_TOOL_SRC=$GUEST_DIR/vsock-tool.c
 readonly PROBE_DIR=$REPO/resources/probe-guest
 readonly CACHE=${TESSERA_CACHE_DIR:-$HOME/.cache/tessera}
 readonly KSRC_PKG=linux-source-6.1
@@ -228,6 +229,8 @@ stage_rootfs() {
 		ln -s /bin/busybox "$root/$applet"
 	done < <("$BUSYBOX" --list-full)
 	install -m 0755 "$INIT_SCRIPT" "$root/init"
+	# AF_VSOCK for the tests (busybox's nc has none), static like busybox.
+	cc -O2 -static -o "$root/bin/vsock-tool" "$VSOCK_TOOL_SRC"
 	# The kernel runs /init from an initramfs but /sbin/init from a block root.
 	rm -f "$root/sbin/init"
 	ln -s /init "$root/sbin/init"
@@ -277,6 +280,7 @@ build_rootfs() {
 rootfs_key() {
 	{
 		echo "init"; cat "$INIT_SCRIPT"
+		echo "vsock-tool"; cat "$VSOCK_TOOL_SRC"; cc --version | head -n 1
 		echo "busybox $(pkg_version busybox-static)"
 		declare -f ensure_gen_init_cpio stage_rootfs cpio_list build_rootfs
 	} | sha256_stdin

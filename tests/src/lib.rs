@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod jail;
 pub mod nested;
 pub mod netns;
+pub mod vsock;
 
 use std::collections::BTreeMap;
 use std::io::Read;

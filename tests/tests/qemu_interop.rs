@@ -7,6 +7,9 @@
 //!   host.
 //! - `vhost-user-net --defer-early-vring-enable` on a TAP in a network
 //!   namespace of the test's own: pings and 16 MiB over HTTP each way.
+//! - `vhost-user-vsock` under `-device vhost-user-vsock-pci`: a host
+//!   client echoes 4 MiB through Linux's virtio-vsock driver and the
+//!   guest's `vsock-tool`, and the guest sends 1 MiB to `<uds_path>_5001`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -408,4 +411,85 @@ fn linux_under_qemu_pings_and_moves_16_mib_each_way_through_our_net_backend() {
     ] {
         assert!(backend.stderr.contains(line), "{line}\n{}", describe());
     }
+}
+
+#[test]
+fn linux_under_qemu_echoes_and_sends_through_our_vsock_backend() {
+    use std::os::unix::net::UnixListener;
+    use tessera_tests::vsock::{connect, echo_through, is_guest_pattern, pattern};
+    const SEND: usize = 1 << 20;
+    let guest = guest_artifacts();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vsock.sock");
+    let uds = dir.path().join("v.sock");
+    // Where the guest's connection to host port 5001 goes.
+    let listener = UnixListener::bind(dir.path().join("v.sock_5001")).unwrap();
+    let mut backend = Command::new(workspace_bin("vhost-user-vsock"));
+    backend
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--guest-cid", "3"])
+        .arg("--uds-path")
+        .arg(&uds);
+    let mut backend = Running::spawn(backend);
+    assert!(
+        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
+        "{}",
+        backend.stderr()
+    );
+
+    let mut qemu = qemu(Machine::Pc, 1);
+    qemu.arg("-chardev")
+        .arg(format!("socket,id=vs,path={}", socket.display()))
+        .args(["-device", "vhost-user-vsock-pci,chardev=vs"])
+        .arg("-kernel")
+        .arg(guest.vmlinux())
+        .arg("-initrd")
+        .arg(guest.initramfs())
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=-1 tessera.vsock_echo=52 \
+             tessera.vsock_send=5001:{SEND} tessera.halt=1"
+        ));
+    let mut vm = Running::spawn(qemu);
+    vm.wait_until(Duration::from_secs(300), |out, _| {
+        out.contains("vsock-tool: listening on 52")
+    });
+    assert!(
+        vm.stdout().contains("vsock-tool: listening on 52"),
+        "stdout:\n{}\nbackend:\n{}",
+        vm.stdout(),
+        backend.stderr()
+    );
+    // Host to guest and back, through Linux's virtio-vsock driver.
+    let stream = connect(&uds, 52).expect("the guest accepts");
+    let data = pattern(4 << 20, 3);
+    assert!(
+        echo_through(stream, data.clone()) == data,
+        "the echo differs"
+    );
+    // Guest to host: a connection to <uds_path>_5001.
+    let (mut from_guest, _) = listener.accept().unwrap();
+    let mut got = Vec::new();
+    from_guest.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), SEND);
+    assert!(is_guest_pattern(&got), "the guest's bytes differ");
+    drop(from_guest);
+
+    vm.wait_until(Duration::from_secs(300), |_, _| false);
+    let run = vm.finish();
+    backend.wait_until(Duration::from_secs(10), |_, _| false);
+    let backend = backend.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    for line in [
+        "tessera.vsock_echo=done",
+        &format!("tessera.vsock_send=ok {SEND}"),
+    ] {
+        assert!(run.stdout.contains(line), "{}", run.describe());
+    }
+    assert!(
+        backend.stderr.contains("1 from the host, 1 from the guest"),
+        "{}",
+        backend.describe()
+    );
 }

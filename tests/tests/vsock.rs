@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tessera_tests::api::ApiVm;
+use tessera_tests::vsock::{self, echo_through, is_guest_pattern, pattern};
 use tessera_tests::{descendant_pid, guest_artifacts, workspace_bin, Running, VmConfig};
 
 const DEADLINE: Duration = Duration::from_secs(180);
@@ -62,21 +63,9 @@ impl VsockVm {
         )
     }
 
-    /// Connects through the host socket to guest port `port`: the
-    /// stream after `OK <host port>`, or the reply that came instead.
+    /// Connects through the host socket to guest port `port`.
     fn connect(&self, port: u32) -> Result<UnixStream, String> {
-        let mut stream = UnixStream::connect(&self.uds).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        stream
-            .write_all(format!("CONNECT {port}\n").as_bytes())
-            .unwrap();
-        let line = read_line(&mut stream);
-        match line.strip_prefix("OK ") {
-            Some(host_port) if host_port.trim().parse::<u32>().is_ok() => Ok(stream),
-            _ => Err(line),
-        }
+        vsock::connect(&self.uds, port)
     }
 
     /// Waits for the probe to print `what` and the VM to exit.
@@ -93,40 +82,6 @@ impl VsockVm {
 
 fn describe(vm: &Running) -> String {
     format!("stdout:\n{}\nstderr:\n{}", vm.stdout(), vm.stderr())
-}
-
-/// Reads up to a newline, byte by byte (what follows is the stream's).
-fn read_line(stream: &mut UnixStream) -> String {
-    let mut line = Vec::new();
-    let mut byte = [0u8];
-    while line.len() < 64 {
-        match stream.read(&mut byte) {
-            Ok(1) if byte[0] == b'\n' => break,
-            Ok(1) => line.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&line).into_owned()
-}
-
-/// `len` bytes that differ from one stream to the next.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
-        .collect()
-}
-
-/// Sends `data` on `stream` from a thread while reading the echo here;
-/// returns what came back.
-fn echo_through(stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
-    let mut writer = stream.try_clone().unwrap();
-    let len = data.len();
-    let sender = thread::spawn(move || writer.write_all(&data).unwrap());
-    let mut reader = stream;
-    let mut got = vec![0u8; len];
-    reader.read_exact(&mut got).unwrap();
-    sender.join().unwrap();
-    got
 }
 
 #[test]
@@ -311,7 +266,7 @@ fn a_guest_connection_reaches_the_listener_at_uds_path_and_port() {
     stream.read_to_end(&mut got).unwrap();
     assert_eq!(got.len(), BYTES);
     assert!(
-        got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+        is_guest_pattern(&got),
         "the bytes are not the probe's pattern"
     );
     vm.finish(&format!("probe.vsock=sent {BYTES}"));
