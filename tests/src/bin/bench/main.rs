@@ -16,10 +16,11 @@
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
 //! `--block`, `--net`, `--net-dpdk` and `--net-frontend` measure the device
 //! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--startup`
-//! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--fleet N`
+//! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--vsock`
+//! vsock beside them (vsock.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --vsock | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
@@ -30,6 +31,7 @@ mod net_dpdk;
 mod net_frontend;
 mod peers;
 mod startup;
+mod vsock;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -104,7 +106,7 @@ fn parse_boot_time(stderr: &str) -> Option<(f64, f64)> {
     Some((wall, cpu))
 }
 
-fn machine() -> serde_json::Value {
+pub(crate) fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -148,10 +150,11 @@ enum Mode {
     Jailer,
     /// Start-up figures beside Firecracker and Cloud Hypervisor.
     Startup,
+    Vsock,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --vsock | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -167,6 +170,7 @@ fn main() {
             "--net-frontend" => mode = Mode::NetFrontend,
             "--jailer" => mode = Mode::Jailer,
             "--startup" => mode = Mode::Startup,
+            "--vsock" => mode = Mode::Vsock,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -184,6 +188,7 @@ fn main() {
         Mode::NetFrontend => net_frontend::bench_net_frontend(runs),
         Mode::Jailer => jailer::bench_jailer(runs),
         Mode::Startup => startup::bench_startup(runs),
+        Mode::Vsock => vsock::bench_vsock(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tessera_tests::{repo_root, tessera_command, VmConfig};
+use tessera_tests::{repo_root, VmConfig};
 
 /// The directory the peer binaries are taken from.
 pub(crate) fn peers_dir() -> PathBuf {
@@ -60,11 +60,36 @@ impl Vmm {
     /// Boots `config` at once, the guest console on stdout. Firecracker
     /// and Tessera read the same Firecracker JSON file (in `dir`).
     pub(crate) fn boot_command(&self, config: &VmConfig, dir: &Path) -> Command {
+        self.boot_command_with_vsock(config, dir, None)
+    }
+
+    /// [`Vmm::boot_command`] with a vsock device (guest CID 3) whose
+    /// hybrid host socket is `vsock_uds`: each VMM's own way to say it.
+    pub(crate) fn boot_command_with_vsock(
+        &self,
+        config: &VmConfig,
+        dir: &Path,
+        vsock_uds: Option<&Path>,
+    ) -> Command {
+        let vsock = vsock_uds.map(|uds| serde_json::json!({"guest_cid": 3, "uds_path": uds}));
         match self {
-            Vmm::Tessera => tessera_command(config, dir, &[]),
+            Vmm::Tessera => {
+                let mut json = config.to_json();
+                if let Some(vsock) = vsock {
+                    json["vsock"] = vsock;
+                }
+                let path = dir.join("tessera-config.json");
+                std::fs::write(&path, json.to_string()).expect("write config");
+                let mut command = Command::new(tessera_tests::workspace_bin("tessera"));
+                command.arg("--no-api").arg("--config-file").arg(path);
+                command
+            }
             Vmm::Firecracker(bin) => {
                 let mut json = config.to_json();
                 json["drives"] = serde_json::json!([]);
+                if let Some(vsock) = vsock {
+                    json["vsock"] = vsock;
+                }
                 let path = dir.join("firecracker-config.json");
                 std::fs::write(&path, json.to_string()).expect("write config");
                 let mut command = Command::new(bin);
@@ -82,6 +107,11 @@ impl Vmm {
                     .args(["--serial", "tty", "--console", "off"]);
                 if let Some(initrd) = &config.initrd {
                     command.arg("--initramfs").arg(initrd);
+                }
+                if let Some(uds) = vsock_uds {
+                    command
+                        .arg("--vsock")
+                        .arg(format!("cid=3,socket={}", uds.display()));
                 }
                 command
             }
