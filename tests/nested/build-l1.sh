@@ -21,7 +21,7 @@ die() { log "error: $*"; exit 1; }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${TESSERA_CACHE_DIR:-$HOME/.cache/tessera}/nested
 bin_dir=${TESSERA_BIN_DIR:-$repo/target/release}
-binaries=(tessera vhost-user-blk vhost-user-net jailer tessera-bench api-call)
+binaries=(tessera vhost-user-blk vhost-user-net vhost-user-vsock jailer tessera-bench api-call)
 mkdir -p "$cache"
 
 ensure_packages() {
@@ -171,7 +171,7 @@ main() {
 	kver=$(ls "$kernel_dir/lib/modules")
 	key=$({
 		echo "$pkg"
-		cat "$0" "$repo/tests/nested/runner.sh"
+		cat "$0" "$repo/tests/nested/runner.sh" "$repo/resources/guest/vsock-tool.c"
 		(cd "$bin_dir" && sha256sum "${binaries[@]}")
 		(cd "$guest_dir" && sha256sum vmlinux bzImage initramfs.cpio.gz rootfs.ext4 probe-guest.elf)
 		dpkg-query -W -f='${Version}' busybox-static
@@ -194,6 +194,8 @@ main() {
 	for b in "${binaries[@]}"; do
 		stage_binary "$bin_dir/$b" "$stage"
 	done
+	# The host side of the vsock scenario (L1 has no scripting language).
+	cc -O2 -static -o "$stage/opt/tessera/bin/vsock-tool" "$repo/resources/guest/vsock-tool.c"
 	# iproute2's ip: busybox's tunctl cannot give a TAP an owner, which the
 	# jailer's launcher requires of a TAP outside a netns of the VMM's own.
 	stage_binary "$(command -v ip)" "$stage"

@@ -16,6 +16,7 @@ const SCENARIOS: &[&str] = &[
     "ctrl_alt_del",
     "blk_root",
     "blk_readonly",
+    "vsock",
     "net",
     "stock_kernel",
     "jailed_initramfs",
