@@ -10,6 +10,7 @@ fn main() {
     let backends = [
         resources.join("vhost-user-blk.json"),
         resources.join("vhost-user-net.json"),
+        resources.join("vhost-user-vsock.json"),
     ];
     for path in std::iter::once(&launcher).chain(&backends) {
         println!("cargo:rerun-if-changed={}", path.display());

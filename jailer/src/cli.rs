@@ -68,6 +68,10 @@ pub struct Cli {
     /// --exec-file).
     #[arg(long, value_name = "PATH")]
     pub vhost_user_net_bin: Option<PathBuf>,
+    /// Tessera: the vhost-user-vsock binary (default: the one next to
+    /// --exec-file).
+    #[arg(long, value_name = "PATH")]
+    pub vhost_user_vsock_bin: Option<PathBuf>,
     /// Arguments for the binary, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     pub exec_args: Vec<String>,

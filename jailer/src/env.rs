@@ -153,6 +153,7 @@ pub struct Backends {
     pub gid: u32,
     pub blk_bin: PathBuf,
     pub net_bin: PathBuf,
+    pub vsock_bin: PathBuf,
 }
 
 /// Everything the jailer will do, validated.
@@ -264,6 +265,11 @@ impl Env {
                     cli.vhost_user_net_bin.as_deref(),
                     &exec_file,
                     "vhost-user-net",
+                )?,
+                vsock_bin: backend_bin(
+                    cli.vhost_user_vsock_bin.as_deref(),
+                    &exec_file,
+                    "vhost-user-vsock",
                 )?,
             })
         } else {
@@ -396,6 +402,7 @@ impl Env {
                         gid: backends.gid,
                         blk_bin: backends.blk_bin.clone(),
                         net_bin: backends.net_bin.clone(),
+                        vsock_bin: backends.vsock_bin.clone(),
                         limits: self.limits.clone(),
                         cgroups: self.cgroups.clone(),
                         quiet: self.daemonize,

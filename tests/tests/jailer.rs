@@ -672,6 +672,75 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     remove_parent_cgroups(&CONTROLLERS, &parent);
 }
 
+#[test]
+fn a_jailed_vmm_serves_vsock_from_a_jailed_backend_that_sees_only_the_socket_dir() {
+    use tessera_tests::vsock::{connect, echo_through, pattern};
+    if !tessera_tests::can_run(is_root(), "the jailer tests need root") {
+        return;
+    }
+    let base = JailBase::new();
+    let id = unique_id("vsock");
+    let parent = unique_id("tessera-test");
+    let root = base.prepare_probe(
+        &id,
+        &probe_cmdline("probe.vsock=echo:52 probe.vsock_timeout_ms=60000"),
+    );
+    // uds_path as Firecracker's users give it, in the jail, in a
+    // directory the VMM's uid may create the socket in.
+    let run_dir = root.join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(1234), Some(1234)).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("vm.json")).unwrap()).unwrap();
+    config["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "/run/v.sock"});
+    std::fs::write(root.join("vm.json"), config.to_string()).unwrap();
+    let args = tessera_args(&base, &id, &parent);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut vm = Running::spawn(jailer_command(&args));
+    let pid = vm.pid();
+    vm.wait_until(Duration::from_secs(60), |out, _| {
+        out.contains("probe.vsock=listening") || out.contains("probe.vsock=error")
+    });
+    assert!(
+        vm.stdout().contains("probe.vsock=listening 52"),
+        "stdout:\n{}\nstderr:\n{}",
+        vm.stdout(),
+        vm.stderr()
+    );
+    // The host side is the socket in the VMM's jail.
+    let stream = connect(&run_dir.join("v.sock"), 52).expect("the guest accepts");
+    let data = pattern(1 << 20, 5);
+    assert!(echo_through(stream, data.clone()) == data, "the echo differs");
+
+    let launcher = child_pid(pid, "jailer").expect("the backend launcher");
+    let backend = child_pid(launcher, "vhost-user-vsock").expect("the vsock backend");
+    let jail = base.backend_root(&id, "vhost-user-vsock", "vsock");
+    assert_confined("vhost-user-vsock", backend, "1234", &jail);
+    // Its whole view: its jail, and the socket's directory of the VMM's
+    // jail at /vsock (where guest connections to <uds_path>_<port> go).
+    let mounts: Vec<String> = std::fs::read_to_string(format!("/proc/{backend}/mountinfo"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .collect();
+    assert_eq!(mounts, ["/", "/vsock"], "the backend's mounts");
+    assert!(
+        std::fs::symlink_metadata(format!("/proc/{backend}/root/vsock/v.sock")).is_ok(),
+        "the socket's directory is not at /vsock in the backend's jail"
+    );
+
+    let exited = vm.wait_until(Duration::from_secs(60), |_, _| false);
+    assert!(exited, "tessera did not exit\n{}", vm.stderr());
+    let run = vm.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stdout.contains("probe.vsock=echoed 1048576 bytes"),
+        "{}",
+        run.describe()
+    );
+    remove_parent_cgroups(&CONTROLLERS, &parent);
+}
+
 /// The network namespace of `pid`.
 fn net_ns(pid: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()

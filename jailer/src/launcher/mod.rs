@@ -112,6 +112,7 @@ pub struct LauncherConfig {
     pub gid: u32,
     pub blk_bin: PathBuf,
     pub net_bin: PathBuf,
+    pub vsock_bin: PathBuf,
     pub limits: ResourceLimits,
     /// The VMM's cgroups (the backends get the same hierarchies).
     pub cgroups: CgroupPlan,
@@ -221,7 +222,10 @@ fn run(config: LauncherConfig, channel: OwnedFd, mut vmm_cgroups: CgroupSet) -> 
             return 1;
         }
     };
-    let view = mounts::reachable(&config.vm_dir, &[&config.blk_bin, &config.net_bin]);
+    let view = mounts::reachable(
+        &config.vm_dir,
+        &[&config.blk_bin, &config.net_bin, &config.vsock_bin],
+    );
     if let Err(err) = mounts::confine_mounts(&view) {
         log(format_args!("{err}"));
         return 1;
@@ -476,7 +480,8 @@ mod tests {
             uid: 4321,
             gid: 4321,
             blk_bin: true_bin.clone(),
-            net_bin: true_bin,
+            net_bin: true_bin.clone(),
+            vsock_bin: true_bin,
             limits: ResourceLimits::default(),
             cgroups: CgroupPlan {
                 version: crate::cgroup::CgroupVersion::V1,

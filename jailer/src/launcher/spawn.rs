@@ -69,8 +69,76 @@ pub fn backend_args(exe_name: &str, request: &LaunchRequest, fd_count: usize) ->
         args.push(extra.to_string());
         args.push((FIRST_FD + i as RawFd).to_string());
     }
+    if let Some(name) = request.uds_path.as_deref().and_then(vsock_socket_name) {
+        args.push("--uds-path".to_string());
+        args.push(Path::new(VSOCK_DIR).join(name).display().to_string());
+    }
     args.extend(request.args.iter().cloned());
     args
+}
+
+/// Where a vsock backend's jail holds the host socket's directory of the
+/// VMM's jail: guest connections to `<uds_path>_<port>` are made there.
+pub const VSOCK_DIR: &str = "/vsock";
+
+/// The file name of a vsock device's host socket.
+fn vsock_socket_name(uds_path: &str) -> Option<&std::ffi::OsStr> {
+    Path::new(uds_path).file_name()
+}
+
+/// Grafts the directory of the vsock host socket `uds_path` (a path in
+/// the VMM's jail, whose root is `vmm_root`) at [`VSOCK_DIR`] in `jail`.
+/// The directory is opened beneath the VMM's root without following any
+/// link (the jailed VMM owns what is in it), cloned as a mount tree and
+/// moved into place: no path is looked up twice.
+fn graft_vsock_dir(vmm_root: &Path, uds_path: &str, jail: &Path) -> Result<(), String> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use rustix::mount::{move_mount, open_tree, MoveMountFlags, OpenTreeFlags};
+    let dir = Path::new(uds_path)
+        .parent()
+        .map(|p| p.strip_prefix("/").unwrap_or(p))
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let root = fs::File::open(vmm_root)
+        .map_err(|e| format!("cannot open the VMM's jail {}: {e}", vmm_root.display()))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let socket_dir = openat2(root.as_raw_fd(), dir, how).map_err(|e| {
+        format!(
+            "the vsock socket's directory {} in the VMM's jail: {e}",
+            dir.display()
+        )
+    })?;
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    let socket_dir = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(socket_dir) };
+    let tree = open_tree(
+        &socket_dir,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(|e| format!("cannot clone the vsock socket's directory: {e}"))?;
+    let target = jail.join(VSOCK_DIR.trim_start_matches('/'));
+    fs::create_dir_all(&target).map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    move_mount(
+        &tree,
+        "",
+        rustix::fs::CWD,
+        &target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| {
+        format!(
+            "cannot mount the vsock socket's directory at {}: {e}",
+            target.display()
+        )
+    })
 }
 
 /// The directory of one backend's jail: `<backend-exe>/<device>` in the
@@ -132,12 +200,7 @@ pub fn spawn(
     let bin = match request.kind {
         BackendKind::Blk => &cfg.blk_bin,
         BackendKind::Net => &cfg.net_bin,
-        BackendKind::Vsock => {
-            return Err(
-                "vsock backends cannot run under the jailer yet: its jail would need the host socket's directory"
-                    .into(),
-            )
-        }
+        BackendKind::Vsock => &cfg.vsock_bin,
     };
     if !bin.is_file() {
         return Err(format!(
@@ -207,6 +270,7 @@ fn spawn_in(
             drop(err_read);
             let target = ChildTarget {
                 kind: request.kind,
+                uds_path: request.uds_path.as_deref(),
                 jail,
                 path: &c_path,
                 args: &c_args,
@@ -235,6 +299,8 @@ fn spawn_in(
 /// What the child execs, and where.
 struct ChildTarget<'a> {
     kind: BackendKind,
+    /// A vsock backend's host socket, in the VMM's jail.
+    uds_path: Option<&'a str>,
     jail: &'a Path,
     path: &'a CString,
     args: &'a [CString],
@@ -317,6 +383,11 @@ fn setup(
     let namespaces = backend_namespaces(target.kind);
     unshare(namespaces)
         .map_err(|e| format!("cannot unshare the namespaces {namespaces:?}: {e}"))?;
+    if let Some(uds_path) = target.uds_path {
+        // Nothing mounted here may reach the launcher's namespace.
+        chroot::stop_propagation().map_err(|e| format!("cannot make the mounts private: {e}"))?;
+        graft_vsock_dir(&jail_dir(&cfg.vm_dir), uds_path, target.jail)?;
+    }
     chroot::pivot_into(target.jail).map_err(|e| e.to_string())?;
 
     // Move the fds to 3, 4, ...: park them all high first so that no

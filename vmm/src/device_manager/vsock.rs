@@ -32,10 +32,15 @@ fn connect(
     vsock: &VsockResource,
     spawner: &BackendSpawner,
 ) -> Result<VhostUserFrontend, AttachError> {
+    // The backend, started elsewhere (jailed or not), needs the path whole:
+    // a relative one is relative to this process's directory, as bound.
+    let uds_path = std::path::absolute(&vsock.config.uds_path)
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| vsock.config.uds_path.clone());
     let source = BackendSource {
         socket: None,
         target: BackendTarget::VsockHost {
-            uds_path: &vsock.config.uds_path,
+            uds_path: &uds_path,
             listener: &vsock.listener,
         },
         args: vec![
