@@ -710,7 +710,10 @@ fn a_jailed_vmm_serves_vsock_from_a_jailed_backend_that_sees_only_the_socket_dir
     // The host side is the socket in the VMM's jail.
     let stream = connect(&run_dir.join("v.sock"), 52).expect("the guest accepts");
     let data = pattern(1 << 20, 5);
-    assert!(echo_through(stream, data.clone()) == data, "the echo differs");
+    assert!(
+        echo_through(stream, data.clone()) == data,
+        "the echo differs"
+    );
 
     let launcher = child_pid(pid, "jailer").expect("the backend launcher");
     let backend = child_pid(launcher, "vhost-user-vsock").expect("the vsock backend");

@@ -307,3 +307,45 @@ fn put_vsock_binds_the_host_socket_before_the_guest_starts() {
         r.body
     );
 }
+
+#[test]
+fn a_backend_that_dies_ends_its_host_connections_and_a_new_one_serves() {
+    let vm = VsockVm::echo(3);
+    let mut first = vm.connect(PORT).expect("the guest accepts");
+    std::io::Write::write_all(&mut first, b"before").unwrap();
+    let mut back = [0u8; 6];
+    first.read_exact(&mut back).unwrap();
+    let old = descendant_pid(vm.vm.pid(), "vhost-user-vsock").expect("the backend runs");
+    // SAFETY: kill sends SIGKILL to the backend this test's VMM started.
+    assert_eq!(unsafe { libc::kill(old as i32, libc::SIGKILL) }, 0);
+    // The host connection ends with the backend.
+    let mut rest = Vec::new();
+    match first.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    // The VMM carries on with a new backend on the same host socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        let replaced = descendant_pid(vm.vm.pid(), "vhost-user-vsock").is_some_and(|p| p != old);
+        if replaced {
+            if let Ok(stream) = vm.connect(PORT) {
+                break stream;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new backend: {}",
+            describe(&vm.vm)
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(echo_through(second, b"after".to_vec()), b"after");
+    assert!(
+        vm.vm
+            .stderr()
+            .contains("vsock vsock: a new backend took over"),
+        "{}",
+        describe(&vm.vm)
+    );
+}
