@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileSlice, WriteVolatile};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::packet::{op, shutdown, Header, HOST_CID, TYPE_STREAM};
 
@@ -134,8 +133,6 @@ pub struct Connection {
     /// Whether it waits in the muxer's list of connections with packets
     /// for the guest.
     pub queued: bool,
-    /// The events its host socket is registered for.
-    pub interest: EventSet,
     /// When a connection still in its handshake (or waiting for the
     /// guest's RST) is given up.
     pub deadline: Option<Instant>,
@@ -188,7 +185,6 @@ impl Connection {
             guest_cid,
             pending: Pending::default(),
             queued: false,
-            interest: EventSet::empty(),
             deadline: None,
             host_readable: false,
             host_eof: false,
@@ -201,18 +197,6 @@ impl Connection {
             rx_cnt: Wrapping(0),
             credit_requested: false,
         }
-    }
-
-    /// The events the host socket should be watched for now.
-    pub fn wanted_interest(&self) -> EventSet {
-        let mut events = EventSet::empty();
-        if self.wants_host_bytes() && !self.host_readable && self.peer_credit() > 0 {
-            events |= EventSet::IN;
-        }
-        if !self.unsent.is_empty() {
-            events |= EventSet::OUT;
-        }
-        events
     }
 
     fn wants_host_bytes(&self) -> bool {
@@ -508,7 +492,6 @@ mod tests {
         // The socket buffer takes only part of 256 KiB: the rest is held
         // and no further byte fits in the credit.
         assert!(conn.unsent_len() > 0);
-        assert!(conn.wanted_interest().contains(EventSet::OUT));
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
         while got.len() < first.len() {

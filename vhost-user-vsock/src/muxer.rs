@@ -143,6 +143,8 @@ pub struct Muxer {
     /// Connections with a packet for the guest, in turn.
     rx_ready: VecDeque<ConnKey>,
     stray_resets: VecDeque<Header>,
+    /// What one `epoll_wait` of the host side returns, kept between calls.
+    events: Vec<EpollEvent>,
     pub stats: Arc<VsockStats>,
 }
 
@@ -186,6 +188,7 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             rx_ready: VecDeque::new(),
             stray_resets: VecDeque::new(),
+            events: vec![EpollEvent::default(); EVENTS_PER_CALL],
             stats: Arc::default(),
         })
     }
@@ -341,9 +344,9 @@ impl Muxer {
     /// lines, bytes to send or room to write, timeouts. Takes at most
     /// [`EVENTS_PER_CALL`] events; the epoll fd stays readable for more.
     pub fn on_host_events(&mut self) -> io::Result<()> {
-        let mut events = vec![EpollEvent::default(); EVENTS_PER_CALL];
-        let count = self.epoll.wait(0, &mut events)?;
-        for event in &events[..count] {
+        let mut events = std::mem::take(&mut self.events);
+        let waited = self.epoll.wait(0, &mut events);
+        for event in &events[..*waited.as_ref().unwrap_or(&0)] {
             let set = EventSet::from_bits_truncate(event.events());
             match event.data() {
                 LISTENER_TOKEN => self.accept_clients(),
@@ -355,7 +358,8 @@ impl Muxer {
                 },
             }
         }
-        Ok(())
+        self.events = events;
+        waited.map(drop)
     }
 
     fn accept_clients(&mut self) {
@@ -510,12 +514,13 @@ impl Muxer {
             return;
         };
         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-            if conn.state == State::Established {
-                conn.host_readable = true;
-            } else if conn.state == State::Connecting {
-                // The client left before the guest answered.
-                conn.kill();
-            }
+            // Read once the connection is established (bytes a client sent
+            // before its OK wait in the socket).
+            conn.host_readable = true;
+        }
+        if conn.state == State::Connecting && set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+            // The client left before the guest answered.
+            conn.kill();
         }
         if set.contains(EventSet::OUT) {
             conn.flush_to_host();
@@ -581,55 +586,38 @@ impl Muxer {
         token
     }
 
-    fn add(&mut self, conn: Connection) {
+    /// Takes `conn` in, its host socket watched edge-triggered for the
+    /// whole of its life: a new byte (or room to write, or the end) is
+    /// one event, and the connection remembers what it has not drained,
+    /// so no epoll call is needed as its state changes.
+    fn add(&mut self, mut conn: Connection) {
         let key = conn.key;
         let token = self.new_token();
+        let events = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+        if self.watch(&conn.stream, token, events).is_err() {
+            conn.kill();
+        }
         self.tokens.insert(key, token);
         self.owners.insert(token, Owner::Connection(key));
         self.conns.insert(key, conn);
         self.refresh(key);
     }
 
+    /// Drops a connection (closing its host socket takes it out of the
+    /// epoll set).
     fn remove(&mut self, key: ConnKey) {
-        if let Some(conn) = self.conns.remove(&key) {
-            if !conn.interest.is_empty() {
-                let _ = self.unwatch(&conn.stream);
-            }
-        }
+        self.conns.remove(&key);
         if let Some(token) = self.tokens.remove(&key) {
             self.owners.remove(&token);
         }
     }
 
-    /// After anything happened to a connection: its host socket watched
-    /// for what it needs now, and its turn for the guest taken if due.
+    /// After anything happened to a connection: its turn for the guest
+    /// taken if a packet is due, its deadline watched.
     fn refresh(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        let wanted = conn.wanted_interest();
-        if wanted != conn.interest {
-            let token = self.tokens.get(&key).copied().unwrap_or_default();
-            let fd = conn.stream.as_raw_fd();
-            let result = match (conn.interest.is_empty(), wanted.is_empty()) {
-                (true, _) => {
-                    self.epoll
-                        .ctl(ControlOperation::Add, fd, EpollEvent::new(wanted, token))
-                }
-                (false, true) => {
-                    self.epoll
-                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
-                }
-                (false, false) => {
-                    self.epoll
-                        .ctl(ControlOperation::Modify, fd, EpollEvent::new(wanted, token))
-                }
-            };
-            match result {
-                Ok(()) => conn.interest = wanted,
-                Err(_) => conn.kill(),
-            }
-        }
         if conn.has_rx_work() && !conn.queued {
             conn.queued = true;
             self.rx_ready.push_back(key);
