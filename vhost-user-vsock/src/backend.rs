@@ -204,6 +204,12 @@ impl VsockBackend {
             vring.add_used(head, PKT_HEADER_SIZE as u32 + len)?;
             given += 1;
         }
+        if !muxer.has_rx_work() {
+            // Nothing to send: the guest's new buffers need not wake the
+            // worker (it takes them from the ring when it has something);
+            // notifications come back on when it runs out of buffers.
+            vring.disable_notification()?;
+        }
         if given > 0 {
             self.signal(vring)?;
         }
