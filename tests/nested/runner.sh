@@ -454,7 +454,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | stock_kernel | bench | cpuid | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac
