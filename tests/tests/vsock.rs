@@ -349,3 +349,57 @@ fn a_backend_that_dies_ends_its_host_connections_and_a_new_one_serves() {
         describe(&vm.vm)
     );
 }
+
+#[test]
+fn an_external_backend_serves_the_device_through_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vsock.sock");
+    let uds = dir.path().join("v.sock");
+    let mut backend = std::process::Command::new(workspace_bin("vhost-user-vsock"));
+    backend
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--guest-cid", "3"])
+        .arg("--uds-path")
+        .arg(&uds);
+    let mut backend = Running::spawn(backend);
+    assert!(
+        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
+        "{}",
+        backend.stderr()
+    );
+    let mut config = VmConfig::new(
+        guest_artifacts().probe(),
+        &format!("console=ttyS0 probe.vsock=echo:{PORT}"),
+    )
+    .to_json();
+    config["vsock"] = json!({"guest_cid": 3, "uds_path": uds, "socket": socket});
+    let path = dir.path().join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut command = std::process::Command::new(workspace_bin("tessera"));
+    command.arg("--no-api").arg("--config-file").arg(&path);
+    let mut vm = Running::spawn(command);
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.vsock=listening"));
+    assert!(
+        vm.stdout().contains("probe.vsock=listening"),
+        "{}",
+        describe(&vm)
+    );
+    let stream = vsock::connect(&uds, PORT).expect("the guest accepts");
+    assert_eq!(echo_through(stream, b"external".to_vec()), b"external");
+    vm.wait_until(DEADLINE, |_, _| false);
+    let run = vm.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stdout.contains("probe.vsock=echoed 8 bytes"),
+        "{}",
+        run.describe()
+    );
+    backend.wait_until(Duration::from_secs(10), |_, _| false);
+    let backend = backend.finish();
+    assert!(
+        backend.stderr.contains("1 from the host"),
+        "{}",
+        backend.describe()
+    );
+}

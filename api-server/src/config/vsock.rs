@@ -28,12 +28,20 @@ pub struct VsockDeviceConfig {
     /// Where host processes connect (`CONNECT <port>`); guest connections
     /// to host port P go to `<uds_path>_P`.
     pub uds_path: String,
+    /// Tessera addition: an external vhost-user-vsock backend's socket.
+    /// That backend serves `uds_path` itself (it was started with it), so
+    /// the VMM neither binds nor checks it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
 impl VsockDeviceConfig {
     /// Checks that the socket can be created: a short enough path in a
     /// directory that exists.
     pub fn validate(&self) -> Result<(), VsockError> {
+        if self.socket.is_some() {
+            return Ok(());
+        }
         let path = &self.uds_path;
         if path.is_empty() || path.len() > MAX_UDS_PATH_LEN {
             return Err(VsockError::PathLength(path.clone()));

@@ -49,6 +49,8 @@ pub enum BackendProcessError {
         path: String,
         source: std::io::Error,
     },
+    #[error("the vsock device has an external backend: no host socket to start one with")]
+    NoVsockSocket,
     #[error("the jailer's launcher cannot start the {kind} backend: {source}")]
     Launch {
         kind: &'static str,
@@ -64,10 +66,11 @@ pub enum BackendTarget<'a> {
     /// An existing TAP, with one queue per pair.
     Tap { name: &'a str, queue_pairs: u16 },
     /// A vsock device's host side: its socket path and the socket
-    /// listening there (bound when the device was configured).
+    /// listening there (bound when the device was configured; none for a
+    /// device with an external backend, which is never started).
     VsockHost {
         uds_path: &'a str,
-        listener: &'a UnixListener,
+        listener: Option<&'a UnixListener>,
     },
 }
 
@@ -174,6 +177,7 @@ impl BackendSpawner {
                 uds_path,
                 listener: host,
             } => {
+                let host = host.ok_or(BackendProcessError::NoVsockSocket)?;
                 let request = LaunchRequest {
                     kind: BackendKind::Vsock,
                     device_id: id.to_string(),

@@ -38,10 +38,10 @@ fn connect(
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| vsock.config.uds_path.clone());
     let source = BackendSource {
-        socket: None,
+        socket: vsock.config.socket.as_deref(),
         target: BackendTarget::VsockHost {
             uds_path: &uds_path,
-            listener: &vsock.listener,
+            listener: vsock.listener.as_deref(),
         },
         args: vec![
             "--guest-cid".to_string(),

@@ -19,11 +19,12 @@ pub enum VsockSocketError {
     },
 }
 
-/// The configured device and its listening host socket.
+/// The configured device and its listening host socket (none with an
+/// external backend, which has its own).
 #[derive(Clone)]
 pub struct VsockResource {
     pub config: VsockDeviceConfig,
-    pub listener: Arc<UnixListener>,
+    pub listener: Option<Arc<UnixListener>>,
 }
 
 impl VsockResource {
@@ -33,7 +34,14 @@ impl VsockResource {
         config: VsockDeviceConfig,
         previous: Option<&VsockResource>,
     ) -> Result<Self, VsockSocketError> {
-        if let Some(previous) = previous.filter(|p| p.config.uds_path == config.uds_path) {
+        if config.socket.is_some() {
+            return Ok(Self {
+                config,
+                listener: None,
+            });
+        }
+        let same_path = |p: &&VsockResource| p.config.uds_path == config.uds_path;
+        if let Some(previous) = previous.filter(same_path).filter(|p| p.listener.is_some()) {
             return Ok(Self {
                 config,
                 listener: previous.listener.clone(),
@@ -44,20 +52,24 @@ impl VsockResource {
                 path: config.uds_path.clone(),
                 source,
             })?;
-        if let Some(previous) = previous {
+        if let Some(previous) = previous.filter(|p| p.listener.is_some()) {
             // Its socket was ours: nobody will serve it now.
             let _ = std::fs::remove_file(&previous.config.uds_path);
         }
         Ok(Self {
             config,
-            listener: Arc::new(listener),
+            listener: Some(Arc::new(listener)),
         })
     }
 }
 
 impl PartialEq for VsockResource {
     fn eq(&self, other: &Self) -> bool {
-        self.config == other.config && Arc::ptr_eq(&self.listener, &other.listener)
+        let same_listener = match (&self.listener, &other.listener) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        self.config == other.config && same_listener
     }
 }
 
@@ -97,7 +109,10 @@ mod tests {
         assert!(err.contains("in use"), "{err}");
         // The same path again keeps the socket; a new path moves it.
         let again = VsockResource::bind(config(&path), Some(&first)).unwrap();
-        assert!(Arc::ptr_eq(&again.listener, &first.listener));
+        assert!(Arc::ptr_eq(
+            again.listener.as_ref().unwrap(),
+            first.listener.as_ref().unwrap()
+        ));
         let moved = dir.join("w.sock");
         let _ = std::fs::remove_file(&moved);
         let _moved_socket = VsockResource::bind(config(&moved), Some(&again)).unwrap();
