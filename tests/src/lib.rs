@@ -306,6 +306,18 @@ impl Running {
     /// Spawns `command` with the given stdin and output captured.
     pub fn spawn_with_stdin(mut command: Command, stdin: Stdio) -> Self {
         let start = Instant::now();
+        // A harness that aborts (the bench is built with panic = "abort",
+        // so no Drop runs) must not leave its VMs running: the child dies
+        // with the thread that started it.
+        // SAFETY: prctl is async-signal-safe and touches no memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = command
             .stdin(stdin)
             .stdout(Stdio::piped())
