@@ -698,12 +698,7 @@ impl VhostUserBackend for BlockBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        // The library starts the workers; each confines itself before it
-        // touches its first guest request.
-        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
-            log::error!("{err}; exiting rather than serve unconfined");
-            std::process::exit(1);
-        }
+        worker::confine_worker(&self.config.seccomp);
         if self.is_broken() {
             return Ok(());
         }

@@ -1,6 +1,7 @@
 //! What a backend's `VhostUserBackend` impl repeats for every device: the
-//! eventfd pair that tells each worker thread to exit, and the slice of the
-//! config space a frontend reads.
+//! eventfd pair that tells each worker thread to exit, the slice of the
+//! config space a frontend reads, the worker's own seccomp filter, and how
+//! a worker stops serving a queue the guest broke.
 
 use std::io;
 
@@ -37,6 +38,29 @@ impl WorkerExits {
             let _ = notifier.notify();
         }
     }
+}
+
+/// Confines the calling worker thread with the "worker" filter the first
+/// time it handles an event (vhost-user-backend starts the workers, so
+/// each confines itself before it touches a guest request). A worker that
+/// cannot be confined ends the process rather than serve unconfined.
+pub fn confine_worker(seccomp: &tessera_seccomp::Filters) {
+    if let Err(err) = seccomp.apply_once_per_thread("worker") {
+        log::error!("{err}; exiting rather than serve unconfined");
+        std::process::exit(1);
+    }
+}
+
+/// Why a worker stopped serving a queue: the queue is then broken
+/// (virtio's NEEDS_RESET) until the frontend stops and restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(transparent)]
+    Broken(#[from] crate::ring::RingError),
+    #[error("its rings cannot be updated: {0}")]
+    Ring(#[from] virtio_queue::Error),
+    #[error("the guest cannot be signalled: {0}")]
+    Signal(#[from] io::Error),
 }
 
 /// `size` bytes of `space` from `offset`, zero past its end: what

@@ -15,7 +15,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
-use vhost_user_common::ring::{self, RingError};
+use vhost_user_common::ring;
 use vhost_user_common::worker::{self, WorkerExits};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -52,17 +52,7 @@ pub struct NetConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
-/// Why a worker stopped serving a queue: the queue is then broken
-/// (virtio's NEEDS_RESET) until the frontend stops and restarts it.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error(transparent)]
-    Broken(#[from] RingError),
-    #[error("its rings cannot be updated: {0}")]
-    Ring(#[from] virtio_queue::Error),
-    #[error("the guest cannot be signalled: {0}")]
-    Signal(#[from] io::Error),
-}
+pub use vhost_user_common::worker::QueueError;
 
 /// Frames and buffers dropped, logged at debug level.
 static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
@@ -471,12 +461,7 @@ impl VhostUserBackend for NetBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        // The library starts the workers; each confines itself before it
-        // touches its first guest request.
-        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
-            log::error!("{err}; exiting rather than serve unconfined");
-            std::process::exit(1);
-        }
+        worker::confine_worker(&self.config.seccomp);
         if let Err(err) = self.serve_event(device_event, evset, vrings, thread_id) {
             // vhost-user-backend would end the worker and tell no one: the
             // pair would go silent while the process looks alive. Ending

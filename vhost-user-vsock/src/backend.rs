@@ -13,7 +13,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
-use vhost_user_common::ring::{self, RingError};
+use vhost_user_common::ring;
 use vhost_user_common::worker::{self, WorkerExits};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -53,16 +53,7 @@ pub struct VsockConfig {
     pub seccomp: tessera_seccomp::Filters,
 }
 
-/// Why the worker stopped serving a queue.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error(transparent)]
-    Broken(#[from] RingError),
-    #[error("its rings cannot be updated: {0}")]
-    Ring(#[from] virtio_queue::Error),
-    #[error("the guest cannot be signalled: {0}")]
-    Signal(#[from] io::Error),
-}
+pub use vhost_user_common::worker::QueueError;
 
 /// A virtio-vsock device served over vhost-user.
 pub struct VsockBackend {
@@ -321,10 +312,7 @@ impl VhostUserBackend for VsockBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        if let Err(err) = self.config.seccomp.apply_once_per_thread("worker") {
-            log::error!("{err}; exiting rather than serve unconfined");
-            std::process::exit(1);
-        }
+        worker::confine_worker(&self.config.seccomp);
         if !evset.contains(EventSet::IN) {
             log::error!("worker {thread_id}: unexpected event set {evset:?}; exiting");
             std::process::exit(1);
