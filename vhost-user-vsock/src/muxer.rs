@@ -661,6 +661,121 @@ fn connect_nonblocking(path: &str) -> io::Result<UnixStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// A guest packet to the host from guest port `src_port`.
+    fn from_guest(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc: 64 * 1024,
+            ..Header::default()
+        }
+    }
+
+    /// Drains what the muxer owes the guest, each packet with up to 4 KiB
+    /// of payload: (header, payload).
+    fn drain_rx(muxer: &mut Muxer) -> Vec<(Header, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut header = Header::default();
+            let slice = VolatileSlice::from(&mut buf[..]);
+            let Some(len) = muxer.fill_rx(&mut header, Some(&slice)) else {
+                return out;
+            };
+            out.push((header, buf[..len as usize].to_vec()));
+        }
+    }
+
+    #[test]
+    fn a_thousand_host_connections_at_once() {
+        const CLIENTS: usize = 1000;
+        let dir = std::env::temp_dir().join(format!("tessera-muxer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let config = MuxerConfig {
+            guest_cid: 3,
+            uds_path: path.clone(),
+            max_connections: 4096,
+        };
+        let mut muxer = Muxer::new(config, listener).unwrap();
+        let mut clients: Vec<UnixStream> = (0..CLIENTS)
+            .map(|_| {
+                let mut client = UnixStream::connect(&path).unwrap();
+                client.write_all(b"CONNECT 52\n").unwrap();
+                client
+            })
+            .collect();
+        // Every line read, a REQUEST owed to the guest per client.
+        let mut requests = Vec::new();
+        for _ in 0..10_000 {
+            if requests.len() >= CLIENTS {
+                break;
+            }
+            muxer.on_host_events().unwrap();
+            requests.extend(drain_rx(&mut muxer));
+        }
+        assert_eq!(requests.len(), CLIENTS, "REQUESTs owed to the guest");
+        assert!(requests
+            .iter()
+            .all(|(h, _)| h.op == op::REQUEST && h.dst_port == 52));
+        let mut ports: Vec<u32> = requests.iter().map(|(h, _)| h.src_port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(
+            ports.len(),
+            CLIENTS,
+            "each connection has its own host port"
+        );
+        assert_eq!(muxer.connections(), CLIENTS);
+        // The guest accepts them all; each client hears OK and sends.
+        for (h, _) in &requests {
+            let response = from_guest(op::RESPONSE, 52, h.src_port, 0);
+            muxer.on_guest_packet::<()>(&response, None);
+        }
+        for (i, client) in clients.iter_mut().enumerate() {
+            let mut ok = [0u8; 3];
+            std::io::Read::read_exact(client, &mut ok).unwrap();
+            assert_eq!(&ok, b"OK ");
+            let mut line = Vec::new();
+            let mut byte = [0u8];
+            while std::io::Read::read(client, &mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0]);
+            }
+            client.write_all(format!("client {i}").as_bytes()).unwrap();
+        }
+        // Every client's bytes reach the guest on its own connection.
+        let mut got = std::collections::HashMap::new();
+        for _ in 0..10_000 {
+            if got.len() >= CLIENTS {
+                break;
+            }
+            muxer.on_host_events().unwrap();
+            for (h, data) in drain_rx(&mut muxer) {
+                assert_eq!(h.op, op::RW);
+                got.entry(h.src_port).or_insert_with(Vec::new).extend(data);
+            }
+        }
+        assert_eq!(got.len(), CLIENTS, "connections that carried bytes");
+        let mut texts: Vec<String> = got
+            .values()
+            .map(|d| String::from_utf8(d.clone()).unwrap())
+            .collect();
+        texts.sort();
+        let mut want: Vec<String> = (0..CLIENTS).map(|i| format!("client {i}")).collect();
+        want.sort();
+        assert_eq!(texts, want);
+        drop(clients);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn connect_lines_are_read_as_firecracker_reads_them() {
