@@ -8,6 +8,8 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use crate::{wait_for_listener, workspace_bin, Running};
+
 /// Connects through the host socket `uds` to guest port `port`: the
 /// stream after `OK <host port>`, or the line that came instead (empty
 /// if the connection just ended).
@@ -63,4 +65,23 @@ pub fn echo_through(stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
     reader.read_exact(&mut got).expect("read the echo");
     sender.join().expect("the sender");
     got
+}
+
+/// Starts `vhost-user-vsock` on its own (guest CID 3): its vhost-user
+/// socket at `socket`, its host side at `uds`; returns once it listens.
+pub fn spawn_backend(socket: &Path, uds: &Path) -> Running {
+    let mut command = std::process::Command::new(workspace_bin("vhost-user-vsock"));
+    command
+        .arg("--socket")
+        .arg(socket)
+        .args(["--guest-cid", "3"])
+        .arg("--uds-path")
+        .arg(uds);
+    let backend = Running::spawn(command);
+    assert!(
+        wait_for_listener(socket, Duration::from_secs(10)),
+        "{}",
+        backend.stderr()
+    );
+    backend
 }

@@ -424,19 +424,7 @@ fn linux_under_qemu_echoes_and_sends_through_our_vsock_backend() {
     let uds = dir.path().join("v.sock");
     // Where the guest's connection to host port 5001 goes.
     let listener = UnixListener::bind(dir.path().join("v.sock_5001")).unwrap();
-    let mut backend = Command::new(workspace_bin("vhost-user-vsock"));
-    backend
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--guest-cid", "3"])
-        .arg("--uds-path")
-        .arg(&uds);
-    let mut backend = Running::spawn(backend);
-    assert!(
-        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
-        "{}",
-        backend.stderr()
-    );
+    let mut backend = tessera_tests::vsock::spawn_backend(&socket, &uds);
 
     let mut qemu = qemu(Machine::Pc, 1);
     qemu.arg("-chardev")

@@ -355,19 +355,7 @@ fn an_external_backend_serves_the_device_through_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("vsock.sock");
     let uds = dir.path().join("v.sock");
-    let mut backend = std::process::Command::new(workspace_bin("vhost-user-vsock"));
-    backend
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--guest-cid", "3"])
-        .arg("--uds-path")
-        .arg(&uds);
-    let mut backend = Running::spawn(backend);
-    assert!(
-        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
-        "{}",
-        backend.stderr()
-    );
+    let mut backend = tessera_tests::vsock::spawn_backend(&socket, &uds);
     let mut config = VmConfig::new(
         guest_artifacts().probe(),
         &format!("console=ttyS0 probe.vsock=echo:{PORT}"),
