@@ -3,11 +3,12 @@
 //! emulator with AMD SVM, and collects the `nested.<name>=...` lines that
 //! the L1 scenario runner (`tests/nested/runner.sh`) prints.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{guest_artifacts, run_build_script, run_with_deadline, workspace_bin, RunOutput};
 
@@ -57,7 +58,29 @@ impl NestedRun {
     }
 }
 
-/// Boots L1 under QEMU TCG and runs `scenarios` in it.
+/// How long L1 may print nothing before it counts as hung. Each scenario
+/// kills its L2 after 120 s, and every scenario prints a result line, so a
+/// longer silence means L1 itself stopped (seen once in CI: TCG's emulated
+/// SVM froze L1 during a guest power-off).
+pub const L1_SILENCE: Duration = Duration::from_secs(240);
+
+/// A `stop_when` for [`run_with_deadline`] that holds once stdout has not
+/// grown for `silence`.
+fn silent_for(silence: Duration) -> impl Fn(&str, &str) -> bool {
+    let last = Cell::new((0, Instant::now()));
+    move |stdout, _| {
+        let (len, since) = last.get();
+        if stdout.len() != len {
+            last.set((stdout.len(), Instant::now()));
+            false
+        } else {
+            since.elapsed() > silence
+        }
+    }
+}
+
+/// Boots L1 under QEMU TCG and runs `scenarios` in it, stopping early if
+/// L1 prints nothing for [`L1_SILENCE`].
 pub fn run_l1(scenarios: &[&str], deadline: Duration) -> NestedRun {
     let l1 = l1_artifacts();
     let mut command = Command::new("qemu-system-x86_64");
@@ -80,7 +103,7 @@ pub fn run_l1(scenarios: &[&str], deadline: Duration) -> NestedRun {
             "console=ttyS0 panic=-1 quiet nested.scenarios={}",
             scenarios.join(",")
         ));
-    let output = run_with_deadline(command, deadline, |_, _| false);
+    let output = run_with_deadline(command, deadline, silent_for(L1_SILENCE));
     let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in output.stdout.lines() {
         let line = line.trim_end_matches('\r');

@@ -23,7 +23,8 @@ const SCENARIOS: &[&str] = &[
     "jailed_blk_root",
     "jailed_net",
 ];
-/// A hard bound for the whole QEMU run; it takes about 25 s on 2 cores.
+/// A hard bound for one QEMU run; all the scenarios take about 3 minutes
+/// on 2 cores.
 const DEADLINE: Duration = Duration::from_secs(600);
 
 /// The scenarios to run: all of them, or those `TESSERA_NESTED_SCENARIOS`
@@ -49,26 +50,31 @@ fn linux_guests_boot_to_userspace_under_nested_svm() {
         "L1 has no working /dev/kvm\n{}",
         describe()
     );
-    // An L2 that makes no progress for the scenario's 120 s is killed
-    // (status 137). That happens now and then under TCG's emulated SVM,
-    // with the L2 printing nothing at all (jailed_initramfs once in a CI
-    // run; it passed when run again), so such a scenario gets one more
-    // try in a fresh L1, and says so.
-    let stalled: Vec<&str> = scenarios
+    // Two flakes of TCG's emulated SVM get one more try in a fresh L1, and
+    // say so: an L2 that makes no progress for the scenario's 120 s is
+    // killed (status 137; jailed_initramfs once in a CI run, the L2
+    // printing nothing at all), and L1 itself can freeze (once in CI,
+    // during the poweroff scenario), which leaves the scenarios from there
+    // on without a result.
+    let flaked: Vec<&str> = scenarios
         .iter()
         .copied()
-        .filter(|scenario| {
-            run.result(scenario)
-                .is_some_and(|r| r.starts_with("fail tessera exited with 137"))
+        .filter(|scenario| match run.result(scenario) {
+            Some(result) => result.starts_with("fail tessera exited with 137"),
+            None => !run.finished(),
         })
         .collect();
-    let retry = (!stalled.is_empty()).then(|| {
-        eprintln!("nested: {stalled:?} stalled (killed after 120 s); running them again");
-        run_l1(&stalled, DEADLINE)
+    let retry = (!flaked.is_empty()).then(|| {
+        eprintln!(
+            "nested: {flaked:?} stalled or got no result (L1 finished: {}); running them again\n{}",
+            run.finished(),
+            describe()
+        );
+        run_l1(&flaked, DEADLINE)
     });
     for scenario in &scenarios {
         let (result, output) = match &retry {
-            Some(second) if stalled.contains(scenario) => (second.result(scenario), &second.output),
+            Some(second) if flaked.contains(scenario) => (second.result(scenario), &second.output),
             _ => (run.result(scenario), &run.output),
         };
         match result {
@@ -79,14 +85,19 @@ fn linux_guests_boot_to_userspace_under_nested_svm() {
             None => panic!("nested.{scenario} printed no result\n{}", output.describe()),
         }
     }
+    let last = retry.as_ref().unwrap_or(&run);
     assert!(
-        run.finished(),
+        last.finished(),
         "L1 did not reach nested.end\n{}",
-        describe()
+        last.output.describe()
     );
 
     // Known gaps are printed, never passed over silently.
-    let gaps = run
+    let gap_run = match &retry {
+        Some(second) if flaked.contains(&"stock_kernel") => second,
+        _ => &run,
+    };
+    let gaps = gap_run
         .results
         .get("stock_kernel.gap")
         .cloned()
