@@ -80,8 +80,8 @@ fn silent_for(silence: Duration) -> impl Fn(&str, &str) -> bool {
 }
 
 /// Boots L1 under QEMU TCG and runs `scenarios` in it, stopping early if
-/// L1 prints nothing for [`L1_SILENCE`].
-pub fn run_l1(scenarios: &[&str], deadline: Duration) -> NestedRun {
+/// L1 prints nothing for `silence` (for the test scenarios: [`L1_SILENCE`]).
+pub fn run_l1(scenarios: &[&str], deadline: Duration, silence: Duration) -> NestedRun {
     let l1 = l1_artifacts();
     let mut command = Command::new("qemu-system-x86_64");
     command
@@ -103,7 +103,7 @@ pub fn run_l1(scenarios: &[&str], deadline: Duration) -> NestedRun {
             "console=ttyS0 panic=-1 quiet nested.scenarios={}",
             scenarios.join(",")
         ));
-    let output = run_with_deadline(command, deadline, silent_for(L1_SILENCE));
+    let output = run_with_deadline(command, deadline, silent_for(silence));
     let mut results: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in output.stdout.lines() {
         let line = line.trim_end_matches('\r');

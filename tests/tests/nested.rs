@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tessera_tests::nested::run_l1;
+use tessera_tests::nested::{run_l1, L1_SILENCE};
 
 const SCENARIOS: &[&str] = &[
     "initramfs",
@@ -43,7 +43,7 @@ fn scenarios() -> Vec<&'static str> {
 #[test]
 fn linux_guests_boot_to_userspace_under_nested_svm() {
     let scenarios = scenarios();
-    let run = run_l1(&scenarios, DEADLINE);
+    let run = run_l1(&scenarios, DEADLINE, L1_SILENCE);
     let describe = || run.output.describe();
     assert!(
         run.result("kvm").is_some_and(|r| r.starts_with("ok")),
@@ -70,7 +70,7 @@ fn linux_guests_boot_to_userspace_under_nested_svm() {
             run.finished(),
             describe()
         );
-        run_l1(&flaked, DEADLINE)
+        run_l1(&flaked, DEADLINE, L1_SILENCE)
     });
     for scenario in &scenarios {
         let (result, output) = match &retry {

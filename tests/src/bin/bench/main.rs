@@ -24,6 +24,7 @@
 //!        [--runs N] [--out FILE]
 
 mod block;
+mod boot_trace;
 mod fleet;
 mod jailer;
 mod net;
@@ -353,10 +354,12 @@ fn bench_api(runs: usize) -> serde_json::Value {
 /// process start to `TESSERA-GUEST-UP` (the init's first line), to the
 /// process's exit (init halts at once), and, under tessera, to the init's
 /// boot-timer write.
+/// The kernel command line of the Linux boot benchmark.
+const LINUX_BENCH_ARGS: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
+
 fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
-    const ARGS: &str =
-        "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
-    let config = VmConfig::new(guest_dir.join("vmlinux"), ARGS)
+    let config = VmConfig::new(guest_dir.join("vmlinux"), LINUX_BENCH_ARGS)
         .mem_mib(256)
         .initrd(guest_dir.join("initramfs.cpio.gz"));
     let mut vmms = vec![peers::Vmm::Tessera];
@@ -415,6 +418,7 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
             "start_to_exit_us": summary(end),
         });
     }
+    report["boot_trace"] = trace_boots(&vmms, guest_dir);
     if let Some(fc) = report.get("firecracker") {
         let median = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
         let ours = &report["tessera"];
@@ -422,6 +426,39 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
             "guest_up": median(ours, "guest_up_us") / median(fc, "guest_up_us"),
             "start_to_exit": median(ours, "start_to_exit_us") / median(fc, "start_to_exit_us"),
         });
+    }
+    report
+}
+
+/// One more boot under each VMM, with the kernel's initcall log read back:
+/// where the boot time goes (see boot_trace.rs).
+fn trace_boots(vmms: &[peers::Vmm], guest_dir: &Path) -> serde_json::Value {
+    let args = format!("{LINUX_BENCH_ARGS} {}", boot_trace::TRACE_ARGS);
+    let config = VmConfig::new(guest_dir.join("vmlinux"), &args)
+        .mem_mib(256)
+        .initrd(guest_dir.join("initramfs.cpio.gz"));
+    let mut logs = Vec::new();
+    let mut report = json!({"boot_args": args});
+    for vmm in vmms {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = run_with_deadline(
+            vmm.boot_command(&config, dir.path()),
+            Duration::from_secs(120),
+            |_, _| false,
+        );
+        // A timed benchmark without its breakdown is still worth keeping.
+        let Some(log) = boot_trace::BootLog::parse(&run.stdout) else {
+            let tail = &run.stdout[run
+                .stdout
+                .floor_char_boundary(run.stdout.len().saturating_sub(800))..];
+            report[vmm.name()] = json!({"error": format!("no kernel log (status {:?}); the console ends: {tail}", run.status)});
+            continue;
+        };
+        report[vmm.name()] = log.report();
+        logs.push(log);
+    }
+    if let [ours, theirs] = &logs[..] {
+        report["initcall_differences_ms"] = boot_trace::initcall_differences(ours, theirs);
     }
     report
 }
@@ -436,7 +473,9 @@ fn bench_nested(runs: usize) -> serde_json::Value {
         // build-l1.sh then puts Firecracker in L1, to boot beside tessera.
         std::env::set_var("TESSERA_NESTED_PEERS", peers::peers_dir());
     }
-    let run = run_l1(&["bench"], Duration::from_secs(900));
+    // The bench scenario is silent while it runs: no early stop before the deadline.
+    let deadline = Duration::from_secs(900);
+    let run = run_l1(&["bench"], deadline, deadline);
     let result = run
         .result("bench")
         .unwrap_or_else(|| panic!("L1 printed no bench result\n{}", run.output.describe()));
