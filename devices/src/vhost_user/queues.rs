@@ -13,8 +13,8 @@
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{FrontendError, VhostUserFrontend};
-use crate::virtio::QueueLayout;
+use super::{features, DeviceName, FrontendError, VhostUserDeviceError, VhostUserFrontend};
+use crate::virtio::{ActivateError, QueueLayout};
 
 /// Config writes kept while no backend is connected (each offset once).
 const MAX_KEPT_CONFIG_WRITES: usize = 16;
@@ -29,6 +29,7 @@ struct Activation {
 
 /// A backend connection with the eventfds of `count` queues.
 pub struct VhostUserQueues {
+    device: DeviceName,
     frontend: VhostUserFrontend,
     /// False from the moment the backend is known gone until a new one
     /// took over.
@@ -42,36 +43,60 @@ pub struct VhostUserQueues {
     config_cache: Vec<u8>,
     /// The guest's config writes, replayed to a new backend.
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// No backend will come back (see [`Self::give_up`]).
+    given_up: bool,
 }
 
 impl VhostUserQueues {
-    /// Wraps `frontend` and creates the eventfds of `count` queues; reads
-    /// the backend's configuration space of `config_len` bytes, so that
-    /// the guest can read it even while no backend is connected.
+    /// Wraps `frontend` for `device` and creates the eventfds of `count`
+    /// queues; reads the backend's configuration space of `config_len`
+    /// bytes, so that the guest can read it even while no backend is
+    /// connected. The backend must speak virtio 1 and serve `count` queues.
     pub fn new(
+        device: DeviceName,
         frontend: VhostUserFrontend,
         mem: GuestMemoryMmap,
         count: usize,
         config_len: usize,
-    ) -> Result<Self, FrontendError> {
+    ) -> Result<Self, VhostUserDeviceError> {
+        if frontend.backend_features() & features::VERSION_1 == 0 {
+            return Err(VhostUserDeviceError::NotVirtio1 { device });
+        }
+        if frontend.queue_num() < count {
+            return Err(VhostUserDeviceError::TooFewQueues {
+                served: frontend.queue_num(),
+                needed: count,
+                device,
+            });
+        }
         let eventfds = || {
             (0..count)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
                 .collect::<std::io::Result<Vec<_>>>()
                 .map_err(FrontendError::EventFd)
         };
-        let mut queues = Self {
-            frontend,
-            connected: true,
-            mem,
-            kicks: eventfds()?,
-            calls: eventfds()?,
-            activation: None,
-            config_cache: Vec::new(),
-            config_writes: Vec::new(),
-        };
-        queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
-        Ok(queues)
+        let built = (|| {
+            let mut queues = Self {
+                device: device.clone(),
+                frontend,
+                connected: true,
+                mem,
+                kicks: eventfds()?,
+                calls: eventfds()?,
+                activation: None,
+                config_cache: Vec::new(),
+                config_writes: Vec::new(),
+                given_up: false,
+            };
+            queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
+            Ok(queues)
+        })();
+        built.map_err(|source| VhostUserDeviceError::Frontend { device, source })
+    }
+
+    /// The device these queues belong to.
+    pub fn device(&self) -> &DeviceName {
+        &self.device
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {
@@ -104,21 +129,42 @@ impl VhostUserQueues {
         self.frontend.hang_up();
     }
 
-    /// A call to the backend for the device `label` ("drive d") failed: a
-    /// lost connection waits for the backend monitor (a new backend, or
-    /// the device given up); a refusal is logged (rate-limited).
-    pub fn call_failed(&mut self, label: &str, what: &str, err: FrontendError) {
+    /// A call to the backend failed: a lost connection waits for the
+    /// backend monitor (a new backend, or the device given up); a refusal
+    /// is logged (rate-limited).
+    pub fn backend_failed(&mut self, what: &str, err: FrontendError) {
         if err.is_disconnect() {
             if self.connected {
-                log::warn!("{label}: the backend is gone ({what}): {err}; waiting for a new one");
+                log::warn!(
+                    "{}: the backend is gone ({what}): {err}; waiting for a new one",
+                    self.device
+                );
             }
             self.connected = false;
         } else {
             crate::guest_log_here!(
                 log::Level::Warn,
-                "{label}: the backend refused the {what}: {err}"
+                "{}: the backend refused the {what}: {err}",
+                self.device
             );
         }
+    }
+
+    /// No backend will come back; `consequence` says what that means for
+    /// the guest, logged once. Returns whether the device was in use
+    /// until now.
+    pub fn give_up(&mut self, consequence: &str) -> bool {
+        if self.given_up {
+            return false;
+        }
+        log::error!("{}: no backend; {consequence}", self.device);
+        self.given_up = true;
+        true
+    }
+
+    /// Whether the device was given up.
+    pub fn is_given_up(&self) -> bool {
+        self.given_up
     }
 
     /// The backend is gone: until [`Self::reconnect`], nothing is sent to
@@ -154,7 +200,10 @@ impl VhostUserQueues {
             true => match self.frontend.get_config(0, len as u32) {
                 Ok(space) => Some(space),
                 Err(err) if err.is_disconnect() => {
-                    log::warn!("the backend is gone (config read): {err}; waiting for a new one");
+                    log::warn!(
+                        "{}: the backend is gone (config read): {err}; waiting for a new one",
+                        self.device
+                    );
                     self.connected = false;
                     None
                 }
@@ -165,7 +214,8 @@ impl VhostUserQueues {
         let mut space = if let Some(space) = fetched {
             if space.len() != len {
                 log::warn!(
-                    "the backend's config space is {} bytes, not {len}",
+                    "{}: the backend's config space is {} bytes, not {len}",
+                    self.device,
                     space.len()
                 );
                 return Ok(());
@@ -195,9 +245,44 @@ impl VhostUserQueues {
         self.frontend.set_config(offset, data)
     }
 
+    /// The guest's driver activated the device: starts `layouts` on the
+    /// backend. A backend found gone is left to the monitor (the
+    /// activation waits for the next one); a refusal fails the activation.
+    pub fn activate_for_guest(
+        &mut self,
+        acked_features: u64,
+        layouts: &[QueueLayout],
+        queue_max_size: u16,
+    ) -> Result<(), ActivateError> {
+        if self.given_up {
+            return Err(ActivateError::Backend(format!(
+                "{}: the backend is gone",
+                self.device
+            )));
+        }
+        match self.start(acked_features, layouts, queue_max_size) {
+            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
+            Err(err) => {
+                return Err(ActivateError::Backend(format!("{}: {err}", self.device)));
+            }
+            Ok(()) => {}
+        }
+        Ok(())
+    }
+
+    /// The guest's driver reset the device: stops the backend's queues.
+    pub fn reset_for_guest(&mut self) {
+        if self.given_up {
+            return;
+        }
+        if let Err(err) = self.stop() {
+            self.backend_failed("reset", err);
+        }
+    }
+
     /// Shares guest memory with the backend and starts `layouts`. Without
     /// a backend the activation is kept, for the next one.
-    pub fn start(
+    fn start(
         &mut self,
         acked_features: u64,
         layouts: &[QueueLayout],
@@ -228,7 +313,7 @@ impl VhostUserQueues {
     }
 
     /// Stops the queues the last activation started (a driver reset).
-    pub fn stop(&mut self) -> Result<(), FrontendError> {
+    fn stop(&mut self) -> Result<(), FrontendError> {
         let Some(activation) = self.activation.take() else {
             return Ok(());
         };

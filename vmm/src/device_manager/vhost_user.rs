@@ -2,48 +2,21 @@
 //! backend (an external socket, or a process the VMM starts for the
 //! device's file or TAP), and errors that name the device by kind and id.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use devices::vhost_user::blk::VhostUserBlockError;
-use devices::vhost_user::net::VhostUserNetError;
-use devices::vhost_user::vsock::VhostUserVsockError;
-use devices::vhost_user::{FrontendError, VhostUserFrontend};
+pub use devices::vhost_user::DeviceKind;
+use devices::vhost_user::{FrontendError, VhostUserDeviceError, VhostUserFrontend};
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
 use super::MmioSlotError;
 use crate::builder::BootOptions;
 
-/// The kinds of vhost-user devices, as the API names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Drive,
-    Interface,
-    Vsock,
-}
-
-impl DeviceKind {
-    /// The backend binary the VMM starts for this kind.
-    fn backend_binary(self) -> &'static str {
-        match self {
-            DeviceKind::Drive => "vhost-user-blk",
-            DeviceKind::Interface => "vhost-user-net",
-            DeviceKind::Vsock => "vhost-user-vsock",
-        }
-    }
-
-    fn noun(self) -> &'static str {
-        match self {
-            DeviceKind::Drive => "drive",
-            DeviceKind::Interface => "interface",
-            DeviceKind::Vsock => "vsock",
-        }
-    }
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.noun())
+/// The backend binary the VMM starts for a kind of device.
+fn backend_binary(kind: DeviceKind) -> &'static str {
+    match kind {
+        DeviceKind::Drive => "vhost-user-blk",
+        DeviceKind::Interface => "vhost-user-net",
+        DeviceKind::Vsock => "vhost-user-vsock",
     }
 }
 
@@ -65,11 +38,7 @@ pub enum AttachError {
         source: FrontendError,
     },
     #[error(transparent)]
-    Block(#[from] VhostUserBlockError),
-    #[error(transparent)]
-    Net(#[from] VhostUserNetError),
-    #[error(transparent)]
-    Vsock(#[from] VhostUserVsockError),
+    Device(#[from] VhostUserDeviceError),
     #[error("{kind} {id}: {source}")]
     Attach {
         kind: DeviceKind,
@@ -134,10 +103,10 @@ pub fn spawner(
     BackendSpawner::new(
         binary
             .cloned()
-            .unwrap_or_else(|| BackendSpawner::default_binary(kind.backend_binary())),
+            .unwrap_or_else(|| BackendSpawner::default_binary(backend_binary(kind))),
         options.backend_launcher.clone(),
         options.backend_run_dir.clone(),
-        kind.noun(),
+        kind.as_str(),
         options.seccomp.clone(),
     )
     .map_err(|source| AttachError::Backend {

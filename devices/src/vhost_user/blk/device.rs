@@ -8,7 +8,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::vhost_user::{
-    features, FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues,
+    features, DeviceKind, DeviceName, VhostUserDevice, VhostUserDeviceError, VhostUserFrontend,
+    VhostUserQueues,
 };
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
@@ -19,24 +20,13 @@ const CONFIG_SPACE_LEN: usize = 60;
 /// Entries per queue the guest may use.
 pub const QUEUE_SIZE: u16 = 256;
 
-/// Errors creating a block device.
-#[derive(Debug, thiserror::Error)]
-pub enum VhostUserBlockError {
-    #[error("drive {id}: {source}")]
-    Frontend { id: String, source: FrontendError },
-    #[error("drive {id}: the backend does not offer VIRTIO_F_VERSION_1")]
-    NotVirtio1 { id: String },
-}
-
 /// A virtio-blk device whose queues a vhost-user backend serves.
 pub struct VhostUserBlock {
-    id: String,
     queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
     acked_features: u64,
     layouts: Vec<QueueLayout>,
-    failed: bool,
     /// After the backend is gone: the queues the VMM completes with errors.
     fallback: Vec<Queue>,
 }
@@ -51,37 +41,21 @@ impl VhostUserBlock {
         id: &str,
         frontend: VhostUserFrontend,
         mem: GuestMemoryMmap,
-    ) -> Result<Self, VhostUserBlockError> {
-        let features = frontend.backend_features();
-        if features & features::VERSION_1 == 0 {
-            return Err(VhostUserBlockError::NotVirtio1 { id: id.into() });
-        }
+    ) -> Result<Self, VhostUserDeviceError> {
         let count = frontend.queue_num();
         // Block features pass through; transport features only if we
         // support them in this transport.
-        let features = features::offered_to_guest(features);
-        let queues =
-            VhostUserQueues::new(frontend, mem, count, CONFIG_SPACE_LEN).map_err(|source| {
-                VhostUserBlockError::Frontend {
-                    id: id.into(),
-                    source,
-                }
-            })?;
+        let features = features::offered_to_guest(frontend.backend_features());
+        let device = DeviceName::new(DeviceKind::Drive, id);
+        let queues = VhostUserQueues::new(device, frontend, mem, count, CONFIG_SPACE_LEN)?;
         Ok(Self {
-            id: id.to_string(),
             queues,
             features,
             queue_sizes: vec![QUEUE_SIZE; count],
             acked_features: 0,
             layouts: Vec::new(),
-            failed: false,
             fallback: Vec::new(),
         })
-    }
-
-    fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        let label = format!("drive {}", self.id);
-        self.queues.call_failed(&label, what, err);
     }
 
     /// The backend is gone: from now on the VMM completes every request on
@@ -89,14 +63,9 @@ impl VhostUserBlock {
     /// disk only and never waits forever. Requests the backend took but did
     /// not complete are answered too: the VMM restarts from the used index.
     pub fn take_over_queues(&mut self) {
-        if self.failed {
+        if !self.queues.give_up("its requests now fail with I/O errors") {
             return;
         }
-        self.failed = true;
-        log::error!(
-            "drive {}: the backend is gone; its requests now fail with I/O errors",
-            self.id
-        );
         let event_idx = self.acked_features & features::EVENT_IDX != 0;
         for layout in &self.layouts {
             let Ok(mut queue) = Queue::new(QUEUE_SIZE) else {
@@ -115,8 +84,8 @@ impl VhostUserBlock {
             if !queue.is_valid(self.queues.mem()) {
                 crate::guest_log_here!(
                     log::Level::Warn,
-                    "drive {}: a queue layout is invalid; not taking it over",
-                    self.id
+                    "{}: a queue layout is invalid; not taking it over",
+                    self.queues.device()
                 );
                 continue;
             }
@@ -158,10 +127,6 @@ impl VhostUserBlock {
 }
 
 impl VhostUserDevice for VhostUserBlock {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn queues(&self) -> &VhostUserQueues {
         &self.queues
     }
@@ -172,10 +137,6 @@ impl VhostUserDevice for VhostUserBlock {
 
     fn give_up(&mut self) {
         self.take_over_queues();
-    }
-
-    fn is_given_up(&self) -> bool {
-        self.failed
     }
 }
 
@@ -193,7 +154,7 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        if self.failed {
+        if self.queues.is_given_up() {
             data.fill(0);
             return;
         }
@@ -208,16 +169,16 @@ impl VirtioDevice for VhostUserBlock {
                 space[34..36].copy_from_slice(&queues.to_le_bytes());
             });
         if let Err(err) = result {
-            self.backend_failed("config read", err);
+            self.queues.backend_failed("config read", err);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if self.failed || offset > 255 {
+        if self.queues.is_given_up() || offset > 255 {
             return;
         }
         if let Err(err) = self.queues.write_config(offset as u32, data) {
-            self.backend_failed("config write", err);
+            self.queues.backend_failed("config write", err);
         }
     }
 
@@ -226,26 +187,19 @@ impl VirtioDevice for VhostUserBlock {
         acked_features: u64,
         queues: &[QueueLayout],
     ) -> Result<(), ActivateError> {
-        if self.failed {
-            return Err(ActivateError::Backend(format!(
-                "drive {}: the backend is gone",
-                self.id
-            )));
-        }
         self.acked_features = acked_features;
         self.layouts = queues.to_vec();
-        match self.queues.start(acked_features, queues, QUEUE_SIZE) {
-            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
-            Err(err) => {
-                self.layouts.clear();
-                return Err(ActivateError::Backend(format!("drive {}: {err}", self.id)));
-            }
-            Ok(()) => {}
+        if let Err(err) = self
+            .queues
+            .activate_for_guest(acked_features, queues, QUEUE_SIZE)
+        {
+            self.layouts.clear();
+            return Err(err);
         }
         crate::guest_log_here!(
             log::Level::Info,
-            "drive {}: active with {} queue(s)",
-            self.id,
+            "{}: active with {} queue(s)",
+            self.queues.device(),
             queues.len()
         );
         Ok(())
@@ -254,11 +208,6 @@ impl VirtioDevice for VhostUserBlock {
     fn reset(&mut self) {
         self.layouts.clear();
         self.fallback.clear();
-        if self.failed {
-            return;
-        }
-        if let Err(err) = self.queues.stop() {
-            self.backend_failed("reset", err);
-        }
+        self.queues.reset_for_guest();
     }
 }

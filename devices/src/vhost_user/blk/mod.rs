@@ -2,4 +2,4 @@
 
 mod device;
 
-pub use device::{VhostUserBlock, VhostUserBlockError};
+pub use device::VhostUserBlock;

@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlQueue, CtrlStats};
 use crate::vhost_user::{
-    features, FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues,
+    features, DeviceKind, DeviceName, FrontendError, VhostUserDevice, VhostUserDeviceError,
+    VhostUserFrontend, VhostUserQueues,
 };
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
@@ -34,19 +35,6 @@ const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
 const QUEUES_PER_PAIR: usize = 2;
 const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
 
-/// Errors creating a network device.
-#[derive(Debug, thiserror::Error)]
-pub enum VhostUserNetError {
-    #[error("interface {id}: cannot create an eventfd: {source}")]
-    EventFd { id: String, source: std::io::Error },
-    #[error("interface {id}: {source}")]
-    Frontend { id: String, source: FrontendError },
-    #[error("interface {id}: the backend does not offer VIRTIO_F_VERSION_1")]
-    NotVirtio1 { id: String },
-    #[error("interface {id}: the backend serves {queues} queue(s), a pair is needed")]
-    TooFewQueues { id: String, queues: usize },
-}
-
 /// The eventfds of the control queue: its QueueNotify (an ioeventfd the
 /// VMM's event loop reads) and its interrupt (an irqfd on the device's IRQ).
 struct CtrlEventFds {
@@ -56,7 +44,6 @@ struct CtrlEventFds {
 
 /// A virtio-net device whose queues a vhost-user backend serves.
 pub struct VhostUserNet {
-    id: String,
     queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
@@ -66,7 +53,6 @@ pub struct VhostUserNet {
     /// Features the VMM offers on its own (MAC for a backend without one,
     /// CTRL_VQ): never passed to the backend, which would refuse them.
     vmm_features: u64,
-    failed: bool,
     /// `max_virtqueue_pairs`: 1, or the pairs asked for that the backend
     /// serves.
     pairs: u16,
@@ -89,18 +75,9 @@ impl VhostUserNet {
         mem: GuestMemoryMmap,
         mac: Option<[u8; 6]>,
         pairs: u16,
-    ) -> Result<Self, VhostUserNetError> {
+    ) -> Result<Self, VhostUserDeviceError> {
         let backend_features = frontend.backend_features();
-        if backend_features & features::VERSION_1 == 0 {
-            return Err(VhostUserNetError::NotVirtio1 { id: id.into() });
-        }
         let backend_queues = frontend.queue_num();
-        if backend_queues < QUEUES_PER_PAIR {
-            return Err(VhostUserNetError::TooFewQueues {
-                id: id.into(),
-                queues: backend_queues,
-            });
-        }
         let backend_mq = backend_features & MQ != 0;
         let backend_pairs = u16::try_from(backend_queues / QUEUES_PER_PAIR).unwrap_or(u16::MAX);
         let served = if backend_mq {
@@ -128,34 +105,32 @@ impl VhostUserNet {
             vmm_features |= CTRL_VQ;
         }
         features |= vmm_features;
-        let eventfd_err = |source| VhostUserNetError::EventFd {
-            id: id.into(),
-            source,
-        };
         let data_queues = QUEUES_PER_PAIR * usize::from(pairs);
-        let queues = VhostUserQueues::new(frontend, mem, data_queues, CONFIG_SPACE_LEN).map_err(
-            |source| VhostUserNetError::Frontend {
-                id: id.into(),
-                source,
-            },
-        )?;
+        let device = DeviceName::new(DeviceKind::Interface, id);
         let ctrl_fds = if pairs > 1 {
+            let eventfd = || {
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|err| {
+                    VhostUserDeviceError::Frontend {
+                        device: device.clone(),
+                        source: FrontendError::EventFd(err),
+                    }
+                })
+            };
             Some(CtrlEventFds {
-                kick: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
-                call: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(eventfd_err)?,
+                kick: eventfd()?,
+                call: eventfd()?,
             })
         } else {
             None
         };
+        let queues = VhostUserQueues::new(device, frontend, mem, data_queues, CONFIG_SPACE_LEN)?;
         let queue_count = data_queues + usize::from(ctrl_fds.is_some());
         Ok(Self {
-            id: id.to_string(),
             queues,
             features,
             queue_sizes: vec![QUEUE_SIZE; queue_count],
             mac,
             vmm_features,
-            failed: false,
             pairs,
             ctrl_fds,
             ctrl: None,
@@ -191,8 +166,8 @@ impl VhostUserNet {
         let Some(ctrl) = self.ctrl.as_mut() else {
             crate::guest_log_here!(
                 log::Level::Debug,
-                "interface {}: control queue notified while inactive",
-                self.id
+                "{}: control queue notified while inactive",
+                self.queues.device()
             );
             return;
         };
@@ -200,24 +175,15 @@ impl VhostUserNet {
             if let Err(err) = fds.call.write(1) {
                 crate::guest_log_here!(
                     log::Level::Error,
-                    "interface {}: cannot interrupt the guest for its control queue: {err}",
-                    self.id
+                    "{}: cannot interrupt the guest for its control queue: {err}",
+                    self.queues.device()
                 );
             }
         }
     }
-
-    fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        let label = format!("interface {}", self.id);
-        self.queues.call_failed(&label, what, err);
-    }
 }
 
 impl VhostUserDevice for VhostUserNet {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn queues(&self) -> &VhostUserQueues {
         &self.queues
     }
@@ -229,17 +195,8 @@ impl VhostUserDevice for VhostUserNet {
     /// Unlike a disk, nothing waits on a network queue: the guest's frames
     /// are simply no longer carried.
     fn give_up(&mut self) {
-        if !self.failed {
-            log::error!(
-                "interface {}: no backend; the guest's frames are no longer carried",
-                self.id
-            );
-        }
-        self.failed = true;
-    }
-
-    fn is_given_up(&self) -> bool {
-        self.failed
+        self.queues
+            .give_up("the guest's frames are no longer carried");
     }
 }
 
@@ -257,7 +214,7 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        if self.failed {
+        if self.queues.is_given_up() {
             data.fill(0);
             return;
         }
@@ -274,7 +231,7 @@ impl VirtioDevice for VhostUserNet {
                 space[8..10].copy_from_slice(&pairs.to_le_bytes());
             });
         if let Err(err) = result {
-            self.backend_failed("config read", err);
+            self.queues.backend_failed("config read", err);
         }
     }
 
@@ -287,12 +244,6 @@ impl VirtioDevice for VhostUserNet {
         acked_features: u64,
         queues: &[QueueLayout],
     ) -> Result<(), ActivateError> {
-        if self.failed {
-            return Err(ActivateError::Backend(format!(
-                "interface {}: the backend is gone",
-                self.id
-            )));
-        }
         let mq = acked_features & MQ != 0;
         let ctrl_vq = acked_features & CTRL_VQ != 0;
         let data_count = if mq {
@@ -306,9 +257,9 @@ impl VirtioDevice for VhostUserNet {
             return Err(ActivateError::BadQueue {
                 index: QUEUES_PER_PAIR,
                 reason: format!(
-                    "interface {}: the driver acked VIRTIO_NET_F_CTRL_VQ without \
+                    "{}: the driver acked VIRTIO_NET_F_CTRL_VQ without \
                      VIRTIO_NET_F_MQ; the control queue is served only at index {}",
-                    self.id,
+                    self.queues.device(),
                     2 * self.pairs
                 ),
             });
@@ -317,7 +268,7 @@ impl VirtioDevice for VhostUserNet {
         let ctrl = match (mq, queues.get(data_count)) {
             (true, Some(layout)) => Some(
                 CtrlQueue::new(
-                    &self.id,
+                    &self.queues.device().id,
                     self.queues.mem(),
                     layout,
                     QUEUE_SIZE,
@@ -326,38 +277,27 @@ impl VirtioDevice for VhostUserNet {
                 )
                 .map_err(|err| ActivateError::BadQueue {
                     index: data_count,
-                    reason: format!("interface {}: {err}", self.id),
+                    reason: format!("{}: {err}", self.queues.device()),
                 })?,
             ),
             (true, None) => {
                 crate::guest_log_here!(
                     log::Level::Warn,
-                    "interface {}: the driver negotiated MQ but queue {data_count} (control) \
+                    "{}: the driver negotiated MQ but queue {data_count} (control) \
                      is not ready; control commands will not be answered",
-                    self.id
+                    self.queues.device()
                 );
                 None
             }
             (false, _) => None,
         };
-        match self
-            .queues
-            .start(acked_features & !self.vmm_features, data, QUEUE_SIZE)
-        {
-            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
-            Err(err) => {
-                return Err(ActivateError::Backend(format!(
-                    "interface {}: {err}",
-                    self.id
-                )))
-            }
-            Ok(()) => {}
-        }
+        self.queues
+            .activate_for_guest(acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
         self.ctrl = ctrl;
         crate::guest_log_here!(
             log::Level::Info,
-            "interface {}: active with {} data queue(s){}",
-            self.id,
+            "{}: active with {} data queue(s){}",
+            self.queues.device(),
             data.len(),
             if self.ctrl.is_some() {
                 " and the control queue"
@@ -370,11 +310,6 @@ impl VirtioDevice for VhostUserNet {
 
     fn reset(&mut self) {
         self.ctrl = None;
-        if self.failed {
-            return;
-        }
-        if let Err(err) = self.queues.stop() {
-            self.backend_failed("reset", err);
-        }
+        self.queues.reset_for_guest();
     }
 }

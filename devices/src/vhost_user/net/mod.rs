@@ -5,4 +5,4 @@ mod ctrl;
 mod device;
 
 pub use ctrl::{CtrlQueue, CtrlQueueError, CtrlStats};
-pub use device::{VhostUserNet, VhostUserNetError};
+pub use device::VhostUserNet;

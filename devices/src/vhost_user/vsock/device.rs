@@ -5,7 +5,8 @@
 //! since it knows the CID, so the guest reads it even without a backend.
 
 use crate::vhost_user::{
-    features, FrontendError, VhostUserDevice, VhostUserFrontend, VhostUserQueues,
+    features, DeviceKind, DeviceName, VhostUserDevice, VhostUserDeviceError, VhostUserFrontend,
+    VhostUserQueues,
 };
 use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 
@@ -18,25 +19,12 @@ const NUM_QUEUES: usize = 3;
 /// Entries per queue the guest may use.
 pub const QUEUE_SIZE: u16 = 256;
 
-/// Errors creating a vsock device.
-#[derive(Debug, thiserror::Error)]
-pub enum VhostUserVsockError {
-    #[error("vsock {id}: {source}")]
-    Frontend { id: String, source: FrontendError },
-    #[error("vsock {id}: the backend does not offer VIRTIO_F_VERSION_1")]
-    NotVirtio1 { id: String },
-    #[error("vsock {id}: the backend serves {count} queue(s); a vsock device needs {NUM_QUEUES}")]
-    Queues { id: String, count: usize },
-}
-
 /// A virtio-vsock device whose queues a vhost-user backend serves.
 pub struct VhostUserVsock {
-    id: String,
     guest_cid: u64,
     queues: VhostUserQueues,
     features: u64,
     queue_sizes: Vec<u16>,
-    failed: bool,
 }
 
 impl VhostUserVsock {
@@ -47,49 +35,24 @@ impl VhostUserVsock {
         guest_cid: u64,
         frontend: VhostUserFrontend,
         mem: vm_memory::GuestMemoryMmap,
-    ) -> Result<Self, VhostUserVsockError> {
-        let features = frontend.backend_features();
-        if features & features::VERSION_1 == 0 {
-            return Err(VhostUserVsockError::NotVirtio1 { id: id.into() });
-        }
-        let count = frontend.queue_num();
-        if count < NUM_QUEUES {
-            return Err(VhostUserVsockError::Queues {
-                id: id.into(),
-                count,
-            });
-        }
-        let queues = VhostUserQueues::new(frontend, mem, NUM_QUEUES, CONFIG_SPACE_LEN).map_err(
-            |source| VhostUserVsockError::Frontend {
-                id: id.into(),
-                source,
-            },
-        )?;
+    ) -> Result<Self, VhostUserDeviceError> {
+        let features = features::offered_to_guest(frontend.backend_features());
+        let device = DeviceName::new(DeviceKind::Vsock, id);
+        let queues = VhostUserQueues::new(device, frontend, mem, NUM_QUEUES, CONFIG_SPACE_LEN)?;
         Ok(Self {
-            id: id.to_string(),
             guest_cid,
             queues,
-            features: features::offered_to_guest(features),
+            features,
             queue_sizes: vec![QUEUE_SIZE; NUM_QUEUES],
-            failed: false,
         })
     }
 
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
     }
-
-    fn backend_failed(&mut self, what: &str, err: FrontendError) {
-        let label = format!("vsock {}", self.id);
-        self.queues.call_failed(&label, what, err);
-    }
 }
 
 impl VhostUserDevice for VhostUserVsock {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn queues(&self) -> &VhostUserQueues {
         &self.queues
     }
@@ -101,17 +64,8 @@ impl VhostUserDevice for VhostUserVsock {
     /// Nothing waits on the device in the VMM: the guest's connections
     /// simply time out.
     fn give_up(&mut self) {
-        if !self.failed {
-            log::error!(
-                "vsock {}: no backend; the guest's connections are no longer carried",
-                self.id
-            );
-        }
-        self.failed = true;
-    }
-
-    fn is_given_up(&self) -> bool {
-        self.failed
+        self.queues
+            .give_up("the guest's connections are no longer carried");
     }
 }
 
@@ -155,35 +109,19 @@ impl VirtioDevice for VhostUserVsock {
         acked_features: u64,
         queues: &[QueueLayout],
     ) -> Result<(), ActivateError> {
-        if self.failed {
-            return Err(ActivateError::Backend(format!(
-                "vsock {}: the backend is gone",
-                self.id
-            )));
-        }
-        match self.queues.start(acked_features, queues, QUEUE_SIZE) {
-            Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
-            Err(err) => {
-                return Err(ActivateError::Backend(format!("vsock {}: {err}", self.id)));
-            }
-            Ok(()) => {}
-        }
+        self.queues
+            .activate_for_guest(acked_features, queues, QUEUE_SIZE)?;
         crate::guest_log_here!(
             log::Level::Info,
-            "vsock {}: active, guest CID {}",
-            self.id,
+            "{}: active, guest CID {}",
+            self.queues.device(),
             self.guest_cid
         );
         Ok(())
     }
 
     fn reset(&mut self) {
-        if self.failed {
-            return;
-        }
-        if let Err(err) = self.queues.stop() {
-            self.backend_failed("reset", err);
-        }
+        self.queues.reset_for_guest();
     }
 }
 
