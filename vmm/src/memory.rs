@@ -5,11 +5,25 @@
 //! whenever the host's THP setting is `always` or `madvise`; shared memory
 //! only where `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows
 //! (`advise` or `always`), or with `huge_pages: "2M"` (hugetlbfs).
+//!
+//! Every region is mapped at a 2 MiB-aligned host address: a host kernel
+//! before 6.7 aligns no anonymous mapping, and a region whose 2 MiB guest
+//! pages straddle two host huge pages gets neither transparent huge pages
+//! for its ends nor 2 MiB entries in KVM's nested page tables for any of
+//! it. Guest RAM then lives as long as the process, as in Firecracker.
 
 use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::layout;
 use crate::resources::HugePageConfig;
@@ -31,6 +45,9 @@ pub enum MemoryError {
     #[error("mem_size_mib {0} is not a multiple of the 2 MiB huge page size")]
     HugePageMultiple(usize),
 }
+
+/// Where guest RAM regions start in the VMM's address space.
+const REGION_ALIGNMENT: usize = 2 << 20;
 
 /// The host's RAM plus swap in MiB, from /proc/meminfo.
 pub fn host_memory_mib() -> Option<u64> {
@@ -72,15 +89,40 @@ pub fn create_guest_memory(
         size_mib: mem_size_mib,
         reason,
     };
-    if sharing == Sharing::Private && huge_pages != HugePageConfig::Hugetlbfs2M {
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(size)
-            .into_iter()
-            .map(|(addr, len)| (GuestAddress(addr), len as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|err| map_err(err.to_string()))?;
-        advise_huge_pages(&mem);
-        return Ok(mem);
+    let regions = layout::ram_regions(size);
+    let file = match (sharing, huge_pages) {
+        (Sharing::Private, HugePageConfig::None) => None,
+        _ => Some(memfd(mem_size_mib, huge_pages)?),
+    };
+    let mut file_offset = 0;
+    let mut mapped = Vec::with_capacity(regions.len());
+    for (addr, len) in regions {
+        let backing = match &file {
+            Some(file) => {
+                let clone = file.try_clone().map_err(|err| map_err(err.to_string()))?;
+                Some(FileOffset::new(clone, file_offset))
+            }
+            None => None,
+        };
+        file_offset += len;
+        let region = map_region(len as usize, backing, huge_pages).map_err(map_err)?;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(addr)).ok_or_else(|| {
+                map_err(format!(
+                    "the region at {addr:#x} overflows the address space"
+                ))
+            })?,
+        );
     }
+    let mem = GuestMemoryMmap::from_regions(mapped).map_err(|err| map_err(err.to_string()))?;
+    if huge_pages != HugePageConfig::Hugetlbfs2M {
+        advise_huge_pages(&mem);
+    }
+    Ok(mem)
+}
+
+/// The memfd that shared (or hugetlbfs) guest RAM lives in.
+fn memfd(mem_size_mib: usize, huge_pages: HugePageConfig) -> Result<File, MemoryError> {
     let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
     if huge_pages == HugePageConfig::Hugetlbfs2M {
         if !mem_size_mib.is_multiple_of(2) {
@@ -90,31 +132,100 @@ pub fn create_guest_memory(
     }
     let fd = memfd_create(c"tessera-guest-ram", flags).map_err(MemoryError::Memfd)?;
     let file = File::from(fd);
-    file.set_len(size).map_err(|source| MemoryError::Resize {
-        size_mib: mem_size_mib,
-        source,
-    })?;
+    file.set_len((mem_size_mib as u64) << 20)
+        .map_err(|source| MemoryError::Resize {
+            size_mib: mem_size_mib,
+            source,
+        })?;
+    Ok(file)
+}
 
-    let mut file_offset = 0;
-    let ranges = layout::ram_regions(size)
-        .into_iter()
-        .map(|(addr, len)| {
-            let region = (
-                GuestAddress(addr),
-                len as usize,
-                Some(FileOffset::new(file.try_clone()?, file_offset)),
-            );
-            file_offset += len;
-            Ok(region)
-        })
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|err| map_err(err.to_string()))?;
-    let mem =
-        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|err| map_err(err.to_string()))?;
-    if huge_pages != HugePageConfig::Hugetlbfs2M {
-        advise_huge_pages(&mem);
+/// Maps `len` bytes of guest RAM, of `backing` (shared) or private and
+/// anonymous, at a [`REGION_ALIGNMENT`]-aligned address: a reservation
+/// `REGION_ALIGNMENT` larger is made, the region is mapped over its
+/// aligned part, and the rest is unmapped. The region never unmaps itself.
+fn map_region(
+    len: usize,
+    backing: Option<FileOffset>,
+    huge_pages: HugePageConfig,
+) -> Result<vm_memory::MmapRegion, String> {
+    let length = NonZeroUsize::new(len).ok_or("an empty region")?;
+    let reserved = len
+        .checked_add(REGION_ALIGNMENT)
+        .and_then(NonZeroUsize::new)
+        .ok_or("a region too large to align")?;
+    // SAFETY: a new inaccessible mapping where the kernel finds room;
+    // nothing else in the process is touched.
+    let base = unsafe {
+        mmap_anonymous(
+            None,
+            reserved,
+            ProtFlags::PROT_NONE,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+        )
     }
-    Ok(mem)
+    .map_err(|err| format!("cannot reserve address space: {err}"))?;
+    let start = (base.as_ptr() as usize).next_multiple_of(REGION_ALIGNMENT);
+    let at = NonZeroUsize::new(start);
+    let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+    let flags = match backing {
+        Some(_) => MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+        None => MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_ANONYMOUS,
+    };
+    let fixed = flags | MapFlags::MAP_FIXED;
+    let mapped = match &backing {
+        // SAFETY: [start, start + len) lies inside the reservation made
+        // above, which nothing else uses: MAP_FIXED replaces only it.
+        Some(file) => unsafe {
+            mmap(
+                at,
+                length,
+                prot,
+                fixed,
+                file.file().as_fd(),
+                file.start() as i64,
+            )
+        },
+        // SAFETY: as above.
+        None => unsafe { mmap_anonymous(at, length, prot, fixed) },
+    };
+    let slack = [
+        (base.as_ptr() as usize, start - base.as_ptr() as usize),
+        (
+            start + len,
+            base.as_ptr() as usize + reserved.get() - (start + len),
+        ),
+    ];
+    let unmap_slack = |ranges: &[(usize, usize)]| {
+        for &(addr, size) in ranges {
+            if let (Some(addr), true) = (NonNull::new(addr as *mut libc::c_void), size > 0) {
+                // SAFETY: the range is part of the reservation above and
+                // holds no guest RAM.
+                let _ = unsafe { munmap(addr, size) };
+            }
+        }
+    };
+    let addr = match mapped {
+        Ok(addr) => addr,
+        Err(err) => {
+            unmap_slack(&[(base.as_ptr() as usize, reserved.get())]);
+            return Err(err.to_string());
+        }
+    };
+    unmap_slack(&slack);
+    let builder = MmapRegionBuilder::new(len)
+        .with_mmap_prot(prot.bits())
+        .with_mmap_flags(flags.bits())
+        .with_hugetlbfs(huge_pages == HugePageConfig::Hugetlbfs2M);
+    let builder = match backing {
+        Some(file) => builder.with_file_offset(file),
+        None => builder,
+    };
+    // SAFETY: [addr, addr + len) is the mapping made above, which lives
+    // as long as the process; the region does not own (unmap) it.
+    unsafe { builder.with_raw_mmap_pointer(addr.as_ptr().cast()) }
+        .build()
+        .map_err(|err| err.to_string())
 }
 
 /// Asks for transparent huge pages on every region; a host that refuses
@@ -167,6 +278,25 @@ mod tests {
         assert!(mem
             .write_obj(1u64, GuestAddress(layout::MMIO_MEM_START))
             .is_err());
+    }
+
+    #[test]
+    fn every_region_starts_on_a_2_mib_host_address_and_takes_writes_at_both_ends() {
+        for sharing in [Sharing::Private, Sharing::Shared] {
+            let mem = create_guest_memory(3585, HugePageConfig::None, sharing).unwrap();
+            for region in mem.iter() {
+                assert_eq!(region.as_ptr() as usize % REGION_ALIGNMENT, 0, "{sharing:?}");
+                let last = region.start_addr().0 + region.len() - 8;
+                for addr in [region.start_addr().0, last] {
+                    mem.write_obj(addr, GuestAddress(addr)).unwrap();
+                    assert_eq!(mem.read_obj::<u64>(GuestAddress(addr)).unwrap(), addr);
+                }
+            }
+            assert_eq!(
+                mem.iter().next().unwrap().file_offset().is_some(),
+                sharing == Sharing::Shared
+            );
+        }
     }
 
     #[test]
