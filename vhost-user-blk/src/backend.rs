@@ -591,13 +591,9 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        // CONFIGURE_MEM_SLOTS (memory added region by region) is what
-        // libblkio requires.
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        // INFLIGHT_SHMFD: a restarted backend resubmits what its
+        // predecessor left in flight.
+        worker::PROTOCOL_FEATURES | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
@@ -737,6 +733,7 @@ mod tests {
     use std::io::Write;
     use std::sync::mpsc;
     use vhost_user_backend::VringT;
+    use vhost_user_common::testing::ready_vring;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;
@@ -785,18 +782,7 @@ mod tests {
         let backend = BlockBackend::new(disk, config, atomic.clone()).unwrap();
         backend.set_event_idx(true);
         let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
-        let vring = VringRwLock::new(atomic, QUEUE_SIZE).unwrap();
-        vring.set_queue_size(QUEUE_SIZE);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        vring.set_queue_event_idx(true);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
+        let vring = ready_vring(&atomic, &mock, QUEUE_SIZE);
         Device {
             backend: Arc::new(backend),
             vrings: Arc::new(vec![vring]),

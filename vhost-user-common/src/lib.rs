@@ -9,4 +9,6 @@ pub mod cli;
 pub mod process;
 pub mod ratelimit;
 pub mod ring;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod worker;

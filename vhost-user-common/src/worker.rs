@@ -5,9 +5,18 @@
 
 use std::io;
 
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+/// The vhost-user protocol features every backend offers: several queues,
+/// the config space, acknowledged requests, and memory added region by
+/// region (CONFIGURE_MEM_SLOTS, which libblkio requires).
+pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
 
 /// One exit event per worker thread: vhost-user-backend's worker waits on
 /// the consumer (`exit_event`), and [`WorkerExits::stop_all`] signals each.

@@ -407,10 +407,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        worker::PROTOCOL_FEATURES
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -616,6 +613,7 @@ mod tests {
     /// One pair on a stand-in TAP (/dev/null), event_idx on, its RX and TX
     /// vrings on rings laid out by virtio-queue's mock.
     fn device() -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
+        use vhost_user_common::testing::ready_vring;
         use virtio_queue::mock::MockSplitQueue;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
@@ -633,19 +631,7 @@ mod tests {
             .into_iter()
             .map(|base| {
                 let mock = MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);
-                let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
-                vring.set_queue_size(QUEUE_SIZE);
-                vring
-                    .set_queue_info(
-                        mock.desc_table_addr().0,
-                        mock.avail_addr().0,
-                        mock.used_addr().0,
-                    )
-                    .unwrap();
-                vring.set_queue_event_idx(true);
-                vring.set_queue_ready(true);
-                vring.set_enabled(true);
-                vring
+                ready_vring(&atomic, &mock, QUEUE_SIZE)
             })
             .collect();
         (backend, Arc::new(vrings), mem)

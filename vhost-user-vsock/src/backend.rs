@@ -266,10 +266,7 @@ impl VhostUserBackend for VsockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        worker::PROTOCOL_FEATURES
     }
 
     fn set_event_idx(&self, enabled: bool) {
