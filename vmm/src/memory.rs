@@ -285,7 +285,11 @@ mod tests {
         for sharing in [Sharing::Private, Sharing::Shared] {
             let mem = create_guest_memory(3585, HugePageConfig::None, sharing).unwrap();
             for region in mem.iter() {
-                assert_eq!(region.as_ptr() as usize % REGION_ALIGNMENT, 0, "{sharing:?}");
+                assert_eq!(
+                    region.as_ptr() as usize % REGION_ALIGNMENT,
+                    0,
+                    "{sharing:?}"
+                );
                 let last = region.start_addr().0 + region.len() - 8;
                 for addr in [region.start_addr().0, last] {
                     mem.write_obj(addr, GuestAddress(addr)).unwrap();
