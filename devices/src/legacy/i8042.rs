@@ -3,6 +3,13 @@
 //! handshakes Linux makes at boot, and a keyboard buffer through which the
 //! VMM sends Ctrl+Alt+Del (`SendCtrlAltDel`).
 //!
+//! The controller's AUX (mouse) side is there, with no mouse behind it:
+//! the loopback command answers on IRQ 12 and the AUX enable bits read
+//! back, so Linux's AUX probe finishes at once instead of waiting out its
+//! 250 ms interrupt test (about a fifth of a microVM's boot to init), and
+//! a byte sent to the mouse comes back as a timed-out resend request, as
+//! from a controller with an empty mouse port.
+//!
 //! vm-superio's i8042 model has no keyboard buffer, so this one is ours.
 
 use std::collections::VecDeque;
@@ -29,6 +36,7 @@ const CMD_ENABLE_KBD: u8 = 0xae;
 const CMD_READ_OUTP: u8 = 0xd0;
 const CMD_WRITE_OUTP: u8 = 0xd1;
 const CMD_WRITE_KBD_OUTBUF: u8 = 0xd2;
+const CMD_WRITE_AUX_OUTBUF: u8 = 0xd3;
 const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
@@ -36,10 +44,20 @@ const CMD_RESET_CPU: u8 = 0xfe;
 const SB_OUT_DATA_AVAIL: u8 = 0x01;
 const SB_I8042_CMD_DATA: u8 = 0x08;
 const SB_KBD_ENABLED: u8 = 0x10;
+/// The byte in the output buffer came from the AUX port.
+const SB_AUX_DATA: u8 = 0x20;
+/// The AUX device did not answer.
+const SB_TIMEOUT: u8 = 0x40;
 
 /// Control register bits.
 const CB_KBD_INT: u8 = 0x01;
+const CB_AUX_INT: u8 = 0x02;
 const CB_POST_OK: u8 = 0x04;
+const CB_KBD_DISABLED: u8 = 0x10;
+const CB_AUX_DISABLED: u8 = 0x20;
+
+/// What an empty mouse port answers a byte sent to it (with [`SB_TIMEOUT`]).
+const AUX_RESEND: u8 = 0xfe;
 
 const KBD_ACK: u8 = 0xfa;
 const SELF_TEST_OK: u8 = 0x55;
@@ -55,8 +73,8 @@ const BUFFER_SIZE: usize = 16;
 pub enum I8042Error {
     #[error("the i8042 keyboard buffer is full ({BUFFER_SIZE} bytes)")]
     BufferFull,
-    #[error("cannot raise the keyboard interrupt: {0}")]
-    Interrupt(std::io::Error),
+    #[error("cannot raise the {0} interrupt: {1}")]
+    Interrupt(&'static str, std::io::Error),
 }
 
 /// Event counters, exported as the `i8042` metrics.
@@ -69,25 +87,40 @@ pub struct I8042Counters {
     pub write_count: u64,
 }
 
+/// A byte in the output buffer, with the status bits it is read with
+/// (none from the keyboard, [`SB_AUX_DATA`] from the AUX port).
+#[derive(Debug, Clone, Copy)]
+struct Output {
+    byte: u8,
+    status: u8,
+}
+
 /// The i8042 controller on ports 0x60-0x64.
 pub struct I8042 {
     reset_evt: EventFdTrigger,
     kbd_irq: EventFdTrigger,
+    aux_irq: EventFdTrigger,
+    /// The status bits that do not depend on the output buffer.
     status: u8,
     control: u8,
     output_port: u8,
     pending_command: Option<u8>,
-    buffer: VecDeque<u8>,
+    buffer: VecDeque<Output>,
     counters: I8042Counters,
 }
 
 impl I8042 {
     /// Creates the controller; `reset_evt` fires when the guest resets the
-    /// CPU, `kbd_irq` raises IRQ 1.
-    pub fn new(reset_evt: EventFdTrigger, kbd_irq: EventFdTrigger) -> Self {
+    /// CPU, `kbd_irq` raises IRQ 1 and `aux_irq` IRQ 12.
+    pub fn new(
+        reset_evt: EventFdTrigger,
+        kbd_irq: EventFdTrigger,
+        aux_irq: EventFdTrigger,
+    ) -> Self {
         Self {
             reset_evt,
             kbd_irq,
+            aux_irq,
             status: SB_KBD_ENABLED,
             control: CB_POST_OK | CB_KBD_INT,
             output_port: 0,
@@ -108,29 +141,42 @@ impl I8042 {
             return Err(I8042Error::BufferFull);
         }
         for byte in CTRL_ALT_DEL {
-            self.push(byte);
+            self.push(byte, 0);
         }
-        self.raise_kbd_irq()
+        self.raise_irq()
     }
 
-    fn push(&mut self, byte: u8) {
+    /// Queues `byte`, read with the status bits `status`.
+    fn push(&mut self, byte: u8, status: u8) {
         if self.buffer.len() < BUFFER_SIZE {
-            self.buffer.push_back(byte);
+            self.buffer.push_back(Output { byte, status });
         }
-        self.status |= SB_OUT_DATA_AVAIL;
     }
 
-    fn pop(&mut self) -> Option<u8> {
-        let byte = self.buffer.pop_front();
-        if self.buffer.is_empty() {
-            self.status &= !SB_OUT_DATA_AVAIL;
+    /// The status register: the output buffer's state and its next byte's
+    /// source.
+    fn status(&self) -> u8 {
+        match self.buffer.front() {
+            Some(next) => self.status | SB_OUT_DATA_AVAIL | next.status,
+            None => self.status,
         }
-        byte
     }
 
-    fn raise_kbd_irq(&mut self) -> Result<(), I8042Error> {
-        if self.control & CB_KBD_INT != 0 && !self.buffer.is_empty() {
-            self.kbd_irq.trigger().map_err(I8042Error::Interrupt)?;
+    /// Interrupts the guest for the next byte in the output buffer, on the
+    /// line of its port, if the control byte enables that line.
+    fn raise_irq(&mut self) -> Result<(), I8042Error> {
+        let Some(next) = self.buffer.front() else {
+            return Ok(());
+        };
+        let (trigger, enabled, name) = if next.status & SB_AUX_DATA != 0 {
+            (&self.aux_irq, CB_AUX_INT, "AUX")
+        } else {
+            (&self.kbd_irq, CB_KBD_INT, "keyboard")
+        };
+        if self.control & enabled != 0 {
+            trigger
+                .trigger()
+                .map_err(|err| I8042Error::Interrupt(name, err))?;
         }
         Ok(())
     }
@@ -143,36 +189,50 @@ impl I8042 {
                     log::error!("i8042: cannot signal the CPU reset: {err}");
                 }
             }
-            CMD_READ_CTR => self.push(self.control),
-            CMD_READ_OUTP => self.push(self.output_port),
-            CMD_SELF_TEST => self.push(SELF_TEST_OK),
-            CMD_TEST_KBD | CMD_TEST_AUX => self.push(0x00),
-            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUTBUF | CMD_WRITE_AUX => {
-                self.pending_command = Some(command)
+            CMD_READ_CTR => self.push(self.control, 0),
+            CMD_READ_OUTP => self.push(self.output_port, 0),
+            CMD_SELF_TEST => self.push(SELF_TEST_OK, 0),
+            CMD_TEST_KBD | CMD_TEST_AUX => self.push(0x00, 0),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUTBUF | CMD_WRITE_AUX_OUTBUF
+            | CMD_WRITE_AUX => self.pending_command = Some(command),
+            CMD_DISABLE_KBD => {
+                self.status &= !SB_KBD_ENABLED;
+                self.control |= CB_KBD_DISABLED;
             }
-            CMD_DISABLE_KBD => self.status &= !SB_KBD_ENABLED,
-            CMD_ENABLE_KBD => self.status |= SB_KBD_ENABLED,
-            CMD_DISABLE_AUX | CMD_ENABLE_AUX => {}
+            CMD_ENABLE_KBD => {
+                self.status |= SB_KBD_ENABLED;
+                self.control &= !CB_KBD_DISABLED;
+            }
+            CMD_DISABLE_AUX => self.control |= CB_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.control &= !CB_AUX_DISABLED,
             _ => self.counters.missed_write_count += 1,
         }
     }
 
-    /// A write to the data port; returns whether the keyboard answered
-    /// (a byte the guest expects through IRQ 1, as Linux's keyboard probe
-    /// does).
+    /// A write to the data port; returns whether a port answered (a byte
+    /// the guest expects through its interrupt, as Linux's keyboard and
+    /// AUX probes do).
     fn data(&mut self, value: u8) -> bool {
         match self.pending_command.take() {
             Some(CMD_WRITE_CTR) => self.control = value,
             Some(CMD_WRITE_OUTP) => self.output_port = value,
             Some(CMD_WRITE_KBD_OUTBUF) => {
-                self.push(value);
+                self.push(value, 0);
                 return true;
             }
-            // There is no mouse: swallow bytes meant for it.
-            Some(CMD_WRITE_AUX) => {}
+            // The loopback test: the byte comes back as if from the mouse.
+            Some(CMD_WRITE_AUX_OUTBUF) => {
+                self.push(value, SB_AUX_DATA);
+                return true;
+            }
+            // No mouse answers: the controller reports the timeout.
+            Some(CMD_WRITE_AUX) => {
+                self.push(AUX_RESEND, SB_AUX_DATA | SB_TIMEOUT);
+                return true;
+            }
             // A command for the keyboard itself: acknowledge it.
             _ => {
-                self.push(KBD_ACK);
+                self.push(KBD_ACK, 0);
                 return true;
             }
         }
@@ -189,14 +249,14 @@ impl BusDevice for I8042 {
         };
         *byte = match offset {
             DATA_OFFSET => {
-                let value = self.pop().unwrap_or(0);
+                let value = self.buffer.pop_front().map_or(0, |output| output.byte);
                 // More bytes queued: interrupt again for the next one.
-                if let Err(err) = self.raise_kbd_irq() {
+                if let Err(err) = self.raise_irq() {
                     crate::guest_log_here!(log::Level::Warn, "i8042: {err}");
                 }
                 value
             }
-            COMMAND_OFFSET => self.status,
+            COMMAND_OFFSET => self.status(),
             _ => {
                 self.counters.missed_read_count += 1;
                 0
@@ -218,7 +278,7 @@ impl BusDevice for I8042 {
             DATA_OFFSET => {
                 self.status &= !SB_I8042_CMD_DATA;
                 if self.data(*value) {
-                    if let Err(err) = self.raise_kbd_irq() {
+                    if let Err(err) = self.raise_irq() {
                         crate::guest_log_here!(log::Level::Warn, "i8042: {err}");
                     }
                 }
@@ -235,13 +295,85 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn device() -> (I8042, EventFd, EventFd) {
+        let (dev, reset, irq, _) = device_with_aux();
+        (dev, reset, irq)
+    }
+
+    /// The controller with its reset event, IRQ 1 and IRQ 12.
+    fn device_with_aux() -> (I8042, EventFd, EventFd, EventFd) {
         let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let aux = EventFd::new(EFD_NONBLOCK).unwrap();
         let dev = I8042::new(
             EventFdTrigger::new(reset.try_clone().unwrap()),
             EventFdTrigger::new(irq.try_clone().unwrap()),
+            EventFdTrigger::new(aux.try_clone().unwrap()),
         );
-        (dev, reset, irq)
+        (dev, reset, irq, aux)
+    }
+
+    fn write_ctr(dev: &mut I8042, value: u8) {
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        dev.write(DATA_OFFSET, &[value]);
+    }
+
+    fn read_ctr(dev: &mut I8042) -> u8 {
+        dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        read(dev, DATA_OFFSET)
+    }
+
+    /// Linux's AUX probe (i8042_check_aux): loopback, the AUX enable bit
+    /// read back, then the loopback again with the AUX interrupt on, which
+    /// it waits 250 ms for.
+    #[test]
+    fn the_aux_loopback_answers_on_irq_12_and_the_aux_bits_read_back() {
+        let (mut dev, _, kbd, aux) = device_with_aux();
+        write_ctr(&mut dev, CB_POST_OK);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_AUX_OUTBUF]);
+        dev.write(DATA_OFFSET, &[0x5a]);
+        assert_eq!(
+            read(&mut dev, COMMAND_OFFSET) & (SB_OUT_DATA_AVAIL | SB_AUX_DATA),
+            SB_OUT_DATA_AVAIL | SB_AUX_DATA
+        );
+        assert_eq!(read(&mut dev, DATA_OFFSET), 0x5a);
+        assert!(aux.read().is_err(), "no IRQ 12 while the CTR disables it");
+
+        dev.write(COMMAND_OFFSET, &[CMD_DISABLE_AUX]);
+        assert_ne!(read_ctr(&mut dev) & CB_AUX_DISABLED, 0);
+        dev.write(COMMAND_OFFSET, &[CMD_ENABLE_AUX]);
+        assert_eq!(read_ctr(&mut dev) & CB_AUX_DISABLED, 0);
+
+        write_ctr(&mut dev, CB_POST_OK | CB_KBD_INT | CB_AUX_INT);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_AUX_OUTBUF]);
+        dev.write(DATA_OFFSET, &[0xa5]);
+        assert_eq!(aux.read().unwrap(), 1, "no IRQ 12 for the loopback byte");
+        assert!(
+            kbd.read().is_err(),
+            "the loopback byte is not the keyboard's"
+        );
+        assert_eq!(read(&mut dev, DATA_OFFSET), 0xa5);
+        assert_eq!(read(&mut dev, COMMAND_OFFSET) & SB_OUT_DATA_AVAIL, 0);
+    }
+
+    #[test]
+    fn a_byte_for_the_absent_mouse_comes_back_as_a_timed_out_resend() {
+        let (mut dev, _, _, aux) = device_with_aux();
+        write_ctr(&mut dev, CB_POST_OK | CB_AUX_INT);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_AUX]);
+        dev.write(DATA_OFFSET, &[0xff]); // PSMOUSE_CMD_RESET_BAT
+        assert_eq!(aux.read().unwrap(), 1);
+        let status = read(&mut dev, COMMAND_OFFSET);
+        assert_eq!(
+            status & (SB_AUX_DATA | SB_TIMEOUT),
+            SB_AUX_DATA | SB_TIMEOUT
+        );
+        assert_eq!(read(&mut dev, DATA_OFFSET), AUX_RESEND);
+        // The keyboard's bytes after it carry no AUX bits.
+        dev.write(DATA_OFFSET, &[0xf2]);
+        assert_eq!(
+            read(&mut dev, COMMAND_OFFSET) & (SB_AUX_DATA | SB_TIMEOUT),
+            0
+        );
     }
 
     fn read(dev: &mut I8042, offset: u64) -> u8 {

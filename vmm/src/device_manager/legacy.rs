@@ -31,6 +31,8 @@ pub enum DeviceError {
 const COM1_PORT: u64 = 0x3f8;
 const COM1_IRQ: u32 = 4;
 const KEYBOARD_IRQ: u32 = 1;
+/// The i8042's AUX (mouse) port interrupt.
+const AUX_IRQ: u32 = 12;
 const I8042_PORT: u64 = 0x60;
 const I8042_PORT_LEN: u64 = 5;
 
@@ -75,9 +77,12 @@ pub fn attach_legacy_devices(
         })?;
     let kbd_irq = eventfd("the keyboard interrupt")?;
     vm.register_irqfd(&kbd_irq, KEYBOARD_IRQ)?;
+    let aux_irq = eventfd("the AUX interrupt")?;
+    vm.register_irqfd(&aux_irq, AUX_IRQ)?;
     let i8042 = Arc::new(Mutex::new(I8042::new(
         EventFdTrigger::new(reset_trigger),
         EventFdTrigger::new(kbd_irq),
+        EventFdTrigger::new(aux_irq),
     )));
 
     let mut pio_bus = Bus::new();
