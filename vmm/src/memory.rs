@@ -1,10 +1,11 @@
 //! Guest RAM: backed by a memfd when vhost-user backends must map it,
 //! private anonymous memory otherwise (as Firecracker), and in both cases
-//! advised for transparent huge pages: guest RAM on 4 KiB pages costs a
-//! nested page fault per 4 KiB the guest touches. Private memory gets them
-//! whenever the host's THP setting is `always` or `madvise`; shared memory
-//! only where `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows
-//! (`advise` or `always`), or with `huge_pages: "2M"` (hugetlbfs).
+//! advised for transparent huge pages where the host needs the advice:
+//! guest RAM on 4 KiB pages costs a nested page fault per 4 KiB the guest
+//! touches. Private memory gets them whenever the host's THP setting is
+//! `always` or `madvise`; shared memory only where
+//! `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows (`advise` or
+//! `always`), or with `huge_pages: "2M"` (hugetlbfs).
 //!
 //! Every region is mapped at a 2 MiB-aligned host address: a host kernel
 //! before 6.7 aligns no anonymous mapping, and a region whose 2 MiB guest
@@ -115,7 +116,7 @@ pub fn create_guest_memory(
         );
     }
     let mem = GuestMemoryMmap::from_regions(mapped).map_err(|err| map_err(err.to_string()))?;
-    if huge_pages != HugePageConfig::Hugetlbfs2M {
+    if huge_pages != HugePageConfig::Hugetlbfs2M && thp_needs_advice(sharing) {
         advise_huge_pages(&mem);
     }
     Ok(mem)
@@ -226,6 +227,21 @@ fn map_region(
     unsafe { builder.with_raw_mmap_pointer(addr.as_ptr().cast()) }
         .build()
         .map_err(|err| err.to_string())
+}
+
+/// Whether the host gives guest RAM transparent huge pages only when asked
+/// (THP `madvise`, shmem `advise`). Under `always` the advice is left out:
+/// it would only add the host's `defrag` policy for advised memory, whose
+/// page faults then compact memory synchronously (slow on a fragmented
+/// host) where unadvised ones fall back to small pages at once.
+fn thp_needs_advice(sharing: Sharing) -> bool {
+    let setting = match sharing {
+        Sharing::Private => "/sys/kernel/mm/transparent_hugepage/enabled",
+        Sharing::Shared => "/sys/kernel/mm/transparent_hugepage/shmem_enabled",
+    };
+    std::fs::read_to_string(setting)
+        .map(|value| !value.contains("[always]") && !value.contains("[force]"))
+        .unwrap_or(true)
 }
 
 /// Asks for transparent huge pages on every region; a host that refuses
