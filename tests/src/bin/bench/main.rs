@@ -441,11 +441,15 @@ fn trace_boots(vmms: &[peers::Vmm], guest_dir: &Path) -> serde_json::Value {
     let mut report = json!({"boot_args": args});
     for vmm in vmms {
         let dir = tempfile::tempdir().expect("tempdir");
-        let run = run_with_deadline(
-            vmm.boot_command(&config, dir.path()),
-            Duration::from_secs(120),
-            |_, _| false,
-        );
+        let mut vm = Running::spawn(vmm.boot_command(&config, dir.path()));
+        vm.wait_until(Duration::from_secs(120), |stdout, _| {
+            stdout.contains("TESSERA-GUEST-UP")
+        });
+        // While the init prints the kernel log: how much of guest RAM the
+        // host backs with transparent huge pages.
+        let huge_kib = anon_huge_pages_kib(vm.pid());
+        vm.wait_until(Duration::from_secs(120), |_, _| false);
+        let run = vm.finish();
         // A timed benchmark without its breakdown is still worth keeping.
         let Some(log) = boot_trace::BootLog::parse(&run.stdout) else {
             let tail = &run.stdout[run
@@ -455,12 +459,31 @@ fn trace_boots(vmms: &[peers::Vmm], guest_dir: &Path) -> serde_json::Value {
             continue;
         };
         report[vmm.name()] = log.report();
+        report[vmm.name()]["anon_huge_pages_kib_at_init"] = json!(huge_kib);
         logs.push(log);
     }
     if let [ours, theirs] = &logs[..] {
         report["initcall_differences_ms"] = boot_trace::initcall_differences(ours, theirs);
     }
+    for setting in ["enabled", "defrag", "shmem_enabled"] {
+        let path = format!("/sys/kernel/mm/transparent_hugepage/{setting}");
+        report["host_thp"][setting] =
+            json!(std::fs::read_to_string(path).unwrap_or_default().trim());
+    }
     report
+}
+
+/// `AnonHugePages` of process `pid` (all its mappings), in KiB.
+fn anon_huge_pages_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|line| line.strip_prefix("AnonHugePages:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs `bench_linux` inside L1 under QEMU TCG and returns its report,
