@@ -111,6 +111,9 @@ fn writes_survive_killed_backends(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.json");
+    let metrics = dir.path().join("metrics.json");
+    let mut config = config;
+    config["metrics"] = serde_json::json!({"metrics_path": metrics});
     std::fs::write(&path, config.to_string()).unwrap();
     let mut command = Command::new(workspace_bin("tessera"));
     command.arg("--no-api").arg("--config-file").arg(&path);
@@ -171,6 +174,19 @@ fn writes_survive_killed_backends(
         run.describe()
     );
     assert_pattern(disk, MIB);
+    // The drive's metrics count each lost backend and each that took over
+    // (flushes report increments: they add up over the lines).
+    let drive_total = |counter: &str| -> u64 {
+        std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["block_d"][counter].as_u64())
+            .sum()
+    };
+    assert_eq!(drive_total("backend_lost_count"), wanted as u64, "{}", run.describe());
+    assert_eq!(drive_total("backend_reconnect_count"), wanted as u64, "{}", run.describe());
+    assert_eq!(drive_total("activate_fails"), 0, "{}", run.describe());
     let resubmitted: usize = run
         .stderr
         .lines()

@@ -32,6 +32,7 @@ use crate::vstate::vm::{Vm, VmError};
 use crate::ExitCode;
 use api_server::config::BlockDeviceUpdate;
 use devices::vhost_user::VhostUserDevice;
+use devices::virtio::MmioTransport;
 use nix::sys::stat::SFlag;
 
 /// Errors building or starting a microVM.
@@ -321,24 +322,16 @@ impl Vmm {
         ];
         for transport in &self.block_devices {
             let transport = lock(transport);
-            counters.push((
-                format!("block_{}", transport.device().id()),
-                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
-            ));
+            let key = format!("block_{}", transport.device().id());
+            counters.push((key, vhost_user_metrics(&transport)));
         }
         for transport in &self.net_devices {
             let transport = lock(transport);
-            counters.push((
-                format!("net_{}", transport.device().id()),
-                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
-            ));
+            let key = format!("net_{}", transport.device().id());
+            counters.push((key, vhost_user_metrics(&transport)));
         }
         if let Some(transport) = &self.vsock_device {
-            let transport = lock(transport);
-            counters.push((
-                "vsock".to_string(),
-                serde_json::json!({"invalid_mmio_accesses": transport.invalid_accesses()}),
-            ));
+            counters.push(("vsock".to_string(), vhost_user_metrics(&lock(transport))));
         }
         counters
     }
@@ -348,6 +341,20 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop_vcpus();
     }
+}
+
+/// One vhost-user device's metrics: the transport's and the frontend's
+/// counters (the backend's own figures stay in the backend).
+fn vhost_user_metrics<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
+    let c = transport.device().queues().counters();
+    serde_json::json!({
+        "invalid_mmio_accesses": transport.invalid_accesses(),
+        "activate_fails": c.activate_fails,
+        "cfg_fails": c.cfg_fails,
+        "activate_time_us": c.activate_time_us,
+        "backend_lost_count": c.backend_lost_count,
+        "backend_reconnect_count": c.backend_reconnect_count,
+    })
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

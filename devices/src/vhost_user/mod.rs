@@ -12,7 +12,7 @@ pub mod vsock;
 pub mod watchdog;
 
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
-pub use queues::VhostUserQueues;
+pub use queues::{FrontendCounters, VhostUserQueues};
 
 use std::fmt;
 

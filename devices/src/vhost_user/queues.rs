@@ -19,6 +19,25 @@ use crate::virtio::{ActivateError, QueueLayout};
 /// Config writes kept while no backend is connected (each offset once).
 const MAX_KEPT_CONFIG_WRITES: usize = 16;
 
+/// What the VMM's side of one device counted, for the metrics (the
+/// backend's own figures stay in the backend). Firecracker's vhost-user
+/// block metrics are `activate_fails`, `cfg_fails` and `activate_time_us`;
+/// the backend counters are Tessera's.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FrontendCounters {
+    /// Activations that failed (the backend refused them, or the device
+    /// was given up).
+    pub activate_fails: u64,
+    /// Config reads and writes the backend refused.
+    pub cfg_fails: u64,
+    /// How long the last activation took with the backend.
+    pub activate_time_us: u64,
+    /// Times the backend was found gone.
+    pub backend_lost_count: u64,
+    /// Backends that took over from a lost one.
+    pub backend_reconnect_count: u64,
+}
+
 /// The guest's last activation: what a new backend is started with.
 #[derive(Debug, Clone)]
 struct Activation {
@@ -45,6 +64,7 @@ pub struct VhostUserQueues {
     config_writes: Vec<(u32, Vec<u8>)>,
     /// No backend will come back (see [`Self::give_up`]).
     given_up: bool,
+    counters: FrontendCounters,
 }
 
 impl VhostUserQueues {
@@ -87,6 +107,7 @@ impl VhostUserQueues {
                 config_cache: Vec::new(),
                 config_writes: Vec::new(),
                 given_up: false,
+                counters: FrontendCounters::default(),
             };
             queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
             Ok(queues)
@@ -97,6 +118,11 @@ impl VhostUserQueues {
     /// The device these queues belong to.
     pub fn device(&self) -> &DeviceName {
         &self.device
+    }
+
+    /// What this side counted so far.
+    pub fn counters(&self) -> FrontendCounters {
+        self.counters
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {
@@ -140,8 +166,11 @@ impl VhostUserQueues {
                     self.device
                 );
             }
-            self.connected = false;
+            self.lost();
         } else {
+            if what.starts_with("config") {
+                self.counters.cfg_fails += 1;
+            }
             crate::guest_log_here!(
                 log::Level::Warn,
                 "{}: the backend refused the {what}: {err}",
@@ -170,6 +199,13 @@ impl VhostUserQueues {
     /// The backend is gone: until [`Self::reconnect`], nothing is sent to
     /// it, and what the guest does is kept for the next one.
     pub fn disconnected(&mut self) {
+        self.lost();
+    }
+
+    fn lost(&mut self) {
+        if self.connected {
+            self.counters.backend_lost_count += 1;
+        }
         self.connected = false;
     }
 
@@ -204,7 +240,7 @@ impl VhostUserQueues {
                         "{}: the backend is gone (config read): {err}; waiting for a new one",
                         self.device
                     );
-                    self.connected = false;
+                    self.lost();
                     None
                 }
                 Err(err) => return Err(err),
@@ -255,14 +291,19 @@ impl VhostUserQueues {
         queue_max_size: u16,
     ) -> Result<(), ActivateError> {
         if self.given_up {
+            self.counters.activate_fails += 1;
             return Err(ActivateError::Backend(format!(
                 "{}: the backend is gone",
                 self.device
             )));
         }
-        match self.start(acked_features, layouts, queue_max_size) {
+        let started = std::time::Instant::now();
+        let result = self.start(acked_features, layouts, queue_max_size);
+        self.counters.activate_time_us = started.elapsed().as_micros() as u64;
+        match result {
             Err(err) if err.is_disconnect() => self.backend_failed("activation", err),
             Err(err) => {
+                self.counters.activate_fails += 1;
                 return Err(ActivateError::Backend(format!("{}: {err}", self.device)));
             }
             Ok(()) => {}
@@ -342,6 +383,7 @@ impl VhostUserQueues {
             self.connected = false;
             return Err(err);
         }
+        self.counters.backend_reconnect_count += 1;
         let before = self.config_cache.clone();
         let len = before.len();
         if len == 0 {
