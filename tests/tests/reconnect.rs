@@ -184,8 +184,18 @@ fn writes_survive_killed_backends(
             .filter_map(|line| line["block_d"][counter].as_u64())
             .sum()
     };
-    assert_eq!(drive_total("backend_lost_count"), wanted as u64, "{}", run.describe());
-    assert_eq!(drive_total("backend_reconnect_count"), wanted as u64, "{}", run.describe());
+    assert_eq!(
+        drive_total("backend_lost_count"),
+        wanted as u64,
+        "{}",
+        run.describe()
+    );
+    assert_eq!(
+        drive_total("backend_reconnect_count"),
+        wanted as u64,
+        "{}",
+        run.describe()
+    );
     assert_eq!(drive_total("activate_fails"), 0, "{}", run.describe());
     let resubmitted: usize = run
         .stderr
