@@ -13,8 +13,8 @@ use std::os::unix::net::UnixDatagram;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
-use vhost_user_net::backend::MAX_TX_PER_EVENT;
 use vhost_user_common::ring;
+use vhost_user_net::backend::MAX_TX_PER_EVENT;
 use vhost_user_net::frame::{check_rx_chain, receive_into, transmit, Received, MAX_DESCRIPTORS};
 use virtio_queue::QueueT;
 

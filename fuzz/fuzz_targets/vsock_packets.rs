@@ -33,7 +33,10 @@ struct Input {
 fn socket_path() -> std::path::PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("tessera-fuzz-vsock-{}-{n}.sock", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "tessera-fuzz-vsock-{}-{n}.sock",
+        std::process::id()
+    ))
 }
 
 fuzz_target!(|input: Input| {
