@@ -74,6 +74,7 @@ fn block_device(dir: &Path, backend_queues: usize, max_queues: u64) -> VhostUser
         serial: b"d1".to_vec(),
         io_uring: false,
         seccomp: tessera_seccomp::Filters::disabled(),
+        stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(BlockBackend::new(disk, config, mem.clone()).unwrap());
     let socket = dir.join("blk.sock");
@@ -118,6 +119,7 @@ fn net_device(dir: &Path, backend_pairs: usize, pairs: u16, mac: Option<[u8; 6]>
         queue_pairs: backend_pairs,
         queue_size: 256,
         seccomp: tessera_seccomp::Filters::disabled(),
+        stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(NetBackend::new(Vec::new(), config, mem.clone()).unwrap());
     let socket = dir.join("net.sock");

@@ -92,6 +92,7 @@ fuzz_target!(|input: Input| {
         serial: b"fuzz".to_vec(),
         io_uring: input.io_uring,
         seccomp: tessera_seccomp::Filters::disabled(),
+        stats: backend_stats::Stats::private(),
     };
     let Ok(backend) = BlockBackend::new(disk, config, mem.clone()) else {
         return;

@@ -53,6 +53,7 @@ fuzz_target!(|bytes: &[u8]| {
         serial: b"fuzz".to_vec(),
         io_uring: false,
         seccomp: tessera_seccomp::Filters::disabled(),
+        stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(BlockBackend::new(memfd_disk(), config, mem.clone()).expect("backend"));
     let mut daemon = VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("daemon");

@@ -57,6 +57,7 @@ fuzz_target!(|bytes: &[u8]| {
         queue_pairs: 1,
         queue_size: 256,
         seccomp: tessera_seccomp::Filters::disabled(),
+        stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(NetBackend::new(taps, config, mem.clone()).expect("backend"));
     let mut daemon = VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("daemon");

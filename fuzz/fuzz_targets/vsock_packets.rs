@@ -52,6 +52,7 @@ fuzz_target!(|input: Input| {
         guest_cid: 3,
         uds_path: path.clone(),
         max_connections: 16,
+        stats: backend_stats::Stats::private(),
     };
     let muxer = Muxer::new(config, listener);
     let _ = std::fs::remove_file(&path);

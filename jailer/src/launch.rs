@@ -12,11 +12,15 @@
 //!
 //! | kind | fds sent with the request |
 //! |---|---|
-//! | [`BackendKind::Blk`] | `[listening unix socket, opened disk file]` |
-//! | [`BackendKind::Net`] | `[listening unix socket]`; the launcher opens the TAP named `tap` |
+//! | [`BackendKind::Blk`] | `[listening unix socket, stats page, opened disk file]` |
+//! | [`BackendKind::Net`] | `[listening unix socket, stats page]`; the launcher opens the TAP named `tap` |
+//! | [`BackendKind::Vsock`] | `[listening unix socket, stats page, the host side's listening socket]` |
 //!
-//! The launcher starts `vhost-user-blk --fd 3 --disk-fd 4 <args>` or
-//! `vhost-user-net --fd 3 --tap-fd 4 [--tap-fd 5 ...] <args>` in a jail of
+//! The stats page is the device's sealed memfd of counters
+//! (`backend_stats::StatsPage`), which the VMM reads for its metrics.
+//! The launcher starts `vhost-user-blk --fd 3 --stats-fd 4 --disk-fd 5
+//! <args>` or `vhost-user-net --fd 3 --stats-fd 4 --tap-fd 5 [--tap-fd 6
+//! ...] <args>` in a jail of
 //! its own and answers [`LaunchResponse::Started`] with its pid (in the
 //! launcher's pid namespace). It accepts only a whitelist of `args` per
 //! kind (no paths); see the jailer's `launcher` module for the rules.
@@ -35,7 +39,7 @@ use serde::{Deserialize, Serialize};
 /// The largest message either side sends or accepts, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 /// The most file descriptors a request carries (a `Blk` request has two).
-pub const MAX_REQUEST_FDS: usize = 2;
+pub const MAX_REQUEST_FDS: usize = 3;
 /// The most backends one VMM may have running at a time.
 pub const MAX_BACKENDS: usize = 64;
 /// The most backends one VMM may start in its life, running or not (each
@@ -330,15 +334,15 @@ mod tests {
         let (vmm, launcher) = pair();
         let marker = std::env::temp_dir().join(format!("launch-fds-{}", std::process::id()));
         std::fs::write(&marker, b"").unwrap();
-        let f: Vec<std::fs::File> = (0..3)
+        let f: Vec<std::fs::File> = (0..4)
             .map(|_| std::fs::File::open(&marker).unwrap())
             .collect();
         let raw: Vec<RawFd> = f.iter().map(|f| f.as_raw_fd()).collect();
         assert!(matches!(
             request_launch(vmm.as_fd(), &blk_request(), &raw),
-            Err(LaunchError::TooManyFds(3))
+            Err(LaunchError::TooManyFds(4))
         ));
-        // A peer that sends three anyway is refused on the launcher side,
+        // A peer that sends four anyway is refused on the launcher side,
         // and the fds that arrived are closed again.
         let marker_fds = || {
             std::fs::read_dir("/proc/self/fd")
@@ -349,8 +353,8 @@ mod tests {
         };
         send_message(vmm.as_fd(), b"{}", &raw).unwrap();
         let got = receive_message(launcher.as_fd());
-        assert!(matches!(got, Err(LaunchError::TooManyFds(3))), "{got:?}");
-        assert_eq!(marker_fds(), 3, "only the sender's own fds are left open");
+        assert!(matches!(got, Err(LaunchError::TooManyFds(4))), "{got:?}");
+        assert_eq!(marker_fds(), 4, "only the sender's own fds are left open");
         drop(f);
         std::fs::remove_file(&marker).unwrap();
         // An oversized message too, on both sides.

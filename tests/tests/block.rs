@@ -33,12 +33,41 @@ fn drive(id: &str, path: &Path, read_only: bool) -> serde_json::Value {
 }
 
 fn boot(config: &serde_json::Value) -> tessera_tests::RunOutput {
+    boot_with_metrics(config).0
+}
+
+/// Boots `config` with metrics on; returns the run and the sum of every
+/// flush's counters, by section (`block_<id>`) and counter.
+fn boot_with_metrics(config: &serde_json::Value) -> (tessera_tests::RunOutput, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vm.json");
+    let metrics = dir.path().join("metrics.json");
+    let mut config = config.clone();
+    config["metrics"] = json!({ "metrics_path": metrics });
     std::fs::write(&path, config.to_string()).unwrap();
     let mut command = Command::new(tessera_tests::workspace_bin("tessera"));
     command.arg("--no-api").arg("--config-file").arg(&path);
-    run_with_deadline(command, DEADLINE, |_, _| false)
+    let run = run_with_deadline(command, DEADLINE, |_, _| false);
+    let mut totals = serde_json::Map::new();
+    for line in std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+    {
+        let Ok(serde_json::Value::Object(flush)) = serde_json::from_str(line) else {
+            continue;
+        };
+        for (section, counters) in flush {
+            let Some(counters) = counters.as_object() else {
+                continue;
+            };
+            let sum = totals.entry(section).or_insert_with(|| json!({}));
+            for (name, value) in counters {
+                let before = sum[name].as_u64().unwrap_or(0);
+                sum[name] = json!(before + value.as_u64().unwrap_or(0));
+            }
+        }
+    }
+    (run, serde_json::Value::Object(totals))
 }
 
 fn disk(dir: &Path, name: &str, mib: u64) -> PathBuf {
@@ -87,10 +116,39 @@ fn guest_writes_reach_the_host_file_byte_for_byte() {
         1,
         json!([drive("a", &a, false), drive("b", &b, false)]),
     );
-    let run = boot(&config);
+    let (run, metrics) = boot_with_metrics(&config);
     assert_eq!(run.code(), 0, "{}", run.describe());
     assert_blk(&run, 0, "ok");
     assert_blk(&run, 1, "ok");
+    // Each drive's backend counted what the probe asked of it, and the
+    // VMM reported it: 4 MiB written, flushed and read back.
+    for drive in ["block_a", "block_b"] {
+        let counters = &metrics[drive];
+        assert_eq!(
+            counters["write_bytes"],
+            json!(4 << 20),
+            "{drive}: {counters}"
+        );
+        assert!(
+            counters["read_bytes"].as_u64() >= Some(4 << 20),
+            "{drive}: {counters}"
+        );
+        assert!(
+            counters["write_count"].as_u64() >= Some(64),
+            "{drive}: {counters}"
+        );
+        assert!(
+            counters["flush_count"].as_u64() >= Some(1),
+            "{drive}: {counters}"
+        );
+        assert!(
+            counters["queue_event_count"].as_u64() >= Some(1),
+            "{drive}: {counters}"
+        );
+        for failure in ["invalid_reqs_count", "execute_fails", "event_fails"] {
+            assert_eq!(counters[failure], json!(0), "{drive}: {counters}");
+        }
+    }
     // Each backend tracked the requests in flight in a region the VMM
     // took from it and handed back (INFLIGHT_SHMFD).
     assert_eq!(
@@ -127,9 +185,15 @@ fn read_only_drives_refuse_writes() {
         1,
         json!([drive("ro", &a, true)]),
     );
-    let run = boot(&config);
+    let (run, metrics) = boot_with_metrics(&config);
     assert_eq!(run.code(), 0, "{}", run.describe());
     assert_blk(&run, 0, "ro-write-rejected");
+    assert_eq!(
+        metrics["block_ro"]["invalid_reqs_count"],
+        json!(1),
+        "{metrics}"
+    );
+    assert_eq!(metrics["block_ro"]["write_count"], json!(0), "{metrics}");
     assert!(
         std::fs::read(&a).unwrap().iter().all(|b| *b == 0x5a),
         "the read-only file changed"

@@ -41,10 +41,15 @@ fn boot_probe_args(
     .mem_mib(256)
     .to_json();
     config["network-interfaces"] = json!([iface]);
+    config["metrics"] = json!({"metrics_path": dir.join("metrics.json")});
     let path = dir.join("vm.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let mut command = netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
-    command.arg("--no-api").arg("--config-file").arg(&path);
+    command
+        .arg("--api-sock")
+        .arg(dir.join("api.sock"))
+        .arg("--config-file")
+        .arg(&path);
     let mut vm = Running::spawn(command);
     vm.wait_until(DEADLINE, |out, _| {
         out.split_once("probe.net0=")
@@ -122,6 +127,28 @@ fn the_host_pings_the_probe_through_a_tap_and_a_flood_all_comes_back() {
     let vm = boot_probe(&netns, dir.path());
 
     ping_then_flood(&netns, &vm);
+    // The backend counted every frame both ways, and the VMM reports it.
+    let mut api = tessera_tests::api::ApiClient::connect(&dir.path().join("api.sock"));
+    let flushed = api.put("/actions", r#"{"action_type": "FlushMetrics"}"#);
+    assert_eq!(flushed.status, 204, "{}", flushed.body);
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.json")).unwrap();
+    let total = |counter: &str| -> u64 {
+        metrics
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["net_eth0"][counter].as_u64())
+            .sum()
+    };
+    // 10,003 echo requests in, as many replies out, 98 bytes each.
+    for counter in ["rx_packets_count", "tx_packets_count"] {
+        assert!(total(counter) >= 10_003, "{counter}: {metrics}");
+    }
+    for counter in ["rx_bytes_count", "tx_bytes_count"] {
+        assert!(total(counter) >= 10_003 * 98, "{counter}: {metrics}");
+    }
+    for counter in ["tx_malformed_frames", "tap_write_fails", "event_fails"] {
+        assert_eq!(total(counter), 0, "{counter}: {metrics}");
+    }
     let run = vm.finish();
     assert!(run.stdout.contains("probe.net0=up"), "{}", run.describe());
 }

@@ -22,7 +22,7 @@ const PORT: u32 = 52;
 struct VsockVm {
     vm: Running,
     uds: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl VsockVm {
@@ -44,6 +44,7 @@ impl VsockVm {
         )
         .to_json();
         config["vsock"] = json!({"guest_cid": 3, "uds_path": uds});
+        config["metrics"] = json!({"metrics_path": dir.path().join("metrics.json")});
         let path = dir.path().join("vm.json");
         std::fs::write(&path, config.to_string()).unwrap();
         let mut command = std::process::Command::new(workspace_bin("tessera"));
@@ -53,7 +54,7 @@ impl VsockVm {
             out.contains(ready) || out.contains("probe.vsock=error")
         });
         assert!(vm.stdout().contains(ready), "{}", describe(&vm));
-        Self { vm, uds, _dir: dir }
+        Self { vm, uds, dir }
     }
 
     fn echo(connections: u32) -> Self {
@@ -69,14 +70,29 @@ impl VsockVm {
     }
 
     /// Waits for the probe to print `what` and the VM to exit.
-    fn finish(mut self, what: &str) -> String {
+    fn finish(self, what: &str) -> String {
+        self.finish_with_metrics(what).0
+    }
+
+    /// [`VsockVm::finish`], also returning the device's counters summed
+    /// over the metrics flushes.
+    fn finish_with_metrics(mut self, what: &str) -> (String, serde_json::Value) {
         // The probe resets the machine after `probe.done`: tessera exits.
         self.vm.wait_until(DEADLINE, |_, _| false);
         let out = self.vm.stdout();
         assert!(out.contains(what), "{}", describe(&self.vm));
         let run = self.vm.finish();
         assert_eq!(run.code(), 0, "{}", run.describe());
-        run.stderr
+        let metrics = std::fs::read_to_string(self.dir.path().join("metrics.json")).unwrap();
+        let mut totals = serde_json::Map::new();
+        for line in metrics.lines() {
+            let line: serde_json::Value = serde_json::from_str(line).unwrap();
+            for (name, value) in line["vsock"].as_object().into_iter().flatten() {
+                let sum = totals.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+                totals.insert(name.clone(), json!(sum + value.as_u64().unwrap_or(0)));
+            }
+        }
+        (run.stderr, serde_json::Value::Object(totals))
     }
 }
 
@@ -97,11 +113,18 @@ fn a_host_connection_echoes_a_64_mib_pattern() {
         "64 MiB echoed in {took:?} ({:.1} MiB/s each way)",
         64.0 / took.as_secs_f64()
     );
-    let stderr = vm.finish("probe.vsock=echoed 67108864 bytes over 1 connection(s)");
+    let (stderr, metrics) =
+        vm.finish_with_metrics("probe.vsock=echoed 67108864 bytes over 1 connection(s)");
     assert!(
         stderr.contains("67108864 bytes to the guest, 67108864 from it"),
         "{stderr}"
     );
+    // The VMM's metrics carry the backend's counters.
+    assert_eq!(metrics["rx_bytes_count"], json!(64 << 20), "{metrics}");
+    assert_eq!(metrics["tx_bytes_count"], json!(64 << 20), "{metrics}");
+    assert_eq!(metrics["host_conns_added"], json!(1), "{metrics}");
+    assert!(metrics["tx_packets_count"].as_u64() > Some(1), "{metrics}");
+    assert_eq!(metrics["event_fails"], json!(0), "{metrics}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use backend_stats::{BlockCounter, Stats};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -38,7 +39,9 @@ use vmm_sys_util::event::{
 use crate::disk::{Disk, SECTOR_SIZE};
 use crate::engine::{Done, Engine, Op, Ticket};
 use crate::inflight::InflightRegion;
-use crate::request::{self, Plan, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SIZE_MAX};
+use crate::request::{
+    self, Plan, RequestError, Work, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SEG_MAX, SIZE_MAX,
+};
 
 /// Requests one worker keeps in flight.
 const MAX_IN_FLIGHT: u32 = 256;
@@ -67,6 +70,8 @@ pub struct BackendConfig {
     pub io_uring: bool,
     /// The seccomp filters; each worker installs "worker" at its first event.
     pub seccomp: tessera_seccomp::Filters,
+    /// The counters the VMM's metrics report.
+    pub stats: Stats<BlockCounter>,
 }
 
 /// Why a worker stopped serving. Each one breaks the device: see
@@ -90,15 +95,6 @@ pub enum WorkerError {
     NoEngine(usize),
     #[error("no queue at position {0} in this worker")]
     NoQueue(usize),
-}
-
-/// What the guest made the device do, counted rather than logged.
-#[derive(Debug, Default)]
-pub struct BlockStats {
-    /// Requests completed with an error status.
-    pub failed_requests: AtomicU64,
-    /// Queues the guest broke (the device stops at the first).
-    pub broken_queues: AtomicU64,
 }
 
 /// Refused or failed requests, logged at debug level.
@@ -129,7 +125,6 @@ pub struct BlockBackend {
     /// Set once a worker failed; then nothing more is served.
     broken: AtomicBool,
     broken_event: (EventConsumer, EventNotifier),
-    pub stats: BlockStats,
 }
 
 impl BlockBackend {
@@ -166,8 +161,12 @@ impl BlockBackend {
             resubmit,
             broken: AtomicBool::new(false),
             broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
-            stats: BlockStats::default(),
         })
+    }
+
+    /// The counters the VMM's metrics report.
+    pub fn stats(&self) -> &Stats<BlockCounter> {
+        &self.config.stats
     }
 
     /// Makes completed writes durable.
@@ -193,7 +192,7 @@ impl BlockBackend {
     /// Marks the device broken; the first failure is logged and announced.
     fn break_device(&self, err: &WorkerError) {
         if matches!(err, WorkerError::Broken { .. }) {
-            self.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+            self.stats().inc(BlockCounter::EventFails);
         }
         if !self.broken.swap(true, Ordering::AcqRel) {
             log::error!("{err}; the device stops");
@@ -276,7 +275,7 @@ impl BlockBackend {
                 .clone(),
             thread,
             threads: self.exits.threads(),
-            stats: &self.stats,
+            stats: self.stats(),
         };
         let queue_error = |position: usize| {
             let queue = completer.queue_index(position);
@@ -336,24 +335,26 @@ impl BlockBackend {
                         let descriptors = ring::descriptors_up_to(chain, request::MAX_DESCRIPTORS);
                         let plan =
                             request::plan(&descriptors, mem, &self.disk, &self.config.serial);
-                        let (status, op) = match plan {
+                        let (status, work, op) = match plan {
                             Plan::Done(completion) => {
                                 completer.complete(position, head, completion)?;
                                 completed[position] = true;
                                 continue;
                             }
-                            Plan::Io { io, status } => (status, Op::Io(io)),
-                            Plan::Flush { status } => (status, Op::Flush),
+                            Plan::Io { io, status } => (status, io.work(), Op::Io(io)),
+                            Plan::Flush { status } => (status, Work::Flush, Op::Flush),
                         };
                         let ticket = Ticket {
                             position,
                             head,
                             status,
+                            work,
                         };
                         // The synchronous engine (or a failed submission)
                         // finishes at once.
                         if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
-                            let completion = request::finish(mem, ticket.status, result);
+                            let completion =
+                                request::finish(mem, ticket.status, ticket.work, result);
                             completer.complete(position, ticket.head, completion)?;
                             completed[position] = true;
                         }
@@ -363,7 +364,7 @@ impl BlockBackend {
                     .reap(&self.disk, !completed.contains(&true), &mut done)
                     .map_err(|source| WorkerError::Engine { thread, source })?;
                 for (ticket, result) in done.drain(..) {
-                    let completion = request::finish(mem, ticket.status, result);
+                    let completion = request::finish(mem, ticket.status, ticket.work, result);
                     completer.complete(ticket.position, ticket.head, completion)?;
                     if let Some(flag) = completed.get_mut(ticket.position) {
                         *flag = true;
@@ -508,7 +509,7 @@ struct Completer<'a> {
     inflight: Option<Arc<InflightRegion>>,
     thread: usize,
     threads: usize,
-    stats: &'a BlockStats,
+    stats: &'a Stats<BlockCounter>,
 }
 
 impl Completer<'_> {
@@ -525,6 +526,26 @@ impl Completer<'_> {
         }
     }
 
+    /// Counts what a request did, or how it failed.
+    fn count(&self, completion: &request::Completion) {
+        let stats = self.stats;
+        match (&completion.result, completion.work) {
+            (Err(RequestError::Io(_)), _) => stats.inc(BlockCounter::ExecuteFails),
+            (Err(_), _) => stats.inc(BlockCounter::InvalidReqsCount),
+            (Ok(()), Work::Read(bytes)) => {
+                stats.inc(BlockCounter::ReadCount);
+                stats.add(BlockCounter::ReadBytes, u64::from(bytes));
+            }
+            (Ok(()), Work::Write(bytes)) => {
+                stats.inc(BlockCounter::WriteCount);
+                stats.add(BlockCounter::WriteBytes, u64::from(bytes));
+            }
+            (Ok(()), Work::Flush) => stats.inc(BlockCounter::FlushCount),
+            (Ok(()), Work::Discard) => stats.inc(BlockCounter::DiscardCount),
+            (Ok(()), Work::Other) => {}
+        }
+    }
+
     /// Puts request `head` into the used ring of the vring at `position`.
     fn complete(
         &self,
@@ -533,8 +554,8 @@ impl Completer<'_> {
         completion: request::Completion,
     ) -> Result<(), WorkerError> {
         let queue = self.queue_index(position);
+        self.count(&completion);
         if let Err(err) = &completion.result {
-            self.stats.failed_requests.fetch_add(1, Ordering::Relaxed);
             guest_log!(
                 &REFUSED_REQUESTS,
                 log::Level::Debug,
@@ -703,6 +724,7 @@ impl VhostUserBackend for BlockBackend {
         } else if usize::from(device_event) >= vrings.len() {
             Err(WorkerError::NoQueue(usize::from(device_event)))
         } else {
+            self.stats().inc(BlockCounter::QueueEventCount);
             self.process_queues(vrings, thread_id)
         };
         // The library ends the worker on an error, and nothing else would
@@ -778,6 +800,7 @@ mod tests {
             serial: Vec::new(),
             io_uring: true,
             seccomp: tessera_seccomp::Filters::disabled(),
+            stats: backend_stats::Stats::private(),
         };
         let backend = BlockBackend::new(disk, config, atomic.clone()).unwrap();
         backend.set_event_idx(true);
@@ -949,16 +972,40 @@ mod tests {
     }
 
     #[test]
+    fn the_counters_say_what_the_guest_asked_for() {
+        let device = device();
+        device.post_read(0, 0);
+        device.post_read(1, 3);
+        device.set_avail_idx(2);
+        device.kick().unwrap().unwrap();
+        let stats = device.backend.stats();
+        assert_eq!(stats.get(BlockCounter::QueueEventCount), 1);
+        assert_eq!(stats.get(BlockCounter::ReadCount), 2);
+        assert_eq!(stats.get(BlockCounter::ReadBytes), 1024);
+        assert_eq!(stats.get(BlockCounter::InvalidReqsCount), 0);
+
+        device.post_read(2, 6);
+        let unsupported = 99u32.to_le_bytes();
+        device
+            .mem
+            .write_slice(&unsupported, GuestAddress(HEADER))
+            .unwrap();
+        device.set_avail_idx(3);
+        device.kick().unwrap().unwrap();
+        assert_eq!(stats.get(BlockCounter::ReadCount), 2);
+        assert_eq!(stats.get(BlockCounter::InvalidReqsCount), 1);
+        assert_eq!(stats.get(BlockCounter::WriteCount), 0);
+        assert_eq!(stats.get(BlockCounter::ExecuteFails), 0);
+    }
+
+    #[test]
     fn an_avail_index_too_far_ahead_breaks_the_device_instead_of_spinning() {
         let device = device();
         device.set_avail_idx(QUEUE_SIZE + 1);
         let result = device.kick().expect("the worker spins on a broken ring");
         assert!(result.is_err(), "the worker must report the broken queue");
         assert!(device.backend.is_broken());
-        assert_eq!(
-            device.backend.stats.broken_queues.load(Ordering::Relaxed),
-            1
-        );
+        assert_eq!(device.backend.stats().get(BlockCounter::EventFails), 1);
         assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
         // Nothing more is served, and each kick returns at once.
         device.post_read(0, 0);

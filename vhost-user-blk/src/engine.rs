@@ -16,7 +16,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use virtio_queue::desc::split::Descriptor;
 
 use crate::disk::Disk;
-use crate::request::{run_sync, DataIo, RequestError};
+use crate::request::{run_sync, DataIo, RequestError, Work};
 
 /// One operation.
 pub enum Op {
@@ -31,6 +31,7 @@ pub struct Ticket {
     pub position: usize,
     pub head: u16,
     pub status: Descriptor,
+    pub work: Work,
 }
 
 /// A request whose I/O is done, with its outcome: bytes written into guest
@@ -314,6 +315,7 @@ mod tests {
             position: 0,
             head: 0,
             status: virtio_queue::desc::split::Descriptor::new(0, 1, 0, 0),
+            work: io.work(),
         };
         (io, ticket)
     }

@@ -5,17 +5,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use backend_stats::{BlockCounter, Stats};
 use clap::Parser;
 use tessera_types::InheritedFd;
 use vhost_user_common::cli::CommonArgs;
 use vhost_user_common::process::{Failure, Process, EXIT_BROKEN};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use vhost_user_blk::backend::{BackendConfig, BlockBackend, BlockStats};
+use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
 use vhost_user_blk::request;
 
@@ -68,11 +68,14 @@ struct Cli {
 /// The filters compiled from resources/seccomp/vhost-user-blk.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
-fn log_stats(stats: &BlockStats) {
+fn log_stats(stats: &Stats<BlockCounter>) {
     log::info!(
-        "{} request(s) failed, {} queue(s) broken",
-        stats.failed_requests.load(Ordering::Relaxed),
-        stats.broken_queues.load(Ordering::Relaxed)
+        "{} read(s), {} write(s), {} failed, {} invalid, {} queue(s) broken",
+        stats.get(BlockCounter::ReadCount),
+        stats.get(BlockCounter::WriteCount),
+        stats.get(BlockCounter::ExecuteFails),
+        stats.get(BlockCounter::InvalidReqsCount),
+        stats.get(BlockCounter::EventFails)
     );
 }
 
@@ -93,7 +96,7 @@ fn end_when_broken(backend: Arc<BlockBackend>) -> std::io::Result<()> {
                 Ok(()) => "data flushed".to_string(),
                 Err(err) => format!("flush failed: {err}"),
             };
-            log_stats(&backend.stats);
+            log_stats(backend.stats());
             log::error!("the device is broken; {flushed}; closing the connection");
             std::process::exit(EXIT_BROKEN);
         })?;
@@ -153,6 +156,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         serial,
         io_uring: cli.io_engine == "io_uring",
         seccomp: seccomp.clone(),
+        stats: process.stats(&cli.common)?,
     };
     let backend = BlockBackend::new(disk, config, mem.clone())
         .map(Arc::new)
@@ -160,7 +164,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     let on_signal = {
         let backend = backend.clone();
         move || {
-            log_stats(&backend.stats);
+            log_stats(backend.stats());
             if let Err(err) = backend.flush() {
                 log::error!("flush failed: {err}");
             }
@@ -178,7 +182,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     let started = daemon.start(&mut listener);
     let served = process.serve(&mut daemon, started);
     backend.stop_workers();
-    log_stats(&backend.stats);
+    log_stats(backend.stats());
     backend
         .flush()
         .map_err(|err| Failure::runtime(format_args!("final flush failed: {err}")))?;

@@ -80,11 +80,25 @@ impl RequestError {
     }
 }
 
+/// What a request asked the disk to do, for the backend's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A read or write of this many bytes.
+    Read(u32),
+    Write(u32),
+    Flush,
+    /// A discard or write-zeroes.
+    Discard,
+    /// GET_ID, or a request that never got as far as the disk.
+    Other,
+}
+
 /// The outcome of one chain: what to put in the used ring.
 #[derive(Debug)]
 pub struct Completion {
     /// Bytes written into guest memory (data and status).
     pub used_len: u32,
+    pub work: Work,
     pub result: Result<(), RequestError>,
 }
 
@@ -109,6 +123,17 @@ pub struct DataIo {
     pub durable: bool,
 }
 
+impl DataIo {
+    /// The work this I/O does.
+    pub fn work(&self) -> Work {
+        if self.write {
+            Work::Write(self.len)
+        } else {
+            Work::Read(self.len)
+        }
+    }
+}
+
 // SAFETY: the iovecs point into guest memory, which the backend maps for as
 // long as the request lives; moving them between threads is harmless.
 unsafe impl Send for DataIo {}
@@ -129,6 +154,7 @@ pub enum Plan {
 pub fn finish(
     mem: &GuestMemoryMmap,
     status: Descriptor,
+    work: Work,
     result: Result<u32, RequestError>,
 ) -> Completion {
     let (written, result) = match result {
@@ -143,7 +169,11 @@ pub fn finish(
         Ok(()) => written.saturating_add(1),
         Err(_) => written,
     };
-    Completion { used_len, result }
+    Completion {
+        used_len,
+        work,
+        result,
+    }
 }
 
 /// Checks the chain in `descriptors` and works out what it needs; requests
@@ -164,6 +194,7 @@ pub fn plan(descriptors: &[Descriptor], mem: &GuestMemoryMmap, disk: &Disk, seri
             };
             return Plan::Done(Completion {
                 used_len,
+                work: Work::Other,
                 result: Err(err),
             });
         }
@@ -172,10 +203,19 @@ pub fn plan(descriptors: &[Descriptor], mem: &GuestMemoryMmap, disk: &Disk, seri
     match request.kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => match data_io(&request, mem, disk) {
             Ok(io) => Plan::Io { io, status },
-            Err(err) => Plan::Done(finish(mem, status, Err(err))),
+            Err(err) => Plan::Done(finish(mem, status, Work::Other, Err(err))),
         },
         VIRTIO_BLK_T_FLUSH => Plan::Flush { status },
-        _ => Plan::Done(finish(mem, status, execute(&request, mem, disk, serial))),
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let result = execute(&request, mem, disk, serial);
+            Plan::Done(finish(mem, status, Work::Discard, result))
+        }
+        _ => Plan::Done(finish(
+            mem,
+            status,
+            Work::Other,
+            execute(&request, mem, disk, serial),
+        )),
     }
 }
 
@@ -192,9 +232,14 @@ pub fn process(
         Plan::Done(completion) => completion,
         Plan::Io { io, status } => {
             let result = run_sync(&io, disk).map(|()| if io.write { 0 } else { io.len });
-            finish(mem, status, result)
+            finish(mem, status, io.work(), result)
         }
-        Plan::Flush { status } => finish(mem, status, disk.flush().map(|()| 0).map_err(Into::into)),
+        Plan::Flush { status } => finish(
+            mem,
+            status,
+            Work::Flush,
+            disk.flush().map(|()| 0).map_err(Into::into),
+        ),
     }
 }
 

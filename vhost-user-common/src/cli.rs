@@ -14,6 +14,10 @@ pub struct CommonArgs {
     /// Serve an inherited, already listening socket.
     #[arg(long, value_name = "N", conflicts_with = "socket")]
     pub fd: Option<InheritedFd>,
+    /// Keep the device's counters in this inherited memfd (sealed against
+    /// shrinking), where the VMM reads them for its metrics.
+    #[arg(long, value_name = "N")]
+    pub stats_fd: Option<InheritedFd>,
     /// Run without seccomp filters (for debugging only).
     #[arg(long, conflicts_with = "seccomp_filter")]
     pub no_seccomp: bool,

@@ -12,6 +12,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::process::ExitCode;
 
+use backend_stats::{CounterSet, Stats, StatsPage};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::SFlag;
 use vhost::vhost_user::Listener;
@@ -124,6 +125,20 @@ impl Process {
             }
             (None, None) => Err(Failure::setup("give --socket PATH or --fd N")),
         }
+    }
+
+    /// The device's counters: in the VMM's page (`--stats-fd N`), or in
+    /// private memory.
+    pub fn stats<C: CounterSet>(self, args: &CommonArgs) -> Result<Stats<C>, Failure> {
+        let Some(fd) = args.stats_fd else {
+            return Ok(Stats::private());
+        };
+        let owned = fd
+            .take()
+            .map_err(|err| Failure::setup(format_args!("--stats-fd {fd}: {err}")))?;
+        StatsPage::map_shared(owned)
+            .map(Stats::new)
+            .map_err(|err| Failure::setup(format_args!("--stats-fd {fd}: {err}")))
     }
 
     /// The seccomp filters (kinds "main" and "worker"): the built-in ones,

@@ -9,8 +9,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 
+use backend_stats::{NetCounter, Stats};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
@@ -29,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::frame::{self, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 const CONFIG_LEN: usize = 12;
@@ -50,6 +51,8 @@ pub struct NetConfig {
     pub queue_size: usize,
     /// The seccomp filters; each worker installs "worker" at its first event.
     pub seccomp: tessera_seccomp::Filters,
+    /// The counters the VMM's metrics report.
+    pub stats: Stats<NetCounter>,
 }
 
 pub use vhost_user_common::worker::QueueError;
@@ -60,17 +63,6 @@ static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL
 static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 /// Set-up steps repeated each time the guest resets its driver.
 static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
-
-/// Frame counters, logged when the backend exits.
-#[derive(Debug, Default)]
-pub struct NetStats {
-    pub tx_frames: AtomicU64,
-    pub tx_dropped: AtomicU64,
-    pub rx_frames: AtomicU64,
-    pub rx_dropped: AtomicU64,
-    /// Queues the guest broke (each time it did).
-    pub broken_queues: AtomicU64,
-}
 
 /// A virtio-net device served over vhost-user, on a TAP.
 pub struct NetBackend {
@@ -87,7 +79,6 @@ pub struct NetBackend {
     /// it is not served until the frontend stops it (GET_VRING_BASE) and
     /// sets it up again.
     broken: Vec<AtomicBool>,
-    pub stats: NetStats,
 }
 
 impl NetBackend {
@@ -118,8 +109,12 @@ impl NetBackend {
             exits,
             attached,
             broken,
-            stats: NetStats::default(),
         })
+    }
+
+    /// The counters the VMM's metrics report.
+    pub fn stats(&self) -> &Stats<NetCounter> {
+        &self.config.stats
     }
 
     /// The TAP of each pair, for the epoll listeners.
@@ -184,7 +179,7 @@ impl NetBackend {
     /// Stops serving `queue`: what the guest wrote there cannot be served.
     /// The other queues go on; the frontend may reset this one.
     fn break_queue(&self, queue: usize, err: &QueueError) {
-        self.stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+        self.stats().inc(NetCounter::EventFails);
         if let Some(broken) = self.broken.get(queue) {
             broken.store(true, Ordering::Release);
         }
@@ -225,12 +220,19 @@ impl NetBackend {
                 let head = chain.head_index();
                 let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
                 match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
-                    Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
+                    Ok(len) => {
+                        self.stats().inc(NetCounter::TxPacketsCount);
+                        self.stats()
+                            .add(NetCounter::TxBytesCount, payload_bytes(len));
+                    }
                     Err(err) => {
                         guest_log!(&DROPPED, log::Level::Debug, "TX frame dropped: {err}");
-                        self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed)
+                        self.stats().inc(match err {
+                            FrameError::Io(_) => NetCounter::TapWriteFails,
+                            _ => NetCounter::TxMalformedFrames,
+                        });
                     }
-                };
+                }
                 vring.add_used(head, 0)?;
                 sent += 1;
                 total += 1;
@@ -291,7 +293,7 @@ impl NetBackend {
                     Err(err) if ready.is_empty() => {
                         guest_log!(&DROPPED, log::Level::Debug, "RX buffer refused: {err}");
                         vring.add_used(head, 0)?;
-                        self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                        self.stats().inc(NetCounter::RxFails);
                         delivered += 1;
                     }
                     Err(_) => {
@@ -302,6 +304,7 @@ impl NetBackend {
             }
             if ready.is_empty() {
                 // No buffers: stop until the guest posts some and kicks.
+                self.stats().inc(NetCounter::NoRxAvailBuffer);
                 if vring.enable_notification()? {
                     vring.disable_notification()?;
                     continue;
@@ -316,13 +319,15 @@ impl NetBackend {
                 mergeable,
             ) {
                 Ok(Received::Empty) => break,
-                Ok(Received::Frame { used, .. }) => {
+                Ok(Received::Frame { len, used }) => {
                     for len in used {
                         let chain = ready.pop_front().expect("used only ready chains");
                         capacity -= chain.capacity;
                         vring.add_used(chain.head, len)?;
                     }
-                    self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.stats().inc(NetCounter::RxPacketsCount);
+                    self.stats()
+                        .add(NetCounter::RxBytesCount, payload_bytes(len));
                     delivered += 1;
                 }
                 Err(err) => {
@@ -331,7 +336,10 @@ impl NetBackend {
                     let chain = ready.pop_front().expect("not empty");
                     capacity -= chain.capacity;
                     vring.add_used(chain.head, 0)?;
-                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.stats().inc(match err {
+                        FrameError::Io(_) => NetCounter::TapReadFails,
+                        _ => NetCounter::RxFails,
+                    });
                     delivered += 1;
                 }
             }
@@ -347,6 +355,11 @@ impl NetBackend {
         }
         Ok(())
     }
+}
+
+/// A frame's bytes without its virtio-net header.
+fn payload_bytes(len: usize) -> u64 {
+    len.saturating_sub(VNET_HDR_LEN) as u64
 }
 
 impl VhostUserBackend for NetBackend {
@@ -504,14 +517,21 @@ impl NetBackend {
         let rx = vrings.first();
         let tx = vrings.get(1);
         let (queue, result) = match (event, rx, tx) {
-            (1, _, Some(tx)) => (
-                2 * pair + 1,
-                self.serve(2 * pair + 1, || self.process_tx(tx, tap)),
-            ),
-            (0, Some(rx), _) => (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap))),
+            (1, _, Some(tx)) => {
+                self.stats().inc(NetCounter::TxQueueEventCount);
+                (
+                    2 * pair + 1,
+                    self.serve(2 * pair + 1, || self.process_tx(tx, tap)),
+                )
+            }
+            (0, Some(rx), _) => {
+                self.stats().inc(NetCounter::RxQueueEventCount);
+                (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
+            }
             // Frames before the guest set up its RX queue wait in the TAP;
             // the guest's first RX kick picks them up.
             (e, Some(rx), _) if e as u64 == self.tap_event(pair) => {
+                self.stats().inc(NetCounter::RxTapEventCount);
                 if rx.get_ref().get_queue().ready() {
                     (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
                 } else {
@@ -539,6 +559,7 @@ mod tests {
             queue_pairs,
             queue_size: 256,
             seccomp: tessera_seccomp::Filters::disabled(),
+            stats: Stats::private(),
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         NetBackend::new(Vec::new(), config, mem).unwrap()
@@ -613,6 +634,13 @@ mod tests {
     /// One pair on a stand-in TAP (/dev/null), event_idx on, its RX and TX
     /// vrings on rings laid out by virtio-queue's mock.
     fn device() -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
+        device_on(std::fs::File::open("/dev/null").unwrap())
+    }
+
+    /// The same on `tap_file` as the TAP.
+    fn device_on(
+        tap_file: std::fs::File,
+    ) -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
         use vhost_user_common::testing::ready_vring;
         use virtio_queue::mock::MockSplitQueue;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
@@ -623,8 +651,9 @@ mod tests {
             queue_pairs: 1,
             queue_size: usize::from(QUEUE_SIZE),
             seccomp: tessera_seccomp::Filters::disabled(),
+            stats: Stats::private(),
         };
-        let tap = Tap::stand_in(std::fs::File::open("/dev/null").unwrap());
+        let tap = Tap::stand_in(tap_file);
         let backend = Arc::new(NetBackend::new(vec![tap], config, atomic.clone()).unwrap());
         backend.set_event_idx(true);
         let vrings: Vec<VringRwLock> = [0x1_0000, 0x2_0000]
@@ -635,6 +664,46 @@ mod tests {
             })
             .collect();
         (backend, Arc::new(vrings), mem)
+    }
+
+    #[test]
+    fn the_counters_say_what_the_guest_sent() {
+        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (backend, vrings, mem) =
+            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let (desc, avail) = {
+            let state = vrings[1].get_ref();
+            (
+                state.get_queue().desc_table(),
+                state.get_queue().avail_ring(),
+            )
+        };
+        // A 72-byte frame (header and 60 bytes), then a 4-byte one.
+        for (index, len) in [(0u16, 72u32), (1, 4)] {
+            let buffer = 0x8000 + u64::from(index) * 0x100;
+            let d = virtio_queue::desc::split::Descriptor::new(buffer, len, 0, 0);
+            mem.write_obj(
+                virtio_queue::desc::RawDescriptor::from(d),
+                GuestAddress(desc + u64::from(index) * 16),
+            )
+            .unwrap();
+            mem.write_obj(
+                index.to_le(),
+                GuestAddress(avail + 4 + u64::from(index) * 2),
+            )
+            .unwrap();
+        }
+        mem.write_obj(2u16.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+        kick(&backend, &vrings, 1).unwrap().unwrap();
+        let mut frame = [0u8; 128];
+        assert_eq!(host.recv(&mut frame).unwrap(), 72);
+        let stats = backend.stats();
+        assert_eq!(stats.get(NetCounter::TxQueueEventCount), 1);
+        assert_eq!(stats.get(NetCounter::TxPacketsCount), 1);
+        assert_eq!(stats.get(NetCounter::TxBytesCount), 60);
+        assert_eq!(stats.get(NetCounter::TxMalformedFrames), 1);
+        assert_eq!(stats.get(NetCounter::TapWriteFails), 0);
     }
 
     #[test]
@@ -666,7 +735,7 @@ mod tests {
         assert!(result.is_ok(), "{result:?}");
         assert!(!backend.is_broken(1));
         assert_eq!(
-            backend.stats.tx_dropped.load(Ordering::Relaxed),
+            backend.stats().get(NetCounter::TxMalformedFrames),
             MAX_TX_PER_EVENT as u64
         );
     }
@@ -681,10 +750,10 @@ mod tests {
         let result = kick(&backend, &vrings, 1).expect("the TX worker spins on a broken ring");
         assert!(result.is_ok(), "the worker goes on serving the other queue");
         assert!(backend.is_broken(1) && !backend.is_broken(0));
-        assert_eq!(backend.stats.broken_queues.load(Ordering::Relaxed), 1);
+        assert_eq!(backend.stats().get(NetCounter::EventFails), 1);
         // A broken queue is left alone, kick after kick.
         assert!(kick(&backend, &vrings, 1).expect("returns").is_ok());
-        assert_eq!(backend.stats.broken_queues.load(Ordering::Relaxed), 1);
+        assert_eq!(backend.stats().get(NetCounter::EventFails), 1);
         // Until the frontend stops it to set it up again.
         backend.stop_vring(1).unwrap();
         assert!(!backend.is_broken(1));

@@ -7,9 +7,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use backend_stats::{NetCounter, Stats};
 use clap::Parser;
 use tessera_types::InheritedFd;
 use vhost::vhost_user::Listener;
@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use vhost_user_net::backend::{NetBackend, NetConfig};
 use vhost_user_net::tap::Tap;
-use vhost_user_net::{backend, frame, relay};
+use vhost_user_net::{frame, relay};
 
 /// A vhost-user network backend for one TAP device.
 #[derive(Debug, Parser)]
@@ -61,14 +61,15 @@ struct Cli {
 /// The filters compiled from resources/seccomp/vhost-user-net.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
-fn log_stats(stats: &backend::NetStats) {
+fn log_stats(stats: &Stats<NetCounter>) {
+    let dropped = |counters: &[NetCounter]| counters.iter().map(|&c| stats.get(c)).sum::<u64>();
     log::info!(
         "tx {} frames ({} dropped), rx {} frames ({} dropped), {} broken queue(s)",
-        stats.tx_frames.load(Ordering::Relaxed),
-        stats.tx_dropped.load(Ordering::Relaxed),
-        stats.rx_frames.load(Ordering::Relaxed),
-        stats.rx_dropped.load(Ordering::Relaxed),
-        stats.broken_queues.load(Ordering::Relaxed)
+        stats.get(NetCounter::TxPacketsCount),
+        dropped(&[NetCounter::TxMalformedFrames, NetCounter::TapWriteFails]),
+        stats.get(NetCounter::RxPacketsCount),
+        dropped(&[NetCounter::RxFails, NetCounter::TapReadFails]),
+        stats.get(NetCounter::EventFails)
     );
 }
 
@@ -157,13 +158,14 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         queue_pairs: pairs,
         queue_size: usize::from(cli.common.queue_size.get()),
         seccomp: seccomp.clone(),
+        stats: process.stats(&cli.common)?,
     };
     let backend = NetBackend::new(taps, config, mem.clone())
         .map(Arc::new)
         .map_err(|err| Failure::runtime(format_args!("cannot create the device: {err}")))?;
     let on_signal = {
         let backend = backend.clone();
-        move || log_stats(&backend.stats)
+        move || log_stats(backend.stats())
     };
     process.confine(&seccomp, on_signal)?;
     let mut daemon = process.daemon(backend.clone(), mem)?;
@@ -209,7 +211,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     };
     let served = process.serve(&mut daemon, started);
     backend.stop_workers();
-    log_stats(&backend.stats);
+    log_stats(backend.stats());
     served?;
     process.announce("the frontend disconnected; exiting");
     Ok(())

@@ -9,6 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use backend_stats::VsockCounter;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
@@ -106,7 +107,8 @@ impl VsockBackend {
             .is_some_and(|b| b.load(Ordering::Acquire))
     }
 
-    fn break_queue(&self, queue: usize, err: &QueueError) {
+    fn break_queue(&self, queue: usize, err: &QueueError, muxer: &Muxer) {
+        muxer.stats().inc(VsockCounter::EventFails);
         if let Some(broken) = self.broken.get(queue) {
             broken.store(true, Ordering::Release);
         }
@@ -132,9 +134,12 @@ impl VsockBackend {
                 };
                 let head = chain.head_index();
                 match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PACKET_DATA) {
-                    Ok(packet) => muxer.on_guest_packet(&Header::of(&packet), packet.data_slice()),
+                    Ok(packet) => {
+                        muxer.stats().inc(VsockCounter::TxPacketsCount);
+                        muxer.on_guest_packet(&Header::of(&packet), packet.data_slice());
+                    }
                     Err(err) => {
-                        muxer.stats.dropped_packets.fetch_add(1, Ordering::Relaxed);
+                        muxer.stats().inc(VsockCounter::DroppedPackets);
                         guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
                     }
                 }
@@ -192,6 +197,7 @@ impl VsockBackend {
                 break;
             };
             header.write_to(&mut packet);
+            muxer.stats().inc(VsockCounter::RxPacketsCount);
             vring.add_used(head, PKT_HEADER_SIZE as u32 + len)?;
             given += 1;
         }
@@ -215,13 +221,14 @@ impl VsockBackend {
         };
         let mut muxer = self.muxer();
         match usize::from(device_event) {
-            RX => {}
+            RX => muxer.stats().inc(VsockCounter::RxQueueEventCount),
             TX => {
+                muxer.stats().inc(VsockCounter::TxQueueEventCount);
                 if !self.is_broken(TX) {
                     match self.process_tx(tx, &mut muxer) {
                         Ok(true) => kick(tx),
                         Ok(false) => {}
-                        Err(err) => self.break_queue(TX, &err),
+                        Err(err) => self.break_queue(TX, &err, &muxer),
                     }
                 }
             }
@@ -233,7 +240,7 @@ impl VsockBackend {
             match self.process_rx(rx, &mut muxer) {
                 Ok(true) => kick(rx),
                 Ok(false) => {}
-                Err(err) => self.break_queue(RX, &err),
+                Err(err) => self.break_queue(RX, &err, &muxer),
             }
         }
         Ok(())

@@ -6,9 +6,9 @@
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use backend_stats::{Stats, VsockCounter};
 use clap::Parser;
 use tessera_types::{GuestCid, InheritedFd};
 use vhost_user_common::cli::CommonArgs;
@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use vhost_user_vsock::backend::{VsockBackend, VsockConfig, MUXER_EVENT};
-use vhost_user_vsock::muxer::{Muxer, MuxerConfig, VsockStats};
+use vhost_user_vsock::muxer::{Muxer, MuxerConfig};
 
 /// A vhost-user vsock backend with Firecracker's hybrid host side.
 #[derive(Debug, Parser)]
@@ -44,19 +44,18 @@ struct Cli {
 /// The filters compiled from resources/seccomp/vhost-user-vsock.json.
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
-fn log_stats(stats: &VsockStats) {
-    let n = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+fn log_stats(stats: &Stats<VsockCounter>) {
     log::info!(
         "connections: {} from the host, {} from the guest; {} bytes to the guest, {} from it; \
          {} resets, {} credit stalls, {} packets dropped, {} host clients refused",
-        n(&stats.host_connections),
-        n(&stats.guest_connections),
-        n(&stats.bytes_to_guest),
-        n(&stats.bytes_from_guest),
-        n(&stats.resets_to_guest),
-        n(&stats.credit_stalls),
-        n(&stats.dropped_packets),
-        n(&stats.refused_host_clients),
+        stats.get(VsockCounter::HostConnsAdded),
+        stats.get(VsockCounter::GuestConnsAdded),
+        stats.get(VsockCounter::RxBytesCount),
+        stats.get(VsockCounter::TxBytesCount),
+        stats.get(VsockCounter::ConnsKilled),
+        stats.get(VsockCounter::CreditStalls),
+        stats.get(VsockCounter::DroppedPackets),
+        stats.get(VsockCounter::RefusedHostClients),
     );
 }
 
@@ -84,10 +83,11 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         guest_cid: cli.guest_cid.get(),
         uds_path: cli.uds_path.clone(),
         max_connections: cli.max_connections as usize,
+        stats: process.stats(&cli.common)?,
     };
     let muxer = Muxer::new(muxer_config, host_listener)
         .map_err(|err| Failure::runtime(format_args!("cannot serve the host side: {err}")))?;
-    let stats = muxer.stats.clone();
+    let stats = muxer.stats().clone();
     let epoll_fd = muxer.epoll_fd();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = VsockConfig {

@@ -9,10 +9,9 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend_stats::{Stats, VsockCounter};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
@@ -56,29 +55,8 @@ pub struct MuxerConfig {
     pub uds_path: PathBuf,
     /// Connections (and host clients still sending `CONNECT`) at once.
     pub max_connections: usize,
-}
-
-/// Counters of the device, logged when the backend exits.
-#[derive(Debug, Default)]
-pub struct VsockStats {
-    pub host_connections: AtomicU64,
-    pub guest_connections: AtomicU64,
-    pub bytes_to_guest: AtomicU64,
-    pub bytes_from_guest: AtomicU64,
-    pub resets_to_guest: AtomicU64,
-    /// Times a connection stopped reading its host socket for lack of
-    /// guest credit.
-    pub credit_stalls: AtomicU64,
-    /// Guest packets dropped (wrong CIDs, bad chains).
-    pub dropped_packets: AtomicU64,
-    /// Host clients dropped (bad or late `CONNECT`, too many).
-    pub refused_host_clients: AtomicU64,
-}
-
-impl VsockStats {
-    fn count(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
+    /// The counters the VMM's metrics report.
+    pub stats: Stats<VsockCounter>,
 }
 
 /// Errors setting up the host side.
@@ -145,10 +123,14 @@ pub struct Muxer {
     stray_resets: VecDeque<Header>,
     /// What one `epoll_wait` of the host side returns, kept between calls.
     events: Vec<EpollEvent>,
-    pub stats: Arc<VsockStats>,
 }
 
 impl Muxer {
+    /// The counters the VMM's metrics report.
+    pub fn stats(&self) -> &Stats<VsockCounter> {
+        &self.config.stats
+    }
+
     /// Serves `listener` (bound at `config.uds_path`).
     pub fn new(config: MuxerConfig, listener: UnixListener) -> Result<Self, MuxerError> {
         listener
@@ -189,7 +171,6 @@ impl Muxer {
             rx_ready: VecDeque::new(),
             stray_resets: VecDeque::new(),
             events: vec![EpollEvent::default(); EVENTS_PER_CALL],
-            stats: Arc::default(),
         })
     }
 
@@ -230,7 +211,7 @@ impl Muxer {
         data: Option<&VolatileSlice<B>>,
     ) {
         if hdr.src_cid != self.config.guest_cid || hdr.dst_cid != HOST_CID {
-            VsockStats::count(&self.stats.dropped_packets, 1);
+            self.config.stats.inc(VsockCounter::DroppedPackets);
             guest_log!(
                 &REFUSED,
                 log::Level::Debug,
@@ -264,7 +245,9 @@ impl Muxer {
             return;
         }
         if hdr.op == op::RW {
-            VsockStats::count(&self.stats.bytes_from_guest, u64::from(hdr.len));
+            self.config
+                .stats
+                .add(VsockCounter::TxBytesCount, u64::from(hdr.len));
         }
         if let Err(violation) = conn.on_guest_packet(hdr, data) {
             guest_log!(
@@ -287,7 +270,7 @@ impl Muxer {
         data: Option<&VolatileSlice<impl BitmapSlice>>,
     ) -> Option<u32> {
         if let Some(reset) = self.stray_resets.pop_front() {
-            VsockStats::count(&self.stats.resets_to_guest, 1);
+            self.config.stats.inc(VsockCounter::ConnsKilled);
             *header = reset;
             return Some(0);
         }
@@ -300,7 +283,7 @@ impl Muxer {
             self.refresh(key);
             if let Some(next) = next {
                 if next.op == op::RST {
-                    VsockStats::count(&self.stats.resets_to_guest, 1);
+                    self.config.stats.inc(VsockCounter::ConnsKilled);
                     self.remove(key);
                 }
                 *header = next;
@@ -322,9 +305,11 @@ impl Muxer {
         let mut data = data?.clone();
         match conn.read_host(&mut data) {
             HostRead::Data(n) => {
-                VsockStats::count(&self.stats.bytes_to_guest, u64::from(n));
+                self.config
+                    .stats
+                    .add(VsockCounter::RxBytesCount, u64::from(n));
                 if conn.peer_credit() == 0 && conn.host_readable {
-                    VsockStats::count(&self.stats.credit_stalls, 1);
+                    self.config.stats.inc(VsockCounter::CreditStalls);
                 }
                 Some(conn.header(op::RW, n))
             }
@@ -377,7 +362,7 @@ impl Muxer {
                 }
             };
             if self.conns.len() + self.handshakes.len() >= self.config.max_connections {
-                VsockStats::count(&self.stats.refused_host_clients, 1);
+                self.config.stats.inc(VsockCounter::RefusedHostClients);
                 guest_log!(
                     &HOST,
                     log::Level::Warn,
@@ -429,7 +414,7 @@ impl Muxer {
         match line {
             Line::Incomplete => {}
             Line::Bad => {
-                VsockStats::count(&self.stats.refused_host_clients, 1);
+                self.config.stats.inc(VsockCounter::RefusedHostClients);
                 guest_log!(
                     &HOST,
                     log::Level::Debug,
@@ -464,7 +449,7 @@ impl Muxer {
         };
         let mut conn = Connection::host_initiated(key, stream, self.config.guest_cid);
         conn.deadline = Some(Instant::now() + GUEST_TIMEOUT);
-        VsockStats::count(&self.stats.host_connections, 1);
+        self.config.stats.inc(VsockCounter::HostConnsAdded);
         self.add(conn);
         self.arm_timer();
     }
@@ -494,7 +479,7 @@ impl Muxer {
         let path = format!("{}_{}", self.config.uds_path.display(), hdr.dst_port);
         match connect_nonblocking(&path) {
             Ok(stream) => {
-                VsockStats::count(&self.stats.guest_connections, 1);
+                self.config.stats.inc(VsockCounter::GuestConnsAdded);
                 self.add(Connection::guest_initiated(hdr, stream));
             }
             Err(err) => {
@@ -539,7 +524,7 @@ impl Muxer {
             .map(|(token, _)| *token)
             .collect();
         for token in late {
-            VsockStats::count(&self.stats.refused_host_clients, 1);
+            self.config.stats.inc(VsockCounter::RefusedHostClients);
             self.drop_handshake(token);
         }
         let late: Vec<ConnKey> = self
@@ -705,6 +690,7 @@ mod tests {
             guest_cid: 3,
             uds_path: path.clone(),
             max_connections: 4096,
+            stats: Stats::private(),
         };
         let mut muxer = Muxer::new(config, listener).unwrap();
         let mut clients: Vec<UnixStream> = (0..CLIENTS)
@@ -736,6 +722,10 @@ mod tests {
             "each connection has its own host port"
         );
         assert_eq!(muxer.connections(), CLIENTS);
+        assert_eq!(
+            muxer.stats().get(VsockCounter::HostConnsAdded),
+            CLIENTS as u64
+        );
         // The guest accepts them all; each client hears OK and sends.
         for (h, _) in &requests {
             let response = from_guest(op::RESPONSE, 52, h.src_port, 0);

@@ -344,17 +344,24 @@ impl Drop for Vmm {
 }
 
 /// One vhost-user device's metrics: the transport's and the frontend's
-/// counters (the backend's own figures stay in the backend).
+/// counters, and those its backends keep in the stats page.
 fn vhost_user_metrics<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
-    let c = transport.device().queues().counters();
-    serde_json::json!({
+    let queues = transport.device().queues();
+    let c = queues.counters();
+    let mut metrics = serde_json::json!({
         "invalid_mmio_accesses": transport.invalid_accesses(),
         "activate_fails": c.activate_fails,
         "cfg_fails": c.cfg_fails,
         "activate_time_us": c.activate_time_us,
         "backend_lost_count": c.backend_lost_count,
         "backend_reconnect_count": c.backend_reconnect_count,
-    })
+    });
+    if let serde_json::Value::Object(map) = &mut metrics {
+        for (key, delta) in queues.backend_counters() {
+            map.insert(key.to_string(), delta.into());
+        }
+    }
+    metrics
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -132,7 +132,9 @@ pub fn metrics() -> &'static Metrics {
 }
 
 /// Per-device counters, keyed `<kind>_<id>` in the output (for example
-/// `i8042` or `block_rootfs`), supplied by the device owners at flush time.
+/// `i8042` or `block_rootfs`), supplied by the device owners at flush time
+/// (a vhost-user device's include what its backend counted in its stats
+/// page, see `backend_stats`).
 pub type DeviceCounters = Vec<(String, Value)>;
 
 struct Destination {

@@ -10,10 +10,15 @@
 //! config space a backend gave, and its activation and config writes are
 //! kept and replayed.
 
+use std::sync::Arc;
+
+use backend_stats::{BlockCounter, NetCounter, StatsPage, StatsReader, VsockCounter};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{features, DeviceName, FrontendError, VhostUserDeviceError, VhostUserFrontend};
+use super::{
+    features, DeviceKind, DeviceName, FrontendError, VhostUserDeviceError, VhostUserFrontend,
+};
 use crate::virtio::{ActivateError, QueueLayout};
 
 /// Config writes kept while no backend is connected (each offset once).
@@ -65,6 +70,9 @@ pub struct VhostUserQueues {
     /// No backend will come back (see [`Self::give_up`]).
     given_up: bool,
     counters: FrontendCounters,
+    /// The counters the device's backends keep (none for an external
+    /// backend).
+    backend_stats: Option<StatsReader>,
 }
 
 impl VhostUserQueues {
@@ -108,6 +116,7 @@ impl VhostUserQueues {
                 config_writes: Vec::new(),
                 given_up: false,
                 counters: FrontendCounters::default(),
+                backend_stats: None,
             };
             queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
             Ok(queues)
@@ -123,6 +132,25 @@ impl VhostUserQueues {
     /// What this side counted so far.
     pub fn counters(&self) -> FrontendCounters {
         self.counters
+    }
+
+    /// Reads the device's counters from `page`, which its backends share
+    /// (the VMM started them).
+    pub fn read_backend_stats(&mut self, page: Arc<StatsPage>) {
+        self.backend_stats = Some(match self.device.kind {
+            DeviceKind::Drive => StatsReader::new::<BlockCounter>(page),
+            DeviceKind::Interface => StatsReader::new::<NetCounter>(page),
+            DeviceKind::Vsock => StatsReader::new::<VsockCounter>(page),
+        });
+    }
+
+    /// What the backends counted since the previous call, by metrics key
+    /// (nothing for an external backend).
+    pub fn backend_counters(&self) -> Vec<(&'static str, u64)> {
+        self.backend_stats
+            .as_ref()
+            .map(StatsReader::deltas)
+            .unwrap_or_default()
     }
 
     pub fn mem(&self) -> &GuestMemoryMmap {

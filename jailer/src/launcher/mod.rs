@@ -671,7 +671,12 @@ mod tests {
         let (channel, launcher) = start(cfg, &mut CgroupSet::default()).unwrap();
         let listener = UnixListener::bind(dir.join("sock")).unwrap();
         let disk = std::fs::File::create(dir.join("disk")).unwrap();
-        let fds = [listener.as_raw_fd(), disk.as_raw_fd()];
+        let stats = backend_stats::StatsPage::create().unwrap();
+        let fds = [
+            listener.as_raw_fd(),
+            stats.fd().unwrap().as_raw_fd(),
+            disk.as_raw_fd(),
+        ];
         for i in 0..STARTS {
             let started = request_launch(channel.as_fd(), &blk(&format!("d{i}")), &fds);
             assert!(started.is_ok(), "start {i}: {started:?}");

@@ -59,13 +59,15 @@ pub fn backend_args(exe_name: &str, request: &LaunchRequest, fd_count: usize) ->
         format!("/{exe_name}"),
         "--fd".to_string(),
         FIRST_FD.to_string(),
+        "--stats-fd".to_string(),
+        (FIRST_FD + 1).to_string(),
     ];
     let extra = match request.kind {
         BackendKind::Blk => "--disk-fd",
         BackendKind::Net => "--tap-fd",
         BackendKind::Vsock => "--uds-fd",
     };
-    for i in 1..fd_count {
+    for i in 2..fd_count {
         args.push(extra.to_string());
         args.push((FIRST_FD + i as RawFd).to_string());
     }
@@ -440,28 +442,32 @@ mod tests {
             uds_path: None,
         };
         assert_eq!(
-            backend_args("vhost-user-blk", &request, 2),
+            backend_args("vhost-user-blk", &request, 3),
             [
                 "/vhost-user-blk",
                 "--fd",
                 "3",
-                "--disk-fd",
+                "--stats-fd",
                 "4",
+                "--disk-fd",
+                "5",
                 "--readonly"
             ]
         );
         request.kind = BackendKind::Net;
         request.args = vec!["--queues".into(), "4".into()];
         assert_eq!(
-            backend_args("vhost-user-net", &request, 3),
+            backend_args("vhost-user-net", &request, 4),
             [
                 "/vhost-user-net",
                 "--fd",
                 "3",
-                "--tap-fd",
+                "--stats-fd",
                 "4",
                 "--tap-fd",
                 "5",
+                "--tap-fd",
+                "6",
                 "--queues",
                 "4"
             ]

@@ -8,6 +8,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use backend_stats::StatsPage;
 use jailer::backend_flags::check_args;
 use jailer::id;
 use jailer::launch::{BackendKind, LaunchRequest, MAX_TAP_QUEUE_PAIRS};
@@ -24,9 +25,9 @@ pub fn check_tap_name(name: &str) -> Result<(), String> {
 /// How many fds a request of `kind` must carry.
 pub fn expected_fds(kind: BackendKind) -> usize {
     match kind {
-        BackendKind::Blk => 2,
-        BackendKind::Net => 1,
-        BackendKind::Vsock => 2,
+        BackendKind::Blk => 3,
+        BackendKind::Net => 2,
+        BackendKind::Vsock => 3,
     }
 }
 
@@ -129,8 +130,9 @@ fn is_disk(fd: &OwnedFd) -> bool {
         .unwrap_or(false)
 }
 
-/// Checks the fds: the count, a listening unix stream socket first, and
-/// for `Blk` a regular file or block device second.
+/// Checks the fds: the count, a listening unix stream socket first, a
+/// stats page second, and for `Blk` a regular file or block device third
+/// (for `Vsock`, another listening socket).
 pub fn check_fds(kind: BackendKind, fds: &[OwnedFd]) -> Result<(), String> {
     let expected = expected_fds(kind);
     if fds.len() != expected {
@@ -142,11 +144,12 @@ pub fn check_fds(kind: BackendKind, fds: &[OwnedFd]) -> Result<(), String> {
     if !is_listening_unix_socket(&fds[0]) {
         return Err("the first fd is not a listening unix stream socket".into());
     }
-    if kind == BackendKind::Vsock && !is_listening_unix_socket(&fds[1]) {
-        return Err("the second fd is not a listening unix stream socket".into());
+    StatsPage::check_fd(fds[1].as_fd()).map_err(|err| format!("the second fd: {err}"))?;
+    if kind == BackendKind::Vsock && !is_listening_unix_socket(&fds[2]) {
+        return Err("the third fd is not a listening unix stream socket".into());
     }
-    if kind == BackendKind::Blk && !is_disk(&fds[1]) {
-        return Err("the second fd is not a regular file or block device".into());
+    if kind == BackendKind::Blk && !is_disk(&fds[2]) {
+        return Err("the third fd is not a regular file or block device".into());
     }
     Ok(())
 }
@@ -216,23 +219,29 @@ mod tests {
         let listener = UnixListener::bind(dir.join("s")).unwrap();
         let sock = || OwnedFd::from(listener.try_clone().unwrap());
         let file = || OwnedFd::from(std::fs::File::open("/proc/self/exe").unwrap());
-        check_fds(BackendKind::Blk, &[sock(), file()]).unwrap();
-        check_fds(BackendKind::Net, &[sock()]).unwrap();
-        let err = check_fds(BackendKind::Blk, &[sock()]).unwrap_err();
-        assert!(err.contains("exactly 2"), "{err}");
-        assert!(check_fds(BackendKind::Net, &[sock(), file()])
+        let page = StatsPage::create().unwrap();
+        let stats = || page.fd().unwrap().try_clone_to_owned().unwrap();
+        check_fds(BackendKind::Blk, &[sock(), stats(), file()]).unwrap();
+        check_fds(BackendKind::Net, &[sock(), stats()]).unwrap();
+        check_fds(BackendKind::Vsock, &[sock(), stats(), sock()]).unwrap();
+        let err = check_fds(BackendKind::Blk, &[sock(), stats()]).unwrap_err();
+        assert!(err.contains("exactly 3"), "{err}");
+        assert!(check_fds(BackendKind::Net, &[sock(), stats(), file()])
             .unwrap_err()
-            .contains("exactly 1"));
+            .contains("exactly 2"));
         assert!(check_fds(BackendKind::Net, &[]).is_err());
-        assert!(check_fds(BackendKind::Net, &[file()])
+        assert!(check_fds(BackendKind::Net, &[file(), stats()])
             .unwrap_err()
             .contains("listening"));
-        assert!(check_fds(BackendKind::Blk, &[sock(), sock()])
+        assert!(check_fds(BackendKind::Blk, &[sock(), stats(), sock()])
             .unwrap_err()
             .contains("regular file"));
+        // A stats page that could shrink under the backend is refused.
+        let err = check_fds(BackendKind::Net, &[sock(), file()]).unwrap_err();
+        assert!(err.contains("sealed"), "{err}");
         // A connected (not listening) socket is refused too.
         let stream = std::os::unix::net::UnixStream::connect(dir.join("s")).unwrap();
-        assert!(check_fds(BackendKind::Net, &[OwnedFd::from(stream)]).is_err());
+        assert!(check_fds(BackendKind::Net, &[OwnedFd::from(stream), stats()]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,9 +1,10 @@
 //! Starts a device backend process for a drive that names a host file or
 //! an interface that names a TAP: the VMM creates the listening socket,
 //! connects to it itself, removes its path (nobody else can connect), and
-//! has the backend started with the listening end as fd 3 and, for a
-//! drive, the disk (opened by the VMM, inside its jail if it has one) as
-//! fd 4. The starter is the jailer's launcher (`--backend-launcher-fd`),
+//! has the backend started with the listening end as fd 3, the device's
+//! stats page (its counters, which the VMM reads for the metrics; the same
+//! page for every backend of the device) as fd 4 and, for a drive, the
+//! disk (opened by the VMM, inside its jail if it has one) as fd 5. The starter is the jailer's launcher (`--backend-launcher-fd`),
 //! which gives each backend a jail of its own and opens the TAP in the
 //! VMM's network namespace, or the VMM's own backend starter
 //! ([`super::backend_starter`]). Either logs how each backend ended, and
@@ -17,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use backend_stats::{StatsError, StatsPage};
 use jailer::launch::{BackendKind, LaunchChannel, LaunchError, LaunchRequest};
 use tessera_seccomp::Filters;
 
@@ -49,6 +51,8 @@ pub enum BackendProcessError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create the stats page for its backend: {0}")]
+    Stats(#[from] StatsError),
     #[error("the vsock device has an external backend: no host socket to start one with")]
     NoVsockSocket,
     #[error("the jailer's launcher cannot start the {kind} backend: {source}")]
@@ -88,6 +92,8 @@ pub struct BackendSpawner {
     kind: &'static str,
     /// Each drive's disk, by drive id.
     disks: Arc<Mutex<HashMap<String, File>>>,
+    /// Each device's stats page, by device id.
+    stats: Arc<Mutex<HashMap<String, Arc<StatsPage>>>>,
 }
 
 impl BackendSpawner {
@@ -125,6 +131,7 @@ impl BackendSpawner {
             run_dir,
             kind,
             disks: Arc::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -151,6 +158,8 @@ impl BackendSpawner {
             source,
         };
         let mut args = args.to_vec();
+        let stats = self.stats_page(id)?;
+        let stats_fd = stats.fd().map_or(-1, |fd| fd.as_raw_fd());
         let pid = match target {
             BackendTarget::Disk { path, read_only } => {
                 let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +179,10 @@ impl BackendSpawner {
                     uds_path: None,
                 };
                 self.channel
-                    .launch(&request, &[listener.as_raw_fd(), disk.as_raw_fd()])
+                    .launch(
+                        &request,
+                        &[listener.as_raw_fd(), stats_fd, disk.as_raw_fd()],
+                    )
                     .map_err(launch_err)?
             }
             BackendTarget::VsockHost {
@@ -187,7 +199,10 @@ impl BackendSpawner {
                     uds_path: Some(uds_path.to_string()),
                 };
                 self.channel
-                    .launch(&request, &[listener.as_raw_fd(), host.as_raw_fd()])
+                    .launch(
+                        &request,
+                        &[listener.as_raw_fd(), stats_fd, host.as_raw_fd()],
+                    )
                     .map_err(launch_err)?
             }
             BackendTarget::Tap { name, queue_pairs } => {
@@ -201,7 +216,7 @@ impl BackendSpawner {
                     uds_path: None,
                 };
                 self.channel
-                    .launch(&request, &[listener.as_raw_fd()])
+                    .launch(&request, &[listener.as_raw_fd(), stats_fd])
                     .map_err(launch_err)?
             }
         };
@@ -215,6 +230,23 @@ impl BackendSpawner {
             }
         );
         Ok(stream)
+    }
+
+    /// The stats page of device `id`'s backends: created with its first
+    /// backend (before the VMM thread's filter, which has no memfd_create),
+    /// then handed to each one after it.
+    fn stats_page(&self, id: &str) -> Result<Arc<StatsPage>, BackendProcessError> {
+        let mut pages = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        match pages.entry(id.to_string()) {
+            Entry::Occupied(kept) => Ok(kept.get().clone()),
+            Entry::Vacant(slot) => Ok(slot.insert(Arc::new(StatsPage::create()?)).clone()),
+        }
+    }
+
+    /// The counters the backends of device `id` keep, once one started.
+    pub fn stats(&self, id: &str) -> Option<Arc<StatsPage>> {
+        let pages = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        pages.get(id).cloned()
     }
 
     /// Makes `disk` the file the next backends of drive `id` get.

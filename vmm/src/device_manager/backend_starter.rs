@@ -6,7 +6,7 @@
 //! VMM starts this process (its own executable with `--backend-starter
 //! <binary>`): unconfined and single-threaded, it reads launch requests in
 //! the jailer launcher's protocol (a `LaunchRequest` with the backend's
-//! listening socket and, for a disk, the disk's fd), checks them as the
+//! listening socket, its stats page and, for a disk, the disk's fd), checks them as the
 //! launcher does, and starts the backend with them. It ends when the VMM
 //! closes the channel or dies (PR_SET_PDEATHSIG), and its backends with it
 //! (theirs). It runs under its own seccomp filter
@@ -31,7 +31,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/starter.bpf"));
 
 /// Where the starter finds its channel, and each backend its listening
-/// socket; a disk's fd follows it.
+/// socket; its stats page and a disk's fd follow it.
 const CHANNEL_FD: RawFd = 3;
 const FIRST_BACKEND_FD: RawFd = 3;
 /// How often the starter reaps backends while no request comes.
@@ -159,26 +159,27 @@ impl Starter {
             return Err(format!("{MAX_BACKENDS} backends are running already"));
         }
         let expected = match request.kind {
-            BackendKind::Blk | BackendKind::Vsock => 2,
-            BackendKind::Net => 1,
+            BackendKind::Blk | BackendKind::Vsock => 3,
+            BackendKind::Net => 2,
         };
         if fds.len() != expected {
             return Err(format!(
-                "a {:?} request carries {expected} fd(s), not {}",
+                "a {:?} request carries {expected} fds, not {}",
                 request.kind,
                 fds.len()
             ));
         }
+        let fd_at = |position: RawFd| (FIRST_BACKEND_FD + position).to_string();
         let mut command = Command::new(&self.binary);
         command
             .arg("--fd")
-            .arg(FIRST_BACKEND_FD.to_string())
+            .arg(fd_at(0))
+            .arg("--stats-fd")
+            .arg(fd_at(1))
             .stdin(Stdio::null());
         match request.kind {
             BackendKind::Blk => {
-                command
-                    .arg("--disk-fd")
-                    .arg((FIRST_BACKEND_FD + 1).to_string());
+                command.arg("--disk-fd").arg(fd_at(2));
             }
             BackendKind::Net => {
                 let tap = request.tap.as_deref().ok_or("a net request needs a tap")?;
@@ -195,7 +196,7 @@ impl Starter {
                     .arg("--uds-path")
                     .arg(path)
                     .arg("--uds-fd")
-                    .arg((FIRST_BACKEND_FD + 1).to_string());
+                    .arg(fd_at(2));
             }
         }
         command.args(&request.args);
@@ -210,7 +211,7 @@ impl Starter {
             .copied()
             .max()
             .unwrap_or(0)
-            .max(FIRST_BACKEND_FD + 2)
+            .max(FIRST_BACKEND_FD + 3)
             + 1;
         // SAFETY: the closure only makes async-signal-safe calls (dup2,
         // fcntl, prctl) between fork and exec.

@@ -88,7 +88,10 @@ pub fn attach_block_devices(
         })?;
         let queues = queues.clamp(1, MAX_QUEUES);
         let frontend = connect(drive, spawner, queues)?;
-        let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+        let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+        if let Some(page) = spawner.stats(&id) {
+            device.queues_mut().read_backend_stats(page);
+        }
         let attach_err = |source| AttachError::Attach {
             kind: DeviceKind::Drive,
             id: id.clone(),

@@ -95,7 +95,10 @@ pub fn attach_net_devices(
             })?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
-        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
+        let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
+        if let Some(page) = spawner.stats(&id) {
+            device.queues_mut().read_backend_stats(page);
+        }
         let attach_err = |source| AttachError::Attach {
             kind: DeviceKind::Interface,
             id: id.clone(),

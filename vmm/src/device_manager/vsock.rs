@@ -69,7 +69,10 @@ pub fn attach_vsock_device(
     })?;
     let frontend = connect(vsock, spawner)?;
     let cid = vsock.config.guest_cid.get();
-    let device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
+    let mut device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
+    if let Some(page) = spawner.stats(VSOCK_ID) {
+        device.queues_mut().read_backend_stats(page);
+    }
     let attach_err = |source| AttachError::Attach {
         kind: DeviceKind::Vsock,
         id: VSOCK_ID.into(),

@@ -1,0 +1,130 @@
+//! The counters of each device kind, named as in Firecracker's metrics
+//! where Firecracker has the counter.
+
+/// The counters of one device kind, each at a fixed slot of the page.
+pub trait CounterSet: Copy {
+    /// The metrics keys, in slot order.
+    const KEYS: &'static [&'static str];
+    /// The counter's slot in the page.
+    fn slot(self) -> usize;
+}
+
+/// Declares a device kind's counters: an enum whose variant order is the
+/// slot order, with each variant's metrics key.
+macro_rules! counter_set {
+    ($(#[$doc:meta])* $set:ident { $($(#[$what:meta])* $counter:ident = $key:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $set {
+            $($(#[$what])* $counter,)+
+        }
+
+        impl CounterSet for $set {
+            const KEYS: &'static [&'static str] = &[$($key,)+];
+
+            fn slot(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+counter_set! {
+    /// A vhost-user-blk backend's counters.
+    BlockCounter {
+        /// Kicks of any request queue.
+        QueueEventCount = "queue_event_count",
+        ReadCount = "read_count",
+        ReadBytes = "read_bytes",
+        WriteCount = "write_count",
+        WriteBytes = "write_bytes",
+        FlushCount = "flush_count",
+        /// Discard and write-zeroes requests.
+        DiscardCount = "discard_count",
+        /// Requests the backend could not parse (answered UNSUPP or IOERR).
+        InvalidReqsCount = "invalid_reqs_count",
+        /// Requests the disk failed (answered IOERR).
+        ExecuteFails = "execute_fails",
+        /// Queues the guest broke (the device needs a reset).
+        EventFails = "event_fails",
+    }
+}
+
+counter_set! {
+    /// A vhost-user-net backend's counters.
+    NetCounter {
+        /// Kicks of an RX queue (the guest posted buffers).
+        RxQueueEventCount = "rx_queue_event_count",
+        /// The TAP had frames to read.
+        RxTapEventCount = "rx_tap_event_count",
+        RxBytesCount = "rx_bytes_count",
+        RxPacketsCount = "rx_packets_count",
+        /// Times a frame waited because the guest had posted no buffer.
+        NoRxAvailBuffer = "no_rx_avail_buffer",
+        /// Frames dropped on the way to the guest (a chain too small).
+        RxFails = "rx_fails",
+        TapReadFails = "tap_read_fails",
+        /// Kicks of a TX queue.
+        TxQueueEventCount = "tx_queue_event_count",
+        TxBytesCount = "tx_bytes_count",
+        TxPacketsCount = "tx_packets_count",
+        /// Frames from the guest that were not valid (dropped).
+        TxMalformedFrames = "tx_malformed_frames",
+        TapWriteFails = "tap_write_fails",
+        /// Queues the guest broke (the device needs a reset).
+        EventFails = "event_fails",
+    }
+}
+
+counter_set! {
+    /// A vhost-user-vsock backend's counters.
+    VsockCounter {
+        RxQueueEventCount = "rx_queue_event_count",
+        TxQueueEventCount = "tx_queue_event_count",
+        /// Payload bytes to the guest.
+        RxBytesCount = "rx_bytes_count",
+        /// Payload bytes from the guest.
+        TxBytesCount = "tx_bytes_count",
+        RxPacketsCount = "rx_packets_count",
+        TxPacketsCount = "tx_packets_count",
+        /// Connections a host client opened with `CONNECT`.
+        HostConnsAdded = "host_conns_added",
+        /// Connections the guest opened to a host listener.
+        GuestConnsAdded = "guest_conns_added",
+        /// Resets sent to the guest (a refused or broken connection).
+        ConnsKilled = "conns_killed",
+        /// Times a connection stopped reading its host socket for lack of
+        /// guest credit.
+        CreditStalls = "credit_stalls",
+        /// Guest packets dropped (wrong CIDs, bad chains).
+        DroppedPackets = "dropped_packets",
+        /// Host clients dropped (bad or late `CONNECT`, too many).
+        RefusedHostClients = "refused_host_clients",
+        /// Queues the guest broke (no longer served).
+        EventFails = "event_fails",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_set_fits_the_page_with_distinct_keys() {
+        for keys in [BlockCounter::KEYS, NetCounter::KEYS, VsockCounter::KEYS] {
+            assert!(keys.len() <= crate::SLOTS);
+            let mut sorted = keys.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), keys.len());
+        }
+        assert_eq!(
+            BlockCounter::EventFails.slot(),
+            BlockCounter::KEYS.len() - 1
+        );
+        assert_eq!(
+            NetCounter::KEYS[NetCounter::TxBytesCount.slot()],
+            "tx_bytes_count"
+        );
+    }
+}
