@@ -1,12 +1,5 @@
 //! Compiles resources/seccomp/vhost-user-net.json to BPF, embedded by the binary.
 
 fn main() {
-    let json = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../resources/seccomp/vhost-user-net.json");
-    println!("cargo:rerun-if-changed={}", json.display());
-    let out = std::path::Path::new(&std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("seccomp.bpf");
-    if let Err(err) = tessera_seccomp::compile_json_file(&json, &out) {
-        panic!("{err}");
-    }
+    tessera_seccomp::build::BuildScript::new().compile("vhost-user-net", "seccomp.bpf");
 }

@@ -17,6 +17,8 @@ mod launcher;
 mod libs;
 mod privileges;
 mod resource_limits;
+#[cfg(test)]
+mod test_support;
 
 use std::process::ExitCode;
 

@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn drops_in_a_child() {
         // Run in a forked child so the test process keeps its privileges.
-        if !nix::unistd::geteuid().is_root() {
+        if !crate::test_support::runs_as_root() {
             return;
         }
         let last = prepare();

@@ -20,6 +20,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+pub mod build;
+
 pub use seccompiler::BpfProgram;
 use seccompiler::{sock_filter, TargetArch};
 

@@ -180,22 +180,15 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         cli.queues
     ));
     let started = daemon.start(&mut listener);
-    let served = process.serve(&mut daemon, started);
-    backend.stop_workers();
-    log_stats(backend.stats());
-    backend
-        .flush()
-        .map_err(|err| Failure::runtime(format_args!("final flush failed: {err}")))?;
-    served?;
-    process.announce("the frontend disconnected; exiting");
-    Ok(())
+    process.serve(&mut daemon, started, || {
+        backend.stop_workers();
+        log_stats(backend.stats());
+        backend
+            .flush()
+            .map_err(|err| Failure::runtime(format_args!("final flush failed: {err}")))
+    })
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let process = Process::start("vhost-user-blk");
-    match run(process, &cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => process.exit(failure),
-    }
+    vhost_user_common::process::main("vhost-user-blk", run)
 }

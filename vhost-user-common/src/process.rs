@@ -66,8 +66,16 @@ impl Process {
     /// from `info` up, each as `<name>: <message>` (`<name>: <level>:
     /// <message>` for warnings and errors), on stderr, which the VMM passes
     /// on to its own log.
+    ///
+    /// SIGTERM and SIGINT are blocked from here on (and in every thread
+    /// started later): one that arrives while the backend sets up waits
+    /// for [`Process::confine`]'s waiter, and still ends the process
+    /// cleanly.
     pub fn start(name: &'static str) -> Self {
         use std::io::Write;
+        if let Err(err) = termination_signals().thread_block() {
+            eprintln!("{name}: cannot block SIGTERM: {err}");
+        }
         let own_crate = name.replace('-', "_");
         env_logger::Builder::new()
             .filter_level(log::LevelFilter::Warn)
@@ -169,9 +177,7 @@ impl Process {
         on_signal: impl FnOnce() + Send + 'static,
     ) -> Result<(), Failure> {
         seccomp.apply("main").map_err(Failure::runtime)?;
-        let mut signals = SigSet::empty();
-        signals.add(Signal::SIGTERM);
-        signals.add(Signal::SIGINT);
+        let signals = termination_signals();
         signals
             .thread_block()
             .map_err(|err| Failure::runtime(format_args!("cannot block SIGTERM: {err}")))?;
@@ -201,18 +207,20 @@ impl Process {
     }
 
     /// Serves the frontend `daemon` accepted (or was handed) until it
-    /// disconnects: `Ok` then, a [`Failure::Runtime`] if the connection
-    /// failed.
+    /// disconnects, then runs `after` (stop the workers, log the counters,
+    /// flush). `Ok` if the frontend hung up; a [`Failure::Runtime`] if the
+    /// connection failed or `after` did.
     pub fn serve<T>(
         self,
         daemon: &mut VhostUserDaemon<T>,
         started: Result<(), vhost_user_backend::Error>,
+        after: impl FnOnce() -> Result<(), Failure>,
     ) -> Result<(), Failure>
     where
         T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
     {
         started.map_err(|err| Failure::runtime(format_args!("cannot accept a frontend: {err}")))?;
-        match daemon.wait() {
+        let served = match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 vhost::vhost_user::Error::Disconnected,
@@ -220,6 +228,32 @@ impl Process {
             Err(err) => Err(Failure::runtime(format_args!(
                 "the vhost-user connection failed: {err}"
             ))),
-        }
+        };
+        after()?;
+        served?;
+        self.announce("the frontend disconnected; exiting");
+        Ok(())
+    }
+}
+
+/// The signals that end a backend cleanly.
+fn termination_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals
+}
+
+/// A backend's `main`: parses its flags, starts logging as `name`, runs
+/// `run` and turns its outcome into the exit status.
+pub fn main<C: clap::Parser>(
+    name: &'static str,
+    run: impl FnOnce(Process, &C) -> Result<(), Failure>,
+) -> ExitCode {
+    let cli = C::parse();
+    let process = Process::start(name);
+    match run(process, &cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => process.exit(failure),
     }
 }

@@ -1,11 +1,17 @@
 //! What a backend's `VhostUserBackend` impl repeats for every device: the
 //! eventfd pair that tells each worker thread to exit, the slice of the
-//! config space a frontend reads, the worker's own seccomp filter, and how
-//! a worker stops serving a queue the guest broke.
+//! config space a frontend reads, the worker's own seccomp filter, taking
+//! what the guest posted on a device-bound queue, and how a worker stops
+//! serving a queue the guest broke.
 
 use std::io;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::DescriptorChain;
+use vm_memory::GuestMemory;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -70,6 +76,94 @@ pub enum QueueError {
     Ring(#[from] virtio_queue::Error),
     #[error("the guest cannot be signalled: {0}")]
     Signal(#[from] io::Error),
+}
+
+/// Queues the guest broke (virtio's NEEDS_RESET): not served until the
+/// frontend stops them (GET_VRING_BASE) and sets them up again.
+#[derive(Debug)]
+pub struct BrokenQueues(Vec<AtomicBool>);
+
+/// Broken queues, logged at error level.
+static BROKEN: crate::ratelimit::RateLimit =
+    crate::ratelimit::RateLimit::new(crate::ratelimit::BURST, crate::ratelimit::INTERVAL);
+
+impl BrokenQueues {
+    /// `queues` queues, none broken.
+    pub fn new(queues: usize) -> Self {
+        Self((0..queues).map(|_| AtomicBool::new(false)).collect())
+    }
+
+    pub fn is_broken(&self, queue: usize) -> bool {
+        self.0
+            .get(queue)
+            .is_some_and(|broken| broken.load(Ordering::Acquire))
+    }
+
+    /// Stops serving `queue`: what the guest wrote there cannot be served.
+    pub fn mark(&self, queue: usize, err: &QueueError) {
+        if let Some(broken) = self.0.get(queue) {
+            broken.store(true, Ordering::Release);
+        }
+        crate::guest_log!(
+            &BROKEN,
+            log::Level::Error,
+            "queue {queue} is broken and no longer served: {err}"
+        );
+    }
+
+    /// The frontend stopped `queue`: it is served again once set up.
+    pub fn clear(&self, queue: usize) {
+        if let Some(broken) = self.0.get(queue) {
+            broken.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// A device-bound queue (TX): takes the chains the guest posted on
+/// `vring`, at most `budget` of them, hands each to `handle` and gives it
+/// back with used length 0; after each pass that took any, `signal`s the
+/// guest. The guest's kicks are off during a pass and back on once the
+/// ring is empty. Returns whether the budget ran out first: the caller
+/// then kicks the queue again, so that the worker serves its other events
+/// before it comes back.
+pub fn take_posted<M>(
+    vring: &VringRwLock,
+    mem: M,
+    budget: usize,
+    mut handle: impl FnMut(DescriptorChain<M>),
+    signal: impl Fn(&VringRwLock) -> Result<(), QueueError>,
+) -> Result<bool, QueueError>
+where
+    M: Clone + Deref,
+    M::Target: GuestMemory,
+{
+    let mut taken = 0;
+    loop {
+        vring.disable_notification()?;
+        let mut used = 0;
+        while taken < budget {
+            // Pop in its own statement: a `while let` would hold the
+            // vring lock through the body, and `add_used` takes it too.
+            let next = crate::ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
+            let Some(chain) = next else {
+                break;
+            };
+            let head = chain.head_index();
+            handle(chain);
+            vring.add_used(head, 0)?;
+            used += 1;
+            taken += 1;
+        }
+        if used > 0 {
+            signal(vring)?;
+        }
+        if taken == budget {
+            return Ok(true);
+        }
+        if !vring.enable_notification()? {
+            return Ok(false);
+        }
+    }
 }
 
 /// `size` bytes of `space` from `offset`, zero past its end: what

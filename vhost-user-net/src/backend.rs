@@ -17,7 +17,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
-use vhost_user_common::worker::{self, WorkerExits};
+use vhost_user_common::worker::{self, BrokenQueues, WorkerExits};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -59,8 +59,6 @@ pub use vhost_user_common::worker::QueueError;
 
 /// Frames and buffers dropped, logged at debug level.
 static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
-/// Queues broken by the guest.
-static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 /// Set-up steps repeated each time the guest resets its driver.
 static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
@@ -75,10 +73,8 @@ pub struct NetBackend {
     /// Whether each pair's TAP queue is attached: pairs past the first
     /// join the TAP when the guest first kicks them (it uses that pair).
     attached: Vec<AtomicBool>,
-    /// Per queue (RX of pair p is 2p, TX 2p + 1): the guest broke it, so
-    /// it is not served until the frontend stops it (GET_VRING_BASE) and
-    /// sets it up again.
-    broken: Vec<AtomicBool>,
+    /// Per queue (RX of pair p is 2p, TX 2p + 1).
+    broken: BrokenQueues,
 }
 
 impl NetBackend {
@@ -97,9 +93,7 @@ impl NetBackend {
         let attached = (0..taps.len())
             .map(|pair| AtomicBool::new(pair == 0))
             .collect();
-        let broken = (0..2 * config.queue_pairs)
-            .map(|_| AtomicBool::new(false))
-            .collect();
+        let broken = BrokenQueues::new(2 * config.queue_pairs);
         Ok(Self {
             taps,
             config,
@@ -171,23 +165,14 @@ impl NetBackend {
 
     /// Whether the guest broke `queue`, which is then not served.
     pub fn is_broken(&self, queue: usize) -> bool {
-        self.broken
-            .get(queue)
-            .is_some_and(|broken| broken.load(Ordering::Acquire))
+        self.broken.is_broken(queue)
     }
 
     /// Stops serving `queue`: what the guest wrote there cannot be served.
     /// The other queues go on; the frontend may reset this one.
     fn break_queue(&self, queue: usize, err: &QueueError) {
         self.stats().inc(NetCounter::EventFails);
-        if let Some(broken) = self.broken.get(queue) {
-            broken.store(true, Ordering::Release);
-        }
-        guest_log!(
-            &BROKEN,
-            log::Level::Error,
-            "queue {queue} is broken and no longer served: {err}"
-        );
+        self.broken.mark(queue, err);
     }
 
     fn driver_polls(&self, vring: &VringRwLock) -> bool {
@@ -204,52 +189,32 @@ impl NetBackend {
     /// counted, and each chain goes back to the guest.
     fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
         let mem = self.mem.memory();
-        let mut total = 0;
-        loop {
-            // No kicks while this pass runs (VRING_USED_F_NO_NOTIFY, or
-            // nothing to do with EVENT_IDX).
-            vring.disable_notification()?;
-            let mut sent = 0;
-            while total < MAX_TX_PER_EVENT {
-                // Pop in its own statement: a `while let` would hold the
-                // vring lock through the body, and `add_used` takes it too.
-                let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
-                let Some(chain) = next else {
-                    break;
-                };
-                let head = chain.head_index();
-                let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
-                match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
-                    Ok(len) => {
-                        self.stats().inc(NetCounter::TxPacketsCount);
-                        self.stats()
-                            .add(NetCounter::TxBytesCount, payload_bytes(len));
-                    }
-                    Err(err) => {
-                        guest_log!(&DROPPED, log::Level::Debug, "TX frame dropped: {err}");
-                        self.stats().inc(match err {
-                            FrameError::Io(_) => NetCounter::TapWriteFails,
-                            _ => NetCounter::TxMalformedFrames,
-                        });
-                    }
+        let transmit = |chain| {
+            let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
+            match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
+                Ok(len) => {
+                    self.stats().inc(NetCounter::TxPacketsCount);
+                    self.stats()
+                        .add(NetCounter::TxBytesCount, payload_bytes(len));
                 }
-                vring.add_used(head, 0)?;
-                sent += 1;
-                total += 1;
-            }
-            if sent > 0 {
-                self.signal(vring)?;
-            }
-            if total == MAX_TX_PER_EVENT {
-                if let Some(kick) = vring.get_ref().get_kick() {
-                    ring::kick_again(kick);
+                Err(err) => {
+                    guest_log!(&DROPPED, log::Level::Debug, "TX frame dropped: {err}");
+                    self.stats().inc(match err {
+                        FrameError::Io(_) => NetCounter::TapWriteFails,
+                        _ => NetCounter::TxMalformedFrames,
+                    });
                 }
-                return Ok(());
             }
-            if !vring.enable_notification()? {
-                return Ok(());
+        };
+        let more = worker::take_posted(vring, mem.clone(), MAX_TX_PER_EVENT, transmit, |vring| {
+            self.signal(vring)
+        })?;
+        if more {
+            if let Some(kick) = vring.get_ref().get_kick() {
+                ring::kick_again(kick);
             }
         }
+        Ok(())
     }
 
     /// TAP to guest: fills the guest's RX buffers while both have some.
@@ -446,9 +411,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(broken) = self.broken.get(queue_index as usize) {
-            broken.store(false, Ordering::Release);
-        }
+        self.broken.clear(queue_index as usize);
         // A reset guest may come back with fewer pairs: detach again.
         let pair = queue_index as usize / 2;
         if pair > 0

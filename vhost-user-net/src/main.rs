@@ -209,19 +209,13 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
             daemon.start(&mut inner)
         }
     };
-    let served = process.serve(&mut daemon, started);
-    backend.stop_workers();
-    log_stats(backend.stats());
-    served?;
-    process.announce("the frontend disconnected; exiting");
-    Ok(())
+    process.serve(&mut daemon, started, || {
+        backend.stop_workers();
+        log_stats(backend.stats());
+        Ok(())
+    })
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let process = Process::start("vhost-user-net");
-    match run(process, &cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => process.exit(failure),
-    }
+    vhost_user_common::process::main("vhost-user-net", run)
 }

@@ -15,7 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
-use vhost_user_common::worker::{self, WorkerExits};
+use vhost_user_common::worker::{self, BrokenQueues, WorkerExits};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -43,8 +43,6 @@ pub const MAX_PACKETS_PER_EVENT: usize = 256;
 
 /// Guest packets dropped, logged at debug level.
 static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
-/// Queues broken by the guest.
-static BROKEN: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
 /// Settings of the device.
 #[derive(Debug, Clone)]
@@ -64,7 +62,7 @@ pub struct VsockBackend {
     event_idx: AtomicBool,
     exits: WorkerExits,
     /// Per queue: the guest broke it; not served until it is set up again.
-    broken: [AtomicBool; NUM_QUEUES],
+    broken: BrokenQueues,
 }
 
 impl VsockBackend {
@@ -79,7 +77,7 @@ impl VsockBackend {
             mem,
             event_idx: AtomicBool::new(false),
             exits: WorkerExits::new(1)?,
-            broken: Default::default(),
+            broken: BrokenQueues::new(NUM_QUEUES),
         })
     }
 
@@ -102,61 +100,39 @@ impl VsockBackend {
 
     /// Whether the guest broke `queue`.
     pub fn is_broken(&self, queue: usize) -> bool {
-        self.broken
-            .get(queue)
-            .is_some_and(|b| b.load(Ordering::Acquire))
+        self.broken.is_broken(queue)
     }
 
     fn break_queue(&self, queue: usize, err: &QueueError, muxer: &Muxer) {
         muxer.stats().inc(VsockCounter::EventFails);
-        if let Some(broken) = self.broken.get(queue) {
-            broken.store(true, Ordering::Release);
-        }
-        guest_log!(
-            &BROKEN,
-            log::Level::Error,
-            "queue {queue} is broken and no longer served: {err}"
-        );
+        self.broken.mark(queue, err);
     }
 
     /// Guest to host: every packet posted goes to the muxer, then back to
     /// the guest. Returns whether the budget ran out (more may wait).
     fn process_tx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
         let mem = self.mem.memory();
-        let mut taken = 0;
-        loop {
-            vring.disable_notification()?;
-            let mut used = 0;
-            while taken < MAX_PACKETS_PER_EVENT {
-                let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
-                let Some(mut chain) = next else {
-                    break;
-                };
-                let head = chain.head_index();
-                match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PACKET_DATA) {
-                    Ok(packet) => {
-                        muxer.stats().inc(VsockCounter::TxPacketsCount);
-                        muxer.on_guest_packet(&Header::of(&packet), packet.data_slice());
-                    }
-                    Err(err) => {
-                        muxer.stats().inc(VsockCounter::DroppedPackets);
-                        guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
-                    }
-                }
-                vring.add_used(head, 0)?;
-                used += 1;
-                taken += 1;
+        let to_muxer = |mut chain| match VsockPacket::from_tx_virtq_chain(
+            &*mem,
+            &mut chain,
+            MAX_PACKET_DATA,
+        ) {
+            Ok(packet) => {
+                muxer.stats().inc(VsockCounter::TxPacketsCount);
+                muxer.on_guest_packet(&Header::of(&packet), packet.data_slice());
             }
-            if used > 0 {
-                self.signal(vring)?;
+            Err(err) => {
+                muxer.stats().inc(VsockCounter::DroppedPackets);
+                guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
             }
-            if taken == MAX_PACKETS_PER_EVENT {
-                return Ok(true);
-            }
-            if !vring.enable_notification()? {
-                return Ok(false);
-            }
-        }
+        };
+        worker::take_posted(
+            vring,
+            mem.clone(),
+            MAX_PACKETS_PER_EVENT,
+            to_muxer,
+            |vring| self.signal(vring),
+        )
     }
 
     /// Host to guest: fills RX buffers with the packets the muxer owes,
@@ -300,9 +276,7 @@ impl VhostUserBackend for VsockBackend {
     /// A stopped queue is a reset device (or a new frontend): the guest's
     /// connections are gone with it.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(broken) = self.broken.get(queue_index as usize) {
-            broken.store(false, Ordering::Release);
-        }
+        self.broken.clear(queue_index as usize);
         if queue_index as usize == RX {
             self.muxer().reset();
         }

@@ -117,19 +117,13 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         cli.uds_path.display()
     ));
     let started = daemon.start(&mut listener);
-    let served = process.serve(&mut daemon, started);
-    backend.stop_workers();
-    log_stats(&stats);
-    served?;
-    process.announce("the frontend disconnected; exiting");
-    Ok(())
+    process.serve(&mut daemon, started, || {
+        backend.stop_workers();
+        log_stats(&stats);
+        Ok(())
+    })
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let process = Process::start("vhost-user-vsock");
-    match run(process, &cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => process.exit(failure),
-    }
+    vhost_user_common::process::main("vhost-user-vsock", run)
 }

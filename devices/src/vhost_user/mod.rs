@@ -4,6 +4,7 @@
 //! talk directly (ioeventfd and irqfd) and the VMM is out of the data path.
 
 pub mod blk;
+mod device;
 pub mod features;
 mod frontend;
 pub mod net;
@@ -11,6 +12,7 @@ mod queues;
 pub mod vsock;
 pub mod watchdog;
 
+pub use device::{DeviceModel, VhostUser, QUEUE_SIZE};
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
 pub use queues::{FrontendCounters, VhostUserQueues};
 

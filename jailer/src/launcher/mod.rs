@@ -558,8 +558,7 @@ mod tests {
 
     #[test]
     fn the_confined_launcher_keeps_few_capabilities_and_forbidden_calls_kill_it() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if !crate::test_support::runs_as_root() {
             return;
         }
         let kept = crate::privileges::mask(&KEPT_CAPABILITIES);
@@ -658,8 +657,7 @@ mod tests {
 
     #[test]
     fn backends_that_exit_leave_no_jail_and_starts_are_capped() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if !crate::test_support::runs_as_root() {
             return;
         }
         const STARTS: usize = 12;

@@ -346,8 +346,7 @@ mod tests {
     /// Runs `body` on a thread in a new, empty network namespace (the
     /// namespace is per thread), if this test runs as root.
     fn in_new_netns(body: impl FnOnce() + Send + 'static) {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root");
+        if !crate::test_support::runs_as_root() {
             return;
         }
         std::thread::spawn(move || {

@@ -2,4 +2,4 @@
 
 mod device;
 
-pub use device::VhostUserBlock;
+pub use device::{Block, VhostUserBlock};

@@ -15,17 +15,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlQueue, CtrlStats};
 use crate::vhost_user::{
-    features, DeviceKind, DeviceName, FrontendError, VhostUserDevice, VhostUserDeviceError,
-    VhostUserFrontend, VhostUserQueues,
+    features, DeviceKind, DeviceModel, DeviceName, FrontendError, VhostUser, VhostUserDeviceError,
+    VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
-use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
+use crate::virtio::{ActivateError, QueueLayout};
 
 /// The virtio device id of network devices.
 pub const VIRTIO_ID_NET: u32 = 1;
 /// mac (6), status (2), max_virtqueue_pairs (2), mtu (2).
 const CONFIG_SPACE_LEN: usize = 12;
-/// Entries per queue the guest may use.
-pub const QUEUE_SIZE: u16 = 256;
 /// VIRTIO_NET_F_CTRL_VQ: the VMM serves the control queue, never the
 /// backend.
 const CTRL_VQ: u64 = 1 << VIRTIO_NET_F_CTRL_VQ;
@@ -43,10 +41,11 @@ struct CtrlEventFds {
 }
 
 /// A virtio-net device whose queues a vhost-user backend serves.
-pub struct VhostUserNet {
-    queues: VhostUserQueues,
-    features: u64,
-    queue_sizes: Vec<u16>,
+pub type VhostUserNet = VhostUser<Net>;
+
+/// What a network device adds to its queues: the VMM's MAC and features,
+/// the queue pairs, and the control queue the VMM serves.
+pub struct Net {
     /// `guest_mac`: the VMM's word wins over the backend's, so that an
     /// external backend's guest gets the address it was configured with.
     mac: Option<[u8; 6]>,
@@ -125,45 +124,43 @@ impl VhostUserNet {
         };
         let queues = VhostUserQueues::new(device, frontend, mem, data_queues, CONFIG_SPACE_LEN)?;
         let queue_count = data_queues + usize::from(ctrl_fds.is_some());
-        Ok(Self {
-            queues,
-            features,
-            queue_sizes: vec![QUEUE_SIZE; queue_count],
+        let model = Net {
             mac,
             vmm_features,
             pairs,
             ctrl_fds,
             ctrl: None,
-        })
+        };
+        Ok(Self::with_model(queues, features, queue_count, model))
     }
 
     /// The queue pairs offered to the guest (`max_virtqueue_pairs`).
     pub fn queue_pairs(&self) -> u16 {
-        self.pairs
+        self.model.pairs
     }
 
     /// The control queue's index, its kick eventfd (to register as an
     /// ioeventfd matching that index) and its call eventfd (an irqfd);
     /// `None` with one queue pair.
     pub fn ctrl_eventfds(&self) -> Option<(u32, &EventFd, &EventFd)> {
-        let fds = self.ctrl_fds.as_ref()?;
-        Some((2 * u32::from(self.pairs), &fds.kick, &fds.call))
+        let fds = self.model.ctrl_fds.as_ref()?;
+        Some((2 * u32::from(self.model.pairs), &fds.kick, &fds.call))
     }
 
     /// What the control queue has answered since the last activation.
     pub fn ctrl_stats(&self) -> Option<CtrlStats> {
-        self.ctrl.as_ref().map(CtrlQueue::stats)
+        self.model.ctrl.as_ref().map(CtrlQueue::stats)
     }
 
     /// The guest notified the control queue: answers its commands and
     /// interrupts it if it wants. Called from the VMM's event loop.
     pub fn process_ctrl_queue(&mut self) {
-        let Some(fds) = &self.ctrl_fds else {
+        let Some(fds) = &self.model.ctrl_fds else {
             return;
         };
         // Non-blocking: a spurious wake-up reads nothing.
         let _ = fds.kick.read();
-        let Some(ctrl) = self.ctrl.as_mut() else {
+        let Some(ctrl) = self.model.ctrl.as_mut() else {
             crate::guest_log_here!(
                 log::Level::Debug,
                 "{}: control queue notified while inactive",
@@ -183,66 +180,30 @@ impl VhostUserNet {
     }
 }
 
-impl VhostUserDevice for VhostUserNet {
-    fn queues(&self) -> &VhostUserQueues {
-        &self.queues
-    }
+impl DeviceModel for Net {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
 
-    fn queues_mut(&mut self) -> &mut VhostUserQueues {
-        &mut self.queues
-    }
-
-    /// Unlike a disk, nothing waits on a network queue: the guest's frames
-    /// are simply no longer carried.
-    fn give_up(&mut self) {
-        self.queues
-            .give_up("the guest's frames are no longer carried");
-    }
-}
-
-impl VirtioDevice for VhostUserNet {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        if self.queues.is_given_up() {
-            data.fill(0);
-            return;
-        }
+    fn read_config(&mut self, queues: &mut VhostUserQueues, offset: u64, data: &mut [u8]) {
         let mac = self.mac;
         let pairs = self.pairs;
-        let result = self
-            .queues
-            .read_config(CONFIG_SPACE_LEN, offset, data, |space| {
-                if let Some(mac) = mac {
-                    space[0..6].copy_from_slice(&mac);
-                }
-                // The pairs this frontend set up, whatever the backend
-                // could serve.
-                space[8..10].copy_from_slice(&pairs.to_le_bytes());
-            });
+        let result = queues.read_config(CONFIG_SPACE_LEN, offset, data, |space| {
+            if let Some(mac) = mac {
+                space[0..6].copy_from_slice(&mac);
+            }
+            // The pairs this frontend set up, whatever the backend
+            // could serve.
+            space[8..10].copy_from_slice(&pairs.to_le_bytes());
+        });
         if let Err(err) = result {
-            self.queues.backend_failed("config read", err);
+            queues.backend_failed("config read", err);
         }
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // virtio-net's configuration space is read-only for the driver.
     }
 
     fn activate(
         &mut self,
+        queues: &mut VhostUserQueues,
         acked_features: u64,
-        queues: &[QueueLayout],
+        layouts: &[QueueLayout],
     ) -> Result<(), ActivateError> {
         let mq = acked_features & MQ != 0;
         let ctrl_vq = acked_features & CTRL_VQ != 0;
@@ -259,17 +220,17 @@ impl VirtioDevice for VhostUserNet {
                 reason: format!(
                     "{}: the driver acked VIRTIO_NET_F_CTRL_VQ without \
                      VIRTIO_NET_F_MQ; the control queue is served only at index {}",
-                    self.queues.device(),
+                    queues.device(),
                     2 * self.pairs
                 ),
             });
         }
-        let data = &queues[..queues.len().min(data_count)];
-        let ctrl = match (mq, queues.get(data_count)) {
+        let data = &layouts[..layouts.len().min(data_count)];
+        let ctrl = match (mq, layouts.get(data_count)) {
             (true, Some(layout)) => Some(
                 CtrlQueue::new(
-                    &self.queues.device().id,
-                    self.queues.mem(),
+                    &queues.device().id,
+                    queues.mem(),
                     layout,
                     QUEUE_SIZE,
                     acked_features & features::EVENT_IDX != 0,
@@ -277,7 +238,7 @@ impl VirtioDevice for VhostUserNet {
                 )
                 .map_err(|err| ActivateError::BadQueue {
                     index: data_count,
-                    reason: format!("{}: {err}", self.queues.device()),
+                    reason: format!("{}: {err}", queues.device()),
                 })?,
             ),
             (true, None) => {
@@ -285,19 +246,18 @@ impl VirtioDevice for VhostUserNet {
                     log::Level::Warn,
                     "{}: the driver negotiated MQ but queue {data_count} (control) \
                      is not ready; control commands will not be answered",
-                    self.queues.device()
+                    queues.device()
                 );
                 None
             }
             (false, _) => None,
         };
-        self.queues
-            .activate_for_guest(acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
+        queues.activate_for_guest(acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
         self.ctrl = ctrl;
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active with {} data queue(s){}",
-            self.queues.device(),
+            queues.device(),
             data.len(),
             if self.ctrl.is_some() {
                 " and the control queue"
@@ -308,8 +268,14 @@ impl VirtioDevice for VhostUserNet {
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self, queues: &mut VhostUserQueues) {
         self.ctrl = None;
-        self.queues.reset_for_guest();
+        queues.reset_for_guest();
+    }
+
+    /// Unlike a disk, nothing waits on a network queue: the guest's frames
+    /// are simply no longer carried.
+    fn give_up(&mut self, queues: &mut VhostUserQueues) {
+        queues.give_up("the guest's frames are no longer carried");
     }
 }

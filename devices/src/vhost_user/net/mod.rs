@@ -5,4 +5,4 @@ mod ctrl;
 mod device;
 
 pub use ctrl::{CtrlQueue, CtrlQueueError, CtrlStats};
-pub use device::VhostUserNet;
+pub use device::{Net, VhostUserNet};

@@ -5,10 +5,10 @@
 //! since it knows the CID, so the guest reads it even without a backend.
 
 use crate::vhost_user::{
-    features, DeviceKind, DeviceName, VhostUserDevice, VhostUserDeviceError, VhostUserFrontend,
-    VhostUserQueues,
+    features, DeviceKind, DeviceModel, DeviceName, VhostUser, VhostUserDeviceError,
+    VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
-use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
+use crate::virtio::{ActivateError, QueueLayout};
 
 /// The virtio device id of socket devices.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -16,15 +16,13 @@ pub const VIRTIO_ID_VSOCK: u32 = 19;
 const CONFIG_SPACE_LEN: usize = 8;
 /// RX, TX and event.
 const NUM_QUEUES: usize = 3;
-/// Entries per queue the guest may use.
-pub const QUEUE_SIZE: u16 = 256;
 
 /// A virtio-vsock device whose queues a vhost-user backend serves.
-pub struct VhostUserVsock {
+pub type VhostUserVsock = VhostUser<Vsock>;
+
+/// What a vsock device adds to its queues: the guest's CID.
+pub struct Vsock {
     guest_cid: u64,
-    queues: VhostUserQueues,
-    features: u64,
-    queue_sizes: Vec<u16>,
 }
 
 impl VhostUserVsock {
@@ -39,33 +37,12 @@ impl VhostUserVsock {
         let features = features::offered_to_guest(frontend.backend_features());
         let device = DeviceName::new(DeviceKind::Vsock, id);
         let queues = VhostUserQueues::new(device, frontend, mem, NUM_QUEUES, CONFIG_SPACE_LEN)?;
-        Ok(Self {
-            guest_cid,
-            queues,
-            features,
-            queue_sizes: vec![QUEUE_SIZE; NUM_QUEUES],
-        })
+        let model = Vsock { guest_cid };
+        Ok(Self::with_model(queues, features, NUM_QUEUES, model))
     }
 
     pub fn guest_cid(&self) -> u64 {
-        self.guest_cid
-    }
-}
-
-impl VhostUserDevice for VhostUserVsock {
-    fn queues(&self) -> &VhostUserQueues {
-        &self.queues
-    }
-
-    fn queues_mut(&mut self) -> &mut VhostUserQueues {
-        &mut self.queues
-    }
-
-    /// Nothing waits on the device in the VMM: the guest's connections
-    /// simply time out.
-    fn give_up(&mut self) {
-        self.queues
-            .give_up("the guest's connections are no longer carried");
+        self.model.guest_cid
     }
 }
 
@@ -83,45 +60,35 @@ fn read_cid(guest_cid: u64, offset: u64, data: &mut [u8]) {
     }
 }
 
-impl VirtioDevice for VhostUserVsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
-    }
+impl DeviceModel for Vsock {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_VSOCK;
+    /// The VMM knows the CID: the guest reads it even without a backend.
+    const CONFIG_FROM_BACKEND: bool = false;
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn features(&self) -> u64 {
-        self.features
-    }
-
-    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+    fn read_config(&mut self, _queues: &mut VhostUserQueues, offset: u64, data: &mut [u8]) {
         read_cid(self.guest_cid, offset, data);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-        // virtio-vsock's configuration space is read-only for the driver.
     }
 
     fn activate(
         &mut self,
+        queues: &mut VhostUserQueues,
         acked_features: u64,
-        queues: &[QueueLayout],
+        layouts: &[QueueLayout],
     ) -> Result<(), ActivateError> {
-        self.queues
-            .activate_for_guest(acked_features, queues, QUEUE_SIZE)?;
+        queues.activate_for_guest(acked_features, layouts, QUEUE_SIZE)?;
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active, guest CID {}",
-            self.queues.device(),
+            queues.device(),
             self.guest_cid
         );
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.queues.reset_for_guest();
+    /// Nothing waits on the device in the VMM: the guest's connections
+    /// simply time out.
+    fn give_up(&mut self, queues: &mut VhostUserQueues) {
+        queues.give_up("the guest's connections are no longer carried");
     }
 }
 

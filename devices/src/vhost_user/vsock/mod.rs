@@ -2,4 +2,4 @@
 
 mod device;
 
-pub use device::{VhostUserVsock, QUEUE_SIZE, VIRTIO_ID_VSOCK};
+pub use device::{VhostUserVsock, Vsock, VIRTIO_ID_VSOCK};
