@@ -73,9 +73,7 @@ impl Process {
     /// cleanly.
     pub fn start(name: &'static str) -> Self {
         use std::io::Write;
-        if let Err(err) = termination_signals().thread_block() {
-            eprintln!("{name}: cannot block SIGTERM: {err}");
-        }
+        let blocked = termination_signals().thread_block();
         let own_crate = name.replace('-', "_");
         env_logger::Builder::new()
             .filter_level(log::LevelFilter::Warn)
@@ -93,6 +91,9 @@ impl Process {
             })
             .parse_env(env_logger::Env::default())
             .init();
+        if let Err(err) = blocked {
+            log::warn!("cannot block SIGTERM during set-up: {err}");
+        }
         Self { name }
     }
 
