@@ -371,16 +371,7 @@ impl Env {
 
         // 6. The network namespace, then the launcher (still root, before
         // the jail's mount namespace).
-        if let Some(path) = &self.netns {
-            let file = fs::File::open(path).map_err(|source| EnvError::NetnsOpen {
-                path: path.display().to_string(),
-                source,
-            })?;
-            setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| EnvError::NetnsJoin {
-                path: path.display().to_string(),
-                errno,
-            })?;
-        }
+        self.join_netns()?;
         let dev_null = if self.daemonize {
             Some(
                 fs::OpenOptions::new()
@@ -392,36 +383,72 @@ impl Env {
         } else {
             None
         };
-        let launcher_fd: Option<OwnedFd> = match &self.backends {
-            Some(backends) => Some(
-                launcher::start(
-                    LauncherConfig {
-                        id: self.id.clone(),
-                        vm_dir: self.chroot_base.join(&self.exec_name).join(&self.id),
-                        uid: backends.uid,
-                        gid: backends.gid,
-                        blk_bin: backends.blk_bin.clone(),
-                        net_bin: backends.net_bin.clone(),
-                        vsock_bin: backends.vsock_bin.clone(),
-                        limits: self.limits.clone(),
-                        cgroups: self.cgroups.clone(),
-                        quiet: self.daemonize,
-                        last_cap: self.last_cap,
-                        taps: launcher::tap::TapPolicy {
-                            uid: self.uid,
-                            gid: self.gid,
-                            private_netns: self.netns.is_some(),
-                        },
-                        max_starts: jailer::launch::MAX_BACKEND_STARTS,
-                    },
-                    cgroups,
-                )?
-                .0,
-            ),
-            None => None,
-        };
+        let launcher_fd = self.start_launcher(cgroups)?;
 
         // 7. Mount (and pid) namespace, then into the jail.
+        let mut write_pid = self.enter_jail()?;
+
+        // 8. Directories and device nodes.
+        self.populate_jail()?;
+
+        // 9. Daemonize, drop privileges, exec.
+        if let Some(null) = dev_null {
+            self.daemonize(&null)?;
+        }
+        if !self.new_pid_ns {
+            // After daemonizing, which may have forked.
+            write_pid(std::process::id() as i32)?;
+        }
+        self.exec(launcher_fd.as_ref())
+    }
+
+    /// Joins `--netns`, if given.
+    fn join_netns(&self) -> Result<(), EnvError> {
+        let Some(path) = &self.netns else {
+            return Ok(());
+        };
+        let file = fs::File::open(path).map_err(|source| EnvError::NetnsOpen {
+            path: path.display().to_string(),
+            source,
+        })?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| EnvError::NetnsJoin {
+            path: path.display().to_string(),
+            errno,
+        })
+    }
+
+    /// With `--backend-uid` and friends: forks the backend launcher; its
+    /// end of the channel is for the VMM.
+    fn start_launcher(&self, cgroups: &mut CgroupSet) -> Result<Option<OwnedFd>, EnvError> {
+        let Some(backends) = &self.backends else {
+            return Ok(None);
+        };
+        let config = LauncherConfig {
+            id: self.id.clone(),
+            vm_dir: self.chroot_base.join(&self.exec_name).join(&self.id),
+            uid: backends.uid,
+            gid: backends.gid,
+            blk_bin: backends.blk_bin.clone(),
+            net_bin: backends.net_bin.clone(),
+            vsock_bin: backends.vsock_bin.clone(),
+            limits: self.limits.clone(),
+            cgroups: self.cgroups.clone(),
+            quiet: self.daemonize,
+            last_cap: self.last_cap,
+            taps: launcher::tap::TapPolicy {
+                uid: self.uid,
+                gid: self.gid,
+                private_netns: self.netns.is_some(),
+            },
+            max_starts: jailer::launch::MAX_BACKEND_STARTS,
+        };
+        Ok(Some(launcher::start(config, cgroups)?.0))
+    }
+
+    /// Unshares the mount (and pid) namespace and pivots into the jail;
+    /// with a new pid namespace, the jailer forks and the parent writes
+    /// the child's pid and exits. Returns what writes the pid file.
+    fn enter_jail(&self) -> Result<impl FnMut(i32) -> Result<(), EnvError>, EnvError> {
         let mut flags = CloneFlags::CLONE_NEWNS;
         if self.new_pid_ns {
             flags |= CloneFlags::CLONE_NEWPID;
@@ -435,15 +462,16 @@ impl Env {
             errno,
         })?;
         let pid_file = self.chroot_dir.join(format!("{}.pid", self.exec_name));
-        let pid_err = |source| EnvError::PidFile {
-            path: pid_file.display().to_string(),
+        let shown = pid_file.display().to_string();
+        let pid_err = move |source| EnvError::PidFile {
+            path: shown.clone(),
             source,
         };
         // Opened before the fork: the child's pivot_root moves the root of
         // every process in this mount namespace, the parent's included.
-        let mut pid_out = fs::File::create(&pid_file).map_err(pid_err)?;
-        let mut write_pid = |pid: i32| {
-            std::io::Write::write_all(&mut pid_out, pid.to_string().as_bytes()).map_err(pid_err)
+        let mut pid_out = fs::File::create(&pid_file).map_err(&pid_err)?;
+        let mut write_pid = move |pid: i32| {
+            std::io::Write::write_all(&mut pid_out, pid.to_string().as_bytes()).map_err(&pid_err)
         };
         if self.new_pid_ns {
             // SAFETY: the jailer is single-threaded, so the child may
@@ -460,9 +488,12 @@ impl Env {
             }
         }
         chroot::pivot_into(&self.chroot_dir)?;
+        Ok(write_pid)
+    }
 
-        // 8. Directories and device nodes: the jail is root's, but for the
-        // nodes and /run (its sockets), as with Firecracker.
+    /// The jail's directories and device nodes: the jail is root's, but for
+    /// the nodes and /run (its sockets), as with Firecracker.
+    fn populate_jail(&self) -> Result<(), EnvError> {
         for dir in ["/", "/dev", "/dev/net"] {
             chroot::root_dir(Path::new(dir))?;
         }
@@ -476,15 +507,12 @@ impl Env {
                 Err(err) => return Err(err.into()),
             }
         }
+        Ok(())
+    }
 
-        // 9. Daemonize, drop privileges, exec.
-        if let Some(null) = dev_null {
-            self.daemonize(&null)?;
-        }
-        if !self.new_pid_ns {
-            // After daemonizing, which may have forked.
-            write_pid(std::process::id() as i32)?;
-        }
+    /// Drops to `--uid`/`--gid` and execs the jailed binary with the
+    /// jailer's timing flags, the launcher's channel and `exec_args`.
+    fn exec(&self, launcher_fd: Option<&OwnedFd>) -> Result<Infallible, EnvError> {
         let mut args: Vec<String> = vec![
             format!("/{}", self.exec_name),
             "--id".into(),
@@ -500,7 +528,7 @@ impl Env {
                 .saturating_sub(self.start_time_cpu_us)
                 .to_string(),
         ];
-        if let Some(fd) = &launcher_fd {
+        if let Some(fd) = launcher_fd {
             args.push("--backend-launcher-fd".into());
             args.push(fd.as_raw_fd().to_string());
         }

@@ -296,9 +296,11 @@ impl BlockBackend {
                 self.recover(region, completer.queue_index(position), vring, mem)?;
             }
         }
-        let mut done: Vec<Done> = Vec::new();
-        let mut completed = vec![false; vrings.len()];
-        let mut taken = 0;
+        let mut batch = Batch {
+            taken: 0,
+            completed: vec![false; vrings.len()],
+            done: Vec::new(),
+        };
         loop {
             if event_idx {
                 for &(position, vring) in &live {
@@ -309,7 +311,7 @@ impl BlockBackend {
             }
             let mut completed_any = false;
             loop {
-                completed.fill(false);
+                batch.completed.fill(false);
                 // The frontend may have added memory while this worker was
                 // busy (or preempted) and then posted requests that use it.
                 let latest = self.mem.memory().into_inner();
@@ -317,81 +319,27 @@ impl BlockBackend {
                     replaced.push(std::mem::replace(mem, latest));
                 }
                 for &(position, vring) in &live {
-                    let queue = completer.queue_index(position);
-                    while engine.has_room() && taken < MAX_TAKEN_PER_EVENT {
-                        taken += 1;
-                        let chain = match self.next_resubmitted(queue, vring, mem) {
-                            Some(chain) => chain,
-                            None => {
-                                let chain =
-                                    ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
-                                        .map_err(|source| WorkerError::Broken { queue, source })?;
-                                let Some(chain) = chain else { break };
-                                completer.taken(position, chain.head_index());
-                                chain
-                            }
-                        };
-                        let head = chain.head_index();
-                        let descriptors = ring::descriptors_up_to(chain, request::MAX_DESCRIPTORS);
-                        let plan =
-                            request::plan(&descriptors, mem, &self.disk, &self.config.serial);
-                        let (status, work, op) = match plan {
-                            Plan::Done(completion) => {
-                                completer.complete(position, head, completion)?;
-                                completed[position] = true;
-                                continue;
-                            }
-                            Plan::Io { io, status } => (status, io.work(), Op::Io(io)),
-                            Plan::Flush { status } => (status, Work::Flush, Op::Flush),
-                        };
-                        let ticket = Ticket {
-                            position,
-                            head,
-                            status,
-                            work,
-                        };
-                        // The synchronous engine (or a failed submission)
-                        // finishes at once.
-                        if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
-                            let completion =
-                                request::finish(mem, ticket.status, ticket.work, result);
-                            completer.complete(position, ticket.head, completion)?;
-                            completed[position] = true;
-                        }
-                    }
+                    self.take_requests(&completer, &mut batch, position, vring, engine, mem)?;
                 }
+                let idle = !batch.completed.contains(&true);
                 engine
-                    .reap(&self.disk, !completed.contains(&true), &mut done)
+                    .reap(&self.disk, idle, &mut batch.done)
                     .map_err(|source| WorkerError::Engine { thread, source })?;
-                for (ticket, result) in done.drain(..) {
+                for (ticket, result) in batch.done.drain(..) {
                     let completion = request::finish(mem, ticket.status, ticket.work, result);
                     completer.complete(ticket.position, ticket.head, completion)?;
-                    if let Some(flag) = completed.get_mut(ticket.position) {
+                    if let Some(flag) = batch.completed.get_mut(ticket.position) {
                         *flag = true;
                     }
                 }
-                if completed.contains(&true) {
+                if batch.completed.contains(&true) {
                     completed_any = true;
-                    for &(position, vring) in &live {
-                        if !completed[position] {
-                            continue;
-                        }
-                        let notify = !event_idx
-                            || vring.needs_notification().map_err(queue_error(position))?;
-                        if notify {
-                            vring
-                                .signal_used_queue()
-                                .map_err(|source| WorkerError::Signal {
-                                    queue: completer.queue_index(position),
-                                    source,
-                                })?;
-                        }
-                    }
+                    signal_completed(&completer, &live, &batch.completed, event_idx)?;
                 } else if engine.in_flight() == 0 {
                     break;
                 }
             }
-            if taken >= MAX_TAKEN_PER_EVENT {
+            if batch.taken >= MAX_TAKEN_PER_EVENT {
                 for &(_, vring) in &live {
                     if let Some(kick) = vring.get_ref().get_kick() {
                         ring::kick_again(kick);
@@ -414,6 +362,61 @@ impl BlockBackend {
                 return Ok(());
             }
         }
+    }
+
+    /// Takes the requests posted on the vring at `position` while the
+    /// engine has room and the event's budget lasts: those that need no
+    /// I/O (or whose I/O the engine did in place) complete at once, the
+    /// others are started.
+    fn take_requests(
+        &self,
+        completer: &Completer,
+        batch: &mut Batch,
+        position: usize,
+        vring: &VringRwLock,
+        engine: &mut Engine,
+        mem: &Arc<GuestMemoryMmap>,
+    ) -> Result<(), WorkerError> {
+        let queue = completer.queue_index(position);
+        while engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT {
+            batch.taken += 1;
+            let chain = match self.next_resubmitted(queue, vring, mem) {
+                Some(chain) => chain,
+                None => {
+                    let chain = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())
+                        .map_err(|source| WorkerError::Broken { queue, source })?;
+                    let Some(chain) = chain else { break };
+                    completer.taken(position, chain.head_index());
+                    chain
+                }
+            };
+            let head = chain.head_index();
+            let descriptors = ring::descriptors_up_to(chain, request::MAX_DESCRIPTORS);
+            let plan = request::plan(&descriptors, mem, &self.disk, &self.config.serial);
+            let (status, work, op) = match plan {
+                Plan::Done(completion) => {
+                    completer.complete(position, head, completion)?;
+                    batch.completed[position] = true;
+                    continue;
+                }
+                Plan::Io { io, status } => (status, io.work(), Op::Io(io)),
+                Plan::Flush { status } => (status, Work::Flush, Op::Flush),
+            };
+            let ticket = Ticket {
+                position,
+                head,
+                status,
+                work,
+            };
+            // The synchronous engine (or a failed submission) finishes at
+            // once.
+            if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
+                let completion = request::finish(mem, ticket.status, ticket.work, result);
+                completer.complete(position, ticket.head, completion)?;
+                batch.completed[position] = true;
+            }
+        }
+        Ok(())
     }
 
     /// Once after the frontend set a region in which an earlier backend
@@ -499,6 +502,42 @@ impl BlockBackend {
         }
         false
     }
+}
+
+/// One event's progress on a worker's queues.
+struct Batch {
+    /// Requests taken from the rings (at most [`MAX_TAKEN_PER_EVENT`]).
+    taken: usize,
+    /// Per vring position: requests completed in this round.
+    completed: Vec<bool>,
+    /// The engine's finished I/O, to complete.
+    done: Vec<Done>,
+}
+
+/// Signals each live queue that completed requests this round, unless the
+/// driver said (EVENT_IDX) it need not be.
+fn signal_completed(
+    completer: &Completer,
+    live: &[(usize, &VringRwLock)],
+    completed: &[bool],
+    event_idx: bool,
+) -> Result<(), WorkerError> {
+    for &(position, vring) in live {
+        if !completed[position] {
+            continue;
+        }
+        let queue = completer.queue_index(position);
+        let notify = !event_idx
+            || vring
+                .needs_notification()
+                .map_err(|source| WorkerError::Queue { queue, source })?;
+        if notify {
+            vring
+                .signal_used_queue()
+                .map_err(|source| WorkerError::Signal { queue, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// Where one worker's requests are completed: its vrings (by position),

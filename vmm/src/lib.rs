@@ -18,9 +18,11 @@ pub mod metrics;
 pub mod output_file;
 pub mod resources;
 pub mod rpc_interface;
+pub mod runtime;
 pub mod vstate;
 
-pub use builder::{build_microvm, BootOptions, RuntimeError, StartMicrovmError, Vmm};
+pub use builder::{build_microvm, BootOptions, StartMicrovmError};
+pub use runtime::{RuntimeError, Vmm};
 
 /// Process exit codes, the same values Firecracker uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

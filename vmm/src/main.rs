@@ -2,7 +2,7 @@
 //! API socket, builds the microVM (from `--config-file` at once, or on the
 //! API's `InstanceStart`) and runs it until the guest ends.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,54 +105,16 @@ fn main() {
     // Boot time is measured from here, as close to process start as we get.
     let start_wall = Instant::now();
     let start_cpu = devices::pseudo::process_cpu_time();
-
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => err.exit(),
-        Err(err) => {
-            let _ = err.print();
-            process::exit(ExitCode::ArgParsing as i32);
-        }
-    };
+    let cli = parse_cli();
     if let Some(binary) = cli.backend_starter {
         process::exit(vmm::device_manager::backend_starter::run(
             binary,
             cli.no_seccomp,
         ));
     }
-    // Under the jailer, boot time counts from the jailer's start, as with
-    // Firecracker (--start-time-us is CLOCK_MONOTONIC, like Instant).
-    let start_wall = cli
-        .start_time_us
-        .and_then(|us| {
-            let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
-            let now_us = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000;
-            start_wall.checked_sub(Duration::from_micros(now_us.checked_sub(us)?))
-        })
-        .unwrap_or(start_wall);
-    let level =
-        logger::parse_level(&cli.level).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
-    if let Err(err) = logger::init(&cli.id, level, cli.log_path.as_deref()) {
-        fail(ExitCode::ArgParsing, err);
-    }
-    if let Some(path) = &cli.metrics_path {
-        metrics::configure(path).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
-    }
-
-    let mut resources = match &cli.config_file {
-        Some(path) => VmResources::from_file(path).unwrap_or_else(|err| {
-            fail(
-                ExitCode::BadConfiguration,
-                format_args!("{}: {err}", path.display()),
-            )
-        }),
-        None if cli.no_api => fail(ExitCode::ArgParsing, "--no-api needs --config-file FILE"),
-        None => VmResources::default(),
-    };
-    if let Err(err) = apply_observability(&resources) {
-        fail(ExitCode::BadConfiguration, err);
-    }
-
+    let start_wall = jailer_start(cli.start_time_us).unwrap_or(start_wall);
+    start_logging(&cli);
+    let mut resources = initial_resources(&cli);
     let seccomp = Arc::new(
         tessera_seccomp::load(
             SECCOMP_FILTERS,
@@ -162,71 +124,10 @@ fn main() {
         )
         .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err)),
     );
-
-    let api = (!cli.no_api).then(|| {
-        let sock = cli
-            .api_sock
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
-        let (endpoint, channel) =
-            ApiEndpoint::new().unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
-        ApiServer::bind(&sock, cli.http_api_max_payload_size, channel)
-            .and_then(|server| {
-                let filters = seccomp.clone();
-                server.spawn(move || filters.apply("api").map_err(|err| err.to_string()))
-            })
-            .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
-        let m = metrics();
-        m.startup_time_us
-            .store(start_wall.elapsed().as_micros() as u64, Ordering::Relaxed);
-        m.startup_time_cpu_us.store(
-            devices::pseudo::process_cpu_time()
-                .saturating_sub(start_cpu)
-                .as_micros() as u64,
-            Ordering::Relaxed,
-        );
-        log::info!("API socket {} is ready", sock.display());
-        (endpoint, sock)
-    });
-    let sock_dir = api
-        .as_ref()
-        .and_then(|(_, sock)| sock.parent())
-        .filter(|dir| !dir.as_os_str().is_empty())
-        .map(|dir| dir.to_path_buf());
-
-    let backend_launcher = cli.backend_launcher_fd.map(|fd| {
-        Arc::new(jailer::launch::LaunchChannel::new(
-            fd.take().unwrap_or_else(|err| {
-                fail(
-                    ExitCode::ArgParsing,
-                    format_args!("--backend-launcher-fd {fd}: {err}"),
-                )
-            }),
-        ))
-    });
-    // A jailed VMM has no /tmp, but it can create sockets where its API
-    // socket is, or in the /run the jailer made for it.
-    let backend_run_dir = match (&backend_launcher, sock_dir) {
-        (Some(_), Some(dir)) => dir,
-        (Some(_), None) => PathBuf::from("/run"),
-        (None, _) => std::env::temp_dir(),
-    };
-    let options = BootOptions {
-        boot_timer: cli.boot_timer,
-        serial_out: cli.serial_out,
-        vhost_user_blk_bin: cli.vhost_user_blk_bin,
-        vhost_user_net_bin: cli.vhost_user_net_bin,
-        vhost_user_vsock_bin: cli.vhost_user_vsock_bin,
-        start_wall,
-        start_cpu,
-        seccomp,
-        backend_launcher,
-        backend_run_dir,
-    };
-    let (endpoint, sock) = match api {
-        Some((endpoint, sock)) => (Some(endpoint), Some(sock)),
-        None => (None, None),
-    };
+    let api = (!cli.no_api).then(|| start_api(&cli, &seccomp, start_wall, start_cpu));
+    let sock = api.as_ref().map(|(_, sock)| sock.clone());
+    let options = boot_options(&cli, sock.as_deref(), seccomp, start_wall, start_cpu);
+    let endpoint = api.map(|(endpoint, _)| endpoint);
     let mut vmm = match (&cli.config_file, &endpoint) {
         // With the API and no configuration file, configure through the API.
         (None, Some(endpoint)) => run_preboot(endpoint, &mut resources, &options, &cli.id)
@@ -238,7 +139,6 @@ fn main() {
             )
         }),
     };
-
     let mut runtime = RuntimeWork::attach(&mut vmm, endpoint, &cli.id)
         .unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
     let code = vmm.run(|vmm| runtime.run(vmm));
@@ -251,4 +151,132 @@ fn main() {
     }
     log::info!("tessera exiting with status {}", code as i32);
     process::exit(code as i32);
+}
+
+/// The command line, or the process ends with Firecracker's status for a
+/// bad one (`--help` and `--version` end it with 0).
+fn parse_cli() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            let _ = err.print();
+            process::exit(ExitCode::ArgParsing as i32);
+        }
+    }
+}
+
+/// Under the jailer, boot time counts from the jailer's start, as with
+/// Firecracker (`--start-time-us` is CLOCK_MONOTONIC, like `Instant`).
+fn jailer_start(start_time_us: Option<u64>) -> Option<Instant> {
+    let us = start_time_us?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    let now_us = now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000;
+    Instant::now().checked_sub(Duration::from_micros(now_us.checked_sub(us)?))
+}
+
+/// The log (`--level`, `--log-path`) and metrics (`--metrics-path`).
+fn start_logging(cli: &Cli) {
+    let level =
+        logger::parse_level(&cli.level).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
+    if let Err(err) = logger::init(&cli.id, level, cli.log_path.as_deref()) {
+        fail(ExitCode::ArgParsing, err);
+    }
+    if let Some(path) = &cli.metrics_path {
+        metrics::configure(path).unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
+    }
+}
+
+/// The configuration file's resources (its logger and metrics applied), or
+/// none yet for the API to fill.
+fn initial_resources(cli: &Cli) -> VmResources {
+    let resources = match &cli.config_file {
+        Some(path) => VmResources::from_file(path).unwrap_or_else(|err| {
+            fail(
+                ExitCode::BadConfiguration,
+                format_args!("{}: {err}", path.display()),
+            )
+        }),
+        None if cli.no_api => fail(ExitCode::ArgParsing, "--no-api needs --config-file FILE"),
+        None => VmResources::default(),
+    };
+    if let Err(err) = apply_observability(&resources) {
+        fail(ExitCode::BadConfiguration, err);
+    }
+    resources
+}
+
+/// Binds the API socket and starts its thread (under the "api" filter);
+/// records the start-up time metrics once it answers.
+fn start_api(
+    cli: &Cli,
+    seccomp: &Arc<tessera_seccomp::Filters>,
+    start_wall: Instant,
+    start_cpu: Duration,
+) -> (ApiEndpoint, PathBuf) {
+    let sock = cli
+        .api_sock
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+    let (endpoint, channel) =
+        ApiEndpoint::new().unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
+    ApiServer::bind(&sock, cli.http_api_max_payload_size, channel)
+        .and_then(|server| {
+            let filters = seccomp.clone();
+            server.spawn(move || filters.apply("api").map_err(|err| err.to_string()))
+        })
+        .unwrap_or_else(|err| fail(ExitCode::ArgParsing, err));
+    let m = metrics();
+    m.startup_time_us
+        .store(start_wall.elapsed().as_micros() as u64, Ordering::Relaxed);
+    m.startup_time_cpu_us.store(
+        devices::pseudo::process_cpu_time()
+            .saturating_sub(start_cpu)
+            .as_micros() as u64,
+        Ordering::Relaxed,
+    );
+    log::info!("API socket {} is ready", sock.display());
+    (endpoint, sock)
+}
+
+/// What building the microVM needs beyond its resources.
+fn boot_options(
+    cli: &Cli,
+    api_sock: Option<&Path>,
+    seccomp: Arc<tessera_seccomp::Filters>,
+    start_wall: Instant,
+    start_cpu: Duration,
+) -> BootOptions {
+    let backend_launcher = cli.backend_launcher_fd.map(|fd| {
+        Arc::new(jailer::launch::LaunchChannel::new(
+            fd.take().unwrap_or_else(|err| {
+                fail(
+                    ExitCode::ArgParsing,
+                    format_args!("--backend-launcher-fd {fd}: {err}"),
+                )
+            }),
+        ))
+    });
+    let sock_dir = api_sock
+        .and_then(Path::parent)
+        .filter(|dir| !dir.as_os_str().is_empty());
+    // A jailed VMM has no /tmp, but it can create sockets where its API
+    // socket is, or in the /run the jailer made for it.
+    let backend_run_dir = match (&backend_launcher, sock_dir) {
+        (Some(_), Some(dir)) => dir.to_path_buf(),
+        (Some(_), None) => PathBuf::from("/run"),
+        (None, _) => std::env::temp_dir(),
+    };
+    BootOptions {
+        boot_timer: cli.boot_timer,
+        serial_out: cli.serial_out.clone(),
+        vhost_user_blk_bin: cli.vhost_user_blk_bin.clone(),
+        vhost_user_net_bin: cli.vhost_user_net_bin.clone(),
+        vhost_user_vsock_bin: cli.vhost_user_vsock_bin.clone(),
+        start_wall,
+        start_cpu,
+        seccomp,
+        backend_launcher,
+        backend_run_dir,
+    }
 }

@@ -19,10 +19,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::builder::{build_microvm, BootOptions, Vmm};
+use crate::builder::{build_microvm, BootOptions};
 use crate::logger;
 use crate::metrics::{self, metrics, RequestCounters, FLUSH_INTERVAL_SECS};
 use crate::resources::VmResources;
+use crate::runtime::Vmm;
 
 type Outcome = Result<VmmData, ActionError>;
 

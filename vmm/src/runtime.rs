@@ -1,0 +1,313 @@
+//! The running microVM: its vCPUs, devices and event loop, and what the
+//! API does to it after boot (pause, resume, a drive's new file,
+//! Ctrl+Alt+Del, the per-device metrics).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use api_server::config::BlockDeviceUpdate;
+use devices::legacy::i8042::{I8042Error, I8042};
+use devices::legacy::serial::SerialDevice;
+use devices::vhost_user::VhostUserDevice;
+use devices::virtio::MmioTransport;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use nix::sys::stat::SFlag;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::device_manager::{self, BackendSpawner};
+use crate::exit_handler::ExitHandler;
+use crate::metrics::DeviceCounters;
+use crate::resources::VmResources;
+use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
+use crate::vstate::vm::Vm;
+use crate::ExitCode;
+
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// How long a vCPU may take to acknowledge a pause or resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors controlling a running microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the microVM is already {0}")]
+    AlreadyInState(&'static str),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    I8042(#[from] I8042Error),
+    #[error(transparent)]
+    Resources(#[from] crate::resources::ResourcesError),
+    #[error("drive {id}: cannot open {path}: {source}")]
+    OpenDisk {
+        id: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("drive {id}: {path} is not a regular file or a block device")]
+    NotADisk { id: String, path: String },
+    #[error("drive {0}: its device was given up; it takes no new file")]
+    DriveGivenUp(String),
+}
+
+/// A running microVM. Its vCPUs are stopped before the guest memory and
+/// the VM go (see the `Drop` impl).
+pub struct Vmm {
+    // Guest memory must outlive the VM's memory slots and the vCPU threads.
+    pub(crate) _guest_memory: GuestMemoryMmap,
+    pub(crate) _vm: Vm,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) devices: Devices,
+    pub(crate) resources: VmResources,
+    pub(crate) paused: bool,
+    pub(crate) event_manager: EventManager<Subscriber>,
+    pub(crate) exit_handler: Arc<Mutex<ExitHandler>>,
+    pub(crate) _terminal: Option<TerminalGuard>,
+}
+
+/// The vhost-user devices of a microVM.
+pub(crate) struct Devices {
+    pub(crate) block: Vec<device_manager::BlockTransport>,
+    /// Starts the drives' backends (kept for a drive's new file).
+    pub(crate) block_spawner: Option<BackendSpawner>,
+    pub(crate) net: Vec<device_manager::NetTransport>,
+    pub(crate) vsock: Option<device_manager::VsockTransport>,
+}
+
+impl Vmm {
+    /// Runs the event loop until the guest ends and returns the exit code.
+    /// `after_events` runs after every batch of events, with the VMM at
+    /// hand: the API and periodic work hook in there.
+    pub fn run(&mut self, mut after_events: impl FnMut(&mut Vmm)) -> ExitCode {
+        loop {
+            if let Err(err) = self.event_manager.run() {
+                log::error!("the event loop failed: {err:?}");
+                return ExitCode::GenericError;
+            }
+            let code = self
+                .exit_handler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .exit_code();
+            if let Some(code) = code {
+                self.stop_vcpus();
+                return code;
+            }
+            after_events(self);
+        }
+    }
+
+    /// Takes every vCPU out of the guest for good and joins its thread.
+    fn stop_vcpus(&mut self) {
+        for vcpu in self.vcpus.drain(..) {
+            if let Err(err) = vcpu.stop(VCPU_ACK_TIMEOUT) {
+                log::error!("{err}");
+            }
+        }
+    }
+
+    /// Adds an event-loop subscriber.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.event_manager.add_subscriber(subscriber);
+    }
+
+    /// The resources the microVM was built from.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU; it returns once all of them are out of the guest.
+    pub fn pause(&mut self) -> Result<(), RuntimeError> {
+        if self.paused {
+            return Err(RuntimeError::AlreadyInState("paused"));
+        }
+        for vcpu in &self.vcpus {
+            vcpu.request(VcpuEvent::Pause, VCPU_ACK_TIMEOUT)?;
+        }
+        self.paused = true;
+        log::info!("the microVM is paused");
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&mut self) -> Result<(), RuntimeError> {
+        if !self.paused {
+            return Err(RuntimeError::AlreadyInState("running"));
+        }
+        for vcpu in &self.vcpus {
+            vcpu.request(VcpuEvent::Resume, VCPU_ACK_TIMEOUT)?;
+        }
+        self.paused = false;
+        log::info!("the microVM is resumed");
+        Ok(())
+    }
+
+    /// `PATCH /drives/{id}` on the running microVM. A new `path_on_host`
+    /// is opened here (inside the VMM's jail, if jailed), becomes the disk
+    /// the drive's backends get, and the current backend is hung up on: the
+    /// backend monitor brings in a new one on the new file, which takes
+    /// over the queues (requests in flight included) and, if the capacity
+    /// changed, the guest gets a configuration change interrupt, as with
+    /// Firecracker.
+    pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), RuntimeError> {
+        let Some(path) = self.resources.check_running_drive_update(update)? else {
+            return Ok(());
+        };
+        let id = &update.drive_id;
+        let read_only = self
+            .resources
+            .drives
+            .iter()
+            .find(|d| &d.drive_id == id)
+            .and_then(|d| d.is_read_only)
+            .unwrap_or(false);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| RuntimeError::OpenDisk {
+                id: id.clone(),
+                path: path.to_string(),
+                source,
+            })?;
+        let kind = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&file))
+            .map(|stat| SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits()))
+            .map_err(|errno| RuntimeError::OpenDisk {
+                id: id.clone(),
+                path: path.to_string(),
+                source: errno.into(),
+            })?;
+        if kind != SFlag::S_IFREG && kind != SFlag::S_IFBLK {
+            return Err(RuntimeError::NotADisk {
+                id: id.clone(),
+                path: path.to_string(),
+            });
+        }
+        let transport = self
+            .devices
+            .block
+            .iter()
+            .find(|t| lock(t).device().id() == id)
+            .ok_or_else(|| crate::resources::ResourcesError::UnknownDrive(id.clone()))?;
+        let transport = lock(transport);
+        if transport.device().is_given_up() {
+            return Err(RuntimeError::DriveGivenUp(id.clone()));
+        }
+        if let Some(spawner) = &self.devices.block_spawner {
+            spawner.replace_disk(id, file);
+        }
+        transport.device().queues().hang_up();
+        drop(transport);
+        self.resources.set_running_drive_path(id, path);
+        log::info!("drive {id}: now backed by {path}; replacing its backend");
+        Ok(())
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), RuntimeError> {
+        lock(&self.i8042).send_ctrl_alt_del()?;
+        Ok(())
+    }
+
+    /// Per-device metrics for a flush.
+    pub fn device_metrics(&self) -> DeviceCounters {
+        let c = lock(&self.i8042).counters();
+        let mut counters = vec![
+            (
+                "i8042".to_string(),
+                serde_json::json!({
+                    "reset_count": c.reset_count,
+                    "read_count": c.read_count,
+                    "write_count": c.write_count,
+                    "missed_read_count": c.missed_read_count,
+                    "missed_write_count": c.missed_write_count,
+                }),
+            ),
+            (
+                "uart".to_string(),
+                serde_json::json!({"missed_write_count": lock(&self.serial).missed_writes()}),
+            ),
+        ];
+        for transport in &self.devices.block {
+            let transport = lock(transport);
+            let key = format!("block_{}", transport.device().id());
+            counters.push((key, vhost_user_metrics(&transport)));
+        }
+        for transport in &self.devices.net {
+            let transport = lock(transport);
+            let key = format!("net_{}", transport.device().id());
+            counters.push((key, vhost_user_metrics(&transport)));
+        }
+        if let Some(transport) = &self.devices.vsock {
+            counters.push(("vsock".to_string(), vhost_user_metrics(&lock(transport))));
+        }
+        counters
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop_vcpus();
+    }
+}
+
+/// One vhost-user device's metrics: the transport's and the frontend's
+/// counters, and those its backends keep in the stats page.
+fn vhost_user_metrics<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
+    let queues = transport.device().queues();
+    let c = queues.counters();
+    let mut metrics = serde_json::json!({
+        "invalid_mmio_accesses": transport.invalid_accesses(),
+        "activate_fails": c.activate_fails,
+        "cfg_fails": c.cfg_fails,
+        "activate_time_us": c.activate_time_us,
+        "backend_lost_count": c.backend_lost_count,
+        "backend_reconnect_count": c.backend_reconnect_count,
+    });
+    if let serde_json::Value::Object(map) = &mut metrics {
+        for (key, delta) in queues.backend_counters() {
+            map.insert(key.to_string(), delta.into());
+        }
+    }
+    metrics
+}
+
+fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Puts the host terminal in raw mode for the guest console and restores
+/// canonical mode when the VMM ends.
+pub(crate) struct TerminalGuard;
+
+impl TerminalGuard {
+    pub(crate) fn raw_stdin() -> Option<Self> {
+        let stdin = io::stdin();
+        if !std::io::IsTerminal::is_terminal(&stdin) {
+            return None;
+        }
+        if let Err(err) = stdin.lock().set_raw_mode() {
+            log::warn!("cannot put the terminal in raw mode: {err}");
+            return None;
+        }
+        Some(Self)
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Err(err) = io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot restore the terminal: {err}");
+        }
+    }
+}
