@@ -1,6 +1,6 @@
 //! The typed actions the API asks of the VMM, and their outcomes.
 
-use crate::config::{
+use vmm_config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, InstanceInfo, LoggerConfig,
     MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
     NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,

@@ -1,8 +1,9 @@
 //! Tessera's REST API: HTTP/1.1 over a Unix socket, wire-compatible with
 //! Firecracker's API (same paths, bodies, status codes and error body).
 //!
-//! - [`config`]: the configuration schema shared by the API and the
-//!   `--config-file` JSON, one resource per file.
+//! The configuration schema it parses bodies into (shared with the VMM's
+//! `--config-file`) is the `vmm-config` crate.
+//!
 //! - [`request`]: routes a request (one `match` on method and path) and
 //!   parses its body into a typed [`VmmAction`].
 //! - [`server`]: the API thread; it hands each action to the VMM thread and
@@ -11,7 +12,6 @@
 //! `openapi.yaml` beside this crate documents the API.
 
 pub mod action;
-pub mod config;
 pub mod request;
 pub mod server;
 

@@ -396,7 +396,7 @@ fn attach_vhost_user_devices(
 fn create_vcpus(
     kvm: &Kvm,
     vm: &Vm,
-    machine: &api_server::config::MachineConfig,
+    machine: &vmm_config::MachineConfig,
     (pio_bus, mmio_bus): (Arc<devices::Bus>, Arc<devices::Bus>),
     entry: regs::EntryPoint,
 ) -> Result<Vec<Vcpu>, StartMicrovmError> {

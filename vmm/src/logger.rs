@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use api_server::config::{LoggerConfig, LoggerLevel};
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use vmm_config::{LoggerConfig, LoggerLevel};
 
 use crate::metrics::metrics;
 use crate::output_file::{open_nonblocking_append, write_or_drop, WriteOutcome};

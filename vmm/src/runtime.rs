@@ -6,7 +6,6 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api_server::config::BlockDeviceUpdate;
 use devices::legacy::i8042::{I8042Error, I8042};
 use devices::legacy::serial::SerialDevice;
 use devices::vhost_user::VhostUserDevice;
@@ -14,6 +13,7 @@ use devices::virtio::MmioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
 use vm_memory::GuestMemoryMmap;
+use vmm_config::BlockDeviceUpdate;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::device_manager::{self, BackendSpawner};

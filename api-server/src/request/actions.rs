@@ -2,7 +2,7 @@
 
 use super::{Body, RequestError};
 use crate::action::VmmAction;
-use crate::config::{ActionType, InstanceActionInfo};
+use vmm_config::{ActionType, InstanceActionInfo};
 
 pub(super) fn parse_put(body: &Body) -> Result<VmmAction, RequestError> {
     let info: InstanceActionInfo = body.json()?;

@@ -2,7 +2,7 @@
 
 use super::{check_ids, Body, RequestError};
 use crate::action::VmmAction;
-use crate::config::{BlockDeviceConfig, BlockDeviceUpdate};
+use vmm_config::{BlockDeviceConfig, BlockDeviceUpdate};
 
 pub(super) fn parse_put(id: &str, body: &Body) -> Result<VmmAction, RequestError> {
     let drive: BlockDeviceConfig = body.json()?;

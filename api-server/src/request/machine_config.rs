@@ -2,7 +2,7 @@
 
 use super::{Body, RequestError};
 use crate::action::VmmAction;
-use crate::config::{MachineConfig, MachineConfigUpdate};
+use vmm_config::{MachineConfig, MachineConfigUpdate};
 
 pub(super) fn parse_put(body: &Body) -> Result<VmmAction, RequestError> {
     Ok(VmmAction::PutMachineConfig(body.json::<MachineConfig>()?))

@@ -106,7 +106,7 @@ impl Body<'_> {
 
 /// Checks a path id and that the body names the same resource.
 pub(crate) fn check_ids(path_id: &str, body_id: &str) -> Result<(), RequestError> {
-    if !crate::config::is_valid_id(path_id) {
+    if !vmm_config::is_valid_id(path_id) {
         return Err(RequestError::InvalidId(path_id.to_string()));
     }
     if path_id != body_id {

@@ -2,7 +2,7 @@
 
 use super::{check_ids, Body, RequestError};
 use crate::action::VmmAction;
-use crate::config::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
+use vmm_config::{NetworkInterfaceConfig, NetworkInterfaceUpdate};
 
 pub(super) fn parse_put(id: &str, body: &Body) -> Result<VmmAction, RequestError> {
     let iface: NetworkInterfaceConfig = body.json()?;

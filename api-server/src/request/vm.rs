@@ -2,7 +2,7 @@
 
 use super::{Body, RequestError};
 use crate::action::VmmAction;
-use crate::config::{RequestedVmState, VmStateRequest};
+use vmm_config::{RequestedVmState, VmStateRequest};
 
 pub(super) fn parse_patch(body: &Body) -> Result<VmmAction, RequestError> {
     let request: VmStateRequest = body.json()?;

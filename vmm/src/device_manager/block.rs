@@ -5,13 +5,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use api_server::config::BlockDeviceConfig;
 use devices::vhost_user::blk::VhostUserBlock;
 use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
+use vmm_config::BlockDeviceConfig;
 
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::Connector;

@@ -11,7 +11,6 @@
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
-use api_server::config::{parse_mac, NetworkInterfaceConfig};
 use devices::vhost_user::net::VhostUserNet;
 use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
 use devices::virtio::MmioTransport;
@@ -19,6 +18,7 @@ use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
+use vmm_config::{parse_mac, NetworkInterfaceConfig};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend_process::{BackendSpawner, BackendTarget};

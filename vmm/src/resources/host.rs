@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use api_server::config::{HugePageConfig, MachineConfig};
+use vmm_config::{HugePageConfig, MachineConfig};
 
 /// Where the kernel counts free 2 MiB huge pages.
 const FREE_2M_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
@@ -77,7 +77,7 @@ mod tests {
     #[test]
     fn memory_beyond_the_host_is_refused() {
         let config = MachineConfig {
-            mem_size_mib: api_server::config::MAX_MEM_SIZE_MIB,
+            mem_size_mib: vmm_config::MAX_MEM_SIZE_MIB,
             ..Default::default()
         };
         let err = check_machine_config(&config).unwrap_err().to_string();

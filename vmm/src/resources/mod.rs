@@ -1,6 +1,6 @@
 //! The VM's configuration, in Firecracker's `--config-file` JSON schema.
 //!
-//! The resource types (one file each) live in `api_server::config`, shared
+//! The resource types (one file each) live in the `vmm-config` crate, shared
 //! with the REST API; [`VmResources`] holds them until the VM is built, and
 //! every change, from a file or from the API, goes through its methods.
 
@@ -14,12 +14,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use api_server::config::{
+pub use vmm_config::{
     BlockDeviceConfig, BootSourceConfig, HugePageConfig, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, SerialConfig,
     DEFAULT_KERNEL_CMDLINE, MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
 };
-use api_server::config::{
+use vmm_config::{
     BlockDeviceUpdate, BootSourceError, DriveError, MachineConfigError, NetError,
     NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
 };
@@ -63,7 +63,7 @@ pub enum ResourcesError {
         other: String,
     },
     #[error(transparent)]
-    Serial(#[from] api_server::config::SerialError),
+    Serial(#[from] vmm_config::SerialError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use api_server::config::NetworkInterfaceConfig;
+use vmm_config::NetworkInterfaceConfig;
 
 /// Where the kernel lists network devices; TAPs have a `tun_flags` file.
 const SYSFS_NET: &str = "/sys/class/net";

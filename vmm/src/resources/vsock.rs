@@ -7,7 +7,7 @@ use std::fmt;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
-use api_server::config::VsockDeviceConfig;
+use vmm_config::VsockDeviceConfig;
 
 /// Errors binding the host socket, worded as Firecracker's.
 #[derive(Debug, thiserror::Error)]

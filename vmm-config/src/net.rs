@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::is_valid_id;
+use crate::is_valid_id;
 
 /// Errors in a network interface.
 #[derive(Debug, thiserror::Error)]

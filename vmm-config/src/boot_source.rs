@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::host_file::{open_regular, HostFileError};
+use crate::host_file::{open_regular, HostFileError};
 
 /// Firecracker's default command line, used when `boot_args` is absent.
 pub const DEFAULT_KERNEL_CMDLINE: &str = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 \

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::host_file::kind_of;
+use crate::host_file::kind_of;
 
 /// Errors in `serial`.
 #[derive(Debug, thiserror::Error)]

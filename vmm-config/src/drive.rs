@@ -5,8 +5,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::host_file::{check_disk, HostFileError};
-use super::is_valid_id;
+use crate::host_file::{check_disk, HostFileError};
+use crate::is_valid_id;
 
 /// Errors in a drive.
 #[derive(Debug, thiserror::Error)]
