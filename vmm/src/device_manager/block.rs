@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::blk::VhostUserBlock;
-use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
+use devices::vhost_user::VhostUserFrontend;
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use linux_loader::loader::Cmdline;
@@ -16,7 +16,6 @@ use vmm_config::BlockDeviceConfig;
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::Connector;
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use super::{place_on_bus, virtio_mmio_slot, wire_queues};
 use crate::vstate::vm::Vm;
 
 /// The most queues a block device gets.
@@ -66,6 +65,23 @@ fn connector(drive: &BlockDeviceConfig, spawner: &BackendSpawner, queues: u64) -
     Box::new(move || connect(&drive, &spawner, queues).map_err(|err| err.to_string()))
 }
 
+/// `root=` (`/dev/vda`, or the drive's partition UUID) and `ro` or `rw`.
+fn root_cmdline(
+    drive: &BlockDeviceConfig,
+    cmdline: &mut Cmdline,
+) -> Result<(), linux_loader::cmdline::Error> {
+    let root = match &drive.partuuid {
+        Some(uuid) => format!("root=PARTUUID={uuid}"),
+        None => "root=/dev/vda".to_string(),
+    };
+    cmdline.insert_str(root)?;
+    cmdline.insert_str(if drive.is_read_only.unwrap_or(false) {
+        "ro"
+    } else {
+        "rw"
+    })
+}
+
 /// Creates a device per drive, wires its queues (ioeventfd per queue on
 /// QueueNotify, irqfd per queue on its IRQ), puts it on the MMIO bus and
 /// adds its `virtio_mmio.device=` (and `root=`) entries to `cmdline`.
@@ -82,44 +98,18 @@ pub fn attach_block_devices(
     let mut transports = Vec::new();
     for (index, drive) in device_order(drives).into_iter().enumerate() {
         let id = drive.drive_id.clone();
-        let (base, irq) = virtio_mmio_slot(index).ok_or_else(|| AttachError::NoSlot {
-            kind: DeviceKind::Drive,
-            id: id.clone(),
-        })?;
         let queues = queues.clamp(1, MAX_QUEUES);
         let frontend = connect(drive, spawner, queues)?;
-        let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
-        if let Some(page) = spawner.stats(&id) {
-            device.queues_mut().read_backend_stats(page);
-        }
-        let attach_err = |source| AttachError::Attach {
-            kind: DeviceKind::Drive,
-            id: id.clone(),
-            source,
-        };
-        wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-        place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
-        let cmdline_err = |source| AttachError::Cmdline {
-            kind: DeviceKind::Drive,
-            id: id.clone(),
-            source,
-        };
+        let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+        let placed = vhost_user::attach(vm, index, device, spawner, mmio_bus, cmdline)?;
         if drive.is_root_device {
-            let root = match &drive.partuuid {
-                Some(uuid) => format!("root=PARTUUID={uuid}"),
-                None => "root=/dev/vda".to_string(),
-            };
-            let mode = if drive.is_read_only.unwrap_or(false) {
-                "ro"
-            } else {
-                "rw"
-            };
-            cmdline.insert_str(root).map_err(cmdline_err)?;
-            cmdline.insert_str(mode).map_err(cmdline_err)?;
+            root_cmdline(drive, cmdline).map_err(|source| AttachError::Cmdline {
+                kind: DeviceKind::Drive,
+                id: id.clone(),
+                source,
+            })?;
         }
-        log::info!("drive {id}: virtio-mmio at {base:#x}, IRQ {irq}");
-        transports.push((transport, connector(drive, spawner, queues)));
+        transports.push((placed.transport, connector(drive, spawner, queues)));
     }
     Ok(transports)
 }

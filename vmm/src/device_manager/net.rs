@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::net::VhostUserNet;
-use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
+use devices::vhost_user::VhostUserFrontend;
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use super::{place_on_bus, virtio_mmio_slot, wire_eventfds, wire_queues, MmioSlotError};
+use super::{wire_eventfds, MmioSlotError};
 use crate::vstate::vm::Vm;
 
 /// RX and TX: the queues of one pair.
@@ -88,28 +88,23 @@ pub fn attach_net_devices(
     let mut transports = Vec::new();
     for (index, iface) in ifaces.iter().enumerate() {
         let id = iface.iface_id.clone();
-        let (base, irq) =
-            virtio_mmio_slot(first_slot + index).ok_or_else(|| AttachError::NoSlot {
-                kind: DeviceKind::Interface,
-                id: id.clone(),
-            })?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
-        let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
-        if let Some(page) = spawner.stats(&id) {
-            device.queues_mut().read_backend_stats(page);
-        }
-        let attach_err = |source| AttachError::Attach {
-            kind: DeviceKind::Interface,
-            id: id.clone(),
-            source,
-        };
-        wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
-        wire_ctrl_queue(vm, base, irq, &device).map_err(attach_err)?;
+        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
         let pairs = device.queue_pairs();
-        let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-        place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
-        log::info!("interface {id}: virtio-mmio at {base:#x}, IRQ {irq}, {pairs} queue pair(s)");
+        let slot = first_slot + index;
+        let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
+        let transport = placed.transport;
+        let device = transport.lock().unwrap_or_else(|p| p.into_inner());
+        wire_ctrl_queue(vm, placed.base, placed.irq, device.device()).map_err(|source| {
+            AttachError::Attach {
+                kind: DeviceKind::Interface,
+                id: id.clone(),
+                source,
+            }
+        })?;
+        drop(device);
+        log::info!("interface {id}: {pairs} queue pair(s)");
         let (iface, spawner) = (iface.clone(), spawner.clone());
         let connector: Connector =
             Box::new(move || connect(&iface, &spawner).map_err(|err| err.to_string()));

@@ -1,15 +1,23 @@
 //! What attaching any vhost-user device takes, whatever its kind: a
 //! backend (an external socket, or a process the VMM starts for the
-//! device's file or TAP), and errors that name the device by kind and id.
+//! device's file or TAP), a virtio-mmio slot wired straight to the backend,
+//! and errors that name the device by kind and id.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 pub use devices::vhost_user::DeviceKind;
-use devices::vhost_user::{FrontendError, VhostUserDeviceError, VhostUserFrontend};
+use devices::vhost_user::{
+    DeviceModel, FrontendError, VhostUser, VhostUserDevice, VhostUserDeviceError, VhostUserFrontend,
+};
+use devices::virtio::MmioTransport;
+use devices::Bus;
+use linux_loader::loader::Cmdline;
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
-use super::MmioSlotError;
+use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
 use crate::builder::BootOptions;
+use crate::vstate::vm::Vm;
 
 /// The backend binary the VMM starts for a kind of device.
 fn backend_binary(kind: DeviceKind) -> &'static str {
@@ -90,6 +98,53 @@ pub fn connect(
             source: err,
         })?;
     VhostUserFrontend::from_stream(stream, source.max_queues).map_err(frontend_err)
+}
+
+/// A vhost-user device on the MMIO bus.
+pub type Transport<M> = Arc<Mutex<MmioTransport<VhostUser<M>>>>;
+
+/// A device placed in its slot, with the slot's address and IRQ.
+pub struct Placed<M: DeviceModel> {
+    pub transport: Transport<M>,
+    pub base: u64,
+    pub irq: u32,
+}
+
+/// Puts `device` in the `index`-th virtio-mmio slot: it reads its
+/// backend's counters (when the VMM started the backend), the guest's
+/// notifications of each queue go to the backend's kick eventfd (an
+/// ioeventfd) and the backend's call eventfds raise the slot's IRQ (an
+/// irqfd); then the bus and the kernel command line get the device.
+pub fn attach<M: DeviceModel + 'static>(
+    vm: &Vm,
+    index: usize,
+    mut device: VhostUser<M>,
+    spawner: &BackendSpawner,
+    mmio_bus: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<Placed<M>, AttachError> {
+    let name = device.queues().device().clone();
+    let (base, irq) = virtio_mmio_slot(index).ok_or_else(|| AttachError::NoSlot {
+        kind: name.kind,
+        id: name.id.clone(),
+    })?;
+    if let Some(page) = spawner.stats(&name.id) {
+        device.queues_mut().read_backend_stats(page);
+    }
+    let attach_err = |source| AttachError::Attach {
+        kind: name.kind,
+        id: name.id.clone(),
+        source,
+    };
+    wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
+    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
+    log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
+    Ok(Placed {
+        transport,
+        base,
+        irq,
+    })
 }
 
 /// What starts `kind`'s backends: `binary` (from the command line) or the

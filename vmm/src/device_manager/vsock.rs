@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::vsock::VhostUserVsock;
-use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
+use devices::vhost_user::VhostUserFrontend;
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -15,7 +15,6 @@ use vm_memory::GuestMemoryMmap;
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use super::{place_on_bus, virtio_mmio_slot, wire_queues};
 use crate::resources::VsockResource;
 use crate::vstate::vm::Vm;
 
@@ -63,26 +62,13 @@ pub fn attach_vsock_device(
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<(VsockTransport, Connector), AttachError> {
-    let (base, irq) = virtio_mmio_slot(slot).ok_or_else(|| AttachError::NoSlot {
-        kind: DeviceKind::Vsock,
-        id: VSOCK_ID.into(),
-    })?;
     let frontend = connect(vsock, spawner)?;
     let cid = vsock.config.guest_cid.get();
-    let mut device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
-    if let Some(page) = spawner.stats(VSOCK_ID) {
-        device.queues_mut().read_backend_stats(page);
-    }
-    let attach_err = |source| AttachError::Attach {
-        kind: DeviceKind::Vsock,
-        id: VSOCK_ID.into(),
-        source,
-    };
-    wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
-    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
+    let device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
+    let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
+    let transport = placed.transport;
     log::info!(
-        "vsock: virtio-mmio at {base:#x}, IRQ {irq}, guest CID {cid}, host socket {}",
+        "vsock: guest CID {cid}, host socket {}",
         vsock.config.uds_path
     );
     let (vsock, spawner) = (vsock.clone(), spawner.clone());
