@@ -12,11 +12,14 @@ use devices::vhost_user::blk::VhostUserBlock;
 use devices::vhost_user::net::VhostUserNet;
 use devices::vhost_user::VhostUserFrontend;
 use devices::virtio::VirtioDevice;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+};
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// vhost-user's PROTOCOL_FEATURES bit: between the VMM and the backend only.
@@ -167,4 +170,93 @@ fn the_vmm_offers_the_configured_mac_when_the_backend_has_none() {
         1,
         "max_virtqueue_pairs"
     );
+}
+
+/// A network backend without a config space (no CONFIG protocol feature),
+/// as Cloud Hypervisor's and DPDK's are; it offers MAC, MTU and STATUS
+/// all the same.
+struct NoConfigNet;
+
+impl VhostUserBackend for NoConfigNet {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        256
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | PROTOCOL_FEATURES
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_MTU
+            | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: vmm_sys_util::epoll::EventSet,
+        _vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn an_interface_on_a_backend_without_a_config_space_gets_its_config_from_the_vmm() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    serve(Arc::new(NoConfigNet), mem, &socket);
+    let frontend = connect(&socket, 2);
+    assert!(!frontend.has_config());
+    let mac = [6, 0, 10, 80, 0, 3];
+    let mut device = VhostUserNet::new("eth0", frontend, guest_memory(), Some(mac), 1).unwrap();
+    let features = device.features();
+    // Nothing could answer MTU or STATUS: not offered. The MAC is the VMM's.
+    assert!(has(features, VIRTIO_NET_F_MAC));
+    assert!(!has(features, VIRTIO_NET_F_MTU));
+    assert!(!has(features, VIRTIO_NET_F_STATUS));
+    let mut space = [0u8; 10];
+    device.read_config(0, &mut space);
+    assert_eq!(space[0..6], mac);
+    assert_eq!(u16::from_le_bytes([space[8], space[9]]), 1);
+
+    // Without guest_mac there is no MAC to offer either.
+    let socket = dir.path().join("net2.sock");
+    serve(
+        Arc::new(NoConfigNet),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        &socket,
+    );
+    let device = VhostUserNet::new("eth1", connect(&socket, 2), guest_memory(), None, 1).unwrap();
+    assert!(!has(device.features(), VIRTIO_NET_F_MAC));
+}
+
+#[test]
+fn a_drive_needs_a_backend_with_a_config_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("blk.sock");
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    serve(Arc::new(NoConfigNet), mem, &socket);
+    let err = VhostUserBlock::new("rootfs", connect(&socket, 1), guest_memory())
+        .err()
+        .expect("no capacity to read");
+    assert!(err.to_string().contains("CONFIG"), "{err}");
 }

@@ -81,6 +81,9 @@ pub struct VhostUserFrontend {
     queue_num: usize,
     /// Whether the backend tracks requests in flight in a shared region.
     inflight_acked: bool,
+    /// Whether the backend has a config space (the CONFIG protocol
+    /// feature); Cloud Hypervisor's and DPDK's net backends do not.
+    has_config: bool,
     /// That region, kept from activation to the next driver reset, so that
     /// it outlives the backend (what a reconnect needs).
     inflight: Option<(VhostUserInflight, File)>,
@@ -108,9 +111,6 @@ impl VhostUserFrontend {
         let offered = frontend
             .get_protocol_features()
             .map_err(step("GET_PROTOCOL_FEATURES"))?;
-        if !offered.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
-        }
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
@@ -132,6 +132,7 @@ impl VhostUserFrontend {
             backend_features,
             queue_num: queue_num.min(max_queues as usize).max(1),
             inflight_acked: acked.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+            has_config: acked.contains(VhostUserProtocolFeatures::CONFIG),
             inflight: None,
         })
     }
@@ -146,8 +147,16 @@ impl VhostUserFrontend {
         self.queue_num
     }
 
+    /// Whether the backend has a config space to read and write.
+    pub fn has_config(&self) -> bool {
+        self.has_config
+    }
+
     /// Reads the device configuration space.
     pub fn get_config(&mut self, offset: u32, len: u32) -> Result<Vec<u8>, FrontendError> {
+        if !self.has_config {
+            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
+        }
         let buf = vec![0u8; len as usize];
         let (_, payload) = self.transport("GET_CONFIG", |f| {
             f.get_config(offset, len, VhostUserConfigFlags::WRITABLE, &buf)
@@ -157,6 +166,9 @@ impl VhostUserFrontend {
 
     /// Writes the device configuration space.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        if !self.has_config {
+            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
+        }
         self.transport("SET_CONFIG", |f| {
             f.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
         })

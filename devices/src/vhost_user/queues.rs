@@ -118,7 +118,12 @@ impl VhostUserQueues {
                 counters: FrontendCounters::default(),
                 backend_stats: None,
             };
-            queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
+            if queues.frontend.has_config() {
+                queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
+            } else {
+                // The device's own fix-ups fill in what the guest needs.
+                queues.config_cache = vec![0; config_len];
+            }
             Ok(queues)
         })();
         built.map_err(|source| VhostUserDeviceError::Frontend { device, source })
@@ -260,7 +265,7 @@ impl VhostUserQueues {
         if window.end > len {
             return Ok(());
         }
-        let fetched = match self.connected {
+        let fetched = match self.connected && self.frontend.has_config() {
             true => match self.frontend.get_config(0, len as u32) {
                 Ok(space) => Some(space),
                 Err(err) if err.is_disconnect() => {

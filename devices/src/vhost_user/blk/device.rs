@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::vhost_user::{
-    features, DeviceKind, DeviceModel, DeviceName, VhostUser, VhostUserDeviceError,
+    features, DeviceKind, DeviceModel, DeviceName, FrontendError, VhostUser, VhostUserDeviceError,
     VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
 use crate::virtio::{ActivateError, QueueLayout};
@@ -48,6 +48,13 @@ impl VhostUserBlock {
         // support them in this transport.
         let features = features::offered_to_guest(frontend.backend_features());
         let device = DeviceName::new(DeviceKind::Drive, id);
+        if !frontend.has_config() {
+            // The capacity is the backend's to say.
+            return Err(VhostUserDeviceError::Frontend {
+                device,
+                source: FrontendError::MissingProtocolFeature("CONFIG"),
+            });
+        }
         let queues = VhostUserQueues::new(device, frontend, mem, count, CONFIG_SPACE_LEN)?;
         let model = Block {
             max_queues: u16::try_from(count).unwrap_or(u16::MAX),

@@ -9,7 +9,9 @@
 //! ioeventfd and irqfd. The backend only ever hears of the data queues,
 //! and never of `CTRL_VQ`.
 
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,6 +34,8 @@ const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
 /// One receive and one transmit queue.
 const QUEUES_PER_PAIR: usize = 2;
 const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+const MTU: u64 = 1 << VIRTIO_NET_F_MTU;
+const STATUS: u64 = 1 << VIRTIO_NET_F_STATUS;
 
 /// The eventfds of the control queue: its QueueNotify (an ioeventfd the
 /// VMM's event loop reads) and its interrupt (an irqfd on the device's IRQ).
@@ -94,6 +98,12 @@ impl VhostUserNet {
         }
         let pairs = served;
         let mut features = features::offered_to_guest(backend_features) & !CTRL_VQ & !MQ;
+        if !frontend.has_config() {
+            // Nothing to read them from: the guest assumes the link is up
+            // and picks its MTU, and the VMM offers a MAC only if it has
+            // one (`guest_mac`).
+            features &= !(MAC | MTU | STATUS);
+        }
         let mut vmm_features = match mac {
             Some(_) => MAC & !features,
             None => 0,

@@ -1,6 +1,7 @@
 //! Frame rates through our `vhost-user-net` with this process as the
-//! guest: a load generator that drives the backend through the `vhost`
-//! crate's `Frontend`, as the VMM does, over a TAP in a private namespace.
+//! guest: a load generator that drives the backend through the VMM's own
+//! vhost-user frontend (`devices::vhost_user::VhostUserFrontend`), over a
+//! TAP in a private namespace.
 //!
 //! The generator shares memfd-backed memory (vm-memory `GuestMemoryMmap`)
 //! with the backend, lays out one split virtqueue per queue in it (queue
@@ -56,13 +57,10 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::vhost_user::VhostUserFrontend;
+use devices::virtio::QueueLayout;
 use serde_json::{json, Value};
 use tessera_tests::netns::Netns;
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::{virtio_config, virtio_net, virtio_ring};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -95,7 +93,6 @@ const FLOWS: usize = 16;
 /// Feature masks from virtio-bindings' bit numbers.
 const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const VIRTIO_NET_F_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_CSUM;
 const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_CSUM;
 const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_TSO4;
@@ -412,27 +409,23 @@ struct Device {
     mergeable: bool,
     /// VIRTIO_RING_F_EVENT_IDX was negotiated.
     event_idx: bool,
-    _frontend: Frontend,
+    _frontend: VhostUserFrontend,
     _mem: GuestMemoryMmap,
     rings: Vec<Ring>,
-    _calls: Vec<EventFd>,
-}
-
-fn protocol(what: &'static str) -> impl FnOnce(vhost::Error) -> String {
-    move |err| format!("{what}: {err}")
+    /// The kick and call eventfds the backend holds too.
+    _eventfds: (Vec<EventFd>, Vec<EventFd>),
 }
 
 fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
     let queues = 2 * case.pairs;
-    let frontend = Frontend::connect(socket, queues as u64).map_err(|e| format!("connect: {e}"))?;
-    frontend.set_owner().map_err(protocol("SET_OWNER"))?;
-    let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
+    let mut frontend =
+        VhostUserFrontend::connect(socket, queues as u64).map_err(|e| format!("connect: {e}"))?;
+    let offered = frontend.backend_features();
     let mergeable = offered & VIRTIO_NET_F_MRG_RXBUF != 0;
     if !mergeable && case.tso() && case.direction == Direction::Rx {
         return Err("no MRG_RXBUF: 64 KiB frames do not fit the 4 KiB RX buffers".into());
     }
     let mut wanted = VIRTIO_F_VERSION_1
-        | VHOST_USER_F_PROTOCOL_FEATURES
         | if mergeable { VIRTIO_NET_F_MRG_RXBUF } else { 0 }
         | VIRTIO_NET_F_CSUM
         | VIRTIO_NET_F_HOST_TSO4
@@ -453,112 +446,76 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
             wanted & !offered
         ));
     }
-    let mut frontend = frontend;
-    let protocol_offered = frontend
-        .get_protocol_features()
-        .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
-    let acked = protocol_offered
-        & (VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::REPLY_ACK);
-    frontend
-        .set_protocol_features(acked)
-        .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
-    if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    if frontend.queue_num() < queues {
+        return Err(format!(
+            "the backend serves {} queues, not {queues}",
+            frontend.queue_num()
+        ));
     }
-    if case.pairs > 1 {
-        let n = frontend
-            .get_queue_num()
-            .map_err(protocol("GET_QUEUE_NUM"))?;
-        if (n as usize) < queues {
-            return Err(format!("the backend serves {n} queues, not {queues}"));
-        }
-    }
-    frontend
-        .set_features(wanted)
-        .map_err(protocol("SET_FEATURES"))?;
 
     let size = (BUFFER_BASE + queues as u64 * QUEUE_BUFFERS) as usize;
     let mem = guest_memory(size)?;
-    let regions = mem
-        .iter()
-        .map(VhostUserMemoryRegionInfo::from_guest_region)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("memory region: {e}"))?;
-    frontend
-        .set_mem_table(&regions)
-        .map_err(protocol("SET_MEM_TABLE"))?;
-
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string());
     let mut rings = Vec::new();
+    let mut kicks = Vec::new();
     let mut calls = Vec::new();
+    let mut layouts = Vec::new();
     for q in 0..queues {
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
-        let mut ring = Ring::new(&mem, q, event_idx, kick);
-        let rx = q % 2 == 0;
-        let tx_frame = frame(case, 0);
-        for i in 0..QUEUE_SIZE {
-            let addr = buffer(q, i);
-            if rx {
-                ring.set_desc(i, addr, RX_BUFFER, VRING_DESC_F_WRITE);
-            } else {
-                let mut data = vnet_header(case.tso()).to_vec();
-                data.extend_from_slice(&tx_frame);
-                vm_memory::Bytes::write_slice(&mem, &data, GuestAddress(addr))
-                    .map_err(|e| e.to_string())?;
-                ring.set_desc(i, addr, data.len() as u32, 0);
-            }
-        }
-        // RX: every buffer posted at once. TX: posted when the run starts.
-        if rx {
-            for i in 0..QUEUE_SIZE {
-                ring.post(i);
-            }
-        }
-        let host = |addr: u64| {
-            mem.get_host_address(GuestAddress(addr))
-                .map(|p| p as u64)
-                .map_err(|e| e.to_string())
-        };
-        let config = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: host(desc_table(q))?,
-            used_ring_addr: host(used_ring(q))?,
-            avail_ring_addr: host(avail_ring(q))?,
-            log_addr: None,
-        };
-        frontend
-            .set_vring_num(q, QUEUE_SIZE)
-            .map_err(protocol("SET_VRING_NUM"))?;
-        frontend
-            .set_vring_addr(q, &config)
-            .map_err(protocol("SET_VRING_ADDR"))?;
-        frontend
-            .set_vring_base(q, 0)
-            .map_err(protocol("SET_VRING_BASE"))?;
-        frontend
-            .set_vring_call(q, &call)
-            .map_err(protocol("SET_VRING_CALL"))?;
-        frontend
-            .set_vring_kick(q, &ring.kick)
-            .map_err(protocol("SET_VRING_KICK"))?;
-        frontend
-            .set_vring_enable(q, true)
-            .map_err(protocol("SET_VRING_ENABLE"))?;
+        let kick = eventfd()?;
+        let mut ring = Ring::new(
+            &mem,
+            q,
+            event_idx,
+            kick.try_clone().map_err(|e| e.to_string())?,
+        );
+        fill_ring(&mem, &mut ring, q, case)?;
+        layouts.push(QueueLayout {
+            size: QUEUE_SIZE,
+            desc_table: GuestAddress(desc_table(q)),
+            avail_ring: GuestAddress(avail_ring(q)),
+            used_ring: GuestAddress(used_ring(q)),
+        });
         rings.push(ring);
-        calls.push(call);
+        kicks.push(kick);
+        calls.push(eventfd()?);
     }
+    frontend
+        .activate(&mem, wanted, &layouts, QUEUE_SIZE, &kicks, &calls, false)
+        .map_err(|e| format!("activate: {e}"))?;
     Ok(Device {
         mergeable,
         event_idx,
         _frontend: frontend,
         _mem: mem,
         rings,
-        _calls: calls,
+        _eventfds: (kicks, calls),
     })
+}
+
+/// Lays out queue `q`'s buffers: 4 KiB device-writable ones on an RX
+/// queue, all posted at once; on a TX queue, each a frame of the case
+/// behind its virtio-net header, posted when the run starts.
+fn fill_ring(mem: &GuestMemoryMmap, ring: &mut Ring, q: usize, case: &Case) -> Result<(), String> {
+    let rx = q.is_multiple_of(2);
+    let tx_frame = frame(case, 0);
+    for i in 0..QUEUE_SIZE {
+        let addr = buffer(q, i);
+        if rx {
+            ring.set_desc(i, addr, RX_BUFFER, VRING_DESC_F_WRITE);
+        } else {
+            let mut data = vnet_header(case.tso()).to_vec();
+            data.extend_from_slice(&tx_frame);
+            vm_memory::Bytes::write_slice(mem, &data, GuestAddress(addr))
+                .map_err(|e| e.to_string())?;
+            ring.set_desc(i, addr, data.len() as u32, 0);
+        }
+    }
+    if rx {
+        for i in 0..QUEUE_SIZE {
+            ring.post(i);
+        }
+    }
+    Ok(())
 }
 
 /// An AF_PACKET socket on `tap0` of the namespace at `/run/netns/NAME`,
@@ -1146,7 +1103,7 @@ pub fn bench_net_frontend(runs: usize) -> Value {
         "runs": runs,
         "window_seconds": WINDOW.as_secs(),
         "frontend": format!(
-            "tessera-bench's own driver through the vhost crate's Frontend, queue size {QUEUE_SIZE}, \
+            "tessera-bench's own driver through the VMM's vhost-user frontend (devices::vhost_user), queue size {QUEUE_SIZE}, \
              polling, CPU {FRONTEND_CPU}; acked VERSION_1 MRG_RXBUF CSUM HOST_TSO4 GUEST_CSUM GUEST_TSO4 \
              (+EVENT_IDX, +MQ); RX buffers {RX_BUFFER} B; TX one descriptor per frame"
         ),
