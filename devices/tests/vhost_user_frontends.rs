@@ -15,6 +15,7 @@ use devices::virtio::VirtioDevice;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_common::device::Served;
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -81,7 +82,7 @@ fn block_device(dir: &Path, backend_queues: usize, max_queues: u64) -> VhostUser
     };
     let backend = Arc::new(BlockBackend::new(disk, config, mem.clone()).unwrap());
     let socket = dir.join("blk.sock");
-    serve(backend, mem, &socket);
+    serve(Served(backend), mem, &socket);
     let frontend = connect(&socket, max_queues);
     VhostUserBlock::new("d1", frontend, guest_memory()).unwrap()
 }
@@ -126,7 +127,7 @@ fn net_device(dir: &Path, backend_pairs: usize, pairs: u16, mac: Option<[u8; 6]>
     };
     let backend = Arc::new(NetBackend::new(Vec::new(), config, mem.clone()).unwrap());
     let socket = dir.join("net.sock");
-    serve(backend, mem, &socket);
+    serve(Served(backend), mem, &socket);
     let frontend = connect(&socket, 2 * u64::from(pairs));
     VhostUserNet::new("eth0", frontend, guest_memory(), mac, pairs).unwrap()
 }

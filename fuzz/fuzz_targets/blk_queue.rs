@@ -17,6 +17,7 @@ use tessera_fuzz::GuestRing;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
+use vhost_user_common::device::Served;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
@@ -42,7 +43,7 @@ struct LeftInFlight {
 }
 
 /// Hands `backend` a region holding `left` (as SET_INFLIGHT_FD would).
-fn hand_over(backend: &BlockBackend, left: &LeftInFlight) {
+fn hand_over(backend: &Served<BlockBackend>, left: &LeftInFlight) {
     let asked = vhost::vhost_user::message::VhostUserInflight {
         mmap_size: 0,
         mmap_offset: 0,
@@ -97,6 +98,7 @@ fuzz_target!(|input: Input| {
     let Ok(backend) = BlockBackend::new(disk, config, mem.clone()) else {
         return;
     };
+    let backend = Served(std::sync::Arc::new(backend));
     backend.acked_features(input.features);
     if let Some(left) = &input.left_in_flight {
         hand_over(&backend, left);

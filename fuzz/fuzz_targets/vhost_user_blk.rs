@@ -16,6 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
+use vhost_user_common::device::Served;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// One listening socket for the whole run; each input is one connection.
@@ -56,7 +57,8 @@ fuzz_target!(|bytes: &[u8]| {
         stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(BlockBackend::new(memfd_disk(), config, mem.clone()).expect("backend"));
-    let mut daemon = VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("daemon");
+    let mut daemon =
+        VhostUserDaemon::new("fuzz".into(), Served(backend.clone()), mem).expect("daemon");
     let mut guard = listener().lock().unwrap_or_else(|p| p.into_inner());
     let (listener, path) = &mut *guard;
     let frontend = UnixStream::connect(&*path).expect("connect");

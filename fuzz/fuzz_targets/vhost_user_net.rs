@@ -12,6 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::send_vhost_user_stream;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
+use vhost_user_common::device::Served;
 use vhost_user_net::backend::{NetBackend, NetConfig};
 use vhost_user_net::frame::VNET_HDR_LEN;
 use vhost_user_net::tap::Tap;
@@ -60,7 +61,8 @@ fuzz_target!(|bytes: &[u8]| {
         stats: backend_stats::Stats::private(),
     };
     let backend = Arc::new(NetBackend::new(taps, config, mem.clone()).expect("backend"));
-    let mut daemon = VhostUserDaemon::new("fuzz".into(), backend.clone(), mem).expect("daemon");
+    let mut daemon =
+        VhostUserDaemon::new("fuzz".into(), Served(backend.clone()), mem).expect("daemon");
     let frontend = UnixStream::connect(&fixture.path).expect("connect");
     send_vhost_user_stream(&frontend, bytes);
     daemon.start(&mut fixture.listener).expect("accept");

@@ -14,21 +14,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend_stats::{BlockCounter, Stats};
-use vhost::vhost_user::message::{
-    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring::{self, RingError};
-use vhost_user_common::worker::{self, WorkerExits};
+use vhost_user_common::worker;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -109,9 +107,8 @@ pub struct BlockBackend {
     disk: Disk,
     config: BackendConfig,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    event_idx: AtomicBool,
+    common: WorkerCommon,
     acked_features: AtomicU64,
-    exits: WorkerExits,
     /// One I/O engine per worker thread.
     engines: Vec<Mutex<Engine>>,
     /// The inflight region the frontend set, if any.
@@ -135,7 +132,7 @@ impl BlockBackend {
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
         let threads = queue_masks(config.queues, config.threads).len();
-        let exits = WorkerExits::new(threads)?;
+        let common = WorkerCommon::new(config.queue_size, threads, config.seccomp.clone())?;
         let engines = (0..threads)
             .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring, disk.direct())))
             .collect::<Vec<_>>();
@@ -152,9 +149,8 @@ impl BlockBackend {
             disk,
             config,
             mem,
-            event_idx: AtomicBool::new(false),
+            common,
             acked_features: AtomicU64::new(0),
-            exits,
             engines,
             inflight: RwLock::new(None),
             recovering,
@@ -204,7 +200,7 @@ impl BlockBackend {
 
     /// Wakes every worker thread so that it exits.
     pub fn stop_workers(&self) {
-        self.exits.stop_all();
+        self.common.stop_workers();
     }
 
     /// The device's virtio-blk configuration space.
@@ -265,7 +261,7 @@ impl BlockBackend {
         mem: &mut Arc<GuestMemoryMmap>,
         replaced: &mut Vec<Arc<GuestMemoryMmap>>,
     ) -> Result<(), WorkerError> {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let event_idx = self.common.event_idx();
         let completer = Completer {
             vrings,
             inflight: self
@@ -274,7 +270,7 @@ impl BlockBackend {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             thread,
-            threads: self.exits.threads(),
+            threads: self.common.threads(),
             stats: self.stats(),
         };
         let queue_error = |position: usize| {
@@ -619,23 +615,17 @@ impl Completer<'_> {
     }
 }
 
-impl VhostUserBackend for BlockBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+impl Device for BlockBackend {
+    fn common(&self) -> &WorkerCommon {
+        &self.common
+    }
 
     fn num_queues(&self) -> usize {
         self.config.queues
     }
 
-    fn max_queue_size(&self) -> usize {
-        self.config.queue_size
-    }
-
-    fn features(&self) -> u64 {
-        let mut features = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_INDIRECT_DESC
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    fn device_features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_BLK_F_SIZE_MAX
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
@@ -689,10 +679,6 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
     /// The device starts write-back only if the driver can flush (virtio
     /// 1.2, 5.2.5.2); with CONFIG_WCE it may switch through `writeback`.
     fn acked_features(&self, features: u64) {
@@ -730,31 +716,21 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        worker::config_slice(&self.config_space(), offset, size)
-    }
-
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // The daemon updates the shared GuestMemoryAtomic this backend holds.
-        Ok(())
+    fn config_space(&self) -> Vec<u8> {
+        self.config_space().to_vec()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
         queue_masks(self.config.queues, self.config.threads)
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exits.exit_event(thread_index)
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        worker::confine_worker(&self.config.seccomp);
+    fn serve(&self, event: WorkerEvent<'_>) -> io::Result<()> {
+        let WorkerEvent {
+            device_event,
+            evset,
+            vrings,
+            thread,
+        } = event;
         if self.is_broken() {
             return Ok(());
         }
@@ -764,7 +740,7 @@ impl VhostUserBackend for BlockBackend {
             Err(WorkerError::NoQueue(usize::from(device_event)))
         } else {
             self.stats().inc(BlockCounter::QueueEventCount);
-            self.process_queues(vrings, thread_id)
+            self.process_queues(vrings, thread)
         };
         // The library ends the worker on an error, and nothing else would
         // notice: the device breaks, which the VMM does see.
@@ -793,7 +769,8 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::mpsc;
-    use vhost_user_backend::VringT;
+    use vhost_user_backend::{VhostUserBackend, VringT};
+    use vhost_user_common::device::Served;
     use vhost_user_common::testing::ready_vring;
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -818,14 +795,14 @@ mod tests {
 
     /// A one-queue device with event_idx on a 64-sector disk, its vring set
     /// up on rings laid out by virtio-queue's mock in guest memory.
-    struct Device {
+    struct TestDevice {
         backend: Arc<BlockBackend>,
         vrings: Arc<Vec<VringRwLock>>,
         mem: GuestMemoryMmap,
         _disk: tempfile::NamedTempFile,
     }
 
-    fn device() -> Device {
+    fn device() -> TestDevice {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(&[0x5a; 64 * 512]).unwrap();
         let disk = Disk::open(file.path(), false, false).unwrap();
@@ -841,19 +818,19 @@ mod tests {
             seccomp: tessera_seccomp::Filters::disabled(),
             stats: backend_stats::Stats::private(),
         };
-        let backend = BlockBackend::new(disk, config, atomic.clone()).unwrap();
-        backend.set_event_idx(true);
+        let backend = Arc::new(BlockBackend::new(disk, config, atomic.clone()).unwrap());
+        Served(backend.clone()).set_event_idx(true);
         let mock = MockSplitQueue::new(&mem, QUEUE_SIZE);
         let vring = ready_vring(&atomic, &mock, QUEUE_SIZE);
-        Device {
-            backend: Arc::new(backend),
+        TestDevice {
+            backend,
             vrings: Arc::new(vec![vring]),
             mem,
             _disk: file,
         }
     }
 
-    impl Device {
+    impl TestDevice {
         fn avail_ring(&self) -> u64 {
             self.vrings[0].get_ref().get_queue().avail_ring()
         }
@@ -904,7 +881,7 @@ mod tests {
             let backend = self.backend.clone();
             let vrings = self.vrings.clone();
             std::thread::spawn(move || {
-                let _ = sender.send(backend.handle_event(0, EventSet::IN, &vrings, 0));
+                let _ = sender.send(Served(backend).handle_event(0, EventSet::IN, &vrings, 0));
             });
             receiver.recv_timeout(Duration::from_secs(5)).ok()
         }
@@ -914,8 +891,8 @@ mod tests {
     fn the_cache_mode_follows_flush_and_the_guests_writeback_field() {
         let device = device();
         let backend = &device.backend;
-        let writeback = || backend.get_config(WRITEBACK_OFFSET, 1)[0];
-        let features = backend.features();
+        let writeback = || backend.config_space()[WRITEBACK_OFFSET as usize];
+        let features = Served(backend.clone()).features();
         // Without FLUSH the device is write-through, and says so.
         backend.acked_features(features & !(1 << VIRTIO_BLK_F_FLUSH));
         assert_eq!(writeback(), 0);

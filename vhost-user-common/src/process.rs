@@ -11,6 +11,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use backend_stats::{CounterSet, Stats, StatsPage};
 use nix::sys::signal::{SigSet, Signal};
@@ -19,6 +20,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
 
 use crate::cli::CommonArgs;
+use crate::device::{Device, Served};
 
 /// The exit status of a backend whose device a guest broke.
 pub const EXIT_BROKEN: i32 = 3;
@@ -194,16 +196,13 @@ impl Process {
         Ok(())
     }
 
-    /// The vhost-user daemon that serves `backend`.
-    pub fn daemon<T>(
+    /// The vhost-user daemon that serves `device`.
+    pub fn daemon<D: Device>(
         self,
-        backend: T,
+        device: Arc<D>,
         mem: vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>,
-    ) -> Result<VhostUserDaemon<T>, Failure>
-    where
-        T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
-    {
-        VhostUserDaemon::new(self.name.into(), backend, mem)
+    ) -> Result<VhostUserDaemon<Served<D>>, Failure> {
+        VhostUserDaemon::new(self.name.into(), Served(device), mem)
             .map_err(|err| Failure::runtime(format_args!("cannot create the daemon: {err}")))
     }
 

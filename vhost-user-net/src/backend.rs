@@ -12,23 +12,21 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 
 use backend_stats::{NetCounter, Stats};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
-use vhost_user_common::worker::{self, BrokenQueues, WorkerExits};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use vhost_user_common::worker::{self, BrokenQueues};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
@@ -67,9 +65,8 @@ pub struct NetBackend {
     taps: Vec<Tap>,
     config: NetConfig,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    event_idx: AtomicBool,
+    common: WorkerCommon,
     mergeable: AtomicBool,
-    exits: WorkerExits,
     /// Whether each pair's TAP queue is attached: pairs past the first
     /// join the TAP when the guest first kicks them (it uses that pair).
     attached: Vec<AtomicBool>,
@@ -83,7 +80,11 @@ impl NetBackend {
         config: NetConfig,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
-        let exits = WorkerExits::new(config.queue_pairs)?;
+        let common = WorkerCommon::new(
+            config.queue_size,
+            config.queue_pairs,
+            config.seccomp.clone(),
+        )?;
         // A guest may use fewer pairs than it is offered (Linux uses one per
         // vCPU): the TAP would still steer flows to the unused pairs' queues
         // and they would be lost, so only pair 0 starts attached.
@@ -98,9 +99,8 @@ impl NetBackend {
             taps,
             config,
             mem,
-            event_idx: AtomicBool::new(false),
+            common,
             mergeable: AtomicBool::new(false),
-            exits,
             attached,
             broken,
         })
@@ -123,7 +123,7 @@ impl NetBackend {
 
     /// Wakes every worker thread so that it exits.
     pub fn stop_workers(&self) {
-        self.exits.stop_all();
+        self.common.stop_workers();
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
@@ -136,7 +136,7 @@ impl NetBackend {
     }
 
     fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
-        let notify = if self.event_idx.load(Ordering::Relaxed) {
+        let notify = if self.common.event_idx() {
             vring.needs_notification()?
         } else {
             !self.driver_polls(vring)
@@ -327,23 +327,17 @@ fn payload_bytes(len: usize) -> u64 {
     len.saturating_sub(VNET_HDR_LEN) as u64
 }
 
-impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+impl Device for NetBackend {
+    fn common(&self) -> &WorkerCommon {
+        &self.common
+    }
 
     fn num_queues(&self) -> usize {
         2 * self.config.queue_pairs
     }
 
-    fn max_queue_size(&self) -> usize {
-        self.config.queue_size
-    }
-
-    fn features(&self) -> u64 {
-        let mut features = 1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-            | 1 << VIRTIO_NET_F_CSUM
+    fn device_features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_NET_F_CSUM
             | 1 << VIRTIO_NET_F_GUEST_CSUM
             | 1 << VIRTIO_NET_F_GUEST_TSO4
             | 1 << VIRTIO_NET_F_GUEST_TSO6
@@ -384,30 +378,14 @@ impl VhostUserBackend for NetBackend {
         }
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        worker::PROTOCOL_FEATURES
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        worker::config_slice(&self.config_space(), offset, size)
-    }
-
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        Ok(())
+    fn config_space(&self) -> Vec<u8> {
+        self.config_space().to_vec()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.config.queue_pairs)
             .map(|p| 0b11u64 << (2 * p))
             .collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exits.exit_event(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -427,15 +405,10 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        worker::confine_worker(&self.config.seccomp);
-        if let Err(err) = self.serve_event(device_event, evset, vrings, thread_id) {
+    fn serve(&self, event: WorkerEvent<'_>) -> io::Result<()> {
+        let thread_id = event.thread;
+        if let Err(err) = self.serve_event(event.device_event, event.evset, event.vrings, thread_id)
+        {
             // vhost-user-backend would end the worker and tell no one: the
             // pair would go silent while the process looks alive. Ending
             // the process closes the connection, which the VMM watches.
@@ -514,8 +487,13 @@ impl NetBackend {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost_user_backend::VhostUserBackend;
+    use vhost_user_common::device::Served;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
-    fn backend(queue_pairs: usize, mac: Option<[u8; 6]>, mtu: Option<u16>) -> NetBackend {
+    /// The backend as the vhost-user daemon sees it.
+    fn backend(queue_pairs: usize, mac: Option<[u8; 6]>, mtu: Option<u16>) -> Served<NetBackend> {
         let config = NetConfig {
             mac,
             mtu,
@@ -525,10 +503,10 @@ mod tests {
             stats: Stats::private(),
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        NetBackend::new(Vec::new(), config, mem).unwrap()
+        Served(Arc::new(NetBackend::new(Vec::new(), config, mem).unwrap()))
     }
 
-    fn offers(backend: &NetBackend, feature: u32) -> bool {
+    fn offers(backend: &Served<NetBackend>, feature: u32) -> bool {
         backend.features() & 1 << feature != 0
     }
 
@@ -587,7 +565,7 @@ mod tests {
         let (sender, receiver) = std::sync::mpsc::channel();
         let (backend, vrings) = (backend.clone(), vrings.clone());
         std::thread::spawn(move || {
-            let _ = sender.send(backend.handle_event(queue, EventSet::IN, &vrings, 0));
+            let _ = sender.send(Served(backend).handle_event(queue, EventSet::IN, &vrings, 0));
         });
         receiver
             .recv_timeout(std::time::Duration::from_secs(5))
@@ -618,7 +596,7 @@ mod tests {
         };
         let tap = Tap::stand_in(tap_file);
         let backend = Arc::new(NetBackend::new(vec![tap], config, atomic.clone()).unwrap());
-        backend.set_event_idx(true);
+        Served(backend.clone()).set_event_idx(true);
         let vrings: Vec<VringRwLock> = [0x1_0000, 0x2_0000]
             .into_iter()
             .map(|base| {

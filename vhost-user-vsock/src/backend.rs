@@ -6,23 +6,19 @@
 //! on snapshot restore; its buffers wait until then.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use backend_stats::VsockCounter;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
-use vhost_user_common::worker::{self, BrokenQueues, WorkerExits};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vhost_user_common::worker::{self, BrokenQueues};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::muxer::Muxer;
 use crate::packet::Header;
@@ -56,11 +52,9 @@ pub use vhost_user_common::worker::QueueError;
 
 /// A virtio-vsock device served over vhost-user.
 pub struct VsockBackend {
-    config: VsockConfig,
     muxer: Mutex<Muxer>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    event_idx: AtomicBool,
-    exits: WorkerExits,
+    common: WorkerCommon,
     /// Per queue: the guest broke it; not served until it is set up again.
     broken: BrokenQueues,
 }
@@ -71,12 +65,11 @@ impl VsockBackend {
         config: VsockConfig,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> io::Result<Self> {
+        let common = WorkerCommon::new(config.queue_size, 1, config.seccomp.clone())?;
         Ok(Self {
-            config,
             muxer: Mutex::new(muxer),
             mem,
-            event_idx: AtomicBool::new(false),
-            exits: WorkerExits::new(1)?,
+            common,
             broken: BrokenQueues::new(NUM_QUEUES),
         })
     }
@@ -88,11 +81,11 @@ impl VsockBackend {
 
     /// Wakes the worker thread so that it exits.
     pub fn stop_workers(&self) {
-        self.exits.stop_all();
+        self.common.stop_workers();
     }
 
     fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
-        if !self.event_idx.load(Ordering::Relaxed) || vring.needs_notification()? {
+        if !self.common.event_idx() || vring.needs_notification()? {
             vring.signal_used_queue()?;
         }
         Ok(())
@@ -230,47 +223,25 @@ fn kick(vring: &VringRwLock) {
     }
 }
 
-impl VhostUserBackend for VsockBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+impl Device for VsockBackend {
+    fn common(&self) -> &WorkerCommon {
+        &self.common
+    }
 
     fn num_queues(&self) -> usize {
         NUM_QUEUES
     }
 
-    fn max_queue_size(&self) -> usize {
-        self.config.queue_size
+    fn device_features(&self) -> u64 {
+        0
     }
 
-    fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_RING_F_EVENT_IDX
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        worker::PROTOCOL_FEATURES
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let cid = self.muxer().guest_cid();
-        worker::config_slice(&cid.to_le_bytes(), offset, size)
-    }
-
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        Ok(())
+    fn config_space(&self) -> Vec<u8> {
+        self.muxer().guest_cid().to_le_bytes().to_vec()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![(1 << NUM_QUEUES) - 1]
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exits.exit_event(thread_index)
     }
 
     /// A stopped queue is a reset device (or a new frontend): the guest's
@@ -283,19 +254,16 @@ impl VhostUserBackend for VsockBackend {
         Ok(())
     }
 
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[VringRwLock],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        worker::confine_worker(&self.config.seccomp);
-        if !evset.contains(EventSet::IN) {
-            log::error!("worker {thread_id}: unexpected event set {evset:?}; exiting");
+    fn serve(&self, event: WorkerEvent<'_>) -> io::Result<()> {
+        let thread_id = event.thread;
+        if !event.evset.contains(EventSet::IN) {
+            log::error!(
+                "worker {thread_id}: unexpected event set {:?}; exiting",
+                event.evset
+            );
             std::process::exit(1);
         }
-        if let Err(err) = self.serve_event(device_event, vrings) {
+        if let Err(err) = self.serve_event(event.device_event, event.vrings) {
             // vhost-user-backend would end the worker and tell no one.
             log::error!("worker {thread_id}: {err}; exiting");
             std::process::exit(1);
