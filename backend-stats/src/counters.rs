@@ -59,9 +59,10 @@ counter_set! {
         RxTapEventCount = "rx_tap_event_count",
         RxBytesCount = "rx_bytes_count",
         RxPacketsCount = "rx_packets_count",
-        /// Times a frame waited because the guest had posted no buffer.
+        /// Times RX stopped because the guest's buffers ran out.
         NoRxAvailBuffer = "no_rx_avail_buffer",
-        /// Frames dropped on the way to the guest (a chain too small).
+        /// Frames dropped on the way to the guest, and RX buffers refused
+        /// (malformed chains).
         RxFails = "rx_fails",
         TapReadFails = "tap_read_fails",
         /// Kicks of a TX queue.
@@ -86,6 +87,7 @@ counter_set! {
         /// Payload bytes from the guest.
         TxBytesCount = "tx_bytes_count",
         RxPacketsCount = "rx_packets_count",
+        /// Packets taken from the guest's TX queue (dropped ones too).
         TxPacketsCount = "tx_packets_count",
         /// Connections a host client opened with `CONNECT`.
         HostConnsAdded = "host_conns_added",

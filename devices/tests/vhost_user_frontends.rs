@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use devices::vhost_user::blk::VhostUserBlock;
 use devices::vhost_user::net::VhostUserNet;
-use devices::vhost_user::VhostUserFrontend;
+use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
 use devices::virtio::VirtioDevice;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
@@ -259,5 +259,22 @@ fn a_drive_needs_a_backend_with_a_config_space() {
     let err = VhostUserBlock::new("rootfs", connect(&socket, 1), guest_memory())
         .err()
         .expect("no capacity to read");
+    assert!(err.to_string().contains("CONFIG"), "{err}");
+}
+
+#[test]
+fn a_drive_backend_without_a_config_space_cannot_take_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut device = block_device(dir.path(), 1, 1);
+    let socket = dir.path().join("replacement.sock");
+    serve(
+        Arc::new(NoConfigNet),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        &socket,
+    );
+    let err = device
+        .queues_mut()
+        .reconnect(connect(&socket, 1))
+        .expect_err("the capacity would be lost");
     assert!(err.to_string().contains("CONFIG"), "{err}");
 }

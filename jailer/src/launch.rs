@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 /// The largest message either side sends or accepts, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
-/// The most file descriptors a request carries (a `Blk` request has two).
+/// The most file descriptors a request carries (`Blk` and `Vsock` carry three).
 pub const MAX_REQUEST_FDS: usize = 3;
 /// The most backends one VMM may have running at a time.
 pub const MAX_BACKENDS: usize = 64;
@@ -75,7 +75,7 @@ pub struct LaunchRequest {
     pub tap_queue_pairs: u16,
     /// `Vsock` only: the host side's socket path (`--uds-path`), where
     /// guest-initiated connections go (`<uds_path>_<port>`); its listening
-    /// socket is the request's second fd.
+    /// socket is the request's third fd.
     #[serde(default)]
     pub uds_path: Option<String>,
 }

@@ -69,12 +69,14 @@ struct Cli {
 const SECCOMP_FILTERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp.bpf"));
 
 fn log_stats(stats: &Stats<BlockCounter>) {
+    let invalid = stats.get(BlockCounter::InvalidReqsCount);
+    let io_errors = stats.get(BlockCounter::ExecuteFails);
     log::info!(
-        "{} read(s), {} write(s), {} failed, {} invalid, {} queue(s) broken",
+        "{} request(s) failed ({invalid} invalid, {io_errors} I/O errors), {} read(s), \
+         {} write(s), {} queue(s) broken",
+        invalid + io_errors,
         stats.get(BlockCounter::ReadCount),
         stats.get(BlockCounter::WriteCount),
-        stats.get(BlockCounter::ExecuteFails),
-        stats.get(BlockCounter::InvalidReqsCount),
         stats.get(BlockCounter::EventFails)
     );
 }

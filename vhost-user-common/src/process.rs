@@ -219,15 +219,19 @@ impl Process {
     where
         T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
     {
-        started.map_err(|err| Failure::runtime(format_args!("cannot accept a frontend: {err}")))?;
-        let served = match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected,
-            )) => Ok(()),
+        let served = match started {
             Err(err) => Err(Failure::runtime(format_args!(
-                "the vhost-user connection failed: {err}"
+                "cannot accept a frontend: {err}"
             ))),
+            Ok(()) => match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected,
+                )) => Ok(()),
+                Err(err) => Err(Failure::runtime(format_args!(
+                    "the vhost-user connection failed: {err}"
+                ))),
+            },
         };
         after()?;
         served?;

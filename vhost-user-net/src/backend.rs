@@ -233,6 +233,7 @@ impl NetBackend {
         // are used, so that `ready` always ends at the ring's position and
         // can be given back by rewinding.
         let mut blocked = false;
+        let mut out_of_buffers = false;
         vring.disable_notification()?;
         loop {
             if ready.is_empty() {
@@ -269,7 +270,7 @@ impl NetBackend {
             }
             if ready.is_empty() {
                 // No buffers: stop until the guest posts some and kicks.
-                self.stats().inc(NetCounter::NoRxAvailBuffer);
+                out_of_buffers = true;
                 if vring.enable_notification()? {
                     vring.disable_notification()?;
                     continue;
@@ -308,6 +309,9 @@ impl NetBackend {
                     delivered += 1;
                 }
             }
+        }
+        if out_of_buffers {
+            self.stats().inc(NetCounter::NoRxAvailBuffer);
         }
         {
             let mut state = vring.get_mut();

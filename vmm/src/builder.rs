@@ -215,6 +215,7 @@ pub fn build_microvm(
         event_manager,
         exit_handler,
         _terminal: terminal,
+        flushed_totals: Mutex::default(),
     })
 }
 

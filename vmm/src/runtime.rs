@@ -2,6 +2,7 @@
 //! API does to it after boot (pause, resume, a drive's new file,
 //! Ctrl+Alt+Del, the per-device metrics).
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,6 +69,8 @@ pub struct Vmm {
     pub(crate) event_manager: EventManager<Subscriber>,
     pub(crate) exit_handler: Arc<Mutex<ExitHandler>>,
     pub(crate) _terminal: Option<TerminalGuard>,
+    /// The device counters' totals at the last metrics flush.
+    pub(crate) flushed_totals: Mutex<HashMap<String, u64>>,
 }
 
 /// The vhost-user devices of a microVM.
@@ -219,10 +222,11 @@ impl Vmm {
         Ok(())
     }
 
-    /// Per-device metrics for a flush.
+    /// Per-device metrics for a flush: what happened since the previous
+    /// one, as with Firecracker (`activate_time_us` is the last value).
     pub fn device_metrics(&self) -> DeviceCounters {
         let c = lock(&self.i8042).counters();
-        let mut counters = vec![
+        let mut totals = vec![
             (
                 "i8042".to_string(),
                 serde_json::json!({
@@ -238,21 +242,70 @@ impl Vmm {
                 serde_json::json!({"missed_write_count": lock(&self.serial).missed_writes()}),
             ),
         ];
+        let mut increments = Vec::new();
         for transport in &self.devices.block {
             let transport = lock(transport);
             let key = format!("block_{}", transport.device().id());
-            counters.push((key, vhost_user_metrics(&transport)));
+            totals.push((key.clone(), vhost_user_totals(&transport)));
+            increments.push((key, backend_increments(&transport)));
         }
         for transport in &self.devices.net {
             let transport = lock(transport);
             let key = format!("net_{}", transport.device().id());
-            counters.push((key, vhost_user_metrics(&transport)));
+            totals.push((key.clone(), vhost_user_totals(&transport)));
+            increments.push((key, backend_increments(&transport)));
         }
         if let Some(transport) = &self.devices.vsock {
-            counters.push(("vsock".to_string(), vhost_user_metrics(&lock(transport))));
+            let transport = lock(transport);
+            totals.push(("vsock".to_string(), vhost_user_totals(&transport)));
+            increments.push(("vsock".to_string(), backend_increments(&transport)));
+        }
+        let mut flushed = lock(&self.flushed_totals);
+        let mut counters: DeviceCounters = totals
+            .into_iter()
+            .map(|(key, totals)| {
+                let since = since_last_flush(&mut flushed, &key, totals);
+                (key, since)
+            })
+            .collect();
+        for (key, backend) in increments {
+            if let Some((_, serde_json::Value::Object(section))) =
+                counters.iter_mut().find(|(k, _)| *k == key)
+            {
+                section.extend(backend);
+            }
         }
         counters
     }
+}
+
+/// Counters that report a current value rather than a count.
+const GAUGES: &[&str] = &["activate_time_us"];
+
+/// `totals` of `section` turned into increments since the previous call
+/// (gauges pass unchanged).
+fn since_last_flush(
+    flushed: &mut HashMap<String, u64>,
+    section: &str,
+    totals: serde_json::Value,
+) -> serde_json::Value {
+    let serde_json::Value::Object(map) = totals else {
+        return totals;
+    };
+    let increments = map
+        .into_iter()
+        .map(|(name, value)| {
+            let total = value.as_u64().unwrap_or(0);
+            if GAUGES.contains(&name.as_str()) {
+                return (name, value);
+            }
+            let before = flushed
+                .insert(format!("{section}.{name}"), total)
+                .unwrap_or(0);
+            (name, total.saturating_sub(before).into())
+        })
+        .collect();
+    serde_json::Value::Object(increments)
 }
 
 impl Drop for Vmm {
@@ -261,25 +314,31 @@ impl Drop for Vmm {
     }
 }
 
-/// One vhost-user device's metrics: the transport's and the frontend's
-/// counters, and those its backends keep in the stats page.
-fn vhost_user_metrics<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
-    let queues = transport.device().queues();
-    let c = queues.counters();
-    let mut metrics = serde_json::json!({
+/// One vhost-user device's own counters, as totals: the transport's and
+/// the frontend's.
+fn vhost_user_totals<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
+    let c = transport.device().queues().counters();
+    serde_json::json!({
         "invalid_mmio_accesses": transport.invalid_accesses(),
         "activate_fails": c.activate_fails,
         "cfg_fails": c.cfg_fails,
         "activate_time_us": c.activate_time_us,
         "backend_lost_count": c.backend_lost_count,
         "backend_reconnect_count": c.backend_reconnect_count,
-    });
-    if let serde_json::Value::Object(map) = &mut metrics {
-        for (key, delta) in queues.backend_counters() {
-            map.insert(key.to_string(), delta.into());
-        }
-    }
-    metrics
+    })
+}
+
+/// What the device's backends counted in its stats page since the last
+/// flush.
+fn backend_increments<D: VhostUserDevice>(
+    transport: &MmioTransport<D>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let queues = transport.device().queues();
+    queues
+        .backend_counters()
+        .into_iter()
+        .map(|(key, delta)| (key.to_string(), delta.into()))
+        .collect()
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -309,5 +368,24 @@ impl Drop for TerminalGuard {
         if let Err(err) = io::stdin().lock().set_canon_mode() {
             log::warn!("cannot restore the terminal: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flushes_report_increments_and_gauges_as_they_are() {
+        let mut flushed = HashMap::new();
+        let totals = |lost: u64, time: u64| serde_json::json!({"backend_lost_count": lost, "activate_time_us": time});
+        let first = since_last_flush(&mut flushed, "block_a", totals(2, 900));
+        assert_eq!(first["backend_lost_count"], 2);
+        let second = since_last_flush(&mut flushed, "block_a", totals(5, 700));
+        assert_eq!(second["backend_lost_count"], 3);
+        assert_eq!(second["activate_time_us"], 700);
+        // Another section counts on its own.
+        let other = since_last_flush(&mut flushed, "block_b", totals(1, 0));
+        assert_eq!(other["backend_lost_count"], 1);
     }
 }

@@ -408,6 +408,11 @@ impl VhostUserQueues {
     /// configuration space differs from the old backend's (a drive on a
     /// new file of another size): the guest must then be told.
     pub fn reconnect(&mut self, mut frontend: VhostUserFrontend) -> Result<bool, FrontendError> {
+        if self.frontend.has_config() && !frontend.has_config() {
+            // The guest reads this device's config space from its backend
+            // (a drive's capacity): one without it cannot take over.
+            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
+        }
         frontend.keep_inflight(self.frontend.take_inflight());
         self.frontend = frontend;
         self.connected = true;

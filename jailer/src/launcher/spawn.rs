@@ -38,8 +38,8 @@ use crate::cgroup::CgroupSet;
 use crate::chroot;
 use crate::privileges;
 
-/// The fd the backend finds its listening socket at; the disk or the TAP
-/// queues follow.
+/// The fd the backend finds its listening socket at; its stats page
+/// follows, then the disk, the vsock host socket or the TAP queues.
 pub const FIRST_FD: RawFd = 3;
 /// Where fds are parked while they are moved into place.
 const PARK_FDS_AT: RawFd = 64;

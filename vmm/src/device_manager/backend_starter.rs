@@ -146,7 +146,8 @@ struct Starter {
 
 impl Starter {
     /// Checks one request as the jailer's launcher does and starts its
-    /// backend with `fds` (the listening socket, then a disk).
+    /// backend with `fds` (the listening socket, the stats page, then a
+    /// disk or the vsock host socket).
     fn start(&mut self, body: &[u8], fds: Vec<OwnedFd>) -> Result<u32, String> {
         let request: LaunchRequest =
             serde_json::from_slice(body).map_err(|err| format!("invalid request: {err}"))?;

@@ -99,9 +99,10 @@ pub fn attach_block_devices(
     for (index, drive) in device_order(drives).into_iter().enumerate() {
         let id = drive.drive_id.clone();
         let queues = queues.clamp(1, MAX_QUEUES);
+        let slot = vhost_user::slot(DeviceKind::Drive, &id, index)?;
         let frontend = connect(drive, spawner, queues)?;
         let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
-        let placed = vhost_user::attach(vm, index, device, spawner, mmio_bus, cmdline)?;
+        let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
         if drive.is_root_device {
             root_cmdline(drive, cmdline).map_err(|source| AttachError::Cmdline {
                 kind: DeviceKind::Drive,

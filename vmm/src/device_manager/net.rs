@@ -88,11 +88,11 @@ pub fn attach_net_devices(
     let mut transports = Vec::new();
     for (index, iface) in ifaces.iter().enumerate() {
         let id = iface.iface_id.clone();
+        let slot = vhost_user::slot(DeviceKind::Interface, &id, first_slot + index)?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
         let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
         let pairs = device.queue_pairs();
-        let slot = first_slot + index;
         let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
         let transport = placed.transport;
         let device = transport.lock().unwrap_or_else(|p| p.into_inner());

@@ -110,24 +110,29 @@ pub struct Placed<M: DeviceModel> {
     pub irq: u32,
 }
 
-/// Puts `device` in the `index`-th virtio-mmio slot: it reads its
+/// The `index`-th virtio-mmio slot (base address and IRQ) for device `id`
+/// of `kind`; checked before its backend is started.
+pub fn slot(kind: DeviceKind, id: &str, index: usize) -> Result<(u64, u32), AttachError> {
+    virtio_mmio_slot(index).ok_or_else(|| AttachError::NoSlot {
+        kind,
+        id: id.to_string(),
+    })
+}
+
+/// Puts `device` in its virtio-mmio slot (from [`slot`]): it reads its
 /// backend's counters (when the VMM started the backend), the guest's
 /// notifications of each queue go to the backend's kick eventfd (an
 /// ioeventfd) and the backend's call eventfds raise the slot's IRQ (an
 /// irqfd); then the bus and the kernel command line get the device.
 pub fn attach<M: DeviceModel + 'static>(
     vm: &Vm,
-    index: usize,
+    (base, irq): (u64, u32),
     mut device: VhostUser<M>,
     spawner: &BackendSpawner,
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<Placed<M>, AttachError> {
     let name = device.queues().device().clone();
-    let (base, irq) = virtio_mmio_slot(index).ok_or_else(|| AttachError::NoSlot {
-        kind: name.kind,
-        id: name.id.clone(),
-    })?;
     if let Some(page) = spawner.stats(&name.id) {
         device.queues_mut().read_backend_stats(page);
     }

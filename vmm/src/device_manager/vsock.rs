@@ -62,6 +62,7 @@ pub fn attach_vsock_device(
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<(VsockTransport, Connector), AttachError> {
+    let slot = vhost_user::slot(DeviceKind::Vsock, VSOCK_ID, slot)?;
     let frontend = connect(vsock, spawner)?;
     let cid = vsock.config.guest_cid.get();
     let device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
