@@ -120,17 +120,21 @@ impl BrokenQueues {
 }
 
 /// A device-bound queue (TX): takes the chains the guest posted on
-/// `vring`, at most `budget` of them, hands each to `handle` and gives it
-/// back with used length 0; after each pass that took any, `signal`s the
-/// guest. The guest's kicks are off during a pass and back on once the
-/// ring is empty. Returns whether the budget ran out first: the caller
-/// then kicks the queue again, so that the worker serves its other events
-/// before it comes back.
+/// `vring`, at most `budget` of them, hands each to `handle` (with the
+/// memory it was read from) and gives it back with used length 0; after
+/// each pass that took any, `signal`s the guest. The guest's kicks are off
+/// during a pass and back on once the ring is empty. Each pass reads the
+/// ring through the latest guest memory (`memory`): the frontend may
+/// change the memory table meanwhile, and a ring read through an old table
+/// can look empty while the new one says otherwise, which would spin the
+/// worker. Returns whether the budget ran out first: the caller then kicks
+/// the queue again, so that the worker serves its other events before it
+/// comes back.
 pub fn take_posted<M>(
     vring: &VringRwLock,
-    mem: M,
+    memory: impl Fn() -> M,
     budget: usize,
-    mut handle: impl FnMut(DescriptorChain<M>),
+    mut handle: impl FnMut(DescriptorChain<M>, &M),
     signal: impl Fn(&VringRwLock) -> Result<(), QueueError>,
 ) -> Result<bool, QueueError>
 where
@@ -139,6 +143,7 @@ where
 {
     let mut taken = 0;
     loop {
+        let mem = memory();
         vring.disable_notification()?;
         let mut used = 0;
         while taken < budget {
@@ -149,7 +154,7 @@ where
                 break;
             };
             let head = chain.head_index();
-            handle(chain);
+            handle(chain, &mem);
             vring.add_used(head, 0)?;
             used += 1;
             taken += 1;
@@ -187,6 +192,60 @@ mod tests {
         assert_eq!(config_slice(&space, 3, 3), [4, 0, 0]);
         assert_eq!(config_slice(&space, 9, 2), [0, 0]);
         assert_eq!(config_slice(&space, u32::MAX, 1), [0]);
+    }
+
+    /// The frontend replaces the memory table while a TX pass runs: the
+    /// ring read through the old table is empty, through the new one it
+    /// holds a chain. The pass must take it from the new one, not spin.
+    #[test]
+    fn a_tx_pass_follows_a_new_memory_table_instead_of_spinning() {
+        use std::cell::Cell;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+        let region = [(GuestAddress(0), 0x2_0000)];
+        let old = GuestMemoryMmap::from_ranges(&region).unwrap();
+        let new = GuestMemoryMmap::from_ranges(&region).unwrap();
+        MockSplitQueue::create(&old, GuestAddress(0), 16);
+        let ring = MockSplitQueue::create(&new, GuestAddress(0), 16);
+        let frame = RawDescriptor::from(Descriptor::new(0x1_0000, 64, 0, 0));
+        ring.add_desc_chains(&[frame], 0).unwrap();
+        let addrs = (
+            ring.desc_table_addr().0,
+            ring.avail_addr().0,
+            ring.used_addr().0,
+        );
+        let (old, new) = (
+            GuestMemoryAtomic::new(old.clone()),
+            GuestMemoryAtomic::new(new.clone()),
+        );
+        let vring = VringRwLock::new(new.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring.set_queue_info(addrs.0, addrs.1, addrs.2).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let passes = Cell::new(0);
+            let memory = || {
+                passes.set(passes.get() + 1);
+                if passes.get() == 1 {
+                    old.memory()
+                } else {
+                    new.memory()
+                }
+            };
+            let mut taken = 0;
+            let result = take_posted(&vring, memory, 8, |_, _| taken += 1, |_| Ok(()));
+            let _ = sender.send((result.map_err(|e| e.to_string()), taken));
+        });
+        let (result, taken) = receiver
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the pass spins on a ring it reads through an old memory table");
+        assert_eq!(result, Ok(false));
+        assert_eq!(taken, 1);
     }
 
     #[test]

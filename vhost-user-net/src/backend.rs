@@ -25,7 +25,10 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
@@ -188,10 +191,9 @@ impl NetBackend {
     /// Guest to TAP: sends every posted frame; bad frames are dropped and
     /// counted, and each chain goes back to the guest.
     fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
-        let mem = self.mem.memory();
-        let transmit = |chain| {
+        let transmit = |chain, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>| {
             let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
-            match frame::transmit(&descriptors, &mem, tap.as_raw_fd()) {
+            match frame::transmit(&descriptors, mem, tap.as_raw_fd()) {
                 Ok(len) => {
                     self.stats().inc(NetCounter::TxPacketsCount);
                     self.stats()
@@ -206,7 +208,8 @@ impl NetBackend {
                 }
             }
         };
-        let more = worker::take_posted(vring, mem.clone(), MAX_TX_PER_EVENT, transmit, |vring| {
+        let memory = || self.mem.memory();
+        let more = worker::take_posted(vring, memory, MAX_TX_PER_EVENT, transmit, |vring| {
             self.signal(vring)
         })?;
         if more {
@@ -223,7 +226,7 @@ impl NetBackend {
     /// frame leaves for the next); those left at the end go back to the
     /// ring. Notifications of new buffers are off while buffers remain.
     fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
-        let mem = self.mem.memory();
+        let mut mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
         let mut ready: VecDeque<RxChain> = VecDeque::new();
         let mut capacity = 0usize;
@@ -273,6 +276,10 @@ impl NetBackend {
                 out_of_buffers = true;
                 if vring.enable_notification()? {
                     vring.disable_notification()?;
+                    // Nothing read through the old table is held: read
+                    // the ring again through the latest one (the view
+                    // enable_notification had).
+                    mem = self.mem.memory();
                     continue;
                 }
                 break;

@@ -17,7 +17,7 @@ use vhost_user_common::ring;
 use vhost_user_common::worker::{self, BrokenQueues};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::muxer::Muxer;
@@ -104,34 +104,27 @@ impl VsockBackend {
     /// Guest to host: every packet posted goes to the muxer, then back to
     /// the guest. Returns whether the budget ran out (more may wait).
     fn process_tx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
-        let mem = self.mem.memory();
-        let to_muxer = |mut chain| match VsockPacket::from_tx_virtq_chain(
-            &*mem,
-            &mut chain,
-            MAX_PACKET_DATA,
-        ) {
-            Ok(packet) => {
-                muxer.stats().inc(VsockCounter::TxPacketsCount);
-                muxer.on_guest_packet(&Header::of(&packet), packet.data_slice());
-            }
-            Err(err) => {
-                muxer.stats().inc(VsockCounter::DroppedPackets);
-                guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
+        let to_muxer = |mut chain, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>| {
+            match VsockPacket::from_tx_virtq_chain(&**mem, &mut chain, MAX_PACKET_DATA) {
+                Ok(packet) => {
+                    muxer.stats().inc(VsockCounter::TxPacketsCount);
+                    muxer.on_guest_packet(&Header::of(&packet), packet.data_slice());
+                }
+                Err(err) => {
+                    muxer.stats().inc(VsockCounter::DroppedPackets);
+                    guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
+                }
             }
         };
-        worker::take_posted(
-            vring,
-            mem.clone(),
-            MAX_PACKETS_PER_EVENT,
-            to_muxer,
-            |vring| self.signal(vring),
-        )
+        let memory = || self.mem.memory();
+        worker::take_posted(vring, memory, MAX_PACKETS_PER_EVENT, to_muxer, |vring| {
+            self.signal(vring)
+        })
     }
 
     /// Host to guest: fills RX buffers with the packets the muxer owes,
     /// while both have some. Returns whether the budget ran out.
     fn process_rx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
-        let mem = self.mem.memory();
         let mut given = 0;
         let mut result = Ok(false);
         while muxer.has_rx_work() {
@@ -139,6 +132,9 @@ impl VsockBackend {
                 result = Ok(true);
                 break;
             }
+            // The latest memory table each time: the ring must read the
+            // same through it as through enable_notification below.
+            let mem = self.mem.memory();
             let next = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
             let Some(mut chain) = next else {
                 // No buffers: wait for the guest's kick (unless buffers
