@@ -11,6 +11,15 @@ use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
 /// Entries per queue the guest may use, on every kind of device.
 pub const QUEUE_SIZE: u16 = 256;
 
+/// What the guest's driver set up when it started the device.
+#[derive(Debug, Clone, Copy)]
+pub struct DriverSetup<'a> {
+    /// The features it acknowledged.
+    pub acked_features: u64,
+    /// Its queues, by index.
+    pub layouts: &'a [QueueLayout],
+}
+
 /// What one kind of vhost-user device adds to the queues every kind
 /// shares. Each call gets those queues.
 pub trait DeviceModel: Send {
@@ -30,8 +39,7 @@ pub trait DeviceModel: Send {
     fn activate(
         &mut self,
         queues: &mut VhostUserQueues,
-        acked_features: u64,
-        layouts: &[QueueLayout],
+        driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError>;
 
     /// Stops the device after a driver reset.
@@ -103,8 +111,11 @@ impl<M: DeviceModel> VirtioDevice for VhostUser<M> {
         acked_features: u64,
         layouts: &[QueueLayout],
     ) -> Result<(), ActivateError> {
-        self.model
-            .activate(&mut self.queues, acked_features, layouts)
+        let driver = DriverSetup {
+            acked_features,
+            layouts,
+        };
+        self.model.activate(&mut self.queues, driver)
     }
 
     fn reset(&mut self) {

@@ -12,7 +12,7 @@ mod queues;
 pub mod vsock;
 pub mod watchdog;
 
-pub use device::{DeviceModel, VhostUser, QUEUE_SIZE};
+pub use device::{DeviceModel, DriverSetup, VhostUser, QUEUE_SIZE};
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
 pub use queues::{FrontendCounters, VhostUserQueues};
 

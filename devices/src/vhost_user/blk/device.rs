@@ -8,8 +8,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use crate::vhost_user::{
-    features, DeviceKind, DeviceModel, DeviceName, FrontendError, VhostUser, VhostUserDeviceError,
-    VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
+    features, DeviceKind, DeviceModel, DeviceName, DriverSetup, FrontendError, VhostUser,
+    VhostUserDeviceError, VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
 use crate::virtio::{ActivateError, QueueLayout};
 
@@ -168,12 +168,13 @@ impl DeviceModel for Block {
     fn activate(
         &mut self,
         queues: &mut VhostUserQueues,
-        acked_features: u64,
-        layouts: &[QueueLayout],
+        driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError> {
-        self.acked_features = acked_features;
-        self.layouts = layouts.to_vec();
-        if let Err(err) = queues.activate_for_guest(acked_features, layouts, QUEUE_SIZE) {
+        self.acked_features = driver.acked_features;
+        self.layouts = driver.layouts.to_vec();
+        if let Err(err) =
+            queues.activate_for_guest(driver.acked_features, driver.layouts, QUEUE_SIZE)
+        {
             self.layouts.clear();
             return Err(err);
         }
@@ -181,7 +182,7 @@ impl DeviceModel for Block {
             log::Level::Info,
             "{}: active with {} queue(s)",
             queues.device(),
-            layouts.len()
+            driver.layouts.len()
         );
         Ok(())
     }

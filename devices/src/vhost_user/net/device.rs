@@ -17,10 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlQueue, CtrlStats};
 use crate::vhost_user::{
-    features, DeviceKind, DeviceModel, DeviceName, FrontendError, VhostUser, VhostUserDeviceError,
-    VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
+    features, DeviceKind, DeviceModel, DeviceName, DriverSetup, FrontendError, VhostUser,
+    VhostUserDeviceError, VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
-use crate::virtio::{ActivateError, QueueLayout};
+use crate::virtio::ActivateError;
 
 /// The virtio device id of network devices.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -212,11 +212,10 @@ impl DeviceModel for Net {
     fn activate(
         &mut self,
         queues: &mut VhostUserQueues,
-        acked_features: u64,
-        layouts: &[QueueLayout],
+        driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError> {
-        let mq = acked_features & MQ != 0;
-        let ctrl_vq = acked_features & CTRL_VQ != 0;
+        let mq = driver.acked_features & MQ != 0;
+        let ctrl_vq = driver.acked_features & CTRL_VQ != 0;
         let data_count = if mq {
             QUEUES_PER_PAIR * usize::from(self.pairs)
         } else {
@@ -235,15 +234,15 @@ impl DeviceModel for Net {
                 ),
             });
         }
-        let data = &layouts[..layouts.len().min(data_count)];
-        let ctrl = match (mq, layouts.get(data_count)) {
+        let data = &driver.layouts[..driver.layouts.len().min(data_count)];
+        let ctrl = match (mq, driver.layouts.get(data_count)) {
             (true, Some(layout)) => Some(
                 CtrlQueue::new(
                     &queues.device().id,
                     queues.mem(),
                     layout,
                     QUEUE_SIZE,
-                    acked_features & features::EVENT_IDX != 0,
+                    driver.acked_features & features::EVENT_IDX != 0,
                     self.pairs,
                 )
                 .map_err(|err| ActivateError::BadQueue {
@@ -262,7 +261,7 @@ impl DeviceModel for Net {
             }
             (false, _) => None,
         };
-        queues.activate_for_guest(acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
+        queues.activate_for_guest(driver.acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
         self.ctrl = ctrl;
         crate::guest_log_here!(
             log::Level::Info,

@@ -5,10 +5,10 @@
 //! since it knows the CID, so the guest reads it even without a backend.
 
 use crate::vhost_user::{
-    features, DeviceKind, DeviceModel, DeviceName, VhostUser, VhostUserDeviceError,
+    features, DeviceKind, DeviceModel, DeviceName, DriverSetup, VhostUser, VhostUserDeviceError,
     VhostUserFrontend, VhostUserQueues, QUEUE_SIZE,
 };
-use crate::virtio::{ActivateError, QueueLayout};
+use crate::virtio::ActivateError;
 
 /// The virtio device id of socket devices.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -72,10 +72,9 @@ impl DeviceModel for Vsock {
     fn activate(
         &mut self,
         queues: &mut VhostUserQueues,
-        acked_features: u64,
-        layouts: &[QueueLayout],
+        driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError> {
-        queues.activate_for_guest(acked_features, layouts, QUEUE_SIZE)?;
+        queues.activate_for_guest(driver.acked_features, driver.layouts, QUEUE_SIZE)?;
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active, guest CID {}",
