@@ -453,10 +453,56 @@ JSON
 	ok cpuid "$(wc -l </tmp/cpuid.tessera) leaves under tessera, $(wc -l </tmp/cpuid.firecracker) under Firecracker"
 }
 
+# Nested page faults (KVM's kvm_page_fault tracepoint in L1) while L2
+# Linux boots to init and halts, under tessera and under Firecracker: how
+# many, on how many 2 MiB guest regions, the regions that took more than
+# one fault (mapped 4 KiB at a time), L1's THP fault counters, and the
+# L2 exits by reason.
+scenario_npf() {
+	trace=/sys/kernel/tracing
+	[ -e $trace/trace ] || mount -t tracefs tracefs $trace || {
+		fail npf "no tracefs"
+		return
+	}
+	cat >/tmp/npf.json <<JSON
+{"boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+  "boot_args": "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.halt=1"},
+ "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
+JSON
+	echo 8192 >$trace/buffer_size_kb
+	for vmm in tessera /opt/peers/firecracker tessera /opt/peers/firecracker; do
+		[ -x "$(command -v $vmm)" ] || continue
+		name=$(basename $vmm)
+		echo 0 >$trace/tracing_on
+		echo >$trace/trace
+		echo 1 >$trace/events/kvm/kvm_page_fault/enable
+		echo 1 >$trace/events/kvm/kvm_exit/enable
+		before=$(awk '/^thp_fault_(alloc|fallback) / { printf "%s ", $2 }' /proc/vmstat)
+		start=$(awk '{ print int($1 * 1000) }' /proc/uptime)
+		echo 1 >$trace/tracing_on
+		timeout 60 $vmm --no-api --config-file /tmp/npf.json >/tmp/npf.out 2>&1
+		echo 0 >$trace/tracing_on
+		ms=$(($(awk '{ print int($1 * 1000) }' /proc/uptime) - start))
+		after=$(awk '/^thp_fault_(alloc|fallback) / { printf "%s ", $2 }' /proc/vmstat)
+		echo "nested.npf.$name=$ms ms, thp_fault alloc/fallback before $before after $after"
+		grep kvm_page_fault $trace/trace | sed -n 's/.*address \(0x[0-9a-f]*\).*/\1/p' |
+			awk '{ r = int(($1 + 0) / 2097152); n[r]++; total++ }
+			END { for (r in n) { regions++; if (n[r] > 1) { many++; printf "%d:%d ", r * 2, n[r] } }
+			      printf "\n%d faults, %d regions, %d with several\n", total, regions, many }' >/tmp/npf.sum
+		echo "nested.npf.$name.regions=$(head -n 1 /tmp/npf.sum)"
+		echo "nested.npf.$name.total=$(tail -n 1 /tmp/npf.sum)"
+		echo "nested.npf.$name.exits=$(grep kvm_exit: $trace/trace | sed -n 's/.*reason \([A-Za-z_0-9]*\).*/\1/p' |
+			sort | uniq -c | sort -rn | awk '{ printf "%s:%s ", $2, $1 }')"
+	done
+	echo 0 >$trace/events/kvm/kvm_page_fault/enable
+	echo 0 >$trace/events/kvm/kvm_exit/enable
+	ok npf "see the nested.npf.* lines"
+}
+
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

@@ -134,7 +134,7 @@ impl BlockBackend {
         let threads = queue_masks(config.queues, config.threads).len();
         let common = WorkerCommon::new(config.queue_size, threads, config.seccomp.clone())?;
         let engines = (0..threads)
-            .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring, disk.direct())))
+            .map(|_| Mutex::new(Engine::new(MAX_IN_FLIGHT, config.io_uring, &disk)))
             .collect::<Vec<_>>();
         if let Some(engine) = engines.first() {
             let uring = engine.lock().map(|e| e.is_uring()).unwrap_or(false);

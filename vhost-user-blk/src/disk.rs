@@ -28,6 +28,9 @@ pub struct Disk {
     sectors: u64,
     read_only: bool,
     direct: bool,
+    /// Whether the file lives in memory (tmpfs, ramfs, hugetlbfs): its
+    /// transfers never wait for a device.
+    in_memory: bool,
     /// Whether each write is durable before it completes (the guest's
     /// cache mode; write-back leaves that to FLUSH).
     write_through: AtomicBool,
@@ -91,11 +94,13 @@ impl Disk {
                 size % SECTOR_SIZE
             );
         }
+        let in_memory = lives_in_memory(&file);
         Ok(Self {
             file,
             sectors: size / SECTOR_SIZE,
             read_only,
             direct,
+            in_memory,
             write_through: AtomicBool::new(true),
         })
     }
@@ -128,6 +133,12 @@ impl Disk {
     /// Whether I/O bypasses the host page cache (O_DIRECT).
     pub fn direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether the image is a regular file on a memory file system (tmpfs,
+    /// ramfs, hugetlbfs), where a transfer is a copy that never waits.
+    pub fn in_memory(&self) -> bool {
+        self.in_memory
     }
 
     /// Reads `len` bytes at `offset` into host memory at `dst`.
@@ -234,6 +245,19 @@ impl Disk {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// Whether `file` is a regular file on a memory file system. A block
+/// device node is not, though devtmpfs reports tmpfs's magic for it.
+fn lives_in_memory(file: &File) -> bool {
+    use nix::sys::statfs::{fstatfs, FsType, HUGETLBFS_MAGIC, TMPFS_MAGIC};
+    // linux/magic.h; neither libc nor nix names it.
+    const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
+    let regular = file.metadata().is_ok_and(|meta| meta.file_type().is_file());
+    regular
+        && fstatfs(file).is_ok_and(|fs| {
+            [TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC].contains(&fs.filesystem_type())
+        })
 }
 
 fn disk_size(file: &File) -> io::Result<u64> {

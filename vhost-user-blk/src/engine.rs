@@ -3,11 +3,18 @@
 //! worth of requests in flight while the worker keeps taking new ones from
 //! the guest; blocking calls otherwise.
 //!
-//! A read or write that can complete without blocking (page cache, tmpfs)
-//! is first tried in place with `preadv2`/`pwritev2` and `RWF_NOWAIT`, as
-//! QEMU and SPDK do: io_uring would hand a tmpfs read to one of its worker
-//! threads, which costs more than the copy itself. Only what would block
-//! goes to the ring. O_DIRECT I/O always goes to the ring.
+//! Buffered I/O is done in place when it cannot wait for a device, since
+//! io_uring hands what it cannot do without blocking to one of its worker
+//! threads, which costs more than the copy itself:
+//! - on a memory file system (tmpfs), every transfer is a copy: always in
+//!   place, with plain `preadv`/`pwritev` (tmpfs refuses `RWF_NOWAIT`);
+//! - elsewhere, a transfer is first tried with `preadv2`/`pwritev2` and
+//!   `RWF_NOWAIT`, as QEMU and SPDK do, and only what would block goes to
+//!   the ring. Where the file system refuses `RWF_NOWAIT` (ext4 for
+//!   buffered writes), writes, which only fill the page cache, are done in
+//!   place as Cloud Hypervisor's backend does, and reads go to the ring;
+//! - O_DIRECT I/O, and a durable write outside memory, always go to the
+//!   ring.
 
 use std::io;
 
@@ -51,6 +58,26 @@ pub struct Engine {
     free: Vec<usize>,
     queued: usize,
     submit_each: bool,
+    reads: InPlace,
+    writes: InPlace,
+}
+
+/// How a read or a write is tried in place, before the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InPlace {
+    /// Never: it goes to the ring.
+    Never,
+    /// With `RWF_NOWAIT`: in place unless it would block.
+    Nowait,
+    /// Always, with a blocking call: the transfer is a copy in memory.
+    Always,
+}
+
+/// What a transfer tried with `RWF_NOWAIT` came to.
+enum Tried {
+    Moved,
+    WouldBlock,
+    Unsupported,
 }
 
 impl Engine {
@@ -61,7 +88,17 @@ impl Engine {
     /// the next one (4 KiB reads at QD32: 83k IOPS against 71k). From page
     /// cache, io_uring copies the data inside the submitting call, so one
     /// call per batch costs less (4 queues: 696k against 484k).
-    pub fn new(entries: u32, use_uring: bool, submit_each: bool) -> Self {
+    /// How each transfer is tried in place follows from `disk`: see the
+    /// module's documentation.
+    pub fn new(entries: u32, use_uring: bool, disk: &Disk) -> Self {
+        let submit_each = disk.direct();
+        let in_place = if disk.direct() {
+            InPlace::Never
+        } else if disk.in_memory() {
+            InPlace::Always
+        } else {
+            InPlace::Nowait
+        };
         let ring = if use_uring {
             match restricted_ring(entries) {
                 Ok(ring) => Some(ring),
@@ -79,6 +116,8 @@ impl Engine {
             free: (0..entries as usize).rev().collect(),
             queued: 0,
             submit_each,
+            reads: in_place,
+            writes: in_place,
         }
     }
 
@@ -100,14 +139,17 @@ impl Engine {
     /// Starts `op`. The blocking engine, or an in-place transfer that did
     /// not need to block, finishes it at once and returns it.
     pub fn start(&mut self, disk: &Disk, ticket: Ticket, op: Op) -> Option<Done> {
+        if self.ring.is_none() {
+            return Some((ticket, run_one_sync(disk, &op)));
+        }
+        if let Op::Io(io) = &op {
+            if let Some(result) = self.in_place(disk, io) {
+                return Some((ticket, result));
+            }
+        }
         let Some(ring) = &mut self.ring else {
             return Some((ticket, run_one_sync(disk, &op)));
         };
-        if let Op::Io(io) = &op {
-            if !self.submit_each && transfer_now(disk, io) {
-                return Some((ticket, Ok(if io.write { 0 } else { io.len })));
-            }
-        }
         let Some(slot) = self.free.pop() else {
             return Some((
                 ticket,
@@ -133,6 +175,44 @@ impl Engine {
                 self.free.push(slot);
                 return Some((ticket?, Err(RequestError::Io(err))));
             }
+        }
+    }
+
+    /// Does `io` in place if its file and direction allow (see the module's
+    /// documentation) and returns its outcome; None sends it to the ring.
+    fn in_place(&mut self, disk: &Disk, io: &DataIo) -> Option<Result<u32, RequestError>> {
+        let moved = if io.write { 0 } else { io.len };
+        let way = if io.write { self.writes } else { self.reads };
+        match way {
+            InPlace::Never => None,
+            // A durable write waits for the device (RWF_DSYNC) but in memory.
+            InPlace::Always if io.write && io.durable && !disk.in_memory() => None,
+            InPlace::Always => Some(run_sync(io, disk).map(|()| moved)),
+            InPlace::Nowait => match transfer_now(disk, io) {
+                Tried::Moved => Some(Ok(moved)),
+                Tried::WouldBlock => None,
+                Tried::Unsupported => {
+                    let (direction, learned) = if io.write {
+                        ("writes", &mut self.writes)
+                    } else {
+                        ("reads", &mut self.reads)
+                    };
+                    // Buffered writes only fill the page cache; a read
+                    // the file system cannot promise may wait for a device.
+                    *learned = if io.write {
+                        InPlace::Always
+                    } else {
+                        InPlace::Never
+                    };
+                    // Once per worker and direction.
+                    log::info!(
+                        "the file system refuses RWF_NOWAIT for buffered {direction}: \
+                         they are done {}",
+                        if io.write { "in place" } else { "through io_uring" }
+                    );
+                    self.in_place(disk, io)
+                }
+            },
         }
     }
 
@@ -221,14 +301,14 @@ pub fn restricted_ring(entries: u32) -> io::Result<IoUring> {
 }
 
 /// Moves all of `io` in one `preadv2`/`pwritev2` with `RWF_NOWAIT` if the
-/// kernel can do it without blocking; false if it would block (or moved
-/// only part, or failed), and then the ring redoes the whole request.
-fn transfer_now(disk: &Disk, io: &DataIo) -> bool {
+/// kernel can do it without blocking. If it would block (or moved only
+/// part, or failed), the ring redoes the whole request.
+fn transfer_now(disk: &Disk, io: &DataIo) -> Tried {
     let Ok(count) = libc::c_int::try_from(io.iovecs.len()) else {
-        return false;
+        return Tried::WouldBlock;
     };
     let Ok(offset) = libc::off_t::try_from(io.offset) else {
-        return false;
+        return Tried::WouldBlock;
     };
     let durable = if io.durable { libc::RWF_DSYNC } else { 0 };
     // SAFETY: the iovecs point into guest memory, which stays mapped while
@@ -253,7 +333,13 @@ fn transfer_now(disk: &Disk, io: &DataIo) -> bool {
             )
         }
     };
-    usize::try_from(moved).is_ok_and(|moved| moved == io.len as usize)
+    if usize::try_from(moved).is_ok_and(|moved| moved == io.len as usize) {
+        Tried::Moved
+    } else if moved < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        Tried::Unsupported
+    } else {
+        Tried::WouldBlock
+    }
 }
 
 fn run_one_sync(disk: &Disk, op: &Op) -> Result<u32, RequestError> {
@@ -320,6 +406,81 @@ mod tests {
         (io, ticket)
     }
 
+    /// A write of `buf` at offset 0; `durable` as in write-through mode.
+    fn write_from(buf: &mut [u8], durable: bool) -> (DataIo, Ticket) {
+        let (mut io, ticket) = read_into(buf);
+        io.write = true;
+        io.durable = durable;
+        let work = io.work();
+        (io, Ticket { work, ..ticket })
+    }
+
+    /// A 4 KiB image of 7s in `dir`, open buffered.
+    fn image_in(dir: &std::path::Path) -> (tempfile::NamedTempFile, Disk) {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new_in(dir).unwrap();
+        file.write_all(&[7u8; 8 * 512]).unwrap();
+        let disk = Disk::open(file.path(), false, false).unwrap();
+        (file, disk)
+    }
+
+    /// The source tree: a disk-backed file system (the test says so).
+    fn on_disk() -> &'static std::path::Path {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn tmpfs_reads_and_writes_complete_in_place_though_tmpfs_refuses_nowait() {
+        let (file, disk) = image_in(std::path::Path::new("/dev/shm"));
+        assert!(disk.in_memory());
+        let mut engine = Engine::new(8, true, &disk);
+        assert!(engine.is_uring());
+        let mut buf = vec![0u8; 4096];
+        let (io, ticket) = read_into(&mut buf);
+        let done = engine.start(&disk, ticket, Op::Io(io));
+        assert!(matches!(done, Some((_, Ok(4096)))), "read not done in place");
+        assert_eq!(buf, [7u8; 4096]);
+        let mut data = vec![9u8; 4096];
+        // Durable too: in memory, RWF_DSYNC waits for nothing.
+        let (io, ticket) = write_from(&mut data, true);
+        let done = engine.start(&disk, ticket, Op::Io(io));
+        assert!(matches!(done, Some((_, Ok(0)))), "write not done in place");
+        assert_eq!(engine.in_flight(), 0);
+        assert_eq!(std::fs::read(file.path()).unwrap(), [9u8; 4096]);
+    }
+
+    #[test]
+    fn a_device_node_is_not_in_memory_though_devtmpfs_says_tmpfs() {
+        let disk = Disk::open(std::path::Path::new("/dev/null"), true, false).unwrap();
+        assert!(!disk.in_memory());
+    }
+
+    #[test]
+    fn a_buffered_write_completes_in_place_and_a_durable_one_goes_to_the_ring() {
+        let (file, disk) = image_in(on_disk());
+        assert!(!disk.in_memory(), "the source tree is on tmpfs");
+        let mut engine = Engine::new(8, true, &disk);
+        // ext4 refuses RWF_NOWAIT for buffered writes: the first one learns
+        // it, and every one is done in place.
+        for byte in [1u8, 2] {
+            let mut data = vec![byte; 4096];
+            let (io, ticket) = write_from(&mut data, false);
+            let done = engine.start(&disk, ticket, Op::Io(io));
+            assert!(matches!(done, Some((_, Ok(0)))), "write {byte} not in place");
+            assert_eq!(std::fs::read(file.path()).unwrap(), [byte; 4096]);
+        }
+        let mut data = vec![3u8; 4096];
+        let (io, ticket) = write_from(&mut data, true);
+        assert!(engine.start(&disk, ticket, Op::Io(io)).is_none());
+        assert_eq!(engine.in_flight(), 1);
+        let mut done = Vec::new();
+        while done.is_empty() {
+            engine.reap(&disk, true, &mut done).unwrap();
+        }
+        assert!(matches!(done[0].1, Ok(0)), "{:?}", done[0].1);
+        assert_eq!(std::fs::read(file.path()).unwrap(), [3u8; 4096]);
+    }
+
     #[test]
     fn a_read_from_the_page_cache_completes_in_place() {
         use std::io::Write;
@@ -328,7 +489,7 @@ mod tests {
         let disk = Disk::open(file.path(), false, false).unwrap();
         let mut buf = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut buf);
-        let mut engine = Engine::new(8, true, false);
+        let mut engine = Engine::new(8, true, &disk);
         let done = engine.start(&disk, ticket, Op::Io(io));
         assert!(matches!(done, Some((_, Ok(4096)))), "not done in place");
         assert_eq!(engine.in_flight(), 0);
@@ -346,7 +507,7 @@ mod tests {
         file.as_file().set_len(512).unwrap();
         let mut buf = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut buf);
-        let mut engine = Engine::new(8, true, false);
+        let mut engine = Engine::new(8, true, &disk);
         assert!(engine.is_uring());
         assert!(engine.start(&disk, ticket, Op::Io(io)).is_none());
         let mut done = Vec::new();
