@@ -1,9 +1,9 @@
 //! The typed actions the API asks of the VMM, and their outcomes.
 
 use vmm_config::{
-    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, InstanceInfo, LoggerConfig,
-    MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
+    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams, InstanceInfo,
+    LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
 };
 
 /// One request for the VMM thread.
@@ -28,6 +28,8 @@ pub enum VmmAction {
     FlushMetrics,
     Pause,
     Resume,
+    CreateSnapshot(CreateSnapshotParams),
+    LoadSnapshot(LoadSnapshotParams),
 }
 
 /// What a successful action returns.

@@ -208,7 +208,11 @@ impl Engine {
                     log::info!(
                         "the file system refuses RWF_NOWAIT for buffered {direction}: \
                          they are done {}",
-                        if io.write { "in place" } else { "through io_uring" }
+                        if io.write {
+                            "in place"
+                        } else {
+                            "through io_uring"
+                        }
                     );
                     self.in_place(disk, io)
                 }
@@ -438,7 +442,10 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut buf);
         let done = engine.start(&disk, ticket, Op::Io(io));
-        assert!(matches!(done, Some((_, Ok(4096)))), "read not done in place");
+        assert!(
+            matches!(done, Some((_, Ok(4096)))),
+            "read not done in place"
+        );
         assert_eq!(buf, [7u8; 4096]);
         let mut data = vec![9u8; 4096];
         // Durable too: in memory, RWF_DSYNC waits for nothing.
@@ -466,7 +473,10 @@ mod tests {
             let mut data = vec![byte; 4096];
             let (io, ticket) = write_from(&mut data, false);
             let done = engine.start(&disk, ticket, Op::Io(io));
-            assert!(matches!(done, Some((_, Ok(0)))), "write {byte} not in place");
+            assert!(
+                matches!(done, Some((_, Ok(0)))),
+                "write {byte} not in place"
+            );
             assert_eq!(std::fs::read(file.path()).unwrap(), [byte; 4096]);
         }
         let mut data = vec![3u8; 4096];

@@ -10,6 +10,7 @@ mod machine_config;
 mod metrics;
 mod net;
 mod serial;
+mod snapshot;
 mod vm;
 mod vsock;
 
@@ -24,6 +25,10 @@ pub use machine_config::{
 pub use metrics::MetricsConfig;
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::{SerialConfig, SerialError};
+pub use snapshot::{
+    CreateSnapshotParams, DriveOverride, LoadSnapshotParams, MemBackendConfig, MemBackendType,
+    NetworkOverride, SnapshotType, VsockOverride, LOAD_MISSING_FIELD, LOAD_TOO_MANY_FIELDS,
+};
 pub use vm::{
     ActionType, InstanceActionInfo, InstanceInfo, RequestedVmState, VmState, VmStateRequest,
 };

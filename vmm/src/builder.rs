@@ -65,6 +65,8 @@ pub enum StartMicrovmError {
     Seccomp(tessera_seccomp::SeccompError),
     #[error("cannot start the vhost-user reply watchdog: {0}")]
     Watchdog(std::io::Error),
+    #[error("KVM cannot list the MSRs it saves: {0}")]
+    MsrList(kvm_ioctls::Error),
 }
 
 impl StartMicrovmError {
@@ -188,30 +190,60 @@ pub fn build_microvm(
     );
     let buses = (Arc::new(legacy.pio_bus), Arc::new(legacy.mmio_bus));
     let vcpus = create_vcpus(&kvm, &vm, machine, buses, kernel.entry)?;
+    let parts = Parts {
+        guest_memory,
+        vm,
+        vcpus,
+        serial: legacy.serial,
+        i8042: legacy.i8042,
+        reset_evt: legacy.reset_evt,
+        attached,
+    };
+    run_microvm(parts, resources.clone(), options, false)
+}
 
+/// What a built or loaded microVM is made of, before its event loop.
+pub(crate) struct Parts {
+    pub(crate) guest_memory: GuestMemoryMmap,
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) serial: Arc<Mutex<devices::legacy::serial::SerialDevice>>,
+    pub(crate) i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) attached: AttachedDevices,
+}
+
+/// Sets up the event loop around `parts` and starts the vCPUs (`paused`:
+/// each waits for a resume before it first runs).
+pub(crate) fn run_microvm(
+    parts: Parts,
+    resources: VmResources,
+    options: &BootOptions,
+    paused: bool,
+) -> Result<Vmm, StartMicrovmError> {
     let vcpu_stop_evt =
         EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| event_loop_err(&e))?;
     let (stop_sender, stop_receiver) = mpsc::channel();
     let exit_handler = Arc::new(Mutex::new(ExitHandler::new(
-        legacy.reset_evt,
+        parts.reset_evt,
         vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?,
         stop_receiver,
     )));
     let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| event_loop_err(&e))?;
     event_manager.add_subscriber(exit_handler.clone());
-    let devices = watch_backends(attached, &mut event_manager)?;
-    let terminal = serial_input(&legacy.serial, &mut event_manager);
+    let devices = watch_backends(parts.attached, &mut event_manager)?;
+    let terminal = serial_input(&parts.serial, &mut event_manager);
 
-    let vcpu_handles = start_vcpus(vcpus, &stop_sender, &vcpu_stop_evt, options)?;
+    let vcpu_handles = start_vcpus(parts.vcpus, &stop_sender, &vcpu_stop_evt, options, paused)?;
     Ok(Vmm {
-        _guest_memory: guest_memory,
-        _vm: vm,
+        _guest_memory: parts.guest_memory,
+        _vm: parts.vm,
         vcpus: vcpu_handles,
-        i8042: legacy.i8042,
-        serial: legacy.serial,
+        i8042: parts.i8042,
+        serial: parts.serial,
         devices,
-        resources: resources.clone(),
-        paused: false,
+        resources,
+        paused,
         event_manager,
         exit_handler,
         _terminal: terminal,
@@ -227,12 +259,13 @@ fn start_vcpus(
     stop_sender: &mpsc::Sender<vcpu::VcpuStopReport>,
     vcpu_stop_evt: &EventFd,
     options: &BootOptions,
+    paused: bool,
 ) -> Result<Vec<VcpuHandle>, StartMicrovmError> {
     vcpu::install_kick_handler()?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let evt = vcpu_stop_evt.try_clone().map_err(|e| event_loop_err(&e))?;
-        handles.push(vcpu.start(stop_sender.clone(), evt, options.seccomp.clone())?);
+        handles.push(vcpu.start(stop_sender.clone(), evt, options.seccomp.clone(), paused)?);
     }
     options
         .seccomp
@@ -246,7 +279,7 @@ fn event_loop_err(err: &dyn std::fmt::Debug) -> StartMicrovmError {
 }
 
 /// Opens `/dev/kvm` and checks that it allows `vcpu_count` vCPUs.
-fn open_kvm(vcpu_count: u8) -> Result<Kvm, StartMicrovmError> {
+pub(crate) fn open_kvm(vcpu_count: u8) -> Result<Kvm, StartMicrovmError> {
     let kvm = Kvm::new().map_err(StartMicrovmError::Kvm)?;
     let max = kvm.get_max_vcpus();
     if usize::from(vcpu_count) > max {
@@ -281,7 +314,7 @@ fn create_guest_memory(resources: &VmResources) -> Result<GuestMemoryMmap, Start
 }
 
 /// The serial port, the i8042 and the boot timer.
-fn attach_legacy_devices(
+pub(crate) fn attach_legacy_devices(
     vm: &Vm,
     resources: &VmResources,
     options: &BootOptions,
@@ -303,7 +336,8 @@ fn attach_legacy_devices(
 }
 
 /// The vhost-user devices, each with what brings it a new backend.
-struct AttachedDevices {
+#[derive(Default)]
+pub(crate) struct AttachedDevices {
     block: Vec<(device_manager::BlockTransport, device_manager::Connector)>,
     block_spawner: Option<BackendSpawner>,
     net: Vec<(device_manager::NetTransport, device_manager::Connector)>,
@@ -407,9 +441,11 @@ fn create_vcpus(
     if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
         crate::arch::cpuid::announce_tsc_deadline(&mut supported_cpuid);
     }
+    let msr_list = saveable_msrs(kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
     for index in 0..machine.vcpu_count {
-        let vcpu = Vcpu::new(vm.fd(), index, pio_bus.clone(), mmio_bus.clone())?;
+        let buses = (pio_bus.clone(), mmio_bus.clone());
+        let vcpu = Vcpu::new(vm.fd(), index, buses, msr_list.clone())?;
         let topology = Topology {
             cpu_index: index,
             cpu_count: machine.vcpu_count,
@@ -419,6 +455,14 @@ fn create_vcpus(
         vcpus.push(vcpu);
     }
     Ok(vcpus)
+}
+
+/// The MSRs KVM can save and restore, for snapshots.
+pub(crate) fn saveable_msrs(kvm: &Kvm) -> Result<Arc<Vec<u32>>, StartMicrovmError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(StartMicrovmError::MsrList)?;
+    Ok(Arc::new(list.as_slice().to_vec()))
 }
 
 /// Has the event loop watch each device's backend (and a network device's

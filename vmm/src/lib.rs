@@ -19,6 +19,7 @@ pub mod output_file;
 pub mod resources;
 pub mod rpc_interface;
 pub mod runtime;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{build_microvm, BootOptions, StartMicrovmError};

@@ -101,9 +101,9 @@ pub fn create_guest_memory(
         let backing = match &file {
             Some(file) => {
                 let clone = file.try_clone().map_err(|err| map_err(err.to_string()))?;
-                Some(FileOffset::new(clone, file_offset))
+                Backing::Shared(FileOffset::new(clone, file_offset))
             }
-            None => None,
+            None => Backing::Anonymous,
         };
         file_offset += len;
         let region = map_region(len as usize, backing, huge_pages).map_err(map_err)?;
@@ -120,6 +120,38 @@ pub fn create_guest_memory(
         advise_huge_pages(&mem);
     }
     Ok(mem)
+}
+
+/// Maps a snapshot's memory file as guest RAM for a microVM that shares
+/// it with no backend: each region of `regions` (guest address, length)
+/// copy-on-write over the file, the regions one after another in it, so
+/// that a load reads only the pages the guest touches and clones of one
+/// snapshot share the host's page cache of it.
+pub fn map_snapshot_memory(
+    file: &File,
+    regions: &[(u64, u64)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let total: u64 = regions.iter().map(|&(_, len)| len).sum();
+    let map_err = |reason: String| MemoryError::Map {
+        size_mib: (total >> 20) as usize,
+        reason,
+    };
+    let mut file_offset = 0;
+    let mut mapped = Vec::with_capacity(regions.len());
+    for &(addr, len) in regions {
+        let clone = file.try_clone().map_err(|err| map_err(err.to_string()))?;
+        let backing = Backing::CopyOnWrite(FileOffset::new(clone, file_offset));
+        file_offset += len;
+        let region = map_region(len as usize, backing, HugePageConfig::None).map_err(map_err)?;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(addr)).ok_or_else(|| {
+                map_err(format!(
+                    "the region at {addr:#x} overflows the address space"
+                ))
+            })?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|err| map_err(err.to_string()))
 }
 
 /// The memfd that shared (or hugetlbfs) guest RAM lives in.
@@ -145,9 +177,21 @@ fn memfd(mem_size_mib: usize, huge_pages: HugePageConfig) -> Result<File, Memory
 /// anonymous, at a [`REGION_ALIGNMENT`]-aligned address: a reservation
 /// `REGION_ALIGNMENT` larger is made, the region is mapped over its
 /// aligned part, and the rest is unmapped. The region never unmaps itself.
+/// What a region of guest RAM maps.
+enum Backing {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A file the backends map too (the memfd).
+    Shared(FileOffset),
+    /// A snapshot's memory file, copy-on-write: pages are read from it
+    /// when the guest first touches them, and the guest's writes stay in
+    /// this process.
+    CopyOnWrite(FileOffset),
+}
+
 fn map_region(
     len: usize,
-    backing: Option<FileOffset>,
+    backing: Backing,
     huge_pages: HugePageConfig,
 ) -> Result<vm_memory::MmapRegion, String> {
     let length = NonZeroUsize::new(len).ok_or("an empty region")?;
@@ -169,12 +213,16 @@ fn map_region(
     let start = (base.as_ptr() as usize).next_multiple_of(REGION_ALIGNMENT);
     let at = NonZeroUsize::new(start);
     let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
-    let flags = match backing {
-        Some(_) => MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
-        None => MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_ANONYMOUS,
+    let (flags, file) = match backing {
+        Backing::Shared(file) => (MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE, Some(file)),
+        Backing::CopyOnWrite(file) => (MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE, Some(file)),
+        Backing::Anonymous => (
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_ANONYMOUS,
+            None,
+        ),
     };
     let fixed = flags | MapFlags::MAP_FIXED;
-    let mapped = match &backing {
+    let mapped = match &file {
         // SAFETY: [start, start + len) lies inside the reservation made
         // above, which nothing else uses: MAP_FIXED replaces only it.
         Some(file) => unsafe {
@@ -218,7 +266,7 @@ fn map_region(
         .with_mmap_prot(prot.bits())
         .with_mmap_flags(flags.bits())
         .with_hugetlbfs(huge_pages == HugePageConfig::Hugetlbfs2M);
-    let builder = match backing {
+    let builder = match file {
         Some(file) => builder.with_file_offset(file),
         None => builder,
     };

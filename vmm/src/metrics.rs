@@ -120,6 +120,8 @@ pub struct Metrics {
     pub metrics: RequestCounters,
     pub serial: RequestCounters,
     pub vsock: RequestCounters,
+    pub snapshot_create: RequestCounters,
+    pub snapshot_load: RequestCounters,
     /// Process start to the API socket answering, and its CPU time.
     pub startup_time_us: AtomicU64,
     pub startup_time_cpu_us: AtomicU64,
@@ -197,6 +199,8 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("metrics", &m.metrics),
             ("network", &m.network_put),
             ("serial", &m.serial),
+            ("snapshot_create", &m.snapshot_create),
+            ("snapshot_load", &m.snapshot_load),
             ("vsock", &m.vsock),
         ]),
         "patch_api_requests": requests(&[

@@ -24,6 +24,11 @@ use crate::logger;
 use crate::metrics::{self, metrics, RequestCounters, FLUSH_INTERVAL_SECS};
 use crate::resources::VmResources;
 use crate::runtime::Vmm;
+use crate::snapshot::load::load_microvm;
+
+/// Firecracker's answer to a load into a process already configured.
+const LOAD_NOT_ALLOWED: &str = "Load snapshot error: Loading a microVM snapshot not allowed after \
+     configuring boot-specific resources.";
 
 type Outcome = Result<VmmData, ActionError>;
 
@@ -103,11 +108,45 @@ pub fn run_preboot(
     options: &BootOptions,
     instance_id: &str,
 ) -> Option<Vmm> {
+    // Set by any boot-specific configuration (even a refused one), as in
+    // Firecracker: a snapshot loads only into a fresh process.
+    let mut boot_path = false;
     loop {
         let action = endpoint.requests.recv().ok()?;
         let _ = endpoint.wake.read();
         let m = metrics();
+        boot_path |= matches!(
+            action,
+            VmmAction::PutMachineConfig(_)
+                | VmmAction::PatchMachineConfig(_)
+                | VmmAction::PutBootSource(_)
+                | VmmAction::PutDrive(_)
+                | VmmAction::PutNetworkInterface(_)
+                | VmmAction::PutVsock(_)
+        );
         let outcome = match action {
+            VmmAction::LoadSnapshot(params) => {
+                if boot_path {
+                    counted(&m.snapshot_load, Err(ActionError::failed(LOAD_NOT_ALLOWED)))
+                } else {
+                    match load_microvm(&params, options) {
+                        Ok(vmm) => {
+                            endpoint.respond(counted(&m.snapshot_load, Ok(VmmData::Empty)));
+                            return Some(vmm);
+                        }
+                        Err(err) => {
+                            log::error!("loading a snapshot failed: {err}");
+                            let message = format!(
+                                "Load snapshot error: Failed to restore from snapshot: {err}"
+                            );
+                            counted(&m.snapshot_load, Err(ActionError::Failed(message)))
+                        }
+                    }
+                }
+            }
+            VmmAction::CreateSnapshot(_) => {
+                counted(&m.snapshot_create, Err(ActionError::NotSupportedPreBoot))
+            }
             VmmAction::InstanceStart => {
                 let outcome = build_microvm(resources, options).map_err(ActionError::failed);
                 match outcome {
@@ -225,6 +264,14 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
         VmmAction::PutVsock(_) => counted(&m.vsock, post_boot()),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
+        VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
+        VmmAction::CreateSnapshot(params) => {
+            let outcome = vmm.create_snapshot(&params).map_err(|err| {
+                log::error!("creating a snapshot failed: {err}");
+                ActionError::Failed(format!("Create snapshot error: {err}"))
+            });
+            counted(&m.snapshot_create, outcome.map(|()| VmmData::Empty))
+        }
     }
 }
 

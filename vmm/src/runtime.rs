@@ -14,13 +14,14 @@ use devices::virtio::MmioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
 use vm_memory::GuestMemoryMmap;
-use vmm_config::BlockDeviceUpdate;
+use vmm_config::{BlockDeviceUpdate, CreateSnapshotParams, SnapshotType};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::device_manager::{self, BackendSpawner};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
+use crate::snapshot::{self, CreateSnapshotError, MicrovmState};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
 use crate::ExitCode;
@@ -152,6 +153,59 @@ impl Vmm {
         }
         self.paused = false;
         log::info!("the microVM is resumed");
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: writes the paused microVM's state and its
+    /// guest memory. The vCPUs stay paused.
+    pub fn create_snapshot(
+        &self,
+        params: &CreateSnapshotParams,
+    ) -> Result<(), CreateSnapshotError> {
+        if !self.paused {
+            return Err(CreateSnapshotError::NotPaused);
+        }
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(CreateSnapshotError::DiffNotSupported);
+        }
+        let r = &self.resources;
+        let out_of_process: Vec<String> = (r.drives.iter())
+            .map(|d| format!("vhost-user-block(id: {})", d.drive_id))
+            .chain(
+                (r.network_interfaces.iter())
+                    .map(|n| format!("vhost-user-net(id: {})", n.iface_id)),
+            )
+            .chain(r.vsock.iter().map(|_| "vhost-user-vsock".to_string()))
+            .collect();
+        if !out_of_process.is_empty() {
+            return Err(CreateSnapshotError::HasBackends(out_of_process.join(", ")));
+        }
+        let started = std::time::Instant::now();
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|vcpu| vcpu.save_state(VCPU_ACK_TIMEOUT))
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = MicrovmState {
+            config: self.resources.to_config_json(),
+            memory: snapshot::memory_layout(&self._guest_memory),
+            vm: self._vm.save_state()?,
+            vcpus,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
+        };
+        snapshot::write_memory(&self._guest_memory, &params.mem_file_path)?;
+        snapshot::file::write(&params.snapshot_path, &state)?;
+        log::info!(
+            "snapshot created in {:?}: {} and {}",
+            started.elapsed(),
+            params.snapshot_path.display(),
+            params.mem_file_path.display()
+        );
         Ok(())
     }
 

@@ -10,6 +10,7 @@ mod machine_config;
 mod metrics;
 mod net;
 mod serial;
+mod snapshot;
 mod unsupported;
 mod vm;
 mod vsock;
@@ -77,6 +78,8 @@ pub fn parse_request(
         ("PUT", ["metrics"]) => metrics::parse_put(&body).and_then(action),
         ("PUT", ["serial"]) => serial::parse_put(&body).and_then(action),
         ("PUT", ["vsock"] | ["vsock", _]) => vsock::parse_put(&body).and_then(action),
+        ("PUT", ["snapshot", "create"]) => snapshot::parse_create(&body).and_then(action),
+        ("PUT", ["snapshot", "load"]) => snapshot::parse_load(&body).and_then(action),
         (_, [resource, ..]) if unsupported::is_unsupported(resource) => {
             Err(unsupported::parse(&body, resource))
         }
@@ -224,6 +227,35 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_are_created_and_loaded_with_firecrackers_bodies() {
+        let Ok(ParsedRequest::Action(VmmAction::CreateSnapshot(create))) = parse(
+            "PUT",
+            "/snapshot/create",
+            r#"{"mem_file_path": "m", "snapshot_path": "s"}"#,
+        ) else {
+            panic!("not a CreateSnapshot");
+        };
+        assert_eq!(create.snapshot_path.to_str(), Some("s"));
+        let Ok(ParsedRequest::Action(VmmAction::LoadSnapshot(load))) = parse(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#,
+        ) else {
+            panic!("not a LoadSnapshot");
+        };
+        assert!(load.resume_vm);
+        let err = parse("PUT", "/snapshot/load", r#"{"snapshot_path": "s"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains(vmm_config::LOAD_MISSING_FIELD),
+            "{err}"
+        );
+        assert!(matches!(
+            parse("GET", "/snapshot/create", ""),
+            Err(RequestError::InvalidPathMethod(..))
+        ));
+    }
+
+    #[test]
     fn unbuilt_features_answer_not_supported() {
         for (method, path, body) in [
             (
@@ -234,12 +266,6 @@ mod tests {
             ("PUT", "/mmds", r#"{"latest": {}}"#),
             ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
             ("PUT", "/entropy", r#"{}"#),
-            (
-                "PUT",
-                "/snapshot/create",
-                r#"{"mem_file_path": "m", "snapshot_path": "s"}"#,
-            ),
-            ("PUT", "/snapshot/load", r#"{"snapshot_path": "s"}"#),
             ("GET", "/balloon", ""),
         ] {
             let err = parse(method, path, body).unwrap_err();

@@ -1,5 +1,5 @@
 //! Firecracker resources Tessera has not built yet: balloon, MMDS,
-//! entropy, snapshots, CPU templates, pmem and memory hotplug. Their bodies
+//! entropy, CPU templates, pmem and memory hotplug. Their bodies
 //! are still parsed, so a malformed body gets the JSON error, and a
 //! well-formed one a clear "not supported yet", never a 404.
 
@@ -9,7 +9,6 @@ const UNSUPPORTED: &[&str] = &[
     "balloon",
     "mmds",
     "entropy",
-    "snapshot",
     "cpu-config",
     "pmem",
     "hotplug",

@@ -89,10 +89,20 @@ pub struct I8042Counters {
 
 /// A byte in the output buffer, with the status bits it is read with
 /// (none from the keyboard, [`SB_AUX_DATA`] from the AUX port).
-#[derive(Debug, Clone, Copy)]
-struct Output {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Output {
     byte: u8,
     status: u8,
+}
+
+/// The controller's registers and output buffer, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    status: u8,
+    control: u8,
+    output_port: u8,
+    pending_command: Option<u8>,
+    buffer: Vec<Output>,
 }
 
 /// The i8042 controller on ports 0x60-0x64.
@@ -128,6 +138,26 @@ impl I8042 {
             buffer: VecDeque::with_capacity(BUFFER_SIZE),
             counters: I8042Counters::default(),
         }
+    }
+
+    /// The registers and the output buffer.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending_command: self.pending_command,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    /// Takes saved registers and output buffer (at most its capacity).
+    pub fn restore(&mut self, state: &I8042State) {
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending_command = state.pending_command;
+        self.buffer = state.buffer.iter().copied().take(BUFFER_SIZE).collect();
     }
 
     /// The event counters so far.

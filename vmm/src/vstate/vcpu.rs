@@ -21,6 +21,7 @@ use crate::arch::cpuid::{self, CpuidError, Topology};
 use crate::arch::msr::{self, MsrError};
 use crate::arch::regs::{self, EntryPoint, RegsError};
 use crate::metrics::metrics;
+use crate::vstate::vcpu_state::{VcpuState, VcpuStateError};
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,10 @@ pub enum VcpuError {
     },
     #[error("vCPU {0} has stopped")]
     Stopped(u8),
+    #[error("vCPU {index}: {source}")]
+    State { index: u8, source: VcpuStateError },
+    #[error("vCPU {0} must be paused to save its state")]
+    NotPaused(u8),
 }
 
 /// Requests the VMM thread sends to a running vCPU.
@@ -66,13 +71,18 @@ pub enum VcpuError {
 pub enum VcpuEvent {
     Pause,
     Resume,
+    /// Only while paused: report the vCPU's state.
+    SaveState,
 }
 
 /// A vCPU's acknowledgement of a [`VcpuEvent`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    Saved(Box<Result<VcpuState, VcpuStateError>>),
+    /// A save asked of a vCPU that is not paused.
+    NotPaused,
 }
 
 thread_local! {
@@ -107,10 +117,27 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Asks the vCPU to pause or resume and waits for it to do so.
     pub fn request(&self, event: VcpuEvent, timeout: Duration) -> Result<(), VcpuError> {
+        self.ask(event, timeout).map(drop)
+    }
+
+    /// Reads the state of the paused vCPU.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        match self.ask(VcpuEvent::SaveState, timeout)? {
+            VcpuResponse::Saved(state) => {
+                (*state).map_err(|source| VcpuError::State { index, source })
+            }
+            _ => Err(VcpuError::NotPaused(index)),
+        }
+    }
+
+    /// Sends `event` and waits for the vCPU's answer.
+    fn ask(&self, event: VcpuEvent, timeout: Duration) -> Result<VcpuResponse, VcpuError> {
         let index = self.index;
         let what = match event {
             VcpuEvent::Pause => "a pause",
             VcpuEvent::Resume => "a resume",
+            VcpuEvent::SaveState => "a state save",
         };
         self.events
             .send(event)
@@ -124,7 +151,7 @@ impl VcpuHandle {
                 let _ = self.thread.kill(SIGRTMIN());
             }
             match self.responses.recv_timeout(Duration::from_millis(10)) {
-                Ok(_) => return Ok(()),
+                Ok(response) => return Ok(response),
                 Err(RecvTimeoutError::Disconnected) => return Err(VcpuError::Stopped(index)),
                 Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
                     return Err(VcpuError::Unresponsive {
@@ -195,6 +222,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
+    /// The MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Arc<Vec<u32>>,
 }
 
 const APIC_LVT0: usize = 0x350;
@@ -203,12 +232,13 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 impl Vcpu {
-    /// Creates vCPU `index` of `vm`.
+    /// Creates vCPU `index` of `vm`; a snapshot saves the MSRs of
+    /// `msr_list`.
     pub fn new(
         vm: &VmFd,
         index: u8,
-        pio_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
+        (pio_bus, mmio_bus): (Arc<Bus>, Arc<Bus>),
+        msr_list: Arc<Vec<u32>>,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -218,6 +248,15 @@ impl Vcpu {
             fd,
             pio_bus,
             mmio_bus,
+            msr_list,
+        })
+    }
+
+    /// Puts a snapshot's state into this new vCPU.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        state.restore(&self.fd).map_err(|source| VcpuError::State {
+            index: self.index,
+            source,
         })
     }
 
@@ -272,11 +311,14 @@ impl Vcpu {
 
     /// Starts the vCPU on its own thread. When it stops, it reports why on
     /// `stopped` and signals `stop_evt` to wake the main event loop.
+    /// With `paused`, the vCPU waits for a resume before it first runs (a
+    /// loaded snapshot without `resume_vm`).
     pub fn start(
         self,
         stopped: Sender<VcpuStopReport>,
         stop_evt: EventFd,
         seccomp: std::sync::Arc<tessera_seccomp::Filters>,
+        paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_sender, events) = channel();
@@ -288,7 +330,10 @@ impl Vcpu {
                 KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
                 // The guest runs only once this thread is confined.
                 let reason = match seccomp.apply("vcpu") {
-                    Ok(()) => vcpu.run_until_stop(&events, &responder),
+                    Ok(()) => match paused.then(|| vcpu.wait_for_resume(&events, &responder)) {
+                        Some(Some(stop)) => stop,
+                        _ => vcpu.run_until_stop(&events, &responder),
+                    },
                     Err(err) => VcpuStop::Failed(err.to_string()),
                 };
                 KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
@@ -320,12 +365,15 @@ impl Vcpu {
         loop {
             match events.try_recv() {
                 Ok(VcpuEvent::Pause) => {
-                    if let Some(stop) = Self::paused(events, responder) {
+                    if let Some(stop) = self.paused(events, responder) {
                         return stop;
                     }
                 }
                 Ok(VcpuEvent::Resume) => {
                     let _ = responder.send(VcpuResponse::Resumed);
+                }
+                Ok(VcpuEvent::SaveState) => {
+                    let _ = responder.send(VcpuResponse::NotPaused);
                 }
                 Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => {
@@ -350,8 +398,22 @@ impl Vcpu {
 
     /// Stays out of the guest until a resume; returns `Some` if the VMM
     /// went away meanwhile.
-    fn paused(events: &Receiver<VcpuEvent>, responder: &Sender<VcpuResponse>) -> Option<VcpuStop> {
+    fn paused(
+        &self,
+        events: &Receiver<VcpuEvent>,
+        responder: &Sender<VcpuResponse>,
+    ) -> Option<VcpuStop> {
         let _ = responder.send(VcpuResponse::Paused);
+        self.wait_for_resume(events, responder)
+    }
+
+    /// Answers requests out of the guest until a resume; returns `Some` if
+    /// the VMM went away meanwhile.
+    fn wait_for_resume(
+        &self,
+        events: &Receiver<VcpuEvent>,
+        responder: &Sender<VcpuResponse>,
+    ) -> Option<VcpuStop> {
         loop {
             match events.recv() {
                 Ok(VcpuEvent::Resume) => {
@@ -360,6 +422,10 @@ impl Vcpu {
                 }
                 Ok(VcpuEvent::Pause) => {
                     let _ = responder.send(VcpuResponse::Paused);
+                }
+                Ok(VcpuEvent::SaveState) => {
+                    let state = VcpuState::save(&self.fd, &self.msr_list);
+                    let _ = responder.send(VcpuResponse::Saved(Box::new(state)));
                 }
                 Err(_) => return Some(VcpuStop::GuestShutdown("the VMM is ending")),
             }

@@ -1,9 +1,13 @@
-//! The KVM VM: guest memory slots and the in-kernel PIC, IOAPIC and PIT.
+//! The KVM VM: guest memory slots and the in-kernel PIC, IOAPIC and PIT,
+//! and their state for a snapshot.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,6 +25,17 @@ pub enum VmError {
     },
     #[error("KVM has {available} memory slots, {needed} are needed")]
     NotEnoughSlots { needed: usize, available: usize },
+}
+
+/// The VM-wide state KVM keeps: the PICs, the IOAPIC, the PIT and the
+/// kvmclock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM with its interrupt controllers.
@@ -99,6 +114,54 @@ impl Vm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(setup_err("register an irqfd"))
+    }
+
+    /// Reads the interrupt controllers, the PIT and the clock.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(setup_err("read an interrupt controller"))
+        };
+        let mut clock = self
+            .fd
+            .get_clock()
+            .map_err(setup_err("read the kvmclock"))?;
+        // KVM_SET_CLOCK refuses this flag; KVM sets it again itself.
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(setup_err("read the PIT"))?,
+            clock,
+        })
+    }
+
+    /// Puts saved state into this (new) VM before its vCPUs run.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(setup_err("set the PIT"))?;
+        // The flags describe the saving host's clock, not what to set.
+        let clock = kvm_clock_data {
+            flags: 0,
+            ..state.clock
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(setup_err("set the kvmclock"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(setup_err("set an interrupt controller"))?;
+        }
+        Ok(())
     }
 
     /// The KVM VM file descriptor.

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use vm_superio::serial::SerialEvents;
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,6 +32,21 @@ impl SerialEvents for InputReady {
     }
 }
 
+/// The UART's registers and receive FIFO, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialDeviceState {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 /// A 16550A UART on eight consecutive I/O ports.
 pub struct SerialDevice {
     pub(super) uart: Serial<EventFdTrigger, Arc<InputReady>, SerialOutput>,
@@ -50,6 +65,51 @@ impl SerialDevice {
             input_ready,
             missed_writes: 0,
         })
+    }
+
+    /// The registers and the receive FIFO.
+    pub fn state(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Takes saved registers and receive FIFO, keeping this device's
+    /// interrupt line and output.
+    pub fn restore(&mut self, state: &SerialDeviceState) -> io::Result<()> {
+        let saved = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let trigger = self.uart.interrupt_evt().try_clone()?;
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(io::sink()));
+        match Serial::from_state(&saved, trigger, self.input_ready.clone(), out) {
+            Ok(uart) => {
+                self.uart = uart;
+                Ok(())
+            }
+            Err(err) => Err(io::Error::other(format!(
+                "a saved serial port that does not fit: {err:?}"
+            ))),
+        }
     }
 
     /// Output bytes the guest wrote that the output file could not take.

@@ -4,5 +4,5 @@
 mod device;
 mod event_handler;
 
-pub use device::{SerialDevice, SerialOutput};
+pub use device::{SerialDevice, SerialDeviceState, SerialOutput};
 pub use event_handler::SerialInput;

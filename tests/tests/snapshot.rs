@@ -1,0 +1,324 @@
+//! Snapshots through Firecracker's API: a paused probe guest is saved,
+//! its process ends, and a fresh tessera loads it and the guest carries on
+//! (its tick count goes on with no gap and no repeat); and every bad
+//! input gets a 400 that says what is wrong, with the process alive.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_tests::api::{ApiClient, ApiVm};
+use tessera_tests::guest_artifacts;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The tick numbers in `output`, in order.
+fn ticks(output: &str) -> Vec<u64> {
+    output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("probe.tick="))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+fn put(c: &mut ApiClient, path: &str, body: serde_json::Value) {
+    let r = c.put(path, &body.to_string());
+    assert_eq!(r.status, 204, "PUT {path} {body}: {}", r.body);
+}
+
+fn refused(c: &mut ApiClient, method: &str, path: &str, body: serde_json::Value, fault: &str) {
+    let r = c.request(method, path, Some(&body.to_string()));
+    assert_eq!(r.status, 400, "{method} {path} {body}: {}", r.body);
+    assert!(
+        r.fault().contains(fault),
+        "{method} {path} {body}: {} lacks {fault:?}",
+        r.body
+    );
+}
+
+/// Boots the probe ticking forever.
+fn boot_ticking(extra: &[(&str, serde_json::Value)]) -> (ApiVm, ApiClient) {
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": "console=ttyS0 probe.ticks=0"}),
+    );
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    );
+    for (path, body) in extra {
+        put(&mut c, path, body.clone());
+    }
+    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    (api, c)
+}
+
+struct Snapshot {
+    state: PathBuf,
+    memory: PathBuf,
+    /// The guest's console up to the snapshot.
+    console: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Boots the probe, lets it tick a few times, pauses it and snapshots it;
+/// its process then ends.
+fn snapshot_of_a_ticking_probe() -> Snapshot {
+    let (mut api, mut c) = boot_ticking(&[]);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=4\n"));
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": api.dir().join("x"), "mem_file_path": api.dir().join("y")}),
+        "save/restore unavailable while running",
+    );
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let dir = tempfile::tempdir().unwrap();
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    assert_eq!(
+        std::fs::metadata(&memory).unwrap().len(),
+        128 << 20,
+        "the memory file holds all of guest RAM"
+    );
+    let run = api.vm.finish();
+    Snapshot {
+        state,
+        memory,
+        console: run.stdout,
+        _dir: dir,
+    }
+}
+
+fn load_body(snapshot: &Snapshot, resume: bool) -> serde_json::Value {
+    json!({"snapshot_path": snapshot.state, "mem_backend":
+           {"backend_type": "File", "backend_path": snapshot.memory}, "resume_vm": resume})
+}
+
+/// Asserts that the ticks of the two consoles, one after the other, count
+/// up by one from 1 to at least `to`.
+fn assert_ticks_go_on(before: &str, after: &str, to: u64) {
+    let all = ticks(&format!("{before}{after}"));
+    let expected: Vec<u64> = (1..=all.len() as u64).collect();
+    assert_eq!(all, expected, "before:\n{before}\nafter:\n{after}");
+    assert!(all.len() as u64 >= to, "{all:?}");
+    assert!(!ticks(after).is_empty(), "no tick after the load:\n{after}");
+}
+
+#[test]
+fn a_loaded_snapshot_ticks_on_from_where_it_was_paused() {
+    let snapshot = snapshot_of_a_ticking_probe();
+    let last = *ticks(&snapshot.console).last().unwrap();
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    let want = format!("probe.tick={}\n", last + 5);
+    api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let info = c.get("/").json();
+    assert_eq!(info["state"], "Running", "{info}");
+    let config = c.get("/vm/config").json();
+    assert_eq!(config["machine-config"]["mem_size_mib"], 128, "{config}");
+    assert_eq!(config["machine-config"]["vcpu_count"], 1, "{config}");
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        load_body(&snapshot, true),
+        "not supported after starting the microVM",
+    );
+    let run = api.vm.finish();
+    assert_ticks_go_on(&snapshot.console, &run.stdout, last + 5);
+}
+
+#[test]
+fn a_snapshot_loads_paused_and_runs_on_resume_and_loads_again() {
+    let snapshot = snapshot_of_a_ticking_probe();
+    let last = *ticks(&snapshot.console).last().unwrap();
+    for _ in 0..2 {
+        let mut api = ApiVm::start(&[]);
+        let mut c = api.client();
+        put(&mut c, "/snapshot/load", load_body(&snapshot, false));
+        assert_eq!(c.get("/").json()["state"], "Paused");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            ticks(&api.vm.stdout()).is_empty(),
+            "a paused guest ticked: {}",
+            api.vm.stdout()
+        );
+        assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+        let want = format!("probe.tick={}\n", last + 3);
+        api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+        let run = api.vm.finish();
+        // Each load starts again from the same point.
+        assert_ticks_go_on(&snapshot.console, &run.stdout, last + 3);
+    }
+}
+
+/// Writes `bytes` to a new file in `dir`.
+fn file_with(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn bad_snapshots_are_refused_with_the_reason_and_a_good_one_loads_after() {
+    let snapshot = snapshot_of_a_ticking_probe();
+    let good = std::fs::read(&snapshot.state).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut corrupted = good.clone();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0x40;
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let short_memory = dir.path().join("short.mem");
+    std::fs::File::create(&short_memory)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let cases = [
+        (
+            dir.path().join("missing.snap"),
+            snapshot.memory.clone(),
+            "No such file",
+        ),
+        (
+            file_with(dir.path(), "truncated.snap", &good[..good.len() / 3]),
+            snapshot.memory.clone(),
+            "truncated",
+        ),
+        (
+            file_with(dir.path(), "corrupted.snap", &corrupted),
+            snapshot.memory.clone(),
+            "corrupted",
+        ),
+        (
+            file_with(dir.path(), "newer.snap", &newer),
+            snapshot.memory.clone(),
+            "format version 2",
+        ),
+        (
+            file_with(dir.path(), "elf.snap", b"\x7fELF\x02\x01\x01\0rest"),
+            snapshot.memory.clone(),
+            "is not a Tessera snapshot file",
+        ),
+        (
+            snapshot.state.clone(),
+            dir.path().join("missing.mem"),
+            "No such file",
+        ),
+        (
+            snapshot.state.clone(),
+            short_memory,
+            "exceeds largest possible file offset",
+        ),
+    ];
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": "s", "mem_file_path": "m"}),
+        "not supported before starting the microVM",
+    );
+    for (state, memory, fault) in cases {
+        refused(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            json!({"snapshot_path": state, "mem_file_path": memory}),
+            fault,
+        );
+    }
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot.state, "mem_file_path": snapshot.memory,
+               "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}]}),
+        "Unknown Network Device",
+    );
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": snapshot.state, "mem_file_path": snapshot.memory,
+               "drive_overrides": [{"drive_id": "rootfs", "path_on_host": "/x.img"}]}),
+        "drive_overrides names drive rootfs",
+    );
+    // Nothing was built: the same process loads the good snapshot.
+    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    let last = *ticks(&snapshot.console).last().unwrap();
+    let want = format!("probe.tick={}\n", last + 2);
+    api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let run = api.vm.finish();
+    assert_ticks_go_on(&snapshot.console, &run.stdout, last + 2);
+}
+
+#[test]
+fn a_configured_process_refuses_a_load_but_logger_and_metrics_do_not_count() {
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(
+        &mut c,
+        "/logger",
+        json!({"log_path": api.dir().join("log"), "level": "Info"}),
+    );
+    put(
+        &mut c,
+        "/metrics",
+        json!({"metrics_path": api.dir().join("metrics")}),
+    );
+    // Refused configuration counts too, as in Firecracker.
+    let r = c.put(
+        "/machine-config",
+        r#"{"vcpu_count": 0, "mem_size_mib": 128}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": "s", "mem_file_path": "m"}),
+        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+    );
+}
+
+#[test]
+fn a_microvm_with_out_of_process_devices_is_not_snapshotted_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("data.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (mut api, mut c) = boot_ticking(&[(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    )]);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=1\n"));
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": api.dir().join("s"), "mem_file_path": api.dir().join("m")}),
+        "Devices without snapshot support are present: vhost-user-block(id: data)",
+    );
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=3\n"));
+}

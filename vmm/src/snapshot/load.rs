@@ -1,0 +1,180 @@
+//! `PUT /snapshot/load`: a new microVM from a state file and a memory
+//! file. Everything is checked and built before a vCPU runs; on an error
+//! whatever was built is dropped, so nothing is left behind.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use vmm_config::{LoadSnapshotParams, MemBackendType};
+
+use super::{file, MicrovmState, StateFileError};
+use crate::builder::{self, AttachedDevices, BootOptions, Parts, StartMicrovmError};
+use crate::memory::{self, MemoryError};
+use crate::resources::{ResourcesError, VmResources};
+use crate::runtime::Vmm;
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors loading a snapshot, named after the step, in Firecracker's words
+/// where it has the same step.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadSnapshotError {
+    #[error("Failed to get snapshot state from file: {0}")]
+    StateFile(#[from] StateFileError),
+    #[error("Failed to get snapshot state from file: its configuration does not load: {0}")]
+    Config(ResourcesError),
+    #[error("Failed to get snapshot state from file: Unknown Network Device.")]
+    UnknownNetworkDevice,
+    #[error("Failed to get snapshot state from file: Unknown Vsock Device.")]
+    UnknownVsockDevice,
+    #[error("Failed to get snapshot state from file: drive_overrides names drive {0}, which the snapshot does not have")]
+    UnknownDrive(String),
+    #[error(
+        "Failed to get snapshot state from file: it has {states} vCPU states for {vcpus} vCPUs"
+    )]
+    VcpuCount { states: usize, vcpus: u8 },
+    #[error("Failed to load guest memory: the Uffd memory backend is not supported by Tessera yet; use File")]
+    UffdNotSupported,
+    #[error("Failed to load guest memory: Error creating guest memory from file: Failed to load guest memory: {path}: {source}")]
+    MemoryFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("Failed to load guest memory: Error creating guest memory from file: Failed to restore guest memory: Total sum of memory regions exceeds largest possible file offset ({path} is {found} bytes, the snapshot's memory {expected})")]
+    MemoryFileSize {
+        path: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("Failed to load guest memory: Error creating guest memory from file: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("Failed to build microVM from snapshot: {0}")]
+    Build(#[from] StartMicrovmError),
+    #[error("Failed to build microVM from snapshot: Failed to restore microVM state: {0}")]
+    Vm(#[from] VmError),
+    #[error("Failed to build microVM from snapshot: Failed to restore microVM state: {0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("Failed to build microVM from snapshot: Failed to restore microVM state: the serial port: {0}")]
+    Serial(std::io::Error),
+}
+
+/// Loads the snapshot `params` names and starts its vCPUs, paused unless
+/// `resume_vm`.
+pub fn load_microvm(
+    params: &LoadSnapshotParams,
+    options: &BootOptions,
+) -> Result<Vmm, LoadSnapshotError> {
+    let state: MicrovmState = file::read(&params.snapshot_path)?;
+    let resources = resources(&state, params)?;
+    if params.mem_backend.backend_type == MemBackendType::Uffd {
+        return Err(LoadSnapshotError::UffdNotSupported);
+    }
+    let mem_file = memory_file(&params.mem_backend.backend_path, &state.memory)?;
+    let machine = &resources.machine_config;
+    if state.vcpus.len() != usize::from(machine.vcpu_count) {
+        return Err(LoadSnapshotError::VcpuCount {
+            states: state.vcpus.len(),
+            vcpus: machine.vcpu_count,
+        });
+    }
+    let kvm = builder::open_kvm(machine.vcpu_count)?;
+    let guest_memory = memory::map_snapshot_memory(&mem_file, &state.memory)?;
+    let vm = Vm::new(&kvm)?;
+    vm.register_memory(&kvm, &guest_memory, params.track_dirty_pages)?;
+    let legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
+    legacy
+        .serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .restore(&state.serial)
+        .map_err(LoadSnapshotError::Serial)?;
+    legacy
+        .i8042
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .restore(&state.i8042);
+    let buses = (Arc::new(legacy.pio_bus), Arc::new(legacy.mmio_bus));
+    let msr_list = builder::saveable_msrs(&kvm)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0u8..).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(vm.fd(), index, buses.clone(), msr_list.clone())?;
+        vcpu.restore(saved)?;
+        vcpus.push(vcpu);
+    }
+    // After the vCPUs, as Firecracker: the clock and the interrupt
+    // controllers go in last.
+    vm.restore_state(&state.vm)?;
+    let parts = Parts {
+        guest_memory,
+        vm,
+        vcpus,
+        serial: legacy.serial,
+        i8042: legacy.i8042,
+        reset_evt: legacy.reset_evt,
+        attached: AttachedDevices::default(),
+    };
+    let vmm = builder::run_microvm(parts, resources, options, !params.resume_vm)?;
+    log::info!(
+        "snapshot {} loaded{}",
+        params.snapshot_path.display(),
+        if params.resume_vm {
+            " and resumed"
+        } else {
+            ", paused"
+        }
+    );
+    Ok(vmm)
+}
+
+/// The snapshot's configuration, with the load's overrides checked
+/// against it.
+fn resources(
+    state: &MicrovmState,
+    params: &LoadSnapshotParams,
+) -> Result<VmResources, LoadSnapshotError> {
+    let resources =
+        VmResources::from_json(&state.config.to_string()).map_err(LoadSnapshotError::Config)?;
+    for wanted in &params.network_overrides {
+        if !(resources.network_interfaces.iter()).any(|n| n.iface_id == wanted.iface_id) {
+            return Err(LoadSnapshotError::UnknownNetworkDevice);
+        }
+    }
+    if params.vsock_override.is_some() && resources.vsock.is_none() {
+        return Err(LoadSnapshotError::UnknownVsockDevice);
+    }
+    for wanted in &params.drive_overrides {
+        if !(resources.drives.iter()).any(|d| d.drive_id == wanted.drive_id) {
+            return Err(LoadSnapshotError::UnknownDrive(wanted.drive_id.clone()));
+        }
+    }
+    Ok(resources)
+}
+
+/// Opens the memory file and checks that it holds every region.
+fn memory_file(path: &Path, regions: &[(u64, u64)]) -> Result<File, LoadSnapshotError> {
+    let display = || path.display().to_string();
+    let file = File::open(path).map_err(|source| LoadSnapshotError::MemoryFile {
+        path: display(),
+        source,
+    })?;
+    let found = file
+        .metadata()
+        .map_err(|source| LoadSnapshotError::MemoryFile {
+            path: display(),
+            source,
+        })?
+        .len();
+    let expected = regions
+        .iter()
+        .try_fold(0u64, |sum, &(_, len)| sum.checked_add(len))
+        .unwrap_or(u64::MAX);
+    if found < expected {
+        return Err(LoadSnapshotError::MemoryFileSize {
+            path: display(),
+            expected,
+            found,
+        });
+    }
+    Ok(file)
+}

@@ -1,0 +1,81 @@
+//! Snapshots: what a paused microVM is (its vCPUs, the VM's interrupt
+//! controllers, PIT and clock, the legacy devices, its configuration) in a
+//! checked state file ([`file`]), and its guest memory in a memory file,
+//! every region one after another. A load builds a new microVM from the
+//! two (see `builder::load_microvm`).
+
+pub mod file;
+pub mod load;
+
+use std::fs::File;
+use std::path::Path;
+
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::SerialDeviceState;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::vstate::vcpu::VcpuError;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::{VmError, VmState};
+pub use file::StateFileError;
+
+/// Everything a load needs but guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The configuration in the `--config-file` schema (`GET /vm/config`).
+    pub config: serde_json::Value,
+    /// Guest RAM regions (guest address, length), in memory-file order.
+    pub memory: Vec<(u64, u64)>,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialDeviceState,
+    pub i8042: I8042State,
+}
+
+/// Errors creating a snapshot; each says which step failed. Firecracker's
+/// texts where it has the same error.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateSnapshotError {
+    #[error("Cannot save the microVM state: Operation not allowed: save/restore unavailable while running")]
+    NotPaused,
+    #[error("Diff snapshots are not supported by Tessera yet; create a Full one")]
+    DiffNotSupported,
+    #[error(
+        "Cannot save the microVM state: Operation not allowed: Devices without snapshot support \
+         are present: {0}"
+    )]
+    HasBackends(String),
+    #[error("Cannot save the microVM state: {0}")]
+    Vcpu(#[from] VcpuError),
+    #[error("Cannot save the microVM state: {0}")]
+    Vm(#[from] VmError),
+    #[error("Cannot perform {op} on the memory backing file: {reason}")]
+    Memory { op: &'static str, reason: String },
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+}
+
+/// Writes every region of `mem` to a new file at `path`, one after
+/// another.
+pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), CreateSnapshotError> {
+    let error = |op| {
+        move |err: &dyn std::fmt::Display| CreateSnapshotError::Memory {
+            op,
+            reason: format!("{}: {err}", path.display()),
+        }
+    };
+    let mut file = File::create(path).map_err(|e| error("open")(&e))?;
+    for region in mem.iter() {
+        mem.write_all_volatile_to(region.start_addr(), &mut file, region.len() as usize)
+            .map_err(|e| error("write")(&e))?;
+    }
+    Ok(())
+}
+
+/// The guest RAM layout of `mem`, as the state file records it.
+pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
+    mem.iter()
+        .map(|region| (region.start_addr().0, region.len()))
+        .collect()
+}
