@@ -1,7 +1,8 @@
 //! Snapshots through Firecracker's API: a paused probe guest is saved,
 //! its process ends, and a fresh tessera loads it and the guest carries on
-//! (its tick count goes on with no gap and no repeat); and every bad
-//! input gets a 400 that says what is wrong, with the process alive.
+//! (its tick count goes on with no gap and no repeat, and its memory test
+//! finds every page as it left it); and every bad input gets a 400 that
+//! says what is wrong, with the process alive.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,6 +12,29 @@ use tessera_tests::api::{ApiClient, ApiVm};
 use tessera_tests::guest_artifacts;
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// The probe's memory test (its fill takes about half a second per MiB
+/// under kvm_pvm).
+const MEMTEST_MIB: u64 = 4;
+
+/// The guest address of the memory test's first page, from its console.
+fn memtest_base(console: &str) -> u64 {
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix("probe.memtest=filled,"))
+        .unwrap_or_else(|| panic!("no memory test:\n{console}"));
+    let base = line.split(',').nth(1).unwrap().trim();
+    u64::from_str_radix(base.trim_start_matches("0x"), 16).unwrap()
+}
+
+/// The ticks the memory test passed on, in order; panics on a bad word.
+fn memtest_ok(output: &str) -> Vec<u64> {
+    assert!(!output.contains("probe.memtest=bad"), "{output}");
+    output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("probe.memtest=ok,"))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
 
 /// The tick numbers in `output`, in order.
 fn ticks(output: &str) -> Vec<u64> {
@@ -44,7 +68,7 @@ fn boot_ticking(extra: &[(&str, serde_json::Value)]) -> (ApiVm, ApiClient) {
         &mut c,
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
-               "boot_args": "console=ttyS0 probe.ticks=0"}),
+               "boot_args": format!("console=ttyS0 probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
     );
     put(
         &mut c,
@@ -71,7 +95,7 @@ struct Snapshot {
 fn snapshot_of_a_ticking_probe() -> Snapshot {
     let (mut api, mut c) = boot_ticking(&[]);
     api.vm
-        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=4\n"));
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,4"));
     refused(
         &mut c,
         "PUT",
@@ -114,6 +138,14 @@ fn assert_ticks_go_on(before: &str, after: &str, to: u64) {
     assert_eq!(all, expected, "before:\n{before}\nafter:\n{after}");
     assert!(all.len() as u64 >= to, "{all:?}");
     assert!(!ticks(after).is_empty(), "no tick after the load:\n{after}");
+    // The memory test checked every page after the load.
+    let checked = memtest_ok(&format!("{before}{after}"));
+    assert!(
+        checked
+            .iter()
+            .any(|&t| t > *ticks(before).last().unwrap_or(&0)),
+        "no memory check after the load:\n{after}"
+    );
 }
 
 #[test]
@@ -321,4 +353,22 @@ fn a_microvm_with_out_of_process_devices_is_not_snapshotted_yet() {
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.tick=3\n"));
+}
+
+#[test]
+fn a_page_changed_in_the_memory_file_is_found_by_the_guest() {
+    let snapshot = snapshot_of_a_ticking_probe();
+    let base = memtest_base(&snapshot.console);
+    // Guest RAM below 3.25 GiB is the memory file's first region, at the
+    // same offsets: flip a bit of the first page's stamp.
+    let mut memory = std::fs::read(&snapshot.memory).unwrap();
+    memory[base as usize] ^= 1;
+    std::fs::write(&snapshot.memory, &memory).unwrap();
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    let bad = format!("probe.memtest=bad,{base:#x},");
+    api.vm.wait_until(DEADLINE, |out, _| out.contains(&bad));
+    let run = api.vm.finish();
+    assert!(run.stdout.contains(&bad), "{}", run.stdout);
 }

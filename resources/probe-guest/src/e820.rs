@@ -242,6 +242,24 @@ fn last_word(lo: u64, hi: u64, excluded: &[(u64, u64)]) -> Option<u64> {
     }
 }
 
+/// The highest `len` bytes of RAM (4 KiB-aligned) below the MMIO hole and
+/// inside the identity map that leave out the first MiB and the probe
+/// image (`image`): memory no one else uses.
+pub fn free_top(map: &Map, image: (u64, u64), len: u64) -> Option<u64> {
+    let limit = MMIO_HOLE.0.min(mapped_limit());
+    map.entries()
+        .iter()
+        .filter(|e| e.kind == TYPE_RAM)
+        .filter_map(|e| {
+            let hi = e.addr.saturating_add(e.size).min(limit);
+            let base = hi.checked_sub(len)? & !0xfff;
+            let usable = base >= e.addr.max(LOW_MEMORY_END)
+                && !overlaps(base, base + len, image);
+            usable.then_some(base)
+        })
+        .max()
+}
+
 /// Test pattern for word `which` (0 first, 1 last) of RAM region `index`.
 fn pattern(addr: u64, index: usize, which: u64) -> u64 {
     let p = 0x5a5a_c3c3_0000_0000 ^ ((index as u64) << 48) ^ addr;

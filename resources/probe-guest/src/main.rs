@@ -20,6 +20,7 @@ mod io;
 mod keyboard;
 mod kvmclock;
 mod mem;
+mod memtest;
 mod mptable;
 mod netproto;
 mod phys;
@@ -89,7 +90,8 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
 
     let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
     ping(cmdline, net.as_mut());
-    let ticked = ticks(cmdline, net.as_mut());
+    let mut memtest = memtest::MemTest::start(cmdline, &boot.e820, image);
+    let ticked = ticks(cmdline, net.as_mut(), memtest.as_mut());
     if let Some(mut net) = net {
         if !ticked {
             serve_net(&mut net.device, net.serve_ms);
@@ -342,7 +344,12 @@ fn ping(cmdline: &[u8], net: Option<&mut ServedNet>) {
 /// `probe.ticks=<N>`: prints `probe.tick=<i>` every 100 ms, N times
 /// (0 = forever), serving `net` meanwhile. Returns false if `probe.ticks`
 /// is absent or unusable (the tick loop did not run).
-fn ticks(cmdline: &[u8], mut net: Option<&mut ServedNet>) -> bool {
+/// Each tick also checks and rewrites `memtest`'s memory.
+fn ticks(
+    cmdline: &[u8],
+    mut net: Option<&mut ServedNet>,
+    mut memtest: Option<&mut memtest::MemTest>,
+) -> bool {
     let Some(value) = cmdline::last_value(cmdline, "probe.ticks") else {
         return false;
     };
@@ -371,6 +378,9 @@ fn ticks(cmdline: &[u8], mut net: Option<&mut ServedNet>) -> bool {
             }
         }
         outln!("probe.tick={}", tick);
+        if let Some(test) = memtest.as_deref_mut() {
+            test.step(tick);
+        }
         tick += 1;
     }
     true
