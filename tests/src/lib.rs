@@ -6,6 +6,7 @@ pub mod api;
 pub mod blkio_client;
 pub mod fleet;
 pub mod jail;
+pub mod journal;
 pub mod nested;
 pub mod netns;
 pub mod vsock;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use tessera_tests::api::{ApiClient, ApiVm};
 use tessera_tests::guest_artifacts;
+use tessera_tests::journal::{first_bad_record, last_durable, SECTOR};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The probe's memory test (its fill takes about half a second per MiB
@@ -329,17 +330,10 @@ fn a_configured_process_refuses_a_load_but_logger_and_metrics_do_not_count() {
 }
 
 #[test]
-fn a_microvm_with_out_of_process_devices_is_not_snapshotted_yet() {
+fn a_microvm_with_vsock_is_not_snapshotted_yet() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("data.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let (mut api, mut c) = boot_ticking(&[(
-        "/drives/data",
-        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
-    )]);
+    let uds = dir.path().join("v.sock");
+    let (mut api, mut c) = boot_ticking(&[("/vsock", json!({"guest_cid": 3, "uds_path": uds}))]);
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.tick=1\n"));
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
@@ -348,11 +342,101 @@ fn a_microvm_with_out_of_process_devices_is_not_snapshotted_yet() {
         "PUT",
         "/snapshot/create",
         json!({"snapshot_path": api.dir().join("s"), "mem_file_path": api.dir().join("m")}),
-        "Devices without snapshot support are present: vhost-user-block(id: data)",
+        "Devices without snapshot support are present: vhost-user-vsock",
     );
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.tick=3\n"));
+}
+
+/// The probe's journal seed.
+const SEED: u64 = 0x5eed_cafe;
+/// Records the probe journals: 2 MiB.
+const JOURNAL_MIB: u64 = 2;
+
+#[test]
+fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("journal.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(JOURNAL_MIB << 20)
+        .unwrap();
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.blk=journal probe.blk_mib={JOURNAL_MIB} \
+                                     probe.seed={SEED:#x} probe.ticks=0 probe.memtest=1")}),
+    );
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    );
+    put(
+        &mut c,
+        "/drives/journal",
+        json!({"drive_id": "journal", "path_on_host": disk, "is_root_device": false}),
+    );
+    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    let mut api = api;
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.journal="));
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    let total = (JOURNAL_MIB << 20) / SECTOR as u64;
+    let promised = last_durable(&api.vm.stdout());
+    assert!(
+        promised > 0 && promised < total,
+        "the snapshot was not taken mid-journal ({promised} of {total}):\n{}",
+        api.vm.stdout()
+    );
+    // The clone writes to a copy of the disk as it was at the snapshot.
+    let copy = dir.path().join("clone.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    // The original goes on too, with a new backend for its drive.
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.blk0="));
+    let original = api.vm.finish().stdout;
+    assert!(
+        original.contains(&format!("probe.blk0=journaled sectors={total}")),
+        "the original did not complete its journal after the snapshot:\n{original}"
+    );
+    assert_eq!(first_bad_record(&disk, total, SEED), None);
+    let mut clone = ApiVm::start(&[]);
+    let mut c = clone.client();
+    put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
+               "drive_overrides": [{"drive_id": "journal", "path_on_host": copy}]}),
+    );
+    let config = c.get("/vm/config").json();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        copy.display().to_string(),
+        "{config}"
+    );
+    clone
+        .vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2"));
+    let after = clone.vm.finish().stdout;
+    assert!(
+        after.contains(&format!("probe.blk0=journaled sectors={total}")),
+        "the journal did not complete after the load:\n{after}"
+    );
+    assert_eq!(last_durable(&after), total, "{after}");
+    assert_eq!(first_bad_record(&copy, total, SEED), None);
+    memtest_ok(&after);
 }
 
 #[test]

@@ -724,6 +724,18 @@ impl Device for BlockBackend {
         queue_masks(self.config.queues, self.config.threads)
     }
 
+    /// GET_VRING_BASE returns once the queue's requests in flight are
+    /// complete, as the vhost-user specification asks (a snapshot relies
+    /// on it): a worker holds its engine until nothing is in flight, and
+    /// takes no more from a queue marked not ready.
+    fn stop_vring(&self, queue: u32) -> io::Result<()> {
+        let thread = queue as usize % self.common.threads();
+        if let Some(engine) = self.engines.get(thread) {
+            drop(engine.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        Ok(())
+    }
+
     fn serve(&self, event: WorkerEvent<'_>) -> io::Result<()> {
         let WorkerEvent {
             device_event,

@@ -292,14 +292,16 @@ pub(crate) fn open_kvm(vcpu_count: u8) -> Result<Kvm, StartMicrovmError> {
 }
 
 /// Whether the microVM has devices whose backends run in other processes.
-fn has_backends(resources: &VmResources) -> bool {
+pub(crate) fn has_backends(resources: &VmResources) -> bool {
     !resources.drives.is_empty()
         || !resources.network_interfaces.is_empty()
         || resources.vsock.is_some()
 }
 
 /// Guest RAM: shared (a memfd) only when backends have to map it.
-fn create_guest_memory(resources: &VmResources) -> Result<GuestMemoryMmap, StartMicrovmError> {
+pub(crate) fn create_guest_memory(
+    resources: &VmResources,
+) -> Result<GuestMemoryMmap, StartMicrovmError> {
     let machine = &resources.machine_config;
     let sharing = if has_backends(resources) {
         memory::Sharing::Shared
@@ -338,15 +340,15 @@ pub(crate) fn attach_legacy_devices(
 /// The vhost-user devices, each with what brings it a new backend.
 #[derive(Default)]
 pub(crate) struct AttachedDevices {
-    block: Vec<(device_manager::BlockTransport, device_manager::Connector)>,
-    block_spawner: Option<BackendSpawner>,
-    net: Vec<(device_manager::NetTransport, device_manager::Connector)>,
-    vsock: Option<(device_manager::VsockTransport, device_manager::Connector)>,
+    pub(crate) block: Vec<(device_manager::BlockTransport, device_manager::Connector)>,
+    pub(crate) block_spawner: Option<BackendSpawner>,
+    pub(crate) net: Vec<(device_manager::NetTransport, device_manager::Connector)>,
+    pub(crate) vsock: Option<(device_manager::VsockTransport, device_manager::Connector)>,
 }
 
 /// Starts (or connects to) each device's backend and puts the drives, the
 /// interfaces and the vsock device on the MMIO bus, in that order.
-fn attach_vhost_user_devices(
+pub(crate) fn attach_vhost_user_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     resources: &VmResources,

@@ -21,7 +21,7 @@ use crate::device_manager::{self, BackendSpawner};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
-use crate::snapshot::{self, CreateSnapshotError, MicrovmState};
+use crate::snapshot::{self, CreateSnapshotError, MicrovmState, VhostUserDeviceState};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
 use crate::ExitCode;
@@ -169,16 +169,12 @@ impl Vmm {
             return Err(CreateSnapshotError::DiffNotSupported);
         }
         let r = &self.resources;
-        let out_of_process: Vec<String> = (r.drives.iter())
-            .map(|d| format!("vhost-user-block(id: {})", d.drive_id))
-            .chain(
-                (r.network_interfaces.iter())
-                    .map(|n| format!("vhost-user-net(id: {})", n.iface_id)),
-            )
+        let unsupported: Vec<String> = (r.network_interfaces.iter())
+            .map(|n| format!("vhost-user-net(id: {})", n.iface_id))
             .chain(r.vsock.iter().map(|_| "vhost-user-vsock".to_string()))
             .collect();
-        if !out_of_process.is_empty() {
-            return Err(CreateSnapshotError::HasBackends(out_of_process.join(", ")));
+        if !unsupported.is_empty() {
+            return Err(CreateSnapshotError::HasBackends(unsupported.join(", ")));
         }
         let started = std::time::Instant::now();
         let vcpus = self
@@ -186,7 +182,16 @@ impl Vmm {
             .iter()
             .map(|vcpu| vcpu.save_state(VCPU_ACK_TIMEOUT))
             .collect::<Result<Vec<_>, _>>()?;
+        // The drives' backends stop writing into guest memory before it is
+        // saved; each is hung up on afterwards, whatever happens, and the
+        // backend monitor brings in a new one that takes over the queues.
+        let drives = self.suspend_drives();
+        for transport in &self.devices.block {
+            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            transport.device().queues().hang_up();
+        }
         let state = MicrovmState {
+            drives: drives?,
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
             vm: self._vm.save_state()?,
@@ -207,6 +212,29 @@ impl Vmm {
             params.mem_file_path.display()
         );
         Ok(())
+    }
+
+    /// Stops every drive's queues (its backend completes what it has in
+    /// flight first) and returns their state.
+    fn suspend_drives(&self) -> Result<Vec<VhostUserDeviceState>, CreateSnapshotError> {
+        let mut states = Vec::with_capacity(self.devices.block.len());
+        for transport in &self.devices.block {
+            let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            let id = transport.device().id().to_string();
+            let queues = transport.device_mut().queues_mut();
+            queues
+                .suspend()
+                .map_err(|err| CreateSnapshotError::Suspend {
+                    id: id.clone(),
+                    reason: err.to_string(),
+                })?;
+            states.push(VhostUserDeviceState {
+                queues: queues.state(),
+                transport: transport.state(),
+                id,
+            });
+        }
+        Ok(states)
     }
 
     /// `PATCH /drives/{id}` on the running microVM. A new `path_on_host`

@@ -285,6 +285,17 @@ impl VhostUserFrontend {
         Ok(())
     }
 
+    /// Stops the first `queues` queues for a snapshot: the backend replies
+    /// to GET_VRING_BASE once a queue's requests in flight are complete.
+    /// The inflight region is kept.
+    pub fn suspend(&mut self, queues: usize) -> Result<(), FrontendError> {
+        for index in 0..queues {
+            self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, false))?;
+            self.transport("GET_VRING_BASE", |f| f.get_vring_base(index))?;
+        }
+        Ok(())
+    }
+
     /// Runs one exchange with the backend, under the reply watchdog's
     /// deadline. A transport failure (no reply in time, a broken or garbled
     /// stream) leaves the connection out of step, so the VMM hangs up:

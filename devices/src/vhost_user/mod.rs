@@ -14,7 +14,7 @@ pub mod watchdog;
 
 pub use device::{DeviceModel, DriverSetup, VhostUser, QUEUE_SIZE};
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
-pub use queues::{FrontendCounters, VhostUserQueues};
+pub use queues::{FrontendCounters, VhostUserQueues, VhostUserQueuesState};
 
 use std::fmt;
 

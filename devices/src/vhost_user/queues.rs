@@ -73,6 +73,16 @@ pub struct VhostUserQueues {
     /// The counters the device's backends keep (none for an external
     /// backend).
     backend_stats: Option<StatsReader>,
+    /// The next activation takes over queues a snapshot saved (from their
+    /// used indexes), rather than starting new ones.
+    restoring: bool,
+}
+
+/// What the VMM's side of a device keeps beyond the transport, for a
+/// snapshot: the guest's config writes, which a new backend gets again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VhostUserQueuesState {
+    pub config_writes: Vec<(u32, Vec<u8>)>,
 }
 
 impl VhostUserQueues {
@@ -117,6 +127,7 @@ impl VhostUserQueues {
                 given_up: false,
                 counters: FrontendCounters::default(),
                 backend_stats: None,
+                restoring: false,
             };
             if queues.frontend.has_config() {
                 queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
@@ -371,7 +382,53 @@ impl VhostUserQueues {
         if !self.connected {
             return Ok(());
         }
-        self.activate(&activation, false)
+        let restoring = std::mem::take(&mut self.restoring);
+        self.activate(&activation, restoring)?;
+        if restoring {
+            self.kick_all(layouts.len());
+        }
+        Ok(())
+    }
+
+    /// Wakes the backend on the first `queues` queues, for what the guest
+    /// posted while it was not looking.
+    fn kick_all(&self, queues: usize) {
+        for kick in &self.kicks[..queues.min(self.kicks.len())] {
+            let _ = kick.write(1);
+        }
+    }
+
+    /// For a snapshot of the paused guest: stops every queue of the
+    /// backend (GET_VRING_BASE), which returns once it has completed what
+    /// it had in flight, so that it writes no more into guest memory. The
+    /// backend is hung up on afterwards (see [`Self::hang_up`]), and the
+    /// next one takes the queues over from their used indexes.
+    pub fn suspend(&mut self) -> Result<(), FrontendError> {
+        let Some(activation) = &self.activation else {
+            return Ok(());
+        };
+        if !self.connected {
+            return Ok(());
+        }
+        self.frontend.suspend(activation.layouts.len())
+    }
+
+    /// What a snapshot keeps of this side.
+    pub fn state(&self) -> VhostUserQueuesState {
+        VhostUserQueuesState {
+            config_writes: self.config_writes.clone(),
+        }
+    }
+
+    /// Before the transport of a loaded snapshot activates the device
+    /// again: replays the guest's config writes to the backend, and makes
+    /// that activation take over the saved queues from their used indexes.
+    pub fn prepare_restore(&mut self, state: &VhostUserQueuesState) -> Result<(), FrontendError> {
+        for (offset, data) in &state.config_writes {
+            self.write_config(*offset, data)?;
+        }
+        self.restoring = true;
+        Ok(())
     }
 
     fn activate(&mut self, activation: &Activation, resume: bool) -> Result<(), FrontendError> {
@@ -437,9 +494,7 @@ impl VhostUserQueues {
         }
         if let Some(activation) = self.activation.clone() {
             self.activate(&activation, true)?;
-            for kick in &self.kicks[..activation.layouts.len().min(self.kicks.len())] {
-                let _ = kick.write(1);
-            }
+            self.kick_all(activation.layouts.len());
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! Accesses a driver should not make are counted ([`MmioTransport::invalid_accesses`])
 //! and their log lines rate-limited.
 
-use super::{status, QueueLayout, VirtioDevice};
+use super::{status, ActivateError, QueueLayout, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::guest_log;
 use crate::guest_log::LogLimiter;
@@ -25,13 +25,28 @@ const INT_VRING: u32 = 1;
 /// InterruptStatus: configuration change notification.
 const INT_CONFIG: u32 = 2;
 
-#[derive(Debug, Clone, Copy, Default)]
-struct QueueRegs {
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueRegs {
     size: u16,
     ready: bool,
     desc: u64,
     avail: u64,
     used: u64,
+}
+
+/// The transport's registers, for a snapshot: what the guest's driver
+/// negotiated and laid out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+    config_generation: u32,
+    config_changed: bool,
+    active: bool,
 }
 
 /// A virtio device on the MMIO bus.
@@ -77,6 +92,59 @@ impl<D: VirtioDevice> MmioTransport<D> {
             invalid_accesses: 0,
             log_limiter: LogLimiter::new(),
         }
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> MmioTransportState {
+        MmioTransportState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            config_generation: self.config_generation,
+            config_changed: self.config_changed,
+            active: self.active,
+        }
+    }
+
+    /// Takes a snapshot's registers; a device the driver had started is
+    /// started again with what it negotiated. A state for another number
+    /// of queues, or features the device does not offer, is refused.
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), ActivateError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(ActivateError::Backend(format!(
+                "the snapshot has {} queue(s) for a device with {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if state.acked_features & !self.device.features() != 0 {
+            return Err(ActivateError::Backend(format!(
+                "the snapshot's features {:#x} are not all offered ({:#x})",
+                state.acked_features,
+                self.device.features()
+            )));
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queues);
+        self.config_generation = state.config_generation;
+        self.config_changed = state.config_changed;
+        self.active = false;
+        if state.active {
+            self.activate();
+            if !self.active {
+                return Err(ActivateError::Backend(
+                    "the device did not start again with the snapshot's queues".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Register accesses the guest made that a driver should not: unknown

@@ -3,7 +3,7 @@
 
 mod mmio;
 
-pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
 
 use vm_memory::GuestAddress;
 

@@ -8,7 +8,11 @@ use std::sync::Arc;
 
 use vmm_config::{LoadSnapshotParams, MemBackendType};
 
-use super::{file, MicrovmState, StateFileError};
+use devices::vhost_user::VhostUserDevice;
+use linux_loader::loader::Cmdline;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::{file, MicrovmState, StateFileError, VhostUserDeviceState};
 use crate::builder::{self, AttachedDevices, BootOptions, Parts, StartMicrovmError};
 use crate::memory::{self, MemoryError};
 use crate::resources::{ResourcesError, VmResources};
@@ -57,6 +61,10 @@ pub enum LoadSnapshotError {
     Vcpu(#[from] VcpuError),
     #[error("Failed to build microVM from snapshot: Failed to restore microVM state: the serial port: {0}")]
     Serial(std::io::Error),
+    #[error("Failed to build microVM from snapshot: Failed to restore microVM state: {0}")]
+    Drive(String),
+    #[error("Failed to load guest memory: Error creating guest memory from file: cannot read {path}: {reason}")]
+    ReadMemory { path: String, reason: String },
 }
 
 /// Loads the snapshot `params` names and starts its vCPUs, paused unless
@@ -79,10 +87,22 @@ pub fn load_microvm(
         });
     }
     let kvm = builder::open_kvm(machine.vcpu_count)?;
-    let guest_memory = memory::map_snapshot_memory(&mem_file, &state.memory)?;
+    let guest_memory = guest_memory(&resources, &mem_file, &state.memory, params)?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, params.track_dirty_pages)?;
-    let legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
+    let mut legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
+    // The guest's kernel has its command line already.
+    let mut unused_cmdline = Cmdline::new(crate::arch::layout::CMDLINE_MAX_SIZE)
+        .map_err(|e| LoadSnapshotError::Drive(e.to_string()))?;
+    let attached = builder::attach_vhost_user_devices(
+        &vm,
+        &guest_memory,
+        &resources,
+        options,
+        &mut legacy.mmio_bus,
+        &mut unused_cmdline,
+    )?;
+    restore_drives(&attached, &state.drives)?;
     legacy
         .serial
         .lock()
@@ -112,7 +132,7 @@ pub fn load_microvm(
         serial: legacy.serial,
         i8042: legacy.i8042,
         reset_evt: legacy.reset_evt,
-        attached: AttachedDevices::default(),
+        attached,
     };
     let vmm = builder::run_microvm(parts, resources, options, !params.resume_vm)?;
     log::info!(
@@ -127,14 +147,85 @@ pub fn load_microvm(
     Ok(vmm)
 }
 
-/// The snapshot's configuration, with the load's overrides checked
-/// against it.
+/// Guest RAM for the loaded microVM: the memory file mapped copy-on-write
+/// when only this process maps RAM; a memfd the backends share, filled
+/// from the file, when it has drives.
+fn guest_memory(
+    resources: &VmResources,
+    file: &File,
+    regions: &[(u64, u64)],
+    params: &LoadSnapshotParams,
+) -> Result<GuestMemoryMmap, LoadSnapshotError> {
+    if !builder::has_backends(resources) {
+        return Ok(memory::map_snapshot_memory(file, regions)?);
+    }
+    let mem = builder::create_guest_memory(resources)?;
+    let layout: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|region| (region.start_addr().0, region.len()))
+        .collect();
+    let read_err = |reason: String| LoadSnapshotError::ReadMemory {
+        path: params.mem_backend.backend_path.display().to_string(),
+        reason,
+    };
+    if layout != regions {
+        return Err(read_err(format!(
+            "the snapshot's memory layout {regions:x?} is not this machine's {layout:x?}"
+        )));
+    }
+    let mut reader = file;
+    for region in mem.iter() {
+        mem.read_exact_volatile_from(region.start_addr(), &mut reader, region.len() as usize)
+            .map_err(|e| read_err(e.to_string()))?;
+    }
+    Ok(mem)
+}
+
+/// Gives each drive its saved transport and queue state: its new backend
+/// takes the queues over from their used indexes.
+fn restore_drives(
+    attached: &AttachedDevices,
+    saved: &[VhostUserDeviceState],
+) -> Result<(), LoadSnapshotError> {
+    for (transport, _) in &attached.block {
+        let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+        let id = transport.device().id().to_string();
+        let state = saved
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| LoadSnapshotError::Drive(format!("drive {id} has no saved state")))?;
+        transport
+            .device_mut()
+            .queues_mut()
+            .prepare_restore(&state.queues)
+            .map_err(|e| LoadSnapshotError::Drive(format!("drive {id}: {e}")))?;
+        transport
+            .restore(&state.transport)
+            .map_err(|e| LoadSnapshotError::Drive(format!("drive {id}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The snapshot's configuration with the load's drive paths, and its other
+/// overrides checked against it.
 fn resources(
     state: &MicrovmState,
     params: &LoadSnapshotParams,
 ) -> Result<VmResources, LoadSnapshotError> {
+    let mut config = state.config.clone();
+    for wanted in &params.drive_overrides {
+        let drive = config["drives"]
+            .as_array_mut()
+            .and_then(|drives| {
+                drives
+                    .iter_mut()
+                    .find(|d| d["drive_id"].as_str() == Some(wanted.drive_id.as_str()))
+            })
+            .ok_or_else(|| LoadSnapshotError::UnknownDrive(wanted.drive_id.clone()))?;
+        drive["path_on_host"] = serde_json::Value::from(wanted.path_on_host.clone());
+    }
     let resources =
-        VmResources::from_json(&state.config.to_string()).map_err(LoadSnapshotError::Config)?;
+        VmResources::from_json(&config.to_string()).map_err(LoadSnapshotError::Config)?;
     for wanted in &params.network_overrides {
         if !(resources.network_interfaces.iter()).any(|n| n.iface_id == wanted.iface_id) {
             return Err(LoadSnapshotError::UnknownNetworkDevice);
@@ -142,11 +233,6 @@ fn resources(
     }
     if params.vsock_override.is_some() && resources.vsock.is_none() {
         return Err(LoadSnapshotError::UnknownVsockDevice);
-    }
-    for wanted in &params.drive_overrides {
-        if !(resources.drives.iter()).any(|d| d.drive_id == wanted.drive_id) {
-            return Err(LoadSnapshotError::UnknownDrive(wanted.drive_id.clone()));
-        }
     }
     Ok(resources)
 }

@@ -12,6 +12,8 @@ use std::path::Path;
 
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialDeviceState;
+use devices::vhost_user::VhostUserQueuesState;
+use devices::virtio::MmioTransportState;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -31,6 +33,20 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialDeviceState,
     pub i8042: I8042State,
+    /// The drives, in the order they were attached (their virtio-mmio
+    /// slots).
+    #[serde(default)]
+    pub drives: Vec<VhostUserDeviceState>,
+}
+
+/// One vhost-user device: what its guest driver set up on the transport,
+/// and what the VMM keeps for its backends. Requests in flight are not
+/// part of it: the snapshot waits until the backend has completed them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VhostUserDeviceState {
+    pub id: String,
+    pub transport: MmioTransportState,
+    pub queues: VhostUserQueuesState,
 }
 
 /// Errors creating a snapshot; each says which step failed. Firecracker's
@@ -50,6 +66,10 @@ pub enum CreateSnapshotError {
     Vcpu(#[from] VcpuError),
     #[error("Cannot save the microVM state: {0}")]
     Vm(#[from] VmError),
+    #[error(
+        "Cannot save the microVM state: drive {id}: its backend did not stop its queues: {reason}"
+    )]
+    Suspend { id: String, reason: String },
     #[error("Cannot perform {op} on the memory backing file: {reason}")]
     Memory { op: &'static str, reason: String },
     #[error(transparent)]
