@@ -103,14 +103,19 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
 /// The file's bytes for `state`.
 pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, StateFileError> {
     let payload = serde_json::to_vec(state).map_err(|e| StateFileError::Encode(e.to_string()))?;
+    Ok(frame(&payload))
+}
+
+/// `payload` with the header and the CRC around it.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len() + CRC_LEN);
     bytes.extend_from_slice(&MAGIC);
     bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let crc = crc32fast::hash(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
-    Ok(bytes)
+    bytes
 }
 
 /// Checks `bytes` (the file named `path`) and decodes its state.

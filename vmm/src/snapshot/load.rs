@@ -124,7 +124,7 @@ pub fn load_microvm(
     }
     // After the vCPUs, as Firecracker: the clock and the interrupt
     // controllers go in last.
-    vm.restore_state(&state.vm)?;
+    vm.restore_state(&state.vm, params.clock_realtime)?;
     let parts = Parts {
         guest_memory,
         vm,

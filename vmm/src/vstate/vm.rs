@@ -3,8 +3,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,8 @@ pub enum VmError {
     },
     #[error("KVM has {available} memory slots, {needed} are needed")]
     NotEnoughSlots { needed: usize, available: usize },
+    #[error("clock_realtime requested but not present in the snapshot state")]
+    ClockRealtimeNotInState,
 }
 
 /// The VM-wide state KVM keeps: the PICs, the IOAPIC, the PIT and the
@@ -143,14 +145,23 @@ impl Vm {
         })
     }
 
-    /// Puts saved state into this (new) VM before its vCPUs run.
-    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+    /// Puts saved state into this (new) VM before its vCPUs run. With
+    /// `clock_realtime`, KVM moves the guest's clock on by the wall-clock
+    /// time since the snapshot (KVM_CLOCK_REALTIME), as Firecracker does.
+    pub fn restore_state(&self, state: &VmState, clock_realtime: bool) -> Result<(), VmError> {
         self.fd
             .set_pit2(&state.pit)
             .map_err(setup_err("set the PIT"))?;
-        // The flags describe the saving host's clock, not what to set.
+        if clock_realtime && state.clock.flags & KVM_CLOCK_REALTIME == 0 {
+            return Err(VmError::ClockRealtimeNotInState);
+        }
+        // The other flags describe the saving host's clock, not what to set.
         let clock = kvm_clock_data {
-            flags: 0,
+            flags: if clock_realtime {
+                KVM_CLOCK_REALTIME
+            } else {
+                0
+            },
             ..state.clock
         };
         self.fd

@@ -16,11 +16,12 @@
 //! with `--nested` it runs that inside L1 under QEMU TCG (see tests/nested);
 //! `--block`, `--net`, `--net-dpdk` and `--net-frontend` measure the device
 //! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--startup`
-//! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--vsock`
+//! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--snapshot`
+//! snapshot create, load and clones beside Firecracker (snapshot.rs); `--vsock`
 //! vsock beside them (vsock.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --vsock | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --vsock | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
@@ -31,6 +32,7 @@ mod net;
 mod net_dpdk;
 mod net_frontend;
 mod peers;
+mod snapshot;
 mod startup;
 mod vsock;
 
@@ -151,11 +153,13 @@ enum Mode {
     Jailer,
     /// Start-up figures beside Firecracker and Cloud Hypervisor.
     Startup,
+    /// Snapshot create, load and clones beside Firecracker.
+    Snapshot,
     Vsock,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --vsock | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --vsock | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -171,6 +175,7 @@ fn main() {
             "--net-frontend" => mode = Mode::NetFrontend,
             "--jailer" => mode = Mode::Jailer,
             "--startup" => mode = Mode::Startup,
+            "--snapshot" => mode = Mode::Snapshot,
             "--vsock" => mode = Mode::Vsock,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
@@ -189,6 +194,7 @@ fn main() {
         Mode::NetFrontend => net_frontend::bench_net_frontend(runs),
         Mode::Jailer => jailer::bench_jailer(runs),
         Mode::Startup => startup::bench_startup(runs),
+        Mode::Snapshot => snapshot::bench_snapshot(runs),
         Mode::Vsock => vsock::bench_vsock(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
