@@ -453,6 +453,79 @@ JSON
 	ok cpuid "$(wc -l </tmp/cpuid.tessera) leaves under tessera, $(wc -l </tmp/cpuid.firecracker) under Firecracker"
 }
 
+# A snapshot of L2 Linux counting into a file on its root drive: the
+# guest is paused, snapshotted and its tessera killed; a new tessera loads
+# it (the root drive on a copy of the disk taken at the snapshot) and the
+# count goes on from the next number.
+scenario_snapshot() {
+	name=snapshot
+	rm -f /tmp/snap.*
+	cp "$L2/rootfs.ext4" /tmp/snap-root.ext4
+	cat >/tmp/snap.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux",
+                  "boot_args": "$BASE_ARGS tessera.count=/count"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+  "drives": [{"drive_id": "rootfs", "path_on_host": "/tmp/snap-root.ext4", "is_root_device": true}]
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/snap.a.sock \
+		--config-file /tmp/snap.json </dev/null >/tmp/snap.a.out 2>/tmp/snap.a.err &
+	pid=$!
+	waited=0
+	until grep -q '^tessera.count=3' /tmp/snap.a.out 2>/dev/null; do
+		sleep 1
+		waited=$((waited + 1))
+		if [ $waited -ge 100 ]; then
+			kill -9 $pid 2>/dev/null
+			fail snapshot "the guest did not count to 3: $(tail -n 3 /tmp/snap.a.err | tr '\n' ' ')"
+			return
+		fi
+	done
+	api-call /tmp/snap.a.sock PATCH /vm '{"state": "Paused"}' >/dev/null &&
+		api-call /tmp/snap.a.sock PUT /snapshot/create \
+			'{"snapshot_path": "/tmp/snap.state", "mem_file_path": "/tmp/snap.mem"}' >/tmp/snap.create
+	created=$?
+	cp /tmp/snap-root.ext4 /tmp/snap-clone.ext4
+	kill -9 $pid 2>/dev/null
+	wait $pid 2>/dev/null
+	if [ $created -ne 0 ]; then
+		fail snapshot "create: $(cat /tmp/snap.create) $(tail -n 2 /tmp/snap.a.err | tr '\n' ' ')"
+		return
+	fi
+	last=$(sed -n 's/^tessera.count=\([0-9]*\)\r*$/\1/p' /tmp/snap.a.out | tail -n 1)
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/snap.b.sock \
+		</dev/null >/tmp/snap.b.out 2>/tmp/snap.b.err &
+	pid=$!
+	sleep 1
+	if ! api-call /tmp/snap.b.sock PUT /snapshot/load \
+		'{"snapshot_path": "/tmp/snap.state", "mem_file_path": "/tmp/snap.mem", "resume_vm": true,
+		  "drive_overrides": [{"drive_id": "rootfs", "path_on_host": "/tmp/snap-clone.ext4"}]}' >/tmp/snap.load; then
+		kill -9 $pid 2>/dev/null
+		fail snapshot "load: $(cat /tmp/snap.load) $(tail -n 2 /tmp/snap.b.err | tr '\n' ' ')"
+		return
+	fi
+	want=$((last + 3))
+	waited=0
+	until grep -q "^tessera.count=$want" /tmp/snap.b.out 2>/dev/null; do
+		sleep 1
+		waited=$((waited + 1))
+		if [ $waited -ge 60 ]; then
+			break
+		fi
+	done
+	kill -9 $pid 2>/dev/null
+	wait $pid 2>/dev/null
+	first=$(sed -n 's/^tessera.count=\([0-9]*\)\r*$/\1/p' /tmp/snap.b.out | head -n 1)
+	if [ "${first:-0}" -ne $((last + 1)) ]; then
+		fail snapshot "counted to $last before the snapshot, then from ${first:-nothing}: $(tail -n 2 /tmp/snap.b.err | tr '\n' ' ')"
+	elif ! grep -q "^tessera.count=$want" /tmp/snap.b.out; then
+		fail snapshot "the loaded guest did not count on to $want: $(tail -n 2 /tmp/snap.b.out | tr '\n' ' ')"
+	else
+		ok snapshot "counted to $last, snapshotted, loaded in a new tessera on a copy of the root disk, counted on from $first to $want"
+	fi
+}
+
 # Nested page faults (KVM's kvm_page_fault tracepoint in L1) while L2
 # Linux boots to init and halts, under tessera and under Firecracker: how
 # many, on how many 2 MiB guest regions, the regions that took more than
@@ -502,7 +575,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

@@ -19,6 +19,7 @@ const SCENARIOS: &[&str] = &[
     "vsock",
     "net",
     "stock_kernel",
+    "snapshot",
     "jailed_initramfs",
     "jailed_blk_root",
     "jailed_net",

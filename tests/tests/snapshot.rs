@@ -460,3 +460,63 @@ fn a_page_changed_in_the_memory_file_is_found_by_the_guest() {
     let run = api.vm.finish();
     assert!(run.stdout.contains(&bad), "{}", run.stdout);
 }
+
+/// Clones loaded at once from one snapshot.
+const CLONES: usize = 20;
+
+#[test]
+fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("golden.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (mut api, mut c) = boot_ticking(&[(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    )]);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2"));
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    let before = api.vm.finish().stdout;
+    let last = *ticks(&before).last().unwrap();
+    let clones: Vec<(ApiVm, PathBuf)> = (0..CLONES)
+        .map(|i| {
+            let copy = dir.path().join(format!("clone{i}.img"));
+            std::fs::copy(&disk, &copy).unwrap();
+            (ApiVm::start(&[]), copy)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (clone, copy) in &clones {
+            let body = json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
+                              "drive_overrides": [{"drive_id": "data", "path_on_host": copy}]});
+            let mut c = clone.client();
+            scope.spawn(move || put(&mut c, "/snapshot/load", body));
+        }
+    });
+    let want = format!("probe.memtest=ok,{}", last + 3);
+    for (mut clone, copy) in clones {
+        clone.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+        assert!(
+            tessera_tests::descendant_pid(clone.vm.pid(), "--serial data").is_some_and(|backend| {
+                std::fs::read_dir(format!("/proc/{backend}/fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == copy))
+            }),
+            "the clone's drive is not served from {}",
+            copy.display()
+        );
+        let run = clone.vm.finish();
+        assert_ticks_go_on(&before, &run.stdout, last + 3);
+    }
+}
