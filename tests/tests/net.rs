@@ -442,3 +442,60 @@ fn num_queue_pairs_must_be_between_1_and_8() {
         );
     }
 }
+
+#[test]
+fn a_snapshot_with_an_interface_loads_onto_another_tap_and_answers_pings() {
+    let netns = Netns::with_tap("snap", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let iface = json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC});
+    let mut vm = boot_probe_args(&netns, dir.path(), iface, "probe.ticks=0");
+    let out = ping(&netns, &["-c", "3", "-W", "5"]);
+    assert!(out.contains("3 packets transmitted, 3 received"), "{out}");
+    let mut api = ApiClient::connect(&dir.path().join("api.sock"));
+    assert_eq!(api.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let r = api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": memory}).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    vm.wait_until(Duration::from_millis(200), |_, _| false);
+    let before = vm.finish().stdout;
+    // The clone gets another TAP, with the address the host side had.
+    netns.ip(&["link", "del", "tap0"]);
+    netns.ip(&["tuntap", "add", "dev", "tap1", "mode", "tap"]);
+    netns.ip(&["addr", "add", "10.77.0.1/24", "dev", "tap1"]);
+    netns.ip(&["link", "set", "tap1", "up"]);
+    let socket = dir.path().join("clone.sock");
+    let mut command = netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
+    command.arg("--api-sock").arg(&socket);
+    let mut clone = Running::spawn(command);
+    let mut api = ApiClient::connect(&socket);
+    let r = api.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]})
+        .to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    ping_then_flood(&netns, &clone);
+    let config = api.get("/vm/config").json();
+    assert_eq!(
+        config["network-interfaces"][0]["host_dev_name"], "tap1",
+        "{config}"
+    );
+    clone.wait_until(DEADLINE, |out, _| out.contains("probe.tick="));
+    let after = clone.finish().stdout;
+    let last = |out: &str| {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("probe.tick="))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    };
+    let (before, after) = (last(&before), last(&after));
+    assert_eq!(
+        after.first().copied(),
+        before.last().map(|n| n + 1),
+        "ticks before: {before:?}, after: {after:?}"
+    );
+}

@@ -168,13 +168,8 @@ impl Vmm {
         if params.snapshot_type == SnapshotType::Diff {
             return Err(CreateSnapshotError::DiffNotSupported);
         }
-        let r = &self.resources;
-        let unsupported: Vec<String> = (r.network_interfaces.iter())
-            .map(|n| format!("vhost-user-net(id: {})", n.iface_id))
-            .chain(r.vsock.iter().map(|_| "vhost-user-vsock".to_string()))
-            .collect();
-        if !unsupported.is_empty() {
-            return Err(CreateSnapshotError::HasBackends(unsupported.join(", ")));
+        if self.resources.vsock.is_some() {
+            return Err(CreateSnapshotError::HasBackends("vhost-user-vsock".into()));
         }
         let started = std::time::Instant::now();
         let vcpus = self
@@ -182,16 +177,15 @@ impl Vmm {
             .iter()
             .map(|vcpu| vcpu.save_state(VCPU_ACK_TIMEOUT))
             .collect::<Result<Vec<_>, _>>()?;
-        // The drives' backends stop writing into guest memory before it is
-        // saved; each is hung up on afterwards, whatever happens, and the
-        // backend monitor brings in a new one that takes over the queues.
-        let drives = self.suspend_drives();
-        for transport in &self.devices.block {
-            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-            transport.device().queues().hang_up();
-        }
+        // The backends stop writing into guest memory before it is saved;
+        // each is hung up on afterwards, whatever happens, and the backend
+        // monitor brings in a new one that takes over the queues.
+        let devices = self.suspend_devices();
+        self.hang_up_backends();
+        let (drives, interfaces) = devices?;
         let state = MicrovmState {
-            drives: drives?,
+            drives,
+            interfaces,
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
             vm: self._vm.save_state()?,
@@ -214,27 +208,31 @@ impl Vmm {
         Ok(())
     }
 
-    /// Stops every drive's queues (its backend completes what it has in
-    /// flight first) and returns their state.
-    fn suspend_drives(&self) -> Result<Vec<VhostUserDeviceState>, CreateSnapshotError> {
-        let mut states = Vec::with_capacity(self.devices.block.len());
+    /// Stops every drive's and interface's queues (each backend completes
+    /// what it has in flight first) and returns their states.
+    fn suspend_devices(
+        &self,
+    ) -> Result<(Vec<VhostUserDeviceState>, Vec<VhostUserDeviceState>), CreateSnapshotError> {
+        let drives = (self.devices.block.iter())
+            .map(|t| snapshot::suspend_device(t))
+            .collect::<Result<_, _>>()?;
+        let interfaces = (self.devices.net.iter())
+            .map(|t| snapshot::suspend_device(t))
+            .collect::<Result<_, _>>()?;
+        Ok((drives, interfaces))
+    }
+
+    /// Hangs up on every drive's and interface's backend: the backend
+    /// monitor brings in new ones, which take over the queues.
+    fn hang_up_backends(&self) {
         for transport in &self.devices.block {
-            let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-            let id = transport.device().id().to_string();
-            let queues = transport.device_mut().queues_mut();
-            queues
-                .suspend()
-                .map_err(|err| CreateSnapshotError::Suspend {
-                    id: id.clone(),
-                    reason: err.to_string(),
-                })?;
-            states.push(VhostUserDeviceState {
-                queues: queues.state(),
-                transport: transport.state(),
-                id,
-            });
+            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            transport.device().queues().hang_up();
         }
-        Ok(states)
+        for transport in &self.devices.net {
+            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            transport.device().queues().hang_up();
+        }
     }
 
     /// `PATCH /drives/{id}` on the running microVM. A new `path_on_host`

@@ -413,6 +413,11 @@ impl VhostUserQueues {
         self.frontend.suspend(activation.layouts.len())
     }
 
+    /// Whether the next activation takes over a loaded snapshot's queues.
+    pub fn is_restoring(&self) -> bool {
+        self.restoring
+    }
+
     /// What a snapshot keeps of this side.
     pub fn state(&self) -> VhostUserQueuesState {
         VhostUserQueuesState {

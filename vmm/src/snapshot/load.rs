@@ -4,11 +4,12 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vmm_config::{LoadSnapshotParams, MemBackendType};
 
 use devices::vhost_user::VhostUserDevice;
+use devices::virtio::MmioTransport;
 use linux_loader::loader::Cmdline;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -62,7 +63,7 @@ pub enum LoadSnapshotError {
     #[error("Failed to build microVM from snapshot: Failed to restore microVM state: the serial port: {0}")]
     Serial(std::io::Error),
     #[error("Failed to build microVM from snapshot: Failed to restore microVM state: {0}")]
-    Drive(String),
+    Device(String),
     #[error("Failed to load guest memory: Error creating guest memory from file: cannot read {path}: {reason}")]
     ReadMemory { path: String, reason: String },
 }
@@ -93,7 +94,7 @@ pub fn load_microvm(
     let mut legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
     // The guest's kernel has its command line already.
     let mut unused_cmdline = Cmdline::new(crate::arch::layout::CMDLINE_MAX_SIZE)
-        .map_err(|e| LoadSnapshotError::Drive(e.to_string()))?;
+        .map_err(|e| LoadSnapshotError::Device(e.to_string()))?;
     let attached = builder::attach_vhost_user_devices(
         &vm,
         &guest_memory,
@@ -102,7 +103,7 @@ pub fn load_microvm(
         &mut legacy.mmio_bus,
         &mut unused_cmdline,
     )?;
-    restore_drives(&attached, &state.drives)?;
+    restore_devices(&attached, &state)?;
     legacy
         .serial
         .lock()
@@ -181,29 +182,40 @@ fn guest_memory(
     Ok(mem)
 }
 
-/// Gives each drive its saved transport and queue state: its new backend
-/// takes the queues over from their used indexes.
-fn restore_drives(
+/// Gives each drive and interface its saved transport and queue state:
+/// its new backend takes the queues over from their used indexes.
+fn restore_devices(
     attached: &AttachedDevices,
-    saved: &[VhostUserDeviceState],
+    state: &MicrovmState,
 ) -> Result<(), LoadSnapshotError> {
     for (transport, _) in &attached.block {
-        let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-        let id = transport.device().id().to_string();
-        let state = saved
-            .iter()
-            .find(|s| s.id == id)
-            .ok_or_else(|| LoadSnapshotError::Drive(format!("drive {id} has no saved state")))?;
-        transport
-            .device_mut()
-            .queues_mut()
-            .prepare_restore(&state.queues)
-            .map_err(|e| LoadSnapshotError::Drive(format!("drive {id}: {e}")))?;
-        transport
-            .restore(&state.transport)
-            .map_err(|e| LoadSnapshotError::Drive(format!("drive {id}: {e}")))?;
+        restore_device(transport, &state.drives)?;
+    }
+    for (transport, _) in &attached.net {
+        restore_device(transport, &state.interfaces)?;
     }
     Ok(())
+}
+
+fn restore_device<D: VhostUserDevice>(
+    transport: &Mutex<MmioTransport<D>>,
+    saved: &[VhostUserDeviceState],
+) -> Result<(), LoadSnapshotError> {
+    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+    let name = transport.device().queues().device().clone();
+    let failed = |reason: String| LoadSnapshotError::Device(format!("{name}: {reason}"));
+    let state = saved
+        .iter()
+        .find(|s| s.id == name.id)
+        .ok_or_else(|| failed("the snapshot has no state for it".into()))?;
+    transport
+        .device_mut()
+        .queues_mut()
+        .prepare_restore(&state.queues)
+        .map_err(|e| failed(e.to_string()))?;
+    transport
+        .restore(&state.transport)
+        .map_err(|e| failed(e.to_string()))
 }
 
 /// The snapshot's configuration with the load's drive paths, and its other
@@ -224,13 +236,19 @@ fn resources(
             .ok_or_else(|| LoadSnapshotError::UnknownDrive(wanted.drive_id.clone()))?;
         drive["path_on_host"] = serde_json::Value::from(wanted.path_on_host.clone());
     }
+    for wanted in &params.network_overrides {
+        let iface = config["network-interfaces"]
+            .as_array_mut()
+            .and_then(|ifaces| {
+                ifaces
+                    .iter_mut()
+                    .find(|n| n["iface_id"].as_str() == Some(wanted.iface_id.as_str()))
+            })
+            .ok_or(LoadSnapshotError::UnknownNetworkDevice)?;
+        iface["host_dev_name"] = serde_json::Value::from(wanted.host_dev_name.clone());
+    }
     let resources =
         VmResources::from_json(&config.to_string()).map_err(LoadSnapshotError::Config)?;
-    for wanted in &params.network_overrides {
-        if !(resources.network_interfaces.iter()).any(|n| n.iface_id == wanted.iface_id) {
-            return Err(LoadSnapshotError::UnknownNetworkDevice);
-        }
-    }
     if params.vsock_override.is_some() && resources.vsock.is_none() {
         return Err(LoadSnapshotError::UnknownVsockDevice);
     }

@@ -9,11 +9,12 @@ pub mod load;
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Mutex;
 
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialDeviceState;
-use devices::vhost_user::VhostUserQueuesState;
-use devices::virtio::MmioTransportState;
+use devices::vhost_user::{VhostUserDevice, VhostUserQueuesState};
+use devices::virtio::{MmioTransport, MmioTransportState};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -33,10 +34,12 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialDeviceState,
     pub i8042: I8042State,
-    /// The drives, in the order they were attached (their virtio-mmio
-    /// slots).
+    /// The drives and the network interfaces, each in the order they
+    /// were attached (their virtio-mmio slots).
     #[serde(default)]
     pub drives: Vec<VhostUserDeviceState>,
+    #[serde(default)]
+    pub interfaces: Vec<VhostUserDeviceState>,
 }
 
 /// One vhost-user device: what its guest driver set up on the transport,
@@ -67,9 +70,9 @@ pub enum CreateSnapshotError {
     #[error("Cannot save the microVM state: {0}")]
     Vm(#[from] VmError),
     #[error(
-        "Cannot save the microVM state: drive {id}: its backend did not stop its queues: {reason}"
+        "Cannot save the microVM state: {device}: its backend did not stop its queues: {reason}"
     )]
-    Suspend { id: String, reason: String },
+    Suspend { device: String, reason: String },
     #[error("Cannot perform {op} on the memory backing file: {reason}")]
     Memory { op: &'static str, reason: String },
     #[error(transparent)]
@@ -91,6 +94,26 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), CreateSnap
             .map_err(|e| error("write")(&e))?;
     }
     Ok(())
+}
+
+/// Stops the queues of the device behind `transport` (its backend
+/// completes its requests in flight first) and returns its state.
+pub fn suspend_device<D: VhostUserDevice>(
+    transport: &Mutex<MmioTransport<D>>,
+) -> Result<VhostUserDeviceState, CreateSnapshotError> {
+    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+    let queues = transport.device_mut().queues_mut();
+    queues
+        .suspend()
+        .map_err(|err| CreateSnapshotError::Suspend {
+            device: queues.device().to_string(),
+            reason: err.to_string(),
+        })?;
+    Ok(VhostUserDeviceState {
+        id: queues.device().id.clone(),
+        queues: queues.state(),
+        transport: transport.state(),
+    })
 }
 
 /// The guest RAM layout of `mem`, as the state file records it.

@@ -116,6 +116,18 @@ pub struct CtrlQueue {
 }
 
 impl CtrlQueue {
+    /// A loaded snapshot's queue: the VMM answered every command before the
+    /// snapshot, so the driver's used index is where the queue goes on.
+    pub fn take_over(&mut self, mem: &GuestMemoryMmap) {
+        if let Ok(used) = self
+            .queue
+            .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+        {
+            self.queue.set_next_avail(used.0);
+            self.queue.set_next_used(used.0);
+        }
+    }
+
     /// Builds the queue the driver laid out (`layout`, of at most
     /// `max_size` entries) and checks that it lies in guest memory.
     pub fn new(

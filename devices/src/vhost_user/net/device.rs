@@ -261,6 +261,10 @@ impl DeviceModel for Net {
             }
             (false, _) => None,
         };
+        let mut ctrl = ctrl;
+        if let Some(ctrl) = ctrl.as_mut().filter(|_| queues.is_restoring()) {
+            ctrl.take_over(queues.mem());
+        }
         queues.activate_for_guest(driver.acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
         self.ctrl = ctrl;
         crate::guest_log_here!(
