@@ -414,3 +414,64 @@ fn an_external_backend_serves_the_device_through_its_socket() {
         backend.describe()
     );
 }
+
+#[test]
+fn a_snapshot_with_vsock_resets_the_guests_connections_and_serves_a_new_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let api = tessera_tests::api::ApiVm::start(&[]);
+    let mut c = api.client();
+    let put = |c: &mut tessera_tests::api::ApiClient, path: &str, body: serde_json::Value| {
+        let r = c.put(path, &body.to_string());
+        assert_eq!(r.status, 204, "PUT {path}: {}", r.body);
+    };
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.vsock=echo:{PORT}:3 probe.vsock_timeout_ms=120000")}),
+    );
+    put(&mut c, "/vsock", json!({"guest_cid": 3, "uds_path": uds}));
+    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    let mut api = api;
+    api.vm.wait_until(DEADLINE, |out, _| {
+        out.contains(&format!("probe.vsock=listening {PORT}"))
+    });
+    let first = vsock::connect(&uds, PORT).unwrap();
+    assert_eq!(echo_through(first, b"one".to_vec()), b"one");
+    // The second connection is open, echoing, when the guest is paused.
+    let second = vsock::connect(&uds, PORT).unwrap();
+    let second_reader = second.try_clone().unwrap();
+    assert_eq!(echo_through(second_reader, b"two".to_vec()), b"two");
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    drop(api.vm.finish());
+    drop(second);
+    let moved = dir.path().join("clone.sock");
+    let mut clone = tessera_tests::api::ApiVm::start(&[]);
+    let mut c = clone.client();
+    put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
+               "vsock_override": {"uds_path": moved}}),
+    );
+    // The guest dropped the second connection on TRANSPORT_RESET (else it
+    // would wait for it to end forever); the third goes through the new
+    // socket, and then the probe is done with its three.
+    let third = vsock::connect(&moved, PORT).unwrap();
+    assert_eq!(echo_through(third, b"three".to_vec()), b"three");
+    clone
+        .vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.vsock=echoed"));
+    let out = clone.vm.finish().stdout;
+    assert!(
+        out.contains("over 3 connection(s)"),
+        "the guest did not count three connections:\n{out}"
+    );
+}

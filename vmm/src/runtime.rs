@@ -74,6 +74,13 @@ pub struct Vmm {
     pub(crate) flushed_totals: Mutex<HashMap<String, u64>>,
 }
 
+/// The state of every vhost-user device, their queues stopped.
+struct SuspendedDevices {
+    drives: Vec<VhostUserDeviceState>,
+    interfaces: Vec<VhostUserDeviceState>,
+    vsock: Option<VhostUserDeviceState>,
+}
+
 /// The vhost-user devices of a microVM.
 pub(crate) struct Devices {
     pub(crate) block: Vec<device_manager::BlockTransport>,
@@ -168,9 +175,6 @@ impl Vmm {
         if params.snapshot_type == SnapshotType::Diff {
             return Err(CreateSnapshotError::DiffNotSupported);
         }
-        if self.resources.vsock.is_some() {
-            return Err(CreateSnapshotError::HasBackends("vhost-user-vsock".into()));
-        }
         let started = std::time::Instant::now();
         let vcpus = self
             .vcpus
@@ -182,10 +186,11 @@ impl Vmm {
         // monitor brings in a new one that takes over the queues.
         let devices = self.suspend_devices();
         self.hang_up_backends();
-        let (drives, interfaces) = devices?;
+        let devices = devices?;
         let state = MicrovmState {
-            drives,
-            interfaces,
+            drives: devices.drives,
+            interfaces: devices.interfaces,
+            vsock: devices.vsock,
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
             vm: self._vm.save_state()?,
@@ -210,16 +215,18 @@ impl Vmm {
 
     /// Stops every drive's and interface's queues (each backend completes
     /// what it has in flight first) and returns their states.
-    fn suspend_devices(
-        &self,
-    ) -> Result<(Vec<VhostUserDeviceState>, Vec<VhostUserDeviceState>), CreateSnapshotError> {
-        let drives = (self.devices.block.iter())
-            .map(|t| snapshot::suspend_device(t))
-            .collect::<Result<_, _>>()?;
-        let interfaces = (self.devices.net.iter())
-            .map(|t| snapshot::suspend_device(t))
-            .collect::<Result<_, _>>()?;
-        Ok((drives, interfaces))
+    fn suspend_devices(&self) -> Result<SuspendedDevices, CreateSnapshotError> {
+        Ok(SuspendedDevices {
+            drives: (self.devices.block.iter())
+                .map(|t| snapshot::suspend_device(t))
+                .collect::<Result<_, _>>()?,
+            interfaces: (self.devices.net.iter())
+                .map(|t| snapshot::suspend_device(t))
+                .collect::<Result<_, _>>()?,
+            vsock: (self.devices.vsock.as_ref())
+                .map(|t| snapshot::suspend_device(t))
+                .transpose()?,
+        })
     }
 
     /// Hangs up on every drive's and interface's backend: the backend
@@ -230,6 +237,10 @@ impl Vmm {
             transport.device().queues().hang_up();
         }
         for transport in &self.devices.net {
+            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            transport.device().queues().hang_up();
+        }
+        if let Some(transport) = &self.devices.vsock {
             let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
             transport.device().queues().hang_up();
         }

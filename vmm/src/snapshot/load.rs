@@ -194,6 +194,9 @@ fn restore_devices(
     for (transport, _) in &attached.net {
         restore_device(transport, &state.interfaces)?;
     }
+    if let Some((transport, _)) = &attached.vsock {
+        restore_device(transport, state.vsock.as_slice())?;
+    }
     Ok(())
 }
 
@@ -247,11 +250,15 @@ fn resources(
             .ok_or(LoadSnapshotError::UnknownNetworkDevice)?;
         iface["host_dev_name"] = serde_json::Value::from(wanted.host_dev_name.clone());
     }
+    if let Some(wanted) = &params.vsock_override {
+        let vsock = config
+            .get_mut("vsock")
+            .filter(|v| v.is_object())
+            .ok_or(LoadSnapshotError::UnknownVsockDevice)?;
+        vsock["uds_path"] = serde_json::Value::from(wanted.uds_path.clone());
+    }
     let resources =
         VmResources::from_json(&config.to_string()).map_err(LoadSnapshotError::Config)?;
-    if params.vsock_override.is_some() && resources.vsock.is_none() {
-        return Err(LoadSnapshotError::UnknownVsockDevice);
-    }
     Ok(resources)
 }
 

@@ -40,6 +40,8 @@ pub struct MicrovmState {
     pub drives: Vec<VhostUserDeviceState>,
     #[serde(default)]
     pub interfaces: Vec<VhostUserDeviceState>,
+    #[serde(default)]
+    pub vsock: Option<VhostUserDeviceState>,
 }
 
 /// One vhost-user device: what its guest driver set up on the transport,
@@ -60,11 +62,6 @@ pub enum CreateSnapshotError {
     NotPaused,
     #[error("Diff snapshots are not supported by Tessera yet; create a Full one")]
     DiffNotSupported,
-    #[error(
-        "Cannot save the microVM state: Operation not allowed: Devices without snapshot support \
-         are present: {0}"
-    )]
-    HasBackends(String),
     #[error("Cannot save the microVM state: {0}")]
     Vcpu(#[from] VcpuError),
     #[error("Cannot save the microVM state: {0}")]

@@ -60,6 +60,30 @@ fn read_cid(guest_cid: u64, offset: u64, data: &mut [u8]) {
     }
 }
 
+/// The event queue's index.
+const EVENT_QUEUE: usize = 2;
+
+impl Vsock {
+    /// A loaded snapshot: tells the guest its connections are gone (see
+    /// `reset.rs`); whether the event was posted.
+    fn post_transport_reset(&self, queues: &VhostUserQueues, driver: DriverSetup<'_>) -> bool {
+        let Some(layout) = driver.layouts.get(EVENT_QUEUE) else {
+            return false;
+        };
+        match super::reset::post_transport_reset(queues.mem(), layout, QUEUE_SIZE) {
+            Ok(posted) => posted,
+            Err(err) => {
+                crate::guest_log_here!(
+                    log::Level::Warn,
+                    "{}: no TRANSPORT_RESET for the guest: {err}",
+                    queues.device()
+                );
+                false
+            }
+        }
+    }
+}
+
 impl DeviceModel for Vsock {
     const DEVICE_TYPE: u32 = VIRTIO_ID_VSOCK;
     /// The VMM knows the CID: the guest reads it even without a backend.
@@ -74,7 +98,13 @@ impl DeviceModel for Vsock {
         queues: &mut VhostUserQueues,
         driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError> {
+        let reset = queues.is_restoring() && self.post_transport_reset(queues, driver);
         queues.activate_for_guest(driver.acked_features, driver.layouts, QUEUE_SIZE)?;
+        if reset {
+            if let Some(call) = queues.call_fds().get(EVENT_QUEUE) {
+                let _ = call.write(1);
+            }
+        }
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active, guest CID {}",
