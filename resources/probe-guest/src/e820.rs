@@ -253,8 +253,7 @@ pub fn free_top(map: &Map, image: (u64, u64), len: u64) -> Option<u64> {
         .filter_map(|e| {
             let hi = e.addr.saturating_add(e.size).min(limit);
             let base = hi.checked_sub(len)? & !0xfff;
-            let usable = base >= e.addr.max(LOW_MEMORY_END)
-                && !overlaps(base, base + len, image);
+            let usable = base >= e.addr.max(LOW_MEMORY_END) && !overlaps(base, base + len, image);
             usable.then_some(base)
         })
         .max()

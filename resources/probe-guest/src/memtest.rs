@@ -92,12 +92,7 @@ impl MemTest {
     fn holds(&mut self, addr: u64, expected: u64) -> bool {
         let found = self.load(addr);
         if found != expected {
-            outln!(
-                "probe.memtest=bad,{:#x},{:#x},{:#x}",
-                addr,
-                expected,
-                found
-            );
+            outln!("probe.memtest=bad,{:#x},{:#x},{:#x}", addr, expected, found);
             self.failed = true;
         }
         !self.failed
