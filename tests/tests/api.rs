@@ -286,13 +286,13 @@ fn invalid_requests_get_400_with_a_clear_message() {
             "PUT",
             "/snapshot/create",
             r#"{"mem_file_path": "m", "snapshot_path": "s"}"#.into(),
-            "/snapshot is not supported",
+            "not supported before starting the microVM",
         ),
         (
             "PUT",
             "/snapshot/load",
             r#"{"snapshot_path": "s"}"#.into(),
-            "/snapshot is not supported",
+            "missing field: either `mem_backend` or `mem_file_path` is required",
         ),
     ];
     for (method, path, body, expected) in cases {

@@ -484,10 +484,15 @@ fn a_snapshot_with_an_interface_loads_onto_another_tap_and_answers_pings() {
         config["network-interfaces"][0]["host_dev_name"], "tap1",
         "{config}"
     );
-    clone.wait_until(DEADLINE, |out, _| out.contains("probe.tick="));
+    clone.wait_until(DEADLINE, |out, _| {
+        out.split_once("probe.tick=")
+            .is_some_and(|(_, rest)| rest.contains('\n'))
+    });
     let after = clone.finish().stdout;
+    // Whole lines only: the harness may see the last in pieces.
     let last = |out: &str| {
-        out.lines()
+        out.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .filter_map(|l| l.strip_prefix("probe.tick="))
             .filter_map(|n| n.trim().parse::<u64>().ok())
             .collect::<Vec<_>>()

@@ -30,18 +30,24 @@ fn memtest_base(console: &str) -> u64 {
 /// The ticks the memory test passed on, in order; panics on a bad word.
 fn memtest_ok(output: &str) -> Vec<u64> {
     assert!(!output.contains("probe.memtest=bad"), "{output}");
-    output
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("probe.memtest=ok,"))
+    whole_lines(output)
+        .filter_map(|l| l.strip_prefix("probe.memtest=ok,"))
         .filter_map(|n| n.parse().ok())
         .collect()
 }
 
+/// The whole lines of `output`: the harness may see the last in pieces.
+fn whole_lines(output: &str) -> impl Iterator<Item = &str> {
+    output
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(str::trim)
+}
+
 /// The tick numbers in `output`, in order.
 fn ticks(output: &str) -> Vec<u64> {
-    output
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("probe.tick="))
+    whole_lines(output)
+        .filter_map(|l| l.strip_prefix("probe.tick="))
         .filter_map(|n| n.parse().ok())
         .collect()
 }

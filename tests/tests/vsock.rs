@@ -455,6 +455,30 @@ fn a_snapshot_with_vsock_resets_the_guests_connections_and_serves_a_new_socket()
     let moved = dir.path().join("clone.sock");
     let mut clone = tessera_tests::api::ApiVm::start(&[]);
     let mut c = clone.client();
+    // A load that fails after binding the new socket leaves no socket
+    // behind: the same path loads next.
+    let short = dir.path().join("short.mem");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let r = c.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": state, "mem_file_path": short,
+                "vsock_override": {"uds_path": moved}})
+        .to_string(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.fault().contains("exceeds largest possible file offset"),
+        "{}",
+        r.body
+    );
+    assert!(
+        !moved.exists(),
+        "a failed load left {} behind",
+        moved.display()
+    );
     put(
         &mut c,
         "/snapshot/load",
@@ -466,9 +490,11 @@ fn a_snapshot_with_vsock_resets_the_guests_connections_and_serves_a_new_socket()
     // socket, and then the probe is done with its three.
     let third = vsock::connect(&moved, PORT).unwrap();
     assert_eq!(echo_through(third, b"three".to_vec()), b"three");
-    clone
-        .vm
-        .wait_until(DEADLINE, |out, _| out.contains("probe.vsock=echoed"));
+    // The whole line: the harness may see it in pieces.
+    clone.vm.wait_until(DEADLINE, |out, _| {
+        out.split_once("probe.vsock=echoed")
+            .is_some_and(|(_, rest)| rest.contains('\n'))
+    });
     let out = clone.vm.finish().stdout;
     assert!(
         out.contains("over 3 connection(s)"),

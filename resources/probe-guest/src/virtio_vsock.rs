@@ -543,8 +543,24 @@ impl Driver {
         Ok(())
     }
 
-    /// Takes every packet the host sent, then puts the buffers back.
+    /// Takes the device's events, then every packet the host sent, and
+    /// puts the buffers back. Events first: a TRANSPORT_RESET (a loaded
+    /// snapshot) ends the connections of before, not one a host client
+    /// opened through the new device since.
     fn poll_rx(&mut self, listen: Option<u32>) -> Result<(), Failure> {
+        while let Some(used) = self.event.pop_used().map_err(Failure::Queue)? {
+            let index = usize::from(self.event_slot_of[usize::from(used.head)]);
+            // SAFETY: the buffer came back; the device wrote it.
+            let id = unsafe { core::ptr::read_volatile(&raw const (*self.mem).events[index]) };
+            if u32::from_le_bytes([id[0], id[1], id[2], id[3]]) == EVENT_TRANSPORT_RESET {
+                for index in 0..MAX_CONNS {
+                    if self.conns[index].state != ConnState::Free {
+                        self.end(index);
+                    }
+                }
+            }
+            self.post_event(index).map_err(Failure::Queue)?;
+        }
         let mut reposted = false;
         while let Some(used) = self.rx.pop_used().map_err(Failure::Queue)? {
             let slot = usize::from(self.rx_slot_of[usize::from(used.head)]);
@@ -566,19 +582,6 @@ impl Driver {
         }
         if reposted {
             self.transport.notify_if_needed(&self.rx);
-        }
-        while let Some(used) = self.event.pop_used().map_err(Failure::Queue)? {
-            let index = usize::from(self.event_slot_of[usize::from(used.head)]);
-            // SAFETY: the buffer came back; the device wrote it.
-            let id = unsafe { core::ptr::read_volatile(&raw const (*self.mem).events[index]) };
-            if u32::from_le_bytes([id[0], id[1], id[2], id[3]]) == EVENT_TRANSPORT_RESET {
-                for index in 0..MAX_CONNS {
-                    if self.conns[index].state != ConnState::Free {
-                        self.end(index);
-                    }
-                }
-            }
-            self.post_event(index).map_err(Failure::Queue)?;
         }
         Ok(())
     }

@@ -76,6 +76,25 @@ pub fn load_microvm(
 ) -> Result<Vmm, LoadSnapshotError> {
     let state: MicrovmState = file::read(&params.snapshot_path)?;
     let resources = resources(&state, params)?;
+    // The vsock host socket is bound by now: a failed load removes it, so
+    // that nothing is left behind and the same path loads again.
+    let bound = (resources.vsock.as_ref())
+        .filter(|v| v.listener.is_some())
+        .map(|v| v.config.uds_path.clone());
+    build(state, resources, params, options).inspect_err(|_| {
+        if let Some(path) = &bound {
+            let _ = std::fs::remove_file(path);
+        }
+    })
+}
+
+/// Builds the microVM of a checked snapshot.
+fn build(
+    state: MicrovmState,
+    resources: VmResources,
+    params: &LoadSnapshotParams,
+    options: &BootOptions,
+) -> Result<Vmm, LoadSnapshotError> {
     if params.mem_backend.backend_type == MemBackendType::Uffd {
         return Err(LoadSnapshotError::UffdNotSupported);
     }
