@@ -112,6 +112,15 @@ pub fn run_build_script(script: &str, envs: &[(&str, &Path)]) -> PathBuf {
     PathBuf::from(dir.trim())
 }
 
+/// A new sparse file of `len` bytes at `path` (a disk or memory file for
+/// a test); returns the path.
+pub fn sparse_file(path: &Path, len: u64) -> PathBuf {
+    std::fs::File::create(path)
+        .and_then(|file| file.set_len(len))
+        .unwrap_or_else(|err| panic!("cannot make {}: {err}", path.display()));
+    path.to_path_buf()
+}
+
 /// Waits until `path` exists (a socket a process is about to create).
 pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;

@@ -34,10 +34,7 @@ fn recording_backend(dir: &Path, report: &Path) -> std::path::PathBuf {
 fn a_drive_backend_inherits_no_eventfd_or_socket_but_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, 8 << 20);
     let report = dir.path().join("fds.txt");
     let backend = recording_backend(dir.path(), &report);
     let mut config = VmConfig::new(

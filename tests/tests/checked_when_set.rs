@@ -59,10 +59,7 @@ fn an_enforced_drive_rate_limiter_is_refused_and_an_empty_one_accepted() {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
     let disk = api.dir().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, 1 << 20);
     let mut body = drive(&disk);
     body["rate_limiter"] = json!({"bandwidth": {"size": 1048576, "refill_time": 100}});
     assert_refused(

@@ -63,10 +63,7 @@ struct Trial {
 
 fn start_trial(dir: &Path, kind: Backend, seed: u64) -> Trial {
     let disk = dir.join("journal.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(JOURNAL_MIB << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, JOURNAL_MIB << 20);
     let boot_args =
         format!("console=ttyS0 probe.blk=journal probe.blk_mib={JOURNAL_MIB} probe.seed={seed:#x}");
     let mut config = VmConfig::new(guest_artifacts().probe(), &boot_args)

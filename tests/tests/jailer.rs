@@ -529,10 +529,7 @@ fn a_jailed_vmm_gets_jailed_backends_for_its_drive_and_interface() {
     // The drive lives in the VMM's jail, as with Firecracker, and belongs
     // to the VMM's uid: the VMM opens it and hands the launcher the fd.
     let disk = root.join("data.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, 8 << 20);
     std::os::unix::fs::chown(&disk, Some(1234), Some(1234)).unwrap();
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("vm.json")).unwrap()).unwrap();

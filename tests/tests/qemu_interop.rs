@@ -88,10 +88,7 @@ fn linux_under_qemu_runs_its_root_fs_and_a_data_disk_on_our_backend() {
     let root = dir.path().join("root.ext4");
     std::fs::copy(guest.rootfs(), &root).unwrap();
     let data = dir.path().join("data.img");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&data, 8 << 20);
     let root_sock = dir.path().join("root.sock");
     let data_sock = dir.path().join("data.sock");
     let mut root_backend = backend(&root_sock, &root, 1);

@@ -243,10 +243,7 @@ fn probe_config(drive: serde_json::Value) -> serde_json::Value {
 
 fn disk(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(MIB << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&path, MIB << 20);
     path
 }
 

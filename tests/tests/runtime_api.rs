@@ -19,10 +19,7 @@ fn count_ticks(stdout: &str) -> usize {
 
 fn disk(api: &ApiVm, name: &str, mib: u64) -> std::path::PathBuf {
     let path = api.dir().join(name);
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&path, mib << 20);
     path
 }
 

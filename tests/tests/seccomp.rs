@@ -56,10 +56,7 @@ fn probe_config(dir: &Path, args: &str, devices: &[(&str, Value)]) -> PathBuf {
 
 fn disk(dir: &Path) -> PathBuf {
     let path = dir.join("disk.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&path, 8 << 20);
     path
 }
 

@@ -226,10 +226,7 @@ fn bad_snapshots_are_refused_with_the_reason_and_a_good_one_loads_after() {
     let mut newer = good.clone();
     newer[8..12].copy_from_slice(&2u32.to_le_bytes());
     let short_memory = dir.path().join("short.mem");
-    std::fs::File::create(&short_memory)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&short_memory, 64 << 20);
     let cases = [
         (
             dir.path().join("missing.snap"),
@@ -348,10 +345,7 @@ const JOURNAL_MIB: u64 = 2;
 fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("journal.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(JOURNAL_MIB << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, JOURNAL_MIB << 20);
     let api = ApiVm::start(&[]);
     let mut c = api.client();
     put(
@@ -457,10 +451,7 @@ const CLONES: usize = 20;
 fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("golden.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&disk, 1 << 20);
     let (mut api, mut c) = boot_ticking(&[(
         "/drives/data",
         json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),

@@ -458,10 +458,7 @@ fn a_snapshot_with_vsock_resets_the_guests_connections_and_serves_a_new_socket()
     // A load that fails after binding the new socket leaves no socket
     // behind: the same path loads next.
     let short = dir.path().join("short.mem");
-    std::fs::File::create(&short)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    tessera_tests::sparse_file(&short, 1 << 20);
     let r = c.put(
         "/snapshot/load",
         &json!({"snapshot_path": state, "mem_file_path": short,
