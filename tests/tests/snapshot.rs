@@ -386,7 +386,7 @@ fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     // The clone writes to a copy of the disk as it was at the snapshot.
     let copy = dir.path().join("clone.img");
     std::fs::copy(&disk, &copy).unwrap();
-    // The original goes on too, with a new backend for its drive.
+    // The original goes on too, its drive's backend taking its queues up again.
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
     // The whole line: the harness may see it in pieces.
     api.vm.wait_until(DEADLINE, |out, _| {

@@ -374,7 +374,13 @@ impl BlockBackend {
         mem: &Arc<GuestMemoryMmap>,
     ) -> Result<(), WorkerError> {
         let queue = completer.queue_index(position);
-        while engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT {
+        // A queue the frontend stopped (GET_VRING_BASE) during this pass
+        // takes no more requests; those in flight still complete.
+        let started = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        while started && engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT {
             batch.taken += 1;
             let chain = match self.next_resubmitted(queue, vring, mem) {
                 Some(chain) => chain,
@@ -727,7 +733,7 @@ impl Device for BlockBackend {
     /// GET_VRING_BASE returns once the queue's requests in flight are
     /// complete, as the vhost-user specification asks (a snapshot relies
     /// on it): a worker holds its engine until nothing is in flight, and
-    /// takes no more from a queue marked not ready.
+    /// takes no more from a queue marked not ready (each pass checks).
     fn stop_vring(&self, queue: u32) -> io::Result<()> {
         let thread = queue as usize % self.common.threads();
         if let Some(engine) = self.engines.get(thread) {

@@ -176,18 +176,38 @@ impl Vmm {
             return Err(CreateSnapshotError::DiffNotSupported);
         }
         let started = std::time::Instant::now();
+        // The backends first: they stop writing into guest memory, and the
+        // interrupts their last completions raise are in the interrupt
+        // controllers before those are saved. Whatever happens next, each
+        // then takes its queues up again where they are.
+        let devices = self.suspend_devices();
+        let state = devices.and_then(|devices| self.machine_state(devices));
+        let written = state.and_then(|state| {
+            snapshot::write_memory(&self._guest_memory, &params.mem_file_path)?;
+            Ok(snapshot::file::write(&params.snapshot_path, &state)?)
+        });
+        self.resume_devices();
+        written?;
+        log::info!(
+            "snapshot created in {:?}: {} and {}",
+            started.elapsed(),
+            params.snapshot_path.display(),
+            params.mem_file_path.display()
+        );
+        Ok(())
+    }
+
+    /// Everything but guest memory, the devices' states given.
+    fn machine_state(
+        &self,
+        devices: SuspendedDevices,
+    ) -> Result<MicrovmState, CreateSnapshotError> {
         let vcpus = self
             .vcpus
             .iter()
             .map(|vcpu| vcpu.save_state(VCPU_ACK_TIMEOUT))
             .collect::<Result<Vec<_>, _>>()?;
-        // The backends stop writing into guest memory before it is saved;
-        // each is hung up on afterwards, whatever happens, and the backend
-        // monitor brings in a new one that takes over the queues.
-        let devices = self.suspend_devices();
-        self.hang_up_backends();
-        let devices = devices?;
-        let state = MicrovmState {
+        Ok(MicrovmState {
             drives: devices.drives,
             interfaces: devices.interfaces,
             vsock: devices.vsock,
@@ -201,16 +221,7 @@ impl Vmm {
                 .unwrap_or_else(|p| p.into_inner())
                 .state(),
             i8042: self.i8042.lock().unwrap_or_else(|p| p.into_inner()).state(),
-        };
-        snapshot::write_memory(&self._guest_memory, &params.mem_file_path)?;
-        snapshot::file::write(&params.snapshot_path, &state)?;
-        log::info!(
-            "snapshot created in {:?}: {} and {}",
-            started.elapsed(),
-            params.snapshot_path.display(),
-            params.mem_file_path.display()
-        );
-        Ok(())
+        })
     }
 
     /// Stops every drive's and interface's queues (each backend completes
@@ -229,20 +240,19 @@ impl Vmm {
         })
     }
 
-    /// Hangs up on every drive's and interface's backend: the backend
-    /// monitor brings in new ones, which take over the queues.
-    fn hang_up_backends(&self) {
+    /// After a snapshot: every device's backend takes its queues up again
+    /// on the same connection (a vsock device's guest is told its
+    /// connections ended); one that cannot is hung up on, and the backend
+    /// monitor brings in a new one.
+    fn resume_devices(&self) {
         for transport in &self.devices.block {
-            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-            transport.device().queues().hang_up();
+            snapshot::resume_device(transport);
         }
         for transport in &self.devices.net {
-            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-            transport.device().queues().hang_up();
+            snapshot::resume_device(transport);
         }
         if let Some(transport) = &self.devices.vsock {
-            let transport = transport.lock().unwrap_or_else(|p| p.into_inner());
-            transport.device().queues().hang_up();
+            snapshot::resume_device(transport);
         }
     }
 

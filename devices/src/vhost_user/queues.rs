@@ -391,10 +391,16 @@ impl VhostUserQueues {
     }
 
     /// Wakes the backend on the first `queues` queues, for what the guest
-    /// posted while it was not looking.
+    /// posted while it was not looking, and interrupts the guest on each:
+    /// a completion signalled while no backend or no interrupt controller
+    /// state was in place must not be lost (with EVENT_IDX the driver
+    /// would never be told again). A spurious interrupt is harmless.
     fn kick_all(&self, queues: usize) {
         for kick in &self.kicks[..queues.min(self.kicks.len())] {
             let _ = kick.write(1);
+        }
+        for call in &self.calls[..queues.min(self.calls.len())] {
+            let _ = call.write(1);
         }
     }
 
@@ -426,13 +432,18 @@ impl VhostUserQueues {
     }
 
     /// Before the transport of a loaded snapshot activates the device
-    /// again: replays the guest's config writes to the backend, and makes
-    /// that activation take over the saved queues from their used indexes.
-    pub fn prepare_restore(&mut self, state: &VhostUserQueuesState) -> Result<(), FrontendError> {
+    /// again: replays the guest's config writes to the backend, and, if
+    /// the driver had started the device (`active`), makes that activation
+    /// take over the saved queues from their used indexes.
+    pub fn prepare_restore(
+        &mut self,
+        state: &VhostUserQueuesState,
+        active: bool,
+    ) -> Result<(), FrontendError> {
         for (offset, data) in &state.config_writes {
             self.write_config(*offset, data)?;
         }
-        self.restoring = true;
+        self.restoring = active;
         Ok(())
     }
 
@@ -450,6 +461,7 @@ impl VhostUserQueues {
 
     /// Stops the queues the last activation started (a driver reset).
     fn stop(&mut self) -> Result<(), FrontendError> {
+        self.restoring = false;
         let Some(activation) = self.activation.take() else {
             return Ok(());
         };

@@ -49,6 +49,13 @@ pub struct MmioTransportState {
     active: bool,
 }
 
+impl MmioTransportState {
+    /// Whether the driver had started the device.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+}
+
 /// A virtio device on the MMIO bus.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,

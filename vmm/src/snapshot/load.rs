@@ -122,7 +122,6 @@ fn build(
         &mut legacy.mmio_bus,
         &mut unused_cmdline,
     )?;
-    restore_devices(&attached, &state)?;
     legacy
         .serial
         .lock()
@@ -145,6 +144,9 @@ fn build(
     // After the vCPUs, as Firecracker: the clock and the interrupt
     // controllers go in last.
     vm.restore_state(&state.vm, params.clock_realtime)?;
+    // The devices last: the interrupts their takeover raises must land in
+    // the restored interrupt controllers, not be overwritten by them.
+    restore_devices(&attached, &state)?;
     let parts = Parts {
         guest_memory,
         vm,
@@ -233,7 +235,7 @@ fn restore_device<D: VhostUserDevice>(
     transport
         .device_mut()
         .queues_mut()
-        .prepare_restore(&state.queues)
+        .prepare_restore(&state.queues, state.transport.is_active())
         .map_err(|e| failed(e.to_string()))?;
     transport
         .restore(&state.transport)

@@ -113,6 +113,31 @@ pub fn suspend_device<D: VhostUserDevice>(
     })
 }
 
+/// After a snapshot, the device behind `transport` takes its queues up
+/// again from their used indexes on the same backend connection, as a
+/// loaded one does; if that fails, the backend is hung up on and the
+/// backend monitor brings in a new one.
+pub fn resume_device<D: VhostUserDevice>(transport: &Mutex<MmioTransport<D>>) {
+    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+    let state = transport.state();
+    if !state.is_active() {
+        return;
+    }
+    let queues = transport.device_mut().queues_mut();
+    let resumed = queues
+        .prepare_restore(&Default::default(), true)
+        .map_err(|e| e.to_string())
+        .and_then(|()| transport.restore(&state).map_err(|e| e.to_string()));
+    if let Err(err) = resumed {
+        let queues = transport.device().queues();
+        log::warn!(
+            "{}: its queues did not start again after the snapshot ({err}); a new backend takes them over",
+            queues.device()
+        );
+        queues.hang_up();
+    }
+}
+
 /// The guest RAM layout of `mem`, as the state file records it.
 pub fn memory_layout(mem: &GuestMemoryMmap) -> Vec<(u64, u64)> {
     mem.iter()

@@ -399,7 +399,7 @@ impl Vcpu {
     /// Stays out of the guest until a resume; returns `Some` if the VMM
     /// went away meanwhile.
     fn paused(
-        &self,
+        &mut self,
         events: &Receiver<VcpuEvent>,
         responder: &Sender<VcpuResponse>,
     ) -> Option<VcpuStop> {
@@ -410,7 +410,7 @@ impl Vcpu {
     /// Answers requests out of the guest until a resume; returns `Some` if
     /// the VMM went away meanwhile.
     fn wait_for_resume(
-        &self,
+        &mut self,
         events: &Receiver<VcpuEvent>,
         responder: &Sender<VcpuResponse>,
     ) -> Option<VcpuStop> {
@@ -424,12 +424,30 @@ impl Vcpu {
                     let _ = responder.send(VcpuResponse::Paused);
                 }
                 Ok(VcpuEvent::SaveState) => {
+                    self.finish_pending_io();
                     let state = VcpuState::save(&self.fd, &self.msr_list);
                     let _ = responder.send(VcpuResponse::Saved(Box::new(state)));
                 }
                 Err(_) => return Some(VcpuStop::GuestShutdown("the VMM is ending")),
             }
         }
+    }
+
+    /// Re-enters KVM_RUN with immediate_exit set: KVM completes the port
+    /// or MMIO instruction whose exit this thread handled last (a read's
+    /// value goes into its register) and returns at once, so that a saved
+    /// state lies between two instructions and a load does not run one
+    /// twice.
+    fn finish_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(err) if err.errno() == libc::EINTR || err.errno() == libc::EAGAIN => {}
+            Ok(exit) => {
+                let _ = handle_exit(exit, &self.pio_bus, &self.mmio_bus);
+            }
+            Err(err) => log::error!("vCPU {}: cannot finish its last I/O: {err}", self.index),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// Describes a KVM internal error from the details KVM left in kvm_run.

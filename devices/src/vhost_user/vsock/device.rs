@@ -98,13 +98,11 @@ impl DeviceModel for Vsock {
         queues: &mut VhostUserQueues,
         driver: DriverSetup<'_>,
     ) -> Result<(), ActivateError> {
-        let reset = queues.is_restoring() && self.post_transport_reset(queues, driver);
-        queues.activate_for_guest(driver.acked_features, driver.layouts, QUEUE_SIZE)?;
-        if reset {
-            if let Some(call) = queues.call_fds().get(EVENT_QUEUE) {
-                let _ = call.write(1);
-            }
+        // The takeover that follows interrupts the guest on every queue.
+        if queues.is_restoring() {
+            self.post_transport_reset(queues, driver);
         }
+        queues.activate_for_guest(driver.acked_features, driver.layouts, QUEUE_SIZE)?;
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active, guest CID {}",
