@@ -500,3 +500,68 @@ fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
         assert_ticks_go_on(&before, &run.stdout, last + 3);
     }
 }
+
+#[test]
+fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // The kernel is gone by the time the snapshot loads, as on a host that
+    // only receives snapshots.
+    let kernel = dir.path().join("probe.elf");
+    std::fs::copy(guest_artifacts().probe(), &kernel).unwrap();
+    let (mut api, mut c) = {
+        let api = ApiVm::start(&[]);
+        let mut c = api.client();
+        put(
+            &mut c,
+            "/boot-source",
+            json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 probe.ticks=0 probe.memtest=1"}),
+        );
+        put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+        (api, c)
+    };
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2"));
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let create = json!({"snapshot_path": state, "mem_file_path": memory});
+    put(&mut c, "/snapshot/create", create.clone());
+    let first = api.vm.finish().stdout;
+    std::fs::remove_file(&kernel).unwrap();
+    let mut loaded = ApiVm::start(&[]);
+    let mut c = loaded.client();
+    put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
+    );
+    let config = c.get("/vm/config").json();
+    assert_eq!(
+        config["boot-source"]["kernel_image_path"],
+        kernel.display().to_string(),
+        "{config}"
+    );
+    let last = *ticks(&first).last().unwrap();
+    let want = format!("probe.memtest=ok,{}", last + 2);
+    loaded.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    // Snapshotted onto the very files it runs from: it keeps running (its
+    // memory maps the old file), and the new files load.
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    put(&mut c, "/snapshot/create", create);
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    let want = format!("probe.memtest=ok,{}", last + 4);
+    loaded.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let second = loaded.vm.finish().stdout;
+    assert_ticks_go_on(&first, &second, last + 4);
+    let mut again = ApiVm::start(&[]);
+    let mut c = again.client();
+    put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
+    );
+    let want = format!("probe.memtest=ok,{}", last + 6);
+    again.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let third = again.vm.finish().stdout;
+    memtest_ok(&third);
+    assert!(!ticks(&third).is_empty(), "{third}");
+}

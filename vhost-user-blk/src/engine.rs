@@ -197,8 +197,11 @@ impl Engine {
                     } else {
                         ("reads", &mut self.reads)
                     };
-                    // Buffered writes only fill the page cache; a read
-                    // the file system cannot promise may wait for a device.
+                    // Buffered writes mostly only fill the page cache (a
+                    // partial page not cached is read first, and dirty
+                    // throttling can wait), as in Cloud Hypervisor's
+                    // backend; a read the file system cannot promise may
+                    // wait for a device.
                     *learned = if io.write {
                         InPlace::Always
                     } else {

@@ -129,7 +129,7 @@ pub fn run_preboot(
                 if boot_path {
                     counted(&m.snapshot_load, Err(ActionError::failed(LOAD_NOT_ALLOWED)))
                 } else {
-                    match load_microvm(&params, options) {
+                    match load_microvm(&params, options, resources) {
                         Ok(vmm) => {
                             endpoint.respond(counted(&m.snapshot_load, Ok(VmmData::Empty)));
                             return Some(vmm);

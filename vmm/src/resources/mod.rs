@@ -137,7 +137,17 @@ impl VmResources {
 
     /// Parses and validates configuration JSON.
     pub fn from_json(json: &str) -> Result<Self, ResourcesError> {
-        let file: VmConfigFile = serde_json::from_str(json)?;
+        Self::from_config(serde_json::from_str(json)?, true)
+    }
+
+    /// The configuration a snapshot recorded: validated as a file's, but
+    /// its boot source is history (the kernel need not be on this host, as
+    /// with Firecracker), kept for `GET /vm/config` and not checked.
+    pub fn from_snapshot_json(json: &str) -> Result<Self, ResourcesError> {
+        Self::from_config(serde_json::from_str(json)?, false)
+    }
+
+    fn from_config(file: VmConfigFile, check_boot_source: bool) -> Result<Self, ResourcesError> {
         let unsupported = [
             ("balloon", file.balloon.is_some()),
             ("mmds-config", file.mmds_config.is_some()),
@@ -158,8 +168,12 @@ impl VmResources {
         if let Some(serial) = file.serial {
             resources.set_serial(serial)?;
         }
-        let boot_source = file.boot_source.ok_or(ResourcesError::MissingBootSource)?;
-        resources.set_boot_source(boot_source)?;
+        if check_boot_source {
+            let boot_source = file.boot_source.ok_or(ResourcesError::MissingBootSource)?;
+            resources.set_boot_source(boot_source)?;
+        } else {
+            resources.boot_source = file.boot_source;
+        }
         if let Some(machine_config) = file.machine_config {
             resources.set_machine_config(machine_config)?;
         }

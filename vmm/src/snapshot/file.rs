@@ -24,9 +24,11 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"TESSNAP\0";
 /// The format this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
-/// No state file is larger: a length field beyond it is corruption, not
-/// an allocation to make.
-pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// No state file is larger (a 2-vCPU microVM's is 46 KiB; Firecracker's
+/// limit is 10 MB): a length field beyond it is corruption, not an
+/// allocation to make, and what a payload this size decodes to stays
+/// bounded.
+pub const MAX_PAYLOAD: u64 = 16 << 20;
 const HEADER_LEN: usize = 20;
 const CRC_LEN: usize = 4;
 
@@ -69,17 +71,32 @@ pub enum StateFileError {
 
 /// Writes `state` to a new file at `path` (replacing one that is there).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileError> {
-    let display = || path.display().to_string();
     let bytes = encode(state)?;
-    let mut file = File::create(path).map_err(|source| StateFileError::Open {
-        path: display(),
+    write_replacing(path, |file| file.write_all(&bytes)).map_err(|source| StateFileError::Write {
+        path: path.display().to_string(),
         source,
-    })?;
-    file.write_all(&bytes)
-        .map_err(|source| StateFileError::Write {
-            path: display(),
-            source,
-        })
+    })
+}
+
+/// Makes a new file at `path` with `write`, under a temporary name beside
+/// it that replaces `path` only once complete: a file a microVM maps (the
+/// memory file it was loaded from, which clones may map too) keeps its
+/// contents under its old inode, and no half-written file is left at
+/// `path`.
+pub fn write_replacing(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}", std::process::id()));
+    let temporary = std::path::PathBuf::from(temporary);
+    let written = File::create(&temporary)
+        .and_then(|mut file| write(&mut file))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 /// Reads and checks the file at `path`, then decodes its state.

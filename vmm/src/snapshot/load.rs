@@ -39,6 +39,11 @@ pub enum LoadSnapshotError {
         "Failed to get snapshot state from file: it has {states} vCPU states for {vcpus} vCPUs"
     )]
     VcpuCount { states: usize, vcpus: u8 },
+    #[error("Failed to get snapshot state from file: its memory layout {found:x?} is not the one of its machine configuration, {expected:x?}")]
+    Layout {
+        found: Vec<(u64, u64)>,
+        expected: Vec<(u64, u64)>,
+    },
     #[error("Failed to load guest memory: the Uffd memory backend is not supported by Tessera yet; use File")]
     UffdNotSupported,
     #[error("Failed to load guest memory: Error creating guest memory from file: Failed to load guest memory: {path}: {source}")]
@@ -70,12 +75,19 @@ pub enum LoadSnapshotError {
 
 /// Loads the snapshot `params` names and starts its vCPUs, paused unless
 /// `resume_vm`.
+/// `current` is what the loading process was given before the load: its
+/// logger, metrics and serial output are the loaded microVM's (a clone
+/// does not write to its source's console file).
 pub fn load_microvm(
     params: &LoadSnapshotParams,
     options: &BootOptions,
+    current: &VmResources,
 ) -> Result<Vmm, LoadSnapshotError> {
     let state: MicrovmState = file::read(&params.snapshot_path)?;
-    let resources = resources(&state, params)?;
+    let mut resources = resources(&state, params)?;
+    resources.logger.clone_from(&current.logger);
+    resources.metrics.clone_from(&current.metrics);
+    resources.serial.clone_from(&current.serial);
     // The vsock host socket is bound by now: a failed load removes it, so
     // that nothing is left behind and the same path loads again.
     let bound = (resources.vsock.as_ref())
@@ -97,6 +109,14 @@ fn build(
 ) -> Result<Vmm, LoadSnapshotError> {
     if params.mem_backend.backend_type == MemBackendType::Uffd {
         return Err(LoadSnapshotError::UffdNotSupported);
+    }
+    let expected =
+        crate::arch::layout::ram_regions((resources.machine_config.mem_size_mib as u64) << 20);
+    if state.memory != expected {
+        return Err(LoadSnapshotError::Layout {
+            found: state.memory.clone(),
+            expected,
+        });
     }
     let mem_file = memory_file(&params.mem_backend.backend_path, &state.memory)?;
     let machine = &resources.machine_config;
@@ -249,6 +269,12 @@ fn resources(
     params: &LoadSnapshotParams,
 ) -> Result<VmResources, LoadSnapshotError> {
     let mut config = state.config.clone();
+    // The process-level outputs are the loading process's.
+    if let Some(c) = config.as_object_mut() {
+        for section in ["logger", "metrics", "serial"] {
+            c.remove(section);
+        }
+    }
     for wanted in &params.drive_overrides {
         let drive = config["drives"]
             .as_array_mut()
@@ -278,9 +304,7 @@ fn resources(
             .ok_or(LoadSnapshotError::UnknownVsockDevice)?;
         vsock["uds_path"] = serde_json::Value::from(wanted.uds_path.clone());
     }
-    let resources =
-        VmResources::from_json(&config.to_string()).map_err(LoadSnapshotError::Config)?;
-    Ok(resources)
+    VmResources::from_snapshot_json(&config.to_string()).map_err(LoadSnapshotError::Config)
 }
 
 /// Opens the memory file and checks that it holds every region.

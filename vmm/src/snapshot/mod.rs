@@ -7,7 +7,6 @@
 pub mod file;
 pub mod load;
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -79,18 +78,17 @@ pub enum CreateSnapshotError {
 /// Writes every region of `mem` to a new file at `path`, one after
 /// another.
 pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), CreateSnapshotError> {
-    let error = |op| {
-        move |err: &dyn std::fmt::Display| CreateSnapshotError::Memory {
-            op,
-            reason: format!("{}: {err}", path.display()),
+    file::write_replacing(path, |file| {
+        for region in mem.iter() {
+            mem.write_all_volatile_to(region.start_addr(), file, region.len() as usize)
+                .map_err(std::io::Error::other)?;
         }
-    };
-    let mut file = File::create(path).map_err(|e| error("open")(&e))?;
-    for region in mem.iter() {
-        mem.write_all_volatile_to(region.start_addr(), &mut file, region.len() as usize)
-            .map_err(|e| error("write")(&e))?;
-    }
-    Ok(())
+        Ok(())
+    })
+    .map_err(|err| CreateSnapshotError::Memory {
+        op: "write",
+        reason: format!("{}: {err}", path.display()),
+    })
 }
 
 /// Stops the queues of the device behind `transport` (its backend

@@ -139,6 +139,9 @@ impl VcpuHandle {
             VcpuEvent::Resume => "a resume",
             VcpuEvent::SaveState => "a state save",
         };
+        // A reply that came after an earlier request timed out is not this
+        // one's.
+        while self.responses.try_recv().is_ok() {}
         self.events
             .send(event)
             .map_err(|_| VcpuError::Stopped(index))?;
