@@ -67,6 +67,19 @@ fn refused(c: &mut ApiClient, method: &str, path: &str, body: serde_json::Value,
     );
 }
 
+/// Pauses the microVM behind `c` and snapshots it to `dir`: the state
+/// and memory files.
+fn pause_and_snapshot(c: &mut ApiClient, dir: &Path) -> (PathBuf, PathBuf) {
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    put(
+        c,
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    (state, memory)
+}
+
 /// Boots the probe ticking forever.
 fn boot_ticking(extra: &[(&str, serde_json::Value)]) -> (ApiVm, ApiClient) {
     let api = ApiVm::start(&[]);
@@ -369,13 +382,7 @@ fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     let mut api = api;
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.journal="));
-    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
-    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
-    put(
-        &mut c,
-        "/snapshot/create",
-        json!({"snapshot_path": state, "mem_file_path": memory}),
-    );
+    let (state, memory) = pause_and_snapshot(&mut c, dir.path());
     let total = (JOURNAL_MIB << 20) / SECTOR as u64;
     let promised = last_durable(&api.vm.stdout());
     assert!(
@@ -458,13 +465,7 @@ fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
     )]);
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2"));
-    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
-    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
-    put(
-        &mut c,
-        "/snapshot/create",
-        json!({"snapshot_path": state, "mem_file_path": memory}),
-    );
+    let (state, memory) = pause_and_snapshot(&mut c, dir.path());
     let before = api.vm.finish().stdout;
     let last = *ticks(&before).last().unwrap();
     let clones: Vec<(ApiVm, PathBuf)> = (0..CLONES)

@@ -45,6 +45,7 @@ pub struct MmioTransportState {
     queue_sel: u32,
     queues: Vec<QueueRegs>,
     config_generation: u32,
+    /// A configuration change the driver has not acknowledged yet.
     config_changed: bool,
     active: bool,
 }
@@ -59,16 +60,8 @@ impl MmioTransportState {
 /// A virtio device on the MMIO bus.
 pub struct MmioTransport<D: VirtioDevice> {
     device: D,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    queue_sel: u32,
-    queues: Vec<QueueRegs>,
-    config_generation: u32,
-    /// A configuration change the driver has not acknowledged yet.
-    config_changed: bool,
-    active: bool,
+    /// What the driver negotiated and laid out (a snapshot saves it).
+    regs: MmioTransportState,
     invalid_accesses: u64,
     log_limiter: LogLimiter,
 }
@@ -87,15 +80,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let queues = vec![QueueRegs::default(); device.queue_max_sizes().len()];
         Self {
             device,
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            acked_features: 0,
-            queue_sel: 0,
-            queues,
-            config_generation: 0,
-            config_changed: false,
-            active: false,
+            regs: MmioTransportState {
+                status: 0,
+                device_features_sel: 0,
+                driver_features_sel: 0,
+                acked_features: 0,
+                queue_sel: 0,
+                queues,
+                config_generation: 0,
+                config_changed: false,
+                active: false,
+            },
             invalid_accesses: 0,
             log_limiter: LogLimiter::new(),
         }
@@ -103,28 +98,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The registers, for a snapshot.
     pub fn state(&self) -> MmioTransportState {
-        MmioTransportState {
-            status: self.status,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            acked_features: self.acked_features,
-            queue_sel: self.queue_sel,
-            queues: self.queues.clone(),
-            config_generation: self.config_generation,
-            config_changed: self.config_changed,
-            active: self.active,
-        }
+        self.regs.clone()
     }
 
     /// Takes a snapshot's registers; a device the driver had started is
     /// started again with what it negotiated. A state for another number
     /// of queues, or features the device does not offer, is refused.
     pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), ActivateError> {
-        if state.queues.len() != self.queues.len() {
+        if state.queues.len() != self.regs.queues.len() {
             return Err(ActivateError::Backend(format!(
                 "the snapshot has {} queue(s) for a device with {}",
                 state.queues.len(),
-                self.queues.len()
+                self.regs.queues.len()
             )));
         }
         if state.acked_features & !self.device.features() != 0 {
@@ -134,18 +119,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device.features()
             )));
         }
-        self.status = state.status;
-        self.device_features_sel = state.device_features_sel;
-        self.driver_features_sel = state.driver_features_sel;
-        self.acked_features = state.acked_features;
-        self.queue_sel = state.queue_sel;
-        self.queues.clone_from(&state.queues);
-        self.config_generation = state.config_generation;
-        self.config_changed = state.config_changed;
-        self.active = false;
+        self.regs = MmioTransportState {
+            active: false,
+            ..state.clone()
+        };
         if state.active {
             self.activate();
-            if !self.active {
+            if !self.regs.active {
                 return Err(ActivateError::Backend(
                     "the device did not start again with the snapshot's queues".into(),
                 ));
@@ -170,8 +150,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// backing file was replaced): the next InterruptStatus read says so
     /// and the generation moves on. The caller raises the interrupt.
     pub fn config_changed(&mut self) {
-        self.config_changed = true;
-        self.config_generation = self.config_generation.wrapping_add(1);
+        self.regs.config_changed = true;
+        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
     }
 
     pub fn device(&self) -> &D {
@@ -184,24 +164,24 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
-        if self.status & status::DRIVER_OK != 0 {
+        if self.regs.status & status::DRIVER_OK != 0 {
             // Queue layout is frozen while the device runs.
             return None;
         }
-        self.queues.get_mut(self.queue_sel as usize)
+        self.regs.queues.get_mut(self.regs.queue_sel as usize)
     }
 
     fn reset(&mut self) {
-        if self.active {
+        if self.regs.active {
             self.device.reset();
-            self.active = false;
+            self.regs.active = false;
         }
-        self.status = 0;
-        self.acked_features = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.queue_sel = 0;
-        for q in &mut self.queues {
+        self.regs.status = 0;
+        self.regs.acked_features = 0;
+        self.regs.device_features_sel = 0;
+        self.regs.driver_features_sel = 0;
+        self.regs.queue_sel = 0;
+        for q in &mut self.regs.queues {
             *q = QueueRegs::default();
         }
     }
@@ -211,19 +191,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.reset();
             return;
         }
-        let newly_set = value & !self.status;
+        let newly_set = value & !self.regs.status;
         if newly_set & status::FEATURES_OK != 0
-            && self.acked_features & !self.device.features() != 0
+            && self.regs.acked_features & !self.device.features() != 0
         {
             self.count_invalid();
             guest_log!(
                 self.log_limiter,
                 log::Level::Warn,
                 "virtio-mmio: the driver acked features {:#x} the device does not offer",
-                self.acked_features & !self.device.features()
+                self.regs.acked_features & !self.device.features()
             );
             // Leave FEATURES_OK unset: the driver sees the refusal.
-            self.status = value & !status::FEATURES_OK;
+            self.regs.status = value & !status::FEATURES_OK;
             return;
         }
         if newly_set & status::DRIVER_OK != 0 && value & status::FEATURES_OK == 0 {
@@ -234,18 +214,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 "virtio-mmio: the driver set DRIVER_OK before FEATURES_OK was accepted"
             );
             // Features were never agreed: the device does not start.
-            self.status = value & !status::DRIVER_OK;
+            self.regs.status = value & !status::DRIVER_OK;
             return;
         }
-        self.status = value;
-        if newly_set & status::DRIVER_OK != 0 && !self.active {
+        self.regs.status = value;
+        if newly_set & status::DRIVER_OK != 0 && !self.regs.active {
             self.activate();
         }
     }
 
     fn activate(&mut self) {
         let mut layouts = Vec::new();
-        for (index, q) in self.queues.iter().enumerate() {
+        for (index, q) in self.regs.queues.iter().enumerate() {
             if !q.ready {
                 break;
             }
@@ -258,7 +238,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     log::Level::Warn,
                     "virtio-mmio: queue {index} has an invalid size {size}"
                 );
-                self.status |= status::DEVICE_NEEDS_RESET;
+                self.regs.status |= status::DEVICE_NEEDS_RESET;
                 return;
             }
             layouts.push(QueueLayout {
@@ -268,15 +248,15 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 used_ring: GuestAddress(q.used),
             });
         }
-        match self.device.activate(self.acked_features, &layouts) {
-            Ok(()) => self.active = true,
+        match self.device.activate(self.regs.acked_features, &layouts) {
+            Ok(()) => self.regs.active = true,
             Err(err) => {
                 guest_log!(
                     self.log_limiter,
                     log::Level::Error,
                     "virtio-mmio: cannot activate the device: {err}"
                 );
-                self.status |= status::DEVICE_NEEDS_RESET;
+                self.regs.status |= status::DEVICE_NEEDS_RESET;
             }
         }
     }
@@ -287,7 +267,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x04 => MMIO_VERSION,
             0x08 => self.device.device_type(),
             0x0c => VENDOR_ID,
-            0x10 => match self.device_features_sel {
+            0x10 => match self.regs.device_features_sel {
                 0 => self.device.features() as u32,
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
@@ -295,21 +275,27 @@ impl<D: VirtioDevice> MmioTransport<D> {
             0x34 => self
                 .device
                 .queue_max_sizes()
-                .get(self.queue_sel as usize)
+                .get(self.regs.queue_sel as usize)
                 .map_or(0, |max| u32::from(*max)),
             0x44 => self
+                .regs
                 .queues
-                .get(self.queue_sel as usize)
+                .get(self.regs.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready)),
             // The backend raises the interrupt through an irqfd, so the
             // transport cannot know whether a used buffer is the cause: it
             // always says so, and the driver checks its queues.
             0x60 => {
-                let vring = if self.active { INT_VRING } else { 0 };
-                vring | if self.config_changed { INT_CONFIG } else { 0 }
+                let vring = if self.regs.active { INT_VRING } else { 0 };
+                vring
+                    | if self.regs.config_changed {
+                        INT_CONFIG
+                    } else {
+                        0
+                    }
             }
-            0x70 => self.status,
-            0xfc => self.config_generation,
+            0x70 => self.regs.status,
+            0xfc => self.regs.config_generation,
             _ => {
                 self.count_invalid();
                 guest_log!(
@@ -324,19 +310,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         match offset {
-            0x14 => self.device_features_sel = value,
+            0x14 => self.regs.device_features_sel = value,
             0x20 => {
                 // Features are fixed once FEATURES_OK is set.
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => set_half(&mut self.acked_features, false, value),
-                        1 => set_half(&mut self.acked_features, true, value),
+                if self.regs.status & status::FEATURES_OK == 0 {
+                    match self.regs.driver_features_sel {
+                        0 => set_half(&mut self.regs.acked_features, false, value),
+                        1 => set_half(&mut self.regs.acked_features, true, value),
                         _ => {}
                     }
                 }
             }
-            0x24 => self.driver_features_sel = value,
-            0x30 => self.queue_sel = value,
+            0x24 => self.regs.driver_features_sel = value,
+            0x30 => self.regs.queue_sel = value,
             0x38 => {
                 if let Some(q) = self.selected_queue() {
                     q.size = value as u16;
@@ -357,7 +343,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             ),
             0x64 => {
                 if value & INT_CONFIG != 0 {
-                    self.config_changed = false;
+                    self.regs.config_changed = false;
                 }
             }
             0x70 => self.write_status(value),
@@ -406,7 +392,7 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
-            self.config_generation = self.config_generation.wrapping_add(1);
+            self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
             return;
         }
         match <[u8; 4]>::try_from(data) {
