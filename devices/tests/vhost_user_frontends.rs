@@ -14,8 +14,10 @@ use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
 use devices::virtio::VirtioDevice;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vhost_user_common::device::Served;
+use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -35,9 +37,13 @@ fn guest_memory() -> GuestMemoryMmap {
 }
 
 /// Serves `backend` on `socket` in a thread, for one frontend.
-fn serve<T>(backend: T, mem: GuestMemoryAtomic<GuestMemoryMmap>, socket: &Path)
+fn serve<T>(backend: T, mem: GuestMemoryAtomic<BackendMemory>, socket: &Path)
 where
-    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + Send + Sync + 'static,
+    T: VhostUserBackend<Bitmap = BitmapMmapRegion, Vring = BackendVring>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     let mut listener = Listener::new(socket, true).unwrap();
     std::thread::spawn(move || {
@@ -69,7 +75,7 @@ fn block_device(dir: &Path, backend_queues: usize, max_queues: u64) -> VhostUser
         .set_len(1 << 20)
         .unwrap();
     let disk = Disk::open(&image, false, false).unwrap();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = BackendConfig {
         queues: backend_queues,
         threads: 1,
@@ -116,7 +122,7 @@ fn a_drive_config_space_is_the_backends_with_only_the_queues_set_up() {
 /// TAP: nothing here reaches one), asked for `pairs`.
 fn net_device(dir: &Path, backend_pairs: usize, pairs: u16, mac: Option<[u8; 6]>) -> VhostUserNet {
     use vhost_user_net::backend::{NetBackend, NetConfig};
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = NetConfig {
         mac: None,
         mtu: None,
@@ -179,8 +185,8 @@ fn the_vmm_offers_the_configured_mac_when_the_backend_has_none() {
 struct NoConfigNet;
 
 impl VhostUserBackend for NoConfigNet {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = BitmapMmapRegion;
+    type Vring = BackendVring;
 
     fn num_queues(&self) -> usize {
         2
@@ -204,7 +210,7 @@ impl VhostUserBackend for NoConfigNet {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<BackendMemory>) -> std::io::Result<()> {
         Ok(())
     }
 
@@ -212,7 +218,7 @@ impl VhostUserBackend for NoConfigNet {
         &self,
         _device_event: u16,
         _evset: vmm_sys_util::epoll::EventSet,
-        _vrings: &[VringRwLock],
+        _vrings: &[BackendVring],
         _thread_id: usize,
     ) -> std::io::Result<()> {
         Ok(())
@@ -223,7 +229,7 @@ impl VhostUserBackend for NoConfigNet {
 fn an_interface_on_a_backend_without_a_config_space_gets_its_config_from_the_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("net.sock");
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     serve(Arc::new(NoConfigNet), mem, &socket);
     let frontend = connect(&socket, 2);
     assert!(!frontend.has_config());
@@ -243,7 +249,7 @@ fn an_interface_on_a_backend_without_a_config_space_gets_its_config_from_the_vmm
     let socket = dir.path().join("net2.sock");
     serve(
         Arc::new(NoConfigNet),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(BackendMemory::new()),
         &socket,
     );
     let device = VhostUserNet::new("eth1", connect(&socket, 2), guest_memory(), None, 1).unwrap();
@@ -254,7 +260,7 @@ fn an_interface_on_a_backend_without_a_config_space_gets_its_config_from_the_vmm
 fn a_drive_needs_a_backend_with_a_config_space() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("blk.sock");
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     serve(Arc::new(NoConfigNet), mem, &socket);
     let err = VhostUserBlock::new("rootfs", connect(&socket, 1), guest_memory())
         .err()
@@ -269,7 +275,7 @@ fn a_drive_backend_without_a_config_space_cannot_take_over() {
     let socket = dir.path().join("replacement.sock");
     serve(
         Arc::new(NoConfigNet),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        GuestMemoryAtomic::new(BackendMemory::new()),
         &socket,
     );
     let err = device

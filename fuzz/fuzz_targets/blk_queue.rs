@@ -11,14 +11,15 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
+use vhost_user_common::BackendVring;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
 use vhost_user_common::device::Served;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 #[derive(Arbitrary, Debug)]
@@ -104,7 +105,7 @@ fuzz_target!(|input: Input| {
         hand_over(&backend, left);
     }
     backend.set_event_idx(input.ring.event_idx);
-    let Ok(vring) = VringRwLock::<GuestMemoryAtomic<GuestMemoryMmap>>::new(mem, 256) else {
+    let Ok(vring) = BackendVring::new(mem, 256) else {
         return;
     };
     let addrs = input.ring.addrs();

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use vhost_user_common::BackendMemory;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::send_vhost_user_stream;
 use vhost::vhost_user::Listener;
@@ -17,7 +18,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
 use vhost_user_common::device::Served;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic};
 
 /// One listening socket for the whole run; each input is one connection.
 fn listener() -> &'static Mutex<(Listener, std::path::PathBuf)> {
@@ -45,7 +46,7 @@ fn memfd_disk() -> Disk {
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = BackendConfig {
         queues: 2,
         threads: 1,

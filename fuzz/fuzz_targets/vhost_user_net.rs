@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use vhost_user_common::BackendMemory;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::send_vhost_user_stream;
 use vhost::vhost_user::Listener;
@@ -16,7 +17,7 @@ use vhost_user_common::device::Served;
 use vhost_user_net::backend::{NetBackend, NetConfig};
 use vhost_user_net::frame::VNET_HDR_LEN;
 use vhost_user_net::tap::Tap;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic};
 
 struct Fixture {
     listener: Listener,
@@ -51,7 +52,7 @@ fuzz_target!(|bytes: &[u8]| {
     // SAFETY: `dup` just made this fd, and it is owned here.
     let tap = unsafe { OwnedFd::from_raw_fd(tap) };
     let taps = Tap::from_fds(vec![tap], VNET_HDR_LEN as i32).expect("TAP fd");
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = NetConfig {
         mac: Some([0x06, 0, 0xac, 0x10, 0, 2]),
         mtu: None,

@@ -15,12 +15,13 @@ use std::time::{Duration, Instant};
 
 use backend_stats::{BlockCounter, Stats};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring::{self, RingError};
 use vhost_user_common::worker;
+use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
@@ -28,7 +29,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -106,7 +107,7 @@ static ACTIVATIONS: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTE
 pub struct BlockBackend {
     disk: Disk,
     config: BackendConfig,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<BackendMemory>,
     common: WorkerCommon,
     acked_features: AtomicU64,
     /// One I/O engine per worker thread.
@@ -129,7 +130,7 @@ impl BlockBackend {
     pub fn new(
         disk: Disk,
         config: BackendConfig,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<BackendMemory>,
     ) -> io::Result<Self> {
         let threads = queue_masks(config.queues, config.threads).len();
         let common = WorkerCommon::new(config.queue_size, threads, config.seccomp.clone())?;
@@ -225,7 +226,7 @@ impl BlockBackend {
     /// Serves the worker's `vrings` (see [`Self::serve`]). On an error it
     /// first waits for the worker's I/O in flight, whose buffers lie in the
     /// memory snapshots it holds.
-    fn process_queues(&self, vrings: &[VringRwLock], thread: usize) -> Result<(), WorkerError> {
+    fn process_queues(&self, vrings: &[BackendVring], thread: usize) -> Result<(), WorkerError> {
         let engine = self
             .engines
             .get(thread)
@@ -234,7 +235,7 @@ impl BlockBackend {
         let mut mem = self.mem.memory().into_inner();
         // Snapshots replaced while this call runs: their mappings must stay
         // while requests that point into them are in flight.
-        let mut replaced: Vec<Arc<GuestMemoryMmap>> = Vec::new();
+        let mut replaced: Vec<Arc<BackendMemory>> = Vec::new();
         let result = self.serve(vrings, thread, &mut engine, &mut mem, &mut replaced);
         if result.is_err() {
             if let Err(err) = engine.drain() {
@@ -255,11 +256,11 @@ impl BlockBackend {
     /// Returns only once nothing is in flight, unless it fails.
     fn serve(
         &self,
-        vrings: &[VringRwLock],
+        vrings: &[BackendVring],
         thread: usize,
         engine: &mut Engine,
-        mem: &mut Arc<GuestMemoryMmap>,
-        replaced: &mut Vec<Arc<GuestMemoryMmap>>,
+        mem: &mut Arc<BackendMemory>,
+        replaced: &mut Vec<Arc<BackendMemory>>,
     ) -> Result<(), WorkerError> {
         let event_idx = self.common.event_idx();
         let completer = Completer {
@@ -279,7 +280,7 @@ impl BlockBackend {
         };
         // The guest may leave queues unset or disabled: those are not
         // touched, not even their notification flags.
-        let live: Vec<(usize, &VringRwLock)> = vrings
+        let live: Vec<(usize, &BackendVring)> = vrings
             .iter()
             .enumerate()
             .filter(|(_, vring)| {
@@ -369,9 +370,9 @@ impl BlockBackend {
         completer: &Completer,
         batch: &mut Batch,
         position: usize,
-        vring: &VringRwLock,
+        vring: &BackendVring,
         engine: &mut Engine,
-        mem: &Arc<GuestMemoryMmap>,
+        mem: &Arc<BackendMemory>,
     ) -> Result<(), WorkerError> {
         let queue = completer.queue_index(position);
         // A queue the frontend stopped (GET_VRING_BASE) during this pass
@@ -430,8 +431,8 @@ impl BlockBackend {
         &self,
         region: &InflightRegion,
         queue: usize,
-        vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
+        vring: &BackendVring,
+        mem: &BackendMemory,
     ) -> Result<(), WorkerError> {
         let Some(recovering) = self.recovering.get(queue) else {
             return Ok(());
@@ -464,9 +465,9 @@ impl BlockBackend {
     fn next_resubmitted(
         &self,
         queue: usize,
-        vring: &VringRwLock,
-        mem: &Arc<GuestMemoryMmap>,
-    ) -> Option<DescriptorChain<Arc<GuestMemoryMmap>>> {
+        vring: &BackendVring,
+        mem: &Arc<BackendMemory>,
+    ) -> Option<DescriptorChain<Arc<BackendMemory>>> {
         let head = self
             .resubmit
             .get(queue)?
@@ -485,7 +486,7 @@ impl BlockBackend {
 
     /// Spins for the polling window; true if the guest posted a request on
     /// any of `vrings`.
-    fn poll_for_more(&self, vrings: &[(usize, &VringRwLock)], mem: &GuestMemoryMmap) -> bool {
+    fn poll_for_more(&self, vrings: &[(usize, &BackendVring)], mem: &BackendMemory) -> bool {
         if self.config.poll.is_zero() {
             return false;
         }
@@ -520,7 +521,7 @@ struct Batch {
 /// driver said (EVENT_IDX) it need not be.
 fn signal_completed(
     completer: &Completer,
-    live: &[(usize, &VringRwLock)],
+    live: &[(usize, &BackendVring)],
     completed: &[bool],
     event_idx: bool,
 ) -> Result<(), WorkerError> {
@@ -546,7 +547,7 @@ fn signal_completed(
 /// and the inflight region, if the frontend set one, where each vring has
 /// its device-wide queue index.
 struct Completer<'a> {
-    vrings: &'a [VringRwLock],
+    vrings: &'a [BackendVring],
     inflight: Option<Arc<InflightRegion>>,
     thread: usize,
     threads: usize,
@@ -815,8 +816,8 @@ mod tests {
     /// up on rings laid out by virtio-queue's mock in guest memory.
     struct TestDevice {
         backend: Arc<BlockBackend>,
-        vrings: Arc<Vec<VringRwLock>>,
-        mem: GuestMemoryMmap,
+        vrings: Arc<Vec<BackendVring>>,
+        mem: BackendMemory,
         _disk: tempfile::NamedTempFile,
     }
 
@@ -824,7 +825,7 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(&[0x5a; 64 * 512]).unwrap();
         let disk = Disk::open(file.path(), false, false).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = BackendMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let config = BackendConfig {
             queues: 1,

@@ -13,7 +13,8 @@ use clap::Parser;
 use tessera_types::InheritedFd;
 use vhost_user_common::cli::CommonArgs;
 use vhost_user_common::process::{Failure, Process, EXIT_BROKEN};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_common::BackendMemory;
+use vm_memory::GuestMemoryAtomic;
 
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
@@ -149,7 +150,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     let sectors = disk.sectors();
     let mut listener = process.listener(&cli.common)?;
     let seccomp = process.seccomp(&cli.common, SECCOMP_FILTERS)?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = BackendConfig {
         queues: usize::from(cli.queues),
         threads,

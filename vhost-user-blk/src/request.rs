@@ -6,13 +6,15 @@
 
 use std::io;
 
+use vhost_user_common::BackendMemory;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::disk::{Disk, SECTOR_SIZE};
 
@@ -152,7 +154,7 @@ pub enum Plan {
 /// `result` is the number of bytes the device wrote into the guest's data
 /// buffers, or why it failed.
 pub fn finish(
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     status: Descriptor,
     work: Work,
     result: Result<u32, RequestError>,
@@ -178,7 +180,7 @@ pub fn finish(
 
 /// Checks the chain in `descriptors` and works out what it needs; requests
 /// other than reads, writes and flushes are carried out here.
-pub fn plan(descriptors: &[Descriptor], mem: &GuestMemoryMmap, disk: &Disk, serial: &[u8]) -> Plan {
+pub fn plan(descriptors: &[Descriptor], mem: &BackendMemory, disk: &Disk, serial: &[u8]) -> Plan {
     let request = match parse(descriptors, mem) {
         Ok(request) => request,
         Err(err) => {
@@ -224,7 +226,7 @@ pub fn plan(descriptors: &[Descriptor], mem: &GuestMemoryMmap, disk: &Disk, seri
 #[cfg(test)]
 pub fn process(
     descriptors: &[Descriptor],
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     disk: &Disk,
     serial: &[u8],
 ) -> Completion {
@@ -265,7 +267,7 @@ pub fn run_sync(io: &DataIo, disk: &Disk) -> Result<(), RequestError> {
 }
 
 /// Checks a read or write and resolves its buffers to host addresses.
-fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<DataIo, RequestError> {
+fn data_io(request: &Request, mem: &BackendMemory, disk: &Disk) -> Result<DataIo, RequestError> {
     let write = request.kind == VIRTIO_BLK_T_OUT;
     check_direction(request, !write)?;
     if write && disk.read_only() {
@@ -278,7 +280,7 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
         .data
         .iter()
         .map(|desc| {
-            host_ptr(mem, desc.addr(), desc.len()).map(|ptr| libc::iovec {
+            host_ptr(mem, desc.addr(), desc.len(), !write).map(|ptr| libc::iovec {
                 iov_base: ptr.cast(),
                 iov_len: desc.len() as usize,
             })
@@ -297,7 +299,7 @@ fn data_io(request: &Request, mem: &GuestMemoryMmap, disk: &Disk) -> Result<Data
 /// segments and a status.
 pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 
-fn parse(descriptors: &[Descriptor], mem: &GuestMemoryMmap) -> Result<Request, RequestError> {
+fn parse(descriptors: &[Descriptor], mem: &BackendMemory) -> Result<Request, RequestError> {
     if descriptors.len() > MAX_DESCRIPTORS {
         return Err(RequestError::TooLong(MAX_DESCRIPTORS));
     }
@@ -361,13 +363,23 @@ fn check_direction(request: &Request, write_only: bool) -> Result<(), RequestErr
     Ok(())
 }
 
-/// A host pointer to `len` bytes of guest memory at `addr`.
-fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<*mut u8, RequestError> {
+/// A host pointer to `len` bytes of guest memory at `addr`; when the
+/// disk will write through it (`filled`), its pages are logged dirty now,
+/// as vm-memory cannot see that write.
+fn host_ptr(
+    mem: &BackendMemory,
+    addr: GuestAddress,
+    len: u32,
+    filled: bool,
+) -> Result<*mut u8, RequestError> {
     let bad = || RequestError::BadAddress {
         addr: addr.0,
         len: u64::from(len),
     };
     let slice = mem.get_slice(addr, len as usize).map_err(|_| bad())?;
+    if filled {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
     Ok(slice.ptr_guard_mut().as_ptr())
 }
 
@@ -375,7 +387,7 @@ fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<*mut 
 /// returns the bytes written to the guest.
 fn execute(
     request: &Request,
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     disk: &Disk,
     serial: &[u8],
 ) -> Result<u32, RequestError> {
@@ -425,10 +437,7 @@ fn execute(
 
 /// Reads the `(sector, num_sectors, flags)` segments of a discard or
 /// write-zeroes request.
-fn segments(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-) -> Result<Vec<(u64, u32, u32)>, RequestError> {
+fn segments(request: &Request, mem: &BackendMemory) -> Result<Vec<(u64, u32, u32)>, RequestError> {
     let total = data_len(&request.data);
     if total == 0
         || !total.is_multiple_of(u64::from(SEGMENT_LEN))
@@ -473,7 +482,7 @@ mod tests {
     const STATUS: u64 = 0x9000;
 
     struct Fixture {
-        mem: GuestMemoryMmap,
+        mem: BackendMemory,
         disk: Disk,
         _file: tempfile::NamedTempFile,
     }
@@ -483,7 +492,7 @@ mod tests {
         let content: Vec<u8> = (0..64 * 512).map(|i| (i / 512) as u8).collect();
         file.write_all(&content).unwrap();
         let disk = Disk::open(file.path(), read_only, false).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = BackendMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         Fixture {
             mem,
             disk,
@@ -636,7 +645,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(8 << 30).unwrap();
         let disk = Disk::open(file.path(), false, false).unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 3 << 30)]).unwrap();
+        let mem = BackendMemory::from_ranges(&[(GuestAddress(0), 3 << 30)]).unwrap();
         let mut header = [0u8; 16];
         header[0..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
         mem.write_slice(&header, GuestAddress(HEADER)).unwrap();

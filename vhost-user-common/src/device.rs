@@ -12,20 +12,24 @@ use std::sync::Arc;
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::worker::{self, WorkerExits};
+use crate::{BackendMemory, BackendVring};
 
 /// The virtio features every backend offers: virtio 1, EVENT_IDX, and
-/// vhost-user's own bit for the protocol features.
+/// vhost-user's own bits for the protocol features and for logging the
+/// pages it writes (LOG_ALL; every [`crate::BackendMemory`] write logs
+/// once the frontend shared a log).
 const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
     | 1 << VIRTIO_RING_F_EVENT_IDX
-    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    | VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// What every device's workers share: the largest queue a frontend may set
 /// up, whether EVENT_IDX was negotiated, the workers' exit events and
@@ -77,7 +81,7 @@ pub struct WorkerEvent<'a> {
     /// listener's value.
     pub device_event: u16,
     pub evset: EventSet,
-    pub vrings: &'a [VringRwLock],
+    pub vrings: &'a [BackendVring],
     pub thread: usize,
 }
 
@@ -125,8 +129,8 @@ impl<D> Clone for Served<D> {
 }
 
 impl<D: Device> VhostUserBackend for Served<D> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Vring = BackendVring;
 
     fn num_queues(&self) -> usize {
         self.0.num_queues()
@@ -160,7 +164,7 @@ impl<D: Device> VhostUserBackend for Served<D> {
         self.0.set_config(offset, buf)
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<BackendMemory>) -> io::Result<()> {
         // The daemon updates the GuestMemoryAtomic the device holds.
         Ok(())
     }
@@ -189,7 +193,7 @@ impl<D: Device> VhostUserBackend for Served<D> {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[BackendVring],
         thread: usize,
     ) -> io::Result<()> {
         worker::confine_worker(&self.0.common().seccomp);

@@ -14,3 +14,16 @@ pub mod ring;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod worker;
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::VringRwLock;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as every backend maps it. Each region carries the dirty
+/// log a frontend may share (SET_LOG_BASE), so that every write into it
+/// through vm-memory marks its page for the frontend's Diff snapshots; a
+/// write through a raw host pointer must mark it itself.
+pub type BackendMemory = GuestMemoryMmap<BitmapMmapRegion>;
+
+/// A queue as every backend holds it, over [`BackendMemory`].
+pub type BackendVring = VringRwLock<GuestMemoryAtomic<BackendMemory>>;

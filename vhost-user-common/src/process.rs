@@ -17,10 +17,11 @@ use backend_stats::{CounterSet, Stats, StatsPage};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::stat::SFlag;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 
 use crate::cli::CommonArgs;
 use crate::device::{Device, Served};
+use crate::{BackendMemory, BackendVring};
 
 /// The exit status of a backend whose device a guest broke.
 pub const EXIT_BROKEN: i32 = 3;
@@ -200,7 +201,7 @@ impl Process {
     pub fn daemon<D: Device>(
         self,
         device: Arc<D>,
-        mem: vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>,
+        mem: vm_memory::GuestMemoryAtomic<BackendMemory>,
     ) -> Result<VhostUserDaemon<Served<D>>, Failure> {
         VhostUserDaemon::new(self.name.into(), Served(device), mem)
             .map_err(|err| Failure::runtime(format_args!("cannot create the daemon: {err}")))
@@ -217,7 +218,11 @@ impl Process {
         after: impl FnOnce() -> Result<(), Failure>,
     ) -> Result<(), Failure>
     where
-        T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+        T: VhostUserBackend<
+                Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion,
+                Vring = BackendVring,
+            > + Clone
+            + 'static,
     {
         let served = match started {
             Err(err) => Err(Failure::runtime(format_args!(

@@ -2,18 +2,20 @@
 //! vring that vhost-user-backend's workers would be handed after a
 //! frontend set it up, over a queue a test lays out in guest memory.
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::{BackendMemory, BackendVring};
 
 /// A ready, enabled vring of `size` entries over `mock`'s rings, with
 /// EVENT_IDX negotiated.
 pub fn ready_vring(
-    mem: &GuestMemoryAtomic<GuestMemoryMmap>,
-    mock: &MockSplitQueue<GuestMemoryMmap>,
+    mem: &GuestMemoryAtomic<BackendMemory>,
+    mock: &MockSplitQueue<BackendMemory>,
     size: u16,
-) -> VringRwLock {
-    let vring = VringRwLock::new(mem.clone(), size).expect("vring");
+) -> BackendVring {
+    let vring = BackendVring::new(mem.clone(), size).expect("vring");
     vring.set_queue_size(size);
     vring
         .set_queue_info(

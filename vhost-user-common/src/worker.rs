@@ -9,20 +9,24 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemory;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::BackendVring;
+
 /// The vhost-user protocol features every backend offers: several queues,
 /// the config space, acknowledged requests, and memory added region by
-/// region (CONFIGURE_MEM_SLOTS, which libblkio requires).
+/// region (CONFIGURE_MEM_SLOTS, which libblkio requires), and a dirty
+/// log in shared memory (LOG_SHMFD, for the frontend's Diff snapshots).
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
 
 /// One exit event per worker thread: vhost-user-backend's worker waits on
 /// the consumer (`exit_event`), and [`WorkerExits::stop_all`] signals each.
@@ -131,11 +135,11 @@ impl BrokenQueues {
 /// the queue again, so that the worker serves its other events before it
 /// comes back.
 pub fn take_posted<M>(
-    vring: &VringRwLock,
+    vring: &BackendVring,
     memory: impl Fn() -> M,
     budget: usize,
     mut handle: impl FnMut(DescriptorChain<M>, &M),
-    signal: impl Fn(&VringRwLock) -> Result<(), QueueError>,
+    signal: impl Fn(&BackendVring) -> Result<(), QueueError>,
 ) -> Result<bool, QueueError>
 where
     M: Clone + Deref,
@@ -202,11 +206,11 @@ mod tests {
         use std::cell::Cell;
         use virtio_queue::desc::{split::Descriptor, RawDescriptor};
         use virtio_queue::mock::MockSplitQueue;
-        use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+        use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
         let region = [(GuestAddress(0), 0x2_0000)];
-        let old = GuestMemoryMmap::from_ranges(&region).unwrap();
-        let new = GuestMemoryMmap::from_ranges(&region).unwrap();
+        let old = crate::BackendMemory::from_ranges(&region).unwrap();
+        let new = crate::BackendMemory::from_ranges(&region).unwrap();
         MockSplitQueue::create(&old, GuestAddress(0), 16);
         let ring = MockSplitQueue::create(&new, GuestAddress(0), 16);
         let frame = RawDescriptor::from(Descriptor::new(0x1_0000, 64, 0, 0));
@@ -220,7 +224,7 @@ mod tests {
             GuestMemoryAtomic::new(old.clone()),
             GuestMemoryAtomic::new(new.clone()),
         );
-        let vring = VringRwLock::new(new.clone(), 16).unwrap();
+        let vring = BackendVring::new(new.clone(), 16).unwrap();
         vring.set_queue_size(16);
         vring.set_queue_info(addrs.0, addrs.1, addrs.2).unwrap();
         vring.set_queue_ready(true);

@@ -12,12 +12,13 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 
 use backend_stats::{NetCounter, Stats};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
 use vhost_user_common::worker::{self, BrokenQueues};
+use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
@@ -25,10 +26,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard,
-    GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
@@ -67,7 +65,7 @@ static SETUP: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 pub struct NetBackend {
     taps: Vec<Tap>,
     config: NetConfig,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<BackendMemory>,
     common: WorkerCommon,
     mergeable: AtomicBool,
     /// Whether each pair's TAP queue is attached: pairs past the first
@@ -81,7 +79,7 @@ impl NetBackend {
     pub fn new(
         taps: Vec<Tap>,
         config: NetConfig,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<BackendMemory>,
     ) -> io::Result<Self> {
         let common = WorkerCommon::new(
             config.queue_size,
@@ -138,7 +136,7 @@ impl NetBackend {
         c
     }
 
-    fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
+    fn signal(&self, vring: &BackendVring) -> Result<(), QueueError> {
         let notify = if self.common.event_idx() {
             vring.needs_notification()?
         } else {
@@ -178,7 +176,7 @@ impl NetBackend {
         self.broken.mark(queue, err);
     }
 
-    fn driver_polls(&self, vring: &VringRwLock) -> bool {
+    fn driver_polls(&self, vring: &BackendVring) -> bool {
         // The used entries must be visible before the flags are read.
         fence(Ordering::SeqCst);
         let flags = GuestAddress(vring.get_ref().get_queue().avail_ring());
@@ -190,8 +188,8 @@ impl NetBackend {
 
     /// Guest to TAP: sends every posted frame; bad frames are dropped and
     /// counted, and each chain goes back to the guest.
-    fn process_tx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
-        let transmit = |chain, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>| {
+    fn process_tx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
+        let transmit = |chain, mem: &GuestMemoryLoadGuard<BackendMemory>| {
             let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
             match frame::transmit(&descriptors, mem, tap.as_raw_fd()) {
                 Ok(len) => {
@@ -225,7 +223,7 @@ impl NetBackend {
     /// mergeable frame may need up to 64 KiB of them, most of which a small
     /// frame leaves for the next); those left at the end go back to the
     /// ring. Notifications of new buffers are off while buffers remain.
-    fn process_rx(&self, vring: &VringRwLock, tap: &Tap) -> Result<(), QueueError> {
+    fn process_rx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
         let mut mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
         let mut ready: VecDeque<RxChain> = VecDeque::new();
@@ -437,7 +435,7 @@ impl NetBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[BackendVring],
         pair: usize,
     ) -> io::Result<()> {
         if !evset.contains(EventSet::IN) {
@@ -513,7 +511,7 @@ mod tests {
             seccomp: tessera_seccomp::Filters::disabled(),
             stats: Stats::private(),
         };
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem = GuestMemoryAtomic::new(BackendMemory::new());
         Served(Arc::new(NetBackend::new(Vec::new(), config, mem).unwrap()))
     }
 
@@ -570,7 +568,7 @@ mod tests {
     /// seconds.
     fn kick(
         backend: &Arc<NetBackend>,
-        vrings: &Arc<Vec<VringRwLock>>,
+        vrings: &Arc<Vec<BackendVring>>,
         queue: u16,
     ) -> Option<io::Result<()>> {
         let (sender, receiver) = std::sync::mpsc::channel();
@@ -585,17 +583,17 @@ mod tests {
 
     /// One pair on a stand-in TAP (/dev/null), event_idx on, its RX and TX
     /// vrings on rings laid out by virtio-queue's mock.
-    fn device() -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
+    fn device() -> (Arc<NetBackend>, Arc<Vec<BackendVring>>, BackendMemory) {
         device_on(std::fs::File::open("/dev/null").unwrap())
     }
 
     /// The same on `tap_file` as the TAP.
     fn device_on(
         tap_file: std::fs::File,
-    ) -> (Arc<NetBackend>, Arc<Vec<VringRwLock>>, GuestMemoryMmap) {
+    ) -> (Arc<NetBackend>, Arc<Vec<BackendVring>>, BackendMemory) {
         use vhost_user_common::testing::ready_vring;
         use virtio_queue::mock::MockSplitQueue;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = BackendMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let config = NetConfig {
             mac: None,
@@ -608,7 +606,7 @@ mod tests {
         let tap = Tap::stand_in(tap_file);
         let backend = Arc::new(NetBackend::new(vec![tap], config, atomic.clone()).unwrap());
         Served(backend.clone()).set_event_idx(true);
-        let vrings: Vec<VringRwLock> = [0x1_0000, 0x2_0000]
+        let vrings: Vec<BackendVring> = [0x1_0000, 0x2_0000]
             .into_iter()
             .map(|base| {
                 let mock = MockSplitQueue::create(&mem, GuestAddress(base), QUEUE_SIZE);

@@ -5,8 +5,10 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use vhost_user_common::BackendMemory;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// The virtio-net header with VIRTIO_F_VERSION_1 (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
@@ -39,7 +41,7 @@ pub enum FrameError {
 /// The iovecs of a chain's buffers, all of one direction.
 fn iovecs(
     descriptors: &[Descriptor],
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     writable: bool,
     what: &'static str,
     out: &mut Vec<libc::iovec>,
@@ -59,6 +61,10 @@ fn iovecs(
         let slice = mem
             .get_slice(desc.addr(), desc.len() as usize)
             .map_err(|_| bad())?;
+        if writable {
+            // The TAP read fills it behind vm-memory's back.
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
         out.push(libc::iovec {
             iov_base: slice.ptr_guard_mut().as_ptr().cast(),
             iov_len: desc.len() as usize,
@@ -72,7 +78,7 @@ fn iovecs(
 /// `fd`. Returns the bytes sent.
 pub fn transmit(
     descriptors: &[Descriptor],
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     fd: RawFd,
 ) -> Result<usize, FrameError> {
     let mut iov = Vec::with_capacity(descriptors.len());
@@ -117,7 +123,7 @@ pub struct RxChain {
 pub fn check_rx_chain(
     head: u16,
     descriptors: &[Descriptor],
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
 ) -> Result<RxChain, FrameError> {
     let mut iov = Vec::with_capacity(descriptors.len());
     let capacity = iovecs(descriptors, mem, true, "RX", &mut iov)?;
@@ -140,7 +146,7 @@ pub fn check_rx_chain(
 #[cfg(test)]
 pub fn receive(
     chains: &[Vec<Descriptor>],
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     fd: RawFd,
     mergeable: bool,
 ) -> Result<Received, FrameError> {
@@ -161,7 +167,7 @@ pub fn receive(
 pub fn receive_into(
     chains: &[RxChain],
     scratch: &mut Vec<libc::iovec>,
-    mem: &GuestMemoryMmap,
+    mem: &BackendMemory,
     fd: RawFd,
     mergeable: bool,
 ) -> Result<Received, FrameError> {
@@ -243,11 +249,11 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn memory() -> BackendMemory {
+        BackendMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
-    fn chain(mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) -> Vec<Descriptor> {
+    fn chain(mem: &BackendMemory, descs: &[(u64, u32, bool)]) -> Vec<Descriptor> {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .map(|(addr, len, write)| {

@@ -15,7 +15,8 @@ use tessera_types::InheritedFd;
 use vhost::vhost_user::Listener;
 use vhost_user_common::cli::CommonArgs;
 use vhost_user_common::process::{Failure, Process};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_common::BackendMemory;
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use vhost_user_net::backend::{NetBackend, NetConfig};
@@ -151,7 +152,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     let seccomp = process.seccomp(&cli.common, SECCOMP_FILTERS)?;
     let mut listener = process.listener(&cli.common)?;
     let relay = relay_connection(cli)?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = NetConfig {
         mac: cli.mac.map(|mac| mac.bytes()),
         mtu: cli.mtu,

@@ -9,15 +9,16 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 use backend_stats::VsockCounter;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
 use vhost_user_common::worker::{self, BrokenQueues};
+use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::muxer::Muxer;
@@ -53,7 +54,7 @@ pub use vhost_user_common::worker::QueueError;
 /// A virtio-vsock device served over vhost-user.
 pub struct VsockBackend {
     muxer: Mutex<Muxer>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<BackendMemory>,
     common: WorkerCommon,
     /// Per queue: the guest broke it; not served until it is set up again.
     broken: BrokenQueues,
@@ -63,7 +64,7 @@ impl VsockBackend {
     pub fn new(
         muxer: Muxer,
         config: VsockConfig,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<BackendMemory>,
     ) -> io::Result<Self> {
         let common = WorkerCommon::new(config.queue_size, 1, config.seccomp.clone())?;
         Ok(Self {
@@ -84,7 +85,7 @@ impl VsockBackend {
         self.common.stop_workers();
     }
 
-    fn signal(&self, vring: &VringRwLock) -> Result<(), QueueError> {
+    fn signal(&self, vring: &BackendVring) -> Result<(), QueueError> {
         if !self.common.event_idx() || vring.needs_notification()? {
             vring.signal_used_queue()?;
         }
@@ -103,8 +104,8 @@ impl VsockBackend {
 
     /// Guest to host: every packet posted goes to the muxer, then back to
     /// the guest. Returns whether the budget ran out (more may wait).
-    fn process_tx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
-        let to_muxer = |mut chain, mem: &GuestMemoryLoadGuard<GuestMemoryMmap>| {
+    fn process_tx(&self, vring: &BackendVring, muxer: &mut Muxer) -> Result<bool, QueueError> {
+        let to_muxer = |mut chain, mem: &GuestMemoryLoadGuard<BackendMemory>| {
             match VsockPacket::from_tx_virtq_chain(&**mem, &mut chain, MAX_PACKET_DATA) {
                 Ok(packet) => {
                     muxer.stats().inc(VsockCounter::TxPacketsCount);
@@ -124,7 +125,7 @@ impl VsockBackend {
 
     /// Host to guest: fills RX buffers with the packets the muxer owes,
     /// while both have some. Returns whether the budget ran out.
-    fn process_rx(&self, vring: &VringRwLock, muxer: &mut Muxer) -> Result<bool, QueueError> {
+    fn process_rx(&self, vring: &BackendVring, muxer: &mut Muxer) -> Result<bool, QueueError> {
         let mut given = 0;
         let mut result = Ok(false);
         while muxer.has_rx_work() {
@@ -180,7 +181,7 @@ impl VsockBackend {
 
     /// Serves one worker event: a queue's kick or news from the host
     /// sockets, then whatever the guest is owed.
-    fn serve_event(&self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
+    fn serve_event(&self, device_event: u16, vrings: &[BackendVring]) -> io::Result<()> {
         let [rx, tx, _event] = vrings else {
             return Err(io::Error::other(format!("{} vrings, not 3", vrings.len())));
         };
@@ -213,7 +214,7 @@ impl VsockBackend {
 }
 
 /// Has the worker come back to `vring` after its other events.
-fn kick(vring: &VringRwLock) {
+fn kick(vring: &BackendVring) {
     if let Some(kick) = vring.get_ref().get_kick() {
         ring::kick_again(kick);
     }

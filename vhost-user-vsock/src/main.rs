@@ -13,7 +13,8 @@ use clap::Parser;
 use tessera_types::{GuestCid, InheritedFd};
 use vhost_user_common::cli::CommonArgs;
 use vhost_user_common::process::{Failure, Process};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_common::BackendMemory;
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 use vhost_user_vsock::backend::{VsockBackend, VsockConfig, MUXER_EVENT};
@@ -89,7 +90,7 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         .map_err(|err| Failure::runtime(format_args!("cannot serve the host side: {err}")))?;
     let stats = muxer.stats().clone();
     let epoll_fd = muxer.epoll_fd();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mem = GuestMemoryAtomic::new(BackendMemory::new());
     let config = VsockConfig {
         queue_size: usize::from(cli.common.queue_size.get()),
         seccomp: seccomp.clone(),

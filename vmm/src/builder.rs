@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::serial::{SerialInput, SerialOutput};
 use devices::pseudo::BootTimer;
+use devices::vhost_user::{DirtyLog, DirtyLogError, VhostUserDevice as _};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use linux_loader::loader::Cmdline;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
@@ -65,6 +66,8 @@ pub enum StartMicrovmError {
     Seccomp(tessera_seccomp::SeccompError),
     #[error("cannot start the vhost-user reply watchdog: {0}")]
     Watchdog(std::io::Error),
+    #[error("cannot set up the backends' dirty log: {0}")]
+    DirtyLog(DirtyLogError),
     #[error("KVM cannot list the MSRs it saves: {0}")]
     MsrList(kvm_ioctls::Error),
 }
@@ -231,6 +234,7 @@ pub(crate) fn run_microvm(
     )));
     let mut event_manager = EventManager::<Subscriber>::new().map_err(|e| event_loop_err(&e))?;
     event_manager.add_subscriber(exit_handler.clone());
+    let dirty_log = parts.attached.dirty_log.clone();
     let devices = watch_backends(parts.attached, &mut event_manager)?;
     let terminal = serial_input(&parts.serial, &mut event_manager);
 
@@ -248,6 +252,8 @@ pub(crate) fn run_microvm(
         exit_handler,
         _terminal: terminal,
         flushed_totals: Mutex::default(),
+        dirty_log,
+        unsaved_dirty_pages: Mutex::default(),
     })
 }
 
@@ -344,6 +350,37 @@ pub(crate) struct AttachedDevices {
     pub(crate) block_spawner: Option<BackendSpawner>,
     pub(crate) net: Vec<(device_manager::NetTransport, device_manager::Connector)>,
     pub(crate) vsock: Option<(device_manager::VsockTransport, device_manager::Connector)>,
+    /// The log their backends mark the pages they write in, while the
+    /// microVM tracks dirty pages (`track_dirty_pages`).
+    pub(crate) dirty_log: Option<Arc<DirtyLog>>,
+}
+
+impl AttachedDevices {
+    /// Has every device's backend log the pages it writes in `log`.
+    fn share_dirty_log(&self, log: &Arc<DirtyLog>) {
+        for (transport, _) in &self.block {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_dirty_log(log.clone());
+        }
+        for (transport, _) in &self.net {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_dirty_log(log.clone());
+        }
+        if let Some((transport, _)) = &self.vsock {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_dirty_log(log.clone());
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Starts (or connects to) each device's backend and puts the drives, the
@@ -421,12 +458,20 @@ pub(crate) fn attach_vhost_user_devices(
             )?)
         }
     };
-    Ok(AttachedDevices {
+    let mut attached = AttachedDevices {
         block,
         block_spawner,
         net,
         vsock,
-    })
+        dirty_log: None,
+    };
+    if resources.machine_config.track_dirty_pages && has_backends(resources) {
+        let mem_end = mem.last_addr().0 + 1;
+        let log = Arc::new(DirtyLog::new(mem_end).map_err(StartMicrovmError::DirtyLog)?);
+        attached.share_dirty_log(&log);
+        attached.dirty_log = Some(log);
+    }
+    Ok(attached)
 }
 
 /// One configured vCPU per `vcpu_count`, on the two buses.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use devices::legacy::i8042::{I8042Error, I8042};
 use devices::legacy::serial::SerialDevice;
-use devices::vhost_user::VhostUserDevice;
+use devices::vhost_user::{DirtyLog, VhostUserDevice};
 use devices::virtio::MmioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
@@ -21,6 +21,7 @@ use crate::device_manager::{self, BackendSpawner};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
+use crate::snapshot::dirty::{self, DirtyPages};
 use crate::snapshot::{self, CreateSnapshotError, MicrovmState, VhostUserDeviceState};
 use crate::vstate::vcpu::{VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -72,6 +73,12 @@ pub struct Vmm {
     pub(crate) _terminal: Option<TerminalGuard>,
     /// The device counters' totals at the last metrics flush.
     pub(crate) flushed_totals: Mutex<HashMap<String, u64>>,
+    /// The log the backends mark the pages they write in, while the
+    /// microVM tracks dirty pages.
+    pub(crate) dirty_log: Option<Arc<DirtyLog>>,
+    /// Pages written since the last snapshot that a failed one took out
+    /// of the logs: the next Diff writes them too.
+    pub(crate) unsaved_dirty_pages: Mutex<Option<DirtyPages>>,
 }
 
 /// The state of every vhost-user device, their queues stopped.
@@ -172,9 +179,6 @@ impl Vmm {
         if !self.paused {
             return Err(CreateSnapshotError::NotPaused);
         }
-        if params.snapshot_type == SnapshotType::Diff {
-            return Err(CreateSnapshotError::DiffNotSupported);
-        }
         let started = std::time::Instant::now();
         // The backends first: they stop writing into guest memory, and the
         // interrupts their last completions raise are in the interrupt
@@ -183,18 +187,61 @@ impl Vmm {
         let devices = self.suspend_devices();
         let state = devices.and_then(|devices| self.machine_state(devices));
         let written = state.and_then(|state| {
-            snapshot::write_memory(&self._guest_memory, &params.mem_file_path)?;
+            self.write_memory(params)?;
             Ok(snapshot::file::write(&params.snapshot_path, &state)?)
         });
         self.resume_devices();
         written?;
         log::info!(
-            "snapshot created in {:?}: {} and {}",
+            "{:?} snapshot created in {:?}: {} and {}",
+            params.snapshot_type,
             started.elapsed(),
             params.snapshot_path.display(),
             params.mem_file_path.display()
         );
         Ok(())
+    }
+
+    /// Writes guest memory for a snapshot: every page for a Full one, the
+    /// pages written since the last snapshot for a Diff. Either way the
+    /// dirty logs start again from here; if the write fails, what they
+    /// held is kept for the next Diff.
+    fn write_memory(&self, params: &CreateSnapshotParams) -> Result<(), CreateSnapshotError> {
+        let mem = &self._guest_memory;
+        let tracked = if self.resources.machine_config.track_dirty_pages {
+            let mut pages = dirty::take_tracked(&self._vm, mem, self.dirty_log.as_deref())?;
+            if let Some(unsaved) = lock(&self.unsaved_dirty_pages).take() {
+                pages.merge(&unsaved);
+            }
+            Some(pages)
+        } else {
+            None
+        };
+        let written = match params.snapshot_type {
+            SnapshotType::Full => snapshot::write_memory(mem, &params.mem_file_path),
+            SnapshotType::Diff => {
+                let pages = match &tracked {
+                    Some(pages) if self.devices_log_dirty_pages() => pages.clone(),
+                    _ => dirty::resident(mem)?,
+                };
+                log::info!("Diff snapshot: {} dirty pages", pages.count());
+                dirty::write_dirty_memory(mem, &params.mem_file_path, &pages)
+            }
+        };
+        if written.is_err() {
+            *lock(&self.unsaved_dirty_pages) = tracked;
+        }
+        written
+    }
+
+    /// Whether every device's backend logs the pages it writes.
+    fn devices_log_dirty_pages(&self) -> bool {
+        fn logs<D: VhostUserDevice>(transport: &Mutex<MmioTransport<D>>) -> bool {
+            lock(transport).device().queues().logs_dirty_pages()
+        }
+        self.devices.block.iter().all(|t| logs(t))
+            && self.devices.net.iter().all(|t| logs(t))
+            && self.devices.vsock.iter().all(|t| logs(t))
     }
 
     /// Everything but guest memory, the devices' states given.

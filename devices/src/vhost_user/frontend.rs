@@ -8,12 +8,14 @@ use std::path::Path;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::DirtyLog;
 use crate::virtio::QueueLayout;
 
 /// vhost-user's own feature bit: the backend speaks protocol features.
@@ -84,6 +86,9 @@ pub struct VhostUserFrontend {
     /// Whether the backend has a config space (the CONFIG protocol
     /// feature); Cloud Hypervisor's and DPDK's net backends do not.
     has_config: bool,
+    /// Whether the backend can log the pages it writes into a shared
+    /// bitmap (`VHOST_F_LOG_ALL` and the LOG_SHMFD protocol feature).
+    can_log: bool,
     /// That region, kept from activation to the next driver reset, so that
     /// it outlives the backend (what a reconnect needs).
     inflight: Option<(VhostUserInflight, File)>,
@@ -114,7 +119,8 @@ impl VhostUserFrontend {
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         let acked = offered & wanted;
         frontend
             .set_protocol_features(acked)
@@ -133,13 +139,22 @@ impl VhostUserFrontend {
             queue_num: queue_num.min(max_queues as usize).max(1),
             inflight_acked: acked.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
             has_config: acked.contains(VhostUserProtocolFeatures::CONFIG),
+            can_log: acked.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+                && backend_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0,
             inflight: None,
         })
     }
 
-    /// The virtio features the backend offers (without vhost-user's own bit).
+    /// The virtio features the backend offers (without vhost-user's own
+    /// bits).
     pub fn backend_features(&self) -> u64 {
-        self.backend_features & !VHOST_USER_F_PROTOCOL_FEATURES
+        self.backend_features
+            & !(VHOST_USER_F_PROTOCOL_FEATURES | VhostUserVirtioFeatures::LOG_ALL.bits())
+    }
+
+    /// Whether the backend can log the pages it writes.
+    pub fn can_log(&self) -> bool {
+        self.can_log
     }
 
     /// How many queues the backend serves.
@@ -178,7 +193,8 @@ impl VhostUserFrontend {
     /// `resume` (a new backend taking over running queues), from each
     /// queue's used index in guest memory, as QEMU restarts a crashed
     /// vhost-user backend; one with the inflight region also resubmits
-    /// what its predecessor left in flight.
+    /// what its predecessor left in flight. With `log` (and a backend that
+    /// can), the backend marks in it every page it writes from then on.
     #[allow(clippy::too_many_arguments)]
     pub fn activate(
         &mut self,
@@ -189,9 +205,16 @@ impl VhostUserFrontend {
         kicks: &[EventFd],
         calls: &[EventFd],
         resume: bool,
+        log: Option<&DirtyLog>,
     ) -> Result<(), FrontendError> {
+        let log = log.filter(|_| self.can_log);
+        let log_all = if log.is_some() {
+            VhostUserVirtioFeatures::LOG_ALL.bits()
+        } else {
+            0
+        };
         self.transport("SET_FEATURES", |f| {
-            f.set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES)
+            f.set_features(acked_features | VHOST_USER_F_PROTOCOL_FEATURES | log_all)
         })?;
         let regions = mem
             .iter()
@@ -202,6 +225,11 @@ impl VhostUserFrontend {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.transport("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        if let Some(log) = log {
+            // After SET_MEM_TABLE: a backend attaches the log to the
+            // regions it has mapped.
+            self.transport("SET_LOG_BASE", |f| f.set_log_base(0, Some(log.region())))?;
+        }
         if self.inflight_acked {
             self.share_inflight_region(queue_max_size)?;
         }

@@ -5,6 +5,7 @@
 
 pub mod blk;
 mod device;
+pub(crate) mod dirty_log;
 pub mod features;
 mod frontend;
 pub mod net;
@@ -13,6 +14,7 @@ pub mod vsock;
 pub mod watchdog;
 
 pub use device::{DeviceModel, DriverSetup, VhostUser, QUEUE_SIZE};
+pub use dirty_log::{DirtyLog, DirtyLogError};
 pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
 pub use queues::{FrontendCounters, VhostUserQueues, VhostUserQueuesState};
 

@@ -17,7 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    features, DeviceKind, DeviceName, FrontendError, VhostUserDeviceError, VhostUserFrontend,
+    features, DeviceKind, DeviceName, DirtyLog, FrontendError, VhostUserDeviceError,
+    VhostUserFrontend,
 };
 use crate::virtio::{ActivateError, QueueLayout};
 
@@ -76,6 +77,9 @@ pub struct VhostUserQueues {
     /// The next activation takes over queues a snapshot saved (from their
     /// used indexes), rather than starting new ones.
     restoring: bool,
+    /// The log the backend marks the pages it writes in, while the VMM
+    /// tracks dirty pages.
+    dirty_log: Option<Arc<DirtyLog>>,
 }
 
 /// What the VMM's side of a device keeps beyond the transport, for a
@@ -128,6 +132,7 @@ impl VhostUserQueues {
                 counters: FrontendCounters::default(),
                 backend_stats: None,
                 restoring: false,
+                dirty_log: None,
             };
             if queues.frontend.has_config() {
                 queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
@@ -419,6 +424,26 @@ impl VhostUserQueues {
         self.frontend.suspend(activation.layouts.len())
     }
 
+    /// Has every backend from the next activation on mark the pages it
+    /// writes in `log`.
+    pub fn set_dirty_log(&mut self, log: Arc<DirtyLog>) {
+        self.dirty_log = Some(log);
+    }
+
+    /// The dirty log, for the writes the VMM makes into this device's
+    /// queues itself.
+    pub fn dirty_log(&self) -> Option<&DirtyLog> {
+        self.dirty_log.as_deref()
+    }
+
+    /// Whether every page this device's backend writes is in the dirty
+    /// log: a log was set and the backend logs (or none is serving the
+    /// guest's queues).
+    pub fn logs_dirty_pages(&self) -> bool {
+        self.dirty_log.is_some()
+            && (self.activation.is_none() || !self.connected || self.frontend.can_log())
+    }
+
     /// Whether the next activation takes over a loaded snapshot's queues.
     pub fn is_restoring(&self) -> bool {
         self.restoring
@@ -456,6 +481,7 @@ impl VhostUserQueues {
             &self.kicks,
             &self.calls,
             resume,
+            self.dirty_log.as_deref(),
         )
     }
 

@@ -21,6 +21,11 @@
 //!   words 0 to 62. The host kills the VMM and the backend mid-run and
 //!   checks every record the last line promised (tests/tests/durability.rs).
 //!
+//! With `probe.blk_rounds=<n>` (default 1) the test runs `n` times on the
+//! same activation, each round reported on its own line, and stops at the
+//! first one that fails: a device busy for a while, for snapshots taken
+//! while its requests are in flight.
+//!
 //! Requests carry at most 64 KiB; up to [`SLOTS`] of them are in flight,
 //! spread round-robin over up to [`MAX_QUEUES`] queues
 //! (`VIRTIO_BLK_F_MQ`). Every wait for a completion is bounded (2 s, PIT
@@ -158,9 +163,12 @@ pub struct Options {
     pub sectors: u64,
     /// `probe.seed`.
     pub seed: u64,
+    /// `probe.blk_rounds`.
+    pub rounds: u32,
 }
 
-/// Reads `probe.blk`, `probe.blk_mib` and `probe.seed` (last one wins;
+/// Reads `probe.blk`, `probe.blk_mib`, `probe.blk_rounds` and
+/// `probe.seed` (last one wins;
 /// numbers are base 0 like `kstrtoull`). `Ok(None)` without `probe.blk`.
 pub fn options(cmdline: &[u8]) -> Result<Option<Options>, BadOption<'_>> {
     let Some(mode) = cmdline::last_value(cmdline, "probe.blk") else {
@@ -196,10 +204,21 @@ pub fn options(cmdline: &[u8]) -> Result<Option<Options>, BadOption<'_>> {
                 value,
             })?,
     };
+    let rounds = match cmdline::last_value(cmdline, "probe.blk_rounds") {
+        None => 1,
+        Some(value) => value
+            .and_then(|v| cmdline::kstrtouint(v, 0))
+            .filter(|&n| n > 0)
+            .ok_or(BadOption {
+                name: "probe.blk_rounds",
+                value,
+            })?,
+    };
     Ok(Some(Options {
         mode,
         sectors: u64::from(mib) * SECTORS_PER_MIB,
         seed,
+        rounds,
     }))
 }
 
@@ -448,10 +467,12 @@ struct Blk {
 /// Tests the virtio-blk device behind `regs` as `options` ask and prints
 /// `probe.blk<index>=...`.
 pub fn probe(index: u32, regs: Mmio, options: &Options) {
-    outln!("probe.blk{}={}", index, run(regs, options));
+    let report = |outcome: &Outcome| outln!("probe.blk{}={}", index, outcome);
+    report(&run(regs, options, report));
 }
 
-fn run(regs: Mmio, options: &Options) -> Outcome {
+/// Runs the test; every round's outcome but the last goes to `report`.
+fn run(regs: Mmio, options: &Options, report: impl Fn(&Outcome)) -> Outcome {
     let transport = match Transport::new(regs) {
         Ok(t) => t,
         Err(e) => return Outcome::Error(Failure::Setup(e)),
@@ -474,10 +495,17 @@ fn run(regs: Mmio, options: &Options) -> Outcome {
         timing: TIMING_WITH_PIT,
         records: false,
     };
-    let outcome = match blk.setup().and_then(|()| blk.exercise(options)) {
+    let mut outcome = match blk.setup().and_then(|()| blk.exercise(options)) {
         Ok(outcome) => outcome,
         Err(failure) => Outcome::Error(failure),
     };
+    for _ in 1..options.rounds {
+        if !matches!(outcome, Outcome::Ok { .. } | Outcome::Journaled { .. }) {
+            break;
+        }
+        report(&outcome);
+        outcome = blk.exercise(options).unwrap_or_else(Outcome::Error);
+    }
     match blk.finish() {
         Ok(()) => outcome,
         Err(_) if !matches!(outcome, Outcome::Error(_)) => Outcome::Error(Failure::ResetTimeout),

@@ -85,6 +85,9 @@ pub fn load_microvm(
 ) -> Result<Vmm, LoadSnapshotError> {
     let state: MicrovmState = file::read(&params.snapshot_path)?;
     let mut resources = resources(&state, params)?;
+    // Dirty pages are tracked as the load asks, whatever the snapshotted
+    // microVM did (Firecracker's rule): GET /vm/config shows it.
+    resources.machine_config.track_dirty_pages = params.track_dirty_pages;
     resources.logger.clone_from(&current.logger);
     resources.metrics.clone_from(&current.metrics);
     resources.serial.clone_from(&current.serial);
@@ -129,7 +132,7 @@ fn build(
     let kvm = builder::open_kvm(machine.vcpu_count)?;
     let guest_memory = guest_memory(&resources, &mem_file, &state.memory, params)?;
     let vm = Vm::new(&kvm)?;
-    vm.register_memory(&kvm, &guest_memory, params.track_dirty_pages)?;
+    vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
     let mut legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
     // The guest's kernel has its command line already.
     let mut unused_cmdline = Cmdline::new(crate::arch::layout::CMDLINE_MAX_SIZE)

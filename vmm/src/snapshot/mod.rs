@@ -4,6 +4,7 @@
 //! every region one after another. A load builds a new microVM from the
 //! two (see `builder::load_microvm`).
 
+pub mod dirty;
 pub mod file;
 pub mod load;
 
@@ -59,8 +60,6 @@ pub struct VhostUserDeviceState {
 pub enum CreateSnapshotError {
     #[error("Cannot save the microVM state: Operation not allowed: save/restore unavailable while running")]
     NotPaused,
-    #[error("Diff snapshots are not supported by Tessera yet; create a Full one")]
-    DiffNotSupported,
     #[error("Cannot save the microVM state: {0}")]
     Vcpu(#[from] VcpuError),
     #[error("Cannot save the microVM state: {0}")]

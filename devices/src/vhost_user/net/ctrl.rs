@@ -17,6 +17,8 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::vhost_user::dirty_log::used_ring_len;
+use crate::vhost_user::DirtyLog;
 use crate::virtio::QueueLayout;
 
 /// `VIRTIO_NET_OK` and `VIRTIO_NET_ERR`, the ack byte's two values.
@@ -191,14 +193,14 @@ impl CtrlQueue {
     }
 
     /// Answers every command the guest posted. Returns whether the guest
-    /// wants an interrupt for them.
-    pub fn process(&mut self, mem: &GuestMemoryMmap) -> bool {
+    /// wants an interrupt for them. What it writes is marked in `log`.
+    pub fn process(&mut self, mem: &GuestMemoryMmap, log: Option<&DirtyLog>) -> bool {
         let mut completed = false;
         for _ in 0..MAX_ROUNDS {
             while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let len = match read_request(head, chain, mem) {
-                    Ok(request) => self.answer(&request, mem),
+                    Ok(request) => self.answer(&request, mem, log),
                     Err(err) => {
                         self.bad(&err);
                         0
@@ -225,11 +227,17 @@ impl CtrlQueue {
                 }
             }
         }
+        if let Some(log) = log {
+            log.mark(
+                GuestAddress(self.queue.used_ring()),
+                used_ring_len(self.queue.size()),
+            );
+        }
         completed && self.queue.needs_notification(mem).unwrap_or(true)
     }
 
     /// Writes the ack of `request`; returns the used length.
-    fn answer(&mut self, request: &Request, mem: &GuestMemoryMmap) -> u32 {
+    fn answer(&mut self, request: &Request, mem: &GuestMemoryMmap, log: Option<&DirtyLog>) -> u32 {
         let head = request.head;
         let Some(ack) = request.ack else {
             self.bad(&CtrlQueueError::NoAck { head });
@@ -243,7 +251,12 @@ impl CtrlQueue {
             }
         };
         match mem.write_obj(status, ack) {
-            Ok(()) => 1,
+            Ok(()) => {
+                if let Some(log) = log {
+                    log.mark(ack, 1);
+                }
+                1
+            }
             Err(source) => {
                 self.bad(&CtrlQueueError::WriteAck {
                     head,
@@ -435,6 +448,19 @@ mod tests {
     }
 
     #[test]
+    fn what_the_vmm_writes_is_marked_in_the_dirty_log() {
+        let mem = memory();
+        let log = DirtyLog::new(0x10_0000).unwrap();
+        let mut ctrl = CtrlQueue::new("eth0", &mem, &layout(), 256, false, 2).unwrap();
+        let ack = pairs_set(&mem, 0, 2, 4);
+        post(&mem, 0, &[0]);
+        assert!(!log.is_marked(ack));
+        assert!(ctrl.process(&mem, Some(&log)));
+        assert!(log.is_marked(ack));
+        assert!(log.is_marked(GuestAddress(USED)));
+    }
+
+    #[test]
     fn pairs_set_is_acked_in_range_and_refused_outside() {
         let mem = memory();
         let mut ctrl = CtrlQueue::new("eth0", &mem, &layout(), 256, false, 2).unwrap();
@@ -443,7 +469,7 @@ mod tests {
         let ack_zero = pairs_set(&mem, 6, 0, 4);
         let ack_class = pairs_set(&mem, 9, 1, 1);
         post(&mem, 0, &[0, 3, 6, 9]);
-        assert!(ctrl.process(&mem));
+        assert!(ctrl.process(&mem, None));
         assert_eq!(mem.read_obj::<u8>(ack_ok).unwrap(), ACK_OK);
         assert_eq!(mem.read_obj::<u8>(ack_big).unwrap(), ACK_ERR);
         assert_eq!(mem.read_obj::<u8>(ack_zero).unwrap(), ACK_ERR);
@@ -462,7 +488,7 @@ mod tests {
             }
         );
         // Nothing new: no interrupt.
-        assert!(!ctrl.process(&mem));
+        assert!(!ctrl.process(&mem, None));
     }
 
     #[test]
@@ -488,7 +514,7 @@ mod tests {
         // And a head index out of the table (200).
         post(&mem, 0, &[0, 1, 3, 5, 7, 200]);
         mem.write_obj(0u8, GuestAddress(DATA + 0x40)).unwrap();
-        assert!(ctrl.process(&mem));
+        assert!(ctrl.process(&mem, None));
         assert_eq!(used(&mem, 0), (0, 0));
         assert_eq!(used(&mem, 1), (1, 0));
         assert_eq!(used(&mem, 2), (3, 1));
@@ -505,7 +531,7 @@ mod tests {
 
         // An avail index far ahead of the ring is refused as a whole.
         mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
-        ctrl.process(&mem);
+        ctrl.process(&mem, None);
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl VhostUserNet {
             );
             return;
         };
-        if ctrl.process(self.queues.mem()) {
+        if ctrl.process(self.queues.mem(), self.queues.dirty_log()) {
             if let Err(err) = fds.call.write(1) {
                 crate::guest_log_here!(
                     log::Level::Error,

@@ -70,7 +70,12 @@ impl Vsock {
         let Some(layout) = driver.layouts.get(EVENT_QUEUE) else {
             return false;
         };
-        match super::reset::post_transport_reset(queues.mem(), layout, QUEUE_SIZE) {
+        match super::reset::post_transport_reset(
+            queues.mem(),
+            layout,
+            QUEUE_SIZE,
+            queues.dirty_log(),
+        ) {
             Ok(posted) => posted,
             Err(err) => {
                 crate::guest_log_here!(

@@ -7,6 +7,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::vhost_user::DirtyLog;
 use crate::virtio::QueueLayout;
 
 /// virtio-vsock's `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
@@ -16,11 +17,12 @@ const EVENT_LEN: u32 = 4;
 
 /// Puts one TRANSPORT_RESET in the first buffer the guest posted on the
 /// event queue laid out as `layout`; false if it posted none. The caller
-/// raises the queue's interrupt.
+/// raises the queue's interrupt. What it writes is marked in `log`.
 pub fn post_transport_reset(
     mem: &GuestMemoryMmap,
     layout: &QueueLayout,
     max_size: u16,
+    log: Option<&DirtyLog>,
 ) -> Result<bool, String> {
     let mut queue = Queue::new(max_size).map_err(|e| e.to_string())?;
     queue.try_set_size(layout.size).map_err(|e| e.to_string())?;
@@ -55,5 +57,9 @@ pub fn post_transport_reset(
     queue
         .add_used(mem, head, EVENT_LEN)
         .map_err(|e| e.to_string())?;
+    if let Some(log) = log {
+        log.mark(buffer.addr(), EVENT_LEN as usize);
+        log.mark_used_ring(layout);
+    }
     Ok(true)
 }

@@ -480,7 +480,9 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
         calls.push(eventfd()?);
     }
     frontend
-        .activate(&mem, wanted, &layouts, QUEUE_SIZE, &kicks, &calls, false)
+        .activate(
+            &mem, wanted, &layouts, QUEUE_SIZE, &kicks, &calls, false, None,
+        )
         .map_err(|e| format!("activate: {e}"))?;
     Ok(Device {
         mergeable,
