@@ -566,3 +566,175 @@ fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
     memtest_ok(&third);
     assert!(!ticks(&third).is_empty(), "{third}");
 }
+
+/// The probe's `verify` pattern for `sectors` sectors: sector `s` holds
+/// the little-endian `s ^ seed`, 64 times.
+fn verify_pattern(sectors: u64, seed: u64) -> Vec<u8> {
+    (0..sectors)
+        .flat_map(|s| (s ^ seed).to_le_bytes().repeat(SECTOR / 8))
+        .collect()
+}
+
+/// How many 512-byte blocks of `bytes` (at 512-byte boundaries) are
+/// sectors of the `verify` pattern below `sectors`.
+fn pattern_sectors(bytes: &[u8], sectors: u64, seed: u64) -> usize {
+    bytes
+        .chunks_exact(SECTOR)
+        .filter(|block| {
+            let word = u64::from_le_bytes(block[..8].try_into().unwrap());
+            (word ^ seed) < sectors && block.chunks_exact(8).all(|w| w == &block[..8])
+        })
+        .count()
+}
+
+/// Copies the data extents of the sparse file `diff` onto `base` (what
+/// Firecracker's `rebase-snap` does).
+fn apply_diff(diff: &Path, base: &Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let diff = std::fs::File::open(diff).unwrap();
+    let base = std::fs::OpenOptions::new().write(true).open(base).unwrap();
+    let len = diff.metadata().unwrap().len() as i64;
+    let mut at = 0i64;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < len {
+        // SAFETY: lseek on an open file descriptor we own.
+        let data = unsafe { libc::lseek(diff.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(diff.as_raw_fd(), data, libc::SEEK_HOLE) };
+        assert!(hole > data, "SEEK_HOLE after {data}: {hole}");
+        let mut pos = data as u64;
+        while pos < hole as u64 {
+            let n = buf.len().min((hole as u64 - pos) as usize);
+            diff.read_exact_at(&mut buf[..n], pos).unwrap();
+            base.write_all_at(&buf[..n], pos).unwrap();
+            pos += n as u64;
+        }
+        at = hole;
+    }
+}
+
+/// Pages that are not all zeros in `base` and all zeros in `diff`: what a
+/// Diff left out (a Diff of every resident page leaves out none).
+fn pages_left_out(base: &[u8], diff: &[u8]) -> usize {
+    base.chunks_exact(4096)
+        .zip(diff.chunks_exact(4096))
+        .filter(|(b, d)| b.iter().any(|&x| x != 0) && d.iter().all(|&x| x == 0))
+        .count()
+}
+
+const DIFF_BLK_MIB: u64 = 4;
+const DIFF_BLK_ROUNDS: usize = 6;
+
+#[test]
+fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("data.img");
+    let sectors = (DIFF_BLK_MIB << 20) / SECTOR as u64;
+    std::fs::write(&disk, verify_pattern(sectors, SEED)).unwrap();
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.blk=verify probe.blk_mib={DIFF_BLK_MIB} \
+                                     probe.blk_rounds={DIFF_BLK_ROUNDS} probe.seed={SEED:#x} \
+                                     probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
+    );
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}),
+    );
+    put(
+        &mut c,
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    );
+    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    let mut api = api;
+    let rounds_done = |out: &str| {
+        whole_lines(out)
+            .filter(|l| l.starts_with("probe.blk0=ok"))
+            .count()
+    };
+    api.vm.wait_until(DEADLINE, |out, _| rounds_done(out) >= 1);
+
+    // The base: a Full snapshot while the drive still has rounds to read.
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (base_state, base_memory) = (dir.path().join("base.snap"), dir.path().join("base.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": base_state, "mem_file_path": base_memory,
+               "snapshot_type": "Full"}),
+    );
+    let at_base = rounds_done(&api.vm.stdout());
+    assert!(
+        at_base < DIFF_BLK_ROUNDS,
+        "every round was read before the base snapshot:\n{}",
+        api.vm.stdout()
+    );
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,3"));
+    assert_eq!(rounds_done(&api.vm.stdout()), DIFF_BLK_ROUNDS);
+
+    // The Diff: the drive's reads after the base and the memory test's
+    // fill and stamps, and not the pages nobody wrote since.
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (diff_state, diff_memory) = (dir.path().join("diff.snap"), dir.path().join("diff.mem"));
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_path": diff_state, "mem_file_path": diff_memory,
+               "snapshot_type": "Diff"}),
+    );
+    let before = api.vm.finish().stdout;
+    let base_bytes = std::fs::read(&base_memory).unwrap();
+    let diff_bytes = std::fs::read(&diff_memory).unwrap();
+    assert_eq!(diff_bytes.len(), 128 << 20);
+    assert!(
+        pages_left_out(&base_bytes, &diff_bytes) > 0,
+        "the Diff holds every page the base holds"
+    );
+    let memtest = memtest_base(&before) as usize;
+    assert!(
+        diff_bytes[memtest..memtest + (MEMTEST_MIB as usize) * (1 << 20)]
+            .chunks_exact(4096)
+            .all(|page| page.iter().any(|&b| b != 0)),
+        "the Diff lacks pages of the memory test"
+    );
+
+    // Restored from the base with the Diff on top, the guest goes on.
+    let merged = dir.path().join("merged.mem");
+    std::fs::copy(&base_memory, &merged).unwrap();
+    apply_diff(&diff_memory, &merged);
+    // Every round reads into the same buffers: each page holding disk data
+    // at the Diff was written by the drive's backend since the base.
+    let read = pattern_sectors(&std::fs::read(&merged).unwrap(), sectors, SEED);
+    assert!(read >= 128, "only {read} disk sectors in guest memory");
+    assert_eq!(
+        pattern_sectors(&diff_bytes, sectors, SEED),
+        read,
+        "the Diff lacks pages the drive read into the guest"
+    );
+    let mut clone = ApiVm::start(&[]);
+    let mut c = clone.client();
+    put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": diff_state, "mem_backend":
+               {"backend_type": "File", "backend_path": merged}, "resume_vm": true}),
+    );
+    let last = *ticks(&before).last().unwrap();
+    clone.vm.wait_until(DEADLINE, |out, _| {
+        ticks(out).last().is_some_and(|&t| t >= last + 2)
+    });
+    let after = clone.vm.finish().stdout;
+    assert_ticks_go_on(&before, &after, last + 2);
+}

@@ -24,7 +24,12 @@
 //! With `probe.blk_rounds=<n>` (default 1) the test runs `n` times on the
 //! same activation, each round reported on its own line, and stops at the
 //! first one that fails: a device busy for a while, for snapshots taken
-//! while its requests are in flight.
+//! while its requests are in flight. Reads poison their buffers before
+//! they are submitted, so that a short read cannot pass as data; after the
+//! first round only each request's first sector, so that the rest of a
+//! buffer is written by the device alone (a Diff snapshot must find those
+//! pages, which KVM's dirty log cannot see) while a device that stopped
+//! writing is still caught.
 //!
 //! Requests carry at most 64 KiB; up to [`SLOTS`] of them are in flight,
 //! spread round-robin over up to [`MAX_QUEUES`] queues
@@ -462,6 +467,8 @@ struct Blk {
     timing: Timing,
     /// Writes carry journal records instead of the plain pattern.
     records: bool,
+    /// Rounds of `probe.blk_rounds` completed.
+    rounds_done: u32,
 }
 
 /// Tests the virtio-blk device behind `regs` as `options` ask and prints
@@ -494,6 +501,7 @@ fn run(regs: Mmio, options: &Options, report: impl Fn(&Outcome)) -> Outcome {
         seq: 0,
         timing: TIMING_WITH_PIT,
         records: false,
+        rounds_done: 0,
     };
     let mut outcome = match blk.setup().and_then(|()| blk.exercise(options)) {
         Ok(outcome) => outcome,
@@ -504,6 +512,7 @@ fn run(regs: Mmio, options: &Options, report: impl Fn(&Outcome)) -> Outcome {
             break;
         }
         report(&outcome);
+        blk.rounds_done += 1;
         outcome = blk.exercise(options).unwrap_or_else(Outcome::Error);
     }
     match blk.finish() {
@@ -744,8 +753,13 @@ impl Blk {
                 }
                 match op {
                     Op::Write => self.fill(slot, next, sectors, seed),
-                    // Poison, so that a short read cannot pass as data.
-                    Op::Read => self.fill(slot, next, sectors, !seed),
+                    // Poison, so that a short read cannot pass as data;
+                    // after the first round only a request's first sector
+                    // (see the module docs).
+                    Op::Read => {
+                        let poisoned = if self.rounds_done == 0 { sectors } else { 1 };
+                        self.fill(slot, next, poisoned, !seed)
+                    }
                     Op::Flush | Op::Discard => {}
                 }
                 self.submit(slot, op, next, sectors)?;
