@@ -11,7 +11,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use vhost_user_common::BackendVring;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
@@ -19,7 +18,8 @@ use vhost_user_backend::{VhostUserBackend, VringT};
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
 use vhost_user_common::device::Served;
-use vm_memory::{GuestMemoryAtomic};
+use vhost_user_common::BackendVring;
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 
 #[derive(Arbitrary, Debug)]

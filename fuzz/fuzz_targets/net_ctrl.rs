@@ -30,7 +30,7 @@ fuzz_target!(|input: Input| {
         return;
     };
     for _ in 0..=input.kicks % 4 {
-        ctrl.process(&mem);
+        ctrl.process(&mem, None);
     }
     assert!((1..=max_pairs).contains(&ctrl.pairs()));
 });

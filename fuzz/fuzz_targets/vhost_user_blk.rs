@@ -10,7 +10,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use vhost_user_common::BackendMemory;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::send_vhost_user_stream;
 use vhost::vhost_user::Listener;
@@ -18,7 +17,8 @@ use vhost_user_backend::VhostUserDaemon;
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
 use vhost_user_common::device::Served;
-use vm_memory::{GuestMemoryAtomic};
+use vhost_user_common::BackendMemory;
+use vm_memory::GuestMemoryAtomic;
 
 /// One listening socket for the whole run; each input is one connection.
 fn listener() -> &'static Mutex<(Listener, std::path::PathBuf)> {

@@ -8,16 +8,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use vhost_user_common::BackendMemory;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::send_vhost_user_stream;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vhost_user_common::device::Served;
+use vhost_user_common::BackendMemory;
 use vhost_user_net::backend::{NetBackend, NetConfig};
 use vhost_user_net::frame::VNET_HDR_LEN;
 use vhost_user_net::tap::Tap;
-use vm_memory::{GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 
 struct Fixture {
     listener: Listener,

@@ -40,7 +40,7 @@ fn socket_path() -> std::path::PathBuf {
 }
 
 fuzz_target!(|input: Input| {
-    let mem = input.ring.memory();
+    let mem: vhost_user_common::BackendMemory = input.ring.memory();
     let Some(mut queue) = input.ring.queue(&mem) else {
         return;
     };

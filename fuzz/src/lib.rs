@@ -15,6 +15,7 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use arbitrary::Arbitrary;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::mmap::NewBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// The first RAM region: small, so that drawn offsets land in it.
@@ -109,8 +110,8 @@ impl GuestRing {
 
     /// Guest RAM with the rings and the other writes in place. Writes that
     /// fall outside RAM are dropped, as a guest could not make them.
-    pub fn memory(&self) -> GuestMemoryMmap {
-        let mem = GuestMemoryMmap::from_ranges(&[
+    pub fn memory<B: NewBitmap>(&self) -> GuestMemoryMmap<B> {
+        let mem = GuestMemoryMmap::<B>::from_ranges(&[
             (GuestAddress(0), LOW_RAM_BYTES),
             (GuestAddress(HIGH_RAM.0), HIGH_RAM.1),
         ])
@@ -141,7 +142,7 @@ impl GuestRing {
 
     /// A virtio-queue [`Queue`] as the driver set it up, or `None` when the
     /// device would refuse the layout (as the VMM does).
-    pub fn queue(&self, mem: &GuestMemoryMmap) -> Option<Queue> {
+    pub fn queue<B: NewBitmap>(&self, mem: &GuestMemoryMmap<B>) -> Option<Queue> {
         let addrs = self.addrs();
         let mut queue = Queue::new(256).ok()?;
         queue.try_set_size(addrs.size).ok()?;

@@ -738,3 +738,86 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     let after = clone.vm.finish().stdout;
     assert_ticks_go_on(&before, &after, last + 2);
 }
+
+/// The `uffd-handler` test binary, serving `memory` on `socket`.
+fn uffd_handler(socket: &Path, memory: &Path) -> tessera_tests::Running {
+    let mut command = std::process::Command::new(tessera_tests::workspace_bin("uffd-handler"));
+    command.arg(socket).arg(memory);
+    let handler = tessera_tests::Running::spawn(command);
+    assert!(
+        tessera_tests::wait_for_listener(socket, Duration::from_secs(10)),
+        "the handler never listened: {}",
+        handler.stderr()
+    );
+    handler
+}
+
+#[test]
+fn a_page_fault_handler_fills_a_snapshot_loaded_with_the_uffd_backend() {
+    let snapshot = snapshot_of_a_ticking_probe();
+    let last = *ticks(&snapshot.console).last().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Nobody listening: the load names the step, and the process loads
+    // again afterwards.
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    let uffd_body = |socket: &Path| {
+        json!({"snapshot_path": snapshot.state, "resume_vm": true,
+               "mem_backend": {"backend_type": "Uffd", "backend_path": socket}})
+    };
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        uffd_body(&dir.path().join("nobody.sock")),
+        "Error creating guest memory from uffd: Failed to connect to UDS Unix stream",
+    );
+
+    let socket = dir.path().join("uffd.sock");
+    let handler = uffd_handler(&socket, &snapshot.memory);
+    put(&mut c, "/snapshot/load", uffd_body(&socket));
+    let want = format!("probe.tick={}\n", last + 3);
+    api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let run = api.vm.finish();
+    assert_ticks_go_on(&snapshot.console, &run.stdout, last + 3);
+    // Every page the guest touched came through the handler.
+    let handled = handler.finish().stderr;
+    let served: u64 = handled
+        .lines()
+        .find_map(|l| l.strip_prefix("uffd-handler: 0: served "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the handler served nothing:\n{handled}"));
+    let memtest_pages = (MEMTEST_MIB << 20) / 4096;
+    assert!(
+        served >= memtest_pages,
+        "{served} faults served, fewer than the memory test's {memtest_pages} pages"
+    );
+}
+
+#[test]
+fn the_uffd_backend_is_refused_for_memory_that_backends_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = tessera_tests::sparse_file(&dir.path().join("disk.img"), 1 << 20);
+    let (mut api, mut c) = boot_ticking(&[(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    )]);
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=1\n"));
+    let (state, _) = pause_and_snapshot(&mut c, dir.path());
+    drop(api.vm.finish());
+    let clone = ApiVm::start(&[]);
+    let mut c = clone.client();
+    refused(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": state,
+               "mem_backend": {"backend_type": "Uffd", "backend_path": dir.path().join("u.sock")}}),
+        "cannot serve guest memory that vhost-user backends share",
+    );
+    assert_eq!(c.get("/").json()["state"], "Not started");
+    drop(clone.vm.finish());
+}

@@ -36,6 +36,17 @@ pub enum HugePageConfig {
     Hugetlbfs2M,
 }
 
+impl HugePageConfig {
+    /// The size of the pages guest RAM is mapped with, in bytes
+    /// (transparent huge pages may be split: 4 KiB).
+    pub fn page_size(self) -> usize {
+        match self {
+            Self::None | Self::Transparent => 4096,
+            Self::Hugetlbfs2M => 2 << 20,
+        }
+    }
+}
+
 /// The `machine-config` resource.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -201,6 +201,7 @@ pub fn build_microvm(
         i8042: legacy.i8042,
         reset_evt: legacy.reset_evt,
         attached,
+        page_fault_handler: None,
     };
     run_microvm(parts, resources.clone(), options, false)
 }
@@ -214,6 +215,9 @@ pub(crate) struct Parts {
     pub(crate) i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
     pub(crate) reset_evt: EventFd,
     pub(crate) attached: AttachedDevices,
+    /// The userfaultfd a page-fault handler fills guest memory through
+    /// (a snapshot loaded with the `Uffd` memory backend).
+    pub(crate) page_fault_handler: Option<crate::snapshot::uffd::PageFaultHandler>,
 }
 
 /// Sets up the event loop around `parts` and starts the vCPUs (`paused`:
@@ -254,6 +258,7 @@ pub(crate) fn run_microvm(
         flushed_totals: Mutex::default(),
         dirty_log,
         unsaved_dirty_pages: Mutex::default(),
+        _page_fault_handler: parts.page_fault_handler,
     })
 }
 

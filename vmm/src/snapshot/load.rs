@@ -13,6 +13,7 @@ use devices::virtio::MmioTransport;
 use linux_loader::loader::Cmdline;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::uffd::UffdHandshakeError;
 use super::{file, MicrovmState, StateFileError, VhostUserDeviceState};
 use crate::builder::{self, AttachedDevices, BootOptions, Parts, StartMicrovmError};
 use crate::memory::{self, MemoryError};
@@ -44,8 +45,10 @@ pub enum LoadSnapshotError {
         found: Vec<(u64, u64)>,
         expected: Vec<(u64, u64)>,
     },
-    #[error("Failed to load guest memory: the Uffd memory backend is not supported by Tessera yet; use File")]
-    UffdNotSupported,
+    #[error("Failed to load guest memory: Error creating guest memory from uffd: the Uffd memory backend cannot serve guest memory that vhost-user backends share (drives, network interfaces, vsock); use File")]
+    UffdWithBackends,
+    #[error("Failed to load guest memory: Error creating guest memory from uffd: {0}")]
+    Uffd(#[from] UffdHandshakeError),
     #[error("Failed to load guest memory: Error creating guest memory from file: Failed to load guest memory: {path}: {source}")]
     MemoryFile {
         path: String,
@@ -110,8 +113,9 @@ fn build(
     params: &LoadSnapshotParams,
     options: &BootOptions,
 ) -> Result<Vmm, LoadSnapshotError> {
-    if params.mem_backend.backend_type == MemBackendType::Uffd {
-        return Err(LoadSnapshotError::UffdNotSupported);
+    let uffd = params.mem_backend.backend_type == MemBackendType::Uffd;
+    if uffd && builder::has_backends(&resources) {
+        return Err(LoadSnapshotError::UffdWithBackends);
     }
     let expected =
         crate::arch::layout::ram_regions((resources.machine_config.mem_size_mib as u64) << 20);
@@ -121,7 +125,9 @@ fn build(
             expected,
         });
     }
-    let mem_file = memory_file(&params.mem_backend.backend_path, &state.memory)?;
+    let mem_file = (!uffd)
+        .then(|| memory_file(&params.mem_backend.backend_path, &state.memory))
+        .transpose()?;
     let machine = &resources.machine_config;
     if state.vcpus.len() != usize::from(machine.vcpu_count) {
         return Err(LoadSnapshotError::VcpuCount {
@@ -130,7 +136,16 @@ fn build(
         });
     }
     let kvm = builder::open_kvm(machine.vcpu_count)?;
-    let guest_memory = guest_memory(&resources, &mem_file, &state.memory, params)?;
+    let (guest_memory, page_fault_handler) = match &mem_file {
+        Some(file) => (guest_memory(&resources, file, &state.memory, params)?, None),
+        None => {
+            let mem = builder::create_guest_memory(&resources)?;
+            let page_size = machine.huge_pages.page_size();
+            let uffd =
+                super::uffd::hand_to_handler(&mem, page_size, &params.mem_backend.backend_path)?;
+            (mem, Some(uffd))
+        }
+    };
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
     let mut legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
@@ -178,6 +193,7 @@ fn build(
         i8042: legacy.i8042,
         reset_evt: legacy.reset_evt,
         attached,
+        page_fault_handler,
     };
     let vmm = builder::run_microvm(parts, resources, options, !params.resume_vm)?;
     log::info!(

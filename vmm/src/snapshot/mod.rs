@@ -7,6 +7,7 @@
 pub mod dirty;
 pub mod file;
 pub mod load;
+pub mod uffd;
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -8,7 +8,10 @@
 //!   the console (the probe ticks every 100 ms of guest time, so this
 //!   includes what was left of the tick it was paused in);
 //! - `mem_file_mib` / `mem_file_allocated_mib`: the memory file's size and
-//!   what the file system holds of it.
+//!   what the file system holds of it;
+//! - `diff_create_ms` / `diff_allocated_mib`: after the Full snapshot the
+//!   guest runs two more ticks and a Diff is taken (`track_dirty_pages`):
+//!   call to 204, and what its new, sparse memory file holds.
 //!
 //! Then 20 clones are loaded from one snapshot at once (one thread per
 //! clone, each a fresh process): `clones_per_s` (first call to last 204)
@@ -37,6 +40,17 @@ struct Samples {
     load_to_tick_ms: Vec<f64>,
     mem_file_mib: Vec<f64>,
     mem_file_allocated_mib: Vec<f64>,
+    diff_create_ms: Vec<f64>,
+    diff_allocated_mib: Vec<f64>,
+}
+
+/// What one snapshot cycle measured.
+struct Created {
+    create_ms: f64,
+    mem_file_mib: f64,
+    allocated_mib: f64,
+    diff_create_ms: f64,
+    diff_allocated_mib: f64,
 }
 
 pub(crate) fn bench_snapshot(runs: usize) -> Value {
@@ -50,10 +64,13 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                 let at = (run + k) % vmms.len();
                 let dir = tempfile::tempdir().expect("tempdir");
                 let s = &mut samples[at];
-                let (create_ms, size, allocated) = snapshot(&vmms[at], mem, dir.path());
+                let created = snapshot(&vmms[at], mem, dir.path());
+                let create_ms = created.create_ms;
                 s.create_ms.push(create_ms);
-                s.mem_file_mib.push(size);
-                s.mem_file_allocated_mib.push(allocated);
+                s.mem_file_mib.push(created.mem_file_mib);
+                s.mem_file_allocated_mib.push(created.allocated_mib);
+                s.diff_create_ms.push(created.diff_create_ms);
+                s.diff_allocated_mib.push(created.diff_allocated_mib);
                 let (load_ms, to_tick_ms) = load(&vmms[at], dir.path());
                 s.load_ms.push(load_ms);
                 s.load_to_tick_ms.push(to_tick_ms);
@@ -76,6 +93,8 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                     "load_to_tick_ms": summary(s.load_to_tick_ms),
                     "mem_file_mib": summary(s.mem_file_mib),
                     "mem_file_allocated_mib": summary(s.mem_file_allocated_mib),
+                    "diff_create_ms": summary(s.diff_create_ms),
+                    "diff_allocated_mib": summary(s.diff_allocated_mib),
                     "clones": clones(vmm, dir.path()),
                 }),
             );
@@ -86,7 +105,7 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
     json!({
         "machine": machine(),
         "runs": runs,
-        "guest": "probe guest, 1 vCPU, ticking (probe.ticks=0), Full snapshots",
+        "guest": "probe guest, 1 vCPU, ticking (probe.ticks=0), track_dirty_pages; a Full snapshot, two ticks, a Diff",
         "clones": CLONES,
         "sizes": sizes,
     })
@@ -103,8 +122,8 @@ fn with_a_drive(mem: usize, runs: usize) -> Value {
         let dir = tempfile::tempdir().expect("tempdir");
         let disk = tessera_tests::sparse_file(&dir.path().join("disk.img"), 1 << 20);
         let drive = json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false});
-        let (created, _, _) = snapshot_with(&Vmm::Tessera, mem, dir.path(), Some(drive));
-        create_ms.push(created);
+        let created = snapshot_with(&Vmm::Tessera, mem, dir.path(), Some(drive));
+        create_ms.push(created.create_ms);
         let copy = dir.path().join("clone.img");
         std::fs::copy(&disk, &copy).expect("copy the disk");
         let (mut vm, mut c) = start(&Vmm::Tessera, dir.path(), "clone");
@@ -139,13 +158,14 @@ fn put(c: &mut ApiClient, vmm: &Vmm, path: &str, body: Value) {
 }
 
 /// Boots the probe with `mem` MiB, pauses it once it ticks and snapshots it
-/// to `dir`/vm.snap and vm.mem: (create ms, file MiB, allocated MiB).
-fn snapshot(vmm: &Vmm, mem: usize, dir: &Path) -> (f64, f64, f64) {
+/// to `dir`/vm.snap and vm.mem; lets it tick twice more and takes a Diff
+/// to vm.diff.snap and vm.diff.mem.
+fn snapshot(vmm: &Vmm, mem: usize, dir: &Path) -> Created {
     snapshot_with(vmm, mem, dir, None)
 }
 
 /// [`snapshot`], with a drive if `drive` is its body.
-fn snapshot_with(vmm: &Vmm, mem: usize, dir: &Path, drive: Option<Value>) -> (f64, f64, f64) {
+fn snapshot_with(vmm: &Vmm, mem: usize, dir: &Path, drive: Option<Value>) -> Created {
     let (mut vm, mut c) = start(vmm, dir, "source");
     if let Some(drive) = drive {
         put(&mut c, vmm, "/drives/data", drive);
@@ -161,7 +181,7 @@ fn snapshot_with(vmm: &Vmm, mem: usize, dir: &Path, drive: Option<Value>) -> (f6
         &mut c,
         vmm,
         "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": mem}),
+        json!({"vcpu_count": 1, "mem_size_mib": mem, "track_dirty_pages": true}),
     );
     put(
         &mut c,
@@ -179,11 +199,30 @@ fn snapshot_with(vmm: &Vmm, mem: usize, dir: &Path, drive: Option<Value>) -> (f6
         json!({"snapshot_path": dir.join("vm.snap"), "mem_file_path": dir.join("vm.mem")}),
     );
     let create_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.tick=4\n"));
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let started = Instant::now();
+    put(
+        &mut c,
+        vmm,
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("vm.diff.snap"),
+               "mem_file_path": dir.join("vm.diff.mem"), "snapshot_type": "Diff"}),
+    );
+    let diff_create_ms = started.elapsed().as_secs_f64() * 1e3;
     drop(vm.finish());
-    let meta = std::fs::metadata(dir.join("vm.mem")).expect("memory file");
-    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
     use std::os::unix::fs::MetadataExt;
-    (create_ms, mib(meta.len()), mib(meta.blocks() * 512))
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    let meta = std::fs::metadata(dir.join("vm.mem")).expect("memory file");
+    let diff = std::fs::metadata(dir.join("vm.diff.mem")).expect("Diff memory file");
+    Created {
+        create_ms,
+        mem_file_mib: mib(meta.len()),
+        allocated_mib: mib(meta.blocks() * 512),
+        diff_create_ms,
+        diff_allocated_mib: mib(diff.blocks() * 512),
+    }
 }
 
 fn load_body(dir: &Path) -> Value {
