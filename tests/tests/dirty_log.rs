@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use devices::vhost_user::{DirtyLog, VhostUserFrontend};
+use devices::vhost_user::{DeviceKind, DeviceName, DirtyLog, QueueSetup, VhostUserFrontend};
 use devices::virtio::QueueLayout;
 use tessera_tests::{workspace_bin, Running};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -84,17 +84,19 @@ fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
     };
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let setup = QueueSetup {
+        mem: &mem,
+        acked_features: 1 << VIRTIO_F_VERSION_1,
+        queues: &[layout],
+        queue_max_size: QUEUE_SIZE,
+        kicks: std::slice::from_ref(&kick),
+        calls: std::slice::from_ref(&call),
+        resume: false,
+        log: Some(&log),
+        page_faults: None,
+    };
     frontend
-        .activate(
-            &mem,
-            1 << VIRTIO_F_VERSION_1,
-            &[layout],
-            QUEUE_SIZE,
-            std::slice::from_ref(&kick),
-            std::slice::from_ref(&call),
-            false,
-            Some(&log),
-        )
+        .activate(&DeviceName::new(DeviceKind::Drive, "data"), &setup)
         .unwrap();
 
     // VIRTIO_BLK_T_IN of sector 0 into one page.

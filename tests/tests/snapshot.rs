@@ -497,9 +497,25 @@ fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
             "the clone's drive is not served from {}",
             copy.display()
         );
+        // Guest memory is filled on demand, not copied in whole: the
+        // clone maps what it touched of its 128 MiB.
+        let shared_kib = status_kib(clone.vm.pid(), "RssShmem");
+        assert!(
+            shared_kib < 32.0 * 1024.0,
+            "a clone maps {shared_kib} KiB of guest memory after a load"
+        );
         let run = clone.vm.finish();
         assert_ticks_go_on(&before, &run.stdout, last + 3);
     }
+}
+
+/// KiB of `field` in `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in\n{text}"))
 }
 
 #[test]

@@ -226,3 +226,98 @@ impl AsRawFd for Uffd {
         self.0.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroUsize;
+    use std::os::fd::AsFd;
+
+    const PAGE: usize = 4096;
+
+    /// Two shared mappings of one memfd, as the VMM's and a backend's.
+    fn two_mappings(len: usize) -> (std::fs::File, *mut u8, *mut u8) {
+        let fd = rustix::fs::memfd_create("uffd-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(len as u64).unwrap();
+        let map = || {
+            // SAFETY: a new shared mapping of the memfd where the kernel
+            // finds room; the test owns it until the process ends.
+            unsafe {
+                rustix::mm::mmap(
+                    std::ptr::null_mut(),
+                    NonZeroUsize::new(len).unwrap().get(),
+                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                    rustix::mm::MapFlags::SHARED,
+                    file.as_fd(),
+                    0,
+                )
+            }
+            .unwrap()
+            .cast::<u8>()
+        };
+        let (a, b) = (map(), map());
+        (file, a, b)
+    }
+
+    fn privileged() -> bool {
+        match Uffd::new() {
+            Ok(_) => true,
+            Err(err) => {
+                eprintln!("skipped: {err}");
+                assert!(
+                    std::env::var_os("TESSERA_STRICT").is_none(),
+                    "TESSERA_STRICT: {err}"
+                );
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn a_page_copied_in_through_one_mapping_of_shared_memory_is_in_the_other() {
+        if !privileged() {
+            return;
+        }
+        let (_file, vmm, backend) = two_mappings(4 * PAGE);
+        let (vmm_uffd, backend_uffd) = (Uffd::new().unwrap(), Uffd::new().unwrap());
+        vmm_uffd.register(vmm as u64, 4 * PAGE as u64).unwrap();
+        backend_uffd
+            .register(backend as u64, 4 * PAGE as u64)
+            .unwrap();
+        let backend_addr = backend as u64 + PAGE as u64;
+        let vmm_addr = vmm as u64 + 2 * PAGE as u64;
+        // A "backend" thread touches page 1 and waits on its uffd; the
+        // handler fills it through that uffd.
+        let toucher = std::thread::spawn(move || {
+            // SAFETY: page 1 of the mapping, readable once filled.
+            unsafe { std::ptr::read_volatile(backend_addr as *const u8) }
+        });
+        let fault = loop {
+            if let Some(event) = backend_uffd.read_event().unwrap() {
+                break event;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(fault, Event::PageFault { addr: backend_addr });
+        let page = [0xabu8; PAGE];
+        // SAFETY: `page` is readable for PAGE bytes.
+        assert!(unsafe { backend_uffd.copy(backend_addr, page.as_ptr(), PAGE as u64) }.unwrap());
+        assert_eq!(toucher.join().unwrap(), 0xab);
+        // The page is in the memfd: the other mapping reads it without a
+        // fault on its own uffd.
+        // SAFETY: page 1 of the other mapping, now present.
+        assert_eq!(unsafe { *vmm.add(PAGE) }, 0xab);
+        assert_eq!(vmm_uffd.read_event().unwrap(), None);
+        // Filling page 2 through the other one: the backend sees it, and a
+        // second fill of the same page is EEXIST (Ok(false)), not an error.
+        let page = [0xcdu8; PAGE];
+        // SAFETY: as above.
+        assert!(unsafe { vmm_uffd.copy(vmm_addr, page.as_ptr(), PAGE as u64) }.unwrap());
+        // SAFETY: page 2 of the backend's mapping, now present.
+        assert_eq!(unsafe { *backend.add(2 * PAGE) }, 0xcd);
+        let again = backend as u64 + 2 * PAGE as u64;
+        // SAFETY: as above.
+        assert!(!unsafe { backend_uffd.copy(again, page.as_ptr(), PAGE as u64) }.unwrap());
+    }
+}

@@ -21,12 +21,15 @@ use crate::BackendVring;
 /// The vhost-user protocol features every backend offers: several queues,
 /// the config space, acknowledged requests, and memory added region by
 /// region (CONFIGURE_MEM_SLOTS, which libblkio requires), and a dirty
-/// log in shared memory (LOG_SHMFD, for the frontend's Diff snapshots).
+/// log in shared memory (LOG_SHMFD, for the frontend's Diff snapshots),
+/// and faults on guest memory reported to the frontend (PAGEFAULT: vhost-user
+/// postcopy, for a snapshot loaded without copying its memory first).
 pub const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
     .union(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::PAGEFAULT);
 
 /// One exit event per worker thread: vhost-user-backend's worker waits on
 /// the consumer (`exit_event`), and [`WorkerExits::stop_all`] signals each.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::serial::{SerialInput, SerialOutput};
 use devices::pseudo::BootTimer;
-use devices::vhost_user::{DirtyLog, DirtyLogError, VhostUserDevice as _};
+use devices::vhost_user::{DirtyLog, DirtyLogError, PageFaultServer, VhostUserDevice as _};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
@@ -201,7 +201,7 @@ pub fn build_microvm(
         i8042: legacy.i8042,
         reset_evt: legacy.reset_evt,
         attached,
-        page_fault_handler: None,
+        on_demand_memory: None,
     };
     run_microvm(parts, resources.clone(), options, false)
 }
@@ -215,9 +215,8 @@ pub(crate) struct Parts {
     pub(crate) i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
     pub(crate) reset_evt: EventFd,
     pub(crate) attached: AttachedDevices,
-    /// The userfaultfd a page-fault handler fills guest memory through
-    /// (a snapshot loaded with the `Uffd` memory backend).
-    pub(crate) page_fault_handler: Option<crate::snapshot::uffd::PageFaultHandler>,
+    /// What fills a loaded snapshot's guest memory on demand.
+    pub(crate) on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
 }
 
 /// Sets up the event loop around `parts` and starts the vCPUs (`paused`:
@@ -258,7 +257,7 @@ pub(crate) fn run_microvm(
         flushed_totals: Mutex::default(),
         dirty_log,
         unsaved_dirty_pages: Mutex::default(),
-        _page_fault_handler: parts.page_fault_handler,
+        _on_demand_memory: parts.on_demand_memory,
     })
 }
 
@@ -361,6 +360,29 @@ pub(crate) struct AttachedDevices {
 }
 
 impl AttachedDevices {
+    /// Has every device's backend report the faults of its mappings of
+    /// guest memory to `server` (a loaded snapshot filled on demand).
+    pub(crate) fn share_page_fault_server(&self, server: &Arc<dyn PageFaultServer>) {
+        for (transport, _) in &self.block {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_page_fault_server(server.clone());
+        }
+        for (transport, _) in &self.net {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_page_fault_server(server.clone());
+        }
+        if let Some((transport, _)) = &self.vsock {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .set_page_fault_server(server.clone());
+        }
+    }
+
     /// Has every device's backend log the pages it writes in `log`.
     fn share_dirty_log(&self, log: &Arc<DirtyLog>) {
         for (transport, _) in &self.block {

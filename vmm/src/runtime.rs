@@ -79,8 +79,8 @@ pub struct Vmm {
     /// Pages written since the last snapshot that a failed one took out
     /// of the logs: the next Diff writes them too.
     pub(crate) unsaved_dirty_pages: Mutex<Option<DirtyPages>>,
-    /// Kept open while the microVM lives (see `snapshot::uffd`).
-    pub(crate) _page_fault_handler: Option<crate::snapshot::uffd::PageFaultHandler>,
+    /// What fills a loaded snapshot's memory on demand, if anything.
+    pub(crate) _on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
 }
 
 /// The state of every vhost-user device, their queues stopped.

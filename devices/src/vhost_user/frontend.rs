@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -15,7 +16,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::DirtyLog;
+use super::{BackendRegion, DeviceName, DirtyLog, PageFaultServer};
 use crate::virtio::QueueLayout;
 
 /// vhost-user's own feature bit: the backend speaks protocol features.
@@ -39,6 +40,10 @@ pub enum FrontendError {
     QueueAddress(usize),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot fill guest memory from the snapshot before the backend maps it: {0}")]
+    FillMemory(std::io::Error),
+    #[error("the backend did not say where it mapped guest memory (postcopy)")]
+    NoBackendMappings,
 }
 
 impl FrontendError {
@@ -76,6 +81,28 @@ fn step(step: &'static str) -> impl FnOnce(vhost::Error) -> FrontendError {
     move |source| FrontendError::Protocol { step, source }
 }
 
+/// What an activation hands the backend.
+#[derive(Clone, Copy)]
+pub struct QueueSetup<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub acked_features: u64,
+    pub queues: &'a [QueueLayout],
+    pub queue_max_size: u16,
+    pub kicks: &'a [EventFd],
+    pub calls: &'a [EventFd],
+    /// A new backend takes over running queues: each starts from its used
+    /// index in guest memory, as QEMU restarts a crashed vhost-user
+    /// backend, and one with the inflight region also resubmits what its
+    /// predecessor left in flight. Otherwise the queues start at 0.
+    pub resume: bool,
+    /// With a backend that can, it marks in this log every page it writes.
+    pub log: Option<&'a DirtyLog>,
+    /// Guest memory a loaded snapshot fills on demand: the backend reports
+    /// the faults of its mappings to this server, or, if it cannot, the
+    /// server fills all of memory first.
+    pub page_faults: Option<&'a dyn PageFaultServer>,
+}
+
 /// A negotiated connection to one backend.
 pub struct VhostUserFrontend {
     frontend: Frontend,
@@ -89,6 +116,12 @@ pub struct VhostUserFrontend {
     /// Whether the backend can log the pages it writes into a shared
     /// bitmap (`VHOST_F_LOG_ALL` and the LOG_SHMFD protocol feature).
     can_log: bool,
+    /// Whether the backend can report the faults of its mappings of guest
+    /// memory (the PAGEFAULT protocol feature: vhost-user postcopy).
+    can_postcopy: bool,
+    /// Postcopy is listening on this connection: every SET_MEM_TABLE is
+    /// answered with the backend's mappings, and acknowledged.
+    postcopy_listening: bool,
     /// That region, kept from activation to the next driver reset, so that
     /// it outlives the backend (what a reconnect needs).
     inflight: Option<(VhostUserInflight, File)>,
@@ -120,7 +153,8 @@ impl VhostUserFrontend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::LOG_SHMFD;
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::PAGEFAULT;
         let acked = offered & wanted;
         frontend
             .set_protocol_features(acked)
@@ -141,6 +175,8 @@ impl VhostUserFrontend {
             has_config: acked.contains(VhostUserProtocolFeatures::CONFIG),
             can_log: acked.contains(VhostUserProtocolFeatures::LOG_SHMFD)
                 && backend_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0,
+            can_postcopy: acked.contains(VhostUserProtocolFeatures::PAGEFAULT),
+            postcopy_listening: false,
             inflight: None,
         })
     }
@@ -189,24 +225,23 @@ impl VhostUserFrontend {
         })
     }
 
-    /// Shares guest memory and starts the queues: from index 0, or, when
-    /// `resume` (a new backend taking over running queues), from each
-    /// queue's used index in guest memory, as QEMU restarts a crashed
-    /// vhost-user backend; one with the inflight region also resubmits
-    /// what its predecessor left in flight. With `log` (and a backend that
-    /// can), the backend marks in it every page it writes from then on.
-    #[allow(clippy::too_many_arguments)]
+    /// Shares guest memory and starts the queues `setup` describes.
     pub fn activate(
         &mut self,
-        mem: &GuestMemoryMmap,
-        acked_features: u64,
-        queues: &[QueueLayout],
-        queue_max_size: u16,
-        kicks: &[EventFd],
-        calls: &[EventFd],
-        resume: bool,
-        log: Option<&DirtyLog>,
+        device: &DeviceName,
+        setup: &QueueSetup<'_>,
     ) -> Result<(), FrontendError> {
+        let QueueSetup {
+            mem,
+            acked_features,
+            queues,
+            queue_max_size,
+            kicks,
+            calls,
+            resume,
+            log,
+            page_faults,
+        } = *setup;
         let log = log.filter(|_| self.can_log);
         let log_all = if log.is_some() {
             VhostUserVirtioFeatures::LOG_ALL.bits()
@@ -224,7 +259,7 @@ impl VhostUserFrontend {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.transport("SET_MEM_TABLE", |f| f.set_mem_table(&regions))?;
+        self.share_memory(device, &regions, page_faults)?;
         if let Some(log) = log {
             // After SET_MEM_TABLE: a backend attaches the log to the
             // regions it has mapped.
@@ -265,6 +300,53 @@ impl VhostUserFrontend {
             self.transport("SET_VRING_ENABLE", |f| f.set_vring_enable(index, true))?;
         }
         Ok(())
+    }
+
+    /// SET_MEM_TABLE; while guest memory is filled on demand, with the
+    /// backend's mappings registered for faults first (postcopy), or all of
+    /// memory filled before a backend that cannot report them maps it.
+    fn share_memory(
+        &mut self,
+        device: &DeviceName,
+        regions: &[VhostUserMemoryRegionInfo],
+        page_faults: Option<&dyn PageFaultServer>,
+    ) -> Result<(), FrontendError> {
+        let Some(server) = page_faults else {
+            self.transport("SET_MEM_TABLE", |f| f.set_mem_table(regions))?;
+            return Ok(());
+        };
+        if !self.can_postcopy {
+            server.fill_all().map_err(FrontendError::FillMemory)?;
+            self.transport("SET_MEM_TABLE", |f| f.set_mem_table(regions))?;
+            return Ok(());
+        }
+        let uffd = if self.postcopy_listening {
+            None
+        } else {
+            let uffd = self.transport("POSTCOPY_ADVISE", |f| f.postcopy_advise())?;
+            self.transport("POSTCOPY_LISTEN", |f| f.postcopy_listen())?;
+            self.postcopy_listening = true;
+            Some(uffd)
+        };
+        let bases = self
+            .transport("SET_MEM_TABLE", |f| f.set_mem_table(regions))?
+            .ok_or(FrontendError::NoBackendMappings)?;
+        let mapped = regions
+            .iter()
+            .zip(bases)
+            .map(|(region, base)| BackendRegion {
+                guest_addr: region.guest_phys_addr,
+                backend_addr: base,
+                len: region.memory_size,
+            })
+            .collect();
+        match uffd {
+            Some(uffd) => server.serve_backend(device, uffd, mapped),
+            None => server.update_backend(device, mapped),
+        }
+        self.transport("POSTCOPY_ACK", |f| {
+            f.postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE)
+        })
     }
 
     /// Has the backend track requests in flight in a region this side

@@ -9,13 +9,15 @@ pub(crate) mod dirty_log;
 pub mod features;
 mod frontend;
 pub mod net;
+mod page_faults;
 mod queues;
 pub mod vsock;
 pub mod watchdog;
 
 pub use device::{DeviceModel, DriverSetup, VhostUser, QUEUE_SIZE};
 pub use dirty_log::{DirtyLog, DirtyLogError};
-pub use frontend::{FrontendError, InflightRegion, VhostUserFrontend};
+pub use frontend::{FrontendError, InflightRegion, QueueSetup, VhostUserFrontend};
+pub use page_faults::{BackendRegion, PageFaultServer};
 pub use queues::{FrontendCounters, VhostUserQueues, VhostUserQueuesState};
 
 use std::fmt;

@@ -17,8 +17,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    features, DeviceKind, DeviceName, DirtyLog, FrontendError, VhostUserDeviceError,
-    VhostUserFrontend,
+    features, DeviceKind, DeviceName, DirtyLog, FrontendError, PageFaultServer, QueueSetup,
+    VhostUserDeviceError, VhostUserFrontend,
 };
 use crate::virtio::{ActivateError, QueueLayout};
 
@@ -80,6 +80,8 @@ pub struct VhostUserQueues {
     /// The log the backend marks the pages it writes in, while the VMM
     /// tracks dirty pages.
     dirty_log: Option<Arc<DirtyLog>>,
+    /// What fills guest memory on demand, while a loaded snapshot does.
+    page_faults: Option<Arc<dyn PageFaultServer>>,
 }
 
 /// What the VMM's side of a device keeps beyond the transport, for a
@@ -133,6 +135,7 @@ impl VhostUserQueues {
                 backend_stats: None,
                 restoring: false,
                 dirty_log: None,
+                page_faults: None,
             };
             if queues.frontend.has_config() {
                 queues.read_config(config_len, 0, &mut vec![0; config_len], |_| {})?;
@@ -430,6 +433,13 @@ impl VhostUserQueues {
         self.dirty_log = Some(log);
     }
 
+    /// Guest memory is filled on demand by `server` (a loaded snapshot):
+    /// every backend from the next activation on has it serve the faults
+    /// of its mappings.
+    pub fn set_page_fault_server(&mut self, server: Arc<dyn PageFaultServer>) {
+        self.page_faults = Some(server);
+    }
+
     /// The dirty log, for the writes the VMM makes into this device's
     /// queues itself.
     pub fn dirty_log(&self) -> Option<&DirtyLog> {
@@ -473,16 +483,18 @@ impl VhostUserQueues {
     }
 
     fn activate(&mut self, activation: &Activation, resume: bool) -> Result<(), FrontendError> {
-        self.frontend.activate(
-            &self.mem,
-            activation.acked_features,
-            &activation.layouts,
-            activation.queue_max_size,
-            &self.kicks,
-            &self.calls,
+        let setup = QueueSetup {
+            mem: &self.mem,
+            acked_features: activation.acked_features,
+            queues: &activation.layouts,
+            queue_max_size: activation.queue_max_size,
+            kicks: &self.kicks,
+            calls: &self.calls,
             resume,
-            self.dirty_log.as_deref(),
-        )
+            log: self.dirty_log.as_deref(),
+            page_faults: self.page_faults.as_deref(),
+        };
+        self.frontend.activate(&self.device, &setup)
     }
 
     /// Stops the queues the last activation started (a driver reset).

@@ -13,8 +13,9 @@ use devices::virtio::MmioTransport;
 use linux_loader::loader::Cmdline;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use super::lazy::LazyMemory;
 use super::uffd::UffdHandshakeError;
-use super::{file, MicrovmState, StateFileError, VhostUserDeviceState};
+use super::{file, MicrovmState, OnDemandMemory, StateFileError, VhostUserDeviceState};
 use crate::builder::{self, AttachedDevices, BootOptions, Parts, StartMicrovmError};
 use crate::memory::{self, MemoryError};
 use crate::resources::{ResourcesError, VmResources};
@@ -136,14 +137,14 @@ fn build(
         });
     }
     let kvm = builder::open_kvm(machine.vcpu_count)?;
-    let (guest_memory, page_fault_handler) = match &mem_file {
-        Some(file) => (guest_memory(&resources, file, &state.memory, params)?, None),
+    let (guest_memory, on_demand_memory) = match &mem_file {
+        Some(file) => guest_memory(&resources, file, &state.memory, params, options)?,
         None => {
             let mem = builder::create_guest_memory(&resources)?;
             let page_size = machine.huge_pages.page_size();
-            let uffd =
+            let handler =
                 super::uffd::hand_to_handler(&mem, page_size, &params.mem_backend.backend_path)?;
-            (mem, Some(uffd))
+            (mem, Some(OnDemandMemory::Handler(handler)))
         }
     };
     let vm = Vm::new(&kvm)?;
@@ -160,6 +161,9 @@ fn build(
         &mut legacy.mmio_bus,
         &mut unused_cmdline,
     )?;
+    if let Some(OnDemandMemory::Lazy(lazy)) = &on_demand_memory {
+        attached.share_page_fault_server(&lazy.server());
+    }
     legacy
         .serial
         .lock()
@@ -193,7 +197,7 @@ fn build(
         i8042: legacy.i8042,
         reset_evt: legacy.reset_evt,
         attached,
-        page_fault_handler,
+        on_demand_memory,
     };
     let vmm = builder::run_microvm(parts, resources, options, !params.resume_vm)?;
     log::info!(
@@ -209,16 +213,19 @@ fn build(
 }
 
 /// Guest RAM for the loaded microVM: the memory file mapped copy-on-write
-/// when only this process maps RAM; a memfd the backends share, filled
-/// from the file, when it has drives.
+/// when only this process maps RAM; where backends share it, a memfd
+/// filled from the file on demand ([`LazyMemory`]), or, on a host where
+/// this process may not handle kernel page faults (a userfaultfd needs
+/// CAP_SYS_PTRACE or `vm.unprivileged_userfaultfd`), copied in whole.
 fn guest_memory(
     resources: &VmResources,
     file: &File,
     regions: &[(u64, u64)],
     params: &LoadSnapshotParams,
-) -> Result<GuestMemoryMmap, LoadSnapshotError> {
+    options: &BootOptions,
+) -> Result<(GuestMemoryMmap, Option<OnDemandMemory>), LoadSnapshotError> {
     if !builder::has_backends(resources) {
-        return Ok(memory::map_snapshot_memory(file, regions)?);
+        return Ok((memory::map_snapshot_memory(file, regions)?, None));
     }
     let mem = builder::create_guest_memory(resources)?;
     let layout: Vec<(u64, u64)> = mem
@@ -234,12 +241,22 @@ fn guest_memory(
             "the snapshot's memory layout {regions:x?} is not this machine's {layout:x?}"
         )));
     }
+    match LazyMemory::start(&mem, file, options.seccomp.clone()) {
+        Ok(lazy) => {
+            log::info!(
+                "guest memory is filled from {} on demand",
+                params.mem_backend.backend_path.display()
+            );
+            return Ok((mem, Some(OnDemandMemory::Lazy(lazy))));
+        }
+        Err(err) => log::info!("guest memory is copied in whole: {err}"),
+    }
     let mut reader = file;
     for region in mem.iter() {
         mem.read_exact_volatile_from(region.start_addr(), &mut reader, region.len() as usize)
             .map_err(|e| read_err(e.to_string()))?;
     }
-    Ok(mem)
+    Ok((mem, None))
 }
 
 /// Gives each drive and interface its saved transport and queue state:

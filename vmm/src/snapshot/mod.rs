@@ -6,6 +6,7 @@
 
 pub mod dirty;
 pub mod file;
+pub mod lazy;
 pub mod load;
 pub mod uffd;
 
@@ -23,6 +24,15 @@ use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{VmError, VmState};
 pub use file::StateFileError;
+
+/// What fills a loaded snapshot's guest memory on demand, kept for the
+/// microVM's life.
+pub enum OnDemandMemory {
+    /// A page-fault handler of the `Uffd` memory backend.
+    Handler(uffd::PageFaultHandler),
+    /// The VMM's own, from the memory file, where backends share memory.
+    Lazy(lazy::LazyMemory),
+}
 
 /// Everything a load needs but guest memory.
 #[derive(Debug, Serialize, Deserialize)]

@@ -57,7 +57,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::vhost_user::VhostUserFrontend;
+use devices::vhost_user::{DeviceKind, DeviceName, QueueSetup, VhostUserFrontend};
 use devices::virtio::QueueLayout;
 use serde_json::{json, Value};
 use tessera_tests::netns::Netns;
@@ -479,10 +479,19 @@ fn connect(socket: &Path, case: &Case) -> Result<Device, String> {
         kicks.push(kick);
         calls.push(eventfd()?);
     }
+    let setup = QueueSetup {
+        mem: &mem,
+        acked_features: wanted,
+        queues: &layouts,
+        queue_max_size: QUEUE_SIZE,
+        kicks: &kicks,
+        calls: &calls,
+        resume: false,
+        log: None,
+        page_faults: None,
+    };
     frontend
-        .activate(
-            &mem, wanted, &layouts, QUEUE_SIZE, &kicks, &calls, false, None,
-        )
+        .activate(&DeviceName::new(DeviceKind::Interface, "bench"), &setup)
         .map_err(|e| format!("activate: {e}"))?;
     Ok(Device {
         mergeable,

@@ -9,6 +9,9 @@
 //!   includes what was left of the tick it was paused in);
 //! - `mem_file_mib` / `mem_file_allocated_mib`: the memory file's size and
 //!   what the file system holds of it;
+//! - `uffd_load_ms` / `uffd_load_to_tick_ms`: the same load with the
+//!   `Uffd` memory backend, the `uffd-handler` test binary serving the
+//!   memory file (Firecracker's protocol, so the same handler for both);
 //! - `diff_create_ms` / `diff_allocated_mib`: after the Full snapshot the
 //!   guest runs two more ticks and a Diff is taken (`track_dirty_pages`):
 //!   call to 204, and what its new, sparse memory file holds.
@@ -42,6 +45,8 @@ struct Samples {
     mem_file_allocated_mib: Vec<f64>,
     diff_create_ms: Vec<f64>,
     diff_allocated_mib: Vec<f64>,
+    uffd_load_ms: Vec<f64>,
+    uffd_load_to_tick_ms: Vec<f64>,
 }
 
 /// What one snapshot cycle measured.
@@ -74,6 +79,9 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                 let (load_ms, to_tick_ms) = load(&vmms[at], dir.path());
                 s.load_ms.push(load_ms);
                 s.load_to_tick_ms.push(to_tick_ms);
+                let (uffd_ms, uffd_to_tick_ms) = load_uffd(&vmms[at], dir.path());
+                s.uffd_load_ms.push(uffd_ms);
+                s.uffd_load_to_tick_ms.push(uffd_to_tick_ms);
                 eprintln!(
                     "{mem} MiB run {}/{runs}: {} create {create_ms:.1} ms, load {load_ms:.1} ms",
                     run + 1,
@@ -95,6 +103,8 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                     "mem_file_allocated_mib": summary(s.mem_file_allocated_mib),
                     "diff_create_ms": summary(s.diff_create_ms),
                     "diff_allocated_mib": summary(s.diff_allocated_mib),
+                    "uffd_load_ms": summary(s.uffd_load_ms),
+                    "uffd_load_to_tick_ms": summary(s.uffd_load_to_tick_ms),
                     "clones": clones(vmm, dir.path()),
                 }),
             );
@@ -231,12 +241,41 @@ fn load_body(dir: &Path) -> Value {
            "resume_vm": true})
 }
 
+/// The load body with the `Uffd` memory backend on `socket`.
+fn uffd_load_body(dir: &Path, socket: &Path) -> Value {
+    json!({"snapshot_path": dir.join("vm.snap"),
+           "mem_backend": {"backend_type": "Uffd", "backend_path": socket},
+           "resume_vm": true})
+}
+
 /// Loads the snapshot in `dir` in a fresh process: (call to 204, call to
 /// the next tick), in ms.
 fn load(vmm: &Vmm, dir: &Path) -> (f64, f64) {
-    let (mut vm, mut c) = start(vmm, dir, "clone");
+    load_with(vmm, dir, "clone", load_body(dir))
+}
+
+/// [`load`] with the `Uffd` memory backend: the `uffd-handler` test binary
+/// (Firecracker's protocol) serves the memory file to either VMM.
+fn load_uffd(vmm: &Vmm, dir: &Path) -> (f64, f64) {
+    let socket = dir.join("uffd.sock");
+    let mut command = std::process::Command::new(tessera_tests::workspace_bin("uffd-handler"));
+    command.arg(&socket).arg(dir.join("vm.mem"));
+    let handler = Running::spawn(command);
+    assert!(
+        tessera_tests::wait_for_listener(&socket, Duration::from_secs(10)),
+        "uffd-handler: {}",
+        handler.stderr()
+    );
+    let measured = load_with(vmm, dir, "uffd-clone", uffd_load_body(dir, &socket));
+    drop(handler.finish());
+    measured
+}
+
+/// Loads with `body` in a fresh process named `name`.
+fn load_with(vmm: &Vmm, dir: &Path, name: &str, body: Value) -> (f64, f64) {
+    let (mut vm, mut c) = start(vmm, dir, name);
     let started = Instant::now();
-    put(&mut c, vmm, "/snapshot/load", load_body(dir));
+    put(&mut c, vmm, "/snapshot/load", body);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     vm.wait_until(DEADLINE, |out, _| out.contains("probe.tick="));
     let to_tick_ms = started.elapsed().as_secs_f64() * 1e3;
