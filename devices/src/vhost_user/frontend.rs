@@ -323,10 +323,24 @@ impl VhostUserFrontend {
         let uffd = if self.postcopy_listening {
             None
         } else {
-            let uffd = self.transport("POSTCOPY_ADVISE", |f| f.postcopy_advise())?;
-            self.transport("POSTCOPY_LISTEN", |f| f.postcopy_listen())?;
-            self.postcopy_listening = true;
-            Some(uffd)
+            match self.transport("POSTCOPY_ADVISE", |f| f.postcopy_advise()) {
+                Ok(uffd) => {
+                    self.transport("POSTCOPY_LISTEN", |f| f.postcopy_listen())?;
+                    self.postcopy_listening = true;
+                    Some(uffd)
+                }
+                Err(err) if err.is_disconnect() => return Err(err),
+                Err(err) => {
+                    // A backend that may not create a userfaultfd (an
+                    // unprivileged one, where vm.unprivileged_userfaultfd
+                    // is 0) maps memory once it is all there.
+                    log::info!("{device}: {err}; filling guest memory before it maps it");
+                    self.can_postcopy = false;
+                    server.fill_all().map_err(FrontendError::FillMemory)?;
+                    self.transport("SET_MEM_TABLE", |f| f.set_mem_table(regions))?;
+                    return Ok(());
+                }
+            }
         };
         let bases = self
             .transport("SET_MEM_TABLE", |f| f.set_mem_table(regions))?

@@ -227,6 +227,9 @@ fn fill(shared: &Shared, uffd: &Uffd, space: &Space, addr: u64) -> std::io::Resu
 /// The page-fault thread: serves the VMM's faults and every backend's
 /// until told to stop.
 fn serve(shared: &Shared) {
+    // Faults whose copy met a mapping change (EAGAIN): tried again after
+    // the events that follow it, per address space (None: the VMM's).
+    let mut retry: HashMap<Option<String>, Vec<u64>> = HashMap::new();
     loop {
         let backends: Vec<(String, Arc<BackendFaults>)> = shared
             .backends
@@ -246,7 +249,12 @@ fn serve(shared: &Shared) {
                 .iter()
                 .map(|(_, b)| PollFd::new(b.uffd.as_fd(), PollFlags::POLLIN)),
         );
-        if poll(&mut fds, PollTimeout::NONE).is_err() {
+        let timeout = if retry.is_empty() {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::from(1u8)
+        };
+        if poll(&mut fds, timeout).is_err() {
             continue;
         }
         let ready: Vec<bool> = fds
@@ -260,11 +268,40 @@ fn serve(shared: &Shared) {
                 return;
             }
         }
-        if ready[1] {
-            drain(shared, &shared.vmm, &shared.vmm_space, "the VMM");
+        let mut again = HashMap::new();
+        let vmm_retry = retry.remove(&None).unwrap_or_default();
+        if ready[1] || !vmm_retry.is_empty() {
+            let mut pending = Vec::new();
+            serve_faults(
+                shared,
+                &shared.vmm,
+                &shared.vmm_space,
+                "the VMM",
+                vmm_retry,
+                &mut pending,
+            );
+            if !pending.is_empty() {
+                again.insert(None, pending);
+            }
         }
-        for ((id, backend), _) in backends.iter().zip(&ready[2..]).filter(|(_, r)| **r) {
-            if !drain(shared, &backend.uffd, &backend.space, id) {
+        for ((id, backend), ready) in backends.iter().zip(&ready[2..]) {
+            let earlier = retry.remove(&Some(id.clone())).unwrap_or_default();
+            if !ready && earlier.is_empty() {
+                continue;
+            }
+            let mut pending = Vec::new();
+            if serve_faults(
+                shared,
+                &backend.uffd,
+                &backend.space,
+                id,
+                earlier,
+                &mut pending,
+            ) {
+                if !pending.is_empty() {
+                    again.insert(Some(id.clone()), pending);
+                }
+            } else {
                 // Its backend is gone: so are its faults.
                 let mut all = shared.backends.lock().unwrap_or_else(|p| p.into_inner());
                 if all.get(id).is_some_and(|b| Arc::ptr_eq(b, backend)) {
@@ -272,22 +309,43 @@ fn serve(shared: &Shared) {
                 }
             }
         }
+        retry = again;
     }
 }
 
-/// Serves every event waiting on `uffd`; false once it is unusable.
-fn drain(shared: &Shared, uffd: &Uffd, space: &Space, whose: &str) -> bool {
+/// Fills the pages of `earlier` faults, then of every fault waiting on
+/// `uffd`; a copy that meets a mapping change goes to `pending`. False once
+/// the userfaultfd is unusable.
+fn serve_faults(
+    shared: &Shared,
+    uffd: &Uffd,
+    space: &Space,
+    whose: &str,
+    earlier: Vec<u64>,
+    pending: &mut Vec<u64>,
+) -> bool {
+    let mut serve_one = |addr: u64| match fill(shared, uffd, space, addr) {
+        Ok(()) => true,
+        Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => {
+            pending.push(addr);
+            true
+        }
+        Err(err) => {
+            log::error!("cannot fill {whose}'s page at {addr:#x}: {err}");
+            err.raw_os_error() != Some(libc::ESRCH)
+        }
+    };
+    for addr in earlier {
+        if !serve_one(addr) {
+            return false;
+        }
+    }
     loop {
         match uffd.read_event() {
             Ok(None) => return true,
             Ok(Some(Event::PageFault { addr })) => {
-                if let Err(err) = fill(shared, uffd, space, addr) {
-                    // EAGAIN: the mappings changed under the copy; the
-                    // fault comes again.
-                    if err.raw_os_error() != Some(libc::EAGAIN) {
-                        log::error!("cannot fill {whose}'s page at {addr:#x}: {err}");
-                        return err.raw_os_error() != Some(libc::ESRCH);
-                    }
+                if !serve_one(addr) {
+                    return false;
                 }
             }
             Ok(Some(_)) => {}
@@ -330,6 +388,13 @@ impl Server {
 
 impl PageFaultServer for Server {
     fn serve_backend(&self, device: &DeviceName, uffd: File, regions: Vec<BackendRegion>) {
+        // The thread must never block on one backend's descriptor.
+        if let Err(err) = nix::fcntl::fcntl(
+            uffd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        ) {
+            log::warn!("{device}: its userfaultfd stays blocking: {err}");
+        }
         let faults = BackendFaults {
             uffd: Arc::new(Uffd::from_fd(OwnedFd::from(uffd))),
             space: self.space(&regions),
