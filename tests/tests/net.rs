@@ -504,3 +504,98 @@ fn a_snapshot_with_an_interface_loads_onto_another_tap_and_answers_pings() {
         "ticks before: {before:?}, after: {after:?}"
     );
 }
+
+const CLONES: usize = 20;
+
+/// The network namespace of clone `index`: its own TAP, `clone<index>`, at
+/// the host address the snapshotted guest was talking to.
+fn clone_netns(index: usize) -> Netns {
+    let netns = Netns::new(&format!("clone{index}"));
+    let tap = format!("clone{index}");
+    netns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"]);
+    netns.ip(&["addr", "add", "10.77.0.1/24", "dev", &tap]);
+    netns.ip(&["link", "set", &tap, "up"]);
+    netns
+}
+
+#[test]
+fn twenty_clones_of_one_snapshot_answer_pings_each_on_its_own_tap_and_disk() {
+    let golden = Netns::with_tap("golden", "10.77.0.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = tessera_tests::sparse_file(&dir.path().join("golden.img"), 1 << 20);
+    let mut config = VmConfig::new(
+        guest_artifacts().probe(),
+        &format!("console=ttyS0 probe.net={GUEST_IP}/24 probe.ticks=0"),
+    )
+    .mem_mib(128)
+    .to_json();
+    config["network-interfaces"] =
+        json!([{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}]);
+    config["drives"] = json!([{"drive_id": "data", "path_on_host": disk, "is_root_device": false}]);
+    let path = dir.path().join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut command = golden.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
+    command
+        .arg("--api-sock")
+        .arg(dir.path().join("api.sock"))
+        .arg("--config-file")
+        .arg(&path);
+    let mut vm = Running::spawn(command);
+    vm.wait_until(DEADLINE, |out, _| out.contains("probe.tick=2\n"));
+    let out = ping(&golden, &["-c", "2", "-W", "5"]);
+    assert!(out.contains("2 packets transmitted, 2 received"), "{out}");
+    let mut api = ApiClient::connect(&dir.path().join("api.sock"));
+    assert_eq!(api.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    let r = api.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": memory}).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    drop(vm.finish());
+
+    let clones: Vec<(Netns, Running, std::path::PathBuf)> = (0..CLONES)
+        .map(|i| {
+            let netns = clone_netns(i);
+            let copy = dir.path().join(format!("clone{i}.img"));
+            std::fs::copy(&disk, &copy).unwrap();
+            let socket = dir.path().join(format!("clone{i}.sock"));
+            let mut command =
+                netns.command(tessera_tests::workspace_bin("tessera").to_str().unwrap());
+            command.arg("--api-sock").arg(&socket);
+            (netns, Running::spawn(command), copy)
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for (i, (_, _, copy)) in clones.iter().enumerate() {
+            let socket = dir.path().join(format!("clone{i}.sock"));
+            let body = json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
+                              "network_overrides": [{"iface_id": "eth0", "host_dev_name": format!("clone{i}")}],
+                              "drive_overrides": [{"drive_id": "data", "path_on_host": copy}]});
+            scope.spawn(move || {
+                let r = ApiClient::connect(&socket).put("/snapshot/load", &body.to_string());
+                assert_eq!(r.status, 204, "clone {i}: {}", r.body);
+            });
+        }
+    });
+    for (i, (netns, clone, copy)) in clones.into_iter().enumerate() {
+        let out = ping(&netns, &["-c", "2", "-W", "5"]);
+        assert!(
+            out.contains("2 packets transmitted, 2 received"),
+            "clone {i}: {out}\n{}",
+            clone.stderr()
+        );
+        assert!(
+            tessera_tests::descendant_pid(clone.pid(), "--serial data").is_some_and(|backend| {
+                std::fs::read_dir(format!("/proc/{backend}/fd"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == copy))
+            }),
+            "clone {i}'s drive is not served from {}",
+            copy.display()
+        );
+        drop(clone.finish());
+    }
+}

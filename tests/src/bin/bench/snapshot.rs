@@ -12,7 +12,7 @@
 //! - `uffd_load_ms` / `uffd_load_to_tick_ms`: the same load with the
 //!   `Uffd` memory backend, the `uffd-handler` test binary serving the
 //!   memory file (Firecracker's protocol, so the same handler for both);
-//! - `diff_create_ms` / `diff_allocated_mib`: after the Full snapshot the
+//! - `diff_create_ms` / `diff_allocated_kib`: after the Full snapshot the
 //!   guest runs two more ticks and a Diff is taken (`track_dirty_pages`):
 //!   call to 204, and what its new, sparse memory file holds.
 //!
@@ -44,7 +44,7 @@ struct Samples {
     mem_file_mib: Vec<f64>,
     mem_file_allocated_mib: Vec<f64>,
     diff_create_ms: Vec<f64>,
-    diff_allocated_mib: Vec<f64>,
+    diff_allocated_kib: Vec<f64>,
     uffd_load_ms: Vec<f64>,
     uffd_load_to_tick_ms: Vec<f64>,
 }
@@ -55,7 +55,7 @@ struct Created {
     mem_file_mib: f64,
     allocated_mib: f64,
     diff_create_ms: f64,
-    diff_allocated_mib: f64,
+    diff_allocated_kib: f64,
 }
 
 pub(crate) fn bench_snapshot(runs: usize) -> Value {
@@ -75,7 +75,7 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                 s.mem_file_mib.push(created.mem_file_mib);
                 s.mem_file_allocated_mib.push(created.allocated_mib);
                 s.diff_create_ms.push(created.diff_create_ms);
-                s.diff_allocated_mib.push(created.diff_allocated_mib);
+                s.diff_allocated_kib.push(created.diff_allocated_kib);
                 let (load_ms, to_tick_ms) = load(&vmms[at], dir.path());
                 s.load_ms.push(load_ms);
                 s.load_to_tick_ms.push(to_tick_ms);
@@ -102,7 +102,7 @@ pub(crate) fn bench_snapshot(runs: usize) -> Value {
                     "mem_file_mib": summary(s.mem_file_mib),
                     "mem_file_allocated_mib": summary(s.mem_file_allocated_mib),
                     "diff_create_ms": summary(s.diff_create_ms),
-                    "diff_allocated_mib": summary(s.diff_allocated_mib),
+                    "diff_allocated_kib": summary(s.diff_allocated_kib),
                     "uffd_load_ms": summary(s.uffd_load_ms),
                     "uffd_load_to_tick_ms": summary(s.uffd_load_to_tick_ms),
                     "clones": clones(vmm, dir.path()),
@@ -231,7 +231,7 @@ fn snapshot_with(vmm: &Vmm, mem: usize, dir: &Path, drive: Option<Value>) -> Cre
         mem_file_mib: mib(meta.len()),
         allocated_mib: mib(meta.blocks() * 512),
         diff_create_ms,
-        diff_allocated_mib: mib(diff.blocks() * 512),
+        diff_allocated_kib: diff.blocks() as f64 / 2.0,
     }
 }
 
