@@ -3,7 +3,8 @@
 use vmm_config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams, InstanceInfo,
     LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
+    MigrationReceiveParams, MigrationSendParams, MigrationStatus, NetworkInterfaceConfig,
+    NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
 };
 
 /// One request for the VMM thread.
@@ -30,6 +31,11 @@ pub enum VmmAction {
     Resume,
     CreateSnapshot(CreateSnapshotParams),
     LoadSnapshot(LoadSnapshotParams),
+    /// Tessera's live migration.
+    SendMigration(MigrationSendParams),
+    ReceiveMigration(MigrationReceiveParams),
+    CancelMigration,
+    GetMigration,
 }
 
 /// What a successful action returns.
@@ -40,6 +46,7 @@ pub enum VmmData {
     MachineConfig(MachineConfig),
     /// The full configuration, in the `--config-file` schema.
     VmConfig(serde_json::Value),
+    MigrationStatus(MigrationStatus),
 }
 
 /// Why the VMM refused an action; answered as 400 with the message.

@@ -211,6 +211,7 @@ fn data_response(data: VmmData) -> Response {
         VmmData::InstanceInfo(info) => to_json(serde_json::to_string(&info)),
         VmmData::MachineConfig(config) => to_json(serde_json::to_string(&config)),
         VmmData::VmConfig(value) => to_json(serde_json::to_string(&value)),
+        VmmData::MigrationStatus(status) => to_json(serde_json::to_string(&status)),
     }
 }
 

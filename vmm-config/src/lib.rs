@@ -8,6 +8,7 @@ mod host_file;
 mod logger;
 mod machine_config;
 mod metrics;
+mod migration;
 mod net;
 mod serial;
 mod snapshot;
@@ -23,6 +24,10 @@ pub use machine_config::{
     MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
 };
 pub use metrics::MetricsConfig;
+pub use migration::{
+    MigrationPhase, MigrationReceiveParams, MigrationSendParams, MigrationStatus, MigrationUrl,
+    MigrationUrlError, DEFAULT_MAX_DOWNTIME_MS,
+};
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::{SerialConfig, SerialError};
 pub use snapshot::{

@@ -244,7 +244,7 @@ pub(crate) fn run_microvm(
     let vcpu_handles = start_vcpus(parts.vcpus, &stop_sender, &vcpu_stop_evt, options, paused)?;
     Ok(Vmm {
         _guest_memory: parts.guest_memory,
-        _vm: parts.vm,
+        _vm: Arc::new(parts.vm),
         vcpus: vcpu_handles,
         i8042: parts.i8042,
         serial: parts.serial,
@@ -258,6 +258,10 @@ pub(crate) fn run_microvm(
         dirty_log,
         unsaved_dirty_pages: Mutex::default(),
         _on_demand_memory: parts.on_demand_memory,
+        migration: None,
+        paused_for_migration: false,
+        migrated_away: false,
+        received_migration: None,
     })
 }
 

@@ -15,6 +15,7 @@ mod exit_handler;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod output_file;
 pub mod resources;
 pub mod rpc_interface;

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_config::{InstanceInfo, VmState};
+use vmm_config::{InstanceInfo, MigrationPhase, MigrationStatus, VmState};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -22,9 +22,14 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::builder::{build_microvm, BootOptions};
 use crate::logger;
 use crate::metrics::{self, metrics, RequestCounters, FLUSH_INTERVAL_SECS};
+use crate::migration::receive::receive_microvm;
 use crate::resources::VmResources;
 use crate::runtime::Vmm;
 use crate::snapshot::load::load_microvm;
+
+/// The answer to a migration received into a process already configured.
+const RECEIVE_NOT_ALLOWED: &str = "Receive migration error: a migration is received only by a \
+     fresh process, before any boot-specific resource is configured.";
 
 /// Firecracker's answer to a load into a process already configured.
 const LOAD_NOT_ALLOWED: &str = "Load snapshot error: Loading a microVM snapshot not allowed after \
@@ -147,6 +152,31 @@ pub fn run_preboot(
             VmmAction::CreateSnapshot(_) => {
                 counted(&m.snapshot_create, Err(ActionError::NotSupportedPreBoot))
             }
+            VmmAction::ReceiveMigration(params) => {
+                if boot_path {
+                    counted(&m.actions, Err(ActionError::failed(RECEIVE_NOT_ALLOWED)))
+                } else {
+                    match receive_microvm(&params, options, resources) {
+                        Ok(mut vmm) => {
+                            vmm.received_migration = Some(MigrationStatus {
+                                phase: MigrationPhase::Completed,
+                                ..Default::default()
+                            });
+                            endpoint.respond(counted(&m.actions, Ok(VmmData::Empty)));
+                            return Some(vmm);
+                        }
+                        Err(err) => {
+                            log::error!("receiving a migration failed: {err}");
+                            let message = format!("Receive migration error: {err}");
+                            counted(&m.actions, Err(ActionError::Failed(message)))
+                        }
+                    }
+                }
+            }
+            VmmAction::SendMigration(_) | VmmAction::CancelMigration => {
+                counted(&m.actions, Err(ActionError::NotSupportedPreBoot))
+            }
+            VmmAction::GetMigration => Ok(VmmData::MigrationStatus(MigrationStatus::default())),
             VmmAction::InstanceStart => {
                 let outcome = build_microvm(resources, options).map_err(ActionError::failed);
                 match outcome {
@@ -265,6 +295,27 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutVsock(_) => counted(&m.vsock, post_boot()),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
         VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
+        VmmAction::SendMigration(params) => {
+            let outcome = vmm.send_migration(params).map(|wake| {
+                vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(Wakeup {
+                    fd: wake,
+                })));
+            });
+            counted(
+                &m.actions,
+                outcome
+                    .map(|()| VmmData::Empty)
+                    .map_err(|err| ActionError::Failed(format!("Send migration error: {err}"))),
+            )
+        }
+        VmmAction::CancelMigration => counted(
+            &m.actions,
+            vmm.cancel_migration()
+                .map(|()| VmmData::Empty)
+                .map_err(|err| ActionError::Failed(format!("Cancel migration error: {err}"))),
+        ),
+        VmmAction::GetMigration => Ok(VmmData::MigrationStatus(vmm.migration_status())),
+        VmmAction::ReceiveMigration(_) => counted(&m.actions, post_boot()),
         VmmAction::CreateSnapshot(params) => {
             let outcome = vmm.create_snapshot(&params).map_err(|err| {
                 log::error!("creating a snapshot failed: {err}");

@@ -61,7 +61,7 @@ pub enum RuntimeError {
 pub struct Vmm {
     // Guest memory must outlive the VM's memory slots and the vCPU threads.
     pub(crate) _guest_memory: GuestMemoryMmap,
-    pub(crate) _vm: Vm,
+    pub(crate) _vm: Arc<Vm>,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -81,10 +81,19 @@ pub struct Vmm {
     pub(crate) unsaved_dirty_pages: Mutex<Option<DirtyPages>>,
     /// What fills a loaded snapshot's memory on demand, if anything.
     pub(crate) _on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
+    /// The outgoing live migration, running or ended.
+    pub(crate) migration: Option<crate::migration::send::Outgoing>,
+    /// The guest was paused for a migration's last step (and runs on if
+    /// that fails).
+    pub(crate) paused_for_migration: bool,
+    /// The guest runs on a migration's destination: this process ends.
+    pub(crate) migrated_away: bool,
+    /// This process received the microVM by a migration.
+    pub(crate) received_migration: Option<vmm_config::MigrationStatus>,
 }
 
 /// The state of every vhost-user device, their queues stopped.
-struct SuspendedDevices {
+pub(crate) struct SuspendedDevices {
     drives: Vec<VhostUserDeviceState>,
     interfaces: Vec<VhostUserDeviceState>,
     vsock: Option<VhostUserDeviceState>,
@@ -119,6 +128,11 @@ impl Vmm {
                 return code;
             }
             after_events(self);
+            self.serve_migration();
+            if self.migrated_away {
+                self.stop_vcpus();
+                return ExitCode::Ok;
+            }
         }
     }
 
@@ -180,6 +194,9 @@ impl Vmm {
     ) -> Result<(), CreateSnapshotError> {
         if !self.paused {
             return Err(CreateSnapshotError::NotPaused);
+        }
+        if self.is_migrating() {
+            return Err(CreateSnapshotError::Migrating);
         }
         let started = std::time::Instant::now();
         // The backends first: they stop writing into guest memory, and the
@@ -247,7 +264,7 @@ impl Vmm {
     }
 
     /// Everything but guest memory, the devices' states given.
-    fn machine_state(
+    pub(crate) fn machine_state(
         &self,
         devices: SuspendedDevices,
     ) -> Result<MicrovmState, CreateSnapshotError> {
@@ -275,7 +292,7 @@ impl Vmm {
 
     /// Stops every drive's and interface's queues (each backend completes
     /// what it has in flight first) and returns their states.
-    fn suspend_devices(&self) -> Result<SuspendedDevices, CreateSnapshotError> {
+    pub(crate) fn suspend_devices(&self) -> Result<SuspendedDevices, CreateSnapshotError> {
         Ok(SuspendedDevices {
             drives: (self.devices.block.iter())
                 .map(|t| snapshot::suspend_device(t))
@@ -293,7 +310,7 @@ impl Vmm {
     /// on the same connection (a vsock device's guest is told its
     /// connections ended); one that cannot is hung up on, and the backend
     /// monitor brings in a new one.
-    fn resume_devices(&self) {
+    pub(crate) fn resume_devices(&self) {
         for transport in &self.devices.block {
             snapshot::resume_device(transport);
         }

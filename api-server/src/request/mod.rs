@@ -8,6 +8,7 @@ mod drive;
 mod logger;
 mod machine_config;
 mod metrics;
+mod migration;
 mod net;
 mod serial;
 mod snapshot;
@@ -80,6 +81,10 @@ pub fn parse_request(
         ("PUT", ["vsock"] | ["vsock", _]) => vsock::parse_put(&body).and_then(action),
         ("PUT", ["snapshot", "create"]) => snapshot::parse_create(&body).and_then(action),
         ("PUT", ["snapshot", "load"]) => snapshot::parse_load(&body).and_then(action),
+        ("GET", ["migration"]) => action(VmmAction::GetMigration),
+        ("PUT", ["migration", "send"]) => migration::parse_send(&body).and_then(action),
+        ("PUT", ["migration", "receive"]) => migration::parse_receive(&body).and_then(action),
+        ("PUT", ["migration", "cancel"]) => migration::parse_cancel(&body).and_then(action),
         (_, [resource, ..]) if unsupported::is_unsupported(resource) => {
             Err(unsupported::parse(&body, resource))
         }

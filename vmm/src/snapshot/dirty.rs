@@ -33,6 +33,24 @@ impl DirtyPages {
         }
     }
 
+    /// Every page of `mem`.
+    pub fn all(mem: &GuestMemoryMmap) -> Self {
+        Self(
+            mem.iter()
+                .map(|region| {
+                    let pages = region.len() / PAGE;
+                    let mut words = vec![u64::MAX; pages.div_ceil(PAGES_PER_WORD) as usize];
+                    if !pages.is_multiple_of(PAGES_PER_WORD) {
+                        if let Some(last) = words.last_mut() {
+                            *last = (1 << (pages % PAGES_PER_WORD)) - 1;
+                        }
+                    }
+                    words
+                })
+                .collect(),
+        )
+    }
+
     /// How many pages are marked.
     pub fn count(&self) -> u64 {
         (self.0.iter().flatten())
@@ -49,7 +67,7 @@ impl DirtyPages {
 
     /// The runs of consecutive marked pages of region `region`, as
     /// (first page, pages).
-    fn runs(&self, region: usize, pages: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    pub(crate) fn runs(&self, region: usize, pages: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut page = 0;
         std::iter::from_fn(move || {
             while page < pages && !self.is_marked(region, page) {
@@ -204,6 +222,18 @@ mod tests {
         let dirty = pages(vec![vec![u64::MAX]]);
         assert_eq!(dirty.runs(0, 10).collect::<Vec<_>>(), [(0, 10)]);
         assert_eq!(dirty.runs(1, 10).count(), 0);
+    }
+
+    #[test]
+    fn all_marks_every_page_and_no_more() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x41000),
+            (GuestAddress(0x100_0000), 0x1000),
+        ])
+        .unwrap();
+        let all = DirtyPages::all(&mem);
+        assert_eq!(all.count(), 0x42);
+        assert_eq!(all.runs(0, 0x41).collect::<Vec<_>>(), [(0, 0x41)]);
     }
 
     #[test]

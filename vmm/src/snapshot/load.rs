@@ -6,7 +6,9 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use vmm_config::{LoadSnapshotParams, MemBackendType};
+use vmm_config::{
+    DriveOverride, LoadSnapshotParams, MemBackendType, NetworkOverride, VsockOverride,
+};
 
 use devices::vhost_user::VhostUserDevice;
 use devices::virtio::MmioTransport;
@@ -88,7 +90,12 @@ pub fn load_microvm(
     current: &VmResources,
 ) -> Result<Vmm, LoadSnapshotError> {
     let state: MicrovmState = file::read(&params.snapshot_path)?;
-    let mut resources = resources(&state, params)?;
+    let overrides = Overrides {
+        network: &params.network_overrides,
+        drives: &params.drive_overrides,
+        vsock: params.vsock_override.as_ref(),
+    };
+    let mut resources = resources_from_config(&state.config, &overrides)?;
     // Dirty pages are tracked as the load asks, whatever the snapshotted
     // microVM did (Firecracker's rule): GET /vm/config shows it.
     resources.machine_config.track_dirty_pages = params.track_dirty_pages;
@@ -136,8 +143,8 @@ fn build(
             vcpus: machine.vcpu_count,
         });
     }
-    let kvm = builder::open_kvm(machine.vcpu_count)?;
-    let (guest_memory, on_demand_memory) = match &mem_file {
+    builder::open_kvm(machine.vcpu_count)?;
+    let memory = match &mem_file {
         Some(file) => guest_memory(&resources, file, &state.memory, params, options)?,
         None => {
             let mem = builder::create_guest_memory(&resources)?;
@@ -147,6 +154,57 @@ fn build(
             (mem, Some(OnDemandMemory::Handler(handler)))
         }
     };
+    let start = Start {
+        resume_vm: params.resume_vm,
+        clock_realtime: params.clock_realtime,
+    };
+    let vmm = assemble(state, resources, memory, &expected, options, start)?;
+    log::info!(
+        "snapshot {} loaded{}",
+        params.snapshot_path.display(),
+        if params.resume_vm {
+            " and resumed"
+        } else {
+            ", paused"
+        }
+    );
+    Ok(vmm)
+}
+
+/// How a built microVM starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    /// Run at once, or wait paused for a resume.
+    pub resume_vm: bool,
+    /// Move the guest's clock on by the time since its state was taken.
+    pub clock_realtime: bool,
+}
+
+/// Builds a microVM from its state and its guest memory (filled, or
+/// filled on demand) and starts its vCPUs: what a load and an incoming
+/// migration share.
+pub fn assemble(
+    state: MicrovmState,
+    resources: VmResources,
+    (guest_memory, on_demand_memory): (GuestMemoryMmap, Option<OnDemandMemory>),
+    layout: &[(u64, u64)],
+    options: &BootOptions,
+    start: Start,
+) -> Result<Vmm, LoadSnapshotError> {
+    if state.memory != layout {
+        return Err(LoadSnapshotError::Layout {
+            found: state.memory.clone(),
+            expected: layout.to_vec(),
+        });
+    }
+    let machine = &resources.machine_config;
+    if state.vcpus.len() != usize::from(machine.vcpu_count) {
+        return Err(LoadSnapshotError::VcpuCount {
+            states: state.vcpus.len(),
+            vcpus: machine.vcpu_count,
+        });
+    }
+    let kvm = builder::open_kvm(machine.vcpu_count)?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
     let mut legacy = builder::attach_legacy_devices(&vm, &resources, options)?;
@@ -185,7 +243,7 @@ fn build(
     }
     // After the vCPUs, as Firecracker: the clock and the interrupt
     // controllers go in last.
-    vm.restore_state(&state.vm, params.clock_realtime)?;
+    vm.restore_state(&state.vm, start.clock_realtime)?;
     // The devices last: the interrupts their takeover raises must land in
     // the restored interrupt controllers, not be overwritten by them.
     restore_devices(&attached, &state)?;
@@ -199,17 +257,12 @@ fn build(
         attached,
         on_demand_memory,
     };
-    let vmm = builder::run_microvm(parts, resources, options, !params.resume_vm)?;
-    log::info!(
-        "snapshot {} loaded{}",
-        params.snapshot_path.display(),
-        if params.resume_vm {
-            " and resumed"
-        } else {
-            ", paused"
-        }
-    );
-    Ok(vmm)
+    Ok(builder::run_microvm(
+        parts,
+        resources,
+        options,
+        !start.resume_vm,
+    )?)
 }
 
 /// Guest RAM for the loaded microVM: the memory file mapped copy-on-write
@@ -298,20 +351,27 @@ fn restore_device<D: VhostUserDevice>(
         .map_err(|e| failed(e.to_string()))
 }
 
-/// The snapshot's configuration with the load's drive paths, and its other
-/// overrides checked against it.
-fn resources(
-    state: &MicrovmState,
-    params: &LoadSnapshotParams,
+/// What a load or an incoming migration changes of the configuration.
+pub struct Overrides<'a> {
+    pub network: &'a [NetworkOverride],
+    pub drives: &'a [DriveOverride],
+    pub vsock: Option<&'a VsockOverride>,
+}
+
+/// A snapshot's (or a migration source's) configuration with the
+/// overrides applied, each checked against it.
+pub fn resources_from_config(
+    config: &serde_json::Value,
+    overrides: &Overrides<'_>,
 ) -> Result<VmResources, LoadSnapshotError> {
-    let mut config = state.config.clone();
+    let mut config = config.clone();
     // The process-level outputs are the loading process's.
     if let Some(c) = config.as_object_mut() {
         for section in ["logger", "metrics", "serial"] {
             c.remove(section);
         }
     }
-    for wanted in &params.drive_overrides {
+    for wanted in overrides.drives {
         let drive = config["drives"]
             .as_array_mut()
             .and_then(|drives| {
@@ -322,7 +382,7 @@ fn resources(
             .ok_or_else(|| LoadSnapshotError::UnknownDrive(wanted.drive_id.clone()))?;
         drive["path_on_host"] = serde_json::Value::from(wanted.path_on_host.clone());
     }
-    for wanted in &params.network_overrides {
+    for wanted in overrides.network {
         let iface = config["network-interfaces"]
             .as_array_mut()
             .and_then(|ifaces| {
@@ -333,7 +393,7 @@ fn resources(
             .ok_or(LoadSnapshotError::UnknownNetworkDevice)?;
         iface["host_dev_name"] = serde_json::Value::from(wanted.host_dev_name.clone());
     }
-    if let Some(wanted) = &params.vsock_override {
+    if let Some(wanted) = overrides.vsock {
         let vsock = config
             .get_mut("vsock")
             .filter(|v| v.is_object())

@@ -71,6 +71,8 @@ pub struct VhostUserDeviceState {
 pub enum CreateSnapshotError {
     #[error("Cannot save the microVM state: Operation not allowed: save/restore unavailable while running")]
     NotPaused,
+    #[error("Cannot save the microVM state: a live migration is under way")]
+    Migrating,
     #[error("Cannot save the microVM state: {0}")]
     Vcpu(#[from] VcpuError),
     #[error("Cannot save the microVM state: {0}")]

@@ -88,6 +88,17 @@ impl Vm {
         } else {
             0
         };
+        self.set_slots(mem, flags)
+    }
+
+    /// Starts KVM's dirty log on every memory slot of `mem` (registered
+    /// before without it), for a live migration.
+    pub fn track_dirty_pages(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        self.set_slots(mem, KVM_MEM_LOG_DIRTY_PAGES)
+    }
+
+    /// Sets slot `i` to region `i` of `mem`, with `flags`.
+    fn set_slots(&self, mem: &GuestMemoryMmap, flags: u32) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host_addr =
                 mem.get_host_address(region.start_addr())
