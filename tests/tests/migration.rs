@@ -321,3 +321,48 @@ fn a_destination_that_refuses_says_why_and_the_source_runs_on() {
     drop(dst.vm.finish());
     drop(src.vm.finish());
 }
+
+#[test]
+fn a_guest_moves_back_and_forth_twenty_times_without_losing_a_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut current = source("", &[], false);
+    current
+        .vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2\n"));
+    let mut consoles = String::new();
+    for hop in 0..20 {
+        let path = dir.path().join(format!("hop{hop}.sock"));
+        let url = format!("unix:{}", path.display());
+        let mut next = ApiVm::start(&[]);
+        let receiving = receive(&next, json!({"listen": url}));
+        listening(&path);
+        put(
+            &mut current.client(),
+            "/migration/send",
+            json!({"destination": url}),
+        );
+        assert!(
+            current.vm.wait_until(DEADLINE, |_, _| false),
+            "hop {hop}: the source did not end"
+        );
+        let (status, body) = receiving.join().unwrap();
+        assert_eq!(status, 204, "hop {hop}: {body}");
+        let left = current.vm.finish();
+        assert_eq!(left.code(), 0, "hop {hop}: {}", left.describe());
+        consoles.push_str(&left.stdout);
+        // The guest ticks on the new side before it moves again.
+        next.vm
+            .wait_until(DEADLINE, |out, _| !numbers(out, "probe.tick=").is_empty());
+        current = next;
+    }
+    let last = numbers(&consoles, "probe.tick=")
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let want = format!("probe.memtest=ok,{}\n", last + 2);
+    current
+        .vm
+        .wait_until(DEADLINE, |out, _| out.contains(&want));
+    let after = current.vm.finish().stdout;
+    assert_guest_went_on(&consoles, &after);
+}
