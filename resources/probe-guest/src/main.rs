@@ -13,6 +13,7 @@
 
 mod bootinfo;
 mod cmdline;
+mod dirty;
 mod e820;
 mod entry;
 mod idt;
@@ -91,7 +92,9 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
     ping(cmdline, net.as_mut());
     let mut memtest = memtest::MemTest::start(cmdline, &boot.e820, image);
-    let ticked = ticks(cmdline, net.as_mut(), memtest.as_mut());
+    let reserved = memtest.as_ref().map_or(0, memtest::MemTest::len);
+    let mut dirtier = dirty::Dirtier::start(cmdline, &boot.e820, image, reserved);
+    let ticked = ticks(cmdline, net.as_mut(), memtest.as_mut(), dirtier.as_mut());
     if let Some(mut net) = net {
         if !ticked {
             serve_net(&mut net.device, net.serve_ms);
@@ -349,6 +352,7 @@ fn ticks(
     cmdline: &[u8],
     mut net: Option<&mut ServedNet>,
     mut memtest: Option<&mut memtest::MemTest>,
+    mut dirtier: Option<&mut dirty::Dirtier>,
 ) -> bool {
     let Some(value) = cmdline::last_value(cmdline, "probe.ticks") else {
         return false;
@@ -371,6 +375,9 @@ fn ticks(
             if let Err(e) = slept {
                 outln!("probe.pit_error={}", e.name());
                 return true;
+            }
+            if let Some(dirtier) = dirtier.as_deref_mut() {
+                dirtier.step();
             }
             if keyboard.poll() {
                 outln!("probe.ctrl_alt_del");

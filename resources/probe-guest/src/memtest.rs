@@ -76,6 +76,11 @@ impl MemTest {
         Some(test)
     }
 
+    /// The bytes under test (at the top of free RAM).
+    pub fn len(&self) -> u64 {
+        self.pages * PAGE_WORDS * 8
+    }
+
     fn store(&self, addr: u64, value: u64) {
         // SAFETY: `addr` is an aligned word of [base, base + pages * 4 KiB),
         // free RAM inside the identity map (`e820::free_top`), outside the
