@@ -185,12 +185,15 @@ fn check_hello(
 }
 
 /// Writes the pages that arrive into `mem` until the state comes; returns
-/// the state's bytes.
+/// the state's bytes. New guest memory holds zeros: a `Zeros` message
+/// writes only over pages an earlier message filled (so that an idle
+/// guest's memory is not touched here at all).
 fn receive_memory(
     connection: &mut dyn Connection,
     mem: &GuestMemoryMmap,
 ) -> Result<Vec<u8>, ReceiveError> {
     let mut buf = vec![0u8; (u64::from(MAX_PAGES) * PAGE) as usize];
+    let mut filled = Filled::new(mem);
     loop {
         match stream::read_message(&mut *connection).map_err(stream_err("receive guest memory"))? {
             Message::Pages { addr, pages } => {
@@ -201,18 +204,51 @@ fn receive_memory(
                     .map_err(|e| stream_err("receive guest memory")(e.into()))?;
                 mem.write_slice(&buf[..len], GuestAddress(addr))
                     .map_err(|_| ReceiveError::PagesOutside(pages, addr))?;
+                filled.mark(addr, pages);
             }
             Message::Zeros { addr, pages } => {
-                let len = (u64::from(pages) * PAGE) as usize;
                 check_range(mem, addr, pages)?;
-                buf[..len].fill(0);
-                mem.write_slice(&buf[..len], GuestAddress(addr))
-                    .map_err(|_| ReceiveError::PagesOutside(pages, addr))?;
+                for page in 0..u64::from(pages) {
+                    let at = addr + page * PAGE;
+                    if filled.take(at) {
+                        mem.write_slice(&[0u8; PAGE as usize], GuestAddress(at))
+                            .map_err(|_| ReceiveError::PagesOutside(pages, addr))?;
+                    }
+                }
             }
             Message::State(state) => return Ok(state),
             Message::Abort(reason) => return Err(ReceiveError::Aborted(reason)),
             other => return Err(ReceiveError::Unexpected(format!("{other:?}"))),
         }
+    }
+}
+
+/// Which pages of guest memory a `Pages` message filled, by guest page
+/// number (32 KiB for a 1 GiB guest).
+struct Filled(Vec<u64>);
+
+impl Filled {
+    fn new(mem: &GuestMemoryMmap) -> Self {
+        let end = mem.last_addr().0 / PAGE + 1;
+        Self(vec![0; end.div_ceil(64) as usize])
+    }
+
+    fn mark(&mut self, addr: u64, pages: u32) {
+        for page in addr / PAGE..addr / PAGE + u64::from(pages) {
+            if let Some(word) = self.0.get_mut((page / 64) as usize) {
+                *word |= 1 << (page % 64);
+            }
+        }
+    }
+
+    /// Whether the page at `addr` was filled; it no longer is.
+    fn take(&mut self, addr: u64) -> bool {
+        let page = addr / PAGE;
+        self.0.get_mut((page / 64) as usize).is_some_and(|word| {
+            let was = *word & (1 << (page % 64)) != 0;
+            *word &= !(1 << (page % 64));
+            was
+        })
     }
 }
 

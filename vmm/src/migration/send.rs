@@ -292,12 +292,16 @@ impl Sending {
         // From here on the logs hold what the rounds must send again.
         self.take_dirty()?;
         let mut pending = DirtyPages::all(&self.source.mem);
+        // A page never touched holds zeros: the first round need not read it.
+        let mut resident = Some(
+            dirty::resident(&self.source.mem).map_err(|e| SendError::DirtyLog(e.to_string()))?,
+        );
         let max_downtime = Duration::from_millis(self.params.max_downtime_ms);
         loop {
             self.check_cancel()?;
             let round_started = Instant::now();
             let sent_before = out.sent;
-            self.send_pages(&mut out, &pending)?;
+            self.send_pages(&mut out, &pending, resident.take().as_ref())?;
             out.flush()
                 .map_err(|e| stream_err("send guest memory")(e.into()))?;
             let elapsed = round_started.elapsed().max(Duration::from_millis(1));
@@ -315,9 +319,9 @@ impl Sending {
                 status.round
             };
             log::info!(
-                "migration round {round}: {} MiB sent in {elapsed:?}, {left} pages dirtied \
+                "migration round {round}: {:.1} MiB sent in {elapsed:?}, {left} pages dirtied \
                  meanwhile, {} ms expected downtime",
-                (out.sent - sent_before) >> 20,
+                (out.sent - sent_before) as f64 / f64::from(1 << 20),
                 expected.as_millis()
             );
             if expected <= max_downtime || round >= MAX_ROUNDS {
@@ -327,7 +331,7 @@ impl Sending {
         self.check_cancel()?;
         let (state, dirty) = self.stop_guest()?;
         pending.merge(&dirty);
-        self.send_pages(&mut out, &pending)?;
+        self.send_pages(&mut out, &pending, None)?;
         stream::write_message(&mut out, &Message::State(state))
             .and_then(|()| out.flush())
             .map_err(|e| stream_err("send the state")(e.into()))?;
@@ -340,7 +344,15 @@ impl Sending {
         {
             Message::Running => {
                 let downtime = self.stopped_at.map(|t| t.elapsed().as_millis() as u64);
-                lock(&self.status).downtime_ms = downtime;
+                let mut status = lock(&self.status);
+                status.downtime_ms = downtime;
+                log::info!(
+                    "migration done: {:.1} MiB in {} rounds, {} ms from the pause to the \
+                     destination's word",
+                    status.bytes_sent as f64 / f64::from(1 << 20),
+                    status.round,
+                    downtime.unwrap_or(0)
+                );
                 Ok(())
             }
             Message::Failed(reason) => Err(SendError::DestinationFailed(reason)),
@@ -381,8 +393,14 @@ impl Sending {
     }
 
     /// Sends the `pages` of guest memory: pages of zeros as `Zeros`, the
-    /// others as `Pages`.
-    fn send_pages(&self, out: &mut Paced<impl Write>, pages: &DirtyPages) -> Result<(), SendError> {
+    /// others as `Pages`. A page that is not `resident` (if given) is
+    /// zeros without a look.
+    fn send_pages(
+        &self,
+        out: &mut Paced<impl Write>,
+        pages: &DirtyPages,
+        resident: Option<&DirtyPages>,
+    ) -> Result<(), SendError> {
         let mem = &self.source.mem;
         let mut batch = Batch::default();
         for (index, region) in mem.iter().enumerate() {
@@ -393,6 +411,10 @@ impl Sending {
                         self.check_cancel()?;
                     }
                     let addr = start + page * PAGE;
+                    if resident.is_some_and(|r| !r.is_marked(index, page)) {
+                        batch.add(out, addr, None)?;
+                        continue;
+                    }
                     let mut buf = [0u8; PAGE as usize];
                     mem.read_slice(&mut buf, GuestAddress(addr)).map_err(|e| {
                         SendError::Memory {
@@ -400,7 +422,7 @@ impl Sending {
                             reason: e.to_string(),
                         }
                     })?;
-                    batch.add(out, addr, &buf)?;
+                    batch.add(out, addr, Some(&buf))?;
                 }
                 batch.flush(out)?;
                 self.check_cancel()?;
@@ -420,13 +442,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds the page at `addr`: its bytes, or `None` for a page of zeros.
     fn add(
         &mut self,
         out: &mut Paced<impl Write>,
         addr: u64,
-        page: &[u8],
+        page: Option<&[u8]>,
     ) -> Result<(), SendError> {
-        let zeros = page.iter().all(|&b| b == 0);
+        let page = page.filter(|p| p.iter().any(|&b| b != 0));
+        let zeros = page.is_none();
         let follows = self.pages > 0
             && self.zeros == zeros
             && addr == self.addr + u64::from(self.pages) * PAGE
@@ -437,7 +461,7 @@ impl Batch {
             self.zeros = zeros;
         }
         self.pages += 1;
-        if !zeros {
+        if let Some(page) = page {
             self.data.extend_from_slice(page);
         }
         Ok(())

@@ -59,7 +59,7 @@ impl DirtyPages {
     }
 
     /// Whether page `page` of region `region` is marked.
-    fn is_marked(&self, region: usize, page: u64) -> bool {
+    pub(crate) fn is_marked(&self, region: usize, page: u64) -> bool {
         (self.0.get(region))
             .and_then(|words| words.get((page / PAGES_PER_WORD) as usize))
             .is_some_and(|w| w & (1 << (page % PAGES_PER_WORD)) != 0)

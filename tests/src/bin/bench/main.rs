@@ -21,13 +21,14 @@
 //! vsock beside them (vsock.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --vsock | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
 mod boot_trace;
 mod fleet;
 mod jailer;
+mod migration;
 mod net;
 mod net_dpdk;
 mod net_frontend;
@@ -155,11 +156,13 @@ enum Mode {
     Startup,
     /// Snapshot create, load and clones beside Firecracker.
     Snapshot,
+    /// Live migration beside Cloud Hypervisor.
+    Migration,
     Vsock,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --vsock | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -176,6 +179,7 @@ fn main() {
             "--jailer" => mode = Mode::Jailer,
             "--startup" => mode = Mode::Startup,
             "--snapshot" => mode = Mode::Snapshot,
+            "--migration" => mode = Mode::Migration,
             "--vsock" => mode = Mode::Vsock,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
@@ -195,6 +199,7 @@ fn main() {
         Mode::Jailer => jailer::bench_jailer(runs),
         Mode::Startup => startup::bench_startup(runs),
         Mode::Snapshot => snapshot::bench_snapshot(runs),
+        Mode::Migration => migration::bench_migration(runs),
         Mode::Vsock => vsock::bench_vsock(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
