@@ -526,6 +526,80 @@ JSON
 	fi
 }
 
+# A live migration of L2 Linux counting into a file on its root drive:
+# the guest moves from one tessera to a fresh one over a Unix socket (the
+# root drive stays where it is, as on shared storage), the source exits 0,
+# and the guest counts on at the destination with no number lost.
+scenario_migration() {
+	name=migration
+	rm -f /tmp/mig.*
+	cp "$L2/rootfs.ext4" /tmp/mig-root.ext4
+	cat >/tmp/mig.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux",
+                  "boot_args": "$BASE_ARGS tessera.count=/count"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "track_dirty_pages": true},
+  "drives": [{"drive_id": "rootfs", "path_on_host": "/tmp/mig-root.ext4", "is_root_device": true}]
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/mig.a.sock \
+		--config-file /tmp/mig.json </dev/null >/tmp/mig.a.out 2>/tmp/mig.a.err &
+	src=$!
+	waited=0
+	until grep -q '^tessera.count=3' /tmp/mig.a.out 2>/dev/null; do
+		sleep 1
+		waited=$((waited + 1))
+		if [ $waited -ge 100 ]; then
+			kill -9 $src 2>/dev/null
+			fail migration "the guest did not count to 3: $(tail -n 3 /tmp/mig.a.err | tr '\n' ' ')"
+			return
+		fi
+	done
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/mig.b.sock \
+		</dev/null >/tmp/mig.b.out 2>/tmp/mig.b.err &
+	dst=$!
+	sleep 1
+	api-call /tmp/mig.b.sock PUT /migration/receive '{"listen": "unix:/tmp/mig.stream"}' >/tmp/mig.receive &
+	receiving=$!
+	waited=0
+	until [ -S /tmp/mig.stream ] || [ $waited -ge 10 ]; do
+		sleep 1
+		waited=$((waited + 1))
+	done
+	if ! api-call /tmp/mig.a.sock PUT /migration/send '{"destination": "unix:/tmp/mig.stream"}' >/tmp/mig.send; then
+		kill -9 $src $dst 2>/dev/null
+		fail migration "send: $(cat /tmp/mig.send) $(tail -n 2 /tmp/mig.a.err | tr '\n' ' ')"
+		return
+	fi
+	wait $src
+	status=$?
+	wait $receiving
+	received=$?
+	last=$(sed -n 's/^tessera.count=\([0-9]*\)\r*$/\1/p' /tmp/mig.a.out | tail -n 1)
+	want=$((last + 3))
+	waited=0
+	until grep -q "^tessera.count=$want" /tmp/mig.b.out 2>/dev/null; do
+		sleep 1
+		waited=$((waited + 1))
+		if [ $waited -ge 60 ]; then
+			break
+		fi
+	done
+	kill -9 $dst 2>/dev/null
+	wait $dst 2>/dev/null
+	first=$(sed -n 's/^tessera.count=\([0-9]*\)\r*$/\1/p' /tmp/mig.b.out | head -n 1)
+	downtime=$(sed -n 's/.*migration done: \(.*\)$/\1/p' /tmp/mig.a.err | tail -n 1)
+	if [ $status -ne 0 ] || [ $received -ne 0 ]; then
+		fail migration "source exited $status, receive exited $received: $(cat /tmp/mig.receive) $(tail -n 2 /tmp/mig.a.err | tr '\n' ' ')"
+	elif [ "${first:-0}" -ne $((last + 1)) ]; then
+		fail migration "counted to $last at the source, then from ${first:-nothing}: $(tail -n 2 /tmp/mig.b.err | tr '\n' ' ')"
+	elif ! grep -q "^tessera.count=$want" /tmp/mig.b.out; then
+		fail migration "the moved guest did not count on to $want: $(tail -n 2 /tmp/mig.b.out | tr '\n' ' ')"
+	else
+		ok migration "counted to $last, moved to a new tessera ($downtime), counted on from $first to $want; the source exited 0"
+	fi
+}
+
 # Nested page faults (KVM's kvm_page_fault tracepoint in L1) while L2
 # Linux boots to init and halts, under tessera and under Firecracker: how
 # many, on how many 2 MiB guest regions, the regions that took more than
@@ -575,7 +649,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

@@ -20,6 +20,7 @@ const SCENARIOS: &[&str] = &[
     "net",
     "stock_kernel",
     "snapshot",
+    "migration",
     "jailed_initramfs",
     "jailed_blk_root",
     "jailed_net",

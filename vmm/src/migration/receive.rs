@@ -216,6 +216,8 @@ fn receive_memory(
                     }
                 }
             }
+            Message::Sync => stream::write_message(&mut *connection, &Message::Synced)
+                .map_err(|e| stream_err("acknowledge a round")(e.into()))?,
             Message::State(state) => return Ok(state),
             Message::Abort(reason) => return Err(ReceiveError::Aborted(reason)),
             other => return Err(ReceiveError::Unexpected(format!("{other:?}"))),

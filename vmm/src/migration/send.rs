@@ -302,8 +302,22 @@ impl Sending {
             let round_started = Instant::now();
             let sent_before = out.sent;
             self.send_pages(&mut out, &pending, resident.take().as_ref())?;
-            out.flush()
+            // The round ends when the destination has it all in guest
+            // memory: nothing of it is left in the socket for the pause.
+            stream::write_message(&mut out, &Message::Sync)
+                .and_then(|()| out.flush())
                 .map_err(|e| stream_err("send guest memory")(e.into()))?;
+            match stream::read_message(out.inner.get_mut())
+                .map_err(stream_err("wait for the round to land"))?
+            {
+                Message::Synced => {}
+                other => {
+                    return Err(SendError::Unexpected {
+                        step: "a round",
+                        answer: format!("{other:?}"),
+                    })
+                }
+            }
             let elapsed = round_started.elapsed().max(Duration::from_millis(1));
             let rate = (out.sent - sent_before) as f64 / elapsed.as_secs_f64();
             pending = self.take_dirty()?;

@@ -8,8 +8,10 @@
 //! layout), `Pages` (guest address u64 LE, page count u32 LE, the pages),
 //! `Zeros` (guest address, page count: pages that hold only zeros),
 //! `State` (the device and vCPU state, encoded as a snapshot state file,
-//! CRC and all), `Abort` (UTF-8 reason). Destination to source: `Accept`,
-//! `Refuse` (reason), `Running`, `Failed` (reason).
+//! CRC and all), `Abort` (UTF-8 reason), `Sync` (the end of a pre-copy
+//! round). Destination to source: `Accept`, `Refuse` (reason), `Synced`
+//! (everything before the `Sync` is in guest memory), `Running`, `Failed`
+//! (reason).
 
 use std::io::{self, Read, Write};
 
@@ -65,6 +67,8 @@ pub enum Message {
     Abort(String),
     Running,
     Failed(String),
+    Sync,
+    Synced,
 }
 
 const HELLO: u8 = 1;
@@ -76,6 +80,8 @@ const STATE: u8 = 6;
 const ABORT: u8 = 7;
 const RUNNING: u8 = 8;
 const FAILED: u8 = 9;
+const SYNC: u8 = 10;
+const SYNCED: u8 = 11;
 
 /// Writes the magic and the version.
 pub fn write_preamble<W: Write + ?Sized>(w: &mut W) -> io::Result<()> {
@@ -118,6 +124,8 @@ pub fn write_message<W: Write + ?Sized>(w: &mut W, message: &Message) -> io::Res
         Message::Abort(reason) => (ABORT, clip(reason)),
         Message::Running => (RUNNING, Vec::new()),
         Message::Failed(reason) => (FAILED, clip(reason)),
+        Message::Sync => (SYNC, Vec::new()),
+        Message::Synced => (SYNCED, Vec::new()),
     };
     let len = match message {
         Message::Pages { pages, .. } => RANGE as u64 + u64::from(*pages) * PAGE,
@@ -187,6 +195,8 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R) -> Result<Message, StreamError>
         STATE => Message::State(body(bounded("State", len, MAX_STATE)?)?),
         ACCEPT => Message::Accept.empty(len)?,
         RUNNING => Message::Running.empty(len)?,
+        SYNC => Message::Sync.empty(len)?,
+        SYNCED => Message::Synced.empty(len)?,
         REFUSE => Message::Refuse(text(&mut body, "Refuse")?),
         ABORT => Message::Abort(text(&mut body, "Abort")?),
         FAILED => Message::Failed(text(&mut body, "Failed")?),
@@ -224,6 +234,8 @@ impl Message {
         if len != 0 {
             let kind = match self {
                 Self::Accept => "Accept",
+                Self::Sync => "Sync",
+                Self::Synced => "Synced",
                 _ => "Running",
             };
             return Err(StreamError::Length { kind, len, max: 0 });
@@ -273,6 +285,8 @@ mod tests {
             Message::Abort("cancelled".into()),
             Message::Running,
             Message::Failed("bad".into()),
+            Message::Sync,
+            Message::Synced,
         ] {
             assert_eq!(round_trip(message.clone()), message);
         }
