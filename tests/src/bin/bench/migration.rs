@@ -11,6 +11,8 @@
 //!   receive call returns);
 //! - `mib_sent` and `rounds` (Tessera: the source's log lines).
 //!
+//! Tessera is asked for `max_downtime_ms: 50`.
+//!
 //! Cloud Hypervisor (`vm.send-migration` / `vm.receive-migration`) is
 //! tried beside it in every cell; on this host its source fails to save
 //! the vCPU state (KVM_GET_NESTED_STATE is refused under kvm_pvm), and the
@@ -31,6 +33,8 @@ const SIZES_MIB: [usize; 2] = [128, 1024];
 const DIRTY_MIB_S: [u32; 3] = [0, 16, 64];
 const DEADLINE: Duration = Duration::from_secs(90);
 const TICK: Duration = Duration::from_millis(100);
+/// Tessera's `max_downtime_ms` here (its default is 300, QEMU's too).
+const MAX_DOWNTIME_MS: u64 = 50;
 
 /// One migration's figures.
 struct Moved {
@@ -158,7 +162,10 @@ fn calls(vmm: &Vmm, url: &str) -> ((&'static str, Value), (&'static str, Value))
         ),
         _ => (
             ("/migration/receive", json!({"listen": url})),
-            ("/migration/send", json!({"destination": url})),
+            (
+                "/migration/send",
+                json!({"destination": url, "max_downtime_ms": MAX_DOWNTIME_MS}),
+            ),
         ),
     }
 }
