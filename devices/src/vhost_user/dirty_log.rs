@@ -70,10 +70,10 @@ impl DirtyLog {
     }
 
     fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is `words * 8` bytes or more, page-aligned,
-        // and lives as long as `self`; backends write it concurrently,
-        // which is why every access is atomic. A u64 is read with the
-        // same bits whether the other side wrote it bytewise or not.
+        // A backend ORs bytes into the log while this side swaps words:
+        // every access is atomic, and a u64 reads the same bits either way.
+        // SAFETY: the page-aligned mapping of `words * 8` bytes or more
+        // lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.words) }
     }
 

@@ -68,10 +68,9 @@ impl Dirtier {
         self.value = self.value.wrapping_add(1);
         for _ in 0..self.per_slot {
             let addr = self.base + self.next * PAGE;
-            // SAFETY: `addr` is the first word of a page of
-            // [base, base + pages * 4 KiB), free RAM inside the identity
-            // map below the memory test (`e820::free_top`), outside the
-            // probe image: no Rust object lives there.
+            // `addr` is a page of the region `e820::free_top` found.
+            // SAFETY: free RAM inside the identity map, outside the probe
+            // image and the memory test: no Rust object lives there.
             unsafe { phys::write_volatile_u64(addr, self.value) };
             self.next = (self.next + 1) % self.pages;
         }
