@@ -87,6 +87,12 @@ impl ApiClient {
         self.request("PUT", path, Some(body))
     }
 
+    /// `PUT path` with `body`, which must be answered 204.
+    pub fn put_ok(&mut self, path: &str, body: serde_json::Value) {
+        let r = self.put(path, &body.to_string());
+        assert_eq!(r.status, 204, "PUT {path} {body}: {}", r.body);
+    }
+
     pub fn patch(&mut self, path: &str, body: &str) -> HttpResponse {
         self.request("PATCH", path, Some(body))
     }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod blkio_client;
+pub mod console;
 pub mod fleet;
 pub mod jail;
 pub mod journal;

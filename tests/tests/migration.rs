@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tessera_tests::api::{ApiClient, ApiVm};
+use tessera_tests::console::numbers;
 use tessera_tests::guest_artifacts;
 use tessera_tests::journal::{first_bad_record, last_durable, SECTOR};
 
@@ -17,45 +18,22 @@ const DEADLINE: Duration = Duration::from_secs(90);
 const MEMTEST_MIB: u64 = 4;
 const SEED: u64 = 0x6d16_7a7e;
 
-/// The whole lines of `output`: the harness may see the last in pieces.
-fn whole_lines(output: &str) -> impl Iterator<Item = &str> {
-    output
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .map(str::trim)
-}
-
-fn numbers(output: &str, prefix: &str) -> Vec<u64> {
-    whole_lines(output)
-        .filter_map(|l| l.strip_prefix(prefix))
-        .filter_map(|n| n.split(',').next()?.parse().ok())
-        .collect()
-}
-
-fn put(c: &mut ApiClient, path: &str, body: serde_json::Value) {
-    let r = c.put(path, &body.to_string());
-    assert_eq!(r.status, 204, "PUT {path} {body}: {}", r.body);
-}
-
 /// A source ticking with its memory test, plus `extra` resources.
 fn source(boot_args: &str, extra: &[(&str, serde_json::Value)], track: bool) -> ApiVm {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(
-        &mut c,
-        "/boot-source",
+    c.put_ok("/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.ticks=0 probe.memtest={MEMTEST_MIB} {boot_args}")}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/machine-config",
         json!({"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": track}),
     );
     for (path, body) in extra {
-        put(&mut c, path, body.clone());
+        c.put_ok(path, body.clone());
     }
-    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
     api
 }
 
@@ -109,7 +87,7 @@ fn migrate_and_check(url: &str, listen: Option<&Path>) {
         std::thread::sleep(Duration::from_millis(300));
     }
     let mut c = src.client();
-    put(&mut c, "/migration/send", json!({"destination": url}));
+    c.put_ok("/migration/send", json!({"destination": url}));
     assert!(
         src.vm.wait_until(DEADLINE, |_, _| false),
         "the source did not end after the move"
@@ -163,11 +141,8 @@ fn a_drive_journal_running_across_the_move_completes_with_every_record() {
     let mut dst = ApiVm::start(&[]);
     let receiving = receive(&dst, json!({"listen": url}));
     listening(&path);
-    put(
-        &mut src.client(),
-        "/migration/send",
-        json!({"destination": url}),
-    );
+    src.client()
+        .put_ok("/migration/send", json!({"destination": url}));
     assert!(src.vm.wait_until(DEADLINE, |_, _| false));
     let (status, body) = receiving.join().unwrap();
     assert_eq!(status, 204, "{body}");
@@ -191,14 +166,35 @@ fn a_drive_journal_running_across_the_move_completes_with_every_record() {
     assert_eq!(first_bad_record(&disk, total, SEED), None);
 }
 
-/// Sends the ticking `src` to `url` slowly (1 MiB/s), so that the test can
-/// interfere mid-stream.
-fn send_slowly(src: &ApiVm, url: &str) {
-    put(
-        &mut src.client(),
+/// A ticking source moving slowly (1 MiB/s) to a fresh destination over
+/// a Unix socket, so that a test can interfere mid-stream.
+struct SlowMove {
+    src: ApiVm,
+    dst: ApiVm,
+    receiving: std::thread::JoinHandle<(u16, String)>,
+    _dir: tempfile::TempDir,
+}
+
+fn start_slow_move() -> SlowMove {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("migration.sock");
+    let url = format!("unix:{}", path.display());
+    let mut src = source("", &[], false);
+    src.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2\n"));
+    let dst = ApiVm::start(&[]);
+    let receiving = receive(&dst, json!({"listen": url}));
+    listening(&path);
+    src.client().put_ok(
         "/migration/send",
         json!({"destination": url, "max_bandwidth_mib_s": 1}),
     );
+    SlowMove {
+        src,
+        dst,
+        receiving,
+        _dir: dir,
+    }
 }
 
 /// The source ran on: its GET /migration says `phase`, and it ticks and
@@ -234,16 +230,12 @@ fn assert_source_runs_on(src: &mut ApiVm, phase: &str) {
 
 #[test]
 fn a_destination_killed_mid_stream_leaves_the_guest_running_on_the_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("migration.sock");
-    let url = format!("unix:{}", path.display());
-    let mut src = source("", &[], false);
-    src.vm
-        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2\n"));
-    let dst = ApiVm::start(&[]);
-    let receiving = receive(&dst, json!({"listen": url}));
-    listening(&path);
-    send_slowly(&src, &url);
+    let SlowMove {
+        mut src,
+        dst,
+        receiving,
+        _dir,
+    } = start_slow_move();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(src.client().get("/migration").json()["phase"], "pre_copy");
     drop(dst.vm.finish());
@@ -259,16 +251,12 @@ fn a_destination_killed_mid_stream_leaves_the_guest_running_on_the_source() {
 
 #[test]
 fn a_cancelled_migration_leaves_the_guest_running_on_the_source() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("migration.sock");
-    let url = format!("unix:{}", path.display());
-    let mut src = source("", &[], false);
-    src.vm
-        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2\n"));
-    let dst = ApiVm::start(&[]);
-    let receiving = receive(&dst, json!({"listen": url}));
-    listening(&path);
-    send_slowly(&src, &url);
+    let SlowMove {
+        mut src,
+        dst,
+        receiving,
+        _dir,
+    } = start_slow_move();
     std::thread::sleep(Duration::from_millis(500));
     let r = src.client().put("/migration/cancel", "");
     assert_eq!(r.status, 204, "{}", r.body);
@@ -295,11 +283,8 @@ fn a_destination_that_refuses_says_why_and_the_source_runs_on() {
                "drive_overrides": [{"drive_id": "nosuch", "path_on_host": "/x.img"}]}),
     );
     listening(&path);
-    put(
-        &mut src.client(),
-        "/migration/send",
-        json!({"destination": url}),
-    );
+    src.client()
+        .put_ok("/migration/send", json!({"destination": url}));
     assert_source_runs_on(&mut src, "failed");
     let status = src.client().get("/migration").json();
     assert!(
@@ -336,11 +321,9 @@ fn a_guest_moves_back_and_forth_twenty_times_without_losing_a_tick() {
         let mut next = ApiVm::start(&[]);
         let receiving = receive(&next, json!({"listen": url}));
         listening(&path);
-        put(
-            &mut current.client(),
-            "/migration/send",
-            json!({"destination": url}),
-        );
+        current
+            .client()
+            .put_ok("/migration/send", json!({"destination": url}));
         assert!(
             current.vm.wait_until(DEADLINE, |_, _| false),
             "hop {hop}: the source did not end"

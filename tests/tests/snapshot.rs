@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tessera_tests::api::{ApiClient, ApiVm};
+use tessera_tests::console::{numbers, whole_lines};
 use tessera_tests::guest_artifacts;
 use tessera_tests::journal::{first_bad_record, last_durable, SECTOR};
 
@@ -36,25 +37,9 @@ fn memtest_ok(output: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The whole lines of `output`: the harness may see the last in pieces.
-fn whole_lines(output: &str) -> impl Iterator<Item = &str> {
-    output
-        .split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .map(str::trim)
-}
-
 /// The tick numbers in `output`, in order.
 fn ticks(output: &str) -> Vec<u64> {
-    whole_lines(output)
-        .filter_map(|l| l.strip_prefix("probe.tick="))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-fn put(c: &mut ApiClient, path: &str, body: serde_json::Value) {
-    let r = c.put(path, &body.to_string());
-    assert_eq!(r.status, 204, "PUT {path} {body}: {}", r.body);
+    numbers(output, "probe.tick=")
 }
 
 fn refused(c: &mut ApiClient, method: &str, path: &str, body: serde_json::Value, fault: &str) {
@@ -72,8 +57,7 @@ fn refused(c: &mut ApiClient, method: &str, path: &str, body: serde_json::Value,
 fn pause_and_snapshot(c: &mut ApiClient, dir: &Path) -> (PathBuf, PathBuf) {
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
     let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
-    put(
-        c,
+    c.put_ok(
         "/snapshot/create",
         json!({"snapshot_path": state, "mem_file_path": memory}),
     );
@@ -84,21 +68,19 @@ fn pause_and_snapshot(c: &mut ApiClient, dir: &Path) -> (PathBuf, PathBuf) {
 fn boot_ticking(extra: &[(&str, serde_json::Value)]) -> (ApiVm, ApiClient) {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/machine-config",
         json!({"vcpu_count": 1, "mem_size_mib": 128}),
     );
     for (path, body) in extra {
-        put(&mut c, path, body.clone());
+        c.put_ok(path, body.clone());
     }
-    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
     (api, c)
 }
 
@@ -126,8 +108,7 @@ fn snapshot_of_a_ticking_probe() -> Snapshot {
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
     let dir = tempfile::tempdir().unwrap();
     let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/create",
         json!({"snapshot_path": state, "mem_file_path": memory}),
     );
@@ -174,7 +155,7 @@ fn a_loaded_snapshot_ticks_on_from_where_it_was_paused() {
     let last = *ticks(&snapshot.console).last().unwrap();
     let mut api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    c.put_ok("/snapshot/load", load_body(&snapshot, true));
     let want = format!("probe.tick={}\n", last + 5);
     api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
     let info = c.get("/").json();
@@ -204,7 +185,7 @@ fn a_snapshot_loads_paused_and_runs_on_resume_and_loads_again() {
         let mut c = api.client();
         let mut body = load_body(&snapshot, false);
         body["clock_realtime"] = json!(clock_realtime);
-        put(&mut c, "/snapshot/load", body);
+        c.put_ok("/snapshot/load", body);
         assert_eq!(c.get("/").json()["state"], "Paused");
         std::thread::sleep(Duration::from_millis(500));
         assert!(
@@ -312,7 +293,7 @@ fn bad_snapshots_are_refused_with_the_reason_and_a_good_one_loads_after() {
         "drive_overrides names drive rootfs",
     );
     // Nothing was built: the same process loads the good snapshot.
-    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    c.put_ok("/snapshot/load", load_body(&snapshot, true));
     let last = *ticks(&snapshot.console).last().unwrap();
     let want = format!("probe.tick={}\n", last + 2);
     api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
@@ -324,13 +305,11 @@ fn bad_snapshots_are_refused_with_the_reason_and_a_good_one_loads_after() {
 fn a_configured_process_refuses_a_load_but_logger_and_metrics_do_not_count() {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/logger",
         json!({"log_path": api.dir().join("log"), "level": "Info"}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/metrics",
         json!({"metrics_path": api.dir().join("metrics")}),
     );
@@ -361,24 +340,21 @@ fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     tessera_tests::sparse_file(&disk, JOURNAL_MIB << 20);
     let api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.blk=journal probe.blk_mib={JOURNAL_MIB} \
                                      probe.seed={SEED:#x} probe.ticks=0 probe.memtest=1")}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/machine-config",
         json!({"vcpu_count": 1, "mem_size_mib": 128}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/drives/journal",
         json!({"drive_id": "journal", "path_on_host": disk, "is_root_device": false}),
     );
-    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
     let mut api = api;
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.journal="));
@@ -408,8 +384,7 @@ fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     assert_eq!(first_bad_record(&disk, total, SEED), None);
     let mut clone = ApiVm::start(&[]);
     let mut c = clone.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/load",
         json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
                "drive_overrides": [{"drive_id": "journal", "path_on_host": copy}]}),
@@ -444,7 +419,7 @@ fn a_page_changed_in_the_memory_file_is_found_by_the_guest() {
     std::fs::write(&snapshot.memory, &memory).unwrap();
     let mut api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(&mut c, "/snapshot/load", load_body(&snapshot, true));
+    c.put_ok("/snapshot/load", load_body(&snapshot, true));
     let bad = format!("probe.memtest=bad,{base:#x},");
     api.vm.wait_until(DEADLINE, |out, _| out.contains(&bad));
     let run = api.vm.finish();
@@ -480,7 +455,7 @@ fn twenty_clones_load_from_one_snapshot_at_once_each_on_its_own_disk() {
             let body = json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true,
                               "drive_overrides": [{"drive_id": "data", "path_on_host": copy}]});
             let mut c = clone.client();
-            scope.spawn(move || put(&mut c, "/snapshot/load", body));
+            scope.spawn(move || c.put_ok("/snapshot/load", body));
         }
     });
     let want = format!("probe.memtest=ok,{}", last + 3);
@@ -528,12 +503,10 @@ fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
     let (mut api, mut c) = {
         let api = ApiVm::start(&[]);
         let mut c = api.client();
-        put(
-            &mut c,
-            "/boot-source",
+        c.put_ok("/boot-source",
             json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0 probe.ticks=0 probe.memtest=1"}),
         );
-        put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+        c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
         (api, c)
     };
     api.vm
@@ -541,13 +514,12 @@ fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
     let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
     let create = json!({"snapshot_path": state, "mem_file_path": memory});
-    put(&mut c, "/snapshot/create", create.clone());
+    c.put_ok("/snapshot/create", create.clone());
     let first = api.vm.finish().stdout;
     std::fs::remove_file(&kernel).unwrap();
     let mut loaded = ApiVm::start(&[]);
     let mut c = loaded.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/load",
         json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
     );
@@ -563,7 +535,7 @@ fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
     // Snapshotted onto the very files it runs from: it keeps running (its
     // memory maps the old file), and the new files load.
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
-    put(&mut c, "/snapshot/create", create);
+    c.put_ok("/snapshot/create", create);
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
     let want = format!("probe.memtest=ok,{}", last + 4);
     loaded.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
@@ -571,8 +543,7 @@ fn a_loaded_microvm_snapshots_onto_its_own_files_and_needs_no_kernel_file() {
     assert_ticks_go_on(&first, &second, last + 4);
     let mut again = ApiVm::start(&[]);
     let mut c = again.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/load",
         json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
     );
@@ -653,25 +624,22 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     std::fs::write(&disk, verify_pattern(sectors, SEED)).unwrap();
     let api = ApiVm::start(&[]);
     let mut c = api.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.blk=verify probe.blk_mib={DIFF_BLK_MIB} \
                                      probe.blk_rounds={DIFF_BLK_ROUNDS} probe.seed={SEED:#x} \
                                      probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/machine-config",
         json!({"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}),
     );
-    put(
-        &mut c,
+    c.put_ok(
         "/drives/data",
         json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
     );
-    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
     let mut api = api;
     let rounds_done = |out: &str| {
         whole_lines(out)
@@ -683,8 +651,7 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     // The base: a Full snapshot while the drive still has rounds to read.
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
     let (base_state, base_memory) = (dir.path().join("base.snap"), dir.path().join("base.mem"));
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/create",
         json!({"snapshot_path": base_state, "mem_file_path": base_memory,
                "snapshot_type": "Full"}),
@@ -704,8 +671,7 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     // fill and stamps, and not the pages nobody wrote since.
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
     let (diff_state, diff_memory) = (dir.path().join("diff.snap"), dir.path().join("diff.mem"));
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/create",
         json!({"snapshot_path": diff_state, "mem_file_path": diff_memory,
                "snapshot_type": "Diff"}),
@@ -741,8 +707,7 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     );
     let mut clone = ApiVm::start(&[]);
     let mut c = clone.client();
-    put(
-        &mut c,
+    c.put_ok(
         "/snapshot/load",
         json!({"snapshot_path": diff_state, "mem_backend":
                {"backend_type": "File", "backend_path": merged}, "resume_vm": true}),
@@ -792,7 +757,7 @@ fn a_page_fault_handler_fills_a_snapshot_loaded_with_the_uffd_backend() {
 
     let socket = dir.path().join("uffd.sock");
     let handler = uffd_handler(&socket, &snapshot.memory);
-    put(&mut c, "/snapshot/load", uffd_body(&socket));
+    c.put_ok("/snapshot/load", uffd_body(&socket));
     let want = format!("probe.tick={}\n", last + 3);
     api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
     let run = api.vm.finish();
