@@ -349,3 +349,44 @@ fn a_guest_moves_back_and_forth_twenty_times_without_losing_a_tick() {
     let after = current.vm.finish().stdout;
     assert_guest_went_on(&consoles, &after);
 }
+
+#[test]
+fn a_snapshot_loaded_paused_moves_with_the_memory_its_file_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    // A snapshot of a ticking guest whose memory test filled 4 MiB.
+    let mut original = source("", &[], false);
+    original
+        .vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2\n"));
+    let mut c = original.client();
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    c.put_ok(
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    let before = original.vm.finish().stdout;
+    // Loaded paused, nothing of guest memory is in this process yet: the
+    // move must read it from the file, not take it for zeros.
+    let mut loaded = ApiVm::start(&[]);
+    loaded.client().put_ok(
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": false}),
+    );
+    let path = dir.path().join("migration.sock");
+    let url = format!("unix:{}", path.display());
+    let mut dst = ApiVm::start(&[]);
+    let receiving = receive(&dst, json!({"listen": url}));
+    listening(&path);
+    loaded
+        .client()
+        .put_ok("/migration/send", json!({"destination": url}));
+    assert!(loaded.vm.wait_until(DEADLINE, |_, _| false));
+    let (status, body) = receiving.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    let last = numbers(&before, "probe.tick=").last().copied().unwrap_or(0);
+    let want = format!("probe.memtest=ok,{}\n", last + 2);
+    dst.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
+    let after = dst.vm.finish().stdout;
+    assert_guest_went_on(&before, &after);
+}

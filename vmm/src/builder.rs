@@ -202,6 +202,7 @@ pub fn build_microvm(
         reset_evt: legacy.reset_evt,
         attached,
         on_demand_memory: None,
+        fresh_memory: true,
     };
     run_microvm(parts, resources.clone(), options, false)
 }
@@ -215,6 +216,9 @@ pub(crate) struct Parts {
     pub(crate) i8042: Arc<Mutex<devices::legacy::i8042::I8042>>,
     pub(crate) reset_evt: EventFd,
     pub(crate) attached: AttachedDevices,
+    /// Guest memory started as zeros (a boot, a received migration): a
+    /// page never touched still holds zeros. Not so for a snapshot's.
+    pub(crate) fresh_memory: bool,
     /// What fills a loaded snapshot's guest memory on demand.
     pub(crate) on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
 }
@@ -258,6 +262,7 @@ pub(crate) fn run_microvm(
         dirty_log,
         unsaved_dirty_pages: Mutex::default(),
         _on_demand_memory: parts.on_demand_memory,
+        fresh_memory: parts.fresh_memory,
         migration: None,
         paused_for_migration: false,
         migrated_away: false,

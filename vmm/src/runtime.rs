@@ -79,6 +79,9 @@ pub struct Vmm {
     /// Pages written since the last snapshot that a failed one took out
     /// of the logs: the next Diff writes them too.
     pub(crate) unsaved_dirty_pages: Mutex<Option<DirtyPages>>,
+    /// Guest memory started as zeros: a page never touched holds zeros
+    /// (not so for a loaded snapshot's, mapped from its memory file).
+    pub(crate) fresh_memory: bool,
     /// What fills a loaded snapshot's memory on demand, if anything.
     pub(crate) _on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
     /// The outgoing live migration, running or ended.

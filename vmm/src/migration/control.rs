@@ -65,6 +65,7 @@ impl Vmm {
             vm: self._vm.clone(),
             dirty_log: self.dirty_log.clone(),
             hello: serde_json::to_vec(&hello).expect("JSON values serialize"),
+            fresh_memory: self.fresh_memory,
         };
         log::info!("migration: sending the microVM to {}", params.destination);
         let outgoing = Outgoing::start(source, params).map_err(MigrationError::Thread)?;

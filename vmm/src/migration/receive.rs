@@ -137,6 +137,7 @@ pub fn receive_microvm(
         Start {
             resume_vm: true,
             clock_realtime: false,
+            fresh_memory: true,
         },
     );
     match started {

@@ -86,6 +86,9 @@ pub struct Source {
     pub dirty_log: Option<Arc<DirtyLog>>,
     /// The `Hello` payload: the configuration and memory layout.
     pub hello: Vec<u8>,
+    /// A page never touched holds zeros (see `Vmm::fresh_memory`): the
+    /// first round need not read it.
+    pub fresh_memory: bool,
 }
 
 /// The VMM thread's handle on an outgoing migration.
@@ -292,10 +295,16 @@ impl Sending {
         // From here on the logs hold what the rounds must send again.
         self.take_dirty()?;
         let mut pending = DirtyPages::all(&self.source.mem);
-        // A page never touched holds zeros: the first round need not read it.
-        let mut resident = Some(
-            dirty::resident(&self.source.mem).map_err(|e| SendError::DirtyLog(e.to_string()))?,
-        );
+        // A page never touched holds zeros, unless guest memory came from
+        // a snapshot's memory file: the first round need not read it.
+        let mut resident = if self.source.fresh_memory {
+            Some(
+                dirty::resident(&self.source.mem)
+                    .map_err(|e| SendError::DirtyLog(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let max_downtime = Duration::from_millis(self.params.max_downtime_ms);
         loop {
             self.check_cancel()?;

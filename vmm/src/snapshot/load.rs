@@ -157,6 +157,7 @@ fn build(
     let start = Start {
         resume_vm: params.resume_vm,
         clock_realtime: params.clock_realtime,
+        fresh_memory: false,
     };
     let vmm = assemble(state, resources, memory, &expected, options, start)?;
     log::info!(
@@ -178,6 +179,10 @@ pub struct Start {
     pub resume_vm: bool,
     /// Move the guest's clock on by the time since its state was taken.
     pub clock_realtime: bool,
+    /// Guest memory started as zeros and every page that is not was
+    /// written into it (a received migration), rather than mapped from or
+    /// filled on demand from a memory file (a load).
+    pub fresh_memory: bool,
 }
 
 /// Builds a microVM from its state and its guest memory (filled, or
@@ -256,6 +261,7 @@ pub fn assemble(
         reset_evt: legacy.reset_evt,
         attached,
         on_demand_memory,
+        fresh_memory: start.fresh_memory,
     };
     Ok(builder::run_microvm(
         parts,
