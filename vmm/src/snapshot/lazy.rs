@@ -40,6 +40,8 @@ pub enum LazyMemoryError {
     Thread(std::io::Error),
     #[error("guest memory region at {0:#x} has no host address")]
     HostAddress(u64),
+    #[error("the seccomp filters have no page_faults kind for the thread that would fill it")]
+    NoFilter,
 }
 
 /// One region as an address space maps it.
@@ -124,6 +126,11 @@ impl LazyMemory {
         file: &File,
         seccomp: Arc<tessera_seccomp::Filters>,
     ) -> Result<Self, LazyMemoryError> {
+        // A custom filter file may lack the kind: then no thread is
+        // started that would die or hang, and the load copies in whole.
+        if !seccomp.is_disabled() && seccomp.stack("page_faults").is_err() {
+            return Err(LazyMemoryError::NoFilter);
+        }
         let vmm = Uffd::new()?;
         let mut vmm_space = Space::default();
         let mut offset = 0;
