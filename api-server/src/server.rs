@@ -12,7 +12,9 @@
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use dbs_uhttp::{Body, HttpServer, MediaType, Request, Response, StatusCode, Version};
@@ -52,6 +54,10 @@ pub struct VmmChannel {
     pub requests: Sender<VmmAction>,
     pub wake: EventFd,
     pub responses: Receiver<Result<VmmData, ActionError>>,
+    /// Answers this thread has taken from `responses`, so that the VMM
+    /// can tell that its last answer is on its way before the process
+    /// ends (the source of a live migration).
+    pub taken: Arc<AtomicU64>,
 }
 
 /// The bound, not yet running, API server.
@@ -186,7 +192,9 @@ impl ApiServer {
         let gone = || ActionError::failed("the VMM is not answering");
         self.vmm.requests.send(action).map_err(|_| gone())?;
         self.vmm.wake.write(1).map_err(|_| gone())?;
-        self.vmm.responses.recv().map_err(|_| gone())?
+        let answer = self.vmm.responses.recv().map_err(|_| gone())?;
+        self.vmm.taken.fetch_add(1, Ordering::Release);
+        answer
     }
 }
 

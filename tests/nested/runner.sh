@@ -567,8 +567,11 @@ JSON
 		waited=$((waited + 1))
 	done
 	if ! api-call /tmp/mig.a.sock PUT /migration/send '{"destination": "unix:/tmp/mig.stream"}' >/tmp/mig.send; then
+		sleep 2
 		kill -9 $src $dst 2>/dev/null
-		fail migration "send: $(cat /tmp/mig.send) $(tail -n 2 /tmp/mig.a.err | tr '\n' ' ')"
+		wait $src
+		status=$?
+		fail migration "send: $(cat /tmp/mig.send); source exited $status: $(grep -v '^vhost-user' /tmp/mig.a.err | tail -n 3 | tr '\n' ' ') destination: $(tail -n 2 /tmp/mig.b.err | tr '\n' ' ') $(dmesg | grep -i 'audit\|seccomp' | tail -n 2 | tr '\n' ' ')"
 		return
 	fi
 	wait $src

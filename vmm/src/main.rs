@@ -142,6 +142,9 @@ fn main() {
     let mut runtime = RuntimeWork::attach(&mut vmm, endpoint, &cli.id)
         .unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err));
     let code = vmm.run(|vmm| runtime.run(vmm));
+    if vmm.migrated_away() {
+        runtime.finish();
+    }
     if let Err(err) = metrics::flush(vmm.device_metrics()) {
         log::warn!("final metrics flush failed: {err}");
     }

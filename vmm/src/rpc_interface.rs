@@ -7,10 +7,13 @@
 //! with the running [`Vmm`] at hand. Calls made in the wrong phase get
 //! Firecracker's "not supported before/after starting the microVM".
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -37,11 +40,17 @@ const LOAD_NOT_ALLOWED: &str = "Load snapshot error: Loading a microVM snapshot 
 
 type Outcome = Result<VmmData, ActionError>;
 
+/// Time for the API thread to write an answer it has taken.
+const ANSWER_WRITE_GRACE: Duration = Duration::from_millis(50);
+
 /// The main thread's end of the API channel.
 pub struct ApiEndpoint {
     requests: Receiver<VmmAction>,
     responses: Sender<Outcome>,
     wake: EventFd,
+    /// Answers sent, and those the API thread has taken.
+    sent: Cell<u64>,
+    taken: Arc<AtomicU64>,
 }
 
 impl ApiEndpoint {
@@ -50,16 +59,20 @@ impl ApiEndpoint {
         let (request_sender, requests) = channel();
         let (responses, response_receiver) = channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let taken = Arc::new(AtomicU64::new(0));
         let channel = VmmChannel {
             requests: request_sender,
             wake: wake.try_clone()?,
             responses: response_receiver,
+            taken: taken.clone(),
         };
         Ok((
             Self {
                 requests,
                 responses,
                 wake,
+                sent: Cell::new(0),
+                taken,
             },
             channel,
         ))
@@ -68,7 +81,21 @@ impl ApiEndpoint {
     fn respond(&self, outcome: Outcome) {
         // The API thread lives as long as the process; a failed send only
         // happens while the process is exiting.
-        let _ = self.responses.send(outcome);
+        if self.responses.send(outcome).is_ok() {
+            self.sent.set(self.sent.get() + 1);
+        }
+    }
+
+    /// Before the process ends: waits (up to `limit`) until the API thread
+    /// has taken every answer, then lets it write the last one out. A
+    /// migration's source ends moments after it answered the send; a
+    /// client must not see the connection close instead.
+    pub fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.taken.load(Ordering::Acquire) < self.sent.get() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(ANSWER_WRITE_GRACE);
     }
 }
 
@@ -382,6 +409,14 @@ impl RuntimeWork {
             instance_id: instance_id.to_string(),
             last_flush: Instant::now(),
         })
+    }
+
+    /// Before the process ends after a migration: the API's last answer
+    /// gets out (see [`ApiEndpoint::drain`]).
+    pub fn finish(&self) {
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.drain(Duration::from_secs(5));
+        }
     }
 
     /// Runs after each event-loop round.

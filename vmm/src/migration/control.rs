@@ -32,6 +32,11 @@ pub enum MigrationError {
 }
 
 impl Vmm {
+    /// Whether the guest runs on a migration's destination now.
+    pub fn migrated_away(&self) -> bool {
+        self.migrated_away
+    }
+
     /// Whether an outgoing migration runs.
     pub fn is_migrating(&self) -> bool {
         self.migration.as_ref().is_some_and(Outgoing::is_running)
