@@ -762,7 +762,12 @@ fn a_page_fault_handler_fills_a_snapshot_loaded_with_the_uffd_backend() {
     api.vm.wait_until(DEADLINE, |out, _| out.contains(&want));
     let run = api.vm.finish();
     assert_ticks_go_on(&snapshot.console, &run.stdout, last + 3);
-    // Every page the guest touched came through the handler.
+    // Every page the guest touched came through the handler, which says
+    // how many once the VMM's connection closes (a whole line).
+    let mut handler = handler;
+    handler.wait_until(DEADLINE, |_, err| {
+        whole_lines(err).any(|l| l.starts_with("uffd-handler: 0: served "))
+    });
     let handled = handler.finish().stderr;
     let served: u64 = handled
         .lines()
