@@ -369,49 +369,28 @@ pub(crate) struct AttachedDevices {
 }
 
 impl AttachedDevices {
+    /// Runs `f` on every device's queues: drives, interfaces, vsock.
+    fn for_each_queues(&self, mut f: impl FnMut(&mut devices::vhost_user::VhostUserQueues)) {
+        for (transport, _) in &self.block {
+            f(lock(transport).device_mut().queues_mut());
+        }
+        for (transport, _) in &self.net {
+            f(lock(transport).device_mut().queues_mut());
+        }
+        if let Some((transport, _)) = &self.vsock {
+            f(lock(transport).device_mut().queues_mut());
+        }
+    }
+
     /// Has every device's backend report the faults of its mappings of
     /// guest memory to `server` (a loaded snapshot filled on demand).
     pub(crate) fn share_page_fault_server(&self, server: &Arc<dyn PageFaultServer>) {
-        for (transport, _) in &self.block {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_page_fault_server(server.clone());
-        }
-        for (transport, _) in &self.net {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_page_fault_server(server.clone());
-        }
-        if let Some((transport, _)) = &self.vsock {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_page_fault_server(server.clone());
-        }
+        self.for_each_queues(|queues| queues.set_page_fault_server(server.clone()));
     }
 
     /// Has every device's backend log the pages it writes in `log`.
     fn share_dirty_log(&self, log: &Arc<DirtyLog>) {
-        for (transport, _) in &self.block {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_dirty_log(log.clone());
-        }
-        for (transport, _) in &self.net {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_dirty_log(log.clone());
-        }
-        if let Some((transport, _)) = &self.vsock {
-            lock(transport)
-                .device_mut()
-                .queues_mut()
-                .set_dirty_log(log.clone());
-        }
+        self.for_each_queues(|queues| queues.set_dirty_log(log.clone()));
     }
 }
 
