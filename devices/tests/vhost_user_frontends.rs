@@ -21,7 +21,8 @@ use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -139,14 +140,17 @@ fn net_device(dir: &Path, backend_pairs: usize, pairs: u16, mac: Option<[u8; 6]>
 }
 
 #[test]
-fn an_interface_gets_only_the_pairs_its_backend_serves_and_no_control_queue_for_one() {
+fn an_interface_gets_only_the_pairs_its_backend_serves_and_its_control_queue_after_them() {
     let dir = tempfile::tempdir().unwrap();
     let device = net_device(dir.path(), 1, 2, None);
     assert_eq!(device.queue_pairs(), 1);
     let features = device.features();
     assert!(!has(features, VIRTIO_NET_F_MQ));
-    assert!(!has(features, VIRTIO_NET_F_CTRL_VQ));
-    assert!(device.ctrl_eventfds().is_none());
+    assert!(has(features, VIRTIO_NET_F_CTRL_VQ));
+    assert!(has(features, VIRTIO_NET_F_GUEST_ANNOUNCE));
+    let (index, _, _) = device.ctrl_eventfds();
+    assert_eq!(index, 2, "after one RX/TX pair");
+    assert_eq!(device.queue_max_sizes().len(), 3);
     assert_eq!(features & PROTOCOL_FEATURES, 0);
 }
 
@@ -158,7 +162,7 @@ fn several_pairs_bring_mq_and_a_control_queue_the_vmm_serves() {
     let features = device.features();
     assert!(has(features, VIRTIO_NET_F_MQ));
     assert!(has(features, VIRTIO_NET_F_CTRL_VQ));
-    let (index, _, _) = device.ctrl_eventfds().expect("a control queue");
+    let (index, _, _) = device.ctrl_eventfds();
     assert_eq!(index, 4, "after two RX/TX pairs");
     assert_eq!(device.queue_max_sizes().len(), 5);
 }
@@ -240,6 +244,8 @@ fn an_interface_on_a_backend_without_a_config_space_gets_its_config_from_the_vmm
     assert!(has(features, VIRTIO_NET_F_MAC));
     assert!(!has(features, VIRTIO_NET_F_MTU));
     assert!(!has(features, VIRTIO_NET_F_STATUS));
+    // Without a status field there is nowhere to say "announce".
+    assert!(!has(features, VIRTIO_NET_F_GUEST_ANNOUNCE));
     let mut space = [0u8; 10];
     device.read_config(0, &mut space);
     assert_eq!(space[0..6], mac);

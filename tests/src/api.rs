@@ -141,9 +141,23 @@ pub struct ApiVm {
 impl ApiVm {
     /// Starts tessera with an API socket in a fresh directory.
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::spawn(Command::new(workspace_bin("tessera")), extra_args)
+    }
+
+    /// As [`ApiVm::start`], inside `netns` (whose TAPs the guest gets).
+    pub fn start_in(netns: &crate::netns::Netns, extra_args: &[&str]) -> Self {
+        let tessera = workspace_bin("tessera");
+        Self::spawn(
+            netns.command(tessera.to_str().expect("a UTF-8 path")),
+            extra_args,
+        )
+    }
+
+    /// Runs `command` (tessera, or what starts it) with an API socket in a
+    /// fresh directory and `extra_args`.
+    fn spawn(mut command: Command, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("api.sock");
-        let mut command = Command::new(workspace_bin("tessera"));
         command.arg("--api-sock").arg(&socket).args(extra_args);
         let vm = Running::spawn(command);
         Self {

@@ -13,6 +13,8 @@ use tessera_tests::api::{ApiClient, ApiVm};
 use tessera_tests::console::numbers;
 use tessera_tests::guest_artifacts;
 use tessera_tests::journal::{first_bad_record, last_durable, SECTOR};
+use tessera_tests::netns::Netns;
+use tessera_tests::vsock::{self, echo_through};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const MEMTEST_MIB: u64 = 4;
@@ -305,6 +307,231 @@ fn a_destination_that_refuses_says_why_and_the_source_runs_on() {
     assert_eq!(r.status, 400);
     drop(dst.vm.finish());
     drop(src.vm.finish());
+}
+
+/// The pause the source's log reports ("... <n> ms from the pause to the
+/// destination's word").
+fn logged_downtime_ms(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| l.split_once("migration done: "))
+        .and_then(|(_, done)| done.split(" ms from the pause").next())
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no downtime in the source's log:\n{stderr}"))
+}
+
+/// (transmitted, received) from `ping -q`'s summary.
+fn ping_summary(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary:\n{out}"));
+    let mut numbers = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse::<u64>().unwrap());
+    (numbers.next().unwrap(), numbers.next().unwrap())
+}
+
+/// A guest pinged every 10 ms through a bridge moves from one of its TAPs
+/// to another. The destination asks it to announce itself
+/// (VIRTIO_NET_S_ANNOUNCE); its gratuitous ARP from the new TAP moves the
+/// bridge's forwarding entry there, so the pings follow it and only those
+/// of the pause (and a few in flight) are lost.
+#[test]
+fn a_guest_pinged_every_10_ms_moves_to_another_tap_and_loses_only_the_pause() {
+    const GUEST_IP: &str = "10.79.0.2";
+    const GUEST_MAC: &str = "06:00:0a:4f:00:02";
+    const PINGS: u64 = 800;
+    const INTERVAL_MS: u64 = 10;
+    let netns = Netns::with_bridge("migping", &["tap0", "tap1"]);
+    netns.ip(&["addr", "add", "10.79.0.1/24", "dev", "br0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("migration.sock");
+    let url = format!("unix:{}", path.display());
+    let mut src = ApiVm::start_in(&netns, &[]);
+    let mut c = src.client();
+    c.put_ok(
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.ticks=0 probe.net={GUEST_IP}/24")}),
+    );
+    c.put_ok(
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}),
+    );
+    c.put_ok(
+        "/network-interfaces/eth0",
+        json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}),
+    );
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
+    src.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.tick=5\n"));
+    let mut dst = ApiVm::start_in(&netns, &[]);
+    let receiving = receive(
+        &dst,
+        json!({"listen": url,
+               "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}]}),
+    );
+    listening(&path);
+    let ping = netns
+        .command("ping")
+        .args(["-n", "-q", "-W", "1"])
+        .args(["-i", &format!("0.{INTERVAL_MS:03}")])
+        .args(["-c", &PINGS.to_string(), GUEST_IP])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    src.client()
+        .put_ok("/migration/send", json!({"destination": url}));
+    assert!(
+        src.vm.wait_until(DEADLINE, |_, _| false),
+        "the source did not end after the move"
+    );
+    let (status, body) = receiving.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    let before = src.vm.finish();
+    assert_eq!(before.code(), 0, "{}", before.describe());
+    let downtime_ms = logged_downtime_ms(&before.stderr);
+    let summary = String::from_utf8(ping.wait_with_output().unwrap().stdout).unwrap();
+    let (sent, received) = ping_summary(&summary);
+    dst.vm.wait_until(DEADLINE, |out, _| {
+        out.contains("probe.net0=announced 1 arp=1\n")
+    });
+    let fdb = netns
+        .command("bridge")
+        .args(["fdb", "show", "br", "br0"])
+        .output()
+        .unwrap();
+    let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
+    let after = dst.vm.finish();
+    assert!(
+        after.stdout.contains("probe.net0=announced 1 arp=1\n"),
+        "the guest did not announce itself:\n{}",
+        after.describe()
+    );
+    assert!(
+        fdb.lines()
+            .any(|l| l.starts_with(GUEST_MAC) && l.contains("dev tap1")),
+        "the bridge does not send to the guest's new TAP:\n{fdb}"
+    );
+    // Pings of the pause, plus a margin for the replies in flight and the
+    // loaded machine's scheduling.
+    let allowed = downtime_ms / INTERVAL_MS + 25;
+    assert!(
+        sent - received <= allowed,
+        "{} of {sent} pings lost with a {downtime_ms} ms pause (at most {allowed}):\n{summary}",
+        sent - received
+    );
+}
+
+/// On one host the destination's vsock device listens on its own socket
+/// (`vsock_override`) while the source still holds the guest's: a
+/// connection echoes through the source's before the move and a new one
+/// through the destination's after it.
+#[test]
+fn a_guest_with_vsock_moves_on_one_host_to_a_socket_of_its_own() {
+    const PORT: u32 = 52;
+    let dir = tempfile::tempdir().unwrap();
+    let (uds, moved) = (dir.path().join("v.sock"), dir.path().join("moved.sock"));
+    let path = dir.path().join("migration.sock");
+    let url = format!("unix:{}", path.display());
+    let mut src = source(
+        &format!("probe.vsock=echo:{PORT}:2 probe.vsock_timeout_ms=120000"),
+        &[("/vsock", json!({"guest_cid": 3, "uds_path": uds}))],
+        true,
+    );
+    src.vm.wait_until(DEADLINE, |out, _| {
+        out.contains(&format!("probe.vsock=listening {PORT}"))
+    });
+    let first = vsock::connect(&uds, PORT).unwrap();
+    assert_eq!(echo_through(first, b"one".to_vec()), b"one");
+    let mut dst = ApiVm::start(&[]);
+    let receiving = receive(
+        &dst,
+        json!({"listen": url, "vsock_override": {"uds_path": moved}}),
+    );
+    listening(&path);
+    src.client()
+        .put_ok("/migration/send", json!({"destination": url}));
+    assert!(
+        src.vm.wait_until(DEADLINE, |_, _| false),
+        "the source did not end after the move"
+    );
+    let (status, body) = receiving.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    let before = src.vm.finish();
+    assert_eq!(before.code(), 0, "{}", before.describe());
+    let second = vsock::connect(&moved, PORT).unwrap();
+    assert_eq!(echo_through(second, b"two".to_vec()), b"two");
+    dst.vm.wait_until(DEADLINE, |out, _| {
+        out.split_once("probe.vsock=echoed")
+            .is_some_and(|(_, rest)| rest.contains('\n'))
+    });
+    let out = dst.vm.finish().stdout;
+    assert!(
+        out.contains("over 2 connection(s)"),
+        "the guest did not count two connections:\n{}{out}",
+        before.stdout
+    );
+}
+
+/// The host's CPU vendor string (CPUID leaf 0: EBX, EDX, ECX).
+fn host_cpu_vendor() -> String {
+    let leaf0 = core::arch::x86_64::__cpuid(0);
+    let bytes: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A source (played by the test, speaking the stream itself) whose guest
+/// was shown every CPUID.7.0:EBX feature is refused before a page moves,
+/// with the missing bits named on both sides.
+#[test]
+fn a_destination_refuses_a_guest_shown_cpu_features_this_host_lacks() {
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("migration.sock");
+    let dst = ApiVm::start(&[]);
+    let receiving = receive(&dst, json!({"listen": format!("unix:{}", path.display())}));
+    listening(&path);
+    let hello = json!({
+        "config": {
+            "boot-source": {"kernel_image_path": guest_artifacts().probe(),
+                            "boot_args": "console=ttyS0"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        },
+        "memory": [[0, 128u64 << 20]],
+        "cpu": {"vendor": host_cpu_vendor(),
+                "words": [{"leaf": 7, "subleaf": 0, "register": "ebx", "bits": u32::MAX}]},
+    })
+    .to_string();
+    let mut source = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let mut out = b"TESSMIG\0".to_vec();
+    out.extend(2u32.to_le_bytes());
+    out.extend([1, 0, 0, 0]);
+    out.extend(u32::try_from(hello.len()).unwrap().to_le_bytes());
+    out.extend(hello.as_bytes());
+    source.write_all(&out).unwrap();
+    let mut header = [0u8; 8];
+    source.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 3, "not a Refuse: {header:?}");
+    let mut reason = vec![0u8; u32::from_le_bytes(header[4..].try_into().unwrap()) as usize];
+    source.read_exact(&mut reason).unwrap();
+    let reason = String::from_utf8(reason).unwrap();
+    assert!(
+        reason.contains("lacks CPU features") && reason.contains("CPUID 0x7.0 EBX bits"),
+        "{reason}"
+    );
+    let (code, body) = receiving.join().unwrap();
+    assert_eq!(code, 400);
+    assert!(body.contains("CPUID 0x7.0 EBX bits"), "{body}");
+    drop(dst.vm.finish());
 }
 
 #[test]

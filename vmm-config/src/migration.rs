@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{DriveOverride, NetworkOverride};
+use crate::snapshot::{DriveOverride, NetworkOverride, VsockOverride};
 
 /// How long the guest may stand still at the end, unless the body says.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
@@ -99,6 +99,10 @@ pub struct MigrationReceiveParams {
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default)]
     pub drive_overrides: Vec<DriveOverride>,
+    /// The vsock device's host socket here: on the same host the source
+    /// still holds its own `uds_path` until the guest runs here.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
 }
 
 /// Where a migration is.
@@ -194,10 +198,12 @@ mod tests {
         let receive: MigrationReceiveParams = serde_json::from_str(
             r#"{"listen": "tcp:0.0.0.0:7000",
                 "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
-                "drive_overrides": [{"drive_id": "root", "path_on_host": "/r.img"}]}"#,
+                "drive_overrides": [{"drive_id": "root", "path_on_host": "/r.img"}],
+                "vsock_override": {"uds_path": "/v2.sock"}}"#,
         )
         .unwrap();
         assert_eq!(receive.network_overrides.len(), 1);
         assert_eq!(receive.drive_overrides[0].drive_id, "root");
+        assert_eq!(receive.vsock_override.unwrap().uds_path, "/v2.sock");
     }
 }

@@ -12,7 +12,7 @@ use devices::legacy::serial::{SerialInput, SerialOutput};
 use devices::pseudo::BootTimer;
 use devices::vhost_user::{DirtyLog, DirtyLogError, PageFaultServer, VhostUserDevice as _};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 use linux_loader::loader::Cmdline;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryMmap};
@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::arch::boot::{self, BootError};
+use crate::arch::cpu_features::CpuFeatures;
 use crate::arch::cpuid::Topology;
 use crate::arch::layout;
 use crate::arch::regs::{self, RegsError};
@@ -193,6 +194,7 @@ pub fn build_microvm(
     );
     let buses = (Arc::new(legacy.pio_bus), Arc::new(legacy.mmio_bus));
     let vcpus = create_vcpus(&kvm, &vm, machine, buses, kernel.entry)?;
+    let guest_cpu = host_cpu_features(&kvm, machine)?;
     let parts = Parts {
         guest_memory,
         vm,
@@ -203,6 +205,7 @@ pub fn build_microvm(
         attached,
         on_demand_memory: None,
         fresh_memory: true,
+        guest_cpu,
     };
     run_microvm(parts, resources.clone(), options, false)
 }
@@ -221,6 +224,8 @@ pub(crate) struct Parts {
     pub(crate) fresh_memory: bool,
     /// What fills a loaded snapshot's guest memory on demand.
     pub(crate) on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
+    /// The CPU features the guest was shown (vCPU 0's).
+    pub(crate) guest_cpu: CpuFeatures,
 }
 
 /// Sets up the event loop around `parts` and starts the vCPUs (`paused`:
@@ -263,6 +268,7 @@ pub(crate) fn run_microvm(
         unsaved_dirty_pages: Mutex::default(),
         _on_demand_memory: parts.on_demand_memory,
         fresh_memory: parts.fresh_memory,
+        guest_cpu: parts.guest_cpu,
         migration: None,
         paused_for_migration: false,
         migrated_away: false,
@@ -497,26 +503,46 @@ fn create_vcpus(
     (pio_bus, mmio_bus): (Arc<devices::Bus>, Arc<devices::Bus>),
     entry: regs::EntryPoint,
 ) -> Result<Vec<Vcpu>, StartMicrovmError> {
-    let mut supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(StartMicrovmError::SupportedCpuid)?;
-    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
-        crate::arch::cpuid::announce_tsc_deadline(&mut supported_cpuid);
-    }
+    let supported_cpuid = guest_cpuid_base(kvm)?;
     let msr_list = saveable_msrs(kvm)?;
     let mut vcpus = Vec::with_capacity(usize::from(machine.vcpu_count));
     for index in 0..machine.vcpu_count {
         let buses = (pio_bus.clone(), mmio_bus.clone());
         let vcpu = Vcpu::new(vm.fd(), index, buses, msr_list.clone())?;
-        let topology = Topology {
-            cpu_index: index,
-            cpu_count: machine.vcpu_count,
-            threads_per_core: machine.threads_per_core(),
-        };
-        vcpu.configure(&supported_cpuid, topology, entry)?;
+        vcpu.configure(&supported_cpuid, topology(machine, index), entry)?;
         vcpus.push(vcpu);
     }
     Ok(vcpus)
+}
+
+fn topology(machine: &vmm_config::MachineConfig, cpu_index: u8) -> Topology {
+    Topology {
+        cpu_index,
+        cpu_count: machine.vcpu_count,
+        threads_per_core: machine.threads_per_core(),
+    }
+}
+
+/// KVM's supported CPUID with what every vCPU is told besides.
+fn guest_cpuid_base(kvm: &Kvm) -> Result<CpuId, StartMicrovmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StartMicrovmError::SupportedCpuid)?;
+    if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        crate::arch::cpuid::announce_tsc_deadline(&mut cpuid);
+    }
+    Ok(cpuid)
+}
+
+/// The CPU features a booted vCPU 0 of `machine` gets on this host.
+pub(crate) fn host_cpu_features(
+    kvm: &Kvm,
+    machine: &vmm_config::MachineConfig,
+) -> Result<CpuFeatures, StartMicrovmError> {
+    let mut cpuid = guest_cpuid_base(kvm)?;
+    crate::arch::cpuid::normalize(&mut cpuid, topology(machine, 0))
+        .map_err(|source| VcpuError::Cpuid { index: 0, source })?;
+    Ok(CpuFeatures::of(cpuid.as_slice()))
 }
 
 /// The MSRs KVM can save and restore, for snapshots.

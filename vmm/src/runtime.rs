@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_config::{BlockDeviceUpdate, CreateSnapshotParams, SnapshotType};
 use vmm_sys_util::terminal::Terminal;
 
+use crate::arch::cpu_features::CpuFeatures;
 use crate::device_manager::{self, BackendSpawner};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
@@ -82,6 +83,9 @@ pub struct Vmm {
     /// Guest memory started as zeros: a page never touched holds zeros
     /// (not so for a loaded snapshot's, mapped from its memory file).
     pub(crate) fresh_memory: bool,
+    /// The CPU features the guest was shown, which a migration's
+    /// destination must offer too.
+    pub(crate) guest_cpu: CpuFeatures,
     /// What fills a loaded snapshot's memory on demand, if anything.
     pub(crate) _on_demand_memory: Option<crate::snapshot::OnDemandMemory>,
     /// The outgoing live migration, running or ended.
@@ -322,6 +326,24 @@ impl Vmm {
         }
         if let Some(transport) = &self.devices.vsock {
             snapshot::resume_device(transport);
+        }
+    }
+
+    /// Asks the guest to announce itself on every interface whose driver
+    /// negotiated GUEST_ANNOUNCE (after it moved here): a configuration
+    /// interrupt with `VIRTIO_NET_S_ANNOUNCE` set, to which it answers with
+    /// gratuitous ARPs from its new TAP.
+    pub(crate) fn announce_guest(&self) {
+        for transport in &self.devices.net {
+            let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            if transport.device_mut().announce() {
+                transport.config_changed();
+                transport.device().interrupt_guest();
+                log::info!(
+                    "{}: asked the guest to announce itself",
+                    transport.device().queues().device()
+                );
+            }
         }
     }
 

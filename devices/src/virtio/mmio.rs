@@ -105,7 +105,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// started again with what it negotiated. A state for another number
     /// of queues, or features the device does not offer, is refused.
     pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), ActivateError> {
-        if state.queues.len() != self.regs.queues.len() {
+        // A snapshot from before a device grew a queue (a network device's
+        // control queue) has fewer: the rest stay as a reset left them.
+        if state.queues.len() > self.regs.queues.len() {
             return Err(ActivateError::Backend(format!(
                 "the snapshot has {} queue(s) for a device with {}",
                 state.queues.len(),
@@ -119,8 +121,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device.features()
             )));
         }
+        let mut queues = self.regs.queues.clone();
+        queues[..state.queues.len()].copy_from_slice(&state.queues);
         self.regs = MmioTransportState {
             active: false,
+            queues,
             ..state.clone()
         };
         if state.active {

@@ -369,7 +369,10 @@ fn ticks(
     while count == 0 || tick <= u64::from(count) {
         for _ in 0..ONESHOTS_PER_TICK {
             let slept = match net.as_deref_mut() {
-                Some(net) => timer::sleep_10ms_polling(|| net.device.poll()),
+                Some(net) => {
+                    net.device.check_announce();
+                    timer::sleep_10ms_polling(|| net.device.poll())
+                }
                 None => timer::sleep_10ms(),
             };
             if let Err(e) = slept {
@@ -408,9 +411,12 @@ fn serve_net(net: &mut virtio_net::Net, ms: u32) {
     while !deadline.expired() {
         net.poll();
         polls = polls.wrapping_add(1);
-        if polls.is_multiple_of(SERVE_POLLS_PER_KEYBOARD_CHECK) && keyboard.poll() {
-            outln!("probe.ctrl_alt_del");
-            io::reset();
+        if polls.is_multiple_of(SERVE_POLLS_PER_KEYBOARD_CHECK) {
+            net.check_announce();
+            if keyboard.poll() {
+                outln!("probe.ctrl_alt_del");
+                io::reset();
+            }
         }
     }
 }

@@ -10,10 +10,17 @@
 //!
 //! Features: `VIRTIO_F_VERSION_1` (required), `MAC`, `STATUS` and `MTU`
 //! if offered (`MTU` only if a frame of that size fits a receive buffer);
-//! `MQ` with `CTRL_VQ` only for `probe.net_queues` > 1, then the pairs
-//! are enabled with `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control
-//! queue. No offloads and no `MRG_RXBUF`: every buffer starts with the
-//! 12-byte `virtio_net_hdr_v1`, and a receive buffer holds a whole frame.
+//! `CTRL_VQ` and `GUEST_ANNOUNCE` if offered (with `STATUS`); `MQ` only
+//! for `probe.net_queues` > 1, then the pairs are enabled with
+//! `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control queue. No offloads and
+//! no `MRG_RXBUF`: every buffer starts with the 12-byte
+//! `virtio_net_hdr_v1`, and a receive buffer holds a whole frame.
+//!
+//! With `GUEST_ANNOUNCE`, [`Net::check_announce`] (every 10 ms while the
+//! probe ticks or serves) looks for a configuration change with
+//! `VIRTIO_NET_S_ANNOUNCE`, as after a migration: it sends a gratuitous
+//! ARP, acks with `VIRTIO_NET_CTRL_ANNOUNCE_ACK` and prints
+//! `probe.net<i>=announced <n>`.
 //!
 //! Queue pair `k` is RX queue `2k` and TX queue `2k + 1`; a reply goes out
 //! on the TX queue of the pair its request came in on. Each RX queue has
@@ -53,6 +60,7 @@ mod feature {
     pub const MAC: u64 = 1 << 5;
     pub const STATUS: u64 = 1 << 16;
     pub const CTRL_VQ: u64 = 1 << 17;
+    pub const GUEST_ANNOUNCE: u64 = 1 << 21;
     pub const MQ: u64 = 1 << 22;
 }
 
@@ -60,6 +68,8 @@ mod feature {
 mod config {
     /// `u8 mac[6]` (`MAC`).
     pub const MAC: u64 = 0;
+    /// `le16 status` (`STATUS`).
+    pub const STATUS: u64 = 6;
     /// `le16 max_virtqueue_pairs` (`MQ`).
     pub const MAX_VIRTQUEUE_PAIRS: u64 = 8;
     /// `le16 mtu` (`MTU`).
@@ -96,6 +106,13 @@ const MAX_VIRTQUEUE_PAIRS: u16 = 0x8000;
 /// Control queue: `VIRTIO_NET_CTRL_MQ`, `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`.
 const CTRL_CLASS_MQ: u8 = 4;
 const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+/// `VIRTIO_NET_CTRL_ANNOUNCE`, `VIRTIO_NET_CTRL_ANNOUNCE_ACK`.
+const CTRL_CLASS_ANNOUNCE: u8 = 3;
+const CTRL_ANNOUNCE_ACK: u8 = 0;
+/// `VIRTIO_NET_S_ANNOUNCE` in the `status` field.
+const STATUS_ANNOUNCE: u16 = 2;
+/// InterruptStatus: the configuration changed.
+const INT_CONFIG: u32 = 2;
 const CTRL_OK: u8 = 0;
 /// Written before the command; the device must overwrite it.
 const CTRL_ACK_UNSET: u8 = 0xff;
@@ -268,8 +285,8 @@ impl NetPool {
 /// Frame counters (`probe.net<i>=stats`). Every received frame is
 /// answered (`arp` or `icmp`), taken by the pinger (`ping_rx`) or
 /// `dropped`, so `rx = arp + icmp + ping_rx + dropped`, and every frame
-/// sent is a reply or a request of the pinger (`ping_tx`), so
-/// `tx = arp + icmp + ping_tx`.
+/// sent is a reply, a request of the pinger (`ping_tx`) or a gratuitous
+/// ARP of an announcement, so `tx = arp + icmp + ping_tx + announced`.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stats {
     rx: u64,
@@ -314,6 +331,10 @@ pub struct Net {
     /// Pairs that were set up (for the verbose output).
     pairs_set_up: usize,
     ctrl: Option<Virtqueue>,
+    /// `GUEST_ANNOUNCE` was negotiated.
+    announces: bool,
+    /// Announcements made.
+    announced: u32,
     mem: *mut NetMem,
     iface: Iface,
     mtu: u16,
@@ -349,6 +370,8 @@ pub fn setup(index: u32, regs: Mmio, options: &Options, verbose: bool) -> Option
         pair_frames: [(0, 0); MAX_PAIRS],
         pairs_set_up: 0,
         ctrl: None,
+        announces: false,
+        announced: 0,
         mem,
         iface: Iface {
             mac: DEFAULT_MAC,
@@ -420,6 +443,10 @@ impl Net {
                 self.mtu = mtu;
             }
         }
+        let announce = feature::CTRL_VQ | feature::GUEST_ANNOUNCE | feature::STATUS;
+        if offered & announce == announce {
+            wanted |= announce;
+        }
         let mut pairs = 1;
         let mut max_pairs = 1;
         let mq = feature::MQ | feature::CTRL_VQ;
@@ -472,12 +499,18 @@ impl Net {
             self.active_pairs = p + 1;
             self.pairs_set_up = p + 1;
         }
-        if features & feature::MQ != 0 {
-            let index = 2 * u32::from(max_pairs);
+        if features & feature::CTRL_VQ != 0 {
+            // After the data queues: all of them with MQ, one pair without.
+            let index = if features & feature::MQ != 0 {
+                2 * u32::from(max_pairs)
+            } else {
+                2
+            };
             let ctrl = t
                 .setup_queue(index)
                 .map_err(|e| SetupError::Queue(index, e))?;
             self.ctrl = Some(ctrl);
+            self.announces = features & feature::GUEST_ANNOUNCE != 0;
         }
         for (p, pair) in self.pairs.iter_mut().enumerate() {
             if let Some(pair) = pair {
@@ -499,16 +532,22 @@ impl Net {
 
     /// Sends `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` and checks the ack.
     fn set_pairs(&mut self, pairs: u16) -> Result<(), SetupError> {
+        self.ctrl_command([CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET], Some(pairs))
+    }
+
+    /// Sends one control command (with its 2-byte argument, if any) and
+    /// checks the ack.
+    fn ctrl_command(&mut self, header: [u8; 2], arg: Option<u16>) -> Result<(), SetupError> {
         let (Some(t), Some(ctrl)) = (self.transport.as_ref(), self.ctrl.as_mut()) else {
             return Err(SetupError::Ctrl(Error::QueueUnavailable));
         };
         let mem = self.mem;
         // SAFETY: the control buffers are only used by this one command,
         // which is not in flight yet; raw pointers only.
-        let (header, data, ack) = unsafe {
+        let (header_addr, data, ack) = unsafe {
             let c = &raw mut (*mem).ctrl;
-            (&raw mut (*c).header).write_volatile([CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET]);
-            (&raw mut (*c).pairs).write_volatile(pairs.to_le_bytes());
+            (&raw mut (*c).header).write_volatile(header);
+            (&raw mut (*c).pairs).write_volatile(arg.unwrap_or(0).to_le_bytes());
             (&raw mut (*c).ack).write_volatile(CTRL_ACK_UNSET);
             (
                 &raw mut (*c).header as u64,
@@ -516,27 +555,32 @@ impl Net {
                 &raw mut (*c).ack,
             )
         };
-        let buffers = [
-            Buffer {
-                addr: header,
-                len: 2,
-                device_writes: false,
-            },
-            Buffer {
-                addr: data,
-                len: 2,
-                device_writes: false,
-            },
-            Buffer {
-                addr: ack as u64,
-                len: 1,
-                device_writes: true,
-            },
-        ];
+        let header_buf = Buffer {
+            addr: header_addr,
+            len: 2,
+            device_writes: false,
+        };
+        let data_buf = Buffer {
+            addr: data,
+            len: 2,
+            device_writes: false,
+        };
+        let ack_buf = Buffer {
+            addr: ack as u64,
+            len: 1,
+            device_writes: true,
+        };
+        let with_arg = [header_buf, data_buf, ack_buf];
+        let without_arg = [header_buf, ack_buf];
+        let buffers: &[Buffer] = if arg.is_some() {
+            &with_arg
+        } else {
+            &without_arg
+        };
         // SAFETY: the buffers are in the static pool this driver owns and
         // are not touched until the chain comes back (or the device is
         // reset).
-        unsafe { ctrl.add(&buffers) }.map_err(SetupError::Ctrl)?;
+        unsafe { ctrl.add(buffers) }.map_err(SetupError::Ctrl)?;
         t.notify(ctrl);
         let used = ctrl
             .wait_used(t, CTRL_TIMEOUT_MS)
@@ -596,6 +640,35 @@ impl Net {
         }
     }
 
+    /// Announces us if the device asks (`VIRTIO_NET_S_ANNOUNCE` with a
+    /// configuration change): a gratuitous ARP, then the ack. Two register
+    /// accesses when nothing changed.
+    pub fn check_announce(&mut self) {
+        if !self.announces {
+            return;
+        }
+        let Some(t) = self.transport.as_ref() else {
+            return;
+        };
+        if t.ack_interrupt() & INT_CONFIG == 0
+            || t.config_read16(config::STATUS) & STATUS_ANNOUNCE == 0
+        {
+            return;
+        }
+        let arp = self.send_frame(|iface, _, out| netproto::arp_request(iface, &iface.ip, out));
+        let acked = self.ctrl_command([CTRL_CLASS_ANNOUNCE, CTRL_ANNOUNCE_ACK], None);
+        self.announced += 1;
+        match acked {
+            Ok(()) => outln!(
+                "probe.net{}=announced {} arp={}",
+                self.index,
+                self.announced,
+                u8::from(arp)
+            ),
+            Err(e) => outln!("probe.net{}=error announce {}", self.index, e),
+        }
+    }
+
     /// Stops serving after a corrupt used ring.
     fn fail(&mut self, e: ServeError) {
         outln!("probe.net{}=error {}", self.index, e);
@@ -628,6 +701,15 @@ impl Net {
         &mut self,
         build: impl FnOnce(&Iface, u16, &mut [u8]) -> Option<usize>,
     ) -> bool {
+        let sent = self.send_frame(build);
+        if sent {
+            self.stats.ping_tx += 1;
+        }
+        sent
+    }
+
+    /// [`Net::transmit`] without counting the frame as the pinger's.
+    fn send_frame(&mut self, build: impl FnOnce(&Iface, u16, &mut [u8]) -> Option<usize>) -> bool {
         let (Some(t), Some(Some(pair))) = (self.transport.as_ref(), self.pairs.first_mut()) else {
             return false;
         };
@@ -648,7 +730,6 @@ impl Net {
         t.notify_if_needed(&pair.tx);
         self.ip_id = self.ip_id.wrapping_add(1);
         self.stats.tx += 1;
-        self.stats.ping_tx += 1;
         true
     }
 

@@ -2,6 +2,7 @@
 //! structures (zero page, PVH start info, MP table) and initial vCPU state.
 
 pub mod boot;
+pub mod cpu_features;
 pub mod cpuid;
 pub mod layout;
 pub mod mptable;

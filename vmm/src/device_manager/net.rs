@@ -8,7 +8,7 @@
 //! watches on the main event loop, and its interrupt an irqfd on the
 //! device's IRQ.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::net::VhostUserNet;
@@ -66,10 +66,8 @@ fn wire_ctrl_queue(
     irq: u32,
     device: &VhostUserNet,
 ) -> Result<(), MmioSlotError> {
-    match device.ctrl_eventfds() {
-        Some((index, kick, call)) => wire_eventfds(vm, base, irq, [(index, kick)], [call]),
-        None => Ok(()),
-    }
+    let (index, kick, call) = device.ctrl_eventfds();
+    wire_eventfds(vm, base, irq, [(index, kick)], [call])
 }
 
 /// Creates a device per interface from MMIO slot `first_slot` on, wires
@@ -121,7 +119,7 @@ pub struct NetBackendMonitor {
     watch: BackendWatch<VhostUserNet>,
     /// The control queue's kick eventfd (owned by the device, which the
     /// transport keeps alive).
-    ctrl_kick_fd: Option<RawFd>,
+    ctrl_kick_fd: RawFd,
 }
 
 impl NetBackendMonitor {
@@ -133,7 +131,8 @@ impl NetBackendMonitor {
             .unwrap_or_else(|p| p.into_inner())
             .device()
             .ctrl_eventfds()
-            .map(|(_, kick, _)| std::os::fd::AsRawFd::as_raw_fd(kick));
+            .1
+            .as_raw_fd();
         Ok(Self {
             watch: BackendWatch::new(transport, "interface", connect)?,
             ctrl_kick_fd,
@@ -144,15 +143,13 @@ impl NetBackendMonitor {
 impl MutEventSubscriber for NetBackendMonitor {
     fn init(&mut self, ops: &mut EventOps) {
         self.watch.init(ops);
-        if let Some(fd) = self.ctrl_kick_fd {
-            if let Err(err) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("cannot watch a network control queue: {err:?}");
-            }
+        if let Err(err) = ops.add(Events::new_raw(self.ctrl_kick_fd, EventSet::IN)) {
+            log::error!("cannot watch a network control queue: {err:?}");
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if Some(events.fd()) == self.ctrl_kick_fd {
+        if events.fd() == self.ctrl_kick_fd {
             self.watch
                 .transport()
                 .lock()

@@ -64,6 +64,7 @@ impl Vmm {
         let hello = Hello {
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
+            cpu: self.guest_cpu.clone(),
         };
         let source = Source {
             mem: self._guest_memory.clone(),

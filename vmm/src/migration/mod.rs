@@ -13,11 +13,14 @@ pub use control::MigrationError;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::cpu_features::CpuFeatures;
+
 /// What the source says first: the configuration in the `--config-file`
-/// schema and guest memory's layout.
+/// schema, guest memory's layout and the CPU features the guest was shown.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
     pub config: serde_json::Value,
     /// (guest address, length) of each region.
     pub memory: Vec<(u64, u64)>,
+    pub cpu: CpuFeatures,
 }

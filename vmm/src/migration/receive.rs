@@ -145,6 +145,7 @@ pub fn receive_microvm(
             stream::write_message(&mut connection, &Message::Running)
                 .map_err(|e| stream_err("say the microVM runs")(e.into()))?;
             log::info!("migration: the microVM runs here");
+            vmm.announce_guest();
             Ok(vmm)
         }
         Err(err) => {
@@ -166,7 +167,7 @@ fn check_hello(
     let overrides = Overrides {
         network: &params.network_overrides,
         drives: &params.drive_overrides,
-        vsock: None,
+        vsock: params.vsock_override.as_ref(),
     };
     let mut resources =
         load::resources_from_config(&hello.config, &overrides).map_err(|e| e.to_string())?;
@@ -181,7 +182,13 @@ fn check_hello(
             hello.memory
         ));
     }
-    builder::open_kvm(resources.machine_config.vcpu_count).map_err(|e| e.to_string())?;
+    let kvm = builder::open_kvm(resources.machine_config.vcpu_count).map_err(|e| e.to_string())?;
+    let host_cpu =
+        builder::host_cpu_features(&kvm, &resources.machine_config).map_err(|e| e.to_string())?;
+    hello
+        .cpu
+        .check_runs_on(&host_cpu)
+        .map_err(|e| e.to_string())?;
     Ok((resources, hello.memory))
 }
 

@@ -17,8 +17,9 @@ use std::io::{self, Read, Write};
 
 /// The stream's first bytes.
 pub const MAGIC: [u8; 8] = *b"TESSMIG\0";
-/// The format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format this build writes and reads (2: `Hello` names the guest's
+/// CPU features).
+pub const VERSION: u32 = 2;
 /// The page size of `Pages` and `Zeros`.
 pub const PAGE: u64 = 4096;
 /// The most pages one `Pages` or `Zeros` message carries.
@@ -298,10 +299,10 @@ mod tests {
         write_preamble(&mut ok).unwrap();
         assert!(read_preamble(&mut ok.as_slice()).is_ok());
         let mut newer = ok.clone();
-        newer[8] = 2;
+        newer[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
         assert!(matches!(
             read_preamble(&mut newer.as_slice()),
-            Err(StreamError::Version { found: 2 })
+            Err(StreamError::Version { found }) if found == VERSION + 1
         ));
         assert!(matches!(
             read_preamble(&mut &b"TESSNAP\0\x01\0\0\0"[..]),

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use super::lazy::LazyMemory;
 use super::uffd::UffdHandshakeError;
 use super::{file, MicrovmState, OnDemandMemory, StateFileError, VhostUserDeviceState};
+use crate::arch::cpu_features::CpuFeatures;
 use crate::builder::{self, AttachedDevices, BootOptions, Parts, StartMicrovmError};
 use crate::memory::{self, MemoryError};
 use crate::resources::{ResourcesError, VmResources};
@@ -160,6 +161,7 @@ fn build(
         fresh_memory: false,
     };
     let vmm = assemble(state, resources, memory, &expected, options, start)?;
+    vmm.announce_guest();
     log::info!(
         "snapshot {} loaded{}",
         params.snapshot_path.display(),
@@ -262,6 +264,7 @@ pub fn assemble(
         attached,
         on_demand_memory,
         fresh_memory: start.fresh_memory,
+        guest_cpu: CpuFeatures::of(state.vcpus.first().map_or(&[], |v| &v.cpuid)),
     };
     Ok(builder::run_microvm(
         parts,

@@ -1,9 +1,11 @@
-//! The control virtqueue of a multi-queue network device. A vhost-user
-//! backend serves only the data queues; the VMM serves this one itself,
-//! on the main event loop: it reads the guest's command from guest memory
-//! (a virtio-queue [`Queue`]), answers `VIRTIO_NET_CTRL_MQ` /
-//! `VQ_PAIRS_SET` with `VIRTIO_NET_OK` when the number of pairs is one the
-//! device offered and every other command with `VIRTIO_NET_ERR`.
+//! The control virtqueue of a network device. A vhost-user backend serves
+//! only the data queues; the VMM serves this one itself, on the main event
+//! loop: it reads the guest's command from guest memory (a virtio-queue
+//! [`Queue`]) and answers `VIRTIO_NET_OK` to `VIRTIO_NET_CTRL_MQ` /
+//! `VQ_PAIRS_SET` when the number of pairs is one the device offered, and
+//! to `VIRTIO_NET_CTRL_ANNOUNCE` / `ANNOUNCE_ACK` while an announcement is
+//! pending (after a migration: the guest has sent its gratuitous ARPs);
+//! `VIRTIO_NET_ERR` to every other command.
 //!
 //! Everything in the queue is guest-controlled: a chain that is malformed
 //! (no ack byte, a header cut short, memory outside the guest's) is
@@ -12,7 +14,8 @@
 //! stop the VMM.
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -114,6 +117,9 @@ pub struct CtrlQueue {
     max_pairs: u16,
     /// What the guest last set with `VQ_PAIRS_SET`.
     pairs: u16,
+    /// `VIRTIO_NET_S_ANNOUNCE`: the guest was asked to announce itself and
+    /// has not acked yet.
+    announcing: bool,
     stats: CtrlStats,
 }
 
@@ -178,8 +184,20 @@ impl CtrlQueue {
             queue,
             max_pairs,
             pairs: 1,
+            announcing: false,
             stats: CtrlStats::default(),
         })
+    }
+
+    /// Asks the guest to announce itself: `VIRTIO_NET_S_ANNOUNCE` reads as
+    /// set until it acks. The caller raises the configuration interrupt.
+    pub fn announce(&mut self) {
+        self.announcing = true;
+    }
+
+    /// Whether an announcement is pending.
+    pub fn announcing(&self) -> bool {
+        self.announcing
     }
 
     /// What was answered so far.
@@ -283,21 +301,28 @@ impl CtrlQueue {
             return Err(short(2));
         }
         let [class, command, lo, hi] = request.bytes;
-        if u32::from(class) != VIRTIO_NET_CTRL_MQ
-            || u32::from(command) != VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
-        {
-            crate::guest_log_here!(
-                log::Level::Debug,
-                "interface {}: control command class {class} command {command} is not supported",
-                self.id
-            );
-            self.stats.refused += 1;
-            return Ok(ACK_ERR);
+        match (u32::from(class), u32::from(command)) {
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+                if request.len < COMMAND_BYTES {
+                    return Err(short(COMMAND_BYTES));
+                }
+                Ok(self.set_pairs(u16::from_le_bytes([lo, hi])))
+            }
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) => Ok(self.ack_announce()),
+            _ => {
+                crate::guest_log_here!(
+                    log::Level::Debug,
+                    "interface {}: control command class {class} command {command} is not supported",
+                    self.id
+                );
+                self.stats.refused += 1;
+                Ok(ACK_ERR)
+            }
         }
-        if request.len < COMMAND_BYTES {
-            return Err(short(COMMAND_BYTES));
-        }
-        let pairs = u16::from_le_bytes([lo, hi]);
+    }
+
+    /// `VQ_PAIRS_SET`: the guest uses `pairs` queue pairs.
+    fn set_pairs(&mut self, pairs: u16) -> u8 {
         if !(1..=self.max_pairs).contains(&pairs) {
             crate::guest_log_here!(
                 log::Level::Warn,
@@ -306,7 +331,7 @@ impl CtrlQueue {
                 self.max_pairs
             );
             self.stats.refused += 1;
-            return Ok(ACK_ERR);
+            return ACK_ERR;
         }
         if pairs != self.pairs {
             crate::guest_log_here!(
@@ -317,7 +342,23 @@ impl CtrlQueue {
         }
         self.pairs = pairs;
         self.stats.ok += 1;
-        Ok(ACK_OK)
+        ACK_OK
+    }
+
+    /// `ANNOUNCE_ACK`: the guest has announced itself (as QEMU, an ack
+    /// with nothing pending is refused).
+    fn ack_announce(&mut self) -> u8 {
+        if !std::mem::take(&mut self.announcing) {
+            self.stats.refused += 1;
+            return ACK_ERR;
+        }
+        crate::guest_log_here!(
+            log::Level::Info,
+            "interface {}: the guest announced itself",
+            self.id
+        );
+        self.stats.ok += 1;
+        ACK_OK
     }
 
     /// Counts a malformed chain and logs it, rate-limited.
@@ -489,6 +530,32 @@ mod tests {
         );
         // Nothing new: no interrupt.
         assert!(!ctrl.process(&mem, None));
+    }
+
+    #[test]
+    fn an_announce_ack_clears_a_pending_announcement_and_is_refused_otherwise() {
+        let mem = memory();
+        let mut ctrl = CtrlQueue::new("eth0", &mem, &layout(), 256, false, 1).unwrap();
+        let announce_ack = |head| {
+            let base = DATA + 0x100 * u64::from(head);
+            mem.write_slice(&[3, 0], GuestAddress(base)).unwrap();
+            desc(&mem, head, base, 2, F_NEXT, head + 1);
+            desc(&mem, head + 1, base + 0x20, 1, F_WRITE, 0);
+            GuestAddress(base + 0x20)
+        };
+        let early = announce_ack(0);
+        post(&mem, 0, &[0]);
+        assert!(ctrl.process(&mem, None));
+        assert_eq!(mem.read_obj::<u8>(early).unwrap(), ACK_ERR);
+        ctrl.announce();
+        assert!(ctrl.announcing());
+        let acked = announce_ack(2);
+        post(&mem, 1, &[2]);
+        assert!(ctrl.process(&mem, None));
+        assert_eq!(mem.read_obj::<u8>(acked).unwrap(), ACK_OK);
+        assert!(!ctrl.announcing());
+        assert_eq!(ctrl.stats().ok, 1);
+        assert_eq!(ctrl.stats().refused, 1);
     }
 
     #[test]

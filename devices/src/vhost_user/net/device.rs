@@ -2,15 +2,23 @@
 //! configuration space the guest's driver sees, turned into backend setup
 //! on activation. Frames never pass through the VMM.
 //!
-//! With more than one queue pair (and a backend that offers
-//! `VIRTIO_NET_F_MQ`) the guest is offered `MQ` and `CTRL_VQ` and sees
-//! `max_virtqueue_pairs` = the pairs; queue `2 * pairs` is the control
-//! queue, which the VMM serves itself ([`CtrlQueue`]) on its own
-//! ioeventfd and irqfd. The backend only ever hears of the data queues,
-//! and never of `CTRL_VQ`.
+//! The guest is offered `CTRL_VQ` (and, with more than one queue pair and
+//! a backend that offers `VIRTIO_NET_F_MQ`, `MQ`, with
+//! `max_virtqueue_pairs` = the pairs); queue `2 * pairs` is the control
+//! queue, which the VMM serves itself ([`CtrlQueue`]) on its own ioeventfd
+//! and irqfd. The backend only ever hears of the data queues, and never of
+//! `CTRL_VQ`.
+//!
+//! With the link status in the configuration space the guest is offered
+//! `GUEST_ANNOUNCE` too: after a migration (or a snapshot load) the VMM
+//! sets `VIRTIO_NET_S_ANNOUNCE` and raises a configuration interrupt; the
+//! guest sends gratuitous ARPs (and IPv6 neighbour advertisements) from
+//! its new TAP, so that bridges and switches send its traffic there, and
+//! acks on the control queue.
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_ANNOUNCE,
 };
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -36,6 +44,10 @@ const QUEUES_PER_PAIR: usize = 2;
 const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
 const MTU: u64 = 1 << VIRTIO_NET_F_MTU;
 const STATUS: u64 = 1 << VIRTIO_NET_F_STATUS;
+/// VIRTIO_NET_F_GUEST_ANNOUNCE: the VMM's, served on the control queue.
+const GUEST_ANNOUNCE: u64 = 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
+/// Where the `status` field sits in the configuration space.
+const STATUS_OFFSET: usize = 6;
 
 /// The eventfds of the control queue: its QueueNotify (an ioeventfd the
 /// VMM's event loop reads) and its interrupt (an irqfd on the device's IRQ).
@@ -59,10 +71,12 @@ pub struct Net {
     /// `max_virtqueue_pairs`: 1, or the pairs asked for that the backend
     /// serves.
     pairs: u16,
-    /// With more than one pair.
-    ctrl_fds: Option<CtrlEventFds>,
-    /// The control queue, from an activation that negotiated MQ to reset.
+    ctrl_fds: CtrlEventFds,
+    /// The control queue, from an activation that negotiated CTRL_VQ to
+    /// reset.
     ctrl: Option<CtrlQueue>,
+    /// The driver acked GUEST_ANNOUNCE.
+    guest_announces: bool,
 }
 
 impl VhostUserNet {
@@ -108,38 +122,38 @@ impl VhostUserNet {
             Some(_) => MAC & !features,
             None => 0,
         };
+        // CTRL_VQ is ours; MQ is the backend's (it serves the pairs).
+        vmm_features |= CTRL_VQ;
+        if features & STATUS != 0 {
+            vmm_features |= GUEST_ANNOUNCE;
+        }
         if pairs > 1 {
-            // MQ is the backend's (it serves the pairs); CTRL_VQ is ours.
             features |= MQ;
-            vmm_features |= CTRL_VQ;
         }
         features |= vmm_features;
         let data_queues = QUEUES_PER_PAIR * usize::from(pairs);
         let device = DeviceName::new(DeviceKind::Interface, id);
-        let ctrl_fds = if pairs > 1 {
-            let eventfd = || {
-                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|err| {
-                    VhostUserDeviceError::Frontend {
-                        device: device.clone(),
-                        source: FrontendError::EventFd(err),
-                    }
-                })
-            };
-            Some(CtrlEventFds {
-                kick: eventfd()?,
-                call: eventfd()?,
+        let eventfd = || {
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|err| {
+                VhostUserDeviceError::Frontend {
+                    device: device.clone(),
+                    source: FrontendError::EventFd(err),
+                }
             })
-        } else {
-            None
+        };
+        let ctrl_fds = CtrlEventFds {
+            kick: eventfd()?,
+            call: eventfd()?,
         };
         let queues = VhostUserQueues::new(device, frontend, mem, data_queues, CONFIG_SPACE_LEN)?;
-        let queue_count = data_queues + usize::from(ctrl_fds.is_some());
+        let queue_count = data_queues + 1;
         let model = Net {
             mac,
             vmm_features,
             pairs,
             ctrl_fds,
             ctrl: None,
+            guest_announces: false,
         };
         Ok(Self::with_model(queues, features, queue_count, model))
     }
@@ -150,11 +164,35 @@ impl VhostUserNet {
     }
 
     /// The control queue's index, its kick eventfd (to register as an
-    /// ioeventfd matching that index) and its call eventfd (an irqfd);
-    /// `None` with one queue pair.
-    pub fn ctrl_eventfds(&self) -> Option<(u32, &EventFd, &EventFd)> {
-        let fds = self.model.ctrl_fds.as_ref()?;
-        Some((2 * u32::from(self.model.pairs), &fds.kick, &fds.call))
+    /// ioeventfd matching that index) and its call eventfd (an irqfd).
+    pub fn ctrl_eventfds(&self) -> (u32, &EventFd, &EventFd) {
+        let fds = &self.model.ctrl_fds;
+        (2 * u32::from(self.model.pairs), &fds.kick, &fds.call)
+    }
+
+    /// Asks the guest to announce itself (after it moved): returns whether
+    /// it will, that is whether its driver acked GUEST_ANNOUNCE. The caller
+    /// then raises the configuration change interrupt
+    /// ([`Self::interrupt_guest`]).
+    pub fn announce(&mut self) -> bool {
+        match self.model.ctrl.as_mut() {
+            Some(ctrl) if self.model.guest_announces => {
+                ctrl.announce();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Raises the device's interrupt (for a configuration change).
+    pub fn interrupt_guest(&self) {
+        if let Err(err) = self.model.ctrl_fds.call.write(1) {
+            crate::guest_log_here!(
+                log::Level::Error,
+                "{}: cannot interrupt the guest: {err}",
+                self.queues.device()
+            );
+        }
     }
 
     /// What the control queue has answered since the last activation.
@@ -165,9 +203,7 @@ impl VhostUserNet {
     /// The guest notified the control queue: answers its commands and
     /// interrupts it if it wants. Called from the VMM's event loop.
     pub fn process_ctrl_queue(&mut self) {
-        let Some(fds) = &self.model.ctrl_fds else {
-            return;
-        };
+        let fds = &self.model.ctrl_fds;
         // Non-blocking: a spurious wake-up reads nothing.
         let _ = fds.kick.read();
         let Some(ctrl) = self.model.ctrl.as_mut() else {
@@ -196,9 +232,13 @@ impl DeviceModel for Net {
     fn read_config(&mut self, queues: &mut VhostUserQueues, offset: u64, data: &mut [u8]) {
         let mac = self.mac;
         let pairs = self.pairs;
+        let announcing = self.ctrl.as_ref().is_some_and(CtrlQueue::announcing);
         let result = queues.read_config(CONFIG_SPACE_LEN, offset, data, |space| {
             if let Some(mac) = mac {
                 space[0..6].copy_from_slice(&mac);
+            }
+            if announcing {
+                space[STATUS_OFFSET] |= VIRTIO_NET_S_ANNOUNCE as u8;
             }
             // The pairs this frontend set up, whatever the backend
             // could serve.
@@ -221,7 +261,7 @@ impl DeviceModel for Net {
         } else {
             QUEUES_PER_PAIR
         };
-        if ctrl_vq && !mq {
+        if ctrl_vq && !mq && self.pairs > 1 {
             // Its control queue would be queue 2, whose notifications go
             // to the backend's kick eventfd.
             return Err(ActivateError::BadQueue {
@@ -235,7 +275,8 @@ impl DeviceModel for Net {
             });
         }
         let data = &driver.layouts[..driver.layouts.len().min(data_count)];
-        let ctrl = match (mq, driver.layouts.get(data_count)) {
+        let max_pairs = if mq { self.pairs } else { 1 };
+        let ctrl = match (ctrl_vq, driver.layouts.get(data_count)) {
             (true, Some(layout)) => Some(
                 CtrlQueue::new(
                     &queues.device().id,
@@ -243,7 +284,7 @@ impl DeviceModel for Net {
                     layout,
                     QUEUE_SIZE,
                     driver.acked_features & features::EVENT_IDX != 0,
-                    self.pairs,
+                    max_pairs,
                 )
                 .map_err(|err| ActivateError::BadQueue {
                     index: data_count,
@@ -253,7 +294,7 @@ impl DeviceModel for Net {
             (true, None) => {
                 crate::guest_log_here!(
                     log::Level::Warn,
-                    "{}: the driver negotiated MQ but queue {data_count} (control) \
+                    "{}: the driver negotiated CTRL_VQ but queue {data_count} (control) \
                      is not ready; control commands will not be answered",
                     queues.device()
                 );
@@ -267,6 +308,7 @@ impl DeviceModel for Net {
         }
         queues.activate_for_guest(driver.acked_features & !self.vmm_features, data, QUEUE_SIZE)?;
         self.ctrl = ctrl;
+        self.guest_announces = driver.acked_features & GUEST_ANNOUNCE != 0;
         crate::guest_log_here!(
             log::Level::Info,
             "{}: active with {} data queue(s){}",
@@ -283,6 +325,7 @@ impl DeviceModel for Net {
 
     fn reset(&mut self, queues: &mut VhostUserQueues) {
         self.ctrl = None;
+        self.guest_announces = false;
         queues.reset_for_guest();
     }
 
