@@ -616,8 +616,64 @@ fn pages_left_out(base: &[u8], diff: &[u8]) -> usize {
 const DIFF_BLK_MIB: u64 = 4;
 const DIFF_BLK_ROUNDS: usize = 6;
 
+/// When dirty page tracking starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracking {
+    /// `track_dirty_pages` in the machine configuration.
+    FromBoot,
+    /// A migration started (and cancelled) switches it on.
+    FromMigration,
+}
+
 #[test]
 fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
+    diff_holds_what_the_vcpus_and_the_drive_wrote(Tracking::FromBoot);
+}
+
+/// A migration switches tracking on for the backends too: a Diff taken
+/// afterwards holds the pages the drive's backend wrote.
+#[test]
+fn a_migration_switches_dirty_tracking_on_for_the_drives_backend_too() {
+    diff_holds_what_the_vcpus_and_the_drive_wrote(Tracking::FromMigration);
+}
+
+/// Starts a migration to a fresh destination at 1 MiB/s and cancels it.
+fn start_and_cancel_a_migration(source: &mut ApiClient, dir: &Path) {
+    let path = dir.join("migration.sock");
+    let url = format!("unix:{}", path.display());
+    let dst = ApiVm::start(&[]);
+    let socket = dst.socket.clone();
+    let body = json!({"listen": url}).to_string();
+    let receiving = std::thread::spawn(move || {
+        ApiClient::connect(&socket)
+            .put("/migration/receive", &body)
+            .status
+    });
+    assert!(
+        tessera_tests::wait_for_path(&path, Duration::from_secs(10)),
+        "the destination never listened"
+    );
+    source.put_ok(
+        "/migration/send",
+        json!({"destination": url, "max_bandwidth_mib_s": 1}),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(source.put("/migration/cancel", "").status, 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while source.get("/migration").json()["phase"] != "cancelled" {
+        assert!(std::time::Instant::now() < deadline, "never cancelled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(receiving.join().unwrap(), 400);
+    drop(dst.vm.finish());
+}
+
+fn diff_holds_what_the_vcpus_and_the_drive_wrote(tracking: Tracking) {
+    // Enough rounds left for the base after a migration came and went.
+    let blk_rounds = match tracking {
+        Tracking::FromBoot => DIFF_BLK_ROUNDS,
+        Tracking::FromMigration => 3 * DIFF_BLK_ROUNDS,
+    };
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("data.img");
     let sectors = (DIFF_BLK_MIB << 20) / SECTOR as u64;
@@ -628,12 +684,13 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.blk=verify probe.blk_mib={DIFF_BLK_MIB} \
-                                     probe.blk_rounds={DIFF_BLK_ROUNDS} probe.seed={SEED:#x} \
+                                     probe.blk_rounds={blk_rounds} probe.seed={SEED:#x} \
                                      probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
     );
     c.put_ok(
         "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}),
+        json!({"vcpu_count": 1, "mem_size_mib": 128,
+               "track_dirty_pages": tracking == Tracking::FromBoot}),
     );
     c.put_ok(
         "/drives/data",
@@ -647,6 +704,9 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
             .count()
     };
     api.vm.wait_until(DEADLINE, |out, _| rounds_done(out) >= 1);
+    if tracking == Tracking::FromMigration {
+        start_and_cancel_a_migration(&mut c, dir.path());
+    }
 
     // The base: a Full snapshot while the drive still has rounds to read.
     assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
@@ -658,14 +718,14 @@ fn a_diff_on_top_of_its_full_base_holds_what_the_vcpus_and_the_drive_wrote() {
     );
     let at_base = rounds_done(&api.vm.stdout());
     assert!(
-        at_base < DIFF_BLK_ROUNDS,
+        at_base < blk_rounds,
         "every round was read before the base snapshot:\n{}",
         api.vm.stdout()
     );
     assert_eq!(c.patch("/vm", r#"{"state": "Resumed"}"#).status, 204);
     api.vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,3"));
-    assert_eq!(rounds_done(&api.vm.stdout()), DIFF_BLK_ROUNDS);
+    assert_eq!(rounds_done(&api.vm.stdout()), blk_rounds);
 
     // The Diff: the drive's reads after the base and the memory test's
     // fill and stamps, and not the pages nobody wrote since.

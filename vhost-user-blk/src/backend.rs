@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend_stats::{BlockCounter, Stats};
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost_user_backend::VringT;
 use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
@@ -688,8 +690,13 @@ impl Device for BlockBackend {
 
     /// The device starts write-back only if the driver can flush (virtio
     /// 1.2, 5.2.5.2); with CONFIG_WCE it may switch through `writeback`.
+    /// `VHOST_F_LOG_ALL` switched on or off on a running device (a
+    /// migration starting) leaves the cache mode the guest chose.
     fn acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Relaxed);
+        let before = self.acked_features.swap(features, Ordering::Relaxed);
+        if before ^ features == VhostUserVirtioFeatures::LOG_ALL.bits() {
+            return;
+        }
         self.disk
             .set_write_through(features & (1 << VIRTIO_BLK_F_FLUSH) == 0);
     }
@@ -952,6 +959,23 @@ mod tests {
         backend.acked_features(features & !(1 << VIRTIO_BLK_F_CONFIG_WCE));
         backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
         assert_eq!(writeback(), 1);
+    }
+
+    #[test]
+    fn dirty_logging_switched_on_keeps_the_cache_mode_the_guest_chose() {
+        let device = device();
+        let backend = &device.backend;
+        let features =
+            Served(backend.clone()).features() & !VhostUserVirtioFeatures::LOG_ALL.bits();
+        backend.acked_features(features);
+        backend.set_config(WRITEBACK_OFFSET, &[0]).unwrap();
+        assert!(backend.disk.write_through());
+        backend.acked_features(features | VhostUserVirtioFeatures::LOG_ALL.bits());
+        assert!(backend.disk.write_through(), "the guest's choice was lost");
+        // A driver that negotiates again starts from the default.
+        backend.acked_features(features);
+        backend.acked_features(features);
+        assert!(!backend.disk.write_through());
     }
 
     #[test]

@@ -486,10 +486,14 @@ pub(crate) fn attach_vhost_user_devices(
         vsock,
         dirty_log: None,
     };
-    if resources.machine_config.track_dirty_pages && has_backends(resources) {
+    if has_backends(resources) {
+        // Made now, while the VMM may still create memfds: without
+        // track_dirty_pages a migration has the backends use it later.
         let mem_end = mem.last_addr().0 + 1;
         let log = Arc::new(DirtyLog::new(mem_end).map_err(StartMicrovmError::DirtyLog)?);
-        attached.share_dirty_log(&log);
+        if resources.machine_config.track_dirty_pages {
+            attached.share_dirty_log(&log);
+        }
         attached.dirty_log = Some(log);
     }
     Ok(attached)

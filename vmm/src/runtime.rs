@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use devices::legacy::i8042::{I8042Error, I8042};
 use devices::legacy::serial::SerialDevice;
-use devices::vhost_user::{DirtyLog, VhostUserDevice};
+use devices::vhost_user::{DeviceName, DirtyLog, VhostUserDevice};
 use devices::virtio::MmioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
@@ -326,6 +326,31 @@ impl Vmm {
         }
         if let Some(transport) = &self.devices.vsock {
             snapshot::resume_device(transport);
+        }
+    }
+
+    /// Calls `f` with the name and the queues of every vhost-user device.
+    pub(crate) fn for_each_device_queues(
+        &self,
+        mut f: impl FnMut(&DeviceName, &mut devices::vhost_user::VhostUserQueues),
+    ) {
+        fn with<D: VhostUserDevice>(
+            transport: &Mutex<MmioTransport<D>>,
+            f: &mut impl FnMut(&DeviceName, &mut devices::vhost_user::VhostUserQueues),
+        ) {
+            let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+            let queues = transport.device_mut().queues_mut();
+            let name = queues.device().clone();
+            f(&name, queues);
+        }
+        for transport in &self.devices.block {
+            with(transport, &mut f);
+        }
+        for transport in &self.devices.net {
+            with(transport, &mut f);
+        }
+        if let Some(transport) = &self.devices.vsock {
+            with(transport, &mut f);
         }
     }
 

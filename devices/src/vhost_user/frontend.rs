@@ -44,6 +44,8 @@ pub enum FrontendError {
     FillMemory(std::io::Error),
     #[error("the backend did not say where it mapped guest memory (postcopy)")]
     NoBackendMappings,
+    #[error("the backend cannot log the pages it writes (it lacks VHOST_F_LOG_ALL or the LOG_SHMFD protocol feature)")]
+    CannotLog,
 }
 
 impl FrontendError {
@@ -407,6 +409,27 @@ impl VhostUserFrontend {
             self.transport("GET_VRING_BASE", |f| f.get_vring_base(index))?;
         }
         Ok(())
+    }
+
+    /// Has the backend serving the guest's queues (negotiated with
+    /// `acked_features`) log the pages it writes in `log` from now on:
+    /// SET_LOG_BASE, then SET_FEATURES with `VHOST_F_LOG_ALL`.
+    pub fn start_logging(
+        &mut self,
+        log: &DirtyLog,
+        acked_features: u64,
+    ) -> Result<(), FrontendError> {
+        if !self.can_log {
+            return Err(FrontendError::CannotLog);
+        }
+        self.transport("SET_LOG_BASE", |f| f.set_log_base(0, Some(log.region())))?;
+        self.transport("SET_FEATURES", |f| {
+            f.set_features(
+                acked_features
+                    | VHOST_USER_F_PROTOCOL_FEATURES
+                    | VhostUserVirtioFeatures::LOG_ALL.bits(),
+            )
+        })
     }
 
     /// Stops the first `queues` queues for a snapshot: the backend replies

@@ -433,6 +433,19 @@ impl VhostUserQueues {
         self.dirty_log = Some(log);
     }
 
+    /// Has the backend mark the pages it writes in `log` from now on (the
+    /// one serving the guest's queues at once, and every later one).
+    pub fn start_dirty_log(&mut self, log: Arc<DirtyLog>) -> Result<(), FrontendError> {
+        if let Some(activation) = self.activation.as_ref().filter(|_| self.connected) {
+            self.frontend
+                .start_logging(&log, activation.acked_features)?;
+        } else if !self.frontend.can_log() {
+            return Err(FrontendError::CannotLog);
+        }
+        self.dirty_log = Some(log);
+        Ok(())
+    }
+
     /// Guest memory is filled on demand by `server` (a loaded snapshot):
     /// every backend from the next activation on has it serve the faults
     /// of its mappings.

@@ -20,11 +20,6 @@ pub enum MigrationError {
     NotRunning,
     #[error("the migration is in its last step and cannot be cancelled")]
     TooLate,
-    #[error(
-        "a microVM with drives, network interfaces or vsock migrates only with \
-         track_dirty_pages (machine-config): its backends must log the pages they write"
-    )]
-    NeedsDirtyTracking,
     #[error("cannot track dirty pages: {0}")]
     DirtyTracking(String),
     #[error("cannot start the migration thread: {0}")]
@@ -53,13 +48,7 @@ impl Vmm {
             return Err(MigrationError::Busy);
         }
         if !self.resources.machine_config.track_dirty_pages {
-            if crate::builder::has_backends(&self.resources) {
-                return Err(MigrationError::NeedsDirtyTracking);
-            }
-            self._vm
-                .track_dirty_pages(&self._guest_memory)
-                .map_err(|e| MigrationError::DirtyTracking(e.to_string()))?;
-            self.resources.machine_config.track_dirty_pages = true;
+            self.start_dirty_tracking()?;
         }
         let hello = Hello {
             config: self.resources.to_config_json(),
@@ -78,6 +67,31 @@ impl Vmm {
         let wake = outgoing.wake_fd().map_err(MigrationError::Thread)?;
         self.migration = Some(outgoing);
         Ok(wake)
+    }
+
+    /// Switches dirty page tracking on for a microVM booted without it:
+    /// every backend marks the pages it writes in the log made at boot,
+    /// and KVM logs the vCPUs' writes. It stays on after the migration.
+    fn start_dirty_tracking(&mut self) -> Result<(), MigrationError> {
+        if let Some(log) = &self.dirty_log {
+            let mut failed = None;
+            self.for_each_device_queues(|name, queues| {
+                if failed.is_none() {
+                    if let Err(err) = queues.start_dirty_log(log.clone()) {
+                        failed = Some(format!("{name}: {err}"));
+                    }
+                }
+            });
+            if let Some(reason) = failed {
+                return Err(MigrationError::DirtyTracking(reason));
+            }
+        }
+        self._vm
+            .track_dirty_pages(&self._guest_memory)
+            .map_err(|e| MigrationError::DirtyTracking(e.to_string()))?;
+        self.resources.machine_config.track_dirty_pages = true;
+        log::info!("migration: dirty page tracking is on");
+        Ok(())
     }
 
     /// `PUT /migration/cancel`.
