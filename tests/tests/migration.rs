@@ -420,6 +420,10 @@ fn a_guest_pinged_every_10_ms_moves_to_another_tap_and_loses_only_the_pause() {
     // Pings of the pause, plus a margin for the replies in flight and the
     // loaded machine's scheduling.
     let allowed = downtime_ms / INTERVAL_MS + 25;
+    eprintln!(
+        "{} of {sent} pings lost across a {downtime_ms} ms pause",
+        sent - received
+    );
     assert!(
         sent - received <= allowed,
         "{} of {sent} pings lost with a {downtime_ms} ms pause (at most {allowed}):\n{summary}",
@@ -608,7 +612,11 @@ fn a_snapshot_loaded_paused_moves_with_the_memory_its_file_holds() {
     loaded
         .client()
         .put_ok("/migration/send", json!({"destination": url}));
-    assert!(loaded.vm.wait_until(DEADLINE, |_, _| false));
+    assert!(
+        loaded.vm.wait_until(DEADLINE, |_, _| false),
+        "the source did not end: {}",
+        loaded.client().get("/migration").body
+    );
     let (status, body) = receiving.join().unwrap();
     assert_eq!(status, 204, "{body}");
     let last = numbers(&before, "probe.tick=").last().copied().unwrap_or(0);

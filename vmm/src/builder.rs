@@ -45,6 +45,8 @@ pub enum StartMicrovmError {
     TooManyVcpus { wanted: u8, max: usize },
     #[error("KVM cannot report the CPUID it supports: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot check this host's CPU features with a scratch vCPU: {0}")]
+    ScratchVcpu(kvm_ioctls::Error),
     #[error("cannot open the serial output file {path}: {source}")]
     SerialOutput { path: String, source: io::Error },
     #[error(transparent)]
@@ -194,7 +196,7 @@ pub fn build_microvm(
     );
     let buses = (Arc::new(legacy.pio_bus), Arc::new(legacy.mmio_bus));
     let vcpus = create_vcpus(&kvm, &vm, machine, buses, kernel.entry)?;
-    let guest_cpu = host_cpu_features(&kvm, machine)?;
+    let guest_cpu = vcpus[0].cpu_features()?;
     let parts = Parts {
         guest_memory,
         vm,
@@ -538,7 +540,10 @@ fn guest_cpuid_base(kvm: &Kvm) -> Result<CpuId, StartMicrovmError> {
     Ok(cpuid)
 }
 
-/// The CPU features a booted vCPU 0 of `machine` gets on this host.
+/// The CPU features a booted vCPU 0 of `machine` gets on this host: what
+/// a scratch vCPU given its CPUID reports back, as a booted one does (an
+/// emulating KVM such as kvm_pvm shows the guest more than its supported
+/// set).
 pub(crate) fn host_cpu_features(
     kvm: &Kvm,
     machine: &vmm_config::MachineConfig,
@@ -546,7 +551,16 @@ pub(crate) fn host_cpu_features(
     let mut cpuid = guest_cpuid_base(kvm)?;
     crate::arch::cpuid::normalize(&mut cpuid, topology(machine, 0))
         .map_err(|source| VcpuError::Cpuid { index: 0, source })?;
-    Ok(CpuFeatures::of(cpuid.as_slice()))
+    let scratch = kvm.create_vm().map_err(StartMicrovmError::ScratchVcpu)?;
+    let vcpu = scratch
+        .create_vcpu(0)
+        .map_err(StartMicrovmError::ScratchVcpu)?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(StartMicrovmError::ScratchVcpu)?;
+    let seen = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StartMicrovmError::ScratchVcpu)?;
+    Ok(CpuFeatures::of(seen.as_slice()))
 }
 
 /// The MSRs KVM can save and restore, for snapshots.

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use devices::Bus;
 use kvm_bindings::kvm_run;
 use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::cpu_features::CpuFeatures;
 use crate::arch::cpuid::{self, CpuidError, Topology};
 use crate::arch::msr::{self, MsrError};
 use crate::arch::regs::{self, EntryPoint, RegsError};
@@ -35,6 +37,11 @@ pub enum VcpuError {
     Cpuid { index: u8, source: CpuidError },
     #[error("vCPU {index}: cannot set CPUID: {source}")]
     SetCpuid {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: cannot read CPUID: {source}")]
+    GetCpuid {
         index: u8,
         source: kvm_ioctls::Error,
     },
@@ -253,6 +260,18 @@ impl Vcpu {
             mmio_bus,
             msr_list,
         })
+    }
+
+    /// The CPU features its guest sees (its CPUID as KVM reports it).
+    pub fn cpu_features(&self) -> Result<CpuFeatures, VcpuError> {
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VcpuError::GetCpuid {
+                index: self.index,
+                source,
+            })?;
+        Ok(CpuFeatures::of(cpuid.as_slice()))
     }
 
     /// Puts a snapshot's state into this new vCPU.
