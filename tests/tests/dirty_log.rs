@@ -53,12 +53,12 @@ fn set_desc(mem: &GuestMemoryMmap, index: u64, addr: u64, len: u32, flags: u32, 
         .unwrap();
 }
 
-#[test]
-fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
+/// A `vhost-user-blk` on a disk of `DISK_BYTE`s and Tessera's frontend,
+/// negotiated with it.
+fn backend(dir: &std::path::Path) -> (Running, VhostUserFrontend) {
+    let image = dir.join("disk.img");
     std::fs::write(&image, vec![DISK_BYTE; 1 << 20]).unwrap();
-    let socket = dir.path().join("blk.sock");
+    let socket = dir.join("blk.sock");
     let mut command = Command::new(workspace_bin("vhost-user-blk"));
     command
         .arg("--socket")
@@ -66,54 +66,72 @@ fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
         .arg("--path")
         .arg(&image)
         .env_remove("RUST_LOG");
-    let _backend = Running::spawn(command);
+    let backend = Running::spawn(command);
     assert!(tessera_tests::wait_for_listener(
         &socket,
         Duration::from_secs(10)
     ));
-
-    let mut frontend = VhostUserFrontend::connect(&socket, 1).unwrap();
+    let frontend = VhostUserFrontend::connect(&socket, 1).unwrap();
     assert!(frontend.can_log(), "vhost-user-blk offers no dirty log");
-    let mem = shared_memory();
-    let log = DirtyLog::new(MEM_SIZE as u64).unwrap();
+    (backend, frontend)
+}
+
+/// Starts queue 0 with `log` (or none).
+fn activate(
+    frontend: &mut VhostUserFrontend,
+    mem: &GuestMemoryMmap,
+    (kick, call): (&EventFd, &EventFd),
+    log: Option<&DirtyLog>,
+) {
     let layout = QueueLayout {
         size: QUEUE_SIZE,
         desc_table: GuestAddress(DESC_TABLE),
         avail_ring: GuestAddress(AVAIL_RING),
         used_ring: GuestAddress(USED_RING),
     };
-    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let setup = QueueSetup {
-        mem: &mem,
+        mem,
         acked_features: 1 << VIRTIO_F_VERSION_1,
         queues: &[layout],
         queue_max_size: QUEUE_SIZE,
-        kicks: std::slice::from_ref(&kick),
-        calls: std::slice::from_ref(&call),
+        kicks: std::slice::from_ref(kick),
+        calls: std::slice::from_ref(call),
         resume: false,
-        log: Some(&log),
+        log,
         page_faults: None,
     };
     frontend
         .activate(&DeviceName::new(DeviceKind::Drive, "data"), &setup)
         .unwrap();
+}
 
-    // VIRTIO_BLK_T_IN of sector 0 into one page.
+/// Request `n` (0, 1, ...): VIRTIO_BLK_T_IN of sector 0 into the page at
+/// `data`, its status byte at `STATUS + n`; waits for it to complete.
+fn read_sector_0(mem: &GuestMemoryMmap, kick: &EventFd, n: u16, data: u64) {
+    let head = 3 * n;
+    let status = STATUS + u64::from(n);
     mem.write_slice(&[0u8; 16], GuestAddress(HEADER)).unwrap();
-    set_desc(&mem, 0, HEADER, 16, VRING_DESC_F_NEXT, 1);
     set_desc(
-        &mem,
-        1,
-        DATA,
+        mem,
+        u64::from(head),
+        HEADER,
+        16,
+        VRING_DESC_F_NEXT,
+        head + 1,
+    );
+    set_desc(
+        mem,
+        u64::from(head + 1),
+        data,
         4096,
         VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
-        2,
+        head + 2,
     );
-    set_desc(&mem, 2, STATUS, 1, VRING_DESC_F_WRITE, 0);
-    mem.write_obj(0u16, GuestAddress(AVAIL_RING + 4)).unwrap();
+    set_desc(mem, u64::from(head + 2), status, 1, VRING_DESC_F_WRITE, 0);
+    mem.write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(n)))
+        .unwrap();
     mem.store(
-        1u16.to_le(),
+        (n + 1).to_le(),
         GuestAddress(AVAIL_RING + 2),
         Ordering::Release,
     )
@@ -123,16 +141,30 @@ fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
     while mem
         .load::<u16>(GuestAddress(USED_RING + 2), Ordering::Acquire)
         .unwrap()
-        != 1
+        != n + 1
     {
-        assert!(Instant::now() < deadline, "the read never completed");
+        assert!(Instant::now() < deadline, "read {n} never completed");
         std::thread::sleep(Duration::from_millis(1));
     }
+    let mut bytes = [0u8; 4096];
+    mem.read_slice(&mut bytes, GuestAddress(data)).unwrap();
+    assert!(bytes.iter().all(|&b| b == DISK_BYTE));
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
+}
 
-    let mut data = [0u8; 4096];
-    mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
-    assert!(data.iter().all(|&b| b == DISK_BYTE));
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+fn eventfd() -> EventFd {
+    EventFd::new(libc::EFD_NONBLOCK).unwrap()
+}
+
+#[test]
+fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_backend, mut frontend) = backend(dir.path());
+    let mem = shared_memory();
+    let log = DirtyLog::new(MEM_SIZE as u64).unwrap();
+    let (kick, call) = (eventfd(), eventfd());
+    activate(&mut frontend, &mem, (&kick, &call), Some(&log));
+    read_sector_0(&mem, &kick, 0, DATA);
     for (addr, what) in [
         (DATA, "the data the disk filled"),
         (STATUS, "the status byte"),
@@ -147,4 +179,32 @@ fn a_block_read_into_the_guest_is_in_the_dirty_log_and_nothing_it_only_read() {
     ] {
         assert!(!log.is_marked(GuestAddress(addr)), "{what} is logged");
     }
+}
+
+/// What a migration of a microVM booted without dirty tracking does: the
+/// backend serving the queue is told to log from then on, without a
+/// restart of its queues.
+#[test]
+fn a_running_backend_logs_its_writes_from_when_it_is_told_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_backend, mut frontend) = backend(dir.path());
+    let mem = shared_memory();
+    let log = DirtyLog::new(MEM_SIZE as u64).unwrap();
+    let (kick, call) = (eventfd(), eventfd());
+    activate(&mut frontend, &mem, (&kick, &call), None);
+    read_sector_0(&mem, &kick, 0, DATA);
+    assert!(!log.is_marked(GuestAddress(DATA)));
+    frontend
+        .start_logging(&log, 1 << VIRTIO_F_VERSION_1)
+        .unwrap();
+    read_sector_0(&mem, &kick, 1, UNTOUCHED);
+    assert!(
+        log.is_marked(GuestAddress(UNTOUCHED)),
+        "the read after the switch is not logged"
+    );
+    assert!(log.is_marked(GuestAddress(USED_RING)));
+    assert!(
+        !log.is_marked(GuestAddress(DATA)),
+        "the read before the switch is logged"
+    );
 }

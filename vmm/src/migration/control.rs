@@ -89,6 +89,20 @@ impl Vmm {
         self._vm
             .track_dirty_pages(&self._guest_memory)
             .map_err(|e| MigrationError::DirtyTracking(e.to_string()))?;
+        // The logs know nothing of what was written before: the next Diff
+        // snapshot writes every page in memory now, as one without
+        // tracking does.
+        let resident = dirty::resident(&self._guest_memory)
+            .map_err(|e| MigrationError::DirtyTracking(e.to_string()))?;
+        let mut unsaved = self
+            .unsaved_dirty_pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match unsaved.as_mut() {
+            Some(pages) => pages.merge(&resident),
+            None => *unsaved = Some(resident),
+        }
+        drop(unsaved);
         self.resources.machine_config.track_dirty_pages = true;
         log::info!("migration: dirty page tracking is on");
         Ok(())
