@@ -679,7 +679,7 @@ fn diff_holds_what_the_vcpus_and_the_drive_wrote(tracking: Tracking) {
         "/boot-source",
         json!({"kernel_image_path": guest_artifacts().probe(),
                "boot_args": format!("console=ttyS0 probe.blk=verify probe.blk_mib={DIFF_BLK_MIB} \
-                                     probe.DIFF_BLK_ROUNDS={DIFF_BLK_ROUNDS} probe.seed={SEED:#x} \
+                                     probe.blk_rounds={DIFF_BLK_ROUNDS} probe.seed={SEED:#x} \
                                      probe.ticks=0 probe.memtest={MEMTEST_MIB}")}),
     );
     c.put_ok(
