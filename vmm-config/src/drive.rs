@@ -2,6 +2,7 @@
 //! served by a `vhost-user-blk` backend process once block support lands.
 
 use std::path::Path;
+use tessera_rate_limiter::RateLimiterConfig;
 
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +65,7 @@ pub struct BlockDeviceConfig {
     #[serde(default)]
     pub io_engine: IoEngine,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
 }
@@ -117,7 +118,7 @@ pub struct BlockDeviceUpdate {
     #[serde(default)]
     pub path_on_host: Option<String>,
     #[serde(default)]
-    pub rate_limiter: Option<serde_json::Value>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Tessera's `num_queue_pairs` (multi-queue, 1 to [`MAX_QUEUE_PAIRS`]).
 
 use serde::{Deserialize, Serialize};
+use tessera_rate_limiter::RateLimiterConfig;
 
 use crate::is_valid_id;
 
@@ -40,9 +41,9 @@ pub struct NetworkInterfaceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     /// Tessera addition: an external vhost-user-net backend's socket,
@@ -61,9 +62,9 @@ pub struct NetworkInterfaceConfig {
 pub struct NetworkInterfaceUpdate {
     pub iface_id: String,
     #[serde(default)]
-    pub rx_rate_limiter: Option<serde_json::Value>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default)]
-    pub tx_rate_limiter: Option<serde_json::Value>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetworkInterfaceConfig {

@@ -13,6 +13,7 @@ pub use vsock::{VsockResource, VsockSocketError};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use tessera_rate_limiter::RateLimiterConfig;
 
 pub use vmm_config::{
     BlockDeviceConfig, BootSourceConfig, HugePageConfig, LoggerConfig, MachineConfig,
@@ -234,7 +235,11 @@ impl VmResources {
 
     /// Applies `PATCH /drives/{id}` before boot: a new backing file.
     pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), ResourcesError> {
-        if update.rate_limiter.as_ref().is_some_and(limits_anything) {
+        if update
+            .rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiterConfig::limits_anything)
+        {
             return Err(ResourcesError::RateLimiter(format!(
                 "drive {:?}",
                 update.drive_id
@@ -271,7 +276,11 @@ impl VmResources {
                 socket: socket.clone(),
             });
         }
-        if update.rate_limiter.as_ref().is_some_and(limits_anything) {
+        if update
+            .rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiterConfig::limits_anything)
+        {
             return Err(ResourcesError::RateLimiter(format!(
                 "drive {:?}",
                 update.drive_id
@@ -304,7 +313,11 @@ impl VmResources {
         }
         let limited = [&update.rx_rate_limiter, &update.tx_rate_limiter]
             .into_iter()
-            .any(|limiter| limiter.as_ref().is_some_and(limits_anything));
+            .any(|limiter| {
+                limiter
+                    .as_ref()
+                    .is_some_and(RateLimiterConfig::limits_anything)
+            });
         if limited {
             return Err(ResourcesError::RateLimiter(format!(
                 "network interface {:?}",
@@ -335,7 +348,11 @@ impl VmResources {
     /// Adds or replaces a drive, keeping at most one root device.
     pub fn insert_drive(&mut self, drive: BlockDeviceConfig) -> Result<(), ResourcesError> {
         drive.validate()?;
-        if drive.rate_limiter.as_ref().is_some_and(limits_anything) {
+        if drive
+            .rate_limiter
+            .as_ref()
+            .is_some_and(RateLimiterConfig::limits_anything)
+        {
             return Err(ResourcesError::RateLimiter(format!(
                 "drive {:?}",
                 drive.drive_id
@@ -369,7 +386,11 @@ impl VmResources {
         iface.validate()?;
         let limited = [&iface.rx_rate_limiter, &iface.tx_rate_limiter]
             .into_iter()
-            .any(|limiter| limiter.as_ref().is_some_and(limits_anything));
+            .any(|limiter| {
+                limiter
+                    .as_ref()
+                    .is_some_and(RateLimiterConfig::limits_anything)
+            });
         if limited {
             return Err(ResourcesError::RateLimiter(format!(
                 "network interface {:?}",
