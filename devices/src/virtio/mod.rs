@@ -1,9 +1,12 @@
 //! Virtio device plumbing shared by the VMM's devices: the device trait the
 //! transport drives, and the virtio-mmio transport itself.
 
+pub mod entropy;
 mod mmio;
+mod queue;
 
 pub use mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use queue::{queue_from_layout, take_over_at_used_index, QueueLayoutError};
 
 use vm_memory::GuestAddress;
 

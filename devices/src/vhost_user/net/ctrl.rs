@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::vhost_user::dirty_log::used_ring_len;
 use crate::vhost_user::DirtyLog;
-use crate::virtio::QueueLayout;
+use crate::virtio::{queue_from_layout, take_over_at_used_index, QueueLayout, QueueLayoutError};
 
 /// `VIRTIO_NET_OK` and `VIRTIO_NET_ERR`, the ack byte's two values.
 const ACK_OK: u8 = VIRTIO_NET_OK as u8;
@@ -38,24 +38,8 @@ const MAX_ROUNDS: usize = 16;
 /// Errors setting up the control queue or in one of the guest's commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CtrlQueueError {
-    #[error("cannot create a control queue of size {size}: {source}")]
-    Create {
-        size: u16,
-        source: virtio_queue::Error,
-    },
-    #[error("the control queue layout is invalid ({what} at {addr:#x}): {source}")]
-    Layout {
-        what: &'static str,
-        addr: u64,
-        source: virtio_queue::Error,
-    },
-    #[error("the control queue (size {size}, descriptors at {desc:#x}, avail at {avail:#x}, used at {used:#x}) does not fit in guest memory")]
-    OutsideMemory {
-        size: u16,
-        desc: u64,
-        avail: u64,
-        used: u64,
-    },
+    #[error("the control queue: {0}")]
+    Queue(#[from] QueueLayoutError),
     #[error(
         "command at head {head}: cannot read {len} bytes of guest memory at {addr:#x}: {source}"
     )]
@@ -127,13 +111,7 @@ impl CtrlQueue {
     /// A loaded snapshot's queue: the VMM answered every command before the
     /// snapshot, so the driver's used index is where the queue goes on.
     pub fn take_over(&mut self, mem: &GuestMemoryMmap) {
-        if let Ok(used) = self
-            .queue
-            .used_idx(mem, std::sync::atomic::Ordering::Acquire)
-        {
-            self.queue.set_next_avail(used.0);
-            self.queue.set_next_used(used.0);
-        }
+        take_over_at_used_index(&mut self.queue, mem);
     }
 
     /// Builds the queue the driver laid out (`layout`, of at most
@@ -146,39 +124,7 @@ impl CtrlQueue {
         event_idx: bool,
         max_pairs: u16,
     ) -> Result<Self, CtrlQueueError> {
-        let mut queue = Queue::new(max_size).map_err(|source| CtrlQueueError::Create {
-            size: max_size,
-            source,
-        })?;
-        let layout_err = |what, addr: GuestAddress| {
-            move |source| CtrlQueueError::Layout {
-                what,
-                addr: addr.0,
-                source,
-            }
-        };
-        queue
-            .try_set_size(layout.size)
-            .map_err(layout_err("size", GuestAddress(u64::from(layout.size))))?;
-        queue
-            .try_set_desc_table_address(layout.desc_table)
-            .map_err(layout_err("descriptor table", layout.desc_table))?;
-        queue
-            .try_set_avail_ring_address(layout.avail_ring)
-            .map_err(layout_err("available ring", layout.avail_ring))?;
-        queue
-            .try_set_used_ring_address(layout.used_ring)
-            .map_err(layout_err("used ring", layout.used_ring))?;
-        queue.set_event_idx(event_idx);
-        queue.set_ready(true);
-        if !queue.is_valid(mem) {
-            return Err(CtrlQueueError::OutsideMemory {
-                size: layout.size,
-                desc: layout.desc_table.0,
-                avail: layout.avail_ring.0,
-                used: layout.used_ring.0,
-            });
-        }
+        let queue = queue_from_layout(mem, layout, max_size, event_idx)?;
         Ok(Self {
             id: id.to_string(),
             queue,
@@ -608,13 +554,15 @@ mod tests {
         bad.used_ring = GuestAddress(0xffff_f000);
         assert!(matches!(
             CtrlQueue::new("eth0", &mem, &bad, 256, false, 2),
-            Err(CtrlQueueError::OutsideMemory { .. })
+            Err(CtrlQueueError::Queue(
+                QueueLayoutError::OutsideMemory { .. }
+            ))
         ));
         bad = layout();
         bad.desc_table = GuestAddress(DESC + 1);
         assert!(matches!(
             CtrlQueue::new("eth0", &mem, &bad, 256, false, 2),
-            Err(CtrlQueueError::Layout { .. })
+            Err(CtrlQueueError::Queue(QueueLayoutError::Layout { .. }))
         ));
     }
 }
