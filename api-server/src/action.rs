@@ -1,10 +1,11 @@
 //! The typed actions the API asks of the VMM, and their outcomes.
 
 use vmm_config::{
-    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams, InstanceInfo,
-    LoadSnapshotParams, LoggerConfig, MachineConfig, MachineConfigUpdate, MetricsConfig,
-    MigrationReceiveParams, MigrationSendParams, MigrationStatus, NetworkInterfaceConfig,
-    NetworkInterfaceUpdate, SerialConfig, VsockDeviceConfig,
+    BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
+    EntropyDeviceConfig, InstanceInfo, LoadSnapshotParams, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, MigrationReceiveParams, MigrationSendParams,
+    MigrationStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig,
+    VsockDeviceConfig,
 };
 
 /// One request for the VMM thread.
@@ -24,6 +25,7 @@ pub enum VmmAction {
     PutMetrics(MetricsConfig),
     PutSerial(SerialConfig),
     PutVsock(VsockDeviceConfig),
+    PutEntropy(EntropyDeviceConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,

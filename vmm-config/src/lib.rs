@@ -4,6 +4,7 @@
 
 mod boot_source;
 mod drive;
+mod entropy;
 mod host_file;
 mod logger;
 mod machine_config;
@@ -17,6 +18,7 @@ mod vsock;
 
 pub use boot_source::{BootSourceConfig, BootSourceError, DEFAULT_KERNEL_CMDLINE};
 pub use drive::{BlockDeviceConfig, BlockDeviceUpdate, CacheType, DriveError, IoEngine};
+pub use entropy::EntropyDeviceConfig;
 pub use host_file::{check_disk, kind_of, open_regular, HostFileError};
 pub use logger::{LoggerConfig, LoggerError, LoggerLevel};
 pub use machine_config::{

@@ -62,6 +62,8 @@ pub enum StartMicrovmError {
     #[error(transparent)]
     Device(#[from] AttachError),
     #[error(transparent)]
+    Entropy(#[from] device_manager::EntropyAttachError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventLoop(String),
@@ -371,6 +373,8 @@ pub(crate) struct AttachedDevices {
     pub(crate) block_spawner: Option<BackendSpawner>,
     pub(crate) net: Vec<(device_manager::NetTransport, device_manager::Connector)>,
     pub(crate) vsock: Option<(device_manager::VsockTransport, device_manager::Connector)>,
+    /// The entropy device, which the VMM serves itself.
+    pub(crate) entropy: Option<device_manager::EntropyTransport>,
     /// The log their backends mark the pages they write in, while the
     /// microVM tracks dirty pages (`track_dirty_pages`).
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
@@ -396,9 +400,13 @@ impl AttachedDevices {
         self.for_each_queues(|queues| queues.set_page_fault_server(server.clone()));
     }
 
-    /// Has every device's backend log the pages it writes in `log`.
+    /// Has every device's backend (and the VMM's own entropy device) log
+    /// the pages it writes in `log`.
     fn share_dirty_log(&self, log: &Arc<DirtyLog>) {
         self.for_each_queues(|queues| queues.set_dirty_log(log.clone()));
+        if let Some(entropy) = &self.entropy {
+            lock(entropy).device_mut().set_dirty_log(log.clone());
+        }
     }
 }
 
@@ -481,16 +489,26 @@ pub(crate) fn attach_vhost_user_devices(
             )?)
         }
     };
+    let entropy = match &resources.entropy {
+        None => None,
+        Some(config) => {
+            let slot = block.len() + net.len() + usize::from(vsock.is_some());
+            Some(device_manager::attach_entropy_device(
+                vm, mem, config, slot, mmio_bus, cmdline,
+            )?)
+        }
+    };
     let mut attached = AttachedDevices {
         block,
         block_spawner,
         net,
         vsock,
+        entropy,
         dirty_log: None,
     };
-    if has_backends(resources) {
+    if has_backends(resources) || attached.entropy.is_some() {
         // Made now, while the VMM may still create memfds: without
-        // track_dirty_pages a migration has the backends use it later.
+        // track_dirty_pages a migration has the devices use it later.
         let mem_end = mem.last_addr().0 + 1;
         let log = Arc::new(DirtyLog::new(mem_end).map_err(StartMicrovmError::DirtyLog)?);
         if resources.machine_config.track_dirty_pages {
@@ -595,7 +613,12 @@ fn watch_backends(
         event_manager.add_subscriber(subscriber(monitor)?);
         vsock = Some(transport);
     }
+    if let Some(transport) = &attached.entropy {
+        let monitor = device_manager::EntropyMonitor::new(transport.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
+    }
     Ok(Devices {
+        entropy: attached.entropy,
         block,
         block_spawner: attached.block_spawner,
         net,

@@ -120,6 +120,7 @@ pub struct Metrics {
     pub metrics: RequestCounters,
     pub serial: RequestCounters,
     pub vsock: RequestCounters,
+    pub entropy: RequestCounters,
     pub snapshot_create: RequestCounters,
     pub snapshot_load: RequestCounters,
     /// Process start to the API socket answering, and its CPU time.
@@ -194,6 +195,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("actions", &m.actions),
             ("boot_source", &m.boot_source),
             ("drive", &m.drive_put),
+            ("entropy", &m.entropy),
             ("logger", &m.logger),
             ("machine_cfg", &m.machine_config_put),
             ("metrics", &m.metrics),

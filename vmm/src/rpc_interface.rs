@@ -155,6 +155,7 @@ pub fn run_preboot(
                 | VmmAction::PutDrive(_)
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
+                | VmmAction::PutEntropy(_)
         );
         let outcome = match action {
             VmmAction::LoadSnapshot(params) => {
@@ -264,6 +265,10 @@ pub fn run_preboot(
             }
             VmmAction::PutSerial(config) => counted(&m.serial, empty(resources.set_serial(config))),
             VmmAction::PutVsock(config) => counted(&m.vsock, empty(resources.set_vsock(config))),
+            VmmAction::PutEntropy(config) => {
+                resources.entropy = Some(config);
+                counted(&m.entropy, Ok(VmmData::Empty))
+            }
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
@@ -320,6 +325,7 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutMetrics(_) => counted(&m.metrics, post_boot()),
         VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
         VmmAction::PutVsock(_) => counted(&m.vsock, post_boot()),
+        VmmAction::PutEntropy(_) => counted(&m.entropy, post_boot()),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
         VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
         VmmAction::SendMigration(params) => {

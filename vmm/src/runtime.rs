@@ -113,6 +113,8 @@ pub(crate) struct Devices {
     pub(crate) block_spawner: Option<BackendSpawner>,
     pub(crate) net: Vec<device_manager::NetTransport>,
     pub(crate) vsock: Option<device_manager::VsockTransport>,
+    /// Served by the VMM itself.
+    pub(crate) entropy: Option<device_manager::EntropyTransport>,
 }
 
 impl Vmm {
@@ -284,6 +286,7 @@ impl Vmm {
             drives: devices.drives,
             interfaces: devices.interfaces,
             vsock: devices.vsock,
+            entropy: self.devices.entropy.as_ref().map(|t| lock(t).state()),
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
             vm: self._vm.save_state()?,
@@ -476,6 +479,19 @@ impl Vmm {
             let transport = lock(transport);
             totals.push(("vsock".to_string(), vhost_user_totals(&transport)));
             increments.push(("vsock".to_string(), backend_increments(&transport)));
+        }
+        if let Some(transport) = &self.devices.entropy {
+            let c = lock(transport).device().counters();
+            totals.push((
+                "entropy".to_string(),
+                serde_json::json!({
+                    "entropy_event_count": c.entropy_event_count,
+                    "entropy_bytes": c.entropy_bytes,
+                    "entropy_event_fails": c.entropy_event_fails,
+                    "entropy_rate_limiter_throttled": c.entropy_rate_limiter_throttled,
+                    "host_rng_fails": c.host_rng_fails,
+                }),
+            ));
         }
         let mut flushed = lock(&self.flushed_totals);
         let mut counters: DeviceCounters = totals

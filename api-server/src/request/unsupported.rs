@@ -1,18 +1,11 @@
-//! Firecracker resources Tessera has not built yet: balloon, MMDS,
-//! entropy, CPU templates, pmem and memory hotplug. Their bodies
+//! Firecracker resources Tessera has not built yet: balloon, MMDS, CPU
+//! templates, pmem and memory hotplug. Their bodies
 //! are still parsed, so a malformed body gets the JSON error, and a
 //! well-formed one a clear "not supported yet", never a 404.
 
 use super::{Body, RequestError};
 
-const UNSUPPORTED: &[&str] = &[
-    "balloon",
-    "mmds",
-    "entropy",
-    "cpu-config",
-    "pmem",
-    "hotplug",
-];
+const UNSUPPORTED: &[&str] = &["balloon", "mmds", "cpu-config", "pmem", "hotplug"];
 
 pub(super) fn is_unsupported(resource: &str) -> bool {
     UNSUPPORTED.contains(&resource)

@@ -173,6 +173,8 @@ fn report_cpuid() {
 struct VirtioContext<'a> {
     map: &'a e820::Map,
     image: (u64, u64),
+    /// `probe.rng_bytes`: what to read from an entropy device.
+    rng_bytes: u32,
     /// `probe.blk` options (`None`: block devices are only listed).
     blk: Option<virtio_blk::Options>,
     /// virtio-blk devices seen so far (the `<i>` of `probe.blk<i>`).
@@ -228,9 +230,14 @@ fn probe_virtio(
         outln!("probe.vsock=error bad-value,{}", bad);
         None
     });
+    let rng_bytes = virtio_rng::options(cmdline).unwrap_or_else(|bad| {
+        outln!("probe.rng_error=bad-value,{}", bad);
+        0
+    });
     let mut context = VirtioContext {
         map,
         image,
+        rng_bytes,
         blk,
         blk_count: 0,
         net,
@@ -293,7 +300,7 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
                 outln!("probe.virtio_rng={},error=base-in-ram", index);
                 return;
             }
-            virtio_rng::probe(index, regs);
+            virtio_rng::probe(index, regs, context.rng_bytes);
         }
         virtio_blk::DEVICE_ID => {
             let blk_index = context.blk_count;

@@ -73,6 +73,11 @@ pub fn present() -> bool {
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// Nanoseconds on kvm-clock, if that is the clock (`None` otherwise).
+pub fn now_ns() -> Option<u64> {
+    (source() == Source::KvmClock).then(kvmclock::now_ns)
+}
+
 /// Busy-waits 10 ms.
 pub fn sleep_10ms() -> Result<(), pit::Error> {
     sleep_10ms_polling(|| {})

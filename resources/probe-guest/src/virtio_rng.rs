@@ -1,20 +1,54 @@
-//! virtio entropy device (device id 4): reads 16 random bytes through the
-//! generic driver in [`crate::virtio`] and prints
-//! `probe.virtio_rng=<index>,ok` (or `,error=<reason>`).
+//! virtio entropy device (device id 4): reads `probe.rng_bytes` random
+//! bytes (16 by default) through the generic driver in [`crate::virtio`],
+//! in requests of up to [`CHUNK`] bytes, and prints
+//! `probe.virtio_rng=<index>,ok` (or `,error=<reason>`), then
+//! `probe.rng=<n> bytes distinct=<d> ms=<t>`: how many bytes came, how many
+//! of the 256 byte values among them, and how long it took (0 without a
+//! clock), which shows a rate limiter at work.
 
+use crate::cmdline::{self, BadOption};
 use crate::serial::outln;
+use crate::timer;
 use crate::virtio::{Buffer, Error, Mmio, Transport};
 
 /// virtio device id of the entropy device.
 pub const DEVICE_ID: u32 = 4;
-/// Bytes requested from the device.
-const WANTED: usize = 16;
-/// Requests before giving up (the device may return short reads).
-const MAX_REQUESTS: usize = 8;
-/// Time allowed per request.
-const REQUEST_TIMEOUT_MS: u32 = 2000;
+/// Bytes read without `probe.rng_bytes`.
+const DEFAULT_BYTES: u32 = 16;
+/// The most bytes one request asks for.
+const CHUNK: usize = 1024;
+/// Time allowed per request (a rate limiter may hold one back).
+const REQUEST_TIMEOUT_MS: u32 = 5000;
+/// Short answers allowed in a row before giving up.
+const MAX_SHORT: u32 = 8;
 
-fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
+/// `probe.rng_bytes` (base 0, like `kstrtouint`).
+pub fn options(cmdline: &[u8]) -> Result<u32, BadOption<'_>> {
+    match cmdline::last_value(cmdline, "probe.rng_bytes") {
+        None => Ok(DEFAULT_BYTES),
+        Some(value) => value
+            .and_then(|v| cmdline::kstrtouint(v, 0))
+            .ok_or(BadOption {
+                name: "probe.rng_bytes",
+                value,
+            }),
+    }
+}
+
+/// What came from the device.
+struct Read {
+    bytes: u64,
+    /// Which byte values were seen.
+    seen: [bool; 256],
+}
+
+impl Read {
+    fn distinct(&self) -> usize {
+        self.seen.iter().filter(|&&s| s).count()
+    }
+}
+
+fn read_entropy(regs: Mmio, wanted: u32) -> Result<Read, Error> {
     let mut transport = Transport::new(regs)?;
     transport.negotiate(0, 0)?;
     let mut queue = match transport.setup_queue(0) {
@@ -26,14 +60,18 @@ fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
     };
     transport.driver_ok();
 
-    let mut out = [0u8; WANTED];
-    let mut filled = 0;
-    let mut scratch = [0u8; WANTED];
-    let mut result = Err(Error::Timeout);
-    for _ in 0..MAX_REQUESTS {
+    let mut read = Read {
+        bytes: 0,
+        seen: [false; 256],
+    };
+    let mut scratch = [0u8; CHUNK];
+    let mut short = 0;
+    let mut result = Ok(());
+    while read.bytes < u64::from(wanted) {
+        let ask = (u64::from(wanted) - read.bytes).min(CHUNK as u64) as u32;
         let buffer = Buffer {
             addr: scratch.as_mut_ptr() as u64,
-            len: WANTED as u32,
+            len: ask,
             device_writes: true,
         };
         // SAFETY: `scratch` is identity-mapped stack memory that outlives
@@ -46,15 +84,17 @@ fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
         transport.notify(&queue);
         match queue.wait_used(&transport, REQUEST_TIMEOUT_MS) {
             Ok(used) => {
-                let got = (used.len as usize).min(WANTED);
-                for i in 0..got.min(WANTED - filled) {
+                let got = (used.len as usize).min(ask as usize);
+                for i in 0..got {
                     // SAFETY: in bounds; volatile because the device wrote
                     // the bytes behind the compiler's back.
-                    out[filled] = unsafe { core::ptr::read_volatile(scratch.as_ptr().add(i)) };
-                    filled += 1;
+                    let byte = unsafe { core::ptr::read_volatile(scratch.as_ptr().add(i)) };
+                    read.seen[usize::from(byte)] = true;
                 }
-                if filled == WANTED {
-                    result = Ok(out);
+                read.bytes += got as u64;
+                short = if got < ask as usize { short + 1 } else { 0 };
+                if short > MAX_SHORT {
+                    result = Err(Error::Timeout);
                     break;
                 }
             }
@@ -67,17 +107,30 @@ fn read_entropy(regs: Mmio) -> Result<[u8; WANTED], Error> {
     // Stop the device from touching `scratch` or the queue memory again
     // (`shutdown` marks it FAILED if the reset is not confirmed).
     let _ = transport.shutdown([queue]);
-    result
+    result.map(|()| read)
 }
 
-/// Exercises the entropy device behind `regs` and prints the result line.
-pub fn probe(index: i64, regs: Mmio) {
-    match read_entropy(regs) {
+/// Exercises the entropy device behind `regs` and prints the result lines.
+pub fn probe(index: i64, regs: Mmio, wanted: u32) {
+    let start = timer::now_ns();
+    match read_entropy(regs, wanted) {
         // 16 zero bytes from a working RNG would be a 2^-128 event.
-        Ok(bytes) if bytes.iter().all(|&b| b == 0) => {
+        Ok(read) if read.bytes > 0 && read.seen[0] && read.distinct() == 1 => {
             outln!("probe.virtio_rng={},error=all-zero", index)
         }
-        Ok(_) => outln!("probe.virtio_rng={},ok", index),
+        Ok(read) => {
+            let ms = match (start, timer::now_ns()) {
+                (Some(start), Some(end)) => end.saturating_sub(start) / 1_000_000,
+                _ => 0,
+            };
+            outln!("probe.virtio_rng={},ok", index);
+            outln!(
+                "probe.rng={} bytes distinct={} ms={}",
+                read.bytes,
+                read.distinct(),
+                ms
+            );
+        }
         Err(e) => outln!("probe.virtio_rng={},error={}", index, e.name()),
     }
 }

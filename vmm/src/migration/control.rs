@@ -85,6 +85,13 @@ impl Vmm {
             if let Some(reason) = failed {
                 return Err(MigrationError::DirtyTracking(reason));
             }
+            if let Some(entropy) = &self.devices.entropy {
+                entropy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .device_mut()
+                    .set_dirty_log(log.clone());
+            }
         }
         self._vm
             .track_dirty_pages(&self._guest_memory)

@@ -21,8 +21,8 @@ pub use vmm_config::{
     DEFAULT_KERNEL_CMDLINE, MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
 };
 use vmm_config::{
-    BlockDeviceUpdate, BootSourceError, DriveError, MachineConfigError, NetError,
-    NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
+    BlockDeviceUpdate, BootSourceError, DriveError, EntropyDeviceConfig, MachineConfigError,
+    NetError, NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
 };
 
 /// Errors in a configuration file or resource.
@@ -97,14 +97,14 @@ pub struct VmConfigFile {
     pub serial: Option<SerialConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockDeviceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyDeviceConfig>,
     // Sections of Firecracker's schema that Tessera parses but cannot honour
     // yet. They are rejected by name rather than as unknown fields.
     #[serde(default, skip_serializing)]
     pub balloon: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default, skip_serializing)]
     pub mmds_config: Option<serde_json::Value>,
-    #[serde(default, skip_serializing)]
-    pub entropy: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
@@ -124,6 +124,7 @@ pub struct VmResources {
     pub metrics: Option<MetricsConfig>,
     pub serial: Option<SerialConfig>,
     pub vsock: Option<VsockResource>,
+    pub entropy: Option<EntropyDeviceConfig>,
 }
 
 impl VmResources {
@@ -152,7 +153,6 @@ impl VmResources {
         let unsupported = [
             ("balloon", file.balloon.is_some()),
             ("mmds-config", file.mmds_config.is_some()),
-            ("entropy", file.entropy.is_some()),
             ("cpu-config", file.cpu_config.is_some()),
             ("pmem", file.pmem.is_some()),
             ("memory-hotplug", file.memory_hotplug.is_some()),
@@ -187,6 +187,7 @@ impl VmResources {
         if let Some(vsock) = file.vsock {
             resources.set_vsock(vsock)?;
         }
+        resources.entropy = file.entropy;
         Ok(resources)
     }
 
@@ -340,7 +341,7 @@ impl VmResources {
             "balloon": null,
             "vsock": self.vsock.as_ref().map(|v| &v.config),
             "mmds-config": null,
-            "entropy": null,
+            "entropy": self.entropy,
             "cpu-config": null,
         })
     }

@@ -336,6 +336,16 @@ fn restore_devices(
     if let Some((transport, _)) = &attached.vsock {
         restore_device(transport, state.vsock.as_slice())?;
     }
+    if let Some(transport) = &attached.entropy {
+        let saved = state.entropy.as_ref().ok_or_else(|| {
+            LoadSnapshotError::Device("entropy: the snapshot has no state for it".into())
+        })?;
+        let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+        transport.device_mut().prepare_restore();
+        transport
+            .restore(saved)
+            .map_err(|e| LoadSnapshotError::Device(format!("entropy: {e}")))?;
+    }
     Ok(())
 }
 

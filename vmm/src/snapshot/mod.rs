@@ -53,6 +53,10 @@ pub struct MicrovmState {
     pub interfaces: Vec<VhostUserDeviceState>,
     #[serde(default)]
     pub vsock: Option<VhostUserDeviceState>,
+    /// The entropy device's transport: its queue goes on from the used
+    /// index (the VMM answered every request before the snapshot).
+    #[serde(default)]
+    pub entropy: Option<MmioTransportState>,
 }
 
 /// One vhost-user device: what its guest driver set up on the transport,
