@@ -185,6 +185,42 @@ mod tests {
         unsafe { libc::poll(&mut pollfd, 1, timeout_ms) == 1 }
     }
 
+    /// Takes `requests` of `bytes` as fast as `l` allows, sleeping on its
+    /// timer as a device's event loop does; returns the time taken.
+    fn serve_flat_out(l: &mut RateLimiter, requests: u32, bytes: u64) -> Duration {
+        let start = Instant::now();
+        let mut served = 0;
+        while served < requests {
+            if l.consume_request(bytes) {
+                served += 1;
+            } else {
+                assert!(readable(l.as_raw_fd(), 5000), "the timer never fired");
+                l.on_timer();
+            }
+        }
+        start.elapsed()
+    }
+
+    #[test]
+    fn a_device_served_flat_out_gets_the_configured_rate() {
+        // 8 KiB per 100 ms, starting full: 128 requests of 1 KiB take
+        // (128 - 8) * 12.5 ms.
+        let mut l = limiter(r#"{"bandwidth": {"size": 8192, "refill_time": 100}}"#);
+        let took = serve_flat_out(&mut l, 128, 1024);
+        assert!(
+            took >= Duration::from_millis(1450) && took <= Duration::from_millis(2000),
+            "{took:?}"
+        );
+        // 10 ops per 100 ms: 64 requests take (64 - 10) * 10 ms.
+        let mut l = limiter(r#"{"ops": {"size": 10, "refill_time": 100}}"#);
+        let took = serve_flat_out(&mut l, 64, 1024);
+        assert!(
+            took >= Duration::from_millis(520) && took <= Duration::from_millis(800),
+            "{took:?}"
+        );
+        assert!(l.throttled() >= 54, "{}", l.throttled());
+    }
+
     #[test]
     fn nothing_limited_lets_everything_through() {
         let mut l = limiter("{}");
