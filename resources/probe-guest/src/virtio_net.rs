@@ -10,9 +10,10 @@
 //!
 //! Features: `VIRTIO_F_VERSION_1` (required), `MAC`, `STATUS` and `MTU`
 //! if offered (`MTU` only if a frame of that size fits a receive buffer);
-//! `CTRL_VQ` and `GUEST_ANNOUNCE` if offered (with `STATUS`); `MQ` only
-//! for `probe.net_queues` > 1, then the pairs are enabled with
-//! `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control queue. No offloads and
+//! `MQ` with `CTRL_VQ` only for `probe.net_queues` > 1, then the pairs
+//! are enabled with `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control
+//! queue; `CTRL_VQ` and `GUEST_ANNOUNCE` (with `STATUS`) if offered, when
+//! the device has one pair or the probe takes `MQ`. No offloads and
 //! no `MRG_RXBUF`: every buffer starts with the 12-byte
 //! `virtio_net_hdr_v1`, and a receive buffer holds a whole frame.
 //!
@@ -443,10 +444,6 @@ impl Net {
                 self.mtu = mtu;
             }
         }
-        let announce = feature::CTRL_VQ | feature::GUEST_ANNOUNCE | feature::STATUS;
-        if offered & announce == announce {
-            wanted |= announce;
-        }
         let mut pairs = 1;
         let mut max_pairs = 1;
         let mq = feature::MQ | feature::CTRL_VQ;
@@ -465,6 +462,17 @@ impl Net {
             if pairs > 1 {
                 wanted |= mq;
             }
+        }
+        // The control queue sits at 2 without MQ offered, and after all of
+        // the device's pairs with it: a device offering MQ that the probe
+        // does not take gets no control queue (the pairs in between would
+        // not be set up, and the transport only sees the queues up to the
+        // first one that is not).
+        let announce = feature::CTRL_VQ | feature::GUEST_ANNOUNCE | feature::STATUS;
+        if offered & announce == announce
+            && (offered & feature::MQ == 0 || wanted & feature::MQ != 0)
+        {
+            wanted |= announce;
         }
         let features = t
             .accept_features(offered & wanted)
