@@ -18,14 +18,16 @@
 //! backends (see block.rs, net.rs, net_dpdk.rs, net_frontend.rs); `--startup`
 //! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--snapshot`
 //! snapshot create, load and clones beside Firecracker (snapshot.rs); `--vsock`
-//! vsock beside them (vsock.rs); `--fleet N`
+//! vsock beside them (vsock.rs); `--entropy` the entropy device and its
+//! rate limiters beside Firecracker's (entropy.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
 mod boot_trace;
+mod entropy;
 mod fleet;
 mod jailer;
 mod migration;
@@ -159,10 +161,11 @@ enum Mode {
     /// Live migration beside Cloud Hypervisor.
     Migration,
     Vsock,
+    Entropy,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -181,6 +184,7 @@ fn main() {
             "--snapshot" => mode = Mode::Snapshot,
             "--migration" => mode = Mode::Migration,
             "--vsock" => mode = Mode::Vsock,
+            "--entropy" => mode = Mode::Entropy,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -201,6 +205,7 @@ fn main() {
         Mode::Snapshot => snapshot::bench_snapshot(runs),
         Mode::Migration => migration::bench_migration(runs),
         Mode::Vsock => vsock::bench_vsock(runs),
+        Mode::Entropy => entropy::bench_entropy(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
