@@ -230,6 +230,15 @@ impl Vmm {
         Ok(())
     }
 
+    /// Pages the next Diff snapshot writes whatever the logs say.
+    pub(crate) fn keep_for_next_diff(&self, pages: &DirtyPages) {
+        let mut unsaved = lock(&self.unsaved_dirty_pages);
+        match unsaved.as_mut() {
+            Some(kept) => kept.merge(pages),
+            None => *unsaved = Some(pages.clone()),
+        }
+    }
+
     /// Writes guest memory for a snapshot: every page for a Full one, the
     /// pages written since the last snapshot for a Diff. Either way the
     /// dirty logs start again from here; if the write fails, what they

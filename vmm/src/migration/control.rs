@@ -3,6 +3,9 @@
 //! either end this process (the guest runs on the destination) or let the
 //! guest run on here.
 
+use std::sync::Arc;
+
+use devices::vhost_user::DirtyLog;
 use vmm_config::{MigrationPhase, MigrationSendParams, MigrationStatus};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -70,28 +73,11 @@ impl Vmm {
     }
 
     /// Switches dirty page tracking on for a microVM booted without it:
-    /// every backend marks the pages it writes in the log made at boot,
+    /// every device marks the pages it writes in the log made at boot,
     /// and KVM logs the vCPUs' writes. It stays on after the migration.
     fn start_dirty_tracking(&mut self) -> Result<(), MigrationError> {
-        if let Some(log) = &self.dirty_log {
-            let mut failed = None;
-            self.for_each_device_queues(|name, queues| {
-                if failed.is_none() {
-                    if let Err(err) = queues.start_dirty_log(log.clone()) {
-                        failed = Some(format!("{name}: {err}"));
-                    }
-                }
-            });
-            if let Some(reason) = failed {
-                return Err(MigrationError::DirtyTracking(reason));
-            }
-            if let Some(entropy) = &self.devices.entropy {
-                entropy
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .device_mut()
-                    .set_dirty_log(log.clone());
-            }
+        if let Some(log) = self.dirty_log.clone() {
+            self.start_device_dirty_logs(&log)?;
         }
         self._vm
             .track_dirty_pages(&self._guest_memory)
@@ -101,17 +87,33 @@ impl Vmm {
         // tracking does.
         let resident = dirty::resident(&self._guest_memory)
             .map_err(|e| MigrationError::DirtyTracking(e.to_string()))?;
-        let mut unsaved = self
-            .unsaved_dirty_pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match unsaved.as_mut() {
-            Some(pages) => pages.merge(&resident),
-            None => *unsaved = Some(resident),
-        }
-        drop(unsaved);
+        self.keep_for_next_diff(&resident);
         self.resources.machine_config.track_dirty_pages = true;
         log::info!("migration: dirty page tracking is on");
+        Ok(())
+    }
+
+    /// Has every running backend, and the VMM's own entropy device, mark
+    /// the pages it writes in `log` from now on.
+    fn start_device_dirty_logs(&self, log: &Arc<DirtyLog>) -> Result<(), MigrationError> {
+        let mut failed = None;
+        self.for_each_device_queues(|name, queues| {
+            if failed.is_none() {
+                if let Err(err) = queues.start_dirty_log(log.clone()) {
+                    failed = Some(format!("{name}: {err}"));
+                }
+            }
+        });
+        if let Some(reason) = failed {
+            return Err(MigrationError::DirtyTracking(reason));
+        }
+        if let Some(entropy) = &self.devices.entropy {
+            entropy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_mut()
+                .set_dirty_log(log.clone());
+        }
         Ok(())
     }
 
