@@ -33,6 +33,9 @@ pub struct TokenBucket {
     one_time_burst: u64,
     refill_time_ms: u64,
     budget: u64,
+    /// Tokens spent beyond the budget: the next refills pay them back
+    /// before the budget grows.
+    debt: u64,
     /// Elapsed nanoseconds times `size` not yet turned into a whole token.
     carried: u128,
     last_update: Instant,
@@ -46,6 +49,7 @@ impl TokenBucket {
             one_time_burst: config.one_time_burst.unwrap_or(0),
             refill_time_ms: config.refill_time,
             budget: config.size,
+            debt: 0,
             carried: 0,
             last_update: now,
         })
@@ -60,8 +64,11 @@ impl TokenBucket {
         let elapsed = now.saturating_duration_since(self.last_update).as_nanos();
         self.last_update = now;
         let earned = self.carried + elapsed * u128::from(self.size);
-        let tokens = earned / self.refill_ns();
+        let mut tokens = earned / self.refill_ns();
         self.carried = earned % self.refill_ns();
+        let paid = tokens.min(u128::from(self.debt));
+        self.debt -= paid as u64;
+        tokens -= paid;
         let budget = u128::from(self.budget) + tokens;
         if budget >= u128::from(self.size) {
             self.budget = self.size;
@@ -71,9 +78,10 @@ impl TokenBucket {
         }
     }
 
-    /// How long until the bucket holds `tokens` (at most `size`).
+    /// How long until the bucket holds `tokens` (at most `size`), its
+    /// debt paid.
     fn time_until(&self, tokens: u64) -> Duration {
-        let missing = u128::from(tokens.saturating_sub(self.budget));
+        let missing = u128::from(tokens.saturating_sub(self.budget)) + u128::from(self.debt);
         let owed = (missing * self.refill_ns()).saturating_sub(self.carried);
         nanos(owed.div_ceil(u128::from(self.size)))
     }
@@ -89,17 +97,39 @@ impl TokenBucket {
             return Reduction::Done;
         }
         if tokens > self.size {
-            let borrowed = u128::from(tokens - self.budget);
-            self.budget = 0;
-            self.carried = 0;
-            let wait = (borrowed * self.refill_ns()).div_ceil(u128::from(self.size));
-            return Reduction::Borrowed { wait: nanos(wait) };
+            return Reduction::Borrowed {
+                wait: self.owe(tokens),
+            };
         }
         // Nothing is spent: give the burst back.
         self.one_time_burst += from_burst;
         Reduction::NotEnough {
             wait: self.time_until(tokens),
         }
+    }
+
+    /// Spends `tokens` whatever the bucket holds (the one-time burst
+    /// first): what it lacks is owed, and the time the debt takes to refill
+    /// is returned. For devices that let a request through and hold the
+    /// next ones back (the back-pressure the guest sees).
+    pub fn charge(&mut self, tokens: u64, now: Instant) -> Option<Duration> {
+        let from_burst = tokens.min(self.one_time_burst);
+        self.one_time_burst -= from_burst;
+        let tokens = tokens - from_burst;
+        self.refill(now);
+        if tokens <= self.budget && self.debt == 0 {
+            self.budget -= tokens;
+            return None;
+        }
+        Some(self.owe(tokens))
+    }
+
+    /// Empties the budget into `tokens` and owes the rest; returns the time
+    /// until the debt is paid.
+    fn owe(&mut self, tokens: u64) -> Duration {
+        self.debt = self.debt.saturating_add(tokens.saturating_sub(self.budget));
+        self.budget = 0;
+        self.time_until(0)
     }
 
     /// Gives back tokens spent for a request that did not go ahead.
@@ -218,6 +248,20 @@ mod tests {
             }
         );
         assert_eq!(b.budget(), 0);
+    }
+
+    #[test]
+    fn a_debt_is_paid_before_the_budget_grows() {
+        let t0 = Instant::now();
+        let mut b = bucket(1000, 0, 100, t0);
+        assert_eq!(b.charge(3000, t0), Some(Duration::from_millis(200)));
+        // 200 ms later the debt is paid and nothing more.
+        let t1 = t0 + Duration::from_millis(200);
+        assert!(matches!(b.reduce(1, t1), Reduction::NotEnough { .. }));
+        let t2 = t1 + Duration::from_millis(50);
+        assert_eq!(b.charge(500, t2), None);
+        // A charge within the budget owes nothing; past it, the time left.
+        assert_eq!(b.charge(100, t2), Some(Duration::from_millis(10)));
     }
 
     #[test]

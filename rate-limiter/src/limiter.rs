@@ -51,10 +51,12 @@ impl RateLimiter {
         let now = Instant::now();
         let bucket =
             |c: &Option<TokenBucketConfig>| c.as_ref().and_then(|c| TokenBucket::new(c, now));
+        let timer = TimerFd::new()?;
+        set_nonblocking(&timer)?;
         Ok(RateLimiter {
             bandwidth: bucket(&config.bandwidth),
             ops: bucket(&config.ops),
-            timer: TimerFd::new()?,
+            timer,
             blocked: false,
             throttled: 0,
         })
@@ -111,6 +113,26 @@ impl RateLimiter {
         true
     }
 
+    /// Lets a request of `bytes` go ahead unless the limiter is blocked:
+    /// an op and its bytes are spent whatever the buckets hold, and a debt
+    /// blocks the next requests until it is paid. Returns false, spending
+    /// nothing, while blocked.
+    pub fn charge_request(&mut self, bytes: u64) -> bool {
+        if self.blocked {
+            return false;
+        }
+        let now = Instant::now();
+        let waits = [
+            self.ops.as_mut().and_then(|b| b.charge(1, now)),
+            self.bandwidth.as_mut().and_then(|b| b.charge(bytes, now)),
+        ];
+        if let Some(wait) = waits.into_iter().flatten().max() {
+            self.throttled += 1;
+            self.block_for(wait);
+        }
+        true
+    }
+
     /// Gives back tokens of a request that did not go ahead.
     pub fn replenish(&mut self, tokens: u64, kind: TokenType) {
         if let Some(bucket) = self.bucket(kind) {
@@ -126,9 +148,12 @@ impl RateLimiter {
     /// The timer fired (the event loop saw its fd readable): requests go
     /// on.
     pub fn on_timer(&mut self) {
-        // A read of a fired timer does not block; its count is not needed.
-        let _ = self.timer.wait();
-        self.blocked = false;
+        // Non-blocking: of the threads woken, the one that reads the
+        // expiration unblocks; the others find nothing (and the limiter
+        // may be blocked anew by then).
+        if self.timer.wait().is_ok() {
+            self.blocked = false;
+        }
     }
 
     /// Requests that found a bucket short so far.
@@ -157,6 +182,21 @@ impl RateLimiter {
     pub fn limits_anything(&self) -> bool {
         self.bandwidth.is_some() || self.ops.is_some()
     }
+}
+
+/// Several threads may wait on one limiter's timer (a backend's workers):
+/// each reads it when woken, and only one finds the expiration; the others
+/// must not block.
+fn set_nonblocking(timer: &TimerFd) -> io::Result<()> {
+    let fd = timer.as_raw_fd();
+    // SAFETY: F_GETFL and F_SETFL on a timerfd this limiter owns change only
+    // its file status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl AsRawFd for RateLimiter {
@@ -219,6 +259,30 @@ mod tests {
             "{took:?}"
         );
         assert!(l.throttled() >= 54, "{}", l.throttled());
+    }
+
+    #[test]
+    fn charged_requests_go_through_and_their_debt_holds_the_next_back() {
+        let mut l = limiter(r#"{"bandwidth": {"size": 8192, "refill_time": 100}}"#);
+        // 128 requests of 1 KiB charged as fast as allowed: the first 8
+        // from the full bucket, the rest at 80 KiB/s.
+        let start = Instant::now();
+        let mut served = 0;
+        while served < 128 {
+            if l.charge_request(1024) {
+                served += 1;
+            } else {
+                assert!(readable(l.as_raw_fd(), 5000), "the timer never fired");
+                l.on_timer();
+            }
+        }
+        // The last request's debt is still being paid when it is taken.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1430) && took <= Duration::from_millis(2000),
+            "{took:?}"
+        );
+        assert!(l.is_blocked());
     }
 
     #[test]
