@@ -47,6 +47,8 @@ counter_set! {
         ExecuteFails = "execute_fails",
         /// Queues the guest broke (the device needs a reset).
         EventFails = "event_fails",
+        /// Times a request's debt to the rate limiter held the queues back.
+        RateLimiterThrottledEvents = "rate_limiter_throttled_events",
     }
 }
 

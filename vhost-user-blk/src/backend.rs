@@ -9,11 +9,14 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backend_stats::{BlockCounter, Stats};
+use tessera_backend_control::{ControlMessage, LimitTarget};
+use tessera_rate_limiter::{RateLimiter, RateLimiterConfig};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -125,6 +128,10 @@ pub struct BlockBackend {
     /// Set once a worker failed; then nothing more is served.
     broken: AtomicBool,
     broken_event: (EventConsumer, EventNotifier),
+    /// The drive's rate limiter (none until the VMM sends limits): every
+    /// worker charges its requests to it, and every worker's epoll waits
+    /// on its timer.
+    limiter: Mutex<RateLimiter>,
 }
 
 impl BlockBackend {
@@ -160,7 +167,38 @@ impl BlockBackend {
             resubmit,
             broken: AtomicBool::new(false),
             broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
+            limiter: Mutex::new(RateLimiter::new(&RateLimiterConfig::default())?),
         })
+    }
+
+    /// The epoll value of the rate limiter's timer in every worker (after
+    /// the queues and the exit event).
+    pub fn limiter_event(&self) -> u64 {
+        (self.config.queues + 1) as u64
+    }
+
+    /// The rate limiter's timerfd, for each worker's epoll.
+    pub fn limiter_fd(&self) -> RawFd {
+        self.limiter().as_raw_fd()
+    }
+
+    fn limiter(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
+        self.limiter.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the rate limiter holds the queues back now.
+    fn throttled(&self) -> bool {
+        self.limiter().is_blocked()
+    }
+
+    /// Charges a request that goes ahead; a debt holds the next back.
+    fn charge(&self, bytes: u32) {
+        let mut limiter = self.limiter();
+        let before = limiter.throttled();
+        limiter.charge_request(u64::from(bytes));
+        if limiter.throttled() > before {
+            self.stats().inc(BlockCounter::RateLimiterThrottledEvents);
+        }
     }
 
     /// The counters the VMM's metrics report.
@@ -338,6 +376,12 @@ impl BlockBackend {
                     break;
                 }
             }
+            // Held back by the rate limiter: its timer wakes every worker
+            // once the debt is paid (and the requests posted meanwhile
+            // wait in the rings, the back-pressure the guest sees).
+            if self.throttled() {
+                return Ok(());
+            }
             if batch.taken >= MAX_TAKEN_PER_EVENT {
                 for &(_, vring) in &live {
                     if let Some(kick) = vring.get_ref().get_kick() {
@@ -383,7 +427,8 @@ impl BlockBackend {
             let state = vring.get_ref();
             state.is_enabled() && state.get_queue().ready()
         };
-        while started && engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT {
+        while started && engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT && !self.throttled()
+        {
             batch.taken += 1;
             let chain = match self.next_resubmitted(queue, vring, mem) {
                 Some(chain) => chain,
@@ -404,8 +449,14 @@ impl BlockBackend {
                     batch.completed[position] = true;
                     continue;
                 }
-                Plan::Io { io, status } => (status, io.work(), Op::Io(io)),
-                Plan::Flush { status } => (status, Work::Flush, Op::Flush),
+                Plan::Io { io, status } => {
+                    self.charge(io.len);
+                    (status, io.work(), Op::Io(io))
+                }
+                Plan::Flush { status } => {
+                    self.charge(0);
+                    (status, Work::Flush, Op::Flush)
+                }
             };
             let ticket = Ticket {
                 position,
@@ -738,6 +789,25 @@ impl Device for BlockBackend {
         queue_masks(self.config.queues, self.config.threads)
     }
 
+    /// The VMM's limits for this drive (at start, and at each
+    /// `PATCH /drives/{id}`), with Firecracker's update semantics.
+    fn control(&self, message: ControlMessage) -> io::Result<()> {
+        match message {
+            ControlMessage::RateLimits {
+                target: LimitTarget::Device,
+                limits,
+            } => {
+                self.limiter().update(&limits);
+                log::info!("rate limits: {limits:?}");
+                Ok(())
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a drive has one rate limiter: {other:?}"),
+            )),
+        }
+    }
+
     /// GET_VRING_BASE returns once the queue's requests in flight are
     /// complete, as the vhost-user specification asks (a snapshot relies
     /// on it): a worker holds its engine until nothing is in flight, and
@@ -762,6 +832,10 @@ impl Device for BlockBackend {
         }
         let result = if evset != EventSet::IN {
             Err(WorkerError::EventSet(evset))
+        } else if u64::from(device_event) == self.limiter_event() {
+            // The debt is paid: take what the guest posted meanwhile.
+            self.limiter().on_timer();
+            self.process_queues(vrings, thread)
         } else if usize::from(device_event) >= vrings.len() {
             Err(WorkerError::NoQueue(usize::from(device_event)))
         } else {
@@ -1028,6 +1102,66 @@ mod tests {
             .read_slice(&mut data, GuestAddress(DATA))
             .unwrap();
         assert_eq!(data, [0x5a; 512]);
+    }
+
+    /// The used ring's index.
+    fn used_idx(device: &TestDevice) -> u16 {
+        let used_ring = device.vrings[0].get_ref().get_queue().used_ring();
+        device
+            .mem
+            .read_obj::<u16>(GuestAddress(used_ring + 2))
+            .unwrap()
+    }
+
+    #[test]
+    fn requests_past_the_drives_limit_wait_in_the_ring_for_its_timer() {
+        let device = device();
+        let limits = |json: &str| ControlMessage::RateLimits {
+            target: LimitTarget::Device,
+            limits: serde_json::from_str(json).unwrap(),
+        };
+        // Two ops, refilled over 100 s: the third request goes through
+        // on credit, the fourth waits.
+        Served(device.backend.clone())
+            .set_config(
+                tessera_backend_control::CONTROL_OFFSET,
+                &limits(r#"{"ops": {"size": 2, "refill_time": 100000}}"#).encode(),
+            )
+            .unwrap();
+        for i in 0..4 {
+            device.post_read(i, 3 * i);
+        }
+        device.set_avail_idx(4);
+        device.kick().unwrap().unwrap();
+        assert_eq!(used_idx(&device), 3);
+        let stats = device.backend.stats();
+        assert_eq!(stats.get(BlockCounter::RateLimiterThrottledEvents), 1);
+        // A kick does not get it through; lifting the limit does, at the
+        // limiter's timer.
+        device.kick().unwrap().unwrap();
+        assert_eq!(used_idx(&device), 3);
+        device
+            .backend
+            .control(limits(r#"{"ops": {"size": 0, "refill_time": 0}}"#))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let timer = WorkerEvent {
+            device_event: device.backend.limiter_event() as u16,
+            evset: EventSet::IN,
+            vrings: &device.vrings,
+            thread: 0,
+        };
+        vhost_user_common::device::Device::serve(&*device.backend, timer).unwrap();
+        assert_eq!(used_idx(&device), 4);
+        // Another kind of limit is refused with the reason.
+        let err = device
+            .backend
+            .control(ControlMessage::RateLimits {
+                target: LimitTarget::Rx,
+                limits: RateLimiterConfig::default(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("one rate limiter"), "{err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use vhost_user_common::cli::CommonArgs;
 use vhost_user_common::process::{Failure, Process, EXIT_BROKEN};
 use vhost_user_common::BackendMemory;
 use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
 
 use vhost_user_blk::backend::{BackendConfig, BlockBackend};
 use vhost_user_blk::disk::Disk;
@@ -177,6 +178,19 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     end_when_broken(backend.clone())
         .map_err(|err| Failure::runtime(format_args!("cannot watch for a broken device: {err}")))?;
     let mut daemon = process.daemon(backend.clone(), mem)?;
+    // Every worker waits on the rate limiter's timer (edge-triggered: each
+    // is woken once per expiration, and the one that reads it unblocks).
+    for handler in daemon.get_epoll_handlers() {
+        handler
+            .register_listener(
+                backend.limiter_fd(),
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                backend.limiter_event(),
+            )
+            .map_err(|err| {
+                Failure::runtime(format_args!("cannot watch the rate limiter: {err}"))
+            })?;
+    }
     process.announce(format_args!(
         "serving {source} ({sectors} sectors{}) with {} queue(s) on {threads} worker thread(s)",
         if cli.readonly { ", read-only" } else { "" },

@@ -9,6 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tessera_backend_control::{ControlMessage, CONTROL_OFFSET};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -104,6 +105,13 @@ pub trait Device: Send + Sync + 'static {
     fn set_config(&self, _offset: u32, _data: &[u8]) -> io::Result<()> {
         Ok(())
     }
+    /// A control message from the VMM; refused unless the device takes it.
+    fn control(&self, message: ControlMessage) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this backend takes no {message:?}"),
+        ))
+    }
     /// The frontend stopped `queue` (GET_VRING_BASE).
     fn stop_vring(&self, _queue: u32) -> io::Result<()> {
         Ok(())
@@ -160,7 +168,14 @@ impl<D: Device> VhostUserBackend for Served<D> {
         worker::config_slice(&self.0.config_space(), offset, size)
     }
 
+    /// The VMM's control messages come at [`CONTROL_OFFSET`], past every
+    /// config space; the rest is the guest's config writes.
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        if offset == CONTROL_OFFSET {
+            let message = ControlMessage::decode(buf)
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+            return self.0.control(message);
+        }
         self.0.set_config(offset, buf)
     }
 
