@@ -42,6 +42,20 @@ impl RateLimiterConfig {
             .chain(&self.ops)
             .any(TokenBucketConfig::limits)
     }
+
+    /// These limits after Firecracker's update (`PATCH`): a bucket given
+    /// replaces this one (one that limits nothing removes it), a bucket
+    /// not given stays.
+    pub fn updated(&self, update: &RateLimiterConfig) -> RateLimiterConfig {
+        let pick = |now: Option<TokenBucketConfig>, new: Option<TokenBucketConfig>| match new {
+            Some(bucket) => bucket.limits().then_some(bucket),
+            None => now,
+        };
+        RateLimiterConfig {
+            bandwidth: pick(self.bandwidth, update.bandwidth),
+            ops: pick(self.ops, update.ops),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -73,6 +87,20 @@ mod tests {
             r#"{"ops": {"size": -1, "refill_time": 1}}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn an_update_replaces_the_buckets_it_names_and_keeps_the_others() {
+        let now: RateLimiterConfig = serde_json::from_str(
+            r#"{"bandwidth": {"size": 1000, "refill_time": 100},
+                "ops": {"size": 10, "refill_time": 1000}}"#,
+        )
+        .unwrap();
+        let update: RateLimiterConfig =
+            serde_json::from_str(r#"{"ops": {"size": 0, "refill_time": 0}}"#).unwrap();
+        let after = now.updated(&update);
+        assert_eq!(after.bandwidth, now.bandwidth);
+        assert_eq!(after.ops, None);
     }
 
     #[test]

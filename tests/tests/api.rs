@@ -281,7 +281,12 @@ fn invalid_requests_get_400_with_a_clear_message() {
             r#"{"network_interfaces": ["eth0"]}"#.into(),
             "/mmds is not supported",
         ),
-        ("PUT", "/entropy", "{}".into(), "/entropy is not supported"),
+        (
+            "PUT",
+            "/entropy",
+            r#"{"rate": {}}"#.into(),
+            "unknown field `rate`",
+        ),
         (
             "PUT",
             "/snapshot/create",

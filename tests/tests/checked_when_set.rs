@@ -55,22 +55,23 @@ fn a_drive_that_is_not_a_file_or_block_device_is_refused() {
 }
 
 #[test]
-fn an_enforced_drive_rate_limiter_is_refused_and_an_empty_one_accepted() {
+fn a_drive_rate_limiter_is_taken_and_a_malformed_one_refused() {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
     let disk = api.dir().join("disk.img");
     tessera_tests::sparse_file(&disk, 1 << 20);
     let mut body = drive(&disk);
+    body["rate_limiter"] = json!({"bandwidth": {"size": 1048576}});
+    let r = c.put("/drives/data", &body.to_string());
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.fault().contains("refill_time"), "{}", r.body);
     body["rate_limiter"] = json!({"bandwidth": {"size": 1048576, "refill_time": 100}});
-    assert_refused(
-        &mut c,
-        "/drives/data",
-        body.clone(),
-        "rate limiters are not supported by Tessera yet (drive \"data\")",
-    );
-    body["rate_limiter"] = json!({"bandwidth": null, "ops": {"size": 0, "refill_time": 0}});
     let r = c.put("/drives/data", &body.to_string());
     assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        c.get("/vm/config").json()["drives"][0]["rate_limiter"],
+        json!({"bandwidth": {"size": 1048576, "refill_time": 100}})
+    );
 }
 
 #[test]

@@ -107,8 +107,12 @@ fn runtime_calls(c: &mut ApiClient, api: &mut ApiVm, next_disk: &std::path::Path
         "PATCH",
         "/drives/data",
         r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}"#,
-        400,
-        "rate limiters are not supported by Tessera yet (drive \"data\")",
+        204,
+        "",
+    );
+    assert_eq!(
+        c.get("/vm/config").json()["drives"][0]["rate_limiter"],
+        json!({"ops": {"size": 10, "refill_time": 100}})
     );
     assert_answer(
         c,

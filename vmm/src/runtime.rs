@@ -17,8 +17,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_config::{BlockDeviceUpdate, CreateSnapshotParams, SnapshotType};
 use vmm_sys_util::terminal::Terminal;
 
+use tessera_rate_limiter::RateLimiterConfig;
+
 use crate::arch::cpu_features::CpuFeatures;
-use crate::device_manager::{self, BackendSpawner};
+use crate::device_manager::{self, drive_limits_message, BackendSpawner, RATE_LIMITER};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
@@ -55,6 +57,8 @@ pub enum RuntimeError {
     NotADisk { id: String, path: String },
     #[error("drive {0}: its device was given up; it takes no new file")]
     DriveGivenUp(String),
+    #[error("drive {id}: its backend did not take the rate limits: {reason}")]
+    DriveLimits { id: String, reason: String },
 }
 
 /// A running microVM. Its vCPUs are stopped before the guest memory and
@@ -392,10 +396,54 @@ impl Vmm {
     /// changed, the guest gets a configuration change interrupt, as with
     /// Firecracker.
     pub fn update_drive(&mut self, update: &BlockDeviceUpdate) -> Result<(), RuntimeError> {
-        let Some(path) = self.resources.check_running_drive_update(update)? else {
-            return Ok(());
-        };
-        let id = &update.drive_id;
+        let path = self.resources.check_running_drive_update(update)?;
+        if let Some(limits) = &update.rate_limiter {
+            self.update_drive_limits(&update.drive_id, limits)?;
+        }
+        match path {
+            Some(path) => self.replace_drive_file(&update.drive_id, path),
+            None => Ok(()),
+        }
+    }
+
+    /// The drive's limits after `update`, sent to its backend (which takes
+    /// them at once: a throttled queue goes on at its next timer) and kept
+    /// for its next backends.
+    fn update_drive_limits(
+        &mut self,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<(), RuntimeError> {
+        let transport = self
+            .devices
+            .block
+            .iter()
+            .find(|t| lock(t).device().id() == id)
+            .ok_or_else(|| crate::resources::ResourcesError::UnknownDrive(id.to_string()))?;
+        let current = self
+            .resources
+            .drives
+            .iter()
+            .find(|d| d.drive_id == id)
+            .and_then(|d| d.rate_limiter)
+            .unwrap_or_default();
+        let limits = current.updated(update);
+        lock(transport)
+            .device_mut()
+            .queues_mut()
+            .send_control(RATE_LIMITER, drive_limits_message(limits))
+            .map_err(|err| RuntimeError::DriveLimits {
+                id: id.to_string(),
+                reason: err.to_string(),
+            })?;
+        self.resources.update_running_drive_limits(id, update)?;
+        log::info!("drive {id}: rate limits now {limits:?}");
+        Ok(())
+    }
+
+    /// Starts a new backend for the drive on the file at `path`.
+    fn replace_drive_file(&mut self, id: &str, path: &str) -> Result<(), RuntimeError> {
+        let id = &id.to_string();
         let read_only = self
             .resources
             .drives

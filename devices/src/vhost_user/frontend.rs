@@ -16,6 +16,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use tessera_backend_control::CONTROL_OFFSET;
+
 use super::{BackendRegion, DeviceName, DirtyLog, PageFaultServer};
 use crate::virtio::QueueLayout;
 
@@ -409,6 +411,17 @@ impl VhostUserFrontend {
             self.transport("GET_VRING_BASE", |f| f.get_vring_base(index))?;
         }
         Ok(())
+    }
+
+    /// Sends the VMM's control message (see `tessera-backend-control`):
+    /// SET_CONFIG at the control offset, answered through REPLY_ACK.
+    pub fn control(&mut self, message: &[u8]) -> Result<(), FrontendError> {
+        if !self.has_config {
+            return Err(FrontendError::MissingProtocolFeature("CONFIG"));
+        }
+        self.transport("control message", |f| {
+            f.set_config(CONTROL_OFFSET, VhostUserConfigFlags::WRITABLE, message)
+        })
     }
 
     /// Has the backend serving the guest's queues (negotiated with

@@ -68,6 +68,9 @@ pub struct VhostUserQueues {
     config_cache: Vec<u8>,
     /// The guest's config writes, replayed to a new backend.
     config_writes: Vec<(u32, Vec<u8>)>,
+    /// The VMM's control messages, each with what it sets (a later one
+    /// for the same replaces it), replayed to a new backend first.
+    controls: Vec<(&'static str, Vec<u8>)>,
     /// No backend will come back (see [`Self::give_up`]).
     given_up: bool,
     counters: FrontendCounters,
@@ -130,6 +133,7 @@ impl VhostUserQueues {
                 activation: None,
                 config_cache: Vec::new(),
                 config_writes: Vec::new(),
+                controls: Vec::new(),
                 given_up: false,
                 counters: FrontendCounters::default(),
                 backend_stats: None,
@@ -320,9 +324,28 @@ impl VhostUserQueues {
         Ok(())
     }
 
+    /// Sends the VMM's control message `message`, which sets `key`, to the
+    /// backend, and keeps it for the next backends.
+    pub fn send_control(
+        &mut self,
+        key: &'static str,
+        message: Vec<u8>,
+    ) -> Result<(), FrontendError> {
+        self.controls.retain(|(k, _)| *k != key);
+        self.controls.push((key, message));
+        match self.controls.last() {
+            Some((_, message)) if self.connected => self.frontend.control(message),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes `data` at `offset` of the backend's configuration space; kept
-    /// for the next backend too.
+    /// for the next backend too. The guest's writes never reach the control
+    /// offset (the MMIO window ends before it); checked all the same.
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        if offset.saturating_add(data.len() as u32) > tessera_backend_control::CONTROL_OFFSET {
+            return Ok(());
+        }
         self.config_writes.retain(|(at, _)| *at != offset);
         if self.config_writes.len() < MAX_KEPT_CONFIG_WRITES {
             self.config_writes.push((offset, data.to_vec()));
@@ -557,6 +580,9 @@ impl VhostUserQueues {
     }
 
     fn resume(&mut self) -> Result<(), FrontendError> {
+        for (_, message) in self.controls.clone() {
+            self.frontend.control(&message)?;
+        }
         for (offset, data) in self.config_writes.clone() {
             self.frontend.set_config(offset, &data)?;
         }

@@ -472,10 +472,19 @@ struct Blk {
 }
 
 /// Tests the virtio-blk device behind `regs` as `options` ask and prints
-/// `probe.blk<index>=...`.
+/// `probe.blk<index>=...`, then (with kvm-clock) `probe.blk<index>_ms=<t>`:
+/// the milliseconds every round took together.
 pub fn probe(index: u32, regs: Mmio, options: &Options) {
+    let start = crate::timer::now_ns();
     let report = |outcome: &Outcome| outln!("probe.blk{}={}", index, outcome);
     report(&run(regs, options, report));
+    if let (Some(start), Some(end)) = (start, crate::timer::now_ns()) {
+        outln!(
+            "probe.blk{}_ms={}",
+            index,
+            end.saturating_sub(start) / 1_000_000
+        );
+    }
 }
 
 /// Runs the test; every round's outcome but the last goes to `report`.

@@ -1,15 +1,19 @@
 //! Block devices: one virtio-mmio device per drive, served by a
 //! `vhost-user-blk` process: an external one (`socket`) or one the VMM starts
 //! for the drive's host file (`path_on_host`). The root drive comes first, so
-//! it is `/dev/vda`; the others follow in API order.
+//! it is `/dev/vda`; the others follow in API order. A drive's rate limits
+//! go to its backend as a control message, before the guest starts the
+//! device, and again to every backend that takes over.
 
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::blk::VhostUserBlock;
-use devices::vhost_user::VhostUserFrontend;
+use devices::vhost_user::{VhostUserDevice as _, VhostUserFrontend};
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use linux_loader::loader::Cmdline;
+use tessera_backend_control::{ControlMessage, LimitTarget};
+use tessera_rate_limiter::RateLimiterConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_config::BlockDeviceConfig;
 
@@ -25,6 +29,18 @@ const SERIAL_LEN: usize = 20;
 
 /// A block device on the MMIO bus.
 pub type BlockTransport = Arc<Mutex<MmioTransport<VhostUserBlock>>>;
+
+/// What a drive's rate limit message sets, for its backends.
+pub const RATE_LIMITER: &str = "rate_limiter";
+
+/// The control message that gives a drive's backend its limits.
+pub fn drive_limits_message(limits: RateLimiterConfig) -> Vec<u8> {
+    ControlMessage::RateLimits {
+        target: LimitTarget::Device,
+        limits,
+    }
+    .encode()
+}
 
 /// The drives in device order: the root drive first, then the others.
 pub fn device_order(drives: &[BlockDeviceConfig]) -> Vec<&BlockDeviceConfig> {
@@ -101,7 +117,20 @@ pub fn attach_block_devices(
         let queues = queues.clamp(1, MAX_QUEUES);
         let slot = vhost_user::slot(DeviceKind::Drive, &id, index)?;
         let frontend = connect(drive, spawner, queues)?;
-        let device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+        let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+        if let Some(limits) = drive
+            .rate_limiter
+            .filter(RateLimiterConfig::limits_anything)
+        {
+            device
+                .queues_mut()
+                .send_control(RATE_LIMITER, drive_limits_message(limits))
+                .map_err(|source| AttachError::Frontend {
+                    kind: DeviceKind::Drive,
+                    id: id.clone(),
+                    source,
+                })?;
+        }
         let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
         if drive.is_root_device {
             root_cmdline(drive, cmdline).map_err(|source| AttachError::Cmdline {

@@ -16,7 +16,7 @@ mod vsock;
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use backend_watch::Connector;
-pub use block::{attach_block_devices, BlockTransport};
+pub use block::{attach_block_devices, drive_limits_message, BlockTransport, RATE_LIMITER};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{attach_net_devices, NetBackendMonitor, NetTransport};

@@ -258,9 +258,8 @@ impl VmResources {
 
     /// Checks `PATCH /drives/{id}` on a running microVM: a new backing file
     /// is only for a drive with `path_on_host` (a `socket` drive's backend
-    /// owns its file), a rate limiter that limits anything is refused (an
-    /// empty one changes nothing). Returns the new file, if any, for the
-    /// VMM to open and to start the drive's next backend on.
+    /// owns its file). Returns the new file, if any, for the VMM to open
+    /// and to start the drive's next backend on.
     pub fn check_running_drive_update<'u>(
         &self,
         update: &'u BlockDeviceUpdate,
@@ -277,17 +276,25 @@ impl VmResources {
                 socket: socket.clone(),
             });
         }
-        if update
-            .rate_limiter
-            .as_ref()
-            .is_some_and(RateLimiterConfig::limits_anything)
-        {
-            return Err(ResourcesError::RateLimiter(format!(
-                "drive {:?}",
-                update.drive_id
-            )));
-        }
         Ok(update.path_on_host.as_deref())
+    }
+
+    /// A running drive's limits after `update` (Firecracker's semantics:
+    /// the buckets given replace the drive's); recorded for
+    /// `GET /vm/config` and for the drive's next backends.
+    pub fn update_running_drive_limits(
+        &mut self,
+        id: &str,
+        update: &RateLimiterConfig,
+    ) -> Result<RateLimiterConfig, ResourcesError> {
+        let drive = self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == id)
+            .ok_or_else(|| ResourcesError::UnknownDrive(id.to_string()))?;
+        let limits = drive.rate_limiter.unwrap_or_default().updated(update);
+        drive.rate_limiter = Some(limits);
+        Ok(limits)
     }
 
     /// Records a running drive's new backing file (once its backend was
@@ -349,16 +356,6 @@ impl VmResources {
     /// Adds or replaces a drive, keeping at most one root device.
     pub fn insert_drive(&mut self, drive: BlockDeviceConfig) -> Result<(), ResourcesError> {
         drive.validate()?;
-        if drive
-            .rate_limiter
-            .as_ref()
-            .is_some_and(RateLimiterConfig::limits_anything)
-        {
-            return Err(ResourcesError::RateLimiter(format!(
-                "drive {:?}",
-                drive.drive_id
-            )));
-        }
         let other_root = self
             .drives
             .iter()
@@ -569,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn rate_limiters_that_limit_are_refused_and_empty_ones_accepted() {
+    fn interface_rate_limiters_that_limit_are_refused_and_drive_ones_taken() {
         for empty in [
             json!(null),
             json!({}),
@@ -583,16 +580,27 @@ mod tests {
             &json!({"bandwidth": {"size": 1000, "one_time_burst": 0, "refill_time": 100}})
         ));
         let k = kernel_path();
+        // A drive's limits are its backend's to enforce.
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
                 "drives": [{{"drive_id": "a", "path_on_host": "{k}", "is_root_device": false,
                             "is_read_only": true,
                             "rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}]}}"#
         );
+        let resources = VmResources::from_json(&json).unwrap();
+        assert!(resources.drives[0]
+            .rate_limiter
+            .is_some_and(|l| l.limits_anything()));
+        // An interface's are not enforced yet: refused.
+        let json = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
+                "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                    "rx_rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}]}}"#
+        );
         let err = VmResources::from_json(&json).unwrap_err().to_string();
         assert_eq!(
             err,
-            "rate limiters are not supported by Tessera yet (drive \"a\")"
+            "rate limiters are not supported by Tessera yet (network interface \"eth0\")"
         );
     }
 
