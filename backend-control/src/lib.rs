@@ -12,9 +12,9 @@
 //!
 //! - Kind 1, rate limits: a target byte ([`LimitTarget`]), then the
 //!   bandwidth and the ops bucket, each a presence byte (0 or 1) and
-//!   `size`, `one_time_burst`, `refill_time` as u64 LE. An absent bucket
-//!   is left as it is (Firecracker's PATCH); a bucket of size 0 removes
-//!   the limit.
+//!   `size`, `one_time_burst`, `refill_time` as u64 LE: the limits in
+//!   force (the VMM merges a `PATCH` into them), an absent bucket limiting
+//!   nothing.
 
 use tessera_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
@@ -88,7 +88,7 @@ impl LimitTarget {
 /// One message from the VMM to a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
-    /// Set (or update) a limiter, with Firecracker's update semantics.
+    /// The limits a limiter now has.
     RateLimits {
         target: LimitTarget,
         limits: RateLimiterConfig,

@@ -123,7 +123,7 @@ mod tests {
             assert_eq!(sorted.len(), keys.len());
         }
         assert_eq!(
-            BlockCounter::EventFails.slot(),
+            BlockCounter::RateLimiterThrottledEvents.slot(),
             BlockCounter::KEYS.len() - 1
         );
         assert_eq!(

@@ -789,15 +789,15 @@ impl Device for BlockBackend {
         queue_masks(self.config.queues, self.config.threads)
     }
 
-    /// The VMM's limits for this drive (at start, and at each
-    /// `PATCH /drives/{id}`), with Firecracker's update semantics.
+    /// The drive's limits in force (at start, and after each
+    /// `PATCH /drives/{id}`, which the VMM merges).
     fn control(&self, message: ControlMessage) -> io::Result<()> {
         match message {
             ControlMessage::RateLimits {
                 target: LimitTarget::Device,
                 limits,
             } => {
-                self.limiter().update(&limits);
+                self.limiter().replace(&limits);
                 log::info!("rate limits: {limits:?}");
                 Ok(())
             }
