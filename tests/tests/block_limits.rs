@@ -42,19 +42,26 @@ fn boot(limiter: serde_json::Value, mib: u64) -> (ApiVm, ApiClient) {
 /// The guest's `probe.blk0_ms` once the test is done (and its outcome was
 /// ok).
 fn blk_ms(api: &mut ApiVm) -> u64 {
+    device_ms(api, 0)
+}
+
+/// The guest's `probe.blk<index>_ms` once that device's test is done (and
+/// its outcome was ok).
+fn device_ms(api: &mut ApiVm, index: u32) -> u64 {
+    let ms_prefix = format!("probe.blk{index}_ms=");
     api.vm.wait_until(DEADLINE, |out, _| {
-        whole_lines(out).any(|l| l.starts_with("probe.blk0_ms="))
+        whole_lines(out).any(|l| l.starts_with(&ms_prefix))
     });
     let out = api.vm.stdout();
     assert!(
-        whole_lines(&out).any(|l| l.starts_with("probe.blk0=ok")),
+        whole_lines(&out).any(|l| l.starts_with(&format!("probe.blk{index}=ok"))),
         "{out}\n{}",
         api.vm.stderr()
     );
     let ms = whole_lines(&out)
-        .find_map(|l| l.strip_prefix("probe.blk0_ms="))
+        .find_map(|l| l.strip_prefix(&ms_prefix))
         .and_then(|ms| ms.trim().parse().ok());
-    ms.unwrap_or_else(|| panic!("no probe.blk0_ms line:\n{out}"))
+    ms.unwrap_or_else(|| panic!("no {ms_prefix} line:\n{out}"))
 }
 
 /// The drive's backend counters summed over the metrics lines so far
@@ -137,5 +144,48 @@ fn a_patch_lifts_and_sets_the_limit_of_a_running_drive() {
         r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 1}}}"#,
     );
     assert_eq!(r.status, 400, "{}", r.body);
+    drop(api.vm.finish());
+}
+
+#[test]
+fn a_limit_on_one_drive_leaves_the_other_at_full_speed() {
+    const MIB_EACH: u64 = 2;
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    c.put_ok(
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.blk=write probe.blk_mib={MIB_EACH} probe.seed=0x5eed")}),
+    );
+    // API order: the limited drive is vda (probe.blk0), the free one vdb.
+    for (id, limiter) in [
+        (
+            "limited",
+            json!({"bandwidth": {"size": 131072, "refill_time": 250}}),
+        ),
+        ("free", json!({})),
+    ] {
+        let disk = api.dir().join(format!("{id}.img"));
+        tessera_tests::sparse_file(&disk, MIB_EACH * MIB);
+        c.put_ok(
+            &format!("/drives/{id}"),
+            json!({"drive_id": id, "path_on_host": disk, "is_root_device": false,
+                   "rate_limiter": limiter}),
+        );
+    }
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
+    let mut api = api;
+    let limited = device_ms(&mut api, 0);
+    let free = device_ms(&mut api, 1);
+    // 4 MiB at 512 KiB/s after the first 128 KiB.
+    let expected = (4 * MIB - 131072) * 1000 / (512 << 10);
+    assert!(
+        limited >= expected * 9 / 10,
+        "the limited drive took {limited} ms, under the {expected} ms its limit allows"
+    );
+    assert!(
+        free * 3 < limited,
+        "the free drive took {free} ms beside the limited one's {limited} ms"
+    );
     drop(api.vm.finish());
 }

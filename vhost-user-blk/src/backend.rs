@@ -132,6 +132,9 @@ pub struct BlockBackend {
     /// worker charges its requests to it, and every worker's epoll waits
     /// on its timer.
     limiter: Mutex<RateLimiter>,
+    /// Whether the limiter has a bucket: without one, requests do not
+    /// touch its lock.
+    limited: AtomicBool,
 }
 
 impl BlockBackend {
@@ -168,6 +171,7 @@ impl BlockBackend {
             broken: AtomicBool::new(false),
             broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
             limiter: Mutex::new(RateLimiter::new(&RateLimiterConfig::default())?),
+            limited: AtomicBool::new(false),
         })
     }
 
@@ -188,11 +192,14 @@ impl BlockBackend {
 
     /// Whether the rate limiter holds the queues back now.
     fn throttled(&self) -> bool {
-        self.limiter().is_blocked()
+        self.limited.load(Ordering::Acquire) && self.limiter().is_blocked()
     }
 
     /// Charges a request that goes ahead; a debt holds the next back.
     fn charge(&self, bytes: u32) {
+        if !self.limited.load(Ordering::Acquire) {
+            return;
+        }
         let mut limiter = self.limiter();
         let before = limiter.throttled();
         limiter.charge_request(u64::from(bytes));
@@ -797,7 +804,15 @@ impl Device for BlockBackend {
                 target: LimitTarget::Device,
                 limits,
             } => {
-                self.limiter().replace(&limits);
+                let mut limiter = self.limiter();
+                limiter.replace(&limits);
+                // A blocked limiter stays visible until its timer: the
+                // workers wait for it rather than lose the wake-up.
+                self.limited.store(
+                    limits.limits_anything() || limiter.is_blocked(),
+                    Ordering::Release,
+                );
+                drop(limiter);
                 log::info!("rate limits: {limits:?}");
                 Ok(())
             }
@@ -834,7 +849,12 @@ impl Device for BlockBackend {
             Err(WorkerError::EventSet(evset))
         } else if u64::from(device_event) == self.limiter_event() {
             // The debt is paid: take what the guest posted meanwhile.
-            self.limiter().on_timer();
+            let mut limiter = self.limiter();
+            limiter.on_timer();
+            if !limiter.limits_anything() && !limiter.is_blocked() {
+                self.limited.store(false, Ordering::Release);
+            }
+            drop(limiter);
             self.process_queues(vrings, thread)
         } else if usize::from(device_event) >= vrings.len() {
             Err(WorkerError::NoQueue(usize::from(device_event)))
