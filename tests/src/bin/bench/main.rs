@@ -19,14 +19,16 @@
 //! start-up beside Firecracker and Cloud Hypervisor (startup.rs); `--snapshot`
 //! snapshot create, load and clones beside Firecracker (snapshot.rs); `--vsock`
 //! vsock beside them (vsock.rs); `--entropy` the entropy device and its
-//! rate limiters beside Firecracker's (entropy.rs); `--fleet N`
+//! rate limiters beside Firecracker's (entropy.rs); `--drive-limits` a
+//! drive's rate limiter beside Firecracker's (drive_limits.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod block;
 mod boot_trace;
+mod drive_limits;
 mod entropy;
 mod fleet;
 mod jailer;
@@ -162,10 +164,11 @@ enum Mode {
     Migration,
     Vsock,
     Entropy,
+    DriveLimits,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -185,6 +188,7 @@ fn main() {
             "--migration" => mode = Mode::Migration,
             "--vsock" => mode = Mode::Vsock,
             "--entropy" => mode = Mode::Entropy,
+            "--drive-limits" => mode = Mode::DriveLimits,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -206,6 +210,7 @@ fn main() {
         Mode::Migration => migration::bench_migration(runs),
         Mode::Vsock => vsock::bench_vsock(runs),
         Mode::Entropy => entropy::bench_entropy(runs),
+        Mode::DriveLimits => drive_limits::bench_drive_limits(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
