@@ -21,7 +21,7 @@ use crate::{machine, summary};
 const DEADLINE: Duration = Duration::from_secs(300);
 const MIB_WRITTEN: u64 = 2;
 /// Written, then read back.
-const BYTES: u64 = 2 * MIB_WRITTEN << 20;
+const BYTES: u64 = (2 * MIB_WRITTEN) << 20;
 
 /// One cell: its limiter, the bytes per second it allows and its full
 /// bucket's.
