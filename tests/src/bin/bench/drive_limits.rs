@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::console::whole_lines;
-use tessera_tests::{guest_artifacts, Running};
+use tessera_tests::guest_artifacts;
 
 use crate::peers::Vmm;
 use crate::{machine, summary};
@@ -97,29 +96,13 @@ fn test_ms(vmm: &Vmm, cell: &Cell) -> f64 {
         "drives": [{"drive_id": "data", "path_on_host": disk, "is_root_device": false,
                     "is_read_only": false, "rate_limiter": cell.limiter}],
     });
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, config.to_string()).expect("write config");
-    let bin = match vmm {
-        Vmm::Tessera => tessera_tests::workspace_bin("tessera"),
-        Vmm::Firecracker(bin) | Vmm::CloudHypervisor(bin) => bin.clone(),
-    };
-    let mut command = std::process::Command::new(bin);
-    command.arg("--no-api").arg("--config-file").arg(&path);
-    let mut vm = Running::spawn(command);
-    let line = |out: &str| {
-        whole_lines(out)
-            .find_map(|l| l.strip_prefix("probe.blk0_ms="))
-            .map(str::to_string)
-    };
-    vm.wait_until(DEADLINE, |out, _| line(out).is_some());
-    let out = vm.stdout();
+    let (ms, out) = vmm.console_line(&config, dir.path(), "probe.blk0_ms=", DEADLINE);
     assert!(
         out.contains("probe.blk0=ok"),
-        "{}: the block test failed:\n{out}\n{}",
-        vmm.name(),
-        vm.stderr()
+        "{}: the block test failed:\n{out}",
+        vmm.name()
     );
-    let ms = line(&out).and_then(|ms| ms.trim().parse().ok());
-    drop(vm.finish());
-    ms.unwrap_or_else(|| panic!("{}: no probe.blk0_ms line:\n{out}", vmm.name()))
+    ms.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}: probe.blk0_ms={ms}", vmm.name()))
 }

@@ -14,8 +14,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::console::whole_lines;
-use tessera_tests::{guest_artifacts, Running};
+use tessera_tests::guest_artifacts;
 
 use crate::peers::Vmm;
 use crate::{machine, summary};
@@ -118,25 +117,7 @@ fn read_ms(vmm: &Vmm, cell: &Cell) -> f64 {
     if let Some(limiter) = &cell.limiter {
         config["entropy"]["rate_limiter"] = limiter.clone();
     }
-    let path = dir.path().join("config.json");
-    std::fs::write(&path, config.to_string()).expect("write config");
-    let bin = match vmm {
-        Vmm::Tessera => tessera_tests::workspace_bin("tessera"),
-        Vmm::Firecracker(bin) | Vmm::CloudHypervisor(bin) => bin.clone(),
-    };
-    let mut command = std::process::Command::new(bin);
-    command.arg("--no-api").arg("--config-file").arg(&path);
-    let mut vm = Running::spawn(command);
-    let line = |out: &str| {
-        whole_lines(out)
-            .find(|l| l.starts_with("probe.rng="))
-            .map(str::to_string)
-    };
-    vm.wait_until(DEADLINE, |out, _| line(out).is_some());
-    let out = vm.stdout();
-    let line = line(&out)
-        .unwrap_or_else(|| panic!("{}: no probe.rng line:\n{out}\n{}", vmm.name(), vm.stderr()));
-    drop(vm.finish());
+    let (line, _) = vmm.console_line(&config, dir.path(), "probe.rng=", DEADLINE);
     line.rsplit_once("ms=")
         .and_then(|(_, ms)| ms.trim().parse().ok())
         .unwrap_or_else(|| panic!("{}: {line:?}", vmm.name()))

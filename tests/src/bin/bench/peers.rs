@@ -118,6 +118,40 @@ impl Vmm {
         }
     }
 
+    /// Boots the Firecracker JSON `config` (Tessera or Firecracker, written
+    /// in `dir`) without an API socket, waits for the guest's first whole
+    /// console line starting with `prefix`, ends the VMM, and returns that
+    /// line (less the prefix) and the whole console.
+    pub(crate) fn console_line(
+        &self,
+        config: &serde_json::Value,
+        dir: &Path,
+        prefix: &str,
+        deadline: std::time::Duration,
+    ) -> (String, String) {
+        let path = dir.join("config.json");
+        std::fs::write(&path, config.to_string()).expect("write config");
+        let bin = match self {
+            Vmm::Tessera => tessera_tests::workspace_bin("tessera"),
+            Vmm::Firecracker(bin) | Vmm::CloudHypervisor(bin) => bin.clone(),
+        };
+        let mut command = Command::new(bin);
+        command.arg("--no-api").arg("--config-file").arg(&path);
+        let mut vm = tessera_tests::Running::spawn(command);
+        let line = |out: &str| {
+            tessera_tests::console::whole_lines(out)
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(str::to_string)
+        };
+        vm.wait_until(deadline, |out, _| line(out).is_some());
+        let out = vm.stdout();
+        let found = line(&out).unwrap_or_else(|| {
+            panic!("{}: no {prefix} line:\n{out}\n{}", self.name(), vm.stderr())
+        });
+        drop(vm.finish());
+        (found, out)
+    }
+
     /// Starts the VMM with only its API socket at `socket`.
     pub(crate) fn api_command(&self, socket: &Path) -> Command {
         let mut command = match self {
