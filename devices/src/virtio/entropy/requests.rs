@@ -15,11 +15,15 @@ use super::Entropy;
 /// guest could otherwise make one request cost the VMM as much memory as
 /// its descriptors claim).
 pub const MAX_REQUEST_BYTES: u32 = 64 << 10;
-/// Requests served per kick, so that a guest posting without end cannot
-/// hold the event loop (the rest are served at the next kick or round).
-const MAX_REQUESTS_PER_ROUND: usize = 256;
-/// Rounds of "serve, then re-enable notifications" per kick.
-const MAX_ROUNDS: usize = 4;
+/// Requests and bytes served per turn of the event loop, so that a guest
+/// posting without end cannot hold it: the device then notifies itself
+/// and serves the rest at its next turn, after the other events.
+const MAX_REQUESTS_PER_TURN: usize = 256;
+const MAX_BYTES_PER_TURN: u64 = 1 << 20;
+/// Times a turn looks again after turning notifications back on: an avail
+/// index the queue refuses (far ahead of the ring) always says "more", and
+/// must not hold the loop.
+const MAX_RECHECKS_PER_TURN: usize = 4;
 
 /// One request's buffer: (guest address, length) of each writable part.
 struct Request {
@@ -90,33 +94,52 @@ impl Entropy {
             return false;
         };
         let mut answered = false;
-        'rounds: for _ in 0..MAX_ROUNDS {
-            for _ in 0..MAX_REQUESTS_PER_ROUND {
-                if self.limiter.is_blocked() {
-                    break 'rounds;
-                }
-                let Some(chain) = queue.pop_descriptor_chain(&self.mem) else {
-                    break;
-                };
-                let request = read_request(chain);
-                if !request.malformed && !self.limiter.consume_request(u64::from(request.len)) {
-                    // Back to the ring: served when the limiter's timer fires.
-                    queue.go_to_previous_position();
-                    break 'rounds;
-                }
-                let written = self.answer(&request);
-                match queue.add_used(&self.mem, request.head, written) {
-                    Ok(()) => answered = true,
-                    Err(err) => self.bad(&format!("cannot return request {}: {err}", request.head)),
-                }
+        let (mut served, mut bytes, mut rechecks) = (0, 0u64, 0);
+        while !self.limiter.is_blocked() {
+            if served == MAX_REQUESTS_PER_TURN || bytes >= MAX_BYTES_PER_TURN {
+                self.notify_self();
+                break;
             }
-            match queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
+            let next = match queue.iter(&self.mem) {
+                Ok(mut chains) => chains.next(),
                 Err(err) => {
-                    self.bad(&format!("notifications: {err}"));
+                    // An avail index far ahead of the ring: nothing in it
+                    // is served until the driver resets the device.
+                    self.bad(&format!("the available ring: {err}"));
                     break;
                 }
+            };
+            let Some(chain) = next else {
+                // With notifications on again, anything posted meanwhile is
+                // served now rather than at a kick that will not come.
+                match queue.enable_notification(&self.mem) {
+                    Ok(true) if rechecks < MAX_RECHECKS_PER_TURN => {
+                        rechecks += 1;
+                        continue;
+                    }
+                    Ok(true) => {
+                        self.notify_self();
+                        break;
+                    }
+                    Ok(false) => break,
+                    Err(err) => {
+                        self.bad(&format!("notifications: {err}"));
+                        break;
+                    }
+                }
+            };
+            let request = read_request(chain);
+            if !request.malformed && !self.limiter.consume_request(u64::from(request.len)) {
+                // Back to the ring: served when the limiter's timer fires.
+                queue.go_to_previous_position();
+                break;
+            }
+            let written = self.answer(&request);
+            served += 1;
+            bytes += u64::from(written);
+            match queue.add_used(&self.mem, request.head, written) {
+                Ok(()) => answered = true,
+                Err(err) => self.bad(&format!("cannot return request {}: {err}", request.head)),
             }
         }
         if let Some(log) = &self.dirty_log {
@@ -128,6 +151,14 @@ impl Entropy {
         let notify = answered && queue.needs_notification(&self.mem).unwrap_or(true);
         self.queue = Some(queue);
         notify
+    }
+
+    /// More may be posted: the rest at the event loop's next turn, after
+    /// its other events.
+    fn notify_self(&mut self) {
+        if let Err(err) = self.kick.write(1) {
+            self.bad(&format!("cannot notify itself: {err}"));
+        }
     }
 
     /// Fills the request's buffer; returns the bytes written.
@@ -277,9 +308,29 @@ mod tests {
         assert_eq!(used(&d, 3).0, 3);
         assert!(used(&d, 3).1 <= MAX_REQUEST_BYTES);
         assert!(d.counters().entropy_event_fails >= 3);
-        // An avail index far ahead is refused as a whole.
+        // An avail index far ahead is refused as a whole, and the device
+        // does not come back to it by itself.
         d.mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+        d.kick.write(1).unwrap();
         d.on_kick();
+        assert!(d.kick.read().is_err(), "the device keeps coming back");
+    }
+
+    #[test]
+    fn a_turn_that_spends_its_budget_notifies_the_device_again() {
+        let mut d = device("{}");
+        // 16 requests of 128 KiB, capped at 64 KiB each: 1 MiB, one
+        // turn's budget.
+        for head in 0..SIZE {
+            desc(&d, head, DATA, 128 << 10, F_WRITE, 0);
+        }
+        post(&mut d, 0, &(0..SIZE).collect::<Vec<_>>());
+        assert_eq!(used_idx(&d), SIZE);
+        assert_eq!(d.counters().entropy_bytes, 1 << 20);
+        assert!(
+            d.kick.read().is_ok(),
+            "the device did not notify itself for what may be left"
+        );
     }
 
     #[test]
