@@ -309,6 +309,27 @@ fn a_destination_that_refuses_says_why_and_the_source_runs_on() {
     drop(src.vm.finish());
 }
 
+/// Sends `src` to `url`, where `receiving` waits: the source ends, the
+/// destination's receive call answers 204, and the source exits 0.
+/// Returns how the source ended.
+fn complete_move(
+    mut src: ApiVm,
+    receiving: std::thread::JoinHandle<(u16, String)>,
+    url: &str,
+) -> tessera_tests::RunOutput {
+    src.client()
+        .put_ok("/migration/send", json!({"destination": url}));
+    assert!(
+        src.vm.wait_until(DEADLINE, |_, _| false),
+        "the source did not end after the move"
+    );
+    let (status, body) = receiving.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    let before = src.vm.finish();
+    assert_eq!(before.code(), 0, "{}", before.describe());
+    before
+}
+
 /// The pause the source's log reports ("... <n> ms from the pause to the
 /// destination's word").
 fn logged_downtime_ms(stderr: &str) -> u64 {
@@ -384,16 +405,7 @@ fn a_guest_pinged_every_10_ms_moves_to_another_tap_and_loses_only_the_pause() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    src.client()
-        .put_ok("/migration/send", json!({"destination": url}));
-    assert!(
-        src.vm.wait_until(DEADLINE, |_, _| false),
-        "the source did not end after the move"
-    );
-    let (status, body) = receiving.join().unwrap();
-    assert_eq!(status, 204, "{body}");
-    let before = src.vm.finish();
-    assert_eq!(before.code(), 0, "{}", before.describe());
+    let before = complete_move(src, receiving, &url);
     let downtime_ms = logged_downtime_ms(&before.stderr);
     let summary = String::from_utf8(ping.wait_with_output().unwrap().stdout).unwrap();
     let (sent, received) = ping_summary(&summary);
@@ -458,16 +470,7 @@ fn a_guest_with_vsock_moves_on_one_host_to_a_socket_of_its_own() {
         json!({"listen": url, "vsock_override": {"uds_path": moved}}),
     );
     listening(&path);
-    src.client()
-        .put_ok("/migration/send", json!({"destination": url}));
-    assert!(
-        src.vm.wait_until(DEADLINE, |_, _| false),
-        "the source did not end after the move"
-    );
-    let (status, body) = receiving.join().unwrap();
-    assert_eq!(status, 204, "{body}");
-    let before = src.vm.finish();
-    assert_eq!(before.code(), 0, "{}", before.describe());
+    let before = complete_move(src, receiving, &url);
     let second = vsock::connect(&moved, PORT).unwrap();
     assert_eq!(echo_through(second, b"two".to_vec()), b"two");
     dst.vm.wait_until(DEADLINE, |out, _| {
