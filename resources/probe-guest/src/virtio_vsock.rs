@@ -543,11 +543,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Takes the device's events, then every packet the host sent, and
-    /// puts the buffers back. Events first: a TRANSPORT_RESET (a loaded
-    /// snapshot) ends the connections of before, not one a host client
-    /// opened through the new device since.
-    fn poll_rx(&mut self, listen: Option<u32>) -> Result<(), Failure> {
+    /// Takes the device's events and puts their buffers back. A
+    /// TRANSPORT_RESET (a loaded snapshot) ends every connection.
+    fn take_events(&mut self) -> Result<(), Failure> {
         while let Some(used) = self.event.pop_used().map_err(Failure::Queue)? {
             let index = usize::from(self.event_slot_of[usize::from(used.head)]);
             // SAFETY: the buffer came back; the device wrote it.
@@ -561,8 +559,21 @@ impl Driver {
             }
             self.post_event(index).map_err(Failure::Queue)?;
         }
+        Ok(())
+    }
+
+    /// Takes every packet the host sent and puts the buffers back. The
+    /// events are taken after each packet is popped and before it is
+    /// handled: a TRANSPORT_RESET was posted before the loaded guest ran,
+    /// so it is seen before any packet that came after it, even when the
+    /// snapshot paused the guest between two looks at its queues (it then
+    /// ends the connections of before, not one a host client opened
+    /// through the new device since).
+    fn poll_rx(&mut self, listen: Option<u32>) -> Result<(), Failure> {
+        self.take_events()?;
         let mut reposted = false;
         while let Some(used) = self.rx.pop_used().map_err(Failure::Queue)? {
+            self.take_events()?;
             let slot = usize::from(self.rx_slot_of[usize::from(used.head)]);
             // SAFETY: the chain came back, so the device is done with the
             // slot; volatile copies because the device wrote it.
