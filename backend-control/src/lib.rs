@@ -126,6 +126,18 @@ fn get_bucket(bytes: &[u8]) -> Result<Option<TokenBucketConfig>, ControlError> {
 }
 
 impl ControlMessage {
+    /// What the message sets: a later message with the same key replaces
+    /// it (the VMM keeps the last of each for the device's next backends).
+    pub fn key(&self) -> &'static str {
+        match self {
+            ControlMessage::RateLimits { target, .. } => match target {
+                LimitTarget::Device => "rate_limiter",
+                LimitTarget::Rx => "rx_rate_limiter",
+                LimitTarget::Tx => "tx_rate_limiter",
+            },
+        }
+    }
+
     /// The message's bytes, for `SET_CONFIG` at [`CONTROL_OFFSET`].
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(RATE_LIMITS_LEN);

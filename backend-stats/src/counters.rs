@@ -76,6 +76,15 @@ counter_set! {
         TapWriteFails = "tap_write_fails",
         /// Queues the guest broke (the device needs a reset).
         EventFails = "event_fails",
+        /// Frames to the guest that left the RX limiter in debt (the next
+        /// wait for its timer).
+        RxRateLimiterThrottled = "rx_rate_limiter_throttled",
+        /// Wake-ups by the RX limiter's timer.
+        RxEventRateLimiterCount = "rx_event_rate_limiter_count",
+        /// Frames from the guest that left the TX limiter in debt.
+        TxRateLimiterThrottled = "tx_rate_limiter_throttled",
+        /// Wake-ups by the TX limiter's timer.
+        TxRateLimiterEventCount = "tx_rate_limiter_event_count",
     }
 }
 

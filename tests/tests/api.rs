@@ -235,9 +235,9 @@ fn invalid_requests_get_400_with_a_clear_message() {
             "PUT",
             "/network-interfaces/eth0",
             r#"{"iface_id": "eth0", "host_dev_name": "lo",
-                "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#
+                "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100, "burst": 1}}}"#
                 .into(),
-            "rate limiters are not supported",
+            "unknown field `burst`",
         ),
         (
             "PUT",

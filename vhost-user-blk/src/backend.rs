@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use backend_stats::{BlockCounter, Stats};
 use tessera_backend_control::{ControlMessage, LimitTarget};
-use tessera_rate_limiter::{RateLimiter, RateLimiterConfig};
+use tessera_rate_limiter::{Charged, SharedLimiter};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -131,10 +131,7 @@ pub struct BlockBackend {
     /// The drive's rate limiter (none until the VMM sends limits): every
     /// worker charges its requests to it, and every worker's epoll waits
     /// on its timer.
-    limiter: Mutex<RateLimiter>,
-    /// Whether the limiter has a bucket: without one, requests do not
-    /// touch its lock.
-    limited: AtomicBool,
+    limiter: SharedLimiter,
 }
 
 impl BlockBackend {
@@ -170,8 +167,7 @@ impl BlockBackend {
             resubmit,
             broken: AtomicBool::new(false),
             broken_event: new_event_consumer_and_notifier(EventFlag::empty())?,
-            limiter: Mutex::new(RateLimiter::new(&RateLimiterConfig::default())?),
-            limited: AtomicBool::new(false),
+            limiter: SharedLimiter::new()?,
         })
     }
 
@@ -183,27 +179,17 @@ impl BlockBackend {
 
     /// The rate limiter's timerfd, for each worker's epoll.
     pub fn limiter_fd(&self) -> RawFd {
-        self.limiter().as_raw_fd()
-    }
-
-    fn limiter(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
-        self.limiter.lock().unwrap_or_else(|p| p.into_inner())
+        self.limiter.as_raw_fd()
     }
 
     /// Whether the rate limiter holds the queues back now.
     fn throttled(&self) -> bool {
-        self.limited.load(Ordering::Acquire) && self.limiter().is_blocked()
+        self.limiter.is_blocked()
     }
 
     /// Charges a request that goes ahead; a debt holds the next back.
     fn charge(&self, bytes: u32) {
-        if !self.limited.load(Ordering::Acquire) {
-            return;
-        }
-        let mut limiter = self.limiter();
-        let before = limiter.throttled();
-        limiter.charge_request(u64::from(bytes));
-        if limiter.throttled() > before {
+        if self.limiter.charge(u64::from(bytes)) == Charged::Throttled {
             self.stats().inc(BlockCounter::RateLimiterThrottledEvents);
         }
     }
@@ -804,15 +790,7 @@ impl Device for BlockBackend {
                 target: LimitTarget::Device,
                 limits,
             } => {
-                let mut limiter = self.limiter();
-                limiter.replace(&limits);
-                // A blocked limiter stays visible until its timer: the
-                // workers wait for it rather than lose the wake-up.
-                self.limited.store(
-                    limits.limits_anything() || limiter.is_blocked(),
-                    Ordering::Release,
-                );
-                drop(limiter);
+                self.limiter.replace(&limits);
                 log::info!("rate limits: {limits:?}");
                 Ok(())
             }
@@ -849,12 +827,7 @@ impl Device for BlockBackend {
             Err(WorkerError::EventSet(evset))
         } else if u64::from(device_event) == self.limiter_event() {
             // The debt is paid: take what the guest posted meanwhile.
-            let mut limiter = self.limiter();
-            limiter.on_timer();
-            if !limiter.limits_anything() && !limiter.is_blocked() {
-                self.limited.store(false, Ordering::Release);
-            }
-            drop(limiter);
+            self.limiter.on_timer();
             self.process_queues(vrings, thread)
         } else if usize::from(device_event) >= vrings.len() {
             Err(WorkerError::NoQueue(usize::from(device_event)))
@@ -1178,7 +1151,7 @@ mod tests {
             .backend
             .control(ControlMessage::RateLimits {
                 target: LimitTarget::Rx,
-                limits: RateLimiterConfig::default(),
+                limits: tessera_rate_limiter::RateLimiterConfig::default(),
             })
             .unwrap_err();
         assert!(err.to_string().contains("one rate limiter"), "{err}");

@@ -134,16 +134,15 @@ impl BrokenQueues {
 /// ring through the latest guest memory (`memory`): the frontend may
 /// change the memory table meanwhile, and a ring read through an old table
 /// can look empty while the new one says otherwise, which would spin the
-/// worker. Returns whether the budget ran out first: the caller then kicks
-/// the queue again, so that the worker serves its other events before it
-/// comes back.
+/// worker. `handle` says whether to go on: a rate limiter that ran dry
+/// holds the rest in the ring, and its timer brings the worker back.
 pub fn take_posted<M>(
     vring: &BackendVring,
     memory: impl Fn() -> M,
     budget: usize,
-    mut handle: impl FnMut(DescriptorChain<M>, &M),
+    mut handle: impl FnMut(DescriptorChain<M>, &M) -> bool,
     signal: impl Fn(&BackendVring) -> Result<(), QueueError>,
-) -> Result<bool, QueueError>
+) -> Result<Taken, QueueError>
 where
     M: Clone + Deref,
     M::Target: GuestMemory,
@@ -153,7 +152,8 @@ where
         let mem = memory();
         vring.disable_notification()?;
         let mut used = 0;
-        while taken < budget {
+        let mut held = false;
+        while taken < budget && !held {
             // Pop in its own statement: a `while let` would hold the
             // vring lock through the body, and `add_used` takes it too.
             let next = crate::ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?;
@@ -161,7 +161,7 @@ where
                 break;
             };
             let head = chain.head_index();
-            handle(chain, &mem);
+            held = !handle(chain, &mem);
             vring.add_used(head, 0)?;
             used += 1;
             taken += 1;
@@ -169,13 +169,28 @@ where
         if used > 0 {
             signal(vring)?;
         }
+        if held {
+            return Ok(Taken::Held);
+        }
         if taken == budget {
-            return Ok(true);
+            return Ok(Taken::BudgetSpent);
         }
         if !vring.enable_notification()? {
-            return Ok(false);
+            return Ok(Taken::Drained);
         }
     }
+}
+
+/// How [`take_posted`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// The ring is empty and the guest's kicks are back on.
+    Drained,
+    /// The budget ran out first: the caller kicks the queue again, so
+    /// that the worker serves its other events before it comes back.
+    BudgetSpent,
+    /// The handler held the rest back (kicks stay off).
+    Held,
 }
 
 /// `size` bytes of `space` from `offset`, zero past its end: what
@@ -245,13 +260,22 @@ mod tests {
                 }
             };
             let mut taken = 0;
-            let result = take_posted(&vring, memory, 8, |_, _| taken += 1, |_| Ok(()));
+            let result = take_posted(
+                &vring,
+                memory,
+                8,
+                |_, _| {
+                    taken += 1;
+                    true
+                },
+                |_| Ok(()),
+            );
             let _ = sender.send((result.map_err(|e| e.to_string()), taken));
         });
         let (result, taken) = receiver
             .recv_timeout(std::time::Duration::from_secs(5))
             .expect("the pass spins on a ring it reads through an old memory table");
-        assert_eq!(result, Ok(false));
+        assert_eq!(result, Ok(Taken::Drained));
         assert_eq!(taken, 1);
     }
 

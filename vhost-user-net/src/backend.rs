@@ -5,19 +5,27 @@
 //! guest's RX buffers while it has some; when it has none the worker stops
 //! reading (no spinning, no loss: the TAP queues the frames) until the guest
 //! posts buffers and kicks.
+//!
+//! Each direction has a rate limiter that the VMM sets over the control
+//! channel, shared by the pairs. A frame goes while its limiter is not
+//! blocked and is charged after; one that leaves a debt stops that
+//! direction (TX frames wait in the ring, RX frames in the TAP) until the
+//! limiter's timer, which every worker's epoll watches.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 
 use backend_stats::{NetCounter, Stats};
+use tessera_backend_control::{ControlMessage, LimitTarget};
+use tessera_rate_limiter::{Charged, SharedLimiter};
 use vhost_user_backend::VringT;
 use vhost_user_common::device::{Device, WorkerCommon, WorkerEvent};
 use vhost_user_common::guest_log;
 use vhost_user_common::ratelimit::{self, RateLimit};
 use vhost_user_common::ring;
-use vhost_user_common::worker::{self, BrokenQueues};
+use vhost_user_common::worker::{self, BrokenQueues, Taken};
 use vhost_user_common::{BackendMemory, BackendVring};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -73,6 +81,10 @@ pub struct NetBackend {
     attached: Vec<AtomicBool>,
     /// Per queue (RX of pair p is 2p, TX 2p + 1).
     broken: BrokenQueues,
+    /// Frames to the guest.
+    rx_limiter: SharedLimiter,
+    /// Frames from the guest.
+    tx_limiter: SharedLimiter,
 }
 
 impl NetBackend {
@@ -104,7 +116,40 @@ impl NetBackend {
             mergeable: AtomicBool::new(false),
             attached,
             broken,
+            rx_limiter: SharedLimiter::new()?,
+            tx_limiter: SharedLimiter::new()?,
         })
+    }
+
+    /// The epoll value of a limiter's timer in every worker (after the
+    /// queues, the exit event and the TAPs).
+    pub fn limiter_event(&self, target: LimitTarget) -> u64 {
+        let after_taps = (3 * self.config.queue_pairs + 1) as u64;
+        match target {
+            LimitTarget::Tx => after_taps + 1,
+            _ => after_taps,
+        }
+    }
+
+    fn limiter(&self, target: LimitTarget) -> &SharedLimiter {
+        match target {
+            LimitTarget::Tx => &self.tx_limiter,
+            _ => &self.rx_limiter,
+        }
+    }
+
+    /// The timerfds of the RX and TX limiters, with their epoll values.
+    pub fn limiter_fds(&self) -> [(RawFd, u64); 2] {
+        [
+            (
+                self.rx_limiter.as_raw_fd(),
+                self.limiter_event(LimitTarget::Rx),
+            ),
+            (
+                self.tx_limiter.as_raw_fd(),
+                self.limiter_event(LimitTarget::Tx),
+            ),
+        ]
     }
 
     /// The counters the VMM's metrics report.
@@ -186,9 +231,26 @@ impl NetBackend {
             .is_ok_and(|f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
     }
 
+    /// Charges a frame of `len` bytes (its virtio-net header included, as
+    /// Firecracker counts) to `limiter`; whether the next frame may go.
+    fn charge(&self, limiter: &SharedLimiter, len: usize, throttled: NetCounter) -> bool {
+        match limiter.charge(len as u64) {
+            Charged::Free => true,
+            Charged::Throttled => {
+                self.stats().inc(throttled);
+                false
+            }
+            Charged::Blocked => false,
+        }
+    }
+
     /// Guest to TAP: sends every posted frame; bad frames are dropped and
     /// counted, and each chain goes back to the guest.
+    /// A frame the TX limiter holds back waits in the ring.
     fn process_tx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
+        if self.tx_limiter.is_blocked() {
+            return Ok(());
+        }
         let transmit = |chain, mem: &GuestMemoryLoadGuard<BackendMemory>| {
             let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
             match frame::transmit(&descriptors, mem, tap.as_raw_fd()) {
@@ -196,6 +258,7 @@ impl NetBackend {
                     self.stats().inc(NetCounter::TxPacketsCount);
                     self.stats()
                         .add(NetCounter::TxBytesCount, payload_bytes(len));
+                    self.charge(&self.tx_limiter, len, NetCounter::TxRateLimiterThrottled)
                 }
                 Err(err) => {
                     guest_log!(&DROPPED, log::Level::Debug, "TX frame dropped: {err}");
@@ -203,14 +266,15 @@ impl NetBackend {
                         FrameError::Io(_) => NetCounter::TapWriteFails,
                         _ => NetCounter::TxMalformedFrames,
                     });
+                    true
                 }
             }
         };
         let memory = || self.mem.memory();
-        let more = worker::take_posted(vring, memory, MAX_TX_PER_EVENT, transmit, |vring| {
+        let taken = worker::take_posted(vring, memory, MAX_TX_PER_EVENT, transmit, |vring| {
             self.signal(vring)
         })?;
-        if more {
+        if taken == Taken::BudgetSpent {
             if let Some(kick) = vring.get_ref().get_kick() {
                 ring::kick_again(kick);
             }
@@ -223,7 +287,11 @@ impl NetBackend {
     /// mergeable frame may need up to 64 KiB of them, most of which a small
     /// frame leaves for the next); those left at the end go back to the
     /// ring. Notifications of new buffers are off while buffers remain.
+    /// Frames the RX limiter holds back wait in the TAP.
     fn process_rx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
+        if self.rx_limiter.is_blocked() {
+            return Ok(());
+        }
         let mut mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
         let mut ready: VecDeque<RxChain> = VecDeque::new();
@@ -282,6 +350,9 @@ impl NetBackend {
                 }
                 break;
             }
+            if self.rx_limiter.is_blocked() {
+                break;
+            }
             match frame::receive_into(
                 ready.make_contiguous(),
                 &mut scratch,
@@ -300,6 +371,7 @@ impl NetBackend {
                     self.stats()
                         .add(NetCounter::RxBytesCount, payload_bytes(len));
                     delivered += 1;
+                    self.charge(&self.rx_limiter, len, NetCounter::RxRateLimiterThrottled);
                 }
                 Err(err) => {
                     // Give the first chain back empty, keep the rest.
@@ -397,6 +469,25 @@ impl Device for NetBackend {
             .collect()
     }
 
+    /// The limits in force of a direction (at start, and after each
+    /// `PATCH /network-interfaces/{id}`, which the VMM merges).
+    fn control(&self, message: ControlMessage) -> io::Result<()> {
+        match message {
+            ControlMessage::RateLimits {
+                target: target @ (LimitTarget::Rx | LimitTarget::Tx),
+                limits,
+            } => {
+                self.limiter(target).replace(&limits);
+                log::info!("{target:?} rate limits: {limits:?}");
+                Ok(())
+            }
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("an interface has an RX and a TX rate limiter: {other:?}"),
+            )),
+        }
+    }
+
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         self.broken.clear(queue_index as usize);
         // A reset guest may come back with fewer pairs: detach again.
@@ -471,6 +562,26 @@ impl NetBackend {
             }
             (0, Some(rx), _) => {
                 self.stats().inc(NetCounter::RxQueueEventCount);
+                (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
+            }
+            // A limiter's debt is paid: what it held back goes on.
+            (e, _, Some(tx)) if e as u64 == self.limiter_event(LimitTarget::Tx) => {
+                self.stats().inc(NetCounter::TxRateLimiterEventCount);
+                self.tx_limiter.on_timer();
+                if !tx.get_ref().get_queue().ready() {
+                    return Ok(());
+                }
+                (
+                    2 * pair + 1,
+                    self.serve(2 * pair + 1, || self.process_tx(tx, tap)),
+                )
+            }
+            (e, Some(rx), _) if e as u64 == self.limiter_event(LimitTarget::Rx) => {
+                self.stats().inc(NetCounter::RxEventRateLimiterCount);
+                self.rx_limiter.on_timer();
+                if !rx.get_ref().get_queue().ready() {
+                    return Ok(());
+                }
                 (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
             }
             // Frames before the guest set up its RX queue wait in the TAP;
@@ -688,6 +799,43 @@ mod tests {
             backend.stats().get(NetCounter::TxMalformedFrames),
             MAX_TX_PER_EVENT as u64
         );
+    }
+
+    #[test]
+    fn each_direction_takes_its_own_limits_and_a_device_limit_is_refused() {
+        let backend = backend(2, None, None);
+        let limits = |json: &str| serde_json::from_str(json).unwrap();
+        let message = |target, json| ControlMessage::RateLimits {
+            target,
+            limits: limits(json),
+        };
+        let tight = r#"{"bandwidth": {"size": 100, "refill_time": 100000}}"#;
+        backend.0.control(message(LimitTarget::Tx, tight)).unwrap();
+        assert!(!backend.0.charge(
+            &backend.0.tx_limiter,
+            200,
+            NetCounter::TxRateLimiterThrottled
+        ));
+        assert!(backend.0.tx_limiter.is_blocked());
+        assert!(!backend.0.rx_limiter.is_blocked());
+        assert!(backend.0.charge(
+            &backend.0.rx_limiter,
+            1 << 30,
+            NetCounter::RxRateLimiterThrottled
+        ));
+        assert_eq!(backend.0.stats().get(NetCounter::TxRateLimiterThrottled), 1);
+        let err = backend
+            .0
+            .control(message(LimitTarget::Device, tight))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("an RX and a TX rate limiter"),
+            "{err}"
+        );
+        // The limiters' timers come after every other event of a worker.
+        let events = backend.0.limiter_fds().map(|(_, event)| event);
+        assert!(events.iter().all(|&e| e > backend.0.tap_event(1)));
+        assert_ne!(events[0], events[1]);
     }
 
     #[test]

@@ -181,6 +181,15 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
                 backend.tap_event(pair),
             )
             .map_err(|err| Failure::runtime(format_args!("cannot watch the TAP: {err}")))?;
+        // The limiters are the interface's: every pair waits on their
+        // timers (edge-triggered, each woken once per expiration).
+        for (fd, event) in backend.limiter_fds() {
+            handler
+                .register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, event)
+                .map_err(|err| {
+                    Failure::runtime(format_args!("cannot watch a rate limiter: {err}"))
+                })?;
+        }
     }
     process.announce(format_args!(
         "serving TAP {} with {pairs} queue pair(s){}",

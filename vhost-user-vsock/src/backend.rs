@@ -116,11 +116,13 @@ impl VsockBackend {
                     guest_log!(&DROPPED, log::Level::Debug, "TX packet dropped: {err}");
                 }
             }
+            true
         };
         let memory = || self.mem.memory();
-        worker::take_posted(vring, memory, MAX_PACKETS_PER_EVENT, to_muxer, |vring| {
+        let taken = worker::take_posted(vring, memory, MAX_PACKETS_PER_EVENT, to_muxer, |vring| {
             self.signal(vring)
-        })
+        })?;
+        Ok(taken == worker::Taken::BudgetSpent)
     }
 
     /// Host to guest: fills RX buffers with the packets the muxer owes,

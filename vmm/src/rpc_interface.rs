@@ -314,7 +314,7 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PatchDrive(update) => counted(&m.drive_patch, empty(vmm.update_drive(&update))),
         VmmAction::PatchNetworkInterface(update) => counted(
             &m.network_patch,
-            empty(vmm.resources().update_network_interface(&update)),
+            empty(vmm.update_network_interface(&update)),
         ),
         VmmAction::PutMachineConfig(_) => counted(&m.machine_config_put, post_boot()),
         VmmAction::PatchMachineConfig(_) => counted(&m.machine_config_patch, post_boot()),

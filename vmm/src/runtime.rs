@@ -14,13 +14,15 @@ use devices::virtio::MmioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
 use vm_memory::GuestMemoryMmap;
-use vmm_config::{BlockDeviceUpdate, CreateSnapshotParams, SnapshotType};
+use vmm_config::{BlockDeviceUpdate, CreateSnapshotParams, NetworkInterfaceUpdate, SnapshotType};
 use vmm_sys_util::terminal::Terminal;
 
 use tessera_rate_limiter::RateLimiterConfig;
 
 use crate::arch::cpu_features::CpuFeatures;
-use crate::device_manager::{self, drive_limits_message, BackendSpawner, RATE_LIMITER};
+use crate::device_manager::{
+    self, drive_limits_message, interface_limits_messages, BackendSpawner,
+};
 use crate::exit_handler::ExitHandler;
 use crate::metrics::DeviceCounters;
 use crate::resources::VmResources;
@@ -59,6 +61,8 @@ pub enum RuntimeError {
     DriveGivenUp(String),
     #[error("drive {id}: its backend did not take the rate limits: {reason}")]
     DriveLimits { id: String, reason: String },
+    #[error("network interface {id}: its backend did not take the rate limits: {reason}")]
+    InterfaceLimits { id: String, reason: String },
 }
 
 /// A running microVM. Its vCPUs are stopped before the guest memory and
@@ -431,13 +435,43 @@ impl Vmm {
         lock(transport)
             .device_mut()
             .queues_mut()
-            .send_control(RATE_LIMITER, drive_limits_message(limits))
+            .send_control(&drive_limits_message(limits))
             .map_err(|err| RuntimeError::DriveLimits {
                 id: id.to_string(),
                 reason: err.to_string(),
             })?;
         self.resources.update_running_drive_limits(id, update)?;
         log::info!("drive {id}: rate limits now {limits:?}");
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` on the running microVM: the
+    /// directions it names get their merged limits, sent to the backend
+    /// (which takes them at once) and kept for its next backends.
+    pub fn update_network_interface(
+        &mut self,
+        update: &NetworkInterfaceUpdate,
+    ) -> Result<(), RuntimeError> {
+        let id = &update.iface_id;
+        let (rx, tx) = self.resources.interface_limits_after(update)?;
+        let transport = self
+            .devices
+            .net
+            .iter()
+            .find(|t| lock(t).device().id() == id)
+            .ok_or_else(|| crate::resources::ResourcesError::UnknownInterface(id.clone()))?;
+        for message in interface_limits_messages(rx, tx, true) {
+            lock(transport)
+                .device_mut()
+                .queues_mut()
+                .send_control(&message)
+                .map_err(|err| RuntimeError::InterfaceLimits {
+                    id: id.clone(),
+                    reason: err.to_string(),
+                })?;
+        }
+        self.resources.set_interface_limits(id, rx, tx);
+        log::info!("interface {id}: rate limits now rx {rx:?}, tx {tx:?}");
         Ok(())
     }
 

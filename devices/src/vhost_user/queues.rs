@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use backend_stats::{BlockCounter, NetCounter, StatsPage, StatsReader, VsockCounter};
+use tessera_backend_control::ControlMessage;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -324,15 +325,12 @@ impl VhostUserQueues {
         Ok(())
     }
 
-    /// Sends the VMM's control message `message`, which sets `key`, to the
-    /// backend, and keeps it for the next backends.
-    pub fn send_control(
-        &mut self,
-        key: &'static str,
-        message: Vec<u8>,
-    ) -> Result<(), FrontendError> {
+    /// Sends the VMM's control message `message` to the backend, and keeps
+    /// it (in place of the last with its key) for the next backends.
+    pub fn send_control(&mut self, message: &ControlMessage) -> Result<(), FrontendError> {
+        let key = message.key();
         self.controls.retain(|(k, _)| *k != key);
-        self.controls.push((key, message));
+        self.controls.push((key, message.encode()));
         match self.controls.last() {
             Some((_, message)) if self.connected => self.frontend.control(message),
             _ => Ok(()),

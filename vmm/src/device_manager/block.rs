@@ -30,16 +30,12 @@ const SERIAL_LEN: usize = 20;
 /// A block device on the MMIO bus.
 pub type BlockTransport = Arc<Mutex<MmioTransport<VhostUserBlock>>>;
 
-/// What a drive's rate limit message sets, for its backends.
-pub const RATE_LIMITER: &str = "rate_limiter";
-
 /// The control message that gives a drive's backend its limits.
-pub fn drive_limits_message(limits: RateLimiterConfig) -> Vec<u8> {
+pub fn drive_limits_message(limits: RateLimiterConfig) -> ControlMessage {
     ControlMessage::RateLimits {
         target: LimitTarget::Device,
         limits,
     }
-    .encode()
 }
 
 /// The drives in device order: the root drive first, then the others.
@@ -124,7 +120,7 @@ pub fn attach_block_devices(
         {
             device
                 .queues_mut()
-                .send_control(RATE_LIMITER, drive_limits_message(limits))
+                .send_control(&drive_limits_message(limits))
                 .map_err(|source| AttachError::Frontend {
                     kind: DeviceKind::Drive,
                     id: id.clone(),

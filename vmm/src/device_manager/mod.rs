@@ -16,10 +16,10 @@ mod vsock;
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use backend_watch::Connector;
-pub use block::{attach_block_devices, drive_limits_message, BlockTransport, RATE_LIMITER};
+pub use block::{attach_block_devices, drive_limits_message, BlockTransport};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
-pub use net::{attach_net_devices, NetBackendMonitor, NetTransport};
+pub use net::{attach_net_devices, interface_limits_messages, NetBackendMonitor, NetTransport};
 pub use vhost_user::{spawner, AttachError, DeviceKind};
 pub use vsock::{attach_vsock_device, VsockBackendMonitor, VsockTransport};
 

@@ -3,6 +3,10 @@
 //! starts for the interface's TAP (`host_dev_name`, with `--queues` twice
 //! `num_queue_pairs`). They take the MMIO slots after the drives'.
 //!
+//! An interface's RX and TX rate limits go to its backend as control
+//! messages, before the guest starts the device, and again to every
+//! backend that takes over.
+//!
 //! With several queue pairs the control queue stays in the VMM: its
 //! QueueNotify is an ioeventfd of its own that [`NetBackendMonitor`]
 //! watches on the main event loop, and its interrupt an irqfd on the
@@ -12,11 +16,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::net::VhostUserNet;
-use devices::vhost_user::VhostUserFrontend;
+use devices::vhost_user::{VhostUserDevice as _, VhostUserFrontend};
 use devices::virtio::MmioTransport;
 use devices::Bus;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use linux_loader::loader::Cmdline;
+use tessera_backend_control::{ControlMessage, LimitTarget};
+use tessera_rate_limiter::RateLimiterConfig;
 use vm_memory::GuestMemoryMmap;
 use vmm_config::{parse_mac, NetworkInterfaceConfig};
 use vmm_sys_util::epoll::EventSet;
@@ -58,6 +64,28 @@ fn connect(
     vhost_user::connect(DeviceKind::Interface, &iface.iface_id, source, spawner)
 }
 
+/// The control messages that give an interface's backend the limits of
+/// `rx` and `tx` (those that limit something, or all given when `all`:
+/// an update that lifts a limit must reach the backend).
+pub fn interface_limits_messages(
+    rx: Option<RateLimiterConfig>,
+    tx: Option<RateLimiterConfig>,
+    all: bool,
+) -> Vec<ControlMessage> {
+    [(LimitTarget::Rx, rx), (LimitTarget::Tx, tx)]
+        .into_iter()
+        .filter_map(|(target, limits)| {
+            let limits = limits.filter(|l| all || l.limits_anything())?;
+            Some(ControlMessage::RateLimits { target, limits })
+        })
+        .collect()
+}
+
+/// The limits an interface starts with.
+fn interface_limits(iface: &NetworkInterfaceConfig) -> Vec<ControlMessage> {
+    interface_limits_messages(iface.rx_rate_limiter, iface.tx_rate_limiter, false)
+}
+
 /// Connects the guest to the VMM for the control queue: an ioeventfd on
 /// QueueNotify matching its index, and an irqfd on the device's IRQ.
 fn wire_ctrl_queue(
@@ -89,7 +117,17 @@ pub fn attach_net_devices(
         let slot = vhost_user::slot(DeviceKind::Interface, &id, first_slot + index)?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
-        let device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
+        let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
+        for message in interface_limits(iface) {
+            device
+                .queues_mut()
+                .send_control(&message)
+                .map_err(|source| AttachError::Frontend {
+                    kind: DeviceKind::Interface,
+                    id: id.clone(),
+                    source,
+                })?;
+        }
         let pairs = device.queue_pairs();
         let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
         let transport = placed.transport;

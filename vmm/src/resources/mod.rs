@@ -305,34 +305,45 @@ impl VmResources {
         }
     }
 
-    /// Checks `PATCH /network-interfaces/{id}`: it carries only rate
-    /// limiters; one that limits anything is refused (Tessera has none
-    /// yet), an empty one changes nothing.
-    pub fn update_network_interface(
+    /// A running interface's limits after `PATCH /network-interfaces/{id}`
+    /// (Firecracker's semantics: the buckets given replace the
+    /// interface's); `None` for a direction the update leaves alone.
+    pub fn interface_limits_after(
         &self,
         update: &NetworkInterfaceUpdate,
-    ) -> Result<(), ResourcesError> {
-        if !self
+    ) -> Result<(Option<RateLimiterConfig>, Option<RateLimiterConfig>), ResourcesError> {
+        let iface = self
             .network_interfaces
             .iter()
-            .any(|n| n.iface_id == update.iface_id)
+            .find(|n| n.iface_id == update.iface_id)
+            .ok_or_else(|| ResourcesError::UnknownInterface(update.iface_id.clone()))?;
+        let merged = |current: Option<RateLimiterConfig>, update: &Option<RateLimiterConfig>| {
+            update
+                .as_ref()
+                .map(|u| current.unwrap_or_default().updated(u))
+        };
+        Ok((
+            merged(iface.rx_rate_limiter, &update.rx_rate_limiter),
+            merged(iface.tx_rate_limiter, &update.tx_rate_limiter),
+        ))
+    }
+
+    /// Records a running interface's new limits (those given), for
+    /// `GET /vm/config`.
+    pub fn set_interface_limits(
+        &mut self,
+        id: &str,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) {
+        if let Some(iface) = self
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == id)
         {
-            return Err(ResourcesError::UnknownInterface(update.iface_id.clone()));
+            iface.rx_rate_limiter = rx.or(iface.rx_rate_limiter);
+            iface.tx_rate_limiter = tx.or(iface.tx_rate_limiter);
         }
-        let limited = [&update.rx_rate_limiter, &update.tx_rate_limiter]
-            .into_iter()
-            .any(|limiter| {
-                limiter
-                    .as_ref()
-                    .is_some_and(RateLimiterConfig::limits_anything)
-            });
-        if limited {
-            return Err(ResourcesError::RateLimiter(format!(
-                "network interface {:?}",
-                update.iface_id
-            )));
-        }
-        Ok(())
     }
 
     /// The configuration in the `--config-file` schema (`GET /vm/config`).
@@ -382,19 +393,6 @@ impl VmResources {
         iface: NetworkInterfaceConfig,
     ) -> Result<(), ResourcesError> {
         iface.validate()?;
-        let limited = [&iface.rx_rate_limiter, &iface.tx_rate_limiter]
-            .into_iter()
-            .any(|limiter| {
-                limiter
-                    .as_ref()
-                    .is_some_and(RateLimiterConfig::limits_anything)
-            });
-        if limited {
-            return Err(ResourcesError::RateLimiter(format!(
-                "network interface {:?}",
-                iface.iface_id
-            )));
-        }
         net::check_host_tap(&iface)?;
         let sharing = self.network_interfaces.iter().find(|other| {
             other.iface_id != iface.iface_id
@@ -591,17 +589,16 @@ mod tests {
         assert!(resources.drives[0]
             .rate_limiter
             .is_some_and(|l| l.limits_anything()));
-        // An interface's are not enforced yet: refused.
+        // So are an interface's.
         let json = format!(
             r#"{{"boot-source": {{"kernel_image_path": "{k}"}},
-                "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                "network-interfaces": [{{"iface_id": "eth0", "socket": "/nonexistent/net.sock",
                     "rx_rate_limiter": {{"ops": {{"size": 10, "refill_time": 1000}}}}}}]}}"#
         );
-        let err = VmResources::from_json(&json).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "rate limiters are not supported by Tessera yet (network interface \"eth0\")"
-        );
+        let resources = VmResources::from_json(&json).unwrap();
+        let iface = &resources.network_interfaces[0];
+        assert!(iface.rx_rate_limiter.is_some_and(|l| l.limits_anything()));
+        assert!(iface.tx_rate_limiter.is_none());
     }
 
     #[test]
