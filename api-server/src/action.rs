@@ -1,10 +1,11 @@
 //! The typed actions the API asks of the VMM, and their outcomes.
 
 use vmm_config::{
+    BalloonDeviceConfig, BalloonStats, BalloonUpdateConfig, BalloonUpdateStatsConfig,
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
-    EntropyDeviceConfig, InstanceInfo, LoadSnapshotParams, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, MigrationReceiveParams, MigrationSendParams,
-    MigrationStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig,
+    EntropyDeviceConfig, HintingStatus, InstanceInfo, LoadSnapshotParams, LoggerConfig,
+    MachineConfig, MachineConfigUpdate, MetricsConfig, MigrationReceiveParams, MigrationSendParams,
+    MigrationStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, StartHintingCmd,
     VsockDeviceConfig,
 };
 
@@ -26,6 +27,14 @@ pub enum VmmAction {
     PutSerial(SerialConfig),
     PutVsock(VsockDeviceConfig),
     PutEntropy(EntropyDeviceConfig),
+    PutBalloon(BalloonDeviceConfig),
+    PatchBalloon(BalloonUpdateConfig),
+    GetBalloon,
+    PatchBalloonStatistics(BalloonUpdateStatsConfig),
+    GetBalloonStatistics,
+    StartBalloonHinting(StartHintingCmd),
+    StopBalloonHinting,
+    GetBalloonHintingStatus,
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -49,6 +58,9 @@ pub enum VmmData {
     /// The full configuration, in the `--config-file` schema.
     VmConfig(serde_json::Value),
     MigrationStatus(MigrationStatus),
+    BalloonConfig(BalloonDeviceConfig),
+    BalloonStats(BalloonStats),
+    HintingStatus(HintingStatus),
 }
 
 /// Why the VMM refused an action; answered as 400 with the message.

@@ -220,6 +220,9 @@ fn data_response(data: VmmData) -> Response {
         VmmData::MachineConfig(config) => to_json(serde_json::to_string(&config)),
         VmmData::VmConfig(value) => to_json(serde_json::to_string(&value)),
         VmmData::MigrationStatus(status) => to_json(serde_json::to_string(&status)),
+        VmmData::BalloonConfig(config) => to_json(serde_json::to_string(&config)),
+        VmmData::BalloonStats(stats) => to_json(serde_json::to_string(&stats)),
+        VmmData::HintingStatus(status) => to_json(serde_json::to_string(&status)),
     }
 }
 

@@ -2,6 +2,7 @@
 //! `--config-file` sections, one resource per file. Each type validates
 //! itself; errors name the bad value.
 
+mod balloon;
 mod boot_source;
 mod drive;
 mod entropy;
@@ -16,6 +17,10 @@ mod snapshot;
 mod vm;
 mod vsock;
 
+pub use balloon::{
+    BalloonDeviceConfig, BalloonError, BalloonStats, BalloonUpdateConfig, BalloonUpdateStatsConfig,
+    HintingStatus, StartHintingCmd, PAGES_PER_MIB,
+};
 pub use boot_source::{BootSourceConfig, BootSourceError, DEFAULT_KERNEL_CMDLINE};
 pub use drive::{BlockDeviceConfig, BlockDeviceUpdate, CacheType, DriveError, IoEngine};
 pub use entropy::EntropyDeviceConfig;

@@ -64,6 +64,8 @@ pub enum StartMicrovmError {
     #[error(transparent)]
     Entropy(#[from] device_manager::EntropyAttachError),
     #[error(transparent)]
+    Balloon(#[from] device_manager::BalloonAttachError),
+    #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventLoop(String),
@@ -375,6 +377,8 @@ pub(crate) struct AttachedDevices {
     pub(crate) vsock: Option<(device_manager::VsockTransport, device_manager::Connector)>,
     /// The entropy device, which the VMM serves itself.
     pub(crate) entropy: Option<device_manager::EntropyTransport>,
+    /// The balloon device, which the VMM serves itself.
+    pub(crate) balloon: Option<device_manager::BalloonTransport>,
     /// The log their backends mark the pages they write in, while the
     /// microVM tracks dirty pages (`track_dirty_pages`).
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
@@ -406,6 +410,9 @@ impl AttachedDevices {
         self.for_each_queues(|queues| queues.set_dirty_log(log.clone()));
         if let Some(entropy) = &self.entropy {
             lock(entropy).device_mut().set_dirty_log(log.clone());
+        }
+        if let Some(balloon) = &self.balloon {
+            lock(balloon).device_mut().set_dirty_log(log.clone());
         }
     }
 }
@@ -498,15 +505,34 @@ pub(crate) fn attach_vhost_user_devices(
             )?)
         }
     };
+    let balloon = match &resources.balloon {
+        None => None,
+        Some(config) => {
+            let slot = block.len()
+                + net.len()
+                + usize::from(vsock.is_some())
+                + usize::from(entropy.is_some());
+            Some(device_manager::attach_balloon_device(
+                vm,
+                mem,
+                config,
+                resources.machine_config.mem_size_mib,
+                slot,
+                mmio_bus,
+                cmdline,
+            )?)
+        }
+    };
     let mut attached = AttachedDevices {
         block,
         block_spawner,
         net,
         vsock,
         entropy,
+        balloon,
         dirty_log: None,
     };
-    if has_backends(resources) || attached.entropy.is_some() {
+    if has_backends(resources) || attached.entropy.is_some() || attached.balloon.is_some() {
         // Made now, while the VMM may still create memfds: without
         // track_dirty_pages a migration has the devices use it later.
         let mem_end = mem.last_addr().0 + 1;
@@ -617,8 +643,13 @@ fn watch_backends(
         let monitor = device_manager::EntropyMonitor::new(transport.clone());
         event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
     }
+    if let Some(transport) = &attached.balloon {
+        let monitor = device_manager::BalloonMonitor::new(transport.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(monitor)));
+    }
     Ok(Devices {
         entropy: attached.entropy,
+        balloon: attached.balloon,
         block,
         block_spawner: attached.block_spawner,
         net,

@@ -9,6 +9,7 @@
 //! [`Vmm`]; [`Vmm::run`] drives the event loop until the guest ends.
 
 pub mod arch;
+pub mod balloon;
 pub mod builder;
 pub mod device_manager;
 mod exit_handler;

@@ -277,6 +277,87 @@ fn map_region(
         .map_err(|err| err.to_string())
 }
 
+/// Why guest pages could not be given back.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    #[error("{len:#x} bytes at guest address {addr:#x} are not all in one region of guest memory")]
+    OutsideMemory { addr: u64, len: u64 },
+    #[error(
+        "cannot punch {len:#x} bytes at offset {offset:#x} out of the guest memory file: {source}"
+    )]
+    Punch {
+        offset: u64,
+        len: u64,
+        source: nix::Error,
+    },
+    #[error("cannot drop {len:#x} bytes of guest memory at {addr:#x}: {source}")]
+    Drop {
+        addr: u64,
+        len: u64,
+        source: nix::Error,
+    },
+}
+
+/// Gives the host back the whole 4 KiB pages of `len` bytes of guest
+/// memory at `addr` (the balloon's pages): a hole punched in shared
+/// memory's file, so that no process that maps it keeps them (the
+/// backends included); dropped pages of private memory (anonymous pages
+/// read as zeros again, a snapshot's copy-on-write pages as the file).
+pub fn discard_range(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+) -> Result<(), DiscardError> {
+    const PAGE: u64 = 4096;
+    let outside = || DiscardError::OutsideMemory { addr: addr.0, len };
+    let start = addr.0.checked_next_multiple_of(PAGE).ok_or_else(outside)?;
+    let end = addr.0.checked_add(len).ok_or_else(outside)? / PAGE * PAGE;
+    if start >= end {
+        return Ok(());
+    }
+    let region = mem.find_region(GuestAddress(start)).ok_or_else(outside)?;
+    let offset = start - region.start_addr().0;
+    let len = end - start;
+    if offset + len > region.len() {
+        return Err(outside());
+    }
+    match region.file_offset() {
+        Some(file) if region.flags() & libc::MAP_SHARED != 0 => {
+            let offset = file.start() + offset;
+            nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(file.file()),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .map_err(|source| DiscardError::Punch {
+                offset,
+                len,
+                source,
+            })
+        }
+        _ => {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(offset))
+                .map_err(|_| outside())?;
+            let at = NonNull::new(host.cast::<libc::c_void>()).ok_or_else(outside)?;
+            // SAFETY: [host, host + len) lies inside one region of guest
+            // memory (checked above), a mapping that lives as long as the
+            // process; MADV_DONTNEED only drops its pages' contents, which
+            // the guest gave up.
+            unsafe {
+                nix::sys::mman::madvise(at, len as usize, nix::sys::mman::MmapAdvise::MADV_DONTNEED)
+            }
+            .map_err(|source| DiscardError::Drop {
+                addr: start,
+                len,
+                source,
+            })
+        }
+    }
+}
+
 /// Whether the host gives guest RAM transparent huge pages only when asked
 /// (THP `madvise`, shmem `advise`). Under `always` the advice is left out:
 /// it would only add the host's `defrag` policy for advised memory, whose
@@ -318,6 +399,44 @@ fn advise_huge_pages(mem: &GuestMemoryMmap) {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn discarded_pages_leave_the_file_and_read_as_zeros() {
+        for sharing in [Sharing::Shared, Sharing::Private] {
+            let mem = create_guest_memory(16, HugePageConfig::None, sharing).unwrap();
+            mem.write_slice(&[0xaa; 64 << 10], GuestAddress(0x10000))
+                .unwrap();
+            let allocated = |mem: &GuestMemoryMmap| {
+                mem.iter().next().and_then(|r| r.file_offset()).map(|f| {
+                    std::os::unix::fs::MetadataExt::blocks(&f.file().metadata().unwrap()) * 512
+                })
+            };
+            let before = allocated(&mem);
+            // Only the whole pages of an unaligned range go.
+            discard_range(&mem, GuestAddress(0x10800), 0x8000).unwrap();
+            // Before any read: reading a hole of shared memory fills it.
+            if let (Some(before), Some(after)) = (before, allocated(&mem)) {
+                assert_eq!(before - after, 7 * 4096, "the file keeps the pages");
+            }
+            let mut page = [0u8; 4096];
+            mem.read_slice(&mut page, GuestAddress(0x10000)).unwrap();
+            assert_eq!(
+                page, [0xaa; 4096],
+                "{sharing:?}: a partial page was dropped"
+            );
+            mem.read_slice(&mut page, GuestAddress(0x11000)).unwrap();
+            assert_eq!(page, [0; 4096], "{sharing:?}");
+            mem.read_slice(&mut page, GuestAddress(0x17000)).unwrap();
+            assert_eq!(page, [0; 4096], "{sharing:?}");
+            mem.read_slice(&mut page, GuestAddress(0x18000)).unwrap();
+            assert_eq!(
+                page, [0xaa; 4096],
+                "{sharing:?}: a partial page was dropped"
+            );
+            assert!(discard_range(&mem, GuestAddress(15 << 20), 2 << 20).is_err());
+            assert!(discard_range(&mem, GuestAddress(u64::MAX - 10), 100).is_err());
+        }
+    }
 
     #[test]
     fn memory_above_the_hole_is_one_file() {

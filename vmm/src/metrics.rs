@@ -121,6 +121,9 @@ pub struct Metrics {
     pub serial: RequestCounters,
     pub vsock: RequestCounters,
     pub entropy: RequestCounters,
+    pub balloon_get: RequestCounters,
+    pub balloon_put: RequestCounters,
+    pub balloon_patch: RequestCounters,
     pub snapshot_create: RequestCounters,
     pub snapshot_load: RequestCounters,
     /// Process start to the API socket answering, and its CPU time.
@@ -190,9 +193,11 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("instance_info", &m.instance_info),
             ("vm_config", &m.vm_config),
             ("machine_cfg", &m.machine_config_get),
+            ("balloon", &m.balloon_get),
         ]),
         "put_api_requests": requests(&[
             ("actions", &m.actions),
+            ("balloon", &m.balloon_put),
             ("boot_source", &m.boot_source),
             ("drive", &m.drive_put),
             ("entropy", &m.entropy),
@@ -206,6 +211,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("vsock", &m.vsock),
         ]),
         "patch_api_requests": requests(&[
+            ("balloon", &m.balloon_patch),
             ("drive", &m.drive_patch),
             ("machine_cfg", &m.machine_config_patch),
             ("network", &m.network_patch),

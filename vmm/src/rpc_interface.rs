@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::balloon::BalloonActionError;
 use crate::builder::{build_microvm, BootOptions};
 use crate::logger;
 use crate::metrics::{self, metrics, RequestCounters, FLUSH_INTERVAL_SECS};
@@ -156,6 +157,7 @@ pub fn run_preboot(
                 | VmmAction::PutNetworkInterface(_)
                 | VmmAction::PutVsock(_)
                 | VmmAction::PutEntropy(_)
+                | VmmAction::PutBalloon(_)
         );
         let outcome = match action {
             VmmAction::LoadSnapshot(params) => {
@@ -269,6 +271,26 @@ pub fn run_preboot(
                 resources.entropy = Some(config);
                 counted(&m.entropy, Ok(VmmData::Empty))
             }
+            VmmAction::PutBalloon(config) => {
+                counted(&m.balloon_put, empty(resources.set_balloon(config)))
+            }
+            VmmAction::GetBalloon => counted(
+                &m.balloon_get,
+                resources
+                    .balloon
+                    .clone()
+                    .map(VmmData::BalloonConfig)
+                    .ok_or_else(|| ActionError::failed(BalloonActionError::NotFound)),
+            ),
+            VmmAction::PatchBalloon(_)
+            | VmmAction::PatchBalloonStatistics(_)
+            | VmmAction::StartBalloonHinting(_)
+            | VmmAction::StopBalloonHinting => {
+                counted(&m.balloon_patch, Err(ActionError::NotSupportedPreBoot))
+            }
+            VmmAction::GetBalloonStatistics | VmmAction::GetBalloonHintingStatus => {
+                counted(&m.balloon_get, Err(ActionError::NotSupportedPreBoot))
+            }
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
@@ -283,6 +305,12 @@ pub fn run_preboot(
         };
         endpoint.respond(outcome);
     }
+}
+
+/// A balloon operation's outcome, with Firecracker's "Balloon update
+/// error" prefix on a refusal.
+fn balloon(outcome: Result<VmmData, BalloonActionError>) -> Outcome {
+    outcome.map_err(|err| ActionError::Failed(format!("Balloon update error: {err}")))
 }
 
 /// Carries out one action on the running microVM.
@@ -326,6 +354,41 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
         VmmAction::PutVsock(_) => counted(&m.vsock, post_boot()),
         VmmAction::PutEntropy(_) => counted(&m.entropy, post_boot()),
+        VmmAction::PutBalloon(_) => counted(&m.balloon_put, post_boot()),
+        VmmAction::GetBalloon => counted(
+            &m.balloon_get,
+            balloon(vmm.balloon_config().map(VmmData::BalloonConfig)),
+        ),
+        VmmAction::PatchBalloon(update) => counted(
+            &m.balloon_patch,
+            balloon(
+                vmm.update_balloon(update.amount_mib)
+                    .map(|()| VmmData::Empty),
+            ),
+        ),
+        VmmAction::PatchBalloonStatistics(update) => counted(
+            &m.balloon_patch,
+            balloon(
+                vmm.update_balloon_statistics(update.stats_polling_interval_s)
+                    .map(|()| VmmData::Empty),
+            ),
+        ),
+        VmmAction::GetBalloonStatistics => counted(
+            &m.balloon_get,
+            balloon(vmm.balloon_statistics().map(VmmData::BalloonStats)),
+        ),
+        VmmAction::StartBalloonHinting(cmd) => counted(
+            &m.balloon_patch,
+            balloon(vmm.start_balloon_hinting(cmd).map(|()| VmmData::Empty)),
+        ),
+        VmmAction::StopBalloonHinting => counted(
+            &m.balloon_patch,
+            balloon(vmm.stop_balloon_hinting().map(|()| VmmData::Empty)),
+        ),
+        VmmAction::GetBalloonHintingStatus => counted(
+            &m.balloon_get,
+            balloon(vmm.balloon_hinting_status().map(VmmData::HintingStatus)),
+        ),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
         VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
         VmmAction::SendMigration(params) => {

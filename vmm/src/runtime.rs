@@ -123,6 +123,7 @@ pub(crate) struct Devices {
     pub(crate) vsock: Option<device_manager::VsockTransport>,
     /// Served by the VMM itself.
     pub(crate) entropy: Option<device_manager::EntropyTransport>,
+    pub(crate) balloon: Option<device_manager::BalloonTransport>,
 }
 
 impl Vmm {
@@ -304,6 +305,13 @@ impl Vmm {
             interfaces: devices.interfaces,
             vsock: devices.vsock,
             entropy: self.devices.entropy.as_ref().map(|t| lock(t).state()),
+            balloon: self.devices.balloon.as_ref().map(|t| {
+                let t = lock(t);
+                snapshot::BalloonSnapshot {
+                    transport: t.state(),
+                    device: t.device().state(),
+                }
+            }),
             config: self.resources.to_config_json(),
             memory: snapshot::memory_layout(&self._guest_memory),
             vm: self._vm.save_state()?,
@@ -581,6 +589,26 @@ impl Vmm {
                     "entropy_event_fails": c.entropy_event_fails,
                     "entropy_rate_limiter_throttled": c.entropy_rate_limiter_throttled,
                     "host_rng_fails": c.host_rng_fails,
+                }),
+            ));
+        }
+        if let Some(transport) = &self.devices.balloon {
+            let c = lock(transport).device().counters();
+            totals.push((
+                "balloon".to_string(),
+                serde_json::json!({
+                    "inflate_count": c.inflate_count,
+                    "deflate_count": c.deflate_count,
+                    "stats_updates_count": c.stats_updates_count,
+                    "stats_update_fails": c.stats_update_fails,
+                    "event_fails": c.event_fails,
+                    "free_page_hint_count": c.free_page_hint_count,
+                    "free_page_hint_freed": c.free_page_hint_freed,
+                    "free_page_hint_fails": c.free_page_hint_fails,
+                    "free_page_report_count": c.free_page_report_count,
+                    "free_page_report_freed": c.free_page_report_freed,
+                    "free_page_report_fails": c.free_page_report_fails,
+                    "inflated_bytes": c.inflated_bytes,
                 }),
             ));
         }

@@ -3,6 +3,7 @@
 //! syntax is checked here; the VMM validates values when it applies them.
 
 mod actions;
+mod balloon;
 mod boot_source;
 mod drive;
 mod entropy;
@@ -85,6 +86,18 @@ pub fn parse_request(
         ("PUT", ["serial"]) => serial::parse_put(&body).and_then(action),
         ("PUT", ["vsock"] | ["vsock", _]) => vsock::parse_put(&body).and_then(action),
         ("PUT", ["entropy"]) => entropy::parse_put(&body).and_then(action),
+        ("PUT", ["balloon"]) => balloon::parse_put(&body).and_then(action),
+        ("PATCH", ["balloon"]) => balloon::parse_patch(&body).and_then(action),
+        ("GET", ["balloon"]) => action(VmmAction::GetBalloon),
+        ("PATCH", ["balloon", "statistics"]) => {
+            balloon::parse_patch_statistics(&body).and_then(action)
+        }
+        ("GET", ["balloon", "statistics"]) => action(VmmAction::GetBalloonStatistics),
+        ("PATCH", ["balloon", "hinting", "start"]) => {
+            balloon::parse_start_hinting(&body).and_then(action)
+        }
+        ("PATCH", ["balloon", "hinting", "stop"]) => action(VmmAction::StopBalloonHinting),
+        ("GET", ["balloon", "hinting", "status"]) => action(VmmAction::GetBalloonHintingStatus),
         ("PUT", ["snapshot", "create"]) => snapshot::parse_create(&body).and_then(action),
         ("PUT", ["snapshot", "load"]) => snapshot::parse_load(&body).and_then(action),
         ("GET", ["migration"]) => action(VmmAction::GetMigration),
@@ -269,14 +282,8 @@ mod tests {
     #[test]
     fn unbuilt_features_answer_not_supported() {
         for (method, path, body) in [
-            (
-                "PUT",
-                "/balloon",
-                r#"{"amount_mib": 0, "deflate_on_oom": true}"#,
-            ),
             ("PUT", "/mmds", r#"{"latest": {}}"#),
             ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
-            ("GET", "/balloon", ""),
         ] {
             let err = parse(method, path, body).unwrap_err();
             assert!(
@@ -286,8 +293,79 @@ mod tests {
         }
         // Their bodies are still parsed.
         assert!(matches!(
+            parse("PUT", "/mmds", "{oops"),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn balloon_paths_parse_as_firecracker_routes_them() {
+        let action = |method, path, body| match parse(method, path, body) {
+            Ok(ParsedRequest::Action(action)) => action,
+            other => panic!("{method} {path}: {other:?}"),
+        };
+        assert!(matches!(
+            action(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 0, "deflate_on_oom": true}"#
+            ),
+            VmmAction::PutBalloon(_)
+        ));
+        assert_eq!(
+            action("PATCH", "/balloon", r#"{"amount_mib": 4}"#),
+            VmmAction::PatchBalloon(vmm_config::BalloonUpdateConfig { amount_mib: 4 })
+        );
+        assert_eq!(action("GET", "/balloon", ""), VmmAction::GetBalloon);
+        assert!(matches!(
+            action(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 2}"#
+            ),
+            VmmAction::PatchBalloonStatistics(_)
+        ));
+        assert_eq!(
+            action("GET", "/balloon/statistics", ""),
+            VmmAction::GetBalloonStatistics
+        );
+        assert_eq!(
+            action("PATCH", "/balloon/hinting/start", ""),
+            VmmAction::StartBalloonHinting(Default::default())
+        );
+        assert_eq!(
+            action(
+                "PATCH",
+                "/balloon/hinting/start",
+                r#"{"acknowledge_on_stop": false}"#
+            ),
+            VmmAction::StartBalloonHinting(vmm_config::StartHintingCmd {
+                acknowledge_on_stop: false
+            })
+        );
+        assert_eq!(
+            action("PATCH", "/balloon/hinting/stop", ""),
+            VmmAction::StopBalloonHinting
+        );
+        assert_eq!(
+            action("GET", "/balloon/hinting/status", ""),
+            VmmAction::GetBalloonHintingStatus
+        );
+        assert!(matches!(
             parse("PUT", "/balloon", "{oops"),
             Err(RequestError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse(
+                "PATCH",
+                "/balloon",
+                r#"{"amount_mib": 4, "deflate_on_oom": true}"#
+            ),
+            Err(RequestError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse("GET", "/balloon/hinting", ""),
+            Err(RequestError::InvalidPathMethod(..))
         ));
     }
 }

@@ -1,6 +1,7 @@
 //! Virtio device plumbing shared by the VMM's devices: the device trait the
 //! transport drives, and the virtio-mmio transport itself.
 
+pub mod balloon;
 pub mod entropy;
 mod mmio;
 mod queue;

@@ -1,11 +1,13 @@
 //! Attaches devices to the VM: the legacy devices on the port I/O bus, and
-//! the virtio-mmio devices (vhost-user block, net and vsock) in the MMIO hole, each with its
+//! the virtio-mmio devices (vhost-user block, net and vsock; the VMM's
+//! own entropy and balloon devices) in the MMIO hole, each with its
 //! ioeventfds, irqfd and kernel command-line entry.
 
 mod backend_monitor;
 mod backend_process;
 pub mod backend_starter;
 mod backend_watch;
+mod balloon;
 mod block;
 mod entropy;
 mod legacy;
@@ -16,6 +18,10 @@ mod vsock;
 pub use backend_monitor::BackendMonitor;
 pub use backend_process::{BackendProcessError, BackendSpawner};
 pub use backend_watch::Connector;
+pub use balloon::{
+    attach_balloon_device, balloon_options, raise_config_change, BalloonAttachError,
+    BalloonMonitor, BalloonTransport,
+};
 pub use block::{attach_block_devices, drive_limits_message, BlockTransport};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};

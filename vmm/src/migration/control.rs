@@ -93,7 +93,7 @@ impl Vmm {
         Ok(())
     }
 
-    /// Has every running backend, and the VMM's own entropy device, mark
+    /// Has every running backend, and the VMM's own entropy and balloon devices, mark
     /// the pages it writes in `log` from now on.
     fn start_device_dirty_logs(&self, log: &Arc<DirtyLog>) -> Result<(), MigrationError> {
         let mut failed = None;
@@ -109,6 +109,13 @@ impl Vmm {
         }
         if let Some(entropy) = &self.devices.entropy {
             entropy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .device_mut()
+                .set_dirty_log(log.clone());
+        }
+        if let Some(balloon) = &self.devices.balloon {
+            balloon
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .device_mut()

@@ -15,14 +15,15 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tessera_rate_limiter::RateLimiterConfig;
 
+use vmm_config::{
+    BalloonDeviceConfig, BalloonError, BlockDeviceUpdate, BootSourceError, DriveError,
+    EntropyDeviceConfig, MachineConfigError, NetError, NetworkInterfaceUpdate, VsockDeviceConfig,
+    VsockError,
+};
 pub use vmm_config::{
     BlockDeviceConfig, BootSourceConfig, HugePageConfig, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, SerialConfig,
     DEFAULT_KERNEL_CMDLINE, MAX_SUPPORTED_VCPUS, MIN_MEM_SIZE_MIB,
-};
-use vmm_config::{
-    BlockDeviceUpdate, BootSourceError, DriveError, EntropyDeviceConfig, MachineConfigError,
-    NetError, NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
 };
 
 /// Errors in a configuration file or resource.
@@ -75,6 +76,15 @@ pub enum ResourcesError {
         path: String,
         socket: String,
     },
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
+    /// Firecracker's text.
+    #[error(
+        "The memory size (MiB) is smaller than the previously set balloon device target size."
+    )]
+    BalloonLargerThanMemory,
+    #[error("the balloon gives back 4 KiB pages: it cannot be used with huge_pages")]
+    BalloonHugePages,
 }
 
 /// The top level of Firecracker's configuration file.
@@ -99,10 +109,10 @@ pub struct VmConfigFile {
     pub vsock: Option<VsockDeviceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDeviceConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonDeviceConfig>,
     // Sections of Firecracker's schema that Tessera parses but cannot honour
     // yet. They are rejected by name rather than as unknown fields.
-    #[serde(default, skip_serializing)]
-    pub balloon: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default, skip_serializing)]
     pub mmds_config: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
@@ -125,6 +135,7 @@ pub struct VmResources {
     pub serial: Option<SerialConfig>,
     pub vsock: Option<VsockResource>,
     pub entropy: Option<EntropyDeviceConfig>,
+    pub balloon: Option<BalloonDeviceConfig>,
 }
 
 impl VmResources {
@@ -151,7 +162,6 @@ impl VmResources {
 
     fn from_config(file: VmConfigFile, check_boot_source: bool) -> Result<Self, ResourcesError> {
         let unsupported = [
-            ("balloon", file.balloon.is_some()),
             ("mmds-config", file.mmds_config.is_some()),
             ("cpu-config", file.cpu_config.is_some()),
             ("pmem", file.pmem.is_some()),
@@ -188,6 +198,9 @@ impl VmResources {
             resources.set_vsock(vsock)?;
         }
         resources.entropy = file.entropy;
+        if let Some(balloon) = file.balloon {
+            resources.set_balloon(balloon)?;
+        }
         Ok(resources)
     }
 
@@ -219,7 +232,33 @@ impl VmResources {
     pub fn set_machine_config(&mut self, config: MachineConfig) -> Result<(), ResourcesError> {
         config.validate()?;
         host::check_machine_config(&config)?;
+        self.check_balloon_fits(&config)?;
         self.machine_config = config;
+        Ok(())
+    }
+
+    /// Sets (or replaces) the balloon device: its target must fit in guest
+    /// memory, and huge pages cannot be given back a 4 KiB page at a time.
+    pub fn set_balloon(&mut self, config: BalloonDeviceConfig) -> Result<(), ResourcesError> {
+        config.target_pages(self.machine_config.mem_size_mib)?;
+        if self.machine_config.huge_pages != HugePageConfig::None {
+            return Err(ResourcesError::BalloonHugePages);
+        }
+        self.balloon = Some(config);
+        Ok(())
+    }
+
+    /// Guest memory stays at least as large as the balloon's target.
+    fn check_balloon_fits(&self, config: &MachineConfig) -> Result<(), ResourcesError> {
+        let Some(balloon) = &self.balloon else {
+            return Ok(());
+        };
+        if balloon.amount_mib as usize > config.mem_size_mib {
+            return Err(ResourcesError::BalloonLargerThanMemory);
+        }
+        if config.huge_pages != HugePageConfig::None {
+            return Err(ResourcesError::BalloonHugePages);
+        }
         Ok(())
     }
 
@@ -230,6 +269,7 @@ impl VmResources {
     ) -> Result<(), ResourcesError> {
         let next = self.machine_config.updated(update)?;
         host::check_machine_config(&next)?;
+        self.check_balloon_fits(&next)?;
         self.machine_config = next;
         Ok(())
     }
@@ -356,7 +396,7 @@ impl VmResources {
             "logger": self.logger,
             "metrics": self.metrics,
             "serial": self.serial,
-            "balloon": null,
+            "balloon": self.balloon,
             "vsock": self.vsock.as_ref().map(|v| &v.config),
             "mmds-config": null,
             "entropy": self.entropy,
@@ -512,11 +552,11 @@ mod tests {
         let err = VmResources::from_json(&top).unwrap_err().to_string();
         assert!(err.contains("unknown field `extra`"), "{err}");
 
-        let balloon = format!(
-            r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "balloon": {{"amount_mib": 0}}}}"#
+        let mmds = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "mmds-config": {{"network_interfaces": []}}}}"#
         );
-        let err = VmResources::from_json(&balloon).unwrap_err().to_string();
-        assert_eq!(err, "\"balloon\" is not supported by Tessera yet");
+        let err = VmResources::from_json(&mmds).unwrap_err().to_string();
+        assert_eq!(err, "\"mmds-config\" is not supported by Tessera yet");
     }
 
     #[test]

@@ -346,6 +346,16 @@ fn restore_devices(
             .restore(saved)
             .map_err(|e| LoadSnapshotError::Device(format!("entropy: {e}")))?;
     }
+    if let Some(transport) = &attached.balloon {
+        let saved = state.balloon.as_ref().ok_or_else(|| {
+            LoadSnapshotError::Device("balloon: the snapshot has no state for it".into())
+        })?;
+        let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+        transport.device_mut().restore(&saved.device);
+        transport
+            .restore(&saved.transport)
+            .map_err(|e| LoadSnapshotError::Device(format!("balloon: {e}")))?;
+    }
     Ok(())
 }
 

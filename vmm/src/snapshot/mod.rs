@@ -57,6 +57,16 @@ pub struct MicrovmState {
     /// index (the VMM answered every request before the snapshot).
     #[serde(default)]
     pub entropy: Option<MmioTransportState>,
+    /// The balloon device: its transport, target and size.
+    #[serde(default)]
+    pub balloon: Option<BalloonSnapshot>,
+}
+
+/// The balloon device in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BalloonSnapshot {
+    pub transport: MmioTransportState,
+    pub device: devices::virtio::balloon::BalloonState,
 }
 
 /// One vhost-user device: what its guest driver set up on the transport,
