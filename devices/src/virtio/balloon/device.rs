@@ -31,10 +31,10 @@ pub const HINT_CMD_STOP: u32 = 0;
 /// The hinting command id the host sets once it is done with a run.
 pub const HINT_CMD_DONE: u32 = 1;
 
-const F_STATS_VQ: u32 = 1;
+pub(super) const F_STATS_VQ: u32 = 1;
 const F_DEFLATE_ON_OOM: u32 = 2;
-const F_FREE_PAGE_HINT: u32 = 3;
-const F_PAGE_REPORTING: u32 = 5;
+pub(super) const F_FREE_PAGE_HINT: u32 = 3;
+pub(super) const F_PAGE_REPORTING: u32 = 5;
 /// Config space: num_pages, actual, free_page_hint_cmd_id (u32 LE each).
 const CONFIG_LEN: usize = 12;
 const ACTUAL_OFFSET: u64 = 4;
@@ -339,6 +339,11 @@ impl Balloon {
                 "balloon: cannot arm the statistics timer: {err}"
             );
         }
+    }
+
+    #[cfg(test)]
+    pub(super) fn roles_of_queues(&self) -> Vec<Role> {
+        self.queues.iter().map(|(r, _)| *r).collect()
     }
 
     pub(super) fn has_queue(&self, role: Role) -> bool {

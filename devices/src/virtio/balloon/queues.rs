@@ -291,3 +291,214 @@ impl Balloon {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::GuestMemoryMmap;
+
+    use super::*;
+    use crate::virtio::balloon::device::{
+        F_FREE_PAGE_HINT as F_HINT, F_PAGE_REPORTING, F_STATS_VQ as F_STATS,
+    };
+    use crate::virtio::balloon::{BalloonOptions, HINT_CMD_DONE};
+    use crate::virtio::{QueueLayout, VirtioDevice};
+
+    const SIZE: u16 = 16;
+    const DATA: u64 = 0x20000;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const VERSION_1: u64 = 1 << 32;
+
+    type Discarded = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    /// Queue `index`'s rings, 0x1000 apart per queue.
+    fn layout(index: u64) -> QueueLayout {
+        let base = 0x1000 + index * 0x3000;
+        QueueLayout {
+            size: SIZE,
+            desc_table: GuestAddress(base),
+            avail_ring: GuestAddress(base + 0x1000),
+            used_ring: GuestAddress(base + 0x2000),
+        }
+    }
+
+    /// A device with every feature, activated with `acked` features, and
+    /// what it discarded.
+    fn device(acked: u64) -> (Balloon, Discarded) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80000)]).unwrap();
+        let discarded: Discarded = Arc::default();
+        let record = discarded.clone();
+        let options = BalloonOptions {
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_hinting: true,
+            free_page_reporting: true,
+        };
+        let discard = Box::new(move |addr: GuestAddress, len| {
+            record.lock().unwrap().push((addr.0, len));
+            Ok(())
+        });
+        let mut device = Balloon::new(mem, options, 512, discard).unwrap();
+        let layouts: Vec<_> = (0..5).map(layout).collect();
+        device.activate(VERSION_1 | acked, &layouts).unwrap();
+        (device, discarded)
+    }
+
+    fn desc(d: &Balloon, queue: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(layout(queue).desc_table.0 + 16 * u64::from(index));
+        d.mem.write_obj(addr, at).unwrap();
+        d.mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+        d.mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+        d.mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+    }
+
+    /// Makes `heads` available on `queue` after `posted` earlier ones and
+    /// kicks it.
+    fn post(d: &mut Balloon, queue: u64, posted: u16, heads: &[u16]) {
+        let avail = layout(queue).avail_ring.0;
+        for (i, head) in heads.iter().enumerate() {
+            let slot = (posted + i as u16) % SIZE;
+            d.mem
+                .write_obj(*head, GuestAddress(avail + 4 + 2 * u64::from(slot)))
+                .unwrap();
+        }
+        d.mem
+            .write_obj(posted + heads.len() as u16, GuestAddress(avail + 2))
+            .unwrap();
+        d.on_kick(queue as usize);
+    }
+
+    fn used_idx(d: &Balloon, queue: u64) -> u16 {
+        d.mem
+            .read_obj(GuestAddress(layout(queue).used_ring.0 + 2))
+            .unwrap()
+    }
+
+    #[test]
+    fn inflated_frames_are_discarded_as_ranges_and_the_chain_returned() {
+        let (mut d, discarded) = device(0);
+        let pfns: [u32; 5] = [0x41, 0x40, 0x42, 0x50, 0x41];
+        for (i, pfn) in pfns.iter().enumerate() {
+            d.mem
+                .write_obj(*pfn, GuestAddress(DATA + 4 * i as u64))
+                .unwrap();
+        }
+        desc(&d, 0, 0, DATA, 12, F_NEXT, 1);
+        desc(&d, 0, 1, DATA + 12, 8, 0, 0);
+        post(&mut d, 0, 0, &[0]);
+        assert_eq!(
+            *discarded.lock().unwrap(),
+            vec![(0x40000, 3 << 12), (0x50000, 1 << 12)]
+        );
+        assert_eq!(used_idx(&d, 0), 1);
+        assert!(d.call.read().is_ok(), "no interrupt");
+        assert_eq!(d.counters().inflated_bytes, 4 << 12);
+    }
+
+    #[test]
+    fn malformed_inflate_chains_are_returned_and_counted() {
+        let (mut d, discarded) = device(0);
+        // 0: device-writable; 1: not whole frame numbers; 2: outside
+        // memory; 3: too many frame numbers.
+        desc(&d, 0, 0, DATA, 8, F_WRITE, 0);
+        desc(&d, 0, 1, DATA, 6, 0, 0);
+        desc(&d, 0, 2, 0xffff_0000, 8, 0, 0);
+        desc(&d, 0, 3, DATA, 8192, 0, 0);
+        post(&mut d, 0, 0, &[0, 1, 2, 3]);
+        assert_eq!(used_idx(&d, 0), 4);
+        assert!(discarded.lock().unwrap().is_empty());
+        assert_eq!(d.counters().event_fails, 4);
+        // An avail index far ahead is refused, and not looked at forever.
+        d.mem
+            .write_obj(1000u16, GuestAddress(layout(0).avail_ring.0 + 2))
+            .unwrap();
+        d.on_kick(0);
+        assert!(d.kicks[0].read().is_err(), "the device keeps coming back");
+    }
+
+    #[test]
+    fn the_statistics_buffer_is_held_until_the_device_wants_figures() {
+        let (mut d, _) = device(1 << F_STATS);
+        // Tag 4 (free memory) and an unknown tag 99.
+        let mut entries = Vec::new();
+        for (tag, value) in [(4u16, 1234u64), (99, 1)] {
+            entries.extend(tag.to_le_bytes());
+            entries.extend(value.to_le_bytes());
+        }
+        d.mem.write_slice(&entries, GuestAddress(DATA)).unwrap();
+        desc(&d, 2, 0, DATA, 20, 0, 0);
+        post(&mut d, 2, 0, &[0]);
+        assert_eq!(d.latest_stats()[4], Some(1234));
+        assert_eq!(d.counters().stats_update_fails, 1);
+        assert_eq!(used_idx(&d, 2), 0, "the buffer is held");
+        d.request_stats();
+        assert_eq!(used_idx(&d, 2), 1);
+        d.request_stats();
+        assert_eq!(used_idx(&d, 2), 1, "nothing more to return");
+    }
+
+    #[test]
+    fn hinted_ranges_of_the_run_are_discarded_and_a_stop_ends_it() {
+        let (mut d, discarded) = device(1 << F_HINT);
+        assert_eq!(
+            d.roles_of_queues(),
+            [Role::Inflate, Role::Deflate, Role::FreePageHint]
+        );
+        d.start_hinting(true).unwrap();
+        let (cmd, _) = d.hinting_status().unwrap();
+        assert!(cmd > HINT_CMD_DONE);
+        // An old run's ranges, then this run's.
+        d.mem.write_obj(cmd + 7, GuestAddress(DATA)).unwrap();
+        d.mem.write_obj(cmd, GuestAddress(DATA + 4)).unwrap();
+        d.mem
+            .write_obj(HINT_CMD_STOP, GuestAddress(DATA + 8))
+            .unwrap();
+        desc(&d, 2, 0, DATA, 4, F_NEXT, 1);
+        desc(&d, 2, 1, 0x30000, 0x2000, F_WRITE, 0);
+        desc(&d, 2, 2, DATA + 4, 4, F_NEXT, 3);
+        desc(&d, 2, 3, 0x40000, 0x1000, F_WRITE, 0);
+        desc(&d, 2, 4, DATA + 8, 4, 0, 0);
+        post(&mut d, 2, 0, &[0, 2, 4]);
+        assert_eq!(*discarded.lock().unwrap(), vec![(0x40000, 0x1000)]);
+        assert_eq!(
+            d.hinting_status().unwrap(),
+            (HINT_CMD_DONE, Some(HINT_CMD_STOP))
+        );
+        assert!(
+            d.take_config_change(),
+            "the driver is not told the run ended"
+        );
+    }
+
+    #[test]
+    fn reported_ranges_are_discarded() {
+        let (mut d, discarded) = device(1 << F_PAGE_REPORTING);
+        desc(&d, 2, 0, 0x30000, 0x4000, F_WRITE | F_NEXT, 1);
+        desc(&d, 2, 1, 0x38000, 0x1000, F_WRITE, 0);
+        post(&mut d, 2, 0, &[0]);
+        assert_eq!(
+            *discarded.lock().unwrap(),
+            vec![(0x30000, 0x4000), (0x38000, 0x1000)]
+        );
+        assert_eq!(d.counters().free_page_report_freed, 0x5000);
+        assert_eq!(used_idx(&d, 2), 1);
+    }
+
+    #[test]
+    fn the_config_space_holds_the_target_and_takes_only_actual() {
+        let (mut d, _) = device(0);
+        let mut space = [0u8; 12];
+        d.read_config(0, &mut space);
+        assert_eq!(&space[0..4], &512u32.to_le_bytes());
+        d.write_config(4, &300u32.to_le_bytes());
+        d.write_config(0, &7u32.to_le_bytes());
+        d.write_config(4, &[1, 2]);
+        assert_eq!(d.actual_pages(), 300);
+        assert_eq!(d.target_pages(), 512);
+        let mut past = [0xffu8; 4];
+        d.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+}
