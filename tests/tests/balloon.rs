@@ -1,0 +1,267 @@
+//! The balloon device, driven by the probe guest's virtio-balloon driver
+//! (`probe.balloon=<MiB>`: a pool of that much RAM, filled so it is
+//! resident, that the driver gives to the balloon and takes back). The
+//! host sets the target with `PATCH /balloon`; the pages the guest gives
+//! must leave the host: the guest memory file (a memfd, since a drive's
+//! backend maps it too) loses them, so the VMM's resident memory and
+//! every mapping of the file shrink by the balloon, and they come back
+//! when the guest takes the pages back and writes them. The memory the
+//! guest kept must be intact throughout (the probe checks its pool and
+//! its memtest region).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_tests::api::{ApiClient, ApiVm};
+use tessera_tests::console::whole_lines;
+use tessera_tests::guest_artifacts;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const MIB: u64 = 1 << 20;
+/// The probe's pool, and the balloon the test inflates in it.
+const POOL_MIB: u64 = 160;
+const BALLOON_MIB: u64 = 128;
+
+/// Boots the probe with 256 MiB, a balloon pool of [`POOL_MIB`], a
+/// memtest region and a drive (so that a backend maps guest memory), and
+/// the balloon `balloon`; waits until the pool is filled.
+fn boot(balloon: serde_json::Value) -> (ApiVm, ApiClient) {
+    let mut api = ApiVm::start(&[]);
+    let mut c = api.client();
+    let disk = api.dir().join("disk.img");
+    tessera_tests::sparse_file(&disk, MIB);
+    c.put_ok(
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": format!("console=ttyS0 probe.balloon={POOL_MIB} probe.memtest=16 probe.ticks=0")}),
+    );
+    c.put_ok(
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 256}),
+    );
+    c.put_ok(
+        "/drives/data",
+        json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false}),
+    );
+    c.put_ok("/balloon", balloon);
+    c.put_ok(
+        "/metrics",
+        json!({"metrics_path": api.dir().join("metrics.json")}),
+    );
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
+    api.vm.wait_until(DEADLINE, |out, _| {
+        whole_lines(out).any(|l| l.starts_with("probe.memtest=ok"))
+            && whole_lines(out).any(|l| l.starts_with("probe.balloon=pool"))
+    });
+    (api, c)
+}
+
+/// Waits until the probe says the balloon holds `pages`.
+fn wait_for_balloon(api: &mut ApiVm, pages: u64) {
+    let line = format!("probe.balloon={pages} pages");
+    api.vm.wait_until(DEADLINE, |out, _| {
+        let lines: Vec<_> = whole_lines(out).collect();
+        lines.iter().rev().find(|l| l.starts_with("probe.balloon=")) == Some(&line.as_str())
+            || lines.iter().any(|l| l.starts_with("probe.balloon=bad"))
+    });
+    let out = api.vm.stdout();
+    assert!(
+        !whole_lines(&out).any(|l| l.starts_with("probe.balloon=bad")),
+        "the guest's kept memory changed:\n{out}"
+    );
+}
+
+/// Bytes of the guest memory file (the VMM's memfd) that hold pages.
+fn guest_file_bytes(vmm: u32) -> u64 {
+    let fds = std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap();
+    fds.filter_map(Result::ok)
+        .find(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.to_string_lossy().contains("tessera-guest-ram"))
+        })
+        .map(|fd| {
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(fd.path()).unwrap()) * 512
+        })
+        .expect("the VMM holds its guest memory file")
+}
+
+/// A field of /proc/<pid>/status, in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: Option<u64> = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+    kib.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status")) * 1024
+}
+
+/// What the host holds of guest memory: the file's pages, and the VMM's
+/// and the backend's resident shared memory.
+#[derive(Debug, Clone, Copy)]
+struct Resident {
+    file: u64,
+    vmm: u64,
+    backend: u64,
+}
+
+fn resident(vmm: u32, backend: u32) -> Resident {
+    Resident {
+        file: guest_file_bytes(vmm),
+        vmm: status_bytes(vmm, "RssShmem"),
+        backend: status_bytes(backend, "RssShmem"),
+    }
+}
+
+/// Whether `less` is `amount` below `more` within 5%.
+fn dropped_by(more: u64, less: u64, amount: u64) -> bool {
+    let dropped = more.saturating_sub(less);
+    dropped.abs_diff(amount) <= amount / 20
+}
+
+#[test]
+fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
+    let (mut api, mut c) = boot(json!({"amount_mib": 0, "deflate_on_oom": false,
+                                       "stats_polling_interval_s": 1}));
+    let vmm = api.vm.pid();
+    let backend =
+        tessera_tests::descendant_pid(vmm, "vhost-user-blk").expect("the drive's backend");
+    let full = resident(vmm, backend);
+    assert!(
+        full.file >= POOL_MIB * MIB,
+        "the guest filled its pool, yet the file holds {full:?}"
+    );
+    let r = c.patch("/balloon", &json!({"amount_mib": BALLOON_MIB}).to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_for_balloon(&mut api, BALLOON_MIB * 256);
+    let inflated = resident(vmm, backend);
+    eprintln!("full {full:?}, inflated {inflated:?}");
+    assert!(
+        dropped_by(full.file, inflated.file, BALLOON_MIB * MIB),
+        "the file went from {} to {} bytes for a {BALLOON_MIB} MiB balloon",
+        full.file,
+        inflated.file
+    );
+    assert!(
+        dropped_by(full.vmm, inflated.vmm, BALLOON_MIB * MIB),
+        "the VMM's resident shared memory went from {} to {} bytes",
+        full.vmm,
+        inflated.vmm
+    );
+    assert!(inflated.backend <= full.backend, "{full:?} {inflated:?}");
+    // The guest's figures and the device's.
+    std::thread::sleep(Duration::from_millis(2500));
+    let stats = c.get("/balloon/statistics").json();
+    assert_eq!(stats["target_mib"], BALLOON_MIB, "{stats}");
+    assert_eq!(stats["actual_mib"], BALLOON_MIB, "{stats}");
+    assert_eq!(stats["actual_pages"], BALLOON_MIB * 256, "{stats}");
+    assert_eq!(
+        stats["free_memory"],
+        (POOL_MIB - BALLOON_MIB) * MIB,
+        "{stats}"
+    );
+    assert!(stats["total_memory"].as_u64() > Some(250 * MIB), "{stats}");
+    assert_eq!(c.get("/balloon").json()["amount_mib"], BALLOON_MIB);
+
+    let r = c.patch("/balloon", r#"{"amount_mib": 0}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_for_balloon(&mut api, 0);
+    let deflated = resident(vmm, backend);
+    eprintln!("deflated {deflated:?}");
+    assert!(
+        dropped_by(deflated.file, inflated.file, BALLOON_MIB * MIB),
+        "the file went from {} to {} bytes when the guest took the pages back",
+        inflated.file,
+        deflated.file
+    );
+    assert_eq!(
+        c.put("/actions", r#"{"action_type": "FlushMetrics"}"#)
+            .status,
+        204
+    );
+    let metrics = std::fs::read_to_string(api.dir().join("metrics.json")).unwrap();
+    let inflated: u64 = metrics
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|line| line["balloon"]["inflated_bytes"].as_u64())
+        .sum();
+    assert_eq!(inflated, BALLOON_MIB * MIB, "{metrics}");
+    let out = api.vm.finish().stdout;
+    assert!(
+        whole_lines(&out).any(|l| l.starts_with("probe.memtest=ok"))
+            && !whole_lines(&out).any(|l| l.starts_with("probe.memtest=bad")),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_api_follows_firecrackers_rules() {
+    let api = ApiVm::start(&[]);
+    let mut c = api.client();
+    c.put_ok(
+        "/boot-source",
+        json!({"kernel_image_path": guest_artifacts().probe(),
+               "boot_args": "console=ttyS0 probe.ticks=0"}),
+    );
+    c.put_ok(
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 128}),
+    );
+    let fault = |r: tessera_tests::api::HttpResponse| {
+        assert_eq!(r.status, 400, "{}", r.body);
+        r.fault()
+    };
+    assert!(fault(c.get("/balloon")).contains("No balloon device found."));
+    assert!(fault(c.patch("/balloon", r#"{"amount_mib": 1}"#))
+        .contains("not supported before starting the microVM"));
+    assert!(fault(c.put(
+        "/balloon",
+        r#"{"amount_mib": 129, "deflate_on_oom": false}"#
+    ))
+    .contains("Amount of pages requested is too large."));
+    c.put_ok("/balloon", json!({"amount_mib": 1, "deflate_on_oom": true}));
+    c.put_ok(
+        "/balloon",
+        json!({"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 5}),
+    );
+    let config = c.get("/balloon").json();
+    assert_eq!(config["amount_mib"], 0);
+    assert_eq!(config["deflate_on_oom"], false);
+    assert_eq!(config["stats_polling_interval_s"], 5);
+    assert!(fault(c.put(
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#
+    ))
+    .contains("huge_pages"));
+    c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
+    // The probe lists the device without driving it.
+    let mut api = api;
+    api.vm
+        .wait_until(DEADLINE, |out, _| out.contains("probe.virtio="));
+    assert!(
+        fault(c.patch("/balloon", r#"{"amount_mib": 1}"#)).contains("Device not activated yet.")
+    );
+    assert!(
+        fault(c.patch("/balloon/statistics", r#"{"stats_polling_interval_s": 0}"#))
+            .contains("Statistics cannot be enabled/disabled after activation.")
+    );
+    let r = c.patch("/balloon/statistics", r#"{"stats_polling_interval_s": 2}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(c.get("/balloon").json()["stats_polling_interval_s"], 2);
+    assert!(fault(c.patch("/balloon/hinting/start", ""))
+        .contains("Attempting to use hinting when not enabled"));
+    assert!(
+        fault(c.put("/balloon", r#"{"amount_mib": 0, "deflate_on_oom": false}"#))
+            .contains("not supported after starting the microVM")
+    );
+    assert_eq!(
+        c.get("/vm/config").json()["balloon"]["deflate_on_oom"],
+        false
+    );
+    drop(api.vm.finish());
+}
