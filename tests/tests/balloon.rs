@@ -5,7 +5,9 @@
 //! must leave the host: the guest memory file (a memfd, since a drive's
 //! backend maps it too) loses them, so the VMM's resident memory and
 //! every mapping of the file shrink by the balloon, and they come back
-//! when the guest takes the pages back and writes them. The memory the
+//! when the guest takes the pages back and writes them. (The drive's
+//! backend touches no guest page here; a mapping the test makes of the
+//! file and reads through stands for one that touched them all.) The memory the
 //! guest kept must be intact throughout (the probe checks its pool and
 //! its memtest region).
 
@@ -51,7 +53,7 @@ fn boot(balloon: serde_json::Value) -> (ApiVm, ApiClient) {
     c.put_ok("/actions", json!({"action_type": "InstanceStart"}));
     api.vm.wait_until(DEADLINE, |out, _| {
         whole_lines(out).any(|l| l.starts_with("probe.memtest=ok"))
-            && whole_lines(out).any(|l| l.starts_with("probe.balloon=pool"))
+            && whole_lines(out).any(|l| l.starts_with("probe.balloon=up"))
     });
     (api, c)
 }
@@ -73,16 +75,80 @@ fn wait_for_balloon(api: &mut ApiVm, pages: u64) {
 
 /// Bytes of the guest memory file (the VMM's memfd) that hold pages.
 fn guest_file_bytes(vmm: u32) -> u64 {
+    let metadata = std::fs::metadata(guest_file(vmm)).unwrap();
+    std::os::unix::fs::MetadataExt::blocks(&metadata) * 512
+}
+
+/// The guest memory file of the VMM `vmm`, as /proc shows it.
+fn guest_file(vmm: u32) -> std::path::PathBuf {
     let fds = std::fs::read_dir(format!("/proc/{vmm}/fd")).unwrap();
     fds.filter_map(Result::ok)
         .find(|fd| {
             std::fs::read_link(fd.path())
                 .is_ok_and(|target| target.to_string_lossy().contains("tessera-guest-ram"))
         })
-        .map(|fd| {
-            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(fd.path()).unwrap()) * 512
-        })
+        .map(|fd| fd.path())
         .expect("the VMM holds its guest memory file")
+}
+
+/// A mapping of the guest memory file in this process, as a backend has
+/// one: it stands for a backend that touched every page of the pool.
+struct OtherMapping {
+    at: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl OtherMapping {
+    /// Maps `len` bytes of the VMM's guest memory from `offset` and reads
+    /// every page, so that they are all in this process's page tables.
+    fn touching(vmm: u32, offset: u64, len: usize) -> Self {
+        let file = std::fs::File::open(guest_file(vmm)).unwrap();
+        // SAFETY: a new shared read-only mapping of a file this test opened;
+        // nothing else in the process uses the range.
+        let at = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &file,
+                offset as i64,
+            )
+        }
+        .unwrap();
+        for page in (0..len).step_by(4096) {
+            // SAFETY: inside the mapping made above, which is readable.
+            unsafe { std::ptr::read_volatile(at.as_ptr().cast::<u8>().add(page)) };
+        }
+        OtherMapping { at, len }
+    }
+
+    /// Its resident bytes, from /proc/self/smaps.
+    fn resident(&self) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", self.at.as_ptr() as usize);
+        let kib: Option<u64> = smaps
+            .split_once(&start)
+            .and_then(|(_, rest)| rest.lines().find_map(|l| l.strip_prefix("Rss:")))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok());
+        kib.expect("the mapping is in smaps") * 1024
+    }
+}
+
+impl Drop for OtherMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `touching`, used by nothing else.
+        let _ = unsafe { nix::sys::mman::munmap(self.at, self.len) };
+    }
+}
+
+/// The guest address of the probe's balloon pool.
+fn pool_base(out: &str) -> u64 {
+    let base = whole_lines(out)
+        .find_map(|l| l.strip_prefix("probe.balloon=pool "))
+        .and_then(|rest| rest.rsplit(' ').next())
+        .and_then(|hex| u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok());
+    base.unwrap_or_else(|| panic!("no pool line:\n{out}"))
 }
 
 /// A field of /proc/<pid>/status, in bytes.
@@ -101,20 +167,22 @@ fn status_bytes(pid: u32, field: &str) -> u64 {
     kib.unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status")) * 1024
 }
 
-/// What the host holds of guest memory: the file's pages, and the VMM's
-/// and the backend's resident shared memory.
+/// What the host holds of guest memory: the file's pages, the VMM's and
+/// the drive backend's resident shared memory, and another mapping's.
 #[derive(Debug, Clone, Copy)]
 struct Resident {
     file: u64,
     vmm: u64,
     backend: u64,
+    other: u64,
 }
 
-fn resident(vmm: u32, backend: u32) -> Resident {
+fn resident(vmm: u32, backend: u32, other: &OtherMapping) -> Resident {
     Resident {
         file: guest_file_bytes(vmm),
         vmm: status_bytes(vmm, "RssShmem"),
         backend: status_bytes(backend, "RssShmem"),
+        other: other.resident(),
     }
 }
 
@@ -129,9 +197,16 @@ fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
     let (mut api, mut c) = boot(json!({"amount_mib": 0, "deflate_on_oom": false,
                                        "stats_polling_interval_s": 1}));
     let vmm = api.vm.pid();
-    let backend =
-        tessera_tests::descendant_pid(vmm, "vhost-user-blk").expect("the drive's backend");
-    let full = resident(vmm, backend);
+    let backend = tessera_tests::descendant_pid(vmm, "--serial data").unwrap_or_else(|| {
+        panic!(
+            "no backend for the drive:\n{}\n{}",
+            api.vm.stdout(),
+            api.vm.stderr()
+        )
+    });
+    let pool = pool_base(&api.vm.stdout());
+    let other = OtherMapping::touching(vmm, pool, (POOL_MIB * MIB) as usize);
+    let full = resident(vmm, backend, &other);
     assert!(
         full.file >= POOL_MIB * MIB,
         "the guest filled its pool, yet the file holds {full:?}"
@@ -139,7 +214,7 @@ fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
     let r = c.patch("/balloon", &json!({"amount_mib": BALLOON_MIB}).to_string());
     assert_eq!(r.status, 204, "{}", r.body);
     wait_for_balloon(&mut api, BALLOON_MIB * 256);
-    let inflated = resident(vmm, backend);
+    let inflated = resident(vmm, backend, &other);
     eprintln!("full {full:?}, inflated {inflated:?}");
     assert!(
         dropped_by(full.file, inflated.file, BALLOON_MIB * MIB),
@@ -152,6 +227,12 @@ fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
         "the VMM's resident shared memory went from {} to {} bytes",
         full.vmm,
         inflated.vmm
+    );
+    assert!(
+        dropped_by(full.other, inflated.other, BALLOON_MIB * MIB),
+        "another process's mapping of guest memory went from {} to {} bytes",
+        full.other,
+        inflated.other
     );
     assert!(inflated.backend <= full.backend, "{full:?} {inflated:?}");
     // The guest's figures and the device's.
@@ -171,7 +252,7 @@ fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
     let r = c.patch("/balloon", r#"{"amount_mib": 0}"#);
     assert_eq!(r.status, 204, "{}", r.body);
     wait_for_balloon(&mut api, 0);
-    let deflated = resident(vmm, backend);
+    let deflated = resident(vmm, backend, &other);
     eprintln!("deflated {deflated:?}");
     assert!(
         dropped_by(deflated.file, inflated.file, BALLOON_MIB * MIB),

@@ -63,6 +63,11 @@ impl Dirtier {
         })
     }
 
+    /// The bytes of the region (just below the memory test's).
+    pub fn len(&self) -> u64 {
+        self.pages * PAGE
+    }
+
     /// One 10 ms slot's writes.
     pub fn step(&mut self) {
         self.value = self.value.wrapping_add(1);

@@ -192,14 +192,17 @@ pub fn check(map: &Map) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Total RAM rounded to the nearest MiB.
-pub fn ram_mib(map: &Map) -> u64 {
-    let bytes = map
-        .entries()
+/// Total RAM in bytes (the sizes of all RAM entries).
+pub fn ram_bytes(map: &Map) -> u64 {
+    map.entries()
         .iter()
         .filter(|e| e.kind == TYPE_RAM)
-        .fold(0u64, |sum, e| sum.saturating_add(e.size));
-    bytes.saturating_add(0x7_ffff) >> 20
+        .fold(0u64, |sum, e| sum.saturating_add(e.size))
+}
+
+/// Total RAM rounded to the nearest MiB.
+pub fn ram_mib(map: &Map) -> u64 {
+    ram_bytes(map).saturating_add(0x7_ffff) >> 20
 }
 
 fn overlaps(a: u64, b: u64, range: (u64, u64)) -> bool {

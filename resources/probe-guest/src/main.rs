@@ -30,6 +30,7 @@ mod pit;
 mod serial;
 mod timer;
 mod virtio;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_net;
 mod virtio_rng;
@@ -89,15 +90,27 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     }
     let boot_timer = boot_timer_addr(cmdline, &boot.e820, image);
 
-    let mut net = probe_virtio(cmdline, &boot.e820, image, verbose);
+    let virtio = probe_virtio(cmdline, &boot.e820, image, verbose);
+    let mut net = virtio.net;
     ping(cmdline, net.as_mut());
     let mut memtest = memtest::MemTest::start(cmdline, &boot.e820, image);
     let reserved = memtest.as_ref().map_or(0, memtest::MemTest::len);
     let mut dirtier = dirty::Dirtier::start(cmdline, &boot.e820, image, reserved);
-    let ticked = ticks(cmdline, net.as_mut(), memtest.as_mut(), dirtier.as_mut());
+    // The balloon's pool lies below the memory test's and dirtier's memory.
+    let reserved = reserved + dirtier.as_ref().map_or(0, dirty::Dirtier::len);
+    let mut balloon = virtio
+        .balloon
+        .and_then(|b| virtio_balloon::start(b.regs, b.mib, &boot.e820, image, reserved));
+    let ticked = ticks(
+        cmdline,
+        net.as_mut(),
+        memtest.as_mut(),
+        dirtier.as_mut(),
+        balloon.as_mut(),
+    );
     if let Some(mut net) = net {
         if !ticked {
-            serve_net(&mut net.device, net.serve_ms);
+            serve_net(&mut net.device, net.serve_ms, balloon.as_mut());
         }
         net.device.finish();
     }
@@ -188,7 +201,26 @@ struct VirtioContext<'a> {
     /// `probe.vsock` or `probe.vsock_connect` options (`None`: socket
     /// devices are only listed).
     vsock: Option<virtio_vsock::Options>,
+    /// `probe.balloon` (MiB; `None`: balloon devices are only listed, and
+    /// so are all but the first).
+    balloon: Option<u32>,
+    /// The balloon device to drive.
+    balloon_device: Option<FoundBalloon>,
     verbose: bool,
+}
+
+/// What [`probe_virtio`] leaves to drive.
+struct VirtioDevices {
+    net: Option<ServedNet>,
+    balloon: Option<FoundBalloon>,
+}
+
+/// A balloon device, driven (`virtio_balloon::start`) once the memory test
+/// and the dirtier have their memory: its pool lies below theirs.
+struct FoundBalloon {
+    regs: virtio::Mmio,
+    /// `probe.balloon`: the pool size.
+    mib: u32,
 }
 
 /// The network device served while the probe ticks.
@@ -211,13 +243,14 @@ impl VirtioContext<'_> {
 }
 
 /// Handles every `virtio_mmio.device=` parameter like Linux does.
-/// Returns the network device to serve, if one came up.
+/// Returns the network device to serve, if one came up, and the balloon
+/// device to drive, if there is one.
 fn probe_virtio(
     cmdline: &[u8],
     map: &e820::Map,
     image: (u64, u64),
     verbose: bool,
-) -> Option<ServedNet> {
+) -> VirtioDevices {
     let blk = virtio_blk::options(cmdline).unwrap_or_else(|bad| {
         outln!("probe.blk_error=bad-value,{}", bad);
         None
@@ -234,6 +267,13 @@ fn probe_virtio(
         outln!("probe.rng_error=bad-value,{}", bad);
         0
     });
+    let balloon = virtio_balloon::options(cmdline).unwrap_or_else(|bad| {
+        outln!(
+            "probe.balloon_error=bad-value,{}",
+            Bytes(bad.value.unwrap_or(b""))
+        );
+        None
+    });
     let mut context = VirtioContext {
         map,
         image,
@@ -244,6 +284,8 @@ fn probe_virtio(
         net_count: 0,
         net_device: None,
         vsock,
+        balloon,
+        balloon_device: None,
         verbose,
     };
     // Linux's `vm_cmdline_id`: running platform device id.
@@ -268,9 +310,13 @@ fn probe_virtio(
         next_id = i64::from((next_id as i32).wrapping_add(1));
         probe_virtio_device(index, device.base, &mut context);
     }
-    let device = context.net_device?;
     let serve_ms = context.net.map_or(0, |o| o.serve_ms);
-    Some(ServedNet { device, serve_ms })
+    VirtioDevices {
+        net: context
+            .net_device
+            .map(|device| ServedNet { device, serve_ms }),
+        balloon: context.balloon_device,
+    }
 }
 
 fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
@@ -337,6 +383,16 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             }
             context.net_device = virtio_net::setup(net_index, regs, &options, context.verbose);
         }
+        virtio_balloon::DEVICE_ID => {
+            let Some(mib) = context.balloon.take() else {
+                return;
+            };
+            if context.window_in_ram(base) {
+                outln!("probe.balloon=error setup base-in-ram");
+                return;
+            }
+            context.balloon_device = Some(FoundBalloon { regs, mib });
+        }
         _ => {}
     }
 }
@@ -354,12 +410,14 @@ fn ping(cmdline: &[u8], net: Option<&mut ServedNet>) {
 /// `probe.ticks=<N>`: prints `probe.tick=<i>` every 100 ms, N times
 /// (0 = forever), serving `net` meanwhile. Returns false if `probe.ticks`
 /// is absent or unusable (the tick loop did not run).
-/// Each tick also checks and rewrites `memtest`'s memory.
+/// Each tick also checks and rewrites `memtest`'s memory and polls the
+/// balloon.
 fn ticks(
     cmdline: &[u8],
     mut net: Option<&mut ServedNet>,
     mut memtest: Option<&mut memtest::MemTest>,
     mut dirtier: Option<&mut dirty::Dirtier>,
+    mut balloon: Option<&mut virtio_balloon::Balloon>,
 ) -> bool {
     let Some(value) = cmdline::last_value(cmdline, "probe.ticks") else {
         return false;
@@ -398,6 +456,9 @@ fn ticks(
         if let Some(test) = memtest.as_deref_mut() {
             test.step(tick);
         }
+        if let Some(balloon) = balloon.as_deref_mut() {
+            balloon.poll();
+        }
         tick += 1;
     }
     true
@@ -405,15 +466,54 @@ fn ticks(
 
 /// Keyboard checks while serving without ticks: one every this many polls.
 const SERVE_POLLS_PER_KEYBOARD_CHECK: u32 = 256;
+/// While serving without ticks, the balloon is polled every this many
+/// nanoseconds by kvm-clock (like a tick), or without kvm-clock at every
+/// [`SERVE_CHECKS_PER_BALLOON_POLL`]th keyboard check.
+const SERVE_BALLOON_POLL_NS: u64 = 100_000_000;
+const SERVE_CHECKS_PER_BALLOON_POLL: u32 = 64;
+
+/// When to poll the balloon while serving without ticks.
+struct BalloonPace {
+    next_ns: Option<u64>,
+    checks: u32,
+}
+
+impl BalloonPace {
+    fn new() -> BalloonPace {
+        BalloonPace {
+            next_ns: timer::now_ns(),
+            checks: 0,
+        }
+    }
+
+    /// Called at every keyboard check: true if the balloon is due.
+    fn due(&mut self) -> bool {
+        if let (Some(next), Some(now)) = (self.next_ns, timer::now_ns()) {
+            if now < next {
+                return false;
+            }
+            self.next_ns = Some(now.saturating_add(SERVE_BALLOON_POLL_NS));
+            return true;
+        }
+        self.checks = self.checks.wrapping_add(1);
+        self.checks.is_multiple_of(SERVE_CHECKS_PER_BALLOON_POLL)
+    }
+}
 
 /// `probe.net_serve_ms=<n>` without `probe.ticks`: serves the network
-/// device for about `ms` milliseconds, watching for Ctrl+Alt+Del.
-fn serve_net(net: &mut virtio_net::Net, ms: u32) {
+/// device for about `ms` milliseconds, watching for Ctrl+Alt+Del and
+/// polling the balloon.
+fn serve_net(
+    net: &mut virtio_net::Net,
+    ms: u32,
+    mut balloon: Option<&mut virtio_balloon::Balloon>,
+) {
     if ms == 0 {
         return;
     }
     let mut deadline = virtio_net::serve_deadline(ms);
     let mut keyboard = keyboard::CtrlAltDelWatch::new();
+    let mut pace = BalloonPace::new();
     let mut polls: u32 = 0;
     while !deadline.expired() {
         net.poll();
@@ -423,6 +523,11 @@ fn serve_net(net: &mut virtio_net::Net, ms: u32) {
             if keyboard.poll() {
                 outln!("probe.ctrl_alt_del");
                 io::reset();
+            }
+            if let Some(balloon) = balloon.as_deref_mut()
+                && pace.due()
+            {
+                balloon.poll();
             }
         }
     }

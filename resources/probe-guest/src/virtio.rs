@@ -443,6 +443,13 @@ impl Transport {
         self.config_read(|r| r.read(offset))
     }
 
+    /// Writes a 32-bit word of device configuration space (offset rounded
+    /// down to 4 bytes, and wrapped into the config space).
+    pub fn config_write32(&self, offset: u64, value: u32) {
+        let offset = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
+        self.regs.write(offset, value);
+    }
+
     /// Reads a 16-bit config field with a 16-bit access, as the virtio-mmio
     /// spec requires (offset rounded down to 2 bytes).
     pub fn config_read16(&self, offset: u64) -> u16 {

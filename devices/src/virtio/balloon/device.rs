@@ -124,6 +124,8 @@ pub struct Balloon {
     pub(super) kicks: Vec<EventFd>,
     pub(super) call: EventFd,
     pub(super) stats_timer: TimerFd,
+    /// Whether the timer was armed since the device was last activated.
+    pub(super) stats_timer_armed: bool,
     pub(super) discard: Discard,
     pub(super) num_pages: u32,
     pub(super) actual_pages: u32,
@@ -166,6 +168,7 @@ impl Balloon {
             kicks: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
             call: eventfd()?,
             stats_timer,
+            stats_timer_armed: false,
             discard,
             num_pages,
             actual_pages: 0,
@@ -325,6 +328,15 @@ impl Balloon {
         self.restoring = true;
     }
 
+    /// Arms the statistics timer once the device is active (on the event
+    /// loop's thread).
+    pub(super) fn ensure_stats_timer(&mut self) {
+        if !self.stats_timer_armed && self.is_active() {
+            self.arm_stats_timer();
+            self.stats_timer_armed = true;
+        }
+    }
+
     /// Arms the statistics timer for the interval (disarmed without
     /// statistics).
     pub(super) fn arm_stats_timer(&mut self) {
@@ -454,18 +466,25 @@ impl VirtioDevice for Balloon {
         }
         self.queues = queues;
         self.stats_head = None;
-        self.arm_stats_timer();
+        self.stats_timer_armed = false;
         crate::guest_log_here!(log::Level::Info, "balloon: active");
-        // What the driver posted before it said DRIVER_OK.
-        for index in 0..self.queues.len() {
-            self.process_queue(index);
+        // What the driver posted before it said DRIVER_OK is served on the
+        // event loop, as every notification is: activation runs on a vCPU
+        // thread, whose seccomp filter allows neither discarding pages nor
+        // arming timers.
+        for kick in &self.kicks[..self.queues.len()] {
+            if let Err(err) = kick.write(1) {
+                crate::guest_log_here!(log::Level::Error, "balloon: cannot notify itself: {err}");
+            }
         }
         Ok(())
     }
 
+    /// Runs on a vCPU thread too: no syscall but what its filter allows
+    /// (the statistics timer stops asking once there is no queue).
     fn reset(&mut self) {
         self.queues.clear();
         self.stats_head = None;
-        let _ = self.stats_timer.clear();
+        self.stats_timer_armed = false;
     }
 }

@@ -44,6 +44,7 @@ impl Balloon {
             // Non-blocking: a spurious wake-up reads nothing.
             let _ = kick.read();
         }
+        self.ensure_stats_timer();
         self.process_queue(index);
     }
 
