@@ -20,12 +20,15 @@
 //! snapshot create, load and clones beside Firecracker (snapshot.rs); `--vsock`
 //! vsock beside them (vsock.rs); `--entropy` the entropy device and its
 //! rate limiters beside Firecracker's (entropy.rs); `--drive-limits` a
-//! drive's rate limiter beside Firecracker's (drive_limits.rs); `--fleet N`
+//! drive's rate limiter beside Firecracker's (drive_limits.rs);
+//! `--net-limits` an interface's (net_limits.rs); `--balloon`
+//! the memory a balloon gives back beside Firecracker's (balloon.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N]
 //!        [--runs N] [--out FILE]
 
+mod balloon;
 mod block;
 mod boot_trace;
 mod drive_limits;
@@ -36,6 +39,7 @@ mod migration;
 mod net;
 mod net_dpdk;
 mod net_frontend;
+mod net_limits;
 mod peers;
 mod snapshot;
 mod startup;
@@ -165,10 +169,12 @@ enum Mode {
     Vsock,
     Entropy,
     DriveLimits,
+    Balloon,
+    NetLimits,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -189,6 +195,8 @@ fn main() {
             "--vsock" => mode = Mode::Vsock,
             "--entropy" => mode = Mode::Entropy,
             "--drive-limits" => mode = Mode::DriveLimits,
+            "--balloon" => mode = Mode::Balloon,
+            "--net-limits" => mode = Mode::NetLimits,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -211,6 +219,8 @@ fn main() {
         Mode::Vsock => vsock::bench_vsock(runs),
         Mode::Entropy => entropy::bench_entropy(runs),
         Mode::DriveLimits => drive_limits::bench_drive_limits(runs),
+        Mode::Balloon => balloon::bench_balloon(runs),
+        Mode::NetLimits => net_limits::bench_net_limits(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
