@@ -346,3 +346,43 @@ fn the_api_follows_firecrackers_rules() {
     );
     drop(api.vm.finish());
 }
+
+#[test]
+fn a_snapshot_keeps_the_balloon_and_the_loaded_guest_deflates_it() {
+    let (mut api, mut c) = boot(json!({"amount_mib": 0, "deflate_on_oom": false,
+                                       "stats_polling_interval_s": 1}));
+    let r = c.patch("/balloon", r#"{"amount_mib": 64}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_for_balloon(&mut api, 64 * 256);
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let dir = tempfile::tempdir().unwrap();
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    c.put_ok(
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    drop(api.vm.finish());
+    let mut loaded = ApiVm::start(&[]);
+    let mut c = loaded.client();
+    c.put_ok(
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
+    );
+    assert_eq!(c.get("/balloon").json()["amount_mib"], 64);
+    let stats = c.get("/balloon/statistics").json();
+    assert_eq!(stats["actual_mib"], 64, "{stats}");
+    let r = c.patch("/balloon", r#"{"amount_mib": 0}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let before = loaded.vm.stdout();
+    loaded.vm.wait_until(DEADLINE, |out, _| {
+        out.len() > before.len() && out[before.len()..].contains("probe.balloon=0 pages\n")
+    });
+    let out = loaded.vm.finish().stdout;
+    assert!(out.contains("probe.balloon=0 pages\n"), "{out}");
+    assert!(
+        !whole_lines(&out).any(|l| l.starts_with("probe.balloon=bad")
+            || l.starts_with("probe.memtest=bad")
+            || l.starts_with("probe.balloon=error")),
+        "{out}"
+    );
+}
