@@ -49,6 +49,8 @@ counter_set! {
         EventFails = "event_fails",
         /// Times a request's debt to the rate limiter held the queues back.
         RateLimiterThrottledEvents = "rate_limiter_throttled_events",
+        /// Wake-ups of a worker by the rate limiter's timer.
+        RateLimiterEventCount = "rate_limiter_event_count",
     }
 }
 
@@ -132,7 +134,7 @@ mod tests {
             assert_eq!(sorted.len(), keys.len());
         }
         assert_eq!(
-            BlockCounter::RateLimiterThrottledEvents.slot(),
+            BlockCounter::RateLimiterEventCount.slot(),
             BlockCounter::KEYS.len() - 1
         );
         assert_eq!(

@@ -827,6 +827,7 @@ impl Device for BlockBackend {
             Err(WorkerError::EventSet(evset))
         } else if u64::from(device_event) == self.limiter_event() {
             // The debt is paid: take what the guest posted meanwhile.
+            self.stats().inc(BlockCounter::RateLimiterEventCount);
             self.limiter.on_timer();
             self.process_queues(vrings, thread)
         } else if usize::from(device_event) >= vrings.len() {
