@@ -86,8 +86,10 @@ const GSO_NONE: u8 = 0;
 
 /// Bytes per RX and TX buffer, header included.
 pub const BUF_SIZE: usize = 2048;
-/// Receive buffers posted per RX queue (at most the queue size).
-pub const RX_BUFS: usize = 32;
+/// Receive buffers posted per RX queue (at most the queue size): more
+/// than 64 KiB in all, which a device may want posted before it reads a
+/// frame (Firecracker's reads none from its TAP with less).
+pub const RX_BUFS: usize = 48;
 /// Transmit buffers per TX queue (at most the queue size).
 pub const TX_BUFS: usize = 16;
 /// Most queue pairs used.

@@ -21,7 +21,7 @@
 //! vsock beside them (vsock.rs); `--entropy` the entropy device and its
 //! rate limiters beside Firecracker's (entropy.rs); `--drive-limits` a
 //! drive's rate limiter beside Firecracker's (drive_limits.rs);
-//! `--net-limits` an interface's, Tessera alone (net_limits.rs); `--balloon`
+//! `--net-limits` an interface's (net_limits.rs); `--balloon`
 //! the memory a balloon gives back beside Firecracker's (balloon.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
