@@ -35,6 +35,9 @@ pub enum VmmAction {
     StartBalloonHinting(StartHintingCmd),
     StopBalloonHinting,
     GetBalloonHintingStatus,
+    PutMmds(serde_json::Value),
+    PatchMmds(serde_json::Value),
+    GetMmds,
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -61,6 +64,8 @@ pub enum VmmData {
     BalloonConfig(BalloonDeviceConfig),
     BalloonStats(BalloonStats),
     HintingStatus(HintingStatus),
+    /// The metadata store.
+    Mmds(serde_json::Value),
 }
 
 /// Why the VMM refused an action; answered as 400 with the message.
@@ -72,6 +77,9 @@ pub enum ActionError {
     NotSupportedPostBoot,
     #[error("{0}")]
     Failed(String),
+    /// Answered 413 (the metadata store's limit).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ActionError {

@@ -179,6 +179,7 @@ impl ApiServer {
             ),
             Ok(ParsedRequest::Action(action)) => match self.ask_vmm(action) {
                 Ok(data) => data_response(data),
+                Err(err @ ActionError::TooLarge(_)) => fault(StatusCode::PayloadTooLarge, err),
                 Err(err) => fault(StatusCode::BadRequest, err),
             },
             Err(err) => {
@@ -223,6 +224,7 @@ fn data_response(data: VmmData) -> Response {
         VmmData::BalloonConfig(config) => to_json(serde_json::to_string(&config)),
         VmmData::BalloonStats(stats) => to_json(serde_json::to_string(&stats)),
         VmmData::HintingStatus(status) => to_json(serde_json::to_string(&status)),
+        VmmData::Mmds(value) => to_json(serde_json::to_string(&value)),
     }
 }
 

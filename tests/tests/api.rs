@@ -271,15 +271,15 @@ fn invalid_requests_get_400_with_a_clear_message() {
         ),
         (
             "PUT",
-            "/mmds",
+            "/mmds/other",
             r#"{"latest": {}}"#.into(),
-            "/mmds is not supported",
+            "Unrecognized PUT request path `other`.",
         ),
         (
             "PUT",
             "/mmds/config",
             r#"{"network_interfaces": ["eth0"]}"#.into(),
-            "/mmds is not supported",
+            "/mmds/config is not supported",
         ),
         (
             "PUT",

@@ -11,6 +11,7 @@ mod logger;
 mod machine_config;
 mod metrics;
 mod migration;
+mod mmds;
 mod net;
 mod serial;
 mod snapshot;
@@ -35,6 +36,7 @@ pub use migration::{
     MigrationPhase, MigrationReceiveParams, MigrationSendParams, MigrationStatus, MigrationUrl,
     MigrationUrlError, DEFAULT_MAX_DOWNTIME_MS,
 };
+pub use mmds::{MmdsError, MmdsStore, DEFAULT_MMDS_SIZE_LIMIT};
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::{SerialConfig, SerialError};
 pub use snapshot::{

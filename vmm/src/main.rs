@@ -53,6 +53,13 @@ struct Cli {
     /// The largest API request body accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_PAYLOAD_SIZE, value_name = "N")]
     http_api_max_payload_size: usize,
+    /// The largest metadata store (`/mmds`), in bytes, as compact JSON
+    /// (default: --http-api-max-payload-size).
+    #[arg(long, value_name = "N")]
+    mmds_size_limit: Option<usize>,
+    /// A JSON file the metadata store starts with.
+    #[arg(long, value_name = "PATH")]
+    metadata: Option<PathBuf>,
     /// Write the guest console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     serial_out: Option<PathBuf>,
@@ -193,7 +200,7 @@ fn start_logging(cli: &Cli) {
 /// The configuration file's resources (its logger and metrics applied), or
 /// none yet for the API to fill.
 fn initial_resources(cli: &Cli) -> VmResources {
-    let resources = match &cli.config_file {
+    let mut resources = match &cli.config_file {
         Some(path) => VmResources::from_file(path).unwrap_or_else(|err| {
             fail(
                 ExitCode::BadConfiguration,
@@ -206,7 +213,32 @@ fn initial_resources(cli: &Cli) -> VmResources {
     if let Err(err) = apply_observability(&resources) {
         fail(ExitCode::BadConfiguration, err);
     }
+    resources.mmds = initial_metadata(cli);
     resources
+}
+
+/// The metadata store: its limit, and `--metadata`'s contents.
+fn initial_metadata(cli: &Cli) -> vmm_config::MmdsStore {
+    let limit = cli.mmds_size_limit.unwrap_or(cli.http_api_max_payload_size);
+    let mut store = vmm_config::MmdsStore::new(limit);
+    if let Some(path) = &cli.metadata {
+        let value = std::fs::read_to_string(path)
+            .map_err(|err| err.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|err| err.to_string()))
+            .unwrap_or_else(|err| {
+                fail(
+                    ExitCode::BadConfiguration,
+                    format_args!("--metadata {}: {err}", path.display()),
+                )
+            });
+        if let Err(err) = store.put(value) {
+            fail(
+                ExitCode::BadConfiguration,
+                format_args!("--metadata {}: {err}", path.display()),
+            );
+        }
+    }
+    store
 }
 
 /// Binds the API socket and starts its thread (under the "api" filter);

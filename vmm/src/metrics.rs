@@ -124,6 +124,9 @@ pub struct Metrics {
     pub balloon_get: RequestCounters,
     pub balloon_put: RequestCounters,
     pub balloon_patch: RequestCounters,
+    pub mmds_get: RequestCounters,
+    pub mmds_put: RequestCounters,
+    pub mmds_patch: RequestCounters,
     pub snapshot_create: RequestCounters,
     pub snapshot_load: RequestCounters,
     /// Process start to the API socket answering, and its CPU time.
@@ -194,6 +197,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("vm_config", &m.vm_config),
             ("machine_cfg", &m.machine_config_get),
             ("balloon", &m.balloon_get),
+            ("mmds", &m.mmds_get),
         ]),
         "put_api_requests": requests(&[
             ("actions", &m.actions),
@@ -204,6 +208,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("logger", &m.logger),
             ("machine_cfg", &m.machine_config_put),
             ("metrics", &m.metrics),
+            ("mmds", &m.mmds_put),
             ("network", &m.network_put),
             ("serial", &m.serial),
             ("snapshot_create", &m.snapshot_create),
@@ -214,6 +219,7 @@ fn snapshot(devices: DeviceCounters) -> Value {
             ("balloon", &m.balloon_patch),
             ("drive", &m.drive_patch),
             ("machine_cfg", &m.machine_config_patch),
+            ("mmds", &m.mmds_patch),
             ("network", &m.network_patch),
             ("vm", &m.vm_state),
         ]),

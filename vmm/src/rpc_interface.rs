@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use api_server::{ActionError, VmmAction, VmmChannel, VmmData, APP_NAME, VMM_VERSION};
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vmm_config::{InstanceInfo, MigrationPhase, MigrationStatus, VmState};
+use vmm_config::{InstanceInfo, MigrationPhase, MigrationStatus, MmdsError, VmState};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -291,6 +291,11 @@ pub fn run_preboot(
             VmmAction::GetBalloonStatistics | VmmAction::GetBalloonHintingStatus => {
                 counted(&m.balloon_get, Err(ActionError::NotSupportedPreBoot))
             }
+            VmmAction::PutMmds(value) => counted(&m.mmds_put, mmds(resources.mmds.put(value))),
+            VmmAction::PatchMmds(patch) => {
+                counted(&m.mmds_patch, mmds(resources.mmds.patch(&patch)))
+            }
+            VmmAction::GetMmds => counted(&m.mmds_get, Ok(VmmData::Mmds(resources.mmds.get()))),
             VmmAction::FlushMetrics => counted(&m.actions, empty(metrics::flush(Vec::new()))),
             VmmAction::PatchDrive(_) => {
                 counted(&m.drive_patch, Err(ActionError::NotSupportedPreBoot))
@@ -305,6 +310,14 @@ pub fn run_preboot(
         };
         endpoint.respond(outcome);
     }
+}
+
+/// A change to the metadata store: a store over its limit is a 413.
+fn mmds(outcome: Result<(), MmdsError>) -> Outcome {
+    outcome.map(|()| VmmData::Empty).map_err(|err| match err {
+        MmdsError::TooLarge => ActionError::TooLarge(err.to_string()),
+        MmdsError::NotInitialized => ActionError::failed(err),
+    })
 }
 
 /// A balloon operation's outcome, with Firecracker's "Balloon update
@@ -389,6 +402,11 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
             &m.balloon_get,
             balloon(vmm.balloon_hinting_status().map(VmmData::HintingStatus)),
         ),
+        // No interface serves the store to the guest yet (`/mmds/config`
+        // is refused), so after boot it is Firecracker's "not initialized".
+        VmmAction::PutMmds(_) => counted(&m.mmds_put, mmds(Err(MmdsError::NotInitialized))),
+        VmmAction::PatchMmds(_) => counted(&m.mmds_patch, mmds(Err(MmdsError::NotInitialized))),
+        VmmAction::GetMmds => counted(&m.mmds_get, mmds(Err(MmdsError::NotInitialized))),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
         VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
         VmmAction::SendMigration(params) => {

@@ -11,6 +11,7 @@ mod logger;
 mod machine_config;
 mod metrics;
 mod migration;
+mod mmds;
 mod net;
 mod serial;
 mod snapshot;
@@ -52,6 +53,13 @@ pub enum RequestError {
     EmptyPatch(String),
     #[error("{0} is not supported by Tessera yet.")]
     NotSupported(String),
+    /// Firecracker's texts for `/mmds`.
+    #[error("Empty {0} request.")]
+    EmptyRequest(String),
+    #[error("GET request cannot have a body.")]
+    GetWithBody,
+    #[error("Unrecognized PUT request path `{0}`.")]
+    UnrecognizedPutPath(String),
 }
 
 /// Parses a request; `body` is the raw request body, if any.
@@ -100,6 +108,9 @@ pub fn parse_request(
         ("GET", ["balloon", "hinting", "status"]) => action(VmmAction::GetBalloonHintingStatus),
         ("PUT", ["snapshot", "create"]) => snapshot::parse_create(&body).and_then(action),
         ("PUT", ["snapshot", "load"]) => snapshot::parse_load(&body).and_then(action),
+        ("GET", ["mmds", ..]) => mmds::parse_get(&body).and_then(action),
+        ("PUT", ["mmds", rest @ ..]) => mmds::parse_put(&body, rest).and_then(action),
+        ("PATCH", ["mmds", ..]) => mmds::parse_patch(&body).and_then(action),
         ("GET", ["migration"]) => action(VmmAction::GetMigration),
         ("PUT", ["migration", "send"]) => migration::parse_send(&body).and_then(action),
         ("PUT", ["migration", "receive"]) => migration::parse_receive(&body).and_then(action),
@@ -281,21 +292,48 @@ mod tests {
 
     #[test]
     fn unbuilt_features_answer_not_supported() {
-        for (method, path, body) in [
-            ("PUT", "/mmds", r#"{"latest": {}}"#),
-            ("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#),
-        ] {
-            let err = parse(method, path, body).unwrap_err();
-            assert!(
-                matches!(err, RequestError::NotSupported(_)),
-                "{path}: {err}"
-            );
-        }
+        let err = parse("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#).unwrap_err();
+        assert!(matches!(err, RequestError::NotSupported(_)), "{err}");
         // Their bodies are still parsed.
         assert!(matches!(
-            parse("PUT", "/mmds", "{oops"),
+            parse("PUT", "/mmds/config", "{oops"),
             Err(RequestError::InvalidJson(_))
         ));
+    }
+
+    #[test]
+    fn mmds_paths_parse_as_firecracker_routes_them() {
+        assert_eq!(
+            parse("PUT", "/mmds", r#"{"latest": {"a": 1}}"#),
+            Ok(ParsedRequest::Action(VmmAction::PutMmds(
+                serde_json::json!({"latest": {"a": 1}})
+            )))
+        );
+        assert_eq!(
+            parse("PATCH", "/mmds/ignored", r#"[1]"#),
+            Ok(ParsedRequest::Action(VmmAction::PatchMmds(
+                serde_json::json!([1])
+            )))
+        );
+        assert_eq!(
+            parse_request("GET", "/mmds/x", None),
+            Ok(ParsedRequest::Action(VmmAction::GetMmds))
+        );
+        let err = |method, path, body: Option<&str>| {
+            parse_request(method, path, body.map(str::as_bytes))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("GET", "/mmds", Some("{}")),
+            "GET request cannot have a body."
+        );
+        assert_eq!(err("PUT", "/mmds", None), "Empty PUT request.");
+        assert_eq!(err("PATCH", "/mmds", None), "Empty PATCH request.");
+        assert_eq!(
+            err("PUT", "/mmds/other", Some("{}")),
+            "Unrecognized PUT request path `other`."
+        );
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! Firecracker resources Tessera has not built yet: MMDS, CPU
+//! Firecracker resources Tessera has not built yet: MMDS's config, CPU
 //! templates, pmem and memory hotplug. Their bodies
 //! are still parsed, so a malformed body gets the JSON error, and a
 //! well-formed one a clear "not supported yet", never a 404.
 
 use super::{Body, RequestError};
 
-const UNSUPPORTED: &[&str] = &["mmds", "cpu-config", "pmem", "hotplug"];
+const UNSUPPORTED: &[&str] = &["cpu-config", "pmem", "hotplug"];
 
 pub(super) fn is_unsupported(resource: &str) -> bool {
     UNSUPPORTED.contains(&resource)

@@ -136,6 +136,8 @@ pub struct VmResources {
     pub vsock: Option<VsockResource>,
     pub entropy: Option<EntropyDeviceConfig>,
     pub balloon: Option<BalloonDeviceConfig>,
+    /// The metadata store (not part of a snapshot, as in Firecracker).
+    pub mmds: vmm_config::MmdsStore,
 }
 
 impl VmResources {
