@@ -342,10 +342,9 @@ pub fn discard_range(
                 .get_host_address(vm_memory::MemoryRegionAddress(offset))
                 .map_err(|_| outside())?;
             let at = NonNull::new(host.cast::<libc::c_void>()).ok_or_else(outside)?;
-            // SAFETY: [host, host + len) lies inside one region of guest
-            // memory (checked above), a mapping that lives as long as the
-            // process; MADV_DONTNEED only drops its pages' contents, which
-            // the guest gave up.
+            // SAFETY: [host, host + len) is inside one region of guest memory
+            // (checked above), mapped for the process's life; MADV_DONTNEED
+            // only drops the contents of pages the guest gave up.
             unsafe {
                 nix::sys::mman::madvise(at, len as usize, nix::sys::mman::MmapAdvise::MADV_DONTNEED)
             }

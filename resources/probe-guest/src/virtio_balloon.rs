@@ -207,10 +207,9 @@ impl Pool {
     }
 
     fn load(&self, addr: u64) -> u64 {
-        // SAFETY: `addr` is an aligned word of the pool: free RAM inside
-        // the identity map (`e820::free_top`), outside the probe image and
-        // the memory test's and dirtier's memory, so no Rust object lives
-        // there; the balloon driver owns it.
+        // SAFETY: `addr` is an aligned word of the pool (identity-mapped
+        // free RAM, outside the image, memtest and dirtier): no Rust object
+        // lives there, and the balloon driver owns it.
         unsafe { phys::read_volatile_u64(addr) }
     }
 
