@@ -175,3 +175,19 @@ impl ApiVm {
         self._dir.path()
     }
 }
+
+impl ApiVm {
+    /// Flushes the metrics (`metrics.json` in the VM's directory, which
+    /// the test configured) and sums `section.counter` over every line:
+    /// each flush reports the increments since the last.
+    pub fn flushed_counter(&self, c: &mut ApiClient, section: &str, counter: &str) -> u64 {
+        let r = c.put("/actions", r#"{"action_type": "FlushMetrics"}"#);
+        assert_eq!(r.status, 204, "{}", r.body);
+        std::fs::read_to_string(self.dir().join("metrics.json"))
+            .expect("the metrics file")
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line[section][counter].as_u64())
+            .sum()
+    }
+}

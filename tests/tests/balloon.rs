@@ -260,18 +260,8 @@ fn an_inflated_balloon_leaves_the_host_and_comes_back_on_deflate() {
         inflated.file,
         deflated.file
     );
-    assert_eq!(
-        c.put("/actions", r#"{"action_type": "FlushMetrics"}"#)
-            .status,
-        204
-    );
-    let metrics = std::fs::read_to_string(api.dir().join("metrics.json")).unwrap();
-    let inflated: u64 = metrics
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|line| line["balloon"]["inflated_bytes"].as_u64())
-        .sum();
-    assert_eq!(inflated, BALLOON_MIB * MIB, "{metrics}");
+    let inflated = api.flushed_counter(&mut c, "balloon", "inflated_bytes");
+    assert_eq!(inflated, BALLOON_MIB * MIB);
     let out = api.vm.finish().stdout;
     assert!(
         whole_lines(&out).any(|l| l.starts_with("probe.memtest=ok"))

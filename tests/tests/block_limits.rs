@@ -64,20 +64,10 @@ fn device_ms(api: &mut ApiVm, index: u32) -> u64 {
     ms.unwrap_or_else(|| panic!("no {ms_prefix} line:\n{out}"))
 }
 
-/// The drive's backend counters summed over the metrics lines so far
+/// The drive's backend counter summed over the metrics lines so far
 /// (after a flush).
 fn drive_counter(api: &ApiVm, c: &mut ApiClient, counter: &str) -> u64 {
-    assert_eq!(
-        c.put("/actions", r#"{"action_type": "FlushMetrics"}"#)
-            .status,
-        204
-    );
-    std::fs::read_to_string(api.dir().join("metrics.json"))
-        .unwrap()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|line| line["block_data"][counter].as_u64())
-        .sum()
+    api.flushed_counter(c, "block_data", counter)
 }
 
 #[test]

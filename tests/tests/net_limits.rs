@@ -112,17 +112,7 @@ fn assert_rate(rate: f64, per_second: f64, what: &str) {
 /// The interface's backend counter `counter`, summed over the metrics
 /// lines so far (after a flush).
 fn net_counter(api: &ApiVm, c: &mut ApiClient, counter: &str) -> u64 {
-    assert_eq!(
-        c.put("/actions", r#"{"action_type": "FlushMetrics"}"#)
-            .status,
-        204
-    );
-    std::fs::read_to_string(api.dir().join("metrics.json"))
-        .unwrap()
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|line| line["net_eth0"][counter].as_u64())
-        .sum()
+    api.flushed_counter(c, "net_eth0", counter)
 }
 
 #[test]
