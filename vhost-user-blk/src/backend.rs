@@ -390,9 +390,15 @@ impl BlockBackend {
                 return Ok(());
             }
             // More requests may have arrived while notifications were off.
+            // A queue the frontend stopped meanwhile takes none (below), so
+            // it must not say "more" either: the pass would spin with the
+            // engine held, and the frontend's GET_VRING_BASE would wait
+            // for it forever.
             let mut posted = false;
             for &(position, vring) in &live {
-                posted |= vring.enable_notification().map_err(queue_error(position))?;
+                if is_started(vring) {
+                    posted |= vring.enable_notification().map_err(queue_error(position))?;
+                }
             }
             if !posted {
                 return Ok(());
@@ -416,10 +422,7 @@ impl BlockBackend {
         let queue = completer.queue_index(position);
         // A queue the frontend stopped (GET_VRING_BASE) during this pass
         // takes no more requests; those in flight still complete.
-        let started = {
-            let state = vring.get_ref();
-            state.is_enabled() && state.get_queue().ready()
-        };
+        let started = is_started(vring);
         while started && engine.has_room() && batch.taken < MAX_TAKEN_PER_EVENT && !self.throttled()
         {
             batch.taken += 1;
@@ -551,6 +554,13 @@ impl BlockBackend {
         }
         false
     }
+}
+
+/// Whether the frontend has the queue running (enabled and ready); one it
+/// stopped (GET_VRING_BASE) takes no more requests.
+fn is_started(vring: &BackendVring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
 }
 
 /// One event's progress on a worker's queues.
@@ -1201,6 +1211,21 @@ mod tests {
             .kick()
             .expect("a kick of a broken device returns")
             .is_ok());
+        assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
+    }
+
+    #[test]
+    fn a_stopped_queue_with_requests_posted_does_not_hold_the_worker() {
+        // The frontend stops the queue (GET_VRING_BASE) while a request
+        // waits in it: the worker takes nothing, and must not keep
+        // looking (with the engine held, GET_VRING_BASE would wait for it
+        // forever; the vhost_user_blk fuzz target found it).
+        let device = device();
+        device.post_read(0, 0);
+        device.set_avail_idx(1);
+        device.vrings[0].set_enabled(false);
+        let result = device.kick().expect("the worker spins on a stopped queue");
+        assert!(result.is_ok(), "{result:?}");
         assert_eq!(device.vrings[0].get_ref().get_queue().next_avail(), 0);
     }
 
