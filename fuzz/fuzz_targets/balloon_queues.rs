@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use devices::virtio::balloon::{Balloon, BalloonOptions};
-use devices::virtio::{QueueLayout, VirtioDevice};
+use devices::virtio::VirtioDevice;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
 
@@ -24,13 +24,7 @@ struct Input {
 
 fuzz_target!(|input: Input| {
     let mem = input.ring.memory();
-    let addrs = input.ring.addrs();
-    let layout = QueueLayout {
-        size: addrs.size,
-        desc_table: addrs.desc,
-        avail_ring: addrs.avail,
-        used_ring: addrs.used,
-    };
+    let layout = input.ring.queue_layout();
     let options = BalloonOptions {
         deflate_on_oom: true,
         stats_polling_interval_s: 1,

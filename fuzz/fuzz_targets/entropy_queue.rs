@@ -5,7 +5,7 @@
 
 use arbitrary::Arbitrary;
 use devices::virtio::entropy::Entropy;
-use devices::virtio::{QueueLayout, VirtioDevice};
+use devices::virtio::VirtioDevice;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
 use tessera_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
@@ -19,13 +19,7 @@ struct Input {
 
 fuzz_target!(|input: Input| {
     let mem = input.ring.memory();
-    let addrs = input.ring.addrs();
-    let layout = QueueLayout {
-        size: addrs.size,
-        desc_table: addrs.desc,
-        avail_ring: addrs.avail,
-        used_ring: addrs.used,
-    };
+    let layout = input.ring.queue_layout();
     let limits = RateLimiterConfig {
         bandwidth: input.limited.then_some(TokenBucketConfig {
             size: 4096,

@@ -4,7 +4,6 @@
 
 use arbitrary::Arbitrary;
 use devices::vhost_user::net::CtrlQueue;
-use devices::virtio::QueueLayout;
 use libfuzzer_sys::fuzz_target;
 use tessera_fuzz::GuestRing;
 
@@ -17,13 +16,7 @@ struct Input {
 
 fuzz_target!(|input: Input| {
     let mem = input.ring.memory();
-    let addrs = input.ring.addrs();
-    let layout = QueueLayout {
-        size: addrs.size,
-        desc_table: addrs.desc,
-        avail_ring: addrs.avail,
-        used_ring: addrs.used,
-    };
+    let layout = input.ring.queue_layout();
     let max_pairs = u16::from(input.max_pairs % 8) + 1;
     let Ok(mut ctrl) = CtrlQueue::new("fuzz", &mem, &layout, 256, input.ring.event_idx, max_pairs)
     else {

@@ -95,6 +95,17 @@ impl GuestRing {
         1 << (self.size_log2 % 9)
     }
 
+    /// The ring as a device the VMM serves gets it from its transport.
+    pub fn queue_layout(&self) -> devices::virtio::QueueLayout {
+        let addrs = self.addrs();
+        devices::virtio::QueueLayout {
+            size: addrs.size,
+            desc_table: addrs.desc,
+            avail_ring: addrs.avail,
+            used_ring: addrs.used,
+        }
+    }
+
     pub fn addrs(&self) -> RingAddrs {
         let (desc, avail, used) = match self.layout {
             Layout::Fixed => (DESC_TABLE, AVAIL_RING, USED_RING),
