@@ -5,8 +5,8 @@ use vmm_config::{
     BlockDeviceConfig, BlockDeviceUpdate, BootSourceConfig, CreateSnapshotParams,
     EntropyDeviceConfig, HintingStatus, InstanceInfo, LoadSnapshotParams, LoggerConfig,
     MachineConfig, MachineConfigUpdate, MetricsConfig, MigrationReceiveParams, MigrationSendParams,
-    MigrationStatus, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig, StartHintingCmd,
-    VsockDeviceConfig,
+    MigrationStatus, MmdsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdate, SerialConfig,
+    StartHintingCmd, VsockDeviceConfig,
 };
 
 /// One request for the VMM thread.
@@ -36,6 +36,7 @@ pub enum VmmAction {
     StopBalloonHinting,
     GetBalloonHintingStatus,
     PutMmds(serde_json::Value),
+    PutMmdsConfig(MmdsConfig),
     PatchMmds(serde_json::Value),
     GetMmds,
     InstanceStart,

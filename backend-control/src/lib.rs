@@ -15,6 +15,16 @@
 //!   `size`, `one_time_burst`, `refill_time` as u64 LE: the limits in
 //!   force (the VMM merges a `PATCH` into them), an absent bucket limiting
 //!   nothing.
+//! - Kind 2, MMDS configuration: the version byte (1 or 2), the
+//!   `imds_compat` byte (0 or 1), the IPv4 address (4 bytes), the 32-byte
+//!   key of the session tokens, then the instance id (a length byte and at
+//!   most [`MAX_INSTANCE_ID`] bytes of UTF-8).
+//! - Kind 3, a piece of the MMDS store: a generation, the store's whole
+//!   length and this piece's offset (u32 LE each), then the piece. A store
+//!   is its compact JSON sent in order, piece by piece ([`mmds_store`]);
+//!   the backend swaps it in when the last byte arrives.
+
+use std::net::Ipv4Addr;
 
 use tessera_rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
@@ -28,7 +38,18 @@ pub const VERSION: u8 = 1;
 const MAGIC: [u8; 4] = *b"TCTL";
 const HEADER: usize = 8;
 const KIND_RATE_LIMITS: u8 = 1;
+const KIND_MMDS_CONFIG: u8 = 2;
+const KIND_MMDS_DATA: u8 = 3;
 const BUCKET: usize = 1 + 3 * 8;
+/// The longest instance id an MMDS configuration carries (Firecracker's
+/// limit on `--id`).
+pub const MAX_INSTANCE_ID: usize = 64;
+/// The bytes of the MMDS token key.
+pub const TOKEN_KEY_LEN: usize = 32;
+const MMDS_CONFIG_FIXED: usize = HEADER + 2 + 4 + TOKEN_KEY_LEN + 1;
+const MMDS_DATA_HEADER: usize = HEADER + 12;
+/// The store bytes one piece carries.
+pub const MMDS_PIECE: usize = MAX_MESSAGE - MMDS_DATA_HEADER;
 
 /// Why a message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +72,18 @@ pub enum ControlError {
     Target(u8),
     #[error("bucket presence byte {0} (0 or 1)")]
     Presence(u8),
+    #[error("an MMDS configuration of {0} bytes")]
+    MmdsConfigLength(usize),
+    #[error("MMDS version byte {0} (1 or 2)")]
+    MmdsVersion(u8),
+    #[error("imds_compat byte {0} (0 or 1)")]
+    ImdsCompat(u8),
+    #[error("an instance id that is not UTF-8 or longer than {MAX_INSTANCE_ID} bytes")]
+    InstanceId,
+    #[error("an MMDS piece of {0} bytes (its header takes {MMDS_DATA_HEADER})")]
+    MmdsDataLength(usize),
+    #[error("an MMDS piece at {offset} (+{len}) beyond the store's {total} bytes")]
+    MmdsPieceBounds { offset: u32, len: usize, total: u32 },
 }
 
 const RATE_LIMITS_LEN: usize = HEADER + 1 + 2 * BUCKET;
@@ -85,6 +118,47 @@ impl LimitTarget {
     }
 }
 
+/// Which MMDS a guest is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmdsVersion {
+    V1,
+    V2,
+}
+
+/// How an interface's backend serves MMDS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MmdsSettings {
+    pub version: MmdsVersion,
+    pub imds_compat: bool,
+    pub ipv4_address: Ipv4Addr,
+    /// The AES-256-GCM key of the session tokens, the same for every
+    /// interface of the microVM (a token is good on each of them).
+    pub token_key: [u8; TOKEN_KEY_LEN],
+    /// Bound into each token (Firecracker's `microvmid=` AAD).
+    pub instance_id: String,
+}
+
+impl std::fmt::Debug for MmdsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmdsSettings")
+            .field("version", &self.version)
+            .field("imds_compat", &self.imds_compat)
+            .field("ipv4_address", &self.ipv4_address)
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One piece of the MMDS store: `data` goes at `offset` of a store of
+/// `total` bytes, generation `generation`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MmdsPiece {
+    pub generation: u32,
+    pub total: u32,
+    pub offset: u32,
+    pub data: Vec<u8>,
+}
+
 /// One message from the VMM to a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -93,6 +167,31 @@ pub enum ControlMessage {
         target: LimitTarget,
         limits: RateLimiterConfig,
     },
+    /// The interface serves MMDS so.
+    MmdsConfig(MmdsSettings),
+    /// A piece of the MMDS store.
+    MmdsData(MmdsPiece),
+}
+
+/// The messages that carry the MMDS store `json` (its compact JSON) as
+/// generation `generation`; an empty store is one empty piece.
+pub fn mmds_store(generation: u32, json: &[u8]) -> Vec<ControlMessage> {
+    let total = json.len() as u32;
+    let piece = |offset: usize, data: &[u8]| {
+        ControlMessage::MmdsData(MmdsPiece {
+            generation,
+            total,
+            offset: offset as u32,
+            data: data.to_vec(),
+        })
+    };
+    if json.is_empty() {
+        return vec![piece(0, &[])];
+    }
+    json.chunks(MMDS_PIECE)
+        .enumerate()
+        .map(|(index, data)| piece(index * MMDS_PIECE, data))
+        .collect()
 }
 
 fn put_bucket(out: &mut Vec<u8>, bucket: Option<&TokenBucketConfig>) {
@@ -105,6 +204,12 @@ fn put_bucket(out: &mut Vec<u8>, bucket: Option<&TokenBucketConfig>) {
             out.extend(b.refill_time.to_le_bytes());
         }
     }
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -135,6 +240,8 @@ impl ControlMessage {
                 LimitTarget::Rx => "rx_rate_limiter",
                 LimitTarget::Tx => "tx_rate_limiter",
             },
+            ControlMessage::MmdsConfig(_) => "mmds_config",
+            ControlMessage::MmdsData(_) => "mmds_data",
         }
     }
 
@@ -148,6 +255,27 @@ impl ControlMessage {
                 out.push(target.byte());
                 put_bucket(&mut out, limits.bandwidth.as_ref());
                 put_bucket(&mut out, limits.ops.as_ref());
+            }
+            ControlMessage::MmdsConfig(settings) => {
+                out.extend([VERSION, KIND_MMDS_CONFIG, 0, 0]);
+                out.push(match settings.version {
+                    MmdsVersion::V1 => 1,
+                    MmdsVersion::V2 => 2,
+                });
+                out.push(u8::from(settings.imds_compat));
+                out.extend(settings.ipv4_address.octets());
+                out.extend(settings.token_key);
+                let id = settings.instance_id.as_bytes();
+                let id = &id[..id.len().min(MAX_INSTANCE_ID)];
+                out.push(id.len() as u8);
+                out.extend(id);
+            }
+            ControlMessage::MmdsData(piece) => {
+                out.extend([VERSION, KIND_MMDS_DATA, 0, 0]);
+                out.extend(piece.generation.to_le_bytes());
+                out.extend(piece.total.to_le_bytes());
+                out.extend(piece.offset.to_le_bytes());
+                out.extend(&piece.data);
             }
         }
         out
@@ -183,9 +311,70 @@ impl ControlMessage {
                     },
                 })
             }
+            KIND_MMDS_CONFIG => decode_mmds_config(bytes),
+            KIND_MMDS_DATA => decode_mmds_data(bytes),
             other => Err(ControlError::Kind(other)),
         }
     }
+}
+
+fn decode_mmds_config(bytes: &[u8]) -> Result<ControlMessage, ControlError> {
+    if bytes.len() < MMDS_CONFIG_FIXED {
+        return Err(ControlError::MmdsConfigLength(bytes.len()));
+    }
+    let body = &bytes[HEADER..];
+    let version = match body[0] {
+        1 => MmdsVersion::V1,
+        2 => MmdsVersion::V2,
+        other => return Err(ControlError::MmdsVersion(other)),
+    };
+    let imds_compat = match body[1] {
+        0 => false,
+        1 => true,
+        other => return Err(ControlError::ImdsCompat(other)),
+    };
+    let ipv4_address = Ipv4Addr::new(body[2], body[3], body[4], body[5]);
+    let mut token_key = [0u8; TOKEN_KEY_LEN];
+    token_key.copy_from_slice(&body[6..6 + TOKEN_KEY_LEN]);
+    let id_len = usize::from(body[6 + TOKEN_KEY_LEN]);
+    let id = &bytes[MMDS_CONFIG_FIXED..];
+    if id.len() != id_len {
+        return Err(ControlError::MmdsConfigLength(bytes.len()));
+    }
+    if id_len > MAX_INSTANCE_ID {
+        return Err(ControlError::InstanceId);
+    }
+    let instance_id = std::str::from_utf8(id)
+        .map_err(|_| ControlError::InstanceId)?
+        .to_string();
+    Ok(ControlMessage::MmdsConfig(MmdsSettings {
+        version,
+        imds_compat,
+        ipv4_address,
+        token_key,
+        instance_id,
+    }))
+}
+
+fn decode_mmds_data(bytes: &[u8]) -> Result<ControlMessage, ControlError> {
+    if bytes.len() < MMDS_DATA_HEADER {
+        return Err(ControlError::MmdsDataLength(bytes.len()));
+    }
+    let piece = MmdsPiece {
+        generation: u32_at(bytes, HEADER),
+        total: u32_at(bytes, HEADER + 4),
+        offset: u32_at(bytes, HEADER + 8),
+        data: bytes[MMDS_DATA_HEADER..].to_vec(),
+    };
+    let end = u64::from(piece.offset) + piece.data.len() as u64;
+    if end > u64::from(piece.total) {
+        return Err(ControlError::MmdsPieceBounds {
+            offset: piece.offset,
+            len: piece.data.len(),
+            total: piece.total,
+        });
+    }
+    Ok(ControlMessage::MmdsData(piece))
 }
 
 #[cfg(test)]
@@ -211,6 +400,66 @@ mod tests {
         let bytes = limits().encode();
         assert!(bytes.len() <= MAX_MESSAGE);
         assert_eq!(ControlMessage::decode(&bytes), Ok(limits()));
+    }
+
+    fn mmds_config() -> ControlMessage {
+        ControlMessage::MmdsConfig(MmdsSettings {
+            version: MmdsVersion::V2,
+            imds_compat: true,
+            ipv4_address: Ipv4Addr::new(169, 254, 169, 254),
+            token_key: [7; TOKEN_KEY_LEN],
+            instance_id: "x".repeat(MAX_INSTANCE_ID),
+        })
+    }
+
+    #[test]
+    fn mmds_messages_read_back_and_fit() {
+        let bytes = mmds_config().encode();
+        assert!(bytes.len() <= MAX_MESSAGE);
+        assert_eq!(ControlMessage::decode(&bytes), Ok(mmds_config()));
+        let json = vec![b'a'; 3 * MMDS_PIECE + 5];
+        let pieces = mmds_store(9, &json);
+        assert_eq!(pieces.len(), 4);
+        let mut joined = Vec::new();
+        for piece in &pieces {
+            let bytes = piece.encode();
+            assert!(bytes.len() <= MAX_MESSAGE);
+            let Ok(ControlMessage::MmdsData(p)) = ControlMessage::decode(&bytes) else {
+                panic!("not a piece");
+            };
+            assert_eq!((p.generation, p.total), (9, json.len() as u32));
+            assert_eq!(p.offset as usize, joined.len());
+            joined.extend(p.data);
+        }
+        assert_eq!(joined, json);
+        assert_eq!(mmds_store(1, b"").len(), 1);
+    }
+
+    #[test]
+    fn malformed_mmds_messages_are_named() {
+        let good = mmds_config().encode();
+        let with = |at: usize, byte: u8| {
+            let mut bytes = good.clone();
+            bytes[at] = byte;
+            ControlMessage::decode(&bytes)
+        };
+        assert_eq!(with(HEADER, 3), Err(ControlError::MmdsVersion(3)));
+        assert_eq!(with(HEADER + 1, 2), Err(ControlError::ImdsCompat(2)));
+        assert!(matches!(
+            with(MMDS_CONFIG_FIXED - 1, 3),
+            Err(ControlError::MmdsConfigLength(_))
+        ));
+        assert_eq!(with(MMDS_CONFIG_FIXED, 0xff), Err(ControlError::InstanceId));
+        let mut piece = mmds_store(1, b"{}")[0].encode();
+        piece[HEADER + 8] = 1;
+        assert!(matches!(
+            ControlMessage::decode(&piece),
+            Err(ControlError::MmdsPieceBounds { offset: 1, .. })
+        ));
+        assert_eq!(
+            ControlMessage::decode(&piece[..HEADER + 4]),
+            Err(ControlError::MmdsDataLength(HEADER + 4))
+        );
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub use migration::{
     MigrationPhase, MigrationReceiveParams, MigrationSendParams, MigrationStatus, MigrationUrl,
     MigrationUrlError, DEFAULT_MAX_DOWNTIME_MS,
 };
-pub use mmds::{MmdsError, MmdsStore, DEFAULT_MMDS_SIZE_LIMIT};
+pub use mmds::{
+    MmdsConfig, MmdsConfigError, MmdsError, MmdsStore, MmdsVersion, DEFAULT_MMDS_IPV4,
+    DEFAULT_MMDS_SIZE_LIMIT,
+};
 pub use net::{parse_mac, NetError, NetworkInterfaceConfig, NetworkInterfaceUpdate};
 pub use serial::{SerialConfig, SerialError};
 pub use snapshot::{

@@ -1,8 +1,13 @@
 //! `/mmds`: the metadata store, with Firecracker's rules: any JSON value
 //! is PUT, a PATCH is a JSON merge patch (RFC 7396) onto a store a PUT
 //! initialized, and the store, as compact JSON, stays within its limit
-//! (`--mmds-size-limit`, by default the API's payload limit).
+//! (`--mmds-size-limit`, by default the API's payload limit); and
+//! `/mmds/config`, which interfaces serve the store to the guest, at which
+//! address, in which version.
 
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// Why the store refused a change (Firecracker's texts).
@@ -13,6 +18,76 @@ pub enum MmdsError {
     /// Answered 413.
     #[error("MMDS limit exceeded error: The MMDS patch request doesn't fit.")]
     TooLarge,
+}
+
+/// Why `PUT /mmds/config` was refused (Firecracker's texts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MmdsConfigError {
+    #[error("The MMDS IPv4 address is not link local.")]
+    InvalidIpv4Addr,
+    #[error("The list of network interface IDs that allow forwarding MMDS requests is empty.")]
+    EmptyNetworkIfaceList,
+    #[error(
+        "The list of network interface IDs provided contains at least one ID that does not \
+         correspond to any existing network interface."
+    )]
+    InvalidNetworkInterfaceId,
+}
+
+/// The MMDS version a guest is served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    /// Plain GETs (deprecated by Firecracker, still its default).
+    #[default]
+    V1,
+    /// GETs need a session token from `PUT /latest/api/token`.
+    V2,
+}
+
+/// The address MMDS answers on unless configured otherwise.
+pub const DEFAULT_MMDS_IPV4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// `PUT /mmds/config` and the config file's `mmds-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    #[serde(default)]
+    pub version: MmdsVersion,
+    /// The interfaces whose guest frames to the address reach MMDS.
+    pub network_interfaces: Vec<String>,
+    /// A link-local address (169.254.0.0/16, not in its first or last
+    /// /24); 169.254.169.254 when absent.
+    #[serde(default)]
+    pub ipv4_address: Option<Ipv4Addr>,
+    /// Answer every GET in the IMDS format, whatever its `Accept`.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// Checks the address and that some interface is named, in
+    /// Firecracker's order (the names are checked against the interfaces
+    /// by whoever holds them).
+    pub fn validate(&self) -> Result<(), MmdsConfigError> {
+        if !self.ipv4_address.is_none_or(is_valid_link_local) {
+            return Err(MmdsConfigError::InvalidIpv4Addr);
+        }
+        if self.network_interfaces.is_empty() {
+            return Err(MmdsConfigError::EmptyNetworkIfaceList);
+        }
+        Ok(())
+    }
+
+    /// The address MMDS answers on.
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.ipv4_address.unwrap_or(DEFAULT_MMDS_IPV4)
+    }
+}
+
+/// RFC 3927: 169.254/16 except its first and last 256 addresses.
+fn is_valid_link_local(addr: Ipv4Addr) -> bool {
+    let [a, b, c, _] = addr.octets();
+    a == 169 && b == 254 && c != 0 && c != 255
 }
 
 /// The store's limit without `--mmds-size-limit`: Firecracker's default
@@ -55,6 +130,21 @@ impl MmdsStore {
         self.check_size(&next)?;
         self.data = Some(next);
         Ok(())
+    }
+
+    /// The store as the guest sees it: its compact JSON, empty before the
+    /// first PUT (the guest then finds nothing).
+    pub fn guest_json(&self) -> Vec<u8> {
+        match &self.data {
+            None => Vec::new(),
+            Some(value) => serde_json::to_vec(value).unwrap_or_default(),
+        }
+    }
+
+    /// Forgets the data (a loaded microVM starts so, as in Firecracker),
+    /// keeping the limit.
+    pub fn clear(&mut self) {
+        self.data = None;
     }
 
     /// The store (`{}` before the first PUT, or after a PUT of null).
@@ -123,6 +213,35 @@ mod tests {
         assert_eq!(store.get(), json!("scalar"));
         store.patch(&json!({"back": true})).unwrap();
         assert_eq!(store.get(), json!({"back": true}));
+    }
+
+    #[test]
+    fn an_mmds_config_is_checked_in_firecrackers_order() {
+        let config = |ip: Option<[u8; 4]>, ifaces: &[&str]| MmdsConfig {
+            version: MmdsVersion::V2,
+            network_interfaces: ifaces.iter().map(|s| s.to_string()).collect(),
+            ipv4_address: ip.map(Ipv4Addr::from),
+            imds_compat: false,
+        };
+        assert_eq!(config(None, &["eth0"]).validate(), Ok(()));
+        assert_eq!(config(None, &["eth0"]).ipv4(), DEFAULT_MMDS_IPV4);
+        assert_eq!(config(Some([169, 254, 1, 1]), &["eth0"]).validate(), Ok(()));
+        for bad in [[169, 254, 0, 1], [169, 254, 255, 1], [10, 0, 0, 1]] {
+            assert_eq!(
+                config(Some(bad), &[]).validate(),
+                Err(MmdsConfigError::InvalidIpv4Addr),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            config(None, &[]).validate(),
+            Err(MmdsConfigError::EmptyNetworkIfaceList)
+        );
+        let parsed: Result<MmdsConfig, _> =
+            serde_json::from_str(r#"{"network_interfaces": ["a"], "other": 1}"#);
+        assert!(parsed.is_err(), "unknown fields are refused");
+        let parsed: MmdsConfig = serde_json::from_str(r#"{"network_interfaces": ["a"]}"#).unwrap();
+        assert_eq!(parsed.version, MmdsVersion::V1);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::arch::regs::{self, RegsError};
 use crate::device_manager::{self, AttachError, BackendSpawner, DeviceError, DeviceKind};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
+use crate::mmds::MmdsService;
 use crate::output_file::open_nonblocking_append;
 use crate::resources::VmResources;
 use crate::runtime::{Devices, Subscriber, TerminalGuard, Vmm};
@@ -119,6 +120,10 @@ pub struct BootOptions {
     pub backend_launcher: Option<Arc<jailer::launch::LaunchChannel>>,
     /// Where backend sockets are created for a moment.
     pub backend_run_dir: PathBuf,
+    /// `--id`, which MMDS session tokens are bound to.
+    pub instance_id: String,
+    /// Seals MMDS session tokens (random per process).
+    pub mmds_token_key: [u8; tessera_backend_control::TOKEN_KEY_LEN],
 }
 
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, StartMicrovmError> {
@@ -382,6 +387,8 @@ pub(crate) struct AttachedDevices {
     /// The log their backends mark the pages they write in, while the
     /// microVM tracks dirty pages (`track_dirty_pages`).
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
+    /// How the interfaces serve MMDS, if any does.
+    pub(crate) mmds: Option<MmdsService>,
 }
 
 impl AttachedDevices {
@@ -459,6 +466,11 @@ pub(crate) fn attach_vhost_user_devices(
         )
         .inspect(|_| block_spawner = Some(spawner))?
     };
+    let mut mmds = resources
+        .mmds_config
+        .as_ref()
+        .filter(|config| !config.network_interfaces.is_empty())
+        .map(|config| MmdsService::new(config, options.mmds_token_key, &options.instance_id));
     let net = if resources.network_interfaces.is_empty() {
         Vec::new()
     } else {
@@ -467,10 +479,19 @@ pub(crate) fn attach_vhost_user_devices(
             options.vhost_user_net_bin.as_ref(),
             options,
         )?;
+        let mmds = mmds.as_mut().map(|service| {
+            let store = service.store_messages(&resources.mmds);
+            (&*service, store)
+        });
         device_manager::attach_net_devices(
             vm,
             mem,
-            &resources.network_interfaces,
+            device_manager::Interfaces {
+                configs: &resources.network_interfaces,
+                mmds: mmds
+                    .as_ref()
+                    .map(|(service, store)| (*service, store.as_slice())),
+            },
             &spawner,
             block.len(),
             mmio_bus,
@@ -531,6 +552,7 @@ pub(crate) fn attach_vhost_user_devices(
         entropy,
         balloon,
         dirty_log: None,
+        mmds,
     };
     if has_backends(resources) || attached.entropy.is_some() || attached.balloon.is_some() {
         // Made now, while the VMM may still create memfds: without
@@ -654,6 +676,7 @@ fn watch_backends(
         block_spawner: attached.block_spawner,
         net,
         vsock,
+        mmds: attached.mmds,
     })
 }
 

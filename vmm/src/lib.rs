@@ -17,6 +17,7 @@ pub mod logger;
 pub mod memory;
 pub mod metrics;
 pub mod migration;
+pub mod mmds;
 pub mod output_file;
 pub mod resources;
 pub mod rpc_interface;

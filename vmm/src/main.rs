@@ -313,5 +313,8 @@ fn boot_options(
         seccomp,
         backend_launcher,
         backend_run_dir,
+        instance_id: cli.id.clone(),
+        mmds_token_key: vmm::mmds::random_token_key()
+            .unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err)),
     }
 }

@@ -158,6 +158,7 @@ pub fn run_preboot(
                 | VmmAction::PutVsock(_)
                 | VmmAction::PutEntropy(_)
                 | VmmAction::PutBalloon(_)
+                | VmmAction::PutMmdsConfig(_)
         );
         let outcome = match action {
             VmmAction::LoadSnapshot(params) => {
@@ -292,6 +293,13 @@ pub fn run_preboot(
                 counted(&m.balloon_get, Err(ActionError::NotSupportedPreBoot))
             }
             VmmAction::PutMmds(value) => counted(&m.mmds_put, mmds(resources.mmds.put(value))),
+            VmmAction::PutMmdsConfig(config) => counted(
+                &m.mmds_put,
+                resources
+                    .set_mmds_config(config)
+                    .map(|()| VmmData::Empty)
+                    .map_err(mmds_config_error),
+            ),
             VmmAction::PatchMmds(patch) => {
                 counted(&m.mmds_patch, mmds(resources.mmds.patch(&patch)))
             }
@@ -314,10 +322,25 @@ pub fn run_preboot(
 
 /// A change to the metadata store: a store over its limit is a 413.
 fn mmds(outcome: Result<(), MmdsError>) -> Outcome {
-    outcome.map(|()| VmmData::Empty).map_err(|err| match err {
+    outcome.map(|()| VmmData::Empty).map_err(mmds_error)
+}
+
+fn mmds_error(err: MmdsError) -> ActionError {
+    match err {
         MmdsError::TooLarge => ActionError::TooLarge(err.to_string()),
         MmdsError::NotInitialized => ActionError::failed(err),
-    })
+    }
+}
+
+/// Firecracker's API answer to a refused MMDS configuration, with its
+/// "MMMDS" prefix.
+fn mmds_config_error(err: crate::resources::ResourcesError) -> ActionError {
+    match err {
+        crate::resources::ResourcesError::MmdsConfig(inner) => {
+            ActionError::Failed(format!("MMMDS config error: {inner}"))
+        }
+        other => ActionError::failed(other),
+    }
 }
 
 /// A balloon operation's outcome, with Firecracker's "Balloon update
@@ -402,11 +425,13 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
             &m.balloon_get,
             balloon(vmm.balloon_hinting_status().map(VmmData::HintingStatus)),
         ),
-        // No interface serves the store to the guest yet (`/mmds/config`
-        // is refused), so after boot it is Firecracker's "not initialized".
-        VmmAction::PutMmds(_) => counted(&m.mmds_put, mmds(Err(MmdsError::NotInitialized))),
-        VmmAction::PatchMmds(_) => counted(&m.mmds_patch, mmds(Err(MmdsError::NotInitialized))),
-        VmmAction::GetMmds => counted(&m.mmds_get, mmds(Err(MmdsError::NotInitialized))),
+        VmmAction::PutMmds(value) => counted(&m.mmds_put, mmds(vmm.put_mmds(value))),
+        VmmAction::PatchMmds(patch) => counted(&m.mmds_patch, mmds(vmm.patch_mmds(&patch))),
+        VmmAction::GetMmds => counted(
+            &m.mmds_get,
+            vmm.get_mmds().map(VmmData::Mmds).map_err(mmds_error),
+        ),
+        VmmAction::PutMmdsConfig(_) => counted(&m.mmds_put, post_boot()),
         VmmAction::InstanceStart => counted(&m.actions, post_boot()),
         VmmAction::LoadSnapshot(_) => counted(&m.snapshot_load, post_boot()),
         VmmAction::SendMigration(params) => {

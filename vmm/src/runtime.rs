@@ -124,6 +124,8 @@ pub(crate) struct Devices {
     /// Served by the VMM itself.
     pub(crate) entropy: Option<device_manager::EntropyTransport>,
     pub(crate) balloon: Option<device_manager::BalloonTransport>,
+    /// How the interfaces serve MMDS, if any does.
+    pub(crate) mmds: Option<crate::mmds::MmdsService>,
 }
 
 impl Vmm {

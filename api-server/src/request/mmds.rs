@@ -1,8 +1,8 @@
-//! `/mmds`: the metadata store (Firecracker's paths and texts). Later path
-//! segments are ignored as Firecracker ignores them; `/mmds/config` is
-//! parsed and refused until the guest can reach the store.
+//! `/mmds`: the metadata store (Firecracker's paths and texts), and
+//! `/mmds/config`, where the guest reaches it. Later path segments of a GET
+//! or PATCH are ignored as Firecracker ignores them.
 
-use super::{unsupported, Body, RequestError};
+use super::{Body, RequestError};
 use crate::action::VmmAction;
 
 pub(super) fn parse_get(body: &Body) -> Result<VmmAction, RequestError> {
@@ -15,7 +15,7 @@ pub(super) fn parse_get(body: &Body) -> Result<VmmAction, RequestError> {
 pub(super) fn parse_put(body: &Body, rest: &[&str]) -> Result<VmmAction, RequestError> {
     match rest {
         [] => Ok(VmmAction::PutMmds(store_body(body)?)),
-        ["config"] => Err(unsupported::parse(body, "mmds/config")),
+        ["config"] => Ok(VmmAction::PutMmdsConfig(body.json()?)),
         [other, ..] => Err(RequestError::UnrecognizedPutPath(other.to_string())),
     }
 }

@@ -292,11 +292,38 @@ mod tests {
 
     #[test]
     fn unbuilt_features_answer_not_supported() {
-        let err = parse("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#).unwrap_err();
+        let err = parse("PUT", "/cpu-config", r#"{"kvm_capabilities": []}"#).unwrap_err();
         assert!(matches!(err, RequestError::NotSupported(_)), "{err}");
         // Their bodies are still parsed.
         assert!(matches!(
-            parse("PUT", "/mmds/config", "{oops"),
+            parse("PUT", "/cpu-config", "{oops"),
+            Err(RequestError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn mmds_config_parses_with_firecrackers_defaults_and_refuses_unknown_fields() {
+        let Ok(ParsedRequest::Action(VmmAction::PutMmdsConfig(config))) =
+            parse("PUT", "/mmds/config", r#"{"network_interfaces": ["eth0"]}"#)
+        else {
+            panic!("not an MMDS config");
+        };
+        assert_eq!(config.version, vmm_config::MmdsVersion::V1);
+        assert_eq!(config.ipv4(), vmm_config::DEFAULT_MMDS_IPV4);
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/mmds/config",
+                r#"{"network_interfaces": [], "v": 2}"#
+            ),
+            Err(RequestError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/mmds/config",
+                r#"{"version": "V3", "network_interfaces": []}"#
+            ),
             Err(RequestError::InvalidJson(_))
         ));
     }

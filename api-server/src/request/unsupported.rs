@@ -1,5 +1,5 @@
-//! Firecracker resources Tessera has not built yet: MMDS's config, CPU
-//! templates, pmem and memory hotplug. Their bodies
+//! Firecracker resources Tessera has not built yet: CPU templates, pmem
+//! and memory hotplug. Their bodies
 //! are still parsed, so a malformed body gets the JSON error, and a
 //! well-formed one a clear "not supported yet", never a 404.
 

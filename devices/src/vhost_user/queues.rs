@@ -71,7 +71,7 @@ pub struct VhostUserQueues {
     config_writes: Vec<(u32, Vec<u8>)>,
     /// The VMM's control messages, each with what it sets (a later one
     /// for the same replaces it), replayed to a new backend first.
-    controls: Vec<(&'static str, Vec<u8>)>,
+    controls: Vec<(&'static str, Vec<Vec<u8>>)>,
     /// No backend will come back (see [`Self::give_up`]).
     given_up: bool,
     counters: FrontendCounters,
@@ -328,13 +328,26 @@ impl VhostUserQueues {
     /// Sends the VMM's control message `message` to the backend, and keeps
     /// it (in place of the last with its key) for the next backends.
     pub fn send_control(&mut self, message: &ControlMessage) -> Result<(), FrontendError> {
-        let key = message.key();
+        self.send_controls(std::slice::from_ref(message))
+    }
+
+    /// Sends `messages`, which share a key (the pieces of one MMDS store),
+    /// in order, and keeps them in place of the last messages with that key.
+    pub fn send_controls(&mut self, messages: &[ControlMessage]) -> Result<(), FrontendError> {
+        let Some(key) = messages.first().map(ControlMessage::key) else {
+            return Ok(());
+        };
+        debug_assert!(messages.iter().all(|m| m.key() == key));
         self.controls.retain(|(k, _)| *k != key);
-        self.controls.push((key, message.encode()));
-        match self.controls.last() {
-            Some((_, message)) if self.connected => self.frontend.control(message),
-            _ => Ok(()),
+        self.controls
+            .push((key, messages.iter().map(ControlMessage::encode).collect()));
+        if !self.connected {
+            return Ok(());
         }
+        for message in messages {
+            self.frontend.control(&message.encode())?;
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset` of the backend's configuration space; kept
@@ -578,8 +591,8 @@ impl VhostUserQueues {
     }
 
     fn resume(&mut self) -> Result<(), FrontendError> {
-        for (_, message) in self.controls.clone() {
-            self.frontend.control(&message)?;
+        for message in self.controls.clone().iter().flat_map(|(_, group)| group) {
+            self.frontend.control(message)?;
         }
         for (offset, data) in self.config_writes.clone() {
             self.frontend.set_config(offset, &data)?;

@@ -25,7 +25,9 @@ pub use balloon::{
 pub use block::{attach_block_devices, drive_limits_message, BlockTransport};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
-pub use net::{attach_net_devices, interface_limits_messages, NetBackendMonitor, NetTransport};
+pub use net::{
+    attach_net_devices, interface_limits_messages, Interfaces, NetBackendMonitor, NetTransport,
+};
 pub use vhost_user::{spawner, AttachError, DeviceKind};
 pub use vsock::{attach_vsock_device, VsockBackendMonitor, VsockTransport};
 

@@ -3,9 +3,9 @@
 //! starts for the interface's TAP (`host_dev_name`, with `--queues` twice
 //! `num_queue_pairs`). They take the MMIO slots after the drives'.
 //!
-//! An interface's RX and TX rate limits go to its backend as control
-//! messages, before the guest starts the device, and again to every
-//! backend that takes over.
+//! An interface's RX and TX rate limits, and its MMDS settings and store,
+//! go to its backend as control messages, before the guest starts the
+//! device, and again to every backend that takes over.
 //!
 //! With several queue pairs the control queue stays in the VMM: its
 //! QueueNotify is an ioeventfd of its own that [`NetBackendMonitor`]
@@ -31,6 +31,7 @@ use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
 use super::{wire_eventfds, MmioSlotError};
+use crate::mmds::MmdsService;
 use crate::vstate::vm::Vm;
 
 /// RX and TX: the queues of one pair.
@@ -98,6 +99,14 @@ fn wire_ctrl_queue(
     wire_eventfds(vm, base, irq, [(index, kick)], [call])
 }
 
+/// The interfaces to attach, and how those that serve MMDS do: the
+/// service and the messages that carry the store.
+#[derive(Clone, Copy)]
+pub struct Interfaces<'a> {
+    pub configs: &'a [NetworkInterfaceConfig],
+    pub mmds: Option<(&'a MmdsService, &'a [ControlMessage])>,
+}
+
 /// Creates a device per interface from MMIO slot `first_slot` on, wires
 /// its queues (an ioeventfd per queue on QueueNotify, an irqfd per queue on
 /// its IRQ), puts it on the MMIO bus and adds its `virtio_mmio.device=`
@@ -105,23 +114,31 @@ fn wire_ctrl_queue(
 pub fn attach_net_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
-    ifaces: &[NetworkInterfaceConfig],
+    interfaces: Interfaces<'_>,
     spawner: &BackendSpawner,
     first_slot: usize,
     mmio_bus: &mut Bus,
     cmdline: &mut Cmdline,
 ) -> Result<Vec<(NetTransport, Connector)>, AttachError> {
     let mut transports = Vec::new();
-    for (index, iface) in ifaces.iter().enumerate() {
+    for (index, iface) in interfaces.configs.iter().enumerate() {
         let id = iface.iface_id.clone();
         let slot = vhost_user::slot(DeviceKind::Interface, &id, first_slot + index)?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
         let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
-        for message in interface_limits(iface) {
+        let mut groups: Vec<Vec<ControlMessage>> = interface_limits(iface)
+            .into_iter()
+            .map(|m| vec![m])
+            .collect();
+        if let Some((service, store)) = interfaces.mmds.filter(|(s, _)| s.serves(&id)) {
+            groups.push(vec![service.config_message()]);
+            groups.push(store.to_vec());
+        }
+        for group in groups {
             device
                 .queues_mut()
-                .send_control(&message)
+                .send_controls(&group)
                 .map_err(|source| AttachError::Frontend {
                     kind: DeviceKind::Interface,
                     id: id.clone(),

@@ -174,6 +174,8 @@ fn check_hello(
     resources.logger.clone_from(&current.logger);
     resources.metrics.clone_from(&current.metrics);
     resources.serial.clone_from(&current.serial);
+    // The stream carries no MMDS store: the destination's own serves.
+    resources.mmds.clone_from(&current.mmds);
     let expected =
         crate::arch::layout::ram_regions((resources.machine_config.mem_size_mib as u64) << 20);
     if hello.memory != expected {

@@ -17,8 +17,8 @@ use tessera_rate_limiter::RateLimiterConfig;
 
 use vmm_config::{
     BalloonDeviceConfig, BalloonError, BlockDeviceUpdate, BootSourceError, DriveError,
-    EntropyDeviceConfig, MachineConfigError, NetError, NetworkInterfaceUpdate, VsockDeviceConfig,
-    VsockError,
+    EntropyDeviceConfig, MachineConfigError, MmdsConfig, MmdsConfigError, NetError,
+    NetworkInterfaceUpdate, VsockDeviceConfig, VsockError,
 };
 pub use vmm_config::{
     BlockDeviceConfig, BootSourceConfig, HugePageConfig, LoggerConfig, MachineConfig,
@@ -85,6 +85,9 @@ pub enum ResourcesError {
     BalloonLargerThanMemory,
     #[error("the balloon gives back 4 KiB pages: it cannot be used with huge_pages")]
     BalloonHugePages,
+    /// Firecracker's prefix (its API answer has a third M, see the API).
+    #[error("MMDS config error: {0}")]
+    MmdsConfig(#[from] MmdsConfigError),
 }
 
 /// The top level of Firecracker's configuration file.
@@ -111,10 +114,14 @@ pub struct VmConfigFile {
     pub entropy: Option<EntropyDeviceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<BalloonDeviceConfig>,
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
     // Sections of Firecracker's schema that Tessera parses but cannot honour
     // yet. They are rejected by name rather than as unknown fields.
-    #[serde(rename = "mmds-config", default, skip_serializing)]
-    pub mmds_config: Option<serde_json::Value>,
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<serde_json::Value>,
     #[serde(default, skip_serializing)]
@@ -138,6 +145,8 @@ pub struct VmResources {
     pub balloon: Option<BalloonDeviceConfig>,
     /// The metadata store (not part of a snapshot, as in Firecracker).
     pub mmds: vmm_config::MmdsStore,
+    /// Which interfaces serve the store to the guest, and how.
+    pub mmds_config: Option<MmdsConfig>,
 }
 
 impl VmResources {
@@ -164,7 +173,6 @@ impl VmResources {
 
     fn from_config(file: VmConfigFile, check_boot_source: bool) -> Result<Self, ResourcesError> {
         let unsupported = [
-            ("mmds-config", file.mmds_config.is_some()),
             ("cpu-config", file.cpu_config.is_some()),
             ("pmem", file.pmem.is_some()),
             ("memory-hotplug", file.memory_hotplug.is_some()),
@@ -202,6 +210,9 @@ impl VmResources {
         resources.entropy = file.entropy;
         if let Some(balloon) = file.balloon {
             resources.set_balloon(balloon)?;
+        }
+        if let Some(config) = file.mmds_config {
+            resources.set_mmds_config(config)?;
         }
         Ok(resources)
     }
@@ -400,10 +411,35 @@ impl VmResources {
             "serial": self.serial,
             "balloon": self.balloon,
             "vsock": self.vsock.as_ref().map(|v| &v.config),
-            "mmds-config": null,
+            "mmds-config": self.mmds_config_json(),
             "entropy": self.entropy,
             "cpu-config": null,
         })
+    }
+
+    /// The MMDS configuration in force, as Firecracker shows it: with the
+    /// address it answers on, and none once no interface serves it.
+    fn mmds_config_json(&self) -> Option<MmdsConfig> {
+        let config = self.mmds_config.as_ref()?;
+        if config.network_interfaces.is_empty() {
+            return None;
+        }
+        Some(MmdsConfig {
+            ipv4_address: Some(config.ipv4()),
+            ..config.clone()
+        })
+    }
+
+    /// Sets which interfaces serve MMDS (each must be configured already),
+    /// at which address and in which version.
+    pub fn set_mmds_config(&mut self, config: MmdsConfig) -> Result<(), ResourcesError> {
+        config.validate()?;
+        let known = |id: &String| self.network_interfaces.iter().any(|n| &n.iface_id == id);
+        if !config.network_interfaces.iter().all(known) {
+            return Err(MmdsConfigError::InvalidNetworkInterfaceId.into());
+        }
+        self.mmds_config = Some(config);
+        Ok(())
     }
 
     /// Adds or replaces a drive, keeping at most one root device.
@@ -465,7 +501,14 @@ impl VmResources {
             .iter_mut()
             .find(|n| n.iface_id == iface.iface_id)
         {
-            Some(slot) => *slot = iface,
+            Some(slot) => {
+                // As in Firecracker, an interface put again is a new device,
+                // without MMDS.
+                if let Some(mmds) = &mut self.mmds_config {
+                    mmds.network_interfaces.retain(|id| *id != iface.iface_id);
+                }
+                *slot = iface;
+            }
             None => self.network_interfaces.push(iface),
         }
         Ok(())

@@ -103,6 +103,9 @@ pub fn load_microvm(
     resources.logger.clone_from(&current.logger);
     resources.metrics.clone_from(&current.metrics);
     resources.serial.clone_from(&current.serial);
+    // The store is not in a snapshot (as in Firecracker): the loading
+    // process's own, from `--metadata` or a PUT before the load.
+    resources.mmds.clone_from(&current.mmds);
     // The vsock host socket is bound by now: a failed load removes it, so
     // that nothing is left behind and the same path loads again.
     let bound = (resources.vsock.as_ref())
