@@ -87,6 +87,29 @@ counter_set! {
         TxRateLimiterThrottled = "tx_rate_limiter_throttled",
         /// Wake-ups by the TX limiter's timer.
         TxRateLimiterEventCount = "tx_rate_limiter_event_count",
+        // MMDS (the VMM reports these under `mmds`, without the prefix,
+        // summed over the interfaces, with Firecracker's names).
+        /// Guest frames for MMDS (never sent to the TAP).
+        MmdsRxAccepted = "mmds_rx_accepted",
+        /// Of those, frames MMDS could not use.
+        MmdsRxAcceptedErr = "mmds_rx_accepted_err",
+        /// Of those, IPv4 that was not TCP.
+        MmdsRxAcceptedUnusual = "mmds_rx_accepted_unusual",
+        /// Requests answered.
+        MmdsRxCount = "mmds_rx_count",
+        /// GETs without a session token.
+        MmdsRxNoToken = "mmds_rx_no_token",
+        /// GETs with a token that is not valid.
+        MmdsRxInvalidToken = "mmds_rx_invalid_token",
+        /// Responses sent.
+        MmdsTxCount = "mmds_tx_count",
+        /// Frames MMDS sent to the guest, and their bytes.
+        MmdsTxFrames = "mmds_tx_frames",
+        MmdsTxBytes = "mmds_tx_bytes",
+        /// Frames MMDS could not deliver.
+        MmdsTxErrors = "mmds_tx_errors",
+        MmdsConnectionsCreated = "mmds_connections_created",
+        MmdsConnectionsDestroyed = "mmds_connections_destroyed",
     }
 }
 

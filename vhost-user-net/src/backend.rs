@@ -6,6 +6,10 @@
 //! reading (no spinning, no loss: the TAP queues the frames) until the guest
 //! posts buffers and kicks.
 //!
+//! Frames the guest sends to the MMDS address go to the interface's
+//! [`Mmds`] instead of the TAP, and its answers reach the guest ahead of
+//! the TAP's frames (neither is charged to the limiters).
+//!
 //! Each direction has a rate limiter that the VMM sets over the control
 //! channel, shared by the pairs. A frame goes while its limiter is not
 //! blocked and is charged after; one that leaves a debt stops that
@@ -38,6 +42,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::EventSet;
 
 use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::mmds::{self, Mmds};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
 
 const CONFIG_LEN: usize = 12;
@@ -85,6 +90,8 @@ pub struct NetBackend {
     rx_limiter: SharedLimiter,
     /// Frames from the guest.
     tx_limiter: SharedLimiter,
+    /// The metadata service, when the VMM turned it on.
+    mmds: Mmds,
 }
 
 impl NetBackend {
@@ -110,7 +117,6 @@ impl NetBackend {
         let broken = BrokenQueues::new(2 * config.queue_pairs);
         Ok(Self {
             taps,
-            config,
             mem,
             common,
             mergeable: AtomicBool::new(false),
@@ -118,6 +124,8 @@ impl NetBackend {
             broken,
             rx_limiter: SharedLimiter::new()?,
             tx_limiter: SharedLimiter::new()?,
+            mmds: Mmds::new(config.stats.clone()),
+            config,
         })
     }
 
@@ -253,6 +261,9 @@ impl NetBackend {
         }
         let transmit = |chain, mem: &GuestMemoryLoadGuard<BackendMemory>| {
             let descriptors = ring::descriptors_up_to(chain, frame::MAX_DESCRIPTORS);
+            if self.take_for_mmds(&descriptors, mem) {
+                return true;
+            }
             match frame::transmit(&descriptors, mem, tap.as_raw_fd()) {
                 Ok(len) => {
                     self.stats().inc(NetCounter::TxPacketsCount);
@@ -280,6 +291,60 @@ impl NetBackend {
             }
         }
         Ok(())
+    }
+
+    /// Gives a TX frame for the MMDS address to MMDS; false if it is for
+    /// the TAP.
+    fn take_for_mmds(
+        &self,
+        descriptors: &[virtio_queue::desc::split::Descriptor],
+        mem: &BackendMemory,
+    ) -> bool {
+        let Some(ip) = self.mmds.address() else {
+            return false;
+        };
+        let peek = VNET_HDR_LEN + mmds::PEEK_LEN;
+        let for_mmds = frame::read_chain(descriptors, mem, peek).is_ok_and(|head| {
+            head.len() > VNET_HDR_LEN && mmds::is_for_mmds(&head[VNET_HDR_LEN..], ip)
+        });
+        if !for_mmds {
+            return false;
+        }
+        match frame::read_chain(descriptors, mem, MAX_FRAME_LEN + VNET_HDR_LEN) {
+            Ok(frame) => self.mmds.receive(&frame[VNET_HDR_LEN..]),
+            Err(err) => {
+                guest_log!(&DROPPED, log::Level::Debug, "MMDS frame dropped: {err}");
+                self.stats().inc(NetCounter::TxMalformedFrames);
+            }
+        }
+        true
+    }
+
+    /// MMDS's next frame into the chains at the front of `ready`; false if
+    /// it has none. One the chains cannot hold is dropped and counted.
+    fn deliver_mmds(
+        &self,
+        vring: &BackendVring,
+        ready: &mut VecDeque<RxChain>,
+        capacity: &mut usize,
+        mem: &BackendMemory,
+        mergeable: bool,
+    ) -> Result<bool, QueueError> {
+        let mut out = Vec::new();
+        if !self.mmds.next_frame(&mut out) {
+            return Ok(false);
+        }
+        match frame::deliver_into(ready.make_contiguous(), &out, mem, mergeable) {
+            Ok(Received::Frame { used, .. }) => {
+                for len in used {
+                    let chain = ready.pop_front().expect("used only ready chains");
+                    *capacity -= chain.capacity;
+                    vring.add_used(chain.head, len)?;
+                }
+            }
+            Ok(Received::Empty) | Err(_) => self.stats().inc(NetCounter::MmdsTxErrors),
+        }
+        Ok(true)
     }
 
     /// TAP to guest: fills the guest's RX buffers while both have some.
@@ -349,6 +414,10 @@ impl NetBackend {
                     continue;
                 }
                 break;
+            }
+            if self.deliver_mmds(vring, &mut ready, &mut capacity, &mem, mergeable)? {
+                delivered += 1;
+                continue;
             }
             if self.rx_limiter.is_blocked() {
                 break;
@@ -481,6 +550,9 @@ impl Device for NetBackend {
                 log::info!("{target:?} rate limits: {limits:?}");
                 Ok(())
             }
+            message @ (ControlMessage::MmdsConfig(_) | ControlMessage::MmdsData(_)) => {
+                self.mmds.control(message)
+            }
             other => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("an interface has an RX and a TX rate limiter: {other:?}"),
@@ -598,6 +670,14 @@ impl NetBackend {
         };
         if let Err(err) = result {
             self.break_queue(queue, &err);
+        }
+        // The guest's frames to MMDS were answered: the answers go now.
+        if queue % 2 == 1 && self.mmds.has_output() {
+            if let Some(rx) = rx.filter(|rx| rx.get_ref().get_queue().ready()) {
+                if let Err(err) = self.serve(2 * pair, || self.process_rx(rx, tap)) {
+                    self.break_queue(2 * pair, &err);
+                }
+            }
         }
         Ok(())
     }

@@ -98,6 +98,94 @@ pub fn transmit(
     Ok(n as usize)
 }
 
+/// Reads up to `limit` bytes of a TX chain (header included), through
+/// vm-memory: for frames the backend looks at rather than forwards.
+pub fn read_chain(
+    descriptors: &[Descriptor],
+    mem: &BackendMemory,
+    limit: usize,
+) -> Result<Vec<u8>, FrameError> {
+    if descriptors.len() > MAX_DESCRIPTORS {
+        return Err(FrameError::TooManyDescriptors);
+    }
+    let mut out = Vec::new();
+    for desc in descriptors {
+        if desc.is_write_only() {
+            return Err(FrameError::WrongDirection("TX"));
+        }
+        let take = (desc.len() as usize).min(limit - out.len());
+        let start = out.len();
+        out.resize(start + take, 0);
+        mem.read_slice(&mut out[start..], desc.addr())
+            .map_err(|_| FrameError::BadAddress {
+                addr: desc.addr().0,
+                len: desc.len(),
+            })?;
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `frame` (from its Ethernet header on) behind a zeroed
+/// virtio-net header into the first chains, as [`receive_into`] does with
+/// a frame from the TAP. A frame the chains cannot hold is refused.
+pub fn deliver_into(
+    chains: &[RxChain],
+    frame: &[u8],
+    mem: &BackendMemory,
+    mergeable: bool,
+) -> Result<Received, FrameError> {
+    let len = VNET_HDR_LEN + frame.len();
+    let usable = if mergeable {
+        chains.len()
+    } else {
+        chains.len().min(1)
+    };
+    let capacity: usize = chains[..usable].iter().map(|c| c.capacity).sum();
+    if len > capacity {
+        return Err(FrameError::TooLong(len));
+    }
+    let header = [0u8; VNET_HDR_LEN];
+    let mut bytes = header.iter().chain(frame).copied();
+    let mut used = Vec::new();
+    let mut left = len;
+    for chain in &chains[..usable] {
+        let take = left.min(chain.capacity);
+        let mut to_copy = take;
+        for iov in &chain.iov {
+            if to_copy == 0 {
+                break;
+            }
+            let n = to_copy.min(iov.iov_len);
+            let piece: Vec<u8> = bytes.by_ref().take(n).collect();
+            // SAFETY: the iovec addresses device-writable guest memory that
+            // check_rx_chain mapped against the snapshot the caller still
+            // holds, at least `iov_len >= n` bytes long; `piece` is a
+            // separate buffer of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), iov.iov_base.cast(), n) };
+            to_copy -= n;
+        }
+        used.push(take as u32);
+        left -= take;
+        if left == 0 {
+            break;
+        }
+    }
+    if mergeable {
+        if let Some(addr) = chains[0].num_buffers {
+            let num_buffers = used.len() as u16;
+            mem.write_obj(num_buffers.to_le(), addr)
+                .map_err(|_| FrameError::BadAddress {
+                    addr: addr.0,
+                    len: 2,
+                })?;
+        }
+    }
+    Ok(Received::Frame { len, used })
+}
+
 /// The outcome of reading one frame into RX chains.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Received {
