@@ -570,11 +570,18 @@ impl Vmm {
             totals.push((key.clone(), vhost_user_totals(&transport)));
             increments.push((key, backend_increments(&transport)));
         }
+        let mut mmds = serde_json::Map::new();
         for transport in &self.devices.net {
             let transport = lock(transport);
             let key = format!("net_{}", transport.device().id());
             totals.push((key.clone(), vhost_user_totals(&transport)));
-            increments.push((key, backend_increments(&transport)));
+            let (net, its_mmds) = split_mmds(backend_increments(&transport));
+            increments.push((key, net));
+            add_counters(&mut mmds, its_mmds);
+        }
+        if !self.devices.net.is_empty() {
+            totals.push(("mmds".to_string(), serde_json::json!({})));
+            increments.push(("mmds".to_string(), mmds));
         }
         if let Some(transport) = &self.devices.vsock {
             let transport = lock(transport);
@@ -693,6 +700,35 @@ fn backend_increments<D: VhostUserDevice>(
         .into_iter()
         .map(|(key, delta)| (key.to_string(), delta.into()))
         .collect()
+}
+
+/// An interface backend's counters: its own, and its MMDS's (the
+/// `mmds_` prefix dropped), which Firecracker reports under `mmds`.
+fn split_mmds(
+    counters: serde_json::Map<String, serde_json::Value>,
+) -> (
+    serde_json::Map<String, serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+) {
+    let (mmds, net): (serde_json::Map<_, _>, serde_json::Map<_, _>) = counters
+        .into_iter()
+        .partition(|(key, _)| key.starts_with("mmds_"));
+    let mmds = mmds
+        .into_iter()
+        .map(|(key, value)| (key["mmds_".len()..].to_string(), value))
+        .collect();
+    (net, mmds)
+}
+
+/// Adds `more` into `sums`, counter by counter.
+fn add_counters(
+    sums: &mut serde_json::Map<String, serde_json::Value>,
+    more: serde_json::Map<String, serde_json::Value>,
+) {
+    for (key, value) in more {
+        let sum = sums.get(&key).and_then(|v| v.as_u64()).unwrap_or(0);
+        sums.insert(key, (sum + value.as_u64().unwrap_or(0)).into());
+    }
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
