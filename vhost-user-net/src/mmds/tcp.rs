@@ -23,6 +23,10 @@ const MAX_RESETS: usize = 100;
 const DEFAULT_MSS: u16 = 536;
 /// The MSS MMDS offers: a 1500-byte MTU's.
 const OUR_MSS: u16 = 1460;
+/// Answers waiting for the guest's ACKs beyond this hold back the next
+/// requests (a guest that pipelines requests and never reads cannot make
+/// the backend grow).
+const MAX_UNACKED_ANSWERS: usize = 256 << 10;
 /// A full table gives up a connection idle this long for a new one.
 const EVICT_IDLE: Duration = Duration::from_secs(2);
 
@@ -134,8 +138,9 @@ impl Stack {
             self.events.destroyed += 1;
             return;
         }
-        let overflow = Self::take_data(conn, seg, &mut answer, &mut self.events);
-        if overflow {
+        Self::take_data(conn, seg);
+        Self::serve_requests(conn, &mut answer, &mut self.events);
+        if conn.input.len() == RECEIVE_BUFFER && http::request_end(&conn.input).is_none() {
             self.reset_and_forget(key, seg);
         }
     }
@@ -229,36 +234,19 @@ impl Stack {
         true
     }
 
-    /// Takes in-order data and a FIN; answers each whole request. True if
-    /// the buffer filled without a request ending in it.
-    fn take_data(
-        conn: &mut Connection,
-        seg: &Segment<'_>,
-        answer: &mut impl FnMut(&[u8]) -> (Vec<u8>, http::Outcome),
-        events: &mut Events,
-    ) -> bool {
+    /// Takes in-order data and a FIN.
+    fn take_data(conn: &mut Connection, seg: &Segment<'_>) {
         let mut taken_all = true;
         if !seg.payload.is_empty() {
             conn.ack_due = true;
             if seg.seq != conn.rcv_nxt || conn.fin_received {
-                return false;
+                return;
             }
             let room = RECEIVE_BUFFER - conn.input.len();
             let take = seg.payload.len().min(room);
             conn.input.extend(&seg.payload[..take]);
             conn.rcv_nxt = conn.rcv_nxt.wrapping_add(take as u32);
             taken_all = take == seg.payload.len();
-            while let Some(end) = http::request_end(&conn.input) {
-                let (response, outcome) = answer(&conn.input[..end]);
-                conn.input.drain(..end);
-                conn.out.extend(response);
-                events.requests += 1;
-                events.no_token += u64::from(outcome.no_token);
-                events.invalid_token += u64::from(outcome.invalid_token);
-            }
-            if conn.input.len() == RECEIVE_BUFFER {
-                return true;
-            }
         }
         if seg.flags & FIN != 0 && taken_all && !conn.fin_received {
             let fin_seq = seg.seq.wrapping_add(seg.payload.len() as u32);
@@ -268,7 +256,27 @@ impl Stack {
                 conn.ack_due = true;
             }
         }
-        false
+    }
+
+    /// Answers each whole request in the receive buffer, while the answers
+    /// not yet acknowledged stay within [`MAX_UNACKED_ANSWERS`].
+    fn serve_requests(
+        conn: &mut Connection,
+        answer: &mut impl FnMut(&[u8]) -> (Vec<u8>, http::Outcome),
+        events: &mut Events,
+    ) {
+        while conn.out.len() < MAX_UNACKED_ANSWERS {
+            let Some(end) = http::request_end(&conn.input) else {
+                return;
+            };
+            let (response, outcome) = answer(&conn.input[..end]);
+            conn.input.drain(..end);
+            conn.out.extend(response);
+            conn.ack_due = true;
+            events.requests += 1;
+            events.no_token += u64::from(outcome.no_token);
+            events.invalid_token += u64::from(outcome.invalid_token);
+        }
     }
 
     /// RFC 9293's reset for a segment that belongs to nothing.
@@ -524,6 +532,23 @@ mod tests {
             stack.segment(&seg(5, 77, ACK, b"data"), echo);
         }
         assert_eq!(stack.resets.len(), MAX_RESETS);
+    }
+
+    #[test]
+    fn a_guest_that_pipelines_requests_and_never_reads_does_not_grow_the_backend() {
+        let mut stack = Stack::default();
+        let big = |_: &[u8]| (vec![b'x'; 10_000], http::Outcome::default());
+        stack.segment(&seg(0, 0, SYN, &[]), big);
+        let iss = drain(&mut stack)[0].0;
+        let requests = b"GET / HTTP/1.1\r\n\r\n".repeat(100);
+        let mut seq = 1;
+        for chunk in requests.chunks(1000) {
+            stack.segment(&seg(seq, iss + 1, ACK, chunk), big);
+            seq += chunk.len() as u32;
+        }
+        let conn = stack.connections.values().next().unwrap();
+        assert!(conn.out.len() < MAX_UNACKED_ANSWERS + 10_000);
+        assert!(stack.events.requests < 100);
     }
 
     #[test]
