@@ -1,8 +1,8 @@
 //! Tessera probe guest: a tiny freestanding x86_64 guest that reports on
 //! the serial port what the VMM gave it (boot protocol, command line,
 //! memory map, CPUs, virtio-mmio devices), optionally pings another host
-//! (`probe.ping`) and ticks with the PIT, pokes the boot timer and resets
-//! through the i8042.
+//! (`probe.ping`), fetches MMDS data (`probe.mmds`) and ticks with the
+//! PIT, pokes the boot timer and resets through the i8042.
 //!
 //! See README.md for the output lines and command line options.
 
@@ -22,12 +22,14 @@ mod keyboard;
 mod kvmclock;
 mod mem;
 mod memtest;
+mod mmds;
 mod mptable;
 mod netproto;
 mod phys;
 mod ping;
 mod pit;
 mod serial;
+mod tcp;
 mod timer;
 mod virtio;
 mod virtio_balloon;
@@ -93,6 +95,7 @@ pub extern "C" fn probe_main(kind: u32, info: u64) -> ! {
     let virtio = probe_virtio(cmdline, &boot.e820, image, verbose);
     let mut net = virtio.net;
     ping(cmdline, net.as_mut());
+    mmds(cmdline, net.as_mut(), verbose);
     let mut memtest = memtest::MemTest::start(cmdline, &boot.e820, image);
     let reserved = memtest.as_ref().map_or(0, memtest::MemTest::len);
     let mut dirtier = dirty::Dirtier::start(cmdline, &boot.e820, image, reserved);
@@ -404,6 +407,16 @@ fn ping(cmdline: &[u8], net: Option<&mut ServedNet>) {
         Ok(Some(options)) => ping::run(&options, net.map(|n| &mut n.device)),
         Ok(None) => {}
         Err(bad) => outln!("probe.ping_error=bad-value,{}", bad),
+    }
+}
+
+/// `probe.mmds=<path>`: fetches that path from the MMDS through the served
+/// network device (see `mmds.rs`).
+fn mmds(cmdline: &[u8], net: Option<&mut ServedNet>, verbose: bool) {
+    match mmds::options(cmdline) {
+        Ok(Some(options)) => mmds::run(&options, net.map(|n| &mut n.device), verbose),
+        Ok(None) => {}
+        Err(bad) => outln!("probe.mmds_error=bad-value,{}", bad),
     }
 }
 

@@ -1,12 +1,15 @@
-//! Just enough Ethernet, ARP, IPv4 and ICMP to answer ARP requests and
-//! pings for one IPv4 address, and to ping another one (used by
-//! `virtio_net.rs` and `ping.rs`).
+//! Just enough Ethernet, ARP, IPv4, ICMP and TCP to answer ARP requests
+//! and pings for one IPv4 address, to ping another one, and to carry the
+//! MMDS client's TCP segments (used by `virtio_net.rs`, `ping.rs` and
+//! `tcp.rs`).
 //!
 //! [`answer`] looks at one received Ethernet frame (without FCS) and, if
 //! it is an ARP request or an ICMP echo request for our address, writes
 //! the reply frame; an ARP reply or an ICMP echo reply to us is handed
-//! back parsed (for `probe.ping`). [`arp_request`] and [`echo_request`]
-//! build the frames `probe.ping` sends. Everything is read from byte
+//! back parsed (for `probe.ping`), and so is a TCP segment to us with
+//! valid IPv4 and TCP checksums (for `probe.mmds`). [`arp_request`],
+//! [`echo_request`] and [`tcp_segment`] build the frames `probe.ping` and
+//! `probe.mmds` send. Everything is read from byte
 //! slices with checked accesses (`first_chunk`, `get`), every header field
 //! is checked before it is used, so a garbage frame is dropped and can
 //! never panic.
@@ -32,11 +35,32 @@ const ARP_LEN: usize = 28;
 const ARP_REQUEST: [u8; 2] = [0, 1];
 const ARP_REPLY: [u8; 2] = [0, 2];
 
-const IPV4_HLEN: usize = 20;
+/// IPv4 header length without options.
+pub const IPV4_HLEN: usize = 20;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
 /// `More fragments` flag and fragment offset bits of the IPv4 header.
 const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
+/// `Don't fragment` flag of the IPv4 header (set on TCP segments).
+const IPV4_DF: u16 = 0x4000;
 const REPLY_TTL: u8 = 64;
+
+/// TCP header length without options.
+pub const TCP_HLEN: usize = 20;
+/// TCP option kinds: end of list, no-operation, maximum segment size.
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOLEN_MSS: u8 = 4;
+
+/// TCP header flags (the low byte of the flags field).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
 
 const ICMP_HLEN: usize = 8;
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -67,6 +91,9 @@ pub enum Answer<'a> {
         seq: u16,
         data: &'a [u8],
     },
+    /// An unfragmented TCP segment to our address and MAC, with valid
+    /// IPv4 and TCP checksums: nothing was written.
+    Tcp(TcpIn<'a>),
     /// Not for us, not understood, or malformed: no reply.
     Drop,
 }
@@ -120,9 +147,22 @@ fn finish_frame(
     out: &mut [u8],
     len: usize,
 ) -> Option<usize> {
-    let total = len.max(ETH_ZLEN);
+    finish_frame_padded_to(iface, dst, ethertype, out, len, ETH_ZLEN)
+}
+
+/// [`finish_frame`] with padding to `min_len` bytes (`len` or less: no
+/// padding).
+fn finish_frame_padded_to(
+    iface: &Iface,
+    dst: &[u8; 6],
+    ethertype: [u8; 2],
+    out: &mut [u8],
+    len: usize,
+    min_len: usize,
+) -> Option<usize> {
+    let total = len.max(min_len);
     let out = out.get_mut(..total)?;
-    if len < ETH_ZLEN {
+    if len < total {
         out.get_mut(len..)?.fill(0);
     }
     let eth = out.first_chunk_mut::<ETH_HLEN>()?;
@@ -173,7 +213,7 @@ fn bad_source(ip: &[u8; 4]) -> bool {
 }
 
 /// IPv4 datagram to us: only unfragmented ICMP echo requests are answered;
-/// unfragmented ICMP echo replies are handed back parsed.
+/// unfragmented ICMP echo replies and TCP segments are handed back parsed.
 fn ipv4<'a>(
     iface: &Iface,
     eth_src: &[u8; 6],
@@ -190,12 +230,16 @@ fn ipv4<'a>(
     let src: &[u8; 4] = field(header, 12)?;
     let dst: &[u8; 4] = field(header, 16)?;
     let ihl = usize::from(version_ihl & 0x0f) * 4;
+    let min_len = match protocol {
+        IPPROTO_ICMP => ICMP_HLEN,
+        IPPROTO_TCP => TCP_HLEN,
+        _ => return None,
+    };
     if version_ihl >> 4 != 4
         || ihl < IPV4_HLEN
-        || total_len < ihl + ICMP_HLEN
+        || total_len < ihl + min_len
         || total_len > payload.len()
         || fragment & IPV4_FRAGMENT_MASK != 0
-        || protocol != IPPROTO_ICMP
         || *dst != iface.ip
         || bad_source(src)
     {
@@ -203,10 +247,27 @@ fn ipv4<'a>(
     }
     // Frames may carry padding after the datagram: use total_len.
     let full_header = payload.get(..ihl)?;
-    let icmp = payload.get(ihl..total_len)?;
+    let data = payload.get(ihl..total_len)?;
     if checksum(full_header) != 0xffff {
         return None;
     }
+    if protocol == IPPROTO_TCP {
+        return tcp(src, dst, data).map(Answer::Tcp);
+    }
+    icmp(iface, eth_src, tos, src, data, out, ip_id)
+}
+
+/// ICMP message `icmp` from `src` to us: an echo request is answered, an
+/// echo reply is handed back parsed.
+fn icmp<'a>(
+    iface: &Iface,
+    eth_src: &[u8; 6],
+    tos: u8,
+    src: &[u8; 4],
+    icmp: &'a [u8],
+    out: &mut [u8],
+    ip_id: u16,
+) -> Option<Answer<'a>> {
     let icmp_header = icmp.first_chunk::<ICMP_HLEN>()?;
     let is_reply = icmp_header[0] == ICMP_ECHO_REPLY;
     if !(is_reply || icmp_header[0] == ICMP_ECHO_REQUEST) || checksum(icmp) != 0xffff {
@@ -224,8 +285,9 @@ fn ipv4<'a>(
     let reply_len = IPV4_HLEN + icmp.len();
     let reply = out.get_mut(ETH_HLEN..)?.get_mut(..reply_len)?;
     let (ip, reply_icmp) = reply.split_at_mut(IPV4_HLEN);
-    // `reply_len` fits in 16 bits: it is at most `total_len`.
-    ip.copy_from_slice(&ipv4_header(tos, reply_len as u16, ip_id, &iface.ip, src));
+    // `reply_len` fits in 16 bits: it is at most the request's total length.
+    let len = reply_len as u16;
+    ip.copy_from_slice(&ipv4_header(tos, len, ip_id, IPPROTO_ICMP, &iface.ip, src));
     crate::mem::copy(reply_icmp, icmp);
     // Only the type changes (8 -> 0): RFC 1624 eqn. 3,
     // HC' = ~(~HC + ~m + m'), and ~m + m' = ~0x0800 for any code byte.
@@ -237,32 +299,24 @@ fn ipv4<'a>(
     finish_frame(iface, eth_src, ETHERTYPE_IPV4, out, ETH_HLEN + reply_len).map(Answer::Echo)
 }
 
-/// A 20-byte IPv4 header (no options, not fragmented, TTL 64) of an ICMP
-/// datagram of `len` bytes, with its checksum.
-fn ipv4_header(tos: u8, len: u16, ip_id: u16, src: &[u8; 4], dst: &[u8; 4]) -> [u8; IPV4_HLEN] {
+/// A 20-byte IPv4 header (no options, not fragmented, TTL 64) of a
+/// `protocol` datagram of `len` bytes, with its checksum. TCP segments
+/// carry `Don't fragment`, ICMP messages do not.
+fn ipv4_header(
+    tos: u8,
+    len: u16,
+    ip_id: u16,
+    protocol: u8,
+    src: &[u8; 4],
+    dst: &[u8; 4],
+) -> [u8; IPV4_HLEN] {
     let [len_hi, len_lo] = len.to_be_bytes();
     let [id_hi, id_lo] = ip_id.to_be_bytes();
+    let flags = if protocol == IPPROTO_TCP { IPV4_DF } else { 0 };
+    let [flags_hi, flags_lo] = flags.to_be_bytes();
     let mut h: [u8; IPV4_HLEN] = [
-        0x45,
-        tos,
-        len_hi,
-        len_lo,
-        id_hi,
-        id_lo,
-        0,
-        0,
-        REPLY_TTL,
-        IPPROTO_ICMP,
-        0,
-        0,
-        src[0],
-        src[1],
-        src[2],
-        src[3],
-        dst[0],
-        dst[1],
-        dst[2],
-        dst[3],
+        0x45, tos, len_hi, len_lo, id_hi, id_lo, flags_hi, flags_lo, REPLY_TTL, protocol, 0, 0,
+        src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
     ];
     let [c_hi, c_lo] = (!checksum(&h)).to_be_bytes();
     h[10] = c_hi;
@@ -273,6 +327,22 @@ fn ipv4_header(tos: u8, len: u16, ip_id: u16, src: &[u8; 4], dst: &[u8; 4]) -> [
 /// Writes into `out` a broadcast ARP request (RFC 826) from us for
 /// `target`; returns the frame length, or `None` if `out` is too small.
 pub fn arp_request(iface: &Iface, target: &[u8; 4], out: &mut [u8]) -> Option<usize> {
+    arp_request_padded_to(iface, target, out, ETH_ZLEN)
+}
+
+/// [`arp_request`] without padding: a 42-byte frame. Firecracker's MMDS
+/// only takes an ARP request whose Ethernet payload is exactly 28 bytes
+/// (as a guest's virtio-net driver sends it: padding is for the wire).
+pub fn arp_request_unpadded(iface: &Iface, target: &[u8; 4], out: &mut [u8]) -> Option<usize> {
+    arp_request_padded_to(iface, target, out, 0)
+}
+
+fn arp_request_padded_to(
+    iface: &Iface,
+    target: &[u8; 4],
+    out: &mut [u8],
+    min_len: usize,
+) -> Option<usize> {
     let req = field_mut::<ARP_LEN>(out, ETH_HLEN)?;
     req[..6].copy_from_slice(&ARP_ETH_IPV4);
     req[6..8].copy_from_slice(&ARP_REQUEST);
@@ -280,7 +350,8 @@ pub fn arp_request(iface: &Iface, target: &[u8; 4], out: &mut [u8]) -> Option<us
     req[14..18].copy_from_slice(&iface.ip);
     req[18..24].fill(0);
     req[24..28].copy_from_slice(target);
-    finish_frame(iface, &BROADCAST, ETHERTYPE_ARP, out, ETH_HLEN + ARP_LEN)
+    let len = ETH_HLEN + ARP_LEN;
+    finish_frame_padded_to(iface, &BROADCAST, ETHERTYPE_ARP, out, len, min_len)
 }
 
 /// Where an ICMP echo request is sent and what it carries.
@@ -308,6 +379,7 @@ pub fn echo_request(iface: &Iface, request: &EchoRequest<'_>, out: &mut [u8]) ->
         0,
         len,
         request.ip_id,
+        IPPROTO_ICMP,
         &iface.ip,
         &request.dst_ip,
     ));
@@ -324,6 +396,193 @@ pub fn echo_request(iface: &Iface, request: &EchoRequest<'_>, out: &mut [u8]) ->
         ETHERTYPE_IPV4,
         out,
         ETH_HLEN + total,
+    )
+}
+
+/// A TCP segment to us, as [`answer`] hands it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpIn<'a> {
+    pub src_ip: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// The low byte of the flags field ([`tcp_flags`]).
+    pub flags: u8,
+    pub window: u16,
+    /// The maximum segment size option, if the segment has a well-formed
+    /// one.
+    pub mss: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// The sum of the TCP pseudo-header (RFC 793) for a segment of `len`
+/// bytes from `src` to `dst`, folded like [`checksum`].
+fn tcp_pseudo_sum(src: &[u8; 4], dst: &[u8; 4], len: u16) -> u16 {
+    let [len_hi, len_lo] = len.to_be_bytes();
+    checksum(&[
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        0,
+        IPPROTO_TCP,
+        len_hi,
+        len_lo,
+    ])
+}
+
+/// TCP segment `segment` from `src` to `dst` (us): parsed if its header
+/// is well-formed and its checksum (over the pseudo-header) is right.
+fn tcp<'a>(src: &[u8; 4], dst: &[u8; 4], segment: &'a [u8]) -> Option<TcpIn<'a>> {
+    let header = segment.first_chunk::<TCP_HLEN>()?;
+    let data_offset = usize::from(header[12] >> 4) * 4;
+    if data_offset < TCP_HLEN || data_offset > segment.len() {
+        return None;
+    }
+    let len = u16::try_from(segment.len()).ok()?;
+    if ones_add(tcp_pseudo_sum(src, dst, len), checksum(segment)) != 0xffff {
+        return None;
+    }
+    let options = segment.get(TCP_HLEN..data_offset)?;
+    Some(TcpIn {
+        src_ip: *src,
+        src_port: u16::from_be_bytes(*field(header, 0)?),
+        dst_port: u16::from_be_bytes(*field(header, 2)?),
+        seq: u32::from_be_bytes(*field(header, 4)?),
+        ack: u32::from_be_bytes(*field(header, 8)?),
+        flags: header[13],
+        window: u16::from_be_bytes(*field(header, 14)?),
+        mss: mss_option(options),
+        payload: segment.get(data_offset..)?,
+    })
+}
+
+/// The value of the first MSS option in `options`, if it is well-formed
+/// (kind 2, length 4); `None` without one or at a malformed option.
+fn mss_option(mut options: &[u8]) -> Option<u16> {
+    loop {
+        match *options.first()? {
+            TCPOPT_EOL => return None,
+            TCPOPT_NOP => options = options.get(1..)?,
+            kind => {
+                let len = usize::from(*options.get(1)?);
+                if kind == TCPOPT_MSS {
+                    let value: &[u8; 2] = field(options, 2)?;
+                    return (len == usize::from(TCPOLEN_MSS)).then(|| u16::from_be_bytes(*value));
+                }
+                if len < 2 {
+                    return None;
+                }
+                options = options.get(len..)?;
+            }
+        }
+    }
+}
+
+/// A TCP segment to send.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpOut<'a> {
+    pub dst_mac: [u8; 6],
+    pub dst_ip: [u8; 4],
+    /// IPv4 identification.
+    pub ip_id: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    /// [`tcp_flags`].
+    pub flags: u8,
+    pub window: u16,
+    /// A maximum segment size option to add (on a SYN).
+    pub mss: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// Bytes of IPv4 and TCP headers in front of a segment's payload (without
+/// options): the maximum segment size is the MTU less this.
+pub const TCP_IPV4_OVERHEAD: usize = IPV4_HLEN + TCP_HLEN;
+
+/// Writes into `out` a TCP segment from us (20-byte IPv4 header with `Don't
+/// fragment`, TTL 64; the TCP header with at most the MSS option; both
+/// checksums); returns the frame length, or `None` if `out` is too small.
+/// The frame is not padded (a pure ACK is 54 bytes): Firecracker's MMDS
+/// drops an IPv4 packet whose total length is not the whole Ethernet
+/// payload.
+pub fn tcp_segment(iface: &Iface, seg: &TcpOut<'_>, out: &mut [u8]) -> Option<usize> {
+    let options_len = if seg.mss.is_some() {
+        usize::from(TCPOLEN_MSS)
+    } else {
+        0
+    };
+    let header_len = TCP_HLEN + options_len;
+    let tcp_len = header_len + seg.payload.len();
+    let total = IPV4_HLEN + tcp_len;
+    let total16 = u16::try_from(total).ok()?;
+    let packet = out.get_mut(ETH_HLEN..)?.get_mut(..total)?;
+    let (ip, tcp) = packet.split_at_mut(IPV4_HLEN);
+    ip.copy_from_slice(&ipv4_header(
+        0,
+        total16,
+        seg.ip_id,
+        IPPROTO_TCP,
+        &iface.ip,
+        &seg.dst_ip,
+    ));
+    let (header, rest) = tcp.split_first_chunk_mut::<TCP_HLEN>()?;
+    let [sp_hi, sp_lo] = seg.src_port.to_be_bytes();
+    let [dp_hi, dp_lo] = seg.dst_port.to_be_bytes();
+    let [s0, s1, s2, s3] = seg.seq.to_be_bytes();
+    let [a0, a1, a2, a3] = seg.ack.to_be_bytes();
+    let [w_hi, w_lo] = seg.window.to_be_bytes();
+    // The data offset counts 32-bit words: 5, or 6 with the MSS option.
+    let offset = (header_len / 4) as u8;
+    *header = [
+        sp_hi,
+        sp_lo,
+        dp_hi,
+        dp_lo,
+        s0,
+        s1,
+        s2,
+        s3,
+        a0,
+        a1,
+        a2,
+        a3,
+        offset << 4,
+        seg.flags,
+        w_hi,
+        w_lo,
+        0,
+        0,
+        0,
+        0,
+    ];
+    let (options, payload) = rest.split_at_mut(options_len);
+    if let Some(mss) = seg.mss {
+        let [m_hi, m_lo] = mss.to_be_bytes();
+        options.copy_from_slice(&[TCPOPT_MSS, TCPOLEN_MSS, m_hi, m_lo]);
+    }
+    crate::mem::copy(payload, seg.payload);
+    // `tcp_len` fits in 16 bits: it is less than `total`.
+    let sum = ones_add(
+        tcp_pseudo_sum(&iface.ip, &seg.dst_ip, tcp_len as u16),
+        checksum(tcp),
+    );
+    let [c_hi, c_lo] = (!sum).to_be_bytes();
+    *field_mut::<2>(tcp, 16)? = [c_hi, c_lo];
+    finish_frame_padded_to(
+        iface,
+        &seg.dst_mac,
+        ETHERTYPE_IPV4,
+        out,
+        ETH_HLEN + total,
+        0,
     )
 }
 

@@ -13,17 +13,16 @@
 //! identifier, the sequence number of a request sent, and exactly the
 //! data of that request; each sequence number counts once.
 //!
-//! Time is measured in 10 ms PIT one-shots whose OUT2 wait polls the
-//! device ([`crate::timer::sleep_10ms_polling`]), so the probe keeps
-//! answering ARP requests and pings from others while it pings; without a
-//! PIT, in [`virtio_net::SERVE_SPINS_PER_MS_WITHOUT_PIT`] polls per
-//! millisecond.
+//! Time is measured in 10 ms steps of the clock whose wait polls the
+//! device ([`crate::virtio_net::StepClock`]), so the probe keeps
+//! answering ARP requests and pings from others while it pings; without
+//! a clock, in [`crate::virtio_net::SERVE_SPINS_PER_MS_WITHOUT_PIT`]
+//! polls per millisecond.
 
 use crate::cmdline::{self, BadOption};
 use crate::netproto::{self, EchoRequest};
 use crate::serial::outln;
-use crate::timer;
-use crate::virtio_net::{self, Net};
+use crate::virtio_net::{Net, StepClock};
 
 /// Default number of echo requests.
 const DEFAULT_COUNT: u32 = 5;
@@ -34,8 +33,6 @@ pub const DATA_LEN: usize = 56;
 /// ICMP identifier of our echo requests ("pb").
 pub const ECHO_ID: u16 = 0x7062;
 
-/// One step of the ping loop, in milliseconds.
-const STEP_MS: u32 = 10;
 /// ARP requests are sent this many steps apart (100 ms)...
 const ARP_RETRY_STEPS: u32 = 10;
 /// ...for at most this many steps (5 s).
@@ -146,32 +143,6 @@ impl Pinger {
     }
 }
 
-/// Waits [`STEP_MS`] while serving the device: on the PIT if there is one,
-/// else by counting polls.
-struct Clock {
-    clock: bool,
-}
-
-impl Clock {
-    fn new() -> Clock {
-        Clock {
-            clock: timer::present(),
-        }
-    }
-
-    fn step(&mut self, net: &mut Net) {
-        if self.clock && timer::sleep_10ms_polling(|| net.poll()).is_ok() {
-            return;
-        }
-        // No PIT (or it stopped working): count polls instead.
-        self.clock = false;
-        let spins = u64::from(STEP_MS) * virtio_net::SERVE_SPINS_PER_MS_WITHOUT_PIT;
-        for _ in 0..spins {
-            net.poll();
-        }
-    }
-}
-
 /// `probe.ping`: pings `options.ip` through `net` (see the module
 /// documentation) and prints the result. `net` is `None` if no network
 /// device is served: then `probe.ping_error=no-net`.
@@ -183,7 +154,7 @@ pub fn run(options: &Options, net: Option<&mut Net>) {
     let target = options.ip;
     let addr = Ipv4(target);
     net.set_pinger(Some(Pinger::new(target)));
-    let mut clock = Clock::new();
+    let mut clock = StepClock::new();
 
     let mut step = 0;
     let mac = loop {
@@ -196,7 +167,7 @@ pub fn run(options: &Options, net: Option<&mut Net>) {
         if step.is_multiple_of(ARP_RETRY_STEPS) {
             net.transmit(|iface, _, out| netproto::arp_request(iface, &target, out));
         }
-        clock.step(net);
+        clock.step(|| net.poll());
         step += 1;
     };
     let Some(mac) = mac else {
@@ -240,7 +211,7 @@ pub fn run(options: &Options, net: Option<&mut Net>) {
                 next_send = step + ECHO_INTERVAL_STEPS;
             }
         }
-        clock.step(net);
+        clock.step(|| net.poll());
     }
     let (sent, received) = net.pinger().map_or((0, 0), |p| (p.sent, p.received));
     outln!("probe.ping {} sent={} received={}", addr, sent, received);

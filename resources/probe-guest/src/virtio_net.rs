@@ -39,6 +39,11 @@
 //! With `probe.ping` ([`crate::ping`]), a [`Pinger`] set with
 //! [`Net::set_pinger`] gets the ARP and echo replies addressed to us, and
 //! [`Net::transmit`] sends its requests on the TX queue of pair 0.
+//!
+//! With `probe.mmds` ([`crate::mmds`]), [`Net::poll_client`] serves the
+//! device like [`Net::poll`] and also hands a [`Client`] the ARP replies
+//! and the TCP segments addressed to us that it takes, then sends the
+//! frames it has ready on the TX queue of pair 0.
 
 use core::cell::UnsafeCell;
 use core::fmt;
@@ -46,7 +51,7 @@ use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::cmdline::{self, BadOption};
-use crate::netproto::{self, Answer, ETH_HLEN, Iface};
+use crate::netproto::{self, Answer, ETH_HLEN, Iface, TcpIn};
 use crate::ping::Pinger;
 use crate::serial::outln;
 use crate::timer;
@@ -286,10 +291,12 @@ impl NetPool {
 }
 
 /// Frame counters (`probe.net<i>=stats`). Every received frame is
-/// answered (`arp` or `icmp`), taken by the pinger (`ping_rx`) or
-/// `dropped`, so `rx = arp + icmp + ping_rx + dropped`, and every frame
-/// sent is a reply, a request of the pinger (`ping_tx`) or a gratuitous
-/// ARP of an announcement, so `tx = arp + icmp + ping_tx + announced`.
+/// answered (`arp` or `icmp`), taken by the pinger (`ping_rx`) or the
+/// MMDS client (`mmds_rx`) or `dropped`, so
+/// `rx = arp + icmp + ping_rx + mmds_rx + dropped`, and every frame sent
+/// is a reply, a frame of the pinger (`ping_tx`) or of the MMDS client
+/// (`mmds_tx`) or a gratuitous ARP of an announcement, so
+/// `tx = arp + icmp + ping_tx + mmds_tx + announced`.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stats {
     rx: u64,
@@ -299,6 +306,24 @@ struct Stats {
     dropped: u64,
     ping_rx: u64,
     ping_tx: u64,
+    mmds_rx: u64,
+    mmds_tx: u64,
+}
+
+/// A client running over the device (the MMDS client): it takes the ARP
+/// replies and TCP segments to us that are its own, and has frames to
+/// send.
+pub trait Client {
+    /// An ARP reply to us from `ip` at `mac`: true if the client took it.
+    fn arp_reply(&mut self, ip: [u8; 4], mac: [u8; 6]) -> bool;
+    /// A TCP segment to us (checksums verified): true if the client took
+    /// it.
+    fn tcp(&mut self, segment: &TcpIn<'_>) -> bool;
+    /// True if the client has a frame to send.
+    fn wants_to_send(&self) -> bool;
+    /// Writes the next frame into `out` (at most `ETH_HLEN + mtu` bytes)
+    /// and returns its length, or `None` if there is none.
+    fn next_frame(&mut self, iface: &Iface, ip_id: u16, out: &mut [u8]) -> Option<usize>;
 }
 
 /// One RX/TX queue pair with its buffers.
@@ -349,6 +374,9 @@ pub struct Net {
     /// Whether a pinger was ever set: the stats line then has the
     /// `ping_rx` and `ping_tx` counters.
     pinged: bool,
+    /// Whether [`Net::poll_client`] was ever called: the stats line then
+    /// has the `mmds_rx` and `mmds_tx` counters.
+    client_served: bool,
 }
 
 /// Sets up the virtio-net device behind `regs` as device `index` and
@@ -386,6 +414,7 @@ pub fn setup(index: u32, regs: Mmio, options: &Options, verbose: bool) -> Option
         verbose,
         ping: None,
         pinged: false,
+        client_served: false,
     };
     match net.init(options) {
         Ok(()) => {
@@ -621,6 +650,40 @@ impl Net {
 
     #[inline(never)]
     fn poll_busy(&mut self) {
+        self.serve_pairs(None);
+    }
+
+    /// [`Net::poll`] for a [`Client`]: the ARP replies and TCP segments
+    /// to us that `client` takes go to it (after the pinger was offered
+    /// the ARP replies); then the frames `client` has ready are sent on
+    /// the TX queue of pair 0, as many as there are free transmit buffers.
+    #[inline]
+    pub fn poll_client(&mut self, client: &mut dyn Client) {
+        self.client_served = true;
+        let active = self.pairs.get(..self.active_pairs).unwrap_or(&[]);
+        if active.iter().flatten().any(|p| p.rx.has_used()) {
+            self.serve_pairs(Some(&mut *client));
+        }
+        if client.wants_to_send() {
+            self.send_client_frames(client);
+        }
+    }
+
+    #[inline(never)]
+    fn send_client_frames(&mut self, client: &mut dyn Client) {
+        for _ in 0..TX_BUFS {
+            if !client.wants_to_send() {
+                break;
+            }
+            if !self.send_frame(|iface, ip_id, out| client.next_frame(iface, ip_id, out)) {
+                break;
+            }
+            self.stats.mmds_tx += 1;
+        }
+    }
+
+    /// Serves every queue pair once (see [`Pair::serve`]).
+    fn serve_pairs<'c>(&mut self, mut client: Option<&mut (dyn Client + 'c)>) {
         let Some(t) = self.transport.as_ref() else {
             return;
         };
@@ -639,6 +702,7 @@ impl Net {
                 stats: &mut self.stats,
                 ip_id: &mut self.ip_id,
                 ping: &mut self.ping,
+                client: client.as_deref_mut(),
             };
             if let Err(e) = pair.serve(t, &ctx, state) {
                 failure = Some(e);
@@ -700,6 +764,11 @@ impl Net {
 
     pub fn pinger_mut(&mut self) -> Option<&mut Pinger> {
         self.ping.as_mut()
+    }
+
+    /// The MTU: the largest IPv4 packet sent.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
     }
 
     /// Sends one frame on the TX queue of pair 0: `build(iface, ip_id,
@@ -765,34 +834,21 @@ impl Net {
                 outln!("probe.net{}_pair={} rx={} tx={}", self.index, p, rx, tx);
             }
         }
-        let s = self.stats;
-        if self.pinged {
-            outln!(
-                "probe.net{}=stats rx={} tx={} arp={} icmp={} dropped={} ping_rx={} ping_tx={}",
-                self.index,
-                s.rx,
-                s.tx,
-                s.arp,
-                s.icmp,
-                s.dropped,
-                s.ping_rx,
-                s.ping_tx
-            );
-        } else {
-            outln!(
-                "probe.net{}=stats rx={} tx={} arp={} icmp={} dropped={}",
-                self.index,
-                s.rx,
-                s.tx,
-                s.arp,
-                s.icmp,
-                s.dropped
-            );
-        }
+        outln!("probe.net{}=stats {}", self.index, self.stats_text());
         if self.stop().is_err() {
             outln!("probe.net{}=error reset-timeout", self.index);
         }
         NET_MEM.give_back();
+    }
+
+    /// The counters of the stats line: the `ping_` ones after a ping, the
+    /// `mmds_` ones after the MMDS client ran.
+    fn stats_text(&self) -> StatsText {
+        StatsText {
+            stats: self.stats,
+            ping: self.pinged,
+            mmds: self.client_served,
+        }
     }
 
     /// Copies the frame counters of the pairs still set up.
@@ -822,12 +878,39 @@ impl Net {
     }
 }
 
+/// `rx=<n> tx=<n> arp=<n> icmp=<n> dropped=<n>[ ping_rx=<n> ping_tx=<n>][ mmds_rx=<n> mmds_tx=<n>]`.
+struct StatsText {
+    stats: Stats,
+    ping: bool,
+    mmds: bool,
+}
+
+impl fmt::Display for StatsText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        write!(
+            f,
+            "rx={} tx={} arp={} icmp={} dropped={}",
+            s.rx, s.tx, s.arp, s.icmp, s.dropped
+        )?;
+        if self.ping {
+            write!(f, " ping_rx={} ping_tx={}", s.ping_rx, s.ping_tx)?;
+        }
+        if self.mmds {
+            write!(f, " mmds_rx={} mmds_tx={}", s.mmds_rx, s.mmds_tx)?;
+        }
+        Ok(())
+    }
+}
+
 /// The device state [`Pair::serve`] updates.
-struct ServeState<'a> {
+struct ServeState<'a, 'c> {
     stats: &'a mut Stats,
     /// IPv4 identification of the next frame sent.
     ip_id: &'a mut u16,
     ping: &'a mut Option<Pinger>,
+    /// The client being served ([`Net::poll_client`]).
+    client: Option<&'a mut (dyn Client + 'c)>,
 }
 
 /// What [`Pair::serve`] needs besides the pair.
@@ -905,7 +988,7 @@ impl Pair {
         &mut self,
         t: &Transport,
         ctx: &Ctx<'_>,
-        mut state: ServeState<'_>,
+        mut state: ServeState<'_, '_>,
     ) -> Result<(), ServeError> {
         self.reclaim()?;
         let mut received = 0;
@@ -939,7 +1022,13 @@ impl Pair {
     /// Handles the frame in RX buffer `buf` (`len` bytes written by the
     /// device, header included); true if a reply was queued. Replies to
     /// the pinger's requests go to it (no transmit buffer needed).
-    fn answer(&mut self, ctx: &Ctx<'_>, buf: usize, len: u32, state: &mut ServeState<'_>) -> bool {
+    fn answer(
+        &mut self,
+        ctx: &Ctx<'_>,
+        buf: usize,
+        len: u32,
+        state: &mut ServeState<'_, '_>,
+    ) -> bool {
         let stats = &mut *state.stats;
         let len = len as usize;
         if !(HDR_LEN + ETH_HLEN..=BUF_SIZE).contains(&len) {
@@ -969,8 +1058,20 @@ impl Pair {
             Answer::Arp(n) => (n, false),
             Answer::Echo(n) => (n, true),
             Answer::ArpReply { ip, mac } => {
+                if state.client.as_mut().is_some_and(|c| c.arp_reply(ip, mac)) {
+                    stats.mmds_rx += 1;
+                    return false;
+                }
                 let taken = state.ping.as_mut().is_some_and(|p| p.arp_reply(ip, mac));
                 count_ping_reply(stats, taken);
+                return false;
+            }
+            Answer::Tcp(segment) => {
+                if state.client.as_mut().is_some_and(|c| c.tcp(&segment)) {
+                    stats.mmds_rx += 1;
+                } else {
+                    stats.dropped += 1;
+                }
                 return false;
             }
             Answer::EchoReply {
@@ -1075,7 +1176,7 @@ fn count_ping_reply(stats: &mut Stats, taken: bool) {
 /// # Safety
 /// `dst` must be 8-byte aligned and valid for writes of `words` words,
 /// and no reference may cover that memory.
-unsafe fn zero_words(dst: *mut u64, words: usize) {
+pub unsafe fn zero_words(dst: *mut u64, words: usize) {
     // SAFETY: the caller guarantees the memory is writable; the direction
     // flag is clear (Rust ABI), so `rep stosq` writes exactly `rcx` words
     // upwards from `dst`.
@@ -1088,6 +1189,37 @@ unsafe fn zero_words(dst: *mut u64, words: usize) {
             options(nostack, preserves_flags)
         )
     };
+}
+
+/// One step of a loop that serves the device while it waits (`probe.ping`,
+/// `probe.mmds`), in milliseconds.
+pub const STEP_MS: u32 = 10;
+
+/// Waits [`STEP_MS`] while serving the device: on the clock if there is
+/// one, else by counting polls.
+pub struct StepClock {
+    clock: bool,
+}
+
+impl StepClock {
+    pub fn new() -> StepClock {
+        StepClock {
+            clock: timer::present(),
+        }
+    }
+
+    /// Waits one step, calling `poll` (which serves the device) all along.
+    pub fn step(&mut self, mut poll: impl FnMut()) {
+        if self.clock && timer::sleep_10ms_polling(&mut poll).is_ok() {
+            return;
+        }
+        // No clock (or the PIT stopped working): count polls instead.
+        self.clock = false;
+        let spins = u64::from(STEP_MS) * SERVE_SPINS_PER_MS_WITHOUT_PIT;
+        for _ in 0..spins {
+            poll();
+        }
+    }
 }
 
 /// How [`serve_deadline`] times a serving period.
