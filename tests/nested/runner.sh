@@ -603,6 +603,88 @@ JSON
 	fi
 }
 
+# MMDS V2 on an interface of an L2 Linux: the guest gets a session token
+# (PUT over busybox nc) and reads the metadata with busybox wget; nothing it
+# sends to 169.254.169.254 reaches the TAP.
+scenario_mmds() {
+	name=mmds
+	ip link del tap1 2>/dev/null
+	if ! ip tuntap add dev tap1 mode tap || ! ip addr add 10.98.0.1/24 dev tap1 ||
+		! ip link set tap1 up; then
+		fail mmds "cannot set up tap1 in L1"
+		return
+	fi
+	echo '{"latest": {"meta-data": {"ami-id": "ami-12345", "hostname": "tessera-l2"}}}' >/tmp/mmds.data
+	cat >/tmp/mmds.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+                  "boot_args": "$BASE_ARGS ip=10.98.0.2::10.98.0.1:255.255.255.0::eth0:off tessera.mmds=/latest/meta-data/ tessera.halt=1"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap1", "guest_mac": "06:00:0a:62:00:02"}],
+  "mmds-config": {"version": "V2", "network_interfaces": ["eth0"]}
+}
+JSON
+	tap_rx_before=$(cat /sys/class/net/tap1/statistics/rx_packets)
+	run_tessera mmds /tmp/mmds.json --no-api --metadata /tmp/mmds.data </dev/null >/tmp/mmds.out 2>/tmp/mmds.err
+	status=$?
+	tap_rx=$(($(cat /sys/class/net/tap1/statistics/rx_packets) - tap_rx_before))
+	token=$(value tessera.mmds_token /tmp/mmds.out)
+	body=$(value tessera.mmds /tmp/mmds.out)
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP /tmp/mmds.out; then
+		fail mmds "status $status: $(why mmds)"
+	elif [ "$token" != 48 ]; then
+		fail mmds "the guest's token is ${token:-missing} characters, want 48: $(why mmds)"
+	elif [ "$body" != "ami-id|hostname" ]; then
+		fail mmds "the guest read '$body', want 'ami-id|hostname': $(why mmds)"
+	elif [ "$tap_rx" -ne 0 ]; then
+		fail mmds "$tap_rx frames reached tap1"
+	else
+		ok mmds "V2: a 48-character token over nc, then wget /latest/meta-data/ = $body; no frame reached the TAP"
+	fi
+	ip link del tap1 2>/dev/null
+}
+
+# The balloon with a Linux driver: PATCH /balloon to 64 MiB takes 64 MiB
+# out of the guest's MemTotal, and the statistics show it.
+scenario_balloon() {
+	name=balloon
+	rm -f /tmp/balloon.*
+	cat >/tmp/balloon.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+                  "boot_args": "$BASE_ARGS tessera.memtotal_after=20 tessera.halt=1"},
+  "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+  "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/balloon.sock \
+		--config-file /tmp/balloon.json </dev/null >/tmp/balloon.out 2>/tmp/balloon.err &
+	vm=$!
+	waited=0
+	until grep -q '^TESSERA-GUEST-UP' /tmp/balloon.out 2>/dev/null || [ $waited -ge 60 ]; do
+		sleep 1
+		waited=$((waited + 1))
+	done
+	api-call /tmp/balloon.sock PATCH /balloon '{"amount_mib": 64}' >/tmp/balloon.patch
+	sleep 10
+	api-call /tmp/balloon.sock GET /balloon/statistics >/tmp/balloon.stats
+	wait $vm
+	status=$?
+	before=$(value tessera.memtotal_kb /tmp/balloon.out)
+	after=$(value tessera.memtotal_after_kb /tmp/balloon.out)
+	taken=$(( ${before:-0} - ${after:-0} ))
+	actual=$(sed -n 's/.*"actual_mib": *\([0-9]*\).*/\1/p' /tmp/balloon.stats)
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP /tmp/balloon.out; then
+		fail balloon "status $status: $(why balloon)"
+	elif [ "$taken" -lt 62259 ] || [ "$taken" -gt 68813 ]; then
+		fail balloon "MemTotal went from $before to $after kB ($taken kB), want 65536 within 5%: $(cat /tmp/balloon.patch) $(why balloon)"
+	elif [ "$actual" != 64 ]; then
+		fail balloon "the statistics say actual_mib=${actual:-none}: $(cat /tmp/balloon.stats)"
+	else
+		ok balloon "PATCH to 64 MiB: MemTotal $before -> $after kB ($taken kB), actual_mib=$actual"
+	fi
+}
+
 # Nested page faults (KVM's kvm_page_fault tracepoint in L1) while L2
 # Linux boots to init and halts, under tessera and under Firecracker: how
 # many, on how many 2 MiB guest regions, the regions that took more than
@@ -652,7 +734,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | mmds | balloon | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

@@ -21,6 +21,8 @@ const SCENARIOS: &[&str] = &[
     "stock_kernel",
     "snapshot",
     "migration",
+    "mmds",
+    "balloon",
     "jailed_initramfs",
     "jailed_blk_root",
     "jailed_net",
