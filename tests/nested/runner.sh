@@ -645,7 +645,8 @@ JSON
 }
 
 # The balloon with a Linux driver: PATCH /balloon to 64 MiB takes 64 MiB
-# out of the guest's MemTotal, and the statistics show it.
+# out of the guest's MemTotal, and the statistics show it; the guest
+# reports free pages (free page reporting), which the VMM gives back.
 scenario_balloon() {
 	name=balloon
 	rm -f /tmp/balloon.*
@@ -654,7 +655,9 @@ scenario_balloon() {
   "boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
                   "boot_args": "$BASE_ARGS tessera.memtotal_after=20 tessera.halt=1"},
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
-  "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1}
+  "balloon": {"amount_mib": 0, "deflate_on_oom": false, "stats_polling_interval_s": 1,
+              "free_page_reporting": true},
+  "metrics": {"metrics_path": "/tmp/balloon.metrics"}
 }
 JSON
 	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/balloon.sock \
@@ -668,20 +671,26 @@ JSON
 	api-call /tmp/balloon.sock PATCH /balloon '{"amount_mib": 64}' >/tmp/balloon.patch
 	sleep 10
 	api-call /tmp/balloon.sock GET /balloon/statistics >/tmp/balloon.stats
+	api-call /tmp/balloon.sock PUT /actions '{"action_type": "FlushMetrics"}' >/dev/null
 	wait $vm
 	status=$?
 	before=$(value tessera.memtotal_kb /tmp/balloon.out)
 	after=$(value tessera.memtotal_after_kb /tmp/balloon.out)
 	taken=$(( ${before:-0} - ${after:-0} ))
 	actual=$(sed -n 's/.*"actual_mib": *\([0-9]*\).*/\1/p' /tmp/balloon.stats)
+	# Each flush reports what happened since the last: add them up.
+	reports=$(sed -n 's/.*"free_page_report_count": *\([0-9]*\).*/\1/p' /tmp/balloon.metrics |
+		awk '{ n += $1 } END { print n + 0 }')
 	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP /tmp/balloon.out; then
 		fail balloon "status $status: $(why balloon)"
 	elif [ "$taken" -lt 62259 ] || [ "$taken" -gt 68813 ]; then
 		fail balloon "MemTotal went from $before to $after kB ($taken kB), want 65536 within 5%: $(cat /tmp/balloon.patch) $(why balloon)"
 	elif [ "$actual" != 64 ]; then
 		fail balloon "the statistics say actual_mib=${actual:-none}: $(cat /tmp/balloon.stats)"
+	elif [ "${reports:-0}" -lt 1 ]; then
+		fail balloon "no free page reports: $(head -c 300 /tmp/balloon.metrics)"
 	else
-		ok balloon "PATCH to 64 MiB: MemTotal $before -> $after kB ($taken kB), actual_mib=$actual"
+		ok balloon "PATCH to 64 MiB: MemTotal $before -> $after kB ($taken kB), actual_mib=$actual; $reports free page reports"
 	fi
 }
 
