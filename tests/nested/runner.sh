@@ -609,7 +609,7 @@ JSON
 scenario_mmds() {
 	name=mmds
 	ip link del tap1 2>/dev/null
-	if ! ip tuntap add dev tap1 mode tap || ! ip addr add 10.98.0.1/24 dev tap1 ||
+	if ! /opt/tessera/bin/ip tuntap add dev tap1 mode tap || ! ip addr add 10.98.0.1/24 dev tap1 ||
 		! ip link set tap1 up; then
 		fail mmds "cannot set up tap1 in L1"
 		return
