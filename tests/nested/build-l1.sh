@@ -10,8 +10,9 @@
 #
 # Inputs: TESSERA_BIN_DIR (default: target/release), TESSERA_GUEST_DIR (the L2
 # artifacts; default: built with resources/build-guest.sh), and optionally
-# TESSERA_NESTED_PEERS, a directory whose `firecracker` binary goes into L1
-# as /opt/peers/firecracker, for the boot benchmark to run beside tessera.
+# TESSERA_NESTED_PEERS, a directory whose `firecracker` and
+# `cloud-hypervisor` binaries go into L1 as /opt/peers/<name>, for the
+# benchmarks to run beside tessera.
 set -euo pipefail
 
 exec 3>&1 1>&2
@@ -147,12 +148,13 @@ stage_busybox() {
 	done
 }
 
-# Firecracker's binary, if TESSERA_NESTED_PEERS names a directory with one.
-peer_firecracker() {
-	local fc=${TESSERA_NESTED_PEERS:+$TESSERA_NESTED_PEERS/firecracker}
-	[ -n "$fc" ] && [ -x "$fc" ] && echo "$fc"
+# The peer binary NAME, if TESSERA_NESTED_PEERS names a directory with one.
+peer() {
+	local bin=${TESSERA_NESTED_PEERS:+$TESSERA_NESTED_PEERS/$1}
+	[ -n "$bin" ] && [ -x "$bin" ] && echo "$bin"
 	return 0
 }
+readonly PEERS=(firecracker cloud-hypervisor)
 
 main() {
 	ensure_packages
@@ -175,7 +177,9 @@ main() {
 		(cd "$bin_dir" && sha256sum "${binaries[@]}")
 		(cd "$guest_dir" && sha256sum vmlinux bzImage initramfs.cpio.gz rootfs.ext4 probe-guest.elf)
 		dpkg-query -W -f='${Version}' busybox-static
-		[ -z "$(peer_firecracker)" ] || sha256sum "$(peer_firecracker)"
+		for name in "${PEERS[@]}"; do
+			[ -z "$(peer "$name")" ] || sha256sum "$(peer "$name")"
+		done
 	} | sha256sum | cut -c1-32)
 	out=$cache/l1-$key
 	if [ -f "$out/initramfs.cpio.gz" ]; then
@@ -199,11 +203,12 @@ main() {
 	# iproute2's ip: busybox's tunctl cannot give a TAP an owner, which the
 	# jailer's launcher requires of a TAP outside a netns of the VMM's own.
 	stage_binary "$(command -v ip)" "$stage"
-	if [ -n "$(peer_firecracker)" ]; then
+	for name in "${PEERS[@]}"; do
+		[ -n "$(peer "$name")" ] || continue
 		mkdir -p "$stage/opt/peers"
-		stage_binary "$(peer_firecracker)" "$stage"
-		mv "$stage/opt/tessera/bin/firecracker" "$stage/opt/peers/"
-	fi
+		stage_binary "$(peer "$name")" "$stage"
+		mv "$stage/opt/tessera/bin/$name" "$stage/opt/peers/"
+	done
 	cp "$guest_dir"/{vmlinux,bzImage,initramfs.cpio.gz,rootfs.ext4,probe-guest.elf} "$stage/opt/l2/"
 	cp "$repo/tests/nested/runner.sh" "$stage/init"
 	chmod 0755 "$stage/init"

@@ -603,6 +603,19 @@ JSON
 	fi
 }
 
+# tessera-bench --migration inside L1 (128 MiB cells only: L1 has 2 GiB),
+# Cloud Hypervisor beside tessera when /opt/peers has it; used by
+# `tessera-bench --nested-migration`.
+scenario_migration_bench() {
+	ip link set lo up
+	if TESSERA_PEERS_DIR=/opt/peers TESSERA_GUEST_DIR=$L2 TESSERA_BENCH_MIGRATION_SIZES=128 \
+		tessera-bench --migration --runs 3 --out /tmp/migbench.json >/tmp/migbench.log 2>&1; then
+		ok migration_bench "$(tr '\n' ' ' </tmp/migbench.json)"
+	else
+		fail migration_bench "$(tail -n 3 /tmp/migbench.log | tr '\n' ' ')"
+	fi
+}
+
 # MMDS V2 on an interface of an L2 Linux: the guest gets a session token
 # (PUT over busybox nc) and reads the metadata with busybox wget; nothing it
 # sends to 169.254.169.254 reaches the TAP.
@@ -743,7 +756,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | mmds | balloon | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

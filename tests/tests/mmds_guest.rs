@@ -199,3 +199,52 @@ fn a_large_value_reaches_the_guest_whole() {
     let answer = line(&mut api, "probe.mmds=");
     assert_eq!(answer, format!("probe.mmds=200 {big}"));
 }
+
+/// A snapshot keeps the interface's MMDS configuration: the loaded
+/// microVM's new backend answers the guest's next requests, from the
+/// loading process's store (as with Firecracker, the store is not in the
+/// snapshot).
+#[test]
+fn a_loaded_microvm_answers_from_the_loading_process_store() {
+    let netns = Netns::with_tap("mmdssnap", "10.81.0.1/24");
+    let (mut api, mut c) = boot(
+        &netns,
+        "V1",
+        "probe.mmds=/latest/meta-data/ami-id probe.mmds_repeat=50 probe.mmds_every_ms=200",
+    );
+    line(&mut api, "probe.mmds=200 ami-1");
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let dir = tempfile::tempdir().unwrap();
+    let (state, memory) = (dir.path().join("vm.snap"), dir.path().join("vm.mem"));
+    c.put_ok(
+        "/snapshot/create",
+        json!({"snapshot_path": state, "mem_file_path": memory}),
+    );
+    drop(api.vm.finish());
+    let metadata = dir.path().join("metadata.json");
+    std::fs::write(
+        &metadata,
+        r#"{"latest": {"meta-data": {"ami-id": "ami-loaded"}}}"#,
+    )
+    .unwrap();
+    let mut loaded = ApiVm::start_in(&netns, &["--metadata", metadata.to_str().unwrap()]);
+    let mut c = loaded.client();
+    c.put_ok(
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}),
+    );
+    assert_eq!(
+        c.get("/vm/config").json()["mmds-config"]["network_interfaces"],
+        json!(["eth0"])
+    );
+    assert_eq!(
+        line(&mut loaded, "probe.mmds=200 ami-loaded"),
+        "probe.mmds=200 ami-loaded"
+    );
+    let r = c.patch("/mmds", r#"{"latest": {"meta-data": {"ami-id": "ami-3"}}}"#);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        line(&mut loaded, "probe.mmds=200 ami-3"),
+        "probe.mmds=200 ami-3"
+    );
+}

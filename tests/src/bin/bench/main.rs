@@ -25,7 +25,7 @@
 //! the memory a balloon gives back beside Firecracker's (balloon.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod balloon;
@@ -148,6 +148,8 @@ enum Mode {
     Linux(PathBuf),
     /// Linux under tessera inside an L1 under QEMU TCG (runs `Linux` there).
     Nested,
+    /// `Migration` inside that L1, beside Cloud Hypervisor.
+    NestedMigration,
     /// The block backend through libblkio, beside qemu-storage-daemon and fio.
     Block,
     /// ICMP echo through tessera and vhost-user-net, beside a host veth.
@@ -174,7 +176,7 @@ enum Mode {
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -184,6 +186,7 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--nested" => mode = Mode::Nested,
+            "--nested-migration" => mode = Mode::NestedMigration,
             "--block" => mode = Mode::Block,
             "--net" => mode = Mode::Net,
             "--net-dpdk" => mode = Mode::NetDpdk,
@@ -208,6 +211,7 @@ fn main() {
         Mode::Probe => bench_probe(runs),
         Mode::Linux(dir) => bench_linux(&dir, runs),
         Mode::Nested => bench_nested(runs),
+        Mode::NestedMigration => bench_nested_migration(),
         Mode::Block => block::bench_block(runs),
         Mode::Net => net::bench_net(runs),
         Mode::NetDpdk => net_dpdk::bench_net_dpdk(runs),
@@ -515,6 +519,32 @@ fn anon_huge_pages_kib(pid: u32) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Runs `--migration` (128 MiB cells, 3 runs) inside L1 under QEMU TCG,
+/// with Cloud Hypervisor beside tessera: L1's kvm-amd gives Cloud
+/// Hypervisor the nested state this host's kvm_pvm refuses it.
+fn bench_nested_migration() -> serde_json::Value {
+    if peers::peer_bin("cloud-hypervisor").is_some() {
+        std::env::set_var("TESSERA_NESTED_PEERS", peers::peers_dir());
+    }
+    let run = run_l1(&["migration_bench"], Duration::from_secs(1500), L1_SILENCE);
+    let result = run.result("migration_bench").unwrap_or_else(|| {
+        panic!(
+            "L1 printed no migration_bench result\n{}",
+            run.output.describe()
+        )
+    });
+    let json_text = result
+        .strip_prefix("ok ")
+        .unwrap_or_else(|| panic!("nested.migration_bench={result}"));
+    let mut report: serde_json::Value = serde_json::from_str(json_text).expect("bench JSON");
+    report["setup"] = json!(
+        "nested: both VMMs inside an L1 Debian cloud kernel under QEMU TCG \
+         (-cpu EPYC, 2 vCPUs, 2 GiB, emulated SVM); compare only with figures measured the same way"
+    );
+    report["host"] = machine();
+    report
 }
 
 /// Runs `bench_linux` inside L1 under QEMU TCG and returns its report,

@@ -29,6 +29,8 @@ use tessera_tests::{guest_artifacts, Running};
 use crate::peers::{peer_bin, Vmm};
 use crate::{machine, summary};
 
+/// The guest sizes measured; `TESSERA_BENCH_MIGRATION_SIZES` (MiB, comma
+/// separated) picks others (the nested run takes 128 only: L1 has 2 GiB).
 const SIZES_MIB: [usize; 2] = [128, 1024];
 const DIRTY_MIB_S: [u32; 3] = [0, 16, 64];
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -48,7 +50,18 @@ pub(crate) fn bench_migration(runs: usize) -> Value {
     let mut vmms = vec![Vmm::Tessera];
     vmms.extend(peer_bin("cloud-hypervisor").map(Vmm::CloudHypervisor));
     let mut cells = serde_json::Map::new();
-    for mem in SIZES_MIB {
+    let sizes: Vec<usize> = match std::env::var("TESSERA_BENCH_MIGRATION_SIZES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("TESSERA_BENCH_MIGRATION_SIZES: MiB, comma separated")
+            })
+            .collect(),
+        Err(_) => SIZES_MIB.to_vec(),
+    };
+    for mem in sizes {
         for dirty in DIRTY_MIB_S {
             for transport in ["unix", "tcp"] {
                 let name = format!("{mem}_mib_dirty_{dirty}_{transport}");
