@@ -1,5 +1,7 @@
-//! Legacy PC devices: the 16550A serial console and the i8042 reset line.
+//! Legacy PC devices: the 16550A serial console, the i8042 reset line and
+//! the ACPI sleep control register.
 
+pub mod acpi_sleep;
 pub mod i8042;
 pub mod serial;
 

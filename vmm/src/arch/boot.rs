@@ -16,6 +16,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::acpi;
 use super::layout::{self, E820Entry};
 use super::mptable::{self, MptableError};
 use super::regs::EntryPoint;
@@ -53,6 +54,8 @@ pub enum BootError {
     WriteCmdline(loader::Error),
     #[error("cannot write the boot parameters: {0}")]
     BootParams(linux_loader::configurator::Error),
+    #[error(transparent)]
+    Acpi(#[from] super::acpi::AcpiError),
     #[error(transparent)]
     Mptable(#[from] MptableError),
 }
@@ -174,7 +177,9 @@ pub fn initrd_addr_limit(kernel: &LoadedKernel) -> u64 {
     }
 }
 
-/// Writes the command line, the MP table and the zero page or PVH start info.
+/// Writes the command line, the MP table, the ACPI tables (with a device
+/// per `virtio_mmio.device=` entry of the command line) and the zero page
+/// or PVH start info.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -187,11 +192,13 @@ pub fn configure_system(
         .map_err(BootError::WriteCmdline)?;
     let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len() as u32;
     mptable::setup_mptable(mem, cpu_count)?;
+    let devices = acpi::mmio_devices_on_cmdline(&cmdline.as_cstring()?.to_string_lossy());
+    let rsdp = acpi::setup_acpi(mem, cpu_count, &devices)?;
     let e820 = layout::e820_map(mem_size);
     match kernel.entry {
-        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820, initrd),
+        EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820, initrd, rsdp),
         EntryPoint::Linux64(_) => {
-            write_zero_page(mem, &e820, kernel.setup_header, cmdline_size, initrd)
+            write_zero_page(mem, &e820, kernel.setup_header, cmdline_size, initrd, rsdp)
         }
     }
 }
@@ -200,6 +207,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     initrd: Option<InitrdRegion>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
@@ -216,6 +224,7 @@ fn write_pvh_start_info(
         cmdline_paddr: layout::CMDLINE_START,
         memmap_paddr: layout::MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp,
         ..Default::default()
     };
     if initrd.is_some() {
@@ -241,6 +250,7 @@ fn write_zero_page(
     setup_header: Option<setup_header>,
     cmdline_size: u32,
     initrd: Option<InitrdRegion>,
+    rsdp: u64,
 ) -> Result<(), BootError> {
     const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
     const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
@@ -256,6 +266,7 @@ fn write_zero_page(
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = layout::CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_size;
+    params.acpi_rsdp_addr = rsdp;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }

@@ -9,6 +9,7 @@
 //! 0x0000_9000  identity page tables (PML4, PDPT, PD)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA: MP floating pointer and configuration table
+//! 0x000e_0000  ACPI: RSDP, then DSDT, FADT, MADT, XSDT
 //! 0x0010_0000  kernel
 //!      ...     RAM, initrd at the top of low RAM
 //! 0xd000_0000  MMIO hole: boot timer, then virtio-mmio devices
@@ -36,6 +37,11 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the Extended BIOS Data Area; the MP table lives here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI RSDP, where Linux scans the BIOS area for it; the other tables
+/// follow it.
+pub const RSDP_ADDR: u64 = 0xe_0000;
+/// The ACPI sleep control register (an I/O port, as Cloud Hypervisor's).
+pub const ACPI_SLEEP_PORT: u64 = 0x600;
 /// First address above the legacy BIOS area; kernels load here.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The MMIO hole below 4 GiB.

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::legacy::acpi_sleep::AcpiSleep;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::{SerialDevice, SerialOutput};
 use devices::legacy::EventFdTrigger;
@@ -11,7 +12,7 @@ use devices::pseudo::BootTimer;
 use devices::{Bus, BusError};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::layout;
+use crate::arch::{acpi, layout};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors attaching devices.
@@ -85,9 +86,18 @@ pub fn attach_legacy_devices(
         EventFdTrigger::new(aux_irq),
     )));
 
+    let power_off = reset_evt
+        .try_clone()
+        .map_err(|source| DeviceError::EventFd {
+            what: "the ACPI power-off",
+            source,
+        })?;
+    let acpi_sleep = AcpiSleep::new(acpi::S5_SLEEP_TYPE, EventFdTrigger::new(power_off));
+
     let mut pio_bus = Bus::new();
     pio_bus.insert(serial.clone(), COM1_PORT, 8)?;
     pio_bus.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)?;
+    pio_bus.insert(Arc::new(Mutex::new(acpi_sleep)), layout::ACPI_SLEEP_PORT, 1)?;
 
     let mut mmio_bus = Bus::new();
     if let Some(timer) = boot_timer {
