@@ -7,6 +7,8 @@
 #                      runner.sh as /init
 # Cached under ${TESSERA_CACHE_DIR:-~/.cache/tessera}/nested, keyed by a hash of
 # every input. Progress goes to stderr; the last stdout line is the directory.
+# With --stock-kernel it only fetches Debian's cloud kernel and prints the
+# path of its vmlinuz (for the early-boot test under this host's KVM).
 #
 # Inputs: TESSERA_BIN_DIR (default: target/release), TESSERA_GUEST_DIR (the L2
 # artifacts; default: built with resources/build-guest.sh), and optionally
@@ -157,6 +159,12 @@ peer() {
 readonly PEERS=(firecracker cloud-hypervisor)
 
 main() {
+	if [ "${1:-}" = --stock-kernel ]; then
+		local kernel_dir
+		kernel_dir=$(unpack_kernel "$(kernel_package)")
+		ls "$kernel_dir"/boot/vmlinuz-* | head -n 1 >&3
+		return
+	fi
 	ensure_packages
 	local guest_dir=${TESSERA_GUEST_DIR:-}
 	[ -n "$guest_dir" ] || guest_dir=$("$repo/resources/build-guest.sh" 3>&- | tail -n 1)
