@@ -21,6 +21,8 @@ use std::sync::Mutex;
 
 use backend_stats::{NetCounter, Stats};
 use tessera_backend_control::{ControlMessage, MmdsSettings};
+use vhost_user_common::guest_log;
+use vhost_user_common::ratelimit::{self, RateLimit};
 
 use store::Store;
 use tcp::Stack;
@@ -28,6 +30,10 @@ use token::Tokens;
 use wire::{ArpRequest, Incoming};
 
 pub use wire::is_for_mmds;
+
+/// Guest frames MMDS could not use, logged at debug level: the guest
+/// controls how many.
+static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 
 /// The first bytes of a frame that tell whether it is for MMDS.
 pub const PEEK_LEN: usize = 42;
@@ -149,7 +155,7 @@ impl Mmds {
             }
             Err(wire::WireError::NotTcp(_)) => self.stats.inc(NetCounter::MmdsRxAcceptedUnusual),
             Err(err) => {
-                log::debug!("MMDS: frame dropped: {err}");
+                guest_log!(&DROPPED, log::Level::Debug, "MMDS: frame dropped: {err}");
                 self.stats.inc(NetCounter::MmdsRxAcceptedErr);
             }
         }
