@@ -279,7 +279,8 @@ fn invalid_requests_get_400_with_a_clear_message() {
             "PUT",
             "/mmds/config",
             r#"{"network_interfaces": ["eth0"]}"#.into(),
-            "/mmds/config is not supported",
+            "MMMDS config error: The list of network interface IDs provided contains at least \
+             one ID that does not correspond to any existing network interface.",
         ),
         (
             "PUT",

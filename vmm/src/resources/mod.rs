@@ -601,7 +601,15 @@ mod tests {
             r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "mmds-config": {{"network_interfaces": []}}}}"#
         );
         let err = VmResources::from_json(&mmds).unwrap_err().to_string();
-        assert_eq!(err, "\"mmds-config\" is not supported by Tessera yet");
+        assert_eq!(
+            err,
+            "MMDS config error: The list of network interface IDs that allow forwarding MMDS \
+             requests is empty."
+        );
+        let cpu =
+            format!(r#"{{"boot-source": {{"kernel_image_path": "{k}"}}, "cpu-config": {{}}}}"#);
+        let err = VmResources::from_json(&cpu).unwrap_err().to_string();
+        assert_eq!(err, "\"cpu-config\" is not supported by Tessera yet");
     }
 
     #[test]
