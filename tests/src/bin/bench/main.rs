@@ -25,7 +25,7 @@
 //! the memory a balloon gives back beside Firecracker's (balloon.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod balloon;
@@ -36,6 +36,7 @@ mod entropy;
 mod fleet;
 mod jailer;
 mod migration;
+mod mmds;
 mod net;
 mod net_dpdk;
 mod net_frontend;
@@ -173,10 +174,12 @@ enum Mode {
     DriveLimits,
     Balloon,
     NetLimits,
+    /// MMDS reads beside Firecracker.
+    Mmds,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --balloon | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -200,6 +203,7 @@ fn main() {
             "--drive-limits" => mode = Mode::DriveLimits,
             "--balloon" => mode = Mode::Balloon,
             "--net-limits" => mode = Mode::NetLimits,
+            "--mmds" => mode = Mode::Mmds,
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -225,6 +229,7 @@ fn main() {
         Mode::DriveLimits => drive_limits::bench_drive_limits(runs),
         Mode::Balloon => balloon::bench_balloon(runs),
         Mode::NetLimits => net_limits::bench_net_limits(runs),
+        Mode::Mmds => mmds::bench_mmds(runs),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
