@@ -14,7 +14,10 @@ use tessera_tests::guest_artifacts;
 const DEADLINE: Duration = Duration::from_secs(90);
 
 /// Boots the probe with the entropy device (`entropy` is the PUT body) and
-/// `probe.rng_bytes=<bytes>`, plus `extra` on its command line.
+/// `probe.rng_bytes=<bytes>`, plus `extra` on its command line (a test
+/// that asks the API after the probe's read keeps it alive with
+/// `probe.ticks=0`: without it the probe ends right after, and the VMM
+/// with it).
 fn boot(entropy: serde_json::Value, bytes: u64, extra: &str) -> (ApiVm, ApiClient) {
     let api = ApiVm::start(&[]);
     let mut c = api.client();
@@ -56,7 +59,7 @@ fn rng_line(api: &mut ApiVm) -> (u64, u64, u64) {
 #[test]
 fn the_guest_reads_random_bytes_and_the_metrics_count_them() {
     const BYTES: u64 = 64 << 10;
-    let (mut api, mut c) = boot(json!({}), BYTES, "");
+    let (mut api, mut c) = boot(json!({}), BYTES, "probe.ticks=0");
     let (bytes, distinct, _) = rng_line(&mut api);
     assert_eq!(bytes, BYTES);
     assert_eq!(distinct, 256, "64 KiB of random bytes hold every value");
@@ -101,7 +104,7 @@ fn a_bandwidth_limit_holds_the_guest_to_its_rate() {
     // 8 KiB per 100 ms, starting full: 128 KiB take (128 - 8) / 80 s.
     const BYTES: u64 = 128 << 10;
     let limiter = json!({"rate_limiter": {"bandwidth": {"size": 8192, "refill_time": 100}}});
-    let (mut api, mut c) = boot(limiter.clone(), BYTES, "");
+    let (mut api, mut c) = boot(limiter.clone(), BYTES, "probe.ticks=0");
     let (bytes, _, ms) = rng_line(&mut api);
     assert_eq!(bytes, BYTES);
     assert_rate(ms, (BYTES - 8192) * 100 / 8192);
@@ -116,7 +119,7 @@ fn an_ops_limit_holds_the_guest_to_its_rate() {
     // here (every instruction may be emulated): 20 ms apart, the limiter
     // and not the guest sets the pace, also on a loaded host.
     let limiter = json!({"rate_limiter": {"ops": {"size": 5, "refill_time": 100}}});
-    let (mut api, mut c) = boot(limiter, 64 << 10, "");
+    let (mut api, mut c) = boot(limiter, 64 << 10, "probe.ticks=0");
     let (bytes, _, ms) = rng_line(&mut api);
     assert_eq!(bytes, 64 << 10);
     assert_rate(ms, 1180);
