@@ -160,10 +160,9 @@ pub fn deliver_into(
             }
             let n = to_copy.min(iov.iov_len);
             let piece: Vec<u8> = bytes.by_ref().take(n).collect();
-            // SAFETY: the iovec addresses device-writable guest memory that
-            // check_rx_chain mapped against the snapshot the caller still
-            // holds, at least `iov_len >= n` bytes long; `piece` is a
-            // separate buffer of `n` bytes.
+            // SAFETY: check_rx_chain mapped this device-writable iovec (at
+            // least n bytes) in the memory snapshot the caller still holds;
+            // `piece` is a separate buffer of n bytes.
             unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), iov.iov_base.cast(), n) };
             to_copy -= n;
         }
