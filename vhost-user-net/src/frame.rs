@@ -138,11 +138,7 @@ pub fn deliver_into(
     mergeable: bool,
 ) -> Result<Received, FrameError> {
     let len = VNET_HDR_LEN + frame.len();
-    let usable = if mergeable {
-        chains.len()
-    } else {
-        chains.len().min(1)
-    };
+    let usable = usable_chains(chains.len(), mergeable);
     let capacity: usize = chains[..usable].iter().map(|c| c.capacity).sum();
     if len > capacity {
         return Err(FrameError::TooLong(len));
@@ -173,14 +169,7 @@ pub fn deliver_into(
         }
     }
     if mergeable {
-        if let Some(addr) = chains[0].num_buffers {
-            let num_buffers = used.len() as u16;
-            mem.write_obj(num_buffers.to_le(), addr)
-                .map_err(|_| FrameError::BadAddress {
-                    addr: addr.0,
-                    len: 2,
-                })?;
-        }
+        write_num_buffers(&chains[0], used.len(), mem)?;
     }
     Ok(Received::Frame { len, used })
 }
@@ -237,11 +226,7 @@ pub fn receive(
     fd: RawFd,
     mergeable: bool,
 ) -> Result<Received, FrameError> {
-    let usable = if mergeable {
-        chains.len()
-    } else {
-        chains.len().min(1)
-    };
+    let usable = usable_chains(chains.len(), mergeable);
     let checked = chains[..usable]
         .iter()
         .map(|chain| check_rx_chain(0, chain, mem))
@@ -258,11 +243,7 @@ pub fn receive_into(
     fd: RawFd,
     mergeable: bool,
 ) -> Result<Received, FrameError> {
-    let wanted = if mergeable {
-        chains.len()
-    } else {
-        chains.len().min(1)
-    };
+    let wanted = usable_chains(chains.len(), mergeable);
     // Whole chains only, and no more iovecs than readv takes.
     scratch.clear();
     let mut usable = 0;
@@ -299,16 +280,36 @@ pub fn receive_into(
         }
     }
     if mergeable {
-        if let Some(addr) = chains[0].num_buffers {
-            let num_buffers = used.len() as u16;
-            mem.write_obj(num_buffers.to_le(), addr)
-                .map_err(|_| FrameError::BadAddress {
-                    addr: addr.0,
-                    len: 2,
-                })?;
-        }
+        write_num_buffers(&chains[0], used.len(), mem)?;
     }
     Ok(Received::Frame { len, used })
+}
+
+/// How many of `chains` one frame may use: all with mergeable buffers,
+/// else the first.
+fn usable_chains(chains: usize, mergeable: bool) -> usize {
+    if mergeable {
+        chains
+    } else {
+        chains.min(1)
+    }
+}
+
+/// With mergeable buffers: how many chains a frame took, in its first
+/// chain's header.
+fn write_num_buffers(
+    first: &RxChain,
+    chains: usize,
+    mem: &BackendMemory,
+) -> Result<(), FrameError> {
+    let Some(addr) = first.num_buffers else {
+        return Ok(());
+    };
+    mem.write_obj((chains as u16).to_le(), addr)
+        .map_err(|_| FrameError::BadAddress {
+            addr: addr.0,
+            len: 2,
+        })
 }
 
 /// The guest address of byte `offset` of a chain, if the two bytes there
