@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod guest_log;
 pub mod legacy;
+pub mod pci;
 pub mod pseudo;
 pub mod vhost_user;
 pub mod virtio;
