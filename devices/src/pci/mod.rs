@@ -6,6 +6,14 @@
 //! Slots, BARs and GSIs are fixed by the slot number, so a device needs
 //! nothing else to be placed, hot-plugged or restored from a snapshot.
 
+pub mod bus;
+pub mod config;
+pub mod msix;
+
+pub use bus::{PciBarWindow, PciConfigIo, PciEcam, PciFunction, PciHandle, PciSlots, SlotError};
+pub use config::{ConfigSpace, PciIdentity};
+pub use msix::{Msix, MsixInterrupts, MsixState, NO_VECTOR};
+
 use std::io;
 use std::ops::Range;
 

@@ -1,13 +1,20 @@
 //! Virtio device plumbing shared by the VMM's devices: the device trait the
-//! transport drives, and the virtio-mmio transport itself.
+//! transports drive, their shared core, and the virtio-mmio and virtio-pci
+//! transports themselves.
 
 pub mod balloon;
+mod common;
 pub mod entropy;
 mod mmio;
+pub mod pci;
 mod queue;
+mod transport;
 
-pub use mmio::{MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use common::{VirtioCore, VirtioState};
+pub use mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+pub use pci::{PciEventfds, PciTransport, PciTransportState};
 pub use queue::{queue_from_layout, take_over_at_used_index, QueueLayoutError};
+pub use transport::VirtioTransport;
 
 use vm_memory::GuestAddress;
 
