@@ -4,7 +4,7 @@
 //! the driver; statistics stay on or off as they booted.
 
 use devices::virtio::balloon::{Balloon, HintCommandError};
-use devices::virtio::MmioTransport;
+use devices::virtio::VirtioTransport;
 use vmm_config::{
     BalloonDeviceConfig, BalloonError, BalloonStats, HintingStatus, StartHintingCmd, PAGES_PER_MIB,
 };
@@ -30,7 +30,7 @@ pub enum BalloonActionError {
 impl Vmm {
     fn with_balloon<R>(
         &self,
-        f: impl FnOnce(&mut MmioTransport<Balloon>) -> Result<R, BalloonActionError>,
+        f: impl FnOnce(&mut VirtioTransport<Balloon>) -> Result<R, BalloonActionError>,
     ) -> Result<R, BalloonActionError> {
         let transport = self
             .devices

@@ -24,7 +24,9 @@ use crate::arch::cpu_features::CpuFeatures;
 use crate::arch::cpuid::Topology;
 use crate::arch::layout;
 use crate::arch::regs::{self, RegsError};
-use crate::device_manager::{self, AttachError, BackendSpawner, DeviceError, DeviceKind};
+use crate::device_manager::{
+    self, AttachError, BackendSpawner, DeviceError, DeviceKind, LegacyDevices, Placement,
+};
 use crate::exit_handler::ExitHandler;
 use crate::memory::{self, MemoryError};
 use crate::mmds::MmdsService;
@@ -176,12 +178,13 @@ pub fn build_microvm(
     let mut cmdline = kernel_cmdline(boot_source.cmdline())?;
 
     let mut legacy = attach_legacy_devices(&vm, resources, options)?;
-    let attached = attach_vhost_user_devices(
+    let attached = attach_virtio_devices(
         &vm,
         &guest_memory,
         resources,
         options,
-        &mut legacy.mmio_bus,
+        options.enable_pci,
+        &mut legacy,
         &mut cmdline,
     )?;
 
@@ -389,6 +392,8 @@ pub(crate) struct AttachedDevices {
     pub(crate) dirty_log: Option<Arc<DirtyLog>>,
     /// How the interfaces serve MMDS, if any does.
     pub(crate) mmds: Option<MmdsService>,
+    /// The PCI root bus, with `--enable-pci`.
+    pub(crate) pci: Option<device_manager::PciBus>,
 }
 
 impl AttachedDevices {
@@ -428,16 +433,29 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Starts (or connects to) each device's backend and puts the drives, the
-/// interfaces and the vsock device on the MMIO bus, in that order.
-pub(crate) fn attach_vhost_user_devices(
+/// Starts (or connects to) each device's backend and places the drives,
+/// the interfaces, the vsock, entropy and balloon devices, in that order,
+/// on virtio-mmio or (`pci`) on a PCI root bus put on `legacy`'s buses.
+pub(crate) fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     resources: &VmResources,
     options: &BootOptions,
-    mmio_bus: &mut devices::Bus,
+    pci: bool,
+    legacy: &mut LegacyDevices,
     cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, StartMicrovmError> {
+    let pci = if pci {
+        let router = vm.msi_router();
+        let bus =
+            device_manager::attach_pci_root(&mut legacy.pio_bus, &mut legacy.mmio_bus, router)
+                .map_err(|source| StartMicrovmError::Devices(DeviceError::Bus(source)))?;
+        Some(bus)
+    } else {
+        None
+    };
+    let mut placement = Placement::new(vm, &mut legacy.mmio_bus, cmdline, pci.clone());
+    let placement = &mut placement;
     if has_backends(resources) {
         let filters = options.seccomp.clone();
         devices::vhost_user::watchdog::start(move || {
@@ -455,16 +473,8 @@ pub(crate) fn attach_vhost_user_devices(
             options,
         )?;
         let vcpus = u64::from(resources.machine_config.vcpu_count);
-        device_manager::attach_block_devices(
-            vm,
-            mem,
-            &resources.drives,
-            &spawner,
-            vcpus,
-            mmio_bus,
-            cmdline,
-        )
-        .inspect(|_| block_spawner = Some(spawner))?
+        device_manager::attach_block_devices(mem, &resources.drives, &spawner, vcpus, placement)
+            .inspect(|_| block_spawner = Some(spawner))?
     };
     let mut mmds = resources
         .mmds_config
@@ -484,7 +494,6 @@ pub(crate) fn attach_vhost_user_devices(
             (&*service, store)
         });
         device_manager::attach_net_devices(
-            vm,
             mem,
             device_manager::Interfaces {
                 configs: &resources.network_interfaces,
@@ -493,9 +502,7 @@ pub(crate) fn attach_vhost_user_devices(
                     .map(|(service, store)| (*service, store.as_slice())),
             },
             &spawner,
-            block.len(),
-            mmio_bus,
-            cmdline,
+            placement,
         )?
     };
     let vsock = match &resources.vsock {
@@ -507,42 +514,24 @@ pub(crate) fn attach_vhost_user_devices(
                 options,
             )?;
             Some(device_manager::attach_vsock_device(
-                vm,
-                mem,
-                vsock,
-                &spawner,
-                block.len() + net.len(),
-                mmio_bus,
-                cmdline,
+                mem, vsock, &spawner, placement,
             )?)
         }
     };
     let entropy = match &resources.entropy {
         None => None,
-        Some(config) => {
-            let slot = block.len() + net.len() + usize::from(vsock.is_some());
-            Some(device_manager::attach_entropy_device(
-                vm, mem, config, slot, mmio_bus, cmdline,
-            )?)
-        }
+        Some(config) => Some(device_manager::attach_entropy_device(
+            mem, config, placement,
+        )?),
     };
     let balloon = match &resources.balloon {
         None => None,
-        Some(config) => {
-            let slot = block.len()
-                + net.len()
-                + usize::from(vsock.is_some())
-                + usize::from(entropy.is_some());
-            Some(device_manager::attach_balloon_device(
-                vm,
-                mem,
-                config,
-                resources.machine_config.mem_size_mib,
-                slot,
-                mmio_bus,
-                cmdline,
-            )?)
-        }
+        Some(config) => Some(device_manager::attach_balloon_device(
+            mem,
+            config,
+            resources.machine_config.mem_size_mib,
+            placement,
+        )?),
     };
     let mut attached = AttachedDevices {
         block,
@@ -553,6 +542,7 @@ pub(crate) fn attach_vhost_user_devices(
         balloon,
         dirty_log: None,
         mmds,
+        pci,
     };
     if has_backends(resources) || attached.entropy.is_some() || attached.balloon.is_some() {
         // Made now, while the VMM may still create memfds: without

@@ -10,7 +10,7 @@ use std::time::Duration;
 use devices::legacy::i8042::{I8042Error, I8042};
 use devices::legacy::serial::SerialDevice;
 use devices::vhost_user::{DeviceName, DirtyLog, VhostUserDevice};
-use devices::virtio::MmioTransport;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use nix::sys::stat::SFlag;
 use vm_memory::GuestMemoryMmap;
@@ -284,7 +284,7 @@ impl Vmm {
 
     /// Whether every device's backend logs the pages it writes.
     fn devices_log_dirty_pages(&self) -> bool {
-        fn logs<D: VhostUserDevice>(transport: &Mutex<MmioTransport<D>>) -> bool {
+        fn logs<D: VhostUserDevice>(transport: &Mutex<VirtioTransport<D>>) -> bool {
             lock(transport).device().queues().logs_dirty_pages()
         }
         self.devices.block.iter().all(|t| logs(t))
@@ -307,10 +307,16 @@ impl Vmm {
             interfaces: devices.interfaces,
             vsock: devices.vsock,
             entropy: self.devices.entropy.as_ref().map(|t| lock(t).state()),
+            entropy_pci: self
+                .devices
+                .entropy
+                .as_ref()
+                .and_then(|t| lock(t).pci_state()),
             balloon: self.devices.balloon.as_ref().map(|t| {
                 let t = lock(t);
                 snapshot::BalloonSnapshot {
                     transport: t.state(),
+                    pci: t.pci_state(),
                     device: t.device().state(),
                 }
             }),
@@ -365,7 +371,7 @@ impl Vmm {
         mut f: impl FnMut(&DeviceName, &mut devices::vhost_user::VhostUserQueues),
     ) {
         fn with<D: VhostUserDevice>(
-            transport: &Mutex<MmioTransport<D>>,
+            transport: &Mutex<VirtioTransport<D>>,
             f: &mut impl FnMut(&DeviceName, &mut devices::vhost_user::VhostUserQueues),
         ) {
             let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
@@ -392,8 +398,7 @@ impl Vmm {
         for transport in &self.devices.net {
             let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
             if transport.device_mut().announce() {
-                transport.config_changed();
-                transport.device().interrupt_guest();
+                transport.notify_config_change();
                 log::info!(
                     "{}: asked the guest to announce itself",
                     transport.device().queues().device()
@@ -677,7 +682,7 @@ impl Drop for Vmm {
 
 /// One vhost-user device's own counters, as totals: the transport's and
 /// the frontend's.
-fn vhost_user_totals<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_json::Value {
+fn vhost_user_totals<D: VhostUserDevice>(transport: &VirtioTransport<D>) -> serde_json::Value {
     let c = transport.device().queues().counters();
     serde_json::json!({
         "invalid_mmio_accesses": transport.invalid_accesses(),
@@ -692,7 +697,7 @@ fn vhost_user_totals<D: VhostUserDevice>(transport: &MmioTransport<D>) -> serde_
 /// What the device's backends counted in its stats page since the last
 /// flush.
 fn backend_increments<D: VhostUserDevice>(
-    transport: &MmioTransport<D>,
+    transport: &VirtioTransport<D>,
 ) -> serde_json::Map<String, serde_json::Value> {
     let queues = transport.device().queues();
     queues

@@ -6,7 +6,8 @@
 //! activation, reset and when its backend is gone for good.
 
 use super::{VhostUserDevice, VhostUserQueues};
-use crate::virtio::{ActivateError, QueueLayout, VirtioDevice};
+use crate::virtio::{ActivateError, QueueEventfds, QueueLayout, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Entries per queue the guest may use, on every kind of device.
 pub const QUEUE_SIZE: u16 = 256;
@@ -50,6 +51,12 @@ pub trait DeviceModel: Send {
     /// No backend will come back: says what becomes of the guest's
     /// requests (and does it).
     fn give_up(&mut self, queues: &mut VhostUserQueues);
+
+    /// The (notification, interrupt) eventfds of the queues the VMM
+    /// serves itself, which follow the backend's.
+    fn own_queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)> {
+        Vec::new()
+    }
 }
 
 /// A virtio device of kind `M` whose queues a vhost-user backend serves.
@@ -120,6 +127,13 @@ impl<M: DeviceModel> VirtioDevice for VhostUser<M> {
 
     fn reset(&mut self) {
         self.model.reset(&mut self.queues);
+    }
+}
+
+impl<M: DeviceModel> QueueEventfds for VhostUser<M> {
+    fn queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)> {
+        let backend = self.queues.kick_fds().iter().zip(self.queues.call_fds());
+        backend.chain(self.model.own_queue_eventfds()).collect()
     }
 }
 

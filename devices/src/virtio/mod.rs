@@ -17,6 +17,7 @@ pub use queue::{queue_from_layout, take_over_at_used_index, QueueLayoutError};
 pub use transport::VirtioTransport;
 
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
@@ -67,4 +68,12 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device after a driver reset; it can be activated again.
     fn reset(&mut self);
+}
+
+/// A device whose queues are wired with eventfds: the VMM registers each
+/// queue's notification as an ioeventfd and its interrupt as an irqfd, on
+/// whichever transport the device sits.
+pub trait QueueEventfds {
+    /// Each queue's (notification, interrupt) eventfds, in queue order.
+    fn queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)>;
 }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::vhost_user::{VhostUserDevice, VhostUserFrontend};
-use devices::virtio::MmioTransport;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
@@ -50,7 +50,7 @@ pub enum Watched {
 
 /// The watch over one device's backend.
 pub struct BackendWatch<D: VhostUserDevice> {
-    transport: Arc<Mutex<MmioTransport<D>>>,
+    transport: Arc<Mutex<VirtioTransport<D>>>,
     /// "drive <id>" or "interface <id>", for log lines.
     label: String,
     connect: Connector,
@@ -68,7 +68,7 @@ impl<D: VhostUserDevice> BackendWatch<D> {
     /// Watches the backend of `transport` (a `kind` device: "drive",
     /// "interface"); `connect` makes a new backend connection for it.
     pub fn new(
-        transport: Arc<Mutex<MmioTransport<D>>>,
+        transport: Arc<Mutex<VirtioTransport<D>>>,
         kind: &str,
         connect: Connector,
     ) -> std::io::Result<Self> {
@@ -89,7 +89,7 @@ impl<D: VhostUserDevice> BackendWatch<D> {
     }
 
     /// The transport of the watched device.
-    pub fn transport(&self) -> &Arc<Mutex<MmioTransport<D>>> {
+    pub fn transport(&self) -> &Arc<Mutex<VirtioTransport<D>>> {
         &self.transport
     }
 
@@ -200,10 +200,7 @@ impl<D: VhostUserDevice> BackendWatch<D> {
                 "{}: its configuration changed; telling the guest",
                 self.label
             );
-            transport.config_changed();
-            if let Some(call) = transport.device().queues().call_fds().first() {
-                let _ = call.write(1);
-            }
+            transport.notify_config_change();
         }
         Ok(fd)
     }

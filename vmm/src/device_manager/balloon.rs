@@ -1,5 +1,5 @@
-//! The balloon device: a virtio-mmio device the VMM serves itself (no
-//! backend process), in the slot after the entropy device's. Its queues'
+//! The balloon device: a virtio device the VMM serves itself (no backend
+//! process), in the slot after the entropy device's. Its queues'
 //! notifications are ioeventfds and its interrupt an irqfd, as for the
 //! others; the main event loop serves the queues and the statistics timer
 //! ([`BalloonMonitor`]). Pages the guest gives back are discarded from
@@ -10,31 +10,26 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::balloon::{Balloon, BalloonOptions};
-use devices::virtio::MmioTransport;
-use devices::Bus;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_config::BalloonDeviceConfig;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{place_on_bus, virtio_mmio_slot, wire_eventfds, MmioSlotError};
-use crate::vstate::vm::Vm;
+use super::placement::{PlaceError, Placement};
 
-/// The balloon device on the MMIO bus.
-pub type BalloonTransport = Arc<Mutex<MmioTransport<Balloon>>>;
+/// The balloon device on its transport.
+pub type BalloonTransport = Arc<Mutex<VirtioTransport<Balloon>>>;
 
 /// Errors attaching the balloon device.
 #[derive(Debug, thiserror::Error)]
 pub enum BalloonAttachError {
-    #[error("balloon: too many virtio devices, no MMIO slot or IRQ is left")]
-    NoSlot,
     #[error("balloon: {0}")]
     Config(#[from] vmm_config::BalloonError),
     #[error("balloon: cannot create its eventfds or timer: {0}")]
     Create(std::io::Error),
     #[error("balloon: {0}")]
-    Slot(#[from] MmioSlotError),
+    Place(#[from] PlaceError),
 }
 
 /// The device's options from its configuration.
@@ -47,19 +42,15 @@ pub fn balloon_options(config: &BalloonDeviceConfig) -> BalloonOptions {
     }
 }
 
-/// Creates the device in MMIO slot `slot` with `config`'s target, wires
-/// its queues, puts it on the bus and adds its `virtio_mmio.device=`
-/// entry to `cmdline`.
+/// Creates the device with `config`'s target and places it (see
+/// [`Placement`]).
 pub fn attach_balloon_device(
-    vm: &Vm,
     mem: &GuestMemoryMmap,
     config: &BalloonDeviceConfig,
     mem_size_mib: usize,
-    slot: usize,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
+    placement: &mut Placement,
 ) -> Result<BalloonTransport, BalloonAttachError> {
-    let (base, irq) = virtio_mmio_slot(slot).ok_or(BalloonAttachError::NoSlot)?;
+    placement.check_room()?;
     let target = config.target_pages(mem_size_mib)?;
     let discard_mem = mem.clone();
     let discard = Box::new(move |addr, len| {
@@ -67,12 +58,8 @@ pub fn attach_balloon_device(
     });
     let device = Balloon::new(mem.clone(), balloon_options(config), target, discard)
         .map_err(BalloonAttachError::Create)?;
-    let kicks: Vec<_> = device.kick_fds().iter().enumerate().collect();
-    let kicks = kicks.into_iter().map(|(i, fd)| (i as u32, fd));
-    wire_eventfds(vm, base, irq, kicks, [device.call_fd()])?;
-    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline)?;
-    log::info!("balloon: virtio-mmio at {base:#x}, IRQ {irq}, target {target} pages");
+    let (transport, location) = placement.place(device)?;
+    log::info!("balloon: {location}, target {target} pages");
     Ok(transport)
 }
 
@@ -123,9 +110,6 @@ impl MutEventSubscriber for BalloonMonitor {
 }
 
 /// Tells the driver the balloon's config space changed.
-pub fn raise_config_change(transport: &mut MmioTransport<Balloon>) {
-    transport.config_changed();
-    if let Err(err) = transport.device().call_fd().write(1) {
-        log::error!("balloon: cannot interrupt the guest: {err}");
-    }
+pub fn raise_config_change(transport: &mut VirtioTransport<Balloon>) {
+    transport.notify_config_change();
 }

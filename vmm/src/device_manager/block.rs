@@ -1,4 +1,4 @@
-//! Block devices: one virtio-mmio device per drive, served by a
+//! Block devices: one virtio device per drive, served by a
 //! `vhost-user-blk` process: an external one (`socket`) or one the VMM starts
 //! for the drive's host file (`path_on_host`). The root drive comes first, so
 //! it is `/dev/vda`; the others follow in API order. A drive's rate limits
@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::blk::VhostUserBlock;
 use devices::vhost_user::{VhostUserDevice as _, VhostUserFrontend};
-use devices::virtio::MmioTransport;
-use devices::Bus;
+use devices::virtio::VirtioTransport;
 use linux_loader::loader::Cmdline;
 use tessera_backend_control::{ControlMessage, LimitTarget};
 use tessera_rate_limiter::RateLimiterConfig;
@@ -19,16 +18,16 @@ use vmm_config::BlockDeviceConfig;
 
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::Connector;
+use super::placement::Placement;
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use crate::vstate::vm::Vm;
 
 /// The most queues a block device gets.
 pub const MAX_QUEUES: u64 = 8;
 /// The serial number a drive reports (GET_ID) holds 20 bytes.
 const SERIAL_LEN: usize = 20;
 
-/// A block device on the MMIO bus.
-pub type BlockTransport = Arc<Mutex<MmioTransport<VhostUserBlock>>>;
+/// A block device on its transport.
+pub type BlockTransport = Arc<Mutex<VirtioTransport<VhostUserBlock>>>;
 
 /// The control message that gives a drive's backend its limits.
 pub fn drive_limits_message(limits: RateLimiterConfig) -> ControlMessage {
@@ -94,24 +93,21 @@ fn root_cmdline(
     })
 }
 
-/// Creates a device per drive, wires its queues (ioeventfd per queue on
-/// QueueNotify, irqfd per queue on its IRQ), puts it on the MMIO bus and
-/// adds its `virtio_mmio.device=` (and `root=`) entries to `cmdline`.
-/// Each device comes with what brings it a new backend.
+/// Creates a device per drive and places it (see [`Placement`]), adding
+/// `root=` to the kernel command line for the root drive. Each device comes with what
+/// brings it a new backend.
 pub fn attach_block_devices(
-    vm: &Vm,
     mem: &GuestMemoryMmap,
     drives: &[BlockDeviceConfig],
     spawner: &BackendSpawner,
     queues: u64,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
+    placement: &mut Placement,
 ) -> Result<Vec<(BlockTransport, Connector)>, AttachError> {
     let mut transports = Vec::new();
-    for (index, drive) in device_order(drives).into_iter().enumerate() {
+    for drive in device_order(drives) {
         let id = drive.drive_id.clone();
         let queues = queues.clamp(1, MAX_QUEUES);
-        let slot = vhost_user::slot(DeviceKind::Drive, &id, index)?;
+        vhost_user::check_room(placement, DeviceKind::Drive, &id)?;
         let frontend = connect(drive, spawner, queues)?;
         let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
         if let Some(limits) = drive
@@ -127,15 +123,15 @@ pub fn attach_block_devices(
                     source,
                 })?;
         }
-        let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
+        let transport = vhost_user::attach(device, spawner, placement)?;
         if drive.is_root_device {
-            root_cmdline(drive, cmdline).map_err(|source| AttachError::Cmdline {
+            root_cmdline(drive, placement.cmdline()).map_err(|source| AttachError::Cmdline {
                 kind: DeviceKind::Drive,
                 id: id.clone(),
                 source,
             })?;
         }
-        transports.push((placed.transport, connector(drive, spawner, queues)));
+        transports.push((transport, connector(drive, spawner, queues)));
     }
     Ok(transports)
 }

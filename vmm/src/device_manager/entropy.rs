@@ -1,5 +1,5 @@
-//! The entropy device: a virtio-mmio device the VMM serves itself (no
-//! backend process), in the slot after the vsock device's. Its queue's
+//! The entropy device: a virtio device the VMM serves itself (no backend
+//! process), in the slot after the vsock device's. Its queue's
 //! notification is an ioeventfd and its interrupt an irqfd, as for the
 //! others; the main event loop serves the queue ([`EntropyMonitor`]) when
 //! the guest notifies it or the rate limiter's timer fires.
@@ -8,48 +8,37 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::entropy::Entropy;
-use devices::virtio::MmioTransport;
-use devices::Bus;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 use vmm_config::EntropyDeviceConfig;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{place_on_bus, virtio_mmio_slot, wire_eventfds, MmioSlotError};
-use crate::vstate::vm::Vm;
+use super::placement::{PlaceError, Placement};
 
-/// The entropy device on the MMIO bus.
-pub type EntropyTransport = Arc<Mutex<MmioTransport<Entropy>>>;
+/// The entropy device on its transport.
+pub type EntropyTransport = Arc<Mutex<VirtioTransport<Entropy>>>;
 
 /// Errors attaching the entropy device.
 #[derive(Debug, thiserror::Error)]
 pub enum EntropyAttachError {
-    #[error("entropy: too many virtio devices, no MMIO slot or IRQ is left")]
-    NoSlot,
     #[error("entropy: cannot create its eventfds or rate limiter: {0}")]
     Create(std::io::Error),
     #[error("entropy: {0}")]
-    Slot(#[from] MmioSlotError),
+    Place(#[from] PlaceError),
 }
 
-/// Creates the device in MMIO slot `slot`, wires its queue, puts it on the
-/// bus and adds its `virtio_mmio.device=` entry to `cmdline`.
+/// Creates the device and places it (see [`Placement`]).
 pub fn attach_entropy_device(
-    vm: &Vm,
     mem: &GuestMemoryMmap,
     config: &EntropyDeviceConfig,
-    slot: usize,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
+    placement: &mut Placement,
 ) -> Result<EntropyTransport, EntropyAttachError> {
-    let (base, irq) = virtio_mmio_slot(slot).ok_or(EntropyAttachError::NoSlot)?;
+    placement.check_room()?;
     let device = Entropy::new(mem.clone(), &config.rate_limiter.unwrap_or_default())
         .map_err(EntropyAttachError::Create)?;
-    wire_eventfds(vm, base, irq, [(0, device.kick_fd())], [device.call_fd()])?;
-    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline)?;
-    log::info!("entropy: virtio-mmio at {base:#x}, IRQ {irq}");
+    let (transport, location) = placement.place(device)?;
+    log::info!("entropy: {location}");
     Ok(transport)
 }
 

@@ -1,26 +1,23 @@
-//! Network devices: one virtio-mmio device per interface, served by a
+//! Network devices: one virtio device per interface, served by a
 //! `vhost-user-net` process: an external one (`socket`) or one the VMM
 //! starts for the interface's TAP (`host_dev_name`, with `--queues` twice
-//! `num_queue_pairs`). They take the MMIO slots after the drives'.
+//! `num_queue_pairs`). They take the slots after the drives'.
 //!
 //! An interface's RX and TX rate limits, and its MMDS settings and store,
 //! go to its backend as control messages, before the guest starts the
 //! device, and again to every backend that takes over.
 //!
-//! With several queue pairs the control queue stays in the VMM: its
-//! QueueNotify is an ioeventfd of its own that [`NetBackendMonitor`]
-//! watches on the main event loop, and its interrupt an irqfd on the
-//! device's IRQ.
+//! The control queue stays in the VMM: its notification is an ioeventfd
+//! of its own that [`NetBackendMonitor`] watches on the main event loop,
+//! and its interrupt an irqfd like the backend's queues'.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::net::VhostUserNet;
 use devices::vhost_user::{VhostUserDevice as _, VhostUserFrontend};
-use devices::virtio::MmioTransport;
-use devices::Bus;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use linux_loader::loader::Cmdline;
 use tessera_backend_control::{ControlMessage, LimitTarget};
 use tessera_rate_limiter::RateLimiterConfig;
 use vm_memory::GuestMemoryMmap;
@@ -29,16 +26,15 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
+use super::placement::Placement;
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
-use super::{wire_eventfds, MmioSlotError};
 use crate::mmds::MmdsService;
-use crate::vstate::vm::Vm;
 
 /// RX and TX: the queues of one pair.
 const QUEUES_PER_PAIR: u64 = 2;
 
-/// A network device on the MMIO bus.
-pub type NetTransport = Arc<Mutex<MmioTransport<VhostUserNet>>>;
+/// A network device on its transport.
+pub type NetTransport = Arc<Mutex<VirtioTransport<VhostUserNet>>>;
 
 /// Connects to the interface's backend, or starts one for its TAP with
 /// a queue pair per `num_queue_pairs`. At most that many pairs are used.
@@ -87,18 +83,6 @@ fn interface_limits(iface: &NetworkInterfaceConfig) -> Vec<ControlMessage> {
     interface_limits_messages(iface.rx_rate_limiter, iface.tx_rate_limiter, false)
 }
 
-/// Connects the guest to the VMM for the control queue: an ioeventfd on
-/// QueueNotify matching its index, and an irqfd on the device's IRQ.
-fn wire_ctrl_queue(
-    vm: &Vm,
-    base: u64,
-    irq: u32,
-    device: &VhostUserNet,
-) -> Result<(), MmioSlotError> {
-    let (index, kick, call) = device.ctrl_eventfds();
-    wire_eventfds(vm, base, irq, [(index, kick)], [call])
-}
-
 /// The interfaces to attach, and how those that serve MMDS do: the
 /// service and the messages that carry the store.
 #[derive(Clone, Copy)]
@@ -107,23 +91,17 @@ pub struct Interfaces<'a> {
     pub mmds: Option<(&'a MmdsService, &'a [ControlMessage])>,
 }
 
-/// Creates a device per interface from MMIO slot `first_slot` on, wires
-/// its queues (an ioeventfd per queue on QueueNotify, an irqfd per queue on
-/// its IRQ), puts it on the MMIO bus and adds its `virtio_mmio.device=`
-/// entry to `cmdline`.
+/// Creates a device per interface and places it (see [`Placement`]).
 pub fn attach_net_devices(
-    vm: &Vm,
     mem: &GuestMemoryMmap,
     interfaces: Interfaces<'_>,
     spawner: &BackendSpawner,
-    first_slot: usize,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
+    placement: &mut Placement,
 ) -> Result<Vec<(NetTransport, Connector)>, AttachError> {
     let mut transports = Vec::new();
-    for (index, iface) in interfaces.configs.iter().enumerate() {
+    for iface in interfaces.configs {
         let id = iface.iface_id.clone();
-        let slot = vhost_user::slot(DeviceKind::Interface, &id, first_slot + index)?;
+        vhost_user::check_room(placement, DeviceKind::Interface, &id)?;
         let frontend = connect(iface, spawner)?;
         let mac = iface.guest_mac.as_deref().and_then(parse_mac);
         let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
@@ -146,17 +124,7 @@ pub fn attach_net_devices(
                 })?;
         }
         let pairs = device.queue_pairs();
-        let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
-        let transport = placed.transport;
-        let device = transport.lock().unwrap_or_else(|p| p.into_inner());
-        wire_ctrl_queue(vm, placed.base, placed.irq, device.device()).map_err(|source| {
-            AttachError::Attach {
-                kind: DeviceKind::Interface,
-                id: id.clone(),
-                source,
-            }
-        })?;
-        drop(device);
+        let transport = vhost_user::attach(device, spawner, placement)?;
         log::info!("interface {id}: {pairs} queue pair(s)");
         let (iface, spawner) = (iface.clone(), spawner.clone());
         let connector: Connector =

@@ -1,7 +1,7 @@
 //! What attaching any vhost-user device takes, whatever its kind: a
 //! backend (an external socket, or a process the VMM starts for the
-//! device's file or TAP), a virtio-mmio slot wired straight to the backend,
-//! and errors that name the device by kind and id.
+//! device's file or TAP), a slot wired straight to the backend, and errors
+//! that name the device by kind and id.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,14 +10,11 @@ pub use devices::vhost_user::DeviceKind;
 use devices::vhost_user::{
     DeviceModel, FrontendError, VhostUser, VhostUserDevice, VhostUserDeviceError, VhostUserFrontend,
 };
-use devices::virtio::MmioTransport;
-use devices::Bus;
-use linux_loader::loader::Cmdline;
+use devices::virtio::VirtioTransport;
 
 use super::backend_process::{BackendProcessError, BackendSpawner, BackendTarget};
-use super::{place_on_bus, virtio_mmio_slot, wire_queues, MmioSlotError};
+use super::placement::{Location, PlaceError, Placement};
 use crate::builder::BootOptions;
-use crate::vstate::vm::Vm;
 
 /// The backend binary the VMM starts for a kind of device.
 fn backend_binary(kind: DeviceKind) -> &'static str {
@@ -31,8 +28,12 @@ fn backend_binary(kind: DeviceKind) -> &'static str {
 /// Errors attaching a vhost-user device.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
-    #[error("too many virtio devices: {kind} {id} has no MMIO slot or IRQ left")]
-    NoSlot { kind: DeviceKind, id: String },
+    #[error("too many virtio devices: {kind} {id}: {source}")]
+    NoSlot {
+        kind: DeviceKind,
+        id: String,
+        source: PlaceError,
+    },
     #[error("{kind} {id}: {source}")]
     Backend {
         kind: DeviceKind,
@@ -51,7 +52,7 @@ pub enum AttachError {
     Attach {
         kind: DeviceKind,
         id: String,
-        source: MmioSlotError,
+        source: PlaceError,
     },
     #[error("{kind} {id}: cannot add it to the kernel command line: {source}")]
     Cmdline {
@@ -100,56 +101,44 @@ pub fn connect(
     VhostUserFrontend::from_stream(stream, source.max_queues).map_err(frontend_err)
 }
 
-/// A vhost-user device on the MMIO bus.
-pub type Transport<M> = Arc<Mutex<MmioTransport<VhostUser<M>>>>;
+/// A vhost-user device on its transport.
+pub type Transport<M> = Arc<Mutex<VirtioTransport<VhostUser<M>>>>;
 
-/// A device placed in its slot, with the slot's address and IRQ.
-pub struct Placed<M: DeviceModel> {
-    pub transport: Transport<M>,
-    pub base: u64,
-    pub irq: u32,
+/// Checks that device `id` of `kind` has a slot, before its backend is
+/// started.
+pub fn check_room(placement: &Placement, kind: DeviceKind, id: &str) -> Result<(), AttachError> {
+    placement
+        .check_room()
+        .map_err(|source| AttachError::NoSlot {
+            kind,
+            id: id.to_string(),
+            source,
+        })
 }
 
-/// The `index`-th virtio-mmio slot (base address and IRQ) for device `id`
-/// of `kind`; checked before its backend is started.
-pub fn slot(kind: DeviceKind, id: &str, index: usize) -> Result<(u64, u32), AttachError> {
-    virtio_mmio_slot(index).ok_or_else(|| AttachError::NoSlot {
-        kind,
-        id: id.to_string(),
-    })
-}
-
-/// Puts `device` in its virtio-mmio slot (from [`slot`]): it reads its
-/// backend's counters (when the VMM started the backend), the guest's
-/// notifications of each queue go to the backend's kick eventfd (an
-/// ioeventfd) and the backend's call eventfds raise the slot's IRQ (an
-/// irqfd); then the bus and the kernel command line get the device.
+/// Puts `device` in its slot: it reads its backend's counters (when the
+/// VMM started the backend), the guest's notifications of each queue go to
+/// the backend's kick eventfd (an ioeventfd) and the backend's call
+/// eventfds interrupt the guest (irqfds).
 pub fn attach<M: DeviceModel + 'static>(
-    vm: &Vm,
-    (base, irq): (u64, u32),
     mut device: VhostUser<M>,
     spawner: &BackendSpawner,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
-) -> Result<Placed<M>, AttachError> {
+    placement: &mut Placement,
+) -> Result<Transport<M>, AttachError> {
     let name = device.queues().device().clone();
     if let Some(page) = spawner.stats(&name.id) {
         device.queues_mut().read_backend_stats(page);
     }
-    let attach_err = |source| AttachError::Attach {
-        kind: name.kind,
-        id: name.id.clone(),
-        source,
-    };
-    wire_queues(vm, base, irq, device.queues()).map_err(attach_err)?;
-    let transport = Arc::new(Mutex::new(MmioTransport::new(device)));
-    place_on_bus(transport.clone(), base, irq, mmio_bus, cmdline).map_err(attach_err)?;
-    log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
-    Ok(Placed {
-        transport,
-        base,
-        irq,
-    })
+    let (transport, location): (Transport<M>, Location) =
+        placement
+            .place(device)
+            .map_err(|source| AttachError::Attach {
+                kind: name.kind,
+                id: name.id.clone(),
+                source,
+            })?;
+    log::info!("{name}: {location}");
+    Ok(transport)
 }
 
 /// What starts `kind`'s backends: `binary` (from the command line) or the

@@ -1,25 +1,23 @@
-//! The vsock device: one virtio-mmio device served by a
-//! `vhost-user-vsock` process the VMM starts with the host socket bound
-//! at configuration time. It takes the MMIO slot after the interfaces'.
+//! The vsock device: one virtio device served by a `vhost-user-vsock`
+//! process the VMM starts with the host socket bound at configuration
+//! time. It takes the slot after the interfaces'.
 
 use std::sync::{Arc, Mutex};
 
 use devices::vhost_user::vsock::VhostUserVsock;
 use devices::vhost_user::VhostUserFrontend;
-use devices::virtio::MmioTransport;
-use devices::Bus;
+use devices::virtio::VirtioTransport;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use linux_loader::loader::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
 use super::backend_process::{BackendSpawner, BackendTarget};
 use super::backend_watch::{BackendWatch, Connector};
+use super::placement::Placement;
 use super::vhost_user::{self, AttachError, BackendSource, DeviceKind};
 use crate::resources::VsockResource;
-use crate::vstate::vm::Vm;
 
-/// The vsock device on the MMIO bus.
-pub type VsockTransport = Arc<Mutex<MmioTransport<VhostUserVsock>>>;
+/// The vsock device on its transport.
+pub type VsockTransport = Arc<Mutex<VirtioTransport<VhostUserVsock>>>;
 
 /// The id the device goes by in logs and backend names (Firecracker's
 /// `vsock_id` is deprecated and optional).
@@ -51,23 +49,18 @@ fn connect(
     vhost_user::connect(DeviceKind::Vsock, VSOCK_ID, source, spawner)
 }
 
-/// Creates the device in MMIO slot `slot`, wires its queues, puts it on
-/// the bus and adds its `virtio_mmio.device=` entry to `cmdline`.
+/// Creates the device and places it (see [`Placement`]).
 pub fn attach_vsock_device(
-    vm: &Vm,
     mem: &GuestMemoryMmap,
     vsock: &VsockResource,
     spawner: &BackendSpawner,
-    slot: usize,
-    mmio_bus: &mut Bus,
-    cmdline: &mut Cmdline,
+    placement: &mut Placement,
 ) -> Result<(VsockTransport, Connector), AttachError> {
-    let slot = vhost_user::slot(DeviceKind::Vsock, VSOCK_ID, slot)?;
+    vhost_user::check_room(placement, DeviceKind::Vsock, VSOCK_ID)?;
     let frontend = connect(vsock, spawner)?;
     let cid = vsock.config.guest_cid.get();
     let device = VhostUserVsock::new(VSOCK_ID, cid, frontend, mem.clone())?;
-    let placed = vhost_user::attach(vm, slot, device, spawner, mmio_bus, cmdline)?;
-    let transport = placed.transport;
+    let transport = vhost_user::attach(device, spawner, placement)?;
     log::info!(
         "vsock: guest CID {cid}, host socket {}",
         vsock.config.uds_path

@@ -11,7 +11,7 @@ use vmm_config::{
 };
 
 use devices::vhost_user::VhostUserDevice;
-use devices::virtio::MmioTransport;
+use devices::virtio::VirtioTransport;
 use linux_loader::loader::Cmdline;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -221,12 +221,14 @@ pub fn assemble(
     // The guest's kernel has its command line already.
     let mut unused_cmdline = Cmdline::new(crate::arch::layout::CMDLINE_MAX_SIZE)
         .map_err(|e| LoadSnapshotError::Device(e.to_string()))?;
-    let attached = builder::attach_vhost_user_devices(
+    // The transport follows the snapshot, not this process's flag.
+    let attached = builder::attach_virtio_devices(
         &vm,
         &guest_memory,
         &resources,
         options,
-        &mut legacy.mmio_bus,
+        state.uses_pci(),
+        &mut legacy,
         &mut unused_cmdline,
     )?;
     if let Some(OnDemandMemory::Lazy(lazy)) = &on_demand_memory {
@@ -346,7 +348,7 @@ fn restore_devices(
         let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
         transport.device_mut().prepare_restore();
         transport
-            .restore(saved)
+            .restore(saved, state.entropy_pci.as_ref())
             .map_err(|e| LoadSnapshotError::Device(format!("entropy: {e}")))?;
     }
     if let Some(transport) = &attached.balloon {
@@ -356,14 +358,14 @@ fn restore_devices(
         let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
         transport.device_mut().restore(&saved.device);
         transport
-            .restore(&saved.transport)
+            .restore(&saved.transport, saved.pci.as_ref())
             .map_err(|e| LoadSnapshotError::Device(format!("balloon: {e}")))?;
     }
     Ok(())
 }
 
 fn restore_device<D: VhostUserDevice>(
-    transport: &Mutex<MmioTransport<D>>,
+    transport: &Mutex<VirtioTransport<D>>,
     saved: &[VhostUserDeviceState],
 ) -> Result<(), LoadSnapshotError> {
     let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
@@ -379,7 +381,7 @@ fn restore_device<D: VhostUserDevice>(
         .prepare_restore(&state.queues, state.transport.is_active())
         .map_err(|e| failed(e.to_string()))?;
     transport
-        .restore(&state.transport)
+        .restore(&state.transport, state.pci.as_ref())
         .map_err(|e| failed(e.to_string()))
 }
 

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialDeviceState;
 use devices::vhost_user::{VhostUserDevice, VhostUserQueuesState};
-use devices::virtio::{MmioTransport, MmioTransportState};
+use devices::virtio::{PciTransportState, VirtioState, VirtioTransport};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -56,16 +56,36 @@ pub struct MicrovmState {
     /// The entropy device's transport: its queue goes on from the used
     /// index (the VMM answered every request before the snapshot).
     #[serde(default)]
-    pub entropy: Option<MmioTransportState>,
+    pub entropy: Option<VirtioState>,
+    /// The entropy device's PCI function, with `--enable-pci`.
+    #[serde(default)]
+    pub entropy_pci: Option<PciTransportState>,
     /// The balloon device: its transport, target and size.
     #[serde(default)]
     pub balloon: Option<BalloonSnapshot>,
 }
 
+impl MicrovmState {
+    /// Whether the snapshot's devices are on PCI.
+    pub fn uses_pci(&self) -> bool {
+        let vhost_user = self
+            .drives
+            .iter()
+            .chain(&self.interfaces)
+            .chain(&self.vsock);
+        vhost_user.into_iter().any(|d| d.pci.is_some())
+            || self.entropy_pci.is_some()
+            || self.balloon.as_ref().is_some_and(|b| b.pci.is_some())
+    }
+}
+
 /// The balloon device in a snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BalloonSnapshot {
-    pub transport: MmioTransportState,
+    pub transport: VirtioState,
+    /// Its PCI function, with `--enable-pci`.
+    #[serde(default)]
+    pub pci: Option<PciTransportState>,
     pub device: devices::virtio::balloon::BalloonState,
 }
 
@@ -75,7 +95,11 @@ pub struct BalloonSnapshot {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VhostUserDeviceState {
     pub id: String,
-    pub transport: MmioTransportState,
+    pub transport: VirtioState,
+    /// Its PCI function, with `--enable-pci` (the transport follows the
+    /// snapshot, not the loading process's flag).
+    #[serde(default)]
+    pub pci: Option<PciTransportState>,
     pub queues: VhostUserQueuesState,
 }
 
@@ -120,7 +144,7 @@ pub fn write_memory(mem: &GuestMemoryMmap, path: &Path) -> Result<(), CreateSnap
 /// Stops the queues of the device behind `transport` (its backend
 /// completes its requests in flight first) and returns its state.
 pub fn suspend_device<D: VhostUserDevice>(
-    transport: &Mutex<MmioTransport<D>>,
+    transport: &Mutex<VirtioTransport<D>>,
 ) -> Result<VhostUserDeviceState, CreateSnapshotError> {
     let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
     let queues = transport.device_mut().queues_mut();
@@ -134,6 +158,7 @@ pub fn suspend_device<D: VhostUserDevice>(
         id: queues.device().id.clone(),
         queues: queues.state(),
         transport: transport.state(),
+        pci: transport.pci_state(),
     })
 }
 
@@ -141,9 +166,10 @@ pub fn suspend_device<D: VhostUserDevice>(
 /// again from their used indexes on the same backend connection, as a
 /// loaded one does; if that fails, the backend is hung up on and the
 /// backend monitor brings in a new one.
-pub fn resume_device<D: VhostUserDevice>(transport: &Mutex<MmioTransport<D>>) {
+pub fn resume_device<D: VhostUserDevice>(transport: &Mutex<VirtioTransport<D>>) {
     let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
     let state = transport.state();
+    let pci = transport.pci_state();
     if !state.is_active() {
         return;
     }
@@ -151,7 +177,11 @@ pub fn resume_device<D: VhostUserDevice>(transport: &Mutex<MmioTransport<D>>) {
     let resumed = queues
         .prepare_restore(&Default::default(), true)
         .map_err(|e| e.to_string())
-        .and_then(|()| transport.restore(&state).map_err(|e| e.to_string()));
+        .and_then(|()| {
+            transport
+                .restore(&state, pci.as_ref())
+                .map_err(|e| e.to_string())
+        });
     if let Err(err) = resumed {
         let queues = transport.device().queues();
         log::warn!(

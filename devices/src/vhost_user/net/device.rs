@@ -172,8 +172,7 @@ impl VhostUserNet {
 
     /// Asks the guest to announce itself (after it moved): returns whether
     /// it will, that is whether its driver acked GUEST_ANNOUNCE. The caller
-    /// then raises the configuration change interrupt
-    /// ([`Self::interrupt_guest`]).
+    /// then raises the configuration change interrupt.
     pub fn announce(&mut self) -> bool {
         match self.model.ctrl.as_mut() {
             Some(ctrl) if self.model.guest_announces => {
@@ -181,17 +180,6 @@ impl VhostUserNet {
                 true
             }
             _ => false,
-        }
-    }
-
-    /// Raises the device's interrupt (for a configuration change).
-    pub fn interrupt_guest(&self) {
-        if let Err(err) = self.model.ctrl_fds.call.write(1) {
-            crate::guest_log_here!(
-                log::Level::Error,
-                "{}: cannot interrupt the guest: {err}",
-                self.queues.device()
-            );
         }
     }
 
@@ -333,5 +321,9 @@ impl DeviceModel for Net {
     /// are simply no longer carried.
     fn give_up(&mut self, queues: &mut VhostUserQueues) {
         queues.give_up("the guest's frames are no longer carried");
+    }
+
+    fn own_queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)> {
+        vec![(&self.ctrl_fds.kick, &self.ctrl_fds.call)]
     }
 }

@@ -17,7 +17,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::vhost_user::DirtyLog;
 use crate::virtio::{
-    queue_from_layout, take_over_at_used_index, ActivateError, QueueLayout, VirtioDevice,
+    queue_from_layout, take_over_at_used_index, ActivateError, QueueEventfds, QueueLayout,
+    VirtioDevice,
 };
 
 use super::queues::STATS_TAGS;
@@ -122,7 +123,8 @@ pub struct Balloon {
     options: BalloonOptions,
     queue_sizes: Vec<u16>,
     pub(super) kicks: Vec<EventFd>,
-    pub(super) call: EventFd,
+    /// Each queue's interrupt.
+    pub(super) calls: Vec<EventFd>,
     pub(super) stats_timer: TimerFd,
     /// Whether the timer was armed since the device was last activated.
     pub(super) stats_timer_armed: bool,
@@ -166,7 +168,7 @@ impl Balloon {
             options,
             queue_sizes: vec![BALLOON_QUEUE_SIZE; queues],
             kicks: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
-            call: eventfd()?,
+            calls: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
             stats_timer,
             stats_timer_armed: false,
             discard,
@@ -188,11 +190,6 @@ impl Balloon {
     /// queue's index.
     pub fn kick_fds(&self) -> &[EventFd] {
         &self.kicks
-    }
-
-    /// The device's interrupt: an irqfd on its IRQ.
-    pub fn call_fd(&self) -> &EventFd {
-        &self.call
     }
 
     /// The statistics timer: readable when the device asks for figures.
@@ -384,6 +381,12 @@ impl Balloon {
             roles.push(Role::Reporting);
         }
         roles
+    }
+}
+
+impl QueueEventfds for Balloon {
+    fn queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)> {
+        self.kicks.iter().zip(&self.calls).collect()
     }
 }
 

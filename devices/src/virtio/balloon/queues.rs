@@ -148,8 +148,8 @@ impl Balloon {
         if let Some(what) = failed {
             self.bad(&what);
         }
-        if returned {
-            if let Err(err) = self.call.write(1) {
+        if let (true, Some(call)) = (returned, self.calls.get(index)) {
+            if let Err(err) = call.write(1) {
                 crate::guest_log_here!(
                     log::Level::Error,
                     "balloon: cannot interrupt the guest: {err}"
@@ -394,7 +394,7 @@ mod tests {
             vec![(0x40000, 3 << 12), (0x50000, 1 << 12)]
         );
         assert_eq!(used_idx(&d, 0), 1);
-        assert!(d.call.read().is_ok(), "no interrupt");
+        assert!(d.calls[0].read().is_ok(), "no interrupt");
         assert_eq!(d.counters().inflated_bytes, 4 << 12);
     }
 

@@ -13,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vhost_user::DirtyLog;
 use crate::virtio::{
-    queue_from_layout, take_over_at_used_index, ActivateError, QueueLayout, VirtioDevice,
+    queue_from_layout, take_over_at_used_index, ActivateError, QueueEventfds, QueueLayout,
+    VirtioDevice,
 };
 
 /// The virtio device id of entropy devices.
@@ -107,6 +108,12 @@ impl Entropy {
             entropy_rate_limiter_throttled: self.limiter.throttled(),
             ..self.counters
         }
+    }
+}
+
+impl QueueEventfds for Entropy {
+    fn queue_eventfds(&self) -> Vec<(&EventFd, &EventFd)> {
+        vec![(&self.kick, &self.call)]
     }
 }
 
