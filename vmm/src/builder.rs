@@ -197,6 +197,7 @@ pub fn build_microvm(
         &cmdline,
         initrd,
         machine.vcpu_count,
+        options.enable_pci,
     )?;
     regs::write_boot_tables(&guest_memory, kernel.entry)?;
     log::info!(
