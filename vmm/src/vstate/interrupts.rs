@@ -520,14 +520,16 @@ mod tests {
         (1 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (0xae << 8) | u64::from(nr)
     }
 
+    /// The VMM's seccomp filters, which the binary embeds compiled.
+    const SECCOMP_JSON: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../resources/seccomp/tessera.json"
+    );
+
     /// The ioctl numbers the filter of thread kind `kind` allows.
     fn allowed_ioctls(kind: &str) -> Vec<u64> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../resources/seccomp/tessera.json"
-        );
         let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(SECCOMP_JSON).unwrap()).unwrap();
         json[kind]["filter"]
             .as_array()
             .unwrap()
@@ -600,6 +602,49 @@ mod tests {
         assert!(router.msi_routes().is_empty());
         // A refused request commits nothing.
         assert!(router.set_msi_routes(slot_gsis(1), &[(5, msg(1))]).is_err());
+        assert_eq!(router.commits(), 2);
+    }
+
+    #[test]
+    fn confined_vcpu_and_vmm_threads_may_route_msis() {
+        let Some(kvm) = kvm() else { return };
+        let vm = crate::vstate::vm::Vm::new(&kvm).unwrap();
+        let router = vm.msi_router();
+        let filters =
+            tessera_seccomp::Filters::from_json_file(std::path::Path::new(SECCOMP_JSON)).unwrap();
+        // Made before the filters: a vCPU thread creates no eventfd.
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let gsi = msi_gsi(3, 1);
+        // A call the filter does not allow kills the whole test process.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    filters.apply("vcpu").unwrap();
+                    router
+                        .set_msi_routes(slot_gsis(3), &[(gsi, msg(0x42))])
+                        .unwrap();
+                    router.register_irqfd(&evt, gsi).unwrap();
+                    router.unregister_irqfd(&evt, gsi).unwrap();
+                })
+                .join()
+                .unwrap();
+            scope
+                .spawn(|| {
+                    filters.apply("vmm").unwrap();
+                    router.set_msi_routes(slot_gsis(3), &[]).unwrap();
+                    router.register_irqfd(&evt, gsi).unwrap();
+                    router.unregister_irqfd(&evt, gsi).unwrap();
+                    let notify = kvm_ioctls::IoEventAddress::Mmio(0xd800_6000);
+                    vm.fd()
+                        .register_ioevent(&evt, &notify, kvm_ioctls::NoDatamatch)
+                        .unwrap();
+                    vm.fd()
+                        .unregister_ioevent(&evt, &notify, kvm_ioctls::NoDatamatch)
+                        .unwrap();
+                })
+                .join()
+                .unwrap();
+        });
         assert_eq!(router.commits(), 2);
     }
 }
