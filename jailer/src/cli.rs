@@ -144,6 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn vmm_flags_such_as_enable_pci_pass_through_after_the_separator() {
+        let mut args = BASE.to_vec();
+        args.extend(["--", "--enable-pci", "--api-sock", "/run/api.sock"]);
+        assert_eq!(
+            parse(&args).unwrap().exec_args,
+            ["--enable-pci", "--api-sock", "/run/api.sock"]
+        );
+        // Before `--` it is not the jailer's, as with Firecracker's jailer.
+        let mut args = BASE.to_vec();
+        args.push("--enable-pci");
+        assert!(parse(&args).is_err());
+    }
+
+    #[test]
     fn required_flags() {
         for skip in [0, 2, 4, 6] {
             let mut args = BASE.to_vec();

@@ -16,6 +16,7 @@ use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 use linux_loader::loader::Cmdline;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryMmap};
+use vmm_config::DEFAULT_KERNEL_CMDLINE;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
@@ -105,6 +106,10 @@ impl StartMicrovmError {
 pub struct BootOptions {
     /// Log `Guest-boot-time` when the guest writes the boot-timer value.
     pub boot_timer: bool,
+    /// `--enable-pci`: every virtio device on a PCI transport with MSI-X
+    /// (otherwise on virtio-mmio), with the root bridge in ACPI, the ECAM
+    /// reserved in e820 and no `pci=off` on the kernel command line.
+    pub enable_pci: bool,
     /// Send the console to this file instead of stdout.
     pub serial_out: Option<PathBuf>,
     /// The vhost-user-blk backend binary (default: next to this executable).
@@ -175,7 +180,7 @@ pub fn build_microvm(
             )
         })
         .transpose()?;
-    let mut cmdline = kernel_cmdline(boot_source.cmdline())?;
+    let mut cmdline = kernel_cmdline(boot_source.boot_args.as_deref(), options.enable_pci)?;
 
     let mut legacy = attach_legacy_devices(&vm, resources, options)?;
     let attached = attach_virtio_devices(
@@ -195,6 +200,7 @@ pub fn build_microvm(
         &cmdline,
         initrd,
         machine.vcpu_count,
+        options.enable_pci,
     )?;
     regs::write_boot_tables(&guest_memory, kernel.entry)?;
     log::info!(
@@ -695,31 +701,97 @@ fn serial_input(
     Some(terminal)
 }
 
-/// The guest kernel's command line: the boot source's, plus `pci=off`
-/// unless it says otherwise. There is no PCI bus, and a kernel built with
-/// PCI (to run under QEMU as well) would probe the config-space ports for
-/// nothing.
-fn kernel_cmdline(args: &str) -> Result<Cmdline, BootError> {
+/// The guest kernel's command line: the boot source's `boot_args`
+/// (Firecracker's default without them), and what it needs to know of the
+/// PCI bus.
+///
+/// - Without PCI (`pci` false), `pci=off` is appended unless the arguments
+///   carry a `pci=` of their own: there is no PCI bus, and a kernel built
+///   with PCI (to run under QEMU as well) would probe the config-space ports
+///   for nothing.
+/// - With PCI, nothing is appended and the default's `pci=off` is left
+///   out. A `pci=off` in the user's own `boot_args` stays (it is theirs),
+///   with a warning: that guest will find none of its virtio devices.
+fn kernel_cmdline(boot_args: Option<&str>, pci: bool) -> Result<Cmdline, BootError> {
+    let args = match boot_args {
+        Some(args) => {
+            if pci && disables_pci(args) {
+                log::warn!(
+                    "boot_args contain pci=off, but with --enable-pci every virtio device is on \
+                     PCI: the guest will find none of them"
+                );
+            }
+            args.to_string()
+        }
+        None if pci => DEFAULT_KERNEL_CMDLINE
+            .split_whitespace()
+            .filter(|arg| *arg != "pci=off")
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => DEFAULT_KERNEL_CMDLINE.to_string(),
+    };
     let mut cmdline =
-        Cmdline::try_from(args, layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    if !args.split_whitespace().any(|arg| arg.starts_with("pci=")) {
+        Cmdline::try_from(&args, layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !pci && !args.split_whitespace().any(|arg| arg.starts_with("pci=")) {
         cmdline.insert("pci", "off").map_err(BootError::Cmdline)?;
     }
     Ok(cmdline)
 }
 
+/// Whether a command line turns the kernel's PCI support off: a `pci=`
+/// whose comma-separated options include `off`.
+fn disables_pci(args: &str) -> bool {
+    args.split_whitespace()
+        .filter_map(|arg| arg.strip_prefix("pci="))
+        .any(|options| options.split(',').any(|option| option == "off"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::kernel_cmdline;
+    use super::{disables_pci, kernel_cmdline, DEFAULT_KERNEL_CMDLINE};
+
+    fn line(args: Option<&str>, pci: bool) -> String {
+        let cmdline = kernel_cmdline(args, pci).unwrap();
+        cmdline.as_cstring().unwrap().into_string().unwrap()
+    }
 
     #[test]
     fn the_kernel_is_told_there_is_no_pci_unless_the_user_says_otherwise() {
-        let line = |args: &str| {
-            let cmdline = kernel_cmdline(args).unwrap();
-            cmdline.as_cstring().unwrap().into_string().unwrap()
-        };
+        let line = |args: &str| line(Some(args), false);
         assert_eq!(line("console=ttyS0"), "console=ttyS0 pci=off");
         assert_eq!(line("console=ttyS0 pci=off"), "console=ttyS0 pci=off");
         assert_eq!(line("pci=nomsi"), "pci=nomsi");
+    }
+
+    #[test]
+    fn without_pci_the_default_command_line_is_unchanged() {
+        assert_eq!(line(None, false), DEFAULT_KERNEL_CMDLINE);
+        assert_eq!(line(None, false).matches("pci=off").count(), 1);
+    }
+
+    #[test]
+    fn with_pci_no_pci_off_is_added_and_the_default_loses_its_own() {
+        assert_eq!(line(Some("console=ttyS0"), true), "console=ttyS0");
+        assert_eq!(line(Some("pci=nomsi"), true), "pci=nomsi");
+        let default = line(None, true);
+        assert!(!default.contains("pci"), "{default}");
+        // The rest of the default stays, in order.
+        assert_eq!(
+            default,
+            DEFAULT_KERNEL_CMDLINE.replace(" pci=off", ""),
+            "{default}"
+        );
+    }
+
+    #[test]
+    fn with_pci_the_users_own_pci_off_is_kept_and_warned_about() {
+        assert_eq!(
+            line(Some("console=ttyS0 pci=off"), true),
+            "console=ttyS0 pci=off"
+        );
+        assert!(disables_pci("console=ttyS0 pci=off"));
+        assert!(disables_pci("pci=nomsi,off"));
+        assert!(!disables_pci("pci=nomsi"));
+        assert!(!disables_pci("console=ttyS0 nopci=off"));
     }
 }

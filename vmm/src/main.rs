@@ -38,6 +38,10 @@ struct Cli {
     /// Log `Guest-boot-time` when the guest writes 123 to 0xd0000000.
     #[arg(long)]
     boot_timer: bool,
+    /// Every virtio device on PCI with MSI-X instead of virtio-mmio
+    /// (Firecracker's flag and help text).
+    #[arg(long, help = "Enables PCIe support.")]
+    enable_pci: bool,
     /// Instance id, shown in every log line and by `GET /`.
     #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
     id: String,
@@ -304,6 +308,7 @@ fn boot_options(
     };
     BootOptions {
         boot_timer: cli.boot_timer,
+        enable_pci: cli.enable_pci,
         serial_out: cli.serial_out.clone(),
         vhost_user_blk_bin: cli.vhost_user_blk_bin.clone(),
         vhost_user_net_bin: cli.vhost_user_net_bin.clone(),
@@ -316,5 +321,25 @@ fn boot_options(
         instance_id: cli.id.clone(),
         mmds_token_key: vmm::mmds::random_token_key()
             .unwrap_or_else(|err| fail(ExitCode::UnexpectedError, err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("tessera").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn enable_pci_is_firecrackers_flag_and_off_by_default() {
+        assert!(!parse(&[]).enable_pci);
+        assert!(parse(&["--enable-pci"]).enable_pci);
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("--enable-pci"), "{help}");
+        assert!(help.contains("Enables PCIe support."), "{help}");
     }
 }

@@ -7,6 +7,13 @@
 //! (`LNRO0005`, its window and its edge-triggered interrupt). The MP table
 //! stays for kernels without ACPI.
 //!
+//! With `--enable-pci` there are two more: an MCFG with bus 0's ECAM, listed
+//! in the XSDT after the MADT, and in the DSDT the root bridge `\_SB_.PC00`
+//! (its bus, config ports and BAR window in `_CRS`, a `_DSM` that has Linux
+//! keep the BARs the VMM assigned, a device per slot) and `\_SB_.MBRD`,
+//! which reserves bus 0's ECAM as the PCI Firmware spec asks. Without it the
+//! tables are byte for byte what they were before PCI.
+//!
 //! A guest powers off through the FADT's sleep control register (an I/O
 //! port; `_S5_` in the DSDT gives the sleep type), which ends the VM as a
 //! reset does.
@@ -16,6 +23,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -32,6 +40,14 @@ const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 5);
 pub const S5_SLEEP_TYPE: u8 = 5;
 /// `SLP_EN` in the sleep control register.
 pub const SLEEP_ENABLE: u8 = 1 << 5;
+
+/// The `_DSM` UUID of PCI root bridges (PCI Firmware spec 3.3, 4.6).
+const PCI_DSM_UUID: &str = "E5C937D0-3553-4D7A-9117-EA4D19C3434D";
+/// `_DSM` function 5: "ignore PCI boot configuration"; returning 0 asks the
+/// OS to keep the firmware's (here the VMM's) resource assignment.
+const PCI_DSM_PRESERVE_BOOT_CONFIG: u8 = 5;
+/// What `_DSM` function 0 answers: functions 0 and 5 are supported.
+const PCI_DSM_FUNCTIONS: u8 = (1 << 0) | (1 << PCI_DSM_PRESERVE_BOOT_CONFIG);
 
 /// Why the tables could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +95,9 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
     out
 }
 
-/// The DSDT's body: the legacy devices, the virtio devices, `_S5_`.
-fn dsdt_body(devices: &[MmioDevice]) -> Vec<u8> {
+/// The DSDT's body: the legacy devices, the virtio-mmio devices, with
+/// `pci` the PCI root bridge and the ECAM's reservation, and `_S5_`.
+fn dsdt_body(devices: &[MmioDevice], pci: bool) -> Vec<u8> {
     let mut body = Vec::new();
     let (com1_io, com1_irq) = (
         aml::IO::new(0x3f8, 0x3f8, 1, 8),
@@ -126,14 +143,163 @@ fn dsdt_body(devices: &[MmioDevice]) -> Vec<u8> {
         )
         .to_aml_bytes(&mut body);
     }
+    if pci {
+        pci_root_bridge(&mut body);
+        ecam_reservation(&mut body);
+    }
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&S5_SLEEP_TYPE])).to_aml_bytes(&mut body);
     body
 }
 
-fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+/// Bus 0's ECAM (the only bus), as a fixed memory range.
+fn ecam_bus0() -> aml::Memory32Fixed {
+    aml::Memory32Fixed::new(
+        true,
+        layout::PCI_ECAM_START as u32,
+        layout::PCI_ECAM_BUS0_SIZE as u32,
+    )
+}
+
+/// `_DSM` of the root bridge, in ASL:
+///
+/// ```text
+/// Method (_DSM, 4) {
+///     If (Arg0 == ToUUID ("E5C937D0-3553-4D7A-9117-EA4D19C3434D")) {
+///         If (Arg2 == 0) { Return (Buffer () { 0x21 }) }
+///         If (Arg2 == 5) { Return (0) }
+///     }
+///     Return (Buffer () { 0 })
+/// }
+/// ```
+///
+/// Function 5 returning 0 sets Linux's `preserve_config` for the host
+/// bridge: it keeps the fixed BARs the VMM gave each slot.
+fn pci_dsm() -> Vec<u8> {
+    let uuid = aml::Uuid::new(PCI_DSM_UUID);
+    let (function, zero) = (aml::Arg(2), aml::ZERO);
+    let supported = aml::BufferData::new(vec![PCI_DSM_FUNCTIONS]);
+    let query = aml::Equal::new(&function, &zero);
+    let return_supported = aml::Return::new(&supported);
+    let preserve = aml::Equal::new(&function, &PCI_DSM_PRESERVE_BOOT_CONFIG);
+    let return_zero = aml::Return::new(&zero);
+    let none = aml::BufferData::new(vec![0]);
+    let this_uuid = aml::Equal::new(&aml::Arg(0), &uuid);
+    bytes(&aml::Method::new(
+        "_DSM".into(),
+        4,
+        false,
+        vec![
+            &aml::If::new(
+                &this_uuid,
+                vec![
+                    &aml::If::new(&query, vec![&return_supported]),
+                    &aml::If::new(&preserve, vec![&return_zero]),
+                ],
+            ),
+            &aml::Return::new(&none),
+        ],
+    ))
+}
+
+/// A PCI slot: `Sxxx` (decimal) with its address and its slot number.
+/// Hot-plug's `_EJ0` goes here later.
+fn pci_slot(slot: u8) -> Vec<u8> {
+    let adr = u32::from(slot) << 16;
+    bytes(&aml::Device::new(
+        format!("S{slot:03}").as_str().into(),
+        vec![
+            &aml::Name::new("_ADR".into(), &adr),
+            &aml::Name::new("_SUN".into(), &slot),
+        ],
+    ))
+}
+
+/// Raw AML, already encoded.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// `\_SB_.PC00`, the PCIe root bridge of segment 0: bus 0 only, its
+/// configuration ports and ECAM, the BAR window (non-cacheable, read-write)
+/// and the I/O ports around the configuration ports, which the guest may
+/// hand on to devices (none of Tessera's has an I/O BAR). No `_PRT`: the
+/// devices use MSI-X only.
+fn pci_root_bridge(body: &mut Vec<u8>) {
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(
+        layout::PCI_CONFIG_PORT as u16,
+        layout::PCI_CONFIG_PORT as u16,
+        1,
+        layout::PCI_CONFIG_PORT_SIZE as u8,
+    );
+    let ecam = ecam_bus0();
+    let window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let io_below = aml::AddressSpace::new_io(0u16, layout::PCI_CONFIG_PORT as u16 - 1, None);
+    let io_above = aml::AddressSpace::new_io(0x0d00u16, 0xffff, None);
+    let crs = aml::ResourceTemplate::new(vec![
+        &bus,
+        &config_ports,
+        &ecam,
+        &window,
+        &io_below,
+        &io_above,
+    ]);
+    let dsm = RawAml(pci_dsm());
+    let slots: Vec<RawAml> = devices::pci::DEVICE_SLOTS
+        .map(|slot| RawAml(pci_slot(slot)))
+        .collect();
+    let (hid, cid) = (
+        aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+        aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+    );
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let cca = aml::Name::new("_CCA".into(), &aml::ONE);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &cca, &dsm, &crs];
+    children.extend(slots.iter().map(|slot| slot as &dyn Aml));
+    aml::Device::new("_SB_.PC00".into(), children).to_aml_bytes(body);
+}
+
+/// `\_SB_.MBRD`, a motherboard resource device (PNP0C02) that reserves
+/// bus 0's ECAM: "ECAM space must be reserved by a PNP0C02 resource" (PCI
+/// Firmware spec 3.3, 4.1.2), which Linux checks before it uses the MCFG.
+fn ecam_reservation(body: &mut Vec<u8>) {
+    let ecam = ecam_bus0();
+    let crs = aml::ResourceTemplate::new(vec![&ecam]);
+    aml::Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+fn dsdt(devices: &[MmioDevice], pci: bool) -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"TESSDSDT", OEM_REVISION);
-    table.append_slice(&dsdt_body(devices));
+    table.append_slice(&dsdt_body(devices, pci));
     table.as_slice().to_vec()
+}
+
+/// The MCFG: segment 0, buses 0 to 0, at the ECAM base.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, *b"TESSMCFG", OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    bytes(&mcfg)
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -171,7 +337,11 @@ fn madt(cpu_count: u8) -> Vec<u8> {
 }
 
 /// Lays out every table from the RSDP on: `(address, bytes)` each.
-fn tables(cpu_count: u8, devices: &[MmioDevice]) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
+fn tables(
+    cpu_count: u8,
+    devices: &[MmioDevice],
+    pci: bool,
+) -> Result<Vec<(u64, Vec<u8>)>, AcpiError> {
     let align = |addr: u64| addr.next_multiple_of(16);
     let mut next = align(layout::RSDP_ADDR + Rsdp::len() as u64);
     let mut place = |bytes: Vec<u8>| {
@@ -179,15 +349,21 @@ fn tables(cpu_count: u8, devices: &[MmioDevice]) -> Result<Vec<(u64, Vec<u8>)>, 
         next = align(addr + bytes.len() as u64);
         (addr, bytes)
     };
-    let dsdt = place(dsdt(devices));
+    let dsdt = place(dsdt(devices, pci));
     let fadt = place(fadt(dsdt.0));
     let madt = place(madt(cpu_count));
+    let mcfg = pci.then(|| place(mcfg()));
     let mut xsdt = XSDT::new(OEM_ID, *b"TESSXSDT", OEM_REVISION);
     xsdt.add_entry(fadt.0);
     xsdt.add_entry(madt.0);
+    if let Some((addr, _)) = &mcfg {
+        xsdt.add_entry(*addr);
+    }
     let xsdt = place(bytes(&xsdt));
     let rsdp = (layout::RSDP_ADDR, bytes(&Rsdp::new(OEM_ID, xsdt.0)));
-    let all = vec![rsdp, dsdt, fadt, madt, xsdt];
+    let mut all = vec![rsdp, dsdt, fadt, madt];
+    all.extend(mcfg);
+    all.push(xsdt);
     let end = all
         .iter()
         .map(|(a, b)| a + b.len() as u64)
@@ -199,14 +375,16 @@ fn tables(cpu_count: u8, devices: &[MmioDevice]) -> Result<Vec<(u64, Vec<u8>)>, 
     Ok(all)
 }
 
-/// Writes the tables for `cpu_count` vCPUs and `devices` into guest
-/// memory; returns the RSDP's address.
+/// Writes the tables for `cpu_count` vCPUs and the virtio-mmio `devices`
+/// into guest memory, with the PCI root bridge and the MCFG if `pci`
+/// (`--enable-pci`); returns the RSDP's address.
 pub fn setup_acpi(
     mem: &GuestMemoryMmap,
     cpu_count: u8,
     devices: &[MmioDevice],
+    pci: bool,
 ) -> Result<u64, AcpiError> {
-    for (addr, bytes) in tables(cpu_count, devices)? {
+    for (addr, bytes) in tables(cpu_count, devices, pci)? {
         mem.write_slice(&bytes, GuestAddress(addr))?;
     }
     Ok(layout::RSDP_ADDR)
@@ -248,7 +426,7 @@ mod tests {
 
     #[test]
     fn every_table_checks_out_and_points_at_the_next() {
-        let tables = tables(4, &devices()).unwrap();
+        let tables = tables(4, &devices(), false).unwrap();
         let find = |sig: &[u8]| {
             tables
                 .iter()
@@ -287,7 +465,7 @@ mod tests {
 
     #[test]
     fn the_dsdt_names_each_virtio_device_and_the_sleep_state() {
-        let dsdt = dsdt(&devices());
+        let dsdt = dsdt(&devices(), false);
         let count = |needle: &[u8]| dsdt.windows(needle.len()).filter(|w| *w == needle).count();
         assert_eq!(count(b"LNRO0005"), 2);
         assert_eq!(count(b"V000"), 1);
@@ -306,6 +484,176 @@ mod tests {
                 irq: 5 + i as u32,
             })
             .collect();
-        assert!(tables(254, &many).is_ok());
+        assert!(tables(254, &many, false).is_ok());
+        // With PCI there are no virtio-mmio devices, but the slots.
+        let end = tables(254, &[], true)
+            .unwrap()
+            .iter()
+            .map(|(addr, bytes)| addr + bytes.len() as u64)
+            .max()
+            .unwrap();
+        assert!(end <= layout::HIMEM_START, "{end:#x}");
+    }
+
+    fn find(tables: &[(u64, Vec<u8>)], sig: &[u8]) -> Option<(u64, Vec<u8>)> {
+        tables.iter().find(|(_, b)| b.starts_with(sig)).cloned()
+    }
+
+    fn count(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
+    }
+
+    #[test]
+    fn without_pci_nothing_changes() {
+        let tables = tables(2, &devices(), false).unwrap();
+        assert!(find(&tables, b"MCFG").is_none());
+        let (_, dsdt) = find(&tables, b"DSDT").unwrap();
+        assert_eq!(dsdt, super::dsdt(&devices(), false));
+        for name in [&b"PC00"[..], b"MBRD", b"_DSM", b"S001"] {
+            assert_eq!(count(&dsdt, name), 0, "{}", String::from_utf8_lossy(name));
+        }
+        // Exactly the sizes of the tables before PCI: the DSDT's body is
+        // COM1, PS2_, the two V00x devices and _S5_; the XSDT has 2 entries.
+        let (_, xsdt) = find(&tables, b"XSDT").unwrap();
+        assert_eq!(xsdt.len(), 36 + 2 * 8);
+    }
+
+    #[test]
+    fn with_pci_the_xsdt_lists_the_mcfg_and_every_table_checks_out() {
+        let tables = tables(4, &[], true).unwrap();
+        for (_, table) in &tables[1..] {
+            let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
+            assert_eq!(len, table.len(), "{}", String::from_utf8_lossy(&table[..4]));
+            assert_eq!(sum(table), 0, "{}", String::from_utf8_lossy(&table[..4]));
+        }
+        let (_, rsdp) = find(&tables, b"RSD PTR ").unwrap();
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        let (xsdt_addr, xsdt) = find(&tables, b"XSDT").unwrap();
+        assert_eq!(
+            u64::from_le_bytes(rsdp[24..32].try_into().unwrap()),
+            xsdt_addr
+        );
+        let entries: Vec<u64> = xsdt[36..]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let addr = |sig: &[u8]| find(&tables, sig).unwrap().0;
+        assert_eq!(entries, [addr(b"FACP"), addr(b"APIC"), addr(b"MCFG")]);
+        // Tables do not overlap.
+        let mut spans: Vec<(u64, u64)> = tables
+            .iter()
+            .map(|(a, b)| (*a, a + b.len() as u64))
+            .collect();
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{spans:x?}");
+        }
+    }
+
+    #[test]
+    fn the_mcfg_has_one_entry_for_bus_0_of_segment_0() {
+        let (_, mcfg) = find(&tables(1, &[], true).unwrap(), b"MCFG").unwrap();
+        // 36-byte header, 8 reserved bytes, one 16-byte allocation.
+        assert_eq!(mcfg.len(), 36 + 8 + 16);
+        assert_eq!(mcfg[8], 1, "revision");
+        assert_eq!(sum(&mcfg), 0);
+        assert_eq!(&mcfg[36..44], &[0; 8]);
+        let entry = &mcfg[44..60];
+        assert_eq!(
+            u64::from_le_bytes(entry[0..8].try_into().unwrap()),
+            0xeec0_0000
+        );
+        assert_eq!(&entry[8..10], &[0, 0], "segment");
+        assert_eq!((entry[10], entry[11]), (0, 0), "buses 0 to 0");
+        assert_eq!(&entry[12..16], &[0; 4]);
+    }
+
+    #[test]
+    fn with_pci_the_dsdt_has_the_root_bridge_its_slots_and_the_ecam_reservation() {
+        let dsdt = dsdt(&[], true);
+        // EISA ids as AML DWords (compressed "PNP" = 0x41d0).
+        let pnp0a08 = [0x0c, 0x41, 0xd0, 0x0a, 0x08];
+        let pnp0a03 = [0x0c, 0x41, 0xd0, 0x0a, 0x03];
+        let pnp0c02 = [0x0c, 0x41, 0xd0, 0x0c, 0x02];
+        assert_eq!(count(&dsdt, &pnp0a08), 1);
+        assert_eq!(count(&dsdt, &pnp0a03), 1);
+        assert_eq!(count(&dsdt, &pnp0c02), 1);
+        // Both devices are under \_SB_ (a dual-name path, 0x2e).
+        assert_eq!(count(&dsdt, b"\x2e_SB_PC00"), 1);
+        assert_eq!(count(&dsdt, b"\x2e_SB_MBRD"), 1);
+        for name in [&b"_SEG"[..], b"_CCA", b"_CRS"] {
+            assert!(count(&dsdt, name) >= 1, "{}", String::from_utf8_lossy(name));
+        }
+        // _DSM: the UUID in ToUUID's mixed-endian order, the 0x21 bitmap.
+        assert_eq!(count(&dsdt, b"_DSM"), 1);
+        let uuid = [
+            0xd0, 0x37, 0xc9, 0xe5, 0x53, 0x35, 0x7a, 0x4d, 0x91, 0x17, 0xea, 0x4d, 0x19, 0xc3,
+            0x43, 0x4d,
+        ];
+        assert_eq!(count(&dsdt, &uuid), 1);
+        // Buffer (1) {0x21}: BufferOp, length, size 1 (OneOp), the byte.
+        assert_eq!(count(&dsdt, &[0x11, 0x03, 0x01, 0x21]), 1);
+        // The BAR window: DWord memory descriptor, non-cacheable and
+        // read-write, 0xd800_0000..=0xdfff_ffff, 128 MiB.
+        let mut window = vec![0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0];
+        window.extend(0xd800_0000u32.to_le_bytes());
+        window.extend(0xdfff_ffffu32.to_le_bytes());
+        window.extend(0u32.to_le_bytes());
+        window.extend(0x0800_0000u32.to_le_bytes());
+        assert_eq!(count(&dsdt, &window), 1);
+        // The configuration ports: IO (Decode16, 0xcf8, 0xcf8, 1, 8).
+        assert_eq!(
+            count(&dsdt, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]),
+            1
+        );
+        // Word bus number 0..0, and the I/O windows around the ports.
+        let word = |kind: u8, min: u16, max: u16| {
+            let mut d = vec![
+                0x88,
+                0x0d,
+                0x00,
+                kind,
+                0x0c,
+                if kind == 1 { 3 } else { 0 },
+                0,
+                0,
+            ];
+            d.extend(min.to_le_bytes());
+            d.extend(max.to_le_bytes());
+            d.extend([0, 0]);
+            d.extend((max - min + 1).to_le_bytes());
+            d
+        };
+        assert_eq!(count(&dsdt, &word(2, 0, 0)), 1, "bus 0");
+        assert_eq!(count(&dsdt, &word(1, 0, 0xcf7)), 1);
+        assert_eq!(count(&dsdt, &word(1, 0xd00, 0xffff)), 1);
+        // Bus 0's ECAM as Memory32Fixed: in PC00's _CRS and in MBRD's.
+        let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
+        ecam.extend(0xeec0_0000u32.to_le_bytes());
+        ecam.extend(0x10_0000u32.to_le_bytes());
+        assert_eq!(count(&dsdt, &ecam), 2);
+        // One device per slot 1..=31 with _ADR = slot << 16 and _SUN = slot.
+        assert_eq!(count(&dsdt, b"S000"), 0);
+        for slot in 1u32..32 {
+            let name = format!("S{slot:03}");
+            assert_eq!(count(&dsdt, name.as_bytes()), 1, "{name}");
+            let mut adr = b"_ADR".to_vec();
+            adr.push(0x0c);
+            adr.extend((slot << 16).to_le_bytes());
+            assert_eq!(count(&dsdt, &adr), 1, "{name} _ADR");
+            let mut sun = b"_SUN".to_vec();
+            sun.extend(if slot == 1 {
+                vec![0x01]
+            } else {
+                vec![0x0a, slot as u8]
+            });
+            assert_eq!(count(&dsdt, &sun), 1, "{name} _SUN");
+        }
+        // _S5_ is still there, once.
+        assert_eq!(count(&dsdt, b"_S5_"), 1);
     }
 }

@@ -178,8 +178,9 @@ pub fn initrd_addr_limit(kernel: &LoadedKernel) -> u64 {
 }
 
 /// Writes the command line, the MP table, the ACPI tables (with a device
-/// per `virtio_mmio.device=` entry of the command line) and the zero page
-/// or PVH start info.
+/// per `virtio_mmio.device=` entry of the command line, and with `pci` the
+/// PCI root bridge and its MCFG) and the zero page or PVH start info (whose
+/// e820 map reserves the ECAM range with `pci`).
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -187,14 +188,15 @@ pub fn configure_system(
     cmdline: &Cmdline,
     initrd: Option<InitrdRegion>,
     cpu_count: u8,
+    pci: bool,
 ) -> Result<(), BootError> {
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), cmdline)
         .map_err(BootError::WriteCmdline)?;
     let cmdline_size = cmdline.as_cstring()?.as_bytes_with_nul().len() as u32;
     mptable::setup_mptable(mem, cpu_count)?;
     let devices = acpi::mmio_devices_on_cmdline(&cmdline.as_cstring()?.to_string_lossy());
-    let rsdp = acpi::setup_acpi(mem, cpu_count, &devices)?;
-    let e820 = layout::e820_map(mem_size);
+    let rsdp = acpi::setup_acpi(mem, cpu_count, &devices, pci)?;
+    let e820 = layout::e820_map(mem_size, pci);
     match kernel.entry {
         EntryPoint::Pvh(_) => write_pvh_start_info(mem, &e820, initrd, rsdp),
         EntryPoint::Linux64(_) => {
@@ -325,7 +327,7 @@ mod tests {
             addr: 0x800_0000,
             size: 0x1234,
         };
-        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 2).unwrap();
+        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 2, false).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
         assert_eq!(params.e820_entries, 3);
         let last = params.e820_table[2];
@@ -352,13 +354,67 @@ mod tests {
             addr: 0x400_0000,
             size: 4096,
         };
-        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 1).unwrap();
+        configure_system(&mem, size, &kernel, &cmdline, Some(initrd), 1, false).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, 0x336e_c578);
         assert_eq!(info.memmap_entries, 3);
         assert_eq!(info.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x400_0000, 4096));
+    }
+
+    #[test]
+    fn with_pci_both_boot_paths_reserve_the_ecam_and_list_the_mcfg() {
+        let size = 128 << 20;
+        let cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).unwrap();
+        let ecam = (
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+            layout::E820_RESERVED,
+        );
+        let xsdt_has_mcfg = |mem: &GuestMemoryMmap, rsdp: u64| {
+            let xsdt: u64 = mem.read_obj(GuestAddress(rsdp + 24)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(xsdt + 4)).unwrap();
+            (xsdt + 36..xsdt + u64::from(len)).step_by(8).any(|entry| {
+                let table: u64 = mem.read_obj(GuestAddress(entry)).unwrap();
+                let sig: [u8; 4] = mem.read_obj(GuestAddress(table)).unwrap();
+                &sig == b"MCFG"
+            })
+        };
+
+        let mem = memory(size);
+        let linux = LoadedKernel {
+            entry: EntryPoint::Linux64(0x100200),
+            setup_header: None,
+            kernel_end: 0x20_0000,
+        };
+        configure_system(&mem, size, &linux, &cmdline, None, 1, true).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
+        assert_eq!(params.e820_entries, 4);
+        let last = params.e820_table[3];
+        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), ecam);
+        assert!(xsdt_has_mcfg(&mem, params.acpi_rsdp_addr));
+
+        let mem = memory(size);
+        let pvh = LoadedKernel {
+            entry: EntryPoint::Pvh(0x100000),
+            ..linux
+        };
+        configure_system(&mem, size, &pvh, &cmdline, None, 1, true).unwrap();
+        let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
+        assert_eq!(info.memmap_entries, 4);
+        let last: hvm_memmap_table_entry = mem
+            .read_obj(GuestAddress(
+                info.memmap_paddr + 3 * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
+            ))
+            .unwrap();
+        assert_eq!((last.addr, last.size, last.type_), ecam);
+        assert!(xsdt_has_mcfg(&mem, info.rsdp_paddr));
+
+        // Without PCI, no MCFG.
+        let mem = memory(size);
+        configure_system(&mem, size, &pvh, &cmdline, None, 1, false).unwrap();
+        assert!(!xsdt_has_mcfg(&mem, layout::RSDP_ADDR));
     }
 
     #[test]

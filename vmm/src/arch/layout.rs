@@ -13,9 +13,16 @@
 //! 0x0010_0000  kernel
 //!      ...     RAM, initrd at the top of low RAM
 //! 0xd000_0000  MMIO hole: boot timer, then virtio-mmio devices
+//! 0xd002_0000  PCI hot-plug registers (--enable-pci)
+//! 0xd800_0000  PCI 32-bit BAR window, 128 MiB (--enable-pci)
+//! 0xeec0_0000  PCI ECAM, 256 MiB reserved, bus 0 in the first MiB (--enable-pci)
 //! 0xfec0_0000  IOAPIC;  0xfee0_0000 LAPIC
+//! 0xfffb_c000  KVM's identity map and TSS
 //! 0x1_0000_0000 RAM above 4 GiB
 //! ```
+//!
+//! Everything from 0xd000_0000 to 4 GiB is the MMIO hole: RAM is never
+//! there, with or without PCI.
 
 /// Boot GDT and IDT.
 pub const BOOT_GDT_OFFSET: u64 = 0x500;
@@ -51,6 +58,29 @@ pub const MMIO_MEM_SIZE: u64 = FIRST_ADDR_PAST_32BITS - MMIO_MEM_START;
 /// The boot timer takes the first page of the MMIO hole.
 pub const BOOT_TIMER_START: u64 = MMIO_MEM_START;
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
+/// The PCI hot-plug registers (PCIU/PCID/B0EJ/PSEG), above the last
+/// virtio-mmio slot; used only with `--enable-pci`.
+pub const PCI_HOTPLUG_START: u64 = 0xd002_0000;
+pub const PCI_HOTPLUG_SIZE: u64 = 0x1000;
+/// The window of the PCI devices' 32-bit memory BARs (each slot's BAR0 at
+/// a fixed address in it, see `devices::pci::bar0_address`), advertised in
+/// the root bridge's `_CRS`.
+pub const PCI_MMIO32_START: u64 = 0xd800_0000;
+pub const PCI_MMIO32_SIZE: u64 = 128 << 20;
+/// PCI Express enhanced configuration space (ECAM): 256 MiB reserved (256
+/// buses, Firecracker's PCI_MMCONFIG_START and size), of which the only
+/// bus, bus 0, uses the first MiB.
+pub const PCI_ECAM_START: u64 = 0xeec0_0000;
+pub const PCI_ECAM_SIZE: u64 = 256 << 20;
+pub const PCI_ECAM_BUS0_SIZE: u64 = 1 << 20;
+/// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at
+/// 0xcfc, 8 ports in all.
+pub const PCI_CONFIG_PORT: u64 = 0xcf8;
+pub const PCI_CONFIG_PORT_SIZE: u64 = 8;
+/// The IOAPIC pin of the ACPI Generic Event Device (PCI hot-plug
+/// notifications). It is the last virtio-mmio IRQ too, which is free with
+/// `--enable-pci` (no device is on virtio-mmio then).
+pub const GED_GSI: u32 = 23;
 /// Interrupt controllers.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const APIC_ADDR: u32 = 0xfee0_0000;
@@ -83,9 +113,11 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// The e820 map the guest sees for `mem_size` bytes of RAM. The legacy
-/// BIOS area (EBDA, VGA, ROMs) is left out of RAM, as on a PC.
-pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+/// The e820 map the guest sees for `mem_size` bytes of RAM, in address
+/// order. The legacy BIOS area (EBDA, VGA, ROMs) is left out of RAM, as on
+/// a PC. With `pci`, the ECAM range is reserved too, as Firecracker does
+/// (Linux checks that an MCFG region is reserved before it uses it).
+pub fn e820_map(mem_size: u64, pci: bool) -> Vec<E820Entry> {
     let ram = |addr, end: u64| E820Entry {
         addr,
         size: end - addr,
@@ -104,6 +136,14 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
         if end > low {
             map.push(ram(low, end));
         }
+    }
+    if pci {
+        map.push(E820Entry {
+            addr: PCI_ECAM_START,
+            size: PCI_ECAM_SIZE,
+            kind: E820_RESERVED,
+        });
+        map.sort_by_key(|e| e.addr);
     }
     map
 }
@@ -126,6 +166,42 @@ mod tests {
             .sum()
     }
 
+    /// A half-open guest-physical range, with its name for messages.
+    type Span = (&'static str, u64, u64);
+
+    fn range(name: &'static str, start: u64, size: u64) -> Span {
+        (name, start, start + size)
+    }
+
+    fn overlap(a: &Span, b: &Span) -> bool {
+        a.1 < b.2 && b.1 < a.2
+    }
+
+    /// Everything below 4 GiB that is not RAM, with and without PCI.
+    fn fixed_ranges() -> Vec<Span> {
+        let slots: Vec<(u64, u32)> = (0..)
+            .map_while(crate::device_manager::virtio_mmio_slot)
+            .collect();
+        let last_slot = slots.last().unwrap().0;
+        let mmio_size = devices::virtio::MMIO_WINDOW_SIZE;
+        vec![
+            range("boot timer", BOOT_TIMER_START, BOOT_TIMER_SIZE),
+            ("virtio-mmio slots", slots[0].0, last_slot + mmio_size),
+            range(
+                "PCI hot-plug registers",
+                PCI_HOTPLUG_START,
+                PCI_HOTPLUG_SIZE,
+            ),
+            range("PCI MMIO32 window", PCI_MMIO32_START, PCI_MMIO32_SIZE),
+            range("PCI ECAM", PCI_ECAM_START, PCI_ECAM_SIZE),
+            range("IOAPIC", u64::from(IOAPIC_ADDR), 0x1000),
+            range("LAPIC", u64::from(APIC_ADDR), 0x1000),
+            range("KVM identity map", KVM_IDENTITY_MAP_ADDRESS, 0x1000),
+            // KVM_SET_TSS_ADDRESS takes three pages.
+            range("KVM TSS", KVM_TSS_ADDRESS as u64, 0x3000),
+        ]
+    }
+
     fn assert_well_formed(map: &[E820Entry], mem: u64) {
         for pair in map.windows(2) {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{map:x?}");
@@ -144,7 +220,7 @@ mod tests {
     #[test]
     fn small_memory_fits_below_the_hole() {
         for mib in [32, 128, 512, 3328] {
-            let map = e820_map(mib * MIB);
+            let map = e820_map(mib * MIB, false);
             assert_eq!(map.len(), 3, "{mib} MiB: {map:x?}");
             assert_eq!(map[2].addr + map[2].size, mib * MIB);
             assert_well_formed(&map, mib * MIB);
@@ -156,7 +232,7 @@ mod tests {
     fn large_memory_skips_the_hole() {
         for mib in [3329, 3584, 4096, 8192, 65536] {
             let mem = mib * MIB;
-            let map = e820_map(mem);
+            let map = e820_map(mem, false);
             assert_eq!(map.len(), 4, "{mib} MiB: {map:x?}");
             assert_eq!(map[2].addr + map[2].size, MMIO_MEM_START);
             assert_eq!(map[3].addr, FIRST_ADDR_PAST_32BITS);
@@ -164,6 +240,73 @@ mod tests {
             assert_well_formed(&map, mem);
             let regions = ram_regions(mem);
             assert_eq!(regions.iter().map(|r| r.1).sum::<u64>(), mem);
+        }
+    }
+
+    #[test]
+    fn the_pci_ranges_collide_with_nothing_and_sit_in_the_mmio_hole() {
+        let ranges = fixed_ranges();
+        for (i, a) in ranges.iter().enumerate() {
+            assert!(
+                a.1 >= MMIO_MEM_START && a.2 <= FIRST_ADDR_PAST_32BITS,
+                "{a:x?} is outside the MMIO hole"
+            );
+            for b in &ranges[i + 1..] {
+                assert!(!overlap(a, b), "{a:x?} overlaps {b:x?}");
+            }
+        }
+        // Every slot's BAR0 is in the window, and bus 0's ECAM in the range.
+        let last = devices::pci::DEVICE_SLOTS.end - 1;
+        let window_end = PCI_MMIO32_START + PCI_MMIO32_SIZE;
+        assert_eq!(
+            devices::pci::bar0_address(PCI_MMIO32_START, devices::pci::DEVICE_SLOTS.start),
+            PCI_MMIO32_START
+        );
+        assert!(
+            devices::pci::bar0_address(PCI_MMIO32_START, last) + devices::pci::BAR0_SIZE
+                <= window_end
+        );
+        assert_eq!(
+            PCI_MMIO32_START % devices::pci::BAR0_SIZE,
+            0,
+            "BARs are naturally aligned"
+        );
+        const { assert!(PCI_ECAM_BUS0_SIZE <= PCI_ECAM_SIZE) };
+        assert_eq!(PCI_ECAM_START % PCI_ECAM_BUS0_SIZE, 0);
+        // The GED's pin is an IOAPIC pin, below the MSI GSIs.
+        const { assert!(GED_GSI < devices::pci::MSI_GSI_BASE) };
+    }
+
+    #[test]
+    fn ram_never_overlaps_a_device_range() {
+        let ranges = fixed_ranges();
+        for mib in [32, 3328, 3329, 3584, 4096, 65536, 1 << 20] {
+            for (start, size) in ram_regions(mib * MIB) {
+                let ram = range("RAM", start, size);
+                for r in &ranges {
+                    assert!(!overlap(&ram, r), "{mib} MiB: {ram:x?} overlaps {r:x?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn with_pci_the_ecam_range_is_reserved_in_address_order() {
+        for mib in [128, 3328, 4096, 65536] {
+            let mem = mib * MIB;
+            let plain = e820_map(mem, false);
+            let map = e820_map(mem, true);
+            assert_eq!(map.len(), plain.len() + 1, "{mib} MiB: {map:x?}");
+            assert_well_formed(&map, mem);
+            let ecam = E820Entry {
+                addr: 0xeec0_0000,
+                size: 0x1000_0000,
+                kind: E820_RESERVED,
+            };
+            assert_eq!(map.iter().filter(|e| **e == ecam).count(), 1);
+            // The rest is the map without PCI, unchanged.
+            let rest: Vec<E820Entry> = map.into_iter().filter(|e| *e != ecam).collect();
+            assert_eq!(rest, plain);
         }
     }
 }

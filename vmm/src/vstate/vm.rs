@@ -1,16 +1,20 @@
 //! The KVM VM: guest memory slots and the in-kernel PIC, IOAPIC and PIT,
-//! and their state for a snapshot.
+//! and their state for a snapshot; and its GSI routing table, which PCI
+//! devices change for their MSI-X vectors ([`Vm::msi_router`]).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_CLOCK_REALTIME, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::interrupts::GsiRouting;
 use crate::arch::layout;
 
 /// Errors setting up the VM.
@@ -42,7 +46,9 @@ pub struct VmState {
 
 /// A KVM VM with its interrupt controllers.
 pub struct Vm {
-    fd: VmFd,
+    /// Shared with the routing, which vCPU threads use too.
+    fd: Arc<VmFd>,
+    routing: Arc<GsiRouting>,
 }
 
 fn setup_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -66,7 +72,9 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(setup_err("create the PIT"))?;
-        Ok(Self { fd })
+        let fd = Arc::new(fd);
+        let routing = Arc::new(GsiRouting::new(fd.clone()));
+        Ok(Self { fd, routing })
     }
 
     /// Registers every guest memory region as a KVM memory slot.
@@ -189,5 +197,12 @@ impl Vm {
     /// The KVM VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM's GSI routing and irqfds, for PCI devices' MSI-X vectors
+    /// (a `devices::pci::MsiRouter`). Every clone is the same table; it
+    /// may be used from any thread.
+    pub fn msi_router(&self) -> Arc<GsiRouting> {
+        self.routing.clone()
     }
 }
