@@ -225,7 +225,7 @@ main() {
 	cp "$kernel_dir/boot/vmlinuz-$kver" "$stage/opt/l2/stock-vmlinuz"
 	local extra=$tmp/stock-extra
 	mkdir -p "$extra"
-	stage_modules "$kernel_dir/lib/modules/$kver" "$extra" etc/tessera-modules virtio_mmio virtio_blk virtio_net
+	stage_modules "$kernel_dir/lib/modules/$kver" "$extra" etc/tessera-modules virtio_mmio virtio_pci virtio_blk virtio_net
 	# The kernel unpacks concatenated archives in order: ours, then the modules.
 	pack_cpio "$extra" "$tmp/stock-extra.cpio.gz"
 	cat "$guest_dir/initramfs.cpio.gz" "$tmp/stock-extra.cpio.gz" >"$stage/opt/l2/stock-initramfs.cpio.gz"

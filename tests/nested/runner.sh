@@ -433,6 +433,114 @@ JSON
 	fi
 }
 
+# msi_count NAME IRQ: the count of virtio MSI-X interrupt IRQ (say
+# virtio1-req.0) in NAME's tessera.msi line, 0 if it has none.
+msi_count() {
+	value tessera.msi "/tmp/$1.out" | tr ',' '\n' | sed -n "s/^$2://p" | head -n 1 | grep . || echo 0
+}
+
+# --enable-pci with the project's kernel (no ACPI: config space through
+# port 0xCF8): the root on a 2-queue vhost-user-blk drive, a data drive
+# written with dd, and a 2-pair vhost-user-net interface that pings L1
+# and moves 16 MiB each way. Every device must be a virtio-pci function,
+# none virtio-mmio, and every queue must interrupt on its own MSI-X vector.
+scenario_pci() {
+	name=pci
+	ip link del tap0 2>/dev/null
+	if ! /opt/tessera/bin/ip tuntap add dev tap0 mode tap multi_queue ||
+		! ip addr add 10.99.0.1/24 dev tap0 || ! ip link set tap0 up; then
+		fail pci "cannot set up tap0 in L1"
+		return
+	fi
+	mkdir -p /tmp/www
+	yes TESSERA | head -c 16777216 >/tmp/www/blob
+	want_blob=$(md5sum </tmp/www/blob | cut -d' ' -f1)
+	httpd -p 8080 -h /tmp/www
+	cp "$L2/rootfs.ext4" /tmp/pci-root.ext4
+	rm -f /tmp/pci-data.img
+	truncate -s 8M /tmp/pci-data.img
+	cat >/tmp/pci.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/vmlinux",
+                  "boot_args": "console=ttyS0 reboot=k panic=-1 quiet ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off tessera.dd=/dev/vdb:4 tessera.ping=10.99.0.1 tessera.transfer=10.99.0.1 tessera.pci=1 tessera.halt=1"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+  "drives": [
+    {"drive_id": "rootfs", "path_on_host": "/tmp/pci-root.ext4", "is_root_device": true, "is_read_only": false},
+    {"drive_id": "data", "path_on_host": "/tmp/pci-data.img", "is_root_device": false, "is_read_only": false}
+  ],
+  "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:0a:63:00:02", "num_queue_pairs": 2}]
+}
+JSON
+	run_tessera pci /tmp/pci.json --no-api --enable-pci </dev/null >/tmp/pci.out 2>/tmp/pci.err
+	status=$?
+	kill "$(pidof httpd)" 2>/dev/null
+	out=/tmp/pci.out
+	want_disk=$(yes TESSERA | head -c 4194304 | md5sum | cut -d' ' -f1)
+	got_disk=$(head -c 4194304 /tmp/pci-data.img | md5sum | cut -d' ' -f1)
+	devices=$(value tessera.pci_devices "$out")
+	want_devices="0000:00:00.0=8086:0d57,0000:00:01.0=1af4:1042,0000:00:02.0=1af4:1042,0000:00:03.0=1af4:1041"
+	vectors=$(value tessera.msi "$out" | tr ',' '\n' | grep -c .)
+	quiet_queues=
+	for irq in virtio0-req.0 virtio1-req.0 virtio2-input.0; do
+		[ "$(msi_count pci $irq)" -gt 0 ] || quiet_queues="$quiet_queues $irq"
+	done
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP "$out"; then
+		fail pci "status $status: $(why pci)"
+	elif [ "$devices" != "$want_devices" ]; then
+		fail pci "PCI functions $devices, want $want_devices"
+	elif [ "$(value tessera.virtio_mmio "$out")" != 0 ]; then
+		fail pci "$(value tessera.virtio_mmio "$out") virtio-mmio devices besides"
+	elif [ "$(value tessera.root_writable "$out")" != yes ]; then
+		fail pci "the root on virtio-pci is not writable: $(why pci)"
+	elif [ "$got_disk" != "$want_disk" ]; then
+		fail pci "the data drive holds the wrong bytes (md5 $got_disk, want $want_disk)"
+	elif [ "$(value tessera.ping "$out" | cut -d' ' -f1)" != ok ]; then
+		fail pci "L2 -> L1 ping: $(value tessera.ping "$out")"
+	elif [ "$(value tessera.fetch "$out")" != "$want_blob" ]; then
+		fail pci "16 MiB L1 -> L2: md5 $(value tessera.fetch "$out"), want $want_blob"
+	elif [ -n "$quiet_queues" ]; then
+		fail pci "no MSI-X interrupts on:$quiet_queues (tessera.msi=$(value tessera.msi "$out"))"
+	else
+		ok pci "functions $devices, no virtio-mmio; root and dd on virtio-pci blk (4 MiB match), ping and 16 MiB over virtio-pci net; $vectors MSI-X vectors: $(value tessera.msi "$out")"
+	fi
+}
+
+# Debian's stock cloud kernel with --enable-pci: its virtio_pci module finds
+# the drive through ECAM (MCFG) and the root bridge (PC00), with MSI-X.
+scenario_stock_kernel_pci() {
+	name=stock_kernel_pci vcpus=2
+	cp "$L2/rootfs.ext4" /tmp/stock-pci-data.ext4
+	cat >/tmp/$name.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$L2/stock-vmlinuz", "initrd_path": "$L2/stock-initramfs.cpio.gz",
+                  "boot_args": "console=ttyS0 reboot=k panic=-1 quiet tessera.pci=1 tessera.acpi_poweroff=1"},
+  "machine-config": {"vcpu_count": $vcpus, "mem_size_mib": 512},
+  "drives": [{"drive_id": "data", "path_on_host": "/tmp/stock-pci-data.ext4", "is_root_device": false, "is_read_only": true}]
+}
+JSON
+	run_tessera "$name" /tmp/$name.json --no-api --enable-pci </dev/null >"/tmp/$name.out" 2>"/tmp/$name.err"
+	status=$?
+	out=/tmp/$name.out
+	nproc=$(value tessera.nproc "$out")
+	devices=$(value tessera.virtio_devices "$out")
+	functions=$(value tessera.pci_devices "$out")
+	if ! grep -q TESSERA-GUEST-UP "$out"; then
+		fail "$name" "status $status: $(why "$name")"
+	elif [ "$nproc" != "$vcpus" ]; then
+		fail "$name" "sees $nproc of $vcpus CPUs: $(why "$name")"
+	elif [ "$devices" != 1 ] || [ "$functions" != "0000:00:00.0=8086:0d57,0000:00:01.0=1af4:1042" ]; then
+		fail "$name" "virtio devices: ${devices:-none}, PCI functions: ${functions:-none}: $(why "$name")"
+	elif [ "$(value tessera.virtio_mmio "$out")" != 0 ]; then
+		fail "$name" "virtio-mmio devices besides: $(value tessera.virtio_mmio "$out")"
+	elif [ "$(msi_count "$name" virtio0-config)" = 0 ] && ! value tessera.msi "$out" | grep -q virtio0-req; then
+		fail "$name" "no MSI-X vectors: tessera.msi=$(value tessera.msi "$out")"
+	elif [ "$status" -ne 0 ]; then
+		fail "$name" "poweroff -f through ACPI ended tessera with status $status: $(why "$name")"
+	else
+		ok "$name" "booted $(value tessera.kernel "$out"); $nproc CPUs; functions $functions; MSI-X: $(value tessera.msi "$out"); poweroff -f through ACPI ended tessera with status 0"
+	fi
+}
+
 # Boot-time benchmark: tessera-bench boots Linux 10 times and prints JSON,
 # beside Firecracker when build-l1.sh put it in /opt/peers.
 # The bench's progress (a line per boot, on stderr) goes to the console, so
@@ -767,7 +875,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | pci | stock_kernel_pci | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

@@ -23,6 +23,8 @@ const SCENARIOS: &[&str] = &[
     "migration",
     "mmds",
     "balloon",
+    "pci",
+    "stock_kernel_pci",
     "jailed_initramfs",
     "jailed_blk_root",
     "jailed_net",
