@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests drive as peers: QEMU (TCG guests,
 # vhost-user frontends, qemu-storage-daemon), fio, and ip and ping for the
-# network tests. The guest build
+# network tests, and iasl (acpica-tools) for the ACPI tables. The guest build
 # scripts install their own packages.
 set -euo pipefail
 
-packages=(qemu-system-x86 qemu-system-common fio util-linux iproute2 iputils-ping)
+packages=(qemu-system-x86 qemu-system-common fio util-linux iproute2 iputils-ping acpica-tools)
 missing=()
 for pkg in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")

@@ -8,10 +8,12 @@
 
 pub mod bus;
 pub mod config;
+pub mod hotplug;
 pub mod msix;
 
 pub use bus::{PciBarWindow, PciConfigIo, PciEcam, PciFunction, PciHandle, PciSlots, SlotError};
 pub use config::{ConfigSpace, PciIdentity};
+pub use hotplug::{PciHotplug, PciHotplugRegisters};
 pub use msix::{Msix, MsixInterrupts, MsixState, NO_VECTOR};
 
 use std::io;
