@@ -20,8 +20,12 @@ pub enum VmmAction {
     PutBootSource(BootSourceConfig),
     PutDrive(BlockDeviceConfig),
     PatchDrive(BlockDeviceUpdate),
+    /// Hot-unplug (with `--enable-pci`, after boot).
+    DeleteDrive(String),
     PutNetworkInterface(NetworkInterfaceConfig),
     PatchNetworkInterface(NetworkInterfaceUpdate),
+    /// Hot-unplug (with `--enable-pci`, after boot).
+    DeleteNetworkInterface(String),
     PutLogger(LoggerConfig),
     PutMetrics(MetricsConfig),
     PutSerial(SerialConfig),

@@ -6,6 +6,8 @@ use std::fs::{File, FileType, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use nix::sys::stat::SFlag;
+
 /// Why a host path cannot serve.
 #[derive(Debug, thiserror::Error)]
 pub enum HostFileError {
@@ -15,6 +17,20 @@ pub enum HostFileError {
     NotRegular(&'static str),
     #[error("is {0}, not a regular file or a block device")]
     NotADisk(&'static str),
+}
+
+/// The kind of file of an `st_mode`'s type bits, as an error message
+/// names it.
+fn kind_of_mode(kind: SFlag) -> &'static str {
+    match kind {
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFSOCK => "a Unix socket",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        SFlag::S_IFLNK => "a symbolic link",
+        _ => "a regular file",
+    }
 }
 
 /// The kind of file, as an error message names it.
@@ -58,13 +74,20 @@ pub fn open_regular(path: &Path) -> Result<File, HostFileError> {
 /// Checks that `path` is a regular file or a block device that can be
 /// opened for reading, and for writing unless `read_only`.
 pub fn check_disk(path: &Path, read_only: bool) -> Result<(), HostFileError> {
-    // stat first: opening a FIFO or a socket for writing has side effects
-    // (or fails with a less clear error).
-    let file_type = std::fs::metadata(path)
-        .map_err(HostFileError::Open)?
-        .file_type();
-    if !file_type.is_file() && !file_type.is_block_device() {
-        return Err(HostFileError::NotADisk(kind_of(file_type)));
+    // The kind first, through an O_PATH descriptor (fstat, not stat, so
+    // that a confined VMM thread can check a drive it hot-plugs): opening
+    // a FIFO or a socket for writing has side effects (or fails with a
+    // less clear error).
+    let handle = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(HostFileError::Open)?;
+    let stat = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&handle))
+        .map_err(|e| HostFileError::Open(e.into()))?;
+    let kind = SFlag::from_bits_truncate(stat.st_mode & SFlag::S_IFMT.bits());
+    if kind != SFlag::S_IFREG && kind != SFlag::S_IFBLK {
+        return Err(HostFileError::NotADisk(kind_of_mode(kind)));
     }
     open_nonblocking(path, !read_only).map(drop)
 }

@@ -37,6 +37,7 @@ use crate::runtime::{Devices, Subscriber, TerminalGuard, Vmm};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 use crate::ExitCode;
+use std::collections::HashMap;
 
 /// Errors building or starting a microVM.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub enum StartMicrovmError {
     Device(#[from] AttachError),
     #[error(transparent)]
     Entropy(#[from] device_manager::EntropyAttachError),
+    #[error("cannot set up the PCI root bus: {0}")]
+    Pci(device_manager::PlaceError),
     #[error(transparent)]
     Balloon(#[from] device_manager::BalloonAttachError),
     #[error(transparent)]
@@ -162,7 +165,7 @@ pub fn build_microvm(
     let machine = &resources.machine_config;
     let kvm = open_kvm(machine.vcpu_count)?;
     let mem_size = (machine.mem_size_mib as u64) << 20;
-    let guest_memory = create_guest_memory(resources)?;
+    let guest_memory = create_guest_memory(resources, options.enable_pci)?;
     let vm = Vm::new(&kvm)?;
     vm.register_memory(&kvm, &guest_memory, machine.track_dirty_pages)?;
 
@@ -343,12 +346,14 @@ pub(crate) fn has_backends(resources: &VmResources) -> bool {
         || resources.vsock.is_some()
 }
 
-/// Guest RAM: shared (a memfd) only when backends have to map it.
+/// Guest RAM: shared (a memfd) only when backends have to map it, now or
+/// (`hotplug`, with `--enable-pci`) after boot.
 pub(crate) fn create_guest_memory(
     resources: &VmResources,
+    hotplug: bool,
 ) -> Result<GuestMemoryMmap, StartMicrovmError> {
     let machine = &resources.machine_config;
-    let sharing = if has_backends(resources) {
+    let sharing = if has_backends(resources) || hotplug {
         memory::Sharing::Shared
     } else {
         memory::Sharing::Private
@@ -400,6 +405,8 @@ pub(crate) struct AttachedDevices {
     pub(crate) mmds: Option<MmdsService>,
     /// The PCI root bus, with `--enable-pci`.
     pub(crate) pci: Option<device_manager::PciBus>,
+    /// Starts the interfaces' backends (kept for hot-plug).
+    pub(crate) net_spawner: Option<BackendSpawner>,
 }
 
 impl AttachedDevices {
@@ -454,22 +461,36 @@ pub(crate) fn attach_virtio_devices(
     let pci = if pci {
         let router = vm.msi_router();
         let bus =
-            device_manager::attach_pci_root(&mut legacy.pio_bus, &mut legacy.mmio_bus, router)
-                .map_err(|source| StartMicrovmError::Devices(DeviceError::Bus(source)))?;
+            device_manager::attach_pci_root(vm, &mut legacy.pio_bus, &mut legacy.mmio_bus, router)
+                .map_err(StartMicrovmError::Pci)?;
         Some(bus)
     } else {
         None
     };
     let mut placement = Placement::new(vm, &mut legacy.mmio_bus, cmdline, pci.clone());
     let placement = &mut placement;
-    if has_backends(resources) {
+    if has_backends(resources) || pci.is_some() {
         let filters = options.seccomp.clone();
         devices::vhost_user::watchdog::start(move || {
             filters.apply("vmm").map_err(|err| err.to_string())
         })
         .map_err(StartMicrovmError::Watchdog)?;
     }
+    // With PCI, drives and interfaces may be hot-plugged: their backends'
+    // starters are made now, before the VMM thread is confined.
     let mut block_spawner = None;
+    if resources.drives.is_empty() && pci.is_some() {
+        let binary = options.vhost_user_blk_bin.as_ref();
+        block_spawner = Some(device_manager::spawner(DeviceKind::Drive, binary, options)?);
+    }
+    let mut net_spawner = match (resources.network_interfaces.is_empty(), &pci) {
+        (true, Some(_)) => Some(device_manager::spawner(
+            DeviceKind::Interface,
+            options.vhost_user_net_bin.as_ref(),
+            options,
+        )?),
+        _ => None,
+    };
     let block = if resources.drives.is_empty() {
         Vec::new()
     } else {
@@ -509,7 +530,8 @@ pub(crate) fn attach_virtio_devices(
             },
             &spawner,
             placement,
-        )?
+        )
+        .inspect(|_| net_spawner = Some(spawner))?
     };
     let vsock = match &resources.vsock {
         None => None,
@@ -549,8 +571,11 @@ pub(crate) fn attach_virtio_devices(
         dirty_log: None,
         mmds,
         pci,
+        net_spawner,
     };
-    if has_backends(resources) || attached.entropy.is_some() || attached.balloon.is_some() {
+    let devices_to_log =
+        has_backends(resources) || attached.entropy.is_some() || attached.balloon.is_some();
+    if devices_to_log || attached.pci.is_some() {
         // Made now, while the VMM may still create memfds: without
         // track_dirty_pages a migration has the devices use it later.
         let mem_end = mem.last_addr().0 + 1;
@@ -639,16 +664,19 @@ fn watch_backends(
     attached: AttachedDevices,
     event_manager: &mut EventManager<Subscriber>,
 ) -> Result<Devices, StartMicrovmError> {
+    let mut monitors = HashMap::new();
     let mut block = Vec::new();
     for (transport, connect) in attached.block {
+        let key = lock(&transport).device().queues().device().clone();
         let monitor = device_manager::BackendMonitor::new(transport.clone(), connect);
-        event_manager.add_subscriber(subscriber(monitor)?);
+        monitors.insert(key, event_manager.add_subscriber(subscriber(monitor)?));
         block.push(transport);
     }
     let mut net = Vec::new();
     for (transport, connect) in attached.net {
+        let key = lock(&transport).device().queues().device().clone();
         let monitor = device_manager::NetBackendMonitor::new(transport.clone(), connect);
-        event_manager.add_subscriber(subscriber(monitor)?);
+        monitors.insert(key, event_manager.add_subscriber(subscriber(monitor)?));
         net.push(transport);
     }
     let mut vsock = None;
@@ -670,9 +698,12 @@ fn watch_backends(
         balloon: attached.balloon,
         block,
         block_spawner: attached.block_spawner,
+        net_spawner: attached.net_spawner,
         net,
         vsock,
         mmds: attached.mmds,
+        pci: attached.pci,
+        monitors,
     })
 }
 

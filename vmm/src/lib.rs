@@ -13,6 +13,7 @@ pub mod balloon;
 pub mod builder;
 pub mod device_manager;
 mod exit_handler;
+pub mod hotplug;
 pub mod logger;
 pub mod memory;
 pub mod metrics;

@@ -252,6 +252,12 @@ pub fn run_preboot(
                 &m.network_put,
                 empty(resources.insert_network_interface(iface)),
             ),
+            VmmAction::DeleteDrive(_) => {
+                counted(&m.drive_put, Err(ActionError::NotSupportedPreBoot))
+            }
+            VmmAction::DeleteNetworkInterface(_) => {
+                counted(&m.network_put, Err(ActionError::NotSupportedPreBoot))
+            }
             VmmAction::PutLogger(config) => {
                 let outcome = empty(logger::configure(&config));
                 if outcome.is_ok() {
@@ -383,8 +389,18 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
         VmmAction::PutMachineConfig(_) => counted(&m.machine_config_put, post_boot()),
         VmmAction::PatchMachineConfig(_) => counted(&m.machine_config_patch, post_boot()),
         VmmAction::PutBootSource(_) => counted(&m.boot_source, post_boot()),
+        VmmAction::PutDrive(drive) if vmm.can_hotplug() => {
+            counted(&m.drive_put, hotplug(vmm.hotplug_drive(drive)))
+        }
         VmmAction::PutDrive(_) => counted(&m.drive_put, post_boot()),
+        VmmAction::PutNetworkInterface(iface) if vmm.can_hotplug() => {
+            counted(&m.network_put, hotplug(vmm.hotplug_interface(iface)))
+        }
         VmmAction::PutNetworkInterface(_) => counted(&m.network_put, post_boot()),
+        VmmAction::DeleteDrive(id) => counted(&m.drive_put, hotplug(vmm.unplug_drive(&id))),
+        VmmAction::DeleteNetworkInterface(id) => {
+            counted(&m.network_put, hotplug(vmm.unplug_interface(&id)))
+        }
         VmmAction::PutLogger(_) => counted(&m.logger, post_boot()),
         VmmAction::PutMetrics(_) => counted(&m.metrics, post_boot()),
         VmmAction::PutSerial(_) => counted(&m.serial, post_boot()),
@@ -463,6 +479,14 @@ fn handle_runtime(action: VmmAction, vmm: &mut Vmm, instance_id: &str) -> Outcom
             counted(&m.snapshot_create, outcome.map(|()| VmmData::Empty))
         }
     }
+}
+
+/// A hot-plug or unplug's outcome.
+fn hotplug(outcome: Result<(), crate::hotplug::HotplugError>) -> Outcome {
+    outcome.map(|()| VmmData::Empty).map_err(|err| {
+        log::error!("{err}");
+        ActionError::failed(err)
+    })
 }
 
 fn post_boot() -> Outcome {

@@ -126,6 +126,13 @@ pub(crate) struct Devices {
     pub(crate) balloon: Option<device_manager::BalloonTransport>,
     /// How the interfaces serve MMDS, if any does.
     pub(crate) mmds: Option<crate::mmds::MmdsService>,
+    /// Starts the interfaces' backends (kept for hot-plug).
+    pub(crate) net_spawner: Option<BackendSpawner>,
+    /// The PCI root bus, with `--enable-pci`.
+    pub(crate) pci: Option<device_manager::PciBus>,
+    /// The event-loop subscriber that watches each drive's and interface's
+    /// backend, to drop when the device is unplugged.
+    pub(crate) monitors: HashMap<DeviceName, event_manager::SubscriberId>,
 }
 
 impl Vmm {

@@ -1,4 +1,4 @@
-//! `PUT` and `PATCH /drives/{drive_id}`.
+//! `PUT`, `PATCH` and `DELETE /drives/{drive_id}`.
 
 use super::{check_ids, Body, RequestError};
 use crate::action::VmmAction;
@@ -17,4 +17,11 @@ pub(super) fn parse_patch(id: &str, body: &Body) -> Result<VmmAction, RequestErr
         return Err(RequestError::EmptyPatch(format!("/drives/{id}")));
     }
     Ok(VmmAction::PatchDrive(update))
+}
+
+/// `DELETE`: hot-unplug, with no body.
+pub(super) fn parse_delete(id: &str, body: &Body) -> Result<VmmAction, RequestError> {
+    body.none()?;
+    check_ids(id, id)?;
+    Ok(VmmAction::DeleteDrive(id.to_string()))
 }

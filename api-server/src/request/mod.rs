@@ -58,6 +58,8 @@ pub enum RequestError {
     EmptyRequest(String),
     #[error("GET request cannot have a body.")]
     GetWithBody,
+    #[error("DELETE request cannot have a body.")]
+    DeleteWithBody,
     #[error("Unrecognized PUT request path `{0}`.")]
     UnrecognizedPutPath(String),
 }
@@ -85,8 +87,10 @@ pub fn parse_request(
         ("PUT", ["boot-source"]) => boot_source::parse_put(&body).and_then(action),
         ("PUT", ["drives", id]) => drive::parse_put(id, &body).and_then(action),
         ("PATCH", ["drives", id]) => drive::parse_patch(id, &body).and_then(action),
+        ("DELETE", ["drives", id]) => drive::parse_delete(id, &body).and_then(action),
         ("PUT", ["network-interfaces", id]) => net::parse_put(id, &body).and_then(action),
         ("PATCH", ["network-interfaces", id]) => net::parse_patch(id, &body).and_then(action),
+        ("DELETE", ["network-interfaces", id]) => net::parse_delete(id, &body).and_then(action),
         ("PUT", ["actions"]) => actions::parse_put(&body).and_then(action),
         ("PATCH", ["vm"]) => vm::parse_patch(&body).and_then(action),
         ("PUT", ["logger"]) => logger::parse_put(&body).and_then(action),
@@ -133,6 +137,14 @@ pub(crate) struct Body<'a> {
 }
 
 impl Body<'_> {
+    /// Refuses a body, for a DELETE.
+    pub(crate) fn none(&self) -> Result<(), RequestError> {
+        match self.bytes {
+            Some(_) => Err(RequestError::DeleteWithBody),
+            None => Ok(()),
+        }
+    }
+
     /// Deserializes the body, which must be present.
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, RequestError> {
         let bytes = self.bytes.ok_or_else(|| {

@@ -1,4 +1,4 @@
-//! `PUT` and `PATCH /network-interfaces/{iface_id}`.
+//! `PUT`, `PATCH` and `DELETE /network-interfaces/{iface_id}`.
 
 use super::{check_ids, Body, RequestError};
 use crate::action::VmmAction;
@@ -19,4 +19,11 @@ pub(super) fn parse_patch(id: &str, body: &Body) -> Result<VmmAction, RequestErr
         )));
     }
     Ok(VmmAction::PatchNetworkInterface(update))
+}
+
+/// `DELETE`: hot-unplug, with no body.
+pub(super) fn parse_delete(id: &str, body: &Body) -> Result<VmmAction, RequestError> {
+    body.none()?;
+    check_ids(id, id)?;
+    Ok(VmmAction::DeleteNetworkInterface(id.to_string()))
 }

@@ -125,7 +125,7 @@ pub struct PciHotplugRegisters(pub Arc<PciHotplug>);
 
 impl BusDevice for PciHotplugRegisters {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 4 || offset >= REGISTERS_LEN || offset % 4 != 0 {
+        if data.len() != 4 || offset >= REGISTERS_LEN || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }

@@ -25,7 +25,7 @@ use std::fmt;
 use crate::virtio::VirtioDevice;
 
 /// The kinds of vhost-user devices, as the API and the logs name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
     Drive,
     Interface,
@@ -49,7 +49,7 @@ impl fmt::Display for DeviceKind {
 }
 
 /// One device, as errors and log lines name it: "drive rootfs".
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeviceName {
     pub kind: DeviceKind,
     pub id: String,

@@ -172,7 +172,8 @@ impl<D: VirtioDevice> VirtioCore<D> {
         self.regs.active
     }
 
-    pub(crate) fn status(&self) -> u32 {
+    /// The device status the driver wrote (0: reset, no driver).
+    pub fn status(&self) -> u32 {
         self.regs.status
     }
 

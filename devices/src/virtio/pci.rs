@@ -302,6 +302,13 @@ impl<D: VirtioDevice> PciTransport<D> {
         self.core.restore(virtio)
     }
 
+    /// Stops the device if the driver had started it (it leaves its slot).
+    pub fn stop(&mut self) {
+        if self.core.is_active() {
+            self.core.write_status(0);
+        }
+    }
+
     /// Unbinds every interrupt (the device leaves its slot).
     pub fn release_interrupts(&mut self) {
         if let Err(err) = self.interrupts.release() {
@@ -368,10 +375,12 @@ impl<D: VirtioDevice> PciTransport<D> {
             (0x16, 2) => Some(u64::from(core.queue_sel() as u16)),
             (0x18, 2) => Some(core.selected_queue().map_or(0, |q| q.size.into())),
             (0x1a, 2) => Some(
-                (queue < core.queue_count())
-                    .then(|| self.vectors[queue])
-                    .unwrap_or(NO_VECTOR)
-                    .into(),
+                if queue < core.queue_count() {
+                    self.vectors[queue]
+                } else {
+                    NO_VECTOR
+                }
+                .into(),
             ),
             (0x1c, 2) => Some(core.selected_queue().map_or(0, |q| q.ready.into())),
             (0x1e, 2) => Some(if queue < core.queue_count() {
@@ -379,7 +388,7 @@ impl<D: VirtioDevice> PciTransport<D> {
             } else {
                 0
             }),
-            (0x20..0x38, 4 | 8) if offset % data.len() as u64 == 0 => core
+            (0x20..0x38, 4 | 8) if offset.is_multiple_of(data.len() as u64) => core
                 .selected_queue()
                 .map(|q| {
                     let whole = match offset & !7 {
@@ -438,7 +447,7 @@ impl<D: VirtioDevice> PciTransport<D> {
                     q.ready = value == 1;
                 }
             }
-            (0x20..0x38, 4 | 8) if offset % data.len() as u64 == 0 => {
+            (0x20..0x38, 4 | 8) if offset.is_multiple_of(data.len() as u64) => {
                 if let Some(q) = self.core.selected_queue_mut() {
                     let field = match offset & !7 {
                         0x20 => &mut q.desc,

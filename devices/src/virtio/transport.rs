@@ -11,7 +11,8 @@ use crate::pci::PciFunction;
 /// A virtio device on virtio-mmio or on virtio-pci.
 pub enum VirtioTransport<D: VirtioDevice> {
     Mmio(MmioTransport<D>),
-    Pci(PciTransport<D>),
+    /// Boxed: its configuration space and MSI-X table make it the larger.
+    Pci(Box<PciTransport<D>>),
 }
 
 impl<D: VirtioDevice> From<MmioTransport<D>> for VirtioTransport<D> {
@@ -22,7 +23,7 @@ impl<D: VirtioDevice> From<MmioTransport<D>> for VirtioTransport<D> {
 
 impl<D: VirtioDevice> From<PciTransport<D>> for VirtioTransport<D> {
     fn from(t: PciTransport<D>) -> Self {
-        Self::Pci(t)
+        Self::Pci(Box::new(t))
     }
 }
 
@@ -61,6 +62,14 @@ impl<D: VirtioDevice> VirtioTransport<D> {
     /// What the driver negotiated, for a snapshot.
     pub fn state(&self) -> VirtioState {
         self.core().state()
+    }
+
+    /// The PCI slot the device is in (none on virtio-mmio).
+    pub fn pci_slot(&self) -> Option<u8> {
+        match self {
+            Self::Mmio(_) => None,
+            Self::Pci(t) => Some(t.slot()),
+        }
     }
 
     /// The PCI side, for a snapshot (none on virtio-mmio).

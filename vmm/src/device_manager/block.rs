@@ -94,8 +94,8 @@ fn root_cmdline(
 }
 
 /// Creates a device per drive and places it (see [`Placement`]), adding
-/// `root=` to the kernel command line for the root drive. Each device comes with what
-/// brings it a new backend.
+/// `root=` to the kernel command line for the root drive. Each device
+/// comes with what brings it a new backend.
 pub fn attach_block_devices(
     mem: &GuestMemoryMmap,
     drives: &[BlockDeviceConfig],
@@ -103,35 +103,45 @@ pub fn attach_block_devices(
     queues: u64,
     placement: &mut Placement,
 ) -> Result<Vec<(BlockTransport, Connector)>, AttachError> {
-    let mut transports = Vec::new();
-    for drive in device_order(drives) {
-        let id = drive.drive_id.clone();
-        let queues = queues.clamp(1, MAX_QUEUES);
-        vhost_user::check_room(placement, DeviceKind::Drive, &id)?;
-        let frontend = connect(drive, spawner, queues)?;
-        let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
-        if let Some(limits) = drive
-            .rate_limiter
-            .filter(RateLimiterConfig::limits_anything)
-        {
-            device
-                .queues_mut()
-                .send_control(&drive_limits_message(limits))
-                .map_err(|source| AttachError::Frontend {
-                    kind: DeviceKind::Drive,
-                    id: id.clone(),
-                    source,
-                })?;
-        }
-        let transport = vhost_user::attach(device, spawner, placement)?;
-        if drive.is_root_device {
-            root_cmdline(drive, placement.cmdline()).map_err(|source| AttachError::Cmdline {
+    device_order(drives)
+        .into_iter()
+        .map(|drive| attach_block_device(mem, drive, spawner, queues, placement))
+        .collect()
+}
+
+/// Creates the device of `drive` with up to `queues` queues and places it.
+pub fn attach_block_device(
+    mem: &GuestMemoryMmap,
+    drive: &BlockDeviceConfig,
+    spawner: &BackendSpawner,
+    queues: u64,
+    placement: &mut Placement,
+) -> Result<(BlockTransport, Connector), AttachError> {
+    let id = drive.drive_id.clone();
+    let queues = queues.clamp(1, MAX_QUEUES);
+    vhost_user::check_room(placement, DeviceKind::Drive, &id)?;
+    let frontend = connect(drive, spawner, queues)?;
+    let mut device = VhostUserBlock::new(&id, frontend, mem.clone())?;
+    if let Some(limits) = drive
+        .rate_limiter
+        .filter(RateLimiterConfig::limits_anything)
+    {
+        device
+            .queues_mut()
+            .send_control(&drive_limits_message(limits))
+            .map_err(|source| AttachError::Frontend {
                 kind: DeviceKind::Drive,
                 id: id.clone(),
                 source,
             })?;
-        }
-        transports.push((transport, connector(drive, spawner, queues)));
     }
-    Ok(transports)
+    let transport = vhost_user::attach(device, spawner, placement)?;
+    if drive.is_root_device {
+        root_cmdline(drive, placement.cmdline()).map_err(|source| AttachError::Cmdline {
+            kind: DeviceKind::Drive,
+            id: id.clone(),
+            source,
+        })?;
+    }
+    Ok((transport, connector(drive, spawner, queues)))
 }

@@ -23,14 +23,16 @@ pub use balloon::{
     attach_balloon_device, balloon_options, raise_config_change, BalloonAttachError,
     BalloonMonitor, BalloonTransport,
 };
-pub use block::{attach_block_devices, drive_limits_message, BlockTransport};
+pub use block::{attach_block_device, attach_block_devices, drive_limits_message, BlockTransport};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{
-    attach_net_devices, interface_limits_messages, Interfaces, NetBackendMonitor, NetTransport,
+    attach_net_device, attach_net_devices, interface_limits_messages, Interfaces,
+    NetBackendMonitor, NetTransport,
 };
 pub use placement::{
-    attach_pci_root, place_on_pci, virtio_mmio_slot, Location, PciBus, PlaceError, Placement,
+    attach_pci_root, hotplug_placement, place_on_pci, remove_from_pci, virtio_mmio_slot, Location,
+    PciBus, PlaceError, Placement,
 };
 pub use vhost_user::{spawner, AttachError, DeviceKind};
 pub use vsock::{attach_vsock_device, VsockBackendMonitor, VsockTransport};

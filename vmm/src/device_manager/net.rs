@@ -98,40 +98,52 @@ pub fn attach_net_devices(
     spawner: &BackendSpawner,
     placement: &mut Placement,
 ) -> Result<Vec<(NetTransport, Connector)>, AttachError> {
-    let mut transports = Vec::new();
-    for iface in interfaces.configs {
-        let id = iface.iface_id.clone();
-        vhost_user::check_room(placement, DeviceKind::Interface, &id)?;
-        let frontend = connect(iface, spawner)?;
-        let mac = iface.guest_mac.as_deref().and_then(parse_mac);
-        let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
-        let mut groups: Vec<Vec<ControlMessage>> = interface_limits(iface)
-            .into_iter()
-            .map(|m| vec![m])
-            .collect();
-        if let Some((service, store)) = interfaces.mmds.filter(|(s, _)| s.serves(&id)) {
-            groups.push(vec![service.config_message()]);
-            groups.push(store.to_vec());
-        }
-        for group in groups {
-            device
-                .queues_mut()
-                .send_controls(&group)
-                .map_err(|source| AttachError::Frontend {
-                    kind: DeviceKind::Interface,
-                    id: id.clone(),
-                    source,
-                })?;
-        }
-        let pairs = device.queue_pairs();
-        let transport = vhost_user::attach(device, spawner, placement)?;
-        log::info!("interface {id}: {pairs} queue pair(s)");
-        let (iface, spawner) = (iface.clone(), spawner.clone());
-        let connector: Connector =
-            Box::new(move || connect(&iface, &spawner).map_err(|err| err.to_string()));
-        transports.push((transport, connector));
+    interfaces
+        .configs
+        .iter()
+        .map(|iface| attach_net_device(mem, iface, interfaces.mmds, spawner, placement))
+        .collect()
+}
+
+/// Creates the device of `iface` and places it; `mmds` is how interfaces
+/// serve MMDS, if any does.
+pub fn attach_net_device(
+    mem: &GuestMemoryMmap,
+    iface: &NetworkInterfaceConfig,
+    mmds: Option<(&MmdsService, &[ControlMessage])>,
+    spawner: &BackendSpawner,
+    placement: &mut Placement,
+) -> Result<(NetTransport, Connector), AttachError> {
+    let id = iface.iface_id.clone();
+    vhost_user::check_room(placement, DeviceKind::Interface, &id)?;
+    let frontend = connect(iface, spawner)?;
+    let mac = iface.guest_mac.as_deref().and_then(parse_mac);
+    let mut device = VhostUserNet::new(&id, frontend, mem.clone(), mac, iface.queue_pairs())?;
+    let mut groups: Vec<Vec<ControlMessage>> = interface_limits(iface)
+        .into_iter()
+        .map(|m| vec![m])
+        .collect();
+    if let Some((service, store)) = mmds.filter(|(s, _)| s.serves(&id)) {
+        groups.push(vec![service.config_message()]);
+        groups.push(store.to_vec());
     }
-    Ok(transports)
+    for group in groups {
+        device
+            .queues_mut()
+            .send_controls(&group)
+            .map_err(|source| AttachError::Frontend {
+                kind: DeviceKind::Interface,
+                id: id.clone(),
+                source,
+            })?;
+    }
+    let pairs = device.queue_pairs();
+    let transport = vhost_user::attach(device, spawner, placement)?;
+    log::info!("interface {id}: {pairs} queue pair(s)");
+    let (iface, spawner) = (iface.clone(), spawner.clone());
+    let connector: Connector =
+        Box::new(move || connect(&iface, &spawner).map_err(|err| err.to_string()));
+    Ok((transport, connector))
 }
 
 /// Watches one network device from the main event loop: its backend (see

@@ -9,7 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{
-    bar0_address, MsiRouter, PciBarWindow, PciConfigIo, PciEcam, PciHandle, PciSlots, SlotError,
+    bar0_address, MsiRouter, PciBarWindow, PciConfigIo, PciEcam, PciHandle, PciHotplug,
+    PciHotplugRegisters, PciSlots, SlotError,
 };
 use devices::virtio::pci::{notify_address, PciTransportError};
 use devices::virtio::{
@@ -78,21 +79,36 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// The root bus and the VM's MSI routing, with `--enable-pci`.
+/// A placed device and where it went.
+pub type Placed<D> = (Arc<Mutex<VirtioTransport<D>>>, Location);
+
+/// The root bus, the VM's MSI routing and the hot-plug registers, with
+/// `--enable-pci`.
 #[derive(Clone)]
 pub struct PciBus {
     pub slots: Arc<PciSlots>,
     pub router: Arc<dyn MsiRouter>,
+    pub hotplug: Arc<PciHotplug>,
 }
 
 /// Puts the root bus on the guest's buses: configuration mechanism #1 on
-/// the port I/O bus, ECAM and the BAR window on the MMIO bus.
+/// the port I/O bus, ECAM, the BAR window and the hot-plug registers on
+/// the MMIO bus, and their GED interrupt on its IOAPIC pin.
 pub fn attach_pci_root(
+    vm: &Vm,
     pio_bus: &mut Bus,
     mmio_bus: &mut Bus,
     router: Arc<dyn MsiRouter>,
-) -> Result<PciBus, BusError> {
+) -> Result<PciBus, PlaceError> {
     let slots = Arc::new(PciSlots::new());
+    let ged = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(PlaceError::Eventfd)?;
+    vm.register_irqfd(&ged, layout::GED_GSI)?;
+    let hotplug = Arc::new(PciHotplug::new(slots.clone(), ged).map_err(PlaceError::Eventfd)?);
+    mmio_bus.insert(
+        Arc::new(Mutex::new(PciHotplugRegisters(hotplug.clone()))),
+        layout::PCI_HOTPLUG_START,
+        layout::PCI_HOTPLUG_SIZE,
+    )?;
     pio_bus.insert(
         Arc::new(Mutex::new(PciConfigIo::new(slots.clone()))),
         PciConfigIo::PORT_BASE,
@@ -108,7 +124,11 @@ pub fn attach_pci_root(
         layout::PCI_MMIO32_START,
         PciBarWindow::LEN,
     )?;
-    Ok(PciBus { slots, router })
+    Ok(PciBus {
+        slots,
+        router,
+        hotplug,
+    })
 }
 
 /// Places the devices of one microVM, in order.
@@ -156,7 +176,7 @@ impl<'a> Placement<'a> {
     pub fn place<D: VirtioDevice + QueueEventfds + 'static>(
         &mut self,
         device: D,
-    ) -> Result<(Arc<Mutex<VirtioTransport<D>>>, Location), PlaceError> {
+    ) -> Result<Placed<D>, PlaceError> {
         match self.pci.clone() {
             Some(pci) => place_on_pci(self.vm, &pci, device),
             None => {
@@ -173,16 +193,12 @@ impl<'a> Placement<'a> {
         base: u64,
         irq: u32,
         device: D,
-    ) -> Result<(Arc<Mutex<VirtioTransport<D>>>, Location), PlaceError> {
+    ) -> Result<Placed<D>, PlaceError> {
         let fds = device.queue_eventfds();
         for (index, (kick, call)) in (0u32..).zip(&fds) {
             self.vm
                 .fd()
-                .register_ioevent(
-                    *kick,
-                    &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                    index,
-                )
+                .register_ioevent(kick, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), index)
                 .map_err(PlaceError::IoEvent)?;
             self.vm.register_irqfd(call, irq)?;
         }
@@ -213,7 +229,7 @@ pub fn place_on_pci<D: VirtioDevice + QueueEventfds + 'static>(
     vm: &Vm,
     pci: &PciBus,
     device: D,
-) -> Result<(Arc<Mutex<VirtioTransport<D>>>, Location), PlaceError> {
+) -> Result<Placed<D>, PlaceError> {
     let slot = pci.slots.free_slot()?;
     let bar0 = bar0_address(layout::PCI_MMIO32_START, slot);
     let (kicks, calls) = duplicate(&device.queue_eventfds()).map_err(PlaceError::Eventfd)?;
@@ -241,6 +257,40 @@ pub fn place_on_pci<D: VirtioDevice + QueueEventfds + 'static>(
     let handle: PciHandle = transport.clone();
     pci.slots.insert(slot, handle)?;
     Ok((transport, Location::Pci { slot }))
+}
+
+/// Takes a device off the root bus: out of its slot (if the guest's eject
+/// has not taken it out already), its interrupts unbound, its
+/// notifications no longer ioeventfds, and stopped.
+pub fn remove_from_pci<D: VirtioDevice + QueueEventfds>(
+    vm: &Vm,
+    pci: &PciBus,
+    transport: &Mutex<VirtioTransport<D>>,
+) {
+    let mut transport = transport.lock().unwrap_or_else(|p| p.into_inner());
+    let VirtioTransport::Pci(function) = &mut *transport else {
+        return;
+    };
+    let slot = function.slot();
+    pci.slots.remove(slot);
+    function.release_interrupts();
+    let bar0 = bar0_address(layout::PCI_MMIO32_START, slot);
+    for (queue, (kick, _)) in (0u16..).zip(function.core().device().queue_eventfds()) {
+        let addr = IoEventAddress::Mmio(notify_address(bar0, queue));
+        if let Err(err) = vm.fd().unregister_ioevent(kick, &addr, NoDatamatch) {
+            log::warn!("pci: slot {slot}: cannot unregister queue {queue}'s notification: {err}");
+        }
+    }
+    function.stop();
+}
+
+/// Places devices after boot: on the root bus only (nothing is added to
+/// virtio-mmio or the command line then).
+pub fn hotplug_placement<R>(vm: &Vm, pci: &PciBus, place: impl FnOnce(&mut Placement) -> R) -> R {
+    let mut unused_bus = Bus::new();
+    let mut unused_cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE).expect("a non-zero capacity");
+    let mut placement = Placement::new(vm, &mut unused_bus, &mut unused_cmdline, Some(pci.clone()));
+    place(&mut placement)
 }
 
 /// Owned copies of each queue's (notification, interrupt) eventfds.

@@ -109,7 +109,7 @@ pub fn receive_microvm(
         other => return Err(ReceiveError::Unexpected(format!("{other:?}"))),
     };
     let checked = check_hello(&hello, params, current).and_then(|(resources, memory)| {
-        let mem = builder::create_guest_memory(&resources)
+        let mem = builder::create_guest_memory(&resources, false)
             .map_err(|err| format!("cannot create guest memory: {err}"))?;
         Ok((resources, memory, mem))
     });

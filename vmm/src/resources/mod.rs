@@ -472,6 +472,17 @@ impl VmResources {
     ) -> Result<(), ResourcesError> {
         iface.validate()?;
         net::check_host_tap(&iface)?;
+        self.insert_network_interface_for_backend(iface)
+    }
+
+    /// As [`Self::insert_network_interface`], leaving the host TAP for its
+    /// backend to check when it opens it (a confined VMM thread, which
+    /// hot-plugs, cannot look at network devices).
+    pub fn insert_network_interface_for_backend(
+        &mut self,
+        iface: NetworkInterfaceConfig,
+    ) -> Result<(), ResourcesError> {
+        iface.validate()?;
         let sharing = self.network_interfaces.iter().find(|other| {
             other.iface_id != iface.iface_id
                 && iface.host_dev_name.is_some()

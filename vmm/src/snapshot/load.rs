@@ -151,7 +151,7 @@ fn build(
     let memory = match &mem_file {
         Some(file) => guest_memory(&resources, file, &state.memory, params, options)?,
         None => {
-            let mem = builder::create_guest_memory(&resources)?;
+            let mem = builder::create_guest_memory(&resources, false)?;
             let page_size = machine.huge_pages.page_size();
             let handler =
                 super::uffd::hand_to_handler(&mem, page_size, &params.mem_backend.backend_path)?;
@@ -294,7 +294,7 @@ fn guest_memory(
     if !builder::has_backends(resources) {
         return Ok((memory::map_snapshot_memory(file, regions)?, None));
     }
-    let mem = builder::create_guest_memory(resources)?;
+    let mem = builder::create_guest_memory(resources, false)?;
     let layout: Vec<(u64, u64)> = mem
         .iter()
         .map(|region| (region.start_addr().0, region.len()))

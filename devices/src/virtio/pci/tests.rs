@@ -90,9 +90,11 @@ fn bar_w(t: &mut PciTransport<FakeBlock>, offset: u64, len: usize, value: u64) {
     t.bar_write(offset, &value.to_le_bytes()[..len]);
 }
 
-/// (offset, cfg_type, bar offset, length) of each virtio capability, and
-/// the MSI-X capability's offset.
-fn walk(t: &mut PciTransport<FakeBlock>) -> (Vec<(usize, u8, u32, u32)>, Option<usize>) {
+/// (offset, cfg_type, bar offset, length) of a virtio capability.
+type VirtioCap = (usize, u8, u32, u32);
+
+/// Each virtio capability, and the MSI-X capability's offset.
+fn walk(t: &mut PciTransport<FakeBlock>) -> (Vec<VirtioCap>, Option<usize>) {
     let mut caps = Vec::new();
     let mut msix = None;
     let mut at = cfg(t, 0x34, 1) as usize;
