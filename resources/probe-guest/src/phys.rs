@@ -137,6 +137,15 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(ptr_mut::<u32>(addr), value) }
 }
 
+/// Volatile aligned 16-bit MMIO store.
+///
+/// # Safety
+/// As for [`mmio_read32`], for a write with 2-byte alignment.
+pub unsafe fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::write_volatile(ptr_mut::<u16>(addr), value) }
+}
+
 /// Volatile 8-bit MMIO store.
 ///
 /// # Safety
