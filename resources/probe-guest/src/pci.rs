@@ -365,8 +365,9 @@ fn size_bars(bdf: Bdf, count: usize) -> [Bar; 6] {
     bars
 }
 
-/// Walks the capability list: virtio vendor capabilities and MSI-X.
-fn read_caps(function: &mut Function, verbose: bool) {
+/// Walks the capability list: virtio vendor capabilities and MSI-X
+/// (with `print`, one `probe.pci_cap=` line each).
+fn read_caps(function: &mut Function, print: bool) {
     let bdf = function.bdf;
     if read16(bdf, reg::STATUS) & STATUS_CAP_LIST == 0 {
         return;
@@ -391,15 +392,18 @@ fn read_caps(function: &mut Function, verbose: bool) {
                     offset: read32(bdf, at + 8),
                     length: read32(bdf, at + 12),
                 };
-                if verbose {
+                if print {
+                    let multiplier = (kind == cfg_type::NOTIFY && cap_len >= 20)
+                        .then(|| read32(bdf, at + 16));
                     outln!(
-                        "probe.pci_cap={},{:#x},virtio,type={},bar={},offset={:#x},length={:#x}",
+                        "probe.pci_cap={},{:#x},virtio,type={},bar={},offset={:#x},length={:#x}{}",
                         bdf,
                         ptr,
                         kind,
                         cap.bar,
                         cap.offset,
-                        cap.length
+                        cap.length,
+                        Multiplier(multiplier)
                     );
                 }
                 // Reserved BAR numbers and short capabilities are skipped
@@ -430,7 +434,7 @@ fn read_caps(function: &mut Function, verbose: bool) {
                     pba_bar: (pba & 7) as u8,
                     pba_offset: pba & !7,
                 };
-                if verbose {
+                if print {
                     outln!(
                         "probe.pci_cap={},{:#x},msix,vectors={},table={}:{:#x},pba={}:{:#x}",
                         bdf,
@@ -445,7 +449,7 @@ fn read_caps(function: &mut Function, verbose: bool) {
                 function.msix.get_or_insert(cap);
             }
             _ => {
-                if verbose {
+                if print {
                     outln!("probe.pci_cap={},{:#x},id={:#x}", bdf, ptr, id);
                 }
             }
@@ -454,8 +458,20 @@ fn read_caps(function: &mut Function, verbose: bool) {
     }
 }
 
+/// `,multiplier=<n>` of a notify capability's `probe.pci_cap=` line.
+struct Multiplier(Option<u32>);
+
+impl fmt::Display for Multiplier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(m) => write!(f, ",multiplier={m}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Reads one function (which answered with a vendor id).
-fn read_function(bdf: Bdf, verbose: bool) -> Function {
+fn read_function(bdf: Bdf) -> Function {
     let ids = read32(bdf, reg::VENDOR_ID);
     let class = read32(bdf, reg::CLASS_REVISION);
     let header_type = read8(bdf, reg::HEADER_TYPE);
@@ -476,7 +492,7 @@ fn read_function(bdf: Bdf, verbose: bool) -> Function {
         msix: None,
         bad_cap_list: false,
     };
-    read_caps(&mut function, verbose);
+    read_caps(&mut function, false);
     function
 }
 
@@ -494,7 +510,7 @@ impl Functions {
 
 /// Enumerates bus 0 (devices 0 to 31; functions 1 to 7 of multi-function
 /// devices).
-fn enumerate(verbose: bool) -> Functions {
+fn enumerate() -> Functions {
     let mut found = Functions {
         list: [None; MAX_FUNCTIONS],
         count: 0,
@@ -512,7 +528,7 @@ fn enumerate(verbose: bool) -> Functions {
             if found.count == MAX_FUNCTIONS {
                 return found;
             }
-            let function = read_function(bdf, verbose);
+            let function = read_function(bdf);
             let multi = function.header_type & 0x80 != 0;
             found.list[found.count] = Some(function);
             found.count += 1;
@@ -668,7 +684,7 @@ pub fn discover(cmdline: &[u8], map: &e820::Map, verbose: bool) -> Option<Discov
     if use_ecam && let Some(Ok(base)) = ecam_base {
         ECAM.store(base, Ordering::Relaxed);
     }
-    let functions = enumerate(verbose);
+    let functions = enumerate();
     if functions.count == 0 {
         ECAM.store(0, Ordering::Relaxed);
         return None;
@@ -743,6 +759,11 @@ pub fn discover(cmdline: &[u8], map: &e820::Map, verbose: bool) -> Option<Discov
             {
                 report_bar_problem(f.bdf, i, bar, problem);
             }
+        }
+        if verbose {
+            // Walked again, to print.
+            let mut copy = *f;
+            read_caps(&mut copy, true);
         }
         if f.bad_cap_list {
             outln!("probe.pci_error={},bad-cap-list", f.bdf);
