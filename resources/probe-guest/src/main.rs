@@ -17,6 +17,7 @@ mod cmdline;
 mod dirty;
 mod e820;
 mod entry;
+mod hostile;
 mod idt;
 mod io;
 mod keyboard;
@@ -361,6 +362,7 @@ fn probe_pci(cmdline: &[u8], first_index: i64, context: &mut VirtioContext<'_>) 
         return;
     };
     let msix = cmdline::flag(cmdline, "probe.msix");
+    let hostile = cmdline::flag(cmdline, "probe.pci_hostile");
     let mut index = first_index;
     for function in found.functions.iter() {
         let Some(device_id) = function.virtio_id() else {
@@ -371,6 +373,9 @@ fn probe_pci(cmdline: &[u8], first_index: i64, context: &mut VirtioContext<'_>) 
         outln!("probe.virtio={},{},pci:{}", this, device_id, function.bdf);
         match virtio_pci::PciRegs::new(function, device_id, context.map) {
             Ok(mut regs) => {
+                if hostile {
+                    hostile::run(function, &regs);
+                }
                 // The entropy and block drivers run the check (see
                 // `msix.rs`); the others complete requests on their own
                 // terms.

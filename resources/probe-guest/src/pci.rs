@@ -176,18 +176,92 @@ pub fn write16(bdf: Bdf, offset: u16, value: u16) {
     write(bdf, offset & !1, 2, u32::from(value))
 }
 
-pub fn write8(bdf: Bdf, offset: u16, value: u8) {
-    write(bdf, offset, 1, u32::from(value))
+/// Raw configuration read for `probe.pci_hostile`: `width` bytes at
+/// `offset` (< 0xff0) exactly as given (unaligned, crossing a dword), through the
+/// ports (data port `0xcfc + (offset & 3)`) or ECAM (one instruction).
+pub fn raw_read(bdf: Bdf, offset: u16, width: u8) -> u64 {
+    match ECAM.load(Ordering::Relaxed) {
+        0 => {
+            let port = CONFIG_DATA + (offset & 3);
+            // SAFETY: port I/O touches no memory. A word or dword at
+            // 0xcfd..0xcff runs past 0xcff into the next ports: that is
+            // the hostile access, which any VMM must survive.
+            unsafe {
+                io::outl(CONFIG_ADDRESS, bdf.cf8(offset));
+                match width {
+                    1 => u64::from(io::inb(port)),
+                    2 => u64::from(io::inw(port)),
+                    _ => u64::from(io::inl(port)),
+                }
+            }
+        }
+        base => {
+            let addr = base + bdf.ecam_offset() + u64::from(offset & 0xfff);
+            // SAFETY: bus 0's ECAM window is mapped device memory outside
+            // RAM (`usable_ecam`); callers keep `offset` below 0xff0, so
+            // the access stays inside the function's 4 KiB.
+            unsafe { phys::mmio_load(addr, width) }
+        }
+    }
 }
 
-/// Raw access with any width and offset (for `probe.pci_hostile`): the
-/// port or ECAM path as chosen, offset and width as given.
-pub fn raw_read(bdf: Bdf, offset: u16, width: u8) -> u32 {
-    read(bdf, offset, width)
+/// Raw configuration write for `probe.pci_hostile` (see [`raw_read`]).
+pub fn raw_write(bdf: Bdf, offset: u16, width: u8, value: u64) {
+    match ECAM.load(Ordering::Relaxed) {
+        0 => {
+            let port = CONFIG_DATA + (offset & 3);
+            // SAFETY: as for `raw_read`.
+            unsafe {
+                io::outl(CONFIG_ADDRESS, bdf.cf8(offset));
+                match width {
+                    1 => io::outb(port, value as u8),
+                    2 => io::outw(port, value as u16),
+                    _ => io::outl(port, value as u32),
+                }
+            }
+        }
+        base => {
+            let addr = base + bdf.ecam_offset() + u64::from(offset & 0xfff);
+            // SAFETY: as for `raw_read`.
+            unsafe { phys::mmio_store(addr, width, value) }
+        }
+    }
 }
 
-pub fn raw_write(bdf: Bdf, offset: u16, width: u8, value: u32) {
-    write(bdf, offset, width, value)
+/// True if configuration accesses go through ECAM (`probe.pci_cfg=ecam`).
+pub fn uses_ecam() -> bool {
+    ECAM.load(Ordering::Relaxed) != 0
+}
+
+/// A data-port read with 0xcf8's enable bit (31) clear: not a
+/// configuration cycle, so it must read all ones (`probe.pci_hostile`).
+pub fn disabled_data_read(bdf: Bdf) -> u32 {
+    // SAFETY: port I/O on the configuration mechanism's ports; touches
+    // no memory.
+    unsafe {
+        io::outl(CONFIG_ADDRESS, bdf.cf8(0) & !0x8000_0000);
+        io::inl(CONFIG_DATA)
+    }
+}
+
+/// Reads a function's BARs again (sizing them), for `probe.pci_hostile`.
+pub fn resize_bars(function: &Function) -> [Bar; 6] {
+    let count = match function.header_type & 0x7f {
+        0 => 6,
+        1 => 2,
+        _ => 0,
+    };
+    size_bars(function.bdf, count)
+}
+
+/// Walks a function's capabilities again, for `probe.pci_hostile`.
+pub fn reread_caps(function: &Function) -> Function {
+    let mut copy = *function;
+    copy.virtio = VirtioCaps::default();
+    copy.msix = None;
+    copy.bad_cap_list = false;
+    read_caps(&mut copy, false);
+    copy
 }
 
 /// What a BAR decodes.
@@ -218,7 +292,7 @@ const NO_BAR: Bar = Bar {
 };
 
 /// A virtio vendor capability (`struct virtio_pci_cap`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VirtioCap {
     pub bar: u8,
     pub offset: u32,
@@ -226,7 +300,7 @@ pub struct VirtioCap {
 }
 
 /// The MSI-X capability.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsixCap {
     /// Offset of the capability in configuration space.
     pub cap: u8,
@@ -248,7 +322,7 @@ pub mod cfg_type {
 }
 
 /// The capabilities a virtio driver uses (the first of each type).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VirtioCaps {
     pub common: Option<VirtioCap>,
     pub notify: Option<VirtioCap>,

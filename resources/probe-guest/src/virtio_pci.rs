@@ -19,7 +19,6 @@ pub mod common {
     pub const DEVICE_FEATURE: u64 = 0x04;
     pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
     pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
     pub const NUM_QUEUES: u64 = 0x12;
     pub const DEVICE_STATUS: u64 = 0x14;
     pub const CONFIG_GENERATION: u64 = 0x15;
@@ -67,6 +66,18 @@ pub struct PciRegs {
     /// With `probe.msix`: the `<i>` of the `probe.msix<i>=` line (the
     /// device's `probe.virtio=` index).
     pub msix_check: Option<i64>,
+}
+
+/// Addresses and lengths of a function's virtio structures (ISR 0: none;
+/// device length 0: none).
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub common: u64,
+    pub notify: u64,
+    pub notify_len: u32,
+    pub isr: u64,
+    pub device: u64,
+    pub device_len: u32,
 }
 
 /// Why a virtio function is not driven (`probe.pci_error=<bdf>,<this>`).
@@ -258,6 +269,18 @@ impl PciRegs {
             msix,
             msix_check: None,
         })
+    }
+
+    /// Where the structures are (for `probe.pci_hostile`).
+    pub fn layout(&self) -> Layout {
+        Layout {
+            common: self.common,
+            notify: self.notify,
+            notify_len: self.notify_len,
+            isr: self.isr,
+            device: self.device,
+            device_len: self.device_len,
+        }
     }
 
     pub fn read8(&self, offset: u64) -> u8 {
