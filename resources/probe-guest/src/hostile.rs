@@ -217,15 +217,23 @@ fn config_space(run: &mut Run, function: &Function) {
         }
         run.cfg_write(at, 2, control);
     }
-    // A phantom function.
+    // A phantom function: reads all ones, and its writes reach nothing
+    // (BAR 0 of the real function still reads its address, not the
+    // size a write of all ones would make it return once).
     if function.header_type & 0x80 == 0 && function.bdf.func == 0 {
         let phantom = Bdf { func: 7, ..bdf };
         run.accesses += 3;
         pci::raw_write(phantom, reg::BAR0, 4, u64::from(u32::MAX));
-        pci::raw_write(phantom, reg::COMMAND, 2, 0x7);
         let vendor = pci::raw_read(phantom, reg::VENDOR_ID, 2);
         if vendor != 0xffff {
             run.found("phantom-function", vendor);
+        }
+        let bar = function.bars[0];
+        if matches!(bar.kind, BarKind::Mem32 | BarKind::Mem64) {
+            let now = run.cfg_read(reg::BAR0, 4);
+            if now & 0xffff_fff0 != bar.addr & 0xffff_fff0 {
+                run.found("phantom-write-reached-function", now);
+            }
         }
     }
     if pci::uses_ecam() {
@@ -249,9 +257,16 @@ fn bars(run: &mut Run, function: &Function) {
         let offset = reg::BAR0 + 4 * i as u16;
         match bar.kind {
             BarKind::Mem32 | BarKind::Mem64 => {
-                let low = run.cfg_read(offset, 4);
+                // What the registers held at discovery (type bits are
+                // read-only, but written back as they were).
                 let wide = bar.kind == BarKind::Mem64 && i < 5;
-                let high = if wide { run.cfg_read(offset + 4, 4) } else { 0 };
+                let flags = if wide { 4 } else { 0 } | if bar.prefetchable { 8 } else { 0 };
+                let low = bar.addr & 0xffff_fff0 | flags;
+                let high = if wide { bar.addr >> 32 } else { 0 };
+                let now = run.cfg_read(offset, 4);
+                if now != low {
+                    run.found("bar-read-changed", now);
+                }
                 // Stray low address bits (inside the size): ignored.
                 if bar.size > 0x10 {
                     run.cfg_write(offset, 4, low | 0x10);
