@@ -101,7 +101,11 @@ pub fn find_ecam() -> Result<Ecam, Missing> {
     let (root, entry_size, signature) = if revision >= 2 {
         (phys::read_u64(rsdp + 24).unwrap_or(0), 8, b"XSDT")
     } else {
-        (u64::from(phys::read_u32(rsdp + 16).unwrap_or(0)), 4, b"RSDT")
+        (
+            u64::from(phys::read_u32(rsdp + 16).unwrap_or(0)),
+            4,
+            b"RSDT",
+        )
     };
     let length = table(root, signature).ok_or(Missing::BadRoot)?;
     let entries = ((length - HEADER_SIZE) / entry_size).min(MAX_TABLES);

@@ -104,7 +104,8 @@ unsafe impl Sync for DeviceTables {}
 #[unsafe(link_section = ".probe_noinit.device_tables")]
 static DEVICE_TABLE_POOL: DeviceTables =
     DeviceTables(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit()));
-static DEVICE_TABLES_USED: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+static DEVICE_TABLES_USED: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
 
 /// Why [`map_device`] refused a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,11 +172,7 @@ pub fn map_device(addr: u64, size: u64) -> Result<(), MapError> {
     let pml4 = (&raw mut probe_pml4).cast::<u64>() as u64;
     let mut page = addr;
     while page < end {
-        let indices = [
-            (page >> 39) & 511,
-            (page >> 30) & 511,
-            (page >> 21) & 511,
-        ];
+        let indices = [(page >> 39) & 511, (page >> 30) & 511, (page >> 21) & 511];
         let mut table = pml4;
         let mut covered = false;
         for index in indices {
@@ -198,8 +195,9 @@ pub fn map_device(addr: u64, size: u64) -> Result<(), MapError> {
             }
         }
         if !covered {
-            let slot =
-                core::ptr::with_exposed_provenance_mut::<u64>((table + ((page >> 12) & 511) * 8) as usize);
+            let slot = core::ptr::with_exposed_provenance_mut::<u64>(
+                (table + ((page >> 12) & 511) * 8) as usize,
+            );
             // SAFETY: `table` is a live page table (see above); a present
             // 4 KiB entry is left alone, a missing one filled.
             unsafe {

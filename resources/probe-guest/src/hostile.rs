@@ -314,7 +314,14 @@ fn structures(run: &mut Run, function: &Function, regs: &PciRegs) {
     };
     let c = window(function, common_cap.bar, layout.common);
     // Wrong sizes and unaligned accesses.
-    for (offset, width) in [(0x04, 1), (0x04, 2), (0x02, 4), (0x20, 8), (0x13, 2), (0x35, 4)] {
+    for (offset, width) in [
+        (0x04, 1),
+        (0x04, 2),
+        (0x02, 4),
+        (0x20, 8),
+        (0x13, 2),
+        (0x35, 4),
+    ] {
         if let Some(addr) = c.at(offset, width) {
             run.load(addr, width);
         }
@@ -334,11 +341,17 @@ fn structures(run: &mut Run, function: &Function, regs: &PciRegs) {
         }
     }
     if regs.read16(common::NUM_QUEUES) != num_queues {
-        run.found("num-queues-written", u64::from(regs.read16(common::NUM_QUEUES)));
+        run.found(
+            "num-queues-written",
+            u64::from(regs.read16(common::NUM_QUEUES)),
+        );
     }
     regs.write32(common::DEVICE_FEATURE_SELECT, 0);
     if regs.read32(common::DEVICE_FEATURE) != features {
-        run.found("device-feature-written", u64::from(regs.read32(common::DEVICE_FEATURE)));
+        run.found(
+            "device-feature-written",
+            u64::from(regs.read32(common::DEVICE_FEATURE)),
+        );
     }
     // A queue that does not exist: if the device takes the selection
     // (it may refuse it, keeping the old one), the queue's fields read 0
@@ -480,7 +493,10 @@ fn invariants(run: &mut Run, function: &Function) {
         run.found("ids-changed", u64::from(ids));
     }
     if pci::read8(bdf, reg::HEADER_TYPE) != function.header_type {
-        run.found("header-type-changed", u64::from(pci::read8(bdf, reg::HEADER_TYPE)));
+        run.found(
+            "header-type-changed",
+            u64::from(pci::read8(bdf, reg::HEADER_TYPE)),
+        );
     }
     let again = pci::reread_caps(function);
     if again.virtio != function.virtio || again.msix != function.msix {

@@ -1,8 +1,8 @@
 //! Tessera probe guest: a tiny freestanding x86_64 guest that reports on
 //! the serial port what the VMM gave it (boot protocol, command line,
-//! memory map, CPUs, virtio-mmio and virtio-pci devices), optionally pings another host
-//! (`probe.ping`), fetches MMDS data (`probe.mmds`) and ticks with the
-//! PIT, pokes the boot timer and resets through the i8042.
+//! memory map, CPUs, virtio-mmio and virtio-pci devices), optionally pings
+//! another host (`probe.ping`), fetches MMDS data (`probe.mmds`) and ticks
+//! with the PIT, pokes the boot timer and resets through the i8042.
 //!
 //! See README.md for the output lines and command line options.
 
@@ -28,8 +28,8 @@ mod mmds;
 mod mptable;
 mod msix;
 mod netproto;
-mod phys;
 mod pci;
+mod phys;
 mod ping;
 mod pit;
 mod serial;

@@ -27,7 +27,7 @@
 //! `probe.msix<i>=error <reason>[=<value>]`, `i` being the device's
 //! `probe.virtio=` index.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use crate::pci;
 use crate::phys;
@@ -247,7 +247,10 @@ fn run(setup: &Setup, mut request: impl FnMut() -> bool) -> Result<(), Failure> 
         delivered
     });
     if delivered {
-        return Err(fail_with("masked-interrupt-delivered", u64::from(setup.second)));
+        return Err(fail_with(
+            "masked-interrupt-delivered",
+            u64::from(setup.second),
+        ));
     }
     if !pending {
         return Err(fail("pba-not-set"));

@@ -412,7 +412,11 @@ fn size_bars(bdf: Bdf, count: usize) -> [Bar; 6] {
             bars[i] = Bar {
                 kind: BarKind::Mem64,
                 addr: u64::from(high) << 32 | u64::from(low & 0xffff_fff0),
-                size: if mask == 0 { 0 } else { (!mask).wrapping_add(1) },
+                size: if mask == 0 {
+                    0
+                } else {
+                    (!mask).wrapping_add(1)
+                },
                 prefetchable,
             };
             bars[i + 1] = Bar {
@@ -467,8 +471,8 @@ fn read_caps(function: &mut Function, print: bool) {
                     length: read32(bdf, at + 12),
                 };
                 if print {
-                    let multiplier = (kind == cfg_type::NOTIFY && cap_len >= 20)
-                        .then(|| read32(bdf, at + 16));
+                    let multiplier =
+                        (kind == cfg_type::NOTIFY && cap_len >= 20).then(|| read32(bdf, at + 16));
                     outln!(
                         "probe.pci_cap={},{:#x},virtio,type={},bar={},offset={:#x},length={:#x}{}",
                         bdf,
@@ -823,7 +827,11 @@ pub fn discover(cmdline: &[u8], map: &e820::Map, verbose: bool) -> Option<Discov
                     kind,
                     bar.addr,
                     bar.size,
-                    if bar.prefetchable { ",prefetchable" } else { "" }
+                    if bar.prefetchable {
+                        ",prefetchable"
+                    } else {
+                        ""
+                    }
                 );
             }
             // Assigned memory BARs must be sane even if unused.

@@ -170,10 +170,18 @@ pub unsafe fn mmio_load(addr: u64, width: u8) -> u64 {
     // `width` bytes at `addr`, and x86 allows any alignment.
     unsafe {
         match width {
-            1 => core::arch::asm!("movzx {v:e}, byte ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly)),
-            2 => core::arch::asm!("movzx {v:e}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly)),
-            4 => core::arch::asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly)),
-            _ => core::arch::asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly)),
+            1 => {
+                core::arch::asm!("movzx {v:e}, byte ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            2 => {
+                core::arch::asm!("movzx {v:e}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            4 => {
+                core::arch::asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            _ => {
+                core::arch::asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
         }
     }
     value
@@ -189,10 +197,18 @@ pub unsafe fn mmio_store(addr: u64, width: u8, value: u64) {
     // `width` bytes at `addr`.
     unsafe {
         match width {
-            1 => core::arch::asm!("mov byte ptr [{a}], {v:l}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags)),
-            2 => core::arch::asm!("mov word ptr [{a}], {v:x}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags)),
-            4 => core::arch::asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags)),
-            _ => core::arch::asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags)),
+            1 => {
+                core::arch::asm!("mov byte ptr [{a}], {v:l}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            2 => {
+                core::arch::asm!("mov word ptr [{a}], {v:x}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            4 => {
+                core::arch::asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            _ => {
+                core::arch::asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
         }
     }
 }

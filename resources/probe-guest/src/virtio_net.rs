@@ -55,7 +55,7 @@ use crate::netproto::{self, Answer, ETH_HLEN, Iface, TcpIn};
 use crate::ping::Pinger;
 use crate::serial::outln;
 use crate::timer;
-use crate::virtio::{self, Buffer, Error, Regs, QUEUE_SIZE, Transport, Used, Virtqueue};
+use crate::virtio::{self, Buffer, Error, QUEUE_SIZE, Regs, Transport, Used, Virtqueue};
 
 /// virtio device id of the network device.
 pub const DEVICE_ID: u32 = 1;

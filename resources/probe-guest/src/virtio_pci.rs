@@ -179,7 +179,10 @@ fn structure(
     kind: &'static str,
     min_len: u32,
 ) -> Result<u64, SetupError> {
-    let size = function.bars.get(usize::from(cap.bar)).map_or(0, |b| b.size);
+    let size = function
+        .bars
+        .get(usize::from(cap.bar))
+        .map_or(0, |b| b.size);
     if cap.length < min_len {
         return Err(SetupError::CapOutsideBar { kind, cap, size });
     }
@@ -227,7 +230,11 @@ impl PciRegs {
     /// Checks and maps the structures of virtio function `function`
     /// (device id `device_id`), and turns on memory decoding and bus
     /// mastering.
-    pub fn new(function: &Function, device_id: u32, map: &e820::Map) -> Result<PciRegs, SetupError> {
+    pub fn new(
+        function: &Function,
+        device_id: u32,
+        map: &e820::Map,
+    ) -> Result<PciRegs, SetupError> {
         let caps = &function.virtio;
         let common_cap = caps.common.ok_or(SetupError::MissingCap("common"))?;
         let notify_cap = caps.notify.ok_or(SetupError::MissingCap("notify"))?;
