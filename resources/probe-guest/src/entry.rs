@@ -44,6 +44,7 @@ const TABLE_RW: u64 = 0x03;
 static MAPPED_LIMIT: AtomicU64 = AtomicU64::new(BOOT_MAP_LIMIT);
 
 unsafe extern "C" {
+    static mut probe_pml4: [u64; 512];
     static mut probe_pdpt: [u64; 512];
     static mut probe_pd: [[u64; 512]; 16];
 }
@@ -76,6 +77,138 @@ pub fn extend_identity_map(limit: u64) {
         mapped += GIB;
     }
     MAPPED_LIMIT.store(mapped, Ordering::Relaxed);
+}
+
+/// Page-table entry bits.
+const PTE_PRESENT: u64 = 1;
+const PTE_LARGE: u64 = 0x80;
+/// Present, writable, write-through, cache-disabled 4 KiB page (UC with
+/// the default PAT).
+const PTE_MMIO_4K: u64 = 0x1b;
+const PAGE_4K: u64 = 4096;
+/// Physical-address bits of a page-table entry.
+const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Tables available to [`map_device`] (PDPTs, page directories and page
+/// tables for device windows outside the identity map).
+const DEVICE_TABLES: usize = 16;
+
+#[repr(C, align(4096))]
+struct DeviceTables(core::cell::UnsafeCell<core::mem::MaybeUninit<[[u64; 512]; DEVICE_TABLES]>>);
+
+// SAFETY: the probe is single-threaded with interrupts disabled; a table
+// is handed out once by `alloc_table` (counter below) and then only
+// reached through the page-table entry that points at it.
+unsafe impl Sync for DeviceTables {}
+
+/// Not zeroed at boot: `alloc_table` clears a table before it is linked.
+#[unsafe(link_section = ".probe_noinit.device_tables")]
+static DEVICE_TABLE_POOL: DeviceTables =
+    DeviceTables(core::cell::UnsafeCell::new(core::mem::MaybeUninit::uninit()));
+static DEVICE_TABLES_USED: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(0);
+
+/// Why [`map_device`] refused a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// Not 4 KiB aligned, or not a whole number of 4 KiB pages.
+    Unaligned,
+    /// Beyond the CPU's physical-address width (or 2^48).
+    TooHigh,
+    /// The table pool is used up.
+    NoTables,
+}
+
+impl MapError {
+    pub fn name(self) -> &'static str {
+        match self {
+            MapError::Unaligned => "unaligned",
+            MapError::TooHigh => "beyond-phys-bits",
+            MapError::NoTables => "out-of-page-tables",
+        }
+    }
+}
+
+/// A zeroed table from the pool (its physical = virtual address).
+fn alloc_table() -> Option<u64> {
+    let used = DEVICE_TABLES_USED.load(Ordering::Relaxed);
+    if used >= DEVICE_TABLES {
+        return None;
+    }
+    DEVICE_TABLES_USED.store(used + 1, Ordering::Relaxed);
+    // SAFETY: `used` < DEVICE_TABLES, so the table is inside the pool and
+    // was never handed out; nothing references it yet.
+    let table = unsafe { DEVICE_TABLE_POOL.0.get().cast::<[u64; 512]>().add(used) };
+    for i in 0..512 {
+        // SAFETY: as above; a plain store into our own table.
+        unsafe { (&raw mut (*table)[i]).write_volatile(0) };
+    }
+    Some(table as u64)
+}
+
+/// The CPU's physical-address width (CPUID 0x8000_0008), at most 48 bits
+/// (a 4-level map reaches 2^48).
+fn phys_bits() -> u32 {
+    use core::arch::x86_64::__cpuid;
+    let bits = if __cpuid(0x8000_0000).eax >= 0x8000_0008 {
+        __cpuid(0x8000_0008).eax & 0xff
+    } else {
+        36
+    };
+    bits.clamp(32, 48)
+}
+
+/// Maps the device window `[addr, addr + size)` uncached with 4 KiB pages
+/// (exactly the window, nothing around it). Pages already inside the
+/// identity map (a 2 MiB page covers them) are left as they are. Only
+/// not-present entries are written, so no TLB flush is needed.
+pub fn map_device(addr: u64, size: u64) -> Result<(), MapError> {
+    if !addr.is_multiple_of(PAGE_4K) || !size.is_multiple_of(PAGE_4K) || size == 0 {
+        return Err(MapError::Unaligned);
+    }
+    let end = addr.checked_add(size).ok_or(MapError::TooHigh)?;
+    if end > 1u64 << phys_bits() {
+        return Err(MapError::TooHigh);
+    }
+    let pml4 = (&raw mut probe_pml4).cast::<u64>() as u64;
+    let mut page = addr;
+    while page < end {
+        let indices = [(page >> 39) & 511, (page >> 30) & 511, (page >> 21) & 511];
+        let mut table = pml4;
+        let mut covered = false;
+        for index in indices {
+            let slot = core::ptr::with_exposed_provenance_mut::<u64>((table + index * 8) as usize);
+            // SAFETY: `table` is a live page table (the PML4 or one an
+            // entry points to, all identity-mapped in the image or pool),
+            // `index` < 512.
+            let entry = unsafe { slot.read_volatile() };
+            if entry & PTE_PRESENT == 0 {
+                let new = alloc_table().ok_or(MapError::NoTables)?;
+                // SAFETY: as above; the entry was not present, so no live
+                // mapping (nor TLB entry) changes.
+                unsafe { slot.write_volatile(new | TABLE_RW) };
+                table = new;
+            } else if entry & PTE_LARGE != 0 {
+                covered = true;
+                break;
+            } else {
+                table = entry & PTE_ADDR_MASK;
+            }
+        }
+        if !covered {
+            let slot = core::ptr::with_exposed_provenance_mut::<u64>(
+                (table + ((page >> 12) & 511) * 8) as usize,
+            );
+            // SAFETY: `table` is a live page table (see above); a present
+            // 4 KiB entry is left alone, a missing one filled.
+            unsafe {
+                if slot.read_volatile() & PTE_PRESENT == 0 {
+                    slot.write_volatile(page | PTE_MMIO_4K);
+                }
+            }
+        }
+        page += PAGE_4K;
+    }
+    Ok(())
 }
 
 // Xen ELF note announcing the 32-bit PVH entry point. The descriptor is
@@ -117,6 +250,7 @@ probe_gdt_ptr:
 
     .pushsection .bss.probe_pagetables, "aw", @nobits
     .balign 4096
+    .global probe_pml4
 probe_pml4:
     .skip 4096
     .global probe_pdpt

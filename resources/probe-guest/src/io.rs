@@ -39,6 +39,62 @@ pub unsafe fn outb(port: u16, value: u8) {
     }
 }
 
+/// Reads a 16-bit word from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: `in` only touches the I/O port (no memory, no stack); the
+    // caller vouches for the device side effects.
+    unsafe {
+        asm!("in ax, dx", out("ax") value, in("dx") port, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
+/// Reads a 32-bit word from an I/O port.
+///
+/// # Safety
+/// As for [`inb`].
+#[inline]
+pub unsafe fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: `in` only touches the I/O port (no memory, no stack); the
+    // caller vouches for the device side effects.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags));
+    }
+    value
+}
+
+/// Writes a 16-bit word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: `out` only touches the I/O port (no memory, no stack); the
+    // caller vouches for the device side effects.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Writes a 32-bit word to an I/O port.
+///
+/// # Safety
+/// As for [`outb`].
+#[inline]
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: `out` only touches the I/O port (no memory, no stack); the
+    // caller vouches for the device side effects.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+    }
+}
+
 /// Resets the machine through the i8042 (`out 0x64, 0xfe`); if the VMM
 /// ignores that, halts forever with interrupts disabled.
 pub fn reset() -> ! {

@@ -1,8 +1,8 @@
 //! Tessera probe guest: a tiny freestanding x86_64 guest that reports on
 //! the serial port what the VMM gave it (boot protocol, command line,
-//! memory map, CPUs, virtio-mmio devices), optionally pings another host
-//! (`probe.ping`), fetches MMDS data (`probe.mmds`) and ticks with the
-//! PIT, pokes the boot timer and resets through the i8042.
+//! memory map, CPUs, virtio-mmio and virtio-pci devices), optionally pings
+//! another host (`probe.ping`), fetches MMDS data (`probe.mmds`) and ticks
+//! with the PIT, pokes the boot timer and resets through the i8042.
 //!
 //! See README.md for the output lines and command line options.
 
@@ -11,11 +11,13 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod acpi;
 mod bootinfo;
 mod cmdline;
 mod dirty;
 mod e820;
 mod entry;
+mod hostile;
 mod idt;
 mod io;
 mod keyboard;
@@ -24,7 +26,9 @@ mod mem;
 mod memtest;
 mod mmds;
 mod mptable;
+mod msix;
 mod netproto;
+mod pci;
 mod phys;
 mod ping;
 mod pit;
@@ -35,6 +39,7 @@ mod virtio;
 mod virtio_balloon;
 mod virtio_blk;
 mod virtio_net;
+mod virtio_pci;
 mod virtio_rng;
 mod virtio_vsock;
 
@@ -221,7 +226,7 @@ struct VirtioDevices {
 /// A balloon device, driven (`virtio_balloon::start`) once the memory test
 /// and the dirtier have their memory: its pool lies below theirs.
 struct FoundBalloon {
-    regs: virtio::Mmio,
+    regs: virtio::Regs,
     /// `probe.balloon`: the pool size.
     mib: u32,
 }
@@ -313,6 +318,7 @@ fn probe_virtio(
         next_id = i64::from((next_id as i32).wrapping_add(1));
         probe_virtio_device(index, device.base, &mut context);
     }
+    probe_pci(cmdline, next_id, &mut context);
     let serve_ms = context.net.map_or(0, |o| o.serve_ms);
     VirtioDevices {
         net: context
@@ -343,9 +349,57 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
     }
     let device_id = regs.device_id();
     outln!("probe.virtio={},{},{:#x}", index, device_id, base);
+    let in_ram = context.window_in_ram(base);
+    drive_virtio(index, virtio::Regs::Mmio(regs), device_id, in_ram, context);
+}
+
+/// Unless `pci=off`: enumerates PCI bus 0 (see `pci.rs`) and drives its
+/// virtio functions like the virtio-mmio devices, with `probe.virtio=`
+/// indices from `first_index` on. A function whose structures are
+/// unusable gets `probe.pci_error=<bdf>,<reason>` and is not driven.
+fn probe_pci(cmdline: &[u8], first_index: i64, context: &mut VirtioContext<'_>) {
+    let Some(found) = pci::discover(cmdline, context.map, context.verbose) else {
+        return;
+    };
+    let msix = cmdline::flag(cmdline, "probe.msix");
+    let hostile = cmdline::flag(cmdline, "probe.pci_hostile");
+    let mut index = first_index;
+    for function in found.functions.iter() {
+        let Some(device_id) = function.virtio_id() else {
+            continue;
+        };
+        let this = index;
+        index += 1;
+        outln!("probe.virtio={},{},pci:{}", this, device_id, function.bdf);
+        match virtio_pci::PciRegs::new(function, device_id, context.map) {
+            Ok(mut regs) => {
+                if hostile {
+                    hostile::run(function, &regs);
+                }
+                // The entropy and block drivers run the check (see
+                // `msix.rs`); the others complete requests on their own
+                // terms.
+                let checked = matches!(device_id, virtio_rng::DEVICE_ID | virtio_blk::DEVICE_ID);
+                regs.msix_check = (msix && checked).then_some(this);
+                drive_virtio(this, virtio::Regs::Pci(regs), device_id, false, context);
+            }
+            Err(e) => e.report(function.bdf),
+        }
+    }
+}
+
+/// Runs the driver of `device_id` on `regs` (`in_ram`: its registers
+/// overlap RAM or the probe, so it is not driven).
+fn drive_virtio(
+    index: i64,
+    regs: virtio::Regs,
+    device_id: u32,
+    in_ram: bool,
+    context: &mut VirtioContext<'_>,
+) {
     match device_id {
         virtio_rng::DEVICE_ID => {
-            if context.window_in_ram(base) {
+            if in_ram {
                 outln!("probe.virtio_rng={},error=base-in-ram", index);
                 return;
             }
@@ -357,7 +411,7 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             let Some(options) = context.blk else {
                 return;
             };
-            if context.window_in_ram(base) {
+            if in_ram {
                 outln!("probe.blk{}=error setup base-in-ram", blk_index);
                 return;
             }
@@ -367,7 +421,7 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             let Some(options) = context.vsock.take() else {
                 return;
             };
-            if context.window_in_ram(base) {
+            if in_ram {
                 outln!("probe.vsock=error setup base-in-ram");
                 return;
             }
@@ -380,7 +434,7 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             let Some(options) = context.net.filter(|_| net_index == 0) else {
                 return;
             };
-            if context.window_in_ram(base) {
+            if in_ram {
                 outln!("probe.net{}=error setup base-in-ram", net_index);
                 return;
             }
@@ -390,7 +444,7 @@ fn probe_virtio_device(index: i64, base: u64, context: &mut VirtioContext<'_>) {
             let Some(mib) = context.balloon.take() else {
                 return;
             };
-            if context.window_in_ram(base) {
+            if in_ram {
                 outln!("probe.balloon=error setup base-in-ram");
                 return;
             }

@@ -137,6 +137,15 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(ptr_mut::<u32>(addr), value) }
 }
 
+/// Volatile aligned 16-bit MMIO store.
+///
+/// # Safety
+/// As for [`mmio_read32`], for a write with 2-byte alignment.
+pub unsafe fn mmio_write16(addr: u64, value: u16) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::write_volatile(ptr_mut::<u16>(addr), value) }
+}
+
 /// Volatile 8-bit MMIO store.
 ///
 /// # Safety
@@ -145,4 +154,61 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
 pub unsafe fn mmio_write8(addr: u64, value: u8) {
     // SAFETY: guaranteed by the caller.
     unsafe { core::ptr::write_volatile(ptr_mut::<u8>(addr), value) }
+}
+
+/// MMIO load of `width` bytes (1, 2, 4 or 8; anything else reads 8) at
+/// any alignment, as one instruction (the VMM sees exactly this access,
+/// unaligned ones included), zero-extended.
+///
+/// # Safety
+/// `[addr, addr + width)` must be inside the identity map (or a mapped
+/// device window) and be device memory whose read has no side effect the
+/// caller is not prepared for.
+pub unsafe fn mmio_load(addr: u64, width: u8) -> u64 {
+    let value: u64;
+    // SAFETY: guaranteed by the caller; the instruction only reads
+    // `width` bytes at `addr`, and x86 allows any alignment.
+    unsafe {
+        match width {
+            1 => {
+                core::arch::asm!("movzx {v:e}, byte ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            2 => {
+                core::arch::asm!("movzx {v:e}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            4 => {
+                core::arch::asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+            _ => {
+                core::arch::asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) value, options(nostack, preserves_flags, readonly))
+            }
+        }
+    }
+    value
+}
+
+/// MMIO store of the low `width` bytes (1, 2, 4 or 8; anything else
+/// writes 8) of `value` at any alignment, as one instruction.
+///
+/// # Safety
+/// As for [`mmio_load`], for a write.
+pub unsafe fn mmio_store(addr: u64, width: u8, value: u64) {
+    // SAFETY: guaranteed by the caller; the instruction only writes
+    // `width` bytes at `addr`.
+    unsafe {
+        match width {
+            1 => {
+                core::arch::asm!("mov byte ptr [{a}], {v:l}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            2 => {
+                core::arch::asm!("mov word ptr [{a}], {v:x}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            4 => {
+                core::arch::asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+            _ => {
+                core::arch::asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) value, options(nostack, preserves_flags))
+            }
+        }
+    }
 }

@@ -1,9 +1,11 @@
-//! A small polling virtio 1.x driver core: the virtio-mmio (version 2)
-//! transport and split virtqueues in static memory.
+//! A small polling virtio 1.x driver core: the virtio-mmio (version 2) and
+//! virtio-pci (modern, see `virtio_pci.rs`) transports behind one
+//! [`Transport`], and split virtqueues in static memory.
 //!
 //! Typical use by a device driver (see `virtio_rng.rs`):
 //!
-//! 1. [`Transport::new`] on a register window (checks magic and version),
+//! 1. [`Transport::new`] on a device's [`Regs`] (an MMIO window: checks
+//!    magic and version; or a PCI function's structures),
 //! 2. [`Transport::negotiate`]: reset, ACKNOWLEDGE, DRIVER, features
 //!    (always including `VIRTIO_F_VERSION_1`), FEATURES_OK,
 //! 3. [`Transport::setup_queue`] for each queue (memory from a static pool),
@@ -30,8 +32,10 @@ use core::cell::{Cell, UnsafeCell};
 use core::mem::MaybeUninit;
 use core::sync::atomic::{Ordering, compiler_fence};
 
+use crate::msix;
 use crate::phys;
 use crate::timer;
+use crate::virtio_pci::{PciRegs, common};
 
 /// "virt" in little endian.
 pub const MAGIC: u32 = 0x7472_6976;
@@ -126,6 +130,9 @@ pub enum Error {
     BadUsedId(u32),
     /// The used index moved further than the number of chains in flight.
     BadUsedIdx(u16),
+    /// PCI: a queue's `queue_notify_off` points outside the notify
+    /// structure.
+    NotifyOutOfRange(u16),
 }
 
 impl Error {
@@ -147,6 +154,7 @@ impl Error {
             Error::DeviceNeedsReset => "device-needs-reset",
             Error::BadUsedId(_) => "bad-used-id",
             Error::BadUsedIdx(_) => "bad-used-idx",
+            Error::NotifyOutOfRange(_) => "notify-out-of-range",
         }
     }
 }
@@ -220,10 +228,22 @@ impl Mmio {
     }
 }
 
-/// An initialised virtio-mmio version 2 transport.
+/// How a device is reached: a virtio-mmio window or a virtio-pci
+/// function.
+#[derive(Clone, Copy, Debug)]
+pub enum Regs {
+    Mmio(Mmio),
+    Pci(PciRegs),
+}
+
+/// An initialised virtio 1.x transport (virtio-mmio version 2, or
+/// virtio-pci modern).
 pub struct Transport {
-    regs: Mmio,
+    regs: Regs,
     device_id: u32,
+    /// PCI with `probe.msix`: the MSI-X check's setup (see `msix.rs`),
+    /// made when queue 0 is set up.
+    msix: Option<msix::Target>,
     features: u64,
     /// Queue-pool slots handed to this transport's queues:
     /// `[first, first + count)` (the pool is a stack).
@@ -240,8 +260,22 @@ const CONFIG_READ_ATTEMPTS: u32 = 64;
 const RESET_POLLS: u32 = 1_000_000;
 
 impl Transport {
-    /// Checks magic and version (only virtio 1.x is driven).
-    pub fn new(regs: Mmio) -> Result<Transport, Error> {
+    /// Checks magic and version (only virtio 1.x is driven); a PCI
+    /// function was checked when its [`PciRegs`] were made.
+    pub fn new(regs: Regs) -> Result<Transport, Error> {
+        let regs = match regs {
+            Regs::Mmio(mmio) => mmio,
+            Regs::Pci(pci) => {
+                return Ok(Transport {
+                    regs: Regs::Pci(pci),
+                    device_id: pci.device_id,
+                    msix: None,
+                    features: 0,
+                    pool_first: 0,
+                    pool_count: 0,
+                });
+            }
+        };
         let magic = regs.magic();
         if magic != MAGIC {
             return Err(Error::BadMagic(magic));
@@ -252,15 +286,16 @@ impl Transport {
             v => return Err(Error::UnsupportedVersion(v)),
         }
         Ok(Transport {
-            regs,
+            regs: Regs::Mmio(regs),
             device_id: regs.device_id(),
+            msix: None,
             features: 0,
             pool_first: 0,
             pool_count: 0,
         })
     }
 
-    pub fn regs(&self) -> &Mmio {
+    pub fn regs(&self) -> &Regs {
         &self.regs
     }
 
@@ -274,11 +309,17 @@ impl Transport {
     }
 
     pub fn status(&self) -> u32 {
-        self.regs.read(reg::STATUS)
+        match &self.regs {
+            Regs::Mmio(r) => r.read(reg::STATUS),
+            Regs::Pci(p) => u32::from(p.read8(common::DEVICE_STATUS)),
+        }
     }
 
     fn set_status(&self, bits: u32) {
-        self.regs.write(reg::STATUS, bits);
+        match &self.regs {
+            Regs::Mmio(r) => r.write(reg::STATUS, bits),
+            Regs::Pci(p) => p.write8(common::DEVICE_STATUS, bits as u8),
+        }
     }
 
     /// Resets the device and waits until it reports status 0.
@@ -301,10 +342,20 @@ impl Transport {
 
     /// Offered device features (both 32-bit halves).
     pub fn device_features(&self) -> u64 {
-        self.regs.write(reg::DEVICE_FEATURES_SEL, 0);
-        let low = self.regs.read(reg::DEVICE_FEATURES);
-        self.regs.write(reg::DEVICE_FEATURES_SEL, 1);
-        let high = self.regs.read(reg::DEVICE_FEATURES);
+        let (low, high) = match &self.regs {
+            Regs::Mmio(r) => {
+                r.write(reg::DEVICE_FEATURES_SEL, 0);
+                let low = r.read(reg::DEVICE_FEATURES);
+                r.write(reg::DEVICE_FEATURES_SEL, 1);
+                (low, r.read(reg::DEVICE_FEATURES))
+            }
+            Regs::Pci(p) => {
+                p.write32(common::DEVICE_FEATURE_SELECT, 0);
+                let low = p.read32(common::DEVICE_FEATURE);
+                p.write32(common::DEVICE_FEATURE_SELECT, 1);
+                (low, p.read32(common::DEVICE_FEATURE))
+            }
+        };
         u64::from(high) << 32 | u64::from(low)
     }
 
@@ -337,11 +388,20 @@ impl Transport {
     /// must be a subset of the offered features), sets and verifies
     /// FEATURES_OK.
     pub fn accept_features(&mut self, accepted: u64) -> Result<u64, Error> {
-        self.regs.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.regs.write(reg::DRIVER_FEATURES, accepted as u32);
-        self.regs.write(reg::DRIVER_FEATURES_SEL, 1);
-        self.regs
-            .write(reg::DRIVER_FEATURES, (accepted >> 32) as u32);
+        match &self.regs {
+            Regs::Mmio(r) => {
+                r.write(reg::DRIVER_FEATURES_SEL, 0);
+                r.write(reg::DRIVER_FEATURES, accepted as u32);
+                r.write(reg::DRIVER_FEATURES_SEL, 1);
+                r.write(reg::DRIVER_FEATURES, (accepted >> 32) as u32);
+            }
+            Regs::Pci(p) => {
+                p.write32(common::DRIVER_FEATURE_SELECT, 0);
+                p.write32(common::DRIVER_FEATURE, accepted as u32);
+                p.write32(common::DRIVER_FEATURE_SELECT, 1);
+                p.write32(common::DRIVER_FEATURE, (accepted >> 32) as u32);
+            }
+        }
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.set_status(s);
         if self.status() & status::FEATURES_OK == 0 {
@@ -354,34 +414,87 @@ impl Transport {
 
     /// Sets up queue `index` with at most [`QUEUE_SIZE`] descriptors.
     pub fn setup_queue(&mut self, index: u32) -> Result<Virtqueue, Error> {
-        self.regs.write(reg::QUEUE_SEL, index);
-        if self.regs.read(reg::QUEUE_READY) != 0 {
+        let regs = match self.regs {
+            Regs::Mmio(regs) => regs,
+            Regs::Pci(pci) => return self.setup_pci_queue(pci, index),
+        };
+        regs.write(reg::QUEUE_SEL, index);
+        if regs.read(reg::QUEUE_READY) != 0 {
             return Err(Error::QueueInUse);
         }
-        let max = self.regs.read(reg::QUEUE_NUM_MAX);
+        let max = regs.read(reg::QUEUE_NUM_MAX);
         if max == 0 {
             return Err(Error::QueueUnavailable);
         }
         // Split queue sizes are powers of two.
         let limit = max.min(u32::from(QUEUE_SIZE));
         let size = 1u16 << (31 - limit.leading_zeros());
+        let (slot, mem) = self.alloc_queue_mem()?;
+        let queue = Virtqueue::new(index, size, slot, mem);
+        let (desc, avail, used) = queue.addresses();
+        regs.write(reg::QUEUE_NUM, u32::from(size));
+        regs.write(reg::QUEUE_DESC_LOW, desc as u32);
+        regs.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        regs.write(reg::QUEUE_DRIVER_LOW, avail as u32);
+        regs.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+        regs.write(reg::QUEUE_DEVICE_LOW, used as u32);
+        regs.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+        regs.write(reg::QUEUE_READY, 1);
+        Ok(queue)
+    }
+
+    /// Takes a slot of the queue pool for this transport.
+    fn alloc_queue_mem(&mut self) -> Result<(usize, *mut QueueMem), Error> {
         let (slot, mem) = QUEUE_POOL.alloc().ok_or(Error::OutOfQueueMemory)?;
         if self.pool_count == 0 {
             self.pool_first = slot;
         }
         self.pool_count += 1;
-        let queue = Virtqueue::new(index, size, slot, mem);
+        Ok((slot, mem))
+    }
+
+    /// [`Transport::setup_queue`] on virtio-pci: `queue_select`, then
+    /// `queue_size` (the maximum, written back possibly smaller), the
+    /// three ring addresses, with `probe.msix` the MSI-X vector of queue
+    /// 0, and `queue_enable`. The queue's notify address is
+    /// `queue_notify_off * notify_off_multiplier` into the notify
+    /// structure.
+    fn setup_pci_queue(&mut self, pci: PciRegs, index: u32) -> Result<Virtqueue, Error> {
+        pci.write16(common::QUEUE_SELECT, index as u16);
+        if pci.read16(common::QUEUE_ENABLE) != 0 {
+            return Err(Error::QueueInUse);
+        }
+        let max = u32::from(pci.read16(common::QUEUE_SIZE));
+        if max == 0 {
+            return Err(Error::QueueUnavailable);
+        }
+        let notify_off = pci.read16(common::QUEUE_NOTIFY_OFF);
+        let notify_at = pci
+            .notify_offset(notify_off)
+            .ok_or(Error::NotifyOutOfRange(notify_off))?;
+        let limit = max.min(u32::from(QUEUE_SIZE));
+        let size = 1u16 << (31 - limit.leading_zeros());
+        let (slot, mem) = self.alloc_queue_mem()?;
+        let mut queue = Virtqueue::new(index, size, slot, mem);
+        queue.notify_at = notify_at;
         let (desc, avail, used) = queue.addresses();
-        self.regs.write(reg::QUEUE_NUM, u32::from(size));
-        self.regs.write(reg::QUEUE_DESC_LOW, desc as u32);
-        self.regs.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        self.regs.write(reg::QUEUE_DRIVER_LOW, avail as u32);
-        self.regs
-            .write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
-        self.regs.write(reg::QUEUE_DEVICE_LOW, used as u32);
-        self.regs.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
-        self.regs.write(reg::QUEUE_READY, 1);
+        pci.write16(common::QUEUE_SIZE, size);
+        pci.write64(common::QUEUE_DESC, desc);
+        pci.write64(common::QUEUE_DRIVER, avail);
+        pci.write64(common::QUEUE_DEVICE, used);
+        if index == 0
+            && let Some(check) = pci.msix_check
+        {
+            self.msix = Some(msix::prepare(&pci, check));
+        }
+        pci.write16(common::QUEUE_ENABLE, 1);
         Ok(queue)
+    }
+
+    /// The MSI-X check prepared with queue 0 (PCI with `probe.msix`): the
+    /// driver runs [`msix::check`] with it once the device is live.
+    pub fn msix_target(&self) -> Option<msix::Target> {
+        self.msix
     }
 
     /// Sets DRIVER_OK: the device is live.
@@ -393,7 +506,15 @@ impl Transport {
     /// Tells the device that `queue` has new available buffers.
     pub fn notify(&self, queue: &Virtqueue) {
         mb();
-        self.regs.write(reg::QUEUE_NOTIFY, queue.index);
+        self.write_notify(queue);
+    }
+
+    /// The notification register write itself.
+    fn write_notify(&self, queue: &Virtqueue) {
+        match &self.regs {
+            Regs::Mmio(r) => r.write(reg::QUEUE_NOTIFY, queue.index),
+            Regs::Pci(p) => p.notify(queue.notify_at, queue.index as u16),
+        }
     }
 
     /// Like [`Transport::notify`], but skips the (trapping) register write
@@ -404,7 +525,7 @@ impl Transport {
         // Publish the available index before reading the device's flag.
         mb();
         if queue.device_wants_notify() {
-            self.regs.write(reg::QUEUE_NOTIFY, queue.index);
+            self.write_notify(queue);
             true
         } else {
             false
@@ -413,23 +534,31 @@ impl Transport {
 
     /// Reads and acknowledges the interrupt status (for polling drivers
     /// that want to clear a pending used-buffer/config notification).
+    /// On virtio-pci, reading the ISR status acknowledges it.
     pub fn ack_interrupt(&self) -> u32 {
-        let pending = self.regs.read(reg::INTERRUPT_STATUS);
+        let regs = match &self.regs {
+            Regs::Mmio(r) => r,
+            Regs::Pci(p) => return u32::from(p.isr()),
+        };
+        let pending = regs.read(reg::INTERRUPT_STATUS);
         if pending != 0 {
-            self.regs.write(reg::INTERRUPT_ACK, pending);
+            regs.write(reg::INTERRUPT_ACK, pending);
         }
         pending
     }
 
     /// Reads device configuration space with `read`, retrying (a bounded
     /// number of times) while the config generation changes.
-    fn config_read<T>(&self, read: impl Fn(&Mmio) -> T) -> T {
+    fn config_read<T>(&self, read: impl Fn(&Regs) -> T) -> T {
+        let generation = |regs: &Regs| match regs {
+            Regs::Mmio(r) => r.read(reg::CONFIG_GENERATION),
+            Regs::Pci(p) => u32::from(p.read8(common::CONFIG_GENERATION)),
+        };
         let mut attempts = 1;
         loop {
-            let before = self.regs.read(reg::CONFIG_GENERATION);
+            let before = generation(&self.regs);
             let value = read(&self.regs);
-            if self.regs.read(reg::CONFIG_GENERATION) == before || attempts == CONFIG_READ_ATTEMPTS
-            {
+            if generation(&self.regs) == before || attempts == CONFIG_READ_ATTEMPTS {
                 return value;
             }
             attempts += 1;
@@ -437,46 +566,48 @@ impl Transport {
     }
 
     /// Reads a 32-bit word of device configuration space (offset rounded
-    /// down to 4 bytes, and wrapped into the config space).
+    /// down to 4 bytes; on MMIO wrapped into the config space, on PCI 0
+    /// beyond the device structure).
     pub fn config_read32(&self, offset: u64) -> u32 {
-        let offset = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
-        self.config_read(|r| r.read(offset))
+        self.config_read(|r| raw_config_read32(r, offset))
     }
 
     /// Writes a 32-bit word of device configuration space (offset rounded
     /// down to 4 bytes, and wrapped into the config space).
     pub fn config_write32(&self, offset: u64, value: u32) {
-        let offset = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
-        self.regs.write(offset, value);
+        match &self.regs {
+            Regs::Mmio(r) => r.write(reg::CONFIG + (offset & !3) % CONFIG_SIZE, value),
+            Regs::Pci(p) => p.config_write32(offset, value),
+        }
     }
 
     /// Reads a 16-bit config field with a 16-bit access, as the virtio-mmio
     /// spec requires (offset rounded down to 2 bytes).
     pub fn config_read16(&self, offset: u64) -> u16 {
-        let offset = reg::CONFIG + (offset & !1) % CONFIG_SIZE;
-        self.config_read(|r| r.read16(offset))
+        self.config_read(|r| match r {
+            Regs::Mmio(r) => r.read16(reg::CONFIG + (offset & !1) % CONFIG_SIZE),
+            Regs::Pci(p) => p.config_read16(offset),
+        })
     }
 
     /// Reads an 8-bit config field.
     pub fn config_read8(&self, offset: u64) -> u8 {
-        let offset = reg::CONFIG + offset % CONFIG_SIZE;
-        self.config_read(|r| r.read8(offset))
+        self.config_read(|r| raw_config_read8(r, offset))
     }
 
     /// Reads `N` consecutive config bytes with 8-bit accesses, all under
     /// one config generation (e.g. a MAC address).
     pub fn config_bytes<const N: usize>(&self, offset: u64) -> [u8; N] {
-        self.config_read(|r| {
-            core::array::from_fn(|i| r.read8(reg::CONFIG + (offset + i as u64) % CONFIG_SIZE))
-        })
+        self.config_read(|r| core::array::from_fn(|i| raw_config_read8(r, offset + i as u64)))
     }
 
     /// Reads a 64-bit config field as two 32-bit accesses (low word first,
     /// like Linux), both under one config generation.
     pub fn config_read64(&self, offset: u64) -> u64 {
-        let low = reg::CONFIG + (offset & !3) % CONFIG_SIZE;
-        let high = reg::CONFIG + ((offset & !3) + 4) % CONFIG_SIZE;
-        self.config_read(|r| u64::from(r.read(high)) << 32 | u64::from(r.read(low)))
+        let low = offset & !3;
+        self.config_read(|r| {
+            u64::from(raw_config_read32(r, low + 4)) << 32 | u64::from(raw_config_read32(r, low))
+        })
     }
 
     /// Resets the device and, once it has confirmed the reset (so it no
@@ -501,6 +632,22 @@ impl Transport {
             QUEUE_POOL.release(first, end);
         }
         Ok(())
+    }
+}
+
+/// One 32-bit config read (no generation check).
+fn raw_config_read32(regs: &Regs, offset: u64) -> u32 {
+    match regs {
+        Regs::Mmio(r) => r.read(reg::CONFIG + (offset & !3) % CONFIG_SIZE),
+        Regs::Pci(p) => p.config_read32(offset),
+    }
+}
+
+/// One 8-bit config read (no generation check).
+fn raw_config_read8(regs: &Regs, offset: u64) -> u8 {
+    match regs {
+        Regs::Mmio(r) => r.read8(reg::CONFIG + offset % CONFIG_SIZE),
+        Regs::Pci(p) => p.config_read8(offset),
     }
 }
 
@@ -652,6 +799,8 @@ pub struct Used {
 /// A split virtqueue driven by polling.
 pub struct Virtqueue {
     index: u32,
+    /// PCI: the queue's notify offset in the notify structure.
+    notify_at: u32,
     size: u16,
     mem: *mut QueueMem,
     pool_slot: usize,
@@ -678,6 +827,7 @@ impl Virtqueue {
         }
         Virtqueue {
             index,
+            notify_at: 0,
             size,
             mem,
             pool_slot,

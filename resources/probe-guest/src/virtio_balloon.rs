@@ -56,7 +56,7 @@ use crate::cmdline::{self, BadOption};
 use crate::e820;
 use crate::phys;
 use crate::serial::outln;
-use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
+use crate::virtio::{self, Buffer, Error, Regs, Transport, Virtqueue};
 
 /// virtio device id of the memory balloon.
 pub const DEVICE_ID: u32 = 5;
@@ -370,7 +370,7 @@ fn setup_queue(transport: &mut Transport, index: u32) -> Result<Virtqueue, Setup
 
 /// Negotiates features and sets up the queues (inflate, deflate, and
 /// statistics with `STATS_VQ`).
-fn setup(regs: Mmio) -> Result<Device, SetupError> {
+fn setup(regs: Regs) -> Result<Device, SetupError> {
     let mut transport = Transport::new(regs).map_err(SetupError::Transport)?;
     let features = transport
         .negotiate(feature::STATS_VQ | feature::DEFLATE_ON_OOM, 0)
@@ -433,7 +433,7 @@ pub struct Balloon {
 /// pool, sets DRIVER_OK and polls the device once. `None` (said on the
 /// console) if there is no room or setup fails.
 pub fn start(
-    regs: Mmio,
+    regs: Regs,
     mib: u32,
     map: &e820::Map,
     image: (u64, u64),

@@ -55,7 +55,7 @@ use crate::netproto::{self, Answer, ETH_HLEN, Iface, TcpIn};
 use crate::ping::Pinger;
 use crate::serial::outln;
 use crate::timer;
-use crate::virtio::{self, Buffer, Error, Mmio, QUEUE_SIZE, Transport, Used, Virtqueue};
+use crate::virtio::{self, Buffer, Error, QUEUE_SIZE, Regs, Transport, Used, Virtqueue};
 
 /// virtio device id of the network device.
 pub const DEVICE_ID: u32 = 1;
@@ -381,7 +381,7 @@ pub struct Net {
 
 /// Sets up the virtio-net device behind `regs` as device `index` and
 /// prints `probe.net<index>=up ...`, or `=error setup ...` (then `None`).
-pub fn setup(index: u32, regs: Mmio, options: &Options, verbose: bool) -> Option<Net> {
+pub fn setup(index: u32, regs: Regs, options: &Options, verbose: bool) -> Option<Net> {
     let transport = match Transport::new(regs) {
         Ok(t) => t,
         Err(e) => {

@@ -27,7 +27,7 @@ use crate::cmdline::{self, BadOption};
 use crate::mem::copy;
 use crate::serial::outln;
 use crate::timer;
-use crate::virtio::{self, Buffer, Error, Mmio, Transport, Virtqueue};
+use crate::virtio::{self, Buffer, Error, Regs, Transport, Virtqueue};
 
 /// virtio device id of the socket device.
 pub const DEVICE_ID: u32 = 19;
@@ -344,7 +344,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn setup(regs: Mmio, mem: *mut VsockMem) -> Result<Driver, Error> {
+    fn setup(regs: Regs, mem: *mut VsockMem) -> Result<Driver, Error> {
         let mut transport = Transport::new(regs)?;
         transport.negotiate(0, 0)?;
         let cid = transport.config_read64(0);
@@ -759,7 +759,7 @@ fn connect(driver: &mut Driver, port: u32, bytes: u64, timeout_ms: u32) -> Resul
 /// Sets the device up and runs `options`' mode: the driver, with how
 /// the mode ended, or why setup failed.
 fn run(
-    regs: Mmio,
+    regs: Regs,
     options: &Options,
     mem: *mut VsockMem,
 ) -> Result<(Driver, Result<(), Failure>), Error> {
@@ -794,7 +794,7 @@ fn report(driver: &Driver, options: &Options, outcome: Result<(), Failure>) {
 }
 
 /// Drives the socket device behind `regs` as `options` say.
-pub fn probe(regs: Mmio, options: &Options) {
+pub fn probe(regs: Regs, options: &Options) {
     let Some(mem) = (!VSOCK_TAKEN.swap(true, Ordering::Relaxed))
         .then(|| VSOCK_MEM.mem.get().cast::<VsockMem>())
     else {
