@@ -335,10 +335,22 @@ const JOURNAL_MIB: u64 = 2;
 
 #[test]
 fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
+    drive_journal_paused_mid_run(&[]);
+}
+
+/// The same on virtio-pci with MSI-X: the loading process, started
+/// without `--enable-pci`, takes the transport from the snapshot, and the
+/// drive's vectors are routed again.
+#[test]
+fn a_drive_journal_on_pci_paused_mid_run_completes_on_a_copy_after_a_load() {
+    drive_journal_paused_mid_run(&["--enable-pci"]);
+}
+
+fn drive_journal_paused_mid_run(flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("journal.img");
     tessera_tests::sparse_file(&disk, JOURNAL_MIB << 20);
-    let api = ApiVm::start(&[]);
+    let api = ApiVm::start(flags);
     let mut c = api.client();
     c.put_ok(
         "/boot-source",
@@ -398,7 +410,14 @@ fn a_drive_journal_paused_mid_run_completes_on_a_copy_after_a_load() {
     clone
         .vm
         .wait_until(DEADLINE, |out, _| out.contains("probe.memtest=ok,2"));
-    let after = clone.vm.finish().stdout;
+    let clone = clone.vm.finish();
+    let transport = if flags.contains(&"--enable-pci") {
+        "drive journal: virtio-pci at 00:01.0"
+    } else {
+        "drive journal: virtio-mmio at 0xd0001000"
+    };
+    assert!(clone.stderr.contains(transport), "{}", clone.stderr);
+    let after = clone.stdout;
     assert!(
         after.contains(&format!("probe.blk0=journaled sectors={total}")),
         "the journal did not complete after the load:\n{after}"
