@@ -16,7 +16,7 @@ use tessera_tests::netns::Netns;
 use tessera_tests::{guest_artifacts, workspace_bin, RunOutput, Running};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-const SEED: u64 = 0x5eed_0c1;
+const SEED: u64 = 0x05ee_d0c1;
 
 fn boot(dir: &Path, config: serde_json::Value, flags: &[&str]) -> RunOutput {
     let path = dir.join("vm.json");
