@@ -541,6 +541,85 @@ JSON
 	fi
 }
 
+# wait_for NAME PATTERN: waits (60 s at most) until NAME's console has a
+# line matching PATTERN.
+wait_for() {
+	waited=0
+	while ! grep -q "$2" "/tmp/$1.out" && [ "$waited" -lt 600 ]; do
+		sleep 0.1
+		waited=$((waited + 1))
+	done
+	grep -q "$2" "/tmp/$1.out"
+}
+
+# check_hotplug NAME KERNEL INITRD HOW BOOT_ARGS: boots with --enable-pci and
+# no drive, PUTs drive "late" once the guest is up, and DELETEs it once the
+# guest wrote to it (after the guest removed it itself, with HOW "remove").
+# The guest must find the drive as vda (HOW "rescan": it rescans; else the
+# ACPI notification brings it), write 1 MiB the host then reads back, and
+# see it go.
+check_hotplug() {
+	name=$1 kernel=$2 initrd=$3 how=$4 args=$5
+	rm -f /tmp/$name.img /tmp/$name.sock
+	truncate -s 4M /tmp/$name.img
+	guest_how=vda
+	[ "$how" = rescan ] && guest_how=vda:rescan:remove
+	cat >/tmp/$name.json <<JSON
+{
+  "boot-source": {"kernel_image_path": "$kernel", "initrd_path": "$initrd",
+                  "boot_args": "$args tessera.hotplug=$guest_how tessera.halt=1"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 512}
+}
+JSON
+	timeout -s KILL "$SCENARIO_TIMEOUT" tessera --api-sock /tmp/$name.sock --enable-pci \
+		--config-file /tmp/$name.json </dev/null >/tmp/$name.out 2>/tmp/$name.err &
+	pid=$!
+	wait_for "$name" TESSERA-GUEST-UP
+	put=$(api-call /tmp/$name.sock PUT /drives/late \
+		"{\"drive_id\": \"late\", \"path_on_host\": \"/tmp/$name.img\", \"is_root_device\": false}")
+	if [ "$how" = rescan ]; then
+		wait_for "$name" "^tessera.hotplug_removed="
+	else
+		wait_for "$name" "^tessera.hotplug_dd="
+	fi
+	delete=$(api-call /tmp/$name.sock DELETE /drives/late)
+	wait "$pid"
+	status=$?
+	out=/tmp/$name.out
+	want=$(yes TESSERA | head -c 1048576 | md5sum | cut -d' ' -f1)
+	got=$(head -c 1048576 /tmp/$name.img | md5sum | cut -d' ' -f1)
+	seen=$(value tessera.hotplug_seen "$out")
+	if [ "$status" -ne 0 ] || ! grep -q TESSERA-GUEST-UP "$out"; then
+		fail "$name" "status $status: $(why "$name")"
+	elif [ "${put%% *}" != 204 ]; then
+		fail "$name" "PUT /drives/late after boot: $put"
+	elif [ "${seen%% *}" != vda ]; then
+		fail "$name" "the guest did not find the drive ($how): ${seen:-nothing}: $(grep -i 'pci\|virtio\|vd' "$out" | tail -n 8 | tr -d '\r' | tr '\n' ' ')"
+	elif [ "$(value tessera.hotplug_dd "$out")" != ok ] || [ "$got" != "$want" ]; then
+		fail "$name" "dd $(value tessera.hotplug_dd "$out"), the host file's md5 $got, want $want"
+	elif [ "${delete%% *}" != 204 ]; then
+		fail "$name" "DELETE /drives/late: $delete: $(why "$name")"
+	elif [ "$(value tessera.hotplug_gone "$out")" != vda ]; then
+		fail "$name" "the drive did not leave the guest: $(why "$name")"
+	else
+		ok "$name" "PUT after boot: $put; the guest found vda at ${seen#* } ($how), wrote 1 MiB (md5 matches on the host); DELETE: $delete; gone from the guest"
+	fi
+}
+
+# Debian's stock kernel (ACPI): the GED's notification brings the drive
+# in, and a DELETE is answered once the guest ejected it (_EJ0).
+scenario_hotplug_acpi() {
+	check_hotplug hotplug_acpi "$L2/stock-vmlinuz" "$L2/stock-initramfs.cpio.gz" notify \
+		"console=ttyS0 reboot=k panic=-1 quiet"
+}
+
+# The project's kernel (no ACPI): the guest rescans the bus, and removes
+# the device through sysfs before the host's DELETE.
+scenario_hotplug_rescan() {
+	check_hotplug hotplug_rescan "$L2/vmlinux" "$L2/initramfs.cpio.gz" rescan \
+		"console=ttyS0 reboot=k panic=-1 quiet"
+}
+
 # Boot-time benchmark: tessera-bench boots Linux 10 times and prints JSON,
 # beside Firecracker when build-l1.sh put it in /opt/peers.
 # The bench's progress (a line per boot, on stderr) goes to the console, so
@@ -875,7 +954,7 @@ JSON
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | pci | stock_kernel_pci | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | pci | stock_kernel_pci | hotplug_acpi | hotplug_rescan | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac

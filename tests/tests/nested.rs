@@ -25,6 +25,8 @@ const SCENARIOS: &[&str] = &[
     "balloon",
     "pci",
     "stock_kernel_pci",
+    "hotplug_acpi",
+    "hotplug_rescan",
     "jailed_initramfs",
     "jailed_blk_root",
     "jailed_net",

@@ -228,6 +228,29 @@ mod tests {
     }
 
     #[test]
+    fn delete_unplugs_a_drive_or_an_interface_and_takes_no_body() {
+        assert_eq!(
+            parse("DELETE", "/drives/data", ""),
+            Ok(ParsedRequest::Action(VmmAction::DeleteDrive("data".into())))
+        );
+        assert_eq!(
+            parse("DELETE", "/network-interfaces/eth1", ""),
+            Ok(ParsedRequest::Action(VmmAction::DeleteNetworkInterface(
+                "eth1".into()
+            )))
+        );
+        assert_eq!(
+            parse("DELETE", "/drives/data", "{}"),
+            Err(RequestError::DeleteWithBody)
+        );
+        assert!(matches!(
+            parse("DELETE", "/drives/bad%20id", ""),
+            Err(RequestError::InvalidId(_))
+        ));
+        assert!(parse("DELETE", "/vsock", "").is_err(), "only drives and interfaces");
+    }
+
+    #[test]
     fn path_and_body_ids_must_match() {
         let err = parse(
             "PUT",
