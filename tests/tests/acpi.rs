@@ -26,6 +26,17 @@ fn stock_kernel() -> String {
 
 #[test]
 fn a_stock_kernel_reads_the_acpi_tables() {
+    stock_kernel_reads_the_tables(false);
+}
+
+/// With `--enable-pci` the XSDT lists the MCFG too, and the kernel reserves
+/// its ECAM window.
+#[test]
+fn with_pci_a_stock_kernel_reads_the_mcfg_too() {
+    stock_kernel_reads_the_tables(true);
+}
+
+fn stock_kernel_reads_the_tables(pci: bool) {
     let dir = tempfile::tempdir().unwrap();
     let disk = tessera_tests::sparse_file(&dir.path().join("disk"), 1 << 20);
     let config = dir.path().join("vm.json");
@@ -33,7 +44,7 @@ fn a_stock_kernel_reads_the_acpi_tables() {
         &config,
         json!({
             "boot-source": {"kernel_image_path": stock_kernel(),
-                            "boot_args": "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 pci=off"},
+                            "boot_args": "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1"},
             "machine-config": {"vcpu_count": 2, "mem_size_mib": 512},
             "drives": [{"drive_id": "data", "path_on_host": disk,
                         "is_root_device": false, "is_read_only": true}],
@@ -43,6 +54,9 @@ fn a_stock_kernel_reads_the_acpi_tables() {
     .unwrap();
     let mut command = Command::new(workspace_bin("tessera"));
     command.args(["--no-api", "--config-file"]).arg(&config);
+    if pci {
+        command.arg("--enable-pci");
+    }
     let mut vm = Running::spawn(command);
     let last = "IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23";
     vm.wait_until(Duration::from_secs(300), |out, _| out.contains(last));
@@ -57,4 +71,5 @@ fn a_stock_kernel_reads_the_acpi_tables() {
     ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}");
     }
+    assert_eq!(out.contains("ACPI: MCFG 0x"), pci, "{out}");
 }

@@ -272,8 +272,8 @@ fn announce<D: VhostUserDevice>(
     }
 }
 
-/// Makes sure the guest no longer drives the device: at once if its
-/// driver never started it or stopped it (a sysfs `remove`); otherwise
+/// Makes sure the guest no longer drives the device: at once if no driver
+/// holds it (never bound, or a sysfs `remove`); otherwise
 /// the guest is asked to eject it and has [`EJECT_TIMEOUT`] to do so.
 fn release<D: VhostUserDevice>(
     pci: &PciBus,
@@ -282,7 +282,9 @@ fn release<D: VhostUserDevice>(
 ) -> Result<(), HotplugError> {
     let slot = {
         let transport = lock(transport);
-        if transport.core().status() == 0 {
+        // No driver: never bound, or unbound (Linux's virtio core leaves
+        // ACKNOWLEDGE set when its driver goes).
+        if transport.core().status() & devices::virtio::status::DRIVER == 0 {
             return Ok(());
         }
         match transport.pci_slot() {

@@ -247,7 +247,10 @@ mod tests {
             parse("DELETE", "/drives/bad%20id", ""),
             Err(RequestError::InvalidId(_))
         ));
-        assert!(parse("DELETE", "/vsock", "").is_err(), "only drives and interfaces");
+        assert!(
+            parse("DELETE", "/vsock", "").is_err(),
+            "only drives and interfaces"
+        );
     }
 
     #[test]

@@ -143,6 +143,17 @@ pub fn e820_map(mem_size: u64, pci: bool) -> Vec<E820Entry> {
             size: PCI_ECAM_SIZE,
             kind: E820_RESERVED,
         });
+        // A kernel without ACPI puts the BARs of devices it finds on a
+        // rescan (hot-plug) from the start of the largest gap below 4 GiB
+        // (`pci_mem_start`): reserving what lies between low RAM and the
+        // BAR window makes that gap start at the window, where each
+        // slot's fixed BAR0 is.
+        let low_end = low_ram_end(mem_size);
+        map.push(E820Entry {
+            addr: low_end,
+            size: PCI_MMIO32_START - low_end,
+            kind: E820_RESERVED,
+        });
         map.sort_by_key(|e| e.addr);
     }
     map
@@ -296,16 +307,34 @@ mod tests {
             let mem = mib * MIB;
             let plain = e820_map(mem, false);
             let map = e820_map(mem, true);
-            assert_eq!(map.len(), plain.len() + 1, "{mib} MiB: {map:x?}");
+            assert_eq!(map.len(), plain.len() + 2, "{mib} MiB: {map:x?}");
             assert_well_formed(&map, mem);
             let ecam = E820Entry {
                 addr: 0xeec0_0000,
                 size: 0x1000_0000,
                 kind: E820_RESERVED,
             };
-            assert_eq!(map.iter().filter(|e| **e == ecam).count(), 1);
+            let low_end = low_ram_end(mem);
+            let below_window = E820Entry {
+                addr: low_end,
+                size: 0xd800_0000 - low_end,
+                kind: E820_RESERVED,
+            };
+            for reserved in [ecam, below_window] {
+                assert_eq!(map.iter().filter(|e| **e == reserved).count(), 1);
+            }
+            // The largest gap below 4 GiB starts at the BAR window.
+            let gaps = map.windows(2).map(|w| (w[0].addr + w[0].size, w[1].addr));
+            let largest = gaps
+                .filter(|(_, end)| *end <= 1 << 32)
+                .max_by_key(|(start, end)| end - start)
+                .unwrap();
+            assert_eq!(largest.0, 0xd800_0000, "{mib} MiB: {map:x?}");
             // The rest is the map without PCI, unchanged.
-            let rest: Vec<E820Entry> = map.into_iter().filter(|e| *e != ecam).collect();
+            let rest: Vec<E820Entry> = map
+                .into_iter()
+                .filter(|e| *e != ecam && *e != below_window)
+                .collect();
             assert_eq!(rest, plain);
         }
     }

@@ -22,10 +22,13 @@
 //! rate limiters beside Firecracker's (entropy.rs); `--drive-limits` a
 //! drive's rate limiter beside Firecracker's (drive_limits.rs);
 //! `--net-limits` an interface's (net_limits.rs); `--balloon`
-//! the memory a balloon gives back beside Firecracker's (balloon.rs); `--fleet N`
+//! the memory a balloon gives back beside Firecracker's (balloon.rs); `--pci`
+//! and `--linux-pci DIR` (`--nested-pci`: inside L1) virtio-pci beside
+//! virtio-mmio, beside Firecracker with and without `--enable-pci`
+//! (pci.rs); `--fleet N`
 //! the creation rate of N jailed microVMs beside Firecracker's (fleet.rs).
 //!
-//! Usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --fleet N]
+//! Usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --pci | --linux-pci DIR | --nested-pci | --fleet N]
 //!        [--runs N] [--out FILE]
 
 mod balloon;
@@ -41,6 +44,7 @@ mod net;
 mod net_dpdk;
 mod net_frontend;
 mod net_limits;
+mod pci;
 mod peers;
 mod snapshot;
 mod startup;
@@ -176,10 +180,16 @@ enum Mode {
     NetLimits,
     /// MMDS reads beside Firecracker.
     Mmds,
+    /// The probe on virtio-pci beside virtio-mmio, beside Firecracker.
+    Pci,
+    /// Linux on virtio-pci beside virtio-mmio, beside Firecracker.
+    LinuxPci(PathBuf),
+    /// `LinuxPci` inside the nested harness's L1.
+    NestedPci,
 }
 
 const USAGE: &str =
-    "usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --fleet N] [--runs N] [--out FILE]";
+    "usage: tessera-bench [--linux-guest DIR | --nested | --nested-migration | --block | --net | --net-dpdk | --net-frontend | --jailer | --startup | --snapshot | --migration | --vsock | --entropy | --drive-limits | --net-limits | --mmds | --balloon | --pci | --linux-pci DIR | --nested-pci | --fleet N] [--runs N] [--out FILE]";
 
 fn main() {
     let mut runs = 20usize;
@@ -204,6 +214,9 @@ fn main() {
             "--balloon" => mode = Mode::Balloon,
             "--net-limits" => mode = Mode::NetLimits,
             "--mmds" => mode = Mode::Mmds,
+            "--pci" => mode = Mode::Pci,
+            "--nested-pci" => mode = Mode::NestedPci,
+            "--linux-pci" => mode = Mode::LinuxPci(args.next().expect(USAGE).into()),
             "--fleet" => mode = Mode::Fleet(args.next().and_then(|n| n.parse().ok()).expect(USAGE)),
             "--linux-guest" => mode = Mode::Linux(args.next().expect(USAGE).into()),
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).expect(USAGE),
@@ -230,6 +243,9 @@ fn main() {
         Mode::Balloon => balloon::bench_balloon(runs),
         Mode::NetLimits => net_limits::bench_net_limits(runs),
         Mode::Mmds => mmds::bench_mmds(runs),
+        Mode::Pci => pci::bench_pci(runs),
+        Mode::LinuxPci(dir) => pci::bench_linux_pci(&dir, runs),
+        Mode::NestedPci => nested_scenario_report("bench_pci"),
         Mode::Fleet(count) => fleet::bench_fleet(runs, count),
     };
     let text = serde_json::to_string_pretty(&report).expect("json");
@@ -558,6 +574,13 @@ fn bench_nested(runs: usize) -> serde_json::Value {
     if runs != 10 {
         eprintln!("the nested benchmark always makes 10 runs (tests/nested/runner.sh)");
     }
+    nested_scenario_report("bench")
+}
+
+/// Runs the nested scenario `scenario` (a tessera-bench run inside L1,
+/// beside Firecracker when `../shared/peers/` has it) and returns the JSON
+/// report it printed.
+fn nested_scenario_report(scenario: &str) -> serde_json::Value {
     if peers::peer_bin("firecracker").is_some() {
         // build-l1.sh then puts Firecracker in L1, to boot beside tessera.
         std::env::set_var("TESSERA_NESTED_PEERS", peers::peers_dir());
@@ -565,20 +588,20 @@ fn bench_nested(runs: usize) -> serde_json::Value {
     // The bench prints a line per boot: an L1 silent for L1_SILENCE froze
     // (TCG's emulated SVM does, now and then), and gets one more try.
     let deadline = Duration::from_secs(900);
-    let mut run = run_l1(&["bench"], deadline, L1_SILENCE);
-    if run.result("bench").is_none() && !run.finished() {
+    let mut run = run_l1(&[scenario], deadline, L1_SILENCE);
+    if run.result(scenario).is_none() && !run.finished() {
         eprintln!(
             "nested: L1 stopped before the bench ended; once more\n{}",
             run.output.describe()
         );
-        run = run_l1(&["bench"], deadline, L1_SILENCE);
+        run = run_l1(&[scenario], deadline, L1_SILENCE);
     }
     let result = run
-        .result("bench")
-        .unwrap_or_else(|| panic!("L1 printed no bench result\n{}", run.output.describe()));
+        .result(scenario)
+        .unwrap_or_else(|| panic!("L1 printed no {scenario} result\n{}", run.output.describe()));
     let json_text = result
         .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("nested.bench={result}"));
+        .unwrap_or_else(|| panic!("nested.{scenario}={result}"));
     let mut report: serde_json::Value = serde_json::from_str(json_text).expect("bench JSON");
     report["setup"] = json!(
         "nested: L2 under tessera inside an L1 Debian cloud kernel under QEMU TCG \
