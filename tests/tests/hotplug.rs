@@ -177,3 +177,55 @@ fn without_pci_devices_cannot_be_plugged_after_boot() {
     );
     refused(&mut c, "DELETE", "/drives/late", None, "PCI is not enabled");
 }
+
+/// A drive plugged into the hole another left keeps its slot across a
+/// snapshot: the loading process puts every device back where it was.
+#[test]
+fn a_snapshot_after_hot_plug_loads_every_device_in_its_slot() {
+    let (mut api, mut c) = start(&["--enable-pci"]);
+    let disk = |name: &str| tessera_tests::sparse_file(&api.dir().join(name), 1 << 20);
+    let (a, b, late) = (disk("a.img"), disk("b.img"), disk("c.img"));
+    for (id, path) in [("a", &a), ("b", &b)] {
+        let body = json!({"drive_id": id, "path_on_host": path, "is_root_device": false});
+        assert_eq!(
+            c.put(&format!("/drives/{id}"), &body.to_string()).status,
+            204
+        );
+    }
+    instance_start(&mut api, &mut c);
+    assert_eq!(c.request("DELETE", "/drives/a", None).status, 204);
+    let body = json!({"drive_id": "c", "path_on_host": late, "is_root_device": false});
+    let r = c.put("/drives/c", &body.to_string());
+    assert_eq!(r.status, 204, "{}", r.body);
+    let plugged = |_: &str, err: &str| err.contains("drive c: hot-plugged in PCI slot 1");
+    api.vm.wait_until(DEADLINE, plugged);
+    assert!(plugged("", &api.vm.stderr()), "{}", api.vm.stderr());
+    assert_eq!(c.patch("/vm", r#"{"state": "Paused"}"#).status, 204);
+    let (state, memory) = (api.dir().join("vm.snap"), api.dir().join("vm.mem"));
+    let r = c.put(
+        "/snapshot/create",
+        &json!({"snapshot_path": state, "mem_file_path": memory}).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    drop(api.vm.finish());
+
+    let mut loaded = ApiVm::start(&[]);
+    let mut c = loaded.client();
+    let r = c.put(
+        "/snapshot/load",
+        &json!({"snapshot_path": state, "mem_file_path": memory, "resume_vm": true}).to_string(),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(drive_ids(&mut c), ["b", "c"]);
+    let ticks = loaded.vm.stdout().matches("probe.tick=").count();
+    let ticking = move |out: &str, _: &str| out.matches("probe.tick=").count() > ticks + 1;
+    loaded.vm.wait_until(DEADLINE, ticking);
+    let run = loaded.vm.finish();
+    assert!(ticking(&run.stdout, ""), "{}", run.describe());
+    for line in [
+        "drive b: virtio-pci at 00:02.0",
+        "drive c: virtio-pci at 00:01.0",
+    ] {
+        assert!(run.stderr.contains(line), "no {line:?}:\n{}", run.stderr);
+    }
+}

@@ -191,7 +191,7 @@ pub fn build_microvm(
         &guest_memory,
         resources,
         options,
-        options.enable_pci,
+        options.enable_pci.then(Vec::new),
         &mut legacy,
         &mut cmdline,
     )?;
@@ -448,17 +448,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Starts (or connects to) each device's backend and places the drives,
 /// the interfaces, the vsock, entropy and balloon devices, in that order,
-/// on virtio-mmio or (`pci`) on a PCI root bus put on `legacy`'s buses.
+/// on virtio-mmio or (`pci`) on a PCI root bus put on `legacy`'s buses,
+/// the devices taking the slots `pci` lists (a snapshot's), then the
+/// lowest free ones.
 pub(crate) fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     resources: &VmResources,
     options: &BootOptions,
-    pci: bool,
+    pci: Option<Vec<u8>>,
     legacy: &mut LegacyDevices,
     cmdline: &mut Cmdline,
 ) -> Result<AttachedDevices, StartMicrovmError> {
-    let pci = if pci {
+    let planned_slots = pci.clone().unwrap_or_default();
+    let pci = if pci.is_some() {
         let router = vm.msi_router();
         let bus =
             device_manager::attach_pci_root(vm, &mut legacy.pio_bus, &mut legacy.mmio_bus, router)
@@ -467,7 +470,8 @@ pub(crate) fn attach_virtio_devices(
     } else {
         None
     };
-    let mut placement = Placement::new(vm, &mut legacy.mmio_bus, cmdline, pci.clone());
+    let mut placement = Placement::new(vm, &mut legacy.mmio_bus, cmdline, pci.clone())
+        .with_planned_slots(planned_slots);
     let placement = &mut placement;
     if has_backends(resources) || pci.is_some() {
         let filters = options.seccomp.clone();

@@ -23,7 +23,9 @@ pub use balloon::{
     attach_balloon_device, balloon_options, raise_config_change, BalloonAttachError,
     BalloonMonitor, BalloonTransport,
 };
-pub use block::{attach_block_device, attach_block_devices, drive_limits_message, BlockTransport};
+pub use block::{
+    attach_block_device, attach_block_devices, device_order, drive_limits_message, BlockTransport,
+};
 pub use entropy::{attach_entropy_device, EntropyAttachError, EntropyMonitor, EntropyTransport};
 pub use legacy::{attach_legacy_devices, DeviceError, LegacyDevices};
 pub use net::{

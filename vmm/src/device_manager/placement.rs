@@ -138,6 +138,9 @@ pub struct Placement<'a> {
     cmdline: &'a mut Cmdline,
     pci: Option<PciBus>,
     next_mmio: usize,
+    /// The PCI slots the next devices take, in order (a snapshot's);
+    /// once they run out, the lowest free one.
+    planned_slots: std::collections::VecDeque<u8>,
 }
 
 impl<'a> Placement<'a> {
@@ -154,7 +157,15 @@ impl<'a> Placement<'a> {
             cmdline,
             pci,
             next_mmio: 0,
+            planned_slots: Default::default(),
         }
+    }
+
+    /// Puts the next PCI devices in `slots`, in order (where a snapshot
+    /// had them), rather than in the lowest free ones.
+    pub fn with_planned_slots(mut self, slots: Vec<u8>) -> Self {
+        self.planned_slots = slots.into();
+        self
     }
 
     /// The kernel command line, for what else a device adds to it.
@@ -178,7 +189,10 @@ impl<'a> Placement<'a> {
         device: D,
     ) -> Result<Placed<D>, PlaceError> {
         match self.pci.clone() {
-            Some(pci) => place_on_pci(self.vm, &pci, device),
+            Some(pci) => {
+                let slot = self.planned_slots.pop_front();
+                place_on_pci(self.vm, &pci, device, slot)
+            }
             None => {
                 let (base, irq) = virtio_mmio_slot(self.next_mmio).ok_or(PlaceError::NoMmioSlot)?;
                 let placed = self.place_on_mmio(base, irq, device)?;
@@ -222,15 +236,23 @@ impl<'a> Placement<'a> {
     }
 }
 
-/// Puts `device` in the lowest free slot of `pci`: each queue's
-/// notification address in BAR0 is an ioeventfd; its interrupt follows
-/// the MSI-X vector the driver gives the queue.
+/// Puts `device` in `slot` (by default the lowest free slot) of `pci`:
+/// each queue's notification address in BAR0 is an ioeventfd; its
+/// interrupt follows the MSI-X vector the driver gives the queue.
 pub fn place_on_pci<D: VirtioDevice + QueueEventfds + 'static>(
     vm: &Vm,
     pci: &PciBus,
     device: D,
+    slot: Option<u8>,
 ) -> Result<Placed<D>, PlaceError> {
-    let slot = pci.slots.free_slot()?;
+    let slot = match slot {
+        Some(slot) if !devices::pci::DEVICE_SLOTS.contains(&slot) => {
+            return Err(SlotError::Invalid(slot).into())
+        }
+        Some(slot) if pci.slots.get(slot).is_some() => return Err(SlotError::Taken(slot).into()),
+        Some(slot) => slot,
+        None => pci.slots.free_slot()?,
+    };
     let bar0 = bar0_address(layout::PCI_MMIO32_START, slot);
     let (kicks, calls) = duplicate(&device.queue_eventfds()).map_err(PlaceError::Eventfd)?;
     let mut registered = Vec::new();

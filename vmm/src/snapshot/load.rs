@@ -227,7 +227,7 @@ pub fn assemble(
         &guest_memory,
         &resources,
         options,
-        state.uses_pci(),
+        state.pci_slots(&resources),
         &mut legacy,
         &mut unused_cmdline,
     )?;

@@ -66,6 +66,46 @@ pub struct MicrovmState {
 }
 
 impl MicrovmState {
+    /// With the devices on PCI, the slot of each, in the order `resources`
+    /// (the snapshot's configuration) places them: a device hot-plugged
+    /// into a hole another left goes back there.
+    pub fn pci_slots(&self, resources: &crate::resources::VmResources) -> Option<Vec<u8>> {
+        if !self.uses_pci() {
+            return None;
+        }
+        let slot_of = |states: &[VhostUserDeviceState], id: &str| {
+            states
+                .iter()
+                .find(|s| s.id == id)
+                .and_then(|s| s.pci.as_ref())
+                .map(|p| p.slot)
+        };
+        let drives = crate::device_manager::device_order(&resources.drives)
+            .into_iter()
+            .filter_map(|d| slot_of(&self.drives, &d.drive_id));
+        let interfaces = resources
+            .network_interfaces
+            .iter()
+            .filter_map(|i| slot_of(&self.interfaces, &i.iface_id));
+        let vsock = self
+            .vsock
+            .iter()
+            .filter_map(|v| v.pci.as_ref().map(|p| p.slot));
+        let entropy = self.entropy_pci.iter().map(|p| p.slot);
+        let balloon = self
+            .balloon
+            .iter()
+            .filter_map(|b| b.pci.as_ref().map(|p| p.slot));
+        Some(
+            drives
+                .chain(interfaces)
+                .chain(vsock)
+                .chain(entropy)
+                .chain(balloon)
+                .collect(),
+        )
+    }
+
     /// Whether the snapshot's devices are on PCI.
     pub fn uses_pci(&self) -> bool {
         let vhost_user = self

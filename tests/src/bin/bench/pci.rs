@@ -122,6 +122,7 @@ fn ping_flood(cell: &Cell) -> (f64, f64) {
                         "boot_args": probe_args(cell, &format!("probe.net={GUEST_IP}/24 probe.net_serve_ms=100000"))},
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
         "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": GUEST_MAC}],
+        "drives": [],
     });
     let mut vm = Running::spawn(command(cell, &config, dir.path(), Some(&netns)));
     let up = |out: &str, _: &str| out.contains("probe.net0=up");
@@ -224,6 +225,7 @@ pub fn bench_linux_pci(guest_dir: &Path, runs: usize) -> Value {
                             "initrd_path": guest_dir.join("initramfs.cpio.gz"),
                             "boot_args": "console=ttyS0 reboot=k panic=-1 quiet tessera.halt=1"},
             "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+            "drives": [],
         });
         let mut vm = Running::spawn(command(cell, &config, dir.path(), None));
         vm.wait_until(DEADLINE, |out, _| out.contains("TESSERA-GUEST-UP"));
@@ -240,10 +242,13 @@ pub fn bench_linux_pci(guest_dir: &Path, runs: usize) -> Value {
         (up.as_secs_f64() * 1e6, end.as_secs_f64() * 1e6)
     };
     let samples = alternate(&cells, runs, boot);
+    let shmem_thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
     let mut report = json!({
         "machine": machine(),
         "runs": runs,
         "guest": "Linux 6.1 (vmlinux, PVH), initramfs, 1 vCPU, 256 MiB, quiet, halting at init",
+        "shmem_enabled": shmem_thp.trim(),
     });
     for (cell, runs) in cells.iter().zip(samples) {
         report[&cell.name] = json!({
