@@ -214,7 +214,7 @@ impl Vmm {
             return Err(HotplugError::UnplugRoot(id.to_string()));
         }
         let transport = self.devices.block[index].clone();
-        release(&pci, &transport, &name)?;
+        release(&pci, &transport, &name, || self.serve_ctrl_queues())?;
         self.detach(&pci, &name, &transport);
         self.devices.block.remove(index);
         self.resources.drives.retain(|d| d.drive_id != id);
@@ -232,13 +232,21 @@ impl Vmm {
             .position(|t| lock(t).device().id() == id)
             .ok_or_else(|| HotplugError::NotFound(name.clone()))?;
         let transport = self.devices.net[index].clone();
-        release(&pci, &transport, &name)?;
+        release(&pci, &transport, &name, || self.serve_ctrl_queues())?;
         self.detach(&pci, &name, &transport);
         self.devices.net.remove(index);
         self.resources
             .network_interfaces
             .retain(|i| i.iface_id != id);
         Ok(())
+    }
+
+    /// Answers the network devices' control queues, which the event loop
+    /// serves: a guest letting go of a NIC waits for their answers.
+    fn serve_ctrl_queues(&self) {
+        for transport in &self.devices.net {
+            lock(transport).device_mut().process_ctrl_queue();
+        }
     }
 
     /// Takes a released device off the bus and stops watching its backend,
@@ -275,10 +283,12 @@ fn announce<D: VhostUserDevice>(
 /// Makes sure the guest no longer drives the device: at once if no driver
 /// holds it (never bound, or a sysfs `remove`); otherwise
 /// the guest is asked to eject it and has [`EJECT_TIMEOUT`] to do so.
+/// Meanwhile `serve` answers what the guest may wait for.
 fn release<D: VhostUserDevice>(
     pci: &PciBus,
     transport: &Mutex<VirtioTransport<D>>,
     name: &DeviceName,
+    mut serve: impl FnMut(),
 ) -> Result<(), HotplugError> {
     let slot = {
         let transport = lock(transport);
@@ -303,6 +313,7 @@ fn release<D: VhostUserDevice>(
             pci.hotplug.cancel_removal(slot);
             return Err(HotplugError::NotReleased(name.clone(), EJECT_TIMEOUT));
         }
+        serve();
         std::thread::sleep(left.min(EJECT_POLL));
     }
 }
