@@ -157,7 +157,11 @@ fn the_network_device_on_pci_carries_pings_over_two_queue_pairs() {
         .args(["--no-api", "--enable-pci", "--config-file"])
         .arg(&path);
     let mut vm = Running::spawn(command);
-    let up = |out: &str, _: &str| out.contains("probe.net0=up");
+    // The whole line: the harness may see it in pieces.
+    let up = |out: &str, _: &str| {
+        out.split_once("probe.net0=")
+            .is_some_and(|(_, rest)| rest.contains('\n'))
+    };
     vm.wait_until(DEADLINE, up);
     assert!(
         vm.stdout()

@@ -390,8 +390,9 @@ mod tests {
         };
         configure_system(&mem, size, &linux, &cmdline, None, 1, true).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(layout::ZERO_PAGE_START)).unwrap();
-        assert_eq!(params.e820_entries, 4);
-        let last = params.e820_table[3];
+        // RAM, the BIOS area, RAM, what lies below the BAR window, ECAM.
+        assert_eq!(params.e820_entries, 5);
+        let last = params.e820_table[4];
         assert_eq!(({ last.addr }, { last.size }, { last.r#type }), ecam);
         assert!(xsdt_has_mcfg(&mem, params.acpi_rsdp_addr));
 
@@ -402,10 +403,10 @@ mod tests {
         };
         configure_system(&mem, size, &pvh, &cmdline, None, 1, true).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_INFO_START)).unwrap();
-        assert_eq!(info.memmap_entries, 4);
+        assert_eq!(info.memmap_entries, 5);
         let last: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(
-                info.memmap_paddr + 3 * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
+                info.memmap_paddr + 4 * std::mem::size_of::<hvm_memmap_table_entry>() as u64,
             ))
             .unwrap();
         assert_eq!((last.addr, last.size, last.type_), ecam);
