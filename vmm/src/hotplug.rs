@@ -8,7 +8,7 @@
 //! pulled from under a driver. A guest without ACPI removes the device
 //! itself first (`echo 1 > /sys/bus/pci/devices/<bdf>/remove`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::vhost_user::{DeviceKind, DeviceName, VhostUserDevice};
@@ -189,7 +189,7 @@ impl Vmm {
                 .queues_mut()
                 .set_dirty_log(log.clone());
         }
-        let subscriber: Subscriber = std::sync::Arc::new(Mutex::new(monitor));
+        let subscriber: Subscriber = Arc::new(Mutex::new(monitor));
         let id = self.event_manager.add_subscriber(subscriber);
         self.devices.monitors.insert(name.clone(), id);
         Ok(())
@@ -197,47 +197,44 @@ impl Vmm {
 
     /// `DELETE /drives/{id}`.
     pub(crate) fn unplug_drive(&mut self, id: &str) -> Result<(), HotplugError> {
-        let name = DeviceName::new(DeviceKind::Drive, id);
-        let pci = self.pci_for_hotplug(&name)?;
-        let index = self
-            .devices
-            .block
-            .iter()
-            .position(|t| lock(t).device().id() == id)
-            .ok_or_else(|| HotplugError::NotFound(name.clone()))?;
-        if self
+        let root = self
             .resources
             .drives
             .iter()
-            .any(|d| d.drive_id == id && d.is_root_device)
-        {
+            .any(|d| d.drive_id == id && d.is_root_device);
+        if root && self.devices.pci.is_some() {
             return Err(HotplugError::UnplugRoot(id.to_string()));
         }
-        let transport = self.devices.block[index].clone();
-        release(&pci, &transport, &name, || self.serve_ctrl_queues())?;
-        self.detach(&pci, &name, &transport);
-        self.devices.block.remove(index);
+        self.unplug(DeviceName::new(DeviceKind::Drive, id), |d| &mut d.block)?;
         self.resources.drives.retain(|d| d.drive_id != id);
         Ok(())
     }
 
     /// `DELETE /network-interfaces/{id}`.
     pub(crate) fn unplug_interface(&mut self, id: &str) -> Result<(), HotplugError> {
-        let name = DeviceName::new(DeviceKind::Interface, id);
-        let pci = self.pci_for_hotplug(&name)?;
-        let index = self
-            .devices
-            .net
-            .iter()
-            .position(|t| lock(t).device().id() == id)
-            .ok_or_else(|| HotplugError::NotFound(name.clone()))?;
-        let transport = self.devices.net[index].clone();
-        release(&pci, &transport, &name, || self.serve_ctrl_queues())?;
-        self.detach(&pci, &name, &transport);
-        self.devices.net.remove(index);
+        self.unplug(DeviceName::new(DeviceKind::Interface, id), |d| &mut d.net)?;
         self.resources
             .network_interfaces
             .retain(|i| i.iface_id != id);
+        Ok(())
+    }
+
+    /// Takes device `name` out of the list `of` picks in the devices, once
+    /// the guest let go of it (see [`release`]).
+    fn unplug<D: VhostUserDevice + QueueEventfds>(
+        &mut self,
+        name: DeviceName,
+        of: impl Fn(&mut crate::runtime::Devices) -> &mut Vec<Arc<Mutex<VirtioTransport<D>>>>,
+    ) -> Result<(), HotplugError> {
+        let pci = self.pci_for_hotplug(&name)?;
+        let index = of(&mut self.devices)
+            .iter()
+            .position(|t| lock(t).device().queues().device() == &name)
+            .ok_or_else(|| HotplugError::NotFound(name.clone()))?;
+        let transport = of(&mut self.devices)[index].clone();
+        release(&pci, &transport, &name, || self.serve_ctrl_queues())?;
+        self.detach(&pci, &name, &transport);
+        of(&mut self.devices).remove(index);
         Ok(())
     }
 
@@ -255,7 +252,7 @@ impl Vmm {
         &mut self,
         pci: &PciBus,
         name: &DeviceName,
-        transport: &std::sync::Arc<Mutex<VirtioTransport<D>>>,
+        transport: &Arc<Mutex<VirtioTransport<D>>>,
     ) {
         device_manager::remove_from_pci(&self._vm, pci, transport);
         if let Some(id) = self.devices.monitors.remove(name) {

@@ -20,9 +20,15 @@ const GUEST_IP: &str = "10.78.0.2";
 
 /// (round trips per second, average RTT us) of one flood from `netns`.
 fn flood(netns: &Netns, target: &str) -> Option<(f64, f64)> {
+    flood_of(netns, target, PINGS)
+}
+
+/// (round trips per second, average RTT us) of a flood of `pings` echo
+/// requests from `netns`; none if any went unanswered.
+pub(crate) fn flood_of(netns: &Netns, target: &str, pings: u32) -> Option<(f64, f64)> {
     let out = netns
         .command("ping")
-        .args(["-q", "-f", "-W", "1", "-c", &PINGS.to_string(), target])
+        .args(["-q", "-f", "-W", "1", "-c", &pings.to_string(), target])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -38,7 +44,7 @@ fn flood(netns: &Netns, target: &str) -> Option<(f64, f64)> {
     // "rtt min/avg/max/mdev = 0.011/0.013/0.086/0.003 ms, ipg/ewma ..."
     let rtt = text.lines().find(|l| l.starts_with("rtt"))?;
     let avg_ms: f64 = rtt.split(" = ").nth(1)?.split('/').nth(1)?.parse().ok()?;
-    (received == f64::from(PINGS)).then_some((received / (ms / 1000.0), avg_ms * 1000.0))
+    (received == f64::from(pings)).then_some((received / (ms / 1000.0), avg_ms * 1000.0))
 }
 
 /// utime + stime of `pid`, in microseconds.

@@ -134,27 +134,9 @@ fn ping_flood(cell: &Cell) -> (f64, f64) {
         vm.stdout(),
         vm.stderr()
     );
-    let out = netns
-        .command("ping")
-        .args(["-q", "-f", "-W", "1", "-c", &PINGS.to_string(), GUEST_IP])
-        .output()
-        .expect("ping");
+    let flood = super::net::flood_of(&netns, GUEST_IP, PINGS);
     drop(vm.finish());
-    let text = String::from_utf8_lossy(&out.stdout);
-    let parse = || -> Option<(f64, f64)> {
-        let stats = text.lines().find(|l| l.contains("packets transmitted"))?;
-        let received: f64 = stats.split(", ").nth(1)?.split(' ').next()?.parse().ok()?;
-        let ms: f64 = stats
-            .rsplit("time ")
-            .next()?
-            .trim_end_matches("ms")
-            .parse()
-            .ok()?;
-        let rtt = text.lines().find(|l| l.starts_with("rtt"))?;
-        let avg_ms: f64 = rtt.split(" = ").nth(1)?.split('/').nth(1)?.parse().ok()?;
-        Some((received / (ms / 1000.0), avg_ms * 1000.0))
-    };
-    parse().unwrap_or_else(|| panic!("{}: ping -f: {text}", cell.name))
+    flood.unwrap_or_else(|| panic!("{}: ping -f lost echo requests", cell.name))
 }
 
 /// Each cell's samples of `measure`, the cells alternating.
