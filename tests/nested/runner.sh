@@ -770,7 +770,7 @@ JSON
 		waited=$((waited + 1))
 		if [ $waited -ge 100 ]; then
 			kill -9 $src 2>/dev/null
-			fail migration "the guest did not count to 3: $(tail -n 3 /tmp/mig.a.err | tr '\n' ' ')"
+			fail migration "the guest did not count to 3: $(tail -n 3 /tmp/mig.a.err | tr '\n' ' ') console: $(tail -n 8 /tmp/mig.a.out | tr '\n\r' '  ')"
 			return
 		fi
 	done
