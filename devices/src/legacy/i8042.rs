@@ -10,6 +10,12 @@
 //! a byte sent to the mouse comes back as a timed-out resend request, as
 //! from a controller with an empty mouse port.
 //!
+//! The keyboard behind it answers as an MF2 keyboard does: an ACK for
+//! every byte, its ID after `GETID` and its self-test result after a
+//! reset. Without the ID, Linux's keyboard probe waits 500 ms for it, and
+//! a reboot or power-off waits for that probe (Firecracker's keyboard only
+//! acknowledges).
+//!
 //! vm-superio's i8042 model has no keyboard buffer, so this one is ours.
 
 use std::collections::VecDeque;
@@ -60,6 +66,19 @@ const CB_AUX_DISABLED: u8 = 0x20;
 const AUX_RESEND: u8 = 0xfe;
 
 const KBD_ACK: u8 = 0xfa;
+/// Keyboard commands followed by a parameter byte: set LEDs, select or
+/// query the scan code set, set the typematic rate.
+const KBD_CMD_SET_LEDS: u8 = 0xed;
+const KBD_CMD_SCAN_SET: u8 = 0xf0;
+const KBD_CMD_SET_RATE: u8 = 0xf3;
+const KBD_CMD_GET_ID: u8 = 0xf2;
+const KBD_CMD_RESET: u8 = 0xff;
+/// An MF2 keyboard's ID, as it sends it without translation.
+const KBD_ID: [u8; 2] = [0xab, 0x83];
+/// The keyboard's basic assurance test passed (after a reset).
+const KBD_BAT_OK: u8 = 0xaa;
+/// The scan code set the keyboard reports: set 2, untranslated.
+const KBD_SCAN_SET: u8 = 0x02;
 const SELF_TEST_OK: u8 = 0x55;
 /// Ctrl, Alt and Delete key presses in scancode set 2, as Linux's atkbd
 /// reads them when the controller does no translation (Firecracker's
@@ -103,6 +122,9 @@ pub struct I8042State {
     output_port: u8,
     pending_command: Option<u8>,
     buffer: Vec<Output>,
+    /// A keyboard command waiting for its parameter byte.
+    #[serde(default)]
+    keyboard_command: Option<u8>,
 }
 
 /// The i8042 controller on ports 0x60-0x64.
@@ -115,6 +137,7 @@ pub struct I8042 {
     control: u8,
     output_port: u8,
     pending_command: Option<u8>,
+    keyboard_command: Option<u8>,
     buffer: VecDeque<Output>,
     counters: I8042Counters,
 }
@@ -135,6 +158,7 @@ impl I8042 {
             control: CB_POST_OK | CB_KBD_INT,
             output_port: 0,
             pending_command: None,
+            keyboard_command: None,
             buffer: VecDeque::with_capacity(BUFFER_SIZE),
             counters: I8042Counters::default(),
         }
@@ -148,6 +172,7 @@ impl I8042 {
             output_port: self.output_port,
             pending_command: self.pending_command,
             buffer: self.buffer.iter().copied().collect(),
+            keyboard_command: self.keyboard_command,
         }
     }
 
@@ -157,6 +182,7 @@ impl I8042 {
         self.control = state.control;
         self.output_port = state.output_port;
         self.pending_command = state.pending_command;
+        self.keyboard_command = state.keyboard_command;
         self.buffer = state.buffer.iter().copied().take(BUFFER_SIZE).collect();
     }
 
@@ -260,13 +286,32 @@ impl I8042 {
                 self.push(AUX_RESEND, SB_AUX_DATA | SB_TIMEOUT);
                 return true;
             }
-            // A command for the keyboard itself: acknowledge it.
             _ => {
-                self.push(KBD_ACK, 0);
+                self.keyboard(value);
                 return true;
             }
         }
         false
+    }
+
+    /// A byte for the keyboard itself: a command or a command's parameter.
+    /// The keyboard acknowledges each, and answers the commands that ask.
+    fn keyboard(&mut self, value: u8) {
+        self.push(KBD_ACK, 0);
+        if let Some(command) = self.keyboard_command.take() {
+            if command == KBD_CMD_SCAN_SET && value == 0 {
+                self.push(KBD_SCAN_SET, 0);
+            }
+            return;
+        }
+        match value {
+            KBD_CMD_SET_LEDS | KBD_CMD_SCAN_SET | KBD_CMD_SET_RATE => {
+                self.keyboard_command = Some(value);
+            }
+            KBD_CMD_GET_ID => KBD_ID.into_iter().for_each(|byte| self.push(byte, 0)),
+            KBD_CMD_RESET => self.push(KBD_BAT_OK, 0),
+            _ => {}
+        }
     }
 }
 
@@ -440,14 +485,54 @@ mod tests {
     #[test]
     fn the_keyboard_acknowledges_a_command_with_an_interrupt() {
         let (mut dev, _, irq) = device();
-        dev.write(DATA_OFFSET, &[0xf2]); // ATKBD_CMD_GETID
+        dev.write(DATA_OFFSET, &[0xf4]); // ATKBD_CMD_ENABLE
         assert_eq!(irq.read().unwrap(), 1, "no IRQ 1 for the ACK");
         assert_eq!(read(&mut dev, DATA_OFFSET), KBD_ACK);
         // With the keyboard interrupt off in the control byte, none.
         dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
         dev.write(DATA_OFFSET, &[CB_POST_OK]);
-        dev.write(DATA_OFFSET, &[0xf2]);
+        dev.write(DATA_OFFSET, &[0xf4]);
         assert!(irq.read().is_err());
+    }
+
+    /// Everything in the output buffer, in order.
+    fn drain(dev: &mut I8042) -> Vec<u8> {
+        let mut got = vec![];
+        while read(dev, COMMAND_OFFSET) & SB_OUT_DATA_AVAIL != 0 {
+            got.push(read(dev, DATA_OFFSET));
+        }
+        got
+    }
+
+    /// Linux's atkbd probe: GETID, then LEDs and typematic rate with their
+    /// parameters (which are acknowledged, never taken for commands).
+    #[test]
+    fn the_keyboard_answers_its_id_and_takes_parameters_as_parameters() {
+        let (mut dev, _, irq) = device();
+        dev.write(DATA_OFFSET, &[KBD_CMD_GET_ID]);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(drain(&mut dev), [KBD_ACK, KBD_ID[0], KBD_ID[1]]);
+        // Each byte left behind by a read raised IRQ 1 again.
+        assert_eq!(irq.read().unwrap(), 2);
+        dev.write(DATA_OFFSET, &[KBD_CMD_SET_RATE]);
+        dev.write(DATA_OFFSET, &[KBD_CMD_GET_ID]); // a rate, not GETID
+        dev.write(DATA_OFFSET, &[KBD_CMD_SET_LEDS]);
+        dev.write(DATA_OFFSET, &[KBD_CMD_RESET]); // LEDs, not a reset
+        assert_eq!(drain(&mut dev), [KBD_ACK; 4]);
+        dev.write(DATA_OFFSET, &[KBD_CMD_SCAN_SET]);
+        dev.write(DATA_OFFSET, &[0]);
+        assert_eq!(drain(&mut dev), [KBD_ACK, KBD_ACK, KBD_SCAN_SET]);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_a_command_waiting_for_its_parameter() {
+        let (mut dev, _, _) = device();
+        dev.write(DATA_OFFSET, &[KBD_CMD_SET_LEDS]);
+        drain(&mut dev);
+        let (mut restored, _, _) = device();
+        restored.restore(&dev.state());
+        restored.write(DATA_OFFSET, &[KBD_CMD_GET_ID]);
+        assert_eq!(drain(&mut restored), [KBD_ACK]);
     }
 
     #[test]
@@ -459,8 +544,9 @@ mod tests {
         dev.write(DATA_OFFSET, &[0x00]);
         dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
         assert_eq!(read(&mut dev, DATA_OFFSET), 0x00);
-        dev.write(DATA_OFFSET, &[0xff]); // keyboard reset command
+        dev.write(DATA_OFFSET, &[KBD_CMD_RESET]);
         assert_eq!(read(&mut dev, DATA_OFFSET), KBD_ACK);
+        assert_eq!(read(&mut dev, DATA_OFFSET), KBD_BAT_OK);
         for _ in 0..BUFFER_SIZE / CTRL_ALT_DEL.len() {
             dev.send_ctrl_alt_del().unwrap();
         }
