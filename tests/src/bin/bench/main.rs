@@ -601,7 +601,7 @@ fn nested_scenario_report(scenario: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("L1 printed no {scenario} result\n{}", run.output.describe()));
     let json_text = result
         .strip_prefix("ok ")
-        .unwrap_or_else(|| panic!("nested.{scenario}={result}"));
+        .unwrap_or_else(|| panic!("nested.{scenario}={result}\n{}", run.output.describe()));
     let mut report: serde_json::Value = serde_json::from_str(json_text).expect("bench JSON");
     report["setup"] = json!(
         "nested: L2 under tessera inside an L1 Debian cloud kernel under QEMU TCG \
