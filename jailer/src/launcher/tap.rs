@@ -341,6 +341,18 @@ mod tests {
                 assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
             }
         }
+        drop(fd);
+        // A child another test forks at this moment holds a copy of the
+        // creating descriptor until its exec: the TAP is free only when
+        // no queue is attached any more.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while query(name).expect("query the new TAP").queues != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} still attached"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Runs `body` on a thread in a new, empty network namespace (the
