@@ -317,7 +317,7 @@ build_probe() {
 	exe=$(grep -F '"reason":"compiler-artifact"' "$json" |
 		grep -F '"name":"probe-guest"' |
 		grep -oE '"executable":"[^"]+"' | tail -n1 | sed -E 's/^"executable":"(.*)"$/\1/')
-	[ -n "$exe" ] || exe=$PROBE_DIR/target/release/probe-guest
+	[ -n "$exe" ] || exe=$PROBE_DIR/target/x86_64-unknown-linux-gnu/release/probe-guest
 	[ -f "$exe" ] || die "probe guest binary not found (looked for $exe)"
 	PROBE_ELF=$exe
 }

@@ -63,4 +63,4 @@ JSON
     echo "[demo] this CPU has no vmx/svm, so KVM here cannot run Linux at a usable speed;" >&2
     echo "[demo] booting the probe guest instead ($guest_dir/probe-guest.elf)" >&2
 fi
-target/release/tessera --no-api --config-file "$config" --boot-timer
+target/x86_64-unknown-linux-gnu/release/tessera --no-api --config-file "$config" --boot-timer

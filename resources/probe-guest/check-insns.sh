@@ -9,7 +9,7 @@
 #
 # Usage: ./check-insns.sh [path/to/probe-guest]   (needs binutils' objdump)
 set -euo pipefail
-elf="${1:-$(dirname "$0")/target/release/probe-guest}"
+elf="${1:-$(dirname "$0")/target/x86_64-unknown-linux-gnu/release/probe-guest}"
 start=$(nm "$elf" | awk '$3 == "pvh_start" { print $1 }')
 end=$(nm "$elf" | awk '$3 == "linux64_start" { print $1 }')
 if [[ -z "$start" || -z "$end" ]]; then

@@ -10,7 +10,7 @@
 # With --stock-kernel it only fetches Debian's cloud kernel and prints the
 # path of its vmlinuz (for the early-boot test under this host's KVM).
 #
-# Inputs: TESSERA_BIN_DIR (default: target/release), TESSERA_GUEST_DIR (the L2
+# Inputs: TESSERA_BIN_DIR (default: target/x86_64-unknown-linux-gnu/release), TESSERA_GUEST_DIR (the L2
 # artifacts; default: built with resources/build-guest.sh), and optionally
 # TESSERA_NESTED_PEERS, a directory whose `firecracker` and
 # `cloud-hypervisor` binaries go into L1 as /opt/peers/<name>, for the
@@ -23,7 +23,7 @@ die() { log "error: $*"; exit 1; }
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache=${TESSERA_CACHE_DIR:-$HOME/.cache/tessera}/nested
-bin_dir=${TESSERA_BIN_DIR:-$repo/target/release}
+bin_dir=${TESSERA_BIN_DIR:-$repo/target/x86_64-unknown-linux-gnu/release}
 binaries=(tessera vhost-user-blk vhost-user-net vhost-user-vsock jailer tessera-bench api-call)
 mkdir -p "$cache"
 

@@ -76,7 +76,7 @@ fn accept(url: &MigrationUrl) -> Result<Box<dyn Connection>, ReceiveError> {
             Box::new(stream)
         }
         MigrationUrl::Tcp(addr) => {
-            let listener = std::net::TcpListener::bind(addr.as_str()).map_err(failed)?;
+            let listener = std::net::TcpListener::bind(addr).map_err(failed)?;
             let (stream, _) = listener.accept().map_err(failed)?;
             stream
                 .set_read_timeout(Some(READ_TIMEOUT))

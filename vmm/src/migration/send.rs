@@ -212,7 +212,7 @@ fn connect(url: &MigrationUrl) -> Result<Box<dyn Connection>, SendError> {
     Ok(match url {
         MigrationUrl::Unix(path) => Box::new(UnixStream::connect(path).map_err(failed)?),
         MigrationUrl::Tcp(addr) => {
-            let stream = std::net::TcpStream::connect(addr.as_str()).map_err(failed)?;
+            let stream = std::net::TcpStream::connect(addr).map_err(failed)?;
             stream.set_nodelay(true).map_err(failed)?;
             Box::new(stream)
         }
