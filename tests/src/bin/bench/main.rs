@@ -280,10 +280,10 @@ fn bench_probe(runs: usize) -> serde_json::Value {
             .then(|| startup::overhead_kib(vm.pid(), 128))
             .flatten();
         let run = vm.finish();
-        let (rss, private_kib) =
+        let sample =
             sample.unwrap_or_else(|| panic!("run {i}: no smaps sample\n{}", run.describe()));
-        overhead.push(rss);
-        private.push(private_kib);
+        overhead.push(sample.rss);
+        private.push(sample.private);
 
         let start = Instant::now();
         let status = Command::new("/bin/true").status().expect("spawn /bin/true");

@@ -3,8 +3,11 @@
 //! measures, per VMM:
 //! - `boot_to_done_ms`: process start until the probe's last line
 //!   (`probe.done`) reaches the harness through the console pipe;
-//! - `overhead_kib` / `private_kib`: the RSS of every mapping but guest
-//!   RAM, and the private part of it, while the guest ticks;
+//! - `overhead_kib` / `private_kib` / `dirty_kib`: the RSS of every
+//!   mapping but guest RAM, the part no other process maps, and the part
+//!   written to (anonymous and relocated pages), while the guest ticks. A
+//!   binary's clean text is private while one VMM runs and shared once a
+//!   second maps it; its dirty pages are what each further VMM costs;
 //! - `vmm_cpu_ms`: the CPU time of the VMM's own threads (all but the
 //!   vCPUs) from process start until the guest has ticked twice;
 //! - `api_ready_ms`: process start (API socket only) until the API
@@ -28,11 +31,15 @@ struct Samples {
     boot_to_done_ms: Vec<f64>,
     overhead_kib: Vec<f64>,
     private_kib: Vec<f64>,
+    dirty_kib: Vec<f64>,
     vmm_cpu_ms: Vec<f64>,
     api_ready_ms: Vec<f64>,
 }
 
 pub(crate) fn bench_startup(runs: usize) -> serde_json::Value {
+    // A binary just linked is dirty in the page cache until written back,
+    // and its text would count as dirty memory of the VMM.
+    nix::unistd::sync();
     let (vmms, missing) = Vmm::all();
     let mut samples: Vec<Samples> = vmms.iter().map(|_| Samples::default()).collect();
     for run in 0..runs {
@@ -41,9 +48,10 @@ pub(crate) fn bench_startup(runs: usize) -> serde_json::Value {
             let at = (run + k) % vmms.len();
             let (vmm, s) = (&vmms[at], &mut samples[at]);
             s.boot_to_done_ms.push(boot_to_done_ms(vmm));
-            let (rss, private, cpu) = ticking_sample(vmm);
-            s.overhead_kib.push(rss);
-            s.private_kib.push(private);
+            let (overhead, cpu) = ticking_sample(vmm);
+            s.overhead_kib.push(overhead.rss);
+            s.private_kib.push(overhead.private);
+            s.dirty_kib.push(overhead.dirty);
             s.vmm_cpu_ms.push(cpu);
             s.api_ready_ms.push(api_ready_ms(vmm));
         }
@@ -57,6 +65,7 @@ pub(crate) fn bench_startup(runs: usize) -> serde_json::Value {
                 "boot_to_done_ms": summary(s.boot_to_done_ms),
                 "overhead_kib": summary(s.overhead_kib),
                 "private_kib": summary(s.private_kib),
+                "dirty_kib": summary(s.dirty_kib),
                 "vmm_cpu_ms": summary(s.vmm_cpu_ms),
                 "api_ready_ms": summary(s.api_ready_ms),
             }),
@@ -112,15 +121,15 @@ fn boot_to_done_ms(vmm: &Vmm) -> f64 {
     took.as_secs_f64() * 1e3
 }
 
-/// (overhead KiB, private KiB, VMM CPU ms) with the guest ticking.
-fn ticking_sample(vmm: &Vmm) -> (f64, f64, f64) {
+/// The VMM's memory outside guest RAM and its CPU ms, with the guest ticking.
+fn ticking_sample(vmm: &Vmm) -> (Overhead, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut vm = Running::spawn(vmm.boot_command(&probe_config("probe.ticks=0"), dir.path()));
     let exited = vm.wait_until(DEADLINE, |stdout, _| stdout.contains("probe.tick=2"));
     let sample = (!exited)
         .then(|| {
-            let (rss, private) = overhead_kib(vm.pid(), MEM_MIB)?;
-            Some((rss, private, vmm_cpu_seconds(vmm, vm.pid())? * 1e3))
+            let overhead = overhead_kib(vm.pid(), MEM_MIB)?;
+            Some((overhead, vmm_cpu_seconds(vmm, vm.pid())? * 1e3))
         })
         .flatten();
     let run = vm.finish();
@@ -164,18 +173,30 @@ fn vmm_cpu_seconds(vmm: &Vmm, pid: u32) -> Option<f64> {
     Some(ns as f64 / 1e9)
 }
 
-/// (RSS, private) KiB of all mappings except guest RAM: the mapping named
-/// for it, or one exactly as large as the guest's memory. Private memory
-/// is what each additional VM costs: shared library text is not in it.
-pub(crate) fn overhead_kib(pid: u32, mem_mib: usize) -> Option<(f64, f64)> {
+/// KiB of a VMM's mappings outside guest RAM.
+pub(crate) struct Overhead {
+    pub rss: f64,
+    /// Mapped by no other process (a binary's text too, while it runs once).
+    pub private: f64,
+    /// Written to: anonymous and relocated pages, which no VMM shares.
+    pub dirty: f64,
+}
+
+/// The RSS of all mappings except guest RAM: the mapping named for it, or
+/// one exactly as large as the guest's memory.
+pub(crate) fn overhead_kib(pid: u32, mem_mib: usize) -> Option<Overhead> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut rss, mut private) = (0u64, 0u64);
+    let mut total = Overhead {
+        rss: 0.0,
+        private: 0.0,
+        dirty: 0.0,
+    };
     let mut in_guest_ram = false;
     let kib = |rest: &str| {
         rest.trim()
             .trim_end_matches("kB")
             .trim()
-            .parse::<u64>()
+            .parse::<f64>()
             .ok()
     };
     for line in smaps.lines() {
@@ -187,13 +208,14 @@ pub(crate) fn overhead_kib(pid: u32, mem_mib: usize) -> Option<(f64, f64)> {
         } else if in_guest_ram {
             continue;
         } else if let Some(rest) = line.strip_prefix("Rss:") {
-            rss += kib(rest)?;
-        } else if let Some(rest) = line
-            .strip_prefix("Private_Clean:")
-            .or_else(|| line.strip_prefix("Private_Dirty:"))
-        {
-            private += kib(rest)?;
+            total.rss += kib(rest)?;
+        } else if let Some(rest) = line.strip_prefix("Private_Clean:") {
+            total.private += kib(rest)?;
+        } else if let Some(rest) = line.strip_prefix("Private_Dirty:") {
+            let dirty = kib(rest)?;
+            total.private += dirty;
+            total.dirty += dirty;
         }
     }
-    Some((rss as f64, private as f64))
+    Some(total)
 }
