@@ -31,7 +31,9 @@ fi
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 	echo "[fuzz] installing cargo-fuzz" >&2
-	cargo install --locked cargo-fuzz
+	# From outside the workspace: a tool for this machine, not built with
+	# the workspace's static-target settings (.cargo/config.toml).
+	(cd / && cargo install --locked cargo-fuzz)
 fi
 
 # ASan's fake stacks (stack-use-after-return, a defect safe Rust cannot
