@@ -127,7 +127,7 @@ value() {
 
 # why NAME: a one-line reason from a failed run.
 why() {
-	tail -n 3 "/tmp/$1.err" "/tmp/$1.out" 2>/dev/null | tr -d '\r' | tr '\n' ' ' | cut -c1-300
+	tail -n 6 "/tmp/$1.err" "/tmp/$1.out" 2>/dev/null | tr -d '\r' | tr '\n' ' ' | cut -c1-1200
 }
 
 BASE_ARGS="console=ttyS0 reboot=k panic=-1 pci=off quiet"
@@ -739,7 +739,7 @@ JSON
 	if [ "${first:-0}" -ne $((last + 1)) ]; then
 		fail snapshot "counted to $last before the snapshot, then from ${first:-nothing}: $(tail -n 2 /tmp/snap.b.err | tr '\n' ' ')"
 	elif ! grep -q "^tessera.count=$want" /tmp/snap.b.out; then
-		fail snapshot "the loaded guest did not count on to $want: $(tail -n 2 /tmp/snap.b.out | tr '\n' ' ')"
+		fail snapshot "the loaded guest did not count on to $want: $(tail -n 6 /tmp/snap.b.out /tmp/snap.b.err | tr -d '\r' | tr '\n' ' ' | cut -c1-1200)"
 	else
 		ok snapshot "counted to $last, snapshotted, loaded in a new tessera on a copy of the root disk, counted on from $first to $want"
 	fi
