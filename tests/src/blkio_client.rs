@@ -24,11 +24,32 @@ pub struct BlkioQueues {
     pub region: MemoryRegion,
 }
 
+/// How a frontend learns that requests completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completions {
+    /// The backend signals the queue's call eventfd and the frontend sleeps
+    /// on it (a guest waiting for its interrupt).
+    Interrupt,
+    /// The frontend asks for no interrupts and busy-polls the used ring
+    /// (libblkio's poll queues; a guest's virtio-blk `poll_queues`).
+    Polled,
+}
+
 impl BlkioQueues {
     /// Connects to the backend at `socket` with `queues` queues and a
     /// `buffer_len` shared buffer.
     pub fn connect(socket: &Path, queues: usize, buffer_len: usize) -> Result<Self, String> {
-        let (blkio, queues, region) = open(socket, false, queues, buffer_len)?;
+        Self::connect_with(socket, queues, buffer_len, Completions::Interrupt)
+    }
+
+    /// As `connect`, with the queues' completion mode.
+    pub fn connect_with(
+        socket: &Path,
+        queues: usize,
+        buffer_len: usize,
+        completions: Completions,
+    ) -> Result<Self, String> {
+        let (blkio, queues, region) = open(socket, false, queues, buffer_len, completions)?;
         Ok(Self {
             _blkio: blkio,
             queues,
@@ -37,13 +58,14 @@ impl BlkioQueues {
     }
 }
 
-/// Connects libblkio's vhost-user-blk driver, starts `queues` queues and
-/// maps a shared buffer of `buffer_len` bytes.
+/// Connects libblkio's vhost-user-blk driver, starts `queues` queues of
+/// the `completions` kind and maps a shared buffer of `buffer_len` bytes.
 fn open(
     socket: &Path,
     read_only: bool,
     queues: usize,
     buffer_len: usize,
+    completions: Completions,
 ) -> Result<(Blkio, Vec<Blkioq>, MemoryRegion), String> {
     let err = |what: &str, e: blkio::Error| format!("{what}: {}", e.message());
     let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(|e| err("new", e))?;
@@ -55,9 +77,16 @@ fn open(
         .map_err(|e| err("read-only", e))?;
     blkio.connect().map_err(|e| err("connect", e))?;
     let count = i32::try_from(queues).map_err(|_| format!("{queues} queues"))?;
+    let (interrupt, polled) = match completions {
+        Completions::Interrupt => (count, 0),
+        Completions::Polled => (0, count),
+    };
     blkio
-        .set_i32("num-queues", count)
+        .set_i32("num-queues", interrupt)
         .map_err(|e| err("num-queues", e))?;
+    blkio
+        .set_i32("num-poll-queues", polled)
+        .map_err(|e| err("num-poll-queues", e))?;
     let started = blkio.start().map_err(|e| err("start", e))?;
     let region = blkio
         .alloc_mem_region(buffer_len)
@@ -65,7 +94,11 @@ fn open(
     blkio
         .map_mem_region(&region)
         .map_err(|e| err("map_mem_region", e))?;
-    Ok((blkio, started.queues, region))
+    let queues = match completions {
+        Completions::Interrupt => started.queues,
+        Completions::Polled => started.poll_queues,
+    };
+    Ok((blkio, queues, region))
 }
 
 impl BlkioDisk {
@@ -76,7 +109,8 @@ impl BlkioDisk {
 
     /// As `connect`; `read_only` is needed for a device that offers RO.
     pub fn connect_with(socket: &Path, buffer_len: usize, read_only: bool) -> Result<Self, String> {
-        let (blkio, mut queues, region) = open(socket, read_only, 1, buffer_len)?;
+        let (blkio, mut queues, region) =
+            open(socket, read_only, 1, buffer_len, Completions::Interrupt)?;
         let queue = queues.pop().ok_or("no queue")?;
         let capacity = blkio
             .get_u64("capacity")

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use tessera_tests::blkio_client::{run_queue_depth, BlkioDisk, BlkioQueues};
+use tessera_tests::blkio_client::{run_queue_depth, BlkioDisk, BlkioQueues, Completions};
 use tessera_tests::{workspace_bin, Running};
 
 const MIB: u64 = 1 << 20;
@@ -148,33 +148,57 @@ fn a_read_only_backend_refuses_writes() {
 }
 
 /// Request i of 4096 writes its slot (i % 32) to a block of its own at
-/// queue depth 32, then reads them all back; the file is checked.
-fn deep_queue_of_random_io(backend_args: &[&str]) {
+/// queue depth 32, then reads them all back into cleared slots; the file
+/// and the slots are checked.
+fn deep_queue_of_random_io(backend_args: &[&str], completions: Completions) {
     const BLOCKS: u64 = 16384;
     const WRITES: usize = 4096;
+    const DEPTH: usize = 32;
     let block = |i: usize| (i as u64 * 7919) % BLOCKS; // distinct for i < BLOCKS
     let backend = Backend::start(BLOCKS * 4096, 0, backend_args);
     {
-        let mut disk = BlkioDisk::connect(&backend.socket, 32 * 4096).unwrap();
-        for slot in 0..32 {
-            disk.buffer()[slot * 4096..(slot + 1) * 4096].fill(slot as u8 + 1);
-        }
+        let mut client =
+            BlkioQueues::connect_with(&backend.socket, 1, DEPTH * 4096, completions).unwrap();
+        let base = client.region.addr;
+        // SAFETY: the region is a live mapping of `len` bytes, and no
+        // request is in flight while the slice is used.
+        let slots = |fill: fn(usize) -> u8| unsafe {
+            let buffer = std::slice::from_raw_parts_mut(base as *mut u8, client.region.len);
+            for (slot, bytes) in buffer.chunks_mut(4096).enumerate() {
+                bytes.fill(fill(slot));
+            }
+        };
+        slots(|slot| slot as u8 + 1);
+        let queue = &mut client.queues[0];
         // Request i writes its slot (i % 32) to a block of its own.
-        let failed = disk.run_queue_depth(32, 4096, WRITES, |i| (true, block(i) * 4096));
-        assert_eq!(failed, 0);
-        assert_eq!(disk.flush(), 0);
-        let failed = disk.run_queue_depth(32, 4096, WRITES, |i| (false, block(i) * 4096));
-        assert_eq!(failed, 0);
+        let failed = run_queue_depth(queue, base, DEPTH, 4096, WRITES, |i| {
+            (true, block(i) * 4096)
+        });
+        assert_eq!(failed, 0, "{completions:?}");
+        slots(|_| 0);
+        // The last 32 reads fetch what slot i % 32 wrote.
+        let failed = run_queue_depth(queue, base, DEPTH, 4096, WRITES, |i| {
+            (false, block(i) * 4096)
+        });
+        assert_eq!(failed, 0, "{completions:?}");
+        // SAFETY: as above; the queue is idle.
+        let buffer = unsafe { std::slice::from_raw_parts(base as *const u8, DEPTH * 4096) };
+        for (slot, bytes) in buffer.chunks(4096).enumerate() {
+            assert!(
+                bytes.iter().all(|b| *b == slot as u8 + 1),
+                "{completions:?}: slot {slot} read back wrong bytes"
+            );
+        }
     }
     let file = backend.file();
     let mut written = vec![false; BLOCKS as usize];
     for i in 0..WRITES {
         let at = (block(i) * 4096) as usize;
         written[block(i) as usize] = true;
-        let want = (i % 32) as u8 + 1;
+        let want = (i % DEPTH) as u8 + 1;
         assert!(
             file[at..at + 4096].iter().all(|b| *b == want),
-            "{backend_args:?}: block {}",
+            "{backend_args:?} {completions:?}: block {}",
             block(i)
         );
     }
@@ -191,13 +215,21 @@ fn deep_queue_of_random_io(backend_args: &[&str]) {
 
 #[test]
 fn deep_queues_of_random_io_complete_and_land_on_disk() {
-    deep_queue_of_random_io(&[]);
+    deep_queue_of_random_io(&[], Completions::Interrupt);
+}
+
+#[test]
+fn a_polling_frontend_gets_every_completion_without_interrupts() {
+    // libblkio's poll queues turn used-ring notifications off; the backend
+    // must still publish every completion.
+    deep_queue_of_random_io(&[], Completions::Polled);
+    deep_queue_of_random_io(&["--direct"], Completions::Polled);
 }
 
 #[test]
 fn deep_queues_of_random_o_direct_io_complete_and_land_on_disk() {
     // O_DIRECT requests are submitted one by one, page-cache ones in batches.
-    deep_queue_of_random_io(&["--direct"]);
+    deep_queue_of_random_io(&["--direct"], Completions::Interrupt);
 }
 
 #[test]

@@ -6,6 +6,9 @@
 //! on CPU 0 and every backend thread on CPU 1, as in the reference
 //! figures. The `-4q` cells use 4 queues (`--queues 4`, qemu-storage-daemon's
 //! `num-queues=4`) with one frontend thread per queue, and fio `numjobs=4`.
+//! The `-polled` cells use libblkio's poll queues: the frontend turns
+//! interrupts off and busy-polls the used ring, so a QD1 round trip no
+//! longer includes waking the frontend's thread.
 //!
 //! For comparisons while working on the backend: `TESSERA_BENCH_BLOCK_ONLY`
 //! (a substring of `<workload>-cached` or `<workload>-direct`),
@@ -19,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tessera_tests::blkio_client::{BlkioDisk, BlkioQueues};
+use tessera_tests::blkio_client::{BlkioDisk, BlkioQueues, Completions};
 use tessera_tests::{workspace_bin, Running};
 
 use super::{cpu_seconds, pin_this_thread, summary};
@@ -28,9 +31,10 @@ const IMAGE_MIB: u64 = 256;
 const SECONDS: u64 = 1;
 
 /// One workload: name, block size, queue depth (in total, over all
-/// queues), writes, random, and the number of queues: with more than one,
+/// queues), writes, random, the number of queues (with more than one,
 /// one frontend thread per queue keeps `depth / queues` requests in flight
-/// on its own queue (as fio's `numjobs` with `iodepth`).
+/// on its own queue, as fio's `numjobs` with `iodepth`), and how the
+/// frontend waits for completions.
 struct Workload {
     name: &'static str,
     block: usize,
@@ -38,6 +42,7 @@ struct Workload {
     write: bool,
     random: bool,
     queues: usize,
+    completions: Completions,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -48,6 +53,7 @@ const WORKLOADS: &[Workload] = &[
         write: false,
         random: true,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "randread-4k-qd32",
@@ -56,6 +62,7 @@ const WORKLOADS: &[Workload] = &[
         write: false,
         random: true,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "randwrite-4k-qd1",
@@ -64,6 +71,7 @@ const WORKLOADS: &[Workload] = &[
         write: true,
         random: true,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "randwrite-4k-qd32",
@@ -72,6 +80,7 @@ const WORKLOADS: &[Workload] = &[
         write: true,
         random: true,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "read-1m-qd4",
@@ -80,6 +89,7 @@ const WORKLOADS: &[Workload] = &[
         write: false,
         random: false,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "write-1m-qd4",
@@ -88,6 +98,7 @@ const WORKLOADS: &[Workload] = &[
         write: true,
         random: false,
         queues: 1,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "randread-4k-qd32-4q",
@@ -96,6 +107,7 @@ const WORKLOADS: &[Workload] = &[
         write: false,
         random: true,
         queues: 4,
+        completions: Completions::Interrupt,
     },
     Workload {
         name: "randwrite-4k-qd32-4q",
@@ -104,6 +116,28 @@ const WORKLOADS: &[Workload] = &[
         write: true,
         random: true,
         queues: 4,
+        completions: Completions::Interrupt,
+    },
+    // QD1 with an interrupt-driven frontend measures the frontend's wake-up
+    // more than the backend; a polling frontend (a guest's virtio-blk
+    // `poll_queues`, SPDK) leaves the backend's own latency.
+    Workload {
+        name: "randread-4k-qd1-polled",
+        block: 4096,
+        depth: 1,
+        write: false,
+        random: true,
+        queues: 1,
+        completions: Completions::Polled,
+    },
+    Workload {
+        name: "randwrite-4k-qd1-polled",
+        block: 4096,
+        depth: 1,
+        write: true,
+        random: true,
+        queues: 1,
+        completions: Completions::Polled,
     },
 ];
 
@@ -212,7 +246,12 @@ fn run_queues(
 ) -> Result<(usize, f64), String> {
     use std::mem::MaybeUninit;
     let per_queue = (w.depth / w.queues).max(1);
-    let mut client = BlkioQueues::connect(socket, w.queues, w.queues * per_queue * w.block)?;
+    let mut client = BlkioQueues::connect_with(
+        socket,
+        w.queues,
+        w.queues * per_queue * w.block,
+        w.completions,
+    )?;
     let cpu_before = cpu_seconds(pid);
     let deadline = std::time::Instant::now() + duration;
     let base = client.region.addr;
@@ -273,8 +312,8 @@ fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f6
     let backend = start_backend(kind, image, &socket, direct, w.queues);
     let pid = backend.pid();
     let duration = Duration::from_secs(SECONDS);
-    let (ops, cpu) = if w.queues > 1 {
-        run_queues(&socket, pid, w, duration).expect("libblkio with several queues")
+    let (ops, cpu) = if w.queues > 1 || w.completions == Completions::Polled {
+        run_queues(&socket, pid, w, duration).expect("libblkio queues")
     } else {
         let mut disk = BlkioDisk::connect(&socket, w.depth * w.block).expect("libblkio connect");
         pin_this_thread(0);
@@ -483,7 +522,7 @@ pub fn bench_block(runs: usize) -> Value {
         "image_mib": IMAGE_MIB,
         "seconds_per_run": SECONDS,
         "runs": runs,
-        "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), CPU 0; each backend started under taskset -c 1 (all its threads on CPU 1)",
+        "frontend": "libblkio virtio-blk-vhost-user, 1 queue (4 queues with one thread each for the -4q cells), waiting for the call eventfd (busy-polling the used ring with interrupts off in the -polled cells, libblkio's poll queues), CPU 0; each backend started under taskset -c 1 (all its threads on CPU 1)",
         "backends": "tessera's vhost-user-blk (default engine), Cloud Hypervisor's vhost_user_block (queue_size=256), qemu-storage-daemon (aio=io_uring)",
         "filesystems": "ext4 (this host's root file system, page-cached or O_DIRECT) and tmpfs (/dev/shm)",
         "order": "runs alternate between the backends; O_DIRECT runs start with the image's page cache written back and dropped",
