@@ -32,6 +32,8 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError
 /// MSR_IA32_TSC_DEADLINE: must be set after the TSC, or KVM arms the
 /// timer against the old TSC.
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// MSR_IA32_TSC, the guest's time stamp counter.
+const MSR_IA32_TSC: u32 = 0x10;
 
 /// Everything KVM keeps about one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,7 +152,29 @@ fn save_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuStateE
     }
     // The TSC deadline goes last, after the TSC it is relative to.
     saved.sort_by_key(|entry| entry.index == MSR_IA32_TSC_DEADLINE);
+    keep_the_deadline_timer_armed(&mut saved);
     Ok(saved)
+}
+
+/// A TSC deadline of 0 means the timer fired, but when the vCPU stopped
+/// between KVM clearing the deadline and the guest taking the interrupt,
+/// the loaded guest waits forever for a timer it believes armed (a loaded
+/// multi-vCPU guest with one vCPU stalled; Firecracker PR 4618). A deadline
+/// at the saved TSC fires at once on load, and a guest takes a spare timer
+/// interrupt in its stride.
+fn keep_the_deadline_timer_armed(msrs: &mut [kvm_msr_entry]) {
+    let Some(tsc) = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data)
+    else {
+        return;
+    };
+    for deadline in msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC_DEADLINE) {
+        if deadline.data == 0 {
+            deadline.data = tsc;
+        }
+    }
 }
 
 fn restore_msrs(fd: &VcpuFd, saved: &[kvm_msr_entry]) -> Result<(), VcpuStateError> {
@@ -167,4 +191,60 @@ fn restore_msrs(fd: &VcpuFd, saved: &[kvm_msr_entry]) -> Result<(), VcpuStateErr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msr(index: u32, data: u64) -> kvm_msr_entry {
+        kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cleared_deadline_is_saved_as_the_tsc() {
+        let mut msrs = [msr(MSR_IA32_TSC, 123_456), msr(MSR_IA32_TSC_DEADLINE, 0)];
+        keep_the_deadline_timer_armed(&mut msrs);
+        assert_eq!(msrs[1].data, 123_456);
+    }
+
+    #[test]
+    fn an_armed_deadline_and_a_state_without_a_tsc_are_kept() {
+        let mut msrs = [msr(MSR_IA32_TSC, 10), msr(MSR_IA32_TSC_DEADLINE, 99)];
+        keep_the_deadline_timer_armed(&mut msrs);
+        assert_eq!(msrs[1].data, 99);
+        let mut msrs = [msr(MSR_IA32_TSC_DEADLINE, 0)];
+        keep_the_deadline_timer_armed(&mut msrs);
+        assert_eq!(msrs[0].data, 0);
+    }
+
+    #[test]
+    fn kvm_saves_a_fired_deadline_timer_as_armed_and_after_the_tsc() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            assert!(
+                std::env::var_os("TESSERA_STRICT").is_none(),
+                "/dev/kvm is needed under TESSERA_STRICT"
+            );
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let msr_list = kvm.get_msr_index_list().unwrap();
+        // A guest that ran its TSC-deadline timer out: deadline 0.
+        let zero = Msrs::from_entries(&[msr(MSR_IA32_TSC_DEADLINE, 0)]).unwrap();
+        vcpu.set_msrs(&zero).unwrap();
+        let state = VcpuState::save(&vcpu, msr_list.as_slice()).unwrap();
+        let find = |index| state.msrs.iter().position(|m| m.index == index).unwrap();
+        let (tsc, deadline) = (find(MSR_IA32_TSC), find(MSR_IA32_TSC_DEADLINE));
+        assert!(tsc < deadline, "the deadline is restored after the TSC");
+        assert_eq!(deadline, state.msrs.len() - 1);
+        assert_ne!(state.msrs[deadline].data, 0);
+        assert_eq!(state.msrs[deadline].data, state.msrs[tsc].data);
+    }
 }
