@@ -561,9 +561,13 @@ mod tests {
         }
     }
 
-    /// KVM, if this host has it.
+    /// KVM, if this host has it (it must under TESSERA_STRICT).
     fn kvm() -> Option<kvm_ioctls::Kvm> {
         if !std::path::Path::new("/dev/kvm").exists() {
+            assert!(
+                std::env::var_os("TESSERA_STRICT").is_none(),
+                "/dev/kvm is needed under TESSERA_STRICT"
+            );
             eprintln!("no /dev/kvm: skipped");
             return None;
         }
