@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 
 use backend_stats::{NetCounter, Stats};
 use tessera_backend_control::{ControlMessage, LimitTarget};
@@ -69,6 +69,9 @@ pub struct NetConfig {
 
 pub use vhost_user_common::worker::QueueError;
 
+/// The MTU a device has when none is configured (Ethernet's).
+const DEFAULT_MTU: u16 = 1500;
+
 /// Frames and buffers dropped, logged at debug level.
 static DROPPED: RateLimit = RateLimit::new(ratelimit::BURST, ratelimit::INTERVAL);
 /// Set-up steps repeated each time the guest resets its driver.
@@ -81,6 +84,9 @@ pub struct NetBackend {
     mem: GuestMemoryAtomic<BackendMemory>,
     common: WorkerCommon,
     mergeable: AtomicBool,
+    /// How many bytes of RX buffers to hold before reading a frame: the
+    /// largest frame the TAP may pass (see `acked_features`).
+    rx_fill: AtomicUsize,
     /// Whether each pair's TAP queue is attached: pairs past the first
     /// join the TAP when the guest first kicks them (it uses that pair).
     attached: Vec<AtomicBool>,
@@ -120,6 +126,7 @@ impl NetBackend {
             mem,
             common,
             mergeable: AtomicBool::new(false),
+            rx_fill: AtomicUsize::new(MAX_FRAME_LEN + VNET_HDR_LEN),
             attached,
             broken,
             rx_limiter: SharedLimiter::new()?,
@@ -185,7 +192,7 @@ impl NetBackend {
         c[0..6].copy_from_slice(&self.config.mac.unwrap_or_default());
         c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c[8..10].copy_from_slice(&(self.config.queue_pairs as u16).to_le_bytes());
-        c[10..12].copy_from_slice(&self.config.mtu.unwrap_or(1500).to_le_bytes());
+        c[10..12].copy_from_slice(&self.config.mtu.unwrap_or(DEFAULT_MTU).to_le_bytes());
         c
     }
 
@@ -349,16 +356,17 @@ impl NetBackend {
 
     /// TAP to guest: fills the guest's RX buffers while both have some.
     /// Chains are popped and checked once and kept across frames (a
-    /// mergeable frame may need up to 64 KiB of them, most of which a small
-    /// frame leaves for the next); those left at the end go back to the
-    /// ring. Notifications of new buffers are off while buffers remain.
-    /// Frames the RX limiter holds back wait in the TAP.
+    /// mergeable frame may need up to `rx_fill` bytes of them, most of
+    /// which a small frame leaves for the next); those left at the end go
+    /// back to the ring. Notifications of new buffers are off while buffers
+    /// remain. Frames the RX limiter holds back wait in the TAP.
     fn process_rx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
         if self.rx_limiter.is_blocked() {
             return Ok(());
         }
         let mut mem = self.mem.memory();
         let mergeable = self.mergeable.load(Ordering::Relaxed);
+        let mut fill = self.rx_fill.load(Ordering::Relaxed);
         let mut ready: VecDeque<RxChain> = VecDeque::new();
         let mut capacity = 0usize;
         let mut scratch = Vec::new();
@@ -376,7 +384,7 @@ impl NetBackend {
             // Enough buffers for the largest frame (one without mergeable
             // buffers: each chain must hold a whole frame).
             while !blocked
-                && capacity < MAX_FRAME_LEN + VNET_HDR_LEN
+                && capacity < fill
                 && (mergeable || ready.is_empty())
             {
                 let Some(chain) = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?
@@ -445,6 +453,9 @@ impl NetBackend {
                 Err(err) => {
                     // Give the first chain back empty, keep the rest.
                     guest_log!(&DROPPED, log::Level::Debug, "RX frame dropped: {err}");
+                    if matches!(err, FrameError::Truncated(_)) {
+                        fill = self.fill_for_any_frame(fill);
+                    }
                     let chain = ready.pop_front().expect("not empty");
                     capacity -= chain.capacity;
                     vring.add_used(chain.head, 0)?;
@@ -469,6 +480,21 @@ impl NetBackend {
             self.signal(vring)?;
         }
         Ok(())
+    }
+}
+
+impl NetBackend {
+    /// After a frame larger than the MTU (the TAP's MTU was raised past the
+    /// device's): holds RX buffers for the largest frame from now on, and
+    /// returns that size.
+    fn fill_for_any_frame(&self, fill: usize) -> usize {
+        let largest = MAX_FRAME_LEN + VNET_HDR_LEN;
+        if fill < largest && self.rx_fill.swap(largest, Ordering::Relaxed) < largest {
+            log::warn!(
+                "a frame from the TAP exceeded the MTU's {fill} bytes: RX buffers are now filled for {largest}"
+            );
+        }
+        largest
     }
 }
 
@@ -511,6 +537,11 @@ impl Device for NetBackend {
         let has = |bit: u32| features & (1 << bit) != 0;
         self.mergeable
             .store(has(VIRTIO_NET_F_MRG_RXBUF), Ordering::Relaxed);
+        let gso = has(VIRTIO_NET_F_GUEST_CSUM)
+            && (has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6));
+        let mtu = self.config.mtu.unwrap_or(DEFAULT_MTU);
+        self.rx_fill
+            .store(frame::largest_rx_frame(gso, mtu), Ordering::Relaxed);
         let mut offload = 0;
         if has(VIRTIO_NET_F_GUEST_CSUM) {
             offload |= TUN_F_CSUM;
@@ -935,5 +966,111 @@ mod tests {
         // Until the frontend stops it to set it up again.
         backend.stop_vring(1).unwrap();
         assert!(!backend.is_broken(1));
+    }
+
+    /// Posts `count` RX chains of one `len`-byte buffer each, at 0x8000 on.
+    fn post_rx(vring: &BackendVring, mem: &BackendMemory, count: u16, len: u32) {
+        let (desc, avail) = {
+            let state = vring.get_ref();
+            (
+                state.get_queue().desc_table(),
+                state.get_queue().avail_ring(),
+            )
+        };
+        for index in 0..count {
+            let buffer = 0x8000 + u64::from(index) * 0x1000;
+            let d = virtio_queue::desc::split::Descriptor::new(
+                buffer,
+                len,
+                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
+                0,
+            );
+            mem.write_obj(
+                virtio_queue::desc::RawDescriptor::from(d),
+                GuestAddress(desc + u64::from(index) * 16),
+            )
+            .unwrap();
+            mem.write_obj(
+                index.to_le(),
+                GuestAddress(avail + 4 + u64::from(index) * 2),
+            )
+            .unwrap();
+        }
+        mem.write_obj(count.to_le(), GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// The used ring's entries so far, as (head, length).
+    fn used_entries(vring: &BackendVring, mem: &BackendMemory) -> Vec<(u32, u32)> {
+        let used = vring.get_ref().get_queue().used_ring();
+        let count: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+        (0..u64::from(count))
+            .map(|i| {
+                let entry = GuestAddress(used + 4 + i * 8);
+                let head: u32 = mem.read_obj(entry).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(entry.0 + 4)).unwrap();
+                (head, len)
+            })
+            .collect()
+    }
+
+    /// Without guest GSO, RX buffers are gathered for one MTU-sized frame;
+    /// a larger frame (the TAP's MTU raised past the device's) is dropped
+    /// whole, never passed on cut short, and the next one gets room.
+    #[test]
+    fn a_frame_past_the_mtu_is_dropped_whole_and_the_next_gets_room() {
+        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let (backend, vrings, mem) =
+            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let features = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        Served(backend.clone()).acked_features(features);
+        assert_eq!(
+            backend.rx_fill.load(Ordering::Relaxed),
+            1500 + 18 + VNET_HDR_LEN
+        );
+        post_rx(&vrings[0], &mem, 6, 1024);
+        let jumbo: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        host.send(&jumbo).unwrap();
+        host.send(&jumbo).unwrap();
+        kick(&backend, &vrings, 0).unwrap().unwrap();
+        // The first took the two chains an MTU frame needs, and is dropped.
+        // The second spans three chains: 1024 + 1024 + 952 bytes.
+        assert_eq!(
+            used_entries(&vrings[0], &mem),
+            vec![(0, 0), (1, 1024), (2, 1024), (3, 952)]
+        );
+        let mut delivered = vec![0u8; 3000];
+        for (i, piece) in delivered.chunks_mut(1024).enumerate() {
+            mem.read_slice(piece, GuestAddress(0x9000 + i as u64 * 0x1000))
+                .unwrap();
+        }
+        // The stand-in TAP's frame has its header bytes too, where the
+        // backend wrote num_buffers.
+        let mut expected = jumbo;
+        expected[10..12].copy_from_slice(&3u16.to_le_bytes());
+        assert!(delivered == expected, "the second frame arrived changed");
+        assert_eq!(backend.stats().get(NetCounter::RxFails), 1);
+        assert_eq!(backend.stats().get(NetCounter::RxPacketsCount), 1);
+        assert_eq!(
+            backend.rx_fill.load(Ordering::Relaxed),
+            MAX_FRAME_LEN + VNET_HDR_LEN
+        );
+    }
+
+    #[test]
+    fn guest_gso_gathers_buffers_for_64_kib_frames() {
+        let (backend, _, _) = device();
+        let gso = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_GUEST_CSUM
+            | 1 << VIRTIO_NET_F_GUEST_TSO4;
+        Served(backend.clone()).acked_features(gso);
+        assert_eq!(
+            backend.rx_fill.load(Ordering::Relaxed),
+            MAX_FRAME_LEN + VNET_HDR_LEN
+        );
     }
 }

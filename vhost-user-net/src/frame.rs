@@ -16,6 +16,8 @@ pub const VNET_HDR_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: u64 = 10;
 /// The largest frame: a 64 KiB GSO packet with its Ethernet header.
 pub const MAX_FRAME_LEN: usize = 65_535 + 14;
+/// The Ethernet header and one 802.1Q tag, in front of an MTU of payload.
+const ETH_VLAN_HLEN: usize = 14 + 4;
 /// The most descriptors one frame may use.
 pub const MAX_DESCRIPTORS: usize = 256;
 /// The most iovecs one readv takes (IOV_MAX).
@@ -34,8 +36,21 @@ pub enum FrameError {
     TooManyDescriptors,
     #[error("guest memory at {addr:#x} (+{len}) is not mapped")]
     BadAddress { addr: u64, len: u32 },
+    #[error("a frame of more than {0} bytes did not fit in the RX buffers")]
+    Truncated(usize),
     #[error("TAP I/O failed: {0}")]
     Io(io::Error),
+}
+
+/// The most bytes (virtio-net header included) one frame from the TAP can
+/// take: a 64 KiB GSO packet when the TAP may pass those to the guest,
+/// else one MTU of payload behind Ethernet and VLAN headers.
+pub fn largest_rx_frame(gso: bool, mtu: u16) -> usize {
+    if gso {
+        MAX_FRAME_LEN + VNET_HDR_LEN
+    } else {
+        (usize::from(mtu) + ETH_VLAN_HLEN + VNET_HDR_LEN).min(MAX_FRAME_LEN + VNET_HDR_LEN)
+    }
 }
 
 /// The iovecs of a chain's buffers, all of one direction.
@@ -244,22 +259,32 @@ pub fn receive_into(
     mergeable: bool,
 ) -> Result<Received, FrameError> {
     let wanted = usable_chains(chains.len(), mergeable);
-    // Whole chains only, and no more iovecs than readv takes.
+    // Whole chains only, and no more iovecs than readv takes, with room
+    // for one byte past them: a frame that reaches it did not fit (the
+    // TAP returns only what it copied).
     scratch.clear();
     let mut usable = 0;
+    let mut capacity = 0;
     for chain in &chains[..wanted] {
-        if scratch.len() + chain.iov.len() > IOV_MAX {
+        if scratch.len() + chain.iov.len() >= IOV_MAX {
             break;
         }
         scratch.extend_from_slice(&chain.iov);
+        capacity += chain.capacity;
         usable += 1;
     }
     if usable == 0 {
         return Ok(Received::Empty);
     }
-    // SAFETY: every iovec addresses mapped guest memory checked by
-    // check_rx_chain against the snapshot the caller still holds, which the
-    // device may write.
+    let mut overflow = 0u8;
+    scratch.push(libc::iovec {
+        iov_base: (&raw mut overflow).cast(),
+        iov_len: 1,
+    });
+    // SAFETY: every iovec but the last addresses mapped guest memory
+    // checked by check_rx_chain against the snapshot the caller still
+    // holds, which the device may write; the last is `overflow`, alive
+    // until readv returns.
     let n = unsafe { libc::readv(fd, scratch.as_ptr(), scratch.len() as libc::c_int) };
     if n < 0 {
         let err = io::Error::last_os_error();
@@ -267,6 +292,9 @@ pub fn receive_into(
             return Ok(Received::Empty);
         }
         return Err(FrameError::Io(err));
+    }
+    if n as usize > capacity {
+        return Err(FrameError::Truncated(capacity));
     }
     let len = n as usize;
     let mut used = Vec::new();
@@ -465,8 +493,14 @@ mod tests {
             receive_into(&ready, &mut scratch, &mem, fd, true).unwrap(),
             Received::Empty
         );
-        // Without mergeable buffers only the first chain takes a frame.
+        // Without mergeable buffers only the first chain takes a frame:
+        // one larger than it is dropped, not passed on cut short.
         peer.send(&[3u8; 2000]).unwrap();
+        assert!(matches!(
+            receive_into(&ready, &mut scratch, &mem, fd, false),
+            Err(FrameError::Truncated(1500))
+        ));
+        peer.send(&[4u8; 1500]).unwrap();
         let got = receive_into(&ready, &mut scratch, &mem, fd, false).unwrap();
         assert_eq!(
             got,
