@@ -34,15 +34,21 @@ pub(crate) struct BootLog {
     lines: Vec<(f64, String)>,
 }
 
+/// The kernel's uptime (seconds) when the init printed its marker, from a
+/// console transcript.
+pub(crate) fn uptime_at_marker_s(console: &str) -> Option<f64> {
+    console
+        .lines()
+        .find_map(|line| line.trim_end_matches('\r').strip_prefix("tessera.uptime="))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl BootLog {
     /// The log in a console transcript, if the init printed one.
     pub(crate) fn parse(console: &str) -> Option<Self> {
-        let value = |key: &str| {
-            console
-                .lines()
-                .find_map(|line| line.trim_end_matches('\r').strip_prefix(key))
-        };
-        let uptime_at_marker_s = value("tessera.uptime=")?.trim().parse().ok()?;
+        let uptime_at_marker_s = uptime_at_marker_s(console)?;
         let begin = console.find("tessera.dmesg=begin")?;
         let end = console.find("tessera.dmesg=end")?;
         let lines = console

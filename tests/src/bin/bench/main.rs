@@ -420,7 +420,7 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
         .initrd(guest_dir.join("initramfs.cpio.gz"));
     let mut vmms = vec![peers::Vmm::Tessera];
     vmms.extend(peers::peer_bin("firecracker").map(peers::Vmm::Firecracker));
-    let mut per_vmm: Vec<(Vec<f64>, Vec<f64>)> = vmms.iter().map(|_| Default::default()).collect();
+    let mut per_vmm: Vec<LinuxBoots> = vmms.iter().map(|_| LinuxBoots::default()).collect();
     let (mut boot_us, mut boot_cpu_us) = (Vec::new(), Vec::new());
     for i in 0..runs {
         for k in 0..vmms.len() {
@@ -445,8 +445,9 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
                 vmm.name(),
                 run.describe()
             );
-            per_vmm[at].0.push(marker.as_secs_f64() * 1e6);
-            per_vmm[at].1.push(end.as_secs_f64() * 1e6);
+            let kernel_s = boot_trace::uptime_at_marker_s(&run.stdout)
+                .unwrap_or_else(|| panic!("run {i}: no tessera.uptime\n{}", run.describe()));
+            per_vmm[at].add(marker.as_secs_f64(), kernel_s, end.as_secs_f64());
             if let peers::Vmm::Tessera = vmm {
                 let (wall, cpu) = parse_boot_time(&run.stderr)
                     .unwrap_or_else(|| panic!("run {i}: no boot time\n{}", run.describe()));
@@ -468,22 +469,52 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
         "boot_time_us": summary(boot_us),
         "boot_cpu_us": summary(boot_cpu_us),
     });
-    for (vmm, (up, end)) in vmms.iter().zip(per_vmm) {
-        report[vmm.name()] = json!({
-            "guest_up_us": summary(up),
-            "start_to_exit_us": summary(end),
-        });
+    for (vmm, boots) in vmms.iter().zip(per_vmm) {
+        report[vmm.name()] = boots.report();
     }
     report["boot_trace"] = trace_boots(&vmms, guest_dir);
     if let Some(fc) = report.get("firecracker") {
         let median = |v: &serde_json::Value, k: &str| v[k]["median"].as_f64().unwrap_or(f64::NAN);
         let ours = &report["tessera"];
+        let ratio = |k: &str| median(ours, k) / median(fc, k);
         report["tessera_over_firecracker"] = json!({
-            "guest_up": median(ours, "guest_up_us") / median(fc, "guest_up_us"),
-            "start_to_exit": median(ours, "start_to_exit_us") / median(fc, "start_to_exit_us"),
+            "guest_up": ratio("guest_up_us"),
+            "start_to_exit": ratio("start_to_exit_us"),
+            "start_to_kernel": ratio("start_to_kernel_us"),
+            "kernel_to_init": ratio("kernel_to_init_us"),
         });
     }
     report
+}
+
+/// One VMM's timed Linux boots, split where the guest kernel's clock
+/// starts (the init prints the kernel's uptime at its first line).
+#[derive(Default)]
+struct LinuxBoots {
+    guest_up_us: Vec<f64>,
+    start_to_kernel_us: Vec<f64>,
+    kernel_to_init_us: Vec<f64>,
+    start_to_exit_us: Vec<f64>,
+}
+
+impl LinuxBoots {
+    /// One boot: process start to the init's first line, the kernel's
+    /// uptime there, and process start to exit (seconds).
+    fn add(&mut self, up_s: f64, kernel_s: f64, exit_s: f64) {
+        self.guest_up_us.push(up_s * 1e6);
+        self.start_to_kernel_us.push((up_s - kernel_s) * 1e6);
+        self.kernel_to_init_us.push(kernel_s * 1e6);
+        self.start_to_exit_us.push(exit_s * 1e6);
+    }
+
+    fn report(self) -> serde_json::Value {
+        json!({
+            "guest_up_us": summary(self.guest_up_us),
+            "start_to_kernel_us": summary(self.start_to_kernel_us),
+            "kernel_to_init_us": summary(self.kernel_to_init_us),
+            "start_to_exit_us": summary(self.start_to_exit_us),
+        })
+    }
 }
 
 /// One more boot under each VMM, with the kernel's initcall log read back:

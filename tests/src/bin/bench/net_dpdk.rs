@@ -586,8 +586,15 @@ pub fn bench_net_dpdk(runs: usize) -> Value {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cells = Vec::new();
         let backends = NetBackend::all();
+        // TESSERA_BENCH_CASES=text runs only the cells ("rxonly-64", ...)
+        // whose name has it.
+        let only = std::env::var("TESSERA_BENCH_CASES").ok();
         for mode in ["txonly", "rxonly"] {
             for len in FRAME_LENS {
+                let name = format!("{mode}-{len}");
+                if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                    continue;
+                }
                 let c = cell(&netns, dir.path(), mode, len, runs, &backends);
                 eprintln!("{c}");
                 cells.push(c);
