@@ -44,6 +44,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::frame::{self, FrameError, Received, RxChain, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::mmds::{self, Mmds};
 use crate::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+use crate::tap_watch::TapWatch;
 
 const CONFIG_LEN: usize = 12;
 /// Frames one `handle_event` sends before it lets the worker's event loop
@@ -92,6 +93,8 @@ pub struct NetBackend {
     attached: Vec<AtomicBool>,
     /// Per queue (RX of pair p is 2p, TX 2p + 1).
     broken: BrokenQueues,
+    /// Per pair: whether its worker wakes for frames on its TAP.
+    tap_watch: Vec<TapWatch>,
     /// Frames to the guest.
     rx_limiter: SharedLimiter,
     /// Frames from the guest.
@@ -121,6 +124,11 @@ impl NetBackend {
             .map(|pair| AtomicBool::new(pair == 0))
             .collect();
         let broken = BrokenQueues::new(2 * config.queue_pairs);
+        let tap_watch = taps
+            .iter()
+            .enumerate()
+            .map(|(pair, tap)| TapWatch::new(tap.as_raw_fd(), tap_event(&config, pair)))
+            .collect();
         Ok(Self {
             taps,
             mem,
@@ -129,6 +137,7 @@ impl NetBackend {
             rx_fill: AtomicUsize::new(MAX_FRAME_LEN + VNET_HDR_LEN),
             attached,
             broken,
+            tap_watch,
             rx_limiter: SharedLimiter::new()?,
             tx_limiter: SharedLimiter::new()?,
             mmds: Mmds::new(config.stats.clone()),
@@ -172,14 +181,19 @@ impl NetBackend {
         &self.config.stats
     }
 
-    /// The TAP of each pair, for the epoll listeners.
-    pub fn taps(&self) -> &[Tap] {
-        &self.taps
+    /// Has pair `pair`'s worker, whose epoll set is `epoll`, wake for
+    /// frames on the pair's TAP.
+    pub fn watch_tap(&self, pair: usize, epoll: RawFd) -> io::Result<()> {
+        let watch = self
+            .tap_watch
+            .get(pair)
+            .ok_or_else(|| io::Error::other(format!("no TAP for pair {pair}")))?;
+        watch.start(epoll)
     }
 
     /// The epoll data value of pair `pair`'s TAP listener.
     pub fn tap_event(&self, pair: usize) -> u64 {
-        (2 * self.config.queue_pairs + 1 + pair) as u64
+        tap_event(&self.config, pair)
     }
 
     /// Wakes every worker thread so that it exits.
@@ -360,8 +374,15 @@ impl NetBackend {
     /// which a small frame leaves for the next); those left at the end go
     /// back to the ring. Notifications of new buffers are off while buffers
     /// remain. Frames the RX limiter holds back wait in the TAP.
-    fn process_rx(&self, vring: &BackendVring, tap: &Tap) -> Result<(), QueueError> {
+    /// Frames stop waking the worker while none can move (`watch`).
+    fn process_rx(
+        &self,
+        vring: &BackendVring,
+        tap: &Tap,
+        watch: &TapWatch,
+    ) -> Result<(), QueueError> {
         if self.rx_limiter.is_blocked() {
+            watch.want(false);
             return Ok(());
         }
         let mut mem = self.mem.memory();
@@ -376,6 +397,8 @@ impl NetBackend {
         // can be given back by rewinding.
         let mut blocked = false;
         let mut out_of_buffers = false;
+        // Ended with no buffers or with the limiter's budget spent.
+        let mut starved = false;
         vring.disable_notification()?;
         loop {
             if ready.is_empty() {
@@ -383,10 +406,7 @@ impl NetBackend {
             }
             // Enough buffers for the largest frame (one without mergeable
             // buffers: each chain must hold a whole frame).
-            while !blocked
-                && capacity < fill
-                && (mergeable || ready.is_empty())
-            {
+            while !blocked && capacity < fill && (mergeable || ready.is_empty()) {
                 let Some(chain) = ring::next_chain(vring.get_mut().get_queue_mut(), mem.clone())?
                 else {
                     break;
@@ -421,6 +441,7 @@ impl NetBackend {
                     mem = self.mem.memory();
                     continue;
                 }
+                starved = true;
                 break;
             }
             if self.deliver_mmds(vring, &mut ready, &mut capacity, &mem, mergeable)? {
@@ -428,6 +449,7 @@ impl NetBackend {
                 continue;
             }
             if self.rx_limiter.is_blocked() {
+                starved = true;
                 break;
             }
             match frame::receive_into(
@@ -470,6 +492,7 @@ impl NetBackend {
         if out_of_buffers {
             self.stats().inc(NetCounter::NoRxAvailBuffer);
         }
+        watch.want(!starved);
         {
             let mut state = vring.get_mut();
             for _ in 0..ready.len() {
@@ -496,6 +519,12 @@ impl NetBackend {
         }
         largest
     }
+}
+
+/// The epoll data value of pair `pair`'s TAP listener (after the queues and
+/// the exit event).
+fn tap_event(config: &NetConfig, pair: usize) -> u64 {
+    (2 * config.queue_pairs + 1 + pair) as u64
 }
 
 /// A frame's bytes without its virtio-net header.
@@ -635,7 +664,7 @@ impl NetBackend {
         if !evset.contains(EventSet::IN) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(tap) = self.taps.get(pair) else {
+        let (Some(tap), Some(watch)) = (self.taps.get(pair), self.tap_watch.get(pair)) else {
             return Err(io::Error::other(format!("no queue pair {pair}")));
         };
         if self
@@ -665,7 +694,10 @@ impl NetBackend {
             }
             (0, Some(rx), _) => {
                 self.stats().inc(NetCounter::RxQueueEventCount);
-                (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
+                (
+                    2 * pair,
+                    self.serve(2 * pair, || self.process_rx(rx, tap, watch)),
+                )
             }
             // A limiter's debt is paid: what it held back goes on.
             (e, _, Some(tx)) if e as u64 == self.limiter_event(LimitTarget::Tx) => {
@@ -685,14 +717,20 @@ impl NetBackend {
                 if !rx.get_ref().get_queue().ready() {
                     return Ok(());
                 }
-                (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
+                (
+                    2 * pair,
+                    self.serve(2 * pair, || self.process_rx(rx, tap, watch)),
+                )
             }
             // Frames before the guest set up its RX queue wait in the TAP;
             // the guest's first RX kick picks them up.
             (e, Some(rx), _) if e as u64 == self.tap_event(pair) => {
                 self.stats().inc(NetCounter::RxTapEventCount);
                 if rx.get_ref().get_queue().ready() {
-                    (2 * pair, self.serve(2 * pair, || self.process_rx(rx, tap)))
+                    (
+                        2 * pair,
+                        self.serve(2 * pair, || self.process_rx(rx, tap, watch)),
+                    )
                 } else {
                     return Ok(());
                 }
@@ -705,12 +743,12 @@ impl NetBackend {
         // The guest's frames to MMDS were answered: the answers go now.
         if queue % 2 == 1 && self.mmds.has_output() {
             if let Some(rx) = rx.filter(|rx| rx.get_ref().get_queue().ready()) {
-                if let Err(err) = self.serve(2 * pair, || self.process_rx(rx, tap)) {
+                if let Err(err) = self.serve(2 * pair, || self.process_rx(rx, tap, watch)) {
                     self.break_queue(2 * pair, &err);
                 }
             }
         }
-        Ok(())
+        watch.apply()
     }
 }
 
@@ -1023,9 +1061,8 @@ mod tests {
         tap.set_nonblocking(true).unwrap();
         let (backend, vrings, mem) =
             device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
-        let features = 1u64 << VIRTIO_F_VERSION_1
-            | 1 << VIRTIO_NET_F_MRG_RXBUF
-            | 1 << VIRTIO_NET_F_GUEST_CSUM;
+        let features =
+            1u64 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_GUEST_CSUM;
         Served(backend.clone()).acked_features(features);
         assert_eq!(
             backend.rx_fill.load(Ordering::Relaxed),
@@ -1072,5 +1109,37 @@ mod tests {
             backend.rx_fill.load(Ordering::Relaxed),
             MAX_FRAME_LEN + VNET_HDR_LEN
         );
+    }
+
+    /// With no RX buffers, frames on the TAP stop waking the worker; the
+    /// guest's RX kick (it was asked for one) delivers what waited, and the
+    /// TAP is watched again.
+    #[test]
+    fn a_worker_without_rx_buffers_sleeps_through_frames_until_the_rx_kick() {
+        use vmm_sys_util::epoll::{Epoll, EpollEvent};
+        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let (backend, vrings, mem) =
+            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let epoll = Epoll::new().unwrap();
+        backend.watch_tap(0, epoll.as_raw_fd()).unwrap();
+        let tap_event = backend.tap_event(0) as u16;
+        let mut events = [EpollEvent::default(); 4];
+        let mut woken = || epoll.wait(0, &mut events).unwrap();
+
+        host.send(&[1u8; 100]).unwrap();
+        assert_eq!(woken(), 1);
+        kick(&backend, &vrings, tap_event).unwrap().unwrap();
+        assert_eq!(backend.stats().get(NetCounter::NoRxAvailBuffer), 1);
+        host.send(&[2u8; 100]).unwrap();
+        assert_eq!(woken(), 0, "a frame woke a worker that has no buffers");
+
+        post_rx(&vrings[0], &mem, 4, 2048);
+        kick(&backend, &vrings, 0).unwrap().unwrap();
+        assert_eq!(used_entries(&vrings[0], &mem), vec![(0, 100), (1, 100)]);
+        host.send(&[3u8; 100]).unwrap();
+        assert_eq!(woken(), 1);
+        kick(&backend, &vrings, tap_event).unwrap().unwrap();
+        assert_eq!(backend.stats().get(NetCounter::RxPacketsCount), 3);
     }
 }

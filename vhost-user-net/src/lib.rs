@@ -7,3 +7,4 @@ pub mod frame;
 pub mod mmds;
 pub mod relay;
 pub mod tap;
+pub mod tap_watch;

@@ -171,15 +171,8 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
     process.confine(&seccomp, on_signal)?;
     let mut daemon = process.daemon(backend.clone(), mem)?;
     for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        let Some(tap) = backend.taps().get(pair) else {
-            break;
-        };
-        handler
-            .register_listener(
-                tap.as_raw_fd(),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                backend.tap_event(pair),
-            )
+        backend
+            .watch_tap(pair, handler.as_raw_fd())
             .map_err(|err| Failure::runtime(format_args!("cannot watch the TAP: {err}")))?;
         // The limiters are the interface's: every pair waits on their
         // timers (edge-triggered, each woken once per expiration).
