@@ -972,10 +972,59 @@ JSON
 	ok npf "see the nested.npf.* lines"
 }
 
+# Where each VMM's start-up goes in L1, before its guest runs: one boot
+# under each with the VMM's syscalls, its user page faults and KVM's first
+# guest entry traced, printed as nested.startup.<vmm>.<n>=<ms> <event>
+# (milliseconds from exec; each line counts the page faults since the
+# one before).
+scenario_startup() {
+	trace=/sys/kernel/tracing
+	[ -e $trace/trace ] || mount -t tracefs tracefs $trace || {
+		fail startup "no tracefs"
+		return
+	}
+	cat >/tmp/startup.json <<JSON
+{"boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
+  "boot_args": "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.halt=1"},
+ "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
+JSON
+	echo 16384 >$trace/buffer_size_kb
+	events="syscalls/sys_enter_execve syscalls/sys_enter_ioctl syscalls/sys_exit_ioctl
+		syscalls/sys_enter_read syscalls/sys_exit_read syscalls/sys_enter_mmap
+		syscalls/sys_enter_openat syscalls/sys_enter_clone3 syscalls/sys_enter_seccomp
+		syscalls/sys_enter_madvise exceptions/page_fault_user kvm/kvm_entry
+		sched/sched_process_exec"
+	for vmm in tessera /opt/peers/firecracker tessera /opt/peers/firecracker; do
+		[ -x "$(command -v $vmm)" ] || continue
+		name=$(basename $vmm)
+		echo 0 >$trace/tracing_on
+		echo >$trace/trace
+		for e in $events; do echo 1 >$trace/events/$e/enable; done
+		echo 1 >$trace/tracing_on
+		timeout 60 $vmm --no-api --config-file /tmp/startup.json >/tmp/startup.out 2>&1
+		echo 0 >$trace/tracing_on
+		for e in $events; do echo 0 >$trace/events/$e/enable; done
+		# The VMM's own lines (its threads share its pid's comm or are
+		# named after it); from its execve to KVM's first guest entry.
+		awk -v vmm="$name" '
+			!started && /sched_process_exec/ && index($0, "/" vmm " ") { started = 1 }
+			!started { next }
+			{ task = $1; sub(/-[0-9]+$/, "", task) }
+			task != vmm && task !~ /^fc_/ { next }
+			{ match($0, /[0-9]+\.[0-9]+:/); t = substr($0, RSTART, RLENGTH - 1) * 1000 }
+			!t0 { t0 = t }
+			/page_fault_user/ { pf++; next }
+			/kvm_entry/ { printf "nested.startup.%s.%d=%.1f first guest entry, %d page faults before\n", vmm, ++n, t - t0, pf; exit }
+			{ sub(/^.*: sys_/, "sys_"); printf "nested.startup.%s.%d=%.1f pf+%d %s\n", vmm, ++n, t - t0, pf - last, substr($0, 1, 90); last = pf }
+		' $trace/trace | head -n 400
+	done
+	ok startup "see the nested.startup.* lines"
+}
+
 scenarios=$(sed -n 's/.*nested\.scenarios=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for scenario in $scenarios; do
 	case "$scenario" in
-	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | bench_pci | cpuid | npf | snapshot | migration | migration_bench | mmds | balloon | pci | stock_kernel_pci | hotplug_acpi | hotplug_rescan | jailed_initramfs | jailed_blk_root | jailed_net)
+	initramfs | bzimage | reboot | poweroff | boot_timer | ctrl_alt_del | blk_root | blk_readonly | net | vsock | stock_kernel | bench | bench_pci | cpuid | npf | startup | snapshot | migration | migration_bench | mmds | balloon | pci | stock_kernel_pci | hotplug_acpi | hotplug_rescan | jailed_initramfs | jailed_blk_root | jailed_net)
 		"scenario_$scenario" ;;
 	*) fail "$scenario" "unknown scenario" ;;
 	esac
