@@ -52,6 +52,15 @@ const CONFIG_LEN: usize = 12;
 /// to come back: a guest whose used ring overlaps its avail index (each
 /// completion then posts a frame) must not keep a worker from stopping.
 pub const MAX_TX_PER_EVENT: usize = 1024;
+/// Frames one RX pass puts into the guest's buffers before the worker
+/// looks at its other events (the pair's TX kicks, its exit event) and
+/// kicks itself to come back: a flood into the TAP, while the guest keeps
+/// posting buffers, must not starve the pair's TX or keep the worker from
+/// stopping, and the guest hears of what it got at least this often.
+#[cfg(not(test))]
+pub const MAX_RX_PER_EVENT: usize = 1024;
+#[cfg(test)]
+pub const MAX_RX_PER_EVENT: usize = 8;
 
 /// Settings of the device.
 #[derive(Debug, Clone)]
@@ -373,7 +382,8 @@ impl NetBackend {
     /// mergeable frame may need up to `rx_fill` bytes of them, most of
     /// which a small frame leaves for the next); those left at the end go
     /// back to the ring. Notifications of new buffers are off while buffers
-    /// remain. Frames the RX limiter holds back wait in the TAP.
+    /// remain. Frames the RX limiter holds back wait in the TAP. A pass
+    /// ends after MAX_RX_PER_EVENT frames and kicks the queue to go on.
     /// Frames stop waking the worker while none can move (`watch`).
     fn process_rx(
         &self,
@@ -399,8 +409,13 @@ impl NetBackend {
         let mut out_of_buffers = false;
         // Ended with no buffers or with the limiter's budget spent.
         let mut starved = false;
+        let mut budget_spent = false;
         vring.disable_notification()?;
         loop {
+            if delivered >= MAX_RX_PER_EVENT {
+                budget_spent = true;
+                break;
+            }
             if ready.is_empty() {
                 blocked = false;
             }
@@ -501,6 +516,11 @@ impl NetBackend {
         }
         if delivered > 0 {
             self.signal(vring)?;
+        }
+        if budget_spent {
+            if let Some(kick) = vring.get_ref().get_kick() {
+                ring::kick_again(kick);
+            }
         }
         Ok(())
     }
@@ -1006,7 +1026,10 @@ mod tests {
         assert!(!backend.is_broken(1));
     }
 
-    /// Posts `count` RX chains of one `len`-byte buffer each, at 0x8000 on.
+    const RX_BUFFERS: u64 = 0x4_0000;
+
+    /// Posts `count` RX chains of one `len`-byte buffer each, 4 KiB apart
+    /// from RX_BUFFERS on (above both rings).
     fn post_rx(vring: &BackendVring, mem: &BackendMemory, count: u16, len: u32) {
         let (desc, avail) = {
             let state = vring.get_ref();
@@ -1016,7 +1039,7 @@ mod tests {
             )
         };
         for index in 0..count {
-            let buffer = 0x8000 + u64::from(index) * 0x1000;
+            let buffer = RX_BUFFERS + u64::from(index) * 0x1000;
             let d = virtio_queue::desc::split::Descriptor::new(
                 buffer,
                 len,
@@ -1081,7 +1104,7 @@ mod tests {
         );
         let mut delivered = vec![0u8; 3000];
         for (i, piece) in delivered.chunks_mut(1024).enumerate() {
-            mem.read_slice(piece, GuestAddress(0x9000 + i as u64 * 0x1000))
+            mem.read_slice(piece, GuestAddress(RX_BUFFERS + 0x1000 + i as u64 * 0x1000))
                 .unwrap();
         }
         // The stand-in TAP's frame has its header bytes too, where the
@@ -1141,5 +1164,36 @@ mod tests {
         assert_eq!(woken(), 1);
         kick(&backend, &vrings, tap_event).unwrap().unwrap();
         assert_eq!(backend.stats().get(NetCounter::RxPacketsCount), 3);
+    }
+
+    /// A flood into the TAP while the guest has buffers: one pass takes
+    /// MAX_RX_PER_EVENT frames, tells the guest, and kicks the worker to
+    /// come back after its other events.
+    #[test]
+    fn an_rx_pass_yields_after_its_budget_and_comes_back() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let (backend, vrings, mem) =
+            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fd = rx_kick.try_clone().unwrap().into_raw_fd();
+        // SAFETY: `fd` is a new descriptor this test owns and hands over.
+        let kick_file = unsafe { std::fs::File::from_raw_fd(fd) };
+        vrings[0].set_kick(Some(kick_file));
+        post_rx(&vrings[0], &mem, QUEUE_SIZE, 2048);
+        let frames = MAX_RX_PER_EVENT + 4;
+        for _ in 0..frames {
+            host.send(&[7u8; 100]).unwrap();
+        }
+        let tap_event = backend.tap_event(0) as u16;
+        kick(&backend, &vrings, tap_event).unwrap().unwrap();
+        assert_eq!(used_entries(&vrings[0], &mem).len(), MAX_RX_PER_EVENT);
+        assert_eq!(rx_kick.read().unwrap(), 1, "the worker did not kick itself");
+
+        kick(&backend, &vrings, 0).unwrap().unwrap();
+        assert_eq!(used_entries(&vrings[0], &mem).len(), frames);
+        assert!(rx_kick.read().is_err(), "a pass within its budget kicked");
     }
 }
