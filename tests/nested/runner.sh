@@ -931,17 +931,28 @@ JSON
 # many, on how many 2 MiB guest regions, the regions that took more than
 # one fault (mapped 4 KiB at a time), L1's THP fault counters, and the
 # L2 exits by reason.
-scenario_npf() {
+# Mounts tracefs at $trace if need be; false (scenario $1 failed) without.
+tracefs_for() {
 	trace=/sys/kernel/tracing
 	[ -e $trace/trace ] || mount -t tracefs tracefs $trace || {
-		fail npf "no tracefs"
-		return
+		fail "$1" "no tracefs"
+		return 1
 	}
-	cat >/tmp/npf.json <<JSON
+}
+
+# A configuration (file $1) that both VMMs read: L2 boots to init, which
+# halts at once.
+halting_boot_json() {
+	cat >"$1" <<JSON
 {"boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
   "boot_args": "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.halt=1"},
  "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
 JSON
+}
+
+scenario_npf() {
+	tracefs_for npf || return
+	halting_boot_json /tmp/npf.json
 	echo 8192 >$trace/buffer_size_kb
 	for vmm in tessera /opt/peers/firecracker tessera /opt/peers/firecracker; do
 		[ -x "$(command -v $vmm)" ] || continue
@@ -978,16 +989,8 @@ JSON
 # (milliseconds from exec; each line counts the page faults since the
 # one before).
 scenario_startup() {
-	trace=/sys/kernel/tracing
-	[ -e $trace/trace ] || mount -t tracefs tracefs $trace || {
-		fail startup "no tracefs"
-		return
-	}
-	cat >/tmp/startup.json <<JSON
-{"boot-source": {"kernel_image_path": "$L2/vmlinux", "initrd_path": "$L2/initramfs.cpio.gz",
-  "boot_args": "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.halt=1"},
- "drives": [], "machine-config": {"vcpu_count": 1, "mem_size_mib": 256}}
-JSON
+	tracefs_for startup || return
+	halting_boot_json /tmp/startup.json
 	echo 16384 >$trace/buffer_size_kb
 	events="syscalls/sys_enter_execve syscalls/sys_enter_ioctl syscalls/sys_exit_ioctl
 		syscalls/sys_enter_read syscalls/sys_exit_read syscalls/sys_enter_mmap

@@ -901,30 +901,8 @@ mod tests {
         let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
         let (backend, vrings, mem) =
             device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
-        let (desc, avail) = {
-            let state = vrings[1].get_ref();
-            (
-                state.get_queue().desc_table(),
-                state.get_queue().avail_ring(),
-            )
-        };
         // A 72-byte frame (header and 60 bytes), then a 4-byte one.
-        for (index, len) in [(0u16, 72u32), (1, 4)] {
-            let buffer = 0x8000 + u64::from(index) * 0x100;
-            let d = virtio_queue::desc::split::Descriptor::new(buffer, len, 0, 0);
-            mem.write_obj(
-                virtio_queue::desc::RawDescriptor::from(d),
-                GuestAddress(desc + u64::from(index) * 16),
-            )
-            .unwrap();
-            mem.write_obj(
-                index.to_le(),
-                GuestAddress(avail + 4 + u64::from(index) * 2),
-            )
-            .unwrap();
-        }
-        mem.write_obj(2u16.to_le(), GuestAddress(avail + 2))
-            .unwrap();
+        post_chains(&vrings[1], &mem, &[(0x8000, 72, 0), (0x8100, 4, 0)]);
         kick(&backend, &vrings, 1).unwrap().unwrap();
         let mut frame = [0u8; 128];
         assert_eq!(host.recv(&mut frame).unwrap(), 72);
@@ -1028,9 +1006,9 @@ mod tests {
 
     const RX_BUFFERS: u64 = 0x4_0000;
 
-    /// Posts `count` RX chains of one `len`-byte buffer each, 4 KiB apart
-    /// from RX_BUFFERS on (above both rings).
-    fn post_rx(vring: &BackendVring, mem: &BackendMemory, count: u16, len: u32) {
+    /// Posts one single-descriptor chain per (address, length, flags), in
+    /// descriptors 0, 1, ... and the avail ring's first entries.
+    fn post_chains(vring: &BackendVring, mem: &BackendMemory, buffers: &[(u64, u32, u16)]) {
         let (desc, avail) = {
             let state = vring.get_ref();
             (
@@ -1038,14 +1016,8 @@ mod tests {
                 state.get_queue().avail_ring(),
             )
         };
-        for index in 0..count {
-            let buffer = RX_BUFFERS + u64::from(index) * 0x1000;
-            let d = virtio_queue::desc::split::Descriptor::new(
-                buffer,
-                len,
-                virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16,
-                0,
-            );
+        for (index, &(buffer, len, flags)) in (0u16..).zip(buffers) {
+            let d = virtio_queue::desc::split::Descriptor::new(buffer, len, flags, 0);
             mem.write_obj(
                 virtio_queue::desc::RawDescriptor::from(d),
                 GuestAddress(desc + u64::from(index) * 16),
@@ -1057,8 +1029,18 @@ mod tests {
             )
             .unwrap();
         }
-        mem.write_obj(count.to_le(), GuestAddress(avail + 2))
+        mem.write_obj((buffers.len() as u16).to_le(), GuestAddress(avail + 2))
             .unwrap();
+    }
+
+    /// Posts `count` RX chains of one `len`-byte buffer each, 4 KiB apart
+    /// from RX_BUFFERS on (above both rings).
+    fn post_rx(vring: &BackendVring, mem: &BackendMemory, count: u16, len: u32) {
+        let write = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let buffers: Vec<_> = (0..u64::from(count))
+            .map(|i| (RX_BUFFERS + i * 0x1000, len, write))
+            .collect();
+        post_chains(vring, mem, &buffers);
     }
 
     /// The used ring's entries so far, as (head, length).

@@ -281,10 +281,8 @@ pub fn receive_into(
         iov_base: (&raw mut overflow).cast(),
         iov_len: 1,
     });
-    // SAFETY: every iovec but the last addresses mapped guest memory
-    // checked by check_rx_chain against the snapshot the caller still
-    // holds, which the device may write; the last is `overflow`, alive
-    // until readv returns.
+    // SAFETY: the iovecs address device-writable guest memory mapped in the
+    // caller's snapshot (check_rx_chain), then `overflow`, alive past readv.
     let n = unsafe { libc::readv(fd, scratch.as_ptr(), scratch.len() as libc::c_int) };
     if n < 0 {
         let err = io::Error::last_os_error();
