@@ -405,15 +405,22 @@ fn bench_api(runs: usize) -> serde_json::Value {
     })
 }
 
+/// How long each stage of a benchmarked Linux boot (to the init's first
+/// line, then to the VMM's exit) may take: both together well within the
+/// nested harness's L1_SILENCE, so that a boot that hangs in L1 is
+/// reported with its console and the VMM's log rather than looking like a
+/// frozen L1.
+const LINUX_BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The kernel command line of the Linux boot benchmark.
+const LINUX_BENCH_ARGS: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
+
 /// Boots Linux (1 vCPU, 256 MiB, initramfs) `runs` times under tessera
 /// and, when its binary is among the peers, under Firecracker, in turn:
 /// process start to `TESSERA-GUEST-UP` (the init's first line), to the
 /// process's exit (init halts at once), and, under tessera, to the init's
 /// boot-timer write.
-/// The kernel command line of the Linux boot benchmark.
-const LINUX_BENCH_ARGS: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off quiet tessera.boot_timer=1 tessera.halt=1";
-
 fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
     let config = VmConfig::new(guest_dir.join("vmlinux"), LINUX_BENCH_ARGS)
         .mem_mib(256)
@@ -432,11 +439,11 @@ fn bench_linux(guest_dir: &Path, runs: usize) -> serde_json::Value {
                 command.arg("--boot-timer");
             }
             let mut vm = Running::spawn(command);
-            vm.wait_until(Duration::from_secs(120), |stdout, _| {
+            vm.wait_until(LINUX_BOOT_DEADLINE, |stdout, _| {
                 stdout.contains("TESSERA-GUEST-UP")
             });
             let marker = vm.elapsed();
-            let exited = vm.wait_until(Duration::from_secs(120), |_, _| false);
+            let exited = vm.wait_until(LINUX_BOOT_DEADLINE, |_, _| false);
             let end = vm.elapsed();
             let run = vm.finish();
             assert!(
@@ -529,13 +536,13 @@ fn trace_boots(vmms: &[peers::Vmm], guest_dir: &Path) -> serde_json::Value {
     for vmm in vmms {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut vm = Running::spawn(vmm.boot_command(&config, dir.path()));
-        vm.wait_until(Duration::from_secs(120), |stdout, _| {
+        vm.wait_until(LINUX_BOOT_DEADLINE, |stdout, _| {
             stdout.contains("TESSERA-GUEST-UP")
         });
         // While the init prints the kernel log: how much of guest RAM the
         // host backs with transparent huge pages.
         let huge_kib = anon_huge_pages_kib(vm.pid());
-        vm.wait_until(Duration::from_secs(120), |_, _| false);
+        vm.wait_until(LINUX_BOOT_DEADLINE, |_, _| false);
         let run = vm.finish();
         // A timed benchmark without its breakdown is still worth keeping.
         let Some(log) = boot_trace::BootLog::parse(&run.stdout) else {
