@@ -532,8 +532,12 @@ impl NetBackend {
     /// returns that size.
     fn fill_for_any_frame(&self, fill: usize) -> usize {
         let largest = MAX_FRAME_LEN + VNET_HDR_LEN;
+        // Rate-limited: a guest that resets its driver brings the smaller
+        // fill back, and the next long frame would log again.
         if fill < largest && self.rx_fill.swap(largest, Ordering::Relaxed) < largest {
-            log::warn!(
+            guest_log!(
+                &SETUP,
+                log::Level::Warn,
                 "a frame from the TAP exceeded the MTU's {fill} bytes: RX buffers are now filled for {largest}"
             );
         }
