@@ -1,7 +1,8 @@
 //! vhost-user-net's frame path on chains a hostile guest laid out: TX
 //! chains are sent (gathered straight from guest memory) to a socket that
 //! stands in for the TAP, and RX chains are checked and filled from it,
-//! with and without mergeable buffers, as the backend's workers do: at
+//! with and without mergeable buffers, as the backend's workers do (a
+//! frame is delivered whole or refused, never cut short): at
 //! most `MAX_TX_PER_EVENT` chains per run, as a worker per event (a used
 //! ring laid over the avail index posts a chain per completion), each read
 //! no further than `MAX_DESCRIPTORS` + 1 descriptors, as the workers do.
@@ -71,9 +72,13 @@ fuzz_target!(|input: Input| {
         tap.as_raw_fd(),
         input.mergeable,
     ) {
-        assert!(len <= input.frame.len());
+        // A frame reaches the guest whole or not at all (one too long for
+        // the chains is refused, never cut short).
+        assert_eq!(len, input.frame.len());
         assert!(used.len() <= chains.len());
+        assert_eq!(used.iter().map(|&b| b as usize).sum::<usize>(), len);
         for (chain, bytes) in chains.iter().zip(&used) {
+            assert!(*bytes as usize <= chain.capacity);
             let _ = queue.add_used(&mem, chain.head, *bytes);
         }
     }

@@ -871,6 +871,21 @@ mod tests {
         device_on(std::fs::File::open("/dev/null").unwrap())
     }
 
+    /// The same on one end of a datagram socket pair (non-blocking, as a
+    /// TAP is) standing in for the TAP; the other end is the host's.
+    fn device_on_socket() -> (
+        Arc<NetBackend>,
+        Arc<Vec<BackendVring>>,
+        BackendMemory,
+        std::os::unix::net::UnixDatagram,
+    ) {
+        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tap.set_nonblocking(true).unwrap();
+        let (backend, vrings, mem) =
+            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        (backend, vrings, mem, host)
+    }
+
     /// The same on `tap_file` as the TAP.
     fn device_on(
         tap_file: std::fs::File,
@@ -902,9 +917,7 @@ mod tests {
 
     #[test]
     fn the_counters_say_what_the_guest_sent() {
-        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let (backend, vrings, mem) =
-            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let (backend, vrings, mem, host) = device_on_socket();
         // A 72-byte frame (header and 60 bytes), then a 4-byte one.
         post_chains(&vrings[1], &mem, &[(0x8000, 72, 0), (0x8100, 4, 0)]);
         kick(&backend, &vrings, 1).unwrap().unwrap();
@@ -1066,10 +1079,7 @@ mod tests {
     /// whole, never passed on cut short, and the next one gets room.
     #[test]
     fn a_frame_past_the_mtu_is_dropped_whole_and_the_next_gets_room() {
-        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        tap.set_nonblocking(true).unwrap();
-        let (backend, vrings, mem) =
-            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let (backend, vrings, mem, host) = device_on_socket();
         let features =
             1u64 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_NET_F_GUEST_CSUM;
         Served(backend.clone()).acked_features(features);
@@ -1126,10 +1136,7 @@ mod tests {
     #[test]
     fn a_worker_without_rx_buffers_sleeps_through_frames_until_the_rx_kick() {
         use vmm_sys_util::epoll::{Epoll, EpollEvent};
-        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        tap.set_nonblocking(true).unwrap();
-        let (backend, vrings, mem) =
-            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let (backend, vrings, mem, host) = device_on_socket();
         let epoll = Epoll::new().unwrap();
         backend.watch_tap(0, epoll.as_raw_fd()).unwrap();
         let tap_event = backend.tap_event(0) as u16;
@@ -1159,10 +1166,7 @@ mod tests {
     fn an_rx_pass_yields_after_its_budget_and_comes_back() {
         use std::os::fd::{FromRawFd, IntoRawFd};
         use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-        let (tap, host) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        tap.set_nonblocking(true).unwrap();
-        let (backend, vrings, mem) =
-            device_on(std::fs::File::from(std::os::fd::OwnedFd::from(tap)));
+        let (backend, vrings, mem, host) = device_on_socket();
         let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let fd = rx_kick.try_clone().unwrap().into_raw_fd();
         // SAFETY: `fd` is a new descriptor this test owns and hands over.
