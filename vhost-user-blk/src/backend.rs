@@ -460,9 +460,10 @@ impl BlockBackend {
                 status,
                 work,
             };
+            let more = more_posted(vring, mem);
             // The synchronous engine (or a failed submission) finishes at
             // once.
-            if let Some((ticket, result)) = engine.start(&self.disk, ticket, op) {
+            if let Some((ticket, result)) = engine.start(&self.disk, ticket, op, more) {
                 let completion = request::finish(mem, ticket.status, ticket.work, result);
                 completer.complete(position, ticket.head, completion)?;
                 batch.completed[position] = true;
@@ -542,18 +543,23 @@ impl BlockBackend {
         let deadline = Instant::now() + self.config.poll;
         while Instant::now() < deadline {
             for (_, vring) in vrings {
-                let state = vring.get_ref();
-                let queue = state.get_queue();
-                if let Ok(avail) = queue.avail_idx(mem, Ordering::Acquire) {
-                    if avail.0 != queue.next_avail() {
-                        return true;
-                    }
+                if more_posted(vring, mem) {
+                    return true;
                 }
             }
             std::hint::spin_loop();
         }
         false
     }
+}
+
+/// Whether the guest has posted requests on `vring` that are not taken yet.
+fn more_posted(vring: &BackendVring, mem: &BackendMemory) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|avail| avail.0 != queue.next_avail())
 }
 
 /// Whether the frontend has the queue running (enabled and ready); one it
