@@ -460,7 +460,7 @@ impl BlockBackend {
                 status,
                 work,
             };
-            let more = more_posted(vring, mem);
+            let more = || more_posted(vring, mem);
             // The synchronous engine (or a failed submission) finishes at
             // once.
             if let Some((ticket, result)) = engine.start(&self.disk, ticket, op, more) {

@@ -141,7 +141,15 @@ impl Engine {
 
     /// Starts `op`. The blocking engine, or an in-place transfer that did
     /// not need to block, finishes it at once and returns it.
-    pub fn start(&mut self, disk: &Disk, ticket: Ticket, op: Op, more: bool) -> Option<Done> {
+    /// `more` says whether the guest has posted further requests after
+    /// this one (asked only where that decides whether it is done in place).
+    pub fn start(
+        &mut self,
+        disk: &Disk,
+        ticket: Ticket,
+        op: Op,
+        more: impl Fn() -> bool,
+    ) -> Option<Done> {
         if self.ring.is_none() {
             return Some((ticket, run_one_sync(disk, &op)));
         }
@@ -183,18 +191,17 @@ impl Engine {
 
     /// Does `io` in place if its file and direction allow (see the module's
     /// documentation) and returns its outcome; None sends it to the ring.
-    /// `more` says the guest has posted further requests after it.
     fn in_place(
         &mut self,
         disk: &Disk,
         io: &DataIo,
-        more: bool,
+        more: impl Fn() -> bool,
     ) -> Option<Result<u32, RequestError>> {
         let moved = if io.write { 0 } else { io.len };
         let way = if io.write { self.writes } else { self.reads };
         match way {
             InPlace::Never => None,
-            InPlace::Nowait if more || self.queued > 0 => None,
+            InPlace::Nowait if self.queued > 0 || more() => None,
             // A durable write waits for the device (RWF_DSYNC) but in memory.
             InPlace::Always if io.write && io.durable && !disk.in_memory() => None,
             InPlace::Always => Some(run_sync(io, disk).map(|()| moved)),
@@ -454,7 +461,7 @@ mod tests {
         assert!(engine.is_uring());
         let mut buf = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut buf);
-        let done = engine.start(&disk, ticket, Op::Io(io), false);
+        let done = engine.start(&disk, ticket, Op::Io(io), || false);
         assert!(
             matches!(done, Some((_, Ok(4096)))),
             "read not done in place"
@@ -463,7 +470,7 @@ mod tests {
         let mut data = vec![9u8; 4096];
         // Durable too: in memory, RWF_DSYNC waits for nothing.
         let (io, ticket) = write_from(&mut data, true);
-        let done = engine.start(&disk, ticket, Op::Io(io), false);
+        let done = engine.start(&disk, ticket, Op::Io(io), || false);
         assert!(matches!(done, Some((_, Ok(0)))), "write not done in place");
         assert_eq!(engine.in_flight(), 0);
         assert_eq!(std::fs::read(file.path()).unwrap(), [9u8; 4096]);
@@ -485,7 +492,7 @@ mod tests {
         for byte in [1u8, 2] {
             let mut data = vec![byte; 4096];
             let (io, ticket) = write_from(&mut data, false);
-            let done = engine.start(&disk, ticket, Op::Io(io), false);
+            let done = engine.start(&disk, ticket, Op::Io(io), || false);
             assert!(
                 matches!(done, Some((_, Ok(0)))),
                 "write {byte} not in place"
@@ -494,7 +501,7 @@ mod tests {
         }
         let mut data = vec![3u8; 4096];
         let (io, ticket) = write_from(&mut data, true);
-        assert!(engine.start(&disk, ticket, Op::Io(io), false).is_none());
+        assert!(engine.start(&disk, ticket, Op::Io(io), || false).is_none());
         assert_eq!(engine.in_flight(), 1);
         let mut done = Vec::new();
         while done.is_empty() {
@@ -513,7 +520,7 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut buf);
         let mut engine = Engine::new(8, true, &disk);
-        let done = engine.start(&disk, ticket, Op::Io(io), false);
+        let done = engine.start(&disk, ticket, Op::Io(io), || false);
         assert!(matches!(done, Some((_, Ok(4096)))), "not done in place");
         assert_eq!(engine.in_flight(), 0);
         assert_eq!(buf, [7u8; 4096]);
@@ -527,10 +534,10 @@ mod tests {
         let mut first = vec![0u8; 4096];
         let mut last = vec![0u8; 4096];
         let (io, ticket) = read_into(&mut first);
-        assert!(engine.start(&disk, ticket, Op::Io(io), true).is_none());
+        assert!(engine.start(&disk, ticket, Op::Io(io), || true).is_none());
         // The last of the batch follows the others though none is after it.
         let (io, ticket) = read_into(&mut last);
-        assert!(engine.start(&disk, ticket, Op::Io(io), false).is_none());
+        assert!(engine.start(&disk, ticket, Op::Io(io), || false).is_none());
         assert_eq!(engine.in_flight(), 2);
         let mut done = Vec::new();
         while done.len() < 2 {
@@ -541,7 +548,7 @@ mod tests {
         assert_eq!(last, [7u8; 4096]);
         // Alone again: in place.
         let (io, ticket) = read_into(&mut first);
-        let done = engine.start(&disk, ticket, Op::Io(io), false);
+        let done = engine.start(&disk, ticket, Op::Io(io), || false);
         assert!(matches!(done, Some((_, Ok(4096)))), "not done in place");
     }
 
@@ -558,7 +565,7 @@ mod tests {
         let (io, ticket) = read_into(&mut buf);
         let mut engine = Engine::new(8, true, &disk);
         assert!(engine.is_uring());
-        assert!(engine.start(&disk, ticket, Op::Io(io), false).is_none());
+        assert!(engine.start(&disk, ticket, Op::Io(io), || false).is_none());
         let mut done = Vec::new();
         while done.is_empty() {
             engine.reap(&disk, true, &mut done).unwrap();

@@ -126,6 +126,29 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
     }
 }
 
+/// Loads the kernel at `kernel` and, if given, the initrd at `initrd`
+/// above it.
+pub fn load_images(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+) -> Result<(LoadedKernel, Option<InitrdRegion>), BootError> {
+    let kernel = load_kernel(mem, kernel)?;
+    let initrd = initrd
+        .map(|path| {
+            load_initrd(
+                mem,
+                mem_size,
+                path,
+                kernel.kernel_end,
+                initrd_addr_limit(&kernel),
+            )
+        })
+        .transpose()?;
+    Ok((kernel, initrd))
+}
+
 /// Loads the initrd page-aligned at the top of low RAM, below `max_addr`
 /// and above the kernel image.
 pub fn load_initrd(
