@@ -146,7 +146,18 @@ pub fn load_images(
             )
         })
         .transpose()?;
+    fault_in_boot_info(mem);
     Ok((kernel, initrd))
+}
+
+/// Faults in the page the boot information goes to later, once the
+/// devices are known: with transparent huge pages that brings in the first
+/// 2 MiB of guest memory, zeroed, which the loader then pays for instead of
+/// the VMM thread (16 to 32 ms of a start in L1 under TCG).
+fn fault_in_boot_info(mem: &GuestMemoryMmap) {
+    // Guest RAM starts at 0; were the page missing, writing the boot
+    // information would report it.
+    let _ = mem.write_obj(0u8, GuestAddress(layout::ZERO_PAGE_START));
 }
 
 /// Loads the initrd page-aligned at the top of low RAM, below `max_addr`
