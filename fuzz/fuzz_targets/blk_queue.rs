@@ -28,6 +28,10 @@ struct Input {
     io_uring: bool,
     read_only: bool,
     disk_sectors: u8,
+    /// The disk is a file on a disk-backed file system (a request alone is
+    /// tried in place with RWF_NOWAIT, requests posted together go to the
+    /// ring together) rather than in memory (always in place).
+    on_disk: bool,
     features: u64,
     left_in_flight: Option<LeftInFlight>,
 }
@@ -81,9 +85,29 @@ fn memfd_disk(sectors: u64, read_only: bool) -> Option<Disk> {
     Disk::from_fd(fd, read_only, false).ok()
 }
 
+/// An unnamed file in /var/tmp, which is not tmpfs on the machines the
+/// fuzz smoke runs on (were it, the disk is in memory, as with a memfd).
+fn file_disk(sectors: u64, read_only: bool) -> Option<Disk> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open("/var/tmp")
+        .ok()?;
+    file.set_len(sectors * 512).ok()?;
+    Disk::from_fd(file.into(), read_only, false).ok()
+}
+
 fuzz_target!(|input: Input| {
     let mem = GuestMemoryAtomic::new(input.ring.memory());
-    let Some(disk) = memfd_disk(u64::from(input.disk_sectors % 64) + 1, input.read_only) else {
+    let sectors = u64::from(input.disk_sectors % 64) + 1;
+    let disk = if input.on_disk {
+        file_disk(sectors, input.read_only)
+    } else {
+        memfd_disk(sectors, input.read_only)
+    };
+    let Some(disk) = disk else {
         return;
     };
     let config = BackendConfig {

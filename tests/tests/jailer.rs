@@ -696,7 +696,8 @@ fn a_jailed_vmm_serves_vsock_from_a_jailed_backend_that_sees_only_the_socket_dir
     let mut vm = Running::spawn(jailer_command(&args));
     let pid = vm.pid();
     vm.wait_until(Duration::from_secs(60), |out, _| {
-        out.contains("probe.vsock=listening") || out.contains("probe.vsock=error")
+        tessera_tests::has_line(out, "probe.vsock=listening")
+            || tessera_tests::has_line(out, "probe.vsock=error")
     });
     assert!(
         vm.stdout().contains("probe.vsock=listening 52"),

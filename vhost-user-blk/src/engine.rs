@@ -12,8 +12,8 @@
 //!   `preadv2`/`pwritev2` and `RWF_NOWAIT`, as QEMU and SPDK do, and only
 //!   what would block goes to the ring. Requests posted together go to the
 //!   ring together: one call submits them all, and the kernel copies those
-//!   in the page cache inside it (4 KiB reads at QD32: 443k IOPS against
-//!   385k one call each). Where the file system refuses `RWF_NOWAIT` (ext4
+//!   in the page cache inside it (4 KiB reads at QD32: 349k IOPS against
+//!   324k one call each). Where the file system refuses `RWF_NOWAIT` (ext4
 //!   for buffered writes), writes, which only fill the page cache, are done
 //!   in place as Cloud Hypervisor's backend does, and reads go to the ring;
 //! - O_DIRECT I/O, and a durable write outside memory, always go to the

@@ -414,10 +414,8 @@ fn through_tessera(runs: usize, mib: u64) -> Value {
                 o.contains("probe.virtio=0,2,")
             });
             let start = vm.elapsed();
-            // The serial port prints a byte at a time: wait for the line's end.
             vm.wait_until(Duration::from_secs(120), |o, _| {
-                o.split_once("probe.blk0=")
-                    .is_some_and(|(_, rest)| rest.contains('\n'))
+                tessera_tests::has_line(o, "probe.blk0=")
             });
             let seconds = (vm.elapsed() - start).as_secs_f64();
             let run = vm.finish();
