@@ -127,7 +127,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
 }
 
 /// Loads the kernel at `kernel` and, if given, the initrd at `initrd`
-/// above it.
+/// above it, then faults in the page the boot information goes to.
 pub fn load_images(
     mem: &GuestMemoryMmap,
     mem_size: u64,
