@@ -579,9 +579,10 @@ fn posted_left(vring: &BackendVring, mem: &BackendMemory) -> u16 {
 /// Once per round, signals what the queue at `position` completed so far
 /// when no more than [`REFILL_MARK`] requests are left to take, rather than
 /// only at the round's end: the frontend's thread wakes up and posts more
-/// while the worker is still busy, instead of after the queue ran dry. Only
-/// with EVENT_IDX, where the signal at the round's end is then skipped
-/// unless the frontend asked for it again.
+/// while the worker is still busy, instead of after the queue ran dry. With
+/// none left the round is about to end and signal anyway. Only with
+/// EVENT_IDX, where the signal at the round's end is then skipped unless
+/// the frontend asked for it again.
 fn ask_refill(
     completer: &Completer,
     batch: &mut Batch,
@@ -589,7 +590,10 @@ fn ask_refill(
     vring: &BackendVring,
     mem: &BackendMemory,
 ) -> Result<(), WorkerError> {
-    if !batch.event_idx || batch.refill_asked[position] || posted_left(vring, mem) > REFILL_MARK {
+    if !batch.event_idx || batch.refill_asked[position] {
+        return Ok(());
+    }
+    if !(1..=REFILL_MARK).contains(&posted_left(vring, mem)) {
         return Ok(());
     }
     batch.refill_asked[position] = true;
