@@ -88,7 +88,7 @@ fn open_without_blocking(path: &Path) -> std::io::Result<File> {
 
 /// Loads an ELF vmlinux (through its PVH note when it has one, else the
 /// 64-bit entry) or a bzImage.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
     let open = || {
         open_without_blocking(path).map_err(|source| BootError::Open {
             what: "the kernel image",
@@ -162,7 +162,7 @@ fn fault_in_boot_info(mem: &GuestMemoryMmap) {
 
 /// Loads the initrd page-aligned at the top of low RAM, below `max_addr`
 /// and above the kernel image.
-pub fn load_initrd(
+fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     path: &Path,
@@ -203,7 +203,7 @@ pub fn load_initrd(
 }
 
 /// The highest address (exclusive) the kernel accepts an initrd at.
-pub fn initrd_addr_limit(kernel: &LoadedKernel) -> u64 {
+fn initrd_addr_limit(kernel: &LoadedKernel) -> u64 {
     match kernel.setup_header {
         Some(hdr) if hdr.initrd_addr_max != 0 => u64::from(hdr.initrd_addr_max) + 1,
         // The boot protocol's default for old kernels, and a safe bound for PVH.
