@@ -1,7 +1,8 @@
 //! vhost-user-blk's worker on a queue that a hostile guest laid out: the
 //! real backend's event handler (descriptor chains, the request parser and
 //! planner, the I/O engine, the used ring) over guest memory from the
-//! input, on a small memfd disk. A hang here is a guest spinning a worker.
+//! input, on a small memfd disk (served through its mapping) or a file on
+//! disk. A hang here is a guest spinning a worker.
 //! Optionally the frontend hands over an inflight region in which an
 //! earlier backend left requests in flight (any heads, counters and used
 //! index): the worker resubmits them before taking new ones.
@@ -77,8 +78,10 @@ fn memfd_disk(sectors: u64, read_only: bool) -> Option<Disk> {
     }
     // SAFETY: the memfd was just created and is owned here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sizes the memfd owned here.
-    if unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), (sectors * 512) as i64) } != 0
+    // Allocated, not only sized: an image in memory with no holes is
+    // served through its mapping (vhost-user-blk's `mapping` module).
+    // SAFETY: allocates the memfd owned here.
+    if unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&fd), 0, 0, (sectors * 512) as i64) } != 0
     {
         return None;
     }

@@ -21,7 +21,16 @@ struct Backend {
 
 impl Backend {
     fn start(size: u64, fill: u8, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), size, fill, extra)
+    }
+
+    /// With the image on tmpfs, where the backend copies through a
+    /// mapping of it.
+    fn start_on_tmpfs(size: u64, fill: u8, extra: &[&str]) -> Self {
+        Self::start_in(tempfile::tempdir_in("/dev/shm").unwrap(), size, fill, extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, size: u64, fill: u8, extra: &[&str]) -> Self {
         let image = dir.path().join("disk.img");
         std::fs::write(&image, vec![fill; size as usize]).unwrap();
         let socket = dir.path().join("blk.sock");
@@ -65,7 +74,15 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn read_write_flush_discard_and_write_zeroes_match_the_file() {
-    let backend = Backend::start(16 * MIB, 0x11, &[]);
+    read_write_flush_discard_and_write_zeroes(Backend::start(16 * MIB, 0x11, &[]));
+}
+
+#[test]
+fn on_tmpfs_through_the_mapping_too() {
+    read_write_flush_discard_and_write_zeroes(Backend::start_on_tmpfs(16 * MIB, 0x11, &[]));
+}
+
+fn read_write_flush_discard_and_write_zeroes(backend: Backend) {
     {
         let mut disk = BlkioDisk::connect(&backend.socket, MIB as usize).unwrap();
         assert_eq!(disk.capacity(), 16 * MIB);
@@ -117,6 +134,39 @@ fn read_write_flush_discard_and_write_zeroes_match_the_file() {
 }
 
 #[test]
+fn an_image_on_tmpfs_cut_short_under_the_backend_fails_those_reads_and_no_other() {
+    let backend = Backend::start_on_tmpfs(16 * MIB, 0x33, &[]);
+    {
+        let mut disk = BlkioDisk::connect(&backend.socket, MIB as usize).unwrap();
+        assert_eq!(disk.read(8 * MIB, 4096), 0);
+        assert!(disk.buffer()[..4096].iter().all(|b| *b == 0x33));
+        // Someone else truncates the image: the mapped pages past the new
+        // end are gone (SIGBUS in the backend's worker, seccomp on).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&backend.image)
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
+        assert_ne!(
+            disk.read(8 * MIB, 4096),
+            0,
+            "a read past the new end succeeded"
+        );
+        assert_eq!(disk.read(0, 4096), 0);
+        assert!(disk.buffer()[..4096].iter().all(|b| *b == 0x33));
+        disk.buffer()[..4096].fill(0x44);
+        assert_eq!(disk.write(MIB, 4096), 0);
+        assert_eq!(
+            &backend.file()[MIB as usize..MIB as usize + 4096],
+            &[0x44; 4096]
+        );
+    }
+    let run = backend.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+}
+
+#[test]
 fn a_read_only_backend_refuses_writes() {
     // libblkio sees VIRTIO_BLK_F_RO and refuses a writable connection; the
     // backend serves one frontend, so the second attempt gets a new one.
@@ -150,12 +200,16 @@ fn a_read_only_backend_refuses_writes() {
 /// Request i of 4096 writes its slot (i % 32) to a block of its own at
 /// queue depth 32, then reads them all back into cleared slots; the file
 /// and the slots are checked.
-fn deep_queue_of_random_io(backend_args: &[&str], completions: Completions) {
+fn deep_queue_of_random_io(
+    start: fn(u64, u8, &[&str]) -> Backend,
+    backend_args: &[&str],
+    completions: Completions,
+) {
     const BLOCKS: u64 = 16384;
     const WRITES: usize = 4096;
     const DEPTH: usize = 32;
     let block = |i: usize| (i as u64 * 7919) % BLOCKS; // distinct for i < BLOCKS
-    let backend = Backend::start(BLOCKS * 4096, 0, backend_args);
+    let backend = start(BLOCKS * 4096, 0, backend_args);
     {
         let mut client =
             BlkioQueues::connect_with(&backend.socket, 1, DEPTH * 4096, completions).unwrap();
@@ -215,21 +269,27 @@ fn deep_queue_of_random_io(backend_args: &[&str], completions: Completions) {
 
 #[test]
 fn deep_queues_of_random_io_complete_and_land_on_disk() {
-    deep_queue_of_random_io(&[], Completions::Interrupt);
+    deep_queue_of_random_io(Backend::start, &[], Completions::Interrupt);
+}
+
+#[test]
+fn deep_queues_of_random_io_on_tmpfs_complete_and_land_in_the_file() {
+    deep_queue_of_random_io(Backend::start_on_tmpfs, &[], Completions::Interrupt);
+    deep_queue_of_random_io(Backend::start_on_tmpfs, &[], Completions::Polled);
 }
 
 #[test]
 fn a_polling_frontend_gets_every_completion_without_interrupts() {
     // libblkio's poll queues turn used-ring notifications off; the backend
     // must still publish every completion.
-    deep_queue_of_random_io(&[], Completions::Polled);
-    deep_queue_of_random_io(&["--direct"], Completions::Polled);
+    deep_queue_of_random_io(Backend::start, &[], Completions::Polled);
+    deep_queue_of_random_io(Backend::start, &["--direct"], Completions::Polled);
 }
 
 #[test]
 fn deep_queues_of_random_o_direct_io_complete_and_land_on_disk() {
     // O_DIRECT requests are submitted one by one, page-cache ones in batches.
-    deep_queue_of_random_io(&["--direct"], Completions::Interrupt);
+    deep_queue_of_random_io(Backend::start, &["--direct"], Completions::Interrupt);
 }
 
 #[test]

@@ -9,6 +9,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::mapping::ImageMap;
+
 /// The sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -31,6 +33,9 @@ pub struct Disk {
     /// Whether the file lives in memory (tmpfs, ramfs, hugetlbfs): its
     /// transfers never wait for a device.
     in_memory: bool,
+    /// The image mapped, for copies without a system call: an image in
+    /// memory with no holes, when mapping it worked.
+    mapping: Option<ImageMap>,
     /// Whether each write is durable before it completes (the guest's
     /// cache mode; write-back leaves that to FLUSH).
     write_through: AtomicBool,
@@ -95,12 +100,16 @@ impl Disk {
             );
         }
         let in_memory = lives_in_memory(&file);
+        let mapping = (in_memory && !direct)
+            .then(|| ImageMap::new(&file, size, !read_only))
+            .flatten();
         Ok(Self {
             file,
             sectors: size / SECTOR_SIZE,
             read_only,
             direct,
             in_memory,
+            mapping,
             write_through: AtomicBool::new(true),
         })
     }
@@ -139,6 +148,11 @@ impl Disk {
     /// ramfs, hugetlbfs), where a transfer is a copy that never waits.
     pub fn in_memory(&self) -> bool {
         self.in_memory
+    }
+
+    /// The image's mapping, while transfers may use it.
+    pub fn mapping(&self) -> Option<&ImageMap> {
+        self.mapping.as_ref().filter(|map| map.usable())
     }
 
     /// Reads `len` bytes at `offset` into host memory at `dst`.
@@ -198,6 +212,7 @@ impl Disk {
 
     /// Frees the byte range in the host file (reads then return zeroes).
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.before_punch();
         self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -208,6 +223,7 @@ impl Disk {
     /// Zeroes the byte range, freeing it when `unmap` allows.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let mode = if unmap {
+            self.before_punch();
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
@@ -226,6 +242,14 @@ impl Disk {
                 Ok(())
             }
             other => other,
+        }
+    }
+
+    /// A hole makes reads through the mapping allocate memory (see
+    /// [`crate::mapping`]): the mapping is off from the first one.
+    fn before_punch(&self) {
+        if let Some(map) = &self.mapping {
+            map.switch_off();
         }
     }
 

@@ -7,7 +7,9 @@
 //! io_uring hands what it cannot do without blocking to one of its worker
 //! threads, which costs more than the copy itself:
 //! - on a memory file system (tmpfs), every transfer is a copy: always in
-//!   place, with plain `preadv`/`pwritev` (tmpfs refuses `RWF_NOWAIT`);
+//!   place, through the image's mapping where it has one (see
+//!   [`crate::mapping`]), else with plain `preadv`/`pwritev` (tmpfs refuses
+//!   `RWF_NOWAIT`);
 //! - elsewhere, a request the guest posted alone is first tried with
 //!   `preadv2`/`pwritev2` and `RWF_NOWAIT`, as QEMU and SPDK do, and only
 //!   what would block goes to the ring. Requests posted together go to the
@@ -150,6 +152,11 @@ impl Engine {
         op: Op,
         more: impl Fn() -> bool,
     ) -> Option<Done> {
+        if let Op::Io(io) = &op {
+            if let Some(result) = through_mapping(disk, io) {
+                return Some((ticket, result));
+            }
+        }
         if self.ring.is_none() {
             return Some((ticket, run_one_sync(disk, &op)));
         }
@@ -322,6 +329,22 @@ pub fn restricted_ring(entries: u32) -> io::Result<IoUring> {
     submitter.register_restrictions(&mut restrictions)?;
     submitter.register_enable_rings()?;
     Ok(ring)
+}
+
+/// Copies `io` through the image's mapping if the disk has one in use
+/// (see [`crate::mapping`]); None if the transfer needs a system call.
+fn through_mapping(disk: &Disk, io: &DataIo) -> Option<Result<u32, RequestError>> {
+    let map = disk.mapping()?;
+    // SAFETY: the iovecs point into guest memory, which stays mapped while
+    // the request is served.
+    if !unsafe { map.transfer(&io.iovecs, io.offset, io.write) } {
+        return None;
+    }
+    Some(match io.write {
+        true if io.durable => disk.flush().map(|()| 0).map_err(Into::into),
+        true => Ok(0),
+        false => Ok(io.len),
+    })
 }
 
 /// Moves all of `io` in one `preadv2`/`pwritev2` with `RWF_NOWAIT` if the

@@ -6,4 +6,5 @@ pub mod backend;
 pub mod disk;
 pub mod engine;
 pub mod inflight;
+pub mod mapping;
 pub mod request;
