@@ -68,18 +68,12 @@ impl Disk {
         let name = format!("--disk-fd {}", fd.as_raw_fd());
         let file = File::from(fd);
         if direct {
-            let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
-                .map_err(|errno| DiskError::Open {
+            add_status_flags(&file, nix::fcntl::OFlag::O_DIRECT).map_err(|errno| {
+                DiskError::Open {
                     path: name.clone(),
                     source: errno.into(),
-                })?;
-            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_DIRECT;
-            nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(
-                |errno| DiskError::Open {
-                    path: name.clone(),
-                    source: errno.into(),
-                },
-            )?;
+                }
+            })?;
         }
         Self::from_file(file, &name, read_only, direct)
     }
@@ -99,6 +93,10 @@ impl Disk {
                 size % SECTOR_SIZE
             );
         }
+        // Reads then skip the access-time check and update (5% of a polled
+        // 4 KiB page-cache read). Only the file's owner (or CAP_FOWNER) may
+        // set it: a jailed backend serving another uid's image goes without.
+        let _ = add_status_flags(&file, nix::fcntl::OFlag::O_NOATIME);
         let in_memory = lives_in_memory(&file);
         let mapping = (in_memory && !direct)
             .then(|| ImageMap::new(&file, size, !read_only))
@@ -271,6 +269,13 @@ impl Disk {
     }
 }
 
+/// Adds `flags` to the open file's status flags.
+fn add_status_flags(file: &File, flags: nix::fcntl::OFlag) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let current = OFlag::from_bits_retain(fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(current | flags)).map(drop)
+}
+
 /// Whether `file` is a regular file on a memory file system. A block
 /// device node is not, though devtmpfs reports tmpfs's magic for it.
 fn lives_in_memory(file: &File) -> bool {
@@ -298,5 +303,50 @@ fn disk_size(file: &File) -> io::Result<u64> {
         Ok(size)
     } else {
         Ok(meta.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::FileTimes;
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, SystemTime};
+
+    /// A 4 KiB file in the source tree whose access time is two days old.
+    fn read_long_ago() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.as_file().write_all_at(&[5u8; 4096], 0).unwrap();
+        let day = Duration::from_secs(86_400);
+        let times = FileTimes::new()
+            .set_accessed(SystemTime::now() - 2 * day)
+            .set_modified(SystemTime::now() - 3 * day);
+        file.as_file().set_times(times).unwrap();
+        file
+    }
+
+    fn accessed(file: &tempfile::NamedTempFile) -> SystemTime {
+        std::fs::metadata(file.path()).unwrap().accessed().unwrap()
+    }
+
+    #[test]
+    fn reads_leave_the_image_s_access_time_alone() {
+        let control = read_long_ago();
+        let before = accessed(&control);
+        std::fs::read(control.path()).unwrap();
+        if accessed(&control) == before {
+            let why = "this file system does not update access times on read";
+            assert!(std::env::var_os("TESSERA_STRICT").is_none(), "{why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let image = read_long_ago();
+        let before = accessed(&image);
+        let disk = Disk::open(image.path(), false, false).unwrap();
+        let mut buf = [0u8; 4096];
+        // SAFETY: `buf` outlives the call.
+        unsafe { disk.read_to(buf.as_mut_ptr(), buf.len(), 0) }.unwrap();
+        assert_eq!(buf, [5u8; 4096]);
+        assert_eq!(accessed(&image), before, "a read updated the access time");
     }
 }
