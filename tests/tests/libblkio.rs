@@ -27,7 +27,14 @@ impl Backend {
     /// With the image on tmpfs, where the backend copies through a
     /// mapping of it.
     fn start_on_tmpfs(size: u64, fill: u8, extra: &[&str]) -> Self {
-        Self::start_in(tempfile::tempdir_in("/dev/shm").unwrap(), size, fill, extra)
+        let backend = Self::start_in(tempfile::tempdir_in("/dev/shm").unwrap(), size, fill, extra);
+        let pid = backend.process.as_ref().unwrap().pid();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        assert!(
+            maps.contains(backend.image.to_str().unwrap()),
+            "the backend has not mapped its tmpfs image:\n{maps}"
+        );
+        backend
     }
 
     fn start_in(dir: tempfile::TempDir, size: u64, fill: u8, extra: &[&str]) -> Self {
@@ -164,6 +171,12 @@ fn an_image_on_tmpfs_cut_short_under_the_backend_fails_those_reads_and_no_other(
     }
     let run = backend.finish();
     assert_eq!(run.code(), 0, "{}", run.describe());
+    assert!(
+        run.stderr
+            .contains("a page of the image was lost under its mapping"),
+        "no SIGBUS was taken in the mapping: {}",
+        run.describe()
+    );
 }
 
 #[test]

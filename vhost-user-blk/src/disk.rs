@@ -97,8 +97,9 @@ impl Disk {
         // 4 KiB page-cache read). Only the file's owner (or CAP_FOWNER) may
         // set it: a jailed backend serving another uid's image goes without.
         let _ = add_status_flags(&file, nix::fcntl::OFlag::O_NOATIME);
-        let in_memory = lives_in_memory(&file);
-        let mapping = (in_memory && !direct)
+        let memory_fs = memory_file_system(&file);
+        let in_memory = memory_fs.is_some();
+        let mapping = (memory_fs.is_some_and(|fs| fs.mappable) && !direct)
             .then(|| ImageMap::new(&file, size, !read_only))
             .flatten();
         Ok(Self {
@@ -276,16 +277,27 @@ fn add_status_flags(file: &File, flags: nix::fcntl::OFlag) -> nix::Result<()> {
     fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(current | flags)).map(drop)
 }
 
-/// Whether `file` is a regular file on a memory file system. A block
+/// A memory file system an image lives on.
+struct MemoryFs {
+    /// Whether its images may be served through a mapping (see
+    /// [`crate::mapping`]): not hugetlbfs.
+    mappable: bool,
+}
+
+/// The memory file system `file` is a regular file on, if any. A block
 /// device node is not, though devtmpfs reports tmpfs's magic for it.
-fn lives_in_memory(file: &File) -> bool {
+fn memory_file_system(file: &File) -> Option<MemoryFs> {
     use nix::sys::statfs::{fstatfs, FsType, HUGETLBFS_MAGIC, TMPFS_MAGIC};
     // linux/magic.h; neither libc nor nix names it.
     const RAMFS_MAGIC: FsType = FsType(0x8584_58f6);
-    let regular = file.metadata().is_ok_and(|meta| meta.file_type().is_file());
-    regular
-        && fstatfs(file).is_ok_and(|fs| {
-            [TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC].contains(&fs.filesystem_type())
+    if !file.metadata().is_ok_and(|meta| meta.file_type().is_file()) {
+        return None;
+    }
+    let kind = fstatfs(file).ok()?.filesystem_type();
+    [TMPFS_MAGIC, RAMFS_MAGIC, HUGETLBFS_MAGIC]
+        .contains(&kind)
+        .then_some(MemoryFs {
+            mappable: kind != HUGETLBFS_MAGIC,
         })
 }
 

@@ -28,6 +28,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use virtio_queue::desc::split::Descriptor;
 
 use crate::disk::Disk;
+use crate::mapping::Copied;
 use crate::request::{run_sync, DataIo, RequestError, Work};
 
 /// One operation.
@@ -337,7 +338,7 @@ fn through_mapping(disk: &Disk, io: &DataIo) -> Option<Result<u32, RequestError>
     let map = disk.mapping()?;
     // SAFETY: the iovecs point into guest memory, which stays mapped while
     // the request is served.
-    if !unsafe { map.transfer(&io.iovecs, io.offset, io.write) } {
+    if unsafe { map.transfer(&io.iovecs, io.offset, io.write) } != Copied::Done {
         return None;
     }
     Some(match io.write {

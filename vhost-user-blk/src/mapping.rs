@@ -9,7 +9,13 @@
 //! The process's SIGBUS handler replaces the faulting page with an
 //! anonymous one, so that the copy finishes, and switches the mapping off
 //! for good; every transfer that may have overlapped the fault is redone
-//! with a system call, which reports what went wrong.
+//! with a system call, which reports what went wrong. (One case raises no
+//! SIGBUS: after a truncation to a size that is not a whole number of
+//! pages, the rest of the new last page stays mapped, so until a transfer
+//! reaches the next page, reads there return zeroes and writes there are
+//! not kept, where `pwritev` would have grown the file again.)
+//! hugetlbfs is not mapped: its pages cannot be replaced one base page at a
+//! time, and it reports no holes.
 //!
 //! A read fault on a hole in a tmpfs file allocates a page where `preadv`
 //! returns zeroes, so only images with no holes are mapped, and a DISCARD
@@ -17,7 +23,7 @@
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -51,6 +57,19 @@ static PREVIOUS: OnceLock<SigAction> = OnceLock::new();
 /// The host's page size, read before the handler is installed.
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 
+/// What a transfer through the mapping came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// Done: the data moved.
+    Done,
+    /// Not tried: the mapping is off, or the range or direction is not
+    /// one it serves.
+    Declined,
+    /// Untrusted: a SIGBUS was taken in the mapping meanwhile, which is
+    /// off from now on.
+    Faulted,
+}
+
 /// A shared mapping of a whole image, readable, and writable unless the
 /// disk is read-only.
 #[derive(Debug)]
@@ -61,6 +80,8 @@ pub struct ImageMap {
     window: usize,
     /// Set when a DISCARD punches a hole.
     off: AtomicBool,
+    /// Whether a fault was logged (once).
+    reported: AtomicBool,
 }
 
 // SAFETY: the mapping is shared memory owned by this value; every access to
@@ -103,6 +124,7 @@ impl ImageMap {
             writable,
             window,
             off: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
         })
     }
 
@@ -118,23 +140,22 @@ impl ImageMap {
     }
 
     /// Copies between the image at `offset` and `iovecs`, reading the image
-    /// unless `write`. False if nothing was done or the result cannot be
-    /// trusted (the mapping is off, or a SIGBUS was taken meanwhile): the
-    /// caller redoes the transfer with a system call.
+    /// unless `write`. Unless [`Copied::Done`], the caller does the
+    /// transfer with a system call.
     ///
     /// # Safety
     /// Each iovec must be valid for reads (`write`) or writes of its length
     /// for the whole call.
-    pub unsafe fn transfer(&self, iovecs: &[libc::iovec], offset: u64, write: bool) -> bool {
+    pub unsafe fn transfer(&self, iovecs: &[libc::iovec], offset: u64, write: bool) -> Copied {
         if !self.usable() || (write && !self.writable) {
-            return false;
+            return Copied::Declined;
         }
         let total: usize = iovecs.iter().map(|iov| iov.iov_len).sum();
         let Some(start) = usize::try_from(offset)
             .ok()
             .filter(|start| start.checked_add(total).is_some_and(|end| end <= self.len))
         else {
-            return false;
+            return Copied::Declined;
         };
         let mut at = start;
         for iov in iovecs {
@@ -151,18 +172,39 @@ impl ImageMap {
             }
             at += iov.iov_len;
         }
-        self.usable()
+        // The copy's accesses before the check, so that one that met a
+        // replaced page finds the flag the handler set before replacing it:
+        // loads need only keep their order (free on x86), a store must not
+        // be overtaken by the load that follows it.
+        fence(if write {
+            Ordering::SeqCst
+        } else {
+            Ordering::Acquire
+        });
+        if WINDOW_TABLE[self.window].faulted.load(Ordering::SeqCst) {
+            if !self.reported.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "a page of the image was lost under its mapping (the file cut short \
+                     or its file system full): served with system calls from now on"
+                );
+            }
+            Copied::Faulted
+        } else {
+            Copied::Done
+        }
     }
 }
 
 impl Drop for ImageMap {
     fn drop(&mut self) {
+        // First, or a fault in whatever is mapped at these addresses next
+        // would be taken for one of ours.
+        release_window(self.window);
         // SAFETY: the mapping was made in `new` with this length and nothing
         // borrows from it past `self`.
         if let Err(err) = unsafe { munmap(self.base.cast(), self.len) } {
             log::warn!("cannot unmap the image: {err}");
         }
-        release_window(self.window);
     }
 }
 
@@ -227,11 +269,14 @@ fn install_handler() -> Option<()> {
 }
 
 /// The window holding `addr`. A window's end is set last and cleared
-/// first, so a window being set up or released matches nothing.
+/// first, so a window being set up or released matches nothing; an end
+/// read the same before and after its start was not released and claimed
+/// again in between.
 fn window_of(addr: usize) -> Option<&'static Window> {
     WINDOW_TABLE.iter().find(|slot| {
         let end = slot.end.load(Ordering::SeqCst);
-        end != 0 && (slot.start.load(Ordering::SeqCst)..end).contains(&addr)
+        let start = slot.start.load(Ordering::SeqCst);
+        end != 0 && slot.end.load(Ordering::SeqCst) == end && (start..end).contains(&addr)
     })
 }
 
@@ -325,7 +370,8 @@ mod tests {
         let (mut head, mut tail) = (vec![1u8; 100], vec![2u8; 300]);
         let iovecs = [iovec(&mut head), iovec(&mut tail)];
         // SAFETY: the buffers outlive the call.
-        assert!(unsafe { map.transfer(&iovecs, PAGE as u64 - 100, true) });
+        let copied = unsafe { map.transfer(&iovecs, PAGE as u64 - 100, true) };
+        assert_eq!(copied, Copied::Done);
         let mut file = vec![0u8; 400];
         image
             .as_file()
@@ -337,12 +383,14 @@ mod tests {
         image.as_file().write_all_at(&[3u8; 512], 512).unwrap();
         let mut read = vec![0u8; 1024];
         // SAFETY: as above.
-        assert!(unsafe { map.transfer(&[iovec(&mut read)], 0, false) });
+        let copied = unsafe { map.transfer(&[iovec(&mut read)], 0, false) };
+        assert_eq!(copied, Copied::Done);
         assert_eq!(read[..512], [7u8; 512]);
         assert_eq!(read[512..], [3u8; 512]);
         // Past the end: refused, for a system call to report.
         // SAFETY: as above.
-        assert!(!unsafe { map.transfer(&[iovec(&mut read)], 2 * PAGE as u64 - 512, false) });
+        let copied = unsafe { map.transfer(&[iovec(&mut read)], 2 * PAGE as u64 - 512, false) };
+        assert_eq!(copied, Copied::Declined);
     }
 
     #[test]
@@ -351,7 +399,8 @@ mod tests {
         let map = ImageMap::new(image.as_file(), 2 * PAGE as u64, false).unwrap();
         let mut data = vec![9u8; 512];
         // SAFETY: the buffer outlives the call.
-        assert!(!unsafe { map.transfer(&[iovec(&mut data)], 0, true) });
+        let copied = unsafe { map.transfer(&[iovec(&mut data)], 0, true) };
+        assert_eq!(copied, Copied::Declined);
         assert_eq!(std::fs::read(image.path()).unwrap(), [7u8; 2 * PAGE]);
     }
 
@@ -364,8 +413,12 @@ mod tests {
         image.as_file().set_len(PAGE as u64).unwrap();
         let mut read = vec![0u8; 512];
         // SAFETY: the buffer outlives the call.
-        let trusted = unsafe { map.transfer(&[iovec(&mut read)], PAGE as u64, false) };
-        assert!(!trusted, "a copy that took SIGBUS was trusted");
+        let copied = unsafe { map.transfer(&[iovec(&mut read)], PAGE as u64, false) };
+        assert_eq!(
+            copied,
+            Copied::Faulted,
+            "a copy that took SIGBUS was trusted"
+        );
         assert!(
             disk.mapping().is_none(),
             "the mapping stays on after SIGBUS"
@@ -382,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn a_discard_switches_the_mapping_off_before_it_punches_a_hole() {
+    fn a_discard_switches_the_mapping_off() {
         let image = written_image();
         let disk = Disk::open(image.path(), false, false).unwrap();
         assert!(disk.mapping().is_some());
@@ -422,7 +475,7 @@ mod tests {
             panic!("read {byte} from a truncated page");
         }
         use std::os::unix::process::ExitStatusExt;
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "mapping::tests::a_sigbus_outside_every_image_still_ends_the_process",
                 "--exact",
@@ -431,8 +484,20 @@ mod tests {
             .env(SIGBUS_CHILD, "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
+            .spawn()
             .unwrap();
+        // A handler that swallowed the fault would retry it forever.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("the child still runs 30 s after its SIGBUS");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
         assert_eq!(status.signal(), Some(libc::SIGBUS), "{status}");
     }
 }
