@@ -140,6 +140,53 @@ fn read_write_flush_discard_and_write_zeroes(backend: Backend) {
     );
 }
 
+/// The resident size of the mapping of `image` in process `pid`.
+fn resident_in(pid: u32, image: &std::path::Path) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let name = image.to_str().unwrap();
+    let mut lines = smaps.lines().skip_while(|line| !line.ends_with(name));
+    let rss = lines
+        .find_map(|line| line.strip_prefix("Rss:"))
+        .unwrap_or("0 kB");
+    rss.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        << 10
+}
+
+#[test]
+fn an_idle_backend_maps_its_whole_tmpfs_image_ahead_of_the_guest() {
+    // Seccomp on: the prefault thread's calls are in the main filter.
+    let backend = Backend::start_on_tmpfs(16 * MIB, 0x55, &[]);
+    let pid = backend.process.as_ref().unwrap().pid();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while resident_in(pid, &backend.image) < 16 * MIB {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 30 s {} of 16 MiB of the image are mapped",
+            resident_in(pid, &backend.image)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    {
+        let mut disk = BlkioDisk::connect(&backend.socket, MIB as usize).unwrap();
+        disk.buffer()[..4096].fill(0x66);
+        assert_eq!(disk.write(15 * MIB, 4096), 0);
+        assert_eq!(disk.read(0, 4096), 0);
+        assert!(disk.buffer()[..4096].iter().all(|b| *b == 0x55));
+    }
+    let file = backend.file();
+    assert_eq!(
+        &file[15 * MIB as usize..15 * MIB as usize + 4096],
+        &[0x66; 4096]
+    );
+    assert!(file[..15 * MIB as usize].iter().all(|b| *b == 0x55));
+    let run = backend.finish();
+    assert_eq!(run.code(), 0, "{}", run.describe());
+}
+
 #[test]
 fn an_image_on_tmpfs_cut_short_under_the_backend_fails_those_reads_and_no_other() {
     let backend = Backend::start_on_tmpfs(16 * MIB, 0x33, &[]);

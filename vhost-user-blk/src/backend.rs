@@ -209,6 +209,11 @@ impl BlockBackend {
         self.disk.flush()
     }
 
+    /// Prefaults the image's mapping, if it has one, in the background.
+    pub fn prefault_image(&self) -> io::Result<()> {
+        self.disk.prefault_in_background()
+    }
+
     /// Whether a worker failed (the guest broke a queue, or the engine
     /// failed): nothing is served any more.
     pub fn is_broken(&self) -> bool {

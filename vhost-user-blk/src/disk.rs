@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::mapping::ImageMap;
 
@@ -35,7 +36,7 @@ pub struct Disk {
     in_memory: bool,
     /// The image mapped, for copies without a system call: an image in
     /// memory with no holes, when mapping it worked.
-    mapping: Option<ImageMap>,
+    mapping: Option<Arc<ImageMap>>,
     /// Whether each write is durable before it completes (the guest's
     /// cache mode; write-back leaves that to FLUSH).
     write_through: AtomicBool,
@@ -101,7 +102,8 @@ impl Disk {
         let in_memory = memory_fs.is_some();
         let mapping = (memory_fs.is_some_and(|fs| fs.mappable) && !direct)
             .then(|| ImageMap::new(&file, size, !read_only))
-            .flatten();
+            .flatten()
+            .map(Arc::new);
         Ok(Self {
             file,
             sectors: size / SECTOR_SIZE,
@@ -151,7 +153,36 @@ impl Disk {
 
     /// The image's mapping, while transfers may use it.
     pub fn mapping(&self) -> Option<&ImageMap> {
-        self.mapping.as_ref().filter(|map| map.usable())
+        self.mapping.as_deref().filter(|map| map.usable())
+    }
+
+    /// Starts a thread that prefaults the image's mapping, if it has one
+    /// (see [`ImageMap::prefault`]), at idle priority: it runs only on a
+    /// CPU nothing else wants, and holds the mapping until it is done.
+    pub fn prefault_in_background(&self) -> io::Result<()> {
+        let Some(map) = self.mapping.clone() else {
+            return Ok(());
+        };
+        std::thread::Builder::new()
+            .name("prefault".into())
+            .spawn(move || {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sets this thread's own policy from a valid param.
+                if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                    log::debug!(
+                        "prefaulting at normal priority: {}",
+                        io::Error::last_os_error()
+                    );
+                }
+                let started = std::time::Instant::now();
+                let done = map.prefault();
+                log::debug!(
+                    "prefaulted {} MiB of the image's mapping in {:?}",
+                    done >> 20,
+                    started.elapsed()
+                );
+            })
+            .map(drop)
     }
 
     /// Reads `len` bytes at `offset` into host memory at `dst`.

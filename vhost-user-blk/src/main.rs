@@ -175,6 +175,9 @@ fn run(process: Process, cli: &Cli) -> Result<(), Failure> {
         }
     };
     process.confine(&seccomp, on_signal)?;
+    if let Err(err) = backend.prefault_image() {
+        log::warn!("cannot prefault the image's mapping: {err}");
+    }
     end_when_broken(backend.clone())
         .map_err(|err| Failure::runtime(format_args!("cannot watch for a broken device: {err}")))?;
     let mut daemon = process.daemon(backend.clone(), mem)?;

@@ -20,11 +20,17 @@
 //! A read fault on a hole in a tmpfs file allocates a page where `preadv`
 //! returns zeroes, so only images with no holes are mapped, and a DISCARD
 //! that punches one switches the mapping off first.
+//!
+//! A page's first write through the mapping is a page fault (write faults
+//! map one page at a time), as long as a 4 KiB request itself at queue
+//! depth 1: a fresh backend would pay one per page it writes. So a thread
+//! at idle priority maps the whole image ahead of the guest
+//! ([`ImageMap::prefault`]), a chunk at a time, until the mapping is off.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -57,6 +63,10 @@ static PREVIOUS: OnceLock<SigAction> = OnceLock::new();
 /// The host's page size, read before the handler is installed.
 static PAGE_SIZE: AtomicUsize = AtomicUsize::new(4096);
 
+/// How much of the image [`ImageMap::prefault`] maps at a time: a DISCARD
+/// waits for at most one chunk.
+const PREFAULT_CHUNK: usize = 512 << 10;
+
 /// What a transfer through the mapping came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Copied {
@@ -80,6 +90,10 @@ pub struct ImageMap {
     window: usize,
     /// Set when a DISCARD punches a hole.
     off: AtomicBool,
+    /// Held while a chunk is prefaulted and while the mapping is switched
+    /// off, so that no chunk is prefaulted after a hole is punched (that
+    /// would allocate the hole's memory again).
+    prefaulting: Mutex<()>,
     /// Whether a fault was logged (once).
     reported: AtomicBool,
 }
@@ -124,6 +138,7 @@ impl ImageMap {
             writable,
             window,
             off: AtomicBool::new(false),
+            prefaulting: Mutex::new(()),
             reported: AtomicBool::new(false),
         })
     }
@@ -134,9 +149,40 @@ impl ImageMap {
             && !WINDOW_TABLE[self.window].faulted.load(Ordering::SeqCst)
     }
 
-    /// Stops every later transfer from using the mapping.
+    /// Stops every later transfer from using the mapping, and the prefault
+    /// after the chunk it may be in.
     pub fn switch_off(&self) {
+        let _chunk = self.prefaulting.lock().unwrap_or_else(|p| p.into_inner());
         self.off.store(true, Ordering::SeqCst);
+    }
+
+    /// Maps every page of the image into the page tables, writable unless
+    /// the disk is read-only, as the guest's first touch of each would.
+    /// Stops once the mapping is off, or at the first failure (a page the
+    /// file lost: `MADV_POPULATE_*` then fails where an access would raise
+    /// SIGBUS). Returns the bytes prefaulted.
+    pub fn prefault(&self) -> usize {
+        let advice = if self.writable {
+            libc::MADV_POPULATE_WRITE
+        } else {
+            libc::MADV_POPULATE_READ
+        };
+        let mut done = 0;
+        while done < self.len {
+            let _chunk = self.prefaulting.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.usable() {
+                break;
+            }
+            let len = PREFAULT_CHUNK.min(self.len - done);
+            // SAFETY: the range is inside the mapping, which lives as long as
+            // `self`; populating changes no byte of it.
+            let rc = unsafe { libc::madvise(self.base.as_ptr().add(done).cast(), len, advice) };
+            if rc != 0 {
+                break;
+            }
+            done += len;
+        }
+        done
     }
 
     /// Copies between the image at `offset` and `iovecs`, reading the image
@@ -432,6 +478,81 @@ mod tests {
             durable: false,
         };
         assert!(crate::request::run_sync(&io, &disk).is_err());
+    }
+
+    /// The resident size of this process's mapping that starts at `base`
+    /// (its pages in the page tables), from /proc/self/smaps.
+    fn resident(base: NonNull<u8>) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", base.as_ptr() as usize);
+        let mut lines = smaps.lines().skip_while(|line| !line.starts_with(&start));
+        let rss = lines
+            .find_map(|line| line.strip_prefix("Rss:"))
+            .expect("the mapping is in smaps");
+        let kib: usize = rss.trim().trim_end_matches("kB").trim().parse().unwrap();
+        kib << 10
+    }
+
+    /// An image of `len` bytes of 7s on tmpfs.
+    fn image_of(len: usize) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        file.write_all(&vec![7u8; len]).unwrap();
+        file
+    }
+
+    #[test]
+    fn prefault_maps_every_page_and_changes_no_byte() {
+        // Two chunks and a part of one.
+        let len = 2 * PREFAULT_CHUNK + 3 * PAGE;
+        for writable in [true, false] {
+            let image = image_of(len);
+            let map = ImageMap::new(image.as_file(), len as u64, writable).unwrap();
+            assert_eq!(resident(map.base), 0, "a fresh mapping has pages mapped");
+            assert_eq!(map.prefault(), len);
+            assert_eq!(resident(map.base), len, "writable: {writable}");
+            assert_eq!(std::fs::read(image.path()).unwrap(), vec![7u8; len]);
+            if writable {
+                // The guest's first write to each page takes no fault.
+                let before = minor_faults();
+                for page in (0..len).step_by(PAGE) {
+                    let mut byte = [8u8];
+                    // SAFETY: the buffer outlives the call.
+                    let copied = unsafe { map.transfer(&[iovec(&mut byte)], page as u64, true) };
+                    assert_eq!(copied, Copied::Done);
+                }
+                assert_eq!(minor_faults(), before, "a write after the prefault faulted");
+            }
+        }
+    }
+
+    fn minor_faults() -> libc::c_long {
+        use nix::sys::resource::{getrusage, UsageWho};
+        getrusage(UsageWho::RUSAGE_THREAD)
+            .unwrap()
+            .minor_page_faults()
+    }
+
+    #[test]
+    fn prefault_stops_once_the_mapping_is_off() {
+        let image = image_of(2 * PREFAULT_CHUNK);
+        let map = ImageMap::new(image.as_file(), 2 * PREFAULT_CHUNK as u64, true).unwrap();
+        map.switch_off();
+        assert_eq!(map.prefault(), 0);
+        assert_eq!(resident(map.base), 0);
+    }
+
+    #[test]
+    fn prefault_stops_at_a_page_the_file_lost() {
+        let image = image_of(2 * PREFAULT_CHUNK);
+        let map = ImageMap::new(image.as_file(), 2 * PREFAULT_CHUNK as u64, true).unwrap();
+        // Someone else cuts the image to its first chunk: populating the
+        // second fails (no SIGBUS), and the file keeps its new size.
+        image.as_file().set_len(PREFAULT_CHUNK as u64).unwrap();
+        assert_eq!(map.prefault(), PREFAULT_CHUNK);
+        assert_eq!(
+            image.as_file().metadata().unwrap().len(),
+            PREFAULT_CHUNK as u64
+        );
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! (a substring of `<workload>-cached` or `<workload>-direct`),
 //! `TESSERA_BENCH_BLOCK_KINDS` (`tessera`, `cloud-hypervisor`,
 //! `qemu-storage-daemon`; skips fio),
-//! `TESSERA_BENCH_BLK_BIN` (another `vhost-user-blk` build) and
-//! `TESSERA_BENCH_BLK_ARGS` (extra backend arguments).
+//! `TESSERA_BENCH_BLK_BIN` (another `vhost-user-blk` build),
+//! `TESSERA_BENCH_BLK_ARGS` (extra backend arguments) and
+//! `TESSERA_BENCH_BLOCK_SETTLE_MS` (time every backend is left idle between
+//! its start and the frontend's connection, as a VMM starts its backends
+//! ahead of the guest; 0 by default).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -302,6 +305,16 @@ fn run_queues(
     Ok((done, cpu_seconds(pid) - cpu_before))
 }
 
+/// `TESSERA_BENCH_BLOCK_SETTLE_MS`: how long a backend is left idle before
+/// the frontend connects.
+fn settle_time() -> Duration {
+    let ms = std::env::var("TESSERA_BENCH_BLOCK_SETTLE_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ms)
+}
+
 /// IOPS and backend CPU seconds per GiB for one workload on one backend.
 fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f64) {
     if direct {
@@ -310,6 +323,7 @@ fn run_backend(kind: &str, image: &Path, direct: bool, w: &Workload) -> (f64, f6
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("blk.sock");
     let backend = start_backend(kind, image, &socket, direct, w.queues);
+    std::thread::sleep(settle_time());
     let pid = backend.pid();
     let duration = Duration::from_secs(SECONDS);
     let (ops, cpu) = if w.queues > 1 || w.completions == Completions::Polled {
@@ -528,6 +542,7 @@ pub fn bench_block(runs: usize) -> Value {
         "backends": "tessera's vhost-user-blk (default engine), Cloud Hypervisor's vhost_user_block (queue_size=256), qemu-storage-daemon (aio=io_uring)",
         "filesystems": "ext4 (this host's root file system, page-cached or O_DIRECT) and tmpfs (/dev/shm)",
         "order": "runs alternate between the backends; O_DIRECT runs start with the image's page cache written back and dropped",
+        "backend_idle_before_connect_ms": settle_time().as_millis() as u64,
         "load_average_after": load.trim(),
         "rows": rows,
         "through_tessera_probe_kvm_pvm": if only.is_empty() {
